@@ -1,0 +1,339 @@
+//! Consul's JSON (as `/v1/health/service`, `/v1/catalog/node` and `/v1/query/../execute` return
+//! it) and the views built from it: each instance reduced to what DNS needs, with its worst
+//! check status. Parsing is lenient about what DNS does not use and strict about what it does.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthEntry {
+    pub node: NodeJson,
+    pub service: ServiceJson,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub checks: Vec<CheckJson>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NodeJson {
+    pub node: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub datacenter: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub meta: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceJson {
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    pub service: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub weights: Option<WeightsJson>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct WeightsJson {
+    #[serde(default = "one")]
+    pub passing: u32,
+    #[serde(default = "one")]
+    pub warning: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CheckJson {
+    #[serde(rename = "CheckID", default)]
+    pub check_id: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(rename = "ServiceID", default)]
+    pub service_id: String,
+}
+
+/// `/v1/catalog/node/<node>`: `null` for an unknown node.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CatalogNodeJson {
+    pub node: NodeJson,
+}
+
+/// `/v1/query/<name>/execute`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct QueryExecuteJson {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub nodes: Vec<HealthEntry>,
+    #[serde(rename = "DNS", default)]
+    pub dns: Option<QueryDnsJson>,
+    #[serde(default)]
+    pub datacenter: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct QueryDnsJson {
+    #[serde(rename = "TTL", default)]
+    pub ttl: String,
+}
+
+/// Consul writes `null` for empty lists and maps in places; treat it as empty.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// An instance's health: the worst of its checks (service and node checks alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    Passing,
+    Warning,
+    Critical,
+}
+
+impl Status {
+    /// Anything but `passing` and `warning` (`critical`, `maintenance`, unknown) counts as
+    /// critical: an instance we cannot vouch for gets no traffic.
+    pub fn parse(s: &str) -> Status {
+        match s {
+            "passing" => Status::Passing,
+            "warning" => Status::Warning,
+            _ => Status::Critical,
+        }
+    }
+}
+
+/// The worst status among `checks`; passing when there are none (as Consul).
+pub fn worst_status(checks: &[CheckJson]) -> Status {
+    checks
+        .iter()
+        .map(|c| Status::parse(&c.status))
+        .max()
+        .unwrap_or(Status::Passing)
+}
+
+/// Where an instance is reached.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Ip(IpAddr),
+    Host(String),
+}
+
+impl Target {
+    fn parse(s: &str) -> Option<Target> {
+        let s = s.trim();
+        if s.is_empty() {
+            return None;
+        }
+        Some(match s.parse::<IpAddr>() {
+            Ok(ip) => Target::Ip(ip),
+            Err(_) => Target::Host(s.trim_end_matches('.').to_ascii_lowercase()),
+        })
+    }
+}
+
+/// One service instance, as DNS sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub node: String,
+    pub node_target: Option<Target>,
+    /// `Service.Address`, else `Node.Address`.
+    pub target: Option<Target>,
+    /// The service has an address of its own (decides the SRV target form).
+    pub own_address: bool,
+    pub port: u16,
+    /// Lowercased: DNS tag lookups are case-insensitive.
+    pub tags: Vec<String>,
+    pub status: Status,
+    pub weight_passing: u32,
+    pub weight_warning: u32,
+    pub node_meta: BTreeMap<String, String>,
+}
+
+impl Instance {
+    pub fn from_entry(e: &HealthEntry) -> Instance {
+        let own = Target::parse(&e.service.address);
+        let node_target = Target::parse(&e.node.address);
+        let weights = e.service.weights.unwrap_or(WeightsJson {
+            passing: 1,
+            warning: 1,
+        });
+        Instance {
+            node: e.node.node.to_ascii_lowercase(),
+            own_address: own.is_some(),
+            target: own.or_else(|| node_target.clone()),
+            node_target,
+            port: e.service.port,
+            tags: e
+                .service
+                .tags
+                .iter()
+                .map(|t| t.to_ascii_lowercase())
+                .collect(),
+            status: worst_status(&e.checks),
+            weight_passing: weights.passing,
+            weight_warning: weights.warning,
+            node_meta: e.node.meta.clone(),
+        }
+    }
+
+    pub fn weight(&self) -> u16 {
+        let w = match self.status {
+            Status::Warning => self.weight_warning,
+            _ => self.weight_passing,
+        };
+        u16::try_from(w).unwrap_or(u16::MAX)
+    }
+
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
+/// Everything known about one service in one datacenter, replaced whole on every change.
+#[derive(Clone, Debug)]
+pub struct ServiceView {
+    pub instances: Vec<Instance>,
+    pub datacenter: String,
+}
+
+impl ServiceView {
+    pub fn from_entries(entries: &[HealthEntry], datacenter: &str) -> ServiceView {
+        ServiceView {
+            instances: entries.iter().map(Instance::from_entry).collect(),
+            datacenter: datacenter.to_owned(),
+        }
+    }
+
+    /// The same data as another view? (A blocking query can return without a change.)
+    pub fn same_data(&self, other: &ServiceView) -> bool {
+        self.instances == other.instances
+    }
+
+    pub fn healthy_count(&self, only_passing: bool) -> usize {
+        self.instances
+            .iter()
+            .filter(|i| is_healthy(i.status, only_passing))
+            .count()
+    }
+}
+
+/// Consul's DNS rule: critical is never served; warning only when `only_passing` is off.
+pub fn is_healthy(status: Status, only_passing: bool) -> bool {
+    match status {
+        Status::Passing => true,
+        Status::Warning => !only_passing,
+        Status::Critical => false,
+    }
+}
+
+/// A catalog node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub target: Option<Target>,
+    pub meta: BTreeMap<String, String>,
+}
+
+impl NodeView {
+    pub fn from_json(n: &NodeJson) -> NodeView {
+        NodeView {
+            name: n.node.to_ascii_lowercase(),
+            target: Target::parse(&n.address),
+            meta: n.meta.clone(),
+        }
+    }
+}
+
+/// A prepared query's result.
+#[derive(Clone, Debug)]
+pub struct QueryView {
+    pub service: Arc<ServiceView>,
+    /// `DNS.TTL` of the query, when set.
+    pub ttl: Option<std::time::Duration>,
+}
+
+/// The catalog file: `{"<service>": [entries as /v1/health/service returns them]}`.
+pub type CatalogFile = BTreeMap<String, Vec<HealthEntry>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = include_str!("../../tests/support/consul_samples/health-service.json");
+
+    #[test]
+    fn parses_consul_sample() {
+        let entries: Vec<HealthEntry> = serde_json::from_str(SAMPLE).expect("sample parses");
+        let i = Instance::from_entry(&entries[0]);
+        assert_eq!(i.node, "foobar");
+        assert_eq!(i.target, Some(Target::Ip("10.1.10.12".parse().expect("ip"))));
+        assert!(i.own_address);
+        assert_eq!(i.port, 8000);
+        assert_eq!(i.tags, vec!["primary"]);
+        assert_eq!(i.status, Status::Passing);
+        assert_eq!(i.weight(), 10);
+    }
+
+    #[test]
+    fn node_checks_count_and_unknown_is_critical() {
+        let mut entries: Vec<HealthEntry> = serde_json::from_str(SAMPLE).expect("sample");
+        entries[0].checks[1].status = "critical".into(); // serfHealth
+        assert_eq!(Instance::from_entry(&entries[0]).status, Status::Critical);
+        entries[0].checks[1].status = "maintenance".into();
+        assert_eq!(Instance::from_entry(&entries[0]).status, Status::Critical);
+        entries[0].checks[1].status = "warning".into();
+        let i = Instance::from_entry(&entries[0]);
+        assert_eq!(i.status, Status::Warning);
+        assert_eq!(i.weight(), 1);
+        assert!(is_healthy(i.status, false));
+        assert!(!is_healthy(i.status, true));
+    }
+
+    #[test]
+    fn nulls_and_missing_fields() {
+        let e: HealthEntry = serde_json::from_str(
+            r#"{"Node":{"Node":"n","Address":"10.0.0.1","Meta":null},
+                "Service":{"Service":"s","Tags":null,"Address":"","Port":80},"Checks":null}"#,
+        )
+        .expect("parses");
+        let i = Instance::from_entry(&e);
+        assert!(!i.own_address);
+        assert_eq!(i.target, Some(Target::Ip("10.0.0.1".parse().expect("ip"))));
+        assert_eq!(i.weight(), 1);
+    }
+
+    #[test]
+    fn hostname_address() {
+        let e: HealthEntry = serde_json::from_str(
+            r#"{"Node":{"Node":"n","Address":"10.0.0.1"},
+                "Service":{"Service":"s","Address":"DB.Example.COM.","Port":80}}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            Instance::from_entry(&e).target,
+            Some(Target::Host("db.example.com".into()))
+        );
+    }
+}

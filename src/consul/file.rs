@@ -1,0 +1,184 @@
+//! The catalog-file backend: services read from a JSON file shaped like Consul's health API
+//! (`{"<service>": [entries as /v1/health/service returns them]}`), answered with no Consul at
+//! all. Used by `--dev` (the demo catalog) and for hosts that get their catalog pushed as a file.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+
+use super::catalog::{CatalogFile, NodeView, QueryView, ServiceView};
+use super::{Backend, LookupError};
+
+/// The demo catalog served by `--dev` when no catalog file is given.
+pub const DEMO_CATALOG: &str = include_str!("../../conf/demo-catalog.json");
+
+/// Datacenter assumed when neither the config nor the file names one.
+pub const DEFAULT_DATACENTER: &str = "dc1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read catalog file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("catalog file {path}: line {line}, column {column}: {message} (expected {{\"<service>\": [entries as /v1/health/service/<service> returns them]}})")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+struct Catalog {
+    services: HashMap<String, Arc<ServiceView>>,
+    nodes: HashMap<String, Arc<NodeView>>,
+    datacenter: String,
+}
+
+pub struct FileBackend {
+    catalog: RwLock<Arc<Catalog>>,
+    configured_dc: Option<String>,
+}
+
+fn parse(text: &str, path: &str, configured_dc: Option<&str>) -> Result<Catalog, CatalogError> {
+    let file: CatalogFile = serde_json::from_str(text).map_err(|e| CatalogError::Parse {
+        path: path.to_owned(),
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    })?;
+    let datacenter = configured_dc
+        .map(str::to_owned)
+        .or_else(|| {
+            file.values()
+                .flatten()
+                .map(|e| e.node.datacenter.to_ascii_lowercase())
+                .find(|d| !d.is_empty())
+        })
+        .unwrap_or_else(|| DEFAULT_DATACENTER.to_owned());
+    let mut nodes = HashMap::new();
+    let mut services = HashMap::new();
+    for (name, entries) in &file {
+        for e in entries {
+            nodes
+                .entry(e.node.node.to_ascii_lowercase())
+                .or_insert_with(|| Arc::new(NodeView::from_json(&e.node)));
+        }
+        services.insert(
+            name.to_ascii_lowercase(),
+            Arc::new(ServiceView::from_entries(entries, &datacenter)),
+        );
+    }
+    Ok(Catalog {
+        services,
+        nodes,
+        datacenter,
+    })
+}
+
+impl FileBackend {
+    pub fn from_text(text: &str, path: &str, dc: Option<&str>) -> Result<FileBackend, CatalogError> {
+        Ok(FileBackend {
+            catalog: RwLock::new(Arc::new(parse(text, path, dc)?)),
+            configured_dc: dc.map(str::to_owned),
+        })
+    }
+
+    pub fn load(path: &Path, dc: Option<&str>) -> Result<FileBackend, CatalogError> {
+        let text = read(path)?;
+        FileBackend::from_text(&text, &path.display().to_string(), dc)
+    }
+
+    /// Re-reads the file; on error the catalog being served stays as it was.
+    pub fn reload(&self, path: &Path) -> Result<usize, CatalogError> {
+        let text = read(path)?;
+        let catalog = parse(&text, &path.display().to_string(), self.configured_dc.as_deref())?;
+        let count = catalog.services.len();
+        let mut guard = match self.catalog.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *guard = Arc::new(catalog);
+        Ok(count)
+    }
+
+    fn current(&self) -> Arc<Catalog> {
+        match self.catalog.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn check_dc(&self, catalog: &Catalog, dc: Option<&str>) -> Result<(), LookupError> {
+        match dc {
+            Some(dc) if dc != catalog.datacenter => Err(LookupError::NoSuchDatacenter),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, CatalogError> {
+    std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+#[async_trait]
+impl Backend for FileBackend {
+    async fn local_datacenter(&self) -> Option<String> {
+        Some(self.current().datacenter.clone())
+    }
+
+    async fn service(&self, service: &str, dc: Option<&str>) -> Result<Arc<ServiceView>, LookupError> {
+        let catalog = self.current();
+        self.check_dc(&catalog, dc)?;
+        Ok(catalog.services.get(service).cloned().unwrap_or_else(|| {
+            Arc::new(ServiceView {
+                instances: Vec::new(),
+                datacenter: catalog.datacenter.clone(),
+            })
+        }))
+    }
+
+    async fn node(&self, node: &str, dc: Option<&str>) -> Result<Option<Arc<NodeView>>, LookupError> {
+        let catalog = self.current();
+        self.check_dc(&catalog, dc)?;
+        Ok(catalog.nodes.get(node).cloned())
+    }
+
+    async fn query(&self, _name: &str, dc: Option<&str>) -> Result<Option<Arc<QueryView>>, LookupError> {
+        let catalog = self.current();
+        self.check_dc(&catalog, dc)?;
+        // A catalog file has no prepared queries.
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_catalog_parses() {
+        let b = FileBackend::from_text(DEMO_CATALOG, "demo", None).expect("demo parses");
+        let c = b.current();
+        assert!(c.services.contains_key("web"));
+        assert_eq!(c.datacenter, "dc1");
+    }
+
+    #[test]
+    fn bad_catalog_names_line_and_shape() {
+        let err = FileBackend::from_text("{\"web\": [ {\"Node\": 5} ]}", "cat.json", None)
+            .err()
+            .expect("bad shape");
+        let msg = err.to_string();
+        assert!(msg.contains("cat.json: line 1"), "{msg}");
+        assert!(msg.contains("expected {\"<service>\""), "{msg}");
+    }
+}

@@ -1,0 +1,328 @@
+//! The Consul answer source. Names under the Consul domains are parsed ([`name`]), looked up in
+//! a backend (HTTP watchers in [`watch`], or a catalog file in [`file`]), filtered by health and
+//! turned into records ([`records`]), shuffled afresh for every response. The dnsmasq-compatible
+//! `mode = "dns"` instead forwards the domain to the agents' DNS port through the same cache as
+//! upstream names.
+
+pub mod catalog;
+pub mod client;
+pub mod file;
+pub mod name;
+pub mod records;
+pub mod watch;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{DNSClass, RecordType};
+use rand::seq::SliceRandom;
+use tokio_util::sync::CancellationToken;
+
+use self::catalog::{NodeView, QueryView, ServiceView};
+use self::name::ConsulName;
+use self::records::{Built, Ctx};
+use crate::cache::{Cache, TtlPolicy};
+use crate::config::{Config, ConsulConfig, ConsulMode};
+use crate::handler::AnswerSource;
+use crate::metrics::Metrics;
+use crate::upstream::{Forwarder, Router, ServerGroup, Source};
+use crate::wire::{Answer, Question};
+
+/// Why a backend could not produce a view.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LookupError {
+    /// Consul has not answered (yet, or for longer than `stale_for`): SERVFAIL, never NXDOMAIN.
+    #[error("Consul unavailable: {0}")]
+    Unavailable(String),
+    /// Consul says the datacenter does not exist: NXDOMAIN, as Consul's DNS.
+    #[error("no such datacenter")]
+    NoSuchDatacenter,
+}
+
+/// Where Consul data comes from.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// The datacenter names without a datacenter label refer to.
+    async fn local_datacenter(&self) -> Option<String>;
+    async fn service(&self, service: &str, dc: Option<&str>) -> Result<Arc<ServiceView>, LookupError>;
+    async fn node(&self, node: &str, dc: Option<&str>) -> Result<Option<Arc<NodeView>>, LookupError>;
+    async fn query(&self, name: &str, dc: Option<&str>) -> Result<Option<Arc<QueryView>>, LookupError>;
+}
+
+/// Problems found while setting Consul up, before serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error(transparent)]
+    Catalog(#[from] file::CatalogError),
+    #[error(transparent)]
+    Client(#[from] client::ClientBuildError),
+    #[error("consul.token_file {path}: {source}")]
+    TokenFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("consul.ca_file {path}: {source}")]
+    CaFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the answer source needs from the config.
+#[derive(Clone, Debug)]
+struct Policy {
+    config: ConsulConfig,
+}
+
+/// Answers names under the Consul domains from a backend.
+pub struct ConsulSource {
+    backend: Arc<dyn Backend>,
+    policy: Policy,
+    /// Resolves hostnames that Consul gives as addresses (CNAME targets).
+    forwarder: Arc<Forwarder>,
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+impl ConsulSource {
+    pub fn new(backend: Arc<dyn Backend>, config: &ConsulConfig, forwarder: Arc<Forwarder>) -> ConsulSource {
+        ConsulSource {
+            backend,
+            policy: Policy {
+                config: config.clone(),
+            },
+            forwarder,
+        }
+    }
+
+    async fn answer_inner(&self, q: &Question) -> Answer {
+        let cfg = &self.policy.config;
+        let Some(parsed) = name::parse(&q.name, q.qtype, &cfg.domains) else {
+            return Answer::rcode(ResponseCode::Refused);
+        };
+        if q.qclass != DNSClass::IN && q.qclass != DNSClass::ANY {
+            return Answer::rcode(ResponseCode::Refused);
+        }
+        let local_dc = self.backend.local_datacenter().await;
+        // A name that spells out the local datacenter is the same view as one that does not.
+        let norm = |dc: &Option<String>| -> Option<String> {
+            match (dc, &local_dc) {
+                (Some(d), Some(l)) if d == l => None,
+                (d, _) => d.clone(),
+            }
+        };
+        let serial = u32::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        )
+        .unwrap_or(0);
+        let mut ctx = Ctx {
+            qname: &q.name,
+            qtype: q.qtype,
+            domain: &parsed.domain,
+            dc: local_dc.as_deref().unwrap_or(file::DEFAULT_DATACENTER),
+            ttl: secs(cfg.node_ttl),
+            negative_ttl: secs(cfg.negative_ttl),
+            a_record_limit: cfg.a_record_limit,
+            serial,
+        };
+        let built = match &parsed.name {
+            ConsulName::Apex => Built::Done(records::apex_answer(&ctx)),
+            ConsulName::Invalid => Built::Done(records::nxdomain(&ctx)),
+            ConsulName::Addr { ip } => Built::Done(records::addr_answer(*ip, &ctx)),
+            ConsulName::Service { service, tag, dc } => {
+                let dc = norm(dc);
+                match self.backend.service(service, dc.as_deref()).await {
+                    Ok(view) => {
+                        let mut chosen = records::select(&view, tag.as_deref(), cfg.only_passing, cfg.when_none_healthy);
+                        chosen.shuffle(&mut rand::rng());
+                        let view_dc = dc.clone().or_else(|| (!view.datacenter.is_empty()).then(|| view.datacenter.clone()));
+                        let dc_name = view_dc.unwrap_or_else(|| ctx.dc.to_owned());
+                        ctx.ttl = secs(cfg.service_ttl_for(service));
+                        records::service_answer(&chosen, &Ctx { dc: &dc_name, ..ctx.clone() })
+                    }
+                    Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
+                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+                }
+            }
+            ConsulName::Node { node, dc } => match self.backend.node(node, norm(dc).as_deref()).await {
+                Ok(node) => records::node_answer(node.as_deref(), &ctx),
+                Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
+                Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+            },
+            ConsulName::Query { query, dc } => match self.backend.query(query, norm(dc).as_deref()).await {
+                Ok(Some(qv)) => {
+                    let mut chosen = records::select(&qv.service, None, cfg.only_passing, cfg.when_none_healthy);
+                    chosen.shuffle(&mut rand::rng());
+                    ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
+                    let dc_name = if qv.service.datacenter.is_empty() {
+                        ctx.dc.to_owned()
+                    } else {
+                        qv.service.datacenter.clone()
+                    };
+                    records::service_answer(&chosen, &Ctx { dc: &dc_name, ..ctx.clone() })
+                }
+                Ok(None) | Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
+                Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+            },
+        };
+        match built {
+            Built::Done(answer) => answer,
+            Built::Cname { mut answer, target } => {
+                // The CNAME first, then the target's records, in chain order (glibc ≥ 2.37
+                // ignores addresses that do not follow the chain).
+                let qtype = if q.qtype == RecordType::ANY { RecordType::A } else { q.qtype };
+                let (resolved, _) = self
+                    .forwarder
+                    .answer(&Question {
+                        name: target,
+                        qtype,
+                        qclass: DNSClass::IN,
+                    })
+                    .await;
+                answer.answers.extend(resolved.answers);
+                answer
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AnswerSource for ConsulSource {
+    async fn answer(&self, q: &Question) -> (Answer, Source) {
+        (self.answer_inner(q).await, Source::Consul)
+    }
+}
+
+/// Builds the Consul answer source the config asks for: the catalog file, the agents' DNS port,
+/// or the HTTP API.
+pub async fn build(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    forwarder: Arc<Forwarder>,
+    shutdown: CancellationToken,
+) -> Result<Arc<dyn AnswerSource>, ConsulError> {
+    let c = &config.consul;
+    if c.demo_catalog {
+        return demo_source(c, forwarder);
+    }
+    if let Some(path) = &c.catalog_file {
+        let backend = Arc::new(file::FileBackend::load(path, c.datacenter.as_deref())?);
+        reload_on_sighup(backend.clone(), path.clone(), shutdown);
+        return Ok(Arc::new(ConsulSource::new(backend, c, forwarder)));
+    }
+    build_backend(config, metrics, forwarder, shutdown).await
+}
+
+/// Re-reads the catalog file on SIGHUP; a bad file leaves the served catalog as it was.
+fn reload_on_sighup(backend: Arc<file::FileBackend>, path: std::path::PathBuf, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: the catalog file will not be reloaded");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            match backend.reload(&path) {
+                Ok(n) => tracing::info!(path = %path.display(), services = n, "catalog file reloaded"),
+                Err(e) => tracing::error!(error = %e, "catalog file not reloaded; still serving the previous one"),
+            }
+        }
+    });
+}
+
+/// The demo catalog (for `--dev` without a catalog file).
+pub fn demo_source(config: &ConsulConfig, forwarder: Arc<Forwarder>) -> Result<Arc<dyn AnswerSource>, ConsulError> {
+    let backend = file::FileBackend::from_text(file::DEMO_CATALOG, "conf/demo-catalog.json", config.datacenter.as_deref())?;
+    Ok(Arc::new(ConsulSource::new(Arc::new(backend), config, forwarder)))
+}
+
+async fn build_backend(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    forwarder: Arc<Forwarder>,
+    shutdown: CancellationToken,
+) -> Result<Arc<dyn AnswerSource>, ConsulError> {
+    let c = &config.consul;
+    match c.mode {
+        ConsulMode::Dns => {
+            // Consul sends TTL 0; cache at least the service TTL so every query does not reach
+            // the agent, and shuffle on the way out so round robin survives the cache.
+            let floor = config.cache.min_ttl.max(c.service_ttl_for(""));
+            let cache = Cache::new(
+                config.cache.max_entries,
+                TtlPolicy {
+                    min_ttl: floor,
+                    max_ttl: config.cache.max_ttl.max(floor),
+                    negative_ttl: c.negative_ttl,
+                    negative_min_ttl: c.negative_ttl,
+                    stale_for: c.stale_for,
+                },
+            );
+            let router = Router::new(ServerGroup::new(c.dns.clone(), config.upstream.timeout), Vec::new());
+            Ok(Arc::new(Forwarder::new(router, cache, metrics, true)))
+        }
+        ConsulMode::Http => {
+            let token = read_token(c)?;
+            let ca = match &c.ca_file {
+                Some(path) => Some((
+                    path.display().to_string(),
+                    std::fs::read(path).map_err(|source| ConsulError::CaFile {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+                )),
+                None => None,
+            };
+            let client = client::ConsulClient::new(
+                c.http.clone(),
+                token,
+                ca.as_ref().map(|(p, pem)| (p.as_str(), pem.clone())),
+                c.max_connections,
+                metrics.clone(),
+            )?;
+            let backend = watch::HttpBackend::new(client, c, metrics, shutdown);
+            Ok(Arc::new(ConsulSource::new(Arc::new(backend), c, forwarder)))
+        }
+    }
+}
+
+/// The ACL token: `consul.token_file`, else `CONSUL_HTTP_TOKEN`. Never logged.
+fn read_token(c: &ConsulConfig) -> Result<Option<String>, ConsulError> {
+    if let Some(path) = &c.token_file {
+        let text = std::fs::read_to_string(path).map_err(|source| ConsulError::TokenFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(path) {
+                if meta.permissions().mode() & 0o004 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "consul.token_file is readable by every user on this host: chmod 600 it"
+                    );
+                }
+            }
+        }
+        let token = text.trim().to_owned();
+        return Ok((!token.is_empty()).then_some(token));
+    }
+    Ok(std::env::var("CONSUL_HTTP_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty()))
+}

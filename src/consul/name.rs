@@ -1,0 +1,260 @@
+//! Parsing names under the Consul domains the way Consul's own DNS interface does
+//! (`agent/dns.go`): strip the longest matching domain, scan the labels right to left for the
+//! first kind label, and read what stands before and after it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hickory_proto::rr::{Name, RecordType};
+
+/// What a name under a Consul domain asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsulName {
+    /// `[tag.]service.service[.dc]` or RFC 2782 `_service._tag[.service][.dc]`.
+    Service {
+        service: String,
+        tag: Option<String>,
+        dc: Option<String>,
+    },
+    /// `node.node[.dc]` (node names may contain dots).
+    Node { node: String, dc: Option<String> },
+    /// `<hex>.addr[.dc]`: an address spelled in hex, answered locally.
+    Addr { ip: IpAddr },
+    /// `name.query[.dc]`: a prepared query.
+    Query { query: String, dc: Option<String> },
+    /// The domain itself (SOA, NS).
+    Apex,
+    /// Under the domain but meaningless: NXDOMAIN.
+    Invalid,
+}
+
+/// A name split into its Consul domain and its meaning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    /// The matched domain, lowercased, fully qualified (`consul.` or an alternative domain).
+    pub domain: Name,
+    pub name: ConsulName,
+}
+
+/// Parses `qname` (already lowercased) against `domains`; `None` when it is under none of them.
+pub fn parse(qname: &Name, qtype: RecordType, domains: &[Name]) -> Option<Parsed> {
+    let domain = domains
+        .iter()
+        .filter(|d| d.zone_of(qname))
+        .max_by_key(|d| d.num_labels())?
+        .clone();
+    let labels: Vec<String> = qname
+        .iter()
+        .take(usize::from(qname.num_labels() - domain.num_labels()))
+        .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
+        .collect();
+    Some(Parsed {
+        name: parse_labels(&labels, qtype),
+        domain,
+    })
+}
+
+/// Interprets the labels left of the domain.
+pub fn parse_labels(labels: &[String], qtype: RecordType) -> ConsulName {
+    if labels.is_empty() {
+        return ConsulName::Apex;
+    }
+    // RFC 2782 with exactly two `_` labels in front: `_web._tcp[.service][.dc]`.
+    if labels.len() >= 2 && labels[0].starts_with('_') && labels[1].starts_with('_') {
+        let rest = &labels[2..];
+        let dc = match rest {
+            [] if qtype == RecordType::SRV => Some(None),
+            [kind] if kind == "service" => Some(None),
+            [kind, dc] if kind == "service" => Some(Some(dc.clone())),
+            [dc] if qtype == RecordType::SRV && !dc.starts_with('_') => Some(Some(dc.clone())),
+            // Not the two-underscore form after all (more `_` labels): parse it the usual way.
+            _ => None,
+        };
+        if let Some(dc) = dc {
+            let service = labels[0][1..].to_owned();
+            let tag = &labels[1][1..];
+            if service.is_empty() || tag.is_empty() {
+                return ConsulName::Invalid;
+            }
+            let tag = match tag {
+                "tcp" | "udp" => None,
+                t => Some(t.to_owned()),
+            };
+            return ConsulName::Service { service, tag, dc };
+        }
+    }
+    let Some(kind_at) = labels.iter().rposition(|l| {
+        matches!(
+            l.as_str(),
+            "service" | "connect" | "ingress" | "virtual" | "node" | "query" | "addr"
+        )
+    }) else {
+        return ConsulName::Invalid;
+    };
+    let dc = match &labels[kind_at + 1..] {
+        [] => None,
+        [dc] => Some(dc.clone()),
+        _ => return ConsulName::Invalid,
+    };
+    let before = &labels[..kind_at];
+    if before.is_empty() {
+        return ConsulName::Invalid;
+    }
+    match labels[kind_at].as_str() {
+        "service" => {
+            let (service, tags) = before.split_last().map_or((String::new(), &[][..]), |(s, t)| (s.clone(), t));
+            ConsulName::Service {
+                service,
+                tag: (!tags.is_empty()).then(|| tags.join(".")),
+                dc,
+            }
+        }
+        "node" => ConsulName::Node {
+            node: before.join("."),
+            dc,
+        },
+        "query" => ConsulName::Query {
+            query: before.join("."),
+            dc,
+        },
+        "addr" if before.len() == 1 => decode_hex_ip(&before[0]).map_or(ConsulName::Invalid, |ip| ConsulName::Addr { ip }),
+        // connect, ingress and virtual need Consul's service mesh: not served here.
+        _ => ConsulName::Invalid,
+    }
+}
+
+/// `7f000001` → 127.0.0.1; 32 hex digits → an IPv6 address.
+pub fn decode_hex_ip(hex: &str) -> Option<IpAddr> {
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    match hex.len() {
+        8 => u32::from_str_radix(hex, 16)
+            .ok()
+            .map(|v| IpAddr::V4(Ipv4Addr::from(v))),
+        32 => u128::from_str_radix(hex, 16)
+            .ok()
+            .map(|v| IpAddr::V6(Ipv6Addr::from(v))),
+        _ => None,
+    }
+}
+
+/// The `.addr` label of an address: 8 hex digits for IPv4, 32 for IPv6.
+pub fn encode_hex_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{:08x}", u32::from(v4)),
+        IpAddr::V6(v6) => format!("{:032x}", u128::from(v6)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn p(name: &str, qtype: RecordType) -> ConsulName {
+        let domains = [
+            Name::from_str("consul.").expect("d"),
+            Name::from_str("alt.example.").expect("d"),
+        ];
+        parse(&Name::from_str(name).expect("name").to_lowercase(), qtype, &domains)
+            .expect("in domain")
+            .name
+    }
+
+    fn svc(service: &str, tag: Option<&str>, dc: Option<&str>) -> ConsulName {
+        ConsulName::Service {
+            service: service.into(),
+            tag: tag.map(Into::into),
+            dc: dc.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn service_forms() {
+        use RecordType::*;
+        assert_eq!(p("web.service.consul.", A), svc("web", None, None));
+        assert_eq!(p("WEB.Service.CONSUL.", A), svc("web", None, None));
+        assert_eq!(p("web.service.dc2.consul.", A), svc("web", None, Some("dc2")));
+        assert_eq!(p("v1.web.service.consul.", A), svc("web", Some("v1"), None));
+        assert_eq!(
+            p("v1.primary.db.service.consul.", A),
+            svc("db", Some("v1.primary"), None)
+        );
+        assert_eq!(p("web.service.alt.example.", A), svc("web", None, None));
+        // A service named like a kind: the rightmost kind label wins.
+        assert_eq!(p("node.service.consul.", A), svc("node", None, None));
+    }
+
+    #[test]
+    fn rfc2782_forms() {
+        use RecordType::*;
+        assert_eq!(p("_web._tcp.service.consul.", SRV), svc("web", None, None));
+        assert_eq!(p("_web._udp.service.consul.", SRV), svc("web", None, None));
+        assert_eq!(p("_web._v1.service.consul.", SRV), svc("web", Some("v1"), None));
+        assert_eq!(p("_web._tcp.service.dc2.consul.", SRV), svc("web", None, Some("dc2")));
+        assert_eq!(p("_web._tcp.consul.", SRV), svc("web", None, None));
+        assert_eq!(p("_web._tcp.dc2.consul.", SRV), svc("web", None, Some("dc2")));
+        assert_eq!(p("_web._tcp.consul.", A), ConsulName::Invalid);
+        assert_eq!(p("_a._b._c.service.consul.", SRV), svc("_c", Some("_a._b"), None));
+    }
+
+    #[test]
+    fn node_addr_query_apex_invalid() {
+        use RecordType::*;
+        assert_eq!(
+            p("foo.bar.node.consul.", A),
+            ConsulName::Node {
+                node: "foo.bar".into(),
+                dc: None
+            }
+        );
+        assert_eq!(
+            p("n1.node.dc1.consul.", A),
+            ConsulName::Node {
+                node: "n1".into(),
+                dc: Some("dc1".into())
+            }
+        );
+        assert_eq!(
+            p("7f000002.addr.dc1.consul.", A),
+            ConsulName::Addr {
+                ip: "127.0.0.2".parse().expect("ip")
+            }
+        );
+        assert_eq!(
+            p("20010db8000000000000000000000001.addr.consul.", AAAA),
+            ConsulName::Addr {
+                ip: "2001:db8::1".parse().expect("ip")
+            }
+        );
+        assert_eq!(p("zz.addr.consul.", A), ConsulName::Invalid);
+        assert_eq!(
+            p("geo.query.consul.", A),
+            ConsulName::Query {
+                query: "geo".into(),
+                dc: None
+            }
+        );
+        assert_eq!(p("consul.", SOA), ConsulName::Apex);
+        assert_eq!(p("foo.consul.", A), ConsulName::Invalid);
+        assert_eq!(p("service.consul.", A), ConsulName::Invalid);
+        assert_eq!(p("web.service.a.b.consul.", A), ConsulName::Invalid);
+        assert_eq!(p("web.connect.consul.", A), ConsulName::Invalid);
+    }
+
+    #[test]
+    fn not_in_domain() {
+        let domains = [Name::from_str("consul.").expect("d")];
+        assert!(parse(&Name::from_str("example.com.").expect("n"), RecordType::A, &domains).is_none());
+        assert!(parse(&Name::from_str("notconsul.").expect("n"), RecordType::A, &domains).is_none());
+    }
+
+    #[test]
+    fn hex_roundtrip() {
+        for ip in ["127.0.0.2", "10.1.2.3", "2001:db8::1", "::1"] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(decode_hex_ip(&encode_hex_ip(ip)), Some(ip));
+        }
+        assert_eq!(encode_hex_ip("127.0.0.2".parse().expect("ip")), "7f000002");
+    }
+}

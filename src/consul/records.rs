@@ -1,0 +1,507 @@
+//! Records from Consul views, as pure functions: which instances are served, A/AAAA/ANY/SRV/TXT
+//! answers, SRV targets and their additional records, SOA and NS for the domain. The caller
+//! shuffles; these functions keep the order they are given.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, SOA, SRV, TXT};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+use super::catalog::{is_healthy, Instance, NodeView, ServiceView, Target};
+use super::name::encode_hex_ip;
+use crate::config::WhenNoneHealthy;
+use crate::wire::Answer;
+
+/// SOA timers, as Consul's DNS interface sends them.
+const SOA_REFRESH: i32 = 3600;
+const SOA_RETRY: i32 = 600;
+const SOA_EXPIRE: i32 = 86_400;
+
+/// What every record built for one question shares.
+#[derive(Clone, Debug)]
+pub struct Ctx<'a> {
+    /// Owner of the answer records: the question's name.
+    pub qname: &'a Name,
+    pub qtype: RecordType,
+    /// The Consul domain the question was under (SRV targets and SOA live there).
+    pub domain: &'a Name,
+    /// The datacenter the answer is about (for SRV target names).
+    pub dc: &'a str,
+    pub ttl: u32,
+    /// SOA minimum and TTL of negative answers.
+    pub negative_ttl: u32,
+    /// Cap on address records (0 = none).
+    pub a_record_limit: usize,
+    /// SOA serial: Unix time, as Consul.
+    pub serial: u32,
+}
+
+/// The instances a service lookup serves: tag-filtered, then healthy only, or every one when
+/// none is healthy and `when_none_healthy = "all"`. Empty means NXDOMAIN.
+pub fn select<'v>(
+    view: &'v ServiceView,
+    tag: Option<&str>,
+    only_passing: bool,
+    when_none_healthy: WhenNoneHealthy,
+) -> Vec<&'v Instance> {
+    let tagged = view
+        .instances
+        .iter()
+        .filter(|i| tag.is_none_or(|t| i.has_tag(t)));
+    let healthy: Vec<&Instance> = tagged
+        .clone()
+        .filter(|i| is_healthy(i.status, only_passing))
+        .collect();
+    if healthy.is_empty() && when_none_healthy == WhenNoneHealthy::All {
+        return tagged.collect();
+    }
+    healthy
+}
+
+pub fn soa_record(ctx: &Ctx<'_>) -> Record {
+    let mname = Name::from_ascii("ns")
+        .and_then(|n| n.append_domain(ctx.domain))
+        .unwrap_or_else(|_| ctx.domain.clone());
+    let rname = Name::from_ascii("hostmaster")
+        .and_then(|n| n.append_domain(ctx.domain))
+        .unwrap_or_else(|_| ctx.domain.clone());
+    Record::from_rdata(
+        ctx.domain.clone(),
+        ctx.negative_ttl,
+        RData::SOA(SOA::new(
+            mname,
+            rname,
+            ctx.serial,
+            SOA_REFRESH,
+            SOA_RETRY,
+            SOA_EXPIRE,
+            ctx.negative_ttl,
+        )),
+    )
+}
+
+fn ns_record(ctx: &Ctx<'_>) -> Record {
+    let ns = Name::from_ascii("ns")
+        .and_then(|n| n.append_domain(ctx.domain))
+        .unwrap_or_else(|_| ctx.domain.clone());
+    Record::from_rdata(ctx.domain.clone(), ctx.ttl, RData::NS(NS(ns)))
+}
+
+fn answer(answers: Vec<Record>, additionals: Vec<Record>) -> Answer {
+    Answer {
+        rcode: ResponseCode::NoError,
+        authoritative: true,
+        answers,
+        authorities: Vec::new(),
+        additionals,
+    }
+}
+
+/// NXDOMAIN with the SOA in authority.
+pub fn nxdomain(ctx: &Ctx<'_>) -> Answer {
+    negative(ctx, ResponseCode::NXDomain)
+}
+
+/// NOERROR, no answers, the SOA in authority: the name exists, not with this type.
+pub fn nodata(ctx: &Ctx<'_>) -> Answer {
+    negative(ctx, ResponseCode::NoError)
+}
+
+fn negative(ctx: &Ctx<'_>, rcode: ResponseCode) -> Answer {
+    Answer {
+        rcode,
+        authoritative: true,
+        answers: Vec::new(),
+        authorities: vec![soa_record(ctx)],
+        additionals: Vec::new(),
+    }
+}
+
+/// SOA and NS are answered for any existing name in the domain, as Consul does.
+fn apex_types(ctx: &Ctx<'_>) -> Option<Answer> {
+    match ctx.qtype {
+        RecordType::SOA => Some(answer(vec![soa_record(ctx)], Vec::new())),
+        RecordType::NS => Some(answer(vec![ns_record(ctx)], Vec::new())),
+        _ => None,
+    }
+}
+
+/// The domain itself.
+pub fn apex_answer(ctx: &Ctx<'_>) -> Answer {
+    apex_types(ctx).unwrap_or_else(|| nodata(ctx))
+}
+
+fn address_record(owner: &Name, ttl: u32, ip: IpAddr) -> Record {
+    let data = match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+    };
+    Record::from_rdata(owner.clone(), ttl, data)
+}
+
+fn family_matches(qtype: RecordType, ip: &IpAddr) -> bool {
+    match qtype {
+        RecordType::A => ip.is_ipv4(),
+        RecordType::AAAA => ip.is_ipv6(),
+        RecordType::ANY => true,
+        _ => false,
+    }
+}
+
+/// A service answer that may still need a hostname resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Built {
+    Done(Answer),
+    /// The answer holds a CNAME to `target`; the caller appends `target`'s addresses after it.
+    Cname { answer: Answer, target: Name },
+}
+
+/// Answers a service question from `instances` (already selected and shuffled; empty → NXDOMAIN).
+pub fn service_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Built {
+    if instances.is_empty() {
+        return Built::Done(nxdomain(ctx));
+    }
+    if let Some(a) = apex_types(ctx) {
+        return Built::Done(a);
+    }
+    match ctx.qtype {
+        RecordType::A | RecordType::AAAA | RecordType::ANY => addresses(instances, ctx),
+        RecordType::SRV => Built::Done(srv_answer(instances, ctx)),
+        _ => Built::Done(nodata(ctx)),
+    }
+}
+
+fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Built {
+    let mut seen = HashSet::new();
+    let mut records = Vec::new();
+    let mut any_ip = false;
+    for i in instances {
+        if let Some(Target::Ip(ip)) = &i.target {
+            any_ip = true;
+            if family_matches(ctx.qtype, ip) && seen.insert(*ip) {
+                records.push(address_record(ctx.qname, ctx.ttl, *ip));
+            }
+        }
+    }
+    if ctx.a_record_limit > 0 {
+        records.truncate(ctx.a_record_limit);
+    }
+    if !records.is_empty() {
+        return Built::Done(answer(records, Vec::new()));
+    }
+    if !any_ip {
+        // Only hostname instances: a CNAME to one (a name may carry one CNAME only), followed by
+        // its addresses. Instances with IPs win over hostnames, as in Consul.
+        if let Some(host) = instances.iter().find_map(|i| match &i.target {
+            Some(Target::Host(h)) => Name::from_ascii(format!("{h}.")).ok(),
+            _ => None,
+        }) {
+            let cname = Record::from_rdata(ctx.qname.clone(), ctx.ttl, RData::CNAME(CNAME(host.clone())));
+            return Built::Cname {
+                answer: answer(vec![cname], Vec::new()),
+                target: host,
+            };
+        }
+    }
+    Built::Done(nodata(ctx))
+}
+
+/// `<label>.<kind>.<dc>.<domain>`.
+fn name_under(label: &str, kind: &str, ctx: &Ctx<'_>) -> Option<Name> {
+    Name::from_ascii(format!("{label}.{kind}.{}", ctx.dc))
+        .ok()?
+        .append_domain(ctx.domain)
+        .ok()
+}
+
+/// SRV: one record per (node, address, port), priority 1, weight by the instance's worst check;
+/// the target is `<node>.node.<dc>.<domain>` (no own address), `<hex>.addr.<dc>.<domain>` (own
+/// IP) or the hostname. Addresses of the targets go in the additional section; every target
+/// name also resolves on its own (nginx asks for each).
+fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
+    let mut seen = HashSet::new();
+    let mut answers = Vec::new();
+    let mut additionals = Vec::new();
+    let mut extra_seen = HashSet::new();
+    for i in instances {
+        if !seen.insert((i.node.as_str(), i.target.clone(), i.port)) {
+            continue;
+        }
+        let (target, extra_ip) = match (&i.target, i.own_address) {
+            (Some(Target::Ip(ip)), true) => (name_under(&encode_hex_ip(*ip), "addr", ctx), Some(*ip)),
+            (Some(Target::Host(h)), true) => (Name::from_ascii(format!("{h}.")).ok(), None),
+            (target, _) => (
+                name_under(&i.node, "node", ctx),
+                match target {
+                    Some(Target::Ip(ip)) => Some(*ip),
+                    _ => None,
+                },
+            ),
+        };
+        let Some(target) = target else { continue };
+        answers.push(Record::from_rdata(
+            ctx.qname.clone(),
+            ctx.ttl,
+            RData::SRV(SRV::new(1, i.weight(), i.port, target.clone())),
+        ));
+        if let Some(ip) = extra_ip {
+            if extra_seen.insert((target.clone(), ip)) {
+                additionals.push(address_record(&target, ctx.ttl, ip));
+            }
+        }
+    }
+    answer(answers, additionals)
+}
+
+/// A node: its address (A/AAAA/ANY) with its meta as TXT in additional, or its meta as TXT.
+pub fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Built {
+    let Some(node) = node else {
+        return Built::Done(nxdomain(ctx));
+    };
+    if let Some(a) = apex_types(ctx) {
+        return Built::Done(a);
+    }
+    let meta = || meta_txt(node, ctx);
+    match (ctx.qtype, &node.target) {
+        (RecordType::TXT, _) => {
+            let txt = meta();
+            Built::Done(if txt.is_empty() {
+                nodata(ctx)
+            } else {
+                answer(txt, Vec::new())
+            })
+        }
+        (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Ip(ip)))
+            if family_matches(ctx.qtype, ip) =>
+        {
+            Built::Done(answer(vec![address_record(ctx.qname, ctx.ttl, *ip)], meta()))
+        }
+        (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Host(h))) => {
+            match Name::from_ascii(format!("{h}.")) {
+                Ok(host) => Built::Cname {
+                    answer: answer(
+                        vec![Record::from_rdata(
+                            ctx.qname.clone(),
+                            ctx.ttl,
+                            RData::CNAME(CNAME(host.clone())),
+                        )],
+                        Vec::new(),
+                    ),
+                    target: host,
+                },
+                Err(_) => Built::Done(nodata(ctx)),
+            }
+        }
+        _ => Built::Done(nodata(ctx)),
+    }
+}
+
+/// Node meta as TXT, RFC 1464 `key=value` (keys starting `rfc1035-` give the value alone).
+fn meta_txt(node: &NodeView, ctx: &Ctx<'_>) -> Vec<Record> {
+    node.meta
+        .iter()
+        .map(|(k, v)| {
+            let text = match k.strip_prefix("rfc1035-") {
+                Some(_) => v.clone(),
+                None => format!("{}={v}", k.replace('`', "``").replace('=', "`=")),
+            };
+            Record::from_rdata(ctx.qname.clone(), ctx.ttl, RData::TXT(TXT::new(vec![text])))
+        })
+        .collect()
+}
+
+/// `<hex>.addr`: the address itself, computed locally.
+pub fn addr_answer(ip: IpAddr, ctx: &Ctx<'_>) -> Answer {
+    if let Some(a) = apex_types(ctx) {
+        return a;
+    }
+    if family_matches(ctx.qtype, &ip) {
+        answer(vec![address_record(ctx.qname, ctx.ttl, ip)], Vec::new())
+    } else {
+        nodata(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::catalog::Status;
+    use std::collections::BTreeMap;
+    use std::str::FromStr;
+
+    fn inst(node: &str, addr: &str, own: bool, port: u16, status: Status) -> Instance {
+        let target = if addr.is_empty() {
+            None
+        } else {
+            Some(match addr.parse::<IpAddr>() {
+                Ok(ip) => Target::Ip(ip),
+                Err(_) => Target::Host(addr.into()),
+            })
+        };
+        Instance {
+            node: node.into(),
+            node_target: target.clone(),
+            target,
+            own_address: own,
+            port,
+            tags: vec!["v1".into()],
+            status,
+            weight_passing: 10,
+            weight_warning: 1,
+            node_meta: BTreeMap::new(),
+        }
+    }
+
+    fn with<R>(qtype: RecordType, f: impl FnOnce(&Ctx<'_>) -> R) -> R {
+        let qname = Name::from_str("web.service.consul.").expect("n");
+        let domain = Name::from_str("consul.").expect("d");
+        f(&Ctx {
+            qname: &qname,
+            qtype,
+            domain: &domain,
+            dc: "dc1",
+            ttl: 5,
+            negative_ttl: 7,
+            a_record_limit: 0,
+            serial: 1,
+        })
+    }
+
+    fn done(b: Built) -> Answer {
+        match b {
+            Built::Done(a) => a,
+            Built::Cname { .. } => panic!("expected a complete answer"),
+        }
+    }
+
+    fn view(instances: Vec<Instance>) -> ServiceView {
+        ServiceView {
+            instances,
+            datacenter: "dc1".into(),
+        }
+    }
+
+    #[test]
+    fn select_drops_critical_and_warning_when_only_passing() {
+        let v = view(vec![
+            inst("a", "10.0.0.1", false, 80, Status::Passing),
+            inst("b", "10.0.0.2", false, 80, Status::Warning),
+            inst("c", "10.0.0.3", false, 80, Status::Critical),
+        ]);
+        assert_eq!(select(&v, None, false, WhenNoneHealthy::Nxdomain).len(), 2);
+        assert_eq!(select(&v, None, true, WhenNoneHealthy::Nxdomain).len(), 1);
+        assert_eq!(select(&v, Some("v2"), false, WhenNoneHealthy::Nxdomain).len(), 0);
+        let dead = view(vec![inst("c", "10.0.0.3", false, 80, Status::Critical)]);
+        assert!(select(&dead, None, false, WhenNoneHealthy::Nxdomain).is_empty());
+        assert_eq!(select(&dead, None, false, WhenNoneHealthy::All).len(), 1);
+    }
+
+    #[test]
+    fn a_aaaa_any_by_family_deduplicated_and_limited() {
+        let a = inst("a", "10.0.0.1", false, 80, Status::Passing);
+        let b = inst("b", "10.0.0.1", true, 81, Status::Passing);
+        let c = inst("c", "2001:db8::1", true, 80, Status::Passing);
+        let d = inst("d", "10.0.0.4", true, 80, Status::Passing);
+        let all = [&a, &b, &c, &d];
+        let r = with(RecordType::A, |ctx| done(service_answer(&all, ctx)));
+        assert_eq!(r.answers.len(), 2);
+        assert!(r.authoritative);
+        let r = with(RecordType::AAAA, |ctx| done(service_answer(&all, ctx)));
+        assert_eq!(r.answers.len(), 1);
+        let r = with(RecordType::ANY, |ctx| done(service_answer(&all, ctx)));
+        assert_eq!(r.answers.len(), 3);
+        let r = with(RecordType::A, |ctx| {
+            done(service_answer(&all, &Ctx { a_record_limit: 1, ..ctx.clone() }))
+        });
+        assert_eq!(r.answers.len(), 1);
+        // IPv4-only service asked AAAA: NODATA with SOA, not NXDOMAIN.
+        let r = with(RecordType::AAAA, |ctx| done(service_answer(&[&a, &d], ctx)));
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+        assert!(matches!(r.authorities[0].data, RData::SOA(_)));
+    }
+
+    #[test]
+    fn empty_is_nxdomain_with_soa() {
+        let r = with(RecordType::A, |ctx| done(service_answer(&[], ctx)));
+        assert_eq!(r.rcode, ResponseCode::NXDomain);
+        match &r.authorities[0].data {
+            RData::SOA(soa) => {
+                assert_eq!(soa.minimum, 7);
+                assert_eq!(soa.mname.to_ascii(), "ns.consul.");
+            }
+            other => panic!("expected SOA, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostname_becomes_cname_unless_ips_exist() {
+        let h = inst("h", "db.example.com", true, 80, Status::Passing);
+        match with(RecordType::A, |ctx| service_answer(&[&h], ctx)) {
+            Built::Cname { answer, target } => {
+                assert_eq!(target.to_ascii(), "db.example.com.");
+                assert!(matches!(answer.answers[0].data, RData::CNAME(_)));
+            }
+            other => panic!("expected CNAME, got {other:?}"),
+        }
+        let a = inst("a", "10.0.0.1", true, 80, Status::Passing);
+        let r = with(RecordType::A, |ctx| done(service_answer(&[&h, &a], ctx)));
+        assert_eq!(r.answers.len(), 1);
+        assert!(matches!(r.answers[0].data, RData::A(_)));
+    }
+
+    #[test]
+    fn srv_targets_weights_and_additionals() {
+        let node_addr = inst("n1", "10.0.0.1", false, 80, Status::Passing);
+        let own_ip = inst("n2", "127.0.0.2", true, 81, Status::Warning);
+        let own_host = inst("n3", "db.example.com", true, 82, Status::Passing);
+        let dup = inst("n2", "127.0.0.2", true, 81, Status::Passing);
+        let r = with(RecordType::SRV, |ctx| {
+            done(service_answer(&[&node_addr, &own_ip, &own_host, &dup], ctx))
+        });
+        let srvs: Vec<(u16, u16, u16, String)> = r
+            .answers
+            .iter()
+            .map(|rec| match &rec.data {
+                RData::SRV(s) => (s.priority, s.weight, s.port, s.target.to_ascii()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            srvs,
+            vec![
+                (1, 10, 80, "n1.node.dc1.consul.".into()),
+                (1, 1, 81, "7f000002.addr.dc1.consul.".into()),
+                (1, 10, 82, "db.example.com.".into()),
+            ]
+        );
+        let extra: Vec<String> = r.additionals.iter().map(|r| r.name.to_ascii()).collect();
+        assert_eq!(extra, vec!["n1.node.dc1.consul.", "7f000002.addr.dc1.consul."]);
+    }
+
+    #[test]
+    fn nodes_and_addrs() {
+        let mut meta = BTreeMap::new();
+        meta.insert("instance_type".to_string(), "t2.medium".to_string());
+        meta.insert("rfc1035-x".to_string(), "raw".to_string());
+        let node = NodeView {
+            name: "n1".into(),
+            target: Some(Target::Ip("10.0.0.1".parse().expect("ip"))),
+            meta,
+        };
+        let r = with(RecordType::A, |ctx| done(node_answer(Some(&node), ctx)));
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.additionals.len(), 2);
+        let r = with(RecordType::TXT, |ctx| done(node_answer(Some(&node), ctx)));
+        let texts: Vec<String> = r.answers.iter().map(|r| r.data.to_string()).collect();
+        assert!(texts.iter().any(|t| t.contains("instance_type=t2.medium")), "{texts:?}");
+        assert!(texts.iter().any(|t| t.contains("raw") && !t.contains('=')), "{texts:?}");
+        let r = with(RecordType::A, |ctx| done(node_answer(None, ctx)));
+        assert_eq!(r.rcode, ResponseCode::NXDomain);
+        let r = with(RecordType::AAAA, |ctx| addr_answer("10.0.0.1".parse().expect("ip"), ctx));
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+    }
+}

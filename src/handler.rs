@@ -1,0 +1,173 @@
+//! Bytes in, bytes out: one DNS request turned into one reply (or a counted drop), with no I/O of
+//! its own beyond what the answer sources do. The server module feeds it packets from UDP and TCP.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use hickory_proto::op::{Message, OpCode, ResponseCode};
+use hickory_proto::rr::Name;
+use ipnet::IpNet;
+
+use crate::metrics::{qtype_label, rcode_label, Metrics};
+use crate::upstream::{Forwarder, Source};
+use crate::wire::{self, Answer, Question, RawHeader, Transport};
+
+/// Something that answers questions for a set of names. Never fails: a failure is an answer too
+/// (SERVFAIL, or stale data).
+#[async_trait]
+pub trait AnswerSource: Send + Sync {
+    async fn answer(&self, q: &Question) -> (Answer, Source);
+}
+
+#[async_trait]
+impl AnswerSource for Forwarder {
+    async fn answer(&self, q: &Question) -> (Answer, Source) {
+        Forwarder::answer(self, q).await
+    }
+}
+
+/// The Consul domains and what answers them.
+pub struct ConsulRoute {
+    pub domains: Vec<Name>,
+    pub source: Arc<dyn AnswerSource>,
+}
+
+pub struct Handler {
+    allow: Vec<IpNet>,
+    consul: Option<ConsulRoute>,
+    forwarder: Arc<dyn AnswerSource>,
+    metrics: Arc<Metrics>,
+    log_queries: bool,
+}
+
+impl Handler {
+    pub fn new(
+        allow: Vec<IpNet>,
+        consul: Option<ConsulRoute>,
+        forwarder: Arc<dyn AnswerSource>,
+        metrics: Arc<Metrics>,
+        log_queries: bool,
+    ) -> Handler {
+        Handler {
+            allow,
+            consul,
+            forwarder,
+            metrics,
+            log_queries,
+        }
+    }
+
+    fn allowed(&self, client: IpAddr) -> bool {
+        let client = match client {
+            // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow.iter().any(|net| net.contains(&client))
+    }
+
+    /// The reply to `packet`, or `None` when the packet must be dropped (not DNS, or a response).
+    pub async fn handle(
+        &self,
+        packet: &[u8],
+        client: IpAddr,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let Some(header) = RawHeader::parse(packet) else {
+            self.metrics.drop_packet("short");
+            return None;
+        };
+        if header.is_response {
+            // Never answer a response: that is how reflection loops start.
+            self.metrics.drop_packet("response");
+            return None;
+        }
+        let request = Message::from_vec(packet);
+        if !self.allowed(client) {
+            self.metrics
+                .refused_clients
+                .with_label_values(&[transport.as_str()])
+                .inc();
+            return Some(self.finish_error(request.ok().as_ref(), &header, ResponseCode::Refused));
+        }
+        let request = match request {
+            Ok(request) => request,
+            Err(_) => {
+                self.metrics.drop_packet("malformed");
+                return Some(self.finish_error(None, &header, ResponseCode::FormErr));
+            }
+        };
+        if request.metadata.op_code != OpCode::Query {
+            return Some(self.finish_error(Some(&request), &header, ResponseCode::NotImp));
+        }
+        if request.queries.len() != 1 {
+            return Some(self.finish_error(Some(&request), &header, ResponseCode::FormErr));
+        }
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            // RFC 6891 §6.1.3: we speak EDNS version 0 only.
+            return Some(self.finish_error(Some(&request), &header, ResponseCode::BADVERS));
+        }
+        let query = &request.queries[0];
+        let q = Question::from_query(query);
+        let consul = self
+            .consul
+            .as_ref()
+            .filter(|c| c.domains.iter().any(|d| wire::in_zone(&q.name, d)));
+        let zone = if consul.is_some() { "consul" } else { "forwarded" };
+        self.metrics
+            .requests
+            .with_label_values(&[transport.as_str(), qtype_label(q.qtype), zone])
+            .inc();
+        let (answer, source) = match consul {
+            Some(route) => route.source.answer(&q).await,
+            None => self.forwarder.answer(&q).await,
+        };
+        let limit = wire::reply_limit(&request, transport);
+        let (bytes, truncated) = wire::encode_reply(&request, &answer, limit);
+        if truncated {
+            self.metrics
+                .truncated
+                .with_label_values(&[transport.as_str()])
+                .inc();
+        }
+        self.metrics
+            .responses
+            .with_label_values(&[rcode_label(answer.rcode), source.as_str()])
+            .inc();
+        let took = started.elapsed();
+        self.metrics.request_duration.observe(took.as_secs_f64());
+        if self.log_queries {
+            tracing::info!(
+                target: "consul_dns_forwarder::query",
+                client = %client,
+                name = %query.name(),
+                qtype = %q.qtype,
+                rcode = rcode_label(answer.rcode),
+                source = source.as_str(),
+                duration_us = took.as_micros() as u64,
+                protocol = transport.as_str(),
+                "query"
+            );
+        }
+        Some(bytes)
+    }
+
+    fn finish_error(
+        &self,
+        request: Option<&Message>,
+        header: &RawHeader,
+        rcode: ResponseCode,
+    ) -> Vec<u8> {
+        self.metrics
+            .responses
+            .with_label_values(&[rcode_label(rcode), Source::Local.as_str()])
+            .inc();
+        match request {
+            Some(request) => wire::error_reply(request, rcode),
+            None => wire::header_only_reply(header, rcode),
+        }
+    }
+}

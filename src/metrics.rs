@@ -1,0 +1,242 @@
+//! Prometheus metrics: one struct, registered into a registry the caller owns (never a global, so
+//! tests can run many servers in one process), and the small HTTP endpoint that serves it.
+//!
+//! Names start with `consul_dns_forwarder_`, use base units, and never carry a query name as a
+//! label (unbounded cardinality).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::rr::RecordType;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+const NS: &str = "consul_dns_forwarder";
+
+/// Request latency buckets: from 50 µs (a cache hit) to several seconds (an upstream timeout).
+const DURATION_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot register metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+/// Every series the forwarder exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub responses: IntCounterVec,
+    pub request_duration: Histogram,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub cache_entries: IntGauge,
+    pub stale_answers: IntCounter,
+    pub upstream_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub truncated: IntCounterVec,
+    pub refused_clients: IntCounterVec,
+    pub dropped: IntCounterVec,
+    pub tcp_connections: IntGauge,
+    pub consul_requests: IntCounterVec,
+    pub consul_watchers: IntGauge,
+    pub consul_last_contact: IntGauge,
+    pub consul_healthy_instances: IntGaugeVec,
+    pub consul_health_changes: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Arc<Metrics>, MetricsError> {
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NS);
+        let m = Metrics {
+            requests: IntCounterVec::new(
+                opts("requests_total", "DNS requests received, by protocol, query type and zone (consul or forwarded)."),
+                &["protocol", "qtype", "zone"],
+            )?,
+            responses: IntCounterVec::new(
+                opts("responses_total", "DNS responses sent, by rcode and by where the answer came from (cache, consul, upstream, stale, local)."),
+                &["rcode", "source"],
+            )?,
+            request_duration: Histogram::with_opts(
+                HistogramOpts::new("request_duration_seconds", "Time from receiving a request to having its response ready.")
+                    .namespace(NS)
+                    .buckets(DURATION_BUCKETS.to_vec()),
+            )?,
+            cache_hits: IntCounter::with_opts(opts("cache_hits_total", "Forwarded questions answered from the cache."))?,
+            cache_misses: IntCounter::with_opts(opts("cache_misses_total", "Forwarded questions not in the cache (or expired)."))?,
+            cache_entries: IntGauge::with_opts(opts("cache_entries", "Entries in the answer cache, including expired ones kept for serve-stale."))?,
+            stale_answers: IntCounter::with_opts(opts("stale_answers_total", "Answers served from expired data because every upstream (or Consul) failed."))?,
+            upstream_duration: HistogramVec::new(
+                HistogramOpts::new("upstream_request_duration_seconds", "Time of one attempt at one upstream server.")
+                    .namespace(NS)
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                &["upstream"],
+            )?,
+            upstream_errors: IntCounterVec::new(
+                opts("upstream_errors_total", "Failed attempts at an upstream server, by kind (timeout, io, rcode)."),
+                &["upstream", "kind"],
+            )?,
+            truncated: IntCounterVec::new(
+                opts("truncated_responses_total", "Responses sent with TC=1 because the answer did not fit."),
+                &["protocol"],
+            )?,
+            refused_clients: IntCounterVec::new(
+                opts("refused_clients_total", "Requests refused because the client is outside server.allow."),
+                &["protocol"],
+            )?,
+            dropped: IntCounterVec::new(
+                opts("dropped_packets_total", "Packets dropped without an answer, by reason."),
+                &["reason"],
+            )?,
+            tcp_connections: IntGauge::with_opts(opts("tcp_connections", "Open TCP client connections."))?,
+            consul_requests: IntCounterVec::new(
+                opts("consul_requests_total", "HTTP requests to Consul, by endpoint and outcome."),
+                &["endpoint", "outcome"],
+            )?,
+            consul_watchers: IntGauge::with_opts(opts("consul_watchers", "Active Consul watchers (one per watched service view)."))?,
+            consul_last_contact: IntGauge::with_opts(opts("consul_last_success_timestamp_seconds", "Unix time of the last successful Consul HTTP request (0 = never)."))?,
+            consul_healthy_instances: IntGaugeVec::new(
+                opts("consul_healthy_instances", "Healthy instances per watched service."),
+                &["service"],
+            )?,
+            consul_health_changes: IntCounter::with_opts(opts("consul_view_changes_total", "Changes of a watched service view seen through blocking queries."))?,
+            build_info: IntGaugeVec::new(
+                opts("build_info", "Always 1; the labels carry the version."),
+                &["version"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.responses.clone()))?;
+        registry.register(Box::new(m.request_duration.clone()))?;
+        registry.register(Box::new(m.cache_hits.clone()))?;
+        registry.register(Box::new(m.cache_misses.clone()))?;
+        registry.register(Box::new(m.cache_entries.clone()))?;
+        registry.register(Box::new(m.stale_answers.clone()))?;
+        registry.register(Box::new(m.upstream_duration.clone()))?;
+        registry.register(Box::new(m.upstream_errors.clone()))?;
+        registry.register(Box::new(m.truncated.clone()))?;
+        registry.register(Box::new(m.refused_clients.clone()))?;
+        registry.register(Box::new(m.dropped.clone()))?;
+        registry.register(Box::new(m.tcp_connections.clone()))?;
+        registry.register(Box::new(m.consul_requests.clone()))?;
+        registry.register(Box::new(m.consul_watchers.clone()))?;
+        registry.register(Box::new(m.consul_last_contact.clone()))?;
+        registry.register(Box::new(m.consul_healthy_instances.clone()))?;
+        registry.register(Box::new(m.consul_health_changes.clone()))?;
+        registry.register(Box::new(m.build_info.clone()))?;
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Arc::new(m))
+    }
+
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    pub fn cache_miss(&self) {
+        self.cache_misses.inc();
+    }
+
+    pub fn stale_served(&self) {
+        self.stale_answers.inc();
+    }
+
+    pub fn observe_upstream(&self, upstream: &str, took: Duration) {
+        self.upstream_duration
+            .with_label_values(&[upstream])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, upstream: &str, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[upstream, kind])
+            .inc();
+    }
+
+    pub fn drop_packet(&self, reason: &str) {
+        self.dropped.with_label_values(&[reason]).inc();
+    }
+}
+
+/// A bounded label for a query type: common types by name, everything else "other".
+pub fn qtype_label(t: RecordType) -> &'static str {
+    match t {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        RecordType::SRV => "SRV",
+        RecordType::TXT => "TXT",
+        RecordType::CNAME => "CNAME",
+        RecordType::PTR => "PTR",
+        RecordType::MX => "MX",
+        RecordType::NS => "NS",
+        RecordType::SOA => "SOA",
+        RecordType::ANY => "ANY",
+        RecordType::HTTPS => "HTTPS",
+        _ => "other",
+    }
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    let encoder = TextEncoder::new();
+    if encoder.encode(&registry.gather(), &mut buf).is_err() {
+        return String::new();
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Serves `/metrics` and `/health` on an already-bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                let refresh = refresh.clone();
+                async move {
+                    refresh();
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        render(&registry),
+                    )
+                }
+            }),
+        )
+        .route("/health", get(|| async { "ok\n" }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the metrics listener (here so main and tests bind the same way).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// The conventional mnemonic of an rcode (as dig prints it), for labels and logs.
+pub fn rcode_label(rcode: hickory_proto::op::ResponseCode) -> &'static str {
+    use hickory_proto::op::ResponseCode as R;
+    match rcode {
+        R::NoError => "NOERROR",
+        R::FormErr => "FORMERR",
+        R::ServFail => "SERVFAIL",
+        R::NXDomain => "NXDOMAIN",
+        R::NotImp => "NOTIMP",
+        R::Refused => "REFUSED",
+        R::BADVERS => "BADVERS",
+        _ => "other",
+    }
+}

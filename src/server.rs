@@ -1,0 +1,354 @@
+//! Sockets: binding (several SO_REUSEPORT UDP sockets per address so every core runs a receive
+//! loop), the UDP receive loops, TCP per RFC 7766 (queries on one connection answered concurrently,
+//! idle timeout, connection limit), and draining in-flight queries on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handler::Handler;
+use crate::metrics::Metrics;
+use crate::wire::Transport;
+
+/// The largest datagram we read. EDNS clients may send up to their advertised size; reading the
+/// whole datagram lets an oversized one be parsed (and refused) instead of silently cut.
+const UDP_RECV_BUFFER: usize = 65_535;
+
+/// Queries from one TCP connection answered at once. Beyond it we stop reading from that
+/// connection until one finishes (backpressure, not buffering without bound).
+const TCP_PIPELINE: usize = 64;
+
+/// Replies queued for one TCP connection's writer.
+const TCP_WRITE_QUEUE: usize = 64;
+
+/// Tries at finding a port free for both UDP and TCP when binding port 0.
+const PORT_ZERO_TRIES: usize = 20;
+
+/// Listen sockets, bound before `run` so tests can bind port 0 and callers see bind errors
+/// before anything starts.
+pub struct Listeners {
+    pub udp: Vec<UdpSocket>,
+    pub tcp: Vec<TcpListener>,
+}
+
+impl Listeners {
+    /// The addresses actually bound (UDP and TCP share each).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs: Vec<SocketAddr> = self
+            .tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        addrs.dedup();
+        addrs
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen on {addr} ({proto}): {source}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        proto: &'static str,
+        #[source]
+        source: std::io::Error,
+        hint: &'static str,
+    },
+}
+
+fn hint_for(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " — another process already uses this port (is dnsmasq or systemd-resolved running?); stop it or choose another server.listen / --listen address"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " — ports below 1024 need root or CAP_NET_BIND_SERVICE (see examples/systemd), or use --dev to listen on 127.0.0.1:1053"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " — this address is not configured on any interface of this host"
+        }
+        _ => "",
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Binds UDP and TCP on every address, `udp_per_address` UDP sockets each (0 = one per core).
+/// Port 0 picks one port that is free for both UDP and TCP.
+pub fn bind(addrs: &[SocketAddr], udp_per_address: usize) -> Result<Listeners, BindError> {
+    let per = if udp_per_address == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        udp_per_address
+    };
+    let mut listeners = Listeners {
+        udp: Vec::new(),
+        tcp: Vec::new(),
+    };
+    for &addr in addrs {
+        let tries = if addr.port() == 0 { PORT_ZERO_TRIES } else { 1 };
+        let mut last_err = None;
+        for _ in 0..tries {
+            match bind_one(addr, per) {
+                Ok((udp, tcp)) => {
+                    listeners.udp.extend(udp);
+                    listeners.tcp.push(tcp);
+                    last_err = None;
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if let Some(e) = last_err {
+            return Err(e);
+        }
+    }
+    Ok(listeners)
+}
+
+fn bind_one(addr: SocketAddr, per: usize) -> Result<(Vec<UdpSocket>, TcpListener), BindError> {
+    let err = |addr, proto, source: std::io::Error| BindError::Bind {
+        addr,
+        proto,
+        hint: hint_for(&source),
+        source,
+    };
+    let first = udp_socket(addr).map_err(|e| err(addr, "udp", e))?;
+    let bound = first.local_addr().map_err(|e| err(addr, "udp", e))?;
+    let mut udp = vec![first];
+    for _ in 1..per {
+        udp.push(udp_socket(bound).map_err(|e| err(bound, "udp", e))?);
+    }
+    let tcp = tcp_listener(bound).map_err(|e| err(bound, "tcp", e))?;
+    Ok((udp, tcp))
+}
+
+/// Serves until `shutdown` is cancelled, then stops reading, lets queries in flight finish (at
+/// most `drain` long) and returns.
+pub async fn serve(
+    listeners: Listeners,
+    handler: Arc<Handler>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let inflight = Arc::new(Semaphore::new(limits.max_inflight));
+    let connections = Arc::new(Semaphore::new(limits.max_tcp_connections));
+    let mut loops = Vec::new();
+    for socket in listeners.udp {
+        loops.push(tokio::spawn(udp_loop(
+            Arc::new(socket),
+            handler.clone(),
+            metrics.clone(),
+            inflight.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for listener in listeners.tcp {
+        loops.push(tokio::spawn(tcp_accept_loop(
+            listener,
+            handler.clone(),
+            metrics.clone(),
+            connections.clone(),
+            limits.tcp_idle_timeout,
+            tracker.clone(),
+            shutdown.clone(),
+        )));
+    }
+    shutdown.cancelled().await;
+    for l in loops {
+        let _ = l.await;
+    }
+    tracker.close();
+    if tokio::time::timeout(limits.drain, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown: some queries were still in flight after {:?}",
+            limits.drain
+        );
+    }
+}
+
+/// The server's resource limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_inflight: usize,
+    pub max_tcp_connections: usize,
+    pub tcp_idle_timeout: Duration,
+    /// How long shutdown waits for queries in flight: the upstream timeout and a margin.
+    pub drain: Duration,
+}
+
+async fn udp_loop(
+    socket: Arc<UdpSocket>,
+    handler: Arc<Handler>,
+    metrics: Arc<Metrics>,
+    inflight: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut buf = vec![0u8; UDP_RECV_BUFFER];
+    loop {
+        let (len, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on some systems; keep serving.
+                    tracing::debug!(error = %e, "udp receive error");
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+            metrics.drop_packet("overload");
+            continue;
+        };
+        let packet = buf[..len].to_vec();
+        let socket = socket.clone();
+        let handler = handler.clone();
+        tracker.spawn(async move {
+            if let Some(reply) = handler.handle(&packet, peer.ip(), Transport::Udp).await {
+                if let Err(e) = socket.send_to(&reply, peer).await {
+                    tracing::debug!(error = %e, %peer, "udp send failed");
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn tcp_accept_loop(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    metrics: Arc<Metrics>,
+    connections: Arc<Semaphore>,
+    idle: Duration,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics.drop_packet("tcp_connection_limit");
+            drop(stream);
+            continue;
+        };
+        let handler = handler.clone();
+        let metrics = metrics.clone();
+        let conn_tracker = tracker.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            metrics.tcp_connections.inc();
+            tcp_connection(stream, peer, handler, idle, conn_tracker, shutdown).await;
+            metrics.tcp_connections.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// One TCP connection: read length-prefixed queries, answer each in its own task (so a slow
+/// upstream answer does not hold up the next query), write replies in completion order. Closes
+/// after `idle` without a new query, when the client closes, or on shutdown — always after the
+/// queries already read are answered.
+async fn tcp_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<Handler>,
+    idle: Duration,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_WRITE_QUEUE);
+    let write_task = tokio::spawn(async move {
+        while let Some(reply) = rx.recv().await {
+            let Ok(len) = u16::try_from(reply.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(reply.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&reply);
+            if writer.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let pipeline = Arc::new(Semaphore::new(TCP_PIPELINE));
+    loop {
+        // The whole message (prefix and body) must arrive within the idle timeout: a client
+        // trickling bytes cannot hold the connection forever.
+        let read = async {
+            let len = reader.read_u16().await?;
+            let mut body = vec![0u8; usize::from(len)];
+            reader.read_exact(&mut body).await?;
+            Ok::<_, std::io::Error>(body)
+        };
+        let body = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = tokio::time::timeout(idle, read) => match r {
+                Ok(Ok(body)) if !body.is_empty() => body,
+                _ => break,
+            },
+        };
+        let Ok(permit) = pipeline.clone().acquire_owned().await else {
+            break;
+        };
+        let handler = handler.clone();
+        let tx = tx.clone();
+        tracker.spawn(async move {
+            if let Some(reply) = handler.handle(&body, peer.ip(), Transport::Tcp).await {
+                let _ = tx.send(reply).await;
+            }
+            drop(permit);
+        });
+    }
+    // Queries in flight hold clones of `tx`; the writer ends when the last of them is done.
+    drop(tx);
+    let _ = write_task.await;
+}

@@ -1,0 +1,386 @@
+//! DNS message hygiene, as pure functions: reading a request, building the reply header the way
+//! strict clients (nginx, glibc) demand, encoding within the client's size limit, and truncating
+//! with TC=1 instead of silently.
+
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncodable;
+
+/// Without EDNS a UDP reply must fit in 512 bytes (RFC 1035 §4.2.1).
+pub const UDP_LIMIT_NO_EDNS: usize = 512;
+
+/// The largest UDP reply we send, whatever the client offers: 1232 bytes avoids IP fragmentation
+/// on any path with an MTU of 1280 (DNS Flag Day 2020).
+pub const UDP_LIMIT_EDNS: usize = 1232;
+
+/// A DNS message over TCP is prefixed by a 16-bit length.
+pub const TCP_LIMIT: usize = 65_535;
+
+/// The DNS header is 12 bytes; anything shorter is not DNS.
+pub const HEADER_LEN: usize = 12;
+
+/// TTL of answers served from stale data (RFC 8767 §4 recommends 30 seconds).
+pub const STALE_TTL: u32 = 30;
+
+/// How a query arrived, which decides the size limit of its reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// The fixed 12-byte header, read without parsing the rest, so that even a packet whose body is
+/// garbage can get a FORMERR with the right ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawHeader {
+    pub id: u16,
+    pub is_response: bool,
+    pub opcode: u8,
+    pub recursion_desired: bool,
+    pub checking_disabled: bool,
+    pub qdcount: u16,
+}
+
+impl RawHeader {
+    pub fn parse(packet: &[u8]) -> Option<RawHeader> {
+        if packet.len() < HEADER_LEN {
+            return None;
+        }
+        Some(RawHeader {
+            id: u16::from_be_bytes([packet[0], packet[1]]),
+            is_response: packet[2] & 0x80 != 0,
+            opcode: (packet[2] >> 3) & 0x0f,
+            recursion_desired: packet[2] & 0x01 != 0,
+            checking_disabled: packet[3] & 0x10 != 0,
+            qdcount: u16::from_be_bytes([packet[4], packet[5]]),
+        })
+    }
+}
+
+/// A reply with only a header: used when the request body could not be parsed, so nothing of it
+/// can be echoed. QR=1, RA=1, opcode and RD copied, counts zero.
+pub fn header_only_reply(h: &RawHeader, rcode: ResponseCode) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_LEN];
+    out[0..2].copy_from_slice(&h.id.to_be_bytes());
+    out[2] = 0x80 | (h.opcode << 3) | u8::from(h.recursion_desired);
+    out[3] = 0x80 | (u8::from(rcode.low()) & 0x0f);
+    out
+}
+
+/// What a source answered, before it is fitted into a reply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    pub rcode: ResponseCode,
+    /// AA: set for names in the Consul domains, which we answer for; clear for forwarded names.
+    pub authoritative: bool,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+}
+
+impl Answer {
+    pub fn rcode(rcode: ResponseCode) -> Answer {
+        Answer {
+            rcode,
+            authoritative: false,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+
+    pub fn servfail() -> Answer {
+        Answer::rcode(ResponseCode::ServFail)
+    }
+}
+
+/// The reply size a client can take: min(its EDNS size, 1232) with EDNS (never below 512), 512
+/// without, 64 KiB over TCP.
+pub fn reply_limit(request: &Message, transport: Transport) -> usize {
+    match (transport, &request.edns) {
+        (Transport::Tcp, _) => TCP_LIMIT,
+        (Transport::Udp, None) => UDP_LIMIT_NO_EDNS,
+        (Transport::Udp, Some(edns)) => {
+            usize::from(edns.max_payload()).clamp(UDP_LIMIT_NO_EDNS, UDP_LIMIT_EDNS)
+        }
+    }
+}
+
+/// The reply's header: ID, opcode, RD and CD copied; RA=1 always (glibc treats a reply without RA,
+/// AA or records as lame); AD and Z never set (nginx drops replies with them).
+pub fn reply_metadata(request: &Message, rcode: ResponseCode, authoritative: bool) -> Metadata {
+    let mut md = Metadata::new(request.metadata.id, MessageType::Response, OpCode::Query);
+    md.op_code = request.metadata.op_code;
+    md.recursion_desired = request.metadata.recursion_desired;
+    md.checking_disabled = request.metadata.checking_disabled;
+    md.recursion_available = true;
+    md.authentic_data = false;
+    md.authoritative = authoritative;
+    md.response_code = rcode;
+    md
+}
+
+/// The OPT record of a reply: present only when the request had one (RFC 6891 §7), version 0,
+/// advertising the size we accept.
+fn reply_edns(request: &Message) -> Option<Edns> {
+    request.edns.as_ref().map(|_| {
+        let mut edns = Edns::new();
+        edns.set_max_payload(UDP_LIMIT_EDNS as u16);
+        edns.set_version(0);
+        edns
+    })
+}
+
+/// A reply carrying only an rcode (plus the question and OPT when the request had them).
+pub fn error_reply(request: &Message, rcode: ResponseCode) -> Vec<u8> {
+    let mut msg = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+    msg.metadata = reply_metadata(request, rcode, false);
+    msg.queries = request.queries.clone();
+    msg.edns = reply_edns(request);
+    match msg.to_vec() {
+        Ok(bytes) => bytes,
+        Err(_) => header_only_reply(
+            &RawHeader {
+                id: request.metadata.id,
+                is_response: true,
+                opcode: u8::from(request.metadata.op_code),
+                recursion_desired: request.metadata.recursion_desired,
+                checking_disabled: false,
+                qdcount: 0,
+            },
+            rcode,
+        ),
+    }
+}
+
+/// Encodes `answer` as the reply to `request`, within `limit` bytes.
+///
+/// When the whole answer does not fit, the reply keeps as many answer records as fit (in their
+/// given order, which is already shuffled for Consul names, so clients get a random subset), drops
+/// the authority and additional sections, and sets TC=1 so the client can retry over TCP. The OPT
+/// record is always kept when the request had one (hickory may drop it when it truncates by itself).
+pub fn encode_reply(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8>, bool) {
+    let mut msg = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+    msg.metadata = reply_metadata(request, answer.rcode, answer.authoritative);
+    msg.queries = request.queries.clone();
+    msg.edns = reply_edns(request);
+    msg.answers = answer.answers.clone();
+    msg.authorities = answer.authorities.clone();
+    msg.additionals = answer.additionals.clone();
+    if let Ok(bytes) = msg.to_vec() {
+        if bytes.len() <= limit {
+            return (bytes, false);
+        }
+    }
+    // Too large (or unencodable): keep the largest prefix of the answers that fits.
+    msg.metadata.truncation = true;
+    msg.authorities.clear();
+    msg.additionals.clear();
+    let fits = |n: usize, msg: &mut Message| -> Option<Vec<u8>> {
+        msg.answers = answer.answers[..n].to_vec();
+        msg.to_vec().ok().filter(|b| b.len() <= limit)
+    };
+    // Binary search for the largest prefix that fits: log2(n) encodes instead of n.
+    let (mut lo, mut hi) = (0usize, answer.answers.len());
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(mid, &mut msg).is_some() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    match fits(lo, &mut msg) {
+        Some(bytes) => (bytes, true),
+        // Not even the question fits (a name near 255 bytes in a tiny limit): header only.
+        None => (
+            header_only_reply(
+                &RawHeader {
+                    id: request.metadata.id,
+                    is_response: true,
+                    opcode: 0,
+                    recursion_desired: request.metadata.recursion_desired,
+                    checking_disabled: false,
+                    qdcount: 0,
+                },
+                answer.rcode,
+            ),
+            true,
+        ),
+    }
+}
+
+/// Rewrites the ID of an encoded message (used for replies built once and sent to many).
+pub fn set_id(bytes: &mut [u8], id: u16) {
+    if bytes.len() >= 2 {
+        bytes[0..2].copy_from_slice(&id.to_be_bytes());
+    }
+}
+
+/// RFC 8482: a forwarded ANY query gets one synthesized HINFO record instead of everything, so we
+/// are useless as an amplifier and never pay for a huge upstream answer.
+pub fn minimal_any_answer(query: &Query) -> Answer {
+    let record = Record::from_rdata(
+        query.name().clone(),
+        RFC8482_TTL,
+        RData::HINFO(hickory_proto::rr::rdata::HINFO::new(
+            "RFC8482".to_owned(),
+            String::new(),
+        )),
+    );
+    Answer {
+        rcode: ResponseCode::NoError,
+        authoritative: false,
+        answers: vec![record],
+        authorities: Vec::new(),
+        additionals: Vec::new(),
+    }
+}
+
+/// TTL of the RFC 8482 HINFO record (RFC 8482 §4.2 suggests a long TTL; a day, like Cloudflare).
+pub const RFC8482_TTL: u32 = 86_400;
+
+/// Does `name` fall inside `zone` (both compared case-insensitively)?
+pub fn in_zone(name: &Name, zone: &Name) -> bool {
+    zone.zone_of(name)
+}
+
+/// A question as the sources see it: the name lowercased for matching; the original kept by the
+/// handler for the echo.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Question {
+    pub name: Name,
+    pub qtype: RecordType,
+    pub qclass: DNSClass,
+}
+
+impl Question {
+    pub fn from_query(q: &Query) -> Question {
+        let mut name = q.name().to_lowercase();
+        name.set_fqdn(true);
+        Question {
+            name,
+            qtype: q.query_type(),
+            qclass: q.query_class(),
+        }
+    }
+}
+
+/// Encodes a record on its own (for tests and size estimates).
+pub fn record_len(record: &Record) -> usize {
+    record.to_bytes().map_or(0, |b| b.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::rdata::A;
+    use std::str::FromStr;
+
+    fn request(name: &str, edns: Option<u16>) -> Message {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.edns = Some(e);
+        }
+        m
+    }
+
+    fn many_a(name: &str, n: u8) -> Answer {
+        let owner = Name::from_str(name).expect("name");
+        Answer {
+            rcode: ResponseCode::NoError,
+            authoritative: true,
+            answers: (0..n)
+                .map(|i| Record::from_rdata(owner.clone(), 5, RData::A(A::new(10, 0, 0, i))))
+                .collect(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn reply_header_has_ra_no_ad_and_echoes_case() {
+        let mut req = request("WeB.Service.Consul.", None);
+        req.metadata.authentic_data = true;
+        let (bytes, tc) = encode_reply(&req, &many_a("web.service.consul.", 1), 512);
+        assert!(!tc);
+        let reply = Message::from_vec(&bytes).expect("parse");
+        assert!(reply.metadata.recursion_available);
+        assert!(!reply.metadata.authentic_data);
+        assert_eq!(reply.metadata.id, 4242);
+        assert_eq!(reply.queries[0].name().to_ascii(), "WeB.Service.Consul.");
+        assert!(reply.edns.is_none(), "no OPT unless the query had one");
+        // nginx's acceptance mask: QR=1 and AD, Z, CD clear.
+        let flags = u16::from_be_bytes([bytes[2], bytes[3]]);
+        assert_eq!(flags & 0xf870, 0x8000);
+    }
+
+    #[test]
+    fn truncation_sets_tc_keeps_opt_and_fits() {
+        for (edns, limit) in [(None, 512), (Some(4096), 1232), (Some(800), 800)] {
+            let req = request("big.example.", edns);
+            let limit_now = reply_limit(&req, Transport::Udp);
+            assert_eq!(limit_now, limit);
+            let (bytes, tc) = encode_reply(&req, &many_a("big.example.", 200), limit_now);
+            assert!(tc);
+            assert!(bytes.len() <= limit, "{} > {limit}", bytes.len());
+            let reply = Message::from_vec(&bytes).expect("parse");
+            assert!(reply.metadata.truncation);
+            assert_eq!(reply.edns.is_some(), edns.is_some());
+            assert!(!reply.answers.is_empty(), "a prefix of the answers is kept");
+            // The largest prefix: one more record would not fit.
+            let mut more = many_a("big.example.", 200);
+            more.answers.truncate(reply.answers.len() + 1);
+            let (b2, _) = encode_reply(&req, &more, TCP_LIMIT);
+            assert!(b2.len() > limit);
+        }
+    }
+
+    #[test]
+    fn tcp_limit_fits_all() {
+        let req = request("big.example.", None);
+        let (bytes, tc) = encode_reply(&req, &many_a("big.example.", 200), TCP_LIMIT);
+        assert!(!tc);
+        assert_eq!(Message::from_vec(&bytes).expect("parse").answers.len(), 200);
+    }
+
+    #[test]
+    fn header_only_reply_keeps_id_and_rcode() {
+        let h = RawHeader::parse(&[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]).expect("hdr");
+        let r = header_only_reply(&h, ResponseCode::FormErr);
+        let m = Message::from_vec(&r).expect("parse");
+        assert_eq!(m.metadata.id, 0x1234);
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        assert!(m.metadata.recursion_desired && m.metadata.recursion_available);
+    }
+
+    #[test]
+    fn edns_limits() {
+        assert_eq!(
+            reply_limit(&request("a.", Some(100)), Transport::Udp),
+            512
+        );
+        assert_eq!(
+            reply_limit(&request("a.", Some(65000)), Transport::Udp),
+            1232
+        );
+        assert_eq!(reply_limit(&request("a.", None), Transport::Tcp), 65535);
+    }
+}

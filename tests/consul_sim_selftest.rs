@@ -1,0 +1,1084 @@
+//! Proves the Consul simulator behaves like Consul, over real HTTP (reqwest)
+//! and real DNS (tokio sockets + hickory_proto messages), so the project's
+//! tests can trust it. Every test is bounded by `within` (20 s) and every
+//! network wait has its own timeout: nothing here can hang.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use serde_json::Value;
+use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+const TEST_LIMIT: Duration = Duration::from_secs(20);
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .expect("test exceeded its time limit")
+}
+
+fn client_with_timeout(t: Duration) -> reqwest::Client {
+    // reqwest is built with `rustls-no-provider`: it panics when building a
+    // client unless a process-wide crypto provider exists, even for plain http.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(t)
+        .build()
+        .expect("build reqwest client")
+}
+
+fn client() -> reqwest::Client {
+    client_with_timeout(Duration::from_secs(5))
+}
+
+struct Resp {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("bad JSON {e}: {}", self.body))
+    }
+
+    fn index(&self) -> u64 {
+        self.headers
+            .get("X-Consul-Index")
+            .expect("X-Consul-Index header")
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+async fn get(c: &reqwest::Client, url: &str) -> Resp {
+    let r = c
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    Resp {
+        status: r.status().as_u16(),
+        headers: r.headers().clone(),
+        body: r.text().await.expect("body"),
+    }
+}
+
+fn node(name: &str, addr: &str) -> SimNode {
+    SimNode {
+        name: name.into(),
+        address: addr.into(),
+        meta: BTreeMap::new(),
+    }
+}
+
+fn svc(id: &str, service: &str, node: &str, port: u16, tags: &[&str]) -> SimService {
+    SimService {
+        id: id.into(),
+        service: service.into(),
+        node: node.into(),
+        address: String::new(),
+        port,
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        weights: (1, 1),
+        meta: BTreeMap::new(),
+    }
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["Service"]["ID"].as_str().unwrap().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+// ---------------------------------------------------------------- JSON shapes
+
+/// Key paths of a JSON value. `Meta` objects hold data, not schema, so only
+/// their presence counts; `Services` (catalog node) is keyed by service ID, so
+/// its values are merged under `*`.
+fn shape(v: &Value) -> BTreeSet<String> {
+    fn walk(v: &Value, path: &str, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    let p = format!("{path}.{k}");
+                    out.insert(p.clone());
+                    if k == "Meta" {
+                        continue;
+                    }
+                    if k == "Services" {
+                        for c in child.as_object().into_iter().flat_map(|o| o.values()) {
+                            walk(c, &format!("{p}.*"), out);
+                        }
+                        continue;
+                    }
+                    walk(child, &p, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|e| walk(e, &format!("{path}[]"), out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(v, "", &mut out);
+    out
+}
+
+fn last_seg(p: &str) -> &str {
+    p.rsplit('.').next().unwrap()
+}
+
+fn without(set: &BTreeSet<String>, segs: &[&str]) -> BTreeSet<String> {
+    set.iter()
+        .filter(|p| !segs.contains(&last_seg(p)))
+        .cloned()
+        .collect()
+}
+
+fn sample(name: &str) -> Value {
+    let text = match name {
+        "health-service" => include_str!("support/consul_samples/health-service.json"),
+        "catalog-node" => include_str!("support/consul_samples/catalog-node.json"),
+        "query-execute" => include_str!("support/consul_samples/query-execute.json"),
+        "agent-self" => include_str!("support/consul_samples/agent-self.json"),
+        "catalog-services" => include_str!("support/consul_samples/catalog-services.json"),
+        _ => unreachable!(),
+    };
+    serde_json::from_str(text).expect("sample JSON")
+}
+
+/// A node and two instances shaped like the samples (one with its own
+/// address, tags and meta; one bare).
+fn sample_like(sim: &ConsulSim) {
+    let mut n = node("foobar", "10.1.10.12");
+    n.meta.insert("instance_type".into(), "t2.medium".into());
+    sim.add_node(n);
+    let mut redis = svc("redis", "redis", "foobar", 8000, &["primary"]);
+    redis.address = "10.1.10.12".into();
+    redis.weights = (10, 1);
+    redis.meta.insert("redis_version".into(), "4.0".into());
+    sim.add_service(redis, Status::Passing);
+    sim.add_service(
+        svc("consul", "consul", "foobar", 8300, &[]),
+        Status::Passing,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_shapes_match_samples() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sample_like(&sim);
+        let c = client();
+        let base = sim.http_url();
+
+        // health/service: exactly the sample's keys (minus Namespace) plus
+        // CreateIndex/ModifyIndex on Node, Service and each check.
+        let r = get(&c, &format!("{base}/v1/health/service/redis")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["content-type"], "application/json");
+        let ours = shape(&r.json());
+        let idx = ["CreateIndex", "ModifyIndex"];
+        assert_eq!(
+            without(&ours, &idx),
+            without(&shape(&sample("health-service")), &["Namespace"])
+        );
+        for p in ["[].Node", "[].Service", "[].Checks[]"] {
+            for k in idx {
+                assert!(ours.contains(&format!("{p}.{k}")), "missing {p}.{k}");
+            }
+        }
+        // Health never returns null tags.
+        let r = get(&c, &format!("{base}/v1/health/service/consul")).await;
+        assert_eq!(r.json()[0]["Service"]["Tags"], serde_json::json!([]));
+        assert_eq!(r.json()[0]["Service"]["Address"], "");
+
+        // catalog/node: the sample's keys plus Address, Weights and indexes on
+        // services (real Consul's NodeService has them; the doc sample is abridged).
+        let r = get(&c, &format!("{base}/v1/catalog/node/foobar")).await;
+        assert_eq!(r.status, 200);
+        assert!(r.index() >= 1);
+        let body = r.json();
+        assert_eq!(body["Services"]["consul"]["Tags"], Value::Null);
+        let ours = shape(&body);
+        assert_eq!(
+            without(
+                &ours,
+                &[
+                    "CreateIndex",
+                    "ModifyIndex",
+                    "Address",
+                    "Weights",
+                    "Passing",
+                    "Warning"
+                ]
+            )
+            .into_iter()
+            .chain([".Node.Address".to_string()])
+            .collect::<BTreeSet<_>>(),
+            without(&shape(&sample("catalog-node")), &["Namespace"])
+        );
+
+        // query execute: identical top level; node entries are full health
+        // entries, a superset of the doc sample's abridged ones.
+        sim.add_prepared_query("redis-q", "redis", None, Some("10s"));
+        let r = get(&c, &format!("{base}/v1/query/redis-q/execute")).await;
+        assert_eq!(r.status, 200);
+        let body = r.json();
+        let top: BTreeSet<&String> = body.as_object().unwrap().keys().collect();
+        let sample_q = sample("query-execute");
+        let sample_top: BTreeSet<&String> = sample_q.as_object().unwrap().keys().collect();
+        assert_eq!(top, sample_top);
+        let ours = shape(&body);
+        let theirs = without(&shape(&sample_q), &["Namespace"]);
+        assert!(
+            theirs.is_subset(&ours),
+            "missing: {:?}",
+            theirs.difference(&ours)
+        );
+        let allowed: BTreeSet<&str> = [
+            "CreateIndex",
+            "ModifyIndex",
+            "Address",
+            "TaggedAddresses",
+            "lan",
+            "wan",
+            "address",
+            "port",
+            "Weights",
+            "Passing",
+            "Warning",
+            "ServiceTags",
+        ]
+        .into();
+        for extra in ours.difference(&theirs) {
+            assert!(allowed.contains(last_seg(extra)), "unexpected key {extra}");
+        }
+
+        // agent/self: same keys as the sample; our identity.
+        let r = get(&c, &format!("{base}/v1/agent/self")).await;
+        let body = r.json();
+        assert_eq!(shape(&body), shape(&sample("agent-self")));
+        assert_eq!(body["Config"]["Datacenter"], "dc1");
+        assert_eq!(body["Config"]["NodeName"], "agent-1");
+
+        // catalog/services: name -> tags, like the sample.
+        let r = get(&c, &format!("{base}/v1/catalog/services")).await;
+        let body = r.json();
+        assert_eq!(body["redis"], serde_json::json!(["primary"]));
+        assert_eq!(body["consul"], serde_json::json!([]));
+        assert!(sample("catalog-services")["consul"].is_array());
+        assert!(r.index() >= 1);
+
+        // catalog_json mirrors the health endpoint exactly.
+        let cat = sim.catalog_json();
+        let health = get(&c, &format!("{base}/v1/health/service/redis"))
+            .await
+            .json();
+        assert_eq!(cat["redis"], health);
+        assert_eq!(cat.as_object().unwrap().len(), 2);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- filters
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passing_tag_and_dc_filters() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        for (n, a) in [("n1", "10.0.0.1"), ("n2", "10.0.0.2"), ("n3", "10.0.0.3")] {
+            sim.add_node(node(n, a));
+        }
+        sim.add_service(
+            svc("web-1", "web", "n1", 80, &["v1", "Blue"]),
+            Status::Passing,
+        );
+        sim.add_service(svc("web-2", "web", "n2", 80, &["v1"]), Status::Warning);
+        sim.add_service(svc("web-3", "web", "n3", 80, &["v2"]), Status::Critical);
+        let c = client();
+        let u = |q: &str| format!("{}/v1/health/service/web{q}", sim.http_url());
+
+        assert_eq!(
+            ids(&get(&c, &u("")).await.json()),
+            ["web-1", "web-2", "web-3"]
+        );
+        for q in ["?passing", "?passing=", "?passing=true", "?passing=1"] {
+            assert_eq!(ids(&get(&c, &u(q)).await.json()), ["web-1"], "{q}");
+        }
+        // Real Consul parses the value: passing=false means no filter.
+        assert_eq!(ids(&get(&c, &u("?passing=false")).await.json()).len(), 3);
+        let r = get(&c, &u("?passing=maybe")).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (400, "Invalid value for ?passing")
+        );
+
+        // A node check counts for the passing filter too.
+        sim.set_node_check("n1", "_node_maintenance", Status::Critical);
+        assert!(ids(&get(&c, &u("?passing")).await.json()).is_empty());
+        let e = get(&c, &u("")).await.json();
+        let checks = e[0]["Checks"].as_array().unwrap();
+        assert_eq!(checks.len(), 3, "two node checks + one service check");
+        assert_eq!(checks[0]["ServiceID"], "");
+        assert_eq!(checks[2]["CheckID"], "service:web-1");
+        sim.set_node_check("n1", "_node_maintenance", Status::Passing);
+
+        // Tags: all must match, case-insensitively.
+        assert_eq!(
+            ids(&get(&c, &u("?tag=v1")).await.json()),
+            ["web-1", "web-2"]
+        );
+        assert_eq!(
+            ids(&get(&c, &u("?tag=v1&tag=blue")).await.json()),
+            ["web-1"]
+        );
+        assert!(ids(&get(&c, &u("?tag=v1&tag=v2")).await.json()).is_empty());
+        assert_eq!(ids(&get(&c, &u("?tag=v1&passing")).await.json()), ["web-1"]);
+
+        // Datacenters.
+        assert_eq!(get(&c, &u("?dc=dc1")).await.status, 200);
+        let r = get(&c, &u("?dc=dc2")).await;
+        assert_eq!((r.status, r.body.as_str()), (500, "No path to datacenter"));
+        let r = get(&c, &format!("{}/v1/catalog/node/n1?dc=eu", sim.http_url())).await;
+        assert_eq!(r.status, 500);
+
+        // Unknown service: [] with 200 and an index >= 1.
+        let r = get(&c, &u("x")).await; // /v1/health/service/webx
+        assert_eq!((r.status, r.body.as_str()), (200, "[]"));
+        assert!(r.index() >= 1);
+        assert_eq!(r.headers["X-Consul-KnownLeader"], "true");
+        assert_eq!(r.headers["X-Consul-LastContact"], "0");
+
+        // Unknown node: null; unknown path: 404.
+        let r = get(&c, &format!("{}/v1/catalog/node/nope", sim.http_url())).await;
+        assert_eq!((r.status, r.body.as_str()), (200, "null"));
+        assert!(r.index() >= 1);
+        assert_eq!(
+            get(&c, &format!("{}/v1/kv/x", sim.http_url())).await.status,
+            404
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- blocking
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_queries() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_simple("web", "n1", "10.0.0.1", 80);
+        sim.add_simple("web", "n2", "10.0.0.2", 80);
+        sim.add_simple("api", "n3", "10.0.0.3", 81);
+        let c = client();
+        let base = sim.http_url();
+        let first = get(&c, &format!("{base}/v1/health/service/web")).await;
+        let idx = first.index();
+        assert_eq!(idx, sim.service_index("web"));
+
+        // Nothing changes: waits out wait=200ms (+ jitter <= 12.5ms).
+        let t = Instant::now();
+        let r = get(
+            &c,
+            &format!("{base}/v1/health/service/web?index={idx}&wait=200ms"),
+        )
+        .await;
+        let el = t.elapsed();
+        assert!(
+            el >= Duration::from_millis(200) && el < Duration::from_secs(1),
+            "{el:?}"
+        );
+        assert_eq!(r.index(), idx);
+
+        // A change to another service does not wake it.
+        let t = Instant::now();
+        let c2 = c.clone();
+        let url = format!("{base}/v1/health/service/web?index={idx}&wait=400ms");
+        let h = tokio::spawn(async move { get(&c2, &url).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sim.set_service_check("api-1", Status::Warning);
+        let r = h.await.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(400));
+        assert_eq!(r.index(), idx);
+
+        // A check flip wakes it promptly, with a higher index and new content.
+        let t = Instant::now();
+        let c2 = c.clone();
+        let url = format!("{base}/v1/health/service/web?index={idx}&wait=10s");
+        let h = tokio::spawn(async move { get(&c2, &url).await });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        sim.set_service_check("web-1", Status::Critical);
+        let r = h.await.unwrap();
+        let el = t.elapsed();
+        assert!(
+            el >= Duration::from_millis(150) && el < Duration::from_secs(1),
+            "{el:?}"
+        );
+        let idx2 = r.index();
+        assert!(idx2 > idx);
+        assert_eq!(idx2, sim.current_index());
+        let body = r.json();
+        let crit = body.as_array().unwrap().iter().any(|e| {
+            e["Checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["Status"] == "critical")
+        });
+        assert!(crit);
+
+        // A node check change wakes every service on that node.
+        let t = Instant::now();
+        let c2 = c.clone();
+        let url = format!("{base}/v1/health/service/web?index={idx2}&wait=10s");
+        let h = tokio::spawn(async move { get(&c2, &url).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sim.set_node_check("n2", "serfHealth", Status::Critical);
+        let r = h.await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(r.index() > idx2);
+
+        // Registering a new instance wakes too; so does catalog/services.
+        let idx3 = r.index();
+        let svc_idx = get(&c, &format!("{base}/v1/catalog/services"))
+            .await
+            .index();
+        let c2 = c.clone();
+        let url = format!("{base}/v1/health/service/web?index={idx3}&wait=10s");
+        let h = tokio::spawn(async move { get(&c2, &url).await });
+        let c3 = c.clone();
+        let url = format!("{base}/v1/catalog/services?index={svc_idx}&wait=10s");
+        let h2 = tokio::spawn(async move { get(&c3, &url).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sim.add_simple("cache", "n4", "10.0.0.4", 6379);
+        sim.add_simple("web", "n4", "10.0.0.4", 80);
+        let r = h.await.unwrap();
+        assert_eq!(ids(&r.json()).len(), 3);
+        let r2 = h2.await.unwrap();
+        assert!(r2.index() > svc_idx);
+        assert!(r2.json().get("cache").is_some());
+
+        // An index from the future (e.g. after a snapshot restore) blocks too.
+        let t = Instant::now();
+        let far = sim.current_index() + 100;
+        let r = get(
+            &c,
+            &format!("{base}/v1/health/service/web?index={far}&wait=100ms"),
+        )
+        .await;
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        assert!(r.index() < far);
+
+        // Bad parameters are rejected like Consul does.
+        let r = get(
+            &c,
+            &format!("{base}/v1/health/service/web?index=1&wait=soon"),
+        )
+        .await;
+        assert_eq!((r.status, r.body.as_str()), (400, "Invalid wait time"));
+        let r = get(&c, &format!("{base}/v1/health/service/web?index=x")).await;
+        assert_eq!((r.status, r.body.as_str()), (400, "Invalid index"));
+
+        // A client that gives up on a held query is noticed: connection closed.
+        let impatient = client_with_timeout(Duration::from_millis(200));
+        let cur = sim.service_index("web");
+        let res = impatient
+            .get(format!("{base}/v1/health/service/web?index={cur}&wait=30s"))
+            .send()
+            .await;
+        assert!(res.unwrap_err().is_timeout());
+        drop(c);
+        let mut closed = false;
+        for _ in 0..100 {
+            if sim.open_connections() == 0 {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(closed, "open connections: {}", sim.open_connections());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_increases_by_one_per_change() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        let mut i = sim.current_index();
+        assert!(i >= 1);
+        let mut step = |sim: &ConsulSim, changed: bool| {
+            let now = sim.current_index();
+            assert_eq!(now, if changed { i + 1 } else { i });
+            i = now;
+        };
+        sim.add_node(node("n1", "10.0.0.1"));
+        step(&sim, true);
+        sim.add_node(node("n1", "10.0.0.1")); // identical: not a change
+        step(&sim, false);
+        sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+        step(&sim, true);
+        assert_eq!(sim.service_index("web"), sim.current_index());
+        sim.set_service_check("web-1", Status::Passing); // same status: not a change
+        step(&sim, false);
+        sim.set_service_check("web-1", Status::Warning);
+        step(&sim, true);
+        sim.set_node_check("n1", "serfHealth", Status::Critical);
+        step(&sim, true);
+        assert_eq!(sim.service_index("web"), sim.current_index());
+        sim.add_node(node("n1", "10.0.0.9")); // address change touches its services
+        step(&sim, true);
+        assert_eq!(sim.service_index("web"), sim.current_index());
+        sim.remove_service("web-1");
+        step(&sim, true);
+        sim.remove_service("web-1"); // already gone
+        step(&sim, false);
+        let c = client();
+        let r = get(&c, &format!("{}/v1/health/service/web", sim.http_url())).await;
+        assert_eq!((r.body.as_str(), r.index()), ("[]", sim.current_index()));
+        let r = get(&c, &format!("{}/v1/health/service/never", sim.http_url())).await;
+        assert!(r.index() >= 1);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- faults
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_restart() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_simple("web", "n1", "10.0.0.1", 80);
+        let c = client();
+        let url = format!("{}/v1/health/service/web", sim.http_url());
+        let before = get(&c, &url).await;
+        let idx = before.index();
+        let global = sim.current_index();
+
+        // A held blocking query is cut off by stop().
+        let c2 = c.clone();
+        let blocking = format!("{url}?index={idx}&wait=30s");
+        let h = tokio::spawn(async move { c2.get(blocking).send().await });
+        for _ in 0..100 {
+            if sim.requests("/v1/health/service/web") >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t = Instant::now();
+        sim.stop().await;
+        let res = tokio::time::timeout(Duration::from_secs(3), h)
+            .await
+            .expect("blocked query must end on stop")
+            .unwrap();
+        assert!(res.is_err(), "blocked query must fail, got {res:?}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(sim.open_connections(), 0);
+
+        // New connections are refused (a fresh client, so no pooled socket
+        // can be involved; the old client is reused after restart below).
+        let err = client().get(&url).send().await.unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        let err = TcpStream::connect(sim.http_addr()).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+
+        // The DNS port keeps answering while HTTP is down.
+        let (m, _) = dns_udp(sim.dns_addr(), "web.service.consul.", RecordType::A, None).await;
+        assert_eq!(m.answers.len(), 1);
+
+        // Same port, same state, index never goes back.
+        sim.restart().await;
+        let after = get(&c, &url).await;
+        assert_eq!(after.status, 200);
+        assert!(after.index() >= idx);
+        assert_eq!(ids(&after.json()), ["web-1"]);
+        assert!(sim.current_index() > global);
+        sim.set_service_check("web-1", Status::Warning);
+        assert!(get(&c, &url).await.index() > idx);
+
+        // Stop/restart twice more to be sure the port can be retaken.
+        for _ in 0..2 {
+            sim.stop().await;
+            assert!(c.get(&url).send().await.is_err());
+            sim.restart().await;
+            assert_eq!(get(&c, &url).await.status, 200);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hang_and_fail() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_simple("web", "n1", "10.0.0.1", 80);
+        let url = format!("{}/v1/health/service/web", sim.http_url());
+
+        sim.set_hang(true);
+        let impatient = client_with_timeout(Duration::from_millis(300));
+        let t = Instant::now();
+        let err = impatient.get(&url).send().await.unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        assert_eq!(
+            sim.requests("/v1/health/service/web"),
+            1,
+            "hung requests are counted"
+        );
+        sim.set_hang(false);
+        let c = client();
+        assert_eq!(get(&c, &url).await.status, 200);
+
+        sim.set_fail(true);
+        let r = get(&c, &url).await;
+        assert_eq!(r.status, 500);
+        assert_eq!(r.body, "rpc error making call: No cluster leader");
+        assert!(r.headers.get("X-Consul-Index").is_none());
+        let r = get(&c, &format!("{}/v1/agent/self", sim.http_url())).await;
+        assert_eq!(r.status, 500);
+        sim.set_fail(false);
+        assert_eq!(get(&c, &url).await.status, 200);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- other endpoints
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_node_and_prepared_query() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        let mut n = node("n1", "10.0.0.1");
+        n.meta.insert("rack".into(), "r1".into());
+        sim.add_node(n);
+        sim.add_node(node("n2", "10.0.0.2"));
+        sim.add_node(node("n3", "10.0.0.3"));
+        sim.add_service(svc("web-1", "web", "n1", 80, &["v1"]), Status::Passing);
+        sim.add_service(svc("web-2", "web", "n2", 80, &["v1"]), Status::Warning);
+        sim.add_service(svc("web-3", "web", "n3", 80, &["v1"]), Status::Critical);
+        sim.add_service(svc("web-4", "web", "n3", 81, &["v2"]), Status::Passing);
+        sim.add_service(svc("db-1", "db", "n1", 5432, &[]), Status::Passing);
+        let c = client();
+        let base = sim.http_url();
+
+        let body = get(&c, &format!("{base}/v1/catalog/node/n1")).await.json();
+        assert_eq!(body["Node"]["Node"], "n1");
+        assert_eq!(body["Node"]["Address"], "10.0.0.1");
+        assert_eq!(body["Node"]["Datacenter"], "dc1");
+        assert_eq!(body["Node"]["Meta"]["rack"], "r1");
+        let services: BTreeSet<&String> = body["Services"].as_object().unwrap().keys().collect();
+        assert_eq!(
+            services,
+            BTreeSet::from([&"db-1".to_string(), &"web-1".to_string()])
+        );
+        assert_eq!(body["Services"]["web-1"]["Port"], 80);
+
+        // Critical dropped, warning kept, tag applied; DNS TTL reported.
+        sim.add_prepared_query("web-v1", "web", Some("v1"), Some("10s"));
+        let r = get(&c, &format!("{base}/v1/query/web-v1/execute")).await;
+        assert_eq!(r.status, 200);
+        let body = r.json();
+        assert_eq!(body["Service"], "web");
+        assert_eq!(body["Datacenter"], "dc1");
+        assert_eq!(body["Failovers"], 0);
+        assert_eq!(body["DNS"]["TTL"], "10s");
+        let nodes = &body["Nodes"];
+        assert_eq!(ids(nodes), ["web-1", "web-2"]);
+        sim.add_prepared_query("all-web", "web", None, None);
+        let body = get(&c, &format!("{base}/v1/query/all-web/execute"))
+            .await
+            .json();
+        assert_eq!(ids(&body["Nodes"]), ["web-1", "web-2", "web-4"]);
+        assert_eq!(body["DNS"]["TTL"], "");
+
+        let r = get(&c, &format!("{base}/v1/query/nope/execute")).await;
+        assert_eq!((r.status, r.body.as_str()), (404, "Query not found"));
+
+        let r = get(&c, &format!("{base}/v1/agent/self")).await;
+        assert_eq!(r.json()["Member"]["Name"], "agent-1");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_connection_accounting() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_simple("web", "n1", "10.0.0.1", 80);
+        let base = sim.http_url();
+        let c = client();
+        for _ in 0..3 {
+            get(&c, &format!("{base}/v1/health/service/web?passing")).await;
+        }
+        get(&c, &format!("{base}/v1/health/service/webby")).await;
+        let r = c
+            .get(format!("{base}/v1/agent/self"))
+            .header("X-Consul-Token", "s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sim.requests("/v1/health/service/web"), 4, "prefix match");
+        assert_eq!(sim.requests("/v1/health/service/webby"), 1);
+        assert_eq!(sim.requests("/v1/agent/self"), 1);
+        assert_eq!(sim.total_requests(), 5);
+        assert_eq!(sim.last_token().as_deref(), Some("s3cret"));
+        assert_eq!(sim.request_log()[0], "/v1/health/service/web?passing");
+
+        // Three concurrent held queries need three connections.
+        let idx = sim.service_index("web");
+        let mut hs = Vec::new();
+        for _ in 0..3 {
+            let c2 = c.clone();
+            let url = format!("{base}/v1/health/service/web?index={idx}&wait=300ms");
+            hs.push(tokio::spawn(async move { get(&c2, &url).await }));
+        }
+        for h in hs {
+            assert_eq!(h.await.unwrap().status, 200);
+        }
+        assert!(sim.max_concurrent_connections() >= 3);
+        assert!(
+            sim.open_connections() >= 1,
+            "pooled keep-alive connections stay open"
+        );
+        drop(c);
+        let mut closed = false;
+        for _ in 0..100 {
+            if sim.open_connections() == 0 {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(closed);
+
+        // Raw HTTP/1.1: pipelining and Connection: close are handled.
+        let mut s = TcpStream::connect(sim.http_addr()).await.unwrap();
+        s.write_all(
+            b"GET /v1/health/service/web HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /v1/catalog/services HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut out))
+            .await
+            .expect("server closes after Connection: close")
+            .unwrap();
+        assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- DNS
+
+async fn dns_udp(
+    addr: SocketAddr,
+    name: &str,
+    rtype: RecordType,
+    edns: Option<u16>,
+) -> (Message, usize) {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut q = Message::query();
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        q.edns = Some(e);
+    }
+    sock.send_to(&q.to_vec().unwrap(), addr).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+        .await
+        .expect("DNS reply within 2 s")
+        .unwrap();
+    let m = Message::from_vec(&buf[..n]).expect("parse reply");
+    assert_eq!(m.metadata.id, q.metadata.id);
+    (m, n)
+}
+
+async fn dns_tcp(addr: SocketAddr, name: &str, rtype: RecordType) -> Message {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut q = Message::query();
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    let bytes = q.to_vec().unwrap();
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    s.write_all(&framed).await.unwrap();
+    let read = async {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.unwrap();
+        let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut msg).await.unwrap();
+        msg
+    };
+    let msg = tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .expect("TCP DNS reply");
+    Message::from_vec(&msg).unwrap()
+}
+
+fn addrs(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn assert_soa_authority(m: &Message) {
+    assert_eq!(m.authorities.len(), 1, "{m:?}");
+    let r = &m.authorities[0];
+    assert_eq!(r.name.to_ascii(), "consul.");
+    assert_eq!(r.ttl, 0);
+    let RData::SOA(soa) = &r.data else {
+        panic!("not SOA: {r:?}")
+    };
+    assert_eq!(soa.mname.to_ascii(), "ns.consul.");
+    assert_eq!(soa.rname.to_ascii(), "hostmaster.consul.");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((i64::from(soa.serial) - now).abs() <= 5);
+    assert_eq!(
+        (soa.refresh, soa.retry, soa.expire, soa.minimum),
+        (3600, 600, 86400, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_like_consul() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.meta.insert("rack".into(), "r1".into());
+        sim.add_node(n1);
+        sim.add_node(node("n2", "10.0.0.2"));
+        sim.add_node(node("n3", "10.0.0.3"));
+        sim.add_node(node("n6", "fd00::6"));
+        let mut w1 = svc("web-1", "web", "n1", 8080, &["v1"]);
+        w1.weights = (10, 3);
+        sim.add_service(w1, Status::Passing);
+        let mut w2 = svc("web-2", "web", "n2", 8081, &["v2"]);
+        w2.weights = (10, 3);
+        sim.add_service(w2, Status::Warning);
+        sim.add_service(svc("web-3", "web", "n3", 8082, &["v1"]), Status::Critical);
+        sim.add_service(svc("web-6", "web", "n6", 8086, &[]), Status::Passing);
+        let mut own = svc("own-1", "own", "n1", 9000, &[]);
+        own.address = "10.9.9.9".into();
+        sim.add_service(own, Status::Passing);
+        sim.add_simple("dead", "n3", "10.0.0.3", 1);
+        sim.set_service_check("dead-1", Status::Critical);
+        let dns = sim.dns_addr();
+
+        // A: healthy IPv4 only (critical dropped), TTL 0, AA=1, RA=0, the
+        // question echoed exactly as asked (letter case included).
+        let asked = "Web.Service.Consul.";
+        let (m, _) = dns_udp(dns, asked, RecordType::A, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert!(!m.metadata.recursion_available);
+        assert!(!m.metadata.truncation);
+        assert!(m.metadata.recursion_desired);
+        assert_eq!(m.queries.len(), 1);
+        assert!(m.queries[0]
+            .name()
+            .eq_case(&Name::from_ascii(asked).unwrap()));
+        let mut got = addrs(&m);
+        got.sort();
+        assert_eq!(got, ["10.0.0.1", "10.0.0.2"]);
+        assert!(m
+            .answers
+            .iter()
+            .all(|r| r.ttl == 0 && r.name.eq_case(&Name::from_ascii(asked).unwrap())));
+
+        // AAAA / datacenter / tag forms.
+        let (m, _) = dns_udp(dns, "web.service.consul.", RecordType::AAAA, None).await;
+        assert_eq!(addrs(&m), ["fd00::6"]);
+        let (m, _) = dns_udp(dns, "web.service.dc1.consul.", RecordType::A, None).await;
+        assert_eq!(m.answers.len(), 2);
+        let (m, _) = dns_udp(dns, "v1.web.service.consul.", RecordType::A, None).await;
+        assert_eq!(addrs(&m), ["10.0.0.1"], "web-3 has v1 but is critical");
+        let (m, _) = dns_udp(dns, "web.service.dc2.consul.", RecordType::A, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+
+        // SRV: priority 1, weight by worst check, node target with glue.
+        let (m, _) = dns_udp(dns, "web.service.consul.", RecordType::SRV, None).await;
+        let mut srvs: Vec<(u16, u16, u16, String)> = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => (s.priority, s.weight, s.port, s.target.to_ascii()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        srvs.sort_by_key(|s| s.2);
+        assert_eq!(
+            srvs,
+            [
+                (1, 10, 8080, "n1.node.dc1.consul.".to_string()),
+                (1, 3, 8081, "n2.node.dc1.consul.".to_string()),
+                (1, 1, 8086, "n6.node.dc1.consul.".to_string()),
+            ]
+        );
+        let glue: HashSet<(String, String)> = m
+            .additionals
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some((r.name.to_ascii(), a.0.to_string())),
+                RData::AAAA(a) => Some((r.name.to_ascii(), a.0.to_string())),
+                _ => None,
+            })
+            .collect();
+        assert!(glue.contains(&("n1.node.dc1.consul.".into(), "10.0.0.1".into())));
+        assert!(glue.contains(&("n6.node.dc1.consul.".into(), "fd00::6".into())));
+        assert!(m.answers.iter().chain(&m.additionals).all(|r| r.ttl == 0));
+        // RFC 2782 form; a service with its own IP gets an .addr. target.
+        let (m, _) = dns_udp(dns, "_web._tcp.service.consul.", RecordType::SRV, None).await;
+        assert_eq!(m.answers.len(), 3);
+        let (m, _) = dns_udp(dns, "own.service.consul.", RecordType::SRV, None).await;
+        let RData::SRV(s) = &m.answers[0].data else {
+            panic!()
+        };
+        assert_eq!(s.target.to_ascii(), "0a090909.addr.dc1.consul.");
+        let (m, _) = dns_udp(dns, "0a090909.addr.dc1.consul.", RecordType::A, None).await;
+        assert_eq!(addrs(&m), ["10.9.9.9"]);
+
+        // NXDOMAIN (unknown, or nothing healthy) with the SOA; NODATA; REFUSED.
+        for name in [
+            "nope.service.consul.",
+            "dead.service.consul.",
+            "foo.consul.",
+            "x.node.consul.",
+        ] {
+            let (m, _) = dns_udp(dns, name, RecordType::A, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
+            assert!(m.answers.is_empty());
+            assert_soa_authority(&m);
+        }
+        let (m, _) = dns_udp(dns, "own.service.consul.", RecordType::AAAA, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        assert_soa_authority(&m);
+        let (m, _) = dns_udp(dns, "example.com.", RecordType::A, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        assert!(!m.metadata.authoritative);
+
+        // Nodes: A plus meta TXT in additional.
+        let (m, _) = dns_udp(dns, "n1.node.consul.", RecordType::A, None).await;
+        assert_eq!(addrs(&m), ["10.0.0.1"]);
+        let txt: Vec<String> = m
+            .additionals
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(t) => Some(String::from_utf8_lossy(&t.txt_data[0]).into_owned()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(txt, ["rack=r1"]);
+        let (m, _) = dns_udp(dns, "n3.node.consul.", RecordType::A, None).await;
+        assert_eq!(addrs(&m), ["10.0.0.3"], "node lookups ignore health");
+
+        // TCP on the same port.
+        let m = dns_tcp(dns, "web.service.consul.", RecordType::A).await;
+        assert_eq!(m.answers.len(), 2);
+
+        // Prepared query over DNS: its TTL, its filters.
+        sim.add_prepared_query("webq", "web", Some("v1"), Some("10s"));
+        let (m, _) = dns_udp(dns, "webq.query.consul.", RecordType::A, None).await;
+        assert_eq!(addrs(&m), ["10.0.0.1"]);
+        assert_eq!(m.answers[0].ttl, 10);
+
+        // Every message was counted (UDP and TCP).
+        assert_eq!(sim.dns_queries(), 19);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_shuffles_and_trims_silently() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        for i in 1..=60u16 {
+            sim.add_simple(
+                "big",
+                &format!("node-{i}"),
+                &format!("10.1.{}.{}", i / 200, i % 200 + 1),
+                80,
+            );
+        }
+        for i in 1..=5u16 {
+            sim.add_simple("small", &format!("s{i}"), &format!("10.2.0.{i}"), 80);
+        }
+        let dns = sim.dns_addr();
+
+        let mut orders = HashSet::new();
+        for _ in 0..30 {
+            let (m, _) = dns_udp(dns, "small.service.consul.", RecordType::A, None).await;
+            assert_eq!(m.answers.len(), 5);
+            orders.insert(addrs(&m));
+        }
+        assert!(orders.len() > 1, "answers must be shuffled per query");
+
+        // Plain UDP: cut to 512 bytes, TC left clear (Consul's default).
+        let (m, size) = dns_udp(dns, "big.service.consul.", RecordType::A, None).await;
+        assert!(size <= 512, "{size}");
+        assert!(!m.metadata.truncation);
+        assert!(
+            !m.answers.is_empty() && m.answers.len() < 60,
+            "{}",
+            m.answers.len()
+        );
+        // SRV with glue: answers and their additionals trimmed together.
+        let (m, size) = dns_udp(dns, "big.service.consul.", RecordType::SRV, None).await;
+        assert!(size <= 512 && !m.metadata.truncation);
+        let targets: HashSet<String> = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => s.target.to_ascii(),
+                _ => panic!(),
+            })
+            .collect();
+        assert!(m
+            .additionals
+            .iter()
+            .all(|r| targets.contains(&r.name.to_ascii())));
+        // EDNS with room, or TCP: everything.
+        let (m, size) = dns_udp(dns, "big.service.consul.", RecordType::A, Some(4096)).await;
+        assert_eq!(m.answers.len(), 60);
+        assert!(size > 512);
+        assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(4096));
+        let m = dns_tcp(dns, "big.service.consul.", RecordType::A).await;
+        assert_eq!(m.answers.len(), 60);
+
+        // Opt-in emulation of Consul's udp_answer_limit (default 3).
+        sim.set_dns_udp_answer_limit(Some(3));
+        let (m, _) = dns_udp(dns, "small.service.consul.", RecordType::A, None).await;
+        assert_eq!(m.answers.len(), 3);
+        let (m, _) = dns_udp(dns, "small.service.consul.", RecordType::A, Some(1232)).await;
+        assert_eq!(m.answers.len(), 5, "the limit does not apply with EDNS");
+    })
+    .await;
+}

@@ -1,0 +1,495 @@
+//! An in-process simulator of a HashiCorp Consul agent, for tests.
+//!
+//! Why it exists: the project talks to Consul's HTTP health API (with blocking
+//! queries) and is compared against Consul's own DNS interface, but no real
+//! Consul can be installed where the tests run. This simulator reproduces the
+//! parts of both that the project depends on, with the same JSON shapes, headers,
+//! index semantics and DNS answers as a real agent with default configuration
+//! (see `/work/shared/consul/` and `/work/shared/notes/consul-dns.md`), plus
+//! fault injection (stop/restart, hang, fail) that a real agent cannot be made
+//! to do on demand.
+//!
+//! Layout:
+//! - [`state`]: the catalog (nodes, services, checks, prepared queries), the raft
+//!   index bookkeeping and every JSON body.
+//! - [`http`]: a small HTTP/1.1 server. It is hand-written rather than axum so
+//!   that `stop()` can drop every open connection (including held blocking
+//!   queries) at once, and so connections can be counted exactly.
+//! - [`dns`]: the agent-style DNS port (UDP and TCP on one port).
+//!
+//! Everything listens on 127.0.0.1 only.
+
+mod dns;
+mod http;
+mod state;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use state::State;
+
+/// The datacenter every simulated object lives in (Consul's default name).
+pub const DATACENTER: &str = "dc1";
+/// The node name of the simulated agent (what `/v1/agent/self` reports).
+pub const AGENT_NODE: &str = "agent-1";
+
+/// A catalog node, as registered with Consul.
+#[derive(Clone, Debug)]
+pub struct SimNode {
+    pub name: String,
+    /// IPv4, IPv6 or a hostname (Consul accepts all three).
+    pub address: String,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// A service instance, as registered with Consul.
+#[derive(Clone, Debug)]
+pub struct SimService {
+    /// Instance ID. The simulator treats IDs as unique across all nodes (real
+    /// Consul only requires uniqueness per node) so that the ID alone can name
+    /// an instance in `remove_service`/`set_service_check`.
+    pub id: String,
+    /// Service name.
+    pub service: String,
+    /// Node name; the node must have been added with [`ConsulSim::add_node`].
+    pub node: String,
+    /// `""` = use the node's address (as in Consul); else IPv4, IPv6 or a hostname.
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+    /// `(passing, warning)`: the SRV weights Consul's DNS uses for an instance
+    /// whose worst check is passing or warning respectively.
+    pub weights: (u32, u32),
+    pub meta: BTreeMap<String, String>,
+}
+
+/// A health check status. Consul also knows `maintenance`, which it reports as
+/// `critical` on the wire, so three values cover everything a client can see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Passing,
+    Warning,
+    Critical,
+}
+
+impl Status {
+    /// The string Consul uses in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Passing => "passing",
+            Status::Warning => "warning",
+            Status::Critical => "critical",
+        }
+    }
+
+    /// Severity, for "worst check" computations.
+    fn rank(self) -> u8 {
+        match self {
+            Status::Passing => 0,
+            Status::Warning => 1,
+            Status::Critical => 2,
+        }
+    }
+}
+
+/// The simulator. Create with [`ConsulSim::start`]; dropping it stops
+/// everything (HTTP and DNS) without waiting.
+pub struct ConsulSim {
+    inner: Arc<Inner>,
+    dns_addr: SocketAddr,
+    dns_cancel: CancellationToken,
+}
+
+/// Shared by the handle and every server task.
+struct Inner {
+    state: Mutex<State>,
+    /// Carries the global raft index; every change sends, which wakes every
+    /// held blocking query so it can re-check its own index.
+    index_tx: watch::Sender<u64>,
+    http_addr: SocketAddr,
+    http: Mutex<HttpRuntime>,
+    hang: AtomicBool,
+    fail: AtomicBool,
+    /// 0 = no limit (the default here, see `set_dns_udp_answer_limit`).
+    udp_answer_limit: AtomicUsize,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    /// Decoded path and raw target (path + query) of every HTTP request, in order.
+    requests: Mutex<Vec<(String, String)>>,
+    last_token: Mutex<Option<String>>,
+    dns_queries: AtomicUsize,
+    open_connections: AtomicUsize,
+    max_connections: AtomicUsize,
+}
+
+/// The HTTP server's current generation (between a start/restart and a stop).
+#[derive(Default)]
+struct HttpRuntime {
+    running: Option<Generation>,
+    /// While stopped: a socket bound to the HTTP port but not listening, so that
+    /// connection attempts are refused (no listener) while no other test can
+    /// take the port before `restart`.
+    reserved: Option<TcpSocket>,
+}
+
+struct Generation {
+    cancel: CancellationToken,
+    /// Every task of this generation holds a clone of the matching sender;
+    /// `recv()` returning `None` proves they have all ended (and so every
+    /// socket of this generation is closed).
+    done_rx: mpsc::Receiver<()>,
+    done_tx: mpsc::Sender<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test thread must not turn every later call into a second panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Runs a catalog mutation; if it changed anything (it then bumped the raft
+    /// index), wake every blocking query.
+    fn mutate<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let (r, index) = {
+            let mut st = self.state();
+            let r = f(&mut st);
+            (r, st.index)
+        };
+        self.index_tx.send_replace(index);
+        r
+    }
+
+    fn spawn_http(self: &Arc<Self>, listener: TcpListener) {
+        let (done_tx, done_rx) = mpsc::channel(1);
+        let cancel = CancellationToken::new();
+        tokio::spawn(http::accept_loop(
+            self.clone(),
+            listener,
+            cancel.clone(),
+            done_tx.clone(),
+        ));
+        lock(&self.http).running = Some(Generation {
+            cancel,
+            done_rx,
+            done_tx,
+        });
+    }
+}
+
+/// Binds a TCP socket with SO_REUSEADDR, so a restart can take the port back
+/// even though the connections closed by `stop` sit in TIME_WAIT on it.
+fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let sock = TcpSocket::new_v4()?;
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    Ok(sock)
+}
+
+impl ConsulSim {
+    /// Starts HTTP and the DNS port (UDP+TCP, one port number) on 127.0.0.1,
+    /// OS-chosen ports. Datacenter `dc1`, agent node name `agent-1`.
+    pub async fn start() -> ConsulSim {
+        let listener = bind_reuse(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .and_then(|s| s.listen(1024))
+            .expect("consul_sim: bind HTTP listener on 127.0.0.1");
+        let http_addr = listener.local_addr().expect("local_addr");
+        let (udp, tcp) = bind_dns_pair().await;
+        let dns_addr = udp.local_addr().expect("local_addr");
+
+        let state = State::new();
+        let (index_tx, _) = watch::channel(state.index);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(state),
+            index_tx,
+            http_addr,
+            http: Mutex::new(HttpRuntime::default()),
+            hang: AtomicBool::new(false),
+            fail: AtomicBool::new(false),
+            udp_answer_limit: AtomicUsize::new(0),
+            stats: Stats::default(),
+        });
+        inner.spawn_http(listener);
+
+        let dns_cancel = CancellationToken::new();
+        tokio::spawn(dns::serve_udp(inner.clone(), udp, dns_cancel.clone()));
+        tokio::spawn(dns::serve_tcp(inner.clone(), tcp, dns_cancel.clone()));
+
+        ConsulSim {
+            inner,
+            dns_addr,
+            dns_cancel,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, stable across stop/restart.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.inner.http_addr)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.inner.http_addr
+    }
+
+    /// The agent-style DNS port (same number for UDP and TCP).
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.dns_addr
+    }
+
+    /// Registers (or updates) a node. A new node gets the `serfHealth` check,
+    /// passing, like every node a real agent joins. Re-adding an identical node
+    /// is not a change (no index bump); changing its address or meta is, and it
+    /// changes the result (and index) of every service on that node.
+    pub fn add_node(&self, node: SimNode) {
+        self.inner.mutate(|st| st.add_node(node));
+    }
+
+    /// Registers (or replaces) a service instance plus its service check
+    /// `service:<id>` with `status`. Panics if the node is unknown: real Consul
+    /// refuses a registration for a node it does not have, and a silent default
+    /// would hide test mistakes.
+    pub fn add_service(&self, svc: SimService, status: Status) {
+        self.inner.mutate(|st| st.add_service(svc, status));
+    }
+
+    /// Deregisters an instance (and its checks). Unknown IDs are ignored.
+    pub fn remove_service(&self, id: &str) {
+        self.inner.mutate(|st| st.remove_service(id));
+    }
+
+    /// Sets the status of the check `service:<service_id>`. Setting the status
+    /// it already has is not a change (Consul does not write it), so nothing
+    /// wakes. Panics if the instance is unknown.
+    pub fn set_service_check(&self, service_id: &str, status: Status) {
+        self.inner
+            .mutate(|st| st.set_service_check(service_id, status));
+    }
+
+    /// Sets (creating if absent) a node-level check such as `serfHealth` or
+    /// `_node_maintenance`. Node checks apply to every service on the node, so
+    /// this changes the result and index of all of them. Panics if the node is
+    /// unknown.
+    pub fn set_node_check(&self, node: &str, check_id: &str, status: Status) {
+        self.inner
+            .mutate(|st| st.set_node_check(node, check_id, status));
+    }
+
+    /// Convenience: node `node` at `addr` (added or updated) plus a passing
+    /// instance `<service>-<n>` on it, where `n` is the first number from 1
+    /// whose ID is not taken yet. Returns nothing to match the agreed API; use
+    /// [`ConsulSim::add_simple_id`] to learn the ID.
+    pub fn add_simple(&self, service: &str, node: &str, addr: &str, port: u16) {
+        self.add_simple_id(service, node, addr, port);
+    }
+
+    /// Like [`ConsulSim::add_simple`], returning the instance ID it chose.
+    pub fn add_simple_id(&self, service: &str, node: &str, addr: &str, port: u16) -> String {
+        self.add_node(SimNode {
+            name: node.to_string(),
+            address: addr.to_string(),
+            meta: BTreeMap::new(),
+        });
+        let id = self.inner.state().free_instance_id(service);
+        self.add_service(
+            SimService {
+                id: id.clone(),
+                service: service.to_string(),
+                node: node.to_string(),
+                address: String::new(),
+                port,
+                tags: Vec::new(),
+                weights: (1, 1),
+                meta: BTreeMap::new(),
+            },
+            Status::Passing,
+        );
+        id
+    }
+
+    /// Creates a prepared query `name` (also reachable by its generated ID)
+    /// over `service`, optionally restricted to `tag`, with `DNS.TTL` =
+    /// `dns_ttl` (a Go duration such as `"10s"`; `None` = `""`, i.e. the DNS
+    /// interface falls back to the service TTL, 0).
+    pub fn add_prepared_query(
+        &self,
+        name: &str,
+        service: &str,
+        tag: Option<&str>,
+        dns_ttl: Option<&str>,
+    ) {
+        self.inner
+            .mutate(|st| st.add_query(name, service, tag, dns_ttl));
+    }
+
+    /// Number of HTTP requests whose (percent-decoded) path starts with
+    /// `prefix`, counted when the request head has been read (so hung and
+    /// failed requests count too).
+    pub fn requests(&self, prefix: &str) -> usize {
+        lock(&self.inner.stats.requests)
+            .iter()
+            .filter(|(path, _)| path.starts_with(prefix))
+            .count()
+    }
+
+    pub fn total_requests(&self) -> usize {
+        lock(&self.inner.stats.requests).len()
+    }
+
+    /// Every request target (path and query string, as sent), in arrival
+    /// order: lets tests check e.g. which `index=` a client sent.
+    pub fn request_log(&self) -> Vec<String> {
+        lock(&self.inner.stats.requests)
+            .iter()
+            .map(|(_, target)| target.clone())
+            .collect()
+    }
+
+    /// DNS messages received on the DNS port (UDP and TCP).
+    pub fn dns_queries(&self) -> usize {
+        self.inner.stats.dns_queries.load(Ordering::SeqCst)
+    }
+
+    /// Highest number of HTTP connections open at the same time so far.
+    pub fn max_concurrent_connections(&self) -> usize {
+        self.inner.stats.max_connections.load(Ordering::SeqCst)
+    }
+
+    /// HTTP connections open right now (a closed client connection is noticed
+    /// promptly, even while its request is held as a blocking query).
+    pub fn open_connections(&self) -> usize {
+        self.inner.stats.open_connections.load(Ordering::SeqCst)
+    }
+
+    /// The `X-Consul-Token` header of the most recent request that had one.
+    pub fn last_token(&self) -> Option<String> {
+        lock(&self.inner.stats.last_token).clone()
+    }
+
+    /// Stops HTTP: the listener is closed (new connections are refused) and
+    /// every open connection, including held blocking queries, is dropped
+    /// without a response. Returns once all of them are closed. The catalog is
+    /// kept. The DNS port keeps running (it is a different listener of the
+    /// agent; stop it by dropping the simulator).
+    pub async fn stop(&self) {
+        let generation = lock(&self.inner.http).running.take();
+        if let Some(mut g) = generation {
+            g.cancel.cancel();
+            drop(g.done_tx);
+            // Bounded: cancelled tasks end at their next poll.
+            let _ = tokio::time::timeout(Duration::from_secs(5), g.done_rx.recv()).await;
+        }
+        let mut rt = lock(&self.inner.http);
+        if rt.reserved.is_none() {
+            rt.reserved = bind_reuse(self.inner.http_addr).ok();
+        }
+    }
+
+    /// Starts HTTP again on the same port with the same catalog. The raft index
+    /// is bumped by one (a new leader commits an entry), so it never goes back;
+    /// per-service indexes are unchanged because no service changed. A no-op if
+    /// HTTP is running.
+    pub async fn restart(&self) {
+        if lock(&self.inner.http).running.is_some() {
+            return;
+        }
+        let mut listener = None;
+        for _ in 0..100 {
+            let reserved = lock(&self.inner.http).reserved.take();
+            let sock = match reserved {
+                Some(s) => Ok(s),
+                None => bind_reuse(self.inner.http_addr),
+            };
+            if let Ok(l) = sock.and_then(|s| s.listen(1024)) {
+                listener = Some(l);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let listener = listener.unwrap_or_else(|| {
+            panic!(
+                "consul_sim: cannot listen on {} again after stop",
+                self.inner.http_addr
+            )
+        });
+        self.inner.mutate(|st| {
+            st.bump();
+        });
+        self.inner.spawn_http(listener);
+    }
+
+    /// While on, every HTTP request is read (and counted) but never answered:
+    /// it is held until the client gives up or the simulator stops. Turning it
+    /// off does not release requests already held.
+    pub fn set_hang(&self, on: bool) {
+        self.inner.hang.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, every HTTP request gets `500` with body
+    /// `rpc error making call: No cluster leader`, what an agent answers while
+    /// its servers have no leader.
+    pub fn set_fail(&self, on: bool) {
+        self.inner.fail.store(on, Ordering::SeqCst);
+    }
+
+    /// Opt-in: emulate Consul's `dns_config.udp_answer_limit` (real default 3,
+    /// capped at 8 by Consul) for UDP queries without EDNS. `None` (the
+    /// simulator's default, as agreed) = only the 512-byte silent trim applies.
+    pub fn set_dns_udp_answer_limit(&self, limit: Option<usize>) {
+        self.inner
+            .udp_answer_limit
+            .store(limit.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// The catalog as `{"<service>": [entries exactly as
+    /// /v1/health/service/<service> returns them, unfiltered]}`.
+    pub fn catalog_json(&self) -> serde_json::Value {
+        self.inner.state().catalog_json()
+    }
+
+    /// The global raft index (bumped by one on every change).
+    pub fn current_index(&self) -> u64 {
+        self.inner.state().index
+    }
+
+    /// The `X-Consul-Index` that `/v1/health/service/<service>` returns now.
+    pub fn service_index(&self, service: &str) -> u64 {
+        self.inner.state().service_idx(service)
+    }
+}
+
+impl Drop for ConsulSim {
+    fn drop(&mut self) {
+        self.dns_cancel.cancel();
+        if let Some(g) = lock(&self.inner.http).running.take() {
+            g.cancel.cancel();
+        }
+    }
+}
+
+/// Binds UDP on an OS-chosen port and TCP on the same number, retrying with a
+/// fresh port if TCP's is taken (the two port spaces are independent).
+async fn bind_dns_pair() -> (UdpSocket, TcpListener) {
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("consul_sim: bind DNS UDP socket");
+        let addr = udp.local_addr().expect("local_addr");
+        if let Ok(tcp) = bind_reuse(addr).and_then(|s| s.listen(128)) {
+            return (udp, tcp);
+        }
+    }
+    panic!("consul_sim: no port free for both UDP and TCP DNS");
+}

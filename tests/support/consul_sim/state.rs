@@ -1,0 +1,606 @@
+//! The simulated catalog, its raft-index bookkeeping, and every JSON body.
+//!
+//! Index rules (what makes blocking queries behave like Consul's):
+//! - every change bumps the global raft index by exactly one; a write that
+//!   changes nothing (same status, identical node) is not a change;
+//! - each service name remembers the index at which its
+//!   `/v1/health/service/<name>` result last changed; a node change (address,
+//!   meta, node check) counts as a change of every service on that node;
+//! - the services table index (registrations/deregistrations) and nodes table
+//!   index serve `/v1/catalog/services` and `/v1/catalog/node/<node>`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde_json::{json, Map, Value};
+
+use super::{SimNode, SimService, Status, AGENT_NODE, DATACENTER};
+
+pub(super) struct CheckRec {
+    pub name: String,
+    pub status: Status,
+    pub notes: String,
+    pub create: u64,
+    pub modify: u64,
+}
+
+pub(super) struct NodeRec {
+    pub node: SimNode,
+    pub id: String,
+    pub create: u64,
+    pub modify: u64,
+    pub checks: BTreeMap<String, CheckRec>,
+}
+
+pub(super) struct SvcRec {
+    pub svc: SimService,
+    pub create: u64,
+    pub modify: u64,
+    pub checks: BTreeMap<String, CheckRec>,
+}
+
+pub(super) struct QueryRec {
+    pub id: String,
+    pub name: String,
+    pub service: String,
+    pub tag: Option<String>,
+    pub dns_ttl: Option<String>,
+}
+
+pub(super) struct State {
+    /// Global raft index.
+    pub index: u64,
+    /// Last change to the nodes table.
+    pub nodes_index: u64,
+    /// Last registration/deregistration/modification of any service instance.
+    pub services_index: u64,
+    pub nodes: BTreeMap<String, NodeRec>,
+    /// Keyed by instance ID.
+    pub services: BTreeMap<String, SvcRec>,
+    /// Lowercased service name -> index of its last result change. Kept after
+    /// the last instance is removed, like Consul's per-service index entry.
+    pub service_index: HashMap<String, u64>,
+    pub queries: Vec<QueryRec>,
+}
+
+/// A service instance joined with its node, what health endpoints and DNS work on.
+pub(super) struct Instance<'a> {
+    pub svc: &'a SvcRec,
+    pub node: &'a NodeRec,
+}
+
+impl Instance<'_> {
+    /// Node checks first, then the instance's own checks (the order the agreed
+    /// API specifies; Consul's order is not something clients may rely on).
+    pub fn checks(&self) -> impl Iterator<Item = (&String, &CheckRec, bool)> {
+        self.node
+            .checks
+            .iter()
+            .map(|(id, c)| (id, c, false))
+            .chain(self.svc.checks.iter().map(|(id, c)| (id, c, true)))
+    }
+
+    pub fn worst(&self) -> Status {
+        self.checks()
+            .map(|(_, c, _)| c.status)
+            .max_by_key(|s| s.rank())
+            .unwrap_or(Status::Passing)
+    }
+
+    /// Service address, else node address (what Consul's DNS and clients use).
+    pub fn effective_address(&self) -> &str {
+        if self.svc.svc.address.is_empty() {
+            &self.node.node.address
+        } else {
+            &self.svc.svc.address
+        }
+    }
+}
+
+/// Consul's name for a check it creates itself; anything else is named by its ID.
+fn check_name(check_id: &str, svc: Option<&SimService>) -> String {
+    match (check_id, svc) {
+        (_, Some(s)) => format!("Service '{}' check", s.service),
+        ("serfHealth", None) => "Serf Health Status".into(),
+        ("_node_maintenance", None) => "Node Maintenance Mode".into(),
+        (other, None) => other.into(),
+    }
+}
+
+fn check_notes(check_id: &str) -> String {
+    if check_id == "_node_maintenance" {
+        "Maintenance mode is enabled for this node, but no reason was provided. \
+         This is a default message."
+            .into()
+    } else {
+        String::new()
+    }
+}
+
+/// The `Output` Consul shows; serfHealth has fixed texts, others are empty here.
+fn check_output(check_id: &str, status: Status) -> &'static str {
+    match (check_id, status) {
+        ("serfHealth", Status::Critical) => "Agent not live or unreachable",
+        ("serfHealth", _) => "Agent alive and reachable",
+        _ => "",
+    }
+}
+
+/// A stable UUID-shaped ID derived from a name (Consul node and query IDs are UUIDs).
+pub(super) fn uuid_from(name: &str) -> String {
+    let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
+    for b in name.bytes() {
+        h1 = (h1 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        h2 = (h2 ^ u64::from(b))
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(7);
+    }
+    let hex = format!("{h1:016x}{h2:016x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn meta_json(meta: &BTreeMap<String, String>) -> Value {
+    Value::Object(
+        meta.iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+impl State {
+    pub fn new() -> Self {
+        State {
+            // A fresh cluster is never at index 0 (clients treat 0 as a bug).
+            index: 1,
+            nodes_index: 1,
+            services_index: 1,
+            nodes: BTreeMap::new(),
+            services: BTreeMap::new(),
+            service_index: HashMap::new(),
+            queries: Vec::new(),
+        }
+    }
+
+    pub fn bump(&mut self) -> u64 {
+        self.index += 1;
+        self.index
+    }
+
+    fn touch_service(&mut self, name: &str, idx: u64) {
+        self.service_index.insert(name.to_ascii_lowercase(), idx);
+    }
+
+    fn touch_services_on_node(&mut self, node: &str, idx: u64) {
+        let names: BTreeSet<String> = self
+            .services
+            .values()
+            .filter(|s| s.svc.node == node)
+            .map(|s| s.svc.service.clone())
+            .collect();
+        for n in names {
+            self.touch_service(&n, idx);
+        }
+    }
+
+    pub fn add_node(&mut self, node: SimNode) {
+        if let Some(existing) = self.nodes.get(&node.name) {
+            if existing.node.address == node.address && existing.node.meta == node.meta {
+                return;
+            }
+        }
+        let idx = self.bump();
+        self.nodes_index = idx;
+        let name = node.name.clone();
+        match self.nodes.get_mut(&name) {
+            Some(rec) => {
+                rec.node = node;
+                rec.modify = idx;
+            }
+            None => {
+                let mut checks = BTreeMap::new();
+                checks.insert(
+                    "serfHealth".to_string(),
+                    CheckRec {
+                        name: check_name("serfHealth", None),
+                        status: Status::Passing,
+                        notes: String::new(),
+                        create: idx,
+                        modify: idx,
+                    },
+                );
+                self.nodes.insert(
+                    name.clone(),
+                    NodeRec {
+                        id: uuid_from(&name),
+                        node,
+                        create: idx,
+                        modify: idx,
+                        checks,
+                    },
+                );
+            }
+        }
+        self.touch_services_on_node(&name, idx);
+    }
+
+    pub fn add_service(&mut self, svc: SimService, status: Status) {
+        assert!(
+            self.nodes.contains_key(&svc.node),
+            "consul_sim: add_service({}): node {:?} not added (call add_node first)",
+            svc.id,
+            svc.node
+        );
+        let idx = self.bump();
+        self.services_index = idx;
+        let check_id = format!("service:{}", svc.id);
+        let old = self.services.remove(&svc.id);
+        if let Some(o) = &old {
+            self.touch_service(&o.svc.service, idx);
+        }
+        let (create, check_create) = match &old {
+            Some(o) => (
+                o.create,
+                o.checks.get(&check_id).map(|c| c.create).unwrap_or(idx),
+            ),
+            None => (idx, idx),
+        };
+        let mut checks = BTreeMap::new();
+        checks.insert(
+            check_id.clone(),
+            CheckRec {
+                name: check_name(&check_id, Some(&svc)),
+                status,
+                notes: String::new(),
+                create: check_create,
+                modify: idx,
+            },
+        );
+        let name = svc.service.clone();
+        self.services.insert(
+            svc.id.clone(),
+            SvcRec {
+                svc,
+                create,
+                modify: idx,
+                checks,
+            },
+        );
+        self.touch_service(&name, idx);
+    }
+
+    pub fn remove_service(&mut self, id: &str) {
+        if let Some(old) = self.services.remove(id) {
+            let idx = self.bump();
+            self.services_index = idx;
+            self.touch_service(&old.svc.service, idx);
+        }
+    }
+
+    pub fn set_service_check(&mut self, id: &str, status: Status) {
+        let check_id = format!("service:{id}");
+        let Some(rec) = self.services.get(id) else {
+            panic!("consul_sim: set_service_check: unknown service instance {id:?}");
+        };
+        if rec.checks.get(&check_id).map(|c| c.status) == Some(status) {
+            return;
+        }
+        let idx = self.bump();
+        let rec = self.services.get_mut(id).expect("checked above");
+        let name = rec.svc.service.clone();
+        let check = rec.checks.entry(check_id.clone()).or_insert(CheckRec {
+            name: check_name(&check_id, Some(&rec.svc)),
+            status,
+            notes: String::new(),
+            create: idx,
+            modify: idx,
+        });
+        check.status = status;
+        check.modify = idx;
+        self.touch_service(&name, idx);
+    }
+
+    pub fn set_node_check(&mut self, node: &str, check_id: &str, status: Status) {
+        let Some(rec) = self.nodes.get(node) else {
+            panic!("consul_sim: set_node_check: unknown node {node:?}");
+        };
+        if rec.checks.get(check_id).map(|c| c.status) == Some(status) {
+            return;
+        }
+        let idx = self.bump();
+        let rec = self.nodes.get_mut(node).expect("checked above");
+        let check = rec.checks.entry(check_id.to_string()).or_insert(CheckRec {
+            name: check_name(check_id, None),
+            status,
+            notes: check_notes(check_id),
+            create: idx,
+            modify: idx,
+        });
+        check.status = status;
+        check.modify = idx;
+        self.touch_services_on_node(node, idx);
+    }
+
+    pub fn add_query(&mut self, name: &str, service: &str, tag: Option<&str>, ttl: Option<&str>) {
+        self.bump();
+        self.queries.retain(|q| q.name != name);
+        self.queries.push(QueryRec {
+            id: uuid_from(&format!("query/{name}")),
+            name: name.to_string(),
+            service: service.to_string(),
+            tag: tag.map(str::to_string),
+            dns_ttl: ttl.map(str::to_string),
+        });
+    }
+
+    pub fn free_instance_id(&self, service: &str) -> String {
+        (1..)
+            .map(|n| format!("{service}-{n}"))
+            .find(|id| !self.services.contains_key(id))
+            .expect("unbounded range")
+    }
+
+    /// `X-Consul-Index` of `/v1/health/service/<name>`. A name never seen falls
+    /// back to the services table index (Consul watches the table for it to
+    /// appear), so the value is always >= 1.
+    pub fn service_idx(&self, name: &str) -> u64 {
+        self.service_index
+            .get(&name.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(self.services_index)
+            .max(1)
+    }
+
+    /// `X-Consul-Index` of `/v1/catalog/node/<node>` (nodes + services tables).
+    pub fn node_idx(&self) -> u64 {
+        self.nodes_index.max(self.services_index).max(1)
+    }
+
+    /// Instances of `name` (case-insensitive, as Consul's catalog index is),
+    /// sorted by node then ID.
+    pub fn instances(&self, name: &str) -> Vec<Instance<'_>> {
+        let mut v: Vec<Instance<'_>> = self
+            .services
+            .values()
+            .filter(|s| s.svc.service.eq_ignore_ascii_case(name))
+            .filter_map(|s| {
+                self.nodes
+                    .get(&s.svc.node)
+                    .map(|node| Instance { svc: s, node })
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            (&a.node.node.name, &a.svc.svc.id).cmp(&(&b.node.node.name, &b.svc.svc.id))
+        });
+        v
+    }
+
+    /// Instances with the given tag (case-insensitive) and without a critical
+    /// check: what DNS and prepared queries (default `OnlyPassing=false`) serve.
+    pub fn healthy_instances(&self, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
+        self.instances(name)
+            .into_iter()
+            .filter(|i| i.worst() != Status::Critical)
+            .filter(|i| tag.is_none_or(|t| has_tag(&i.svc.svc, t)))
+            .collect()
+    }
+
+    /// By name (case-insensitive, DNS lowercases it) or by ID.
+    pub fn find_query(&self, name_or_id: &str) -> Option<&QueryRec> {
+        self.queries
+            .iter()
+            .find(|q| q.name.eq_ignore_ascii_case(name_or_id) || q.id == name_or_id)
+    }
+
+    fn node_json(&self, n: &NodeRec) -> Value {
+        json!({
+            "ID": n.id,
+            "Node": n.node.name,
+            "Address": n.node.address,
+            "Datacenter": DATACENTER,
+            "TaggedAddresses": { "lan": n.node.address, "wan": n.node.address },
+            "Meta": meta_json(&n.node.meta),
+            "CreateIndex": n.create,
+            "ModifyIndex": n.modify,
+        })
+    }
+
+    /// `null_tags`: the prepared-query and catalog-node samples show `null` for
+    /// an instance without tags; the health endpoint replaces it with `[]`.
+    fn service_json(s: &SvcRec, null_tags: bool, with_weights: bool) -> Value {
+        let svc = &s.svc;
+        let tags = if svc.tags.is_empty() && null_tags {
+            Value::Null
+        } else {
+            json!(svc.tags)
+        };
+        let mut m = Map::new();
+        m.insert("ID".into(), json!(svc.id));
+        m.insert("Service".into(), json!(svc.service));
+        m.insert("Tags".into(), tags);
+        m.insert("Address".into(), json!(svc.address));
+        if !svc.address.is_empty() {
+            // Only a service with its own address has tagged addresses (the
+            // field is omitempty in Consul).
+            let ta = json!({ "address": svc.address, "port": svc.port });
+            m.insert("TaggedAddresses".into(), json!({ "lan": ta, "wan": ta }));
+        }
+        m.insert("Meta".into(), meta_json(&svc.meta));
+        m.insert("Port".into(), json!(svc.port));
+        if with_weights {
+            m.insert(
+                "Weights".into(),
+                json!({ "Passing": svc.weights.0, "Warning": svc.weights.1 }),
+            );
+        }
+        m.insert("CreateIndex".into(), json!(s.create));
+        m.insert("ModifyIndex".into(), json!(s.modify));
+        Value::Object(m)
+    }
+
+    fn check_json(inst: &Instance<'_>, id: &str, c: &CheckRec, is_service: bool) -> Value {
+        let (sid, sname, stags) = if is_service {
+            let s = &inst.svc.svc;
+            (s.id.as_str(), s.service.as_str(), s.tags.clone())
+        } else {
+            ("", "", Vec::new())
+        };
+        json!({
+            "Node": inst.node.node.name,
+            "CheckID": id,
+            "Name": c.name,
+            "Status": c.status.as_str(),
+            "Notes": c.notes,
+            "Output": check_output(id, c.status),
+            "ServiceID": sid,
+            "ServiceName": sname,
+            "ServiceTags": stags,
+            "CreateIndex": c.create,
+            "ModifyIndex": c.modify,
+        })
+    }
+
+    /// One `{Node, Service, Checks}` entry.
+    pub fn entry_json(&self, inst: &Instance<'_>, null_tags: bool) -> Value {
+        let checks: Vec<Value> = inst
+            .checks()
+            .map(|(id, c, is_svc)| Self::check_json(inst, id, c, is_svc))
+            .collect();
+        json!({
+            "Node": self.node_json(inst.node),
+            "Service": Self::service_json(inst.svc, null_tags, true),
+            "Checks": checks,
+        })
+    }
+
+    /// Body of `/v1/health/service/<name>`: `passing` drops any entry with a
+    /// non-passing check (Consul's `filterNonPassing`), `tags` must all match.
+    pub fn health_json(&self, name: &str, passing: bool, tags: &[String]) -> Value {
+        Value::Array(
+            self.instances(name)
+                .iter()
+                .filter(|i| !passing || i.worst() == Status::Passing)
+                .filter(|i| tags.iter().all(|t| has_tag(&i.svc.svc, t)))
+                .map(|i| self.entry_json(i, false))
+                .collect(),
+        )
+    }
+
+    pub fn catalog_json(&self) -> Value {
+        let names: BTreeSet<&str> = self
+            .services
+            .values()
+            .map(|s| s.svc.service.as_str())
+            .collect();
+        Value::Object(
+            names
+                .into_iter()
+                .map(|n| {
+                    let entries = self
+                        .instances(n)
+                        .into_iter()
+                        .filter(|i| i.svc.svc.service == n)
+                        .map(|i| self.entry_json(&i, false))
+                        .collect();
+                    (n.to_string(), Value::Array(entries))
+                })
+                .collect(),
+        )
+    }
+
+    /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
+    pub fn catalog_node_json(&self, node: &str) -> Value {
+        let Some(n) = self
+            .nodes
+            .values()
+            .find(|n| n.node.name.eq_ignore_ascii_case(node))
+        else {
+            return Value::Null;
+        };
+        let services: Map<String, Value> = self
+            .services
+            .values()
+            .filter(|s| s.svc.node == n.node.name)
+            .map(|s| (s.svc.id.clone(), Self::service_json(s, true, true)))
+            .collect();
+        json!({ "Node": self.node_json(n), "Services": services })
+    }
+
+    /// Body of `/v1/catalog/services`: service name -> its distinct tags.
+    pub fn catalog_services_json(&self) -> Value {
+        let mut map: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for s in self.services.values() {
+            map.entry(&s.svc.service)
+                .or_default()
+                .extend(s.svc.tags.iter().map(String::as_str));
+        }
+        json!(map)
+    }
+
+    /// Body of `/v1/query/<name or id>/execute` (the real wire shape: Service,
+    /// Nodes, DNS, Datacenter, Failovers at the top level). Results are shuffled
+    /// like Consul does when no `near` sorting applies.
+    pub fn query_execute_json(&self, q: &QueryRec) -> Value {
+        use rand::seq::SliceRandom;
+        let mut insts = self.healthy_instances(&q.service, q.tag.as_deref());
+        insts.shuffle(&mut rand::rng());
+        let nodes: Vec<Value> = insts.iter().map(|i| self.entry_json(i, true)).collect();
+        json!({
+            "Service": q.service,
+            "Nodes": nodes,
+            "DNS": { "TTL": q.dns_ttl.clone().unwrap_or_default() },
+            "Datacenter": DATACENTER,
+            "Failovers": 0,
+        })
+    }
+
+    /// Body of `/v1/agent/self`: the sample's shape with this agent's identity.
+    pub fn agent_self_json(&self) -> Value {
+        json!({
+            "Config": {
+                "Datacenter": DATACENTER,
+                "NodeName": AGENT_NODE,
+                "NodeID": uuid_from(AGENT_NODE),
+                "Server": true,
+                "Revision": "deadbeef",
+                "Version": "1.0.0",
+            },
+            "DebugConfig": {},
+            "Coord": { "Adjustment": 0, "Error": 1.5, "Vec": [0, 0, 0, 0, 0, 0, 0, 0] },
+            "Member": {
+                "Name": AGENT_NODE,
+                "Addr": "127.0.0.1",
+                "Port": 8301,
+                "Tags": {
+                    "bootstrap": "1",
+                    "dc": DATACENTER,
+                    "id": uuid_from(AGENT_NODE),
+                    "port": "8300",
+                    "role": "consul",
+                    "vsn": "1",
+                    "vsn_max": "1",
+                    "vsn_min": "1",
+                },
+                "Status": 1,
+                "ProtocolMin": 1,
+                "ProtocolMax": 2,
+                "ProtocolCur": 2,
+                "DelegateMin": 2,
+                "DelegateMax": 4,
+                "DelegateCur": 4,
+            },
+            "Meta": {},
+        })
+    }
+}
+
+/// Consul compares tags case-insensitively (`serviceTagFilter` lowercases both).
+pub(super) fn has_tag(svc: &SimService, tag: &str) -> bool {
+    svc.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))
+}

@@ -1,0 +1,217 @@
+//! Shared test support: the forwarder run in-process on port 0, a test upstream, a Consul
+//! simulator, and small DNS client helpers over real UDP and TCP sockets.
+#![allow(dead_code)]
+
+pub mod consul_sim;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use consul_dns_forwarder::config::Config;
+use consul_dns_forwarder::{run, server, Bound};
+use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long a test waits for any single DNS reply before calling it lost.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A forwarder running inside the test process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub registry: prometheus::Registry,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a forwarder from TOML text; `listen` is forced to 127.0.0.1:0.
+    pub async fn start(toml: &str) -> TestServer {
+        let config = Config::from_toml_str(toml, "test.toml").expect("test config is valid");
+        TestServer::start_config(config).await
+    }
+
+    pub async fn start_config(mut config: Config) -> TestServer {
+        config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+        config.server.udp_sockets_per_address = 2;
+        let dns = server::bind(&config.server.listen, 2).expect("bind port 0");
+        let addr = dns.local_addrs()[0];
+        let metrics = match config.metrics.listen {
+            Some(_) => Some(
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind metrics"),
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|l| l.local_addr().expect("addr"));
+        let registry = prometheus::Registry::new();
+        let (tx, rx) = oneshot::channel::<()>();
+        let reg = registry.clone();
+        let task = tokio::spawn(async move {
+            run(config, Bound { dns, metrics }, reg, async move {
+                let _ = rx.await;
+            })
+            .await
+            .expect("forwarder runs");
+        });
+        TestServer {
+            addr,
+            metrics_addr,
+            registry,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Asks the server to stop and waits until it has (bounded).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server stops within 10 s")
+                .expect("server task ok");
+        }
+    }
+
+    /// The value of a counter or gauge with the given labels, summed over other labels (0 when
+    /// absent), read from the text exposition Prometheus would scrape.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = consul_dns_forwarder::metrics::render(&self.registry);
+        metric_in(&text, name, labels)
+    }
+}
+
+/// Sums the samples of `name` whose labels include every given pair.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A query message with RD=1 and a random ID; the name is used exactly as written (case kept).
+pub fn make_query(name: &str, qtype: RecordType, edns: Option<u16>) -> Message {
+    let mut m = Message::query();
+    m.metadata.id = rand::random();
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.edns = Some(e);
+    }
+    m
+}
+
+/// Sends raw bytes over UDP and returns the raw reply, or `None` when none came in `wait`.
+pub async fn raw_udp(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    socket.send_to(bytes, server).await.expect("send");
+    let mut buf = vec![0u8; 65535];
+    match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
+        Ok(Ok((len, _))) => Some(buf[..len].to_vec()),
+        _ => None,
+    }
+}
+
+/// One length-prefixed message over a new TCP connection.
+pub async fn raw_tcp(server: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut stream = TcpStream::connect(server).await.expect("connect");
+    let len = u16::try_from(bytes.len()).expect("fits");
+    stream.write_all(&len.to_be_bytes()).await.expect("write");
+    stream.write_all(bytes).await.expect("write");
+    tcp_read(&mut stream).await
+}
+
+pub async fn tcp_read(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let read = async {
+        let len = stream.read_u16().await.ok()?;
+        let mut buf = vec![0u8; usize::from(len)];
+        stream.read_exact(&mut buf).await.ok()?;
+        Some(buf)
+    };
+    tokio::time::timeout(REPLY_TIMEOUT, read).await.ok().flatten()
+}
+
+/// Sends `msg` over UDP and parses the reply (panics when none comes).
+pub async fn udp(server: SocketAddr, msg: &Message) -> Message {
+    let bytes = msg.to_vec().expect("encode");
+    let reply = raw_udp(server, &bytes, REPLY_TIMEOUT)
+        .await
+        .expect("a UDP reply");
+    let parsed = Message::from_vec(&reply).expect("reply parses");
+    assert_eq!(parsed.metadata.id, msg.metadata.id, "reply ID matches");
+    parsed
+}
+
+/// Sends `msg` over TCP and parses the reply.
+pub async fn tcp(server: SocketAddr, msg: &Message) -> Message {
+    let bytes = msg.to_vec().expect("encode");
+    let reply = raw_tcp(server, &bytes).await.expect("a TCP reply");
+    Message::from_vec(&reply).expect("reply parses")
+}
+
+/// A/AAAA query over UDP without EDNS, as nginx and glibc send them.
+pub async fn ask(server: SocketAddr, name: &str, qtype: RecordType) -> Message {
+    udp(server, &make_query(name, qtype, None)).await
+}
+
+/// The addresses (A and AAAA data) in a reply's answer section, as strings, in order.
+pub fn addresses(m: &Message) -> Vec<String> {
+    use hickory_proto::rr::RData;
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn name(s: &str) -> Name {
+    Name::from_str(s).expect("name")
+}
+
+/// Polls `check` every 20 ms until it returns true or `limit` passes; returns how long it took.
+pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}

@@ -98,9 +98,7 @@ impl CachedAnswer {
             answers = clamped(&msg.answers);
             authorities = clamped(&msg.authorities);
             additionals = clamped(&msg.additionals);
-            ttl = Duration::from_secs(u64::from(
-                answers.iter().map(|r| r.ttl).min().unwrap_or(0),
-            ));
+            ttl = Duration::from_secs(u64::from(answers.iter().map(|r| r.ttl).min().unwrap_or(0)));
         }
         Some(CachedAnswer {
             rcode: msg.metadata.response_code,
@@ -267,9 +265,10 @@ impl Cache {
                     cache.remove_inflight(&task_key);
                     result
                 });
-                let shared: SharedFetch = async move { task.await.unwrap_or(Err(FetchError::Aborted)) }
-                    .boxed()
-                    .shared();
+                let shared: SharedFetch =
+                    async move { task.await.unwrap_or(Err(FetchError::Aborted)) }
+                        .boxed()
+                        .shared();
                 inflight.insert(key.clone(), shared.clone());
                 shared
             }
@@ -330,8 +329,12 @@ mod tests {
     #[test]
     fn positive_ttls_are_clamped_and_count_down() {
         let now = Instant::now();
-        let e = CachedAnswer::from_message(&reply(ResponseCode::NoError, &[5, 50, 500], None), &policy(), now)
-            .expect("cacheable");
+        let e = CachedAnswer::from_message(
+            &reply(ResponseCode::NoError, &[5, 50, 500], None),
+            &policy(),
+            now,
+        )
+        .expect("cacheable");
         let ttls: Vec<u32> = e.answers.iter().map(|r| r.ttl).collect();
         assert_eq!(ttls, vec![10, 50, 100]);
         assert_eq!(e.ttl, Duration::from_secs(10));
@@ -347,17 +350,31 @@ mod tests {
     #[test]
     fn negative_ttl_from_soa_minimum_capped() {
         let now = Instant::now();
-        let e = CachedAnswer::from_message(&reply(ResponseCode::NXDomain, &[], Some((3600, 20))), &policy(), now)
-            .expect("cacheable");
+        let e = CachedAnswer::from_message(
+            &reply(ResponseCode::NXDomain, &[], Some((3600, 20))),
+            &policy(),
+            now,
+        )
+        .expect("cacheable");
         assert_eq!(e.ttl, Duration::from_secs(20));
         assert_eq!(e.authorities[0].ttl, 20);
-        let e = CachedAnswer::from_message(&reply(ResponseCode::NoError, &[], Some((3600, 900))), &policy(), now)
-            .expect("cacheable");
+        let e = CachedAnswer::from_message(
+            &reply(ResponseCode::NoError, &[], Some((3600, 900))),
+            &policy(),
+            now,
+        )
+        .expect("cacheable");
         assert_eq!(e.ttl, Duration::from_secs(30), "capped by negative_ttl");
-        let no_soa = CachedAnswer::from_message(&reply(ResponseCode::NXDomain, &[], None), &policy(), now)
-            .expect("passed on");
+        let no_soa =
+            CachedAnswer::from_message(&reply(ResponseCode::NXDomain, &[], None), &policy(), now)
+                .expect("passed on");
         assert!(!no_soa.cacheable);
-        assert!(CachedAnswer::from_message(&reply(ResponseCode::ServFail, &[], None), &policy(), now).is_none());
+        assert!(CachedAnswer::from_message(
+            &reply(ResponseCode::ServFail, &[], None),
+            &policy(),
+            now
+        )
+        .is_none());
     }
 
     #[tokio::test]
@@ -388,6 +405,9 @@ mod tests {
             assert!(t.await.expect("join").is_ok());
         }
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(matches!(cache.lookup(&key, Instant::now()), Lookup::Fresh(_)));
+        assert!(matches!(
+            cache.lookup(&key, Instant::now()),
+            Lookup::Fresh(_)
+        ));
     }
 }

@@ -232,7 +232,9 @@ impl FromStr for Zone {
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
         if t.is_empty() {
-            return Err("empty zone name: write a domain like \"consul\" or \"corp.example\"".into());
+            return Err(
+                "empty zone name: write a domain like \"consul\" or \"corp.example\"".into(),
+            );
         }
         let mut name = Name::from_ascii(t).map_err(|e| {
             format!("invalid zone {s:?} ({e}): write a domain like \"consul\" or \"corp.example\"")
@@ -484,8 +486,7 @@ impl ConsulConfig {
             match pattern {
                 TtlPattern::Exact(name) if name.eq_ignore_ascii_case(service) => return *ttl,
                 TtlPattern::Prefix(p)
-                    if service.len() >= p.len()
-                        && service[..p.len()].eq_ignore_ascii_case(p) =>
+                    if service.len() >= p.len() && service[..p.len()].eq_ignore_ascii_case(p) =>
                 {
                     return *ttl
                 }
@@ -594,7 +595,11 @@ impl Config {
         }
         let max_inflight = s.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);
         if max_inflight == 0 {
-            errors.push(invalid("server", "max_inflight", "must be at least 1".into()));
+            errors.push(invalid(
+                "server",
+                "max_inflight",
+                "must be at least 1".into(),
+            ));
         }
         let server = ServerConfig {
             listen,
@@ -698,11 +703,23 @@ impl Config {
                 star = Some(ttl.0);
             } else if let Some(prefix) = pattern.strip_suffix('*') {
                 if prefix.contains('*') {
-                    errors.push(invalid("consul", "service_ttl", format!("pattern {pattern:?}: only one trailing * is allowed, like \"web*\"")));
+                    errors.push(invalid(
+                        "consul",
+                        "service_ttl",
+                        format!(
+                            "pattern {pattern:?}: only one trailing * is allowed, like \"web*\""
+                        ),
+                    ));
                 }
                 service_ttl.push((TtlPattern::Prefix(prefix.to_owned()), ttl.0));
             } else if pattern.contains('*') || pattern.is_empty() {
-                errors.push(invalid("consul", "service_ttl", format!("pattern {pattern:?}: write a service name, a prefix ending in *, or *")));
+                errors.push(invalid(
+                    "consul",
+                    "service_ttl",
+                    format!(
+                        "pattern {pattern:?}: write a service name, a prefix ending in *, or *"
+                    ),
+                ));
             } else {
                 service_ttl.push((TtlPattern::Exact(pattern), ttl.0));
             }
@@ -912,11 +929,8 @@ impl Config {
                 )));
             }
         }
-        let groups = std::iter::once(("upstream.servers", &self.upstream.servers)).chain(
-            self.forward
-                .iter()
-                .map(|f| ("forward.servers", &f.servers)),
-        );
+        let groups = std::iter::once(("upstream.servers", &self.upstream.servers))
+            .chain(self.forward.iter().map(|f| ("forward.servers", &f.servers)));
         for (key, servers) in groups {
             for s in servers {
                 if self.server.listen.iter().any(|l| is_same_endpoint(*l, *s)) {
@@ -968,7 +982,10 @@ pub fn line_of(text: &str, section: &str, key: &str) -> usize {
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if let Some(header) = line.strip_prefix('[') {
-            current = header.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+            current = header
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned();
             if current == section && section_line.is_none() {
                 section_line = Some(i + 1);
             }
@@ -996,10 +1013,7 @@ mod tests {
         assert_eq!(c.upstream.timeout, Duration::from_secs(2));
         assert_eq!(c.cache.stale_for, Duration::from_secs(3600));
         assert_eq!(c.consul.domains[0].to_ascii(), "consul.");
-        assert_eq!(
-            c.consul.service_ttl_for("anything"),
-            Duration::from_secs(5)
-        );
+        assert_eq!(c.consul.service_ttl_for("anything"), Duration::from_secs(5));
     }
 
     #[test]
@@ -1023,11 +1037,8 @@ mod tests {
 
     #[test]
     fn cross_field_errors_carry_line() {
-        let err = Config::from_toml_str(
-            "[cache]\nmax_ttl = \"10s\"\nmin_ttl = \"1m\"\n",
-            "f.toml",
-        )
-        .expect_err("min > max");
+        let err = Config::from_toml_str("[cache]\nmax_ttl = \"10s\"\nmin_ttl = \"1m\"\n", "f.toml")
+            .expect_err("min > max");
         assert!(err.to_string().contains("f.toml:3: cache.min_ttl"), "{err}");
     }
 

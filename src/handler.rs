@@ -116,7 +116,11 @@ impl Handler {
             .consul
             .as_ref()
             .filter(|c| c.domains.iter().any(|d| wire::in_zone(&q.name, d)));
-        let zone = if consul.is_some() { "consul" } else { "forwarded" };
+        let zone = if consul.is_some() {
+            "consul"
+        } else {
+            "forwarded"
+        };
         self.metrics
             .requests
             .with_label_values(&[transport.as_str(), qtype_label(q.qtype), zone])

@@ -99,7 +99,8 @@ pub async fn run(
     ));
 
     let consul = if config.consul.enabled {
-        let source = consul::build(&config, metrics.clone(), forwarder.clone(), token.clone()).await?;
+        let source =
+            consul::build(&config, metrics.clone(), forwarder.clone(), token.clone()).await?;
         Some(ConsulRoute {
             domains: config.consul.domains.clone(),
             source,
@@ -126,9 +127,10 @@ pub async fn run(
         });
         let stop = token.clone();
         tokio::spawn(async move {
-            if let Err(e) =
-                metrics::serve(listener, registry, refresh, async move { stop.cancelled().await })
-                    .await
+            if let Err(e) = metrics::serve(listener, registry, refresh, async move {
+                stop.cancelled().await
+            })
+            .await
             {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }

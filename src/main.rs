@@ -10,7 +10,11 @@ use consul_dns_forwarder::config::{Config, Overrides};
 use consul_dns_forwarder::{run, server, Bound};
 
 #[derive(Parser, Debug)]
-#[command(name = "consul-dns-forwarder", version, about = "DNS for *.consul from Consul's health API, everything else forwarded and cached")]
+#[command(
+    name = "consul-dns-forwarder",
+    version,
+    about = "DNS for *.consul from Consul's health API, everything else forwarded and cached"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -116,7 +120,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -144,7 +151,9 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
             }
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!("cannot listen on {addr} for metrics (metrics.listen / --metrics-listen)")
+                    format!(
+                        "cannot listen on {addr} for metrics (metrics.listen / --metrics-listen)"
+                    )
                 })
             }
         },
@@ -161,11 +170,23 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         match config.consul.mode {
             consul_dns_forwarder::config::ConsulMode::Http => format!(
                 "http {}",
-                config.consul.http.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(",")
+                config
+                    .consul
+                    .http
+                    .iter()
+                    .map(|u| u.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
             consul_dns_forwarder::config::ConsulMode::Dns => format!(
                 "dns {}",
-                config.consul.dns.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                config
+                    .consul
+                    .dns
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
         }
     };
@@ -215,7 +236,13 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down: finishing queries in flight");
     };
-    run(config, Bound { dns, metrics }, prometheus::Registry::new(), shutdown).await?;
+    run(
+        config,
+        Bound { dns, metrics },
+        prometheus::Registry::new(),
+        shutdown,
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -209,7 +209,10 @@ pub async fn serve(
                 async move {
                     refresh();
                     (
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
                         render(&registry),
                     )
                 }

@@ -93,7 +93,9 @@ impl ServerGroup {
             let index = (first + attempt) % n;
             let server = self.servers[index];
             let left = deadline - now;
-            let per_attempt = (left / u32::try_from(attempts - attempt).unwrap_or(1)).max(MIN_ATTEMPT).min(left);
+            let per_attempt = (left / u32::try_from(attempts - attempt).unwrap_or(1))
+                .max(MIN_ATTEMPT)
+                .min(left);
             let started = Instant::now();
             let result = tokio::time::timeout(per_attempt, exchange(server, q)).await;
             let label = server.to_string();
@@ -287,7 +289,10 @@ impl Forwarder {
         let question = q.clone();
         let fetched = self
             .cache
-            .fetch(q, move || async move { group.query(&question, &metrics).await })
+            .fetch(
+                q,
+                move || async move { group.query(&question, &metrics).await },
+            )
             .await;
         match (fetched, expired) {
             (Ok(entry), _) => (

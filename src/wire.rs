@@ -72,7 +72,7 @@ pub fn header_only_reply(h: &RawHeader, rcode: ResponseCode) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_LEN];
     out[0..2].copy_from_slice(&h.id.to_be_bytes());
     out[2] = 0x80 | (h.opcode << 3) | u8::from(h.recursion_desired);
-    out[3] = 0x80 | (u8::from(rcode.low()) & 0x0f);
+    out[3] = 0x80 | (rcode.low() & 0x0f);
     out
 }
 
@@ -373,10 +373,7 @@ mod tests {
 
     #[test]
     fn edns_limits() {
-        assert_eq!(
-            reply_limit(&request("a.", Some(100)), Transport::Udp),
-            512
-        );
+        assert_eq!(reply_limit(&request("a.", Some(100)), Transport::Udp), 512);
         assert_eq!(
             reply_limit(&request("a.", Some(65000)), Transport::Udp),
             1232

@@ -11,7 +11,10 @@ use support::upstream::TestUpstream;
 use support::*;
 
 fn config_for(upstreams: &[&TestUpstream], extra: &str) -> String {
-    let servers: Vec<String> = upstreams.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    let servers: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
     format!(
         "[upstream]\nservers = [{}]\ntimeout = \"1s\"\n[consul]\nenabled = false\n[metrics]\nenabled = false\n{extra}",
         servers.join(", ")
@@ -27,19 +30,35 @@ async fn forwards_and_keeps_rcodes_and_soa() {
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addresses(&r), vec!["192.0.2.1"]);
     assert!(r.metadata.recursion_available, "RA=1 on every response");
-    assert!(!r.metadata.authoritative, "forwarded answers are not ours to claim");
+    assert!(
+        !r.metadata.authoritative,
+        "forwarded answers are not ours to claim"
+    );
 
     let r = ask(fwd.addr, "missing.test.", RecordType::A).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-    assert!(matches!(r.authorities.first().map(|r| &r.data), Some(RData::SOA(_))), "SOA in authority: {r}");
+    assert!(
+        matches!(r.authorities.first().map(|r| &r.data), Some(RData::SOA(_))),
+        "SOA in authority: {r}"
+    );
 
     let r = ask(fwd.addr, "a.test.", RecordType::AAAA).await;
-    assert_eq!(r.metadata.response_code, ResponseCode::NoError, "NODATA is NOERROR");
+    assert_eq!(
+        r.metadata.response_code,
+        ResponseCode::NoError,
+        "NODATA is NOERROR"
+    );
     assert!(r.answers.is_empty());
-    assert!(matches!(r.authorities.first().map(|r| &r.data), Some(RData::SOA(_))), "SOA in authority: {r}");
+    assert!(
+        matches!(r.authorities.first().map(|r| &r.data), Some(RData::SOA(_))),
+        "SOA in authority: {r}"
+    );
 
     let r = ask(fwd.addr, "www.test.", RecordType::A).await;
-    assert!(matches!(r.answers[0].data, RData::CNAME(_)), "CNAME first: {r}");
+    assert!(
+        matches!(r.answers[0].data, RData::CNAME(_)),
+        "CNAME first: {r}"
+    );
     assert_eq!(addresses(&r), vec!["192.0.2.1"]);
 
     let r = ask(fwd.addr, "servfail.test.", RecordType::A).await;
@@ -57,13 +76,28 @@ async fn caches_positive_and_negative_answers_with_ttl_countdown() {
     assert_eq!(n1.authorities[0].ttl, 60, "negative TTL = SOA minimum");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let second = ask(fwd.addr, "A.TEST.", RecordType::A).await;
-    assert!(second.answers[0].ttl < 300 && second.answers[0].ttl >= 298, "TTL counts down: {}", second.answers[0].ttl);
+    assert!(
+        second.answers[0].ttl < 300 && second.answers[0].ttl >= 298,
+        "TTL counts down: {}",
+        second.answers[0].ttl
+    );
     let n2 = ask(fwd.addr, "missing.test.", RecordType::A).await;
     assert_eq!(n2.metadata.response_code, ResponseCode::NXDomain);
     assert!(n2.authorities[0].ttl < 60);
-    assert_eq!(up.queries_for("a.test.", RecordType::A), 1, "second answer came from the cache");
-    assert_eq!(up.queries_for("missing.test.", RecordType::A), 1, "NXDOMAIN cached");
-    assert_eq!(fwd.metric("consul_dns_forwarder_cache_hits_total", &[]), 2.0);
+    assert_eq!(
+        up.queries_for("a.test.", RecordType::A),
+        1,
+        "second answer came from the cache"
+    );
+    assert_eq!(
+        up.queries_for("missing.test.", RecordType::A),
+        1,
+        "NXDOMAIN cached"
+    );
+    assert_eq!(
+        fwd.metric("consul_dns_forwarder_cache_hits_total", &[]),
+        2.0
+    );
     fwd.stop().await;
 }
 
@@ -74,7 +108,9 @@ async fn concurrent_identical_misses_make_one_upstream_query() {
     let mut tasks = Vec::new();
     for _ in 0..40 {
         let addr = fwd.addr;
-        tasks.push(tokio::spawn(async move { ask(addr, "slow-300.test.", RecordType::A).await }));
+        tasks.push(tokio::spawn(async move {
+            ask(addr, "slow-300.test.", RecordType::A).await
+        }));
     }
     for t in tasks {
         let r = t.await.expect("join");
@@ -96,15 +132,28 @@ async fn serves_stale_when_upstream_stops_answering() {
     let r = ask(fwd.addr, "short.test.", RecordType::A).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addresses(&r), vec!["192.0.2.3"]);
-    assert_eq!(r.answers[0].ttl, 30, "stale answers carry TTL 30 (RFC 8767)");
-    assert!(started.elapsed() < Duration::from_millis(1500), "within the upstream timeout");
-    assert_eq!(fwd.metric("consul_dns_forwarder_stale_answers_total", &[]), 1.0);
+    assert_eq!(
+        r.answers[0].ttl, 30,
+        "stale answers carry TTL 30 (RFC 8767)"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "within the upstream timeout"
+    );
+    assert_eq!(
+        fwd.metric("consul_dns_forwarder_stale_answers_total", &[]),
+        1.0
+    );
 
     // A name never seen: SERVFAIL within the timeout, not a hang.
     let started = Instant::now();
     let r = ask(fwd.addr, "txt.test.", RecordType::TXT).await;
     assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
-    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
     fwd.stop().await;
 }
 
@@ -124,7 +173,11 @@ async fn fails_over_to_the_next_upstream() {
     let started = Instant::now();
     let r = ask(fwd.addr, "a.test.", RecordType::A).await;
     assert_eq!(addresses(&r), vec!["192.0.2.1"]);
-    assert!(started.elapsed() < Duration::from_millis(300), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
     fwd.stop().await;
 }
 
@@ -132,7 +185,10 @@ async fn fails_over_to_the_next_upstream() {
 async fn forward_zones_go_to_their_own_servers() {
     let default = TestUpstream::start_labeled("default").await;
     let corp = TestUpstream::start_labeled("corp").await;
-    let extra = format!("[[forward]]\nzone = \"corp.test\"\nservers = [\"{}\"]\n", corp.addr);
+    let extra = format!(
+        "[[forward]]\nzone = \"corp.test\"\nservers = [\"{}\"]\n",
+        corp.addr
+    );
     let fwd = TestServer::start(&config_for(&[&default], &extra)).await;
     let r = ask(fwd.addr, "x.corp.test.", RecordType::A).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
@@ -150,7 +206,9 @@ async fn large_answers_truncate_over_udp_and_arrive_whole_over_tcp() {
     let fwd = TestServer::start(&config_for(&[&up], "")).await;
     for (edns, limit) in [(None, 512usize), (Some(1232u16), 1232), (Some(4096), 1232)] {
         let q = make_query("big.test.", RecordType::A, edns);
-        let bytes = raw_udp(fwd.addr, &q.to_vec().expect("enc"), REPLY_TIMEOUT).await.expect("reply");
+        let bytes = raw_udp(fwd.addr, &q.to_vec().expect("enc"), REPLY_TIMEOUT)
+            .await
+            .expect("reply");
         assert!(bytes.len() <= limit, "{} > {limit}", bytes.len());
         let r = Message::from_vec(&bytes).expect("parse");
         assert!(r.metadata.truncation, "TC=1, never silent");
@@ -160,7 +218,12 @@ async fn large_answers_truncate_over_udp_and_arrive_whole_over_tcp() {
     assert!(!r.metadata.truncation);
     assert_eq!(r.answers.len(), 100);
     assert!(up.tcp_queries() >= 1, "we fell back to TCP upstream");
-    assert!(fwd.metric("consul_dns_forwarder_truncated_responses_total", &[("protocol", "udp")]) >= 3.0);
+    assert!(
+        fwd.metric(
+            "consul_dns_forwarder_truncated_responses_total",
+            &[("protocol", "udp")]
+        ) >= 3.0
+    );
     fwd.stop().await;
 }
 
@@ -173,7 +236,9 @@ async fn protocol_hygiene() {
     let mut q = make_query("A.TeSt.", RecordType::A, None);
     q.metadata.authentic_data = true;
     q.metadata.checking_disabled = true;
-    let bytes = raw_udp(fwd.addr, &q.to_vec().expect("enc"), REPLY_TIMEOUT).await.expect("reply");
+    let bytes = raw_udp(fwd.addr, &q.to_vec().expect("enc"), REPLY_TIMEOUT)
+        .await
+        .expect("reply");
     let r = Message::from_vec(&bytes).expect("parse");
     assert_eq!(r.queries[0].name().to_ascii(), "A.TeSt.");
     assert!(!r.metadata.authentic_data);
@@ -203,21 +268,42 @@ async fn protocol_hygiene() {
     // QDCOUNT 0 and 2: FORMERR.
     let mut q = make_query("a.test.", RecordType::A, None);
     q.queries.clear();
-    assert_eq!(udp(fwd.addr, &q).await.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(
+        udp(fwd.addr, &q).await.metadata.response_code,
+        ResponseCode::FormErr
+    );
     let mut q = make_query("a.test.", RecordType::A, None);
-    q.add_query(hickory_proto::op::Query::query(name("two.test."), RecordType::A));
-    assert_eq!(udp(fwd.addr, &q).await.metadata.response_code, ResponseCode::FormErr);
+    q.add_query(hickory_proto::op::Query::query(
+        name("two.test."),
+        RecordType::A,
+    ));
+    assert_eq!(
+        udp(fwd.addr, &q).await.metadata.response_code,
+        ResponseCode::FormErr
+    );
 
     // A header followed by garbage: FORMERR with the same ID.
-    let garbage = [0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff];
-    let bytes = raw_udp(fwd.addr, &garbage, REPLY_TIMEOUT).await.expect("reply");
+    let garbage = [
+        0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff,
+    ];
+    let bytes = raw_udp(fwd.addr, &garbage, REPLY_TIMEOUT)
+        .await
+        .expect("reply");
     let r = Message::from_vec(&bytes).expect("parse");
     assert_eq!(r.metadata.id, 0xabcd);
     assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
 
     // Shorter than a header: dropped and counted, no reply.
-    assert!(raw_udp(fwd.addr, &[1, 2, 3], Duration::from_millis(300)).await.is_none());
-    assert_eq!(fwd.metric("consul_dns_forwarder_dropped_packets_total", &[("reason", "short")]), 1.0);
+    assert!(raw_udp(fwd.addr, &[1, 2, 3], Duration::from_millis(300))
+        .await
+        .is_none());
+    assert_eq!(
+        fwd.metric(
+            "consul_dns_forwarder_dropped_packets_total",
+            &[("reason", "short")]
+        ),
+        1.0
+    );
 
     // ANY for a forwarded name: RFC 8482 minimal answer, upstream never asked.
     let r = ask(fwd.addr, "a.test.", RecordType::ANY).await;
@@ -226,7 +312,10 @@ async fn protocol_hygiene() {
     assert_eq!(up.queries_for("a.test.", RecordType::ANY), 0);
 
     // The server still answers after all that.
-    assert_eq!(addresses(&ask(fwd.addr, "a.test.", RecordType::A).await), vec!["192.0.2.1"]);
+    assert_eq!(
+        addresses(&ask(fwd.addr, "a.test.", RecordType::A).await),
+        vec!["192.0.2.1"]
+    );
     fwd.stop().await;
 }
 
@@ -240,33 +329,60 @@ async fn clients_outside_allow_are_refused_on_udp_and_tcp() {
     let r = tcp(fwd.addr, &make_query("a.test.", RecordType::A, None)).await;
     assert_eq!(r.metadata.response_code, ResponseCode::Refused);
     assert_eq!(up.queries(), 0, "nothing forwarded for a refused client");
-    assert_eq!(fwd.metric("consul_dns_forwarder_refused_clients_total", &[("protocol", "udp")]), 1.0);
-    assert_eq!(fwd.metric("consul_dns_forwarder_refused_clients_total", &[("protocol", "tcp")]), 1.0);
+    assert_eq!(
+        fwd.metric(
+            "consul_dns_forwarder_refused_clients_total",
+            &[("protocol", "udp")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        fwd.metric(
+            "consul_dns_forwarder_refused_clients_total",
+            &[("protocol", "tcp")]
+        ),
+        1.0
+    );
     fwd.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_answers_pipelined_queries_concurrently_and_closes_idle_connections() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "[server]\ntcp_idle_timeout = \"500ms\"\n")).await;
-    let mut stream = tokio::net::TcpStream::connect(fwd.addr).await.expect("connect");
+    let fwd = TestServer::start(&config_for(
+        &[&up],
+        "[server]\ntcp_idle_timeout = \"500ms\"\n",
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(fwd.addr)
+        .await
+        .expect("connect");
     use tokio::io::AsyncWriteExt;
     let slow = make_query("slow-600.test.", RecordType::A, None);
     let fast = make_query("a.test.", RecordType::A, None);
     for q in [&slow, &fast] {
         let b = q.to_vec().expect("enc");
-        stream.write_all(&(b.len() as u16).to_be_bytes()).await.expect("w");
+        stream
+            .write_all(&(b.len() as u16).to_be_bytes())
+            .await
+            .expect("w");
         stream.write_all(&b).await.expect("w");
     }
     let first = Message::from_vec(&tcp_read(&mut stream).await.expect("reply")).expect("parse");
     let second = Message::from_vec(&tcp_read(&mut stream).await.expect("reply")).expect("parse");
-    assert_eq!(first.metadata.id, fast.metadata.id, "the fast answer is not held behind the slow one");
+    assert_eq!(
+        first.metadata.id, fast.metadata.id,
+        "the fast answer is not held behind the slow one"
+    );
     assert_eq!(second.metadata.id, slow.metadata.id);
     // Idle: the server closes the connection.
     let started = Instant::now();
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
     assert_eq!(n, 0, "EOF");
     assert!(started.elapsed() < Duration::from_secs(2));
     fwd.stop().await;
@@ -281,6 +397,21 @@ async fn shutdown_finishes_queries_in_flight() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     fwd.stop().await;
     let r = pending.await.expect("join");
-    assert_eq!(addresses(&r), vec!["192.0.2.9"], "the query in flight was answered");
-    assert!(raw_udp(addr, &make_query("a.test.", RecordType::A, None).to_vec().expect("enc"), Duration::from_millis(300)).await.is_none(), "nothing served after stop");
+    assert_eq!(
+        addresses(&r),
+        vec!["192.0.2.9"],
+        "the query in flight was answered"
+    );
+    assert!(
+        raw_udp(
+            addr,
+            &make_query("a.test.", RecordType::A, None)
+                .to_vec()
+                .expect("enc"),
+            Duration::from_millis(300)
+        )
+        .await
+        .is_none(),
+        "nothing served after stop"
+    );
 }

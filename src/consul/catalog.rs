@@ -288,7 +288,10 @@ mod tests {
         let entries: Vec<HealthEntry> = serde_json::from_str(SAMPLE).expect("sample parses");
         let i = Instance::from_entry(&entries[0]);
         assert_eq!(i.node, "foobar");
-        assert_eq!(i.target, Some(Target::Ip("10.1.10.12".parse().expect("ip"))));
+        assert_eq!(
+            i.target,
+            Some(Target::Ip("10.1.10.12".parse().expect("ip")))
+        );
         assert!(i.own_address);
         assert_eq!(i.port, 8000);
         assert_eq!(i.tags, vec!["primary"]);

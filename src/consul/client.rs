@@ -92,12 +92,11 @@ impl ConsulClient {
             .no_proxy()
             .user_agent(concat!("consul-dns-forwarder/", env!("CARGO_PKG_VERSION")));
         if let Some((path, pem)) = ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                ClientBuildError::Ca {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientBuildError::Ca {
                     path: path.to_owned(),
                     message: format!("not a PEM certificate bundle ({e})"),
-                }
-            })?;
+                })?;
             if certs.is_empty() {
                 return Err(ClientBuildError::Ca {
                     path: path.to_owned(),
@@ -223,10 +222,7 @@ impl ConsulClient {
         if let Some(token) = &self.token {
             request = request.header("X-Consul-Token", token);
         }
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| transport(describe(&e)))?;
+        let mut response = request.send().await.map_err(|e| transport(describe(&e)))?;
         let status = response.status();
         let index = response
             .headers()
@@ -246,7 +242,9 @@ impl ConsulClient {
             body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+                .trim()
+                .to_owned();
             if text.contains("No path to datacenter") {
                 return Err(ClientError::NoSuchDatacenter);
             }

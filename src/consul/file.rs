@@ -82,7 +82,11 @@ fn parse(text: &str, path: &str, configured_dc: Option<&str>) -> Result<Catalog,
 }
 
 impl FileBackend {
-    pub fn from_text(text: &str, path: &str, dc: Option<&str>) -> Result<FileBackend, CatalogError> {
+    pub fn from_text(
+        text: &str,
+        path: &str,
+        dc: Option<&str>,
+    ) -> Result<FileBackend, CatalogError> {
         Ok(FileBackend {
             catalog: RwLock::new(Arc::new(parse(text, path, dc)?)),
             configured_dc: dc.map(str::to_owned),
@@ -97,7 +101,11 @@ impl FileBackend {
     /// Re-reads the file; on error the catalog being served stays as it was.
     pub fn reload(&self, path: &Path) -> Result<usize, CatalogError> {
         let text = read(path)?;
-        let catalog = parse(&text, &path.display().to_string(), self.configured_dc.as_deref())?;
+        let catalog = parse(
+            &text,
+            &path.display().to_string(),
+            self.configured_dc.as_deref(),
+        )?;
         let count = catalog.services.len();
         let mut guard = match self.catalog.write() {
             Ok(g) => g,
@@ -135,7 +143,11 @@ impl Backend for FileBackend {
         Some(self.current().datacenter.clone())
     }
 
-    async fn service(&self, service: &str, dc: Option<&str>) -> Result<Arc<ServiceView>, LookupError> {
+    async fn service(
+        &self,
+        service: &str,
+        dc: Option<&str>,
+    ) -> Result<Arc<ServiceView>, LookupError> {
         let catalog = self.current();
         self.check_dc(&catalog, dc)?;
         Ok(catalog.services.get(service).cloned().unwrap_or_else(|| {
@@ -146,13 +158,21 @@ impl Backend for FileBackend {
         }))
     }
 
-    async fn node(&self, node: &str, dc: Option<&str>) -> Result<Option<Arc<NodeView>>, LookupError> {
+    async fn node(
+        &self,
+        node: &str,
+        dc: Option<&str>,
+    ) -> Result<Option<Arc<NodeView>>, LookupError> {
         let catalog = self.current();
         self.check_dc(&catalog, dc)?;
         Ok(catalog.nodes.get(node).cloned())
     }
 
-    async fn query(&self, _name: &str, dc: Option<&str>) -> Result<Option<Arc<QueryView>>, LookupError> {
+    async fn query(
+        &self,
+        _name: &str,
+        dc: Option<&str>,
+    ) -> Result<Option<Arc<QueryView>>, LookupError> {
         let catalog = self.current();
         self.check_dc(&catalog, dc)?;
         // A catalog file has no prepared queries.

@@ -46,9 +46,21 @@ pub enum LookupError {
 pub trait Backend: Send + Sync {
     /// The datacenter names without a datacenter label refer to.
     async fn local_datacenter(&self) -> Option<String>;
-    async fn service(&self, service: &str, dc: Option<&str>) -> Result<Arc<ServiceView>, LookupError>;
-    async fn node(&self, node: &str, dc: Option<&str>) -> Result<Option<Arc<NodeView>>, LookupError>;
-    async fn query(&self, name: &str, dc: Option<&str>) -> Result<Option<Arc<QueryView>>, LookupError>;
+    async fn service(
+        &self,
+        service: &str,
+        dc: Option<&str>,
+    ) -> Result<Arc<ServiceView>, LookupError>;
+    async fn node(
+        &self,
+        node: &str,
+        dc: Option<&str>,
+    ) -> Result<Option<Arc<NodeView>>, LookupError>;
+    async fn query(
+        &self,
+        name: &str,
+        dc: Option<&str>,
+    ) -> Result<Option<Arc<QueryView>>, LookupError>;
 }
 
 /// Problems found while setting Consul up, before serving.
@@ -91,7 +103,11 @@ fn secs(d: Duration) -> u32 {
 }
 
 impl ConsulSource {
-    pub fn new(backend: Arc<dyn Backend>, config: &ConsulConfig, forwarder: Arc<Forwarder>) -> ConsulSource {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        config: &ConsulConfig,
+        forwarder: Arc<Forwarder>,
+    ) -> ConsulSource {
         ConsulSource {
             backend,
             policy: Policy {
@@ -141,25 +157,45 @@ impl ConsulSource {
                 let dc = norm(dc);
                 match self.backend.service(service, dc.as_deref()).await {
                     Ok(view) => {
-                        let mut chosen = records::select(&view, tag.as_deref(), cfg.only_passing, cfg.when_none_healthy);
+                        let mut chosen = records::select(
+                            &view,
+                            tag.as_deref(),
+                            cfg.only_passing,
+                            cfg.when_none_healthy,
+                        );
                         chosen.shuffle(&mut rand::rng());
-                        let view_dc = dc.clone().or_else(|| (!view.datacenter.is_empty()).then(|| view.datacenter.clone()));
+                        let view_dc = dc.clone().or_else(|| {
+                            (!view.datacenter.is_empty()).then(|| view.datacenter.clone())
+                        });
                         let dc_name = view_dc.unwrap_or_else(|| ctx.dc.to_owned());
                         ctx.ttl = secs(cfg.service_ttl_for(service));
-                        records::service_answer(&chosen, &Ctx { dc: &dc_name, ..ctx.clone() })
+                        records::service_answer(
+                            &chosen,
+                            &Ctx {
+                                dc: &dc_name,
+                                ..ctx.clone()
+                            },
+                        )
                     }
                     Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),
                 }
             }
-            ConsulName::Node { node, dc } => match self.backend.node(node, norm(dc).as_deref()).await {
-                Ok(node) => records::node_answer(node.as_deref(), &ctx),
-                Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
-                Err(LookupError::Unavailable(_)) => return Answer::servfail(),
-            },
-            ConsulName::Query { query, dc } => match self.backend.query(query, norm(dc).as_deref()).await {
+            ConsulName::Node { node, dc } => {
+                match self.backend.node(node, norm(dc).as_deref()).await {
+                    Ok(node) => records::node_answer(node.as_deref(), &ctx),
+                    Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
+                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+                }
+            }
+            ConsulName::Query { query, dc } => match self
+                .backend
+                .query(query, norm(dc).as_deref())
+                .await
+            {
                 Ok(Some(qv)) => {
-                    let mut chosen = records::select(&qv.service, None, cfg.only_passing, cfg.when_none_healthy);
+                    let mut chosen =
+                        records::select(&qv.service, None, cfg.only_passing, cfg.when_none_healthy);
                     chosen.shuffle(&mut rand::rng());
                     ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
                     let dc_name = if qv.service.datacenter.is_empty() {
@@ -167,9 +203,17 @@ impl ConsulSource {
                     } else {
                         qv.service.datacenter.clone()
                     };
-                    records::service_answer(&chosen, &Ctx { dc: &dc_name, ..ctx.clone() })
+                    records::service_answer(
+                        &chosen,
+                        &Ctx {
+                            dc: &dc_name,
+                            ..ctx.clone()
+                        },
+                    )
                 }
-                Ok(None) | Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
+                Ok(None) | Err(LookupError::NoSuchDatacenter) => {
+                    Built::Done(records::nxdomain(&ctx))
+                }
                 Err(LookupError::Unavailable(_)) => return Answer::servfail(),
             },
         };
@@ -178,7 +222,11 @@ impl ConsulSource {
             Built::Cname { mut answer, target } => {
                 // The CNAME first, then the target's records, in chain order (glibc ≥ 2.37
                 // ignores addresses that do not follow the chain).
-                let qtype = if q.qtype == RecordType::ANY { RecordType::A } else { q.qtype };
+                let qtype = if q.qtype == RecordType::ANY {
+                    RecordType::A
+                } else {
+                    q.qtype
+                };
                 let (resolved, _) = self
                     .forwarder
                     .answer(&Question {
@@ -222,7 +270,11 @@ pub async fn build(
 }
 
 /// Re-reads the catalog file on SIGHUP; a bad file leaves the served catalog as it was.
-fn reload_on_sighup(backend: Arc<file::FileBackend>, path: std::path::PathBuf, shutdown: CancellationToken) {
+fn reload_on_sighup(
+    backend: Arc<file::FileBackend>,
+    path: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -236,17 +288,32 @@ fn reload_on_sighup(backend: Arc<file::FileBackend>, path: std::path::PathBuf, s
                 got = hup.recv() => if got.is_none() { return },
             }
             match backend.reload(&path) {
-                Ok(n) => tracing::info!(path = %path.display(), services = n, "catalog file reloaded"),
-                Err(e) => tracing::error!(error = %e, "catalog file not reloaded; still serving the previous one"),
+                Ok(n) => {
+                    tracing::info!(path = %path.display(), services = n, "catalog file reloaded")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "catalog file not reloaded; still serving the previous one")
+                }
             }
         }
     });
 }
 
 /// The demo catalog (for `--dev` without a catalog file).
-pub fn demo_source(config: &ConsulConfig, forwarder: Arc<Forwarder>) -> Result<Arc<dyn AnswerSource>, ConsulError> {
-    let backend = file::FileBackend::from_text(file::DEMO_CATALOG, "conf/demo-catalog.json", config.datacenter.as_deref())?;
-    Ok(Arc::new(ConsulSource::new(Arc::new(backend), config, forwarder)))
+pub fn demo_source(
+    config: &ConsulConfig,
+    forwarder: Arc<Forwarder>,
+) -> Result<Arc<dyn AnswerSource>, ConsulError> {
+    let backend = file::FileBackend::from_text(
+        file::DEMO_CATALOG,
+        "conf/demo-catalog.json",
+        config.datacenter.as_deref(),
+    )?;
+    Ok(Arc::new(ConsulSource::new(
+        Arc::new(backend),
+        config,
+        forwarder,
+    )))
 }
 
 async fn build_backend(
@@ -271,7 +338,10 @@ async fn build_backend(
                     stale_for: c.stale_for,
                 },
             );
-            let router = Router::new(ServerGroup::new(c.dns.clone(), config.upstream.timeout), Vec::new());
+            let router = Router::new(
+                ServerGroup::new(c.dns.clone(), config.upstream.timeout),
+                Vec::new(),
+            );
             Ok(Arc::new(Forwarder::new(router, cache, metrics, true)))
         }
         ConsulMode::Http => {

@@ -101,7 +101,9 @@ pub fn parse_labels(labels: &[String], qtype: RecordType) -> ConsulName {
     }
     match labels[kind_at].as_str() {
         "service" => {
-            let (service, tags) = before.split_last().map_or((String::new(), &[][..]), |(s, t)| (s.clone(), t));
+            let (service, tags) = before
+                .split_last()
+                .map_or((String::new(), &[][..]), |(s, t)| (s.clone(), t));
             ConsulName::Service {
                 service,
                 tag: (!tags.is_empty()).then(|| tags.join(".")),
@@ -116,7 +118,9 @@ pub fn parse_labels(labels: &[String], qtype: RecordType) -> ConsulName {
             query: before.join("."),
             dc,
         },
-        "addr" if before.len() == 1 => decode_hex_ip(&before[0]).map_or(ConsulName::Invalid, |ip| ConsulName::Addr { ip }),
+        "addr" if before.len() == 1 => {
+            decode_hex_ip(&before[0]).map_or(ConsulName::Invalid, |ip| ConsulName::Addr { ip })
+        }
         // connect, ingress and virtual need Consul's service mesh: not served here.
         _ => ConsulName::Invalid,
     }
@@ -156,9 +160,13 @@ mod tests {
             Name::from_str("consul.").expect("d"),
             Name::from_str("alt.example.").expect("d"),
         ];
-        parse(&Name::from_str(name).expect("name").to_lowercase(), qtype, &domains)
-            .expect("in domain")
-            .name
+        parse(
+            &Name::from_str(name).expect("name").to_lowercase(),
+            qtype,
+            &domains,
+        )
+        .expect("in domain")
+        .name
     }
 
     fn svc(service: &str, tag: Option<&str>, dc: Option<&str>) -> ConsulName {
@@ -174,7 +182,10 @@ mod tests {
         use RecordType::*;
         assert_eq!(p("web.service.consul.", A), svc("web", None, None));
         assert_eq!(p("WEB.Service.CONSUL.", A), svc("web", None, None));
-        assert_eq!(p("web.service.dc2.consul.", A), svc("web", None, Some("dc2")));
+        assert_eq!(
+            p("web.service.dc2.consul.", A),
+            svc("web", None, Some("dc2"))
+        );
         assert_eq!(p("v1.web.service.consul.", A), svc("web", Some("v1"), None));
         assert_eq!(
             p("v1.primary.db.service.consul.", A),
@@ -190,12 +201,24 @@ mod tests {
         use RecordType::*;
         assert_eq!(p("_web._tcp.service.consul.", SRV), svc("web", None, None));
         assert_eq!(p("_web._udp.service.consul.", SRV), svc("web", None, None));
-        assert_eq!(p("_web._v1.service.consul.", SRV), svc("web", Some("v1"), None));
-        assert_eq!(p("_web._tcp.service.dc2.consul.", SRV), svc("web", None, Some("dc2")));
+        assert_eq!(
+            p("_web._v1.service.consul.", SRV),
+            svc("web", Some("v1"), None)
+        );
+        assert_eq!(
+            p("_web._tcp.service.dc2.consul.", SRV),
+            svc("web", None, Some("dc2"))
+        );
         assert_eq!(p("_web._tcp.consul.", SRV), svc("web", None, None));
-        assert_eq!(p("_web._tcp.dc2.consul.", SRV), svc("web", None, Some("dc2")));
+        assert_eq!(
+            p("_web._tcp.dc2.consul.", SRV),
+            svc("web", None, Some("dc2"))
+        );
         assert_eq!(p("_web._tcp.consul.", A), ConsulName::Invalid);
-        assert_eq!(p("_a._b._c.service.consul.", SRV), svc("_c", Some("_a._b"), None));
+        assert_eq!(
+            p("_a._b._c.service.consul.", SRV),
+            svc("_c", Some("_a._b"), None)
+        );
     }
 
     #[test]
@@ -245,8 +268,18 @@ mod tests {
     #[test]
     fn not_in_domain() {
         let domains = [Name::from_str("consul.").expect("d")];
-        assert!(parse(&Name::from_str("example.com.").expect("n"), RecordType::A, &domains).is_none());
-        assert!(parse(&Name::from_str("notconsul.").expect("n"), RecordType::A, &domains).is_none());
+        assert!(parse(
+            &Name::from_str("example.com.").expect("n"),
+            RecordType::A,
+            &domains
+        )
+        .is_none());
+        assert!(parse(
+            &Name::from_str("notconsul.").expect("n"),
+            RecordType::A,
+            &domains
+        )
+        .is_none());
     }
 
     #[test]

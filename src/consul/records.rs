@@ -155,7 +155,10 @@ fn family_matches(qtype: RecordType, ip: &IpAddr) -> bool {
 pub enum Built {
     Done(Answer),
     /// The answer holds a CNAME to `target`; the caller appends `target`'s addresses after it.
-    Cname { answer: Answer, target: Name },
+    Cname {
+        answer: Answer,
+        target: Name,
+    },
 }
 
 /// Answers a service question from `instances` (already selected and shuffled; empty → NXDOMAIN).
@@ -198,7 +201,11 @@ fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Built {
             Some(Target::Host(h)) => Name::from_ascii(format!("{h}.")).ok(),
             _ => None,
         }) {
-            let cname = Record::from_rdata(ctx.qname.clone(), ctx.ttl, RData::CNAME(CNAME(host.clone())));
+            let cname = Record::from_rdata(
+                ctx.qname.clone(),
+                ctx.ttl,
+                RData::CNAME(CNAME(host.clone())),
+            );
             return Built::Cname {
                 answer: answer(vec![cname], Vec::new()),
                 target: host,
@@ -230,7 +237,9 @@ fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
             continue;
         }
         let (target, extra_ip) = match (&i.target, i.own_address) {
-            (Some(Target::Ip(ip)), true) => (name_under(&encode_hex_ip(*ip), "addr", ctx), Some(*ip)),
+            (Some(Target::Ip(ip)), true) => {
+                (name_under(&encode_hex_ip(*ip), "addr", ctx), Some(*ip))
+            }
             (Some(Target::Host(h)), true) => (Name::from_ascii(format!("{h}.")).ok(), None),
             (target, _) => (
                 name_under(&i.node, "node", ctx),
@@ -276,7 +285,10 @@ pub fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Built {
         (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Ip(ip)))
             if family_matches(ctx.qtype, ip) =>
         {
-            Built::Done(answer(vec![address_record(ctx.qname, ctx.ttl, *ip)], meta()))
+            Built::Done(answer(
+                vec![address_record(ctx.qname, ctx.ttl, *ip)],
+                meta(),
+            ))
         }
         (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Host(h))) => {
             match Name::from_ascii(format!("{h}.")) {
@@ -392,7 +404,10 @@ mod tests {
         ]);
         assert_eq!(select(&v, None, false, WhenNoneHealthy::Nxdomain).len(), 2);
         assert_eq!(select(&v, None, true, WhenNoneHealthy::Nxdomain).len(), 1);
-        assert_eq!(select(&v, Some("v2"), false, WhenNoneHealthy::Nxdomain).len(), 0);
+        assert_eq!(
+            select(&v, Some("v2"), false, WhenNoneHealthy::Nxdomain).len(),
+            0
+        );
         let dead = view(vec![inst("c", "10.0.0.3", false, 80, Status::Critical)]);
         assert!(select(&dead, None, false, WhenNoneHealthy::Nxdomain).is_empty());
         assert_eq!(select(&dead, None, false, WhenNoneHealthy::All).len(), 1);
@@ -413,7 +428,13 @@ mod tests {
         let r = with(RecordType::ANY, |ctx| done(service_answer(&all, ctx)));
         assert_eq!(r.answers.len(), 3);
         let r = with(RecordType::A, |ctx| {
-            done(service_answer(&all, &Ctx { a_record_limit: 1, ..ctx.clone() }))
+            done(service_answer(
+                &all,
+                &Ctx {
+                    a_record_limit: 1,
+                    ..ctx.clone()
+                },
+            ))
         });
         assert_eq!(r.answers.len(), 1);
         // IPv4-only service asked AAAA: NODATA with SOA, not NXDOMAIN.
@@ -478,7 +499,10 @@ mod tests {
             ]
         );
         let extra: Vec<String> = r.additionals.iter().map(|r| r.name.to_ascii()).collect();
-        assert_eq!(extra, vec!["n1.node.dc1.consul.", "7f000002.addr.dc1.consul."]);
+        assert_eq!(
+            extra,
+            vec!["n1.node.dc1.consul.", "7f000002.addr.dc1.consul."]
+        );
     }
 
     #[test]
@@ -496,11 +520,19 @@ mod tests {
         assert_eq!(r.additionals.len(), 2);
         let r = with(RecordType::TXT, |ctx| done(node_answer(Some(&node), ctx)));
         let texts: Vec<String> = r.answers.iter().map(|r| r.data.to_string()).collect();
-        assert!(texts.iter().any(|t| t.contains("instance_type=t2.medium")), "{texts:?}");
-        assert!(texts.iter().any(|t| t.contains("raw") && !t.contains('=')), "{texts:?}");
+        assert!(
+            texts.iter().any(|t| t.contains("instance_type=t2.medium")),
+            "{texts:?}"
+        );
+        assert!(
+            texts.iter().any(|t| t.contains("raw") && !t.contains('=')),
+            "{texts:?}"
+        );
         let r = with(RecordType::A, |ctx| done(node_answer(None, ctx)));
         assert_eq!(r.rcode, ResponseCode::NXDomain);
-        let r = with(RecordType::AAAA, |ctx| addr_answer("10.0.0.1".parse().expect("ip"), ctx));
+        let r = with(RecordType::AAAA, |ctx| {
+            addr_answer("10.0.0.1".parse().expect("ip"), ctx)
+        });
         assert_eq!(r.rcode, ResponseCode::NoError);
         assert!(r.answers.is_empty());
     }

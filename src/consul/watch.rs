@@ -14,7 +14,9 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::catalog::{CatalogNodeJson, HealthEntry, NodeView, QueryExecuteJson, QueryView, ServiceView};
+use super::catalog::{
+    CatalogNodeJson, HealthEntry, NodeView, QueryExecuteJson, QueryView, ServiceView,
+};
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::{Backend, LookupError};
 use crate::config::ConsulConfig;
@@ -88,11 +90,17 @@ impl OutageLog {
 
     pub fn ok(&self) {
         if self.down.swap(false, Ordering::SeqCst) {
-            let took = lock(&self.since).take().map(|t| t.elapsed()).unwrap_or_default();
+            let took = lock(&self.since)
+                .take()
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
             tracing::info!(outage_s = took.as_secs_f64(), "Consul reachable again");
         }
     }
 }
+
+/// Watchers by (service, datacenter); `None` is the local datacenter.
+type WatchMap = Arc<Mutex<HashMap<(String, Option<String>), Arc<Watch>>>>;
 
 type SharedResult<V> = Shared<BoxFuture<'static, Result<V, LookupError>>>;
 
@@ -151,8 +159,9 @@ impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
                         r
                     });
                     let s: SharedResult<V> = async move {
-                        task.await
-                            .unwrap_or_else(|_| Err(LookupError::Unavailable("fetch task failed".into())))
+                        task.await.unwrap_or_else(|_| {
+                            Err(LookupError::Unavailable("fetch task failed".into()))
+                        })
                     }
                     .boxed()
                     .shared();
@@ -160,7 +169,10 @@ impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
                     if slots.len() > MAX_ON_DEMAND {
                         let cutoff = stale_for;
                         slots.retain(|_, s| {
-                            s.inflight.is_some() || s.value.as_ref().is_some_and(|(_, at)| at.elapsed() < cutoff)
+                            s.inflight.is_some()
+                                || s.value
+                                    .as_ref()
+                                    .is_some_and(|(_, at)| at.elapsed() < cutoff)
                         });
                     }
                     s
@@ -193,7 +205,7 @@ struct Settings {
 pub struct HttpBackend {
     client: Arc<ConsulClient>,
     settings: Settings,
-    watches: Arc<Mutex<HashMap<(String, Option<String>), Arc<Watch>>>>,
+    watches: WatchMap,
     nodes: Arc<OnDemand<Option<Arc<NodeView>>>>,
     queries: Arc<OnDemand<Option<Arc<QueryView>>>>,
     datacenter: tokio::sync::RwLock<Option<String>>,
@@ -263,7 +275,7 @@ struct Watcher {
     watch: Arc<Watch>,
     client: Arc<ConsulClient>,
     settings: Settings,
-    watches: Arc<Mutex<HashMap<(String, Option<String>), Arc<Watch>>>>,
+    watches: WatchMap,
     outage: Arc<OutageLog>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -299,9 +311,16 @@ impl Watcher {
             }
             tokens -= 1;
             // A blocking query needs a slot of the connection budget; without one, poll.
-            let slot = if index > 0 { self.client.try_blocking_slot() } else { None };
+            let slot = if index > 0 {
+                self.client.try_blocking_slot()
+            } else {
+                None
+            };
             let blocking = slot.as_ref().map(|_| (index, self.settings.watch_wait));
-            let request = self.client.get::<Vec<HealthEntry>>("health_service", &path, &params, blocking);
+            let polled = blocking.is_none() && index > 0;
+            let request =
+                self.client
+                    .get::<Vec<HealthEntry>>("health_service", &path, &params, blocking);
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 r = request => r,
@@ -330,20 +349,23 @@ impl Watcher {
                         self.metrics
                             .consul_healthy_instances
                             .with_label_values(&[self.key.0.as_str()])
-                            .set(i64::try_from(view.healthy_count(self.settings.only_passing)).unwrap_or(i64::MAX));
+                            .set(
+                                i64::try_from(view.healthy_count(self.settings.only_passing))
+                                    .unwrap_or(i64::MAX),
+                            );
                         if matches!(&*self.watch.state.borrow(), ViewState::Ready(_)) {
                             self.metrics.consul_health_changes.inc();
                         }
-                        self.watch.state.send_replace(ViewState::Ready(Arc::new(view)));
+                        self.watch
+                            .state
+                            .send_replace(ViewState::Ready(Arc::new(view)));
                     }
                     index = new_index;
-                    if blocking.is_none() && index > 0 && new_index > 0 {
-                        // Polling without a blocking slot: pace it.
-                        if self.client.try_blocking_slot().is_none() {
-                            tokio::select! {
-                                _ = self.shutdown.cancelled() => break,
-                                _ = tokio::time::sleep(POLL_WITHOUT_SLOT) => {}
-                            }
+                    if polled {
+                        // No blocking slot was free: pace the polling.
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(POLL_WITHOUT_SLOT) => {}
                         }
                     }
                 }
@@ -361,8 +383,13 @@ impl Watcher {
                     self.outage.failed(&e);
                     failures = failures.saturating_add(1);
                     index = 0;
-                    if matches!(&*self.watch.state.borrow(), ViewState::Pending | ViewState::Failed(_)) {
-                        self.watch.state.send_replace(ViewState::Failed(e.to_string()));
+                    if matches!(
+                        &*self.watch.state.borrow(),
+                        ViewState::Pending | ViewState::Failed(_)
+                    ) {
+                        self.watch
+                            .state
+                            .send_replace(ViewState::Failed(e.to_string()));
                     }
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break,
@@ -372,7 +399,10 @@ impl Watcher {
             }
         }
         let mut watches = lock(&self.watches);
-        if watches.get(&self.key).is_some_and(|w| Arc::ptr_eq(w, &self.watch)) {
+        if watches
+            .get(&self.key)
+            .is_some_and(|w| Arc::ptr_eq(w, &self.watch))
+        {
             watches.remove(&self.key);
             self.metrics.consul_watchers.dec();
             let _ = self
@@ -401,7 +431,8 @@ impl Backend for HttpBackend {
         }
         let fetched = tokio::time::timeout(
             REQUEST_TIMEOUT,
-            self.client.get::<AgentSelf>("agent_self", "/v1/agent/self", &[], None),
+            self.client
+                .get::<AgentSelf>("agent_self", "/v1/agent/self", &[], None),
         )
         .await;
         match fetched {
@@ -414,36 +445,57 @@ impl Backend for HttpBackend {
         }
     }
 
-    async fn service(&self, service: &str, dc: Option<&str>) -> Result<Arc<ServiceView>, LookupError> {
+    async fn service(
+        &self,
+        service: &str,
+        dc: Option<&str>,
+    ) -> Result<Arc<ServiceView>, LookupError> {
         let w = self.watch_for((service.to_owned(), dc.map(str::to_owned)));
         w.touch();
         let mut rx = w.state.subscribe();
-        let waited = tokio::time::timeout(REQUEST_TIMEOUT * 2, rx.wait_for(|s| !matches!(s, ViewState::Pending))).await;
+        let waited = tokio::time::timeout(
+            REQUEST_TIMEOUT * 2,
+            rx.wait_for(|s| !matches!(s, ViewState::Pending)),
+        )
+        .await;
         let state = match waited {
             Ok(Ok(state)) => state.clone(),
-            _ => return Err(LookupError::Unavailable("Consul has not answered yet".into())),
+            _ => {
+                return Err(LookupError::Unavailable(
+                    "Consul has not answered yet".into(),
+                ))
+            }
         };
         match state {
             ViewState::Ready(view) => {
                 let confirmed = *lock(&w.last_confirmed);
                 match confirmed {
-                    Some(at) if at.elapsed() > self.settings.stale_for => Err(LookupError::Unavailable(
-                        "the last view is older than consul.stale_for".into(),
-                    )),
+                    Some(at) if at.elapsed() > self.settings.stale_for => {
+                        Err(LookupError::Unavailable(
+                            "the last view is older than consul.stale_for".into(),
+                        ))
+                    }
                     _ => Ok(view),
                 }
             }
             ViewState::NoDatacenter => Err(LookupError::NoSuchDatacenter),
             ViewState::Failed(e) => Err(LookupError::Unavailable(e)),
-            ViewState::Pending => Err(LookupError::Unavailable("Consul has not answered yet".into())),
+            ViewState::Pending => Err(LookupError::Unavailable(
+                "Consul has not answered yet".into(),
+            )),
         }
     }
 
-    async fn node(&self, node: &str, dc: Option<&str>) -> Result<Option<Arc<NodeView>>, LookupError> {
+    async fn node(
+        &self,
+        node: &str,
+        dc: Option<&str>,
+    ) -> Result<Option<Arc<NodeView>>, LookupError> {
         let client = self.client.clone();
         let outage = self.outage.clone();
         let path = format!("/v1/catalog/node/{node}");
-        let params: Vec<(&'static str, String)> = dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
+        let params: Vec<(&'static str, String)> =
+            dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
         let node_ttl = self.settings.node_ttl;
         self.nodes
             .get(
@@ -452,12 +504,17 @@ impl Backend for HttpBackend {
                 self.settings.stale_for,
                 move || {
                     async move {
-                        match client.get::<CatalogNodeJson>("catalog_node", &path, &params, None).await {
+                        match client
+                            .get::<CatalogNodeJson>("catalog_node", &path, &params, None)
+                            .await
+                        {
                             Ok(r) => {
                                 outage.ok();
                                 Ok(r.value.map(|n| Arc::new(NodeView::from_json(&n.node))))
                             }
-                            Err(ClientError::NoSuchDatacenter) => Err(LookupError::NoSuchDatacenter),
+                            Err(ClientError::NoSuchDatacenter) => {
+                                Err(LookupError::NoSuchDatacenter)
+                            }
                             Err(ClientError::NotFound) => Ok(None),
                             Err(e) => {
                                 outage.failed(&e);
@@ -471,20 +528,30 @@ impl Backend for HttpBackend {
             .await
     }
 
-    async fn query(&self, name: &str, dc: Option<&str>) -> Result<Option<Arc<QueryView>>, LookupError> {
+    async fn query(
+        &self,
+        name: &str,
+        dc: Option<&str>,
+    ) -> Result<Option<Arc<QueryView>>, LookupError> {
         let client = self.client.clone();
         let outage = self.outage.clone();
         let path = format!("/v1/query/{name}/execute");
-        let params: Vec<(&'static str, String)> = dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
+        let params: Vec<(&'static str, String)> =
+            dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
         let default_ttl = self.settings.default_service_ttl;
         self.queries
             .get(
                 format!("{name}|{}", dc.unwrap_or("")),
-                move |v: &Option<Arc<QueryView>>| v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl),
+                move |v: &Option<Arc<QueryView>>| {
+                    v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl)
+                },
                 self.settings.stale_for,
                 move || {
                     async move {
-                        match client.get::<QueryExecuteJson>("query_execute", &path, &params, None).await {
+                        match client
+                            .get::<QueryExecuteJson>("query_execute", &path, &params, None)
+                            .await
+                        {
                             Ok(r) => {
                                 outage.ok();
                                 Ok(r.value.map(|q| {
@@ -501,7 +568,9 @@ impl Backend for HttpBackend {
                                     })
                                 }))
                             }
-                            Err(ClientError::NoSuchDatacenter) => Err(LookupError::NoSuchDatacenter),
+                            Err(ClientError::NoSuchDatacenter) => {
+                                Err(LookupError::NoSuchDatacenter)
+                            }
                             Err(ClientError::NotFound) => Ok(None),
                             Err(e) => {
                                 outage.failed(&e);

@@ -161,7 +161,10 @@ pub async fn tcp_read(stream: &mut TcpStream) -> Option<Vec<u8>> {
         stream.read_exact(&mut buf).await.ok()?;
         Some(buf)
     };
-    tokio::time::timeout(REPLY_TIMEOUT, read).await.ok().flatten()
+    tokio::time::timeout(REPLY_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Sends `msg` over UDP and parses the reply (panics when none comes).

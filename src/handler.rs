@@ -95,10 +95,8 @@ impl Handler {
         }
         let request = match request {
             Ok(request) => request,
-            Err(_) => {
-                self.metrics.drop_packet("malformed");
-                return Some(self.finish_error(None, &header, ResponseCode::FormErr));
-            }
+            // The header parsed, so a reply is possible: FORMERR (counted in responses_total).
+            Err(_) => return Some(self.finish_error(None, &header, ResponseCode::FormErr)),
         };
         if request.metadata.op_code != OpCode::Query {
             return Some(self.finish_error(Some(&request), &header, ResponseCode::NotImp));

@@ -116,8 +116,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if let Err(e) = config.resolve_system_upstreams() {
-        eprintln!("{e}");
-        return ExitCode::from(2);
+        // The demo must start on any machine: without usable nameservers it still serves the
+        // demo catalog, and forwarded names get SERVFAIL. A loop is refused even then.
+        if cli.dev && config.upstream.servers.is_empty() {
+            tracing::warn!("{e}; --dev continues without upstream resolvers");
+        } else {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -594,3 +594,33 @@ async fn catalog_file_answers_without_consul() {
     );
     fwd.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_watchers_stop_and_come_back_on_demand() {
+    let sim = sim_with_web().await;
+    let up = TestUpstream::start().await;
+    let fwd = start(&sim, &up, "watch_wait = \"1s\"\nwatch_idle = \"1s\"\n").await;
+    assert_eq!(
+        addresses(&ask(fwd.addr, "web.service.consul.", RecordType::A).await).len(),
+        3
+    );
+    assert_eq!(fwd.metric("consul_dns_forwarder_consul_watchers", &[]), 1.0);
+    let stopped = eventually(Duration::from_secs(6), async || {
+        fwd.metric("consul_dns_forwarder_consul_watchers", &[]) == 0.0
+    })
+    .await;
+    assert!(stopped.is_some(), "the idle watcher stops");
+    let requests = sim.requests("/v1/health/service/web");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sim.requests("/v1/health/service/web"),
+        requests,
+        "no requests for a stopped watcher"
+    );
+    assert_eq!(
+        addresses(&ask(fwd.addr, "web.service.consul.", RecordType::A).await).len(),
+        3
+    );
+    assert_eq!(fwd.metric("consul_dns_forwarder_consul_watchers", &[]), 1.0);
+    fwd.stop().await;
+}

@@ -36,6 +36,10 @@ const BACKOFF_CAP: Duration = Duration::from_secs(3);
 /// While a watcher has no blocking slot (the connection budget is spent), it polls this often.
 const POLL_WITHOUT_SLOT: Duration = Duration::from_secs(1);
 
+/// How long the first queries for a service wait for its first fetch before SERVFAIL (the
+/// fetch goes on; later queries get its result). Within glibc's 5 s per try.
+const FIRST_FETCH_WAIT: Duration = REQUEST_TIMEOUT;
+
 /// Bound on remembered nodes and prepared queries; beyond it the oldest are forgotten.
 const MAX_ON_DEMAND: usize = 10_000;
 
@@ -208,7 +212,8 @@ pub struct HttpBackend {
     watches: WatchMap,
     nodes: Arc<OnDemand<Option<Arc<NodeView>>>>,
     queries: Arc<OnDemand<Option<Arc<QueryView>>>>,
-    datacenter: tokio::sync::RwLock<Option<String>>,
+    /// `consul.datacenter`, or what `/v1/agent/self` reports once it has answered.
+    datacenter: Arc<Mutex<Option<String>>>,
     outage: Arc<OutageLog>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -221,8 +226,17 @@ impl HttpBackend {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> HttpBackend {
+        let client = Arc::new(client);
+        let datacenter = Arc::new(Mutex::new(config.datacenter.clone()));
+        if config.datacenter.is_none() {
+            tokio::spawn(discover_datacenter(
+                client.clone(),
+                datacenter.clone(),
+                shutdown.clone(),
+            ));
+        }
         HttpBackend {
-            client: Arc::new(client),
+            client,
             settings: Settings {
                 watch_wait: config.watch_wait,
                 watch_idle: config.watch_idle,
@@ -234,7 +248,7 @@ impl HttpBackend {
             watches: Arc::new(Mutex::new(HashMap::new())),
             nodes: Arc::new(OnDemand::new()),
             queries: Arc::new(OnDemand::new()),
-            datacenter: tokio::sync::RwLock::new(config.datacenter.clone()),
+            datacenter,
             outage: Arc::new(OutageLog::default()),
             metrics,
             shutdown,
@@ -267,6 +281,44 @@ impl HttpBackend {
         };
         tokio::spawn(task.run());
         w
+    }
+}
+
+/// Asks `/v1/agent/self` for the agent's datacenter until it answers (with backoff), so names
+/// without a datacenter label and names that spell out the local one share one view.
+async fn discover_datacenter(
+    client: Arc<ConsulClient>,
+    slot: Arc<Mutex<Option<String>>>,
+    shutdown: CancellationToken,
+) {
+    #[derive(serde::Deserialize)]
+    struct AgentSelf {
+        #[serde(rename = "Config")]
+        config: AgentConfig,
+    }
+    #[derive(serde::Deserialize)]
+    struct AgentConfig {
+        #[serde(rename = "Datacenter")]
+        datacenter: String,
+    }
+    let mut failures = 0;
+    loop {
+        let fetched = client
+            .get::<AgentSelf>("agent_self", "/v1/agent/self", &[], None)
+            .await;
+        if let Ok(r) = fetched {
+            if let Some(agent) = r.value {
+                let dc = agent.config.datacenter.to_ascii_lowercase();
+                tracing::info!(datacenter = %dc, "Consul agent's datacenter");
+                *lock(&slot) = Some(dc);
+                return;
+            }
+        }
+        failures += 1;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff(failures)) => {}
+        }
     }
 }
 
@@ -416,33 +468,8 @@ impl Watcher {
 #[async_trait]
 impl Backend for HttpBackend {
     async fn local_datacenter(&self) -> Option<String> {
-        if let Some(dc) = self.datacenter.read().await.clone() {
-            return Some(dc);
-        }
-        #[derive(serde::Deserialize)]
-        struct AgentSelf {
-            #[serde(rename = "Config")]
-            config: AgentConfig,
-        }
-        #[derive(serde::Deserialize)]
-        struct AgentConfig {
-            #[serde(rename = "Datacenter")]
-            datacenter: String,
-        }
-        let fetched = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            self.client
-                .get::<AgentSelf>("agent_self", "/v1/agent/self", &[], None),
-        )
-        .await;
-        match fetched {
-            Ok(Ok(r)) => {
-                let dc = r.value.map(|a| a.config.datacenter.to_ascii_lowercase())?;
-                *self.datacenter.write().await = Some(dc.clone());
-                Some(dc)
-            }
-            _ => None,
-        }
+        // Never asked on the query path: `discover_datacenter` fills it in the background.
+        lock(&self.datacenter).clone()
     }
 
     async fn service(
@@ -454,7 +481,7 @@ impl Backend for HttpBackend {
         w.touch();
         let mut rx = w.state.subscribe();
         let waited = tokio::time::timeout(
-            REQUEST_TIMEOUT * 2,
+            FIRST_FETCH_WAIT,
             rx.wait_for(|s| !matches!(s, ViewState::Pending)),
         )
         .await;

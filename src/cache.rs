@@ -199,11 +199,24 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(max_entries: u64, policy: TtlPolicy) -> Cache {
+    /// A cache of at most `max_entries`; entries evicted for space (not expiry) are counted in
+    /// `evictions`.
+    pub fn new(
+        max_entries: u64,
+        policy: TtlPolicy,
+        evictions: Option<prometheus::IntCounter>,
+    ) -> Cache {
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_entries)
             .expire_after(EntryExpiry {
                 stale_for: policy.stale_for,
+            })
+            .eviction_listener(move |_key, _value, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    if let Some(counter) = &evictions {
+                        counter.inc();
+                    }
+                }
             })
             .build();
         Cache {
@@ -379,7 +392,7 @@ mod tests {
 
     #[tokio::test]
     async fn identical_concurrent_fetches_share_one() {
-        let cache = Cache::new(100, policy());
+        let cache = Cache::new(100, policy(), None);
         let key = Question {
             name: Name::from_str("x.example.").expect("name"),
             qtype: RecordType::A,

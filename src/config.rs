@@ -398,7 +398,7 @@ struct FileLog {
 // ---------------------------------------------------------------------------------------------
 // The validated configuration.
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
@@ -409,7 +409,7 @@ pub struct Config {
     pub log_queries: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     pub allow: Vec<IpNet>,
@@ -422,7 +422,7 @@ pub struct ServerConfig {
     pub max_inflight: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Empty until [`Config::resolve_system_upstreams`] fills it from resolv.conf.
     pub servers: Vec<SocketAddr>,
@@ -430,13 +430,13 @@ pub struct UpstreamConfig {
     pub resolv_conf: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ForwardZone {
     pub zone: Name,
     pub servers: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     pub max_entries: u64,
     pub min_ttl: Duration,
@@ -452,7 +452,7 @@ pub enum TtlPattern {
     Prefix(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConsulConfig {
     pub enabled: bool,
     pub mode: ConsulMode,
@@ -497,7 +497,7 @@ impl ConsulConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }

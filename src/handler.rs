@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::Name;
@@ -29,36 +30,23 @@ impl AnswerSource for Forwarder {
 }
 
 /// The Consul domains and what answers them.
+#[derive(Clone)]
 pub struct ConsulRoute {
     pub domains: Vec<Name>,
     pub source: Arc<dyn AnswerSource>,
 }
 
-pub struct Handler {
-    allow: Vec<IpNet>,
-    consul: Option<ConsulRoute>,
-    forwarder: Arc<dyn AnswerSource>,
-    metrics: Arc<Metrics>,
-    log_queries: bool,
+/// What a config decides about answering: who may ask, and which source answers which names.
+/// Replaced whole on reload; queries in flight finish with the routes they started with.
+#[derive(Clone)]
+pub struct Routes {
+    pub allow: Vec<IpNet>,
+    pub consul: Option<ConsulRoute>,
+    pub forwarder: Arc<dyn AnswerSource>,
+    pub log_queries: bool,
 }
 
-impl Handler {
-    pub fn new(
-        allow: Vec<IpNet>,
-        consul: Option<ConsulRoute>,
-        forwarder: Arc<dyn AnswerSource>,
-        metrics: Arc<Metrics>,
-        log_queries: bool,
-    ) -> Handler {
-        Handler {
-            allow,
-            consul,
-            forwarder,
-            metrics,
-            log_queries,
-        }
-    }
-
+impl Routes {
     fn allowed(&self, client: IpAddr) -> bool {
         let client = match client {
             // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
@@ -66,6 +54,25 @@ impl Handler {
             v4 => v4,
         };
         self.allow.iter().any(|net| net.contains(&client))
+    }
+}
+
+pub struct Handler {
+    routes: ArcSwap<Routes>,
+    metrics: Arc<Metrics>,
+}
+
+impl Handler {
+    pub fn new(routes: Routes, metrics: Arc<Metrics>) -> Handler {
+        Handler {
+            routes: ArcSwap::from_pointee(routes),
+            metrics,
+        }
+    }
+
+    /// Installs new routes (config reload) and returns the previous ones.
+    pub fn replace_routes(&self, routes: Routes) -> Arc<Routes> {
+        self.routes.swap(Arc::new(routes))
     }
 
     /// The reply to `packet`, or `None` when the packet must be dropped (not DNS, or a response).
@@ -86,7 +93,8 @@ impl Handler {
             return None;
         }
         let request = Message::from_vec(packet);
-        if !self.allowed(client) {
+        let routes = self.routes.load_full();
+        if !routes.allowed(client) {
             self.metrics
                 .refused_clients
                 .with_label_values(&[transport.as_str()])
@@ -110,7 +118,7 @@ impl Handler {
         }
         let query = &request.queries[0];
         let q = Question::from_query(query);
-        let consul = self
+        let consul = routes
             .consul
             .as_ref()
             .filter(|c| c.domains.iter().any(|d| wire::in_zone(&q.name, d)));
@@ -125,7 +133,7 @@ impl Handler {
             .inc();
         let (answer, source) = match consul {
             Some(route) => route.source.answer(&q).await,
-            None => self.forwarder.answer(&q).await,
+            None => routes.forwarder.answer(&q).await,
         };
         let limit = wire::reply_limit(&request, transport);
         let (bytes, truncated) = wire::encode_reply(&request, &answer, limit);
@@ -141,7 +149,7 @@ impl Handler {
             .inc();
         let took = started.elapsed();
         self.metrics.request_duration.observe(took.as_secs_f64());
-        if self.log_queries {
+        if routes.log_queries {
             tracing::info!(
                 target: "consul_dns_forwarder::query",
                 client = %client,

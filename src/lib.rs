@@ -29,14 +29,16 @@ pub mod upstream;
 pub mod wire;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, TtlPolicy};
 use crate::config::Config;
-use crate::handler::{ConsulRoute, Handler};
+use crate::handler::{ConsulRoute, Handler, Routes};
 use crate::metrics::Metrics;
 use crate::server::{Limits, Listeners};
 use crate::upstream::{Forwarder, Router, ServerGroup};
@@ -59,6 +61,14 @@ pub struct Bound {
     pub metrics: Option<tokio::net::TcpListener>,
 }
 
+/// Config reloads: each message on `trigger` (SIGHUP in `main`) calls `load`, which reads and
+/// validates the config again. A config that fails to load or build leaves the running one as it
+/// is; the outcome is logged and counted.
+pub struct Reload {
+    pub trigger: mpsc::Receiver<()>,
+    pub load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+}
+
 /// Serves DNS on the given sockets until `shutdown` resolves, then drains queries in flight and
 /// returns. `registry` receives every metric (the caller owns it, so tests can read it).
 pub async fn run(
@@ -67,10 +77,23 @@ pub async fn run(
     registry: prometheus::Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let metrics = Metrics::new(&registry)?;
-    let token = CancellationToken::new();
+    run_with_reload(config, bound, registry, shutdown, None).await
+}
 
-    let forwarder = Arc::new(Forwarder::new(
+/// The parts of a running configuration that a reload may replace.
+#[derive(Clone)]
+struct Built {
+    routes: Routes,
+    forwarder: Arc<Forwarder>,
+    /// Stops the Consul watchers of these routes when they are replaced.
+    consul_stop: CancellationToken,
+    consul_ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    /// True when the Consul source was carried over from the previous routes.
+    reused_consul: bool,
+}
+
+fn build_forwarder(config: &Config, metrics: &Arc<Metrics>) -> Arc<Forwarder> {
+    Arc::new(Forwarder::new(
         Router::new(
             ServerGroup::new(config.upstream.servers.clone(), config.upstream.timeout),
             config
@@ -93,56 +116,194 @@ pub async fn run(
                 negative_min_ttl: Duration::ZERO,
                 stale_for: config.cache.stale_for,
             },
+            Some(metrics.cache_evictions.clone()),
         ),
         metrics.clone(),
         false,
-    ));
+    ))
+}
 
-    let consul = if config.consul.enabled {
-        let source =
-            consul::build(&config, metrics.clone(), forwarder.clone(), token.clone()).await?;
-        Some(ConsulRoute {
-            domains: config.consul.domains.clone(),
-            source,
-        })
-    } else {
-        None
+/// Builds routes for `config`, reusing the forwarder (and its cache) and the Consul source of
+/// `previous` where their settings did not change, so a reload does not empty the cache or
+/// restart watchers needlessly.
+async fn build(
+    config: &Config,
+    previous: Option<(&Config, &Built)>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Built, RunError> {
+    let forwarder = match previous {
+        Some((old, built))
+            if old.upstream == config.upstream
+                && old.forward == config.forward
+                && old.cache == config.cache =>
+        {
+            built.forwarder.clone()
+        }
+        _ => build_forwarder(config, metrics),
     };
+    let reuse_consul = match previous {
+        Some((old, built)) => {
+            old.consul == config.consul
+                && config.consul.catalog_file.is_none()
+                && old.upstream == config.upstream
+                && Arc::ptr_eq(&built.forwarder, &forwarder)
+        }
+        None => false,
+    };
+    let (consul, consul_stop, consul_ready) = match previous {
+        Some((_, built)) if reuse_consul => (
+            built.routes.consul.clone(),
+            built.consul_stop.clone(),
+            built.consul_ready.clone(),
+        ),
+        _ if config.consul.enabled => {
+            let stop = shutdown.child_token();
+            let source =
+                consul::build(config, metrics.clone(), forwarder.clone(), stop.clone()).await?;
+            let ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync> =
+                if config.consul.catalog_file.is_some()
+                    || config.consul.demo_catalog
+                    || config.consul.mode == config::ConsulMode::Dns
+                {
+                    Arc::new(|| Ok(()))
+                } else {
+                    let m = metrics.clone();
+                    Arc::new(move || {
+                        if m.consul_last_contact.get() > 0 {
+                            Ok(())
+                        } else {
+                            Err("Consul has not answered yet".to_owned())
+                        }
+                    })
+                };
+            (
+                Some(ConsulRoute {
+                    domains: config.consul.domains.clone(),
+                    source,
+                }),
+                stop,
+                ready,
+            )
+        }
+        _ => (
+            None,
+            shutdown.child_token(),
+            Arc::new(|| Ok(())) as Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+        ),
+    };
+    Ok(Built {
+        routes: Routes {
+            allow: config.server.allow.clone(),
+            consul,
+            forwarder: forwarder.clone(),
+            log_queries: config.log_queries,
+        },
+        forwarder,
+        consul_stop,
+        consul_ready,
+        reused_consul: reuse_consul,
+    })
+}
 
-    let handler = Arc::new(Handler::new(
-        config.server.allow.clone(),
-        consul,
-        forwarder.clone(),
-        metrics.clone(),
-        config.log_queries,
-    ));
+/// [`run`] with config reloads.
+pub async fn run_with_reload(
+    config: Config,
+    bound: Bound,
+    registry: prometheus::Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<Reload>,
+) -> Result<(), RunError> {
+    let metrics = Metrics::new(&registry)?;
+    let token = CancellationToken::new();
+    let built = build(&config, None, &metrics, &token).await?;
+    let handler = Arc::new(Handler::new(built.routes.clone(), metrics.clone()));
+    let state = Arc::new(std::sync::Mutex::new((config.clone(), built)));
+    let serving = Arc::new(AtomicBool::new(false));
 
     if let Some(listener) = bound.metrics {
-        let cache = forwarder.cache().clone();
         let gauges = metrics.clone();
+        let st = state.clone();
         let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            let entries = match st.lock() {
+                Ok(g) => g.1.forwarder.cache().entry_count(),
+                Err(p) => p.into_inner().1.forwarder.cache().entry_count(),
+            };
             gauges
                 .cache_entries
-                .set(i64::try_from(cache.entry_count()).unwrap_or(i64::MAX));
+                .set(i64::try_from(entries).unwrap_or(i64::MAX));
+            gauges.refresh_consul_age();
         });
+        let st = state.clone();
+        let up = serving.clone();
+        let ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync> = Arc::new(move || {
+            if !up.load(Ordering::SeqCst) {
+                return Err("not serving DNS (starting or shutting down)".to_owned());
+            }
+            let check = match st.lock() {
+                Ok(g) => g.1.consul_ready.clone(),
+                Err(p) => p.into_inner().1.consul_ready.clone(),
+            };
+            check()
+        });
+        let live = serving.clone();
         let stop = token.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, registry, refresh, async move {
-                stop.cancelled().await
-            })
-            .await
+            let endpoint = metrics::Endpoint {
+                registry,
+                refresh,
+                ready,
+                live: Arc::new(move || live.load(Ordering::SeqCst)),
+            };
+            if let Err(e) =
+                metrics::serve(listener, endpoint, async move { stop.cancelled().await }).await
             {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         });
     }
 
+    if let Some(mut reload) = reload {
+        let handler = handler.clone();
+        let metrics = metrics.clone();
+        let state = state.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    got = reload.trigger.recv() => if got.is_none() { return },
+                }
+                let outcome = match (reload.load)() {
+                    Err(e) => Err(e),
+                    Ok(new_config) => {
+                        apply_reload(new_config, &state, &handler, &metrics, &token).await
+                    }
+                };
+                match outcome {
+                    Ok(()) => {
+                        metrics.reloads.with_label_values(&["success"]).inc();
+                        tracing::info!("configuration reloaded");
+                    }
+                    Err(e) => {
+                        metrics.reloads.with_label_values(&["failure"]).inc();
+                        tracing::error!(error = %e, "configuration not reloaded; the running configuration is unchanged");
+                    }
+                }
+            }
+        });
+    }
+
     let trigger = token.clone();
+    let live = serving.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Report not-ready first, so health checkers stop sending traffic while we drain.
+        live.store(false, Ordering::SeqCst);
         trigger.cancel();
     });
 
+    serving.store(true, Ordering::SeqCst);
     server::serve(
         bound.dns,
         handler,
@@ -156,6 +317,47 @@ pub async fn run(
         token.clone(),
     )
     .await;
+    serving.store(false, Ordering::SeqCst);
     token.cancel();
+    Ok(())
+}
+
+type State = Arc<std::sync::Mutex<(Config, Built)>>;
+
+async fn apply_reload(
+    new_config: Config,
+    state: &State,
+    handler: &Handler,
+    metrics: &Arc<Metrics>,
+    token: &CancellationToken,
+) -> Result<(), String> {
+    // Build outside the lock (it may read files); the previous parts are shared through Arcs.
+    let (old_config, old_parts) = match state.lock() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    if new_config.server.listen != old_config.server.listen
+        || new_config.metrics != old_config.metrics
+        || new_config.server.max_tcp_connections != old_config.server.max_tcp_connections
+        || new_config.server.max_inflight != old_config.server.max_inflight
+    {
+        tracing::warn!("listen addresses, metrics.listen and server limits change only on restart; the rest is applied");
+    }
+    let built = build(&new_config, Some((&old_config, &old_parts)), metrics, token)
+        .await
+        .map_err(|e| e.to_string())?;
+    let new_routes = built.routes.clone();
+    handler.replace_routes(new_routes);
+    let replaced_consul = !built.reused_consul;
+    {
+        let mut guard = match state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *guard = (new_config, built);
+    }
+    if replaced_consul {
+        old_parts.consul_stop.cancel();
+    }
     Ok(())
 }

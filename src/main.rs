@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use consul_dns_forwarder::config::{Config, Overrides};
-use consul_dns_forwarder::{run, server, Bound};
+use consul_dns_forwarder::{run_with_reload, server, Bound, Reload};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -101,30 +101,13 @@ fn main() -> ExitCode {
         metrics_listen: cli.metrics_listen.clone(),
         dev: cli.dev,
     };
-    let mut config = match &cli.config {
-        Some(path) => match Config::load(path) {
-            Ok(c) => c,
-            Err(errors) => {
-                eprintln!("{errors}");
-                return ExitCode::from(2);
-            }
-        },
-        None => Config::default(),
-    };
-    if let Err(errors) = config.apply_overrides(&overrides) {
-        eprintln!("{errors}");
-        return ExitCode::from(2);
-    }
-    if let Err(e) = config.resolve_system_upstreams() {
-        // The demo must start on any machine: without usable nameservers it still serves the
-        // demo catalog, and forwarded names get SERVFAIL. A loop is refused even then.
-        if cli.dev && config.upstream.servers.is_empty() {
-            tracing::warn!("{e}; --dev continues without upstream resolvers");
-        } else {
+    let config = match load_config(cli.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
-    }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,7 +119,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(serve(config, cli.dev)) {
+    let reload_path = cli.config.clone();
+    let load: Box<dyn Fn() -> Result<Config, String> + Send + Sync> =
+        Box::new(move || load_config(reload_path.as_deref(), &overrides));
+    match runtime.block_on(serve(config, cli.dev, load)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -145,7 +131,33 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
+/// The config file (or the defaults), the flags over it, and the upstreams from resolv.conf when
+/// none are configured. Used at start and on every SIGHUP.
+fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+    let mut config = match path {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    config
+        .apply_overrides(overrides)
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = config.resolve_system_upstreams() {
+        // The demo must start on any machine: without usable nameservers it still serves the
+        // demo catalog, and forwarded names get SERVFAIL. A loop is refused even then.
+        if overrides.dev && config.upstream.servers.is_empty() {
+            tracing::warn!("{e}; --dev continues without upstream resolvers");
+        } else {
+            return Err(e.to_string());
+        }
+    }
+    Ok(config)
+}
+
+async fn serve(
+    config: Config,
+    dev: bool,
+    load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+) -> anyhow::Result<()> {
     let dns = server::bind(&config.server.listen, config.server.udp_sockets_per_address)?;
     let metrics = match config.metrics.listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
@@ -242,11 +254,26 @@ async fn serve(config: Config, dev: bool) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down: finishing queries in flight");
     };
-    run(
+    let (tx, trigger) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: configuration reloads are off");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            // A reload already queued covers this one too.
+            let _ = tx.try_send(());
+        }
+    });
+    run_with_reload(
         config,
         Bound { dns, metrics },
         prometheus::Registry::new(),
         shutdown,
+        Some(Reload { trigger, load }),
     )
     .await?;
     tracing::info!("stopped");

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub cache_entries: IntGauge,
+    pub cache_evictions: IntCounter,
     pub stale_answers: IntCounter,
     pub upstream_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
@@ -45,6 +46,8 @@ pub struct Metrics {
     pub consul_requests: IntCounterVec,
     pub consul_watchers: IntGauge,
     pub consul_last_contact: IntGauge,
+    pub consul_contact_age: prometheus::Gauge,
+    pub reloads: IntCounterVec,
     pub consul_healthy_instances: IntGaugeVec,
     pub consul_health_changes: IntCounter,
     pub build_info: IntGaugeVec,
@@ -70,6 +73,7 @@ impl Metrics {
             cache_hits: IntCounter::with_opts(opts("cache_hits_total", "Forwarded questions answered from the cache."))?,
             cache_misses: IntCounter::with_opts(opts("cache_misses_total", "Forwarded questions not in the cache (or expired)."))?,
             cache_entries: IntGauge::with_opts(opts("cache_entries", "Entries in the answer cache, including expired ones kept for serve-stale."))?,
+            cache_evictions: IntCounter::with_opts(opts("cache_evictions_total", "Cache entries evicted to stay within cache.max_entries (expiry is not counted)."))?,
             stale_answers: IntCounter::with_opts(opts("stale_answers_total", "Answers served from expired data because every upstream (or Consul) failed."))?,
             upstream_duration: HistogramVec::new(
                 HistogramOpts::new("upstream_request_duration_seconds", "Time of one attempt at one upstream server.")
@@ -100,6 +104,11 @@ impl Metrics {
             )?,
             consul_watchers: IntGauge::with_opts(opts("consul_watchers", "Active Consul watchers (one per watched service view)."))?,
             consul_last_contact: IntGauge::with_opts(opts("consul_last_success_timestamp_seconds", "Unix time of the last successful Consul HTTP request (0 = never)."))?,
+            consul_contact_age: prometheus::Gauge::with_opts(opts("consul_last_success_age_seconds", "Seconds since the last successful Consul HTTP request (-1 = never)."))?,
+            reloads: IntCounterVec::new(
+                opts("config_reloads_total", "Configuration reloads (SIGHUP), by outcome (success, failure)."),
+                &["outcome"],
+            )?,
             consul_healthy_instances: IntGaugeVec::new(
                 opts("consul_healthy_instances", "Healthy instances per watched service."),
                 &["service"],
@@ -117,6 +126,9 @@ impl Metrics {
         registry.register(Box::new(m.cache_misses.clone()))?;
         registry.register(Box::new(m.cache_entries.clone()))?;
         registry.register(Box::new(m.stale_answers.clone()))?;
+        registry.register(Box::new(m.cache_evictions.clone()))?;
+        registry.register(Box::new(m.consul_contact_age.clone()))?;
+        registry.register(Box::new(m.reloads.clone()))?;
         registry.register(Box::new(m.upstream_duration.clone()))?;
         registry.register(Box::new(m.upstream_errors.clone()))?;
         registry.register(Box::new(m.truncated.clone()))?;
@@ -133,6 +145,19 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         Ok(Arc::new(m))
+    }
+
+    /// Updates the derived "seconds since last Consul contact" gauge (called at scrape time).
+    pub fn refresh_consul_age(&self) {
+        let last = self.consul_last_contact.get();
+        if last <= 0 {
+            self.consul_contact_age.set(-1.0);
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.consul_contact_age.set((now - last as f64).max(0.0));
     }
 
     pub fn cache_hit(&self) {
@@ -192,14 +217,31 @@ pub fn render(registry: &Registry) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
-/// Serves `/metrics` and `/health` on an already-bound listener until `shutdown` resolves.
+/// What the HTTP endpoint serves.
+pub struct Endpoint {
+    pub registry: Registry,
+    /// Updates gauges that are computed at scrape time.
+    pub refresh: Arc<dyn Fn() + Send + Sync>,
+    /// `/ready`: Ok once listeners are up and the Consul source has data; the reason otherwise.
+    pub ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    /// `/health`: true while serving DNS (false once shutdown began).
+    pub live: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Serves `/metrics`, `/health` and `/ready` on an already-bound listener until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    registry: Registry,
-    refresh: Arc<dyn Fn() + Send + Sync>,
+    endpoint: Endpoint,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::http::StatusCode;
     use axum::routing::get;
+    let Endpoint {
+        registry,
+        refresh,
+        ready,
+        live,
+    } = endpoint;
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -218,7 +260,37 @@ pub async fn serve(
                 }
             }),
         )
-        .route("/health", get(|| async { "ok\n" }));
+        .route(
+            "/health",
+            get(move || {
+                let live = live.clone();
+                async move {
+                    if live() {
+                        (StatusCode::OK, "ok\n".to_owned())
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "shutting down\n".to_owned(),
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                        Err(reason) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {reason}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

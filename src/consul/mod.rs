@@ -263,40 +263,9 @@ pub async fn build(
     }
     if let Some(path) = &c.catalog_file {
         let backend = Arc::new(file::FileBackend::load(path, c.datacenter.as_deref())?);
-        reload_on_sighup(backend.clone(), path.clone(), shutdown);
         return Ok(Arc::new(ConsulSource::new(backend, c, forwarder)));
     }
     build_backend(config, metrics, forwarder, shutdown).await
-}
-
-/// Re-reads the catalog file on SIGHUP; a bad file leaves the served catalog as it was.
-fn reload_on_sighup(
-    backend: Arc<file::FileBackend>,
-    path: std::path::PathBuf,
-    shutdown: CancellationToken,
-) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: the catalog file will not be reloaded");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                got = hup.recv() => if got.is_none() { return },
-            }
-            match backend.reload(&path) {
-                Ok(n) => {
-                    tracing::info!(path = %path.display(), services = n, "catalog file reloaded")
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "catalog file not reloaded; still serving the previous one")
-                }
-            }
-        }
-    });
 }
 
 /// The demo catalog (for `--dev` without a catalog file).
@@ -337,6 +306,7 @@ async fn build_backend(
                     negative_min_ttl: c.negative_ttl,
                     stale_for: c.stale_for,
                 },
+                Some(metrics.cache_evictions.clone()),
             );
             let router = Router::new(
                 ServerGroup::new(c.dns.clone(), config.upstream.timeout),

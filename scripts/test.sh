@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test. Installs what the tests need when it is missing: dig (Debian's
-# bind9-dnsutils), via apt-get when running as root.
+# Runs every test. Installs what the tests need when it is missing, via apt-get when running as
+# root: dig (bind9-dnsutils), promtool and prometheus (prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v dig >/dev/null 2>&1 || need_pkgs+=(bind9-dnsutils)
+command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "installing ${need_pkgs[*]}"

@@ -219,7 +219,9 @@ pub async fn run_with_reload(
     let built = build(&config, None, &metrics, &token).await?;
     let handler = Arc::new(Handler::new(built.routes.clone(), metrics.clone()));
     let state = Arc::new(std::sync::Mutex::new((config.clone(), built)));
-    let serving = Arc::new(AtomicBool::new(false));
+    // The sockets are already bound: queries arriving from now on wait in the kernel's buffers
+    // until the loops start, so we count as serving from here.
+    let serving = Arc::new(AtomicBool::new(true));
 
     if let Some(listener) = bound.metrics {
         let gauges = metrics.clone();
@@ -303,7 +305,6 @@ pub async fn run_with_reload(
         trigger.cancel();
     });
 
-    serving.store(true, Ordering::SeqCst);
     server::serve(
         bound.dns,
         handler,

@@ -144,6 +144,19 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Series that exist from the start, at 0, so dashboards and alerts see them before the
+        // first event (a counter that appears only on its first increment hides that increment
+        // from rate()).
+        for protocol in ["udp", "tcp"] {
+            m.refused_clients.with_label_values(&[protocol]);
+            m.truncated.with_label_values(&[protocol]);
+        }
+        for reason in ["short", "response", "overload", "tcp_connection_limit"] {
+            m.dropped.with_label_values(&[reason]);
+        }
+        for outcome in ["success", "failure"] {
+            m.reloads.with_label_values(&[outcome]);
+        }
         Ok(Arc::new(m))
     }
 

@@ -4,46 +4,12 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use consul_dns_forwarder::config::Config;
 use support::upstream::TestUpstream;
-
-const BIN: &str = env!("CARGO_BIN_EXE_consul-dns-forwarder");
-
-/// A free port for UDP and TCP on 127.0.0.1 (bound, read, released).
-fn free_port() -> u16 {
-    for _ in 0..50 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let port = udp.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Running {
-    Running(
-        Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the binary"),
-    )
-}
+use support::{free_port, spawn, BIN};
 
 fn dig(port: u16, args: &[&str]) -> String {
     let out = Command::new("dig")

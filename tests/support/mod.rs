@@ -218,3 +218,64 @@ pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -
     }
     None
 }
+
+/// A plain HTTP/1.0 GET over a new connection: (status code, body). Enough for our endpoints and
+/// Prometheus' API, without pulling a TLS stack into the tests.
+pub async fn http_get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
+    let request = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.ok()?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
+    };
+    tokio::time::timeout(REPLY_TIMEOUT, request)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or((0, String::new()))
+}
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_consul-dns-forwarder");
+
+/// A free port for both UDP and TCP on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = udp.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary with `args`, stdout and stderr piped.
+pub fn spawn(args: &[&str]) -> Running {
+    Running(
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the binary"),
+    )
+}

@@ -1,0 +1,501 @@
+//! Operating it: /metrics (checked by promtool and scraped by a real Prometheus), /health and
+//! /ready, SIGHUP reloads under load, the query log.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+use support::consul_sim::ConsulSim;
+use support::upstream::TestUpstream;
+use support::*;
+
+fn toml(up: &TestUpstream, consul: &str) -> String {
+    format!(
+        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[consul]\n{consul}",
+        up.addr
+    )
+}
+
+/// Every series operators rely on (issue 5), by name.
+const REQUIRED_SERIES: &[&str] = &[
+    "consul_dns_forwarder_requests_total",
+    "consul_dns_forwarder_responses_total",
+    "consul_dns_forwarder_request_duration_seconds_bucket",
+    "consul_dns_forwarder_cache_hits_total",
+    "consul_dns_forwarder_cache_misses_total",
+    "consul_dns_forwarder_cache_entries",
+    "consul_dns_forwarder_cache_evictions_total",
+    "consul_dns_forwarder_stale_answers_total",
+    "consul_dns_forwarder_upstream_request_duration_seconds_bucket",
+    "consul_dns_forwarder_consul_requests_total",
+    "consul_dns_forwarder_consul_watchers",
+    "consul_dns_forwarder_consul_last_success_age_seconds",
+    "consul_dns_forwarder_consul_healthy_instances",
+    "consul_dns_forwarder_consul_view_changes_total",
+    "consul_dns_forwarder_truncated_responses_total",
+    "consul_dns_forwarder_refused_clients_total",
+    "consul_dns_forwarder_dropped_packets_total",
+    "consul_dns_forwarder_build_info",
+];
+
+async fn some_load(fwd: &TestServer) {
+    for _ in 0..20 {
+        ask(fwd.addr, "a.test.", RecordType::A).await;
+        ask(fwd.addr, "web.service.consul.", RecordType::A).await;
+        ask(fwd.addr, "web.service.consul.", RecordType::AAAA).await;
+    }
+    ask(fwd.addr, "missing.test.", RecordType::A).await;
+    ask(fwd.addr, "big.test.", RecordType::A).await;
+    let _ = raw_udp(fwd.addr, &[1, 2, 3], Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_passes_promtool_and_has_every_series() {
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&toml(&up, &format!("http = [\"{}\"]\n", sim.http_url()))).await;
+    let maddr = fwd.metrics_addr.expect("metrics enabled");
+    some_load(&fwd).await;
+    let (status, body) = http_get(maddr, "/metrics").await;
+    assert_eq!(status, 200);
+    for series in REQUIRED_SERIES {
+        assert!(body.contains(series), "{series} missing from /metrics");
+    }
+    assert!(
+        !body.contains("web.service.consul"),
+        "query names are never labels"
+    );
+    assert!(
+        metric_in(
+            &body,
+            "consul_dns_forwarder_requests_total",
+            &[("zone", "consul")]
+        ) >= 40.0
+    );
+    assert!(
+        metric_in(
+            &body,
+            "consul_dns_forwarder_responses_total",
+            &[("source", "cache")]
+        ) >= 19.0
+    );
+    let excerpt: Vec<&str> = body
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && (l.contains("requests_total")
+                    || l.contains("responses_total")
+                    || l.contains("cache_hits"))
+        })
+        .collect();
+    println!(
+        "/metrics excerpt after a short load:\n{}",
+        excerpt.join("\n")
+    );
+
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool installed (Debian package prometheus)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_ready_follow_consul_and_shutdown() {
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let url = sim.http_url();
+    sim.stop().await;
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&toml(&up, &format!("http = [\"{url}\"]\n"))).await;
+    let maddr = fwd.metrics_addr.expect("metrics");
+    assert_eq!(http_get(maddr, "/health").await.0, 200);
+    let (status, body) = http_get(maddr, "/ready").await;
+    assert_eq!(status, 503, "Consul has never answered");
+    assert!(body.contains("Consul"), "{body}");
+    sim.restart().await;
+    let addr = fwd.addr;
+    eventually(Duration::from_secs(5), async || {
+        addresses(&ask(addr, "web.service.consul.", RecordType::A).await).len() == 1
+    })
+    .await
+    .expect("answers once Consul is back");
+    let (status, body) = http_get(maddr, "/ready").await;
+    assert_eq!(status, 200, "{body}");
+    fwd.stop().await;
+    assert_eq!(
+        http_get(maddr, "/health").await.0,
+        0,
+        "endpoint gone after stop"
+    );
+
+    // A catalog file is ready at once.
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("c.json");
+    std::fs::write(&path, "{}").expect("write");
+    let fwd = TestServer::start(&toml(
+        &up,
+        &format!("catalog_file = \"{}\"\n", path.display()),
+    ))
+    .await;
+    assert_eq!(
+        http_get(fwd.metrics_addr.expect("metrics"), "/ready")
+            .await
+            .0,
+        200
+    );
+    fwd.stop().await;
+}
+
+/// A real Prometheus scrapes the forwarder; the series come back through its query API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_it() {
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&toml(&up, "enabled = false\n")).await;
+    let maddr = fwd.metrics_addr.expect("metrics");
+    for _ in 0..5 {
+        ask(fwd.addr, "a.test.", RecordType::A).await;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let conf = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &conf,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: consul-dns-forwarder\n    static_configs:\n      - targets: ['{maddr}']\n"
+        ),
+    )
+    .expect("write");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let web = format!("127.0.0.1:{port}");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prom = Kill(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", conf.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus installed (Debian package prometheus)"),
+    );
+    let papi: std::net::SocketAddr = web.parse().expect("addr");
+    let query = "/api/v1/query?query=consul_dns_forwarder_requests_total";
+    let started = Instant::now();
+    let found = eventually(Duration::from_secs(40), async || {
+        let (status, body) = http_get(papi, query).await;
+        status == 200 && body.contains("\"zone\":\"forwarded\"")
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "Prometheus never returned the series: {:?}",
+        http_get(papi, query).await
+    );
+    println!(
+        "Prometheus returned the scraped series after {:?}",
+        started.elapsed()
+    );
+    let (_, body) = http_get(papi, query).await;
+    assert!(body.contains("\"protocol\":\"udp\""), "{body}");
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_prometheus_rules_and_dashboard_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/prometheus");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(root.join("alerts.yml"))
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(root.join("prometheus.yml"))
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana-dashboard.json")).expect("read"),
+    )
+    .expect("dashboard is JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 4);
+    // Every metric the rules and dashboard use exists.
+    let text = format!(
+        "{}{}",
+        std::fs::read_to_string(root.join("alerts.yml")).expect("read"),
+        dash
+    );
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if let Some(rest) = word.strip_prefix("consul_dns_forwarder_") {
+            let base = rest
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            let known = REQUIRED_SERIES
+                .iter()
+                .any(|s| s.trim_end_matches("_bucket") == format!("consul_dns_forwarder_{base}"))
+                || [
+                    "upstream_errors_total",
+                    "tcp_connections",
+                    "config_reloads_total",
+                    "consul_last_success_timestamp_seconds",
+                    "request_duration_seconds",
+                    "upstream_request_duration_seconds",
+                ]
+                .contains(&base);
+            assert!(
+                known,
+                "unknown metric consul_dns_forwarder_{rest} in examples/prometheus"
+            );
+        }
+    }
+}
+
+fn reload_config(
+    up: &TestUpstream,
+    catalog: &std::path::Path,
+    metrics_port: u16,
+    ttl: &str,
+) -> String {
+    format!(
+        "[upstream]\nservers = [\"{}\"]\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[consul]\ncatalog_file = \"{}\"\n[consul.service_ttl]\n\"*\" = \"{ttl}\"\n",
+        up.addr,
+        catalog.display()
+    )
+}
+
+/// SIGHUP under load: new TTLs applied, a bad file rejected and counted, no query lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_under_load_without_losing_a_query() {
+    let up = TestUpstream::start().await;
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let dir = tempfile::tempdir().expect("tmp");
+    let catalog = dir.path().join("catalog.json");
+    std::fs::write(&catalog, sim.catalog_json().to_string()).expect("write");
+    let conf = dir.path().join("forwarder.toml");
+    let mport = free_port();
+    std::fs::write(&conf, reload_config(&up, &catalog, mport, "5s")).expect("write");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
+    let pid = server.0.id().to_string();
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    eventually(Duration::from_secs(10), async || {
+        raw_udp(
+            addr,
+            &make_query("a.test.", RecordType::A, None)
+                .to_vec()
+                .expect("enc"),
+            Duration::from_millis(200),
+        )
+        .await
+        .is_some()
+    })
+    .await
+    .expect("server up");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for i in 0..4 {
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let (mut sent, mut lost) = (0u64, 0u64);
+            let name = if i % 2 == 0 {
+                "web.service.consul."
+            } else {
+                "a.test."
+            };
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && sent < 200_000 {
+                let q = make_query(name, RecordType::A, None).to_vec().expect("enc");
+                sent += 1;
+                if raw_udp(addr, &q, Duration::from_secs(2)).await.is_none() {
+                    lost += 1;
+                }
+            }
+            (sent, lost)
+        }));
+    }
+    let hup = |pid: &str| {
+        assert!(Command::new("kill")
+            .args(["-HUP", pid])
+            .status()
+            .expect("kill")
+            .success());
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&conf, reload_config(&up, &catalog, mport, "7s")).expect("write");
+    hup(&pid);
+    eventually(Duration::from_secs(5), async || {
+        ask(addr, "web.service.consul.", RecordType::A)
+            .await
+            .answers[0]
+            .ttl
+            == 7
+    })
+    .await
+    .expect("new TTL applied");
+    std::fs::write(&conf, "[upstream\nbroken").expect("write");
+    hup(&pid);
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse().expect("addr");
+    eventually(Duration::from_secs(5), async || {
+        metric_in(
+            &http_get(maddr, "/metrics").await.1,
+            "consul_dns_forwarder_config_reloads_total",
+            &[("outcome", "failure")],
+        ) == 1.0
+    })
+    .await
+    .expect("the failed reload is counted");
+    assert_eq!(
+        ask(addr, "web.service.consul.", RecordType::A)
+            .await
+            .answers[0]
+            .ttl,
+        7,
+        "running config untouched"
+    );
+    // Several more good reloads while the load runs.
+    for ttl in ["8s", "9s", "10s"] {
+        std::fs::write(&conf, reload_config(&up, &catalog, mport, ttl)).expect("write");
+        hup(&pid);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut sent, mut lost) = (0, 0);
+    for t in load {
+        let (s, l) = t.await.expect("join");
+        sent += s;
+        lost += l;
+    }
+    let body = http_get(maddr, "/metrics").await.1;
+    let ok = metric_in(
+        &body,
+        "consul_dns_forwarder_config_reloads_total",
+        &[("outcome", "success")],
+    );
+    println!("{sent} queries during {ok} successful reloads and 1 failed one: {lost} lost");
+    assert!(sent > 1000, "the load ran: {sent}");
+    assert_eq!(lost, 0, "no query lost during reloads");
+    assert_eq!(ok, 4.0);
+    assert_eq!(
+        ask(addr, "web.service.consul.", RecordType::A)
+            .await
+            .answers[0]
+            .ttl,
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_log_in_json() {
+    let up = TestUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let conf = dir.path().join("f.toml");
+    std::fs::write(
+        &conf,
+        format!("[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nenabled = false\n[log]\nqueries = true\n", up.addr),
+    )
+    .expect("write");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = spawn(&[
+        "--config",
+        &conf.display().to_string(),
+        "--listen",
+        &listen,
+        "--log-format",
+        "json",
+    ]);
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    eventually(Duration::from_secs(10), async || {
+        raw_udp(
+            addr,
+            &make_query("a.test.", RecordType::A, None)
+                .to_vec()
+                .expect("enc"),
+            Duration::from_millis(200),
+        )
+        .await
+        .is_some()
+    })
+    .await
+    .expect("server up");
+    ask(addr, "Missing.test.", RecordType::AAAA).await;
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    let _ = server.0.wait();
+    let mut stderr = String::new();
+    use std::io::Read;
+    server
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read");
+    let entries: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let q = entries
+        .iter()
+        .find(|e| e["fields"]["name"] == "Missing.test.")
+        .unwrap_or_else(|| panic!("no query log line: {stderr}"));
+    assert_eq!(q["fields"]["qtype"], "AAAA");
+    assert_eq!(q["fields"]["rcode"], "NXDOMAIN");
+    assert_eq!(q["fields"]["source"], "upstream");
+    assert!(q["fields"]["client"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("127.0.0.1")));
+    assert!(q["fields"]["duration_us"].is_u64());
+}

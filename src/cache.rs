@@ -111,6 +111,20 @@ impl CachedAnswer {
         })
     }
 
+    /// What the entry costs in memory, roughly: encoded records plus fixed overhead.
+    pub fn approx_bytes(&self) -> u32 {
+        const ENTRY_OVERHEAD: usize = 160;
+        const RECORD_OVERHEAD: usize = 64;
+        let records = self
+            .answers
+            .iter()
+            .chain(&self.authorities)
+            .chain(&self.additionals)
+            .map(|r| crate::wire::record_len(r) + RECORD_OVERHEAD)
+            .sum::<usize>();
+        u32::try_from(ENTRY_OVERHEAD + records).unwrap_or(u32::MAX)
+    }
+
     /// Seconds since storing, rounded down.
     fn age_secs(&self, now: Instant) -> u32 {
         u32::try_from(now.saturating_duration_since(self.stored_at).as_secs()).unwrap_or(u32::MAX)
@@ -158,6 +172,8 @@ pub enum FetchError {
     Io(String),
     #[error("the fetch task failed")]
     Aborted,
+    #[error("too many upstream queries in flight (upstream.max_inflight)")]
+    Overloaded,
 }
 
 /// The result of a fetch: the entry, and whether it came from a new upstream answer that is not
@@ -199,15 +215,40 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// A cache of at most `max_entries`; entries evicted for space (not expiry) are counted in
-    /// `evictions`.
+    /// A cache of at most `max_entries` (about 1 KiB each at most on average); entries evicted
+    /// for space (not expiry) are counted in `evictions`.
     pub fn new(
         max_entries: u64,
         policy: TtlPolicy,
         evictions: Option<prometheus::IntCounter>,
     ) -> Cache {
+        Cache::with_limits(
+            max_entries,
+            max_entries.saturating_mul(1024),
+            policy,
+            evictions,
+        )
+    }
+
+    /// A cache bounded both in entries and in (approximate) bytes.
+    ///
+    /// moka bounds one measure, so each entry weighs its size in bytes but at least
+    /// `max_bytes / max_entries`: the total weight then stays under `max_bytes`, and the count
+    /// under `max_entries`.
+    pub fn with_limits(
+        max_entries: u64,
+        max_bytes: u64,
+        policy: TtlPolicy,
+        evictions: Option<prometheus::IntCounter>,
+    ) -> Cache {
+        let floor = u32::try_from(max_bytes / max_entries.max(1))
+            .unwrap_or(u32::MAX)
+            .max(1);
         let entries = moka::sync::Cache::builder()
-            .max_capacity(max_entries)
+            .max_capacity(max_bytes)
+            .weigher(move |_key: &Question, value: &Arc<CachedAnswer>| {
+                value.approx_bytes().max(floor)
+            })
             .expire_after(EntryExpiry {
                 stale_for: policy.stale_for,
             })

@@ -310,6 +310,8 @@ struct FileServer {
     max_tcp_connections: Option<usize>,
     udp_sockets_per_address: Option<usize>,
     max_inflight: Option<usize>,
+    rate_limit: Option<u32>,
+    rate_limit_exempt: Option<Vec<AllowNet>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +320,7 @@ struct FileUpstream {
     servers: Option<Vec<ServerAddr>>,
     timeout: Option<ConfigDuration>,
     resolv_conf: Option<PathBuf>,
+    max_inflight: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,6 +334,7 @@ struct FileForward {
 #[serde(deny_unknown_fields)]
 struct FileCache {
     max_entries: Option<u64>,
+    max_bytes: Option<u64>,
     min_ttl: Option<ConfigDuration>,
     max_ttl: Option<ConfigDuration>,
     negative_ttl: Option<ConfigDuration>,
@@ -420,6 +424,24 @@ pub struct ServerConfig {
     /// Queries being answered at once across UDP and TCP; beyond it UDP queries are dropped
     /// (and counted) rather than queued without bound.
     pub max_inflight: usize,
+    /// Responses per second to one client network (/24 for IPv4, /56 for IPv6) over UDP; above
+    /// it, UDP queries get an empty TC=1 reply so real clients retry over TCP (which a spoofed
+    /// source cannot). `None` = the default: off when every listen address is loopback, else
+    /// [`DEFAULT_RATE_LIMIT`]. `Some(0)` = off.
+    pub rate_limit: Option<u32>,
+    /// Clients never rate-limited.
+    pub rate_limit_exempt: Vec<IpNet>,
+}
+
+impl ServerConfig {
+    /// The rate limit in force (0 = off); see [`ServerConfig::rate_limit`].
+    pub fn effective_rate_limit(&self) -> u32 {
+        match self.rate_limit {
+            Some(r) => r,
+            None if self.listen.iter().all(|a| a.ip().is_loopback()) => 0,
+            None => DEFAULT_RATE_LIMIT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -428,6 +450,9 @@ pub struct UpstreamConfig {
     pub servers: Vec<SocketAddr>,
     pub timeout: Duration,
     pub resolv_conf: PathBuf,
+    /// Upstream fetches in flight at once; beyond it a miss is answered SERVFAIL (or stale) at
+    /// once instead of piling up behind a slow upstream.
+    pub max_inflight: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -439,6 +464,8 @@ pub struct ForwardZone {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     pub max_entries: u64,
+    /// Approximate bytes of cached records; whichever of the two limits is reached first evicts.
+    pub max_bytes: u64,
     pub min_ttl: Duration,
     pub max_ttl: Duration,
     pub negative_ttl: Duration,
@@ -608,6 +635,14 @@ impl Config {
             max_tcp_connections,
             udp_sockets_per_address: s.udp_sockets_per_address.unwrap_or(0),
             max_inflight,
+            rate_limit: s.rate_limit,
+            rate_limit_exempt: match s.rate_limit_exempt {
+                Some(v) => v.into_iter().map(|n| n.0).collect(),
+                None => ["127.0.0.0/8", "::1/128"]
+                    .iter()
+                    .filter_map(|n| AllowNet::from_str(n).ok().map(|n| n.0))
+                    .collect(),
+            },
         };
 
         let u = file.upstream;
@@ -628,7 +663,15 @@ impl Config {
                 .collect(),
             timeout,
             resolv_conf: u.resolv_conf.unwrap_or_else(|| PathBuf::from(RESOLV_CONF)),
+            max_inflight: u.max_inflight.unwrap_or(DEFAULT_UPSTREAM_INFLIGHT),
         };
+        if upstream.max_inflight == 0 {
+            errors.push(invalid(
+                "upstream",
+                "max_inflight",
+                "must be at least 1".into(),
+            ));
+        }
 
         let mut forward = Vec::new();
         for f in file.forward {
@@ -651,11 +694,23 @@ impl Config {
         let c = file.cache;
         let cache = CacheConfig {
             max_entries: c.max_entries.unwrap_or(DEFAULT_CACHE_ENTRIES),
+            max_bytes: c.max_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
             min_ttl: c.min_ttl.map_or(Duration::ZERO, |d| d.0),
             max_ttl: c.max_ttl.map_or(DEFAULT_MAX_TTL, |d| d.0),
             negative_ttl: c.negative_ttl.map_or(DEFAULT_NEGATIVE_TTL, |d| d.0),
             stale_for: c.stale_for.map_or(DEFAULT_STALE_FOR, |d| d.0),
         };
+        if cache.max_entries == 0 || cache.max_bytes < 1024 {
+            errors.push(invalid(
+                "cache",
+                if cache.max_entries == 0 {
+                    "max_entries"
+                } else {
+                    "max_bytes"
+                },
+                "max_entries must be at least 1 and max_bytes at least 1024".into(),
+            ));
+        }
         if cache.min_ttl > cache.max_ttl {
             errors.push(invalid(
                 "cache",
@@ -944,6 +999,17 @@ impl Config {
         Ok(())
     }
 }
+
+/// Cache memory bound: 100,000 typical answers fit with room to spare.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Upstream fetches in flight: far above what a healthy upstream needs (answers take
+/// milliseconds), low enough that a black-holed upstream cannot tie up memory without bound.
+pub const DEFAULT_UPSTREAM_INFLIGHT: usize = 1024;
+
+/// Responses per second per client network when rate limiting is on by default (non-loopback
+/// listen addresses): ample for a host's resolver clients, small for an amplification attack.
+pub const DEFAULT_RATE_LIMIT: u32 = 200;
 
 /// How many queries may be in progress at once before new UDP queries are shed.
 pub const DEFAULT_MAX_INFLIGHT: usize = 10_000;

@@ -12,6 +12,7 @@ use hickory_proto::rr::Name;
 use ipnet::IpNet;
 
 use crate::metrics::{qtype_label, rcode_label, Metrics};
+use crate::ratelimit::RateLimiter;
 use crate::upstream::{Forwarder, Source};
 use crate::wire::{self, Answer, Question, RawHeader, Transport};
 
@@ -44,6 +45,8 @@ pub struct Routes {
     pub consul: Option<ConsulRoute>,
     pub forwarder: Arc<dyn AnswerSource>,
     pub log_queries: bool,
+    /// UDP response rate limit per client network (`None` = off).
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 impl Routes {
@@ -115,6 +118,21 @@ impl Handler {
         if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
             // RFC 6891 §6.1.3: we speak EDNS version 0 only.
             return Some(self.finish_error(Some(&request), &header, ResponseCode::BADVERS));
+        }
+        if transport == Transport::Udp
+            && routes
+                .rate_limit
+                .as_ref()
+                .is_some_and(|l| !l.allow(client, started))
+        {
+            self.metrics.rate_limited.inc();
+            let (mut bytes, _) = wire::encode_reply(
+                &request,
+                &Answer::rcode(ResponseCode::NoError),
+                wire::UDP_LIMIT_NO_EDNS,
+            );
+            wire::set_truncated(&mut bytes);
+            return Some(bytes);
         }
         let query = &request.queries[0];
         let q = Question::from_query(query);

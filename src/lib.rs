@@ -14,6 +14,7 @@
 //!   watchers with blocking queries, the catalog file and the dnsmasq-compatible DNS mode.
 //! - [`upstream`]: forwarding to upstream resolvers with failover and TCP fallback, zone routing,
 //!   and the cache in front of it.
+//! - [`ratelimit`]: per-client-network UDP response rate limiting (TC=1 over the limit).
 //! - [`cache`]: the answer cache: TTL countdown, negative caching, serve-stale, merged misses.
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
 //!
@@ -24,6 +25,7 @@ pub mod config;
 pub mod consul;
 pub mod handler;
 pub mod metrics;
+pub mod ratelimit;
 pub mod server;
 pub mod upstream;
 pub mod wire;
@@ -42,6 +44,9 @@ use crate::handler::{ConsulRoute, Handler, Routes};
 use crate::metrics::Metrics;
 use crate::server::{Limits, Listeners};
 use crate::upstream::{Forwarder, Router, ServerGroup};
+
+/// How long a scrape in progress may delay the end of `run`.
+const ENDPOINT_STOP: Duration = Duration::from_secs(2);
 
 /// Margin on top of the upstream timeout when draining queries at shutdown.
 const DRAIN_MARGIN: Duration = Duration::from_secs(1);
@@ -93,34 +98,38 @@ struct Built {
 }
 
 fn build_forwarder(config: &Config, metrics: &Arc<Metrics>) -> Arc<Forwarder> {
-    Arc::new(Forwarder::new(
-        Router::new(
-            ServerGroup::new(config.upstream.servers.clone(), config.upstream.timeout),
-            config
-                .forward
-                .iter()
-                .map(|f| {
-                    (
-                        f.zone.clone(),
-                        ServerGroup::new(f.servers.clone(), config.upstream.timeout),
-                    )
-                })
-                .collect(),
-        ),
-        Cache::new(
-            config.cache.max_entries,
-            TtlPolicy {
-                min_ttl: config.cache.min_ttl,
-                max_ttl: config.cache.max_ttl,
-                negative_ttl: config.cache.negative_ttl,
-                negative_min_ttl: Duration::ZERO,
-                stale_for: config.cache.stale_for,
-            },
-            Some(metrics.cache_evictions.clone()),
-        ),
-        metrics.clone(),
-        false,
-    ))
+    Arc::new(
+        Forwarder::new(
+            Router::new(
+                ServerGroup::new(config.upstream.servers.clone(), config.upstream.timeout),
+                config
+                    .forward
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.zone.clone(),
+                            ServerGroup::new(f.servers.clone(), config.upstream.timeout),
+                        )
+                    })
+                    .collect(),
+            ),
+            Cache::with_limits(
+                config.cache.max_entries,
+                config.cache.max_bytes,
+                TtlPolicy {
+                    min_ttl: config.cache.min_ttl,
+                    max_ttl: config.cache.max_ttl,
+                    negative_ttl: config.cache.negative_ttl,
+                    negative_min_ttl: Duration::ZERO,
+                    stale_for: config.cache.stale_for,
+                },
+                Some(metrics.cache_evictions.clone()),
+            ),
+            metrics.clone(),
+            false,
+        )
+        .with_max_inflight(config.upstream.max_inflight),
+    )
 }
 
 /// Builds routes for `config`, reusing the forwarder (and its cache) and the Consul source of
@@ -198,6 +207,11 @@ async fn build(
             consul,
             forwarder: forwarder.clone(),
             log_queries: config.log_queries,
+            rate_limit: ratelimit::RateLimiter::new(
+                config.server.effective_rate_limit(),
+                config.server.rate_limit_exempt.clone(),
+            )
+            .map(Arc::new),
         },
         forwarder,
         consul_stop,
@@ -223,6 +237,7 @@ pub async fn run_with_reload(
     // until the loops start, so we count as serving from here.
     let serving = Arc::new(AtomicBool::new(true));
 
+    let mut endpoint_task = None;
     if let Some(listener) = bound.metrics {
         let gauges = metrics.clone();
         let st = state.clone();
@@ -250,7 +265,7 @@ pub async fn run_with_reload(
         });
         let live = serving.clone();
         let stop = token.clone();
-        tokio::spawn(async move {
+        endpoint_task = Some(tokio::spawn(async move {
             let endpoint = metrics::Endpoint {
                 registry,
                 refresh,
@@ -262,7 +277,7 @@ pub async fn run_with_reload(
             {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
-        });
+        }));
     }
 
     if let Some(mut reload) = reload {
@@ -320,6 +335,12 @@ pub async fn run_with_reload(
     .await;
     serving.store(false, Ordering::SeqCst);
     token.cancel();
+    if let Some(task) = endpoint_task {
+        // Scrapes in progress finish; nothing of ours keeps running after `run` returns.
+        if tokio::time::timeout(ENDPOINT_STOP, task).await.is_err() {
+            tracing::warn!("the metrics endpoint did not stop within {ENDPOINT_STOP:?}");
+        }
+    }
     Ok(())
 }
 

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub stale_answers: IntCounter,
     pub upstream_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
+    pub upstream_rejected: IntCounter,
+    pub rate_limited: IntCounter,
     pub truncated: IntCounterVec,
     pub refused_clients: IntCounterVec,
     pub dropped: IntCounterVec,
@@ -85,6 +87,8 @@ impl Metrics {
                 opts("upstream_errors_total", "Failed attempts at an upstream server, by kind (timeout, io, rcode)."),
                 &["upstream", "kind"],
             )?,
+            upstream_rejected: IntCounter::with_opts(opts("upstream_inflight_rejected_total", "Cache misses answered at once (stale or SERVFAIL) because upstream.max_inflight fetches were already in flight."))?,
+            rate_limited: IntCounter::with_opts(opts("rate_limited_total", "UDP queries answered with an empty TC=1 reply because their client network exceeded server.rate_limit."))?,
             truncated: IntCounterVec::new(
                 opts("truncated_responses_total", "Responses sent with TC=1 because the answer did not fit."),
                 &["protocol"],
@@ -132,6 +136,8 @@ impl Metrics {
         registry.register(Box::new(m.upstream_duration.clone()))?;
         registry.register(Box::new(m.upstream_errors.clone()))?;
         registry.register(Box::new(m.truncated.clone()))?;
+        registry.register(Box::new(m.upstream_rejected.clone()))?;
+        registry.register(Box::new(m.rate_limited.clone()))?;
         registry.register(Box::new(m.refused_clients.clone()))?;
         registry.register(Box::new(m.dropped.clone()))?;
         registry.register(Box::new(m.tcp_connections.clone()))?;

@@ -248,6 +248,8 @@ pub struct Forwarder {
     /// Shuffle answer records on every response (the dnsmasq-compatible Consul mode, where round
     /// robin must survive our cache).
     shuffle: bool,
+    /// Upstream fetches in flight (`upstream.max_inflight`).
+    inflight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Forwarder {
@@ -257,7 +259,17 @@ impl Forwarder {
             cache,
             metrics,
             shuffle,
+            inflight: Arc::new(tokio::sync::Semaphore::new(
+                crate::config::DEFAULT_UPSTREAM_INFLIGHT,
+            )),
         }
+    }
+
+    /// Caps upstream fetches in flight; a miss beyond the cap is answered at once (stale data or
+    /// SERVFAIL) instead of queueing behind a slow upstream.
+    pub fn with_max_inflight(mut self, max: usize) -> Forwarder {
+        self.inflight = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        self
     }
 
     pub fn cache(&self) -> &Cache {
@@ -287,12 +299,16 @@ impl Forwarder {
         let group = self.router.group_for(&q.name).clone();
         let metrics = self.metrics.clone();
         let question = q.clone();
+        let permits = self.inflight.clone();
         let fetched = self
             .cache
-            .fetch(
-                q,
-                move || async move { group.query(&question, &metrics).await },
-            )
+            .fetch(q, move || async move {
+                let Ok(_permit) = permits.try_acquire_owned() else {
+                    metrics.upstream_rejected.inc();
+                    return Err(FetchError::Overloaded);
+                };
+                group.query(&question, &metrics).await
+            })
             .await;
         match (fetched, expired) {
             (Ok(entry), _) => (

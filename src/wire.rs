@@ -202,8 +202,8 @@ pub fn encode_reply(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8
     match fits(lo, &mut msg) {
         Some(bytes) => (bytes, true),
         // Not even the question fits (a name near 255 bytes in a tiny limit): header only.
-        None => (
-            header_only_reply(
+        None => {
+            let mut bytes = header_only_reply(
                 &RawHeader {
                     id: request.metadata.id,
                     is_response: true,
@@ -213,9 +213,17 @@ pub fn encode_reply(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8
                     qdcount: 0,
                 },
                 answer.rcode,
-            ),
-            true,
-        ),
+            );
+            set_truncated(&mut bytes);
+            (bytes, true)
+        }
+    }
+}
+
+/// Sets TC=1 on an encoded message.
+pub fn set_truncated(bytes: &mut [u8]) {
+    if bytes.len() >= 3 {
+        bytes[2] |= 0x02;
     }
 }
 

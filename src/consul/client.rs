@@ -16,6 +16,10 @@ use crate::metrics::Metrics;
 /// than this means it is overloaded or gone, and the next agent is tried.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long the liveness probe of the current agent may take. A hung agent (accepting
+/// connections but never answering) is otherwise invisible to blocking queries for `wait`.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Extra time a blocking request gets beyond `wait` and Consul's jitter (up to wait/16).
 const BLOCKING_MARGIN: Duration = Duration::from_secs(5);
 
@@ -200,6 +204,36 @@ impl ConsulClient {
             }
         }
         Err(last)
+    }
+
+    /// Checks that the current agent answers (`/v1/status/leader` within [`PROBE_TIMEOUT`]).
+    /// `None` when no connection of the budget is free right now (then there is traffic, which
+    /// shows the agent's health anyway).
+    pub async fn probe_current(&self) -> Option<Result<(), ClientError>> {
+        let _slot = self.fetches.clone().try_acquire_owned().ok()?;
+        let i = self.current.load(Ordering::Relaxed) % self.agents.len().max(1);
+        let r = self
+            .get_from::<serde_json::Value>(i, "/v1/status/leader", &[], PROBE_TIMEOUT)
+            .await
+            .map(|_| ());
+        self.metrics
+            .consul_requests
+            .with_label_values(&["status_leader", if r.is_ok() { "ok" } else { "error" }])
+            .inc();
+        Some(r)
+    }
+
+    /// Moves to the next agent (after the current one failed its probe). Returns false when there
+    /// is no other agent.
+    pub fn fail_over(&self) -> bool {
+        let n = self.agents.len();
+        if n < 2 {
+            return false;
+        }
+        let next = (self.current.load(Ordering::Relaxed) + 1) % n;
+        self.current.store(next, Ordering::Relaxed);
+        tracing::warn!(agent = %self.agents[next], "Consul agent not answering: failing over");
+        true
     }
 
     async fn get_from<T: DeserializeOwned>(

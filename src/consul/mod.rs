@@ -297,8 +297,9 @@ async fn build_backend(
             // Consul sends TTL 0; cache at least the service TTL so every query does not reach
             // the agent, and shuffle on the way out so round robin survives the cache.
             let floor = config.cache.min_ttl.max(c.service_ttl_for(""));
-            let cache = Cache::new(
+            let cache = Cache::with_limits(
                 config.cache.max_entries,
+                config.cache.max_bytes,
                 TtlPolicy {
                     min_ttl: floor,
                     max_ttl: config.cache.max_ttl.max(floor),

@@ -217,6 +217,37 @@ pub struct HttpBackend {
     outage: Arc<OutageLog>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    /// Bumped when the client fails over to another agent: watchers drop their (possibly hung)
+    /// blocking query and ask the new agent at once.
+    failovers: watch::Receiver<u64>,
+}
+
+/// How often the current agent is probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Probes the current agent; when it fails, moves to the next one and tells the watchers.
+async fn probe_agents(
+    client: Arc<ConsulClient>,
+    outage: Arc<OutageLog>,
+    failovers: watch::Sender<u64>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+        }
+        match client.probe_current().await {
+            Some(Err(e)) => {
+                outage.failed(&e);
+                if client.fail_over() {
+                    failovers.send_modify(|g| *g += 1);
+                }
+            }
+            Some(Ok(())) => outage.ok(),
+            None => {}
+        }
+    }
 }
 
 impl HttpBackend {
@@ -235,7 +266,16 @@ impl HttpBackend {
                 shutdown.clone(),
             ));
         }
+        let outage = Arc::new(OutageLog::default());
+        let (failover_tx, failovers) = watch::channel(0u64);
+        tokio::spawn(probe_agents(
+            client.clone(),
+            outage.clone(),
+            failover_tx,
+            shutdown.clone(),
+        ));
         HttpBackend {
+            failovers,
             client,
             settings: Settings {
                 watch_wait: config.watch_wait,
@@ -249,7 +289,7 @@ impl HttpBackend {
             nodes: Arc::new(OnDemand::new()),
             queries: Arc::new(OnDemand::new()),
             datacenter,
-            outage: Arc::new(OutageLog::default()),
+            outage,
             metrics,
             shutdown,
         }
@@ -278,6 +318,7 @@ impl HttpBackend {
             outage: self.outage.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
+            failovers: self.failovers.clone(),
         };
         tokio::spawn(task.run());
         w
@@ -331,10 +372,11 @@ struct Watcher {
     outage: Arc<OutageLog>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    failovers: watch::Receiver<u64>,
 }
 
 impl Watcher {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         let mut tokens = WATCH_BURST;
@@ -373,8 +415,14 @@ impl Watcher {
             let request =
                 self.client
                     .get::<Vec<HealthEntry>>("health_service", &path, &params, blocking);
+            self.failovers.borrow_and_update();
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                _ = self.failovers.changed() => {
+                    // The agent was replaced: ask the new one now, without backoff.
+                    index = 0;
+                    continue;
+                }
                 r = request => r,
             };
             drop(slot);

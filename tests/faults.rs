@@ -1,0 +1,445 @@
+//! Faults and limits: Consul down, hung or flapping; secrets kept out of output; resource limits
+//! with their counters.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use support::upstream::TestUpstream;
+use support::*;
+
+fn web(sim: &ConsulSim) {
+    for (i, addr) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
+        let node = format!("n{}", i + 1);
+        sim.add_node(SimNode {
+            name: node.clone(),
+            address: addr.to_string(),
+            meta: BTreeMap::new(),
+        });
+        sim.add_service(
+            SimService {
+                id: format!("web-{}", i + 1),
+                service: "web".into(),
+                node,
+                address: String::new(),
+                port: 80,
+                tags: vec![],
+                weights: (1, 1),
+                meta: BTreeMap::new(),
+            },
+            Status::Passing,
+        );
+    }
+}
+
+fn conf(up: &TestUpstream, urls: &[String], extra: &str) -> String {
+    let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nenabled = false\n[consul]\nhttp = [{}]\n{extra}",
+        up.addr,
+        urls.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_down_at_start_then_answers_after_first_contact() {
+    let sim = ConsulSim::start().await;
+    web(&sim);
+    sim.stop().await;
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&conf(&up, &[sim.http_url()], "")).await;
+    assert_eq!(
+        addresses(&ask(fwd.addr, "a.test.", RecordType::A).await),
+        vec!["192.0.2.1"],
+        "forwarded names work"
+    );
+    let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
+    assert_eq!(
+        r.metadata.response_code,
+        ResponseCode::ServFail,
+        "never NXDOMAIN before first contact"
+    );
+    sim.restart().await;
+    let addr = fwd.addr;
+    let took = eventually(Duration::from_secs(8), async || {
+        addresses(&ask(addr, "web.service.consul.", RecordType::A).await).len() == 3
+    })
+    .await
+    .expect("answers after Consul comes up");
+    println!("first answer {took:?} after Consul came up");
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_agent_is_left_for_the_next_one() {
+    let a = ConsulSim::start().await;
+    let b = ConsulSim::start().await;
+    web(&a);
+    web(&b);
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&conf(&up, &[a.http_url(), b.http_url()], "")).await;
+    assert_eq!(
+        addresses(&ask(fwd.addr, "web.service.consul.", RecordType::A).await).len(),
+        3
+    );
+    assert!(a.requests("/v1/health/service/web") >= 1 && b.requests("/v1/health/service/web") == 0);
+    // Agent A hangs: accepts requests, never answers. Its blocking query looks just like "no
+    // change", so only the probe can notice.
+    a.set_hang(true);
+    b.set_service_check("web-2", Status::Critical);
+    let addr = fwd.addr;
+    let started = Instant::now();
+    let took = eventually(Duration::from_secs(10), async || {
+        addresses(&ask(addr, "web.service.consul.", RecordType::A).await).len() == 2
+    })
+    .await;
+    let took = took.expect("the change on agent B shows after failing over");
+    println!("failed over from a hung agent in {took:?}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(b.requests("/v1/health/service/web") >= 1);
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_consul_never_costs_an_answer() {
+    let sim = ConsulSim::start().await;
+    web(&sim);
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&conf(&up, &[sim.http_url()], "")).await;
+    assert_eq!(
+        addresses(&ask(fwd.addr, "web.service.consul.", RecordType::A).await).len(),
+        3
+    );
+    let mut answers = 0;
+    for _ in 0..3 {
+        sim.stop().await;
+        for _ in 0..20 {
+            let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(addresses(&r).len(), 3);
+            answers += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sim.restart().await;
+        for _ in 0..20 {
+            assert_eq!(
+                addresses(&ask(fwd.addr, "web.service.consul.", RecordType::A).await).len(),
+                3
+            );
+            answers += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!("{answers} answers through 3 outages, all with the last known view");
+    sim.set_service_check("web-3", Status::Critical);
+    let addr = fwd.addr;
+    eventually(Duration::from_secs(8), async || {
+        addresses(&ask(addr, "web.service.consul.", RecordType::A).await).len() == 2
+    })
+    .await
+    .expect("fresh again after the flapping");
+    fwd.stop().await;
+}
+
+fn wait_for_dns(port: u16) {
+    let start = Instant::now();
+    loop {
+        let out = Command::new("dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "+time=1",
+                "+tries=1",
+                "a.test",
+            ])
+            .output()
+            .expect("dig");
+        if String::from_utf8_lossy(&out.stdout).contains("status:") {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One log line when an outage starts, one when it ends, however many watchers and queries; the
+/// token appears in no log line, metric or error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_log_line_per_outage_and_the_token_never_shows() {
+    let sim = ConsulSim::start().await;
+    web(&sim);
+    sim.add_simple("api", "n9", "127.0.0.9", 81);
+    sim.add_simple("db", "n8", "127.0.0.8", 82);
+    let up = TestUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = "d3adb33f-secret-token";
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, token).expect("write");
+    let port = free_port();
+    let mport = free_port();
+    let conf_path = dir.path().join("f.toml");
+    std::fs::write(
+        &conf_path,
+        format!(
+            "[upstream]\nservers = [\"{}\"]\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n[consul]\nhttp = [\"{}\"]\ntoken_file = \"{}\"\n",
+            up.addr,
+            sim.http_url(),
+            token_path.display()
+        ),
+    )
+    .expect("write");
+    let mut server = spawn(&[
+        "--config",
+        &conf_path.display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    tokio::task::spawn_blocking(move || wait_for_dns(port))
+        .await
+        .expect("join");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    for svc in ["web", "api", "db"] {
+        assert!(
+            !addresses(&ask(addr, &format!("{svc}.service.consul."), RecordType::A).await)
+                .is_empty()
+        );
+    }
+    assert_eq!(sim.last_token().as_deref(), Some(token));
+    sim.stop().await;
+    for _ in 0..40 {
+        for svc in ["web", "api", "db"] {
+            let r = ask(addr, &format!("{svc}.service.consul."), RecordType::A).await;
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        }
+        ask(addr, "unknown.service.consul.", RecordType::A).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sim.restart().await;
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse().expect("addr");
+    eventually(Duration::from_secs(8), async || {
+        metric_in(
+            &http_get(maddr, "/metrics").await.1,
+            "consul_dns_forwarder_consul_last_success_age_seconds",
+            &[],
+        ) < 1.0
+    })
+    .await
+    .expect("Consul reached again");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = http_get(maddr, "/metrics").await.1;
+    assert!(!metrics.contains(token));
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    let _ = server.0.wait();
+    let mut stderr = String::new();
+    use std::io::Read;
+    server
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read");
+    let down = stderr.matches("Consul unreachable").count();
+    let up_again = stderr.matches("Consul reachable again").count();
+    println!("log lines for one outage: {down} down, {up_again} back");
+    assert_eq!(down, 1, "{stderr}");
+    assert_eq!(up_again, 1, "{stderr}");
+    assert!(!stderr.contains(token), "token in the logs: {stderr}");
+
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&conf_path)
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(token)
+            && !String::from_utf8_lossy(&out.stderr).contains(token)
+    );
+}
+
+#[test]
+fn token_file_problems_are_clear() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let missing = dir.path().join("no-such-token");
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            "127.0.0.1:9",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--config"])
+        .arg({
+            let p = dir.path().join("f.toml");
+            std::fs::write(
+                &p,
+                format!("[consul]\ntoken_file = \"{}\"\n", missing.display()),
+            )
+            .expect("write");
+            p
+        })
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("consul.token_file") && err.contains("no-such-token"),
+        "{err}"
+    );
+
+    // World-readable: a warning, and it still runs.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let conf = dir.path().join("g.toml");
+    std::fs::write(
+        &conf,
+        format!("[consul]\ntoken_file = \"{}\"\n", token.display()),
+    )
+    .expect("write");
+    let mut server = spawn(&[
+        "--config",
+        &conf.display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--upstream",
+        "127.0.0.1:9",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    std::thread::sleep(Duration::from_millis(700));
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    let mut stderr = String::new();
+    use std::io::Read;
+    server
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read");
+    assert!(stderr.contains("readable by every user"), "{stderr}");
+    assert!(!stderr.contains("t0ken"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_inflight_limit_answers_at_once() {
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&format!(
+        "[upstream]\nservers = [\"{}\"]\ntimeout = \"2s\"\nmax_inflight = 2\n[metrics]\nenabled = false\n[consul]\nenabled = false\n",
+        up.addr
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let addr = fwd.addr;
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let r = ask(addr, &format!("slow-{}.test.", 800 + i), RecordType::A).await;
+            (r.metadata.response_code, started.elapsed())
+        }));
+    }
+    let mut fast_servfail = 0;
+    let mut answered = 0;
+    for t in tasks {
+        let (rcode, took) = t.await.expect("join");
+        match rcode {
+            ResponseCode::ServFail if took < Duration::from_millis(300) => fast_servfail += 1,
+            ResponseCode::NoError => answered += 1,
+            other => panic!("unexpected {other:?} after {took:?}"),
+        }
+    }
+    assert_eq!(answered, 2, "two fetches in flight at most");
+    assert_eq!(fast_servfail, 8, "the rest answered at once");
+    assert_eq!(
+        fwd.metric("consul_dns_forwarder_upstream_inflight_rejected_total", &[]),
+        8.0
+    );
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_truncates_udp_and_tcp_still_answers() {
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&format!(
+        "[server]\nrate_limit = 20\nrate_limit_exempt = []\n[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nenabled = false\n",
+        up.addr
+    ))
+    .await;
+    let mut truncated = 0;
+    for _ in 0..60 {
+        let r = ask(fwd.addr, "a.test.", RecordType::A).await;
+        if r.metadata.truncation {
+            assert!(r.answers.is_empty(), "over the limit: nothing to amplify");
+            truncated += 1;
+        }
+    }
+    assert!(truncated >= 35, "only {truncated} of 60 limited at 20/s");
+    let r: Message = tcp(fwd.addr, &make_query("a.test.", RecordType::A, None)).await;
+    assert_eq!(addresses(&r), vec!["192.0.2.1"], "TCP is not limited");
+    assert_eq!(
+        fwd.metric("consul_dns_forwarder_rate_limited_total", &[]),
+        truncated as f64
+    );
+    fwd.stop().await;
+
+    // Loopback is exempt by default.
+    let fwd = TestServer::start(&format!(
+        "[server]\nrate_limit = 20\n[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nenabled = false\n",
+        up.addr
+    ))
+    .await;
+    for _ in 0..60 {
+        assert!(
+            !ask(fwd.addr, "a.test.", RecordType::A)
+                .await
+                .metadata
+                .truncation
+        );
+    }
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_stays_within_its_entry_limit() {
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[cache]\nmax_entries = 20\n[metrics]\nenabled = false\n[consul]\nenabled = false\n",
+        up.addr
+    ))
+    .await;
+    for i in 0..200 {
+        ask(fwd.addr, &format!("n{i}.test."), RecordType::A).await;
+    }
+    let addr = fwd.addr;
+    let evicted = eventually(Duration::from_secs(5), async || {
+        ask(addr, "a.test.", RecordType::A).await;
+        fwd.metric("consul_dns_forwarder_cache_evictions_total", &[]) >= 150.0
+    })
+    .await;
+    assert!(
+        evicted.is_some(),
+        "evictions: {}",
+        fwd.metric("consul_dns_forwarder_cache_evictions_total", &[])
+    );
+    fwd.stop().await;
+}

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Runs every test. Installs what the tests need when it is missing: dig (Debian's
-# bind9-dnsutils), via apt-get when running as root.
+# Runs every test. Installs what the tests need when it is missing, via apt-get when running
+# as root: dig (Debian's bind9-dnsutils), nginx and getent/ip for the end-to-end tests
+# (tests/e2e_*.rs), python3 with PyYAML for checking examples/kubernetes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v dig >/dev/null 2>&1 || need_pkgs+=(bind9-dnsutils)
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_pkgs+=(nginx)
+command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need_pkgs+=(iproute2)
+command -v getent >/dev/null 2>&1 || need_pkgs+=(libc-bin)
+/usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || need_pkgs+=(python3-yaml)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "installing ${need_pkgs[*]}"

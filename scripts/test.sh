@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# Runs every test. Installs what the tests need when it is missing, via apt-get when running as
-# root: dig (bind9-dnsutils), promtool and prometheus (prometheus).
+# Runs every test. Installs what the tests need when it is missing, via apt-get when running
+# as root: dig (bind9-dnsutils), promtool and prometheus (prometheus), nginx and getent/ip for
+# the end-to-end tests (tests/e2e_*.rs), python3 with PyYAML for checking examples/kubernetes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v dig >/dev/null 2>&1 || need_pkgs+=(bind9-dnsutils)
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_pkgs+=(nginx)
+command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need_pkgs+=(iproute2)
+command -v getent >/dev/null 2>&1 || need_pkgs+=(libc-bin)
+/usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || need_pkgs+=(python3-yaml)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Packages such as nginx and prometheus would start their services on install; the tests
+    # start their own instances, so keep the package scripts from starting anything.
+    policy=/usr/sbin/policy-rc.d
+    created_policy=0
+    if [[ ! -e $policy ]]; then
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created_policy=1
+    fi
     apt-get update -qq
     apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    if ((created_policy)); then rm -f "$policy"; fi
   else
     echo "missing: ${need_pkgs[*]} — run as root or: sudo apt-get install ${need_pkgs[*]}" >&2
     exit 1

@@ -22,25 +22,25 @@ struct Cli {
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Listen address ADDR:PORT, UDP and TCP (repeatable). Default 127.0.0.1:53 and [::1]:53.
-    #[arg(long)]
+    #[arg(long, global = true)]
     listen: Vec<String>,
     /// Upstream resolver ADDR[:PORT] (repeatable). Default: the nameservers in /etc/resolv.conf.
-    #[arg(long)]
+    #[arg(long, global = true)]
     upstream: Vec<String>,
     /// Consul agent HTTP API base URL (repeatable, tried in order).
-    #[arg(long = "consul-http")]
+    #[arg(long = "consul-http", global = true)]
     consul_http: Vec<String>,
     /// Consul agent DNS address ADDR:PORT (repeatable); selects consul.mode = "dns".
-    #[arg(long = "consul-dns")]
+    #[arg(long = "consul-dns", global = true)]
     consul_dns: Vec<String>,
     /// Serve Consul names from this JSON file instead of Consul.
-    #[arg(long = "catalog-file")]
+    #[arg(long = "catalog-file", global = true)]
     catalog_file: Option<PathBuf>,
     /// Metrics and health endpoint ADDR:PORT.
-    #[arg(long = "metrics-listen")]
+    #[arg(long = "metrics-listen", global = true)]
     metrics_listen: Option<String>,
     /// Demo mode: listen on 127.0.0.1:1053 and serve the built-in demo catalog.
-    #[arg(long)]
+    #[arg(long, global = true)]
     dev: bool,
     /// Log format.
     #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Text)]
@@ -49,7 +49,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Check a config file and print every problem with file, line and key.
+    /// Check a config file (and any flags given with it) and print every problem with file, line
+    /// and key.
     CheckConfig,
 }
 
@@ -75,12 +76,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
 
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        upstream: cli.upstream.clone(),
+        consul_http: cli.consul_http.clone(),
+        consul_dns: cli.consul_dns.clone(),
+        catalog_file: cli.catalog_file.clone(),
+        metrics_listen: cli.metrics_listen.clone(),
+        dev: cli.dev,
+    };
     if let Some(Command::CheckConfig) = cli.command {
+        // The same checks as a start, flags included, without binding anything.
         let Some(path) = &cli.config else {
             eprintln!("check-config needs --config FILE");
             return ExitCode::from(2);
         };
-        return match Config::load(path) {
+        return match load_config(Some(path), &overrides) {
             Ok(_) => {
                 println!("{}: OK", path.display());
                 ExitCode::SUCCESS
@@ -91,16 +102,6 @@ fn main() -> ExitCode {
             }
         };
     }
-
-    let overrides = Overrides {
-        listen: cli.listen.clone(),
-        upstream: cli.upstream.clone(),
-        consul_http: cli.consul_http.clone(),
-        consul_dns: cli.consul_dns.clone(),
-        catalog_file: cli.catalog_file.clone(),
-        metrics_listen: cli.metrics_listen.clone(),
-        dev: cli.dev,
-    };
     let config = match load_config(cli.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {

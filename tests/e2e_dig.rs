@@ -2,13 +2,12 @@
 //! Consul names: TCP, no EDNS, truncation and the TCP retry, SRV in RFC 2782 form, and every
 //! SRV target asked on its own (as nginx's `service=` does). tests/cli.rs covers forwarded names.
 
-mod e2e_support;
 mod support;
 
 use std::collections::BTreeMap;
 
-use e2e_support::Forwarder;
 use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use support::e2e::Forwarder;
 use support::upstream::TestUpstream;
 
 async fn dig(port: u16, args: &[&str]) -> String {

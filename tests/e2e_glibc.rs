@@ -17,7 +17,6 @@
 //! Needs root (network namespaces, /etc/netns). The namespace, its /etc/netns directory and
 //! every process are removed by a Drop guard, also when an assertion fails.
 
-mod e2e_support;
 mod support;
 
 use std::collections::BTreeMap;
@@ -28,8 +27,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use e2e_support::{sbin, KillOnDrop, BIN};
 use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use support::e2e::{sbin, KillOnDrop, BIN};
 use support::upstream::TestUpstream;
 
 const CLONE_NEWNET: i32 = 0x4000_0000;

@@ -4,16 +4,15 @@
 //! critical with both `when_none_healthy` settings, and a service whose answer needs TCP.
 //! `examples/nginx/upstream-resolve.conf` runs too when the installed nginx is >= 1.27.3.
 
-mod e2e_support;
 mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use e2e_support::{
+use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use support::e2e::{
     examples_dir, free_port, nginx_version, replace_once, Backends, Forwarder, Nginx,
 };
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
 use support::upstream::TestUpstream;
 
 /// The service TTL the forwarder sends (its default) and `valid=` in the example.

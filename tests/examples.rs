@@ -4,13 +4,14 @@
 //! (where installed) with the hardening it promises. The nginx examples run in e2e_nginx.rs;
 //! tests/cli.rs checks every `*.toml` file under examples/.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use consul_dns_forwarder::config::Config;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_consul-dns-forwarder");
+use support::{free_port, Running as KillOnDrop, BIN};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
@@ -229,27 +230,6 @@ fn kubernetes_manifests_parse_and_embed_a_valid_config() {
             p.pointer("/port").and_then(Value::as_u64),
             Some(u64::from(metrics.port()))
         );
-    }
-}
-
-/// A port free for UDP and TCP on 127.0.0.1 (bound, read, released).
-fn free_port() -> u16 {
-    for _ in 0..50 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let port = udp.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -1,7 +1,6 @@
 //! Helpers shared by the end-to-end tests (`e2e_*.rs`): the real binary as a child process,
 //! small HTTP backends that answer with their own address, a minimal HTTP client, and an nginx
 //! child process. Everything listens on loopback only.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,29 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_consul-dns-forwarder");
-
-/// A port free for both UDP and TCP on 127.0.0.1 (bound, read, released).
-pub fn free_port() -> u16 {
-    for _ in 0..50 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let port = udp.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
-
-/// A child process killed (SIGKILL) and reaped when dropped.
-pub struct KillOnDrop(pub Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use super::{free_port, Running as KillOnDrop, BIN};
 
 /// The forwarder binary listening on 127.0.0.1:`port` (UDP and TCP).
 pub struct Forwarder {

@@ -33,5 +33,6 @@ if ((${#need_pkgs[@]})); then
 fi
 
 cargo test --all-targets "$@"
-# The soak run (about 60 s at ~20k queries/s) measures a release build, not a debug one.
-cargo test --release --test soak -- --ignored --nocapture
+# The soak run (about 60 s at ~20k queries/s) and the large-scale tests measure a release build,
+# not a debug one.
+cargo test --release --test soak --test scale -- --ignored --nocapture

@@ -76,6 +76,10 @@ pub const DEFAULT_CONSUL_STALE_FOR: Duration = Duration::from_secs(86_400);
 /// Connections to one agent: far below Consul's `limits.http_max_conns_per_client` (200).
 pub const DEFAULT_CONSUL_MAX_CONNECTIONS: usize = 32;
 
+/// The smallest connection budget that still leaves a watch slot, a fetch slot and the pool
+/// margin (see `consul::client`).
+pub const MIN_CONSUL_CONNECTIONS: usize = 4;
+
 /// Where metrics are served by default: CoreDNS's conventional metrics port, loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9153";
 
@@ -799,11 +803,11 @@ impl Config {
             ));
         }
         let max_connections = k.max_connections.unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS);
-        if max_connections < 2 {
+        if max_connections < MIN_CONSUL_CONNECTIONS {
             errors.push(invalid(
                 "consul",
                 "max_connections",
-                "must be at least 2 (one for watches, one for lookups)".into(),
+                format!("must be at least {MIN_CONSUL_CONNECTIONS} (one for watches, one for lookups, two of margin for connections being reused)"),
             ));
         }
         let http: Vec<reqwest::Url> = match k.http {

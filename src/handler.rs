@@ -20,12 +20,14 @@ use crate::wire::{self, Answer, Question, RawHeader, Transport};
 /// (SERVFAIL, or stale data).
 #[async_trait]
 pub trait AnswerSource: Send + Sync {
-    async fn answer(&self, q: &Question) -> (Answer, Source);
+    /// `limit` is the size the reply may take: a source may use it to avoid building records
+    /// that cannot fit (the reply is truncated to it in any case).
+    async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source);
 }
 
 #[async_trait]
 impl AnswerSource for Forwarder {
-    async fn answer(&self, q: &Question) -> (Answer, Source) {
+    async fn answer(&self, q: &Question, _limit: usize) -> (Answer, Source) {
         Forwarder::answer(self, q).await
     }
 }
@@ -149,11 +151,11 @@ impl Handler {
             .requests
             .with_label_values(&[transport.as_str(), qtype_label(q.qtype), zone])
             .inc();
-        let (answer, source) = match consul {
-            Some(route) => route.source.answer(&q).await,
-            None => routes.forwarder.answer(&q).await,
-        };
         let limit = wire::reply_limit(&request, transport);
+        let (answer, source) = match consul {
+            Some(route) => route.source.answer(&q, limit).await,
+            None => routes.forwarder.answer(&q, limit).await,
+        };
         let (bytes, truncated) = wire::encode_reply(&request, &answer, limit);
         if truncated {
             self.metrics

@@ -168,6 +168,7 @@ pub fn error_reply(request: &Message, rcode: ResponseCode) -> Vec<u8> {
 /// given order, which is already shuffled for Consul names, so clients get a random subset), drops
 /// the authority and additional sections, and sets TC=1 so the client can retry over TCP. The OPT
 /// record is always kept when the request had one (hickory may drop it when it truncates by itself).
+/// Returns the bytes and whether records were left out.
 pub fn encode_reply(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8>, bool) {
     let mut msg = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
     msg.metadata = reply_metadata(request, answer.rcode, answer.authoritative);
@@ -177,17 +178,20 @@ pub fn encode_reply(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8
     msg.authorities = answer.authorities.clone();
     msg.additionals = answer.additionals.clone();
     if let Ok(bytes) = msg.to_vec() {
-        if bytes.len() <= limit {
+        if bytes.len() <= limit && complete(&bytes, &msg) {
             return (bytes, false);
         }
     }
-    // Too large (or unencodable): keep the largest prefix of the answers that fits.
-    msg.metadata.truncation = true;
+    // Too large (or unencodable): keep the largest prefix of the answers that fits. TC=1 tells
+    // a UDP client that TCP would give it more; over TCP nothing more can be had, so no TC.
+    msg.metadata.truncation = limit < TCP_LIMIT;
     msg.authorities.clear();
     msg.additionals.clear();
     let fits = |n: usize, msg: &mut Message| -> Option<Vec<u8>> {
         msg.answers = answer.answers[..n].to_vec();
-        msg.to_vec().ok().filter(|b| b.len() <= limit)
+        msg.to_vec()
+            .ok()
+            .filter(|b| b.len() <= limit && complete(b, msg))
     };
     // Binary search for the largest prefix that fits: log2(n) encodes instead of n.
     let (mut lo, mut hi) = (0usize, answer.answers.len());
@@ -218,6 +222,20 @@ pub fn encode_reply(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8
             (bytes, true)
         }
     }
+}
+
+/// Did the encoder write every record? hickory stops at 64 KiB on its own (setting TC and
+/// lowering the counts), which must not pass for a fit.
+fn complete(bytes: &[u8], msg: &Message) -> bool {
+    let count = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    };
+    let opt = usize::from(msg.edns.is_some());
+    count(6) == msg.answers.len()
+        && count(8) == msg.authorities.len()
+        && count(10) == msg.additionals.len() + opt
 }
 
 /// Sets TC=1 on an encoded message.

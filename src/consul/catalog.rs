@@ -2,9 +2,9 @@
 //! it) and the views built from it: each instance reduced to what DNS needs, with its worst
 //! check status. Parsing is lenient about what DNS does not use and strict about what it does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
@@ -212,18 +212,50 @@ impl Instance {
 }
 
 /// Everything known about one service in one datacenter, replaced whole on every change.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ServiceView {
     pub instances: Vec<Instance>,
     pub datacenter: String,
+    /// Selections already computed for this view (per tag and health rule), so a query costs the
+    /// same whatever the number of instances.
+    selections: Mutex<HashMap<SelectionKey, Arc<Selection>>>,
 }
 
+/// What decides which instances a lookup serves.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SelectionKey {
+    pub tag: Option<String>,
+    pub only_passing: bool,
+    pub all_when_none_healthy: bool,
+}
+
+/// The instances one kind of lookup serves, as indices into [`ServiceView::instances`], split
+/// by address family so a query samples only what it can answer with.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub all: Vec<u32>,
+    pub v4: Vec<u32>,
+    pub v6: Vec<u32>,
+    pub with_ip: Vec<u32>,
+}
+
+/// Distinct tags remembered per view; a flood of made-up tags cannot grow it without bound.
+const MAX_SELECTIONS_PER_VIEW: usize = 256;
+
 impl ServiceView {
-    pub fn from_entries(entries: &[HealthEntry], datacenter: &str) -> ServiceView {
+    pub fn new(instances: Vec<Instance>, datacenter: &str) -> ServiceView {
         ServiceView {
-            instances: entries.iter().map(Instance::from_entry).collect(),
+            instances,
             datacenter: datacenter.to_owned(),
+            selections: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn from_entries(entries: &[HealthEntry], datacenter: &str) -> ServiceView {
+        ServiceView::new(
+            entries.iter().map(Instance::from_entry).collect(),
+            datacenter,
+        )
     }
 
     /// The same data as another view? (A blocking query can return without a change.)
@@ -236,6 +268,61 @@ impl ServiceView {
             .iter()
             .filter(|i| is_healthy(i.status, only_passing))
             .count()
+    }
+
+    /// The instances served for `key`: tag-filtered, then healthy only, or every tagged one
+    /// when none is healthy and `all_when_none_healthy`. Computed once per view and key.
+    pub fn selection(&self, key: &SelectionKey) -> Arc<Selection> {
+        let mut cache = match self.selections.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(s) = cache.get(key) {
+            return s.clone();
+        }
+        let computed = Arc::new(self.compute_selection(key));
+        if cache.len() < MAX_SELECTIONS_PER_VIEW {
+            cache.insert(key.clone(), computed.clone());
+        }
+        computed
+    }
+
+    fn compute_selection(&self, key: &SelectionKey) -> Selection {
+        let tagged: Vec<u32> = self
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| key.tag.as_deref().is_none_or(|t| i.has_tag(t)))
+            .map(|(n, _)| u32::try_from(n).unwrap_or(u32::MAX))
+            .collect();
+        let healthy: Vec<u32> = tagged
+            .iter()
+            .copied()
+            .filter(|&n| is_healthy(self.instances[n as usize].status, key.only_passing))
+            .collect();
+        let all = if healthy.is_empty() && key.all_when_none_healthy {
+            tagged
+        } else {
+            healthy
+        };
+        let ip_of = |n: &u32| match &self.instances[*n as usize].target {
+            Some(Target::Ip(ip)) => Some(*ip),
+            _ => None,
+        };
+        Selection {
+            v4: all
+                .iter()
+                .copied()
+                .filter(|n| ip_of(n).is_some_and(|ip| ip.is_ipv4()))
+                .collect(),
+            v6: all
+                .iter()
+                .copied()
+                .filter(|n| ip_of(n).is_some_and(|ip| ip.is_ipv6()))
+                .collect(),
+            with_ip: all.iter().copied().filter(|n| ip_of(n).is_some()).collect(),
+            all,
+        }
     }
 }
 

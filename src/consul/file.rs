@@ -150,12 +150,11 @@ impl Backend for FileBackend {
     ) -> Result<Arc<ServiceView>, LookupError> {
         let catalog = self.current();
         self.check_dc(&catalog, dc)?;
-        Ok(catalog.services.get(service).cloned().unwrap_or_else(|| {
-            Arc::new(ServiceView {
-                instances: Vec::new(),
-                datacenter: catalog.datacenter.clone(),
-            })
-        }))
+        Ok(catalog
+            .services
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(ServiceView::new(Vec::new(), &catalog.datacenter))))
     }
 
     async fn node(

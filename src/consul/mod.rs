@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{DNSClass, RecordType};
-use rand::seq::SliceRandom;
 use tokio_util::sync::CancellationToken;
 
 use self::catalog::{NodeView, QueryView, ServiceView};
@@ -117,7 +116,7 @@ impl ConsulSource {
         }
     }
 
-    async fn answer_inner(&self, q: &Question) -> Answer {
+    async fn answer_inner(&self, q: &Question, limit: usize) -> Answer {
         let cfg = &self.policy.config;
         let Some(parsed) = name::parse(&q.name, q.qtype, &cfg.domains) else {
             return Answer::rcode(ResponseCode::Refused);
@@ -157,13 +156,19 @@ impl ConsulSource {
                 let dc = norm(dc);
                 match self.backend.service(service, dc.as_deref()).await {
                     Ok(view) => {
-                        let mut chosen = records::select(
+                        let selection = records::select(
                             &view,
                             tag.as_deref(),
                             cfg.only_passing,
                             cfg.when_none_healthy,
                         );
-                        chosen.shuffle(&mut rand::rng());
+                        let chosen = records::pick(
+                            &view,
+                            &selection,
+                            q.qtype,
+                            records::record_cap(q.qtype, limit, q.name.len()),
+                            &mut rand::rng(),
+                        );
                         let view_dc = dc.clone().or_else(|| {
                             (!view.datacenter.is_empty()).then(|| view.datacenter.clone())
                         });
@@ -171,6 +176,7 @@ impl ConsulSource {
                         ctx.ttl = secs(cfg.service_ttl_for(service));
                         records::service_answer(
                             &chosen,
+                            !selection.all.is_empty(),
                             &Ctx {
                                 dc: &dc_name,
                                 ..ctx.clone()
@@ -194,9 +200,15 @@ impl ConsulSource {
                 .await
             {
                 Ok(Some(qv)) => {
-                    let mut chosen =
+                    let selection =
                         records::select(&qv.service, None, cfg.only_passing, cfg.when_none_healthy);
-                    chosen.shuffle(&mut rand::rng());
+                    let chosen = records::pick(
+                        &qv.service,
+                        &selection,
+                        q.qtype,
+                        records::record_cap(q.qtype, limit, q.name.len()),
+                        &mut rand::rng(),
+                    );
                     ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
                     let dc_name = if qv.service.datacenter.is_empty() {
                         ctx.dc.to_owned()
@@ -205,6 +217,7 @@ impl ConsulSource {
                     };
                     records::service_answer(
                         &chosen,
+                        !selection.all.is_empty(),
                         &Ctx {
                             dc: &dc_name,
                             ..ctx.clone()
@@ -244,8 +257,8 @@ impl ConsulSource {
 
 #[async_trait]
 impl AnswerSource for ConsulSource {
-    async fn answer(&self, q: &Question) -> (Answer, Source) {
-        (self.answer_inner(q).await, Source::Consul)
+    async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source) {
+        (self.answer_inner(q, limit).await, Source::Consul)
     }
 }
 

@@ -9,7 +9,11 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use super::catalog::{is_healthy, Instance, NodeView, ServiceView, Target};
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::catalog::{Instance, NodeView, Selection, SelectionKey, ServiceView, Target};
 use super::name::encode_hex_ip;
 use crate::config::WhenNoneHealthy;
 use crate::wire::Answer;
@@ -39,25 +43,65 @@ pub struct Ctx<'a> {
 }
 
 /// The instances a service lookup serves: tag-filtered, then healthy only, or every one when
-/// none is healthy and `when_none_healthy = "all"`. Empty means NXDOMAIN.
-pub fn select<'v>(
-    view: &'v ServiceView,
+/// none is healthy and `when_none_healthy = "all"`. Empty means NXDOMAIN. Cached in the view.
+pub fn select(
+    view: &ServiceView,
     tag: Option<&str>,
     only_passing: bool,
     when_none_healthy: WhenNoneHealthy,
+) -> Arc<Selection> {
+    view.selection(&SelectionKey {
+        tag: tag.map(str::to_owned),
+        only_passing,
+        all_when_none_healthy: when_none_healthy == WhenNoneHealthy::All,
+    })
+}
+
+/// hickory compresses at most this many names per message (unbound's CVE-2024-8508 limit);
+/// records after them carry their owner name in full.
+const COMPRESSED_NAMES: usize = 120;
+
+/// An upper bound on how many records of `qtype` fit in `limit` bytes: each A record takes at
+/// least 16 bytes while its name is compressed, AAAA 28, SRV 20, and `qname_len + 14` (resp.
+/// 26, 18) after the first [`COMPRESSED_NAMES`]. Sampling more instances than this is wasted
+/// work, so a 5,000-instance service costs what a 50-instance one does over UDP.
+pub fn record_cap(qtype: RecordType, limit: usize, qname_len: usize) -> usize {
+    let rdata = match qtype {
+        RecordType::AAAA => 16,
+        RecordType::SRV => 8,
+        _ => 4,
+    };
+    let compressed = 2 + 10 + rdata;
+    let full = qname_len + 10 + rdata;
+    let cap = if limit <= COMPRESSED_NAMES * compressed {
+        limit / compressed
+    } else {
+        COMPRESSED_NAMES + (limit - COMPRESSED_NAMES * compressed) / full.max(1)
+    };
+    cap.max(1)
+}
+
+/// Up to `cap` instances picked at random, in random order (a partial Fisher-Yates shuffle, so
+/// the cost is `cap`, not the instance count), from those that can answer a `qtype` question:
+/// the address family asked for, or every instance for SRV and when none has an IP (hostnames).
+pub fn pick<'v, R: Rng + ?Sized>(
+    view: &'v ServiceView,
+    selection: &Selection,
+    qtype: RecordType,
+    cap: usize,
+    rng: &mut R,
 ) -> Vec<&'v Instance> {
-    let tagged = view
-        .instances
-        .iter()
-        .filter(|i| tag.is_none_or(|t| i.has_tag(t)));
-    let healthy: Vec<&Instance> = tagged
-        .clone()
-        .filter(|i| is_healthy(i.status, only_passing))
-        .collect();
-    if healthy.is_empty() && when_none_healthy == WhenNoneHealthy::All {
-        return tagged.collect();
-    }
-    healthy
+    let pool = match qtype {
+        _ if selection.with_ip.is_empty() => &selection.all,
+        RecordType::A => &selection.v4,
+        RecordType::AAAA => &selection.v6,
+        RecordType::ANY => &selection.with_ip,
+        _ => &selection.all,
+    };
+    rand::seq::index::sample(rng, pool.len(), cap.min(pool.len()))
+        .into_iter()
+        .filter_map(|i| view.instances.get(pool[i] as usize))
+        .collect()
 }
 
 pub fn soa_record(ctx: &Ctx<'_>) -> Record {
@@ -161,9 +205,10 @@ pub enum Built {
     },
 }
 
-/// Answers a service question from `instances` (already selected and shuffled; empty → NXDOMAIN).
-pub fn service_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Built {
-    if instances.is_empty() {
+/// Answers a service question from `instances` (picked and shuffled). `exists` = the selection
+/// was not empty: without it the answer is NXDOMAIN; with it and nothing to say, NODATA.
+pub fn service_answer(instances: &[&Instance], exists: bool, ctx: &Ctx<'_>) -> Built {
+    if !exists {
         return Built::Done(nxdomain(ctx));
     }
     if let Some(a) = apex_types(ctx) {
@@ -389,10 +434,7 @@ mod tests {
     }
 
     fn view(instances: Vec<Instance>) -> ServiceView {
-        ServiceView {
-            instances,
-            datacenter: "dc1".into(),
-        }
+        ServiceView::new(instances, "dc1")
     }
 
     #[test]
@@ -402,15 +444,28 @@ mod tests {
             inst("b", "10.0.0.2", false, 80, Status::Warning),
             inst("c", "10.0.0.3", false, 80, Status::Critical),
         ]);
-        assert_eq!(select(&v, None, false, WhenNoneHealthy::Nxdomain).len(), 2);
-        assert_eq!(select(&v, None, true, WhenNoneHealthy::Nxdomain).len(), 1);
         assert_eq!(
-            select(&v, Some("v2"), false, WhenNoneHealthy::Nxdomain).len(),
+            select(&v, None, false, WhenNoneHealthy::Nxdomain).all.len(),
+            2
+        );
+        assert_eq!(
+            select(&v, None, true, WhenNoneHealthy::Nxdomain).all.len(),
+            1
+        );
+        assert_eq!(
+            select(&v, Some("v2"), false, WhenNoneHealthy::Nxdomain)
+                .all
+                .len(),
             0
         );
         let dead = view(vec![inst("c", "10.0.0.3", false, 80, Status::Critical)]);
-        assert!(select(&dead, None, false, WhenNoneHealthy::Nxdomain).is_empty());
-        assert_eq!(select(&dead, None, false, WhenNoneHealthy::All).len(), 1);
+        assert!(select(&dead, None, false, WhenNoneHealthy::Nxdomain)
+            .all
+            .is_empty());
+        assert_eq!(
+            select(&dead, None, false, WhenNoneHealthy::All).all.len(),
+            1
+        );
     }
 
     #[test]
@@ -420,16 +475,19 @@ mod tests {
         let c = inst("c", "2001:db8::1", true, 80, Status::Passing);
         let d = inst("d", "10.0.0.4", true, 80, Status::Passing);
         let all = [&a, &b, &c, &d];
-        let r = with(RecordType::A, |ctx| done(service_answer(&all, ctx)));
+        let r = with(RecordType::A, |ctx| done(service_answer(&all, true, ctx)));
         assert_eq!(r.answers.len(), 2);
         assert!(r.authoritative);
-        let r = with(RecordType::AAAA, |ctx| done(service_answer(&all, ctx)));
+        let r = with(RecordType::AAAA, |ctx| {
+            done(service_answer(&all, true, ctx))
+        });
         assert_eq!(r.answers.len(), 1);
-        let r = with(RecordType::ANY, |ctx| done(service_answer(&all, ctx)));
+        let r = with(RecordType::ANY, |ctx| done(service_answer(&all, true, ctx)));
         assert_eq!(r.answers.len(), 3);
         let r = with(RecordType::A, |ctx| {
             done(service_answer(
                 &all,
+                true,
                 &Ctx {
                     a_record_limit: 1,
                     ..ctx.clone()
@@ -438,7 +496,9 @@ mod tests {
         });
         assert_eq!(r.answers.len(), 1);
         // IPv4-only service asked AAAA: NODATA with SOA, not NXDOMAIN.
-        let r = with(RecordType::AAAA, |ctx| done(service_answer(&[&a, &d], ctx)));
+        let r = with(RecordType::AAAA, |ctx| {
+            done(service_answer(&[&a, &d], true, ctx))
+        });
         assert_eq!(r.rcode, ResponseCode::NoError);
         assert!(r.answers.is_empty());
         assert!(matches!(r.authorities[0].data, RData::SOA(_)));
@@ -446,7 +506,7 @@ mod tests {
 
     #[test]
     fn empty_is_nxdomain_with_soa() {
-        let r = with(RecordType::A, |ctx| done(service_answer(&[], ctx)));
+        let r = with(RecordType::A, |ctx| done(service_answer(&[], false, ctx)));
         assert_eq!(r.rcode, ResponseCode::NXDomain);
         match &r.authorities[0].data {
             RData::SOA(soa) => {
@@ -460,7 +520,7 @@ mod tests {
     #[test]
     fn hostname_becomes_cname_unless_ips_exist() {
         let h = inst("h", "db.example.com", true, 80, Status::Passing);
-        match with(RecordType::A, |ctx| service_answer(&[&h], ctx)) {
+        match with(RecordType::A, |ctx| service_answer(&[&h], true, ctx)) {
             Built::Cname { answer, target } => {
                 assert_eq!(target.to_ascii(), "db.example.com.");
                 assert!(matches!(answer.answers[0].data, RData::CNAME(_)));
@@ -468,7 +528,9 @@ mod tests {
             other => panic!("expected CNAME, got {other:?}"),
         }
         let a = inst("a", "10.0.0.1", true, 80, Status::Passing);
-        let r = with(RecordType::A, |ctx| done(service_answer(&[&h, &a], ctx)));
+        let r = with(RecordType::A, |ctx| {
+            done(service_answer(&[&h, &a], true, ctx))
+        });
         assert_eq!(r.answers.len(), 1);
         assert!(matches!(r.answers[0].data, RData::A(_)));
     }
@@ -480,7 +542,11 @@ mod tests {
         let own_host = inst("n3", "db.example.com", true, 82, Status::Passing);
         let dup = inst("n2", "127.0.0.2", true, 81, Status::Passing);
         let r = with(RecordType::SRV, |ctx| {
-            done(service_answer(&[&node_addr, &own_ip, &own_host, &dup], ctx))
+            done(service_answer(
+                &[&node_addr, &own_ip, &own_host, &dup],
+                true,
+                ctx,
+            ))
         });
         let srvs: Vec<(u16, u16, u16, String)> = r
             .answers
@@ -535,5 +601,50 @@ mod tests {
         });
         assert_eq!(r.rcode, ResponseCode::NoError);
         assert!(r.answers.is_empty());
+    }
+
+    #[test]
+    fn pick_samples_within_cap_from_the_right_family() {
+        let mut instances: Vec<Instance> = (0..5000u32)
+            .map(|n| {
+                let ip = if n % 2 == 0 {
+                    std::net::Ipv4Addr::from(0x0a00_0000 + n).to_string()
+                } else {
+                    std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(n)).to_string()
+                };
+                inst(&format!("n{n}"), &ip, true, 80, Status::Passing)
+            })
+            .collect();
+        instances.push(inst("bad", "10.9.9.9", true, 80, Status::Critical));
+        let v = view(instances);
+        let sel = select(&v, None, false, WhenNoneHealthy::Nxdomain);
+        assert_eq!(
+            (sel.all.len(), sel.v4.len(), sel.v6.len()),
+            (5000, 2500, 2500)
+        );
+        let mut rng = rand::rng();
+        let cap = record_cap(RecordType::A, 512, 20);
+        assert_eq!(cap, 32);
+        let a = pick(&v, &sel, RecordType::A, cap, &mut rng);
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .iter()
+            .all(|i| matches!(i.target, Some(Target::Ip(ip)) if ip.is_ipv4())));
+        let distinct: std::collections::HashSet<&str> = a.iter().map(|i| i.node.as_str()).collect();
+        assert_eq!(distinct.len(), 32, "no instance twice");
+        let again = pick(&v, &sel, RecordType::A, cap, &mut rng);
+        assert_ne!(
+            a.iter().map(|i| &i.node).collect::<Vec<_>>(),
+            again.iter().map(|i| &i.node).collect::<Vec<_>>(),
+            "a fresh random subset each time"
+        );
+        let six = pick(&v, &sel, RecordType::AAAA, 10, &mut rng);
+        assert!(six
+            .iter()
+            .all(|i| matches!(i.target, Some(Target::Ip(ip)) if ip.is_ipv6())));
+        assert!(
+            Arc::ptr_eq(&sel, &select(&v, None, false, WhenNoneHealthy::Nxdomain)),
+            "computed once per view"
+        );
     }
 }

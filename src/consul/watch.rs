@@ -33,8 +33,9 @@ const WATCH_REFILL: Duration = Duration::from_millis(250);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(3);
 
-/// While a watcher has no blocking slot (the connection budget is spent), it polls this often.
-const POLL_WITHOUT_SLOT: Duration = Duration::from_secs(1);
+/// A watcher without a blocking slot (the connection budget is spent) looks for a free one
+/// this often; meanwhile its view is refreshed on demand.
+const SLOT_RETRY: Duration = Duration::from_secs(5);
 
 /// How long the first queries for a service wait for its first fetch before SERVFAIL (the
 /// fetch goes on; later queries get its result). Within glibc's 5 s per try.
@@ -59,6 +60,12 @@ enum ViewState {
 
 struct Watch {
     state: watch::Sender<ViewState>,
+    /// Set while the watcher has no blocking query: queries then wake it through `demand`
+    /// when the view is older than its TTL.
+    on_demand: AtomicBool,
+    demand: tokio::sync::Notify,
+    /// A query came after the first fetch: the service is worth a blocking watch.
+    asked_again: AtomicBool,
     last_asked: Mutex<Instant>,
     last_confirmed: Mutex<Option<Instant>>,
 }
@@ -204,6 +211,13 @@ struct Settings {
     only_passing: bool,
     node_ttl: Duration,
     default_service_ttl: Duration,
+    config: Arc<ConsulConfig>,
+}
+
+impl Settings {
+    fn service_ttl(&self, service: &str) -> Duration {
+        self.config.service_ttl_for(service)
+    }
 }
 
 pub struct HttpBackend {
@@ -284,6 +298,7 @@ impl HttpBackend {
                 only_passing: config.only_passing,
                 node_ttl: config.node_ttl,
                 default_service_ttl: config.service_ttl_for(""),
+                config: Arc::new(config.clone()),
             },
             watches: Arc::new(Mutex::new(HashMap::new())),
             nodes: Arc::new(OnDemand::new()),
@@ -304,6 +319,9 @@ impl HttpBackend {
         let (tx, _) = watch::channel(ViewState::Pending);
         let w = Arc::new(Watch {
             state: tx,
+            on_demand: AtomicBool::new(false),
+            demand: tokio::sync::Notify::new(),
+            asked_again: AtomicBool::new(false),
             last_asked: Mutex::new(Instant::now()),
             last_confirmed: Mutex::new(None),
         });
@@ -404,14 +422,38 @@ impl Watcher {
                 }
             }
             tokens -= 1;
-            // A blocking query needs a slot of the connection budget; without one, poll.
+            // A blocking query needs a slot of the connection budget. Without one the view is
+            // refreshed on demand: when a query finds it older than its TTL.
+            // Blocking slots go to services asked more than once: a name asked once (a cold
+            // start asks thousands) keeps no connection; the next query makes it a watch.
+            if index > 0 && !self.watch.asked_again.load(Ordering::SeqCst) {
+                self.watch.on_demand.store(true, Ordering::SeqCst);
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    _ = self.watch.demand.notified() => {
+                        self.watch.asked_again.store(true, Ordering::SeqCst);
+                    }
+                    _ = tokio::time::sleep(SLOT_RETRY) => continue,
+                }
+            }
             let slot = if index > 0 {
                 self.client.try_blocking_slot()
             } else {
                 None
             };
+            if index > 0 && slot.is_none() {
+                self.watch.on_demand.store(true, Ordering::SeqCst);
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    _ = self.watch.demand.notified() => {}
+                    // Look again for a free slot (and for idleness) now and then.
+                    _ = tokio::time::sleep(SLOT_RETRY) => continue,
+                }
+            }
+            self.watch
+                .on_demand
+                .store(slot.is_none() && index > 0, Ordering::SeqCst);
             let blocking = slot.as_ref().map(|_| (index, self.settings.watch_wait));
-            let polled = blocking.is_none() && index > 0;
             let request =
                 self.client
                     .get::<Vec<HealthEntry>>("health_service", &path, &params, blocking);
@@ -461,13 +503,6 @@ impl Watcher {
                             .send_replace(ViewState::Ready(Arc::new(view)));
                     }
                     index = new_index;
-                    if polled {
-                        // No blocking slot was free: pace the polling.
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(POLL_WITHOUT_SLOT) => {}
-                        }
-                    }
                 }
                 Err(ClientError::NoSuchDatacenter) => {
                     self.outage.ok();
@@ -544,6 +579,14 @@ impl Backend for HttpBackend {
         match state {
             ViewState::Ready(view) => {
                 let confirmed = *lock(&w.last_confirmed);
+                if w.on_demand.load(Ordering::SeqCst)
+                    && (!w.asked_again.load(Ordering::SeqCst)
+                        || confirmed
+                            .is_none_or(|at| at.elapsed() >= self.settings.service_ttl(service)))
+                {
+                    // Served now from the current view; the refresh serves the next queries.
+                    w.demand.notify_one();
+                }
                 match confirmed {
                     Some(at) if at.elapsed() > self.settings.stale_for => {
                         Err(LookupError::Unavailable(

@@ -56,6 +56,9 @@ pub(super) struct State {
     pub nodes: BTreeMap<String, NodeRec>,
     /// Keyed by instance ID.
     pub services: BTreeMap<String, SvcRec>,
+    /// Instance IDs by lowercased service name, so a lookup does not scan the whole catalog
+    /// (tests register ten thousand services).
+    pub by_name: HashMap<String, BTreeSet<String>>,
     /// Lowercased service name -> index of its last result change. Kept after
     /// the last instance is removed, like Consul's per-service index entry.
     pub service_index: HashMap<String, u64>,
@@ -163,6 +166,7 @@ impl State {
             services_index: 1,
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
+            by_name: HashMap::new(),
             service_index: HashMap::new(),
             queries: Vec::new(),
         }
@@ -175,6 +179,16 @@ impl State {
 
     fn touch_service(&mut self, name: &str, idx: u64) {
         self.service_index.insert(name.to_ascii_lowercase(), idx);
+    }
+
+    fn unindex(&mut self, service: &str, id: &str) {
+        let key = service.to_ascii_lowercase();
+        if let Some(ids) = self.by_name.get_mut(&key) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_name.remove(&key);
+            }
+        }
     }
 
     fn touch_services_on_node(&mut self, node: &str, idx: u64) {
@@ -242,6 +256,7 @@ impl State {
         let check_id = format!("service:{}", svc.id);
         let old = self.services.remove(&svc.id);
         if let Some(o) = &old {
+            self.unindex(&o.svc.service, &o.svc.id);
             self.touch_service(&o.svc.service, idx);
         }
         let (create, check_create) = match &old {
@@ -263,6 +278,10 @@ impl State {
             },
         );
         let name = svc.service.clone();
+        self.by_name
+            .entry(name.to_ascii_lowercase())
+            .or_default()
+            .insert(svc.id.clone());
         self.services.insert(
             svc.id.clone(),
             SvcRec {
@@ -277,6 +296,7 @@ impl State {
 
     pub fn remove_service(&mut self, id: &str) {
         if let Some(old) = self.services.remove(id) {
+            self.unindex(&old.svc.service, id);
             let idx = self.bump();
             self.services_index = idx;
             self.touch_service(&old.svc.service, idx);
@@ -366,9 +386,11 @@ impl State {
     /// sorted by node then ID.
     pub fn instances(&self, name: &str) -> Vec<Instance<'_>> {
         let mut v: Vec<Instance<'_>> = self
-            .services
-            .values()
-            .filter(|s| s.svc.service.eq_ignore_ascii_case(name))
+            .by_name
+            .get(&name.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.services.get(id))
             .filter_map(|s| {
                 self.nodes
                     .get(&s.svc.node)

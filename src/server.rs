@@ -283,7 +283,16 @@ async fn tcp_accept_loop(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             metrics.tcp_connections.inc();
-            tcp_connection(stream, peer, handler, idle, conn_tracker, shutdown).await;
+            tcp_connection(
+                stream,
+                peer,
+                handler,
+                &metrics,
+                idle,
+                conn_tracker,
+                shutdown,
+            )
+            .await;
             metrics.tcp_connections.dec();
             drop(permit);
         });
@@ -299,6 +308,7 @@ async fn tcp_connection(
     stream: TcpStream,
     peer: SocketAddr,
     handler: Arc<Handler>,
+    metrics: &Metrics,
     idle: Duration,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -339,6 +349,12 @@ async fn tcp_connection(
             _ = tx.closed() => break,
             r = tokio::time::timeout(idle, read) => match r {
                 Ok(Ok(body)) if !body.is_empty() => body,
+                Ok(Ok(_)) => {
+                    // A zero-length message is not DNS: counted like any short packet, and the
+                    // connection closed.
+                    metrics.drop_packet("short");
+                    break;
+                }
                 _ => break,
             },
         };

@@ -161,8 +161,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let inflight = Arc::new(Semaphore::new(limits.max_inflight));
-    let connections = Arc::new(Semaphore::new(limits.max_tcp_connections));
+    // Limits beyond what a semaphore can count (2^61) are unlimited in practice.
+    let inflight = Arc::new(Semaphore::new(
+        limits.max_inflight.min(Semaphore::MAX_PERMITS),
+    ));
+    let connections = Arc::new(Semaphore::new(
+        limits.max_tcp_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let mut loops = Vec::new();
     for socket in listeners.udp {
         loops.push(tokio::spawn(udp_loop(

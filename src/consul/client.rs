@@ -108,6 +108,8 @@ impl ConsulClient {
         let http = builder
             .build()
             .map_err(|e| ClientBuildError::Build(e.to_string()))?;
+        // A budget beyond what a semaphore can count (2^61) is unlimited in practice.
+        let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
         let fetch = fetch_share(max_connections);
         let blocking_slots = max_connections.saturating_sub(fetch).max(1);
         Ok(ConsulClient {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod consul_sim;
+pub mod hostile;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -916,6 +916,22 @@ pub fn corpus() -> Vec<Nasty> {
         query(next(), "web.service.consul.", TYPE_A, None),
         NOERROR,
     ));
+
+    // --- Found by fuzzing (appended, so the IDs above never change).
+    let mut p = header(next(), RD, 40, 0, 0, 0);
+    for i in 0..40 {
+        p.extend(question(
+            &wire_name(&format!("question-number-{i:02}.test.")),
+            TYPE_A,
+            CLASS_IN,
+        ));
+    }
+    v.push(nasty(
+        "qdcount-40",
+        "40 real questions (1.1 KB): the FORMERR must still fit in 512 bytes over UDP",
+        p,
+        FORMERR,
+    ));
     v
 }
 

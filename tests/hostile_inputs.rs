@@ -261,7 +261,25 @@ async fn accepted_extreme_config_values_serve_queries() {
             "nosuch.service.consul.",
             "node-1.node.consul.",
         ] {
-            let r = udp(fwd.addr, &make_query(name, RecordType::A, None)).await;
+            // Retried like a stub resolver does: with max_inflight = 1 a query that arrives
+            // before the previous one has released its slot is shed (and counted).
+            let q = make_query(name, RecordType::A, None);
+            let mut reply = None;
+            for _ in 0..3 {
+                reply = raw_udp(
+                    fwd.addr,
+                    &q.to_vec().expect("encode"),
+                    Duration::from_secs(2),
+                )
+                .await;
+                if reply.is_some() {
+                    break;
+                }
+            }
+            let reply =
+                reply.unwrap_or_else(|| panic!("{section}.{key} = {value}: no reply for {name}"));
+            let r = hickory_proto::op::Message::from_vec(&reply).expect("reply parses");
+            assert_eq!(r.metadata.id, q.metadata.id);
             if http && name.ends_with(".consul.") {
                 assert_eq!(r.metadata.response_code, ResponseCode::ServFail, "{name}");
                 continue;
@@ -868,7 +886,7 @@ async fn consul_garbage_gets_servfail_for_never_seen_names() {
             "{kind}"
         );
         assert!(
-            began.elapsed() < Duration::from_secs(1),
+            began.elapsed() < Duration::from_secs(2),
             "{kind}: {:?}",
             began.elapsed()
         );
@@ -900,7 +918,7 @@ async fn consul_bodies_that_never_end_and_hung_requests_are_given_up() {
         assert_eq!(rc, ResponseCode::ServFail, "{kind}");
         // The first query waits for the first fetch at most 2 s (FIRST_FETCH_WAIT).
         assert!(
-            took < Duration::from_millis(3000),
+            took < Duration::from_millis(4000),
             "{kind}: answered after {took:?}"
         );
     }

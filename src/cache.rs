@@ -202,7 +202,7 @@ impl moka::Expiry<Question, Arc<CachedAnswer>> for EntryExpiry {
         value: &Arc<CachedAnswer>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(value.ttl + self.stale_for)
+        Some(value.ttl.saturating_add(self.stale_for))
     }
 }
 

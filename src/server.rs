@@ -161,8 +161,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let inflight = Arc::new(Semaphore::new(limits.max_inflight));
-    let connections = Arc::new(Semaphore::new(limits.max_tcp_connections));
+    // Limits beyond what a semaphore can count (2^61) are unlimited in practice.
+    let inflight = Arc::new(Semaphore::new(
+        limits.max_inflight.min(Semaphore::MAX_PERMITS),
+    ));
+    let connections = Arc::new(Semaphore::new(
+        limits.max_tcp_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let mut loops = Vec::new();
     for socket in listeners.udp {
         loops.push(tokio::spawn(udp_loop(
@@ -283,7 +288,16 @@ async fn tcp_accept_loop(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             metrics.tcp_connections.inc();
-            tcp_connection(stream, peer, handler, idle, conn_tracker, shutdown).await;
+            tcp_connection(
+                stream,
+                peer,
+                handler,
+                &metrics,
+                idle,
+                conn_tracker,
+                shutdown,
+            )
+            .await;
             metrics.tcp_connections.dec();
             drop(permit);
         });
@@ -292,12 +306,14 @@ async fn tcp_accept_loop(
 
 /// One TCP connection: read length-prefixed queries, answer each in its own task (so a slow
 /// upstream answer does not hold up the next query), write replies in completion order. Closes
-/// after `idle` without a new query, when the client closes, or on shutdown — always after the
-/// queries already read are answered.
+/// after `idle` without a new query, when a reply cannot be written within `idle` (the client
+/// does not read), when the client closes, or on shutdown — always after the queries already
+/// read are answered.
 async fn tcp_connection(
     stream: TcpStream,
     peer: SocketAddr,
     handler: Arc<Handler>,
+    metrics: &Metrics,
     idle: Duration,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -313,8 +329,11 @@ async fn tcp_connection(
             let mut framed = Vec::with_capacity(reply.len() + 2);
             framed.extend_from_slice(&len.to_be_bytes());
             framed.extend_from_slice(&reply);
-            if writer.write_all(&framed).await.is_err() {
-                return;
+            // A client that does not read its replies must not hold the connection (and the
+            // queries queued behind it) forever.
+            match tokio::time::timeout(idle, writer.write_all(&framed)).await {
+                Ok(Ok(())) => {}
+                _ => return,
             }
         }
         let _ = writer.shutdown().await;
@@ -331,13 +350,25 @@ async fn tcp_connection(
         };
         let body = tokio::select! {
             _ = shutdown.cancelled() => break,
+            // The writer gave up (the client stopped reading): stop reading too.
+            _ = tx.closed() => break,
             r = tokio::time::timeout(idle, read) => match r {
                 Ok(Ok(body)) if !body.is_empty() => body,
+                Ok(Ok(_)) => {
+                    // A zero-length message is not DNS: counted like any short packet, and the
+                    // connection closed.
+                    metrics.drop_packet("short");
+                    break;
+                }
                 _ => break,
             },
         };
-        let Ok(permit) = pipeline.clone().acquire_owned().await else {
-            break;
+        let permit = tokio::select! {
+            _ = tx.closed() => break,
+            p = pipeline.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
         };
         let handler = handler.clone();
         let tx = tx.clone();

@@ -140,11 +140,15 @@ fn reply_edns(request: &Message) -> Option<Edns> {
     })
 }
 
-/// A reply carrying only an rcode (plus the question and OPT when the request had them).
+/// A reply carrying only an rcode (plus the question and OPT when the request had them). Only a
+/// single question is echoed: echoing many could exceed the 512 bytes a UDP client without EDNS
+/// accepts (a single one always fits).
 pub fn error_reply(request: &Message, rcode: ResponseCode) -> Vec<u8> {
     let mut msg = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
     msg.metadata = reply_metadata(request, rcode, false);
-    msg.queries = request.queries.clone();
+    if request.queries.len() == 1 {
+        msg.queries = request.queries.clone();
+    }
     msg.edns = reply_edns(request);
     match msg.to_vec() {
         Ok(bytes) => bytes,

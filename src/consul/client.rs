@@ -125,6 +125,8 @@ impl ConsulClient {
         let http = builder
             .build()
             .map_err(|e| ClientBuildError::Build(e.to_string()))?;
+        // A budget beyond what a semaphore can count (2^61) is unlimited in practice.
+        let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
         let usable = max_connections
             .saturating_sub(pool_margin(max_connections))
             .max(2);

@@ -4,6 +4,7 @@
 
 pub mod consul_sim;
 pub mod e2e;
+pub mod hostile;
 pub mod upstream;
 
 use std::net::SocketAddr;

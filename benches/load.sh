@@ -303,7 +303,7 @@ start_contender() { # name
 COLUMNS_TSV='scenario\tcontender\tqps\tsent\tcompleted\tlost\tavg_ms\tp99_ms\tnoerror_pct\tcpu_us_per_q\thelpers_cpu_us_per_q\tpeak_rss_mib\tconsul_http\tconsul_dns\tconsul_per_mq\tcached'
 RUNS=$OUT/runs.tsv # one row per run
 TSV=$OUT/results.tsv # one row per scenario and contender: medians over the rounds
-printf "round\t$COLUMNS_TSV\n" >"$RUNS"
+printf "round\t%b\n" "$COLUMNS_TSV" >"$RUNS"
 
 run_one() { # scenario contender round
   local sc=$1 ct=$2 round=$3 file args=() limit=$DURATION

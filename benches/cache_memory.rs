@@ -1,0 +1,214 @@
+//! Memory of the answer cache per cached name (issue 6's target: RSS ≤ 32 MiB with 100,000
+//! cached names), measured with a counting allocator, so the number is the cache's own and not
+//! the allocator's or the runtime's.
+//!
+//! ```sh
+//! cargo bench --bench cache_memory            # 100,000 names
+//! ```
+//!
+//! Under `cargo test --all-targets` it runs with 10,000 names as a smoke test.
+//!
+//! Each name is cached the way a forwarded miss is: `Cache::fetch` with an upstream reply of one
+//! A record (`f<n>.miss.test. 300 IN A`), as the load benchmark's fill-100k scenario does.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+
+use consul_dns_forwarder::cache::{Cache, CachedAnswer, TtlPolicy};
+use consul_dns_forwarder::wire::Question;
+
+/// Counts live heap bytes and allocations.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn policy() -> TtlPolicy {
+    TtlPolicy {
+        min_ttl: Duration::ZERO,
+        max_ttl: Duration::from_secs(86_400),
+        negative_ttl: Duration::from_secs(300),
+        negative_min_ttl: Duration::ZERO,
+        stale_for: Duration::from_secs(3600),
+    }
+}
+
+fn reply(name: &Name, i: usize) -> Message {
+    let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+    m.metadata.response_code = ResponseCode::NoError;
+    m.add_query(Query::query(name.clone(), RecordType::A));
+    m.add_answer(Record::from_rdata(
+        name.clone(),
+        300,
+        RData::A(A::new(192, 0, (i >> 8) as u8, i as u8)),
+    ));
+    m
+}
+
+fn question(i: usize) -> Question {
+    Question {
+        name: Name::from_str(&format!("f{i}.miss.test.")).expect("name"),
+        qtype: RecordType::A,
+        qclass: DNSClass::IN,
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test` does not: a smaller smoke run there.
+    let full = std::env::args().any(|a| a == "--bench");
+    let n: usize = if full { 100_000 } else { 10_000 };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    println!("cache_memory: {n} names, one A record each");
+    println!(
+        "  size_of: Record {} B, Name {} B, Question {} B, CachedAnswer {} B",
+        std::mem::size_of::<Record>(),
+        std::mem::size_of::<Name>(),
+        std::mem::size_of::<Question>(),
+        std::mem::size_of::<CachedAnswer>()
+    );
+
+    // The entries alone, outside any cache: what the stored representation costs.
+    let before = live();
+    let now = Instant::now();
+    let entries: Vec<(Question, CachedAnswer)> = (0..n)
+        .map(|i| {
+            let q = question(i);
+            let e =
+                CachedAnswer::from_message(&reply(&q.name, i), &policy(), now).expect("cacheable");
+            (q, e)
+        })
+        .collect();
+    let bare = live()
+        - before
+        - (entries.capacity() * std::mem::size_of::<(Question, CachedAnswer)>()) as isize;
+    let bare_per =
+        (bare as f64 + (n * std::mem::size_of::<(Question, CachedAnswer)>()) as f64) / n as f64;
+    drop(entries);
+
+    // The same through the cache, as a forwarded miss stores it.
+    let rss0 = rss_kib();
+    let before = live();
+    let allocs0 = ALLOCS.load(Ordering::Relaxed);
+    let cache = Cache::new(100_000, policy());
+    let started = Instant::now();
+    rt.block_on(async {
+        for i in 0..n {
+            let q = question(i);
+            let msg = reply(&q.name, i);
+            cache
+                .fetch(&q, move || async move { Ok(msg) })
+                .await
+                .expect("stored");
+        }
+    });
+    let took = started.elapsed();
+    // Let moka apply its pending writes (entry_count is eventually consistent).
+    for _ in 0..50 {
+        if cache.entry_count() as usize >= n {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = cache.lookup(&question(0), Instant::now());
+    }
+    let cached = live() - before;
+    let allocs = ALLOCS.load(Ordering::Relaxed) - allocs0;
+    let rss1 = rss_kib();
+    println!(
+        "  entries alone (Question + CachedAnswer, heap included): {:.0} B per name",
+        bare_per
+    );
+    println!(
+        "  in the cache: {:.0} B live heap per name ({:.1} MiB for {n}), {} entries counted by moka",
+        cached as f64 / n as f64,
+        cached as f64 / 1_048_576.0,
+        cache.entry_count()
+    );
+    println!(
+        "  RSS grew {:.1} MiB ({:.0} B per name); {:.1} allocations per insert; {:.2} µs per insert",
+        (rss1.saturating_sub(rss0)) as f64 / 1024.0,
+        (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64,
+        allocs as f64 / n as f64,
+        took.as_secs_f64() * 1e6 / n as f64
+    );
+    drop(cache);
+
+    // Again, with nine hits (lookup + to_answer) between inserts, as in the load benchmark's
+    // mix-10pct-miss scenario: does serving hits make the cache hold more?
+    let before = live();
+    let cache = Cache::new(100_000, policy());
+    rt.block_on(async {
+        for i in 0..n {
+            let q = question(i);
+            let msg = reply(&q.name, i);
+            cache
+                .fetch(&q, move || async move { Ok(msg) })
+                .await
+                .expect("stored");
+            for j in 1..10 {
+                let hit = question(i.saturating_sub(j * 7) % (i + 1));
+                if let consul_dns_forwarder::cache::Lookup::Fresh(e) =
+                    cache.lookup(&hit, Instant::now())
+                {
+                    std::hint::black_box(e.to_answer(Instant::now(), false));
+                }
+            }
+        }
+    });
+    let mixed = live() - before;
+    println!(
+        "  with 9 hits per insert: {:.0} B live heap per name",
+        mixed as f64 / n as f64
+    );
+    println!(
+        "  => 100,000 names: ~{:.0} MiB of live heap in the cache alone (target for the whole process: 32 MiB)",
+        cached as f64 / n as f64 * 100_000.0 / 1_048_576.0
+    );
+}

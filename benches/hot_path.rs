@@ -1,0 +1,418 @@
+//! Micro-benchmarks of the query hot path, through the library's public API only.
+//!
+//! ```sh
+//! cargo bench --bench hot_path                 # everything
+//! cargo bench --bench hot_path -- consul_view  # one group
+//! ```
+//!
+//! Groups:
+//! - `name_parse`: Consul's name grammar (`consul::name::parse`), plus the lowercasing the handler
+//!   does first (`wire::Question::from_query`).
+//! - `request_parse`: the request bytes parsed into a hickory `Message` (done for every query).
+//! - `cache_hit`: a forwarded cache hit turned into reply bytes: the moka lookup, then
+//!   `CachedAnswer::to_answer` + `wire::encode_reply`.
+//! - `consul_view`: a Consul view turned into records and reply bytes for 1, 10, 100 and 5,000
+//!   instances (issue 8: the cost of an answer should not grow with the instance count).
+//! - `handler`: `Handler::handle` end to end (bytes in, bytes out, metrics included) for a Consul
+//!   name served from a catalog, and for a forwarded cache hit.
+//!
+//! Nothing here opens a socket.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, CNAME};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use rand::seq::SliceRandom;
+use serde_json::json;
+
+use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup, TtlPolicy};
+use consul_dns_forwarder::config::{Config, WhenNoneHealthy};
+use consul_dns_forwarder::consul::catalog::{Instance, ServiceView, Status, Target};
+use consul_dns_forwarder::consul::file::FileBackend;
+use consul_dns_forwarder::consul::name;
+use consul_dns_forwarder::consul::records::{self, Built, Ctx};
+use consul_dns_forwarder::consul::ConsulSource;
+use consul_dns_forwarder::handler::{ConsulRoute, Handler};
+use consul_dns_forwarder::metrics::Metrics;
+use consul_dns_forwarder::upstream::{Forwarder, Router, ServerGroup};
+use consul_dns_forwarder::wire::{self, Question, Transport};
+
+/// Instance counts of the `consul_view` and `handler` groups. 5,000 is issue 8's large service.
+const SIZES: [usize; 4] = [1, 10, 100, 5_000];
+
+fn n(s: &str) -> Name {
+    Name::from_str(s).expect("valid name")
+}
+
+/// A query as nginx and glibc send it: RD=1, one question, EDNS only when asked for.
+fn request(qname: &str, qtype: RecordType, edns: bool) -> Message {
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(n(qname), qtype));
+    if edns {
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        m.edns = Some(e);
+    }
+    m
+}
+
+fn policy() -> TtlPolicy {
+    TtlPolicy {
+        min_ttl: Duration::ZERO,
+        max_ttl: Duration::from_secs(86_400),
+        negative_ttl: Duration::from_secs(300),
+        negative_min_ttl: Duration::ZERO,
+        stale_for: Duration::from_secs(3600),
+    }
+}
+
+/// An upstream reply for `qname`: `a` A records, behind a CNAME when `cname` is set.
+fn upstream_reply(qname: &str, a: u8, cname: bool) -> Message {
+    let owner = n(qname);
+    let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+    m.metadata.response_code = ResponseCode::NoError;
+    m.metadata.recursion_available = true;
+    m.add_query(Query::query(owner.clone(), RecordType::A));
+    let target = if cname {
+        let t = n("edge.cdn.example.net.");
+        m.add_answer(Record::from_rdata(
+            owner.clone(),
+            300,
+            RData::CNAME(CNAME(t.clone())),
+        ));
+        t
+    } else {
+        owner
+    };
+    for i in 0..a {
+        m.add_answer(Record::from_rdata(
+            target.clone(),
+            300,
+            RData::A(A::new(192, 0, 2, i + 1)),
+        ));
+    }
+    m
+}
+
+fn instance(i: usize) -> Instance {
+    let ip = IpAddr::V4(Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8));
+    Instance {
+        node: format!("node-{i}"),
+        node_target: Some(Target::Ip(ip)),
+        target: Some(Target::Ip(ip)),
+        own_address: false,
+        port: 8080,
+        tags: vec!["v1".into(), "primary".into()],
+        // One in ten critical, one in ten warning: select() has work to do.
+        status: match i % 10 {
+            0 => Status::Critical,
+            1 => Status::Warning,
+            _ => Status::Passing,
+        },
+        weight_passing: 10,
+        weight_warning: 1,
+        node_meta: Default::default(),
+    }
+}
+
+fn view(size: usize) -> ServiceView {
+    ServiceView {
+        // With size 1 the only instance must be healthy.
+        instances: (0..size)
+            .map(|i| instance(i + usize::from(size == 1) * 2))
+            .collect(),
+        datacenter: "dc1".into(),
+    }
+}
+
+/// A catalog file (`{"<service>": [health entries]}`) with one service of `size` instances.
+fn catalog_json(service: &str, size: usize) -> String {
+    let entries: Vec<serde_json::Value> = (0..size)
+        .map(|i| {
+            let status = if size > 1 && i % 10 == 0 {
+                "critical"
+            } else {
+                "passing"
+            };
+            json!({
+                "Node": {"Node": format!("node-{i}"), "Address": format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255), "Datacenter": "dc1"},
+                "Service": {"ID": format!("{service}-{i}"), "Service": service, "Tags": ["v1"], "Address": "", "Port": 8080},
+                "Checks": [
+                    {"CheckID": "serfHealth", "Status": "passing", "ServiceID": ""},
+                    {"CheckID": format!("service:{service}-{i}"), "Status": status, "ServiceID": format!("{service}-{i}")}
+                ]
+            })
+        })
+        .collect();
+    json!({ service: entries }).to_string()
+}
+
+fn bench_name_parse(c: &mut Criterion) {
+    let domains = [n("consul.")];
+    let mut g = c.benchmark_group("name_parse");
+    for (label, qname, qtype) in [
+        ("service", "web.service.consul.", RecordType::A),
+        ("tag_dc", "v1.web.service.dc1.consul.", RecordType::A),
+        ("rfc2782_srv", "_web._tcp.service.consul.", RecordType::SRV),
+        ("node", "node-1.node.consul.", RecordType::A),
+        ("outside", "www.example.com.", RecordType::A),
+    ] {
+        let qn = n(qname);
+        g.bench_function(label, |b| {
+            b.iter(|| name::parse(black_box(&qn), qtype, black_box(&domains)))
+        });
+    }
+    let query = Query::query(n("Web.Service.Consul."), RecordType::A);
+    g.bench_function("question_from_query", |b| {
+        b.iter(|| Question::from_query(black_box(&query)))
+    });
+    g.finish();
+}
+
+fn bench_request_parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request_parse");
+    for (label, edns) in [("no_edns", false), ("edns", true)] {
+        let bytes = request("h7.test.", RecordType::A, edns)
+            .to_vec()
+            .expect("encodes");
+        g.bench_function(label, |b| {
+            b.iter(|| Message::from_vec(black_box(&bytes)).expect("parses"))
+        });
+    }
+    g.finish();
+}
+
+fn bench_cache_hit(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cache_hit");
+    let now = Instant::now();
+    for (label, a, cname) in [("1_a", 1, false), ("4_a", 4, false), ("cname_2_a", 2, true)] {
+        let qname = "www.example.com.";
+        let entry = CachedAnswer::from_message(&upstream_reply(qname, a, cname), &policy(), now)
+            .expect("cacheable");
+        let req = request(qname, RecordType::A, false);
+        let limit = wire::reply_limit(&req, Transport::Udp);
+        let later = now + Duration::from_millis(1500);
+        g.bench_function(BenchmarkId::new("to_answer", label), |b| {
+            b.iter(|| black_box(&entry).to_answer(later, false))
+        });
+        g.bench_function(BenchmarkId::new("to_answer_encode", label), |b| {
+            b.iter(|| {
+                let answer = black_box(&entry).to_answer(later, false);
+                wire::encode_reply(black_box(&req), &answer, limit)
+            })
+        });
+    }
+
+    // The moka lookup in front of it, with 10,000 entries in the cache.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cache = Cache::new(100_000, policy());
+    let keys: Vec<Question> = (0..10_000)
+        .map(|i| Question {
+            name: n(&format!("h{i}.test.")),
+            qtype: RecordType::A,
+            qclass: DNSClass::IN,
+        })
+        .collect();
+    rt.block_on(async {
+        for k in &keys {
+            let reply = upstream_reply(&k.name.to_ascii(), 1, false);
+            cache
+                .fetch(k, move || async move { Ok(reply) })
+                .await
+                .expect("stored");
+        }
+    });
+    let mut i = 0usize;
+    g.bench_function("lookup_10k_entries", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            match cache.lookup(black_box(&keys[i]), Instant::now()) {
+                Lookup::Fresh(e) => e,
+                _ => panic!("expected a fresh hit"),
+            }
+        })
+    });
+    g.finish();
+}
+
+fn bench_consul_view(c: &mut Criterion) {
+    let qname = n("web.service.consul.");
+    let domain = n("consul.");
+    let ctx = Ctx {
+        qname: &qname,
+        qtype: RecordType::A,
+        domain: &domain,
+        dc: "dc1",
+        ttl: 5,
+        negative_ttl: 5,
+        a_record_limit: 0,
+        serial: 1,
+    };
+    let srv_ctx = Ctx {
+        qtype: RecordType::SRV,
+        ..ctx.clone()
+    };
+    let req = request("web.service.consul.", RecordType::A, false);
+    let srv_req = request("web.service.consul.", RecordType::SRV, true);
+    let mut g = c.benchmark_group("consul_view");
+    for size in SIZES {
+        let v = view(size);
+        if size >= 1_000 {
+            g.sample_size(20);
+        }
+        g.bench_with_input(BenchmarkId::new("select", size), &v, |b, v| {
+            b.iter(|| records::select(black_box(v), None, false, WhenNoneHealthy::Nxdomain))
+        });
+        g.bench_with_input(
+            BenchmarkId::new("select_shuffle_records_a", size),
+            &v,
+            |b, v| {
+                b.iter(|| {
+                    let mut chosen =
+                        records::select(black_box(v), None, false, WhenNoneHealthy::Nxdomain);
+                    chosen.shuffle(&mut rand::rng());
+                    records::service_answer(&chosen, &ctx)
+                })
+            },
+        );
+        // What a client gets: the records encoded into a 512-byte UDP reply (no EDNS, as nginx
+        // and glibc ask), truncated with TC=1 when they do not fit.
+        g.bench_with_input(BenchmarkId::new("answer_a_udp512", size), &v, |b, v| {
+            b.iter(|| {
+                let mut chosen =
+                    records::select(black_box(v), None, false, WhenNoneHealthy::Nxdomain);
+                chosen.shuffle(&mut rand::rng());
+                match records::service_answer(&chosen, &ctx) {
+                    Built::Done(answer) => wire::encode_reply(&req, &answer, 512),
+                    Built::Cname { .. } => unreachable!("IP instances"),
+                }
+            })
+        });
+        // The encode step alone, from records already built.
+        let built = {
+            let chosen = records::select(&v, None, false, WhenNoneHealthy::Nxdomain);
+            match records::service_answer(&chosen, &ctx) {
+                Built::Done(answer) => answer,
+                Built::Cname { .. } => unreachable!("IP instances"),
+            }
+        };
+        g.bench_with_input(BenchmarkId::new("encode_a_udp512", size), &built, |b, a| {
+            b.iter(|| wire::encode_reply(&req, black_box(a), 512))
+        });
+        g.bench_with_input(BenchmarkId::new("answer_srv_edns1232", size), &v, |b, v| {
+            b.iter(|| {
+                let mut chosen =
+                    records::select(black_box(v), None, false, WhenNoneHealthy::Nxdomain);
+                chosen.shuffle(&mut rand::rng());
+                match records::service_answer(&chosen, &srv_ctx) {
+                    Built::Done(answer) => wire::encode_reply(&srv_req, &answer, 1232),
+                    Built::Cname { .. } => unreachable!("IP instances"),
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_handler(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut g = c.benchmark_group("handler");
+
+    let make_handler = |catalog: &str| -> (Handler, Arc<Forwarder>) {
+        let config = Config::default();
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(&registry).expect("metrics");
+        let forwarder = Arc::new(Forwarder::new(
+            Router::new(ServerGroup::new(Vec::new(), Duration::from_secs(2)), vec![]),
+            Cache::new(config.cache.max_entries, policy()),
+            metrics.clone(),
+            false,
+        ));
+        let backend = FileBackend::from_text(catalog, "bench-catalog.json", None).expect("catalog");
+        let source = ConsulSource::new(Arc::new(backend), &config.consul, forwarder.clone());
+        let handler = Handler::new(
+            config.server.allow.clone(),
+            Some(ConsulRoute {
+                domains: config.consul.domains.clone(),
+                source: Arc::new(source),
+            }),
+            forwarder.clone(),
+            metrics,
+            false,
+        );
+        (handler, forwarder)
+    };
+
+    // A forwarded cache hit.
+    let (handler, forwarder) = make_handler(&catalog_json("web", 3));
+    let q = Question {
+        name: n("www.example.com."),
+        qtype: RecordType::A,
+        qclass: DNSClass::IN,
+    };
+    let reply = upstream_reply("www.example.com.", 2, false);
+    rt.block_on(
+        forwarder
+            .cache()
+            .fetch(&q, move || async move { Ok(reply) }),
+    )
+    .expect("stored");
+    let packet = request("www.example.com.", RecordType::A, false)
+        .to_vec()
+        .expect("encodes");
+    g.bench_function("forwarded_cache_hit", |b| {
+        b.iter(|| {
+            rt.block_on(handler.handle(black_box(&packet), client, Transport::Udp))
+                .expect("a reply")
+        })
+    });
+    // The runtime's share of that: an empty future through the same block_on.
+    g.bench_function("block_on_overhead", |b| {
+        b.iter(|| rt.block_on(async { black_box(1) }))
+    });
+
+    for size in SIZES {
+        if size >= 1_000 {
+            g.sample_size(20);
+        }
+        let (handler, _) = make_handler(&catalog_json("web", size));
+        let packet = request("web.service.consul.", RecordType::A, false)
+            .to_vec()
+            .expect("encodes");
+        g.bench_function(BenchmarkId::new("consul_a", size), |b| {
+            b.iter_batched_ref(
+                || packet.clone(),
+                |p| {
+                    rt.block_on(handler.handle(black_box(p), client, Transport::Udp))
+                        .expect("a reply")
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_name_parse,
+    bench_request_parse,
+    bench_cache_hit,
+    bench_consul_view,
+    bench_handler
+);
+criterion_main!(benches);

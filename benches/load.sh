@@ -1,0 +1,548 @@
+#!/usr/bin/env bash
+# Load benchmark (issue 6): consul-dns-forwarder against the setups it replaces, on this machine,
+# in one run, with the same data behind every contender.
+#
+#   benches/load.sh                       # as root: installs dnsperf, dnsmasq, unbound, dig if missing
+#   BENCH_DURATION=30 benches/load.sh     # longer runs
+#
+# What runs (everything on 127.0.0.1, every process started here is stopped on exit):
+#   - upstream: unbound with local-data for zone test. (h0..h99.test fixed, *.miss.test any name),
+#   - Consul:   examples/bench_consul_sim.rs (the tests' Consul simulator) serving svc00..svc19
+#               (3 instances each) over the HTTP API and an agent-style DNS port (TTL 0),
+#   - contenders, one at a time, restarted for every scenario (fresh cache, fresh peak RSS):
+#       ours-http  consul-dns-forwarder --consul-http <sim>
+#       ours-dns   consul-dns-forwarder --consul-dns <sim dns>   (consul.mode = "dns")
+#       dnsmasq    server=/consul/<sim dns>, server=<upstream>, cache-size=100000
+#       unbound    stub-zone consul -> <sim dns>, forward-zone . -> <upstream>
+#   - the load: dnsperf, with -v so that p99 can be computed (dnsperf 2.10 has no histogram).
+#
+# Placement: the contender is pinned to BENCH_SERVER_CPU (default 0); dnsperf, the upstream and
+# the simulator share BENCH_CLIENT_CPU (default 1). Only the contender's CPU time is "server CPU";
+# the upstream's and simulator's are reported apart ("helpers").
+#
+# Scenarios (BENCH_SCENARIOS):
+#   consul          svc00..svc19.service.consul A, repeated
+#   fwd-hits        h0..h99.test A, repeated (cache hits after the first 100)
+#   mix-10pct-miss  90% h*.test A, 10% unique <n>.miss.test A (cache misses)
+#   hits-half-rate  fwd-hits at half of ours-http's fwd-hits queries/s (dnsperf -Q): latency
+#   fill-100k       100,000 unique names once each, then peak RSS (issue 6's memory target)
+#
+# Environment: BENCH_DURATION (s per run, default 10), BENCH_ROUNDS (default 3: every scenario is
+# run this many times per contender, contenders interleaved, and medians reported), BENCH_CONTENDERS, BENCH_SCENARIOS,
+# BENCH_SERVER_CPU, BENCH_CLIENT_CPU, BENCH_CLIENTS (dnsperf -c, default 10), BENCH_OUTSTANDING
+# (dnsperf -q, default 100), BENCH_HALF_RATE (queries/s for hits-half-rate when ours-http's
+# fwd-hits is not run), BENCH_PORT_BASE (default 25300; uses 3 ports), BENCH_OUT (result folder),
+# BENCH_PERF=1 (after the table: perf profiles of ours-http in consul, fwd-hits and fill-100k).
+#
+# Output: the table on stdout and in $BENCH_OUT/results.md, raw numbers in results.tsv, dnsperf
+# summaries and logs beside them. This is a benchmark, not a test: it is not part of
+# scripts/test.sh or CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+DURATION=${BENCH_DURATION:-10}
+SERVER_CPU=${BENCH_SERVER_CPU:-0}
+CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
+CONTENDERS=${BENCH_CONTENDERS:-"ours-http ours-dns dnsmasq unbound"}
+SCENARIOS=${BENCH_SCENARIOS:-"consul fwd-hits mix-10pct-miss hits-half-rate fill-100k"}
+CLIENTS=${BENCH_CLIENTS:-10}
+OUTSTANDING=${BENCH_OUTSTANDING:-100}
+PORT_BASE=${BENCH_PORT_BASE:-25300}
+PERF=${BENCH_PERF:-0}
+ROUNDS=${BENCH_ROUNDS:-3}
+SERVICES=20
+INSTANCES=3
+FWD_NAMES=100
+FILL_NAMES=100000
+# Lines in the mix file: enough for this many queries/s over the whole run without repeating a
+# unique name (dnsperf runs through it once).
+MIX_RATE_CAP=${BENCH_MIX_RATE_CAP:-200000}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=${BENCH_OUT:-$TARGET_DIR/bench-load/$(date +%Y%m%d-%H%M%S)}
+
+PORT=$PORT_BASE               # the contender (UDP and TCP)
+UP_PORT=$((PORT_BASE + 1))    # the upstream
+METRICS_PORT=$((PORT_BASE + 2))
+
+log() { printf '[load] %s\n' "$*" >&2; }
+die() {
+  printf '[load] error: %s\n' "$*" >&2
+  exit 1
+}
+
+# ---------------------------------------------------------------- tools
+need=()
+command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
+command -v dnsmasq >/dev/null 2>&1 || [[ -x /usr/sbin/dnsmasq ]] || need+=(dnsmasq-base)
+command -v unbound >/dev/null 2>&1 || [[ -x /usr/sbin/unbound ]] || need+=(unbound)
+command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+if ((${#need[@]})); then
+  [[ $(id -u) -eq 0 ]] || die "missing ${need[*]}: run as root or: sudo apt-get install ${need[*]}"
+  log "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 600 apt-get update -qq
+  timeout 600 apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+export PATH=$PATH:/usr/sbin:/sbin
+for t in dnsperf dnsmasq unbound dig taskset getconf; do
+  command -v "$t" >/dev/null 2>&1 || die "$t not found"
+done
+CPUS=$(getconf _NPROCESSORS_ONLN)
+((SERVER_CPU < CPUS && CLIENT_CPU < CPUS)) || die "CPUs $SERVER_CPU/$CLIENT_CPU: this machine has $CPUS"
+HZ=$(getconf CLK_TCK)
+
+for p in "$PORT" "$UP_PORT" "$METRICS_PORT"; do
+  if ss -Hlnu "sport = :$p" 2>/dev/null | grep -q . || ss -Hlnt "sport = :$p" 2>/dev/null | grep -q .; then
+    die "port $p is in use (set BENCH_PORT_BASE)"
+  fi
+done
+
+log "building (release)"
+timeout 1800 cargo build --release --quiet --bin consul-dns-forwarder --example bench_consul_sim
+BIN=$TARGET_DIR/release/consul-dns-forwarder
+SIM_BIN=$TARGET_DIR/release/examples/bench_consul_sim
+[[ -x $BIN && -x $SIM_BIN ]] || die "build output not found under $TARGET_DIR"
+
+mkdir -p "$OUT"
+W=$(mktemp -d /tmp/cdf-load.XXXXXX)
+
+# ---------------------------------------------------------------- process bookkeeping
+PIDS=()
+forget() {
+  local keep=() p
+  for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+stop_pid() { # pid: TERM, up to 5 s, then KILL
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 50; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  forget "$pid"
+}
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do stop_pid "$p"; done
+  rm -rf "$W"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+cpu_ticks() { # utime+stime of a process (all threads), in clock ticks
+  [[ -r /proc/$1/stat ]] || {
+    echo 0
+    return
+  }
+  sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+peak_rss_kb() { awk '/^VmHWM:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+wait_dns() { # port name: until it answers NOERROR (10 s at most)
+  local i
+  for ((i = 0; i < 100; i++)); do
+    if dig +tries=1 +time=1 @127.0.0.1 -p "$1" "$2" A 2>/dev/null | grep -q 'status: NOERROR'; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# ---------------------------------------------------------------- upstream (unbound, zone test.)
+{
+  cat <<EOF
+server:
+  interface: 127.0.0.1@$UP_PORT
+  port: $UP_PORT
+  num-threads: 1
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "$W"
+  pidfile: ""
+  use-syslog: no
+  logfile: ""
+  verbosity: 0
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  module-config: "iterator"
+  local-zone: "test." static
+  local-data: "test. 3600 IN SOA ns.test. hostmaster.test. 1 3600 600 86400 60"
+  local-zone: "miss.test." redirect
+  local-data: "miss.test. 300 IN A 192.0.2.250"
+EOF
+  for ((i = 0; i < FWD_NAMES; i++)); do
+    echo "  local-data: \"h$i.test. 300 IN A 192.0.2.$((i % 200 + 1))\""
+    # Every fourth name has two addresses.
+    ((i % 4)) || echo "  local-data: \"h$i.test. 300 IN A 198.51.100.$((i % 200 + 1))\""
+  done
+} >"$W/upstream.conf"
+unbound-checkconf "$W/upstream.conf" >/dev/null || die "upstream config rejected"
+taskset -c "$CLIENT_CPU" unbound -d -c "$W/upstream.conf" >"$W/upstream.log" 2>&1 &
+UP_PID=$!
+PIDS+=("$UP_PID")
+wait_dns "$UP_PORT" h1.test || die "upstream unbound did not start: $(cat "$W/upstream.log")"
+
+# ---------------------------------------------------------------- Consul simulator
+taskset -c "$CLIENT_CPU" "$SIM_BIN" --services "$SERVICES" --instances "$INSTANCES" \
+  --addr-file "$W/sim.addr" --stats-file "$W/sim.stats" --max-seconds 7200 >"$W/sim.log" 2>&1 &
+SIM_PID=$!
+PIDS+=("$SIM_PID")
+for ((i = 0; i < 100; i++)); do
+  [[ -s $W/sim.addr ]] && break
+  sleep 0.1
+done
+[[ -s $W/sim.addr ]] || die "simulator did not start: $(cat "$W/sim.log")"
+SIM_HTTP=$(sed -n 's/^http=//p' "$W/sim.addr")
+SIM_DNS=$(sed -n 's/^dns=//p' "$W/sim.addr")
+SIM_DNS_PORT=${SIM_DNS##*:}
+sim_stat() { # http_requests | dns_queries
+  awk -v k="$1" '$1 == k {print $2}' "$W/sim.stats" 2>/dev/null || echo 0
+}
+log "upstream 127.0.0.1:$UP_PORT, Consul simulator $SIM_HTTP and DNS $SIM_DNS"
+
+# ---------------------------------------------------------------- query files
+for ((i = 0; i < SERVICES; i++)); do printf 'svc%02d.service.consul A\n' "$i"; done >"$W/q-consul.txt"
+for ((i = 0; i < FWD_NAMES; i++)); do echo "h$i.test A"; done >"$W/q-hits.txt"
+awk -v n=$((DURATION * MIX_RATE_CAP)) -v names=$FWD_NAMES 'BEGIN {
+  srand(6);
+  for (i = 0; i < n; i++) {
+    if (i % 10 == 9) printf "u%d.miss.test A\n", i;
+    else printf "h%d.test A\n", int(rand() * names);
+  }
+}' >"$W/q-mix.txt"
+awk -v n=$FILL_NAMES 'BEGIN { for (i = 0; i < n; i++) printf "f%d.miss.test A\n", i }' >"$W/q-fill.txt"
+
+# ---------------------------------------------------------------- contenders
+write_configs() {
+  cat >"$W/ours.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$PORT"]
+[upstream]
+servers = ["127.0.0.1:$UP_PORT"]
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
+EOF
+  cat >"$W/dnsmasq.conf" <<EOF
+port=$PORT
+listen-address=127.0.0.1
+bind-interfaces
+no-resolv
+no-hosts
+no-poll
+server=/consul/127.0.0.1#$SIM_DNS_PORT
+server=127.0.0.1#$UP_PORT
+cache-size=100000
+EOF
+  cat >"$W/unbound.conf" <<EOF
+server:
+  interface: 127.0.0.1@$PORT
+  port: $PORT
+  num-threads: 1
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "$W"
+  pidfile: ""
+  use-syslog: no
+  logfile: ""
+  verbosity: 0
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  # No DNSSEC validation: none of the others validate either.
+  module-config: "iterator"
+  do-not-query-localhost: no
+  domain-insecure: "consul."
+  # test. is one of unbound's default local zones (RFC 6761); the benchmark's upstream serves it.
+  local-zone: "test." nodefault
+  # Room for fill-100k (the defaults are 4 MB / 4 MB).
+  msg-cache-size: 64m
+  rrset-cache-size: 128m
+stub-zone:
+  name: "consul."
+  stub-addr: 127.0.0.1@$SIM_DNS_PORT
+forward-zone:
+  name: "."
+  forward-addr: 127.0.0.1@$UP_PORT
+EOF
+  unbound-checkconf "$W/unbound.conf" >/dev/null || die "unbound config rejected"
+}
+write_configs
+
+CPID=
+start_contender() { # name
+  case $1 in
+  ours-http)
+    RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN" --config "$W/ours.toml" --consul-http "$SIM_HTTP" \
+      >"$W/$1.log" 2>&1 &
+    ;;
+  ours-dns)
+    RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN" --config "$W/ours.toml" --consul-dns "$SIM_DNS" \
+      >"$W/$1.log" 2>&1 &
+    ;;
+  dnsmasq)
+    taskset -c "$SERVER_CPU" dnsmasq -k -C "$W/dnsmasq.conf" >"$W/$1.log" 2>&1 &
+    ;;
+  unbound)
+    taskset -c "$SERVER_CPU" unbound -d -c "$W/unbound.conf" >"$W/$1.log" 2>&1 &
+    ;;
+  *) die "unknown contender $1" ;;
+  esac
+  CPID=$!
+  PIDS+=("$CPID")
+  # A name of the upstream zone that no scenario asks for.
+  wait_dns "$PORT" ready.miss.test || die "$1 did not start: $(cat "$W/$1.log")"
+}
+
+# ---------------------------------------------------------------- one run
+COLUMNS_TSV='scenario\tcontender\tqps\tsent\tcompleted\tlost\tavg_ms\tp99_ms\tnoerror_pct\tcpu_us_per_q\thelpers_cpu_us_per_q\tpeak_rss_mib\tconsul_http\tconsul_dns\tconsul_per_mq\tcached'
+RUNS=$OUT/runs.tsv # one row per run
+TSV=$OUT/results.tsv # one row per scenario and contender: medians over the rounds
+printf "round\t%b\n" "$COLUMNS_TSV" >"$RUNS"
+
+run_one() { # scenario contender round
+  local sc=$1 ct=$2 round=$3 file args=() limit=$DURATION
+  case $sc in
+  consul) file=$W/q-consul.txt ;;
+  fwd-hits) file=$W/q-hits.txt ;;
+  mix-10pct-miss)
+    file=$W/q-mix.txt
+    args=(-n 1)
+    ;;
+  hits-half-rate)
+    file=$W/q-hits.txt
+    args=(-Q "$HALF_RATE")
+    ;;
+  fill-100k)
+    file=$W/q-fill.txt
+    args=(-n 1)
+    limit=120
+    ;;
+  *) die "unknown scenario $sc" ;;
+  esac
+  start_contender "$ct"
+  local h0 d0 c0 s0 u0 h1 d1 c1 s1 u1 rss cached=""
+  sleep 0.3
+  h0=$(sim_stat http_requests)
+  d0=$(sim_stat dns_queries)
+  c0=$(cpu_ticks "$CPID")
+  s0=$(cpu_ticks "$SIM_PID")
+  u0=$(cpu_ticks "$UP_PID")
+  local raw=$W/dnsperf.raw sum=$OUT/dnsperf-$sc-$ct-$round.txt
+  timeout $((limit + 60)) taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$PORT" -d "$file" \
+    -l "$limit" -c "$CLIENTS" -q "$OUTSTANDING" -t 2 "${args[@]}" -v >"$raw" 2>"$W/dnsperf.err" ||
+    log "dnsperf exited non-zero for $sc/$ct: $(head -c 300 "$W/dnsperf.err")"
+  c1=$(cpu_ticks "$CPID")
+  s1=$(cpu_ticks "$SIM_PID")
+  u1=$(cpu_ticks "$UP_PID")
+  sleep 0.5 # the simulator writes its counters every 100 ms
+  h1=$(sim_stat http_requests)
+  d1=$(sim_stat dns_queries)
+  rss=$(peak_rss_kb "$CPID")
+  if [[ $ct == ours-* ]] && command -v curl >/dev/null 2>&1; then
+    cached=$(curl -s --max-time 2 "http://127.0.0.1:$METRICS_PORT/metrics" |
+      awk '$1 == "consul_dns_forwarder_cache_entries" {print $2}' || true)
+  fi
+  stop_pid "$CPID"
+  grep -v '^> ' "$raw" >"$sum" || true
+  local p99
+  p99=$(awk '$1 == ">" && NF == 5 && $5 ~ /^[0-9.]+$/ {print $5}' "$raw" | sort -n |
+    awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else {i = int(NR * 0.99); if (i < NR * 0.99) i++; if (i < 1) i = 1; printf "%.3f", v[i] * 1000}}')
+  rm -f "$raw"
+  awk -v round="$round" -v sc="$sc" -v ct="$ct" -v hz="$HZ" -v cpu=$((c1 - c0)) -v helpers=$((s1 - s0 + u1 - u0)) \
+    -v rss="$rss" -v http=$((h1 - h0)) -v dns=$((d1 - d0)) -v p99="$p99" -v cached="$cached" '
+    /Queries sent:/ {sent = $3}
+    /Queries completed:/ {done = $3}
+    /Queries lost:/ {lost = $3}
+    /Queries per second:/ {qps = $4}
+    /Average Latency/ {avg = $4 * 1000}
+    /Response codes:/ {for (i = 3; i <= NF; i += 3) if ($i == "NOERROR") noerr = $(i + 1)}
+    END {
+      us = done > 0 ? cpu * 1e6 / hz / done : 0
+      hus = done > 0 ? helpers * 1e6 / hz / done : 0
+      permq = sent > 0 ? (http + dns) * 1e6 / sent : 0
+      pct = done > 0 ? noerr * 100 / done : 0
+      shown = cached == "" ? "-" : cached
+      printf "%d\t%s\t%s\t%.0f\t%d\t%d\t%d\t%.3f\t%s\t%.2f\t%.2f\t%.2f\t%.1f\t%d\t%d\t%.1f\t%s\n",
+        round, sc, ct, qps, sent, done, lost, avg, p99, pct, us, hus,
+        rss / 1024, http, dns, permq, shown
+    }' "$sum" | tee -a "$RUNS" >&2
+}
+
+# Medians over the rounds (lost: summed; peak RSS: the highest; NOERROR: the lowest), with the
+# spread of queries/s and CPU kept as min and max.
+aggregate() {
+  awk -F'\t' -v OFS='\t' -v header="$COLUMNS_TSV" '
+    function median(list,   v, n, i, j, t) {
+      n = split(list, v, " ")
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+      if (n == 0) return 0
+      return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+    }
+    function lo(list,   v, n, i, m) { n = split(list, v, " "); m = v[1]; for (i = 2; i <= n; i++) if (v[i] + 0 < m + 0) m = v[i]; return m }
+    function hi(list,   v, n, i, m) { n = split(list, v, " "); m = v[1]; for (i = 2; i <= n; i++) if (v[i] + 0 > m + 0) m = v[i]; return m }
+    NR == 1 { next }
+    {
+      k = $2 SUBSEP $3
+      if (!(k in first)) { first[k] = ++nk; key[nk] = k }
+      for (c = 4; c <= 16; c++) col[k, c] = col[k, c] " " $c
+      cached[k] = $17
+    }
+    END {
+      print header "\tqps_min\tqps_max\tcpu_min\tcpu_max\trounds"
+      for (i = 1; i <= nk; i++) {
+        k = key[i]; split(k, sc, SUBSEP)
+        n = split(col[k, 4], tmp, " ")
+        s5 = 0; n5 = split(col[k, 5], v5, " "); for (j = 1; j <= n5; j++) s5 += v5[j]
+        s6 = 0; n6 = split(col[k, 6], v6, " "); for (j = 1; j <= n6; j++) s6 += v6[j]
+        s7 = 0; n7 = split(col[k, 7], v7, " "); for (j = 1; j <= n7; j++) s7 += v7[j]
+        printf "%s\t%s\t%.0f\t%d\t%d\t%d\t%.3f\t%.3f\t%.2f\t%.2f\t%.2f\t%.1f\t%d\t%d\t%.1f\t%s\t%.0f\t%.0f\t%.2f\t%.2f\t%d\n",
+          sc[1], sc[2], median(col[k, 4]), s5, s6, s7, median(col[k, 8]), median(col[k, 9]),
+          lo(col[k, 10]), median(col[k, 11]), median(col[k, 12]), hi(col[k, 13]),
+          median(col[k, 14]), median(col[k, 15]), median(col[k, 16]), cached[k],
+          lo(col[k, 4]), hi(col[k, 4]), lo(col[k, 11]), hi(col[k, 11]), n
+      }
+    }' "$RUNS" >"$TSV"
+}
+
+log "results in $OUT; ${DURATION}s per run; contender on CPU $SERVER_CPU, dnsperf/upstream/simulator on CPU $CLIENT_CPU"
+HALF_RATE=${BENCH_HALF_RATE:-}
+for sc in $SCENARIOS; do
+  if [[ $sc == hits-half-rate ]]; then
+    if [[ -z $HALF_RATE ]]; then
+      aggregate
+      HALF_RATE=$(awk -F'\t' '$1 == "fwd-hits" && $2 == "ours-http" {printf "%d", $3 / 2}' "$TSV")
+    fi
+    if [[ -z $HALF_RATE || $HALF_RATE == 0 ]]; then
+      log "skipping hits-half-rate: no ours-http fwd-hits run and no BENCH_HALF_RATE"
+      continue
+    fi
+    log "hits-half-rate at $HALF_RATE queries/s"
+  fi
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for ct in $CONTENDERS; do
+      log "$sc / $ct (round $round of $ROUNDS)"
+      run_one "$sc" "$ct" "$round"
+    done
+  done
+done
+aggregate
+
+# ---------------------------------------------------------------- report
+report() {
+  echo "### Results"
+  echo
+  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(uname -srm), $CPUS CPUs ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)),"
+  echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/{print $2}'), $(dnsmasq --version | head -1 | awk '{print $1, $2, $3}'), unbound $(unbound -V 2>/dev/null | awk '/^Version/{print $2}'),"
+  echo "consul-dns-forwarder $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?') (release)."
+  echo "${DURATION} s per run (fill-100k: until 100,000 names are sent), dnsperf -c $CLIENTS -q $OUTSTANDING -t 2;"
+  echo "contender on CPU $SERVER_CPU, dnsperf + upstream + simulator on CPU $CLIENT_CPU; $SERVICES services x $INSTANCES instances."
+  echo
+  echo "Medians over $ROUNDS rounds (contenders interleaved within each round); min–max in brackets;"
+  echo "lost: summed over the rounds; peak RSS: the highest; Consul requests: per run."
+  echo
+  echo "| scenario | contender | queries/s | lost | avg ms | p99 ms | NOERROR % | server CPU µs/answer | helpers CPU µs/answer | peak RSS MiB | Consul HTTP req | Consul DNS req | Consul req per M queries |"
+  echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+  awk -F'\t' 'NR > 1 {printf "| %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s |\n", $1, $2, $3, $17, $18, $6, $7, $8, $9, $10, $19, $20, $11, $12, $13, $14, $15}' "$TSV"
+  if grep -q $'^fill-100k\tours' "$TSV"; then
+    echo
+    awk -F'\t' '$1 == "fill-100k" && $2 ~ /^ours/ {printf "fill-100k, %s: %s entries in the cache after the run (consul_dns_forwarder_cache_entries).\n", $2, $16}' "$TSV"
+  fi
+  echo
+  echo "### Ratios (ours / peer; for queries/s higher is better, for the rest lower is better)"
+  echo
+  echo "| scenario | ours | peer | queries/s | CPU µs/answer | p99 | peak RSS |"
+  echo "|---|---|---|--:|--:|--:|--:|"
+  awk -F'\t' '
+    NR > 1 {k = $1 SUBSEP $2; qps[k] = $3; cpu[k] = $10; p99[k] = $8; rss[k] = $12; seen[$1] = 1; ct[$2] = 1}
+    function r(a, b) { return (b + 0 > 0 && a != "nan" && b != "nan") ? sprintf("%.2f", a / b) : "-" }
+    END {
+      n = split("consul fwd-hits mix-10pct-miss hits-half-rate fill-100k", order, " ")
+      for (i = 1; i <= n; i++) {
+        s = order[i]; if (!(s in seen)) continue
+        split("ours-http ours-dns", ours, " "); split("dnsmasq unbound", peers, " ")
+        for (o = 1; o <= 2; o++) for (p = 1; p <= 2; p++) {
+          a = s SUBSEP ours[o]; b = s SUBSEP peers[p]
+          if (!(a in qps) || !(b in qps)) continue
+          printf "| %s | %s | %s | %s | %s | %s | %s |\n", s, ours[o], peers[p], r(qps[a], qps[b]), r(cpu[a], cpu[b]), r(p99[a], p99[b]), r(rss[a], rss[b])
+        }
+      }
+    }' "$TSV"
+  echo
+  echo "### Targets (issue 6)"
+  echo
+  awk -F'\t' -v services="$SERVICES" '
+    NR > 1 {k = $1 SUBSEP $2; qps[k] = $3; cpu[k] = $10; p99[k] = $8; rss[k] = $12; http[k] = $13; dns[k] = $14}
+    function has(s, c) { return (s SUBSEP c) in qps }
+    function verdict(ok) { return ok ? "met" : "NOT met" }
+    END {
+      o = "consul" SUBSEP "ours-http"; d = "consul" SUBSEP "dnsmasq"; u = "consul" SUBSEP "unbound"
+      if (has("consul", "ours-http") && has("consul", "unbound"))
+        printf "- Consul names, CPU/answer <= unbound: %.2f us vs %.2f us (x%.2f): %s\n", cpu[o], cpu[u], cpu[o] / cpu[u], verdict(cpu[o] <= cpu[u])
+      if (has("consul", "ours-http") && has("consul", "dnsmasq"))
+        printf "- Consul names, CPU/answer <= 0.8 x dnsmasq: %.2f us vs %.2f us (x%.2f): %s\n", cpu[o], cpu[d], cpu[o] / cpu[d], verdict(cpu[o] <= 0.8 * cpu[d])
+      if (has("consul", "ours-http") && has("consul", "dnsmasq") && has("consul", "unbound"))
+        printf "- Consul names, queries/s >= both: %d vs dnsmasq %d (x%.2f), unbound %d (x%.2f): %s\n", qps[o], qps[d], qps[o] / qps[d], qps[u], qps[o] / qps[u], verdict(qps[o] >= qps[d] && qps[o] >= qps[u])
+      o = "fwd-hits" SUBSEP "ours-http"; u = "fwd-hits" SUBSEP "unbound"
+      if (has("fwd-hits", "ours-http") && has("fwd-hits", "unbound"))
+        printf "- Forwarded cache hits, CPU/answer <= unbound: %.2f us vs %.2f us (x%.2f): %s\n", cpu[o], cpu[u], cpu[o] / cpu[u], verdict(cpu[o] <= cpu[u])
+      split("consul fwd-hits mix-10pct-miss hits-half-rate fill-100k", all, " ")
+      worst = -1
+      for (i in all) { k = all[i] SUBSEP "ours-http"; if (k in qps && http[k] + dns[k] > worst) { worst = http[k] + dns[k]; ws = all[i] } }
+      if (worst >= 0)
+        printf "- Requests reaching Consul bounded by services (%d services): at most %d requests in one run of ours-http (%s), whatever the query count: %s\n", services, worst, ws, verdict(worst <= 2 * services + 5)
+      k = "fill-100k" SUBSEP "ours-http"
+      if (k in qps)
+        printf "- Memory, peak RSS <= 32 MiB with 100,000 cached names: %.1f MiB: %s\n", rss[k], verdict(rss[k] <= 32)
+      o = "hits-half-rate" SUBSEP "ours-http"; u = "hits-half-rate" SUBSEP "unbound"
+      if ((o in qps) && (u in qps))
+        printf "- p99 on cache hits at half our max throughput <= unbound: %.3f ms vs %.3f ms: %s\n", p99[o], p99[u], verdict(p99[o] <= p99[u])
+    }' "$TSV"
+}
+report | tee "$OUT/results.md"
+
+# ---------------------------------------------------------------- optional profiles
+# perf with DWARF unwinding (the release build has debug info but no frame pointers), so that
+# time is attributed to the functions of the hot path, callees included. Written per scenario:
+#   perf-<scenario>.txt: inclusive share of the hot path's main frames, then the flat top list.
+# The profiled runs are extra runs: they are not part of the table (perf slows the server down).
+if [[ $PERF == 1 ]]; then
+  if ! command -v perf >/dev/null 2>&1; then
+    log "BENCH_PERF=1 but perf is not installed (Debian: linux-perf); no profiles"
+  else
+    frames='TrackedFuture<F> as core::future::future::Future>::poll$|udp_loop::\{\{closure\}\}$|Handler::handle::\{\{closure\}\}$|ConsulSource::answer_inner|Backend>::service::|records::service_answer|records::select|name::parse$|Forwarder::answer|Cache::lookup$|BaseCache<K,V,S>::get_with_hash$|CachedAnswer::to_answer$|Cache::fetch|CachedAnswer::from_message|encode_reply$|Message::to_vec$|Message as hickory_proto::serialize::binary::BinDecodable>::read$|with_label_values$|Histogram.*observe|tokio::task::spawn::spawn$|__libc_sendto$|__libc_recvfrom$|__libc_sendmsg|__libc_recvmsg|__socket$|__connect$|__bind$|__close$|socket$|connect$|bind$|close$|__libc_send$|__libc_recv$|exchange_udp|ServerGroup::query|moka.*insert'
+    for sc in consul fwd-hits fill-100k; do
+      file=$W/q-consul.txt args=()
+      [[ $sc == fwd-hits ]] && file=$W/q-hits.txt
+      [[ $sc == fill-100k ]] && file=$W/q-fill.txt args=(-n 1)
+      log "perf profile: $sc / ours-http"
+      start_contender ours-http
+      timeout $((DURATION + 30)) perf record -F 400 --call-graph dwarf,16384 -p "$CPID" \
+        -o "$W/perf-$sc.data" -- sleep "$DURATION" >/dev/null 2>"$W/perf.err" &
+      perf_pid=$!
+      PIDS+=("$perf_pid")
+      timeout $((DURATION + 120)) taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$PORT" -d "$file" \
+        -l "$DURATION" -c "$CLIENTS" -q "$OUTSTANDING" -t 2 "${args[@]}" >"$OUT/perf-$sc-dnsperf.txt" 2>&1 || true
+      wait "$perf_pid" 2>/dev/null || true
+      forget "$perf_pid"
+      stop_pid "$CPID"
+      {
+        echo "# ours-http, scenario $sc: share of the server's CPU samples in each frame, callees included"
+        perf report -i "$W/perf-$sc.data" --children --stdio -g none --sort symbol --percent-limit 0.3 2>/dev/null |
+          grep -v '^#' | sed -e 's/  */ /g' -e 's/ - - *$//' | grep -v '(inlined)' | grep -E "$frames" || true
+        echo
+        echo "# flat: self time per function"
+        perf report -i "$W/perf-$sc.data" --no-children --stdio -g none --sort dso,symbol --percent-limit 0.8 2>/dev/null |
+          grep -v '^#' | grep -v '^$' | sed -e 's/  */ /g' || true
+      } >"$OUT/perf-$sc.txt"
+      rm -f "$W/perf-$sc.data"
+      log "wrote $OUT/perf-$sc.txt"
+    done
+  fi
+fi
+log "done: $OUT/results.md"

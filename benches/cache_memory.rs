@@ -137,7 +137,7 @@ fn main() {
     let rss0 = rss_kib();
     let before = live();
     let allocs0 = ALLOCS.load(Ordering::Relaxed);
-    let cache = Cache::new(100_000, policy());
+    let cache = Cache::new(100_000, policy(), None);
     let started = Instant::now();
     rt.block_on(async {
         for i in 0..n {
@@ -183,7 +183,7 @@ fn main() {
     // Again, with nine hits (lookup + to_answer) between inserts, as in the load benchmark's
     // mix-10pct-miss scenario: does serving hits make the cache hold more?
     let before = live();
-    let cache = Cache::new(100_000, policy());
+    let cache = Cache::new(100_000, policy(), None);
     rt.block_on(async {
         for i in 0..n {
             let q = question(i);

@@ -28,7 +28,6 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, CNAME};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use rand::seq::SliceRandom;
 use serde_json::json;
 
 use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup, TtlPolicy};
@@ -38,7 +37,7 @@ use consul_dns_forwarder::consul::file::FileBackend;
 use consul_dns_forwarder::consul::name;
 use consul_dns_forwarder::consul::records::{self, Built, Ctx};
 use consul_dns_forwarder::consul::ConsulSource;
-use consul_dns_forwarder::handler::{ConsulRoute, Handler};
+use consul_dns_forwarder::handler::{ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
 use consul_dns_forwarder::upstream::{Forwarder, Router, ServerGroup};
 use consul_dns_forwarder::wire::{self, Question, Transport};
@@ -123,13 +122,27 @@ fn instance(i: usize) -> Instance {
 }
 
 fn view(size: usize) -> ServiceView {
-    ServiceView {
-        // With size 1 the only instance must be healthy.
-        instances: (0..size)
+    // With size 1 the only instance must be healthy.
+    ServiceView::new(
+        (0..size)
             .map(|i| instance(i + usize::from(size == 1) * 2))
             .collect(),
-        datacenter: "dc1".into(),
-    }
+        "dc1",
+    )
+}
+
+/// What the Consul source does per question: the (cached) selection, a random sample of what
+/// can fit in `limit`, records.
+fn built(v: &ServiceView, ctx: &Ctx<'_>, limit: usize) -> Built {
+    let selection = records::select(v, None, false, WhenNoneHealthy::Nxdomain);
+    let chosen = records::pick(
+        v,
+        &selection,
+        ctx.qtype,
+        records::record_cap(ctx.qtype, limit, ctx.qname.len()),
+        &mut rand::rng(),
+    );
+    records::service_answer(&chosen, !selection.all.is_empty(), ctx)
 }
 
 /// A catalog file (`{"<service>": [health entries]}`) with one service of `size` instances.
@@ -215,7 +228,7 @@ fn bench_cache_hit(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let cache = Cache::new(100_000, policy());
+    let cache = Cache::new(100_000, policy(), None);
     let keys: Vec<Question> = (0..10_000)
         .map(|i| Question {
             name: n(&format!("h{i}.test.")),
@@ -276,48 +289,32 @@ fn bench_consul_view(c: &mut Criterion) {
         g.bench_with_input(
             BenchmarkId::new("select_shuffle_records_a", size),
             &v,
-            |b, v| {
-                b.iter(|| {
-                    let mut chosen =
-                        records::select(black_box(v), None, false, WhenNoneHealthy::Nxdomain);
-                    chosen.shuffle(&mut rand::rng());
-                    records::service_answer(&chosen, &ctx)
-                })
-            },
+            |b, v| b.iter(|| built(black_box(v), &ctx, 512)),
         );
         // What a client gets: the records encoded into a 512-byte UDP reply (no EDNS, as nginx
         // and glibc ask), truncated with TC=1 when they do not fit.
         g.bench_with_input(BenchmarkId::new("answer_a_udp512", size), &v, |b, v| {
-            b.iter(|| {
-                let mut chosen =
-                    records::select(black_box(v), None, false, WhenNoneHealthy::Nxdomain);
-                chosen.shuffle(&mut rand::rng());
-                match records::service_answer(&chosen, &ctx) {
-                    Built::Done(answer) => wire::encode_reply(&req, &answer, 512),
-                    Built::Cname { .. } => unreachable!("IP instances"),
-                }
+            b.iter(|| match built(black_box(v), &ctx, 512) {
+                Built::Done(answer) => wire::encode_reply(&req, &answer, 512),
+                Built::Cname { .. } => unreachable!("IP instances"),
             })
         });
         // The encode step alone, from records already built.
-        let built = {
-            let chosen = records::select(&v, None, false, WhenNoneHealthy::Nxdomain);
-            match records::service_answer(&chosen, &ctx) {
+        let answer = {
+            match built(&v, &ctx, 512) {
                 Built::Done(answer) => answer,
                 Built::Cname { .. } => unreachable!("IP instances"),
             }
         };
-        g.bench_with_input(BenchmarkId::new("encode_a_udp512", size), &built, |b, a| {
-            b.iter(|| wire::encode_reply(&req, black_box(a), 512))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("encode_a_udp512", size),
+            &answer,
+            |b, a| b.iter(|| wire::encode_reply(&req, black_box(a), 512)),
+        );
         g.bench_with_input(BenchmarkId::new("answer_srv_edns1232", size), &v, |b, v| {
-            b.iter(|| {
-                let mut chosen =
-                    records::select(black_box(v), None, false, WhenNoneHealthy::Nxdomain);
-                chosen.shuffle(&mut rand::rng());
-                match records::service_answer(&chosen, &srv_ctx) {
-                    Built::Done(answer) => wire::encode_reply(&srv_req, &answer, 1232),
-                    Built::Cname { .. } => unreachable!("IP instances"),
-                }
+            b.iter(|| match built(black_box(v), &srv_ctx, 1232) {
+                Built::Done(answer) => wire::encode_reply(&srv_req, &answer, 1232),
+                Built::Cname { .. } => unreachable!("IP instances"),
             })
         });
     }
@@ -338,21 +335,24 @@ fn bench_handler(c: &mut Criterion) {
         let metrics = Metrics::new(&registry).expect("metrics");
         let forwarder = Arc::new(Forwarder::new(
             Router::new(ServerGroup::new(Vec::new(), Duration::from_secs(2)), vec![]),
-            Cache::new(config.cache.max_entries, policy()),
+            Cache::new(config.cache.max_entries, policy(), None),
             metrics.clone(),
             false,
         ));
         let backend = FileBackend::from_text(catalog, "bench-catalog.json", None).expect("catalog");
         let source = ConsulSource::new(Arc::new(backend), &config.consul, forwarder.clone());
         let handler = Handler::new(
-            config.server.allow.clone(),
-            Some(ConsulRoute {
-                domains: config.consul.domains.clone(),
-                source: Arc::new(source),
-            }),
-            forwarder.clone(),
+            Routes {
+                allow: config.server.allow.clone(),
+                consul: Some(ConsulRoute {
+                    domains: config.consul.domains.clone(),
+                    source: Arc::new(source),
+                }),
+                forwarder: forwarder.clone(),
+                log_queries: false,
+                rate_limit: None,
+            },
             metrics,
-            false,
         );
         (handler, forwarder)
     };

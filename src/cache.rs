@@ -182,6 +182,18 @@ pub type FetchResult = Result<Arc<CachedAnswer>, FetchError>;
 
 type SharedFetch = Shared<BoxFuture<'static, FetchResult>>;
 
+/// Clears a key's in-flight mark when its fetch task ends, however it ends.
+struct InflightGuard {
+    cache: Cache,
+    key: Question,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.cache.remove_inflight(&self.key);
+    }
+}
+
 /// What the cache holds for a key right now.
 pub enum Lookup {
     Fresh(Arc<CachedAnswer>),
@@ -303,7 +315,13 @@ impl Cache {
                 let task_key = key.clone();
                 let upstream = fetch();
                 let task = tokio::spawn(async move {
-                    let result = upstream.await.and_then(|msg| {
+                    // Whatever happens to this task (even a panic), the key must not stay
+                    // marked in flight, or every later query for it would wait on a dead fetch.
+                    let _done = InflightGuard {
+                        cache: cache.clone(),
+                        key: task_key.clone(),
+                    };
+                    upstream.await.and_then(|msg| {
                         let now = Instant::now();
                         match CachedAnswer::from_message(&msg, &cache.policy, now) {
                             Some(entry) => {
@@ -315,9 +333,7 @@ impl Cache {
                             }
                             None => Err(FetchError::Rcode(msg.metadata.response_code)),
                         }
-                    });
-                    cache.remove_inflight(&task_key);
-                    result
+                    })
                 });
                 let shared: SharedFetch =
                     async move { task.await.unwrap_or(Err(FetchError::Aborted)) }
@@ -331,6 +347,7 @@ impl Cache {
     }
 
     fn remove_inflight(&self, key: &Question) {
+        // Called from a destructor too: never panic here.
         let mut inflight = match self.inflight.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -463,5 +480,34 @@ mod tests {
             cache.lookup(&key, Instant::now()),
             Lookup::Fresh(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fetch_does_not_wedge_its_key() {
+        let cache = Cache::new(100, policy(), None);
+        let key = Question {
+            name: Name::from_str("x.example.").expect("name"),
+            qtype: RecordType::A,
+            qclass: DNSClass::IN,
+        };
+        let first = cache
+            .fetch(&key, || async {
+                let r: Result<Message, FetchError> = Err(FetchError::Aborted);
+                if r.is_err() {
+                    panic!("a bug in a fetch");
+                }
+                r
+            })
+            .await;
+        assert!(matches!(first, Err(FetchError::Aborted)));
+        let second = cache
+            .fetch(&key, || async {
+                Ok(reply(ResponseCode::NoError, &[60], None))
+            })
+            .await;
+        assert!(
+            second.is_ok(),
+            "the key is fetched again, not stuck on the dead fetch"
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncodable;
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
 /// Without EDNS a UDP reply must fit in 512 bytes (RFC 1035 §4.2.1).
 pub const UDP_LIMIT_NO_EDNS: usize = 512;
@@ -18,6 +18,9 @@ pub const TCP_LIMIT: usize = 65_535;
 
 /// The DNS header is 12 bytes; anything shorter is not DNS.
 pub const HEADER_LEN: usize = 12;
+
+/// Size of an OPT record without options (RFC 6891 §6.1.2).
+const OPT_LEN: usize = 11;
 
 /// TTL of answers served from stale data (RFC 8767 §4 recommends 30 seconds).
 pub const STALE_TTL: u32 = 30;
@@ -197,8 +200,29 @@ pub fn encode_reply(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8
             .ok()
             .filter(|b| b.len() <= limit && complete(b, msg))
     };
-    // Binary search for the largest prefix that fits: log2(n) encodes instead of n.
-    let (mut lo, mut hi) = (0usize, answer.answers.len());
+    // hickory's encoder, given a size limit, writes whole records until the next one does not
+    // fit: one encode tells how many answers fit (the OPT record, emitted last, is kept out of
+    // the limit so it always has room).
+    let probe_limit = limit.saturating_sub(if msg.edns.is_some() { OPT_LEN } else { 0 });
+    let fit_estimate = {
+        let mut probe = msg.clone();
+        probe.edns = None;
+        probe.answers = answer.answers.clone();
+        let mut buf = Vec::with_capacity(probe_limit);
+        let mut encoder = BinEncoder::new(&mut buf);
+        encoder.set_max_size(u16::try_from(probe_limit).unwrap_or(u16::MAX));
+        match probe.emit(&mut encoder) {
+            Ok(()) => buf
+                .get(6..8)
+                .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]]))),
+            Err(_) => 0,
+        }
+    };
+    if let Some(bytes) = fits(fit_estimate, &mut msg) {
+        return (bytes, true);
+    }
+    // Should the estimate be off, a binary search below it: log2(n) encodes instead of n.
+    let (mut lo, mut hi) = (0usize, fit_estimate.min(answer.answers.len()));
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
         if fits(mid, &mut msg).is_some() {

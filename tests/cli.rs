@@ -81,6 +81,7 @@ async fn dig_against_the_binary_then_sigterm_exits_zero() {
     })
     .await
     .expect("dig");
+    println!("dig against the binary, a forwarded name:\n{}", out.0);
     assert!(out.0.contains("status: NOERROR"), "{}", out.0);
     assert!(out.0.contains("192.0.2.1"), "{}", out.0);
     assert!(out.0.contains(" ra"), "RA flag: {}", out.0);

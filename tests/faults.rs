@@ -443,3 +443,52 @@ async fn the_cache_stays_within_its_entry_limit() {
     );
     fwd.stop().await;
 }
+
+#[test]
+fn ca_file_problems_are_clear() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let run = |ca: &std::path::Path| {
+        let conf = dir.path().join("ca.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "[consul]\nhttp = [\"https://127.0.0.1:8501\"]\nca_file = \"{}\"\n",
+                ca.display()
+            ),
+        )
+        .expect("write");
+        Command::new(BIN)
+            .args([
+                "--config",
+                &conf.display().to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args([
+                "--upstream",
+                "127.0.0.1:9",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .expect("run")
+    };
+    let out = run(&dir.path().join("missing.pem"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("consul.ca_file") && err.contains("missing.pem"),
+        "{err}"
+    );
+
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").expect("write");
+    let out = run(&garbage);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("consul.ca_file") && err.contains("garbage.pem"),
+        "{err}"
+    );
+}

@@ -156,32 +156,9 @@ impl ConsulSource {
                 let dc = norm(dc);
                 match self.backend.service(service, dc.as_deref()).await {
                     Ok(view) => {
-                        let selection = records::select(
-                            &view,
-                            tag.as_deref(),
-                            cfg.only_passing,
-                            cfg.when_none_healthy,
-                        );
-                        let chosen = records::pick(
-                            &view,
-                            &selection,
-                            q.qtype,
-                            records::record_cap(q.qtype, limit, q.name.len()),
-                            &mut rand::rng(),
-                        );
-                        let view_dc = dc.clone().or_else(|| {
-                            (!view.datacenter.is_empty()).then(|| view.datacenter.clone())
-                        });
-                        let dc_name = view_dc.unwrap_or_else(|| ctx.dc.to_owned());
                         ctx.ttl = secs(cfg.service_ttl_for(service));
-                        records::service_answer(
-                            &chosen,
-                            !selection.all.is_empty(),
-                            &Ctx {
-                                dc: &dc_name,
-                                ..ctx.clone()
-                            },
-                        )
+                        let dc_name = dc.clone().unwrap_or_else(|| ctx.dc.to_owned());
+                        self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, &dc_name)
                     }
                     Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),
@@ -194,41 +171,19 @@ impl ConsulSource {
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),
                 }
             }
-            ConsulName::Query { query, dc } => match self
-                .backend
-                .query(query, norm(dc).as_deref())
-                .await
-            {
-                Ok(Some(qv)) => {
-                    let selection =
-                        records::select(&qv.service, None, cfg.only_passing, cfg.when_none_healthy);
-                    let chosen = records::pick(
-                        &qv.service,
-                        &selection,
-                        q.qtype,
-                        records::record_cap(q.qtype, limit, q.name.len()),
-                        &mut rand::rng(),
-                    );
-                    ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
-                    let dc_name = if qv.service.datacenter.is_empty() {
-                        ctx.dc.to_owned()
-                    } else {
-                        qv.service.datacenter.clone()
-                    };
-                    records::service_answer(
-                        &chosen,
-                        !selection.all.is_empty(),
-                        &Ctx {
-                            dc: &dc_name,
-                            ..ctx.clone()
-                        },
-                    )
+            ConsulName::Query { query, dc } => {
+                match self.backend.query(query, norm(dc).as_deref()).await {
+                    Ok(Some(qv)) => {
+                        ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
+                        let dc_name = ctx.dc.to_owned();
+                        self.answer_from_view(&qv.service, None, q, limit, &ctx, &dc_name)
+                    }
+                    Ok(None) | Err(LookupError::NoSuchDatacenter) => {
+                        Built::Done(records::nxdomain(&ctx))
+                    }
+                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
                 }
-                Ok(None) | Err(LookupError::NoSuchDatacenter) => {
-                    Built::Done(records::nxdomain(&ctx))
-                }
-                Err(LookupError::Unavailable(_)) => return Answer::servfail(),
-            },
+            }
         };
         match built {
             Built::Done(answer) => answer,
@@ -252,6 +207,40 @@ impl ConsulSource {
                 answer
             }
         }
+    }
+}
+
+impl ConsulSource {
+    /// A service view's answer: its selection for `tag`, a random sample of what can fit in
+    /// `limit`, records. SRV targets name the view's datacenter when it has one.
+    fn answer_from_view(
+        &self,
+        view: &ServiceView,
+        tag: Option<&str>,
+        q: &Question,
+        limit: usize,
+        ctx: &Ctx<'_>,
+        dc_fallback: &str,
+    ) -> Built {
+        let cfg = &self.policy.config;
+        let selection = records::select(view, tag, cfg.only_passing, cfg.when_none_healthy);
+        let chosen = records::pick(
+            view,
+            &selection,
+            q.qtype,
+            records::record_cap(q.qtype, limit, q.name.len()),
+            &mut rand::rng(),
+        );
+        let dc = if view.datacenter.is_empty() {
+            dc_fallback
+        } else {
+            view.datacenter.as_str()
+        };
+        records::service_answer(
+            &chosen,
+            !selection.all.is_empty(),
+            &Ctx { dc, ..ctx.clone() },
+        )
     }
 }
 

@@ -343,6 +343,30 @@ impl HttpBackend {
     }
 }
 
+/// One on-demand GET: the body converted, `None` for a 404 or a `null` body. "No such
+/// datacenter" is final (NXDOMAIN); any other failure marks an outage (stale data or SERVFAIL).
+async fn fetch_one<J: serde::de::DeserializeOwned, V>(
+    client: &ConsulClient,
+    outage: &OutageLog,
+    endpoint: &'static str,
+    path: &str,
+    params: &[(&'static str, String)],
+    convert: impl FnOnce(J) -> V,
+) -> Result<Option<V>, LookupError> {
+    match client.get::<J>(endpoint, path, params, None).await {
+        Ok(r) => {
+            outage.ok();
+            Ok(r.value.map(convert))
+        }
+        Err(ClientError::NoSuchDatacenter) => Err(LookupError::NoSuchDatacenter),
+        Err(ClientError::NotFound) => Ok(None),
+        Err(e) => {
+            outage.failed(&e);
+            Err(LookupError::Unavailable(e.to_string()))
+        }
+    }
+}
+
 /// Asks `/v1/agent/self` for the agent's datacenter until it answers (with backoff), so names
 /// without a datacenter label and names that spell out the local one share one view.
 async fn discover_datacenter(
@@ -622,23 +646,15 @@ impl Backend for HttpBackend {
                 self.settings.stale_for,
                 move || {
                     async move {
-                        match client
-                            .get::<CatalogNodeJson>("catalog_node", &path, &params, None)
-                            .await
-                        {
-                            Ok(r) => {
-                                outage.ok();
-                                Ok(r.value.map(|n| Arc::new(NodeView::from_json(&n.node))))
-                            }
-                            Err(ClientError::NoSuchDatacenter) => {
-                                Err(LookupError::NoSuchDatacenter)
-                            }
-                            Err(ClientError::NotFound) => Ok(None),
-                            Err(e) => {
-                                outage.failed(&e);
-                                Err(LookupError::Unavailable(e.to_string()))
-                            }
-                        }
+                        fetch_one(
+                            &client,
+                            &outage,
+                            "catalog_node",
+                            &path,
+                            &params,
+                            |n: CatalogNodeJson| Arc::new(NodeView::from_json(&n.node)),
+                        )
+                        .await
                     }
                     .boxed()
                 },
@@ -666,35 +682,27 @@ impl Backend for HttpBackend {
                 self.settings.stale_for,
                 move || {
                     async move {
-                        match client
-                            .get::<QueryExecuteJson>("query_execute", &path, &params, None)
-                            .await
-                        {
-                            Ok(r) => {
-                                outage.ok();
-                                Ok(r.value.map(|q| {
-                                    let ttl = q
-                                        .dns
-                                        .as_ref()
-                                        .and_then(|d| humantime::parse_duration(&d.ttl).ok());
-                                    Arc::new(QueryView {
-                                        service: Arc::new(ServiceView::from_entries(
-                                            &q.nodes,
-                                            &q.datacenter.to_ascii_lowercase(),
-                                        )),
-                                        ttl,
-                                    })
-                                }))
-                            }
-                            Err(ClientError::NoSuchDatacenter) => {
-                                Err(LookupError::NoSuchDatacenter)
-                            }
-                            Err(ClientError::NotFound) => Ok(None),
-                            Err(e) => {
-                                outage.failed(&e);
-                                Err(LookupError::Unavailable(e.to_string()))
-                            }
-                        }
+                        fetch_one(
+                            &client,
+                            &outage,
+                            "query_execute",
+                            &path,
+                            &params,
+                            |q: QueryExecuteJson| {
+                                let ttl = q
+                                    .dns
+                                    .as_ref()
+                                    .and_then(|d| humantime::parse_duration(&d.ttl).ok());
+                                Arc::new(QueryView {
+                                    service: Arc::new(ServiceView::from_entries(
+                                        &q.nodes,
+                                        &q.datacenter.to_ascii_lowercase(),
+                                    )),
+                                    ttl,
+                                })
+                            },
+                        )
+                        .await
                     }
                     .boxed()
                 },

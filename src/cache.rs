@@ -100,6 +100,12 @@ impl CachedAnswer {
             additionals = clamped(&msg.additionals);
             ttl = Duration::from_secs(u64::from(answers.iter().map(|r| r.ttl).min().unwrap_or(0)));
         }
+        // Collected through filters, the vectors start with room for 4 records (over 1 KiB
+        // unused for a single A record); entries live long and are many, so trim them.
+        let (mut answers, mut authorities, mut additionals) = (answers, authorities, additionals);
+        answers.shrink_to_fit();
+        authorities.shrink_to_fit();
+        additionals.shrink_to_fit();
         Some(CachedAnswer {
             rcode: msg.metadata.response_code,
             answers,

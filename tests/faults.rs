@@ -146,31 +146,6 @@ async fn a_flapping_consul_never_costs_an_answer() {
     fwd.stop().await;
 }
 
-fn wait_for_dns(port: u16) {
-    let start = Instant::now();
-    loop {
-        let out = Command::new("dig")
-            .args([
-                "@127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "+time=1",
-                "+tries=1",
-                "a.test",
-            ])
-            .output()
-            .expect("dig");
-        if String::from_utf8_lossy(&out.stdout).contains("status:") {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// One log line when an outage starts, one when it ends, however many watchers and queries; the
 /// token appears in no log line, metric or error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,10 +178,8 @@ async fn one_log_line_per_outage_and_the_token_never_shows() {
         "--listen",
         &format!("127.0.0.1:{port}"),
     ]);
-    tokio::task::spawn_blocking(move || wait_for_dns(port))
-        .await
-        .expect("join");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_until_answering(addr).await;
     for svc in ["web", "api", "db"] {
         assert!(
             !addresses(&ask(addr, &format!("{svc}.service.consul."), RecordType::A).await)
@@ -237,21 +210,7 @@ async fn one_log_line_per_outage_and_the_token_never_shows() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let metrics = http_get(maddr, "/metrics").await.1;
     assert!(!metrics.contains(token));
-    assert!(Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status()
-        .expect("kill")
-        .success());
-    let _ = server.0.wait();
-    let mut stderr = String::new();
-    use std::io::Read;
-    server
-        .0
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read");
+    let stderr = server.terminate_and_read_stderr();
     let down = stderr.matches("Consul unreachable").count();
     let up_again = stderr.matches("Consul reachable again").count();
     println!("log lines for one outage: {down} down, {up_again} back");

@@ -326,19 +326,7 @@ async fn sighup_reloads_under_load_without_losing_a_query() {
     let server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
     let pid = server.0.id().to_string();
     let addr: std::net::SocketAddr = listen.parse().expect("addr");
-    eventually(Duration::from_secs(10), async || {
-        raw_udp(
-            addr,
-            &make_query("a.test.", RecordType::A, None)
-                .to_vec()
-                .expect("enc"),
-            Duration::from_millis(200),
-        )
-        .await
-        .is_some()
-    })
-    .await
-    .expect("server up");
+    wait_until_answering(addr).await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
@@ -454,35 +442,9 @@ async fn query_log_in_json() {
         "json",
     ]);
     let addr: std::net::SocketAddr = listen.parse().expect("addr");
-    eventually(Duration::from_secs(10), async || {
-        raw_udp(
-            addr,
-            &make_query("a.test.", RecordType::A, None)
-                .to_vec()
-                .expect("enc"),
-            Duration::from_millis(200),
-        )
-        .await
-        .is_some()
-    })
-    .await
-    .expect("server up");
+    wait_until_answering(addr).await;
     ask(addr, "Missing.test.", RecordType::AAAA).await;
-    assert!(Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status()
-        .expect("kill")
-        .success());
-    let _ = server.0.wait();
-    let mut stderr = String::new();
-    use std::io::Read;
-    server
-        .0
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read");
+    let stderr = server.terminate_and_read_stderr();
     let entries: Vec<serde_json::Value> = stderr
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

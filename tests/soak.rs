@@ -111,19 +111,7 @@ async fn soak() {
     ]);
     let pid = server.0.id();
     let addr: SocketAddr = listen.parse().expect("addr");
-    eventually(Duration::from_secs(10), async || {
-        raw_udp(
-            addr,
-            &make_query("a.test.", RecordType::A, None)
-                .to_vec()
-                .expect("enc"),
-            Duration::from_millis(200),
-        )
-        .await
-        .is_some()
-    })
-    .await
-    .expect("server up");
+    wait_until_answering(addr).await;
     // Warm: every name known before the clock starts.
     for name in [
         "web.service.consul.",

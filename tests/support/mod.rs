@@ -281,3 +281,35 @@ pub fn spawn(args: &[&str]) -> Running {
             .expect("start the binary"),
     )
 }
+
+impl Running {
+    /// SIGTERM, wait for the exit, and return everything the process wrote to stderr.
+    pub fn terminate_and_read_stderr(&mut self) -> String {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -TERM failed");
+        let _ = self.0.wait();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.0.stderr.take() {
+            use std::io::Read;
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        stderr
+    }
+}
+
+/// Waits (at most 10 s) until a DNS server at `addr` answers over UDP.
+pub async fn wait_until_answering(addr: SocketAddr) {
+    let query = make_query("a.test.", RecordType::A, None)
+        .to_vec()
+        .expect("encode");
+    eventually(Duration::from_secs(10), async || {
+        raw_udp(addr, &query, Duration::from_millis(200))
+            .await
+            .is_some()
+    })
+    .await
+    .expect("the server answers within 10 s");
+}

@@ -9,12 +9,14 @@
 //! - `name_parse`: Consul's name grammar (`consul::name::parse`), plus the lowercasing the handler
 //!   does first (`wire::Question::from_query`).
 //! - `request_parse`: the request bytes parsed into a hickory `Message` (done for every query).
-//! - `cache_hit`: a forwarded cache hit turned into reply bytes: the moka lookup, then
-//!   `CachedAnswer::to_answer` + `wire::encode_reply`.
+//! - `cache_hit`: a forwarded cache hit turned into reply bytes: `write_reply` (the hot path:
+//!   bytes patched), and for comparison the general path (`CachedAnswer::to_answer` +
+//!   `wire::encode_reply`); the cache lookup in front of it.
 //! - `consul_view`: a Consul view turned into records and reply bytes for 1, 10, 100 and 5,000
 //!   instances (issue 8: the cost of an answer should not grow with the instance count).
 //! - `handler`: `Handler::handle` end to end (bytes in, bytes out, metrics included) for a Consul
-//!   name served from a catalog, and for a forwarded cache hit.
+//!   name served from a catalog, and for a forwarded cache hit; the same hit through
+//!   `Handler::handle_cached` (the inline hot path of the UDP loop).
 //!
 //! Nothing here opens a socket.
 
@@ -39,6 +41,7 @@ use consul_dns_forwarder::consul::records::{self, Built, Ctx};
 use consul_dns_forwarder::consul::ConsulSource;
 use consul_dns_forwarder::handler::{ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
+use consul_dns_forwarder::packet;
 use consul_dns_forwarder::upstream::{Forwarder, Router, ServerGroup};
 use consul_dns_forwarder::wire::{self, Question, Transport};
 
@@ -207,11 +210,26 @@ fn bench_cache_hit(c: &mut Criterion) {
     let now = Instant::now();
     for (label, a, cname) in [("1_a", 1, false), ("4_a", 4, false), ("cname_2_a", 2, true)] {
         let qname = "www.example.com.";
-        let entry = CachedAnswer::from_message(&upstream_reply(qname, a, cname), &policy(), now)
-            .expect("cacheable");
+        let question = Question {
+            name: n(qname),
+            qtype: RecordType::A,
+            qclass: DNSClass::IN,
+        };
+        let entry =
+            CachedAnswer::from_message(&question, &upstream_reply(qname, a, cname), &policy(), now)
+                .expect("cacheable");
         let req = request(qname, RecordType::A, false);
         let limit = wire::reply_limit(&req, Transport::Udp);
         let later = now + Duration::from_millis(1500);
+        let req_bytes = req.to_vec().expect("encodes");
+        let mut out = Vec::with_capacity(1232);
+        // The hot path: the plain query read as bytes and the reply written from cached bytes.
+        g.bench_function(BenchmarkId::new("write_reply", label), |b| {
+            b.iter(|| {
+                let q = packet::parse_plain_query(black_box(&req_bytes)).expect("plain");
+                black_box(&entry).write_reply(&mut out, &q, limit, later, false, false)
+            })
+        });
         g.bench_function(BenchmarkId::new("to_answer", label), |b| {
             b.iter(|| black_box(&entry).to_answer(later, false))
         });
@@ -223,7 +241,7 @@ fn bench_cache_hit(c: &mut Criterion) {
         });
     }
 
-    // The moka lookup in front of it, with 10,000 entries in the cache.
+    // The cache lookup in front of it, with 10,000 entries in the cache.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -344,10 +362,10 @@ fn bench_handler(c: &mut Criterion) {
         let handler = Handler::new(
             Routes {
                 allow: config.server.allow.clone(),
-                consul: Some(ConsulRoute {
-                    domains: config.consul.domains.clone(),
-                    source: Arc::new(source),
-                }),
+                consul: Some(ConsulRoute::new(
+                    config.consul.domains.clone(),
+                    Arc::new(source),
+                )),
                 forwarder: forwarder.clone(),
                 log_queries: false,
                 rate_limit: None,
@@ -380,7 +398,14 @@ fn bench_handler(c: &mut Criterion) {
                 .expect("a reply")
         })
     });
-    // The runtime's share of that: an empty future through the same block_on.
+    // The same hit on the hot path the UDP loop takes first: no runtime, no Message.
+    let mut out = Vec::with_capacity(1232);
+    g.bench_function("forwarded_cache_hit_inline", |b| {
+        b.iter(|| {
+            assert!(handler.handle_cached(black_box(&packet), client, Transport::Udp, &mut out));
+        })
+    });
+    // The runtime's share of the general path: an empty future through the same block_on.
     g.bench_function("block_on_overhead", |b| {
         b.iter(|| rt.block_on(async { black_box(1) }))
     });

@@ -2,17 +2,27 @@
 //! out, negative answers kept per RFC 2308, expired entries kept a while longer so they can be
 //! served stale when every upstream fails (RFC 8767), and concurrent identical misses merged into
 //! one upstream query.
+//!
+//! Entries are kept in wire format (the question and the records as they follow it in a reply),
+//! so a hit is answered by copying bytes and patching ID, flags, TTLs and the question's case
+//! (`packet`), not by cloning and encoding records: about 140 bytes per cached name instead of
+//! the 750 that hickory `Record`s in moka cost (benches/cache_memory.rs), and no encoding per hit.
+//! The map is quick_cache (S3-FIFO, sharded, about 30 bytes of bookkeeping per entry, weights in
+//! bytes); moka's per-entry bookkeeping alone was about 290 bytes. Expiry is checked on read:
+//! entries past their stale window are dropped when met, and the byte bound evicts the rest.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, Record};
 
-use crate::wire::{Answer, Question, STALE_TTL};
+use crate::packet::{self, PlainQuery};
+use crate::wire::{Answer, Question, HEADER_LEN, STALE_TTL};
 
 /// TTL rules applied when an upstream message is stored.
 #[derive(Clone, Debug)]
@@ -28,37 +38,68 @@ pub struct TtlPolicy {
     pub stale_for: Duration,
 }
 
+/// What an entry costs beyond its bytes: the struct behind its `Arc`, allocator headers and the
+/// map's slot. Used for the byte bound, so it errs on the high side.
+const ENTRY_OVERHEAD: usize = 128;
+
 /// A stored answer. Record TTLs are the clamped ones at `stored_at`.
 #[derive(Debug)]
 pub struct CachedAnswer {
     pub rcode: ResponseCode,
-    pub answers: Vec<Record>,
-    pub authorities: Vec<Record>,
-    pub additionals: Vec<Record>,
     pub stored_at: Instant,
-    /// How long the entry is fresh.
-    pub ttl: Duration,
+    /// How long the entry is fresh, in seconds.
+    ttl_secs: u32,
     /// False for a negative answer without SOA: passed on to the client, never stored
     /// (RFC 2308 §5).
     pub cacheable: bool,
+    /// Answer, authority and additional record counts.
+    counts: [u16; 3],
+    question_len: u16,
+    /// The question (name lowercased) followed by the records, exactly as they follow a 12-byte
+    /// header in a reply: names in the records may point into the question, so a reply must put
+    /// the (same-length) question at the same place.
+    wire: Box<[u8]>,
+}
+
+/// The question in wire format, as the cache keys it: the name (already lowercased in a
+/// `Question`), type and class.
+pub fn question_wire(q: &Question) -> Vec<u8> {
+    let mut out = Vec::with_capacity(packet::MAX_QUESTION_WIRE);
+    for label in q.name.iter() {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+    out.extend_from_slice(&u16::from(q.qtype).to_be_bytes());
+    out.extend_from_slice(&u16::from(q.qclass).to_be_bytes());
+    out
 }
 
 impl CachedAnswer {
-    /// Turns an upstream reply into an entry, or `None` for error rcodes (SERVFAIL, REFUSED...),
-    /// which are never cached.
-    pub fn from_message(msg: &Message, policy: &TtlPolicy, now: Instant) -> Option<CachedAnswer> {
+    /// Turns an upstream reply to `q` into an entry. Error rcodes (SERVFAIL, REFUSED...) are never
+    /// cached: they come back as `FetchError::Rcode`.
+    pub fn from_message(
+        q: &Question,
+        msg: &Message,
+        policy: &TtlPolicy,
+        now: Instant,
+    ) -> Result<CachedAnswer, FetchError> {
         let clamp = |ttl: u32| -> u32 {
             let secs = u64::from(ttl).clamp(policy.min_ttl.as_secs(), policy.max_ttl.as_secs());
             u32::try_from(secs).unwrap_or(u32::MAX)
         };
-        let negative = msg.metadata.response_code == ResponseCode::NXDomain
-            || (msg.metadata.response_code == ResponseCode::NoError && msg.answers.is_empty());
-        match msg.metadata.response_code {
+        let rcode = msg.metadata.response_code;
+        match rcode {
             ResponseCode::NoError | ResponseCode::NXDomain => {}
-            _ => return None,
+            other => return Err(FetchError::Rcode(other)),
         }
-        let (answers, mut authorities, additionals, ttl);
+        let negative = rcode == ResponseCode::NXDomain || msg.answers.is_empty();
+        let mut reply = Message::new(0, MessageType::Response, OpCode::Query);
+        let mut query = Query::query(q.name.clone(), q.qtype);
+        query.set_query_class(q.qclass);
+        reply.add_query(query);
         let mut cacheable = true;
+        let ttl_secs;
         if negative {
             let soa = msg.authorities.iter().find_map(|r| match &r.data {
                 RData::SOA(soa) => Some((r.ttl, soa.minimum)),
@@ -69,20 +110,19 @@ impl CachedAnswer {
             let secs = u64::from(soa_ttl.min(minimum))
                 .min(policy.negative_ttl.as_secs())
                 .max(policy.negative_min_ttl.as_secs());
-            let neg = u32::try_from(secs).unwrap_or(u32::MAX);
-            ttl = Duration::from_secs(secs);
-            answers = msg.answers.clone();
+            ttl_secs = u32::try_from(secs).unwrap_or(u32::MAX);
+            reply.answers = msg.answers.clone();
             // RFC 2308 §3: the SOA's TTL in a negative answer is the negative caching time.
-            authorities = msg
+            reply.authorities = msg
                 .authorities
                 .iter()
                 .filter(|r| matches!(r.data, RData::SOA(_)))
-                .cloned()
-                .collect::<Vec<_>>();
-            for r in &mut authorities {
-                r.ttl = neg;
-            }
-            additionals = Vec::new();
+                .map(|r| {
+                    let mut r = r.clone();
+                    r.ttl = ttl_secs;
+                    r
+                })
+                .collect();
         } else {
             let clamped = |records: &[Record]| -> Vec<Record> {
                 records
@@ -95,40 +135,63 @@ impl CachedAnswer {
                     })
                     .collect()
             };
-            answers = clamped(&msg.answers);
-            authorities = clamped(&msg.authorities);
-            additionals = clamped(&msg.additionals);
-            ttl = Duration::from_secs(u64::from(answers.iter().map(|r| r.ttl).min().unwrap_or(0)));
+            reply.answers = clamped(&msg.answers);
+            reply.authorities = clamped(&msg.authorities);
+            reply.additionals = clamped(&msg.additionals);
+            ttl_secs = reply.answers.iter().map(|r| r.ttl).min().unwrap_or(0);
         }
-        // Collected through filters, the vectors start with room for 4 records (over 1 KiB
-        // unused for a single A record); entries live long and are many, so trim them.
-        let (mut answers, mut authorities, mut additionals) = (answers, authorities, additionals);
-        answers.shrink_to_fit();
-        authorities.shrink_to_fit();
-        additionals.shrink_to_fit();
-        Some(CachedAnswer {
-            rcode: msg.metadata.response_code,
-            answers,
-            authorities,
-            additionals,
+        let bytes = reply
+            .to_vec()
+            .map_err(|e| FetchError::Unstorable(e.to_string()))?;
+        let count = |at: usize| {
+            bytes
+                .get(at..at + 2)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]))
+        };
+        let counts = [count(6), count(8), count(10)];
+        let expected = [
+            reply.answers.len(),
+            reply.authorities.len(),
+            reply.additionals.len(),
+        ];
+        // hickory stops at 64 KiB on its own, lowering the counts: such an answer is not stored
+        // (it could not be sent whole anyway).
+        if counts
+            .iter()
+            .zip(expected)
+            .any(|(&c, e)| usize::from(c) != e)
+        {
+            return Err(FetchError::Unstorable("answer larger than 64 KiB".into()));
+        }
+        let question_len = question_wire(q).len();
+        Ok(CachedAnswer {
+            rcode,
             stored_at: now,
-            ttl,
+            ttl_secs,
             cacheable,
+            counts,
+            question_len: u16::try_from(question_len).unwrap_or(0),
+            wire: bytes[HEADER_LEN..].into(),
         })
     }
 
-    /// What the entry costs in memory, roughly: encoded records plus fixed overhead.
+    /// What the entry costs in memory, roughly.
     pub fn approx_bytes(&self) -> u32 {
-        const ENTRY_OVERHEAD: usize = 160;
-        const RECORD_OVERHEAD: usize = 64;
-        let records = self
-            .answers
-            .iter()
-            .chain(&self.authorities)
-            .chain(&self.additionals)
-            .map(|r| crate::wire::record_len(r) + RECORD_OVERHEAD)
-            .sum::<usize>();
-        u32::try_from(ENTRY_OVERHEAD + records).unwrap_or(u32::MAX)
+        u32::try_from(ENTRY_OVERHEAD + self.wire.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The question the entry answers (its cache key).
+    pub fn question(&self) -> &[u8] {
+        &self.wire[..usize::from(self.question_len)]
+    }
+
+    fn records(&self) -> &[u8] {
+        &self.wire[usize::from(self.question_len)..]
+    }
+
+    /// How long the entry is fresh.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(u64::from(self.ttl_secs))
     }
 
     /// Seconds since storing, rounded down.
@@ -137,33 +200,97 @@ impl CachedAnswer {
     }
 
     pub fn is_fresh(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.stored_at) < self.ttl
+        now.saturating_duration_since(self.stored_at) < self.ttl()
     }
 
-    /// The answer with every TTL reduced by the entry's age (fresh), or set to 30 s (stale).
-    pub fn to_answer(&self, now: Instant, stale: bool) -> Answer {
+    /// The TTL rewrite for a reply at `now`: reduced by the entry's age (fresh), or 30 s (stale).
+    fn ttl_at(&self, now: Instant, stale: bool) -> impl Fn(u32) -> u32 {
         let age = self.age_secs(now);
-        let adjust = |records: &[Record]| -> Vec<Record> {
-            records
-                .iter()
-                .map(|r| {
-                    let mut r = r.clone();
-                    r.ttl = if stale {
-                        STALE_TTL
-                    } else {
-                        r.ttl.saturating_sub(age)
-                    };
-                    r
-                })
-                .collect()
-        };
-        Answer {
-            rcode: self.rcode,
-            authoritative: false,
-            answers: adjust(&self.answers),
-            authorities: adjust(&self.authorities),
-            additionals: adjust(&self.additionals),
+        move |ttl| {
+            if stale {
+                STALE_TTL
+            } else {
+                ttl.saturating_sub(age)
+            }
         }
+    }
+
+    /// The answer as records, TTLs adjusted as for `write_reply` (the general path: truncation,
+    /// shuffling records that cannot move as bytes).
+    pub fn to_answer(&self, now: Instant, stale: bool) -> Answer {
+        let mut bytes = Vec::with_capacity(HEADER_LEN + self.wire.len());
+        bytes.extend_from_slice(&[0, 0, 0x80, 0, 0, 1]);
+        for c in self.counts {
+            bytes.extend_from_slice(&c.to_be_bytes());
+        }
+        bytes.extend_from_slice(&self.wire);
+        let base = HEADER_LEN + usize::from(self.question_len);
+        let total = self.counts.iter().map(|&c| usize::from(c)).sum();
+        let decoded =
+            packet::rewrite_ttls(&mut bytes[base..], total, base, self.ttl_at(now, stale))
+                .then(|| Message::from_vec(&bytes).ok())
+                .flatten();
+        match decoded {
+            Some(msg) => Answer {
+                rcode: self.rcode,
+                authoritative: false,
+                answers: msg.answers,
+                authorities: msg.authorities,
+                additionals: msg.additionals,
+            },
+            // Bytes we encoded ourselves always decode; should they not, fail safe.
+            None => Answer::servfail(),
+        }
+    }
+
+    /// Writes the reply to `q` from this entry into `out`: header, the client's question (its
+    /// case kept), the records with TTLs adjusted, the answer records shuffled when `shuffle`, and
+    /// an OPT record when the query had one. Returns false, with `out` in an unspecified state,
+    /// when this must go the general way instead: the reply would exceed `limit`, or the answers
+    /// cannot be shuffled as bytes.
+    pub fn write_reply(
+        &self,
+        out: &mut Vec<u8>,
+        q: &PlainQuery<'_>,
+        limit: usize,
+        now: Instant,
+        stale: bool,
+        shuffle: bool,
+    ) -> bool {
+        let opt = q.edns_payload.is_some();
+        let size = HEADER_LEN + self.wire.len() + if opt { 11 } else { 0 };
+        if size > limit || q.question.len() != usize::from(self.question_len) {
+            return false;
+        }
+        out.clear();
+        packet::write_header(out, q, false, self.rcode.low(), self.counts);
+        out.extend_from_slice(q.question);
+        let base = out.len();
+        let records = self.records();
+        if shuffle && self.counts[0] > 1 {
+            let mut rng = rand::rng();
+            let Some(used) = packet::copy_shuffled_answers(
+                out,
+                records,
+                usize::from(self.counts[0]),
+                base,
+                &mut rng,
+            ) else {
+                return false;
+            };
+            out.extend_from_slice(&records[used..]);
+        } else {
+            out.extend_from_slice(records);
+        }
+        let total = self.counts.iter().map(|&c| usize::from(c)).sum();
+        if !packet::rewrite_ttls(&mut out[base..], total, base, self.ttl_at(now, stale)) {
+            return false;
+        }
+        if opt {
+            packet::write_opt(out);
+            packet::add_additional(out);
+        }
+        true
     }
 }
 
@@ -180,6 +307,8 @@ pub enum FetchError {
     Aborted,
     #[error("too many upstream queries in flight (upstream.max_inflight)")]
     Overloaded,
+    #[error("upstream answer cannot be stored: {0}")]
+    Unstorable(String),
 }
 
 /// The result of a fetch: the entry, and whether it came from a new upstream answer that is not
@@ -191,7 +320,7 @@ type SharedFetch = Shared<BoxFuture<'static, FetchResult>>;
 /// Clears a key's in-flight mark when its fetch task ends, however it ends.
 struct InflightGuard {
     cache: Cache,
-    key: Question,
+    key: Box<[u8]>,
 }
 
 impl Drop for InflightGuard {
@@ -208,27 +337,44 @@ pub enum Lookup {
     Miss,
 }
 
-/// Per-entry lifetime in moka: fresh TTL plus the stale window.
-struct EntryExpiry {
-    stale_for: Duration,
+/// Entries weigh their bytes, but at least `floor`, so the entry count stays bounded too.
+#[derive(Clone)]
+struct Weigh {
+    floor: u64,
 }
 
-impl moka::Expiry<Question, Arc<CachedAnswer>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &Question,
-        value: &Arc<CachedAnswer>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl.saturating_add(self.stale_for))
+impl quick_cache::Weighter<u64, Arc<CachedAnswer>> for Weigh {
+    fn weight(&self, _key: &u64, value: &Arc<CachedAnswer>) -> u64 {
+        u64::from(value.approx_bytes()).max(self.floor)
     }
 }
 
+/// Counts entries evicted for space.
+#[derive(Clone)]
+struct Evictions(Option<prometheus::IntCounter>);
+
+impl quick_cache::Lifecycle<u64, Arc<CachedAnswer>> for Evictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut (), _key: u64, _value: Arc<CachedAnswer>) {
+        if let Some(counter) = &self.0 {
+            counter.inc();
+        }
+    }
+}
+
+type Map = quick_cache::sync::Cache<u64, Arc<CachedAnswer>, Weigh, RandomState, Evictions>;
+
 /// The cache. Cheap to clone (shared state).
+///
+/// Keyed by a keyed hash (random per process, so collisions cannot be chosen by clients) of the
+/// question in wire format; the entry holds the question itself, so a lookup checks it and a
+/// collision is a miss, never a wrong answer.
 #[derive(Clone)]
 pub struct Cache {
-    entries: moka::sync::Cache<Question, Arc<CachedAnswer>>,
-    inflight: Arc<Mutex<HashMap<Question, SharedFetch>>>,
+    entries: Arc<Map>,
+    hasher: RandomState,
+    inflight: Arc<Mutex<HashMap<Box<[u8]>, SharedFetch>>>,
     policy: TtlPolicy,
 }
 
@@ -248,38 +394,26 @@ impl Cache {
         )
     }
 
-    /// A cache bounded both in entries and in (approximate) bytes.
-    ///
-    /// moka bounds one measure, so each entry weighs its size in bytes but at least
-    /// `max_bytes / max_entries`: the total weight then stays under `max_bytes`, and the count
-    /// under `max_entries`.
+    /// A cache bounded both in entries and in (approximate) bytes: each entry weighs its size in
+    /// bytes but at least `max_bytes / max_entries`, so the total weight stays under `max_bytes`
+    /// and the count under `max_entries`.
     pub fn with_limits(
         max_entries: u64,
         max_bytes: u64,
         policy: TtlPolicy,
         evictions: Option<prometheus::IntCounter>,
     ) -> Cache {
-        let floor = u32::try_from(max_bytes / max_entries.max(1))
-            .unwrap_or(u32::MAX)
-            .max(1);
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(move |_key: &Question, value: &Arc<CachedAnswer>| {
-                value.approx_bytes().max(floor)
-            })
-            .expire_after(EntryExpiry {
-                stale_for: policy.stale_for,
-            })
-            .eviction_listener(move |_key, _value, cause| {
-                if cause == moka::notification::RemovalCause::Size {
-                    if let Some(counter) = &evictions {
-                        counter.inc();
-                    }
-                }
-            })
-            .build();
+        let floor = (max_bytes / max_entries.max(1)).max(1);
+        let entries = Map::with(
+            usize::try_from(max_entries).unwrap_or(usize::MAX),
+            max_bytes.max(1),
+            Weigh { floor },
+            RandomState::new(),
+            Evictions(evictions),
+        );
         Cache {
-            entries,
+            entries: Arc::new(entries),
+            hasher: RandomState::new(),
             inflight: Arc::new(Mutex::new(HashMap::new())),
             policy,
         }
@@ -290,15 +424,41 @@ impl Cache {
     }
 
     pub fn lookup(&self, key: &Question, now: Instant) -> Lookup {
-        match self.entries.get(key) {
+        self.lookup_wire(&question_wire(key), now)
+    }
+
+    /// Looks up a question given in wire format with its name lowercased
+    /// (`packet::question_key`).
+    pub fn lookup_wire(&self, question: &[u8], now: Instant) -> Lookup {
+        let hash = self.hasher.hash_one(question);
+        match self.entries.get(&hash) {
+            Some(entry) if entry.question() != question => Lookup::Miss,
             Some(entry) if entry.is_fresh(now) => Lookup::Fresh(entry),
-            Some(entry) => Lookup::Expired(entry),
+            Some(entry)
+                if now.saturating_duration_since(entry.stored_at)
+                    < entry.ttl().saturating_add(self.policy.stale_for) =>
+            {
+                Lookup::Expired(entry)
+            }
+            Some(_) => {
+                // Past its stale window: gone for good (unless refreshed meanwhile).
+                self.entries.remove_if(&hash, |e: &Arc<CachedAnswer>| {
+                    now.saturating_duration_since(e.stored_at)
+                        >= e.ttl().saturating_add(self.policy.stale_for)
+                });
+                Lookup::Miss
+            }
             None => Lookup::Miss,
         }
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.entries.entry_count()
+        self.entries.len() as u64
+    }
+
+    fn store(&self, entry: Arc<CachedAnswer>) {
+        let hash = self.hasher.hash_one(entry.question());
+        self.entries.insert(hash, entry);
     }
 
     /// Runs `fetch` for `key` unless a fetch for the same key is already running, in which case
@@ -309,50 +469,50 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Message, FetchError>> + Send + 'static,
     {
+        let wire: Box<[u8]> = question_wire(key).into();
         let shared = {
             let mut inflight = match self.inflight.lock() {
                 Ok(guard) => guard,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            if let Some(running) = inflight.get(key) {
+            if let Some(running) = inflight.get(&wire) {
                 running.clone()
             } else {
                 let cache = self.clone();
-                let task_key = key.clone();
+                let question = key.clone();
+                let task_key = wire.clone();
                 let upstream = fetch();
                 let task = tokio::spawn(async move {
                     // Whatever happens to this task (even a panic), the key must not stay
                     // marked in flight, or every later query for it would wait on a dead fetch.
                     let _done = InflightGuard {
                         cache: cache.clone(),
-                        key: task_key.clone(),
+                        key: task_key,
                     };
-                    upstream.await.and_then(|msg| {
-                        let now = Instant::now();
-                        match CachedAnswer::from_message(&msg, &cache.policy, now) {
-                            Some(entry) => {
-                                let entry = Arc::new(entry);
-                                if entry.cacheable {
-                                    cache.entries.insert(task_key.clone(), entry.clone());
-                                }
-                                Ok(entry)
-                            }
-                            None => Err(FetchError::Rcode(msg.metadata.response_code)),
-                        }
-                    })
+                    let msg = upstream.await?;
+                    let entry = Arc::new(CachedAnswer::from_message(
+                        &question,
+                        &msg,
+                        &cache.policy,
+                        Instant::now(),
+                    )?);
+                    if entry.cacheable {
+                        cache.store(entry.clone());
+                    }
+                    Ok(entry)
                 });
                 let shared: SharedFetch =
                     async move { task.await.unwrap_or(Err(FetchError::Aborted)) }
                         .boxed()
                         .shared();
-                inflight.insert(key.clone(), shared.clone());
+                inflight.insert(wire, shared.clone());
                 shared
             }
         };
         shared.await
     }
 
-    fn remove_inflight(&self, key: &Question) {
+    fn remove_inflight(&self, key: &[u8]) {
         // Called from a destructor too: never panic here.
         let mut inflight = match self.inflight.lock() {
             Ok(guard) => guard,
@@ -403,21 +563,30 @@ mod tests {
         m
     }
 
+    fn question() -> Question {
+        Question {
+            name: Name::from_str("x.example.").expect("name"),
+            qtype: RecordType::A,
+            qclass: DNSClass::IN,
+        }
+    }
+
+    fn store(msg: &Message, now: Instant) -> Result<CachedAnswer, FetchError> {
+        CachedAnswer::from_message(&question(), msg, &policy(), now)
+    }
+
+    fn ttls(records: &[Record]) -> Vec<u32> {
+        records.iter().map(|r| r.ttl).collect()
+    }
+
     #[test]
     fn positive_ttls_are_clamped_and_count_down() {
         let now = Instant::now();
-        let e = CachedAnswer::from_message(
-            &reply(ResponseCode::NoError, &[5, 50, 500], None),
-            &policy(),
-            now,
-        )
-        .expect("cacheable");
-        let ttls: Vec<u32> = e.answers.iter().map(|r| r.ttl).collect();
-        assert_eq!(ttls, vec![10, 50, 100]);
-        assert_eq!(e.ttl, Duration::from_secs(10));
+        let e = store(&reply(ResponseCode::NoError, &[5, 50, 500], None), now).expect("cacheable");
+        assert_eq!(ttls(&e.to_answer(now, false).answers), vec![10, 50, 100]);
+        assert_eq!(e.ttl(), Duration::from_secs(10));
         let later = e.to_answer(now + Duration::from_millis(3500), false);
-        let ttls: Vec<u32> = later.answers.iter().map(|r| r.ttl).collect();
-        assert_eq!(ttls, vec![7, 47, 97]);
+        assert_eq!(ttls(&later.answers), vec![7, 47, 97]);
         assert!(e.is_fresh(now + Duration::from_secs(9)));
         assert!(!e.is_fresh(now + Duration::from_secs(10)));
         let stale = e.to_answer(now + Duration::from_secs(60), true);
@@ -427,31 +596,150 @@ mod tests {
     #[test]
     fn negative_ttl_from_soa_minimum_capped() {
         let now = Instant::now();
-        let e = CachedAnswer::from_message(
-            &reply(ResponseCode::NXDomain, &[], Some((3600, 20))),
-            &policy(),
-            now,
-        )
-        .expect("cacheable");
-        assert_eq!(e.ttl, Duration::from_secs(20));
-        assert_eq!(e.authorities[0].ttl, 20);
-        let e = CachedAnswer::from_message(
-            &reply(ResponseCode::NoError, &[], Some((3600, 900))),
-            &policy(),
-            now,
-        )
-        .expect("cacheable");
-        assert_eq!(e.ttl, Duration::from_secs(30), "capped by negative_ttl");
-        let no_soa =
-            CachedAnswer::from_message(&reply(ResponseCode::NXDomain, &[], None), &policy(), now)
-                .expect("passed on");
+        let e =
+            store(&reply(ResponseCode::NXDomain, &[], Some((3600, 20))), now).expect("cacheable");
+        assert_eq!(e.ttl(), Duration::from_secs(20));
+        assert_eq!(ttls(&e.to_answer(now, false).authorities), vec![20]);
+        let e =
+            store(&reply(ResponseCode::NoError, &[], Some((3600, 900))), now).expect("cacheable");
+        assert_eq!(e.ttl(), Duration::from_secs(30), "capped by negative_ttl");
+        let no_soa = store(&reply(ResponseCode::NXDomain, &[], None), now).expect("passed on");
         assert!(!no_soa.cacheable);
-        assert!(CachedAnswer::from_message(
-            &reply(ResponseCode::ServFail, &[], None),
-            &policy(),
-            now
-        )
-        .is_none());
+        assert!(matches!(
+            store(&reply(ResponseCode::ServFail, &[], None), now),
+            Err(FetchError::Rcode(ResponseCode::ServFail))
+        ));
+    }
+
+    /// The bytes path and the general path (decode, then `wire::encode_reply`) must give the
+    /// same reply: same header, the client's question case, same records and TTLs, same OPT.
+    #[test]
+    fn byte_replies_equal_the_general_path() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(4);
+        for (msg, edns) in [
+            (reply(ResponseCode::NoError, &[5, 50, 500], None), None),
+            (reply(ResponseCode::NoError, &[60], None), Some(4096)),
+            (
+                reply(ResponseCode::NXDomain, &[], Some((3600, 20))),
+                Some(512),
+            ),
+        ] {
+            let e = store(&msg, now).expect("cacheable");
+            let mut request = Message::query();
+            request.metadata.id = 777;
+            request.metadata.recursion_desired = true;
+            request.metadata.checking_disabled = true;
+            request.add_query(Query::query(
+                Name::from_ascii("X.ExAmple.").expect("name"),
+                RecordType::A,
+            ));
+            if let Some(size) = edns {
+                let mut opt = hickory_proto::op::Edns::new();
+                opt.set_max_payload(size);
+                request.edns = Some(opt);
+            }
+            let bytes = request.to_vec().expect("encode");
+            let plain = packet::parse_plain_query(&bytes).expect("plain");
+            for stale in [false, true] {
+                let mut fast = Vec::new();
+                assert!(e.write_reply(&mut fast, &plain, 512, later, stale, false));
+                let limit = crate::wire::reply_limit(&request, crate::wire::Transport::Udp);
+                let (general, truncated) =
+                    crate::wire::encode_reply(&request, &e.to_answer(later, stale), limit);
+                assert!(!truncated);
+                assert_eq!(
+                    Message::from_vec(&fast).expect("fast decodes"),
+                    Message::from_vec(&general).expect("general decodes"),
+                    "edns {edns:?} stale {stale}"
+                );
+                assert_eq!(
+                    &fast[12..12 + 13],
+                    b"\x01X\x07ExAmple\x00\x00\x01",
+                    "case kept"
+                );
+            }
+            assert!(
+                !e.write_reply(&mut Vec::new(), &plain, 20, later, false, false),
+                "over limit"
+            );
+        }
+    }
+
+    #[test]
+    fn shuffled_byte_replies_keep_every_record_and_vary() {
+        let now = Instant::now();
+        let e = store(&reply(ResponseCode::NoError, &[60, 60, 60, 60], None), now).expect("ok");
+        let mut request = Message::query();
+        request.add_query(Query::query(
+            Name::from_str("x.example.").expect("name"),
+            RecordType::A,
+        ));
+        let bytes = request.to_vec().expect("encode");
+        let plain = packet::parse_plain_query(&bytes).expect("plain");
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let mut out = Vec::new();
+            assert!(e.write_reply(&mut out, &plain, 512, now, false, true));
+            let msg = Message::from_vec(&out).expect("decodes");
+            let mut addrs: Vec<String> = msg.answers.iter().map(|r| r.data.to_string()).collect();
+            firsts.insert(addrs[0].clone());
+            addrs.sort();
+            assert_eq!(addrs, ["192.0.2.0", "192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+        }
+        assert!(firsts.len() > 1, "the order changes");
+    }
+
+    #[test]
+    fn lookups_check_the_question_and_drop_entries_past_their_stale_window() {
+        let cache = Cache::new(100, policy(), None);
+        let now = Instant::now();
+        let e = Arc::new(store(&reply(ResponseCode::NoError, &[10], None), now).expect("ok"));
+        cache.store(e);
+        assert!(matches!(cache.lookup(&question(), now), Lookup::Fresh(_)));
+        let mut other = question();
+        other.qtype = RecordType::AAAA;
+        assert!(matches!(cache.lookup(&other, now), Lookup::Miss));
+        let expired = now + Duration::from_secs(11);
+        assert!(matches!(
+            cache.lookup(&question(), expired),
+            Lookup::Expired(_)
+        ));
+        let gone = now + Duration::from_secs(10 + 3600 + 1);
+        assert!(matches!(cache.lookup(&question(), gone), Lookup::Miss));
+        assert_eq!(cache.entry_count(), 0, "removed when met past its window");
+    }
+
+    #[test]
+    fn the_byte_bound_evicts_and_counts() {
+        let counter = prometheus::IntCounter::new("e", "e").expect("counter");
+        let cache = Cache::with_limits(10_000, 64 * 1024, policy(), Some(counter.clone()));
+        let now = Instant::now();
+        for i in 0..5_000u32 {
+            let q = Question {
+                name: Name::from_str(&format!("n{i}.example.")).expect("name"),
+                qtype: RecordType::A,
+                qclass: DNSClass::IN,
+            };
+            let e = CachedAnswer::from_message(
+                &q,
+                &reply(ResponseCode::NoError, &[60], None),
+                &policy(),
+                now,
+            )
+            .expect("ok");
+            cache.store(Arc::new(e));
+        }
+        assert!(
+            cache.entry_count() < 1_000,
+            "{} entries in 64 KiB",
+            cache.entry_count()
+        );
+        assert!(
+            counter.get() > 4_000,
+            "evictions counted: {}",
+            counter.get()
+        );
     }
 
     #[tokio::test]

@@ -8,10 +8,11 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::Name;
+use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
 use crate::metrics::{qtype_label, rcode_label, Metrics};
+use crate::packet::{self, PlainQuery};
 use crate::ratelimit::RateLimiter;
 use crate::upstream::{Forwarder, Source};
 use crate::wire::{self, Answer, Question, RawHeader, Transport};
@@ -23,6 +24,19 @@ pub trait AnswerSource: Send + Sync {
     /// `limit` is the size the reply may take: a source may use it to avoid building records
     /// that cannot fit (the reply is truncated to it in any case).
     async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source);
+
+    /// Writes the reply to `query` into `out` straight from fresh cached bytes, if the source has
+    /// them (the hot path, see `packet`); `key` is the question with its name lowercased. Returns
+    /// false when `answer` must be asked instead; sources without a byte cache always do.
+    fn reply_from_cache(
+        &self,
+        _query: &PlainQuery<'_>,
+        _key: &[u8],
+        _limit: usize,
+        _out: &mut Vec<u8>,
+    ) -> bool {
+        false
+    }
 }
 
 #[async_trait]
@@ -30,13 +44,53 @@ impl AnswerSource for Forwarder {
     async fn answer(&self, q: &Question, _limit: usize) -> (Answer, Source) {
         Forwarder::answer(self, q).await
     }
+
+    fn reply_from_cache(
+        &self,
+        query: &PlainQuery<'_>,
+        key: &[u8],
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        Forwarder::reply_from_cache(self, query, key, limit, out)
+    }
 }
 
 /// The Consul domains and what answers them.
 #[derive(Clone)]
 pub struct ConsulRoute {
-    pub domains: Vec<Name>,
-    pub source: Arc<dyn AnswerSource>,
+    domains: Vec<Name>,
+    /// The same domains in lowercased wire format, for the hot path's byte comparison.
+    domains_wire: Vec<Vec<u8>>,
+    source: Arc<dyn AnswerSource>,
+}
+
+impl ConsulRoute {
+    pub fn new(domains: Vec<Name>, source: Arc<dyn AnswerSource>) -> ConsulRoute {
+        let domains_wire = domains
+            .iter()
+            .map(|d| {
+                let mut wire = Vec::new();
+                for label in d.to_lowercase().iter() {
+                    wire.push(label.len() as u8);
+                    wire.extend_from_slice(label);
+                }
+                wire.push(0);
+                wire
+            })
+            .collect();
+        ConsulRoute {
+            domains,
+            domains_wire,
+            source,
+        }
+    }
+
+    fn covers_wire(&self, name: &[u8]) -> bool {
+        self.domains_wire
+            .iter()
+            .any(|d| packet::name_in_zone(name, d))
+    }
 }
 
 /// What a config decides about answering: who may ask, and which source answers which names.
@@ -78,6 +132,82 @@ impl Handler {
     /// Installs new routes (config reload) and returns the previous ones.
     pub fn replace_routes(&self, routes: Routes) -> Arc<Routes> {
         self.routes.swap(Arc::new(routes))
+    }
+
+    /// The hot path: writes the reply to `packet` into `out` when it is a plain query (see
+    /// `packet::parse_plain_query`) that a source answers from fresh cached bytes, or that the
+    /// rate limit turns away. No `Message` is built, nothing is allocated beyond `out`'s growth,
+    /// and the caller needs no task. Returns false when `handle` must be called instead; the
+    /// reply and the metrics are then exactly those `handle` would give.
+    pub fn handle_cached(
+        &self,
+        packet: &[u8],
+        client: IpAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let started = Instant::now();
+        let Some(query) = packet::parse_plain_query(packet) else {
+            return false;
+        };
+        if query.qtype == u16::from(RecordType::ANY) {
+            return false;
+        }
+        let routes = self.routes.load();
+        if routes.log_queries || !routes.allowed(client) {
+            return false;
+        }
+        if transport == Transport::Udp
+            && routes
+                .rate_limit
+                .as_ref()
+                .is_some_and(|l| !l.allow(client, started))
+        {
+            // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
+            self.metrics.rate_limited.inc();
+            out.clear();
+            let opt = query.edns_payload.is_some();
+            packet::write_header(out, &query, false, 0, [0, 0, 0]);
+            out.extend_from_slice(query.question);
+            if opt {
+                packet::write_opt(out);
+                packet::add_additional(out);
+            }
+            wire::set_truncated(out);
+            return true;
+        }
+        let mut key_buf = [0u8; packet::MAX_QUESTION_WIRE];
+        let key = packet::question_key(query.question, &mut key_buf);
+        let name = &key[..key.len() - 4];
+        let consul = routes.consul.as_ref().filter(|c| c.covers_wire(name));
+        let (source, zone) = match consul {
+            Some(route) => (&route.source, "consul"),
+            None => (&routes.forwarder, "forwarded"),
+        };
+        let limit = match (transport, query.edns_payload) {
+            (Transport::Tcp, _) => wire::TCP_LIMIT,
+            (Transport::Udp, None) => wire::UDP_LIMIT_NO_EDNS,
+            (Transport::Udp, Some(size)) => {
+                usize::from(size).clamp(wire::UDP_LIMIT_NO_EDNS, wire::UDP_LIMIT_EDNS)
+            }
+        };
+        if !source.reply_from_cache(&query, key, limit, out) {
+            return false;
+        }
+        let qtype = RecordType::from(query.qtype);
+        self.metrics
+            .requests
+            .with_label_values(&[transport.as_str(), qtype_label(qtype), zone])
+            .inc();
+        let rcode = ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f));
+        self.metrics
+            .responses
+            .with_label_values(&[rcode_label(rcode), Source::Cache.as_str()])
+            .inc();
+        self.metrics
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        true
     }
 
     /// The reply to `packet`, or `None` when the packet must be dropped (not DNS, or a response).

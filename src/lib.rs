@@ -15,7 +15,10 @@
 //! - [`upstream`]: forwarding to upstream resolvers with failover and TCP fallback, zone routing,
 //!   and the cache in front of it.
 //! - [`ratelimit`]: per-client-network UDP response rate limiting (TC=1 over the limit).
-//! - [`cache`]: the answer cache: TTL countdown, negative caching, serve-stale, merged misses.
+//! - [`cache`]: the answer cache, in wire format: TTL countdown, negative caching, serve-stale,
+//!   merged misses.
+//! - [`packet`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
+//!   written from cached wire bytes with ID, case, TTLs and order patched.
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
 //!
 //! See ARCHITECTURE.md for the flow of a query.
@@ -25,6 +28,7 @@ pub mod config;
 pub mod consul;
 pub mod handler;
 pub mod metrics;
+pub mod packet;
 pub mod ratelimit;
 pub mod server;
 pub mod upstream;
@@ -187,10 +191,7 @@ async fn build(
                     })
                 };
             (
-                Some(ConsulRoute {
-                    domains: config.consul.domains.clone(),
-                    source,
-                }),
+                Some(ConsulRoute::new(config.consul.domains.clone(), source)),
                 stop,
                 ready,
             )

@@ -235,6 +235,8 @@ async fn udp_loop(
     shutdown: CancellationToken,
 ) {
     let mut buf = vec![0u8; UDP_RECV_BUFFER];
+    // Replies answered inline (cache hits) are written here: one buffer per loop, reused.
+    let mut reply = Vec::with_capacity(crate::wire::UDP_LIMIT_EDNS);
     loop {
         let (len, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -247,6 +249,24 @@ async fn udp_loop(
                 }
             },
         };
+        // Cache hits are answered right here: no task, no copy of the packet, no parse into a
+        // Message. Only when the socket's send buffer is full does the reply wait in a task.
+        if handler.handle_cached(&buf[..len], peer.ip(), Transport::Udp, &mut reply) {
+            match socket.try_send_to(&reply, peer) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let socket = socket.clone();
+                    let pending = reply.clone();
+                    tracker.spawn(async move {
+                        if let Err(e) = socket.send_to(&pending, peer).await {
+                            tracing::debug!(error = %e, %peer, "udp send failed");
+                        }
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, %peer, "udp send failed"),
+            }
+            continue;
+        }
         let Ok(permit) = inflight.clone().try_acquire_owned() else {
             metrics.drop_packet("overload");
             continue;
@@ -373,6 +393,16 @@ async fn tcp_connection(
                 _ => break,
             },
         };
+        let mut reply = Vec::new();
+        if handler.handle_cached(&body, peer.ip(), Transport::Tcp, &mut reply) {
+            // In order with the replies of queries still in flight is not required (RFC 7766
+            // §6.2.1.1): a hit goes out as soon as the writer takes it.
+            tokio::select! {
+                _ = tx.closed() => break,
+                sent = tx.send(reply) => if sent.is_err() { break },
+            }
+            continue;
+        }
         let permit = tokio::select! {
             _ = tx.closed() => break,
             p = pipeline.clone().acquire_owned() => match p {

@@ -19,6 +19,7 @@ use tokio::net::{TcpStream, UdpSocket};
 
 use crate::cache::{Cache, FetchError, Lookup};
 use crate::metrics::Metrics;
+use crate::packet::PlainQuery;
 use crate::wire::{self, Answer, Question};
 
 /// The EDNS size we offer upstreams: the same 1232 bytes we accept from clients.
@@ -327,6 +328,26 @@ impl Forwarder {
                 (Answer::servfail(), Source::Upstream)
             }
         }
+    }
+
+    /// The hot path: the reply to `query` from fresh cached bytes, if there are any (see
+    /// `AnswerSource::reply_from_cache`). Expired entries go the general way, which refreshes.
+    pub fn reply_from_cache(
+        &self,
+        query: &PlainQuery<'_>,
+        key: &[u8],
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let now = Instant::now();
+        let Lookup::Fresh(entry) = self.cache.lookup_wire(key, now) else {
+            return false;
+        };
+        if !entry.write_reply(out, query, limit, now, false, self.shuffle) {
+            return false;
+        }
+        self.metrics.cache_hit();
+        true
     }
 
     fn finish(&self, mut answer: Answer) -> Answer {

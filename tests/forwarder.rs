@@ -415,3 +415,107 @@ async fn shutdown_finishes_queries_in_flight() {
         "nothing served after stop"
     );
 }
+
+/// Cache hits are answered from cached wire bytes on an inline path (`Handler::handle_cached`);
+/// misses go through the general path (hickory `Message` in and out). A client must not be able
+/// to tell them apart: the hit must carry the same header flags, its own question case, the same
+/// records (TTLs counted down), and OPT exactly when asked, over UDP and TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_hits_answer_exactly_like_misses() {
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&config_for(&[&up], "")).await;
+    let cases: [(&str, RecordType, Option<u16>, bool, bool); 7] = [
+        ("a.test.", RecordType::A, None, true, false),
+        ("A.TeSt.", RecordType::A, Some(1232), false, true),
+        ("two.test.", RecordType::A, Some(4096), true, false),
+        ("V6.test.", RecordType::AAAA, None, true, true),
+        ("www.test.", RecordType::A, Some(1232), true, false),
+        ("TXT.test.", RecordType::TXT, None, false, false),
+        ("Nowhere.test.", RecordType::A, Some(1232), true, true),
+    ];
+    let normalize = |mut m: Message| {
+        for r in m
+            .answers
+            .iter_mut()
+            .chain(m.authorities.iter_mut())
+            .chain(m.additionals.iter_mut())
+        {
+            r.ttl = 0;
+        }
+        m.answers.sort_by_key(|r| r.data.to_string());
+        m
+    };
+    for over_tcp in [false, true] {
+        let queries: Vec<Message> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (qname, qtype, edns, rd, cd))| {
+                let mut q = make_query(qname, *qtype, *edns);
+                q.metadata.id = 1000 + i as u16;
+                q.metadata.recursion_desired = *rd;
+                q.metadata.checking_disabled = *cd;
+                q
+            })
+            .collect();
+        let send = |q: &Message| {
+            let bytes = q.to_vec().expect("encode");
+            async move {
+                let reply = if over_tcp {
+                    raw_tcp(fwd.addr, &bytes).await
+                } else {
+                    raw_udp(fwd.addr, &bytes, REPLY_TIMEOUT).await
+                };
+                Message::from_vec(&reply.expect("a reply")).expect("parses")
+            }
+        };
+        // First asks (over UDP: misses, but for a name asked before in another case), then,
+        // a second later so TTLs have counted down, hits for sure.
+        let mut firsts = Vec::new();
+        for q in &queries {
+            firsts.push(send(q).await);
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for ((q, first), (qname, qtype, edns, rd, cd)) in queries.iter().zip(firsts).zip(cases) {
+            let hit = send(q).await;
+            assert_eq!(hit.metadata.id, q.metadata.id);
+            assert_eq!(hit.queries[0].name().to_ascii(), qname, "case kept");
+            assert_eq!(hit.metadata.recursion_desired, rd);
+            assert_eq!(hit.metadata.checking_disabled, cd);
+            assert!(hit.metadata.recursion_available && !hit.metadata.authentic_data);
+            assert_eq!(hit.edns.is_some(), edns.is_some(), "OPT only when asked");
+            if let Some(opt) = &hit.edns {
+                assert_eq!(opt.max_payload(), 1232);
+            }
+            let ttl = |m: &Message| {
+                m.answers
+                    .iter()
+                    .chain(m.authorities.iter())
+                    .map(|r| r.ttl)
+                    .max()
+                    .unwrap_or(0)
+            };
+            assert!(ttl(&hit) < ttl(&first), "{qname}: TTL counts down on hits");
+            assert_eq!(
+                normalize(hit),
+                normalize(first),
+                "{qname} {qtype} over {}",
+                if over_tcp { "tcp" } else { "udp" }
+            );
+        }
+    }
+    // Every one of them reached the upstream once: the rest were hits.
+    for (qname, qtype, ..) in cases {
+        assert_eq!(up.queries_for(&qname.to_lowercase(), qtype), 1, "{qname}");
+    }
+    let distinct: std::collections::HashSet<(String, RecordType)> = cases
+        .iter()
+        .map(|(qname, qtype, ..)| (qname.to_lowercase(), *qtype))
+        .collect();
+    let hits = fwd.metric("consul_dns_forwarder_cache_hits_total", &[]);
+    assert_eq!(
+        hits,
+        (4 * cases.len() - distinct.len()) as f64,
+        "every ask after a name's first is a hit, counted on the inline path too"
+    );
+    fwd.stop().await;
+}

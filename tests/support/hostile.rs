@@ -1346,10 +1346,10 @@ pub fn handler_with_catalog(
     let consul = ConsulSource::new(Arc::new(backend), &config.consul, forwarder.clone());
     let routes = Routes {
         allow: vec!["127.0.0.0/8".parse().expect("net")],
-        consul: Some(ConsulRoute {
-            domains: config.consul.domains.clone(),
-            source: Arc::new(consul),
-        }),
+        consul: Some(ConsulRoute::new(
+            config.consul.domains.clone(),
+            Arc::new(consul),
+        )),
         forwarder,
         log_queries: false,
         rate_limit: None,

@@ -1,0 +1,428 @@
+//! The cache-hit hot path in bytes, as pure functions: reading a plain query without building a
+//! `Message`, and writing a reply from a cached answer kept in wire format, patching only what
+//! differs per response (ID, flags, the question's case, TTLs, record order and OPT).
+//!
+//! Anything unusual (several questions, records in the request other than one OPT, EDNS version
+//! above 0, trailing bytes, an answer too large for the client) is left to the general path in
+//! `handler`, which parses with hickory and can refuse, truncate or FORMERR properly. This module
+//! only ever says "I can answer this exactly like the general path would" or "not me".
+
+use crate::wire::HEADER_LEN;
+
+/// Longest name in wire format (RFC 1035 §3.1).
+pub const MAX_NAME_WIRE: usize = 255;
+
+/// Longest question: a name plus type and class. Fits the stack buffer the key is built in.
+pub const MAX_QUESTION_WIRE: usize = MAX_NAME_WIRE + 4;
+
+/// Record type of OPT (RFC 6891).
+const TYPE_OPT: u16 = 41;
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+
+/// EDNS options whose contents hickory checks when it parses a request (NSID, DAU, client
+/// subnet): a query carrying one goes the general way, so a malformed one still gets FORMERR.
+const VALIDATED_OPTIONS: [u16; 3] = [3, 5, 8];
+
+/// Answer sections longer than this are not shuffled here (the general path does it); round robin
+/// answers are a handful of addresses.
+pub const MAX_SHUFFLED: usize = 64;
+
+/// What the reply to a plain query needs from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlainQuery<'a> {
+    pub id: u16,
+    pub recursion_desired: bool,
+    pub checking_disabled: bool,
+    /// The question exactly as the client wrote it (name in its case, type, class): echoed as is.
+    pub question: &'a [u8],
+    pub qtype: u16,
+    /// The client's EDNS UDP size when the query carried an OPT record.
+    pub edns_payload: Option<u16>,
+}
+
+impl PlainQuery<'_> {
+    /// The name part of the question (wire format, with its root label).
+    pub fn name(&self) -> &[u8] {
+        &self.question[..self.question.len() - 4]
+    }
+}
+
+fn u16_at(p: &[u8], at: usize) -> Option<u16> {
+    p.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// Length of an uncompressed name starting at `at` (a query's question cannot point anywhere).
+fn plain_name_len(p: &[u8], at: usize) -> Option<usize> {
+    let mut i = at;
+    loop {
+        let len = usize::from(*p.get(i)?);
+        if len == 0 {
+            let total = i + 1 - at;
+            return (total <= MAX_NAME_WIRE).then_some(total);
+        }
+        if len > 63 {
+            // A compression pointer or a reserved label type: not a plain query.
+            return None;
+        }
+        i += 1 + len;
+    }
+}
+
+/// Reads `packet` if it is a plain query: QUERY opcode, QR=0, TC=0, one question with an
+/// uncompressed name, no answer or authority records, and at most one additional record, which
+/// is an EDNS version 0 OPT with well-formed options. `None` means "use the general path".
+pub fn parse_plain_query(packet: &[u8]) -> Option<PlainQuery<'_>> {
+    if packet.len() < HEADER_LEN {
+        return None;
+    }
+    let flags = packet[2];
+    // QR, opcode (4 bits) and TC must all be zero.
+    if flags & 0xfa != 0 {
+        return None;
+    }
+    if u16_at(packet, 4)? != 1 || u16_at(packet, 6)? != 0 || u16_at(packet, 8)? != 0 {
+        return None;
+    }
+    let additionals = u16_at(packet, 10)?;
+    let name_len = plain_name_len(packet, HEADER_LEN)?;
+    let question_end = HEADER_LEN + name_len + 4;
+    let question = packet.get(HEADER_LEN..question_end)?;
+    let qtype = u16_at(packet, HEADER_LEN + name_len)?;
+    let edns_payload = match additionals {
+        0 => {
+            if packet.len() != question_end {
+                return None;
+            }
+            None
+        }
+        1 => {
+            let opt = packet.get(question_end..)?;
+            // Root owner, type OPT, class = payload, TTL = extended rcode, version, flags.
+            if opt.len() < 11 || opt[0] != 0 || u16_at(opt, 1)? != TYPE_OPT {
+                return None;
+            }
+            let payload = u16_at(opt, 3)?;
+            if opt[6] != 0 {
+                // EDNS version above 0: BADVERS, from the general path.
+                return None;
+            }
+            let rdlen = usize::from(u16_at(opt, 9)?);
+            if opt.len() != 11 + rdlen {
+                return None;
+            }
+            let mut options = &opt[11..];
+            while !options.is_empty() {
+                // hickory validates the contents of these (a bad one is FORMERR); the rest it
+                // keeps as opaque bytes, and so do we.
+                if VALIDATED_OPTIONS.contains(&u16_at(options, 0)?) {
+                    return None;
+                }
+                let len = usize::from(u16_at(options, 2)?);
+                options = options.get(4 + len..)?;
+            }
+            Some(payload)
+        }
+        _ => return None,
+    };
+    Some(PlainQuery {
+        id: u16::from_be_bytes([packet[0], packet[1]]),
+        recursion_desired: flags & 0x01 != 0,
+        checking_disabled: packet[3] & 0x10 != 0,
+        question,
+        qtype,
+        edns_payload,
+    })
+}
+
+/// The cache key of a question: its name lowercased (ASCII, as `Name::to_lowercase` does),
+/// then type and class unchanged. Written into `buf`; returns the used part.
+pub fn question_key<'b>(question: &[u8], buf: &'b mut [u8; MAX_QUESTION_WIRE]) -> &'b [u8] {
+    let len = question.len().min(MAX_QUESTION_WIRE);
+    let name_end = len.saturating_sub(4);
+    for (i, (dst, &src)) in buf.iter_mut().zip(&question[..len]).enumerate() {
+        // Length bytes are below 64, outside 'A'..='Z', so lowercasing them is harmless; the type
+        // and class bytes are not lowercased (type 65, HTTPS, is an 'A').
+        *dst = if i < name_end {
+            src.to_ascii_lowercase()
+        } else {
+            src
+        };
+    }
+    &buf[..len]
+}
+
+/// Does the wire-format `name` lie in the zone `zone` (both wire format, lowercased)? Compared
+/// on label boundaries, so `xconsul.` is not in `consul.`.
+pub fn name_in_zone(name: &[u8], zone: &[u8]) -> bool {
+    if zone.len() > name.len() {
+        return false;
+    }
+    let offset = name.len() - zone.len();
+    if name[offset..] != *zone {
+        return false;
+    }
+    // `offset` must be the start of a label of `name`.
+    let mut i = 0;
+    while i < offset {
+        i += 1 + usize::from(name[i]);
+    }
+    i == offset
+}
+
+/// Where each record of a records section starts, and its TTL offset, found by walking the
+/// section. `base` is the section's offset in the message (compression pointers are message
+/// offsets). `None` if the bytes are not well-formed records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordSpan {
+    pub start: usize,
+    pub ttl_at: usize,
+    pub end: usize,
+    pub rtype: u16,
+    /// The owner name is one compression pointer to before `base` (the question): the record
+    /// does not depend on what precedes it in its section, so it may be moved.
+    pub owner_points_back: bool,
+}
+
+/// Walks one record at `at` in `body` (whose first byte sits at message offset `base`).
+pub fn record_at(body: &[u8], at: usize, base: usize) -> Option<RecordSpan> {
+    let mut i = at;
+    let mut owner_points_back = false;
+    loop {
+        let b = *body.get(i)?;
+        if b & 0xc0 == 0xc0 {
+            let pointer = usize::from(u16_at(body, i)? & 0x3fff);
+            owner_points_back = i == at && pointer < base;
+            i += 2;
+            break;
+        }
+        if b > 63 {
+            return None;
+        }
+        i += 1 + usize::from(b);
+        if b == 0 {
+            break;
+        }
+    }
+    let rtype = u16_at(body, i)?;
+    let ttl_at = i + 4;
+    let rdlen = usize::from(u16_at(body, i + 8)?);
+    let end = i + 10 + rdlen;
+    if end > body.len() {
+        return None;
+    }
+    Some(RecordSpan {
+        start: at,
+        ttl_at,
+        end,
+        rtype,
+        owner_points_back,
+    })
+}
+
+/// Rewrites every TTL of the `count` records at the start of `records` with `ttl(old)`.
+/// Returns false (leaving the bytes partly rewritten) if the records are malformed.
+pub fn rewrite_ttls(
+    records: &mut [u8],
+    count: usize,
+    base: usize,
+    ttl: impl Fn(u32) -> u32,
+) -> bool {
+    let mut at = 0;
+    for _ in 0..count {
+        let Some(span) = record_at(records, at, base) else {
+            return false;
+        };
+        let field = &mut records[span.ttl_at..span.ttl_at + 4];
+        let old = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
+        field.copy_from_slice(&ttl(old).to_be_bytes());
+        at = span.end;
+    }
+    true
+}
+
+/// Header flags of a reply to `q`: QR=1, opcode QUERY, RD and CD copied, RA=1, AA as given, AD
+/// and Z clear (the same rules as `wire::reply_metadata`).
+pub fn write_header(
+    out: &mut Vec<u8>,
+    q: &PlainQuery<'_>,
+    authoritative: bool,
+    rcode: u8,
+    counts: [u16; 3],
+) {
+    out.extend_from_slice(&q.id.to_be_bytes());
+    out.push(0x80 | (u8::from(authoritative) << 2) | u8::from(q.recursion_desired));
+    out.push(0x80 | (u8::from(q.checking_disabled) << 4) | (rcode & 0x0f));
+    out.extend_from_slice(&1u16.to_be_bytes());
+    for c in counts {
+        out.extend_from_slice(&c.to_be_bytes());
+    }
+}
+
+/// The OPT record of our replies: UDP size 1232, version 0, no flags or options (as
+/// `wire::reply_edns`).
+pub fn write_opt(out: &mut Vec<u8>) {
+    out.push(0);
+    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    out.extend_from_slice(&(crate::wire::UDP_LIMIT_EDNS as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+}
+
+/// Bumps ARCOUNT of an encoded message by one (after `write_opt`).
+pub fn add_additional(out: &mut [u8]) {
+    if let Some(b) = out.get_mut(10..12) {
+        let n = u16::from_be_bytes([b[0], b[1]]).saturating_add(1);
+        b.copy_from_slice(&n.to_be_bytes());
+    }
+}
+
+/// Copies the `count` answer records at the start of `records` to `out` in the order `order`
+/// picks, if every one of them can move (an A or AAAA whose owner points back at the question,
+/// so no other record points into it either). Returns the length of the answer section copied,
+/// or `None` when they cannot be shuffled here.
+pub fn copy_shuffled_answers(
+    out: &mut Vec<u8>,
+    records: &[u8],
+    count: usize,
+    base: usize,
+    rng: &mut impl rand::Rng,
+) -> Option<usize> {
+    if count > MAX_SHUFFLED {
+        return None;
+    }
+    let mut spans = [(0usize, 0usize); MAX_SHUFFLED];
+    let mut at = 0;
+    for slot in spans.iter_mut().take(count) {
+        let span = record_at(records, at, base)?;
+        if !span.owner_points_back || !(span.rtype == TYPE_A || span.rtype == TYPE_AAAA) {
+            return None;
+        }
+        *slot = (span.start, span.end);
+        at = span.end;
+    }
+    let spans = &mut spans[..count];
+    use rand::seq::SliceRandom;
+    spans.shuffle(rng);
+    for &(start, end) in spans.iter() {
+        out.extend_from_slice(&records[start..end]);
+    }
+    Some(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Edns, Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 0xbeef;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.edns = Some(e);
+        }
+        m.to_vec().expect("encode")
+    }
+
+    #[test]
+    fn plain_queries_are_read() {
+        let bytes = query("WwW.Example.COM.", RecordType::AAAA, None);
+        let q = parse_plain_query(&bytes).expect("plain");
+        assert_eq!(q.id, 0xbeef);
+        assert!(q.recursion_desired && !q.checking_disabled);
+        assert_eq!(q.qtype, 28);
+        assert_eq!(q.edns_payload, None);
+        assert_eq!(q.name(), b"\x03WwW\x07Example\x03COM\x00");
+        let bytes = query("a.b.", RecordType::A, Some(4096));
+        assert_eq!(
+            parse_plain_query(&bytes).expect("plain").edns_payload,
+            Some(4096)
+        );
+    }
+
+    #[test]
+    fn anything_unusual_goes_to_the_general_path() {
+        let plain = query("a.b.", RecordType::A, Some(1232));
+        let mut response = plain.clone();
+        response[2] |= 0x80;
+        let mut notify = plain.clone();
+        notify[2] |= 4 << 3;
+        let mut truncated = plain.clone();
+        truncated[2] |= 0x02;
+        let mut two_questions = plain.clone();
+        two_questions[5] = 2;
+        let mut trailing = plain.clone();
+        trailing.push(0);
+        let mut version1 = plain.clone();
+        let opt_version = plain.len() - 11 + 6;
+        version1[opt_version] = 1;
+        let mut compressed = query("a.b.", RecordType::A, None);
+        compressed[12] = 0xc0;
+        for (what, bytes) in [
+            ("response", response),
+            ("notify", notify),
+            ("tc", truncated),
+            ("two questions", two_questions),
+            ("trailing byte", trailing),
+            ("edns version 1", version1),
+            ("compressed question", compressed),
+            ("short", plain[..11].to_vec()),
+        ] {
+            assert!(parse_plain_query(&bytes).is_none(), "{what}");
+        }
+    }
+
+    #[test]
+    fn keys_lowercase_the_name_only() {
+        let bytes = query("WwW.Example.COM.", RecordType::HTTPS, None);
+        let q = parse_plain_query(&bytes).expect("plain");
+        let mut buf = [0u8; MAX_QUESTION_WIRE];
+        let key = question_key(q.question, &mut buf);
+        assert_eq!(&key[..key.len() - 4], b"\x03www\x07example\x03com\x00");
+        // Type 65 is the byte 'A': it must survive lowercasing.
+        assert_eq!(&key[key.len() - 4..], &[0, 65, 0, 1]);
+    }
+
+    #[test]
+    fn zones_match_on_label_boundaries() {
+        let consul = b"\x06consul\x00";
+        assert!(name_in_zone(b"\x03web\x07service\x06consul\x00", consul));
+        assert!(name_in_zone(consul, consul));
+        assert!(!name_in_zone(b"\x07xconsul\x00", consul));
+        assert!(!name_in_zone(b"\x03com\x00", consul));
+        assert!(name_in_zone(b"\x03com\x00", b"\x00"));
+    }
+
+    #[test]
+    fn ttls_are_rewritten_in_place_and_shuffles_keep_every_record() {
+        // Two A records whose owner points at offset 12 (the question), then an SOA-ish record.
+        let mut records = Vec::new();
+        for (ttl, last) in [(300u32, 1u8), (200, 2)] {
+            records.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+            records.extend_from_slice(&ttl.to_be_bytes());
+            records.extend_from_slice(&[0, 4, 192, 0, 2, last]);
+        }
+        assert!(rewrite_ttls(&mut records, 2, 20, |t| t - 100));
+        let first = record_at(&records, 0, 20).expect("record");
+        assert_eq!(
+            &records[first.ttl_at..first.ttl_at + 4],
+            &200u32.to_be_bytes()
+        );
+        assert!(first.owner_points_back);
+        let mut seen = std::collections::HashSet::new();
+        let mut rng = rand::rng();
+        for _ in 0..50 {
+            let mut out = Vec::new();
+            let used = copy_shuffled_answers(&mut out, &records, 2, 20, &mut rng).expect("movable");
+            assert_eq!(used, records.len());
+            assert_eq!(out.len(), records.len());
+            seen.insert(out[out.len() - 1]);
+        }
+        assert_eq!(seen.len(), 2, "both orders show up");
+        assert!(!rewrite_ttls(&mut records[..20].to_vec(), 2, 20, |t| t));
+    }
+}

@@ -11,7 +11,7 @@ use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
-use crate::metrics::{qtype_label, rcode_label, Metrics};
+use crate::metrics::{rcode_label, Metrics};
 use crate::packet::{self, PlainQuery};
 use crate::ratelimit::RateLimiter;
 use crate::upstream::{Forwarder, Source};
@@ -180,9 +180,9 @@ impl Handler {
         let key = packet::question_key(query.question, &mut key_buf);
         let name = &key[..key.len() - 4];
         let consul = routes.consul.as_ref().filter(|c| c.covers_wire(name));
-        let (source, zone) = match consul {
-            Some(route) => (&route.source, "consul"),
-            None => (&routes.forwarder, "forwarded"),
+        let source = match consul {
+            Some(route) => &route.source,
+            None => &routes.forwarder,
         };
         let limit = match (transport, query.edns_payload) {
             (Transport::Tcp, _) => wire::TCP_LIMIT,
@@ -194,16 +194,10 @@ impl Handler {
         if !source.reply_from_cache(&query, key, limit, out) {
             return false;
         }
-        let qtype = RecordType::from(query.qtype);
         self.metrics
-            .requests
-            .with_label_values(&[transport.as_str(), qtype_label(qtype), zone])
-            .inc();
+            .count_request(transport, RecordType::from(query.qtype), consul.is_some());
         let rcode = ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f));
-        self.metrics
-            .responses
-            .with_label_values(&[rcode_label(rcode), Source::Cache.as_str()])
-            .inc();
+        self.metrics.count_response(rcode, Source::Cache);
         self.metrics
             .request_duration
             .observe(started.elapsed().as_secs_f64());
@@ -272,15 +266,8 @@ impl Handler {
             .consul
             .as_ref()
             .filter(|c| c.domains.iter().any(|d| wire::in_zone(&q.name, d)));
-        let zone = if consul.is_some() {
-            "consul"
-        } else {
-            "forwarded"
-        };
         self.metrics
-            .requests
-            .with_label_values(&[transport.as_str(), qtype_label(q.qtype), zone])
-            .inc();
+            .count_request(transport, q.qtype, consul.is_some());
         let limit = wire::reply_limit(&request, transport);
         let (answer, source) = match consul {
             Some(route) => route.source.answer(&q, limit).await,
@@ -293,10 +280,7 @@ impl Handler {
                 .with_label_values(&[transport.as_str()])
                 .inc();
         }
-        self.metrics
-            .responses
-            .with_label_values(&[rcode_label(answer.rcode), source.as_str()])
-            .inc();
+        self.metrics.count_response(answer.rcode, source);
         let took = started.elapsed();
         self.metrics.request_duration.observe(took.as_secs_f64());
         if routes.log_queries {

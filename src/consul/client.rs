@@ -1,13 +1,44 @@
 //! The HTTP client for Consul's API: agent failover in the configured order, the ACL token,
-//! https with a private CA, bounded bodies and timeouts, and a connection budget split between
-//! blocking watches and on-demand fetches so that Consul never sees more than
-//! `consul.max_connections` connections from us.
+//! https with a private CA, bounded bodies and timeouts, and a connection budget so that an
+//! agent never sees more than `consul.max_connections` connections from us.
+//!
+//! The budget is kept at two levels:
+//! - Connections: each TCP connection to an agent holds a permit of that agent's semaphore
+//!   (`consul.max_connections` permits) from before `connect` until the socket is closed and
+//!   the agent has closed its side too ([`BudgetConnector`]). This is what makes the bound
+//!   strict: hyper's pool starts a new connection whenever none is idle at the instant a request
+//!   begins (even if one is about to come back), and a dropped connection is closed by its task
+//!   a moment after; neither can now go beyond the budget, they wait for a permit instead.
+//! - Requests: blocking watches and on-demand fetches share the same number of request slots
+//!   (a quarter kept for fetches), so watches cannot starve first lookups, and a request waiting
+//!   for a connection always finds one soon: with at most `max_connections` requests in flight,
+//!   a request without a connection means some permit is held by a connection that is idle (the
+//!   pool hands it over), being returned, or closing.
+//!
+//! Why not reqwest (used before): its `connector_layer` can make a connect wait for a permit,
+//! but a layer returns reqwest's sealed connection type, so nothing can hold the permit for the
+//! connection's life; a permit per connect or per request leaves the moments above uncovered
+//! (a peak of 44 connections on a budget of 32 in `tests/scale.rs`). hyper-util's client is the
+//! pool reqwest itself runs on, so behaviour is otherwise unchanged. The budgets are per agent
+//! (after a failover, idle connections to the old agent must not hold the new agent's permits);
+//! the request slots are shared by all agents.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
@@ -33,13 +64,23 @@ fn fetch_share(max_connections: usize) -> usize {
     (max_connections / 4).max(1)
 }
 
-/// Part of the budget never used for requests. A connection goes back to reqwest's pool a
-/// moment after its request ends (and an aborted request's connection closes a moment after),
-/// so a request started in that moment can open one more: the margin keeps even those moments
-/// within `consul.max_connections`.
-fn pool_margin(max_connections: usize) -> usize {
-    (max_connections / 8).max(2)
-}
+/// How long a new connection may wait for a permit of the agent's budget. Normally a permit or
+/// an idle connection comes within a round trip (see the module doc); hyper also keeps a connect
+/// going in the background when an idle connection came first, and this bounds how long (and so
+/// how many of) those wait.
+const PERMIT_WAIT: Duration = REQUEST_TIMEOUT;
+
+/// How long a closing connection waits for the agent to close its side after ours. Its permit
+/// is released only then, so the agent never counts a connection we already reopened; an agent
+/// that does not close in this time gets a reset.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Idle pooled connections are closed after this. They hold permits but any request to their
+/// agent reuses them, so this only trims the pool after a burst (reqwest's default).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type HttpsClient =
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<BudgetConnector>, Empty<Bytes>>;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ClientError {
@@ -68,7 +109,7 @@ pub struct Indexed<T> {
 }
 
 pub struct ConsulClient {
-    http: reqwest::Client,
+    http: HttpsClient,
     agents: Vec<reqwest::Url>,
     /// The agent that answered last; requests start there.
     current: AtomicUsize,
@@ -95,43 +136,37 @@ impl ConsulClient {
         max_connections: usize,
         metrics: Arc<Metrics>,
     ) -> Result<ConsulClient, ClientBuildError> {
-        // reqwest is built without a default TLS provider (ring builds quickly and needs no
-        // cmake); install ring once. A second install fails harmlessly.
+        // rustls is built without a default provider (ring builds quickly and needs no cmake);
+        // install ring once. A second install fails harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            // Known gap (issue 8): hyper starts a new connection when none is idle at the moment
-            // a request begins, even if one is about to be returned, so under heavy churn of
-            // short requests (a cold start) Consul can briefly see more connections than
-            // requests in flight. `pool_margin` absorbs the usual case; a strict bound needs a
-            // pool of our own.
-            .pool_max_idle_per_host(max_connections)
-            .connect_timeout(REQUEST_TIMEOUT)
-            .no_proxy()
-            .user_agent(concat!("consul-dns-forwarder/", env!("CARGO_PKG_VERSION")));
-        if let Some((path, pem)) = ca_pem {
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientBuildError::Ca {
-                    path: path.to_owned(),
-                    message: format!("not a PEM certificate bundle ({e})"),
-                })?;
-            if certs.is_empty() {
-                return Err(ClientBuildError::Ca {
-                    path: path.to_owned(),
-                    message: "no certificate found in the file".into(),
-                });
-            }
-            builder = builder.tls_certs_only(certs);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| ClientBuildError::Build(e.to_string()))?;
+        let tls = tls_config(ca_pem)?;
         // A budget beyond what a semaphore can count (2^61) is unlimited in practice.
         let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
-        let usable = max_connections
-            .saturating_sub(pool_margin(max_connections))
-            .max(2);
-        let fetch = fetch_share(usable);
-        let blocking_slots = usable.saturating_sub(fetch).max(1);
+        // One budget per agent: after a failover, idle connections to the old agent must not
+        // hold permits the new agent's requests wait for.
+        let budgets = agents
+            .iter()
+            .map(|a| (authority(a), Arc::new(Semaphore::new(max_connections))))
+            .collect();
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(REQUEST_TIMEOUT));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(BudgetConnector {
+                tcp,
+                budgets: Arc::new(budgets),
+            });
+        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(max_connections)
+            .build(connector);
+        let fetch = fetch_share(max_connections);
+        let blocking_slots = max_connections.saturating_sub(fetch).max(1);
         Ok(ConsulClient {
             http,
             agents,
@@ -274,32 +309,58 @@ impl ConsulClient {
             agent: agent_name.clone(),
             message,
         };
-        let url = base
+        let mut url = base
             .join(path.trim_start_matches('/'))
             .map_err(|e| transport(format!("bad path {path}: {e}")))?;
-        let mut request = self.http.get(url).query(params).timeout(timeout);
+        if !params.is_empty() {
+            url.query_pairs_mut().extend_pairs(params);
+        }
+        let uri: Uri = url
+            .as_str()
+            .parse()
+            .map_err(|e| transport(format!("bad path {path}: {e}")))?;
+        let mut request = hyper::Request::get(uri).header(
+            hyper::header::USER_AGENT,
+            concat!("consul-dns-forwarder/", env!("CARGO_PKG_VERSION")),
+        );
         if let Some(token) = &self.token {
             request = request.header("X-Consul-Token", token);
         }
-        let mut response = request.send().await.map_err(|e| transport(describe(&e)))?;
-        let status = response.status();
-        let index = response
-            .headers()
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| transport(format!("bad request: {e}")))?;
+        // The whole exchange, body included, is bounded; dropping it on timeout drops the
+        // connection too (hyper closes one whose response was not read to the end).
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| transport(describe(&e)))?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        transport(format!("response larger than {MAX_BODY} bytes"))
+                    } else {
+                        transport(format!("request failed: {}", chain(e.as_ref())))
+                    }
+                })?
+                .to_bytes();
+            Ok::<_, ClientError>((parts, body))
+        };
+        let (parts, body) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| transport("timed out".into()))??;
+        let status = parts.status;
+        let index = parts
+            .headers
             .get("X-Consul-Index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| transport(describe(&e)))?
-        {
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(transport(format!("response larger than {MAX_BODY} bytes")));
-            }
-            body.extend_from_slice(&chunk);
-        }
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body[..body.len().min(200)])
                 .trim()
@@ -307,7 +368,7 @@ impl ConsulClient {
             if text.contains("No path to datacenter") {
                 return Err(ClientError::NoSuchDatacenter);
             }
-            if status == reqwest::StatusCode::NOT_FOUND {
+            if status == hyper::StatusCode::NOT_FOUND {
                 return Err(ClientError::NotFound);
             }
             return Err(ClientError::Status {
@@ -324,17 +385,23 @@ impl ConsulClient {
     }
 }
 
-/// reqwest's errors without the URL's query string (which may carry nothing secret, but keeps
-/// logs short), with the cause chain.
-fn describe(e: &reqwest::Error) -> String {
-    let mut s = if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        "cannot connect".to_owned()
+/// hyper's errors, with the cause chain (its own message alone is often just "client error").
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let what = if e.is_connect() {
+        "cannot connect"
     } else {
-        "request failed".to_owned()
+        "request failed"
     };
-    let mut source = std::error::Error::source(e);
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{what}: {}", chain(cause)),
+        None => format!("{what}: {e}"),
+    }
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
     while let Some(cause) = source {
         s.push_str(": ");
         s.push_str(&cause.to_string());
@@ -343,14 +410,232 @@ fn describe(e: &reqwest::Error) -> String {
     s
 }
 
+/// The TLS settings for https agents: only the CA bundle of `consul.ca_file` when set (a
+/// private CA, as Consul deployments usually have), else the system's roots.
+fn tls_config(ca_pem: Option<(&str, Vec<u8>)>) -> Result<rustls::ClientConfig, ClientBuildError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let Some((path, pem)) = ca_pem else {
+        return <rustls::ClientConfig as rustls_platform_verifier::ConfigVerifierExt>::with_platform_verifier()
+            .map_err(|e| ClientBuildError::Build(format!("system CA roots: {e}")));
+    };
+    let ca_error = |message: String| ClientBuildError::Ca {
+        path: path.to_owned(),
+        message,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| ca_error(format!("not a PEM certificate bundle ({e})")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ca_error(format!("unusable CA certificate ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(ca_error("no certificate found in the file".into()));
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// `host:port` of an agent or a request, the key of the per-agent budgets.
+fn authority(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    let port = url.port_or_known_default().unwrap_or(80);
+    normal_authority(host, port)
+}
+
+fn uri_authority(uri: &Uri) -> String {
+    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    });
+    normal_authority(uri.host().unwrap_or_default(), port)
+}
+
+fn normal_authority(host: &str, port: u16) -> String {
+    format!(
+        "{}:{port}",
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase()
+    )
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// hyper's TCP connector behind the per-agent connection budgets: a connection is made only
+/// with a permit of its agent's semaphore, and the permit lives in the connection
+/// ([`BudgetedIo`]) until it is closed at both ends.
+#[derive(Clone)]
+struct BudgetConnector {
+    tcp: HttpConnector,
+    budgets: Arc<Vec<(String, Arc<Semaphore>)>>,
+}
+
+impl tower_service::Service<Uri> for BudgetConnector {
+    type Response = BudgetedIo;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<BudgetedIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let key = uri_authority(&dst);
+        let budget = self
+            .budgets
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, b)| b.clone());
+        let mut tcp = self.tcp.clone();
+        Box::pin(async move {
+            // Only configured agents are asked; anything else has no budget and is refused.
+            let budget = budget.ok_or_else(|| format!("{key} is not a configured agent"))?;
+            let permit = tokio::time::timeout(PERMIT_WAIT, budget.acquire_owned())
+                .await
+                .map_err(|_| "every connection of the budget stayed busy")?
+                .map_err(|_| "shutting down")?;
+            // The connect runs in a task of its own: if the request is dropped mid-connect
+            // (its timeout), the agent may already have accepted the socket, so it must still
+            // end up in a BudgetedIo and be closed gracefully before the permit goes.
+            let connect = tokio::spawn(async move {
+                let io = tcp.call(dst).await?;
+                Ok::<_, BoxError>(BudgetedIo {
+                    io: Some(io),
+                    permit: Some(permit),
+                })
+            });
+            connect.await.map_err(|_| "shutting down")?
+        })
+    }
+}
+
+/// A TCP connection to an agent and its permit. Dropping it (hyper's connection task ends)
+/// closes the socket gracefully in a task of its own and only then releases the permit.
+struct BudgetedIo {
+    io: Option<TokioIo<TcpStream>>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl BudgetedIo {
+    fn io(&mut self) -> io::Result<Pin<&mut TokioIo<TcpStream>>> {
+        match self.io.as_mut() {
+            Some(io) => Ok(Pin::new(io)),
+            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
+    }
+}
+
+impl hyper::rt::Read for BudgetedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl hyper::rt::Write for BudgetedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.io() {
+            Ok(io) => io.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(io) => io.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(io) => io.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl Connection for BudgetedIo {
+    fn connected(&self) -> Connected {
+        match &self.io {
+            Some(io) => io.connected(),
+            None => Connected::new(),
+        }
+    }
+}
+
+impl Drop for BudgetedIo {
+    fn drop(&mut self) {
+        let (Some(io), Some(permit)) = (self.io.take(), self.permit.take()) else {
+            return;
+        };
+        // Without a runtime (the process is exiting) the socket just closes here.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(close_then_release(io.into_inner(), permit));
+        }
+    }
+}
+
+/// Closes our side and waits (up to [`CLOSE_LINGER`]) for the agent to close its side before
+/// the permit goes. Releasing it at our `close` would let the next connection reach the agent
+/// before the agent has noticed the old one closed, so the agent would count one too many.
+async fn close_then_release(mut stream: TcpStream, permit: OwnedSemaphorePermit) {
+    let closed = tokio::time::timeout(CLOSE_LINGER, async {
+        let _ = stream.shutdown().await;
+        // Whatever the agent still sends (a late answer) is discarded.
+        let mut discard = [0u8; 1024];
+        while let Ok(n) = stream.read(&mut discard).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .is_ok();
+    if !closed {
+        // Still open after the linger: reset it, so the agent lets go of it now too. (A zero
+        // linger never blocks the thread, unlike the one tokio's deprecation warns about.)
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+    drop(stream);
+    drop(permit);
+}
+
 #[cfg(test)]
 mod tests {
     use super::fetch_share;
 
     #[test]
-    fn margin_is_at_least_one() {
-        assert_eq!(super::pool_margin(32), 4);
-        assert_eq!(super::pool_margin(4), 2);
+    fn a_request_finds_its_agents_budget() {
+        for (agent, request) in [
+            (
+                "http://127.0.0.1:8500",
+                "http://127.0.0.1:8500/v1/health/service/web?index=3",
+            ),
+            (
+                "http://Consul.Local",
+                "http://consul.local/v1/catalog/node/a",
+            ),
+            ("https://[::1]:8501/", "https://[::1]:8501/v1/status/leader"),
+            ("https://[::1]", "https://[::1]/v1/status/leader"),
+        ] {
+            let agent = reqwest::Url::parse(agent).expect("url");
+            let request: hyper::Uri = request.parse().expect("uri");
+            assert_eq!(super::authority(&agent), super::uri_authority(&request));
+        }
     }
 
     #[test]

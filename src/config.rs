@@ -76,9 +76,9 @@ pub const DEFAULT_CONSUL_STALE_FOR: Duration = Duration::from_secs(86_400);
 /// Connections to one agent: far below Consul's `limits.http_max_conns_per_client` (200).
 pub const DEFAULT_CONSUL_MAX_CONNECTIONS: usize = 32;
 
-/// The smallest connection budget that still leaves a watch slot, a fetch slot and the pool
-/// margin (see `consul::client`).
-pub const MIN_CONSUL_CONNECTIONS: usize = 4;
+/// The smallest connection budget that still leaves a watch slot and a fetch slot (see
+/// `consul::client`; connections hold their slot until closed, so no margin is needed).
+pub const MIN_CONSUL_CONNECTIONS: usize = 2;
 
 /// Where metrics are served by default: CoreDNS's conventional metrics port, loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9153";
@@ -807,7 +807,7 @@ impl Config {
             errors.push(invalid(
                 "consul",
                 "max_connections",
-                format!("must be at least {MIN_CONSUL_CONNECTIONS} (one for watches, one for lookups, two of margin for connections being reused)"),
+                format!("must be at least {MIN_CONSUL_CONNECTIONS} (one for blocking watches, one for first lookups)"),
             ));
         }
         let http: Vec<reqwest::Url> = match k.http {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::Value;
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -157,6 +157,7 @@ fn sample(name: &str) -> Value {
         "query-execute" => include_str!("support/consul_samples/query-execute.json"),
         "agent-self" => include_str!("support/consul_samples/agent-self.json"),
         "catalog-services" => include_str!("support/consul_samples/catalog-services.json"),
+        "health-state" => include_str!("support/consul_samples/health-state.json"),
         _ => unreachable!(),
     };
     serde_json::from_str(text).expect("sample JSON")
@@ -1079,6 +1080,216 @@ async fn dns_shuffles_and_trims_silently() {
         assert_eq!(m.answers.len(), 3);
         let (m, _) = dns_udp(dns, "small.service.consul.", RecordType::A, Some(1232)).await;
         assert_eq!(m.answers.len(), 5, "the limit does not apply with EDNS");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- health/state and churn
+
+fn check_ids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c["Node"].as_str().unwrap(),
+                c["CheckID"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_state_lists_checks_by_status_and_blocks() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sample_like(&sim);
+        let c = client();
+        let base = sim.http_url();
+
+        // The sample's keys (minus Namespace, Enterprise only) plus the raft indexes, one
+        // entry per check, node checks first within a node (ordered by check ID).
+        let r = get(&c, &format!("{base}/v1/health/state/any")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.index(), sim.checks_index());
+        let body = r.json();
+        assert_eq!(
+            without(&shape(&body), &["CreateIndex", "ModifyIndex"]),
+            without(&shape(&sample("health-state")), &["Namespace"])
+        );
+        assert_eq!(
+            check_ids(&body),
+            [
+                "foobar/serfHealth",
+                "foobar/service:consul",
+                "foobar/service:redis"
+            ]
+        );
+        assert_eq!(body[0]["ServiceID"], "");
+        assert_eq!(body[0]["ServiceName"], "");
+        assert_eq!(body[2]["ServiceName"], "redis");
+        assert_eq!(body[2]["ServiceTags"], serde_json::json!(["primary"]));
+        let r = get(&c, &format!("{base}/v1/health/state/passing")).await;
+        assert_eq!(check_ids(&r.json()).len(), 3);
+        let r = get(&c, &format!("{base}/v1/health/state/critical")).await;
+        assert_eq!(r.json(), serde_json::json!([]));
+        let idx = r.index();
+
+        // A service check and a node check change state; the lists and the index follow.
+        sim.set_service_check("redis", Status::Critical);
+        sim.set_node_check("foobar", "serfHealth", Status::Warning);
+        let r = get(&c, &format!("{base}/v1/health/state/critical")).await;
+        assert_eq!(check_ids(&r.json()), ["foobar/service:redis"]);
+        assert_eq!(r.json()[0]["Status"], "critical");
+        assert_eq!(r.index(), idx + 2);
+        let r = get(&c, &format!("{base}/v1/health/state/warning")).await;
+        assert_eq!(check_ids(&r.json()), ["foobar/serfHealth"]);
+        let r = get(&c, &format!("{base}/v1/health/state/passing")).await;
+        assert_eq!(check_ids(&r.json()), ["foobar/service:consul"]);
+        let idx = r.index();
+
+        // Blocking: nothing changes, the wait runs out with the same index.
+        let t = Instant::now();
+        let r = get(
+            &c,
+            &format!("{base}/v1/health/state/critical?index={idx}&wait=300ms"),
+        )
+        .await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(r.index(), idx);
+        // Any check write wakes it, even one that leaves the asked list as it was (Consul
+        // returns the checks table index).
+        let c2 = c.clone();
+        let url = format!("{base}/v1/health/state/critical?index={idx}&wait=5s");
+        let t = Instant::now();
+        let h = tokio::spawn(async move { get(&c2, &url).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sim.set_service_check("consul", Status::Warning);
+        let r = h.await.expect("join");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(r.index(), idx + 1);
+        assert_eq!(check_ids(&r.json()), ["foobar/service:redis"]);
+
+        // Deregistering removes the instance's checks (and moves the index).
+        sim.remove_service("redis");
+        let r = get(&c, &format!("{base}/v1/health/state/critical")).await;
+        assert_eq!(r.json(), serde_json::json!([]));
+        assert_eq!(r.index(), idx + 2);
+
+        // dc, bad states, and ?filter (not implemented: refused rather than ignored).
+        assert_eq!(
+            get(&c, &format!("{base}/v1/health/state/any?dc=dc1"))
+                .await
+                .status,
+            200
+        );
+        let r = get(&c, &format!("{base}/v1/health/state/any?dc=dc2")).await;
+        assert_eq!((r.status, r.body.as_str()), (500, "No path to datacenter"));
+        assert_eq!(
+            get(&c, &format!("{base}/v1/health/state/bogus"))
+                .await
+                .status,
+            400
+        );
+        assert_eq!(
+            get(&c, &format!("{base}/v1/health/state/")).await.status,
+            400
+        );
+        let r = get(
+            &c,
+            &format!("{base}/v1/health/state/any?filter=Status%20%3D%3D%20passing"),
+        )
+        .await;
+        assert_eq!(r.status, 400);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_catalog_and_churn_generator() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        let before = sim.current_index();
+        let grid = sim.add_grid("g", 300, 4);
+        assert_eq!(grid.len(), 1200);
+        assert_eq!(sim.current_index(), before + 1, "one write");
+        let c = client();
+        let base = sim.http_url();
+        let r = get(&c, &format!("{base}/v1/health/service/g7")).await;
+        let mut got: Vec<String> = r
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["Node"]["Address"].as_str().unwrap().to_string())
+            .collect();
+        got.sort();
+        let mut want: Vec<String> = grid[28..32].iter().map(|g| g.address.clone()).collect();
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(ids(&r.json()), ["g7-0", "g7-1", "g7-2", "g7-3"]);
+        let r = get(&c, &format!("{base}/v1/health/state/any")).await;
+        assert_eq!(
+            r.json().as_array().unwrap().len(),
+            2400,
+            "serfHealth + service check each"
+        );
+
+        // 200 flips/s over 10 targets, half through node checks: each flips in turn.
+        let targets: Vec<ChurnTarget> = grid[..10]
+            .iter()
+            .enumerate()
+            .map(|(k, g)| ChurnTarget {
+                service: g.service.clone(),
+                check: if k % 2 == 0 {
+                    ChurnCheck::Node(g.node.clone())
+                } else {
+                    ChurnCheck::Service(g.id.clone())
+                },
+            })
+            .collect();
+        let idx = sim.checks_index();
+        let churn = sim.start_churn(targets, 200);
+        let started = Instant::now();
+        while churn.count() < 25 && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let flips = churn.stop();
+        assert!(flips.len() >= 25, "{} flips", flips.len());
+        assert!(flips.windows(2).all(|w| w[0].at <= w[1].at));
+        // Every target flipped once before any flipped twice, and each alternates.
+        let first: HashSet<usize> = flips[..10].iter().map(|f| f.target).collect();
+        assert_eq!(first.len(), 10);
+        assert!(flips[..10].iter().all(|f| f.status == Status::Critical));
+        assert!(flips[10..20].iter().all(|f| f.status == Status::Passing));
+        assert_eq!(sim.checks_index(), idx + flips.len() as u64);
+        // The critical list is exactly the targets whose last flip was to critical.
+        let mut last = BTreeMap::new();
+        for f in &flips {
+            last.insert(f.target, f.status);
+        }
+        let mut want: Vec<String> = last
+            .iter()
+            .filter(|(_, s)| **s == Status::Critical)
+            .map(|(&t, _)| {
+                let g = &grid[t];
+                if t % 2 == 0 {
+                    format!("{}/serfHealth", g.node)
+                } else {
+                    format!("{}/service:{}", g.node, g.id)
+                }
+            })
+            .collect();
+        want.sort();
+        let r = get(&c, &format!("{base}/v1/health/state/critical")).await;
+        let mut got = check_ids(&r.json());
+        got.sort();
+        assert_eq!(got, want);
     })
     .await;
 }

@@ -2,8 +2,13 @@
 //! queries; nodes and prepared queries fetched on demand and kept for their TTL. Every view is
 //! replaced whole (readers hold an `Arc` of the old one until they are done), and the last known
 //! view keeps being served while Consul is unreachable, for up to `consul.stale_for`.
+//!
+//! Views beyond the blocking budget learn of health changes from a datacenter-wide change feed
+//! ([`Feed`]): blocking queries on `/v1/health/state/critical` and `/warning`, whose successive
+//! results are diffed to find the services whose health changed; only those views are patched
+//! (or, when a patch cannot be exact, fetched again).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +20,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{
-    CatalogNodeJson, HealthEntry, NodeView, QueryExecuteJson, QueryView, ServiceView,
+    CatalogNodeJson, HealthEntry, Instance, NodeView, QueryExecuteJson, QueryView, ServiceView,
+    Status,
 };
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::{Backend, LookupError};
@@ -41,6 +47,24 @@ const SLOT_RETRY: Duration = Duration::from_secs(5);
 /// fetch goes on; later queries get its result). Within glibc's 5 s per try.
 const FIRST_FETCH_WAIT: Duration = REQUEST_TIMEOUT;
 
+/// Shortest time between the starts of two requests of one change feed. Under churn (Consul
+/// answers a blocking query on a check state at once when any check anywhere changed) this
+/// is the feed's period: it bounds our load on Consul and the CPU spent decoding and diffing
+/// the state lists, at the price of up to this much added delay between a flip and its view's
+/// refresh (the target is under 2 s). When nothing changes the blocking query just waits.
+const FEED_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long a feed waits before asking again after the agent refused the endpoint (404, or
+/// 403 without `node:read`/`service:read` on everything): views then refresh on their TTL.
+const FEED_UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
+
+/// The check states the feeds watch. DNS cares about every status transition: critical
+/// instances are never served, warning ones are served unless `only_passing`, with their
+/// warning weight. A check in neither list is passing, so the two lists are the whole health
+/// picture, and they are small compared to `/v1/health/state/any` (every check). The order is
+/// the order of [`HealthLists::lists`].
+const FEED_STATES: [&str; 2] = ["critical", "warning"];
+
 /// Bound on remembered nodes and prepared queries; beyond it the oldest are forgotten.
 const MAX_ON_DEMAND: usize = 10_000;
 
@@ -50,10 +74,14 @@ fn backoff(failures: u32) -> Duration {
     capped.mul_f64(rand::rng().random_range(0.5..1.5))
 }
 
+/// The check IDs of each instance of a view, in the view's order (node checks included), as
+/// its fetch returned them: what the change feed needs to recompute an instance's health.
+type InstanceChecks = Vec<Box<[Box<str>]>>;
+
 #[derive(Clone, Debug)]
 enum ViewState {
     Pending,
-    Ready(Arc<ServiceView>),
+    Ready(Arc<ServiceView>, Arc<InstanceChecks>),
     NoDatacenter,
     Failed(String),
 }
@@ -64,6 +92,10 @@ struct Watch {
     /// when the view is older than its TTL.
     on_demand: AtomicBool,
     demand: tokio::sync::Notify,
+    /// The change feed saw a health change of this service that it could not patch in (a check
+    /// the view does not know) while the watcher had no blocking query: refresh with one
+    /// non-blocking fetch, without claiming a blocking slot.
+    changed: tokio::sync::Notify,
     /// A query came after the first fetch: the service is worth a blocking watch.
     asked_again: AtomicBool,
     last_asked: Mutex<Instant>,
@@ -234,6 +266,9 @@ pub struct HttpBackend {
     /// Bumped when the client fails over to another agent: watchers drop their (possibly hung)
     /// blocking query and ask the new agent at once.
     failovers: watch::Receiver<u64>,
+    /// The change feeds start with the first local-datacenter view (a forwarder nobody asks
+    /// Consul names costs Consul nothing).
+    feeds_started: AtomicBool,
 }
 
 /// How often the current agent is probed.
@@ -290,6 +325,7 @@ impl HttpBackend {
         ));
         HttpBackend {
             failovers,
+            feeds_started: AtomicBool::new(false),
             client,
             settings: Settings {
                 watch_wait: config.watch_wait,
@@ -321,12 +357,14 @@ impl HttpBackend {
             state: tx,
             on_demand: AtomicBool::new(false),
             demand: tokio::sync::Notify::new(),
+            changed: tokio::sync::Notify::new(),
             asked_again: AtomicBool::new(false),
             last_asked: Mutex::new(Instant::now()),
             last_confirmed: Mutex::new(None),
         });
         watches.insert(key.clone(), w.clone());
         self.metrics.consul_watchers.inc();
+        let local = key.1.is_none();
         let task = Watcher {
             key,
             watch: w.clone(),
@@ -339,6 +377,26 @@ impl HttpBackend {
             failovers: self.failovers.clone(),
         };
         tokio::spawn(task.run());
+        if local && !self.feeds_started.swap(true, Ordering::SeqCst) {
+            let shared = FeedShared {
+                watches: self.watches.clone(),
+                lists: Arc::new(Mutex::new(HealthLists::default())),
+                metrics: self.metrics.clone(),
+                only_passing: self.settings.only_passing,
+            };
+            for (list, state) in FEED_STATES.into_iter().enumerate() {
+                let feed = Feed {
+                    state,
+                    list,
+                    client: self.client.clone(),
+                    shared: shared.clone(),
+                    watch_wait: self.settings.watch_wait,
+                    shutdown: self.shutdown.clone(),
+                    failovers: self.failovers.clone(),
+                };
+                tokio::spawn(feed.run());
+            }
+        }
         w
     }
 }
@@ -405,6 +463,407 @@ async fn discover_datacenter(
     }
 }
 
+/// One entry of `/v1/health/state/<state>`: which check, where, and its last write.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StateCheckJson {
+    node: String,
+    #[serde(rename = "CheckID", default)]
+    check_id: String,
+    /// Empty (or absent) for a node check, which affects every service on the node.
+    #[serde(rename = "ServiceID", default)]
+    service_id: Option<String>,
+    #[serde(default)]
+    service_name: Option<String>,
+    #[serde(default)]
+    modify_index: u64,
+}
+
+/// What a feed remembers of a check in its state: enough to tell a rewrite and to name the
+/// views it affects once it leaves the state.
+#[derive(Debug, PartialEq, Eq)]
+struct SeenCheck {
+    modify_index: u64,
+    /// Lowercased service name; `None` for a node check.
+    service: Option<String>,
+}
+
+/// The checks in one state: lowercased node -> check ID -> what was seen.
+type SeenChecks = HashMap<String, HashMap<String, SeenCheck>>;
+
+fn seen_checks(list: Vec<StateCheckJson>) -> SeenChecks {
+    let mut out: SeenChecks = HashMap::new();
+    for c in list {
+        let service = c
+            .service_id
+            .filter(|id| !id.is_empty())
+            .map(|_| c.service_name.unwrap_or_default().to_ascii_lowercase());
+        out.entry(c.node.to_ascii_lowercase()).or_default().insert(
+            c.check_id,
+            SeenCheck {
+                modify_index: c.modify_index,
+                service,
+            },
+        );
+    }
+    out
+}
+
+/// The checks one round of a feed found changed, by what they affect.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Changes {
+    /// Service -> its changed checks as (node, check ID).
+    services: HashMap<String, HashSet<(String, String)>>,
+    /// Node -> its changed node checks.
+    nodes: HashMap<String, HashSet<String>>,
+}
+
+impl Changes {
+    fn note(&mut self, node: &str, id: &str, seen: &SeenCheck) {
+        match &seen.service {
+            Some(s) => {
+                self.services
+                    .entry(s.clone())
+                    .or_default()
+                    .insert((node.to_owned(), id.to_owned()));
+            }
+            None => {
+                self.nodes
+                    .entry(node.to_owned())
+                    .or_default()
+                    .insert(id.to_owned());
+            }
+        }
+    }
+}
+
+/// The checks that entered the state, left it, or were rewritten in it (a new `ModifyIndex`:
+/// the check may have been elsewhere in between, which a view fetched meanwhile may show).
+fn diff(old: &SeenChecks, new: &SeenChecks) -> Changes {
+    let mut changes = Changes::default();
+    for (node, checks) in new {
+        let before = old.get(node);
+        for (id, seen) in checks {
+            if before.and_then(|b| b.get(id)) != Some(seen) {
+                changes.note(node, id, seen);
+            }
+        }
+    }
+    for (node, checks) in old {
+        let after = new.get(node);
+        for (id, seen) in checks {
+            if !after.is_some_and(|a| a.contains_key(id)) {
+                changes.note(node, id, seen);
+            }
+        }
+    }
+    changes
+}
+
+/// The latest list of each feed (`None` until its first result and after a failure).
+#[derive(Default)]
+struct HealthLists {
+    lists: [Option<SeenChecks>; FEED_STATES.len()],
+}
+
+impl HealthLists {
+    /// Every non-passing check of the datacenter, when both lists are known.
+    fn complete(&self) -> Option<[&SeenChecks; FEED_STATES.len()]> {
+        let [critical, warning] = &self.lists;
+        Some([critical.as_ref()?, warning.as_ref()?])
+    }
+}
+
+/// A check's status by the feeds' lists: in the critical list, in the warning list, else
+/// passing (a check that exists and is in neither).
+fn listed_status(lists: [&SeenChecks; FEED_STATES.len()], node: &str, id: &str) -> Status {
+    let [critical, warning] = lists;
+    if critical.get(node).is_some_and(|c| c.contains_key(id)) {
+        Status::Critical
+    } else if warning.get(node).is_some_and(|c| c.contains_key(id)) {
+        Status::Warning
+    } else {
+        Status::Passing
+    }
+}
+
+/// `view` with every instance's status recomputed from the lists (its checks are `checks`,
+/// from its last fetch), or `None` when nothing changes.
+fn patched(
+    view: &ServiceView,
+    checks: &InstanceChecks,
+    lists: [&SeenChecks; FEED_STATES.len()],
+) -> Option<ServiceView> {
+    let mut changed = false;
+    let instances = view
+        .instances
+        .iter()
+        .zip(checks.iter())
+        .map(|(inst, ids)| {
+            let status = ids
+                .iter()
+                .map(|id| listed_status(lists, &inst.node, id))
+                .max()
+                .unwrap_or(Status::Passing);
+            changed |= status != inst.status;
+            Instance {
+                status,
+                ..inst.clone()
+            }
+        })
+        .collect();
+    changed.then(|| ServiceView::new(instances, &view.datacenter))
+}
+
+/// What the feeds need to reach the views.
+#[derive(Clone)]
+struct FeedShared {
+    watches: WatchMap,
+    lists: Arc<Mutex<HealthLists>>,
+    metrics: Arc<Metrics>,
+    only_passing: bool,
+}
+
+/// How one round of the feeds touched the views.
+#[derive(Debug, Default)]
+struct Applied {
+    patched: usize,
+    refreshed: usize,
+}
+
+impl FeedShared {
+    /// Brings the views without a blocking query up to date with the lists: every one of them
+    /// when `changes` is `None` (a feed's first result), else those named by `changes`. A view
+    /// is patched in place when it knows every changed check (its status follows from the
+    /// lists); a view that does not (a check registered since its fetch), or any view while
+    /// a list is missing, is refreshed with one fetch instead.
+    fn apply(&self, changes: Option<&Changes>) -> Applied {
+        let lists = lock(&self.lists);
+        let complete = lists.complete();
+        let watches = lock(&self.watches);
+        let mut applied = Applied::default();
+        for ((service, dc), w) in watches.iter() {
+            if dc.is_some() || !w.on_demand.load(Ordering::SeqCst) {
+                continue;
+            }
+            let current = match &*w.state.borrow() {
+                ViewState::Ready(view, checks) => Some((view.clone(), checks.clone())),
+                _ => None,
+            };
+            let Some((view, checks)) = current else {
+                continue;
+            };
+            let knows_all = match changes {
+                None => true,
+                Some(c) => match affects(c, service, &view, &checks) {
+                    Affected::No => continue,
+                    Affected::Known => true,
+                    Affected::Unknown => false,
+                },
+            };
+            match complete {
+                Some(lists) if knows_all => {
+                    if let Some(new) = patched(&view, &checks, lists) {
+                        self.install(service, w, &view, checks, new);
+                        applied.patched += 1;
+                    }
+                }
+                // Only a diff says something happened; without one there is nothing to fetch.
+                _ if changes.is_some() => {
+                    w.changed.notify_one();
+                    applied.refreshed += 1;
+                }
+                _ => {}
+            }
+        }
+        applied
+    }
+
+    /// Replaces `old` by `new` unless the watcher replaced it meanwhile (its fetch is newer).
+    fn install(
+        &self,
+        service: &str,
+        w: &Watch,
+        old: &Arc<ServiceView>,
+        checks: Arc<InstanceChecks>,
+        new: ServiceView,
+    ) {
+        let healthy = new.healthy_count(self.only_passing);
+        let new = Arc::new(new);
+        let replaced = w.state.send_if_modified(|state| match state {
+            ViewState::Ready(current, _) if Arc::ptr_eq(current, old) => {
+                *state = ViewState::Ready(new, checks);
+                true
+            }
+            _ => false,
+        });
+        if replaced {
+            self.metrics.consul_health_changes.inc();
+            self.metrics
+                .consul_healthy_instances
+                .with_label_values(&[service])
+                .set(i64::try_from(healthy).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+enum Affected {
+    No,
+    /// Changed, and the view knows every changed check: a patch is exact.
+    Known,
+    /// Changed, through a check the view has not seen.
+    Unknown,
+}
+
+fn affects(
+    changes: &Changes,
+    service: &str,
+    view: &ServiceView,
+    checks: &InstanceChecks,
+) -> Affected {
+    let has = |node: &str, id: &str| {
+        view.instances
+            .iter()
+            .zip(checks.iter())
+            .any(|(i, ids)| i.node == node && ids.iter().any(|c| &**c == id))
+    };
+    let mut affected = false;
+    if let Some(changed) = changes.services.get(service) {
+        affected = true;
+        if !changed.iter().all(|(node, id)| has(node, id)) {
+            return Affected::Unknown;
+        }
+    }
+    if !changes.nodes.is_empty() {
+        for inst in &view.instances {
+            if let Some(ids) = changes.nodes.get(&inst.node) {
+                affected = true;
+                if !ids.iter().all(|id| has(&inst.node, id)) {
+                    return Affected::Unknown;
+                }
+            }
+        }
+    }
+    if affected {
+        Affected::Known
+    } else {
+        Affected::No
+    }
+}
+
+/// A datacenter-wide change feed: a blocking query on `/v1/health/state/<state>` of the local
+/// datacenter, at most one request per [`FEED_INTERVAL`]. Each result is diffed with the one
+/// before, and the views whose health changed and which have no blocking query of their own
+/// are patched from the lists (see [`FeedShared::apply`]). So every view, not only the ones
+/// within the blocking budget, follows health changes within about one interval, with one
+/// connection per feed and no request per change.
+struct Feed {
+    state: &'static str,
+    /// This feed's place in [`HealthLists::lists`].
+    list: usize,
+    client: Arc<ConsulClient>,
+    shared: FeedShared,
+    watch_wait: Duration,
+    shutdown: CancellationToken,
+    failovers: watch::Receiver<u64>,
+}
+
+impl Feed {
+    async fn run(mut self) {
+        let path = format!("/v1/health/state/{}", self.state);
+        let mut index: u64 = 0;
+        let mut failures: u32 = 0;
+        let mut refused_logged = false;
+        loop {
+            let started = Instant::now();
+            // Without a free blocking slot (a tiny budget) the feed polls instead.
+            let slot = if index > 0 {
+                self.client.try_blocking_slot()
+            } else {
+                None
+            };
+            let blocking = slot.as_ref().map(|_| (index, self.watch_wait));
+            let request =
+                self.client
+                    .get::<Vec<StateCheckJson>>("health_state", &path, &[], blocking);
+            self.failovers.borrow_and_update();
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.failovers.changed() => {
+                    index = 0;
+                    lock(&self.shared.lists).lists[self.list] = None;
+                    continue;
+                }
+                r = request => r,
+            };
+            drop(slot);
+            let pause = match result {
+                Ok(r) => {
+                    failures = 0;
+                    index = if r.index < index { 0 } else { r.index.max(1) };
+                    // Decoding into maps, diffing and patching walk every listed check and
+                    // every view: off the runtime's workers, so queries never queue behind it.
+                    let shared = self.shared.clone();
+                    let list = self.list;
+                    let listed = r.value.unwrap_or_default();
+                    let applied = tokio::task::spawn_blocking(move || {
+                        let new = seen_checks(listed);
+                        let changes = {
+                            let mut lists = lock(&shared.lists);
+                            let changes = lists.lists[list].as_ref().map(|old| diff(old, &new));
+                            lists.lists[list] = Some(new);
+                            changes
+                        };
+                        shared.apply(changes.as_ref())
+                    })
+                    .await
+                    .unwrap_or_default();
+                    if applied.patched + applied.refreshed > 0 {
+                        tracing::debug!(
+                            state = self.state,
+                            patched = applied.patched,
+                            refreshed = applied.refreshed,
+                            "health changes applied"
+                        );
+                    }
+                    FEED_INTERVAL.saturating_sub(started.elapsed())
+                }
+                Err(e) => {
+                    index = 0;
+                    lock(&self.shared.lists).lists[self.list] = None;
+                    failures = failures.saturating_add(1);
+                    let refused = matches!(
+                        e,
+                        ClientError::NotFound | ClientError::Status { status: 403, .. }
+                    );
+                    if refused {
+                        if !refused_logged {
+                            refused_logged = true;
+                            tracing::warn!(
+                                error = %e,
+                                state = self.state,
+                                "the agent refuses /v1/health/state: views without a blocking \
+                                 query follow health changes only on their TTL"
+                            );
+                        }
+                        FEED_UNSUPPORTED_RETRY
+                    } else {
+                        // Outages are logged by the watchers and the probe, not here.
+                        tracing::debug!(error = %e, state = self.state, "change feed request failed");
+                        backoff(failures)
+                    }
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
 struct Watcher {
     key: (String, Option<String>),
     watch: Arc<Watch>,
@@ -447,9 +906,11 @@ impl Watcher {
             }
             tokens -= 1;
             // A blocking query needs a slot of the connection budget. Without one the view is
-            // refreshed on demand: when a query finds it older than its TTL.
+            // refreshed on demand: when a query finds it older than its TTL, or when the change
+            // feed saw one of its checks change.
             // Blocking slots go to services asked more than once: a name asked once (a cold
             // start asks thousands) keeps no connection; the next query makes it a watch.
+            let mut refresh = false;
             if index > 0 && !self.watch.asked_again.load(Ordering::SeqCst) {
                 self.watch.on_demand.store(true, Ordering::SeqCst);
                 tokio::select! {
@@ -457,19 +918,22 @@ impl Watcher {
                     _ = self.watch.demand.notified() => {
                         self.watch.asked_again.store(true, Ordering::SeqCst);
                     }
+                    // A health change is not a query: the service stays without a watch.
+                    _ = self.watch.changed.notified() => refresh = true,
                     _ = tokio::time::sleep(SLOT_RETRY) => continue,
                 }
             }
-            let slot = if index > 0 {
+            let slot = if index > 0 && !refresh {
                 self.client.try_blocking_slot()
             } else {
                 None
             };
-            if index > 0 && slot.is_none() {
+            if index > 0 && slot.is_none() && !refresh {
                 self.watch.on_demand.store(true, Ordering::SeqCst);
                 tokio::select! {
                     _ = self.shutdown.cancelled() => break,
                     _ = self.watch.demand.notified() => {}
+                    _ = self.watch.changed.notified() => {}
                     // Look again for a free slot (and for idleness) now and then.
                     _ = tokio::time::sleep(SLOT_RETRY) => continue,
                 }
@@ -507,9 +971,20 @@ impl Watcher {
                         .or_else(|| self.key.1.clone())
                         .unwrap_or_default();
                     let view = ServiceView::from_entries(&entries, &dc);
-                    let changed = match &*self.watch.state.borrow() {
-                        ViewState::Ready(old) => !old.same_data(&view),
-                        _ => true,
+                    let checks: InstanceChecks = entries
+                        .iter()
+                        .map(|e| {
+                            e.checks
+                                .iter()
+                                .map(|c| c.check_id.as_str().into())
+                                .collect()
+                        })
+                        .collect();
+                    let (changed, same_checks) = match &*self.watch.state.borrow() {
+                        ViewState::Ready(old, old_checks) => {
+                            (!old.same_data(&view), **old_checks == checks)
+                        }
+                        _ => (true, false),
                     };
                     if changed {
                         self.metrics
@@ -519,12 +994,14 @@ impl Watcher {
                                 i64::try_from(view.healthy_count(self.settings.only_passing))
                                     .unwrap_or(i64::MAX),
                             );
-                        if matches!(&*self.watch.state.borrow(), ViewState::Ready(_)) {
+                        if matches!(&*self.watch.state.borrow(), ViewState::Ready(..)) {
                             self.metrics.consul_health_changes.inc();
                         }
+                    }
+                    if changed || !same_checks {
                         self.watch
                             .state
-                            .send_replace(ViewState::Ready(Arc::new(view)));
+                            .send_replace(ViewState::Ready(Arc::new(view), Arc::new(checks)));
                     }
                     index = new_index;
                 }
@@ -601,7 +1078,7 @@ impl Backend for HttpBackend {
             }
         };
         match state {
-            ViewState::Ready(view) => {
+            ViewState::Ready(view, _) => {
                 let confirmed = *lock(&w.last_confirmed);
                 if w.on_demand.load(Ordering::SeqCst)
                     && (!w.asked_again.load(Ordering::SeqCst)
@@ -708,5 +1185,108 @@ impl Backend for HttpBackend {
                 },
             )
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(list: &[(&str, &str, Option<&str>, u64)]) -> SeenChecks {
+        seen_checks(
+            list.iter()
+                .map(|(node, id, service, modify_index)| StateCheckJson {
+                    node: (*node).to_owned(),
+                    check_id: (*id).to_owned(),
+                    service_id: service.map(|s| format!("{s}-id")),
+                    service_name: service.map(str::to_owned),
+                    modify_index: *modify_index,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn diff_names_entered_left_and_rewritten_checks() {
+        let old = seen(&[
+            ("N1", "service:a-1", Some("A"), 5),
+            ("n2", "serfHealth", None, 3),
+            ("n4", "service:c-1", Some("c"), 4),
+        ]);
+        let new = seen(&[
+            ("n1", "service:a-1", Some("a"), 7),
+            ("n3", "service:b-1", Some("b"), 8),
+            ("n4", "service:c-1", Some("c"), 4),
+        ]);
+        let changes = diff(&old, &new);
+        let services: Vec<(&str, Vec<(String, String)>)> = {
+            let mut v: Vec<_> = changes
+                .services
+                .iter()
+                .map(|(s, c)| (s.as_str(), c.iter().cloned().collect()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            services,
+            vec![
+                ("a", vec![("n1".to_owned(), "service:a-1".to_owned())]),
+                ("b", vec![("n3".to_owned(), "service:b-1".to_owned())]),
+            ]
+        );
+        assert_eq!(changes.nodes.len(), 1);
+        assert!(changes.nodes["n2"].contains("serfHealth"));
+        assert_eq!(diff(&new, &new), Changes::default());
+    }
+
+    #[test]
+    fn a_patch_recomputes_each_instance_from_the_lists() {
+        let entries: Vec<HealthEntry> = serde_json::from_str(
+            r#"[
+              {"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": {"ID": "a-1", "Service": "a", "Port": 80},
+               "Checks": [{"CheckID": "serfHealth", "Status": "passing"}, {"CheckID": "service:a-1", "Status": "passing", "ServiceID": "a-1"}]},
+              {"Node": {"Node": "n2", "Address": "10.0.0.2"}, "Service": {"ID": "a-2", "Service": "a", "Port": 80},
+               "Checks": [{"CheckID": "serfHealth", "Status": "passing"}, {"CheckID": "service:a-2", "Status": "passing", "ServiceID": "a-2"}]}
+            ]"#,
+        )
+        .expect("entries");
+        let view = ServiceView::from_entries(&entries, "dc1");
+        let checks: InstanceChecks = entries
+            .iter()
+            .map(|e| {
+                e.checks
+                    .iter()
+                    .map(|c| c.check_id.as_str().into())
+                    .collect()
+            })
+            .collect();
+        let critical = seen(&[("n2", "serfHealth", None, 9)]);
+        let warning = seen(&[("n1", "service:a-1", Some("a"), 9)]);
+        let new = patched(&view, &checks, [&critical, &warning]).expect("changed");
+        let statuses: Vec<Status> = new.instances.iter().map(|i| i.status).collect();
+        assert_eq!(statuses, vec![Status::Warning, Status::Critical]);
+        assert!(patched(&new, &checks, [&critical, &warning]).is_none());
+        let none = SeenChecks::new();
+        let back = patched(&new, &checks, [&none, &none]).expect("changed");
+        assert!(back.same_data(&view));
+        // A change through a check the view has not seen cannot be patched.
+        let mut changes = Changes::default();
+        changes.note(
+            "n1",
+            "service:a-1-extra",
+            &SeenCheck {
+                modify_index: 1,
+                service: Some("a".into()),
+            },
+        );
+        assert!(matches!(
+            affects(&changes, "a", &view, &checks),
+            Affected::Unknown
+        ));
+        assert!(matches!(
+            affects(&changes, "b", &view, &checks),
+            Affected::No
+        ));
     }
 }

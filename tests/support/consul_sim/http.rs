@@ -470,6 +470,8 @@ async fn handle(inner: &Arc<Inner>, req: &Request) -> Response {
         health_service(inner, req, name).await
     } else if let Some(node) = req.path.strip_prefix("/v1/catalog/node/") {
         catalog_node(inner, req, node).await
+    } else if let Some(state) = req.path.strip_prefix("/v1/health/state/") {
+        health_state(inner, req, state).await
     } else if req.path == "/v1/catalog/services" {
         catalog_services(inner, req).await
     } else if let Some(q) = req
@@ -509,6 +511,39 @@ async fn health_service(inner: &Inner, req: &Request, name: &str) -> Result<Resp
     let st = inner.state();
     let body = st.health_json(name, passing, &tags);
     Ok(Response::json(&body, Some(st.service_idx(name))))
+}
+
+/// `/v1/health/state/<state>`: every check in that state (`any` = all), with
+/// the checks table index, blocking on it. Consul's `?filter` (a bexpr
+/// expression) is not implemented: rather than answer as if it were applied,
+/// the simulator refuses it, so a client that relies on it cannot pass here and
+/// fail against Consul. Likewise `?ns`/`?partition` (Enterprise) are not
+/// supported.
+async fn health_state(inner: &Inner, req: &Request, state: &str) -> Result<Response, Response> {
+    use super::Status;
+    let wanted = match state {
+        "any" => None,
+        "passing" => Some(Status::Passing),
+        "warning" => Some(Status::Warning),
+        "critical" => Some(Status::Critical),
+        "" => return Err(Response::text(400, "Missing check state")),
+        // No client of this project asks for another state; refusing it keeps a typo from
+        // looking like "no checks in that state".
+        _ => return Err(Response::text(400, "consul_sim: unknown check state")),
+    };
+    if req.param("filter").is_some() {
+        return Err(Response::text(
+            400,
+            "consul_sim: ?filter is not implemented by the simulator",
+        ));
+    }
+    check_dc(req)?;
+    block(inner, req, |st| st.checks_index).await?;
+    let st = inner.state();
+    Ok(Response::json(
+        &st.health_state_json(wanted),
+        Some(st.checks_index),
+    ))
 }
 
 async fn catalog_node(inner: &Inner, req: &Request, node: &str) -> Result<Response, Response> {

@@ -17,6 +17,10 @@
 //!   queries) at once, and so connections can be counted exactly.
 //! - [`dns`]: the agent-style DNS port (UDP and TCP on one port).
 //!
+//! For scale tests: [`ConsulSim::add_many`] / [`ConsulSim::add_grid`] register
+//! thousands of instances in one write, and [`ConsulSim::start_churn`] flips
+//! checks at a given rate, logging when each flip became visible.
+//!
 //! Everything listens on 127.0.0.1 only.
 
 mod dns;
@@ -27,7 +31,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio::sync::{mpsc, watch};
@@ -96,6 +100,86 @@ impl Status {
             Status::Warning => 1,
             Status::Critical => 2,
         }
+    }
+}
+
+/// One instance made by [`ConsulSim::add_grid`].
+#[derive(Clone, Debug)]
+pub struct GridInstance {
+    pub service: String,
+    pub id: String,
+    pub node: String,
+    pub address: String,
+}
+
+/// Which check a churn target flips.
+#[derive(Clone, Debug)]
+pub enum ChurnCheck {
+    /// The instance's own check `service:<id>`.
+    Service(String),
+    /// The node's `serfHealth` check: every instance on the node follows it.
+    Node(String),
+}
+
+/// Something the churn generator flips; `service` is for the test's bookkeeping.
+#[derive(Clone, Debug)]
+pub struct ChurnTarget {
+    pub service: String,
+    pub check: ChurnCheck,
+}
+
+/// One applied flip: `targets[target]` became `status` at `at`.
+#[derive(Clone, Copy, Debug)]
+pub struct Flip {
+    pub at: Instant,
+    pub target: usize,
+    pub status: Status,
+}
+
+/// How often the churn generator applies the flips that fell due: fine enough that a flip's
+/// logged instant is within 10 ms of its schedule, coarse enough to batch 10 flips at 1,000/s.
+pub const CHURN_TICK: Duration = Duration::from_millis(10);
+
+/// A running churn generator (see [`ConsulSim::start_churn`]).
+pub struct Churn {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Flip>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Churn {
+    /// Flips applied so far, in order.
+    pub fn flips(&self) -> Vec<Flip> {
+        lock(&self.log).clone()
+    }
+
+    /// The most recent flip, if any.
+    pub fn latest(&self) -> Option<Flip> {
+        lock(&self.log).last().copied()
+    }
+
+    /// Number of flips applied so far.
+    pub fn count(&self) -> usize {
+        lock(&self.log).len()
+    }
+
+    /// Stops the generator and returns every flip it applied.
+    pub fn stop(mut self) -> Vec<Flip> {
+        self.halt();
+        lock(&self.log).clone()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
 
@@ -319,6 +403,127 @@ impl ConsulSim {
         id
     }
 
+    /// Registers many instances at once (nodes included) as a single write:
+    /// one index bump, every blocking query woken once. Use it for catalogs of
+    /// thousands of instances, where one [`ConsulSim::add_node`] per node
+    /// would rescan the catalog each time.
+    pub fn add_many(&self, items: Vec<(SimNode, SimService, Status)>) {
+        self.inner.mutate(|st| st.add_many(items));
+    }
+
+    /// A catalog grid in one write: services `<prefix><s>` for `s` in
+    /// `0..services`, each with `per_service` passing instances
+    /// `<prefix><s>-<i>`, every instance on its own node `<prefix><s>-<i>.node`
+    /// with its own IPv4 address from 10.0.0.1 upwards (so a DNS answer tells
+    /// exactly which instances it holds). Returns the instances in order.
+    pub fn add_grid(&self, prefix: &str, services: u32, per_service: u32) -> Vec<GridInstance> {
+        let mut out = Vec::new();
+        let mut items = Vec::new();
+        for s in 0..services {
+            for i in 0..per_service {
+                let n = s * per_service + i + 1;
+                let address = std::net::Ipv4Addr::from(0x0a00_0000 + n).to_string();
+                let g = GridInstance {
+                    service: format!("{prefix}{s}"),
+                    id: format!("{prefix}{s}-{i}"),
+                    node: format!("{prefix}{s}-{i}.node"),
+                    address,
+                };
+                items.push((
+                    SimNode {
+                        name: g.node.clone(),
+                        address: g.address.clone(),
+                        meta: BTreeMap::new(),
+                    },
+                    SimService {
+                        id: g.id.clone(),
+                        service: g.service.clone(),
+                        node: g.node.clone(),
+                        address: String::new(),
+                        port: 80,
+                        tags: Vec::new(),
+                        weights: (1, 1),
+                        meta: BTreeMap::new(),
+                    },
+                    Status::Passing,
+                ));
+                out.push(g);
+            }
+        }
+        self.add_many(items);
+        out
+    }
+
+    /// Starts a churn generator: `per_second` check flips spread evenly over
+    /// time, each target flipped in turn through a random permutation (so the
+    /// same target flips again only after all others have, every
+    /// `targets.len() / per_second` seconds). Each flip toggles the target's
+    /// check between passing and critical; targets must start passing. Flips
+    /// are applied in batches every [`CHURN_TICK`], each its own index bump, and
+    /// logged with the instant they became visible to the HTTP API. Runs on its
+    /// own thread, so the generator keeps its rate whatever the test runtime is
+    /// doing; stopped by [`Churn::stop`] or by dropping the handle.
+    pub fn start_churn(&self, targets: Vec<ChurnTarget>, per_second: u32) -> Churn {
+        use rand::seq::SliceRandom;
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let inner = self.inner.clone();
+        let (stop2, log2) = (stop.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            if targets.is_empty() || per_second == 0 {
+                return;
+            }
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            order.shuffle(&mut rand::rng());
+            let mut status = vec![Status::Passing; targets.len()];
+            let started = Instant::now();
+            let mut done: u64 = 0;
+            let mut next = 0usize;
+            while !stop2.load(Ordering::SeqCst) {
+                std::thread::sleep(CHURN_TICK);
+                let due = (started.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
+                let mut batch = Vec::new();
+                while done < due {
+                    let t = order[next];
+                    next = (next + 1) % order.len();
+                    status[t] = match status[t] {
+                        Status::Passing => Status::Critical,
+                        _ => Status::Passing,
+                    };
+                    batch.push((t, status[t]));
+                    done += 1;
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                inner.mutate(|st| {
+                    for &(t, s) in &batch {
+                        match &targets[t].check {
+                            ChurnCheck::Service(id) => st.set_service_check(id, s),
+                            ChurnCheck::Node(node) => st.set_node_check(node, "serfHealth", s),
+                        }
+                    }
+                });
+                let at = Instant::now();
+                lock(&log2).extend(batch.into_iter().map(|(t, s)| Flip {
+                    at,
+                    target: t,
+                    status: s,
+                }));
+            }
+        });
+        Churn {
+            stop,
+            log,
+            thread: Some(thread),
+        }
+    }
+
+    /// The index `/v1/health/state/<state>` returns now (last check write).
+    pub fn checks_index(&self) -> u64 {
+        self.inner.state().checks_index
+    }
+
     /// Creates a prepared query `name` (also reachable by its generated ID)
     /// over `service`, optionally restricted to `tag`, with `DNS.TTL` =
     /// `dns_ttl` (a Go duration such as `"10s"`; `None` = `""`, i.e. the DNS
@@ -365,6 +570,16 @@ impl ConsulSim {
     /// Highest number of HTTP connections open at the same time so far.
     pub fn max_concurrent_connections(&self) -> usize {
         self.inner.stats.max_connections.load(Ordering::SeqCst)
+    }
+
+    /// Restarts the peak count from the connections open now, so a test can bound one phase
+    /// (e.g. steady churn after a cold start).
+    pub fn reset_connection_peak(&self) {
+        let open = self.inner.stats.open_connections.load(Ordering::SeqCst);
+        self.inner
+            .stats
+            .max_connections
+            .store(open, Ordering::SeqCst);
     }
 
     /// HTTP connections open right now (a closed client connection is noticed

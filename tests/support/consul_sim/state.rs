@@ -7,7 +7,10 @@
 //!   `/v1/health/service/<name>` result last changed; a node change (address,
 //!   meta, node check) counts as a change of every service on that node;
 //! - the services table index (registrations/deregistrations) and nodes table
-//!   index serve `/v1/catalog/services` and `/v1/catalog/node/<node>`.
+//!   index serve `/v1/catalog/services` and `/v1/catalog/node/<node>`;
+//! - the checks table index (any check written or deleted, anywhere) is what
+//!   `/v1/health/state/<state>` returns, as Consul's `ChecksInState` does: under
+//!   churn it moves with every flip, whatever the state asked for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -53,6 +56,8 @@ pub(super) struct State {
     pub nodes_index: u64,
     /// Last registration/deregistration/modification of any service instance.
     pub services_index: u64,
+    /// Last write or deletion of any check (node or service).
+    pub checks_index: u64,
     pub nodes: BTreeMap<String, NodeRec>,
     /// Keyed by instance ID.
     pub services: BTreeMap<String, SvcRec>,
@@ -164,6 +169,7 @@ impl State {
             index: 1,
             nodes_index: 1,
             services_index: 1,
+            checks_index: 1,
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
             by_name: HashMap::new(),
@@ -218,6 +224,7 @@ impl State {
                 rec.modify = idx;
             }
             None => {
+                self.checks_index = idx;
                 let mut checks = BTreeMap::new();
                 checks.insert(
                     "serfHealth".to_string(),
@@ -253,6 +260,7 @@ impl State {
         );
         let idx = self.bump();
         self.services_index = idx;
+        self.checks_index = idx;
         let check_id = format!("service:{}", svc.id);
         let old = self.services.remove(&svc.id);
         if let Some(o) = &old {
@@ -299,6 +307,7 @@ impl State {
             self.unindex(&old.svc.service, id);
             let idx = self.bump();
             self.services_index = idx;
+            self.checks_index = idx;
             self.touch_service(&old.svc.service, idx);
         }
     }
@@ -312,6 +321,7 @@ impl State {
             return;
         }
         let idx = self.bump();
+        self.checks_index = idx;
         let rec = self.services.get_mut(id).expect("checked above");
         let name = rec.svc.service.clone();
         let check = rec.checks.entry(check_id.clone()).or_insert(CheckRec {
@@ -334,6 +344,7 @@ impl State {
             return;
         }
         let idx = self.bump();
+        self.checks_index = idx;
         let rec = self.nodes.get_mut(node).expect("checked above");
         let check = rec.checks.entry(check_id.to_string()).or_insert(CheckRec {
             name: check_name(check_id, None),
@@ -357,6 +368,96 @@ impl State {
             tag: tag.map(str::to_string),
             dns_ttl: ttl.map(str::to_string),
         });
+    }
+
+    /// Registers many instances as one write (one index bump, like a Consul
+    /// transaction): nodes new to the catalog are added with `serfHealth`
+    /// passing, without the per-node scan of [`State::add_node`], so ten
+    /// thousand instances take milliseconds, not minutes.
+    pub fn add_many(&mut self, items: Vec<(SimNode, SimService, Status)>) {
+        if items.is_empty() {
+            return;
+        }
+        let idx = self.bump();
+        self.nodes_index = idx;
+        self.services_index = idx;
+        self.checks_index = idx;
+        let mut changed_nodes = BTreeSet::new();
+        for (node, svc, status) in items {
+            match self.nodes.get_mut(&node.name) {
+                Some(rec) => {
+                    if rec.node.address != node.address || rec.node.meta != node.meta {
+                        changed_nodes.insert(node.name.clone());
+                        rec.node = node;
+                        rec.modify = idx;
+                    }
+                }
+                None => {
+                    let mut checks = BTreeMap::new();
+                    checks.insert(
+                        "serfHealth".to_string(),
+                        CheckRec {
+                            name: check_name("serfHealth", None),
+                            status: Status::Passing,
+                            notes: String::new(),
+                            create: idx,
+                            modify: idx,
+                        },
+                    );
+                    let name = node.name.clone();
+                    self.nodes.insert(
+                        name.clone(),
+                        NodeRec {
+                            id: uuid_from(&name),
+                            node,
+                            create: idx,
+                            modify: idx,
+                            checks,
+                        },
+                    );
+                }
+            }
+            assert!(
+                self.nodes.contains_key(&svc.node),
+                "consul_sim: add_many({}): its node {:?} is not in the batch or the catalog",
+                svc.id,
+                svc.node
+            );
+            if let Some(o) = self.services.remove(&svc.id) {
+                self.unindex(&o.svc.service, &o.svc.id);
+                self.touch_service(&o.svc.service, idx);
+            }
+            let check_id = format!("service:{}", svc.id);
+            let mut checks = BTreeMap::new();
+            checks.insert(
+                check_id.clone(),
+                CheckRec {
+                    name: check_name(&check_id, Some(&svc)),
+                    status,
+                    notes: String::new(),
+                    create: idx,
+                    modify: idx,
+                },
+            );
+            let name = svc.service.clone();
+            self.by_name
+                .entry(name.to_ascii_lowercase())
+                .or_default()
+                .insert(svc.id.clone());
+            self.services.insert(
+                svc.id.clone(),
+                SvcRec {
+                    svc,
+                    create: idx,
+                    modify: idx,
+                    checks,
+                },
+            );
+            self.touch_service(&name, idx);
+        }
+        for n in changed_nodes {
+            self.touch_services_on_node(&n, idx);
+        }
     }
 
     pub fn free_instance_id(&self, service: &str) -> String {
@@ -466,15 +567,15 @@ impl State {
         Value::Object(m)
     }
 
-    fn check_json(inst: &Instance<'_>, id: &str, c: &CheckRec, is_service: bool) -> Value {
-        let (sid, sname, stags) = if is_service {
-            let s = &inst.svc.svc;
-            (s.id.as_str(), s.service.as_str(), s.tags.clone())
-        } else {
-            ("", "", Vec::new())
+    /// One check as the health endpoints show it; `svc` is `None` for a node
+    /// check (empty `ServiceID`/`ServiceName`, as Consul).
+    fn check_json(node: &str, id: &str, c: &CheckRec, svc: Option<&SimService>) -> Value {
+        let (sid, sname, stags) = match svc {
+            Some(s) => (s.id.as_str(), s.service.as_str(), s.tags.clone()),
+            None => ("", "", Vec::new()),
         };
         json!({
-            "Node": inst.node.node.name,
+            "Node": node,
             "CheckID": id,
             "Name": c.name,
             "Status": c.status.as_str(),
@@ -488,11 +589,41 @@ impl State {
         })
     }
 
+    /// Body of `/v1/health/state/<state>`: every check (node and service) whose
+    /// status is `state` (`None` = `any`), ordered by node then check ID like
+    /// Consul's checks table.
+    pub fn health_state_json(&self, state: Option<Status>) -> Value {
+        let wanted = |c: &CheckRec| state.is_none_or(|s| c.status == s);
+        let mut rows: Vec<(&str, &str, Value)> = Vec::new();
+        for n in self.nodes.values() {
+            for (id, c) in n.checks.iter().filter(|(_, c)| wanted(c)) {
+                rows.push((
+                    &n.node.name,
+                    id,
+                    Self::check_json(&n.node.name, id, c, None),
+                ));
+            }
+        }
+        for s in self.services.values() {
+            for (id, c) in s.checks.iter().filter(|(_, c)| wanted(c)) {
+                rows.push((
+                    &s.svc.node,
+                    id,
+                    Self::check_json(&s.svc.node, id, c, Some(&s.svc)),
+                ));
+            }
+        }
+        rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        Value::Array(rows.into_iter().map(|(_, _, v)| v).collect())
+    }
+
     /// One `{Node, Service, Checks}` entry.
     pub fn entry_json(&self, inst: &Instance<'_>, null_tags: bool) -> Value {
         let checks: Vec<Value> = inst
             .checks()
-            .map(|(id, c, is_svc)| Self::check_json(inst, id, c, is_svc))
+            .map(|(id, c, is_svc)| {
+                Self::check_json(&inst.node.node.name, id, c, is_svc.then_some(&inst.svc.svc))
+            })
             .collect();
         json!({
             "Node": self.node_json(inst.node),

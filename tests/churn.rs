@@ -1,0 +1,340 @@
+//! Health churn at scale (issue 8): with thousands of services, most of them beyond the
+//! blocking-query budget, a steady stream of check flips across the catalog reaches every
+//! view within 2 s, over a bounded number of connections to Consul, while other queries keep
+//! being answered.
+//!
+//! Every service TTL is 60 s here, so a view refreshed on its TTL could not pass: only the
+//! change feed (`/v1/health/state/critical|warning`, see `src/consul/watch.rs`) can.
+//!
+//! The debug run uses a smaller catalog; `scripts/test.sh` runs the large variant in release
+//! mode with `--ignored`.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, GridInstance, Status};
+use support::upstream::TestUpstream;
+use support::*;
+
+/// The bound the issue sets between a flip and the answer that shows it.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
+
+/// How long a probe polls one flip before calling it missed: generous, so a slow flip is
+/// measured (and then fails the bound) rather than cut off.
+const PROBE_LIMIT: Duration = Duration::from_secs(4);
+
+/// Concurrent probes, each following one recent flip at a time.
+const PROBES: usize = 8;
+
+/// One instance in ten flips through its node's `serfHealth` check (a node check, which Consul
+/// reports with an empty `ServiceID`), the others through their own service check.
+const NODE_CHECK_EVERY: usize = 10;
+
+struct Scale {
+    services: u32,
+    per_service: u32,
+    flips_per_second: u32,
+    churn_for: Duration,
+}
+
+fn conf(up: &TestUpstream, sim: &ConsulSim) -> String {
+    format!(
+        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\n\
+         [consul.service_ttl]\n\"*\" = \"60s\"\n",
+        up.addr,
+        sim.http_url()
+    )
+}
+
+fn fqdn(service: &str) -> String {
+    format!("{service}.service.consul.")
+}
+
+/// Asks every name once, a few hundred in flight at a time; returns how many answers were not
+/// NOERROR with `per_service` addresses.
+async fn ask_all(addr: SocketAddr, names: &[String], per_service: usize) -> usize {
+    let mut tasks = Vec::new();
+    for chunk in names.chunks(names.len().div_ceil(200).max(1)) {
+        let chunk = chunk.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut bad = 0;
+            for name in chunk {
+                let r = ask(addr, &name, RecordType::A).await;
+                if r.metadata.response_code != ResponseCode::NoError
+                    || addresses(&r).len() != per_service
+                {
+                    bad += 1;
+                }
+            }
+            bad
+        }));
+    }
+    let mut bad = 0;
+    for t in tasks {
+        bad += t.await.expect("join");
+    }
+    bad
+}
+
+/// What one probe saw of one flip.
+struct Sample {
+    delay: Option<Duration>,
+    servfail: usize,
+}
+
+/// Follows the most recent flip, unless this probe followed it already, until the answer for
+/// its service shows it (the instance gone when critical, back when passing).
+async fn probe_one(
+    addr: SocketAddr,
+    churn: &support::consul_sim::Churn,
+    targets: &[ChurnTarget],
+    grid: &[GridInstance],
+    previous: &mut Option<(usize, Instant)>,
+) -> Option<Sample> {
+    let flip = churn.latest()?;
+    if *previous == Some((flip.target, flip.at)) {
+        return None;
+    }
+    *previous = Some((flip.target, flip.at));
+    let target = &targets[flip.target];
+    let want_present = flip.status == Status::Passing;
+    let address = &grid[flip.target].address;
+    let name = fqdn(&target.service);
+    let mut servfail = 0;
+    loop {
+        let r = ask(addr, &name, RecordType::A).await;
+        let seen_at = Instant::now();
+        if r.metadata.response_code == ResponseCode::ServFail {
+            servfail += 1;
+        } else if addresses(&r).contains(address) == want_present {
+            return Some(Sample {
+                delay: Some(seen_at.saturating_duration_since(flip.at)),
+                servfail,
+            });
+        }
+        if flip.at.elapsed() > PROBE_LIMIT {
+            return Some(Sample {
+                delay: None,
+                servfail,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+async fn churn_run(scale: Scale) {
+    let Scale {
+        services,
+        per_service,
+        flips_per_second,
+        churn_for,
+    } = scale;
+    let sim = ConsulSim::start().await;
+    let grid = sim.add_grid("s", services, per_service);
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&conf(&up, &sim)).await;
+    let budget = 32; // consul.max_connections' default
+
+    // Every name asked twice: after the first ask a view keeps no connection; the second makes
+    // it want a blocking watch, which only a few dozen get (the budget). The rest refresh on
+    // their TTL (60 s here) or when the change feed names them.
+    let mut names: Vec<String> = (0..services).map(|s| fqdn(&format!("s{s}"))).collect();
+    names.dedup();
+    let started = Instant::now();
+    assert_eq!(ask_all(fwd.addr, &names, per_service as usize).await, 0);
+    assert_eq!(ask_all(fwd.addr, &names, per_service as usize).await, 0);
+    println!(
+        "{services} services x {per_service} instances asked twice in {:?}",
+        started.elapsed()
+    );
+    // Let the refreshes that the second round started settle before the churn.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The bound is checked over the churn. A cold start of thousands of names can briefly
+    // exceed it through hyper's pool (the known gap in src/consul/client.rs); printed only.
+    let cold_start_peak = sim.max_concurrent_connections();
+    sim.reset_connection_peak();
+
+    // Each target is one instance; the permutation of the generator flips each one again only
+    // after all others, every targets/rate seconds (more than PROBE_LIMIT here).
+    let targets: Vec<ChurnTarget> = grid
+        .iter()
+        .enumerate()
+        .map(|(k, g)| ChurnTarget {
+            service: g.service.clone(),
+            check: if k % NODE_CHECK_EVERY == 0 {
+                ChurnCheck::Node(g.node.clone())
+            } else {
+                ChurnCheck::Service(g.id.clone())
+            },
+        })
+        .collect();
+    let cycle = Duration::from_secs_f64(targets.len() as f64 / f64::from(flips_per_second));
+    assert!(
+        cycle > PROBE_LIMIT,
+        "a target must not flip back while probed"
+    );
+    let targets = Arc::new(targets);
+    let grid = Arc::new(grid);
+    let churn = Arc::new(sim.start_churn(targets.to_vec(), flips_per_second));
+
+    // A steady name answered all along: query answering must not starve under the churn.
+    let steady_addr = fwd.addr;
+    let steady_until = Instant::now() + churn_for;
+    let steady = tokio::spawn(async move {
+        let mut took = Vec::new();
+        let mut servfail = 0;
+        while Instant::now() < steady_until {
+            let t = Instant::now();
+            let r = ask(steady_addr, "s0.service.consul.", RecordType::A).await;
+            took.push(t.elapsed());
+            if r.metadata.response_code == ResponseCode::ServFail {
+                servfail += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (took, servfail)
+    });
+
+    let mut probes = Vec::new();
+    for _ in 0..PROBES {
+        let (churn, targets, grid) = (churn.clone(), targets.clone(), grid.clone());
+        let addr = fwd.addr;
+        let until = Instant::now() + churn_for;
+        probes.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut previous = None;
+            while Instant::now() < until {
+                match probe_one(addr, &churn, &targets, &grid, &mut previous).await {
+                    Some(s) => samples.push(s),
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            samples
+        }));
+    }
+    let mut samples = Vec::new();
+    for p in probes {
+        samples.extend(p.await.expect("join"));
+    }
+    let (steady_took, steady_servfail) = steady.await.expect("join");
+    let flips = Arc::try_unwrap(churn).ok().expect("probes are done").stop();
+    let flip_rate = match (flips.first(), flips.last()) {
+        (Some(a), Some(b)) if b.at > a.at => flips.len() as f64 / (b.at - a.at).as_secs_f64(),
+        _ => 0.0,
+    };
+
+    // After the churn, every view matches the catalog (nothing missed, not just the probed).
+    let mut last: HashMap<usize, Status> = HashMap::new();
+    for f in &flips {
+        last.insert(f.target, f.status);
+    }
+    tokio::time::sleep(VISIBLE_WITHIN).await;
+    let mut expected: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (k, g) in grid.iter().enumerate() {
+        let entry = expected.entry(g.service.as_str()).or_default();
+        if last.get(&k).copied().unwrap_or(Status::Passing) == Status::Passing {
+            entry.push(g.address.as_str());
+        }
+    }
+    let mut stale_views = 0;
+    for (service, want) in &expected {
+        let r = ask(fwd.addr, &fqdn(service), RecordType::A).await;
+        let mut got = addresses(&r);
+        got.sort();
+        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        if got != want {
+            stale_views += 1;
+        }
+    }
+
+    let peak = sim.max_concurrent_connections();
+    let servfail: usize = samples.iter().map(|s| s.servfail).sum::<usize>() + steady_servfail;
+    let mut delays: Vec<Duration> = samples.iter().filter_map(|s| s.delay).collect();
+    delays.sort();
+    let missed = samples.len() - delays.len();
+    let mut steady_sorted = steady_took.clone();
+    steady_sorted.sort();
+    println!(
+        "{} flips ({flip_rate:.0}/s); {} probed: flip -> answer p50 {:?} p99 {:?} \
+         max {:?}, {missed} not seen within {PROBE_LIMIT:?}; {stale_views} of {} views stale \
+         after the churn; steady query p50 {:?} p99 {:?} max {:?} ({} queries); peak {peak} \
+         connections during the churn (budget {budget}, {cold_start_peak} in the cold start); {servfail} SERVFAIL; {} requests to /v1/health/service, \
+         {} to /v1/health/state",
+        flips.len(),
+        samples.len(),
+        percentile(&delays, 0.5),
+        percentile(&delays, 0.99),
+        delays.last().copied().unwrap_or_default(),
+        expected.len(),
+        percentile(&steady_sorted, 0.5),
+        percentile(&steady_sorted, 0.99),
+        steady_sorted.last().copied().unwrap_or_default(),
+        steady_took.len(),
+        sim.requests("/v1/health/service/"),
+        sim.requests("/v1/health/state/"),
+    );
+    assert!(
+        flip_rate > f64::from(flips_per_second) * 0.8,
+        "the generator kept its rate: {flip_rate:.0}/s"
+    );
+    assert!(
+        samples.len() >= 20,
+        "enough flips probed: {}",
+        samples.len()
+    );
+    assert_eq!(missed, 0, "every probed flip became visible");
+    let slow: Vec<&Duration> = delays.iter().filter(|d| **d > VISIBLE_WITHIN).collect();
+    assert!(
+        slow.is_empty(),
+        "flips visible within {VISIBLE_WITHIN:?}: {} were not ({slow:?})",
+        slow.len()
+    );
+    assert_eq!(
+        stale_views, 0,
+        "every view follows the catalog after the churn"
+    );
+    assert_eq!(servfail, 0, "no SERVFAIL under churn");
+    assert!(
+        peak <= budget,
+        "{peak} connections to Consul (budget {budget})"
+    );
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_flips_reach_every_view_within_two_seconds() {
+    churn_run(Scale {
+        services: 1_000,
+        per_service: 5,
+        flips_per_second: 1_000,
+        churn_for: Duration::from_secs(6),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by scripts/test.sh in release mode"]
+async fn health_flips_at_scale_reach_every_view_within_two_seconds() {
+    churn_run(Scale {
+        services: 10_000,
+        per_service: 5,
+        flips_per_second: 1_000,
+        churn_for: Duration::from_secs(10),
+    })
+    .await;
+}

@@ -179,10 +179,13 @@ pub(super) async fn accept_loop(
                 let done = done.clone();
                 tokio::spawn(async move {
                     let _done = done;
-                    let _guard = guard;
+                    let conn = CountedStream {
+                        _count: guard,
+                        stream,
+                    };
                     tokio::select! {
                         _ = cancel.cancelled() => {}
-                        _ = serve_conn(&inner, stream) => {}
+                        _ = serve_conn(&inner, conn) => {}
                     }
                 });
             }
@@ -192,11 +195,22 @@ pub(super) async fn accept_loop(
     }
 }
 
-async fn serve_conn(inner: &Arc<Inner>, mut stream: TcpStream) {
+/// A connection and its place in the count. Fields drop in declaration order: the count goes
+/// down before the socket closes. A client learns of the close from our FIN and may connect
+/// again at once; counting the old connection until after the FIN would count both at the same
+/// moment, which no client can avoid (it cannot see our counter), so the peak would not be the
+/// client's doing.
+struct CountedStream {
+    _count: ConnGuard,
+    stream: TcpStream,
+}
+
+async fn serve_conn(inner: &Arc<Inner>, mut conn: CountedStream) {
+    let stream = &mut conn.stream;
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(4096);
     loop {
-        let req = match read_request(&mut stream, &mut buf).await {
+        let req = match read_request(stream, &mut buf).await {
             Ok(r) => r,
             Err(Some(resp)) => {
                 let _ = stream.write_all(&resp.encode(false, false)).await;
@@ -206,7 +220,7 @@ async fn serve_conn(inner: &Arc<Inner>, mut stream: TcpStream) {
         };
         record(inner, &req);
         if inner.hang.load(Ordering::SeqCst) {
-            wait_for_close(&mut stream, &mut buf).await;
+            wait_for_close(stream, &mut buf).await;
             return;
         }
         let resp = if inner.fail.load(Ordering::SeqCst) {
@@ -215,7 +229,7 @@ async fn serve_conn(inner: &Arc<Inner>, mut stream: TcpStream) {
             tokio::select! {
                 r = handle(inner, &req) => r,
                 // The client gave up on a held request: drop it, like Consul does.
-                _ = wait_for_close(&mut stream, &mut buf) => return,
+                _ = wait_for_close(stream, &mut buf) => return,
             }
         };
         let bytes = resp.encode(req.keep_alive, req.method == "HEAD");

@@ -39,12 +39,15 @@ pub struct TtlPolicy {
     pub stale_for: Duration,
 }
 
-/// What an entry costs beyond its bytes: the struct behind its `Arc`, allocator headers and the
-/// map's slot. Used for the byte bound, so it errs on the high side.
-const ENTRY_OVERHEAD: usize = 128;
+/// What an entry costs beyond its bytes: the map's slot (the struct is held inline), the `Arc`
+/// counts and allocator header of the bytes. Used for the byte bound, so it errs on the high side.
+const ENTRY_OVERHEAD: usize = 112;
 
 /// A stored answer. Record TTLs are the clamped ones at `stored_at`.
-#[derive(Debug)]
+///
+/// Cheap to clone (the bytes are shared), and held in the map by value: one allocation per
+/// entry (the bytes), not two (an `Arc` of the struct, then the bytes).
+#[derive(Clone, Debug)]
 pub struct CachedAnswer {
     pub rcode: ResponseCode,
     pub stored_at: Instant,
@@ -59,7 +62,7 @@ pub struct CachedAnswer {
     /// The question (name lowercased) followed by the records, exactly as they follow a 12-byte
     /// header in a reply: names in the records may point into the question, so a reply must put
     /// the (same-length) question at the same place.
-    wire: Box<[u8]>,
+    wire: Arc<[u8]>,
 }
 
 /// The question in wire format, as the cache keys it: the name (already lowercased in a
@@ -314,7 +317,7 @@ pub enum FetchError {
 
 /// The result of a fetch: the entry, and whether it came from a new upstream answer that is not
 /// cacheable (then it is served once, uncached).
-pub type FetchResult = Result<Arc<CachedAnswer>, FetchError>;
+pub type FetchResult = Result<CachedAnswer, FetchError>;
 
 type SharedFetch = Shared<BoxFuture<'static, FetchResult>>;
 
@@ -332,9 +335,9 @@ impl Drop for InflightGuard {
 
 /// What the cache holds for a key right now.
 pub enum Lookup {
-    Fresh(Arc<CachedAnswer>),
+    Fresh(CachedAnswer),
     /// Expired but within `stale_for`: refresh, and serve this if the refresh fails.
-    Expired(Arc<CachedAnswer>),
+    Expired(CachedAnswer),
     Miss,
 }
 
@@ -344,8 +347,8 @@ struct Weigh {
     floor: u64,
 }
 
-impl quick_cache::Weighter<u64, Arc<CachedAnswer>> for Weigh {
-    fn weight(&self, _key: &u64, value: &Arc<CachedAnswer>) -> u64 {
+impl quick_cache::Weighter<u64, CachedAnswer> for Weigh {
+    fn weight(&self, _key: &u64, value: &CachedAnswer) -> u64 {
         u64::from(value.approx_bytes()).max(self.floor)
     }
 }
@@ -354,17 +357,17 @@ impl quick_cache::Weighter<u64, Arc<CachedAnswer>> for Weigh {
 #[derive(Clone)]
 struct Evictions(Option<prometheus::IntCounter>);
 
-impl quick_cache::Lifecycle<u64, Arc<CachedAnswer>> for Evictions {
+impl quick_cache::Lifecycle<u64, CachedAnswer> for Evictions {
     type RequestState = ();
 
-    fn on_evict(&self, _state: &mut (), _key: u64, _value: Arc<CachedAnswer>) {
+    fn on_evict(&self, _state: &mut (), _key: u64, _value: CachedAnswer) {
         if let Some(counter) = &self.0 {
             counter.inc();
         }
     }
 }
 
-type Map = quick_cache::sync::Cache<u64, Arc<CachedAnswer>, Weigh, RandomState, Evictions>;
+type Map = quick_cache::sync::Cache<u64, CachedAnswer, Weigh, RandomState, Evictions>;
 
 /// The cache. Cheap to clone (shared state).
 ///
@@ -443,7 +446,7 @@ impl Cache {
             }
             Some(_) => {
                 // Past its stale window: gone for good (unless refreshed meanwhile).
-                self.entries.remove_if(&hash, |e: &Arc<CachedAnswer>| {
+                self.entries.remove_if(&hash, |e: &CachedAnswer| {
                     now.saturating_duration_since(e.stored_at)
                         >= e.ttl().saturating_add(self.policy.stale_for)
                 });
@@ -457,7 +460,7 @@ impl Cache {
         self.entries.len() as u64
     }
 
-    fn store(&self, entry: Arc<CachedAnswer>) {
+    fn store(&self, entry: CachedAnswer) {
         let hash = self.hasher.hash_one(entry.question());
         self.entries.insert(hash, entry);
     }
@@ -491,12 +494,8 @@ impl Cache {
                         key: task_key,
                     };
                     let msg = upstream.await?;
-                    let entry = Arc::new(CachedAnswer::from_message(
-                        &question,
-                        &msg,
-                        &cache.policy,
-                        Instant::now(),
-                    )?);
+                    let entry =
+                        CachedAnswer::from_message(&question, &msg, &cache.policy, Instant::now())?;
                     if entry.cacheable {
                         cache.store(entry.clone());
                     }
@@ -695,7 +694,7 @@ mod tests {
     fn lookups_check_the_question_and_drop_entries_past_their_stale_window() {
         let cache = Cache::new(100, policy(), None);
         let now = Instant::now();
-        let e = Arc::new(store(&reply(ResponseCode::NoError, &[10], None), now).expect("ok"));
+        let e = store(&reply(ResponseCode::NoError, &[10], None), now).expect("ok");
         cache.store(e);
         assert!(matches!(cache.lookup(&question(), now), Lookup::Fresh(_)));
         let mut other = question();
@@ -729,7 +728,7 @@ mod tests {
                 now,
             )
             .expect("ok");
-            cache.store(Arc::new(e));
+            cache.store(e);
         }
         assert!(
             cache.entry_count() < 1_000,

@@ -26,13 +26,23 @@
 #   mix-10pct-miss  90% h*.test A, 10% unique <n>.miss.test A (cache misses)
 #   hits-half-rate  fwd-hits at half of ours-http's fwd-hits queries/s (dnsperf -Q): latency
 #   fill-100k       100,000 unique names once each, then peak RSS (issue 6's memory target)
+#   large-service   issue 8: big.service.consul (5,000 instances) and small.service.consul (3), A,
+#                   each without EDNS (512-byte replies) and with EDNS 1232: four runs,
+#                   large-5000-udp512 large-3-udp512 large-5000-edns1232 large-3-edns1232 (each
+#                   can also be named alone); CPU per answer 5000 / 3 (target <= 2x)
+#   many-services   issue 8: 10,000 services x 10 instances, all 10,000 names round robin;
+#                   Consul requests, peak connections to the simulator, RSS (target <= 64 MiB)
+#   The issue 8 scenarios get a simulator of their own per run (started before the contender,
+#   stopped after it), so its counters (peak connections) belong to that run alone. Like a real
+#   agent, its DNS port has udp_answer_limit 3 and its nodes carry consul-network-segment meta.
 #
 # Environment: BENCH_DURATION (s per run, default 10), BENCH_ROUNDS (default 3: every scenario is
 # run this many times per contender, contenders interleaved, and medians reported), BENCH_CONTENDERS, BENCH_SCENARIOS,
 # BENCH_SERVER_CPU, BENCH_CLIENT_CPU, BENCH_CLIENTS (dnsperf -c, default 10), BENCH_OUTSTANDING
 # (dnsperf -q, default 100), BENCH_HALF_RATE (queries/s for hits-half-rate when ours-http's
 # fwd-hits is not run), BENCH_PORT_BASE (default 25300; uses 3 ports), BENCH_OUT (result folder),
-# BENCH_PERF=1 (after the table: perf profiles of ours-http in consul, fwd-hits and fill-100k).
+# BENCH_PERF=1 (after the table: perf profiles of ours-http in consul, fwd-hits and fill-100k),
+# BENCH_MANY_PASSES (many-services: passes over the 10,000 names, default 10).
 #
 # Output: the table on stdout and in $BENCH_OUT/results.md, raw numbers in results.tsv, dnsperf
 # summaries and logs beside them. This is a benchmark, not a test: it is not part of
@@ -45,7 +55,9 @@ DURATION=${BENCH_DURATION:-10}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 CONTENDERS=${BENCH_CONTENDERS:-"ours-http ours-dns dnsmasq unbound"}
-SCENARIOS=${BENCH_SCENARIOS:-"consul fwd-hits mix-10pct-miss hits-half-rate fill-100k"}
+# large-service is not in the default list: its 16 runs per round add about 10 minutes (3 rounds),
+# most of them dnsmasq and unbound waiting for the simulator (see docs/benchmarks.md).
+SCENARIOS=${BENCH_SCENARIOS:-"consul fwd-hits mix-10pct-miss hits-half-rate fill-100k many-services"}
 CLIENTS=${BENCH_CLIENTS:-10}
 OUTSTANDING=${BENCH_OUTSTANDING:-100}
 PORT_BASE=${BENCH_PORT_BASE:-25300}
@@ -55,6 +67,15 @@ SERVICES=20
 INSTANCES=3
 FWD_NAMES=100
 FILL_NAMES=100000
+# Issue 8's scenarios.
+LARGE_INSTANCES=5000
+SMALL_INSTANCES=3
+MANY_SERVICES=10000
+MANY_INSTANCES=10
+# many-services: passes over the 10,000 names (the first one starts every watcher).
+MANY_PASSES=${BENCH_MANY_PASSES:-10}
+# A real agent's dns_config.udp_answer_limit default: what dnsmasq and unbound get from Consul.
+CONSUL_UDP_ANSWER_LIMIT=3
 # Lines in the mix file: enough for this many queries/s over the whole run without repeating a
 # unique name (dnsperf runs through it once).
 MIX_RATE_CAP=${BENCH_MIX_RATE_CAP:-200000}
@@ -85,7 +106,7 @@ if ((${#need[@]})); then
   timeout 600 apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 export PATH=$PATH:/usr/sbin:/sbin
-for t in dnsperf dnsmasq unbound dig taskset getconf; do
+for t in dnsperf dnsmasq unbound dig taskset getconf python3; do
   command -v "$t" >/dev/null 2>&1 || die "$t not found"
 done
 CPUS=$(getconf _NPROCESSORS_ONLN)
@@ -189,22 +210,46 @@ PIDS+=("$UP_PID")
 wait_dns "$UP_PORT" h1.test || die "upstream unbound did not start: $(cat "$W/upstream.log")"
 
 # ---------------------------------------------------------------- Consul simulator
-taskset -c "$CLIENT_CPU" "$SIM_BIN" --services "$SERVICES" --instances "$INSTANCES" \
-  --addr-file "$W/sim.addr" --stats-file "$W/sim.stats" --max-seconds 7200 >"$W/sim.log" 2>&1 &
-SIM_PID=$!
-PIDS+=("$SIM_PID")
-for ((i = 0; i < 100; i++)); do
-  [[ -s $W/sim.addr ]] && break
-  sleep 0.1
-done
-[[ -s $W/sim.addr ]] || die "simulator did not start: $(cat "$W/sim.log")"
-SIM_HTTP=$(sed -n 's/^http=//p' "$W/sim.addr")
-SIM_DNS=$(sed -n 's/^dns=//p' "$W/sim.addr")
-SIM_DNS_PORT=${SIM_DNS##*:}
-sim_stat() { # http_requests | dns_queries
+# One simulator at a time: the shared one (svc00..svc19) for the issue 6 scenarios, or one per
+# run for the issue 8 scenarios (start_sim large|many), which restores the shared one after.
+SIM_PID=
+SIM_KIND=
+start_sim() { # kind: shared | large | many
+  local args=()
+  case $1 in
+  shared) args=(--services "$SERVICES" --instances "$INSTANCES") ;;
+  large) args=(--services 0 --large-service "big=$LARGE_INSTANCES" --large-service "small=$SMALL_INSTANCES") ;;
+  many) args=(--services "$MANY_SERVICES" --instances "$MANY_INSTANCES") ;;
+  *) die "unknown simulator $1" ;;
+  esac
+  # Issue 8's catalogs look like a real agent's: Consul's default udp_answer_limit, and the
+  # node meta every agent registers (the forwarder used to copy it into every instance).
+  [[ $1 == shared ]] || args+=(--dns-udp-answer-limit "$CONSUL_UDP_ANSWER_LIMIT" --node-meta consul-network-segment=)
+  rm -f "$W/sim.addr" "$W/sim.stats"
+  taskset -c "$CLIENT_CPU" "$SIM_BIN" "${args[@]}" \
+    --addr-file "$W/sim.addr" --stats-file "$W/sim.stats" --max-seconds 7200 >"$W/sim.log" 2>&1 &
+  SIM_PID=$!
+  SIM_KIND=$1
+  PIDS+=("$SIM_PID")
+  for ((i = 0; i < 300; i++)); do
+    [[ -s $W/sim.addr && -s $W/sim.stats ]] && break
+    sleep 0.1
+  done
+  [[ -s $W/sim.addr ]] || die "simulator did not start: $(cat "$W/sim.log")"
+  SIM_HTTP=$(sed -n 's/^http=//p' "$W/sim.addr")
+  SIM_DNS=$(sed -n 's/^dns=//p' "$W/sim.addr")
+  SIM_DNS_PORT=${SIM_DNS##*:}
+  # dnsmasq's and unbound's files name the simulator's DNS port.
+  write_configs
+}
+use_sim() { # kind: (re)starts the simulator unless it is already this shared one
+  [[ $1 == shared && $SIM_KIND == shared ]] && return 0
+  [[ -n $SIM_PID ]] && stop_pid "$SIM_PID"
+  start_sim "$1"
+}
+sim_stat() { # http_requests | dns_queries | max_connections | open_connections
   awk -v k="$1" '$1 == k {print $2}' "$W/sim.stats" 2>/dev/null || echo 0
 }
-log "upstream 127.0.0.1:$UP_PORT, Consul simulator $SIM_HTTP and DNS $SIM_DNS"
 
 # ---------------------------------------------------------------- query files
 for ((i = 0; i < SERVICES; i++)); do printf 'svc%02d.service.consul A\n' "$i"; done >"$W/q-consul.txt"
@@ -217,6 +262,23 @@ awk -v n=$((DURATION * MIX_RATE_CAP)) -v names=$FWD_NAMES 'BEGIN {
   }
 }' >"$W/q-mix.txt"
 awk -v n=$FILL_NAMES 'BEGIN { for (i = 0; i < n; i++) printf "f%d.miss.test A\n", i }' >"$W/q-fill.txt"
+echo "big.service.consul A" >"$W/q-big.txt"
+echo "small.service.consul A" >"$W/q-small.txt"
+for ((i = 0; i < MANY_SERVICES; i++)); do printf 'svc%02d.service.consul A\n' "$i"; done >"$W/q-many.txt"
+# dnsperf -e offers 4096 bytes; EDNS 1232 (the DNS flag day size) needs the query as bytes
+# (dnsperf -B: each message preceded by its 2-byte length, as over TCP).
+edns_query() { # name size file
+  python3 - "$@" <<'PY'
+import struct, sys
+name, size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+qname = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+msg = struct.pack(">HHHHHH", 0, 0x0100, 1, 0, 0, 1) + qname + struct.pack(">HH", 1, 1)
+msg += b"\0" + struct.pack(">HHIH", 41, size, 0, 0)  # OPT: root owner, UDP size, no flags
+open(out, "wb").write(struct.pack(">H", len(msg)) + msg)
+PY
+}
+edns_query big.service.consul 1232 "$W/q-big-edns.bin"
+edns_query small.service.consul 1232 "$W/q-small-edns.bin"
 
 # ---------------------------------------------------------------- contenders
 write_configs() {
@@ -272,7 +334,8 @@ forward-zone:
 EOF
   unbound-checkconf "$W/unbound.conf" >/dev/null || die "unbound config rejected"
 }
-write_configs
+start_sim shared
+log "upstream 127.0.0.1:$UP_PORT, Consul simulator $SIM_HTTP and DNS $SIM_DNS"
 
 CPID=
 start_contender() { # name
@@ -297,13 +360,31 @@ start_contender() { # name
   PIDS+=("$CPID")
   # A name of the upstream zone that no scenario asks for.
   wait_dns "$PORT" ready.miss.test || die "$1 did not start: $(cat "$W/$1.log")"
+  # Whoever answered must be this contender (a process started since the port check could hold
+  # the port, and the contender would have exited on the bind error).
+  kill -0 "$CPID" 2>/dev/null || die "$1 exited at start (port $PORT taken?): $(cat "$W/$1.log")"
 }
 
 # ---------------------------------------------------------------- one run
 COLUMNS_TSV='scenario\tcontender\tqps\tsent\tcompleted\tlost\tavg_ms\tp99_ms\tnoerror_pct\tcpu_us_per_q\thelpers_cpu_us_per_q\tpeak_rss_mib\tconsul_http\tconsul_dns\tconsul_per_mq\tcached'
+# Added for issue 8, after the columns above (and, in results.tsv, after the min/max/rounds ones).
+COLUMNS_TSV8='servfail\tsim_max_connections\trss_end_mib\tprobe\tother_rcodes'
 RUNS=$OUT/runs.tsv # one row per run
 TSV=$OUT/results.tsv # one row per scenario and contender: medians over the rounds
-printf "round\t%b\n" "$COLUMNS_TSV" >"$RUNS"
+printf "round\t%b\t%b\n" "$COLUMNS_TSV" "$COLUMNS_TSV8" >"$RUNS"
+
+# What one question gets from the contender, as dig sees it: "RCODE tc=0|1 an=N sizeB" (or
+# "timeout"). Also the warm-up of the issue 8 runs (a first fetch is not steady state).
+probe() { # name dig-options...
+  local name=$1 out
+  shift
+  out=$(dig +tries=1 +time=10 +ignore "$@" @127.0.0.1 -p "$PORT" "$name" A 2>/dev/null) || true
+  awk '
+    /status:/ {st = $6; sub(",", "", st)}
+    /^;; flags:/ {tc = ($0 ~ / tc[ ;]/) ? 1 : 0; for (i = 1; i <= NF; i++) if ($i == "ANSWER:") {an = $(i + 1); sub(",", "", an)}}
+    /MSG SIZE/ {size = $NF}
+    END {if (st == "") print "timeout"; else printf "%s tc=%d an=%d %dB\n", st, tc, an, size}' <<<"$out"
+}
 
 run_one() { # scenario contender round
   local sc=$1 ct=$2 round=$3 file args=() limit=$DURATION
@@ -323,10 +404,39 @@ run_one() { # scenario contender round
     args=(-n 1)
     limit=120
     ;;
+  large-5000-udp512) file=$W/q-big.txt ;;
+  large-3-udp512) file=$W/q-small.txt ;;
+  large-5000-edns1232)
+    file=$W/q-big-edns.bin
+    args=(-B)
+    ;;
+  large-3-edns1232)
+    file=$W/q-small-edns.bin
+    args=(-B)
+    ;;
+  many-services)
+    # Whole passes over the names, however slow the machine: the memory figure is for every
+    # service watched.
+    file=$W/q-many.txt
+    args=(-n "$MANY_PASSES")
+    limit=120
+    ;;
   *) die "unknown scenario $sc" ;;
   esac
+  case $sc in
+  large-*) use_sim large ;;
+  many-services) use_sim many ;;
+  *) use_sim shared ;;
+  esac
   start_contender "$ct"
-  local h0 d0 c0 s0 u0 h1 d1 c1 s1 u1 rss cached=""
+  local h0 d0 c0 s0 u0 h1 d1 c1 s1 u1 rss rss_end cached="" probed="-" name
+  case $sc in
+  large-*)
+    name=big.service.consul
+    [[ $sc == large-3-* ]] && name=small.service.consul
+    if [[ $sc == *-udp512 ]]; then probed=$(probe "$name" +noedns); else probed=$(probe "$name" +edns=0 +bufsize=1232); fi
+    ;;
+  esac
   sleep 0.3
   h0=$(sim_stat http_requests)
   d0=$(sim_stat dns_queries)
@@ -344,40 +454,57 @@ run_one() { # scenario contender round
   h1=$(sim_stat http_requests)
   d1=$(sim_stat dns_queries)
   rss=$(peak_rss_kb "$CPID")
+  rss_end=$(awk '/^VmRSS:/{print $2}' "/proc/$CPID/status" 2>/dev/null || echo 0)
   if [[ $ct == ours-* ]] && command -v curl >/dev/null 2>&1; then
-    cached=$(curl -s --max-time 2 "http://127.0.0.1:$METRICS_PORT/metrics" |
-      awk '$1 == "consul_dns_forwarder_cache_entries" {print $2}' || true)
+    curl -s --max-time 2 "http://127.0.0.1:$METRICS_PORT/metrics" >"$W/metrics.txt" || true
+    cached=$(awk '$1 == "consul_dns_forwarder_cache_entries" {print $2}' "$W/metrics.txt")
+    if [[ $sc == many-services && $ct == ours-http ]]; then
+      probed="watchers=$(awk '$1 == "consul_dns_forwarder_consul_watchers" {print $2}' "$W/metrics.txt")"
+    fi
   fi
   stop_pid "$CPID"
+  local max_conn
+  max_conn=$(sim_stat max_connections)
+  # A per-run simulator goes with its run: its backlog (dnsmasq's and unbound's questions) must
+  # not eat into the next run's CPU.
+  [[ $SIM_KIND == shared ]] || stop_pid "$SIM_PID"
   grep -v '^> ' "$raw" >"$sum" || true
   local p99
   p99=$(awk '$1 == ">" && NF == 5 && $5 ~ /^[0-9.]+$/ {print $5}' "$raw" | sort -n |
     awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else {i = int(NR * 0.99); if (i < NR * 0.99) i++; if (i < 1) i = 1; printf "%.3f", v[i] * 1000}}')
   rm -f "$raw"
   awk -v round="$round" -v sc="$sc" -v ct="$ct" -v hz="$HZ" -v cpu=$((c1 - c0)) -v helpers=$((s1 - s0 + u1 - u0)) \
-    -v rss="$rss" -v http=$((h1 - h0)) -v dns=$((d1 - d0)) -v p99="$p99" -v cached="$cached" '
+    -v rss="$rss" -v http=$((h1 - h0)) -v dns=$((d1 - d0)) -v p99="$p99" -v cached="$cached" \
+    -v max_conn="${max_conn:-0}" -v rss_end="${rss_end:-0}" -v probed="$probed" '
     /Queries sent:/ {sent = $3}
     /Queries completed:/ {done = $3}
     /Queries lost:/ {lost = $3}
     /Queries per second:/ {qps = $4}
     /Average Latency/ {avg = $4 * 1000}
-    /Response codes:/ {for (i = 3; i <= NF; i += 3) if ($i == "NOERROR") noerr = $(i + 1)}
+    /Response codes:/ {
+      for (i = 3; i <= NF; i += 3) {
+        if ($i == "NOERROR") noerr = $(i + 1)
+        if ($i == "SERVFAIL") servfail = $(i + 1)
+        if ($i != "NOERROR") others = others (others == "" ? "" : ", ") $i " " $(i + 1)
+      }
+    }
     END {
       us = done > 0 ? cpu * 1e6 / hz / done : 0
       hus = done > 0 ? helpers * 1e6 / hz / done : 0
       permq = sent > 0 ? (http + dns) * 1e6 / sent : 0
       pct = done > 0 ? noerr * 100 / done : 0
       shown = cached == "" ? "-" : cached
-      printf "%d\t%s\t%s\t%.0f\t%d\t%d\t%d\t%.3f\t%s\t%.2f\t%.2f\t%.2f\t%.1f\t%d\t%d\t%.1f\t%s\n",
+      printf "%d\t%s\t%s\t%.0f\t%d\t%d\t%d\t%.3f\t%s\t%.2f\t%.2f\t%.2f\t%.1f\t%d\t%d\t%.1f\t%s\t%d\t%d\t%.1f\t%s\t%s\n",
         round, sc, ct, qps, sent, done, lost, avg, p99, pct, us, hus,
-        rss / 1024, http, dns, permq, shown
+        rss / 1024, http, dns, permq, shown, servfail, max_conn, rss_end / 1024, probed,
+        others == "" ? "-" : others
     }' "$sum" | tee -a "$RUNS" >&2
 }
 
 # Medians over the rounds (lost: summed; peak RSS: the highest; NOERROR: the lowest), with the
 # spread of queries/s and CPU kept as min and max.
 aggregate() {
-  awk -F'\t' -v OFS='\t' -v header="$COLUMNS_TSV" '
+  awk -F'\t' -v OFS='\t' -v header="$COLUMNS_TSV" -v header8="$COLUMNS_TSV8" '
     function median(list,   v, n, i, j, t) {
       n = split(list, v, " ")
       for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
@@ -392,26 +519,34 @@ aggregate() {
       if (!(k in first)) { first[k] = ++nk; key[nk] = k }
       for (c = 4; c <= 16; c++) col[k, c] = col[k, c] " " $c
       cached[k] = $17
+      servfail[k] += $18
+      if ($19 + 0 > maxconn[k] + 0) maxconn[k] = $19
+      if ($20 + 0 > rssend[k] + 0) rssend[k] = $20
+      probe[k] = $21
+      others[k] = $22
     }
     END {
-      print header "\tqps_min\tqps_max\tcpu_min\tcpu_max\trounds"
+      print header "\tqps_min\tqps_max\tcpu_min\tcpu_max\trounds\t" header8
       for (i = 1; i <= nk; i++) {
         k = key[i]; split(k, sc, SUBSEP)
         n = split(col[k, 4], tmp, " ")
         s5 = 0; n5 = split(col[k, 5], v5, " "); for (j = 1; j <= n5; j++) s5 += v5[j]
         s6 = 0; n6 = split(col[k, 6], v6, " "); for (j = 1; j <= n6; j++) s6 += v6[j]
         s7 = 0; n7 = split(col[k, 7], v7, " "); for (j = 1; j <= n7; j++) s7 += v7[j]
-        printf "%s\t%s\t%.0f\t%d\t%d\t%d\t%.3f\t%.3f\t%.2f\t%.2f\t%.2f\t%.1f\t%d\t%d\t%.1f\t%s\t%.0f\t%.0f\t%.2f\t%.2f\t%d\n",
+        printf "%s\t%s\t%.0f\t%d\t%d\t%d\t%.3f\t%.3f\t%.2f\t%.2f\t%.2f\t%.1f\t%d\t%d\t%.1f\t%s\t%.0f\t%.0f\t%.2f\t%.2f\t%d\t%d\t%d\t%.1f\t%s\t%s\n",
           sc[1], sc[2], median(col[k, 4]), s5, s6, s7, median(col[k, 8]), median(col[k, 9]),
           lo(col[k, 10]), median(col[k, 11]), median(col[k, 12]), hi(col[k, 13]),
           median(col[k, 14]), median(col[k, 15]), median(col[k, 16]), cached[k],
-          lo(col[k, 4]), hi(col[k, 4]), lo(col[k, 11]), hi(col[k, 11]), n
+          lo(col[k, 4]), hi(col[k, 4]), lo(col[k, 11]), hi(col[k, 11]), n,
+          servfail[k], maxconn[k], rssend[k], probe[k] == "" ? "-" : probe[k], others[k] == "" ? "-" : others[k]
       }
     }' "$RUNS" >"$TSV"
 }
 
 log "results in $OUT; ${DURATION}s per run; contender on CPU $SERVER_CPU, dnsperf/upstream/simulator on CPU $CLIENT_CPU"
 HALF_RATE=${BENCH_HALF_RATE:-}
+LARGE_RUNS="large-5000-udp512 large-3-udp512 large-5000-edns1232 large-3-edns1232"
+SCENARIOS=$(for sc in $SCENARIOS; do [[ $sc == large-service ]] && echo "$LARGE_RUNS" || echo "$sc"; done)
 for sc in $SCENARIOS; do
   if [[ $sc == hits-half-rate ]]; then
     if [[ -z $HALF_RATE ]]; then
@@ -453,6 +588,10 @@ report() {
     echo
     awk -F'\t' '$1 == "fill-100k" && $2 ~ /^ours/ {printf "fill-100k, %s: %s entries in the cache after the run (consul_dns_forwarder_cache_entries).\n", $2, $16}' "$TSV"
   fi
+  grep -qE $'^(consul|fwd-hits|mix-10pct-miss|hits-half-rate|fill-100k)\t' "$TSV" || {
+    report8
+    return
+  }
   echo
   echo "### Ratios (ours / peer; for queries/s higher is better, for the rest lower is better)"
   echo
@@ -503,6 +642,67 @@ report() {
       if ((o in qps) && (u in qps))
         printf "- p99 on cache hits at half our max throughput <= unbound: %.3f ms vs %.3f ms: %s\n", p99[o], p99[u], verdict(p99[o] <= p99[u])
     }' "$TSV"
+  report8
+}
+
+# The issue 8 sections, when their scenarios ran.
+report8() {
+  if grep -q $'^large-' "$TSV"; then
+    echo
+    echo "### Large services (issue 8)"
+    echo
+    echo "big.service.consul: $LARGE_INSTANCES instances, small.service.consul: $SMALL_INSTANCES; A over UDP. \"probe\": what one dig"
+    echo "got before the run (rcode, TC, answer records, reply bytes). The simulator's DNS port (what dnsmasq"
+    echo "and unbound ask) has udp_answer_limit $CONSUL_UDP_ANSWER_LIMIT, Consul's default."
+    echo
+    echo "| contender | client limit | instances | queries/s | lost | NOERROR % | other rcodes (last round) | server CPU µs/answer | helpers CPU µs/answer | probe |"
+    echo "|---|---|--:|--:|--:|--:|---|--:|--:|---|"
+    awk -F'\t' 'NR > 1 && $1 ~ /^large-/ {
+        split($1, p, "-"); lim = p[3] == "udp512" ? "512 (no EDNS)" : "EDNS 1232"
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, lim, p[2], $3, $6, $9, $26, $10, $11, $25
+      }' "$TSV" | sort -t'|' -k2,2 -k3,3r -k4,4nr
+    echo
+    echo "Cost of an answer from the $LARGE_INSTANCES-instance service over the $SMALL_INSTANCES-instance one (server CPU µs per answer; target for ours <= 2x):"
+    echo
+    awk -F'\t' -v big="$LARGE_INSTANCES" -v small="$SMALL_INSTANCES" '
+      NR > 1 && $1 ~ /^large-/ {split($1, p, "-"); cpu[$2, p[2], p[3]] = $10; done[$2, p[2], p[3]] = $5; ct[$2] = 1}
+      END {
+        n = split("ours-http ours-dns dnsmasq unbound", order, " ")
+        for (i = 1; i <= n; i++) {
+          c = order[i]; if (!(c in ct)) continue
+          for (l = 1; l <= 2; l++) {
+            lim = l == 1 ? "udp512" : "edns1232"
+            if (!((c, big, lim) in cpu) || !((c, small, lim) in cpu)) continue
+            b = cpu[c, big, lim]; s = cpu[c, small, lim]
+            # A few hundred answers (a contender waiting on the simulator) make no CPU figure.
+            if (done[c, big, lim] + 0 < 1000 || s + 0 == 0) { printf "- %s, %s: %d answers from the big service in the run: no figure\n", c, lim, done[c, big, lim]; continue }
+            r = b / s
+            verdict = c == "ours-http" ? (r <= 2 ? ": met" : ": NOT met") : ""
+            printf "- %s, %s: %.2f / %.2f µs = x%.2f%s\n", c, lim, b, s, r, verdict
+          }
+        }
+      }' "$TSV"
+  fi
+  if grep -q $'^many-services' "$TSV"; then
+    echo
+    echo "### Many services (issue 8)"
+    echo
+    echo "$MANY_SERVICES services x $MANY_INSTANCES instances, every name asked round robin (A, no EDNS) from a fresh start,"
+    echo "$MANY_PASSES passes over the names (dnsperf -n $MANY_PASSES; the first pass starts the watchers);"
+    echo "Consul HTTP req / DNS req: what reached the simulator in the run; peak connections: the most HTTP"
+    echo "connections open at once on the simulator; RSS at end: VmRSS when dnsperf finished."
+    echo
+    echo "| contender | queries/s | answered | lost | SERVFAIL | server CPU µs/answer | Consul HTTP req | Consul DNS req | peak connections to Consul | peak RSS MiB | RSS at end MiB | watchers |"
+    echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+    awk -F'\t' 'NR > 1 && $1 == "many-services" {
+        w = $25; sub(/^watchers=/, "", w)
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $5, $6, $22, $10, $13, $14, $23, $12, $24, w
+      }' "$TSV"
+    echo
+    awk -F'\t' -v services="$MANY_SERVICES" '$1 == "many-services" && $2 == "ours-http" {
+        printf "- Memory, %d watched services of 10 instances in <= 64 MiB RSS: peak %.1f MiB, %.1f MiB at the end: %s\n", services, $12, $24, $12 <= 64 ? "met" : "NOT met"
+      }' "$TSV"
+  fi
 }
 report | tee "$OUT/results.md"
 
@@ -516,6 +716,7 @@ if [[ $PERF == 1 ]]; then
     log "BENCH_PERF=1 but perf is not installed (Debian: linux-perf); no profiles"
   else
     frames='TrackedFuture<F> as core::future::future::Future>::poll$|udp_loop::\{\{closure\}\}$|Handler::handle::\{\{closure\}\}$|ConsulSource::answer_inner|Backend>::service::|records::service_answer|records::select|name::parse$|Forwarder::answer|Cache::lookup$|BaseCache<K,V,S>::get_with_hash$|CachedAnswer::to_answer$|Cache::fetch|CachedAnswer::from_message|encode_reply$|Message::to_vec$|Message as hickory_proto::serialize::binary::BinDecodable>::read$|with_label_values$|Histogram.*observe|tokio::task::spawn::spawn$|__libc_sendto$|__libc_recvfrom$|__libc_sendmsg|__libc_recvmsg|__socket$|__connect$|__bind$|__close$|socket$|connect$|bind$|close$|__libc_send$|__libc_recv$|exchange_udp|ServerGroup::query|moka.*insert'
+    use_sim shared
     for sc in consul fwd-hits fill-100k; do
       file=$W/q-consul.txt args=()
       [[ $sc == fwd-hits ]] && file=$W/q-hits.txt

@@ -1,10 +1,15 @@
 //! Consul's JSON (as `/v1/health/service`, `/v1/catalog/node` and `/v1/query/../execute` return
 //! it) and the views built from it: each instance reduced to what DNS needs, with its worst
 //! check status. Parsing is lenient about what DNS does not use and strict about what it does.
+//!
+//! Memory: a view is kept for every watched service (issue 8: 10,000 services of 10 instances
+//! in 64 MiB for the whole process), so an instance keeps only what answers use, strings that
+//! repeat across the instances of a view (tags, hostnames) are shared, and a selection shares
+//! its index lists when they are equal (`benches/view_memory.rs` measures it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use serde::Deserialize;
 
@@ -137,19 +142,39 @@ pub fn worst_status(checks: &[CheckJson]) -> Status {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     Ip(IpAddr),
-    Host(String),
+    /// Lowercased, without the trailing dot. Shared: the node and the service address of an
+    /// instance, and the instances of a view, often name the same host.
+    Host(Arc<str>),
 }
 
 impl Target {
-    fn parse(s: &str) -> Option<Target> {
+    fn parse(s: &str, strings: &mut Interner) -> Option<Target> {
         let s = s.trim();
         if s.is_empty() {
             return None;
         }
         Some(match s.parse::<IpAddr>() {
             Ok(ip) => Target::Ip(ip),
-            Err(_) => Target::Host(s.trim_end_matches('.').to_ascii_lowercase()),
+            Err(_) => Target::Host(strings.lowercase(s.trim_end_matches('.'))),
         })
+    }
+}
+
+/// Lowercased strings shared within one view: every instance of a service usually carries the
+/// same tags, so each distinct tag is stored once per view instead of once per instance.
+#[derive(Default)]
+struct Interner(HashMap<Box<str>, Arc<str>>);
+
+impl Interner {
+    fn lowercase(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(s) {
+            return shared.clone();
+        }
+        let lower: Arc<str> = Arc::from(s.to_ascii_lowercase());
+        // Keyed by the string as Consul wrote it: the common case (already lowercase, the same
+        // spelling everywhere) costs one lookup.
+        self.0.insert(Box::from(s), lower.clone());
+        lower
     }
 }
 
@@ -164,50 +189,60 @@ pub struct Instance {
     pub own_address: bool,
     pub port: u16,
     /// Lowercased: DNS tag lookups are case-insensitive.
-    pub tags: Vec<String>,
+    pub tags: Vec<Arc<str>>,
     pub status: Status,
-    pub weight_passing: u32,
-    pub weight_warning: u32,
+    /// The SRV weights (`Service.Weights`), capped to what an SRV record can carry.
+    pub weight_passing: u16,
+    pub weight_warning: u16,
+    /// Left empty by [`Instance::from_entry`]: no service answer uses a node's meta (node
+    /// lookups answer it from [`NodeView`]), and a real agent's nodes all carry some
+    /// (`consul-network-segment`), which would cost a map per instance.
     pub node_meta: BTreeMap<String, String>,
 }
 
 impl Instance {
     pub fn from_entry(e: &HealthEntry) -> Instance {
-        let own = Target::parse(&e.service.address);
-        let node_target = Target::parse(&e.node.address);
+        Instance::from_entry_in(e, &mut Interner::default())
+    }
+
+    fn from_entry_in(e: &HealthEntry, strings: &mut Interner) -> Instance {
+        let own = Target::parse(&e.service.address, strings);
+        let node_target = Target::parse(&e.node.address, strings);
         let weights = e.service.weights.unwrap_or(WeightsJson {
             passing: 1,
             warning: 1,
         });
+        let srv_weight = |w: u32| u16::try_from(w).unwrap_or(u16::MAX);
+        let mut tags: Vec<Arc<str>> = e
+            .service
+            .tags
+            .iter()
+            .map(|t| strings.lowercase(t))
+            .collect();
+        tags.shrink_to_fit();
         Instance {
             node: e.node.node.to_ascii_lowercase(),
             own_address: own.is_some(),
             target: own.or_else(|| node_target.clone()),
             node_target,
             port: e.service.port,
-            tags: e
-                .service
-                .tags
-                .iter()
-                .map(|t| t.to_ascii_lowercase())
-                .collect(),
+            tags,
             status: worst_status(&e.checks),
-            weight_passing: weights.passing,
-            weight_warning: weights.warning,
-            node_meta: e.node.meta.clone(),
+            weight_passing: srv_weight(weights.passing),
+            weight_warning: srv_weight(weights.warning),
+            node_meta: BTreeMap::new(),
         }
     }
 
     pub fn weight(&self) -> u16 {
-        let w = match self.status {
+        match self.status {
             Status::Warning => self.weight_warning,
             _ => self.weight_passing,
-        };
-        u16::try_from(w).unwrap_or(u16::MAX)
+        }
     }
 
     pub fn has_tag(&self, tag: &str) -> bool {
-        self.tags.iter().any(|t| t == tag)
+        self.tags.iter().any(|t| &**t == tag)
     }
 }
 
@@ -218,7 +253,37 @@ pub struct ServiceView {
     pub datacenter: String,
     /// Selections already computed for this view (per tag and health rule), so a query costs the
     /// same whatever the number of instances.
-    selections: Mutex<HashMap<SelectionKey, Arc<Selection>>>,
+    selections: Mutex<Selections>,
+}
+
+/// A view's selections. Nearly every view is asked one way only (no tag, the configured health
+/// rule), so the first selection has a slot of its own and the map, which allocates room for
+/// several entries at its first insert, exists only for views asked more ways.
+#[derive(Debug, Default)]
+struct Selections {
+    first: Option<(SelectionKey, Arc<Selection>)>,
+    more: HashMap<SelectionKey, Arc<Selection>>,
+}
+
+impl Selections {
+    fn get(&self, key: &SelectionKey) -> Option<&Arc<Selection>> {
+        match &self.first {
+            Some((k, s)) if k == key => Some(s),
+            _ => self.more.get(key),
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn insert(&mut self, key: SelectionKey, selection: Arc<Selection>) {
+        if self.first.is_none() {
+            self.first = Some((key, selection));
+        } else {
+            self.more.insert(key, selection);
+        }
+    }
 }
 
 /// What decides which instances a lookup serves.
@@ -230,30 +295,40 @@ pub struct SelectionKey {
 }
 
 /// The instances one kind of lookup serves, as indices into [`ServiceView::instances`], split
-/// by address family so a query samples only what it can answer with.
+/// by address family so a query samples only what it can answer with. Lists with the same
+/// content share one allocation (in the usual view, every instance has an IPv4 address, and
+/// `all`, `v4` and `with_ip` are one list).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Selection {
-    pub all: Vec<u32>,
-    pub v4: Vec<u32>,
-    pub v6: Vec<u32>,
-    pub with_ip: Vec<u32>,
+    pub all: Arc<[u32]>,
+    pub v4: Arc<[u32]>,
+    pub v6: Arc<[u32]>,
+    pub with_ip: Arc<[u32]>,
 }
+
+/// The empty index list every selection shares (an empty `Arc<[u32]>` still allocates).
+static EMPTY_LIST: LazyLock<Arc<[u32]>> = LazyLock::new(|| Arc::from(Vec::new()));
 
 /// Distinct tags remembered per view; a flood of made-up tags cannot grow it without bound.
 const MAX_SELECTIONS_PER_VIEW: usize = 256;
 
 impl ServiceView {
-    pub fn new(instances: Vec<Instance>, datacenter: &str) -> ServiceView {
+    pub fn new(mut instances: Vec<Instance>, datacenter: &str) -> ServiceView {
+        instances.shrink_to_fit();
         ServiceView {
             instances,
             datacenter: datacenter.to_owned(),
-            selections: Mutex::new(HashMap::new()),
+            selections: Mutex::new(Selections::default()),
         }
     }
 
     pub fn from_entries(entries: &[HealthEntry], datacenter: &str) -> ServiceView {
+        let mut strings = Interner::default();
         ServiceView::new(
-            entries.iter().map(Instance::from_entry).collect(),
+            entries
+                .iter()
+                .map(|e| Instance::from_entry_in(e, &mut strings))
+                .collect(),
             datacenter,
         )
     }
@@ -309,19 +384,35 @@ impl ServiceView {
             Some(Target::Ip(ip)) => Some(*ip),
             _ => None,
         };
+        let all: Arc<[u32]> = if all.is_empty() {
+            EMPTY_LIST.clone()
+        } else {
+            Arc::from(all)
+        };
+        let subset = |keep: &dyn Fn(&u32) -> bool| -> Arc<[u32]> {
+            let list: Vec<u32> = all.iter().copied().filter(|n| keep(n)).collect();
+            if list.len() == all.len() {
+                all.clone()
+            } else if list.is_empty() {
+                EMPTY_LIST.clone()
+            } else {
+                Arc::from(list)
+            }
+        };
+        let v4 = subset(&|n| ip_of(n).is_some_and(|ip| ip.is_ipv4()));
+        let v6 = subset(&|n| ip_of(n).is_some_and(|ip| ip.is_ipv6()));
+        let with_ip = if v4.len() == all.len() {
+            all.clone()
+        } else if v6.len() == all.len() {
+            v6.clone()
+        } else {
+            subset(&|n| ip_of(n).is_some())
+        };
         Selection {
-            v4: all
-                .iter()
-                .copied()
-                .filter(|n| ip_of(n).is_some_and(|ip| ip.is_ipv4()))
-                .collect(),
-            v6: all
-                .iter()
-                .copied()
-                .filter(|n| ip_of(n).is_some_and(|ip| ip.is_ipv6()))
-                .collect(),
-            with_ip: all.iter().copied().filter(|n| ip_of(n).is_some()).collect(),
             all,
+            v4,
+            v6,
+            with_ip,
         }
     }
 }
@@ -347,7 +438,7 @@ impl NodeView {
     pub fn from_json(n: &NodeJson) -> NodeView {
         NodeView {
             name: n.node.to_ascii_lowercase(),
-            target: Target::parse(&n.address),
+            target: Target::parse(&n.address, &mut Interner::default()),
             meta: n.meta.clone(),
         }
     }
@@ -381,7 +472,7 @@ mod tests {
         );
         assert!(i.own_address);
         assert_eq!(i.port, 8000);
-        assert_eq!(i.tags, vec!["primary"]);
+        assert_eq!(i.tags, vec![Arc::<str>::from("primary")]);
         assert_eq!(i.status, Status::Passing);
         assert_eq!(i.weight(), 10);
     }

@@ -1,0 +1,201 @@
+//! Memory of Consul service views (issue 8's target: 10,000 watched services of 10 instances each
+//! in ≤ 64 MiB RSS for the whole process), measured with a counting allocator, so the number is
+//! the views' own and not the allocator's or the runtime's.
+//!
+//! ```sh
+//! cargo bench --bench view_memory            # 10,000 services x 10 instances
+//! ```
+//!
+//! Under `cargo test --all-targets` it runs with 1,000 services as a smoke test.
+//!
+//! Each view is built the way a watcher builds it: the body of `/v1/health/service/<name>` as the
+//! test simulator (and Consul) writes it, parsed into `HealthEntry`s, turned into a
+//! `ServiceView` kept behind an `Arc`, then asked once (`records::select`, as the first query
+//! does, which stores the view's selection).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use consul_dns_forwarder::config::WhenNoneHealthy;
+use consul_dns_forwarder::consul::catalog::{HealthEntry, Instance, ServiceView, Target};
+use consul_dns_forwarder::consul::records;
+use consul_dns_forwarder::metrics::Metrics;
+
+/// Counts live heap bytes and allocations.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn allocs() -> usize {
+    ALLOCS.load(Ordering::Relaxed)
+}
+
+/// Instances per service, as in the load benchmark's many-services scenario.
+const INSTANCES: usize = 10;
+
+/// One entry of `/v1/health/service/<service>`, in the simulator's shape (field for field what
+/// `tests/support/consul_sim` writes, which follows a real agent's), on a node of its own.
+/// `node_meta`: the node's `Meta` object (the simulator writes `{}`; a real agent's nodes carry
+/// at least `{"consul-network-segment":""}`).
+fn entry_json(service: &str, i: usize, n: usize, node_meta: &str) -> String {
+    let addr = format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255);
+    let node = format!("node-{service}-{i}");
+    format!(
+        r#"{{"Checks":[{{"CheckID":"serfHealth","CreateIndex":{n},"ModifyIndex":{n},"Name":"Serf Health Status","Node":"{node}","Notes":"","Output":"Agent alive and reachable","ServiceID":"","ServiceName":"","ServiceTags":[],"Status":"passing"}},{{"CheckID":"service:{service}-{i}","CreateIndex":{n},"ModifyIndex":{n},"Name":"Service '{service}' check","Node":"{node}","Notes":"","Output":"","ServiceID":"{service}-{i}","ServiceName":"{service}","ServiceTags":["v1"],"Status":"passing"}}],"Node":{{"Address":"{addr}","CreateIndex":{n},"Datacenter":"dc1","ID":"0b8c7d94-7cae-9ea3-b039-0f64161b5866","Meta":{node_meta},"ModifyIndex":{n},"Node":"{node}","TaggedAddresses":{{"lan":"{addr}","wan":"{addr}"}}}},"Service":{{"Address":"","CreateIndex":{n},"ID":"{service}-{i}","Meta":{{}},"ModifyIndex":{n},"Port":8080,"Service":"{service}","Tags":["v1"],"Weights":{{"Passing":1,"Warning":1}}}}}}"#
+    )
+}
+
+fn body(s: usize, node_meta: &str) -> String {
+    let service = format!("svc{s:02}");
+    let entries: Vec<String> = (0..INSTANCES)
+        .map(|i| entry_json(&service, i, s * INSTANCES + i + 1, node_meta))
+        .collect();
+    format!("[{}]", entries.join(","))
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test` does not: a smaller smoke run there.
+    let full = std::env::args().any(|a| a == "--bench");
+    let services: usize = if full { 10_000 } else { 1_000 };
+    println!("view_memory: {services} services x {INSTANCES} instances, simulator-shaped JSON");
+    println!(
+        "  size_of: Instance {} B, Target {} B, ServiceView {} B",
+        std::mem::size_of::<Instance>(),
+        std::mem::size_of::<Target>(),
+        std::mem::size_of::<ServiceView>(),
+    );
+
+    // Statics the views share (allocated once per process) are not the views' cost.
+    let warm: Vec<HealthEntry> = serde_json::from_str(&body(0, "{}")).expect("parses");
+    let warm = ServiceView::from_entries(&warm, "dc1");
+    drop(records::select(
+        &warm,
+        None,
+        false,
+        WhenNoneHealthy::Nxdomain,
+    ));
+    drop(warm);
+
+    // Outside the views, a watched service also has a series of its own in the
+    // `consul_healthy_instances` gauge (what `consul/watch.rs` sets for every view).
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry).expect("metrics");
+    let before = live();
+    for s in 0..services {
+        metrics
+            .consul_healthy_instances
+            .with_label_values(&[format!("svc{s:02}").as_str()])
+            .set(INSTANCES as i64);
+    }
+    let gauges = live() - before;
+    println!(
+        "  consul_healthy_instances series: {:.0} B live heap per service ({:.1} MiB for 10,000)",
+        gauges as f64 / services as f64,
+        gauges as f64 / services as f64 * 10_000.0 / 1_048_576.0,
+    );
+    drop(metrics);
+    drop(registry);
+
+    for (shape, node_meta) in [
+        ("simulator (node Meta {})", "{}"),
+        (
+            "agent (node Meta {\"consul-network-segment\":\"\"})",
+            r#"{"consul-network-segment":""}"#,
+        ),
+    ] {
+        println!("  {shape}:");
+        measure(services, node_meta);
+    }
+}
+
+fn measure(services: usize, node_meta: &str) {
+    let bodies: Vec<String> = (0..services).map(|s| body(s, node_meta)).collect();
+    let body_bytes: usize = bodies.iter().map(String::len).sum();
+
+    let before = live();
+    let rss0 = rss_kib();
+    let allocs0 = allocs();
+    let mut views: Vec<Arc<ServiceView>> = Vec::with_capacity(services);
+    let after_vec = live();
+    for b in &bodies {
+        let entries: Vec<HealthEntry> = serde_json::from_str(b).expect("simulator JSON parses");
+        views.push(Arc::new(ServiceView::from_entries(&entries, "dc1")));
+    }
+    let built = live() - after_vec;
+    let built_allocs = allocs() - allocs0;
+    for v in &views {
+        let s = records::select(v, None, false, WhenNoneHealthy::Nxdomain);
+        assert_eq!(s.v4.len(), INSTANCES, "every instance is served");
+    }
+    let selected = live() - after_vec;
+    let rss1 = rss_kib();
+    let total_allocs = allocs() - allocs0;
+    let per = |bytes: isize| bytes as f64 / services as f64;
+    println!(
+        "    JSON bodies: {:.0} B per service ({:.1} MiB for {services}; transient, one at a time)",
+        body_bytes as f64 / services as f64,
+        body_bytes as f64 / 1_048_576.0,
+    );
+    println!(
+        "    views: {:.0} B live heap per service ({:.0} B per instance), {:.1} allocations",
+        per(built),
+        per(built) / INSTANCES as f64,
+        built_allocs as f64 / services as f64,
+    );
+    println!(
+        "    views + their first selection: {:.0} B per service, {:.1} allocations",
+        per(selected),
+        total_allocs as f64 / services as f64,
+    );
+    println!(
+        "    RSS grew {:.1} MiB ({:.0} B per service; after the first shape, partly memory it freed)",
+        rss1.saturating_sub(rss0) as f64 / 1024.0,
+        (rss1.saturating_sub(rss0) * 1024) as f64 / services as f64,
+    );
+    println!(
+        "    => 10,000 services: {:.1} MiB of live heap in views (target for the whole process: 64 MiB RSS)",
+        per(selected) * 10_000.0 / 1_048_576.0
+    );
+    drop(views);
+    assert!(live() - before <= 0, "views freed");
+}

@@ -11,9 +11,7 @@
 //! Each name is cached the way a forwarded miss is: `Cache::fetch` with an upstream reply of one
 //! A record (`f<n>.miss.test. 300 IN A`), as the load benchmark's fill-100k scenario does.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
@@ -23,49 +21,10 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use consul_dns_forwarder::cache::{Cache, CachedAnswer, TtlPolicy};
 use consul_dns_forwarder::wire::Question;
 
-/// Counts live heap bytes and allocations.
-struct Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
+use counting_alloc::{live, rss_kib};
 
 fn policy() -> TtlPolicy {
     TtlPolicy {
@@ -136,7 +95,7 @@ fn main() {
     // The same through the cache, as a forwarded miss stores it.
     let rss0 = rss_kib();
     let before = live();
-    let allocs0 = ALLOCS.load(Ordering::Relaxed);
+    let allocs0 = counting_alloc::allocs();
     let cache = Cache::new(100_000, policy(), None);
     let started = Instant::now();
     rt.block_on(async {
@@ -159,7 +118,7 @@ fn main() {
         let _ = cache.lookup(&question(0), Instant::now());
     }
     let cached = live() - before;
-    let allocs = ALLOCS.load(Ordering::Relaxed) - allocs0;
+    let allocs = counting_alloc::allocs() - allocs0;
     let rss1 = rss_kib();
     println!(
         "  entries alone (Question + CachedAnswer, heap included): {:.0} B per name",

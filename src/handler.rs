@@ -157,14 +157,8 @@ impl Handler {
         if routes.log_queries || !routes.allowed(client) {
             return false;
         }
-        if transport == Transport::Udp
-            && routes
-                .rate_limit
-                .as_ref()
-                .is_some_and(|l| !l.allow(client, started))
-        {
+        if self.rate_limited(&routes, transport, client, started) {
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
-            self.metrics.rate_limited.inc();
             out.clear();
             let opt = query.edns_payload.is_some();
             packet::write_header(out, &query, false, 0, [0, 0, 0]);
@@ -245,13 +239,7 @@ impl Handler {
             // RFC 6891 §6.1.3: we speak EDNS version 0 only.
             return Some(self.finish_error(Some(&request), &header, ResponseCode::BADVERS));
         }
-        if transport == Transport::Udp
-            && routes
-                .rate_limit
-                .as_ref()
-                .is_some_and(|l| !l.allow(client, started))
-        {
-            self.metrics.rate_limited.inc();
+        if self.rate_limited(&routes, transport, client, started) {
             let (mut bytes, _) = wire::encode_reply(
                 &request,
                 &Answer::rcode(ResponseCode::NoError),
@@ -297,6 +285,26 @@ impl Handler {
             );
         }
         Some(bytes)
+    }
+
+    /// Is this UDP query over its client network's response rate (counted when it is)? Over
+    /// TCP the client has proved its address, so no limit applies.
+    fn rate_limited(
+        &self,
+        routes: &Routes,
+        transport: Transport,
+        client: IpAddr,
+        now: Instant,
+    ) -> bool {
+        let limited = transport == Transport::Udp
+            && routes
+                .rate_limit
+                .as_ref()
+                .is_some_and(|l| !l.allow(client, now));
+        if limited {
+            self.metrics.rate_limited.inc();
+        }
+        limited
     }
 
     fn finish_error(

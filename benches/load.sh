@@ -630,11 +630,14 @@ report() {
       o = "fwd-hits" SUBSEP "ours-http"; u = "fwd-hits" SUBSEP "unbound"
       if (has("fwd-hits", "ours-http") && has("fwd-hits", "unbound"))
         printf "- Forwarded cache hits, CPU/answer <= unbound: %.2f us vs %.2f us (x%.2f): %s\n", cpu[o], cpu[u], cpu[o] / cpu[u], verdict(cpu[o] <= cpu[u])
+      # Per service: its first fetch and one blocking query; per run at most 10 more: the two
+      # datacenter-wide health feeds (a first request and a blocking one each), the agent
+      # probe and datacenter discovery. None of it grows with the query count.
       split("consul fwd-hits mix-10pct-miss hits-half-rate fill-100k", all, " ")
       worst = -1
       for (i in all) { k = all[i] SUBSEP "ours-http"; if (k in qps && http[k] + dns[k] > worst) { worst = http[k] + dns[k]; ws = all[i] } }
       if (worst >= 0)
-        printf "- Requests reaching Consul bounded by services (%d services): at most %d requests in one run of ours-http (%s), whatever the query count: %s\n", services, worst, ws, verdict(worst <= 2 * services + 5)
+        printf "- Requests reaching Consul bounded by services (%d services): at most %d requests in one run of ours-http (%s), whatever the query count: %s\n", services, worst, ws, verdict(worst <= 2 * services + 10)
       k = "fill-100k" SUBSEP "ours-http"
       if (k in qps)
         printf "- Memory, peak RSS <= 32 MiB with 100,000 cached names: %.1f MiB: %s\n", rss[k], verdict(rss[k] <= 32)

@@ -774,14 +774,16 @@ impl Feed {
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         let mut refused_logged = false;
+        // The feed keeps its blocking slot from one request to the next: given back after
+        // each, it went to a service watcher, and the feed then polled every FEED_INTERVAL
+        // while nothing changed (two requests a second to the agent for nothing).
+        let mut slot = None;
         loop {
             let started = Instant::now();
             // Without a free blocking slot (a tiny budget) the feed polls instead.
-            let slot = if index > 0 {
-                self.client.try_blocking_slot()
-            } else {
-                None
-            };
+            if slot.is_none() && index > 0 {
+                slot = self.client.try_blocking_slot();
+            }
             let blocking = slot.as_ref().map(|_| (index, self.watch_wait));
             let request =
                 self.client
@@ -796,7 +798,6 @@ impl Feed {
                 }
                 r = request => r,
             };
-            drop(slot);
             let pause = match result {
                 Ok(r) => {
                     failures = 0;
@@ -830,6 +831,8 @@ impl Feed {
                 }
                 Err(e) => {
                     index = 0;
+                    // Failing or refused: the slot serves a watcher better meanwhile.
+                    slot = None;
                     lock(&self.shared.lists).lists[self.list] = None;
                     failures = failures.saturating_add(1);
                     let refused = matches!(

@@ -76,11 +76,7 @@ pub struct CachedAnswer {
 /// `Question`), type and class.
 pub fn question_wire(q: &Question) -> Vec<u8> {
     let mut out = Vec::with_capacity(packet::MAX_QUESTION_WIRE);
-    for label in q.name.iter() {
-        out.push(label.len() as u8);
-        out.extend_from_slice(label);
-    }
-    out.push(0);
+    crate::wire::push_name(&mut out, &q.name);
     out.extend_from_slice(&u16::from(q.qtype).to_be_bytes());
     out.extend_from_slice(&u16::from(q.qclass).to_be_bytes());
     out

@@ -33,6 +33,7 @@ pub trait AnswerSource: Send + Sync {
         _query: &PlainQuery<'_>,
         _key: &[u8],
         _limit: usize,
+        _now: Instant,
         _out: &mut Vec<u8>,
     ) -> bool {
         false
@@ -50,9 +51,10 @@ impl AnswerSource for Forwarder {
         query: &PlainQuery<'_>,
         key: &[u8],
         limit: usize,
+        now: Instant,
         out: &mut Vec<u8>,
     ) -> bool {
-        Forwarder::reply_from_cache(self, query, key, limit, out)
+        Forwarder::reply_from_cache(self, query, key, limit, now, out)
     }
 }
 
@@ -70,13 +72,9 @@ impl ConsulRoute {
         let domains_wire = domains
             .iter()
             .map(|d| {
-                let mut wire = Vec::new();
-                for label in d.to_lowercase().iter() {
-                    wire.push(label.len() as u8);
-                    wire.extend_from_slice(label);
-                }
-                wire.push(0);
-                wire
+                let mut bytes = Vec::new();
+                wire::push_name(&mut bytes, &d.to_lowercase());
+                bytes
             })
             .collect();
         ConsulRoute {
@@ -178,14 +176,8 @@ impl Handler {
             Some(route) => &route.source,
             None => &routes.forwarder,
         };
-        let limit = match (transport, query.edns_payload) {
-            (Transport::Tcp, _) => wire::TCP_LIMIT,
-            (Transport::Udp, None) => wire::UDP_LIMIT_NO_EDNS,
-            (Transport::Udp, Some(size)) => {
-                usize::from(size).clamp(wire::UDP_LIMIT_NO_EDNS, wire::UDP_LIMIT_EDNS)
-            }
-        };
-        if !source.reply_from_cache(&query, key, limit, out) {
+        let limit = wire::limit_for(transport, query.edns_payload);
+        if !source.reply_from_cache(&query, key, limit, started, out) {
             return false;
         }
         self.metrics

@@ -337,9 +337,9 @@ impl Forwarder {
         query: &PlainQuery<'_>,
         key: &[u8],
         limit: usize,
+        now: Instant,
         out: &mut Vec<u8>,
     ) -> bool {
-        let now = Instant::now();
         let Lookup::Fresh(entry) = self.cache.lookup_wire(key, now) else {
             return false;
         };

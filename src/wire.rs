@@ -109,12 +109,15 @@ impl Answer {
 /// The reply size a client can take: min(its EDNS size, 1232) with EDNS (never below 512), 512
 /// without, 64 KiB over TCP.
 pub fn reply_limit(request: &Message, transport: Transport) -> usize {
-    match (transport, &request.edns) {
+    limit_for(transport, request.edns.as_ref().map(|e| e.max_payload()))
+}
+
+/// `reply_limit` from the client's EDNS payload size (`None`: no OPT in the query).
+pub fn limit_for(transport: Transport, edns_payload: Option<u16>) -> usize {
+    match (transport, edns_payload) {
         (Transport::Tcp, _) => TCP_LIMIT,
         (Transport::Udp, None) => UDP_LIMIT_NO_EDNS,
-        (Transport::Udp, Some(edns)) => {
-            usize::from(edns.max_payload()).clamp(UDP_LIMIT_NO_EDNS, UDP_LIMIT_EDNS)
-        }
+        (Transport::Udp, Some(size)) => usize::from(size).clamp(UDP_LIMIT_NO_EDNS, UDP_LIMIT_EDNS),
     }
 }
 
@@ -400,6 +403,15 @@ impl Question {
             qclass: q.query_class(),
         }
     }
+}
+
+/// Appends `name` in wire format, uncompressed, in its case (the root label included).
+pub fn push_name(out: &mut Vec<u8>, name: &Name) {
+    for label in name.iter() {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
 }
 
 /// Encodes a record on its own (for tests and size estimates).

@@ -261,6 +261,12 @@ impl State {
         let idx = self.bump();
         self.services_index = idx;
         self.checks_index = idx;
+        self.put_service(svc, status, idx);
+    }
+
+    /// Registers `svc` (replacing an instance with its ID, whose create indexes it keeps, as
+    /// Consul does) with one service check in `status`, at index `idx`.
+    fn put_service(&mut self, svc: SimService, status: Status, idx: u64) {
         let check_id = format!("service:{}", svc.id);
         let old = self.services.remove(&svc.id);
         if let Some(o) = &old {
@@ -423,37 +429,7 @@ impl State {
                 svc.id,
                 svc.node
             );
-            if let Some(o) = self.services.remove(&svc.id) {
-                self.unindex(&o.svc.service, &o.svc.id);
-                self.touch_service(&o.svc.service, idx);
-            }
-            let check_id = format!("service:{}", svc.id);
-            let mut checks = BTreeMap::new();
-            checks.insert(
-                check_id.clone(),
-                CheckRec {
-                    name: check_name(&check_id, Some(&svc)),
-                    status,
-                    notes: String::new(),
-                    create: idx,
-                    modify: idx,
-                },
-            );
-            let name = svc.service.clone();
-            self.by_name
-                .entry(name.to_ascii_lowercase())
-                .or_default()
-                .insert(svc.id.clone());
-            self.services.insert(
-                svc.id.clone(),
-                SvcRec {
-                    svc,
-                    create: idx,
-                    modify: idx,
-                    checks,
-                },
-            );
-            self.touch_service(&name, idx);
+            self.put_service(svc, status, idx);
         }
         for n in changed_nodes {
             self.touch_services_on_node(&n, idx);

@@ -34,7 +34,9 @@ use serde_json::json;
 
 use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup, TtlPolicy};
 use consul_dns_forwarder::config::{Config, WhenNoneHealthy};
-use consul_dns_forwarder::consul::catalog::{Instance, ServiceView, Status, Target};
+use consul_dns_forwarder::consul::catalog::{
+    service_id_key, Instance, ServiceView, Status, Target,
+};
 use consul_dns_forwarder::consul::file::FileBackend;
 use consul_dns_forwarder::consul::name;
 use consul_dns_forwarder::consul::records::{self, Built, Ctx};
@@ -107,11 +109,11 @@ fn instance(i: usize) -> Instance {
     let ip = IpAddr::V4(Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8));
     Instance {
         node: format!("node-{i}"),
-        node_target: Some(Target::Ip(ip)),
+        service_id: service_id_key(&format!("web-{i}")),
         target: Some(Target::Ip(ip)),
         own_address: false,
         port: 8080,
-        tags: vec!["v1".into(), "primary".into()],
+        tags: vec!["v1".into(), "primary".into()].into(),
         // One in ten critical, one in ten warning: select() has work to do.
         status: match i % 10 {
             0 => Status::Critical,
@@ -120,7 +122,6 @@ fn instance(i: usize) -> Instance {
         },
         weight_passing: 10,
         weight_warning: 1,
-        node_meta: Default::default(),
     }
 }
 

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, GridInstance, Status};
+use support::consul_sim::{
+    ChurnCheck, ChurnTarget, ConsulSim, GridInstance, SimNode, SimService, Status,
+};
 use support::upstream::TestUpstream;
 use support::*;
 
@@ -340,4 +342,95 @@ async fn health_flips_at_scale_reach_every_view_within_two_seconds() {
         churn_for: Duration::from_secs(10),
     })
     .await;
+}
+
+/// How an instance usually joins: registered with a critical check, which passes a moment later.
+/// A view beyond the blocking budget has never seen the instance (registrations are not in the
+/// change feed), so the check's changes name an instance it lacks: the view is fetched again,
+/// and the instance is answered within 2 s of passing, although the service TTL is 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
+    let sim = ConsulSim::start().await;
+    sim.add_simple("a", "a-node-1", "10.1.0.1", 80);
+    // Services that take every blocking slot of a budget of 4 (3 for blocking queries, of
+    // which the two feeds want two), so `a` never gets one.
+    let fillers: Vec<String> = (0..6).map(|f| format!("filler{f}")).collect();
+    for (f, name) in fillers.iter().enumerate() {
+        sim.add_simple(
+            name,
+            &format!("{name}-node"),
+            &format!("10.2.0.{}", f + 1),
+            80,
+        );
+    }
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\n\
+         max_connections = 4\n[consul.service_ttl]\n\"*\" = \"60s\"\n",
+        up.addr,
+        sim.http_url()
+    ))
+    .await;
+    let filler_names: Vec<String> = fillers.iter().map(|f| fqdn(f)).collect();
+    for _ in 0..2 {
+        assert_eq!(ask_all(fwd.addr, &filler_names, 1).await, 0);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let name = fqdn("a");
+    for _ in 0..2 {
+        let r = ask(fwd.addr, &name, RecordType::A).await;
+        assert_eq!(addresses(&r), vec!["10.1.0.1".to_owned()]);
+    }
+
+    sim.add_node(SimNode {
+        name: "a-node-2".into(),
+        address: "10.1.0.2".into(),
+        meta: Default::default(),
+    });
+    sim.add_service(
+        SimService {
+            id: "a-2".into(),
+            service: "a".into(),
+            node: "a-node-2".into(),
+            address: String::new(),
+            port: 80,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta: Default::default(),
+        },
+        Status::Critical,
+    );
+    // Two feed intervals: the critical instance is now known to the view, and not served.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let r = ask(fwd.addr, &name, RecordType::A).await;
+    assert_eq!(addresses(&r), vec!["10.1.0.1".to_owned()]);
+
+    sim.set_service_check("a-2", Status::Passing);
+    let passed = Instant::now();
+    let seen = loop {
+        let r = ask(fwd.addr, &name, RecordType::A).await;
+        let mut got = addresses(&r);
+        got.sort();
+        if got == ["10.1.0.1", "10.1.0.2"] {
+            break Some(passed.elapsed());
+        }
+        if passed.elapsed() > PROBE_LIMIT {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("new instance answered {seen:?} after its check passed");
+    let took = seen.expect("the new instance is answered");
+    assert!(took < VISIBLE_WITHIN, "answered after {took:?}");
+    // The change came through the feed, not through a blocking query of `a`'s own.
+    let blocking_for_a: Vec<String> = sim
+        .request_log()
+        .into_iter()
+        .filter(|t| t.starts_with("/v1/health/service/a?") && t.contains("index="))
+        .collect();
+    assert!(
+        blocking_for_a.is_empty(),
+        "`a` was to stay beyond the budget: {blocking_for_a:?}"
+    );
+    fwd.stop().await;
 }

@@ -160,44 +160,77 @@ impl Target {
     }
 }
 
-/// Lowercased strings shared within one view: every instance of a service usually carries the
-/// same tags, so each distinct tag is stored once per view instead of once per instance.
+/// Lowercased strings and tag lists shared within one view: every instance of a service
+/// usually carries the same tags, so each distinct tag, and each distinct list of them, is
+/// stored once per view instead of once per instance.
 #[derive(Default)]
-struct Interner(HashMap<Box<str>, Arc<str>>);
+struct Interner {
+    strings: HashMap<Box<str>, Arc<str>>,
+    tag_lists: HashMap<Vec<String>, Tags>,
+}
+
+/// An instance's tags, lowercased; instances with the same tags share one list.
+pub type Tags = Arc<[Arc<str>]>;
+
+/// The tag list of every untagged instance (an empty `Arc<[_]>` still allocates).
+static NO_TAGS: LazyLock<Tags> = LazyLock::new(|| Arc::from(Vec::new()));
 
 impl Interner {
     fn lowercase(&mut self, s: &str) -> Arc<str> {
-        if let Some(shared) = self.0.get(s) {
+        if let Some(shared) = self.strings.get(s) {
             return shared.clone();
         }
         let lower: Arc<str> = Arc::from(s.to_ascii_lowercase());
         // Keyed by the string as Consul wrote it: the common case (already lowercase, the same
         // spelling everywhere) costs one lookup.
-        self.0.insert(Box::from(s), lower.clone());
+        self.strings.insert(Box::from(s), lower.clone());
         lower
     }
+
+    fn tags(&mut self, raw: &[String]) -> Tags {
+        if raw.is_empty() {
+            return NO_TAGS.clone();
+        }
+        if let Some(shared) = self.tag_lists.get(raw) {
+            return shared.clone();
+        }
+        let tags: Tags = raw.iter().map(|t| self.lowercase(t)).collect();
+        self.tag_lists.insert(raw.to_vec(), tags.clone());
+        tags
+    }
+}
+
+/// What identifies an instance's checks in `/v1/health/state` (`Node`, `ServiceID`) kept as a
+/// hash: the change feed needs only to match a listed check to the instance on its node, and
+/// a string per instance cost 10,000 services x 10 instances about 5 MB (issue 8's memory
+/// target). Two service IDs on one node would have to collide in 64 bits to be confused,
+/// and then one instance's health would be wrong until its next fetch.
+pub fn service_id_key(service_id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    // SipHash with fixed keys: the same value in every place that computes it.
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(service_id)
 }
 
 /// One service instance, as DNS sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Instance {
     pub node: String,
-    pub node_target: Option<Target>,
+    /// [`service_id_key`] of `Service.ID`.
+    pub service_id: u64,
     /// `Service.Address`, else `Node.Address`.
     pub target: Option<Target>,
     /// The service has an address of its own (decides the SRV target form).
     pub own_address: bool,
     pub port: u16,
     /// Lowercased: DNS tag lookups are case-insensitive.
-    pub tags: Vec<Arc<str>>,
+    pub tags: Tags,
     pub status: Status,
     /// The SRV weights (`Service.Weights`), capped to what an SRV record can carry.
     pub weight_passing: u16,
     pub weight_warning: u16,
-    /// Left empty by [`Instance::from_entry`]: no service answer uses a node's meta (node
-    /// lookups answer it from [`NodeView`]), and a real agent's nodes all carry some
-    /// (`consul-network-segment`), which would cost a map per instance.
-    pub node_meta: BTreeMap<String, String>,
+    // Not kept: the node's meta (no service answer uses it; node lookups answer it from
+    // [`NodeView`], and a real agent's nodes all carry some, a map per instance) and the
+    // node's own address when the service has one (no answer uses it).
 }
 
 impl Instance {
@@ -207,30 +240,21 @@ impl Instance {
 
     fn from_entry_in(e: &HealthEntry, strings: &mut Interner) -> Instance {
         let own = Target::parse(&e.service.address, strings);
-        let node_target = Target::parse(&e.node.address, strings);
         let weights = e.service.weights.unwrap_or(WeightsJson {
             passing: 1,
             warning: 1,
         });
         let srv_weight = |w: u32| u16::try_from(w).unwrap_or(u16::MAX);
-        let mut tags: Vec<Arc<str>> = e
-            .service
-            .tags
-            .iter()
-            .map(|t| strings.lowercase(t))
-            .collect();
-        tags.shrink_to_fit();
         Instance {
             node: e.node.node.to_ascii_lowercase(),
+            service_id: service_id_key(&e.service.id),
             own_address: own.is_some(),
-            target: own.or_else(|| node_target.clone()),
-            node_target,
+            target: own.or_else(|| Target::parse(&e.node.address, strings)),
             port: e.service.port,
-            tags,
+            tags: strings.tags(&e.service.tags),
             status: worst_status(&e.checks),
             weight_passing: srv_weight(weights.passing),
             weight_warning: srv_weight(weights.warning),
-            node_meta: BTreeMap::new(),
         }
     }
 
@@ -472,7 +496,7 @@ mod tests {
         );
         assert!(i.own_address);
         assert_eq!(i.port, 8000);
-        assert_eq!(i.tags, vec![Arc::<str>::from("primary")]);
+        assert_eq!(&*i.tags, &[Arc::<str>::from("primary")]);
         assert_eq!(i.status, Status::Passing);
         assert_eq!(i.weight(), 10);
     }

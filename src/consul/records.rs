@@ -420,8 +420,7 @@ pub fn addr_answer(ip: IpAddr, ctx: &Ctx<'_>) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consul::catalog::Status;
-    use std::collections::BTreeMap;
+    use crate::consul::catalog::{service_id_key, Status};
     use std::str::FromStr;
 
     fn inst(node: &str, addr: &str, own: bool, port: u16, status: Status) -> Instance {
@@ -435,15 +434,14 @@ mod tests {
         };
         Instance {
             node: node.into(),
-            node_target: target.clone(),
+            service_id: service_id_key(node),
             target,
             own_address: own,
             port,
-            tags: vec!["v1".into()],
+            tags: vec!["v1".into()].into(),
             status,
             weight_passing: 10,
             weight_warning: 1,
-            node_meta: BTreeMap::new(),
         }
     }
 
@@ -609,7 +607,7 @@ mod tests {
 
     #[test]
     fn nodes_and_addrs() {
-        let mut meta = BTreeMap::new();
+        let mut meta = std::collections::BTreeMap::new();
         meta.insert("instance_type".to_string(), "t2.medium".to_string());
         meta.insert("rfc1035-x".to_string(), "raw".to_string());
         let node = NodeView {

@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{
-    CatalogNodeJson, HealthEntry, Instance, NodeView, QueryExecuteJson, QueryView, ServiceView,
-    Status,
+    service_id_key, CatalogNodeJson, HealthEntry, Instance, NodeView, QueryExecuteJson, QueryView,
+    ServiceView, Status,
 };
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::{Backend, LookupError};
@@ -74,14 +74,10 @@ fn backoff(failures: u32) -> Duration {
     capped.mul_f64(rand::rng().random_range(0.5..1.5))
 }
 
-/// The check IDs of each instance of a view, in the view's order (node checks included), as
-/// its fetch returned them: what the change feed needs to recompute an instance's health.
-type InstanceChecks = Vec<Box<[Box<str>]>>;
-
 #[derive(Clone, Debug)]
 enum ViewState {
     Pending,
-    Ready(Arc<ServiceView>, Arc<InstanceChecks>),
+    Ready(Arc<ServiceView>),
     NoDatacenter,
     Failed(String),
 }
@@ -269,6 +265,7 @@ pub struct HttpBackend {
     /// The change feeds start with the first local-datacenter view (a forwarder nobody asks
     /// Consul names costs Consul nothing).
     feeds_started: AtomicBool,
+    watcher_context: Arc<WatcherContext>,
 }
 
 /// How often the current agent is probed.
@@ -323,20 +320,31 @@ impl HttpBackend {
             failover_tx,
             shutdown.clone(),
         ));
+        let settings = Settings {
+            watch_wait: config.watch_wait,
+            watch_idle: config.watch_idle,
+            stale_for: config.stale_for,
+            only_passing: config.only_passing,
+            node_ttl: config.node_ttl,
+            default_service_ttl: config.service_ttl_for(""),
+            config: Arc::new(config.clone()),
+        };
+        let watches: WatchMap = Arc::new(Mutex::new(HashMap::new()));
+        let watcher_context = Arc::new(WatcherContext {
+            client: client.clone(),
+            settings: settings.clone(),
+            watches: watches.clone(),
+            outage: outage.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        });
         HttpBackend {
             failovers,
             feeds_started: AtomicBool::new(false),
+            watcher_context,
             client,
-            settings: Settings {
-                watch_wait: config.watch_wait,
-                watch_idle: config.watch_idle,
-                stale_for: config.stale_for,
-                only_passing: config.only_passing,
-                node_ttl: config.node_ttl,
-                default_service_ttl: config.service_ttl_for(""),
-                config: Arc::new(config.clone()),
-            },
-            watches: Arc::new(Mutex::new(HashMap::new())),
+            settings,
+            watches,
             nodes: Arc::new(OnDemand::new()),
             queries: Arc::new(OnDemand::new()),
             datacenter,
@@ -368,12 +376,7 @@ impl HttpBackend {
         let task = Watcher {
             key,
             watch: w.clone(),
-            client: self.client.clone(),
-            settings: self.settings.clone(),
-            watches: self.watches.clone(),
-            outage: self.outage.clone(),
-            metrics: self.metrics.clone(),
-            shutdown: self.shutdown.clone(),
+            cx: self.watcher_context.clone(),
             failovers: self.failovers.clone(),
         };
         tokio::spawn(task.run());
@@ -479,13 +482,23 @@ struct StateCheckJson {
     modify_index: u64,
 }
 
-/// What a feed remembers of a check in its state: enough to tell a rewrite and to name the
-/// views it affects once it leaves the state.
+/// What a feed remembers of a check in its state: enough to tell a rewrite, to name the views
+/// it affects once it leaves the state, and to find the instance it belongs to.
 #[derive(Debug, PartialEq, Eq)]
 struct SeenCheck {
     modify_index: u64,
     /// Lowercased service name; `None` for a node check.
     service: Option<String>,
+    /// [`service_id_key`] of the check's `ServiceID` (0 for a node check).
+    service_id: u64,
+}
+
+impl SeenCheck {
+    /// Does this check (listed on the instance's node) count towards the instance's health?
+    /// Node checks count for every instance on the node.
+    fn applies_to(&self, instance: &Instance) -> bool {
+        self.service.is_none() || self.service_id == instance.service_id
+    }
 }
 
 /// The checks in one state: lowercased node -> check ID -> what was seen.
@@ -494,17 +507,15 @@ type SeenChecks = HashMap<String, HashMap<String, SeenCheck>>;
 fn seen_checks(list: Vec<StateCheckJson>) -> SeenChecks {
     let mut out: SeenChecks = HashMap::new();
     for c in list {
-        let service = c
-            .service_id
-            .filter(|id| !id.is_empty())
-            .map(|_| c.service_name.unwrap_or_default().to_ascii_lowercase());
-        out.entry(c.node.to_ascii_lowercase()).or_default().insert(
-            c.check_id,
-            SeenCheck {
-                modify_index: c.modify_index,
-                service,
-            },
-        );
+        let service_id = c.service_id.filter(|id| !id.is_empty());
+        let seen = SeenCheck {
+            modify_index: c.modify_index,
+            service_id: service_id.as_deref().map_or(0, service_id_key),
+            service: service_id.map(|_| c.service_name.unwrap_or_default().to_ascii_lowercase()),
+        };
+        out.entry(c.node.to_ascii_lowercase())
+            .or_default()
+            .insert(c.check_id, seen);
     }
     out
 }
@@ -512,26 +523,23 @@ fn seen_checks(list: Vec<StateCheckJson>) -> SeenChecks {
 /// The checks one round of a feed found changed, by what they affect.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Changes {
-    /// Service -> its changed checks as (node, check ID).
-    services: HashMap<String, HashSet<(String, String)>>,
-    /// Node -> its changed node checks.
-    nodes: HashMap<String, HashSet<String>>,
+    /// Service -> the instances whose service checks changed, as (node, service ID key).
+    services: HashMap<String, HashSet<(String, u64)>>,
+    /// Nodes whose node checks changed.
+    nodes: HashSet<String>,
 }
 
 impl Changes {
-    fn note(&mut self, node: &str, id: &str, seen: &SeenCheck) {
+    fn note(&mut self, node: &str, seen: &SeenCheck) {
         match &seen.service {
             Some(s) => {
                 self.services
                     .entry(s.clone())
                     .or_default()
-                    .insert((node.to_owned(), id.to_owned()));
+                    .insert((node.to_owned(), seen.service_id));
             }
             None => {
-                self.nodes
-                    .entry(node.to_owned())
-                    .or_default()
-                    .insert(id.to_owned());
+                self.nodes.insert(node.to_owned());
             }
         }
     }
@@ -545,7 +553,7 @@ fn diff(old: &SeenChecks, new: &SeenChecks) -> Changes {
         let before = old.get(node);
         for (id, seen) in checks {
             if before.and_then(|b| b.get(id)) != Some(seen) {
-                changes.note(node, id, seen);
+                changes.note(node, seen);
             }
         }
     }
@@ -553,7 +561,7 @@ fn diff(old: &SeenChecks, new: &SeenChecks) -> Changes {
         let after = new.get(node);
         for (id, seen) in checks {
             if !after.is_some_and(|a| a.contains_key(id)) {
-                changes.note(node, id, seen);
+                changes.note(node, seen);
             }
         }
     }
@@ -574,37 +582,33 @@ impl HealthLists {
     }
 }
 
-/// A check's status by the feeds' lists: in the critical list, in the warning list, else
-/// passing (a check that exists and is in neither).
-fn listed_status(lists: [&SeenChecks; FEED_STATES.len()], node: &str, id: &str) -> Status {
+/// An instance's status by the feeds' lists: critical when one of its checks (its service's
+/// or its node's) is in the critical list, else warning when one is in the warning list, else
+/// passing (every check in neither list is passing).
+fn listed_status(lists: [&SeenChecks; FEED_STATES.len()], instance: &Instance) -> Status {
     let [critical, warning] = lists;
-    if critical.get(node).is_some_and(|c| c.contains_key(id)) {
+    let listed_in = |list: &SeenChecks| {
+        list.get(&instance.node)
+            .is_some_and(|checks| checks.values().any(|c| c.applies_to(instance)))
+    };
+    if listed_in(critical) {
         Status::Critical
-    } else if warning.get(node).is_some_and(|c| c.contains_key(id)) {
+    } else if listed_in(warning) {
         Status::Warning
     } else {
         Status::Passing
     }
 }
 
-/// `view` with every instance's status recomputed from the lists (its checks are `checks`,
-/// from its last fetch), or `None` when nothing changes.
-fn patched(
-    view: &ServiceView,
-    checks: &InstanceChecks,
-    lists: [&SeenChecks; FEED_STATES.len()],
-) -> Option<ServiceView> {
+/// `view` with every instance's status recomputed from the lists, or `None` when nothing
+/// changes.
+fn patched(view: &ServiceView, lists: [&SeenChecks; FEED_STATES.len()]) -> Option<ServiceView> {
     let mut changed = false;
     let instances = view
         .instances
         .iter()
-        .zip(checks.iter())
-        .map(|(inst, ids)| {
-            let status = ids
-                .iter()
-                .map(|id| listed_status(lists, &inst.node, id))
-                .max()
-                .unwrap_or(Status::Passing);
+        .map(|inst| {
+            let status = listed_status(lists, inst);
             changed |= status != inst.status;
             Instance {
                 status,
@@ -634,9 +638,10 @@ struct Applied {
 impl FeedShared {
     /// Brings the views without a blocking query up to date with the lists: every one of them
     /// when `changes` is `None` (a feed's first result), else those named by `changes`. A view
-    /// is patched in place when it knows every changed check (its status follows from the
-    /// lists); a view that does not (a check registered since its fetch), or any view while
-    /// a list is missing, is refreshed with one fetch instead.
+    /// is patched in place when every changed check belongs to an instance it has (each
+    /// instance's status follows from the lists); a view that lacks one (an instance
+    /// registered since its fetch), or any view while a list is missing, is refreshed with one
+    /// fetch instead.
     fn apply(&self, changes: Option<&Changes>) -> Applied {
         let lists = lock(&self.lists);
         let complete = lists.complete();
@@ -647,15 +652,15 @@ impl FeedShared {
                 continue;
             }
             let current = match &*w.state.borrow() {
-                ViewState::Ready(view, checks) => Some((view.clone(), checks.clone())),
+                ViewState::Ready(view) => Some(view.clone()),
                 _ => None,
             };
-            let Some((view, checks)) = current else {
+            let Some(view) = current else {
                 continue;
             };
             let knows_all = match changes {
                 None => true,
-                Some(c) => match affects(c, service, &view, &checks) {
+                Some(c) => match affects(c, service, &view) {
                     Affected::No => continue,
                     Affected::Known => true,
                     Affected::Unknown => false,
@@ -663,8 +668,8 @@ impl FeedShared {
             };
             match complete {
                 Some(lists) if knows_all => {
-                    if let Some(new) = patched(&view, &checks, lists) {
-                        self.install(service, w, &view, checks, new);
+                    if let Some(new) = patched(&view, lists) {
+                        self.install(service, w, &view, new);
                         applied.patched += 1;
                     }
                 }
@@ -680,19 +685,12 @@ impl FeedShared {
     }
 
     /// Replaces `old` by `new` unless the watcher replaced it meanwhile (its fetch is newer).
-    fn install(
-        &self,
-        service: &str,
-        w: &Watch,
-        old: &Arc<ServiceView>,
-        checks: Arc<InstanceChecks>,
-        new: ServiceView,
-    ) {
+    fn install(&self, service: &str, w: &Watch, old: &Arc<ServiceView>, new: ServiceView) {
         let healthy = new.healthy_count(self.only_passing);
         let new = Arc::new(new);
         let replaced = w.state.send_if_modified(|state| match state {
-            ViewState::Ready(current, _) if Arc::ptr_eq(current, old) => {
-                *state = ViewState::Ready(new, checks);
+            ViewState::Ready(current) if Arc::ptr_eq(current, old) => {
+                *state = ViewState::Ready(new);
                 true
             }
             _ => false,
@@ -709,40 +707,31 @@ impl FeedShared {
 
 enum Affected {
     No,
-    /// Changed, and the view knows every changed check: a patch is exact.
+    /// Changed, and every changed check belongs to an instance of the view: a patch is exact.
     Known,
-    /// Changed, through a check the view has not seen.
+    /// Changed, through a service check of an instance the view does not have (registered
+    /// since its fetch, perhaps just turned healthy).
     Unknown,
 }
 
-fn affects(
-    changes: &Changes,
-    service: &str,
-    view: &ServiceView,
-    checks: &InstanceChecks,
-) -> Affected {
-    let has = |node: &str, id: &str| {
-        view.instances
-            .iter()
-            .zip(checks.iter())
-            .any(|(i, ids)| i.node == node && ids.iter().any(|c| &**c == id))
-    };
+fn affects(changes: &Changes, service: &str, view: &ServiceView) -> Affected {
     let mut affected = false;
     if let Some(changed) = changes.services.get(service) {
         affected = true;
-        if !changed.iter().all(|(node, id)| has(node, id)) {
+        let has = |(node, service_id): &(String, u64)| {
+            view.instances
+                .iter()
+                .any(|i| i.service_id == *service_id && i.node == *node)
+        };
+        if !changed.iter().all(has) {
             return Affected::Unknown;
         }
     }
-    if !changes.nodes.is_empty() {
-        for inst in &view.instances {
-            if let Some(ids) = changes.nodes.get(&inst.node) {
-                affected = true;
-                if !ids.iter().all(|id| has(&inst.node, id)) {
-                    return Affected::Unknown;
-                }
-            }
-        }
+    if !affected && !changes.nodes.is_empty() {
+        affected = view
+            .instances
+            .iter()
+            .any(|i| changes.nodes.contains(&i.node));
     }
     if affected {
         Affected::Known
@@ -867,15 +856,21 @@ impl Feed {
     }
 }
 
-struct Watcher {
-    key: (String, Option<String>),
-    watch: Arc<Watch>,
+/// What every watcher shares, behind one `Arc`: a watcher's task holds its fields for as long
+/// as the service is watched (10,000 of them in issue 8's target), so they cost one pointer.
+struct WatcherContext {
     client: Arc<ConsulClient>,
     settings: Settings,
     watches: WatchMap,
     outage: Arc<OutageLog>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+}
+
+struct Watcher {
+    key: (String, Option<String>),
+    watch: Arc<Watch>,
+    cx: Arc<WatcherContext>,
     failovers: watch::Receiver<u64>,
 }
 
@@ -891,7 +886,7 @@ impl Watcher {
             params.push(("dc", dc.clone()));
         }
         loop {
-            if lock(&self.watch.last_asked).elapsed() > self.settings.watch_idle {
+            if lock(&self.watch.last_asked).elapsed() > self.cx.settings.watch_idle {
                 break;
             }
             // Token bucket.
@@ -903,7 +898,7 @@ impl Watcher {
             if tokens == 0 {
                 let wait = WATCH_REFILL.saturating_sub(refilled.elapsed());
                 tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
+                    _ = self.cx.shutdown.cancelled() => break,
                     _ = tokio::time::sleep(wait) => continue,
                 }
             }
@@ -917,7 +912,7 @@ impl Watcher {
             if index > 0 && !self.watch.asked_again.load(Ordering::SeqCst) {
                 self.watch.on_demand.store(true, Ordering::SeqCst);
                 tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
+                    _ = self.cx.shutdown.cancelled() => break,
                     _ = self.watch.demand.notified() => {
                         self.watch.asked_again.store(true, Ordering::SeqCst);
                     }
@@ -927,14 +922,14 @@ impl Watcher {
                 }
             }
             let slot = if index > 0 && !refresh {
-                self.client.try_blocking_slot()
+                self.cx.client.try_blocking_slot()
             } else {
                 None
             };
             if index > 0 && slot.is_none() && !refresh {
                 self.watch.on_demand.store(true, Ordering::SeqCst);
                 tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
+                    _ = self.cx.shutdown.cancelled() => break,
                     _ = self.watch.demand.notified() => {}
                     _ = self.watch.changed.notified() => {}
                     // Look again for a free slot (and for idleness) now and then.
@@ -944,13 +939,19 @@ impl Watcher {
             self.watch
                 .on_demand
                 .store(slot.is_none() && index > 0, Ordering::SeqCst);
-            let blocking = slot.as_ref().map(|_| (index, self.settings.watch_wait));
-            let request =
-                self.client
-                    .get::<Vec<HealthEntry>>("health_service", &path, &params, blocking);
+            let blocking = slot.as_ref().map(|_| (index, self.cx.settings.watch_wait));
+            // Boxed: the request's state machine is most of a watcher's size, and only the
+            // watchers with a request in flight need it (10,000 idle watchers carried ~1.7 KiB
+            // each of it; issue 8's memory target).
+            let request = Box::pin(self.cx.client.get::<Vec<HealthEntry>>(
+                "health_service",
+                &path,
+                &params,
+                blocking,
+            ));
             self.failovers.borrow_and_update();
             let result = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
+                _ = self.cx.shutdown.cancelled() => break,
                 _ = self.failovers.changed() => {
                     // The agent was replaced: ask the new one now, without backoff.
                     index = 0;
@@ -961,7 +962,7 @@ impl Watcher {
             drop(slot);
             match result {
                 Ok(r) => {
-                    self.outage.ok();
+                    self.cx.outage.ok();
                     failures = 0;
                     *lock(&self.watch.last_confirmed) = Some(Instant::now());
                     let entries = r.value.unwrap_or_default();
@@ -974,52 +975,40 @@ impl Watcher {
                         .or_else(|| self.key.1.clone())
                         .unwrap_or_default();
                     let view = ServiceView::from_entries(&entries, &dc);
-                    let checks: InstanceChecks = entries
-                        .iter()
-                        .map(|e| {
-                            e.checks
-                                .iter()
-                                .map(|c| c.check_id.as_str().into())
-                                .collect()
-                        })
-                        .collect();
-                    let (changed, same_checks) = match &*self.watch.state.borrow() {
-                        ViewState::Ready(old, old_checks) => {
-                            (!old.same_data(&view), **old_checks == checks)
-                        }
-                        _ => (true, false),
+                    let changed = match &*self.watch.state.borrow() {
+                        ViewState::Ready(old) => !old.same_data(&view),
+                        _ => true,
                     };
                     if changed {
-                        self.metrics
+                        self.cx
+                            .metrics
                             .consul_healthy_instances
                             .with_label_values(&[self.key.0.as_str()])
                             .set(
-                                i64::try_from(view.healthy_count(self.settings.only_passing))
+                                i64::try_from(view.healthy_count(self.cx.settings.only_passing))
                                     .unwrap_or(i64::MAX),
                             );
                         if matches!(&*self.watch.state.borrow(), ViewState::Ready(..)) {
-                            self.metrics.consul_health_changes.inc();
+                            self.cx.metrics.consul_health_changes.inc();
                         }
-                    }
-                    if changed || !same_checks {
                         self.watch
                             .state
-                            .send_replace(ViewState::Ready(Arc::new(view), Arc::new(checks)));
+                            .send_replace(ViewState::Ready(Arc::new(view)));
                     }
                     index = new_index;
                 }
                 Err(ClientError::NoSuchDatacenter) => {
-                    self.outage.ok();
+                    self.cx.outage.ok();
                     self.watch.state.send_replace(ViewState::NoDatacenter);
                     failures = failures.saturating_add(1);
                     index = 0;
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(self.settings.default_service_ttl.max(BACKOFF_CAP)) => {}
+                        _ = self.cx.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(self.cx.settings.default_service_ttl.max(BACKOFF_CAP)) => {}
                     }
                 }
                 Err(e) => {
-                    self.outage.failed(&e);
+                    self.cx.outage.failed(&e);
                     failures = failures.saturating_add(1);
                     index = 0;
                     if matches!(
@@ -1031,20 +1020,21 @@ impl Watcher {
                             .send_replace(ViewState::Failed(e.to_string()));
                     }
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => break,
+                        _ = self.cx.shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff(failures)) => {}
                     }
                 }
             }
         }
-        let mut watches = lock(&self.watches);
+        let mut watches = lock(&self.cx.watches);
         if watches
             .get(&self.key)
             .is_some_and(|w| Arc::ptr_eq(w, &self.watch))
         {
             watches.remove(&self.key);
-            self.metrics.consul_watchers.dec();
+            self.cx.metrics.consul_watchers.dec();
             let _ = self
+                .cx
                 .metrics
                 .consul_healthy_instances
                 .remove_label_values(&[self.key.0.as_str()]);
@@ -1081,7 +1071,7 @@ impl Backend for HttpBackend {
             }
         };
         match state {
-            ViewState::Ready(view, _) => {
+            ViewState::Ready(view) => {
                 let confirmed = *lock(&w.last_confirmed);
                 if w.on_demand.load(Ordering::SeqCst)
                     && (!w.asked_again.load(Ordering::SeqCst)
@@ -1201,7 +1191,7 @@ mod tests {
                 .map(|(node, id, service, modify_index)| StateCheckJson {
                     node: (*node).to_owned(),
                     check_id: (*id).to_owned(),
-                    service_id: service.map(|s| format!("{s}-id")),
+                    service_id: service.map(|s| format!("{}-1", s.to_ascii_lowercase())),
                     service_name: service.map(str::to_owned),
                     modify_index: *modify_index,
                 })
@@ -1222,7 +1212,7 @@ mod tests {
             ("n4", "service:c-1", Some("c"), 4),
         ]);
         let changes = diff(&old, &new);
-        let services: Vec<(&str, Vec<(String, String)>)> = {
+        let services: Vec<(&str, Vec<(String, u64)>)> = {
             let mut v: Vec<_> = changes
                 .services
                 .iter()
@@ -1234,17 +1224,18 @@ mod tests {
         assert_eq!(
             services,
             vec![
-                ("a", vec![("n1".to_owned(), "service:a-1".to_owned())]),
-                ("b", vec![("n3".to_owned(), "service:b-1".to_owned())]),
+                ("a", vec![("n1".to_owned(), service_id_key("a-1"))]),
+                ("b", vec![("n3".to_owned(), service_id_key("b-1"))]),
             ]
         );
-        assert_eq!(changes.nodes.len(), 1);
-        assert!(changes.nodes["n2"].contains("serfHealth"));
+        assert_eq!(changes.nodes, HashSet::from(["n2".to_owned()]));
         assert_eq!(diff(&new, &new), Changes::default());
     }
 
     #[test]
     fn a_patch_recomputes_each_instance_from_the_lists() {
+        // Two instances of `a` on n1 and n2, and one of `b` on n1 (whose checks must not
+        // count for `a`'s instance there).
         let entries: Vec<HealthEntry> = serde_json::from_str(
             r#"[
               {"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": {"ID": "a-1", "Service": "a", "Port": 80},
@@ -1255,41 +1246,45 @@ mod tests {
         )
         .expect("entries");
         let view = ServiceView::from_entries(&entries, "dc1");
-        let checks: InstanceChecks = entries
-            .iter()
-            .map(|e| {
-                e.checks
-                    .iter()
-                    .map(|c| c.check_id.as_str().into())
-                    .collect()
-            })
-            .collect();
-        let critical = seen(&[("n2", "serfHealth", None, 9)]);
+        let critical = seen(&[
+            ("n2", "serfHealth", None, 9),
+            ("n1", "service:b-1", Some("b"), 9),
+        ]);
         let warning = seen(&[("n1", "service:a-1", Some("a"), 9)]);
-        let new = patched(&view, &checks, [&critical, &warning]).expect("changed");
+        let new = patched(&view, [&critical, &warning]).expect("changed");
         let statuses: Vec<Status> = new.instances.iter().map(|i| i.status).collect();
         assert_eq!(statuses, vec![Status::Warning, Status::Critical]);
-        assert!(patched(&new, &checks, [&critical, &warning]).is_none());
+        assert!(patched(&new, [&critical, &warning]).is_none());
         let none = SeenChecks::new();
-        let back = patched(&new, &checks, [&none, &none]).expect("changed");
+        let back = patched(&new, [&none, &none]).expect("changed");
         assert!(back.same_data(&view));
-        // A change through a check the view has not seen cannot be patched.
-        let mut changes = Changes::default();
-        changes.note(
-            "n1",
-            "service:a-1-extra",
-            &SeenCheck {
-                modify_index: 1,
-                service: Some("a".into()),
-            },
-        );
-        assert!(matches!(
-            affects(&changes, "a", &view, &checks),
-            Affected::Unknown
-        ));
-        assert!(matches!(
-            affects(&changes, "b", &view, &checks),
-            Affected::No
-        ));
+
+        // A check of an instance the view has (a second check registered since the fetch
+        // included) patches exactly; one of an instance it lacks needs a fetch.
+        let note = |node: &str, id: &str| {
+            let mut changes = Changes::default();
+            let listed = seen(&[(node, id, Some("a"), 1)]);
+            for (n, checks) in &listed {
+                for c in checks.values() {
+                    changes.note(n, c);
+                }
+            }
+            changes
+        };
+        let known = note("n1", "service:a-1-extra");
+        assert!(matches!(affects(&known, "a", &view), Affected::Known));
+        let mut unknown = known;
+        unknown
+            .services
+            .entry("a".into())
+            .or_default()
+            .insert(("n3".into(), service_id_key("a-3")));
+        assert!(matches!(affects(&unknown, "a", &view), Affected::Unknown));
+        assert!(matches!(affects(&unknown, "b", &view), Affected::No));
+        let mut node_change = Changes::default();
+        node_change.nodes.insert("n2".into());
+        assert!(matches!(affects(&node_change, "a", &view), Affected::Known));
+        node_change.nodes = HashSet::from(["n9".to_owned()]);
+        assert!(matches!(affects(&node_change, "a", &view), Affected::No));
     }
 }

@@ -23,7 +23,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, Record};
 
 use crate::packet::{self, PlainQuery};
-use crate::wire::{Answer, Question, HEADER_LEN, STALE_TTL};
+use crate::wire::{self, Answer, Question, HEADER_LEN, STALE_TTL};
 
 /// TTL rules applied when an upstream message is stored.
 #[derive(Clone, Debug)]
@@ -252,9 +252,10 @@ impl CachedAnswer {
 
     /// Writes the reply to `q` from this entry into `out`: header, the client's question (its
     /// case kept), the records with TTLs adjusted, the answer records shuffled when `shuffle`, and
-    /// an OPT record when the query had one. Returns false, with `out` in an unspecified state,
-    /// when this must go the general way instead: the reply would exceed `limit`, or the answers
-    /// cannot be shuffled as bytes.
+    /// an OPT record when the query had one. Shuffled answers of addresses alone too large for
+    /// `limit` (UDP) are cut to a random subset that fits, with TC=1. Returns false, with `out`
+    /// in an unspecified state, when this must go the general way instead: any other reply
+    /// that would exceed `limit`, or answers that cannot be shuffled as bytes.
     pub fn write_reply(
         &self,
         out: &mut Vec<u8>,
@@ -264,9 +265,26 @@ impl CachedAnswer {
         stale: bool,
         shuffle: bool,
     ) -> bool {
-        let opt = q.edns_payload.is_some();
-        let size = HEADER_LEN + self.wire.len() + if opt { 11 } else { 0 };
-        if size > limit || q.question.len() != usize::from(self.question_len) {
+        let opt_len = if q.edns_payload.is_some() {
+            wire::OPT_LEN
+        } else {
+            0
+        };
+        if q.question.len() != usize::from(self.question_len) {
+            return false;
+        }
+        let answers = usize::from(self.counts[0]);
+        let shuffled = shuffle && answers > 1;
+        let fits = HEADER_LEN + self.wire.len() + opt_len <= limit;
+        // Too large for the client: cut here only an answer of shuffled addresses alone (a large
+        // service through Consul's DNS interface), over UDP; the general path cuts the rest,
+        // the same way (the largest prefix that fits, TC=1).
+        let cut = !fits
+            && shuffled
+            && self.counts[1] == 0
+            && self.counts[2] == 0
+            && limit < wire::TCP_LIMIT;
+        if !fits && !cut {
             return false;
         }
         out.clear();
@@ -274,26 +292,37 @@ impl CachedAnswer {
         out.extend_from_slice(q.question);
         let base = out.len();
         let records = self.records();
-        if shuffle && self.counts[0] > 1 {
+        let mut total: usize = self.counts.iter().map(|&c| usize::from(c)).sum();
+        if shuffled {
+            let room = if fits {
+                usize::MAX
+            } else {
+                limit.saturating_sub(base + opt_len)
+            };
             let mut rng = rand::rng();
-            let Some(used) = packet::copy_shuffled_answers(
-                out,
-                records,
-                usize::from(self.counts[0]),
-                base,
-                &mut rng,
-            ) else {
+            let Some((used, copied)) =
+                packet::copy_shuffled_answers(out, records, answers, base, room, &mut rng)
+            else {
                 return false;
             };
-            out.extend_from_slice(&records[used..]);
+            if copied < answers {
+                // Only when cutting: nothing follows the answers.
+                let copied_count = u16::try_from(copied).unwrap_or(u16::MAX);
+                if let Some(ancount) = out.get_mut(6..8) {
+                    ancount.copy_from_slice(&copied_count.to_be_bytes());
+                }
+                wire::set_truncated(out);
+                total = copied;
+            } else {
+                out.extend_from_slice(&records[used..]);
+            }
         } else {
             out.extend_from_slice(records);
         }
-        let total = self.counts.iter().map(|&c| usize::from(c)).sum();
         if !packet::rewrite_ttls(&mut out[base..], total, base, self.ttl_at(now, stale)) {
             return false;
         }
-        if opt {
+        if opt_len > 0 {
             packet::write_opt(out);
             packet::add_additional(out);
         }
@@ -705,6 +734,47 @@ mod tests {
             assert_eq!(addrs, ["192.0.2.0", "192.0.2.1", "192.0.2.2", "192.0.2.3"]);
         }
         assert!(firsts.len() > 1, "the order changes");
+    }
+
+    /// A large service through Consul's DNS interface: more addresses than a UDP reply holds.
+    /// The bytes path cuts them as the general path does (as many as fit, TC=1), to a random
+    /// subset; over TCP everything fits and nothing is cut.
+    #[test]
+    fn shuffled_addresses_too_many_for_udp_are_cut_to_a_random_subset() {
+        let now = Instant::now();
+        let e = store(&reply(ResponseCode::NoError, &[60; 100], None), now).expect("ok");
+        let mut request = Message::query();
+        request.add_query(Query::query(
+            Name::from_str("x.example.").expect("name"),
+            RecordType::A,
+        ));
+        let bytes = request.to_vec().expect("encode");
+        let plain = packet::parse_plain_query(&bytes).expect("plain");
+        let (general, truncated) = wire::encode_reply(&request, &e.to_answer(now, false), 512);
+        assert!(truncated);
+        let general = Message::from_vec(&general).expect("general decodes");
+        let mut kept = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let mut out = Vec::new();
+            assert!(e.write_reply(&mut out, &plain, 512, now, false, true));
+            assert!(out.len() <= 512);
+            let msg = Message::from_vec(&out).expect("decodes");
+            assert!(msg.metadata.truncation, "TC=1: TCP gives more");
+            assert_eq!(msg.answers.len(), general.answers.len(), "as many as fit");
+            assert!(msg.answers.iter().all(|r| r.ttl == 60));
+            kept.extend(msg.answers.iter().map(|r| r.data.to_string()));
+        }
+        assert!(
+            kept.len() > general.answers.len(),
+            "a different subset each time"
+        );
+        let mut out = Vec::new();
+        assert!(e.write_reply(&mut out, &plain, wire::TCP_LIMIT, now, false, true));
+        let msg = Message::from_vec(&out).expect("decodes");
+        assert!(!msg.metadata.truncation);
+        assert_eq!(msg.answers.len(), 100);
+        // Not shuffled (an upstream answer): too large goes the general way.
+        assert!(!e.write_reply(&mut Vec::new(), &plain, 512, now, false, false));
     }
 
     #[test]

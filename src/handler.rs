@@ -180,6 +180,13 @@ impl Handler {
         if !source.reply_from_cache(&query, key, limit, started, out) {
             return false;
         }
+        if out.get(2).is_some_and(|flags| flags & 0x02 != 0) {
+            // Cut to fit (a large shuffled answer); nothing else sets TC on this path.
+            self.metrics
+                .truncated
+                .with_label_values(&[transport.as_str()])
+                .inc();
+        }
         self.metrics
             .count_request(transport, RecordType::from(query.qtype), consul.is_some());
         let rcode = ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f));

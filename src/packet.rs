@@ -24,9 +24,14 @@ const TYPE_AAAA: u16 = 28;
 /// subnet): a query carrying one goes the general way, so a malformed one still gets FORMERR.
 const VALIDATED_OPTIONS: [u16; 3] = [3, 5, 8];
 
-/// Answer sections longer than this are not shuffled here (the general path does it); round robin
-/// answers are a handful of addresses.
-pub const MAX_SHUFFLED: usize = 64;
+/// Answer sections up to this many records are shuffled with their spans on the stack; longer
+/// ones (a large service through Consul's DNS interface: 74 addresses fill an EDNS 1232 reply)
+/// put them in one allocation.
+const SPANS_ON_STACK: usize = 64;
+
+/// The smallest record that can be moved: an A record whose owner is a 2-byte pointer. Bounds the
+/// span list by the bytes really there, whatever count the header claims.
+const MIN_MOVABLE_RECORD: usize = 16;
 
 /// What the reply to a plain query needs from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -276,23 +281,34 @@ pub fn add_additional(out: &mut [u8]) {
     }
 }
 
-/// Copies the `count` answer records at the start of `records` to `out` in the order `order`
-/// picks, if every one of them can move (an A or AAAA whose owner points back at the question,
-/// so no other record points into it either). Returns the length of the answer section copied,
-/// or `None` when they cannot be shuffled here.
+/// Copies the `count` answer records at the start of `records` to `out` in a random order, as
+/// many as fit in `room` bytes, if every one of them can move (an A or AAAA whose owner points
+/// back at the question, so no other record points into it either). The copy stops at the first
+/// record that does not fit, so a cut answer is a random subset, the largest prefix of a random
+/// order that fits, as the general path cuts (`wire::encode_reply`). Returns the length of the
+/// whole answer section in `records` and how many records were copied, or `None` when they
+/// cannot be shuffled here.
 pub fn copy_shuffled_answers(
     out: &mut Vec<u8>,
     records: &[u8],
     count: usize,
     base: usize,
+    room: usize,
     rng: &mut impl rand::Rng,
-) -> Option<usize> {
-    if count > MAX_SHUFFLED {
+) -> Option<(usize, usize)> {
+    if count > records.len() / MIN_MOVABLE_RECORD {
         return None;
     }
-    let mut spans = [(0usize, 0usize); MAX_SHUFFLED];
+    let mut on_stack = [(0usize, 0usize); SPANS_ON_STACK];
+    let mut on_heap = Vec::new();
+    let spans: &mut [(usize, usize)] = if count <= SPANS_ON_STACK {
+        &mut on_stack[..count]
+    } else {
+        on_heap.resize(count, (0, 0));
+        &mut on_heap
+    };
     let mut at = 0;
-    for slot in spans.iter_mut().take(count) {
+    for slot in spans.iter_mut() {
         let span = record_at(records, at, base)?;
         if !span.owner_points_back || !(span.rtype == TYPE_A || span.rtype == TYPE_AAAA) {
             return None;
@@ -300,13 +316,21 @@ pub fn copy_shuffled_answers(
         *slot = (span.start, span.end);
         at = span.end;
     }
-    let spans = &mut spans[..count];
-    use rand::seq::SliceRandom;
-    spans.shuffle(rng);
-    for &(start, end) in spans.iter() {
+    // Fisher–Yates, one position at a time, stopped when a record does not fit: a cut answer
+    // draws only the records it sends.
+    let mut left = room;
+    let mut copied = 0;
+    while copied < count {
+        spans.swap(copied, rng.random_range(copied..count));
+        let (start, end) = spans[copied];
+        if end - start > left {
+            break;
+        }
+        left -= end - start;
         out.extend_from_slice(&records[start..end]);
+        copied += 1;
     }
-    Some(at)
+    Some((at, copied))
 }
 
 #[cfg(test)]
@@ -417,12 +441,26 @@ mod tests {
         let mut rng = rand::rng();
         for _ in 0..50 {
             let mut out = Vec::new();
-            let used = copy_shuffled_answers(&mut out, &records, 2, 20, &mut rng).expect("movable");
-            assert_eq!(used, records.len());
+            let (used, copied) =
+                copy_shuffled_answers(&mut out, &records, 2, 20, usize::MAX, &mut rng)
+                    .expect("movable");
+            assert_eq!((used, copied), (records.len(), 2));
             assert_eq!(out.len(), records.len());
             seen.insert(out[out.len() - 1]);
         }
         assert_eq!(seen.len(), 2, "both orders show up");
+        // Room for one record: one of the two, either one.
+        let mut kept = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let mut out = Vec::new();
+            let (used, copied) =
+                copy_shuffled_answers(&mut out, &records, 2, 20, 31, &mut rng).expect("movable");
+            assert_eq!((used, copied, out.len()), (records.len(), 1, 16));
+            kept.insert(out[15]);
+        }
+        assert_eq!(kept.len(), 2, "the kept record is drawn at random");
+        // A count the bytes cannot hold is refused before anything is allocated for it.
+        assert!(copy_shuffled_answers(&mut Vec::new(), &records, 3, 20, 64, &mut rng).is_none());
         assert!(!rewrite_ttls(&mut records[..20].to_vec(), 2, 20, |t| t));
     }
 }

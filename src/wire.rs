@@ -20,7 +20,7 @@ pub const TCP_LIMIT: usize = 65_535;
 pub const HEADER_LEN: usize = 12;
 
 /// Size of an OPT record without options (RFC 6891 §6.1.2).
-const OPT_LEN: usize = 11;
+pub const OPT_LEN: usize = 11;
 
 /// TTL of answers served from stale data (RFC 8767 §4 recommends 30 seconds).
 pub const STALE_TTL: u32 = 30;

@@ -569,6 +569,52 @@ async fn dns_mode_forwards_to_the_agent_and_caches_despite_ttl_zero() {
     fwd.stop().await;
 }
 
+/// A large service in DNS mode: the agent's answer is cached whole; a client that takes less
+/// gets as many addresses as fit, a different random subset each time, with TC=1 (TCP gives
+/// more), and TCP gives all the cached ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_mode_cuts_a_large_cached_answer_to_a_random_subset_that_fits() {
+    let sim = ConsulSim::start().await;
+    sim.add_grid("big", 1, 300);
+    let up = TestUpstream::start().await;
+    let toml = format!(
+        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nmode = \"dns\"\ndns = [\"{}\"]\n",
+        up.addr,
+        sim.dns_addr()
+    );
+    let fwd = TestServer::start(&toml).await;
+    let name = "big0.service.consul.";
+    let whole = tcp(fwd.addr, &make_query(name, RecordType::A, None)).await;
+    assert!(!whole.metadata.truncation);
+    let cached = addresses(&whole).len();
+    // The agent trims its answer to our EDNS size (74 addresses), without TC, as Consul does.
+    assert!(cached > 29, "the agent's answer holds {cached} addresses");
+    let mut seen = HashSet::new();
+    for _ in 0..20 {
+        let q = make_query(name, RecordType::A, None);
+        let bytes = raw_udp(fwd.addr, &q.to_vec().expect("encode"), REPLY_TIMEOUT)
+            .await
+            .expect("reply");
+        assert!(bytes.len() <= 512, "{} bytes", bytes.len());
+        let r = Message::from_vec(&bytes).expect("decodes");
+        assert!(r.metadata.truncation, "TC=1: TCP would give more");
+        let got = addresses(&r);
+        // 512 bytes hold 29 A records after this question (16 bytes each).
+        assert_eq!(got.len(), 29, "as many as fit");
+        seen.extend(got);
+    }
+    assert!(
+        seen.len() > 29,
+        "a different subset each time: {} seen",
+        seen.len()
+    );
+    let again = tcp(fwd.addr, &make_query(name, RecordType::A, None)).await;
+    assert!(!again.metadata.truncation);
+    assert_eq!(addresses(&again).len(), cached);
+    assert_eq!(sim.dns_queries(), 1, "every answer came from the cache");
+    fwd.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalog_file_answers_without_consul() {
     let sim = sim_with_web().await;

@@ -392,6 +392,7 @@ impl HttpBackend {
                     state,
                     list,
                     client: self.client.clone(),
+                    outage: self.outage.clone(),
                     shared: shared.clone(),
                     watch_wait: self.settings.watch_wait,
                     shutdown: self.shutdown.clone(),
@@ -751,6 +752,10 @@ struct Feed {
     /// This feed's place in [`HealthLists::lists`].
     list: usize,
     client: Arc<ConsulClient>,
+    /// A feed's answer ends an outage as a watcher's does: after an agent restart the feed
+    /// may be the first to get through, and the "reachable again" line must not wait for
+    /// the next probe.
+    outage: Arc<OutageLog>,
     shared: FeedShared,
     watch_wait: Duration,
     shutdown: CancellationToken,
@@ -789,6 +794,7 @@ impl Feed {
             };
             let pause = match result {
                 Ok(r) => {
+                    self.outage.ok();
                     failures = 0;
                     index = if r.index < index { 0 } else { r.index.max(1) };
                     // Decoding into maps, diffing and patching walk every listed check and

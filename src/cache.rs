@@ -712,15 +712,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn shuffled_byte_replies_keep_every_record_and_vary() {
-        let now = Instant::now();
-        let e = store(&reply(ResponseCode::NoError, &[60, 60, 60, 60], None), now).expect("ok");
+    /// `x.example. A`, without EDNS.
+    fn a_query() -> Message {
         let mut request = Message::query();
         request.add_query(Query::query(
             Name::from_str("x.example.").expect("name"),
             RecordType::A,
         ));
+        request
+    }
+
+    #[test]
+    fn shuffled_byte_replies_keep_every_record_and_vary() {
+        let now = Instant::now();
+        let e = store(&reply(ResponseCode::NoError, &[60, 60, 60, 60], None), now).expect("ok");
+        let request = a_query();
         let bytes = request.to_vec().expect("encode");
         let plain = packet::parse_plain_query(&bytes).expect("plain");
         let mut firsts = std::collections::HashSet::new();
@@ -743,11 +749,7 @@ mod tests {
     fn shuffled_addresses_too_many_for_udp_are_cut_to_a_random_subset() {
         let now = Instant::now();
         let e = store(&reply(ResponseCode::NoError, &[60; 100], None), now).expect("ok");
-        let mut request = Message::query();
-        request.add_query(Query::query(
-            Name::from_str("x.example.").expect("name"),
-            RecordType::A,
-        ));
+        let request = a_query();
         let bytes = request.to_vec().expect("encode");
         let plain = packet::parse_plain_query(&bytes).expect("plain");
         let (general, truncated) = wire::encode_reply(&request, &e.to_answer(now, false), 512);

@@ -542,16 +542,20 @@ async fn hostname_addresses_become_a_cname_chain() {
     fwd.stop().await;
 }
 
+/// `consul.mode = "dns"` against the simulator's DNS port.
+fn dns_mode_config(sim: &ConsulSim, up: &TestUpstream) -> String {
+    format!(
+        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nmode = \"dns\"\ndns = [\"{}\"]\n",
+        up.addr,
+        sim.dns_addr()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_mode_forwards_to_the_agent_and_caches_despite_ttl_zero() {
     let sim = sim_with_web().await;
     let up = TestUpstream::start().await;
-    let toml = format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nmode = \"dns\"\ndns = [\"{}\"]\n",
-        up.addr,
-        sim.dns_addr()
-    );
-    let fwd = TestServer::start(&toml).await;
+    let fwd = TestServer::start(&dns_mode_config(&sim, &up)).await;
     let mut orders = HashSet::new();
     for _ in 0..30 {
         let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
@@ -577,12 +581,7 @@ async fn dns_mode_cuts_a_large_cached_answer_to_a_random_subset_that_fits() {
     let sim = ConsulSim::start().await;
     sim.add_grid("big", 1, 300);
     let up = TestUpstream::start().await;
-    let toml = format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nmode = \"dns\"\ndns = [\"{}\"]\n",
-        up.addr,
-        sim.dns_addr()
-    );
-    let fwd = TestServer::start(&toml).await;
+    let fwd = TestServer::start(&dns_mode_config(&sim, &up)).await;
     let name = "big0.service.consul.";
     let whole = tcp(fwd.addr, &make_query(name, RecordType::A, None)).await;
     assert!(!whole.metadata.truncation);

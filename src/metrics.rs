@@ -19,6 +19,21 @@ use prometheus::{
 
 const NS: &str = "consul_dns_forwarder";
 
+/// The values of `limit_drops_total{limit}`:
+/// - `watchers`: a service view not started because `consul::watch::MAX_WATCHERS` are running;
+/// - `on_demand`: a remembered node or prepared-query answer forgotten to stay within
+///   `consul::watch::MAX_ON_DEMAND`;
+/// - `unverified_lookups`: a Consul lookup not sent because the name could not be checked
+///   against the catalog and `consul::inventory`'s budget for such lookups was spent;
+/// - `service_series`: a `consul_healthy_instances` series not created, beyond
+///   `consul::watch::MAX_SERVICE_SERIES`.
+pub const LIMIT_LABELS: [&str; 4] = [
+    "watchers",
+    "on_demand",
+    "unverified_lookups",
+    "service_series",
+];
+
 /// Request latency buckets: from 50 µs (a cache hit) to several seconds (an upstream timeout).
 const DURATION_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -55,6 +70,9 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub consul_healthy_instances: IntGaugeVec,
     pub consul_health_changes: IntCounter,
+    /// What a bound on client-keyed state turned away or forgot, by bound (see
+    /// [`LIMIT_LABELS`]): the caps that keep names from clients from growing the forwarder.
+    pub limit_drops: IntCounterVec,
     pub build_info: IntGaugeVec,
     /// Children of `requests`, resolved on first use and kept: `with_label_values` hashes the
     /// labels and takes a lock on every call, which shows in the hot path's profile. Indexed by
@@ -152,6 +170,10 @@ impl Metrics {
                 &["service"],
             )?,
             consul_health_changes: IntCounter::with_opts(opts("consul_view_changes_total", "Changes of a watched service view seen through blocking queries."))?,
+            limit_drops: IntCounterVec::new(
+                opts("limit_drops_total", "Work or state a bound on client-keyed state refused or forgot, by bound."),
+                &["limit"],
+            )?,
             hot_requests: Arc::new(std::array::from_fn(|_| OnceLock::new())),
             hot_cache_responses: Arc::new(std::array::from_fn(|_| OnceLock::new())),
             build_info: IntGaugeVec::new(
@@ -182,6 +204,7 @@ impl Metrics {
         registry.register(Box::new(m.consul_last_contact.clone()))?;
         registry.register(Box::new(m.consul_healthy_instances.clone()))?;
         registry.register(Box::new(m.consul_health_changes.clone()))?;
+        registry.register(Box::new(m.limit_drops.clone()))?;
         registry.register(Box::new(m.build_info.clone()))?;
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -195,6 +218,9 @@ impl Metrics {
         }
         for reason in ["short", "response", "overload", "tcp_connection_limit"] {
             m.dropped.with_label_values(&[reason]);
+        }
+        for limit in LIMIT_LABELS {
+            m.limit_drops.with_label_values(&[limit]);
         }
         for outcome in ["success", "failure"] {
             m.reloads.with_label_values(&[outcome]);

@@ -34,6 +34,7 @@ const REQUIRED_SERIES: &[&str] = &[
     "consul_dns_forwarder_consul_last_success_age_seconds",
     "consul_dns_forwarder_consul_healthy_instances",
     "consul_dns_forwarder_consul_view_changes_total",
+    "consul_dns_forwarder_limit_drops_total",
     "consul_dns_forwarder_truncated_responses_total",
     "consul_dns_forwarder_refused_clients_total",
     "consul_dns_forwarder_dropped_packets_total",

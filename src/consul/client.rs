@@ -106,6 +106,9 @@ pub enum ClientError {
 pub struct Indexed<T> {
     pub value: T,
     pub index: u64,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read every item, so a list
+    /// is not the whole catalog.
+    pub filtered: bool,
 }
 
 pub struct ConsulClient {
@@ -189,13 +192,16 @@ impl ConsulClient {
         self.blocking.clone().try_acquire_owned().ok()
     }
 
-    /// GET `path` with `query`, trying each agent in order from the last good one. `blocking`
+    /// GET the path made of `segments` with `query`, trying each agent in order from the last
+    /// good one. Each segment is percent-encoded as one path segment and each query value as a
+    /// value, so no name (even one that escaped validation) can add a segment, a parameter or a
+    /// fragment to the request that carries the token. `blocking`
     /// = `Some((index, wait))` makes it a blocking query, which must hold a slot from
     /// [`ConsulClient::try_blocking_slot`]; otherwise a fetch slot is taken here.
     pub async fn get<T: DeserializeOwned>(
         &self,
         endpoint: &'static str,
-        path: &str,
+        segments: &[&str],
         query: &[(&str, String)],
         blocking: Option<(u64, Duration)>,
     ) -> Result<Indexed<Option<T>>, ClientError> {
@@ -230,7 +236,7 @@ impl ConsulClient {
         let mut last = ClientError::Closed;
         for k in 0..n {
             let i = (start + k) % n;
-            match self.get_from(i, path, &params, timeout).await {
+            match self.get_from(i, segments, &params, timeout).await {
                 Ok(r) => {
                     self.current.store(i, Ordering::Relaxed);
                     self.metrics
@@ -273,7 +279,7 @@ impl ConsulClient {
         let _slot = self.fetches.clone().try_acquire_owned().ok()?;
         let i = self.current.load(Ordering::Relaxed) % self.agents.len().max(1);
         let r = self
-            .get_from::<serde_json::Value>(i, "/v1/status/leader", &[], PROBE_TIMEOUT)
+            .get_from::<serde_json::Value>(i, &["v1", "status", "leader"], &[], PROBE_TIMEOUT)
             .await
             .map(|_| ());
         self.metrics
@@ -299,7 +305,7 @@ impl ConsulClient {
     async fn get_from<T: DeserializeOwned>(
         &self,
         agent: usize,
-        path: &str,
+        segments: &[&str],
         params: &[(&str, String)],
         timeout: Duration,
     ) -> Result<Indexed<Option<T>>, ClientError> {
@@ -309,16 +315,12 @@ impl ConsulClient {
             agent: agent_name.clone(),
             message,
         };
-        let mut url = base
-            .join(path.trim_start_matches('/'))
-            .map_err(|e| transport(format!("bad path {path}: {e}")))?;
-        if !params.is_empty() {
-            url.query_pairs_mut().extend_pairs(params);
-        }
+        let url = api_url(base, segments, params)
+            .ok_or_else(|| transport(format!("refused to build a request for {segments:?}")))?;
         let uri: Uri = url
             .as_str()
             .parse()
-            .map_err(|e| transport(format!("bad path {path}: {e}")))?;
+            .map_err(|e| transport(format!("bad request URL: {e}")))?;
         let mut request = hyper::Request::get(uri).header(
             hyper::header::USER_AGENT,
             concat!("consul-dns-forwarder/", env!("CARGO_PKG_VERSION")),
@@ -361,6 +363,10 @@ impl ConsulClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
+        let filtered = parts
+            .headers
+            .get("X-Consul-Results-Filtered-By-ACLs")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body[..body.len().min(200)])
                 .trim()
@@ -381,8 +387,41 @@ impl ConsulClient {
             agent: agent_name.clone(),
             message: e.to_string(),
         })?;
-        Ok(Indexed { value, index })
+        Ok(Indexed {
+            value,
+            index,
+            filtered,
+        })
     }
+}
+
+/// `base` (an agent's URL, perhaps with a path prefix) with `segments` appended, each encoded as
+/// one path segment (`/`, `?`, `#`, `%`, `\\` and the rest percent-encoded), and `params` as an
+/// encoded query string. `None` for a segment that is empty, `.` or `..` (the url crate drops
+/// the last two, which would turn one endpoint into another; names are validated before they
+/// get here, this keeps the client safe on its own), or a base that cannot have a path.
+pub fn api_url(
+    base: &reqwest::Url,
+    segments: &[&str],
+    params: &[(&str, String)],
+) -> Option<reqwest::Url> {
+    let mut url = base.clone();
+    url.set_query(None);
+    url.set_fragment(None);
+    {
+        let mut path = url.path_segments_mut().ok()?;
+        path.pop_if_empty();
+        for segment in segments {
+            if matches!(*segment, "" | "." | "..") {
+                return None;
+            }
+            path.push(segment);
+        }
+    }
+    if !params.is_empty() {
+        url.query_pairs_mut().extend_pairs(params);
+    }
+    Some(url)
 }
 
 /// hyper's errors, with the cause chain (its own message alone is often just "client error").
@@ -635,6 +674,32 @@ mod tests {
             let agent = reqwest::Url::parse(agent).expect("url");
             let request: hyper::Uri = request.parse().expect("uri");
             assert_eq!(super::authority(&agent), super::uri_authority(&request));
+        }
+    }
+
+    #[test]
+    fn every_segment_stays_one_segment_and_every_value_one_value() {
+        let base = reqwest::Url::parse("http://127.0.0.1:8500/prefix/").expect("url");
+        let url = |segments: &[&str], params: &[(&str, String)]| {
+            super::api_url(&base, segments, params).map(|u| u.to_string())
+        };
+        assert_eq!(
+            url(&["v1", "health", "service", "web"], &[("dc", "dc2".into())]).as_deref(),
+            Some("http://127.0.0.1:8500/prefix/v1/health/service/web?dc=dc2")
+        );
+        assert_eq!(
+            url(
+                &["v1", "catalog", "node", "../../kv/secret?raw#x%41\\ a"],
+                &[("dc", "x&filter=Service.Meta.s==\"1\"#".into())]
+            )
+            .as_deref(),
+            Some(
+                "http://127.0.0.1:8500/prefix/v1/catalog/node/..%2F..%2Fkv%2Fsecret%3Fraw%23x%2541%5C%20a\
+                 ?dc=x%26filter%3DService.Meta.s%3D%3D%221%22%23"
+            )
+        );
+        for bad in ["", ".", ".."] {
+            assert_eq!(url(&["v1", "catalog", "node", bad], &[]), None);
         }
     }
 

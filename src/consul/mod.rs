@@ -7,6 +7,7 @@
 pub mod catalog;
 pub mod client;
 pub mod file;
+pub mod inventory;
 pub mod name;
 pub mod records;
 pub mod watch;
@@ -38,6 +39,9 @@ pub enum LookupError {
     /// Consul says the datacenter does not exist: NXDOMAIN, as Consul's DNS.
     #[error("no such datacenter")]
     NoSuchDatacenter,
+    /// Consul's catalog has no such service: NXDOMAIN, with no request for it.
+    #[error("no such name in Consul's catalog")]
+    NoSuchName,
 }
 
 /// Where Consul data comes from.
@@ -160,14 +164,18 @@ impl ConsulSource {
                         let dc_name = dc.clone().unwrap_or_else(|| ctx.dc.to_owned());
                         self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, &dc_name)
                     }
-                    Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
+                    Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
+                        Built::Done(records::nxdomain(&ctx))
+                    }
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),
                 }
             }
             ConsulName::Node { node, dc } => {
                 match self.backend.node(node, norm(dc).as_deref()).await {
                     Ok(node) => records::node_answer(node.as_deref(), &ctx),
-                    Err(LookupError::NoSuchDatacenter) => Built::Done(records::nxdomain(&ctx)),
+                    Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
+                        Built::Done(records::nxdomain(&ctx))
+                    }
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),
                 }
             }
@@ -178,7 +186,7 @@ impl ConsulSource {
                         let dc_name = ctx.dc.to_owned();
                         self.answer_from_view(&qv.service, None, q, limit, &ctx, &dc_name)
                     }
-                    Ok(None) | Err(LookupError::NoSuchDatacenter) => {
+                    Ok(None) | Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
                         Built::Done(records::nxdomain(&ctx))
                     }
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),

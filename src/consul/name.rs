@@ -53,8 +53,63 @@ pub fn parse(qname: &Name, qtype: RecordType, domains: &[Name]) -> Option<Parsed
     })
 }
 
-/// Interprets the labels left of the domain.
+/// Interprets the labels left of the domain, then checks every element that could reach Consul
+/// against what Consul can hold in it ([`valid_name_label`]): a name that cannot exist there is
+/// [`ConsulName::Invalid`] (NXDOMAIN, no request).
 pub fn parse_labels(labels: &[String], qtype: RecordType) -> ConsulName {
+    let parsed = parse_labels_unchecked(labels, qtype);
+    if parsed.is_valid() {
+        parsed
+    } else {
+        ConsulName::Invalid
+    }
+}
+
+/// Longest node or prepared-query name accepted: a whole DNS name is at most 253 characters, so
+/// nothing longer can be spelled in a question anyway.
+const MAX_DOTTED_NAME: usize = 253;
+
+/// Can this label be (part of) a service, node, prepared-query or datacenter name in Consul?
+/// ASCII letters, digits, `-` and `_`, 1 to 63 bytes: the characters Consul's own DNS interface
+/// can serve (it warns at registration that any other name "will not be discoverable via DNS"),
+/// and the datacenter rule (`^[a-z0-9_-]+$`). Everything that could steer an HTTP request (`/`,
+/// `.` inside a label, `?`, `#`, `%`, `&`, `=`, `+`, `;`, `:`, `@`, `\`, space, quotes, NUL,
+/// non-ASCII bytes) is outside it. Names are lowercased before this check.
+pub fn valid_name_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// A node or prepared-query name: labels joined by dots, each a [`valid_name_label`].
+fn valid_dotted_name(name: &str) -> bool {
+    name.len() <= MAX_DOTTED_NAME && name.split('.').all(valid_name_label)
+}
+
+/// A tag spelled in a name: visible ASCII labels joined by dots. Tags are matched inside the
+/// forwarder and never sent to Consul; Consul tags may hold almost any character, so this only
+/// keeps control bytes, spaces and non-ASCII out of what is compared and logged.
+fn valid_tag(tag: &str) -> bool {
+    tag.split('.')
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_graphic()))
+}
+
+impl ConsulName {
+    fn is_valid(&self) -> bool {
+        let dc_ok = |dc: &Option<String>| dc.as_deref().is_none_or(valid_name_label);
+        match self {
+            ConsulName::Service { service, tag, dc } => {
+                valid_name_label(service) && tag.as_deref().is_none_or(valid_tag) && dc_ok(dc)
+            }
+            ConsulName::Node { node, dc } => valid_dotted_name(node) && dc_ok(dc),
+            ConsulName::Query { query, dc } => valid_dotted_name(query) && dc_ok(dc),
+            ConsulName::Addr { .. } | ConsulName::Apex | ConsulName::Invalid => true,
+        }
+    }
+}
+
+fn parse_labels_unchecked(labels: &[String], qtype: RecordType) -> ConsulName {
     if labels.is_empty() {
         return ConsulName::Apex;
     }
@@ -263,6 +318,79 @@ mod tests {
         assert_eq!(p("service.consul.", A), ConsulName::Invalid);
         assert_eq!(p("web.service.a.b.consul.", A), ConsulName::Invalid);
         assert_eq!(p("web.connect.consul.", A), ConsulName::Invalid);
+    }
+
+    /// Labels as a client may send them: any byte. Built from raw wire labels, since most of
+    /// these cannot be written in a master-file name.
+    fn raw(labels: &[&[u8]], qtype: RecordType) -> ConsulName {
+        let mut all: Vec<&[u8]> = labels.to_vec();
+        all.push(b"consul");
+        let name = Name::from_labels(all).expect("wire name").to_lowercase();
+        parse(&name, qtype, &[Name::from_str("consul.").expect("d")])
+            .expect("in domain")
+            .name
+    }
+
+    #[test]
+    fn names_consul_cannot_hold_are_invalid_in_every_position() {
+        use RecordType::*;
+        let hostile: [&[u8]; 16] = [
+            b"a/b",
+            b"..",
+            b"a?b",
+            b"a#b",
+            b"a%2fb",
+            b"a&b",
+            b"a=b",
+            b"a+b",
+            b"a;b",
+            b"a:b",
+            b"a@b",
+            b"a\\b",
+            b"a\0b",
+            b"a b",
+            b"a\"b",
+            b"caf\xc3\xa9",
+        ];
+        for bad in hostile {
+            let cases: [(Vec<&[u8]>, RecordType); 9] = [
+                (vec![bad, b"service"], A),
+                (vec![b"web", b"service", bad], A),
+                (vec![bad, b"node"], A),
+                (vec![b"n1", bad, b"node"], A),
+                (vec![b"n1", b"node", bad], A),
+                (vec![bad, b"query"], A),
+                (vec![b"q", b"query", bad], A),
+                (vec![b"_web", b"_tcp", b"service", bad], SRV),
+                (vec![b"_web", b"_tcp", bad], SRV),
+            ];
+            for (labels, qtype) in cases {
+                let name = raw(&labels, qtype);
+                assert_eq!(name, ConsulName::Invalid, "{labels:?} parsed as {name:?}");
+            }
+        }
+        // The RFC 2782 service label with a hostile byte after its underscore.
+        assert_eq!(
+            raw(&[b"_we/b", b"_tcp", b"service"], SRV),
+            ConsulName::Invalid
+        );
+        // A 63-byte label is a valid name; uppercase is lowercased first.
+        let long = [b'a'; 63];
+        assert_eq!(
+            raw(&[&long, b"service"], A),
+            svc(std::str::from_utf8(&long).expect("ascii"), None, None)
+        );
+        assert_eq!(raw(&[b"WEB", b"service"], A), svc("web", None, None));
+        assert_eq!(
+            raw(&[b"my_svc-2", b"service", b"dc_2"], A),
+            svc("my_svc-2", None, Some("dc_2"))
+        );
+        // Tags never reach Consul: visible ASCII is kept, control bytes and spaces are not.
+        assert_eq!(
+            raw(&[b"v=1", b"web", b"service"], A),
+            svc("web", Some("v=1"), None)
+        );
+        assert_eq!(raw(&[b"v 1", b"web", b"service"], A), ConsulName::Invalid);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! (or, when a patch cannot be exact, fetched again).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use super::catalog::{
     ServiceView, Status,
 };
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
+use super::inventory::{Inventory, Verdict};
 use super::{Backend, LookupError};
 use crate::config::ConsulConfig;
 use crate::metrics::Metrics;
@@ -65,10 +66,25 @@ const FEED_UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
 /// the order of [`HealthLists::lists`].
 const FEED_STATES: [&str; 2] = ["critical", "warning"];
 
-/// Bound on remembered nodes and prepared queries; beyond it the oldest are forgotten.
-const MAX_ON_DEMAND: usize = 10_000;
+/// Bound on remembered node and prepared-query answers (each map on its own); beyond it the
+/// least recently fetched are forgotten (counted in `limit_drops_total{limit="on_demand"}`).
+/// Only names the inventory found in Consul, or unchecked lookups within their budget, get an
+/// entry, so this is a backstop: a catalog of more nodes than this, all asked, refetches some.
+pub const MAX_ON_DEMAND: usize = 10_000;
 
-fn backoff(failures: u32) -> Duration {
+/// Bound on service views watched at once (one watcher task, view and `Watch` each, about
+/// 3.5 KiB at 10 instances: 70 MiB at the bound). Only services the inventory found in Consul
+/// get a watcher, and idle ones stop after `consul.watch_idle`; beyond the bound a new service
+/// gets SERVFAIL, counted in `limit_drops_total{limit="watchers"}`. Twice the 10,000 services
+/// the forwarder is measured at.
+pub const MAX_WATCHERS: usize = 20_000;
+
+/// Bound on `consul_healthy_instances{service}` series: one per watched service up to this
+/// many (about 370 B each, and as many lines in every scrape of every host), none beyond it
+/// (counted in `limit_drops_total{limit="service_series"}`).
+pub const MAX_SERVICE_SERIES: usize = 1_000;
+
+pub(super) fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.min(10));
     let capped = exp.min(BACKOFF_CAP);
     capped.mul_f64(rand::rng().random_range(0.5..1.5))
@@ -96,6 +112,62 @@ struct Watch {
     asked_again: AtomicBool,
     last_asked: Mutex<Instant>,
     last_confirmed: Mutex<Option<Instant>>,
+    /// This view's `consul_healthy_instances` series: see [`ServiceSeries`].
+    series: AtomicU8,
+}
+
+/// [`Watch::series`]: not asked for yet, created, or refused at the bound.
+const SERIES_NONE: u8 = 0;
+const SERIES_CREATED: u8 = 1;
+const SERIES_REFUSED: u8 = 2;
+
+/// The `consul_healthy_instances{service}` series, at most [`MAX_SERVICE_SERIES`] of them, for
+/// local-datacenter views only (the label has no datacenter, and two views must not share one
+/// series).
+struct ServiceSeries {
+    metrics: Arc<Metrics>,
+    created: AtomicUsize,
+}
+
+impl ServiceSeries {
+    fn set(&self, service: &str, local: bool, w: &Watch, healthy: usize) {
+        if !local {
+            return;
+        }
+        if w.series.load(Ordering::SeqCst) == SERIES_NONE {
+            let reserved = self
+                .created
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < MAX_SERVICE_SERIES).then_some(n + 1)
+                })
+                .is_ok();
+            if reserved {
+                w.series.store(SERIES_CREATED, Ordering::SeqCst);
+            } else {
+                w.series.store(SERIES_REFUSED, Ordering::SeqCst);
+                self.metrics
+                    .limit_drops
+                    .with_label_values(&["service_series"])
+                    .inc();
+            }
+        }
+        if w.series.load(Ordering::SeqCst) == SERIES_CREATED {
+            self.metrics
+                .consul_healthy_instances
+                .with_label_values(&[service])
+                .set(i64::try_from(healthy).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn remove(&self, service: &str, w: &Watch) {
+        if w.series.swap(SERIES_NONE, Ordering::SeqCst) == SERIES_CREATED {
+            let _ = self
+                .metrics
+                .consul_healthy_instances
+                .remove_label_values(&[service]);
+            self.created.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Watch {
@@ -104,7 +176,7 @@ impl Watch {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
@@ -127,6 +199,11 @@ impl OutageLog {
         }
     }
 
+    /// Is Consul known to be unreachable right now?
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
     pub fn ok(&self) {
         if self.down.swap(false, Ordering::SeqCst) {
             let took = lock(&self.since)
@@ -147,6 +224,8 @@ type SharedResult<V> = Shared<BoxFuture<'static, Result<V, LookupError>>>;
 /// fails; concurrent misses share one fetch.
 struct OnDemand<V: Clone + Send + Sync + 'static> {
     slots: Mutex<HashMap<String, Slot<V>>>,
+    /// `limit_drops_total{limit="on_demand"}`.
+    forgotten: prometheus::IntCounter,
 }
 
 struct Slot<V: Clone> {
@@ -155,9 +234,31 @@ struct Slot<V: Clone> {
 }
 
 impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
-    fn new() -> Self {
+    fn new(metrics: &Metrics) -> Self {
         OnDemand {
             slots: Mutex::new(HashMap::new()),
+            forgotten: metrics.limit_drops.with_label_values(&["on_demand"]),
+        }
+    }
+
+    /// Keeps at most [`MAX_ON_DEMAND`] entries: past it, forgets the least recently fetched
+    /// (never one with a fetch in flight) down to nine tenths of it, so the sort runs once per
+    /// tenth of the bound, not per insert.
+    fn bound(slots: &mut HashMap<String, Slot<V>>, forgotten: &prometheus::IntCounter) {
+        if slots.len() <= MAX_ON_DEMAND {
+            return;
+        }
+        let mut idle: Vec<(Option<Instant>, String)> = slots
+            .iter()
+            .filter(|(_, s)| s.inflight.is_none())
+            .map(|(k, s)| (s.value.as_ref().map(|(_, at)| *at), k.clone()))
+            .collect();
+        // Entries without a value (failed fetches) sort first, then the oldest.
+        idle.sort_unstable();
+        let excess = slots.len().saturating_sub(MAX_ON_DEMAND / 10 * 9);
+        for (_, key) in idle.into_iter().take(excess) {
+            slots.remove(&key);
+            forgotten.inc();
         }
     }
 
@@ -205,15 +306,7 @@ impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
                     .boxed()
                     .shared();
                     slot.inflight = Some(s.clone());
-                    if slots.len() > MAX_ON_DEMAND {
-                        let cutoff = stale_for;
-                        slots.retain(|_, s| {
-                            s.inflight.is_some()
-                                || s.value
-                                    .as_ref()
-                                    .is_some_and(|(_, at)| at.elapsed() < cutoff)
-                        });
-                    }
+                    Self::bound(&mut slots, &self.forgotten);
                     s
                 }
             };
@@ -266,6 +359,8 @@ pub struct HttpBackend {
     /// Consul names costs Consul nothing).
     feeds_started: AtomicBool,
     watcher_context: Arc<WatcherContext>,
+    /// What exists in Consul: names it does not have are answered without a request.
+    inventory: Arc<Inventory>,
 }
 
 /// How often the current agent is probed.
@@ -314,6 +409,15 @@ impl HttpBackend {
         }
         let outage = Arc::new(OutageLog::default());
         let (failover_tx, failovers) = watch::channel(0u64);
+        let inventory = Arc::new(Inventory::new(
+            client.clone(),
+            outage.clone(),
+            config.watch_wait,
+            config.watch_idle,
+            failovers.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(probe_agents(
             client.clone(),
             outage.clone(),
@@ -336,17 +440,22 @@ impl HttpBackend {
             watches: watches.clone(),
             outage: outage.clone(),
             metrics: metrics.clone(),
+            series: Arc::new(ServiceSeries {
+                metrics: metrics.clone(),
+                created: AtomicUsize::new(0),
+            }),
             shutdown: shutdown.clone(),
         });
         HttpBackend {
+            inventory,
             failovers,
             feeds_started: AtomicBool::new(false),
             watcher_context,
             client,
             settings,
             watches,
-            nodes: Arc::new(OnDemand::new()),
-            queries: Arc::new(OnDemand::new()),
+            nodes: Arc::new(OnDemand::new(&metrics)),
+            queries: Arc::new(OnDemand::new(&metrics)),
             datacenter,
             outage,
             metrics,
@@ -354,11 +463,38 @@ impl HttpBackend {
         }
     }
 
-    /// The watch for `key`, started if new.
-    fn watch_for(&self, key: (String, Option<String>)) -> Arc<Watch> {
+    /// A deferred check of the budget for lookups the inventory could not settle, spent only
+    /// when the lookup really goes to Consul (not when a remembered answer serves it).
+    fn unchecked_budget(&self, checked: bool) -> impl FnOnce() -> Result<(), LookupError> + Send {
+        let inventory = self.inventory.clone();
+        move || {
+            if checked || inventory.allow_unchecked() {
+                Ok(())
+            } else {
+                Err(LookupError::Unavailable(
+                    "the budget for unchecked Consul lookups is spent (limit_drops_total)".into(),
+                ))
+            }
+        }
+    }
+
+    /// The watch for `key`, started if new: `None` when it is new and [`MAX_WATCHERS`] run
+    /// already, or when `checked` is false (the inventory could not tell whether the service
+    /// exists) and the budget for such lookups is spent.
+    fn watch_for(&self, key: (String, Option<String>), checked: bool) -> Option<Arc<Watch>> {
         let mut watches = lock(&self.watches);
         if let Some(w) = watches.get(&key) {
-            return w.clone();
+            return Some(w.clone());
+        }
+        if watches.len() >= MAX_WATCHERS {
+            self.metrics
+                .limit_drops
+                .with_label_values(&["watchers"])
+                .inc();
+            return None;
+        }
+        if !checked && !self.inventory.allow_unchecked() {
+            return None;
         }
         let (tx, _) = watch::channel(ViewState::Pending);
         let w = Arc::new(Watch {
@@ -369,6 +505,7 @@ impl HttpBackend {
             asked_again: AtomicBool::new(false),
             last_asked: Mutex::new(Instant::now()),
             last_confirmed: Mutex::new(None),
+            series: AtomicU8::new(SERIES_NONE),
         });
         watches.insert(key.clone(), w.clone());
         self.metrics.consul_watchers.inc();
@@ -385,6 +522,7 @@ impl HttpBackend {
                 watches: self.watches.clone(),
                 lists: Arc::new(Mutex::new(HealthLists::default())),
                 metrics: self.metrics.clone(),
+                series: self.watcher_context.series.clone(),
                 only_passing: self.settings.only_passing,
             };
             for (list, state) in FEED_STATES.into_iter().enumerate() {
@@ -401,7 +539,7 @@ impl HttpBackend {
                 tokio::spawn(feed.run());
             }
         }
-        w
+        Some(w)
     }
 }
 
@@ -411,11 +549,11 @@ async fn fetch_one<J: serde::de::DeserializeOwned, V>(
     client: &ConsulClient,
     outage: &OutageLog,
     endpoint: &'static str,
-    path: &str,
+    segments: &[&str],
     params: &[(&'static str, String)],
     convert: impl FnOnce(J) -> V,
 ) -> Result<Option<V>, LookupError> {
-    match client.get::<J>(endpoint, path, params, None).await {
+    match client.get::<J>(endpoint, segments, params, None).await {
         Ok(r) => {
             outage.ok();
             Ok(r.value.map(convert))
@@ -449,7 +587,7 @@ async fn discover_datacenter(
     let mut failures = 0;
     loop {
         let fetched = client
-            .get::<AgentSelf>("agent_self", "/v1/agent/self", &[], None)
+            .get::<AgentSelf>("agent_self", &["v1", "agent", "self"], &[], None)
             .await;
         if let Ok(r) = fetched {
             if let Some(agent) = r.value {
@@ -626,6 +764,7 @@ struct FeedShared {
     watches: WatchMap,
     lists: Arc<Mutex<HealthLists>>,
     metrics: Arc<Metrics>,
+    series: Arc<ServiceSeries>,
     only_passing: bool,
 }
 
@@ -698,10 +837,8 @@ impl FeedShared {
         });
         if replaced {
             self.metrics.consul_health_changes.inc();
-            self.metrics
-                .consul_healthy_instances
-                .with_label_values(&[service])
-                .set(i64::try_from(healthy).unwrap_or(i64::MAX));
+            // The feeds patch local-datacenter views only.
+            self.series.set(service, true, w, healthy);
         }
     }
 }
@@ -764,7 +901,7 @@ struct Feed {
 
 impl Feed {
     async fn run(mut self) {
-        let path = format!("/v1/health/state/{}", self.state);
+        let segments = ["v1", "health", "state", self.state];
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         let mut refused_logged = false;
@@ -781,7 +918,7 @@ impl Feed {
             let blocking = slot.as_ref().map(|_| (index, self.watch_wait));
             let request =
                 self.client
-                    .get::<Vec<StateCheckJson>>("health_state", &path, &[], blocking);
+                    .get::<Vec<StateCheckJson>>("health_state", &segments, &[], blocking);
             self.failovers.borrow_and_update();
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -870,6 +1007,7 @@ struct WatcherContext {
     watches: WatchMap,
     outage: Arc<OutageLog>,
     metrics: Arc<Metrics>,
+    series: Arc<ServiceSeries>,
     shutdown: CancellationToken,
 }
 
@@ -882,11 +1020,11 @@ struct Watcher {
 
 impl Watcher {
     async fn run(mut self) {
+        let segments = ["v1", "health", "service", self.key.0.as_str()];
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         let mut tokens = WATCH_BURST;
         let mut refilled = Instant::now();
-        let path = format!("/v1/health/service/{}", self.key.0);
         let mut params = Vec::new();
         if let Some(dc) = &self.key.1 {
             params.push(("dc", dc.clone()));
@@ -951,7 +1089,7 @@ impl Watcher {
             // each of it; issue 8's memory target).
             let request = Box::pin(self.cx.client.get::<Vec<HealthEntry>>(
                 "health_service",
-                &path,
+                &segments,
                 &params,
                 blocking,
             ));
@@ -986,14 +1124,12 @@ impl Watcher {
                         _ => true,
                     };
                     if changed {
-                        self.cx
-                            .metrics
-                            .consul_healthy_instances
-                            .with_label_values(&[self.key.0.as_str()])
-                            .set(
-                                i64::try_from(view.healthy_count(self.cx.settings.only_passing))
-                                    .unwrap_or(i64::MAX),
-                            );
+                        self.cx.series.set(
+                            &self.key.0,
+                            self.key.1.is_none(),
+                            &self.watch,
+                            view.healthy_count(self.cx.settings.only_passing),
+                        );
                         if matches!(&*self.watch.state.borrow(), ViewState::Ready(..)) {
                             self.cx.metrics.consul_health_changes.inc();
                         }
@@ -1039,11 +1175,7 @@ impl Watcher {
         {
             watches.remove(&self.key);
             self.cx.metrics.consul_watchers.dec();
-            let _ = self
-                .cx
-                .metrics
-                .consul_healthy_instances
-                .remove_label_values(&[self.key.0.as_str()]);
+            self.cx.series.remove(&self.key.0, &self.watch);
         }
     }
 }
@@ -1060,7 +1192,17 @@ impl Backend for HttpBackend {
         service: &str,
         dc: Option<&str>,
     ) -> Result<Arc<ServiceView>, LookupError> {
-        let w = self.watch_for((service.to_owned(), dc.map(str::to_owned)));
+        let checked = match self.inventory.service(service, dc).await {
+            Verdict::Exists => true,
+            Verdict::Unchecked => false,
+            Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
+            Verdict::NoSuchName => return Err(LookupError::NoSuchName),
+        };
+        let Some(w) = self.watch_for((service.to_owned(), dc.map(str::to_owned)), checked) else {
+            return Err(LookupError::Unavailable(
+                "a bound on Consul lookups was reached (limit_drops_total)".into(),
+            ));
+        };
         w.touch();
         let mut rx = w.state.subscribe();
         let waited = tokio::time::timeout(
@@ -1109,9 +1251,16 @@ impl Backend for HttpBackend {
         node: &str,
         dc: Option<&str>,
     ) -> Result<Option<Arc<NodeView>>, LookupError> {
+        let checked = match self.inventory.node(node, dc).await {
+            Verdict::Exists => true,
+            Verdict::Unchecked => false,
+            Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
+            Verdict::NoSuchName => return Ok(None),
+        };
         let client = self.client.clone();
         let outage = self.outage.clone();
-        let path = format!("/v1/catalog/node/{node}");
+        let budget = self.unchecked_budget(checked);
+        let node_name = node.to_owned();
         let params: Vec<(&'static str, String)> =
             dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
         let node_ttl = self.settings.node_ttl;
@@ -1122,11 +1271,12 @@ impl Backend for HttpBackend {
                 self.settings.stale_for,
                 move || {
                     async move {
+                        budget()?;
                         fetch_one(
                             &client,
                             &outage,
                             "catalog_node",
-                            &path,
+                            &["v1", "catalog", "node", &node_name],
                             &params,
                             |n: CatalogNodeJson| Arc::new(NodeView::from_json(&n.node)),
                         )
@@ -1143,9 +1293,16 @@ impl Backend for HttpBackend {
         name: &str,
         dc: Option<&str>,
     ) -> Result<Option<Arc<QueryView>>, LookupError> {
+        let checked = match self.inventory.query(name, dc).await {
+            Verdict::Exists => true,
+            Verdict::Unchecked => false,
+            Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
+            Verdict::NoSuchName => return Ok(None),
+        };
         let client = self.client.clone();
         let outage = self.outage.clone();
-        let path = format!("/v1/query/{name}/execute");
+        let budget = self.unchecked_budget(checked);
+        let query_name = name.to_owned();
         let params: Vec<(&'static str, String)> =
             dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
         let default_ttl = self.settings.default_service_ttl;
@@ -1158,11 +1315,12 @@ impl Backend for HttpBackend {
                 self.settings.stale_for,
                 move || {
                     async move {
+                        budget()?;
                         fetch_one(
                             &client,
                             &outage,
                             "query_execute",
-                            &path,
+                            &["v1", "query", &query_name, "execute"],
                             &params,
                             |q: QueryExecuteJson| {
                                 let ttl = q

@@ -210,7 +210,7 @@ async fn serve_conn(inner: &Arc<Inner>, mut conn: CountedStream) {
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(4096);
     loop {
-        let req = match read_request(stream, &mut buf).await {
+        let req = match read_request(inner, stream, &mut buf).await {
             Ok(r) => r,
             Err(Some(resp)) => {
                 let _ = stream.write_all(&resp.encode(false, false)).await;
@@ -268,12 +268,18 @@ async fn wait_for_close(stream: &mut TcpStream, buf: &mut BytesMut) {
 /// Reads one request. `Err(Some(resp))`: answer `resp` and close;
 /// `Err(None)`: the peer closed, just close.
 async fn read_request(
+    inner: &Inner,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
 ) -> Result<Request, Option<Response>> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = buf.split_to(end + 4);
+            // The request line as it came, before any parsing: what the hostile-name tests
+            // hold against the endpoints the forwarder may ask for.
+            let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+            lock(&inner.stats.request_lines)
+                .push(String::from_utf8_lossy(&head[..line_end]).into_owned());
             let req = parse_head(&head).map_err(Some)?;
             if req.chunked {
                 return Err(Some(Response::text(
@@ -488,6 +494,13 @@ async fn handle(inner: &Arc<Inner>, req: &Request) -> Response {
         health_state(inner, req, state).await
     } else if req.path == "/v1/catalog/services" {
         catalog_services(inner, req).await
+    } else if req.path == "/v1/catalog/nodes" {
+        catalog_nodes(inner, req).await
+    } else if req.path == "/v1/catalog/datacenters" {
+        // No blocking and no index on this endpoint in Consul: the WAN members' datacenters.
+        Ok(Response::json(&Value::from(vec![DATACENTER]), None))
+    } else if req.path == "/v1/query" {
+        query_list(inner, req)
     } else if let Some(q) = req
         .path
         .strip_prefix("/v1/query/")
@@ -581,6 +594,32 @@ async fn catalog_services(inner: &Inner, req: &Request) -> Result<Response, Resp
         &st.catalog_services_json(),
         Some(st.services_index),
     ))
+}
+
+/// `/v1/catalog/nodes`: every node, blocking on the nodes table's index.
+async fn catalog_nodes(inner: &Inner, req: &Request) -> Result<Response, Response> {
+    check_dc(req)?;
+    block(inner, req, |st| st.nodes_index.max(1)).await?;
+    let st = inner.state();
+    Ok(Response::json(
+        &st.catalog_nodes_json(),
+        Some(st.nodes_index.max(1)),
+    ))
+}
+
+/// `/v1/query`: every prepared query's definition (no blocking in Consul). Refused with 403
+/// while [`super::ConsulSim::set_query_list_denied`] is on, as Consul answers a token without
+/// `query:read`.
+fn query_list(inner: &Inner, req: &Request) -> Result<Response, Response> {
+    check_dc(req)?;
+    if inner
+        .query_list_denied
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Err(Response::text(403, "Permission denied"));
+    }
+    let st = inner.state();
+    Ok(Response::json(&st.query_list_json(), Some(st.index)))
 }
 
 /// Prepared queries do not support blocking in Consul; executed immediately.

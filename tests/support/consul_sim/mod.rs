@@ -201,6 +201,8 @@ struct Inner {
     http: Mutex<HttpRuntime>,
     hang: AtomicBool,
     fail: AtomicBool,
+    /// `/v1/query` answers 403, as for a token without `query:read`.
+    query_list_denied: AtomicBool,
     /// 0 = no limit (the default here, see `set_dns_udp_answer_limit`).
     udp_answer_limit: AtomicUsize,
     stats: Stats,
@@ -210,6 +212,8 @@ struct Inner {
 struct Stats {
     /// Decoded path and raw target (path + query) of every HTTP request, in order.
     requests: Mutex<Vec<(String, String)>>,
+    /// Every request line exactly as received (`GET /v1/... HTTP/1.1`), malformed ones too.
+    request_lines: Mutex<Vec<String>>,
     last_token: Mutex<Option<String>>,
     dns_queries: AtomicUsize,
     open_connections: AtomicUsize,
@@ -303,6 +307,7 @@ impl ConsulSim {
             http: Mutex::new(HttpRuntime::default()),
             hang: AtomicBool::new(false),
             fail: AtomicBool::new(false),
+            query_list_denied: AtomicBool::new(false),
             udp_answer_limit: AtomicUsize::new(0),
             stats: Stats::default(),
         });
@@ -560,6 +565,18 @@ impl ConsulSim {
             .iter()
             .map(|(_, target)| target.clone())
             .collect()
+    }
+
+    /// Every HTTP request line exactly as received (method, raw target, version), in arrival
+    /// order, including ones the simulator could not parse.
+    pub fn request_lines(&self) -> Vec<String> {
+        lock(&self.inner.stats.request_lines).clone()
+    }
+
+    /// Makes `/v1/query` (the prepared-query list) answer 403, as Consul does for a token
+    /// without `query:read`.
+    pub fn set_query_list_denied(&self, on: bool) {
+        self.inner.query_list_denied.store(on, Ordering::SeqCst);
     }
 
     /// DNS messages received on the DNS port (UDP and TCP).

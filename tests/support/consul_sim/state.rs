@@ -661,6 +661,42 @@ impl State {
         json!({ "Node": self.node_json(n), "Services": services })
     }
 
+    /// Body of `/v1/catalog/nodes`: every node, sorted by name (as Consul's memdb index).
+    pub fn catalog_nodes_json(&self) -> Value {
+        Value::Array(self.nodes.values().map(|n| self.node_json(n)).collect())
+    }
+
+    /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`.
+    pub fn query_list_json(&self) -> Value {
+        Value::Array(
+            self.queries
+                .iter()
+                .map(|q| {
+                    json!({
+                        "ID": q.id,
+                        "Name": q.name,
+                        "Session": "",
+                        "Token": "",
+                        "Template": { "Type": "", "Regexp": "", "RemoveEmptyTags": false },
+                        "Service": {
+                            "Service": q.service,
+                            "Failover": { "NearestN": 0, "Datacenters": null },
+                            "OnlyPassing": false,
+                            "IgnoreCheckIDs": null,
+                            "Near": "",
+                            "Tags": q.tag.iter().collect::<Vec<_>>(),
+                            "NodeMeta": null,
+                            "ServiceMeta": null,
+                        },
+                        "DNS": { "TTL": q.dns_ttl.clone().unwrap_or_default() },
+                        "CreateIndex": 1,
+                        "ModifyIndex": 1,
+                    })
+                })
+                .collect(),
+        )
+    }
+
     /// Body of `/v1/catalog/services`: service name -> its distinct tags.
     pub fn catalog_services_json(&self) -> Value {
         let mut map: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();

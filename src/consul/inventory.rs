@@ -1,0 +1,745 @@
+//! What exists in Consul: the datacenters, each asked datacenter's services and nodes, and the
+//! prepared queries. Names come from clients, and a client can make up any number of them; with
+//! the inventory, a name Consul does not have is answered NXDOMAIN here, without a request, a
+//! watcher or a metric series of its own, and a name that appears later is answered as soon as
+//! the catalog shows it.
+//!
+//! The service and node lists are kept by blocking queries (`?stale`, like Consul's own DNS
+//! interface: any server answers, and one request per change); the datacenter list (Consul
+//! offers no blocking there) and the prepared-query list are polled. A lookup the inventory
+//! cannot settle (a list not loaded because Consul is away, the agent refusing the prepared
+//! query list, a list the token only partly sees) goes to Consul as before, within a small
+//! budget shared by all such lookups, so a flood of made-up names costs Consul a few requests a
+//! second at most.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::IgnoredAny;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
+use super::watch::{backoff, lock, OutageLog};
+use crate::metrics::Metrics;
+
+/// Shortest time between the starts of two requests of one list. Under churn a blocking query
+/// returns at once; this bounds the requests (and the decoding of a list of 10,000 services) to
+/// two a second, while a new service still shows within about this long.
+const LIST_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often a list is fetched again when no blocking slot of the connection budget is free
+/// (a tiny `consul.max_connections`): the delay before a newly registered name is answered.
+const LIST_POLL: Duration = Duration::from_secs(2);
+
+/// How often the datacenter list is fetched (`/v1/catalog/datacenters` cannot block). New
+/// datacenters join a federation rarely, and by hand.
+const DATACENTERS_REFRESH: Duration = Duration::from_secs(30);
+
+/// How often the prepared-query list is fetched (`/v1/query` cannot block). A query created
+/// since is answered after at most this long.
+const QUERIES_REFRESH: Duration = Duration::from_secs(10);
+
+/// How long to wait before asking again for a list the agent refused (403 for a token without
+/// `query:read`, 404 on an agent without the endpoint): lookups of that kind go unchecked, within
+/// the budget below, meanwhile.
+const REFUSED_RETRY: Duration = Duration::from_secs(300);
+
+/// Remote datacenters whose lists are kept at once. Bounded by the datacenters Consul reports
+/// anyway; this keeps a federation of hundreds from costing two blocking queries each.
+pub const MAX_REMOTE_DATACENTERS: usize = 16;
+
+/// How long a lookup waits for a list's first load before going unchecked. Within glibc's 5 s
+/// per try, like a service's first fetch.
+const FIRST_LOAD_WAIT: Duration = REQUEST_TIMEOUT;
+
+/// The budget of lookups the inventory could not check (see the module doc): a burst of this
+/// many, then this many per second. A real name asked while the lists are away still gets
+/// through (every later query for it is served by its watcher or its remembered answer); a
+/// flood of made-up names costs Consul at most this rate.
+const UNCHECKED_BURST: f64 = 20.0;
+const UNCHECKED_PER_SECOND: f64 = 2.0;
+
+/// What the inventory says of a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Consul has it: look it up.
+    Exists,
+    /// The datacenter label names no datacenter Consul knows: NXDOMAIN, no request.
+    NoSuchDatacenter,
+    /// Consul's lists are complete and do not have it: NXDOMAIN, no request.
+    NoSuchName,
+    /// The lists cannot tell: ask Consul, within the budget for unchecked lookups.
+    Unchecked,
+}
+
+/// The names of one list: exact names, and (prepared-query templates) prefixes that match
+/// every name they begin.
+#[derive(Debug, Default)]
+pub struct Names {
+    exact: HashSet<String>,
+    prefixes: Vec<String>,
+    /// False when Consul said the token does not see every item
+    /// (`X-Consul-Results-Filtered-By-ACLs`): a missing name may still exist.
+    complete: bool,
+}
+
+impl Names {
+    fn new(exact: impl IntoIterator<Item = String>, complete: bool) -> Names {
+        Names {
+            exact: exact.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
+            prefixes: Vec::new(),
+            complete,
+        }
+    }
+
+    /// The verdict on `name` (lowercased).
+    pub fn verdict(&self, name: &str) -> Verdict {
+        if self.exact.contains(name) || self.prefixes.iter().any(|p| name.starts_with(p)) {
+            Verdict::Exists
+        } else if self.complete {
+            Verdict::NoSuchName
+        } else {
+            Verdict::Unchecked
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum List {
+    /// Not loaded yet; the first request is on its way.
+    Pending,
+    Ready(Arc<Names>),
+    /// Loaded once, but the last refresh failed (Consul away): names in it still exist (their
+    /// last known state keeps being served), but a name missing from it may have been
+    /// registered since, so a miss is unchecked, never NXDOMAIN because Consul is away.
+    Stale(Arc<Names>),
+    /// Never loaded (Consul away, or the agent refuses the list).
+    Unavailable,
+}
+
+impl List {
+    /// The verdict on `name`, `None` when there is no list to tell.
+    fn verdict(&self, name: &str) -> Option<Verdict> {
+        match self {
+            List::Ready(names) => Some(names.verdict(name)),
+            List::Stale(names) => Some(match names.verdict(name) {
+                Verdict::Exists => Verdict::Exists,
+                _ => Verdict::Unchecked,
+            }),
+            List::Pending | List::Unavailable => None,
+        }
+    }
+}
+
+fn new_list() -> watch::Sender<List> {
+    watch::channel(List::Pending).0
+}
+
+/// The two lists of one datacenter.
+struct DatacenterLists {
+    services: watch::Sender<List>,
+    nodes: watch::Sender<List>,
+    last_asked: Mutex<Instant>,
+    stop: CancellationToken,
+}
+
+impl DatacenterLists {
+    fn new(stop: CancellationToken) -> DatacenterLists {
+        DatacenterLists {
+            services: new_list(),
+            nodes: new_list(),
+            last_asked: Mutex::new(Instant::now()),
+            stop,
+        }
+    }
+}
+
+/// A token bucket for unchecked lookups.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * UNCHECKED_PER_SECOND).min(UNCHECKED_BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The two kinds of catalog list kept by blocking queries.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Services,
+    Nodes,
+}
+
+impl Kind {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Services => "catalog_services",
+            Kind::Nodes => "catalog_nodes",
+        }
+    }
+
+    fn segments(self) -> &'static [&'static str] {
+        match self {
+            Kind::Services => &["v1", "catalog", "services"],
+            Kind::Nodes => &["v1", "catalog", "nodes"],
+        }
+    }
+}
+
+/// One element of `/v1/catalog/nodes`: only the name is kept.
+#[derive(serde::Deserialize)]
+struct NodeNameJson {
+    #[serde(rename = "Node")]
+    node: String,
+}
+
+/// One element of `/v1/query`: the ways a query can be named in DNS.
+#[derive(serde::Deserialize)]
+struct QueryDefinitionJson {
+    #[serde(rename = "ID", default)]
+    id: String,
+    #[serde(rename = "Name", default)]
+    name: String,
+    #[serde(rename = "Template", default)]
+    template: Option<QueryTemplateJson>,
+}
+
+#[derive(serde::Deserialize)]
+struct QueryTemplateJson {
+    #[serde(rename = "Type", default)]
+    kind: String,
+}
+
+/// The prepared-query list as names: IDs and names match exactly; a `name_prefix_match`
+/// template matches every name that begins with its name (the empty name matches all, as in
+/// Consul).
+fn query_names(list: Vec<QueryDefinitionJson>, complete: bool) -> Names {
+    let mut names = Names::new(Vec::new(), complete);
+    for q in list {
+        let name = q.name.to_ascii_lowercase();
+        if q.template.is_some_and(|t| t.kind == "name_prefix_match") {
+            names.prefixes.push(name);
+        } else if !name.is_empty() {
+            names.exact.insert(name);
+        }
+        if !q.id.is_empty() {
+            names.exact.insert(q.id.to_ascii_lowercase());
+        }
+    }
+    names
+}
+
+/// What the list tasks share.
+struct Shared {
+    client: Arc<ConsulClient>,
+    /// While Consul is known to be unreachable every list is treated as stale, even one whose
+    /// own blocking query has not noticed yet.
+    outage: Arc<OutageLog>,
+    watch_wait: Duration,
+    failovers: watch::Receiver<u64>,
+}
+
+pub struct Inventory {
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    /// Remote lists not asked for this long stop (`consul.watch_idle`).
+    idle: Duration,
+    started: AtomicBool,
+    datacenters: watch::Sender<List>,
+    queries: watch::Sender<List>,
+    local: Arc<DatacenterLists>,
+    remote: Arc<Mutex<HashMap<String, Arc<DatacenterLists>>>>,
+    unchecked: Mutex<Bucket>,
+}
+
+impl Inventory {
+    pub fn new(
+        client: Arc<ConsulClient>,
+        outage: Arc<OutageLog>,
+        watch_wait: Duration,
+        idle: Duration,
+        failovers: watch::Receiver<u64>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Inventory {
+        Inventory {
+            shared: Arc::new(Shared {
+                client,
+                outage,
+                watch_wait,
+                failovers,
+            }),
+            metrics,
+            idle,
+            started: AtomicBool::new(false),
+            datacenters: new_list(),
+            queries: new_list(),
+            local: Arc::new(DatacenterLists::new(shutdown.child_token())),
+            remote: Arc::new(Mutex::new(HashMap::new())),
+            unchecked: Mutex::new(Bucket {
+                tokens: UNCHECKED_BURST,
+                last: Instant::now(),
+            }),
+            shutdown,
+        }
+    }
+
+    /// Starts the local lists with the first Consul lookup (a forwarder nobody asks Consul
+    /// names costs Consul nothing).
+    fn start(&self) {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tokio::spawn(poll_datacenters(
+            self.shared.clone(),
+            self.datacenters.clone(),
+            self.shutdown.clone(),
+        ));
+        tokio::spawn(poll_queries(
+            self.shared.clone(),
+            self.queries.clone(),
+            self.shutdown.clone(),
+        ));
+        self.spawn_lists(None, &self.local);
+    }
+
+    fn spawn_lists(&self, dc: Option<&str>, lists: &Arc<DatacenterLists>) {
+        for kind in [Kind::Services, Kind::Nodes] {
+            let list = match kind {
+                Kind::Services => lists.services.clone(),
+                Kind::Nodes => lists.nodes.clone(),
+            };
+            let task = ListTask {
+                shared: self.shared.clone(),
+                kind,
+                dc: dc.map(str::to_owned),
+                list,
+                stop: lists.stop.clone(),
+            };
+            tokio::spawn(task.run());
+        }
+        if let Some(dc) = dc {
+            // A remote datacenter's lists stop once nobody asked for it in `idle`.
+            tokio::spawn(reap_when_idle(
+                dc.to_owned(),
+                lists.clone(),
+                self.remote.clone(),
+                self.idle,
+            ));
+        }
+    }
+
+    /// The lists of `dc` (`None`: the local datacenter), started if new. `None` when
+    /// [`MAX_REMOTE_DATACENTERS`] remote datacenters are kept already.
+    fn lists(&self, dc: Option<&str>) -> Option<Arc<DatacenterLists>> {
+        let Some(dc) = dc else {
+            return Some(self.local.clone());
+        };
+        let lists = {
+            let mut remote = lock(&self.remote);
+            if let Some(lists) = remote.get(dc) {
+                *lock(&lists.last_asked) = Instant::now();
+                return Some(lists.clone());
+            }
+            if remote.len() >= MAX_REMOTE_DATACENTERS {
+                return None;
+            }
+            let lists = Arc::new(DatacenterLists::new(self.shutdown.child_token()));
+            remote.insert(dc.to_owned(), lists.clone());
+            lists
+        };
+        self.spawn_lists(Some(dc), &lists);
+        Some(lists)
+    }
+
+    async fn datacenter(&self, dc: Option<&str>) -> Verdict {
+        let Some(dc) = dc else {
+            return Verdict::Exists;
+        };
+        match verdict(&self.datacenters, dc, &self.shared.outage).await {
+            Verdict::NoSuchName => Verdict::NoSuchDatacenter,
+            v => v,
+        }
+    }
+
+    /// Does service `name` exist in `dc` (`None`: the local datacenter)?
+    pub async fn service(&self, name: &str, dc: Option<&str>) -> Verdict {
+        self.catalog(Kind::Services, name, dc).await
+    }
+
+    /// Does node `name` exist in `dc`?
+    pub async fn node(&self, name: &str, dc: Option<&str>) -> Verdict {
+        self.catalog(Kind::Nodes, name, dc).await
+    }
+
+    /// Is `name` a prepared query (by name, ID or template)? Only the local datacenter's list
+    /// is kept: a query in another datacenter is checked against that datacenter's existence.
+    pub async fn query(&self, name: &str, dc: Option<&str>) -> Verdict {
+        self.start();
+        match self.datacenter(dc).await {
+            Verdict::Exists if dc.is_none() => {}
+            Verdict::Exists => return Verdict::Unchecked,
+            other => return other,
+        }
+        verdict(&self.queries, name, &self.shared.outage).await
+    }
+
+    async fn catalog(&self, kind: Kind, name: &str, dc: Option<&str>) -> Verdict {
+        self.start();
+        match self.datacenter(dc).await {
+            Verdict::Exists => {}
+            other => return other,
+        }
+        let Some(lists) = self.lists(dc) else {
+            return Verdict::Unchecked;
+        };
+        let list = match kind {
+            Kind::Services => &lists.services,
+            Kind::Nodes => &lists.nodes,
+        };
+        verdict(list, name, &self.shared.outage).await
+    }
+
+    /// May an unchecked lookup go to Consul now? Counted in `limit_drops_total` when not.
+    pub fn allow_unchecked(&self) -> bool {
+        let allowed = lock(&self.unchecked).take(Instant::now());
+        if !allowed {
+            self.metrics
+                .limit_drops
+                .with_label_values(&["unverified_lookups"])
+                .inc();
+        }
+        allowed
+    }
+}
+
+/// The verdict of `list` on `name`, waiting up to [`FIRST_LOAD_WAIT`] for its first load;
+/// unchecked when there is no list to tell.
+async fn verdict(list: &watch::Sender<List>, name: &str, outage: &OutageLog) -> Verdict {
+    let mut rx = list.subscribe();
+    let state = match tokio::time::timeout(
+        FIRST_LOAD_WAIT,
+        rx.wait_for(|s| !matches!(s, List::Pending)),
+    )
+    .await
+    {
+        Ok(Ok(state)) => state.clone(),
+        _ => return Verdict::Unchecked,
+    };
+    let state = match state {
+        List::Ready(names) if outage.is_down() => List::Stale(names),
+        other => other,
+    };
+    state.verdict(name).unwrap_or(Verdict::Unchecked)
+}
+
+/// A failed load makes a loaded list stale (see [`List::Stale`]) and a pending one
+/// unavailable, so lookups stop waiting for it.
+fn mark_failed(list: &watch::Sender<List>) {
+    list.send_if_modified(|state| match state {
+        List::Pending => {
+            *state = List::Unavailable;
+            true
+        }
+        List::Ready(names) => {
+            *state = List::Stale(names.clone());
+            true
+        }
+        List::Stale(_) | List::Unavailable => false,
+    });
+}
+
+/// Stops a remote datacenter's lists once nobody asked for it in `idle`.
+async fn reap_when_idle(
+    dc: String,
+    lists: Arc<DatacenterLists>,
+    remote: Arc<Mutex<HashMap<String, Arc<DatacenterLists>>>>,
+    idle: Duration,
+) {
+    loop {
+        let since = lock(&lists.last_asked).elapsed();
+        if since >= idle {
+            break;
+        }
+        tokio::select! {
+            _ = lists.stop.cancelled() => return,
+            _ = tokio::time::sleep(idle - since) => {}
+        }
+    }
+    lists.stop.cancel();
+    let mut remote = lock(&remote);
+    if remote.get(&dc).is_some_and(|l| Arc::ptr_eq(l, &lists)) {
+        remote.remove(&dc);
+    }
+}
+
+/// Keeps one catalog list of one datacenter by blocking queries.
+struct ListTask {
+    shared: Arc<Shared>,
+    kind: Kind,
+    dc: Option<String>,
+    list: watch::Sender<List>,
+    stop: CancellationToken,
+}
+
+impl ListTask {
+    async fn run(self) {
+        let mut failovers = self.shared.failovers.clone();
+        let mut params = vec![("stale", String::new())];
+        if let Some(dc) = &self.dc {
+            params.push(("dc", dc.clone()));
+        }
+        let mut index: u64 = 0;
+        let mut failures: u32 = 0;
+        // Kept between requests, as a feed keeps its own: given back after each, a service
+        // watcher would take it and the list would poll.
+        let mut slot = None;
+        loop {
+            let started = Instant::now();
+            if slot.is_none() && index > 0 {
+                slot = self.shared.client.try_blocking_slot();
+            }
+            let blocking = slot.as_ref().map(|_| (index, self.shared.watch_wait));
+            let asked_at = index;
+            failovers.borrow_and_update();
+            let request = self.fetch(&params, blocking);
+            let result = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = failovers.changed() => {
+                    index = 0;
+                    continue;
+                }
+                r = request => r,
+            };
+            let pause = match result {
+                Ok((names, new_index)) => {
+                    // An answer ends an outage, as a watcher's or a feed's does; failures are
+                    // logged by the watchers and the probe.
+                    self.shared.outage.ok();
+                    failures = 0;
+                    index = if new_index < index {
+                        0
+                    } else {
+                        new_index.max(1)
+                    };
+                    self.list.send_replace(List::Ready(Arc::new(names)));
+                    // Polling only when a blocking query was due and no slot was free.
+                    if blocking.is_none() && asked_at > 0 {
+                        LIST_POLL
+                    } else {
+                        LIST_INTERVAL.saturating_sub(started.elapsed())
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, list = self.kind.endpoint(), "catalog list request failed");
+                    index = 0;
+                    slot = None;
+                    failures = failures.saturating_add(1);
+                    mark_failed(&self.list);
+                    backoff(failures)
+                }
+            };
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        params: &[(&'static str, String)],
+        blocking: Option<(u64, Duration)>,
+    ) -> Result<(Names, u64), ClientError> {
+        let client = &self.shared.client;
+        let (segments, endpoint) = (self.kind.segments(), self.kind.endpoint());
+        match self.kind {
+            Kind::Services => {
+                let r = client
+                    .get::<HashMap<String, IgnoredAny>>(endpoint, segments, params, blocking)
+                    .await?;
+                let names = r.value.unwrap_or_default().into_keys();
+                Ok((Names::new(names, !r.filtered), r.index))
+            }
+            Kind::Nodes => {
+                let r = client
+                    .get::<Vec<NodeNameJson>>(endpoint, segments, params, blocking)
+                    .await?;
+                let names = r.value.unwrap_or_default().into_iter().map(|n| n.node);
+                Ok((Names::new(names, !r.filtered), r.index))
+            }
+        }
+    }
+}
+
+/// Keeps the datacenter list (`/v1/catalog/datacenters`, which cannot block).
+async fn poll_datacenters(
+    shared: Arc<Shared>,
+    list: watch::Sender<List>,
+    shutdown: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let fetched = shared
+            .client
+            .get::<Vec<String>>(
+                "catalog_datacenters",
+                &["v1", "catalog", "datacenters"],
+                &[],
+                None,
+            )
+            .await;
+        let pause = match fetched {
+            Ok(r) => {
+                failures = 0;
+                let names = Names::new(r.value.unwrap_or_default(), true);
+                list.send_replace(List::Ready(Arc::new(names)));
+                DATACENTERS_REFRESH
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "datacenter list request failed");
+                failures = failures.saturating_add(1);
+                mark_failed(&list);
+                backoff(failures)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Keeps the local prepared-query list (`/v1/query`, which cannot block).
+async fn poll_queries(shared: Arc<Shared>, list: watch::Sender<List>, shutdown: CancellationToken) {
+    let mut failures: u32 = 0;
+    let mut refused_logged = false;
+    loop {
+        let fetched = shared
+            .client
+            .get::<Vec<QueryDefinitionJson>>(
+                "query_list",
+                &["v1", "query"],
+                &[("stale", String::new())],
+                None,
+            )
+            .await;
+        let pause = match fetched {
+            Ok(r) => {
+                failures = 0;
+                let names = query_names(r.value.unwrap_or_default(), !r.filtered);
+                list.send_replace(List::Ready(Arc::new(names)));
+                QUERIES_REFRESH
+            }
+            Err(e @ (ClientError::NotFound | ClientError::Status { status: 403, .. })) => {
+                if !refused_logged {
+                    refused_logged = true;
+                    tracing::warn!(
+                        error = %e,
+                        "the agent refuses the prepared query list (/v1/query needs query:read): \
+                         .query names are looked up one by one, within a budget"
+                    );
+                }
+                // Refused is final for now: unchecked lookups, not stale answers.
+                list.send_replace(List::Unavailable);
+                REFUSED_RETRY
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "prepared query list request failed");
+                failures = failures.saturating_add(1);
+                mark_failed(&list);
+                backoff(failures)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_from_complete_and_partial_lists() {
+        let names = Names::new(["Web".to_owned(), "db".to_owned()], true);
+        assert_eq!(names.verdict("web"), Verdict::Exists);
+        assert_eq!(names.verdict("nope"), Verdict::NoSuchName);
+        let partial = Names::new(["web".to_owned()], false);
+        assert_eq!(partial.verdict("web"), Verdict::Exists);
+        assert_eq!(partial.verdict("nope"), Verdict::Unchecked);
+    }
+
+    #[test]
+    fn a_stale_list_still_confirms_names_but_never_denies_one() {
+        let list = watch::channel(List::Ready(Arc::new(Names::new(["web".to_owned()], true)))).0;
+        mark_failed(&list);
+        let state = list.borrow().clone();
+        assert_eq!(state.verdict("web"), Some(Verdict::Exists));
+        assert_eq!(state.verdict("new"), Some(Verdict::Unchecked));
+        let pending = new_list();
+        mark_failed(&pending);
+        assert_eq!(pending.borrow().verdict("web"), None);
+    }
+
+    #[test]
+    fn prepared_queries_match_by_name_id_and_template_prefix() {
+        let list: Vec<QueryDefinitionJson> = serde_json::from_str(
+            r#"[
+              {"ID": "8F246B77-F3E1-FF88-5B48-8EC93ABF3E05", "Name": "Geo-DB", "Template": {"Type": "", "Regexp": ""}},
+              {"ID": "ee4b0d5c-0000-0000-0000-000000000000", "Name": "web-", "Template": {"Type": "name_prefix_match", "Regexp": "^web-(.*)$"}},
+              {"ID": "aa", "Name": ""}
+            ]"#,
+        )
+        .expect("json");
+        let names = query_names(list, true);
+        assert_eq!(names.verdict("geo-db"), Verdict::Exists);
+        assert_eq!(
+            names.verdict("8f246b77-f3e1-ff88-5b48-8ec93abf3e05"),
+            Verdict::Exists
+        );
+        assert_eq!(names.verdict("web-east"), Verdict::Exists);
+        assert_eq!(names.verdict("aa"), Verdict::Exists);
+        assert_eq!(names.verdict("geo"), Verdict::NoSuchName);
+        // The empty template name matches every name, as Consul's catch-all template does.
+        let catch_all: Vec<QueryDefinitionJson> = serde_json::from_str(
+            r#"[{"ID": "x", "Name": "", "Template": {"Type": "name_prefix_match"}}]"#,
+        )
+        .expect("json");
+        assert_eq!(
+            query_names(catch_all, true).verdict("anything"),
+            Verdict::Exists
+        );
+    }
+
+    #[test]
+    fn the_unchecked_budget_refills_at_its_rate() {
+        let start = Instant::now();
+        let mut bucket = Bucket {
+            tokens: UNCHECKED_BURST,
+            last: start,
+        };
+        let burst = (0..100).filter(|_| bucket.take(start)).count();
+        assert_eq!(burst as f64, UNCHECKED_BURST);
+        let later = start + Duration::from_secs(1);
+        let refilled = (0..100).filter(|_| bucket.take(later)).count();
+        assert_eq!(refilled as f64, UNCHECKED_PER_SECOND);
+    }
+}

@@ -1,0 +1,207 @@
+//! Names from clients are untrusted: a label may hold any byte, and the forwarder asks Consul
+//! with its ACL token. Every label position is tried with every character class that could
+//! steer an HTTP request, over real DNS against the Consul simulator, and every request line
+//! the simulator received is held against the endpoints the forwarder may ask for.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use support::consul_sim::ConsulSim;
+use support::upstream::TestUpstream;
+use support::*;
+
+/// Every character class of the issue, alone and inside a label, plus the two attacks seen on
+/// the old code (a path climbing to the KV store, a `?filter=` oracle).
+fn hostile_labels() -> Vec<Vec<u8>> {
+    let mut labels: Vec<Vec<u8>> = Vec::new();
+    for c in [
+        b'/', b'?', b'#', b'%', b'&', b'=', b'+', b';', b':', b'@', b'\\', b'\0', b' ', b'"',
+        b'\'', b'.', b'*', b'<', b'\n', 0x7f, 0xff,
+    ] {
+        labels.push(vec![c]);
+        labels.push([b"we".as_slice(), &[c], b"b"].concat());
+    }
+    labels.push(b"..".to_vec());
+    labels.push(b".".to_vec());
+    labels.push("caf\u{e9}".as_bytes().to_vec());
+    labels.push(b"%2e%2e".to_vec());
+    labels.push(b"web%2Fx".to_vec());
+    labels.push(b"../../../kv/secret?raw#".to_vec());
+    labels.push(b"web?filter=Service.Meta.secret==\"hunter2\"#".to_vec());
+    labels.push(b"web&dc=dc1".to_vec());
+    labels
+}
+
+/// Names that are valid in Consul's alphabet but name nothing there: they must cost no request
+/// either (the inventory knows they do not exist).
+fn valid_but_unknown_labels() -> Vec<Vec<u8>> {
+    vec![vec![b'a'; 63], b"NOSUCH".to_vec(), b"no_such-2".to_vec()]
+}
+
+/// Every position a client-controlled label can take in a Consul name, with `x` the label.
+fn positions(x: &[u8]) -> Vec<(Vec<Vec<u8>>, RecordType)> {
+    let l = |s: &str| s.as_bytes().to_vec();
+    let x = x.to_vec();
+    let under = [b"_".as_slice(), &x].concat();
+    vec![
+        (vec![x.clone(), l("service")], RecordType::A),
+        (vec![x.clone(), l("web"), l("service")], RecordType::A),
+        (vec![l("web"), l("service"), x.clone()], RecordType::A),
+        (vec![x.clone(), l("node")], RecordType::A),
+        (vec![l("n1"), x.clone(), l("node")], RecordType::A),
+        (vec![l("n1"), l("node"), x.clone()], RecordType::A),
+        (vec![x.clone(), l("query")], RecordType::A),
+        (vec![l("geo"), l("query"), x.clone()], RecordType::A),
+        (
+            vec![under.clone(), l("_tcp"), l("service")],
+            RecordType::SRV,
+        ),
+        (vec![l("_web"), under, l("service")], RecordType::SRV),
+        (
+            vec![l("_web"), l("_tcp"), l("service"), x.clone()],
+            RecordType::SRV,
+        ),
+        (vec![l("_web"), l("_tcp"), x.clone()], RecordType::SRV),
+        (vec![x, l("addr")], RecordType::A),
+    ]
+}
+
+/// The query, or `None` where the position makes a label longer than DNS allows (`_` before a
+/// 63-byte label).
+fn query_for(labels: &[Vec<u8>], qtype: RecordType) -> Option<Message> {
+    if labels.iter().any(|l| l.len() > 63) {
+        return None;
+    }
+    let mut all: Vec<&[u8]> = labels.iter().map(Vec::as_slice).collect();
+    all.push(b"consul");
+    let name = Name::from_labels(all).expect("labels of at most 63 bytes");
+    let mut m = Message::query();
+    m.metadata.id = rand::random();
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(name, qtype));
+    Some(m)
+}
+
+/// The endpoints the forwarder may ask for, and the parameters each may carry.
+fn allowed_request(line: &str, names: &BTreeSet<&str>) -> Result<(), String> {
+    let target = line
+        .strip_prefix("GET ")
+        .and_then(|rest| rest.strip_suffix(" HTTP/1.1"))
+        .ok_or("not a GET request line")?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let name_ok = |n: &str| names.contains(n);
+    let segments: Vec<&str> = path.split('/').collect();
+    let known_path = match segments.as_slice() {
+        ["", "v1", "health", "service", name] | ["", "v1", "catalog", "node", name] => {
+            name_ok(name)
+        }
+        ["", "v1", "query", name, "execute"] => name_ok(name),
+        ["", "v1", "health", "state", "critical" | "warning"]
+        | ["", "v1", "catalog", "services" | "nodes" | "datacenters"]
+        | ["", "v1", "query"]
+        | ["", "v1", "agent", "self"]
+        | ["", "v1", "status", "leader"] => true,
+        _ => false,
+    };
+    if !known_path {
+        return Err(format!(
+            "path {path:?} is not an endpoint asked for a known name"
+        ));
+    }
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value_ok = value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !matches!(key, "dc" | "index" | "wait" | "stale") || !value_ok {
+            return Err(format!("parameter {pair:?} was never intended"));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_labels_never_reach_consul_in_any_position() {
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 8080);
+    sim.add_prepared_query("geo", "web", None, None);
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&format!(
+        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[consul]\nhttp = [\"{}\"]\n",
+        up.addr,
+        sim.http_url()
+    ))
+    .await;
+
+    // The real names first, so their views and the catalog lists are loaded.
+    for (name, qtype) in [
+        ("web.service.consul.", RecordType::A),
+        ("n1.node.consul.", RecordType::A),
+        ("geo.query.consul.", RecordType::A),
+    ] {
+        let r = ask(fwd.addr, name, qtype).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(addresses(&r), vec!["127.0.0.2"], "{name}");
+    }
+    let before = sim.request_lines().len();
+
+    let mut tried = 0;
+    for label in hostile_labels()
+        .into_iter()
+        .chain(valid_but_unknown_labels())
+    {
+        for (labels, qtype) in positions(&label) {
+            let Some(q) = query_for(&labels, qtype) else {
+                continue;
+            };
+            let r = udp(fwd.addr, &q).await;
+            tried += 1;
+            assert!(
+                matches!(
+                    r.metadata.response_code,
+                    ResponseCode::NXDomain | ResponseCode::NoError
+                ),
+                "{labels:?} {qtype}: {:?}, never SERVFAIL",
+                r.metadata.response_code
+            );
+            if r.metadata.response_code == ResponseCode::NoError {
+                // Only a position that keeps the real name whole may answer (an unknown tag
+                // of web, or a label Consul's alphabet has, in a position that ignores it).
+                assert!(
+                    r.answers.is_empty(),
+                    "{labels:?} {qtype}: answered {:?}",
+                    r.answers
+                );
+            }
+        }
+    }
+    // Uppercase is the same name, answered.
+    let r = ask(fwd.addr, "WEB.SERVICE.CONSUL.", RecordType::A).await;
+    assert_eq!(addresses(&r), vec!["127.0.0.2"]);
+
+    // Every request line the simulator saw, from the very first, is a known endpoint with a
+    // known name and only the parameters the forwarder means to send; the hostile phase
+    // added no request for any name.
+    let names: BTreeSet<&str> = ["web", "n1", "geo"].into_iter().collect();
+    let lines = sim.request_lines();
+    for line in &lines {
+        if let Err(why) = allowed_request(line, &names) {
+            panic!("request {line:?}: {why}");
+        }
+    }
+    println!(
+        "{tried} hostile queries; {} requests to Consul during them, none for a name:",
+        lines.len() - before
+    );
+    let distinct: BTreeSet<String> = lines[before..]
+        .iter()
+        .map(|l| l.split('?').next().unwrap_or(l).to_owned())
+        .collect();
+    for line in distinct {
+        println!("  {line}");
+    }
+    fwd.stop().await;
+}

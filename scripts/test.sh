@@ -35,4 +35,4 @@ fi
 cargo test --all-targets "$@"
 # The soak run (about 60 s at ~20k queries/s) and the large-scale tests measure a release build,
 # not a debug one.
-cargo test --release --test soak --test scale --test churn -- --ignored --nocapture
+cargo test --release --test soak --test scale --test churn --test flood -- --ignored --nocapture

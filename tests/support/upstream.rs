@@ -30,6 +30,10 @@
 //! a wrong ID, then a wrong question, both answering [`SPOOFED_ADDRESS`]).
 //! [`TestUpstream::received_names`] lists the question names exactly as they arrived.
 //!
+//! Owner names equal to the question are written in the question's case, as servers that
+//! compress them into a pointer at the question do (BIND, Unbound): a forwarder using DNS 0x20
+//! gets its random case back in the answers.
+//!
 //! Every answer from the zone has AA=1; NXDOMAIN and NODATA answers carry the
 //! SOA in the authority section (RFC 2308), so negative caching can be tested
 //! (negative TTL = min(SOA TTL 3600, minimum 60) = 60 s).
@@ -629,6 +633,21 @@ async fn send_reply<R: ResponseHandler>(
         &request.queries
     };
     let builder = MessageResponseBuilder::new(queries, edns.as_ref());
+    let echoed;
+    let reply = match queries.queries().first() {
+        Some(question) => {
+            let mut copy = reply.clone();
+            let spelling = question.original().name();
+            for record in copy.answers.iter_mut().chain(copy.authorities.iter_mut()) {
+                if record.name == *spelling {
+                    record.name = spelling.clone();
+                }
+            }
+            echoed = copy;
+            &echoed
+        }
+        None => reply,
+    };
 
     let udp = matches!(request.protocol(), Protocol::Udp);
     if let Some(forger) = misbehave.spoof_first.filter(|_| udp) {

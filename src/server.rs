@@ -177,12 +177,14 @@ pub async fn serve(
     let inflight = Arc::new(Semaphore::new(
         limits.max_inflight.min(Semaphore::MAX_PERMITS),
     ));
-    let connections = Arc::new(Semaphore::new(
-        limits.max_tcp_connections.min(Semaphore::MAX_PERMITS),
-    ));
-    let per_network = Arc::new(NetworkConnections::new(
-        limits.max_tcp_connections_per_network,
-    ));
+    let connections = TcpSlots {
+        total: Arc::new(Semaphore::new(
+            limits.max_tcp_connections.min(Semaphore::MAX_PERMITS),
+        )),
+        per_network: Arc::new(NetworkConnections::new(
+            limits.max_tcp_connections_per_network,
+        )),
+    };
     let mut loops = Vec::new();
     for socket in listeners.udp {
         loops.push(tokio::spawn(udp_loop(
@@ -200,7 +202,6 @@ pub async fn serve(
             handler.clone(),
             metrics.clone(),
             connections.clone(),
-            per_network.clone(),
             limits.tcp_idle_timeout,
             tracker.clone(),
             shutdown.clone(),
@@ -302,8 +303,7 @@ async fn tcp_accept_loop(
     listener: TcpListener,
     handler: Arc<Handler>,
     metrics: Arc<Metrics>,
-    connections: Arc<Semaphore>,
-    per_network: Arc<NetworkConnections>,
+    connections: TcpSlots,
     idle: Duration,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -323,12 +323,12 @@ async fn tcp_accept_loop(
         };
         // The network's share first: a network at its cap must not take a global slot, even
         // for a moment, or its retries would crowd out other networks.
-        let Some(network_slot) = per_network.clone().acquire(peer.ip()) else {
+        let Some(network_slot) = connections.per_network.clone().acquire(peer.ip()) else {
             metrics.drop_packet("tcp_network_limit");
             drop(stream);
             continue;
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
+        let Ok(permit) = connections.total.clone().try_acquire_owned() else {
             metrics.drop_packet("tcp_connection_limit");
             drop(stream);
             continue;
@@ -354,6 +354,13 @@ async fn tcp_accept_loop(
             drop(network_slot);
         });
     }
+}
+
+/// The TCP connection limits: `max_tcp_connections` in all, and each network's share.
+#[derive(Clone)]
+struct TcpSlots {
+    total: Arc<Semaphore>,
+    per_network: Arc<NetworkConnections>,
 }
 
 /// Open TCP connections per client network, so one network (a client sent to TCP by the rate

@@ -520,3 +520,63 @@ impl Forwarder {
         answer
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn question(name: &str) -> Question {
+        Question {
+            name: Name::from_ascii(name).expect("name"),
+            qtype: RecordType::A,
+            qclass: hickory_proto::rr::DNSClass::IN,
+        }
+    }
+
+    fn reply(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
+        m.to_vec().expect("encode")
+    }
+
+    #[test]
+    fn randomized_case_changes_only_letter_case() {
+        let name = Name::from_ascii("abcdefghijklmnop-0123.example.").expect("name");
+        let spellings: Vec<Name> = (0..8).map(|_| randomized_case(&name)).collect();
+        assert!(spellings.iter().all(|s| s == &name && s.is_fqdn()));
+        assert!(
+            spellings.iter().any(|s| !s.eq_case(&name)),
+            "some letters change case"
+        );
+    }
+
+    #[test]
+    fn replies_are_classified() {
+        let q = question("a.example.");
+        let sent = Name::from_ascii("A.eXample.").expect("name");
+        assert!(check(&reply(7, "A.eXample."), 7, &q, &sent, true).is_ok());
+        assert_eq!(
+            check(&reply(8, "A.eXample."), 7, &q, &sent, true).err(),
+            Some(Mismatch::Id)
+        );
+        assert_eq!(
+            check(&reply(7, "b.example."), 7, &q, &sent, true).err(),
+            Some(Mismatch::Question)
+        );
+        assert_eq!(
+            check(&reply(7, "a.example."), 7, &q, &sent, true).err(),
+            Some(Mismatch::Case)
+        );
+        assert!(
+            check(&reply(7, "a.example."), 7, &q, &sent, false).is_ok(),
+            "case is checked only when randomised"
+        );
+        assert_eq!(
+            check(&[0u8; 5], 7, &q, &sent, true).err(),
+            Some(Mismatch::Malformed)
+        );
+    }
+}

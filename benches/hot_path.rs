@@ -41,7 +41,7 @@ use consul_dns_forwarder::consul::file::FileBackend;
 use consul_dns_forwarder::consul::name;
 use consul_dns_forwarder::consul::records::{self, Built, Ctx};
 use consul_dns_forwarder::consul::ConsulSource;
-use consul_dns_forwarder::handler::{ConsulRoute, Handler, Routes};
+use consul_dns_forwarder::handler::{Cached, ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
 use consul_dns_forwarder::packet;
 use consul_dns_forwarder::upstream::{Forwarder, Router, ServerGroup};
@@ -403,7 +403,10 @@ fn bench_handler(c: &mut Criterion) {
     let mut out = Vec::with_capacity(1232);
     g.bench_function("forwarded_cache_hit_inline", |b| {
         b.iter(|| {
-            assert!(handler.handle_cached(black_box(&packet), client, Transport::Udp, &mut out));
+            assert_eq!(
+                handler.handle_cached(black_box(&packet), client, Transport::Udp, &mut out),
+                Cached::Replied
+            );
         })
     });
     // The runtime's share of the general path: an empty future through the same block_on.

@@ -37,6 +37,11 @@ pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// that a misbehaving client cannot exhaust file descriptors.
 pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 1024;
 
+/// TCP connections one client network may hold: a quarter of the default total, so at least
+/// four networks always find a slot, and still far more than a host's resolver clients open
+/// (glibc and nginx use one connection per retried query and close it).
+pub const DEFAULT_MAX_TCP_CONNECTIONS_PER_NETWORK: usize = 256;
+
 /// Cached names. 100,000 entries cost a few tens of MiB at most.
 pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
 
@@ -312,6 +317,7 @@ struct FileServer {
     allow: Option<Vec<AllowNet>>,
     tcp_idle_timeout: Option<ConfigDuration>,
     max_tcp_connections: Option<usize>,
+    max_tcp_connections_per_network: Option<usize>,
     udp_sockets_per_address: Option<usize>,
     max_inflight: Option<usize>,
     rate_limit: Option<u32>,
@@ -325,6 +331,7 @@ struct FileUpstream {
     timeout: Option<ConfigDuration>,
     resolv_conf: Option<PathBuf>,
     max_inflight: Option<usize>,
+    randomize_case: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -423,6 +430,9 @@ pub struct ServerConfig {
     pub allow: Vec<IpNet>,
     pub tcp_idle_timeout: Duration,
     pub max_tcp_connections: usize,
+    /// Of `max_tcp_connections`, how many one client network (/24 for IPv4, /56 for IPv6, as
+    /// the rate limit) may hold, so one client cannot lock the others out of TCP.
+    pub max_tcp_connections_per_network: usize,
     /// SO_REUSEPORT sockets per UDP listen address, each with its own receive loop (0 = one per core).
     pub udp_sockets_per_address: usize,
     /// Queries being answered at once across UDP and TCP; beyond it UDP queries are dropped
@@ -457,6 +467,10 @@ pub struct UpstreamConfig {
     /// Upstream fetches in flight at once; beyond it a miss is answered SERVFAIL (or stale) at
     /// once instead of piling up behind a slow upstream.
     pub max_inflight: usize,
+    /// Random letter case in upstream questions (DNS 0x20), checked in replies: more entropy
+    /// against blind spoofing. Off by default because some upstreams do not preserve case
+    /// (those are re-asked without it, at the cost of a round trip).
+    pub randomize_case: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -616,6 +630,16 @@ impl Config {
                 "must be at least 1 (TCP is required for truncated answers)".into(),
             ));
         }
+        let max_tcp_connections_per_network = s
+            .max_tcp_connections_per_network
+            .unwrap_or(DEFAULT_MAX_TCP_CONNECTIONS_PER_NETWORK);
+        if max_tcp_connections_per_network == 0 {
+            errors.push(invalid(
+                "server",
+                "max_tcp_connections_per_network",
+                "must be at least 1 (TCP is required for truncated answers)".into(),
+            ));
+        }
         let tcp_idle_timeout = s.tcp_idle_timeout.map_or(DEFAULT_TCP_IDLE_TIMEOUT, |d| d.0);
         if tcp_idle_timeout < Duration::from_millis(100) {
             errors.push(invalid(
@@ -637,6 +661,7 @@ impl Config {
             allow,
             tcp_idle_timeout,
             max_tcp_connections,
+            max_tcp_connections_per_network,
             udp_sockets_per_address: s.udp_sockets_per_address.unwrap_or(0),
             max_inflight,
             rate_limit: s.rate_limit,
@@ -668,6 +693,7 @@ impl Config {
             timeout,
             resolv_conf: u.resolv_conf.unwrap_or_else(|| PathBuf::from(RESOLV_CONF)),
             max_inflight: u.max_inflight.unwrap_or(DEFAULT_UPSTREAM_INFLIGHT),
+            randomize_case: u.randomize_case.unwrap_or(false),
         };
         if upstream.max_inflight == 0 {
             errors.push(invalid(

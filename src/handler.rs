@@ -114,6 +114,28 @@ impl Routes {
     }
 }
 
+/// The `dropped_packets_total` reason of a query over the rate limit whose reply would have been
+/// an error (REFUSED, FORMERR, NOTIMP, BADVERS): dropped, see [`Handler::handle_miss`].
+pub const RATE_LIMIT_DROP: &str = "rate_limit";
+
+/// What [`Handler::handle_cached`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Cached {
+    /// `out` holds the reply: send it.
+    Replied,
+    /// Not answerable on the hot path: call [`Handler::handle_miss`] with this charge.
+    Miss(RateCharge),
+}
+
+/// Whether the rate limit already took a query's token (it must take one per query, not one
+/// per code path the query goes through).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateCharge {
+    Taken,
+    NotTaken,
+}
+
 pub struct Handler {
     routes: ArcSwap<Routes>,
     metrics: Arc<Metrics>,
@@ -135,27 +157,29 @@ impl Handler {
     /// The hot path: writes the reply to `packet` into `out` when it is a plain query (see
     /// `packet::parse_plain_query`) that a source answers from fresh cached bytes, or that the
     /// rate limit turns away. No `Message` is built, nothing is allocated beyond `out`'s growth,
-    /// and the caller needs no task. Returns false when `handle` must be called instead; the
-    /// reply and the metrics are then exactly those `handle` would give.
+    /// and the caller needs no task. Returns [`Cached::Miss`] when [`Handler::handle_miss`] must
+    /// be called instead (with the charge it carries, so a miss costs one rate-limit token, not
+    /// two); the reply and the metrics are then exactly those `handle` would give.
     pub fn handle_cached(
         &self,
         packet: &[u8],
         client: IpAddr,
         transport: Transport,
         out: &mut Vec<u8>,
-    ) -> bool {
+    ) -> Cached {
         let started = Instant::now();
         let Some(query) = packet::parse_plain_query(packet) else {
-            return false;
+            return Cached::Miss(RateCharge::NotTaken);
         };
         if query.qtype == u16::from(RecordType::ANY) {
-            return false;
+            return Cached::Miss(RateCharge::NotTaken);
         }
         let routes = self.routes.load();
         if routes.log_queries || !routes.allowed(client) {
-            return false;
+            return Cached::Miss(RateCharge::NotTaken);
         }
-        if self.rate_limited(&routes, transport, client, started) {
+        if self.over_rate_limit(&routes, transport, client, started) {
+            self.metrics.rate_limited.inc();
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
             out.clear();
             let opt = query.edns_payload.is_some();
@@ -166,7 +190,7 @@ impl Handler {
                 packet::add_additional(out);
             }
             wire::set_truncated(out);
-            return true;
+            return Cached::Replied;
         }
         let mut key_buf = [0u8; packet::MAX_QUESTION_WIRE];
         let key = packet::question_key(query.question, &mut key_buf);
@@ -178,7 +202,8 @@ impl Handler {
         };
         let limit = wire::limit_for(transport, query.edns_payload);
         if !source.reply_from_cache(&query, key, limit, started, out) {
-            return false;
+            // The token is spent: `handle_miss` must not take another for the same query.
+            return Cached::Miss(RateCharge::Taken);
         }
         if out.get(2).is_some_and(|flags| flags & 0x02 != 0) {
             // Cut to fit (a large shuffled answer); nothing else sets TC on this path.
@@ -194,15 +219,37 @@ impl Handler {
         self.metrics
             .request_duration
             .observe(started.elapsed().as_secs_f64());
-        true
+        Cached::Replied
     }
 
-    /// The reply to `packet`, or `None` when the packet must be dropped (not DNS, or a response).
+    /// The reply to `packet`, or `None` when the packet must be dropped (not DNS, a response, or
+    /// over the rate limit with nothing a real client could use; see `handle_miss`).
     pub async fn handle(
         &self,
         packet: &[u8],
         client: IpAddr,
         transport: Transport,
+    ) -> Option<Vec<u8>> {
+        self.handle_miss(packet, client, transport, RateCharge::NotTaken)
+            .await
+    }
+
+    /// [`Handler::handle`] after [`Handler::handle_cached`] said [`Cached::Miss`]: `charge` says
+    /// whether the rate limit already took this query's token.
+    ///
+    /// The rate limit applies before any reply is chosen, REFUSED and the other error replies
+    /// included: each is a datagram sent to whatever source address the query claims, so
+    /// unlimited ones would make us a reflector for spoofed sources. Over the limit, only a
+    /// well-formed query from an allowed client gets the empty TC=1 reply (a real client
+    /// retries over TCP and is answered); everything else is dropped and counted. A REFUSED
+    /// or FORMERR client gains nothing from TC=1 (TCP would give it the same error), while a
+    /// spoofed victim would still receive a datagram per query.
+    pub async fn handle_miss(
+        &self,
+        packet: &[u8],
+        client: IpAddr,
+        transport: Transport,
+        charge: RateCharge,
     ) -> Option<Vec<u8>> {
         let started = Instant::now();
         let Some(header) = RawHeader::parse(packet) else {
@@ -216,29 +263,46 @@ impl Handler {
         }
         let request = Message::from_vec(packet);
         let routes = self.routes.load_full();
-        if !routes.allowed(client) {
+        let limited = charge == RateCharge::NotTaken
+            && self.over_rate_limit(&routes, transport, client, started);
+        if limited {
+            self.metrics.rate_limited.inc();
+        }
+        let allowed = routes.allowed(client);
+        if !allowed {
             self.metrics
                 .refused_clients
                 .with_label_values(&[transport.as_str()])
                 .inc();
-            return Some(self.finish_error(request.ok().as_ref(), &header, ResponseCode::Refused));
         }
-        let request = match request {
-            Ok(request) => request,
-            // The header parsed, so a reply is possible: FORMERR (counted in responses_total).
-            Err(_) => return Some(self.finish_error(None, &header, ResponseCode::FormErr)),
+        let error = if !allowed {
+            Some(ResponseCode::Refused)
+        } else {
+            match &request {
+                // The header parsed, so a reply is possible: FORMERR (counted in responses_total).
+                Err(_) => Some(ResponseCode::FormErr),
+                Ok(r) if r.metadata.op_code != OpCode::Query => Some(ResponseCode::NotImp),
+                Ok(r) if r.queries.len() != 1 => Some(ResponseCode::FormErr),
+                // RFC 6891 §6.1.3: we speak EDNS version 0 only.
+                Ok(r) if r.edns.as_ref().is_some_and(|e| e.version() > 0) => {
+                    Some(ResponseCode::BADVERS)
+                }
+                Ok(_) => None,
+            }
         };
-        if request.metadata.op_code != OpCode::Query {
-            return Some(self.finish_error(Some(&request), &header, ResponseCode::NotImp));
-        }
-        if request.queries.len() != 1 {
-            return Some(self.finish_error(Some(&request), &header, ResponseCode::FormErr));
-        }
-        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            // RFC 6891 §6.1.3: we speak EDNS version 0 only.
-            return Some(self.finish_error(Some(&request), &header, ResponseCode::BADVERS));
-        }
-        if self.rate_limited(&routes, transport, client, started) {
+        let request = match request {
+            Ok(request) if error.is_none() => request,
+            request => {
+                if limited {
+                    self.metrics.drop_packet(RATE_LIMIT_DROP);
+                    return None;
+                }
+                // Without an error rcode here, the request did not parse: FORMERR.
+                let rcode = error.unwrap_or(ResponseCode::FormErr);
+                return Some(self.finish_error(request.ok().as_ref(), &header, rcode));
+            }
+        };
+        if limited {
             let (mut bytes, _) = wire::encode_reply(
                 &request,
                 &Answer::rcode(ResponseCode::NoError),
@@ -286,24 +350,21 @@ impl Handler {
         Some(bytes)
     }
 
-    /// Is this UDP query over its client network's response rate (counted when it is)? Over
-    /// TCP the client has proved its address, so no limit applies.
-    fn rate_limited(
+    /// Is this UDP query over its client network's response rate? Takes a token when it is
+    /// not, so call it once per query. Over TCP the client has proved its address, so no limit
+    /// applies.
+    fn over_rate_limit(
         &self,
         routes: &Routes,
         transport: Transport,
         client: IpAddr,
         now: Instant,
     ) -> bool {
-        let limited = transport == Transport::Udp
+        transport == Transport::Udp
             && routes
                 .rate_limit
                 .as_ref()
-                .is_some_and(|l| !l.allow(client, now));
-        if limited {
-            self.metrics.rate_limited.inc();
-        }
-        limited
+                .is_some_and(|l| !l.allow(client, now))
     }
 
     fn finish_error(

@@ -105,14 +105,16 @@ fn build_forwarder(config: &Config, metrics: &Arc<Metrics>) -> Arc<Forwarder> {
     Arc::new(
         Forwarder::new(
             Router::new(
-                ServerGroup::new(config.upstream.servers.clone(), config.upstream.timeout),
+                ServerGroup::new(config.upstream.servers.clone(), config.upstream.timeout)
+                    .with_randomize_case(config.upstream.randomize_case),
                 config
                     .forward
                     .iter()
                     .map(|f| {
                         (
                             f.zone.clone(),
-                            ServerGroup::new(f.servers.clone(), config.upstream.timeout),
+                            ServerGroup::new(f.servers.clone(), config.upstream.timeout)
+                                .with_randomize_case(config.upstream.randomize_case),
                         )
                     })
                     .collect(),
@@ -328,6 +330,7 @@ pub async fn run_with_reload(
         Limits {
             max_inflight: config.server.max_inflight,
             max_tcp_connections: config.server.max_tcp_connections,
+            max_tcp_connections_per_network: config.server.max_tcp_connections_per_network,
             tcp_idle_timeout: config.server.tcp_idle_timeout,
             drain: config.upstream.timeout + DRAIN_MARGIN,
         },

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub upstream_rejected: IntCounter,
+    pub upstream_unmatched_replies: IntCounterVec,
+    pub upstream_case_fallbacks: IntCounter,
     pub rate_limited: IntCounter,
     pub truncated: IntCounterVec,
     pub refused_clients: IntCounterVec,
@@ -81,6 +83,9 @@ pub struct Metrics {
     /// `responses{source="cache"}` for NOERROR and NXDOMAIN, the hot path's two outcomes.
     hot_cache_responses: Arc<[OnceLock<IntCounter>; 2]>,
 }
+
+/// The `reason` label values of `upstream_unmatched_replies_total`.
+pub const UNMATCHED_REASONS: [&str; 4] = ["id", "question", "case", "malformed"];
 
 /// The `qtype` label values; anything else is "other" (bounded cardinality).
 const QTYPE_LABELS: [&str; 12] = [
@@ -140,7 +145,12 @@ impl Metrics {
                 &["upstream", "kind"],
             )?,
             upstream_rejected: IntCounter::with_opts(opts("upstream_inflight_rejected_total", "Cache misses answered at once (stale or SERVFAIL) because upstream.max_inflight fetches were already in flight."))?,
-            rate_limited: IntCounter::with_opts(opts("rate_limited_total", "UDP queries answered with an empty TC=1 reply because their client network exceeded server.rate_limit."))?,
+            upstream_unmatched_replies: IntCounterVec::new(
+                opts("upstream_unmatched_replies_total", "Replies from an upstream server that matched no question we asked it, ignored (a rise means spoofing attempts, or a broken upstream), by reason: id (wrong ID or not a response), question (another name, type or class), case (the name's letter case differs from our 0x20 randomised question, see upstream.randomize_case), malformed (does not parse). Replies from other addresses never reach the connected socket."),
+                &["reason"],
+            )?,
+            upstream_case_fallbacks: IntCounter::with_opts(opts("upstream_case_fallbacks_total", "Questions re-asked without 0x20 case randomisation because the upstream's reply did not keep our letter case (upstream.randomize_case)."))?,
+            rate_limited: IntCounter::with_opts(opts("rate_limited_total", "UDP queries over server.rate_limit for their client network: answered with an empty TC=1 reply, or dropped when the reply would be an error such as REFUSED (those are also in dropped_packets_total{reason=\"rate_limit\"})."))?,
             truncated: IntCounterVec::new(
                 opts("truncated_responses_total", "Responses sent with TC=1 because the answer did not fit."),
                 &["protocol"],
@@ -195,6 +205,8 @@ impl Metrics {
         registry.register(Box::new(m.upstream_errors.clone()))?;
         registry.register(Box::new(m.truncated.clone()))?;
         registry.register(Box::new(m.upstream_rejected.clone()))?;
+        registry.register(Box::new(m.upstream_unmatched_replies.clone()))?;
+        registry.register(Box::new(m.upstream_case_fallbacks.clone()))?;
         registry.register(Box::new(m.rate_limited.clone()))?;
         registry.register(Box::new(m.refused_clients.clone()))?;
         registry.register(Box::new(m.dropped.clone()))?;
@@ -216,11 +228,21 @@ impl Metrics {
             m.refused_clients.with_label_values(&[protocol]);
             m.truncated.with_label_values(&[protocol]);
         }
-        for reason in ["short", "response", "overload", "tcp_connection_limit"] {
+        for reason in [
+            "short",
+            "response",
+            "overload",
+            "tcp_connection_limit",
+            "tcp_network_limit",
+            "rate_limit",
+        ] {
             m.dropped.with_label_values(&[reason]);
         }
         for limit in LIMIT_LABELS {
             m.limit_drops.with_label_values(&[limit]);
+        }
+        for reason in UNMATCHED_REASONS {
+            m.upstream_unmatched_replies.with_label_values(&[reason]);
         }
         for outcome in ["success", "failure"] {
             m.reloads.with_label_values(&[outcome]);
@@ -292,6 +314,14 @@ impl Metrics {
     pub fn upstream_error(&self, upstream: &str, kind: &str) {
         self.upstream_errors
             .with_label_values(&[upstream, kind])
+            .inc();
+    }
+
+    /// Counts one upstream reply that matched no question (`reason`: one of
+    /// [`UNMATCHED_REASONS`]).
+    pub fn upstream_unmatched(&self, reason: &str) {
+        self.upstream_unmatched_replies
+            .with_label_values(&[reason])
             .inc();
     }
 

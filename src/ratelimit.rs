@@ -1,7 +1,10 @@
 //! Per-client-network response rate limiting for UDP (`server.rate_limit`): a token bucket per
 //! /24 (IPv4) or /56 (IPv6). Over the limit, a query gets an empty TC=1 reply: a real client
 //! retries over TCP and is answered, while a spoofed source (the victim of an amplification
-//! attack) gets nothing bigger than its own query.
+//! attack) gets nothing bigger than its own query. A query whose reply would be an error
+//! (REFUSED to a client outside `server.allow`, FORMERR, ...) is dropped instead: TCP would give
+//! a real client the same error, so TC=1 helps nobody but a reflection attack (see
+//! `Handler::handle_miss`). `network_key` also keys the per-network TCP connection cap.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};

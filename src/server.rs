@@ -1,8 +1,9 @@
 //! Sockets: binding (several SO_REUSEPORT UDP sockets per address so every core runs a receive
 //! loop), the UDP receive loops, TCP per RFC 7766 (queries on one connection answered concurrently,
-//! idle timeout, connection limit), and draining in-flight queries on shutdown.
+//! idle timeout, connection limits overall and per client network), and draining in-flight queries on shutdown.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +14,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::handler::Handler;
+use crate::handler::{Cached, Handler};
 use crate::metrics::Metrics;
+use crate::ratelimit::network_key;
 use crate::wire::Transport;
 
 /// The largest datagram we read. EDNS clients may send up to their advertised size; reading the
@@ -175,9 +177,14 @@ pub async fn serve(
     let inflight = Arc::new(Semaphore::new(
         limits.max_inflight.min(Semaphore::MAX_PERMITS),
     ));
-    let connections = Arc::new(Semaphore::new(
-        limits.max_tcp_connections.min(Semaphore::MAX_PERMITS),
-    ));
+    let connections = TcpSlots {
+        total: Arc::new(Semaphore::new(
+            limits.max_tcp_connections.min(Semaphore::MAX_PERMITS),
+        )),
+        per_network: Arc::new(NetworkConnections::new(
+            limits.max_tcp_connections_per_network,
+        )),
+    };
     let mut loops = Vec::new();
     for socket in listeners.udp {
         loops.push(tokio::spawn(udp_loop(
@@ -221,6 +228,9 @@ pub async fn serve(
 pub struct Limits {
     pub max_inflight: usize,
     pub max_tcp_connections: usize,
+    /// Of `max_tcp_connections`, how many one client network (see `ratelimit::network_key`)
+    /// may hold.
+    pub max_tcp_connections_per_network: usize,
     pub tcp_idle_timeout: Duration,
     /// How long shutdown waits for queries in flight: the upstream timeout and a margin.
     pub drain: Duration,
@@ -251,7 +261,8 @@ async fn udp_loop(
         };
         // Cache hits are answered right here: no task, no copy of the packet, no parse into a
         // Message. Only when the socket's send buffer is full does the reply wait in a task.
-        if handler.handle_cached(&buf[..len], peer.ip(), Transport::Udp, &mut reply) {
+        let cached = handler.handle_cached(&buf[..len], peer.ip(), Transport::Udp, &mut reply);
+        let Cached::Miss(charge) = cached else {
             match socket.try_send_to(&reply, peer) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -266,7 +277,7 @@ async fn udp_loop(
                 Err(e) => tracing::debug!(error = %e, %peer, "udp send failed"),
             }
             continue;
-        }
+        };
         let Ok(permit) = inflight.clone().try_acquire_owned() else {
             metrics.drop_packet("overload");
             continue;
@@ -275,7 +286,10 @@ async fn udp_loop(
         let socket = socket.clone();
         let handler = handler.clone();
         tracker.spawn(async move {
-            if let Some(reply) = handler.handle(&packet, peer.ip(), Transport::Udp).await {
+            let reply = handler
+                .handle_miss(&packet, peer.ip(), Transport::Udp, charge)
+                .await;
+            if let Some(reply) = reply {
                 if let Err(e) = socket.send_to(&reply, peer).await {
                     tracing::debug!(error = %e, %peer, "udp send failed");
                 }
@@ -289,7 +303,7 @@ async fn tcp_accept_loop(
     listener: TcpListener,
     handler: Arc<Handler>,
     metrics: Arc<Metrics>,
-    connections: Arc<Semaphore>,
+    connections: TcpSlots,
     idle: Duration,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -307,7 +321,14 @@ async fn tcp_accept_loop(
                 }
             },
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
+        // The network's share first: a network at its cap must not take a global slot, even
+        // for a moment, or its retries would crowd out other networks.
+        let Some(network_slot) = connections.per_network.clone().acquire(peer.ip()) else {
+            metrics.drop_packet("tcp_network_limit");
+            drop(stream);
+            continue;
+        };
+        let Ok(permit) = connections.total.clone().try_acquire_owned() else {
             metrics.drop_packet("tcp_connection_limit");
             drop(stream);
             continue;
@@ -330,7 +351,74 @@ async fn tcp_accept_loop(
             .await;
             metrics.tcp_connections.dec();
             drop(permit);
+            drop(network_slot);
         });
+    }
+}
+
+/// The TCP connection limits: `max_tcp_connections` in all, and each network's share.
+#[derive(Clone)]
+struct TcpSlots {
+    total: Arc<Semaphore>,
+    per_network: Arc<NetworkConnections>,
+}
+
+/// Open TCP connections per client network, so one network (a client sent to TCP by the rate
+/// limit, or one opening connections on purpose) cannot take every slot of
+/// `max_tcp_connections` and lock the others out. Networks are those of the rate limiter: /24
+/// for IPv4, /56 for IPv6. Touched once per accept and once per close, so a mutex is cheap.
+struct NetworkConnections {
+    max: usize,
+    /// Only networks with an open connection are present: the map is bounded by
+    /// `max_tcp_connections`.
+    open: std::sync::Mutex<HashMap<u128, usize>>,
+}
+
+impl NetworkConnections {
+    fn new(max: usize) -> NetworkConnections {
+        NetworkConnections {
+            // A cap of 0 would refuse every connection; config validation rejects it.
+            max: max.max(1),
+            open: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one connection from `client`'s network, or `None` when the network is at its
+    /// cap. The slot is given back when dropped.
+    fn acquire(self: Arc<Self>, client: IpAddr) -> Option<NetworkSlot> {
+        let key = network_key(client);
+        {
+            let mut open = match self.open.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            let count = open.entry(key).or_insert(0);
+            if *count >= self.max {
+                return None;
+            }
+            *count += 1;
+        }
+        Some(NetworkSlot { owner: self, key })
+    }
+}
+
+struct NetworkSlot {
+    owner: Arc<NetworkConnections>,
+    key: u128,
+}
+
+impl Drop for NetworkSlot {
+    fn drop(&mut self) {
+        let mut open = match self.owner.open.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(count) = open.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -394,7 +482,8 @@ async fn tcp_connection(
             },
         };
         let mut reply = Vec::new();
-        if handler.handle_cached(&body, peer.ip(), Transport::Tcp, &mut reply) {
+        let cached = handler.handle_cached(&body, peer.ip(), Transport::Tcp, &mut reply);
+        let Cached::Miss(charge) = cached else {
             // In order with the replies of queries still in flight is not required (RFC 7766
             // §6.2.1.1): a hit goes out as soon as the writer takes it.
             tokio::select! {
@@ -402,7 +491,7 @@ async fn tcp_connection(
                 sent = tx.send(reply) => if sent.is_err() { break },
             }
             continue;
-        }
+        };
         let permit = tokio::select! {
             _ = tx.closed() => break,
             p = pipeline.clone().acquire_owned() => match p {
@@ -413,7 +502,10 @@ async fn tcp_connection(
         let handler = handler.clone();
         let tx = tx.clone();
         tracker.spawn(async move {
-            if let Some(reply) = handler.handle(&body, peer.ip(), Transport::Tcp).await {
+            let reply = handler
+                .handle_miss(&body, peer.ip(), Transport::Tcp, charge)
+                .await;
+            if let Some(reply) = reply {
                 let _ = tx.send(reply).await;
             }
             drop(permit);

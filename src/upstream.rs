@@ -59,6 +59,8 @@ pub struct ServerGroup {
     /// Index of the server that answered last: tried first next time, so a dead first server
     /// costs one timeout, not one per query.
     preferred: AtomicUsize,
+    /// DNS 0x20: random letter case in the questions we send (`upstream.randomize_case`).
+    randomize_case: bool,
 }
 
 impl ServerGroup {
@@ -67,7 +69,15 @@ impl ServerGroup {
             servers,
             timeout,
             preferred: AtomicUsize::new(0),
+            randomize_case: false,
         }
+    }
+
+    /// Sends questions with random letter case and accepts only replies that echo it (see
+    /// `exchange`).
+    pub fn with_randomize_case(mut self, on: bool) -> ServerGroup {
+        self.randomize_case = on;
+        self
     }
 
     pub fn servers(&self) -> &[SocketAddr] {
@@ -98,7 +108,11 @@ impl ServerGroup {
                 .max(MIN_ATTEMPT)
                 .min(left);
             let started = Instant::now();
-            let result = tokio::time::timeout(per_attempt, exchange(server, q)).await;
+            let result = tokio::time::timeout(
+                per_attempt,
+                exchange(server, q, self.randomize_case, metrics),
+            )
+            .await;
             let label = server.to_string();
             metrics.observe_upstream(&label, started.elapsed());
             match result {
@@ -131,21 +145,98 @@ impl ServerGroup {
     }
 }
 
+/// Why a datagram on our upstream socket is not the answer to our question. Each is ignored (we
+/// keep waiting for the real answer until the attempt's deadline) and counted in
+/// `upstream_unmatched_replies_total`: a blind spoofer must guess the ID, the port and (with
+/// 0x20) the case, and its misses are what shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mismatch {
+    Id,
+    Question,
+    Case,
+    Malformed,
+}
+
+impl Mismatch {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mismatch::Id => "id",
+            Mismatch::Question => "question",
+            Mismatch::Case => "case",
+            Mismatch::Malformed => "malformed",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The reply matched in everything but the letter case of our 0x20 question.
+    #[error("the reply did not keep the letter case of the question")]
+    CaseMismatch,
+}
+
 /// One question to one server: UDP first, TCP when the UDP reply is truncated.
-async fn exchange(server: SocketAddr, q: &Question) -> std::io::Result<Message> {
+///
+/// With `randomize_case` (DNS 0x20) the name goes out in random letter case and a UDP reply
+/// must echo that exact case. A reply that differs only in case is what an upstream that does
+/// not preserve case sends (they exist), so, as unbound does, the server is re-asked at once
+/// without randomisation (a fresh ID and port) and the fallback counted. A spoofer who gets ID
+/// and port right can force that fallback, but then must win a second race against fresh ones,
+/// and the counters show it. Which servers fail is not remembered: one spoofed reply must not
+/// turn 0x20 off for later questions.
+async fn exchange(
+    server: SocketAddr,
+    q: &Question,
+    randomize_case: bool,
+    metrics: &Metrics,
+) -> std::io::Result<Message> {
+    if randomize_case {
+        let sent = randomized_case(&q.name);
+        match exchange_as(server, q, &sent, true, metrics).await {
+            Ok(mut reply) => {
+                restore_case(&mut reply, q);
+                return Ok(reply);
+            }
+            Err(ExchangeError::Io(e)) => return Err(e),
+            Err(ExchangeError::CaseMismatch) => {
+                metrics.upstream_case_fallbacks.inc();
+                tracing::debug!(%server, name = %q.name, "upstream did not keep the 0x20 case; asking again without it");
+            }
+        }
+    }
+    match exchange_as(server, q, &q.name, false, metrics).await {
+        Ok(reply) => Ok(reply),
+        Err(ExchangeError::Io(e)) => Err(e),
+        // Not produced without `exact_case`; mapped for completeness.
+        Err(e @ ExchangeError::CaseMismatch) => Err(std::io::Error::other(e)),
+    }
+}
+
+/// `exchange` with the question's name written as `sent` (`q.name` in some letter case).
+async fn exchange_as(
+    server: SocketAddr,
+    q: &Question,
+    sent: &Name,
+    exact_case: bool,
+    metrics: &Metrics,
+) -> Result<Message, ExchangeError> {
     let id: u16 = rand::random();
-    let request = build_query(id, q)?;
-    let reply = exchange_udp(server, &request, id, q).await?;
+    let request = build_query(id, q, sent)?;
+    let reply = exchange_udp(server, &request, id, q, sent, exact_case, metrics).await?;
     if reply.metadata.truncation {
-        return exchange_tcp(server, &request, id, q).await;
+        // TCP cannot be spoofed blind, so its reply's case is not checked (and is restored by
+        // the caller all the same).
+        return Ok(exchange_tcp(server, &request, id, q, metrics).await?);
     }
     Ok(reply)
 }
 
-fn build_query(id: u16, q: &Question) -> std::io::Result<Vec<u8>> {
+fn build_query(id: u16, q: &Question, sent: &Name) -> std::io::Result<Vec<u8>> {
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
-    let mut query = Query::query(q.name.clone(), q.qtype);
+    let mut query = Query::query(sent.clone(), q.qtype);
     query.set_query_class(q.qclass);
     msg.add_query(query);
     let mut edns = Edns::new();
@@ -154,15 +245,79 @@ fn build_query(id: u16, q: &Question) -> std::io::Result<Vec<u8>> {
     msg.to_vec().map_err(std::io::Error::other)
 }
 
-/// Is `reply` the answer to our query (ID and question match)? Anything else on the socket is
-/// ignored, which also defeats blind spoofing from other ports (the socket is connected).
-fn matches(reply: &Message, id: u16, q: &Question) -> bool {
-    reply.metadata.id == id
-        && reply.metadata.message_type == MessageType::Response
-        && reply.queries.len() == 1
-        && reply.queries[0].name() == &q.name
-        && reply.queries[0].query_type() == q.qtype
-        && reply.queries[0].query_class() == q.qclass
+/// `name` with each ASCII letter upper- or lowercase at random (DNS 0x20,
+/// draft-vixie-dnsext-dns0x20): one bit of entropy per letter on top of ID and port.
+fn randomized_case(name: &Name) -> Name {
+    let labels: Vec<Vec<u8>> = name
+        .iter()
+        .map(|label| {
+            label
+                .iter()
+                .map(|&b| {
+                    if b.is_ascii_alphabetic() && rand::random::<bool>() {
+                        b.to_ascii_uppercase()
+                    } else {
+                        b.to_ascii_lowercase()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    match Name::from_labels(labels) {
+        Ok(mut randomized) => {
+            randomized.set_fqdn(name.is_fqdn());
+            randomized
+        }
+        // Same label lengths as a valid name, so this cannot fail; asking in plain case is
+        // the safe answer if it ever did.
+        Err(_) => name.clone(),
+    }
+}
+
+/// Puts the question's own spelling back where the upstream echoed our random case (the
+/// question, and owner names equal to it): what is cached and sent to clients never shows it.
+fn restore_case(reply: &mut Message, q: &Question) {
+    for query in &mut reply.queries {
+        if query.name() == &q.name {
+            query.set_name(q.name.clone());
+        }
+    }
+    for record in reply
+        .answers
+        .iter_mut()
+        .chain(reply.authorities.iter_mut())
+        .chain(reply.additionals.iter_mut())
+    {
+        if record.name == q.name {
+            record.name = q.name.clone();
+        }
+    }
+}
+
+/// Is `bytes` the answer to our query (ID and question match; with `exact_case`, the name in
+/// the exact case we sent)? Anything else on the socket is ignored, which also defeats blind
+/// spoofing from other addresses (the socket is connected, so the kernel drops those).
+fn check(
+    bytes: &[u8],
+    id: u16,
+    q: &Question,
+    sent: &Name,
+    exact_case: bool,
+) -> Result<Message, Mismatch> {
+    let reply = Message::from_vec(bytes).map_err(|_| Mismatch::Malformed)?;
+    if reply.metadata.id != id || reply.metadata.message_type != MessageType::Response {
+        return Err(Mismatch::Id);
+    }
+    let [asked] = reply.queries.as_slice() else {
+        return Err(Mismatch::Question);
+    };
+    if asked.name() != &q.name || asked.query_type() != q.qtype || asked.query_class() != q.qclass {
+        return Err(Mismatch::Question);
+    }
+    if exact_case && !asked.name().eq_case(sent) {
+        return Err(Mismatch::Case);
+    }
+    Ok(reply)
 }
 
 async fn exchange_udp(
@@ -170,7 +325,10 @@ async fn exchange_udp(
     request: &[u8],
     id: u16,
     q: &Question,
-) -> std::io::Result<Message> {
+    sent: &Name,
+    exact_case: bool,
+    metrics: &Metrics,
+) -> Result<Message, ExchangeError> {
     let bind: SocketAddr = match server.ip() {
         IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
@@ -181,9 +339,13 @@ async fn exchange_udp(
     let mut buf = vec![0u8; usize::from(UPSTREAM_EDNS_SIZE).max(4096)];
     loop {
         let len = socket.recv(&mut buf).await?;
-        if let Ok(reply) = Message::from_vec(&buf[..len]) {
-            if matches(&reply, id, q) {
-                return Ok(reply);
+        match check(&buf[..len], id, q, sent, exact_case) {
+            Ok(reply) => return Ok(reply),
+            Err(mismatch) => {
+                metrics.upstream_unmatched(mismatch.as_str());
+                if mismatch == Mismatch::Case {
+                    return Err(ExchangeError::CaseMismatch);
+                }
             }
         }
     }
@@ -194,6 +356,7 @@ async fn exchange_tcp(
     request: &[u8],
     id: u16,
     q: &Question,
+    metrics: &Metrics,
 ) -> std::io::Result<Message> {
     let mut stream = TcpStream::connect(server).await?;
     stream.set_nodelay(true)?;
@@ -206,10 +369,9 @@ async fn exchange_tcp(
         let len = stream.read_u16().await?;
         let mut buf = vec![0u8; usize::from(len)];
         stream.read_exact(&mut buf).await?;
-        if let Ok(reply) = Message::from_vec(&buf) {
-            if matches(&reply, id, q) {
-                return Ok(reply);
-            }
+        match check(&buf, id, q, &q.name, false) {
+            Ok(reply) => return Ok(reply),
+            Err(mismatch) => metrics.upstream_unmatched(mismatch.as_str()),
         }
     }
 }
@@ -356,5 +518,65 @@ impl Forwarder {
             answer.answers.shuffle(&mut rand::rng());
         }
         answer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn question(name: &str) -> Question {
+        Question {
+            name: Name::from_ascii(name).expect("name"),
+            qtype: RecordType::A,
+            qclass: hickory_proto::rr::DNSClass::IN,
+        }
+    }
+
+    fn reply(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
+        m.to_vec().expect("encode")
+    }
+
+    #[test]
+    fn randomized_case_changes_only_letter_case() {
+        let name = Name::from_ascii("abcdefghijklmnop-0123.example.").expect("name");
+        let spellings: Vec<Name> = (0..8).map(|_| randomized_case(&name)).collect();
+        assert!(spellings.iter().all(|s| s == &name && s.is_fqdn()));
+        assert!(
+            spellings.iter().any(|s| !s.eq_case(&name)),
+            "some letters change case"
+        );
+    }
+
+    #[test]
+    fn replies_are_classified() {
+        let q = question("a.example.");
+        let sent = Name::from_ascii("A.eXample.").expect("name");
+        assert!(check(&reply(7, "A.eXample."), 7, &q, &sent, true).is_ok());
+        assert_eq!(
+            check(&reply(8, "A.eXample."), 7, &q, &sent, true).err(),
+            Some(Mismatch::Id)
+        );
+        assert_eq!(
+            check(&reply(7, "b.example."), 7, &q, &sent, true).err(),
+            Some(Mismatch::Question)
+        );
+        assert_eq!(
+            check(&reply(7, "a.example."), 7, &q, &sent, true).err(),
+            Some(Mismatch::Case)
+        );
+        assert!(
+            check(&reply(7, "a.example."), 7, &q, &sent, false).is_ok(),
+            "case is checked only when randomised"
+        );
+        assert_eq!(
+            check(&[0u8; 5], 7, &q, &sent, true).err(),
+            Some(Mismatch::Malformed)
+        );
     }
 }

@@ -519,3 +519,195 @@ async fn cache_hits_answer_exactly_like_misses() {
     );
     fwd.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Spoofing visibility: forged upstream replies are ignored and counted; DNS 0x20.
+
+const UNMATCHED: &str = "consul_dns_forwarder_upstream_unmatched_replies_total";
+const CASE_FALLBACKS: &str = "consul_dns_forwarder_upstream_case_fallbacks_total";
+
+/// A forwarder to `up` whose /metrics is served over HTTP, with `extra` lines in `[upstream]`.
+async fn with_metrics(up: &TestUpstream, extra: &str) -> TestServer {
+    TestServer::start(&format!(
+        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n{extra}\n[consul]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        up.addr
+    ))
+    .await
+}
+
+/// `name`'s samples on the forwarder's /metrics, as a scraper gets them.
+async fn scraped(fwd: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (status, body) = http_get(fwd.metrics_addr.expect("metrics on"), "/metrics").await;
+    assert_eq!(status, 200);
+    metric_in(&body, name, labels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_upstream_replies_are_ignored_and_counted() {
+    let up = TestUpstream::start().await;
+    up.set_spoof_first(true);
+    for randomize in [false, true] {
+        let fwd = with_metrics(&up, &format!("randomize_case = {randomize}")).await;
+        assert_eq!(scraped(&fwd, UNMATCHED, &[]).await, 0.0, "exported at 0");
+        for (i, name) in ["a.test.", "two.test."].iter().enumerate() {
+            let r = ask(fwd.addr, name, RecordType::A).await;
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{name}");
+            let mut got = addresses(&r);
+            got.sort();
+            let want: &[&str] = if i == 0 {
+                &["192.0.2.1"]
+            } else {
+                &["192.0.2.1", "192.0.2.2"]
+            };
+            assert_eq!(
+                got, want,
+                "{name}: the real answer, not the forged 203.0.113.66"
+            );
+        }
+        // Each question drew one forgery with a wrong ID and one with a wrong question.
+        assert_eq!(scraped(&fwd, UNMATCHED, &[("reason", "id")]).await, 2.0);
+        assert_eq!(
+            scraped(&fwd, UNMATCHED, &[("reason", "question")]).await,
+            2.0
+        );
+        assert_eq!(scraped(&fwd, UNMATCHED, &[("reason", "case")]).await, 0.0);
+        // What was accepted is what is cached.
+        let r = ask(fwd.addr, "a.test.", RecordType::A).await;
+        assert_eq!(addresses(&r), ["192.0.2.1"], "from the cache");
+        fwd.stop().await;
+    }
+}
+
+/// Owner names of every record in `m`, as written.
+fn owners(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .chain(m.authorities.iter())
+        .map(|r| r.name.to_ascii())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomize_case_sends_mixed_case_and_clients_never_see_it() {
+    let up = TestUpstream::start().await;
+    let fwd = with_metrics(&up, "randomize_case = true").await;
+    // 12 distinct names of 10+ letters: all-lowercase by chance is 2^-120.
+    let names: Vec<String> = (0..12).map(|i| format!("abcdefgh{i}.test.")).collect();
+    for name in &names {
+        let r = ask(fwd.addr, name, RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert_eq!(
+            r.queries[0].name().to_ascii(),
+            *name,
+            "client's case echoed"
+        );
+    }
+    let received = up.received_names();
+    assert_eq!(
+        received.len(),
+        names.len(),
+        "one question each: no fallback"
+    );
+    for (sent, asked) in received.iter().zip(&names) {
+        assert_eq!(sent.to_ascii_lowercase(), *asked, "the same name");
+    }
+    assert!(
+        received
+            .iter()
+            .any(|n| n.chars().any(|c| c.is_ascii_uppercase())),
+        "the upstream saw mixed case: {received:?}"
+    );
+    assert!(
+        received.iter().all(|n| n != &n.to_ascii_lowercase()),
+        "every question had some uppercase: {received:?}"
+    );
+
+    // The upstream's owner names come back in the random case (they point at the question):
+    let direct = udp(up.addr, &make_query("TxT.tEsT.", RecordType::TXT, None)).await;
+    assert_eq!(
+        owners(&direct),
+        ["TxT.tEsT."],
+        "the upstream echoes the case in owners"
+    );
+    // neither the reply nor the cache keeps it. An owner name is the client's spelling or
+    // lowercase, on the miss and on the hits from the cache after it.
+    for (asked, qtype) in [
+        ("TXT.TEST.", RecordType::TXT),
+        ("WHO.TEST.", RecordType::TXT),
+        ("SHORT.TEST.", RecordType::A),
+        ("TWO.TEST.", RecordType::A),
+        ("WWW.TEST.", RecordType::A),
+        ("V6.TEST.", RecordType::AAAA),
+    ] {
+        for round in ["miss", "hit", "hit in lowercase"] {
+            let spelling = if round == "hit in lowercase" {
+                asked.to_ascii_lowercase()
+            } else {
+                asked.to_owned()
+            };
+            let r = udp(fwd.addr, &make_query(&spelling, qtype, None)).await;
+            assert!(!r.answers.is_empty(), "{spelling} {round}: {r}");
+            assert_eq!(
+                r.queries[0].name().to_ascii(),
+                spelling,
+                "question as asked"
+            );
+            for owner in owners(&r) {
+                if owner.eq_ignore_ascii_case(asked) {
+                    assert!(
+                        owner == spelling || owner == asked.to_ascii_lowercase(),
+                        "{spelling} {round}: random case {owner} reached the client: {r}"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(scraped(&fwd, CASE_FALLBACKS, &[]).await, 0.0);
+    assert_eq!(scraped(&fwd, UNMATCHED, &[]).await, 0.0);
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomize_case_falls_back_for_an_upstream_that_lowercases() {
+    let up = TestUpstream::start().await;
+    up.set_lowercase_replies(true);
+    let fwd = with_metrics(&up, "randomize_case = true").await;
+    let names: Vec<String> = (0..5).map(|i| format!("abcdefgh{i}.test.")).collect();
+    for name in &names {
+        let r = ask(fwd.addr, name, RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{name}");
+    }
+    let started = Instant::now();
+    let r = ask(fwd.addr, "Two.Test.", RecordType::A).await;
+    let mut got = addresses(&r);
+    got.sort();
+    assert_eq!(got, ["192.0.2.1", "192.0.2.2"], "answered: {r}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the fallback costs a round trip, not a timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(owners(&r), ["Two.Test.", "Two.Test."], "the client's case");
+    // Each question: the randomised one (reply in the wrong case), then a plain one.
+    let received = up.received_names();
+    assert_eq!(received.len(), 12, "{received:?}");
+    for pair in received.chunks(2) {
+        assert_ne!(pair[0], pair[0].to_ascii_lowercase(), "randomised first");
+        assert_eq!(pair[1], pair[1].to_ascii_lowercase(), "then plain");
+    }
+    assert_eq!(scraped(&fwd, CASE_FALLBACKS, &[]).await, 6.0);
+    assert_eq!(scraped(&fwd, UNMATCHED, &[("reason", "case")]).await, 6.0);
+    let r = ask(fwd.addr, "two.test.", RecordType::A).await;
+    assert_eq!(addresses(&r).len(), 2, "cached");
+    assert_eq!(up.received_names().len(), 12, "from the cache");
+    fwd.stop().await;
+
+    // Without randomize_case the same upstream is asked once per question.
+    let fwd = with_metrics(&up, "").await;
+    let before = up.received_names().len();
+    let r = ask(fwd.addr, "a.test.", RecordType::A).await;
+    assert_eq!(addresses(&r), ["192.0.2.1"]);
+    assert_eq!(up.received_names().len(), before + 1);
+    assert_eq!(scraped(&fwd, CASE_FALLBACKS, &[]).await, 0.0);
+    fwd.stop().await;
+}

@@ -615,3 +615,200 @@ async fn tcp_client_that_never_reads_does_not_stall_others_and_is_closed() {
     );
     fwd.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_network_cannot_take_every_tcp_connection() {
+    let up = TestUpstream::start().await;
+    let (fwd, _dir) = start(
+        &up,
+        "tcp_idle_timeout = \"5s\"\nmax_tcp_connections = 10\nmax_tcp_connections_per_network = 3",
+    )
+    .await;
+    // 127.0.0.1 and 127.0.1.1 are in different /24s: two client networks, loopback only.
+    let connect_from = async |source: &str| {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(format!("{source}:0").parse().expect("addr"))
+            .expect("bind a loopback source");
+        sock.connect(fwd.addr).await.expect("the kernel accepts")
+    };
+    let mut held = Vec::new();
+    for i in 0..3u16 {
+        let mut s = connect_from("127.0.0.1").await;
+        s.write_all(&frame(&control_query(300 + i)))
+            .await
+            .expect("write");
+        control_ok(read_frame(&mut s, REPLY_TIMEOUT).await.as_deref(), 300 + i)
+            .expect("within the network's share");
+        held.push(s);
+    }
+    for i in 0..2u16 {
+        let mut s = connect_from("127.0.0.1").await;
+        let _ = s.write_all(&frame(&control_query(400 + i))).await;
+        let (closed, data) = wait_closed(&mut s, Duration::from_secs(1)).await;
+        assert!(
+            closed.is_some(),
+            "connection {i} past the share is closed at once"
+        );
+        assert!(data.is_empty(), "and not answered");
+    }
+    assert_eq!(fwd.metric(DROPPED, &[("reason", "tcp_network_limit")]), 2.0);
+    assert_eq!(
+        fwd.metric(DROPPED, &[("reason", "tcp_connection_limit")]),
+        0.0,
+        "the total is not what refused them"
+    );
+    // Another network still gets in, up to its own share.
+    for i in 0..3u16 {
+        let mut s = connect_from("127.0.1.1").await;
+        s.write_all(&frame(&control_query(500 + i)))
+            .await
+            .expect("write");
+        control_ok(read_frame(&mut s, REPLY_TIMEOUT).await.as_deref(), 500 + i)
+            .expect("another network is served");
+        held.push(s);
+    }
+    assert_eq!(fwd.metric(TCP_CONNECTIONS, &[]), 6.0);
+    // A closed connection gives its network's slot back.
+    drop(held.remove(0));
+    let back = eventually(Duration::from_secs(3), async || {
+        fwd.metric(TCP_CONNECTIONS, &[]) == 5.0
+    })
+    .await;
+    assert!(back.is_some(), "slot freed");
+    let mut s = connect_from("127.0.0.1").await;
+    s.write_all(&frame(&control_query(600)))
+        .await
+        .expect("write");
+    control_ok(read_frame(&mut s, REPLY_TIMEOUT).await.as_deref(), 600)
+        .expect("127.0.0.1 is served again");
+    fwd.stop().await;
+}
+
+#[test]
+fn a_per_network_tcp_share_of_zero_is_rejected_naming_the_key() {
+    let err = consul_dns_forwarder::config::Config::from_toml_str(
+        "[server]\nmax_tcp_connections_per_network = 0\n",
+        "zero.toml",
+    )
+    .expect_err("0 refuses every TCP client");
+    assert!(
+        err.to_string().contains("max_tcp_connections_per_network"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// UDP response rate limit (`server.rate_limit`).
+
+/// Sends every query at once, each from its own socket on 127.0.0.1, and returns the replies
+/// in the same order (`None`: nothing within `wait`). At once, so the bucket barely refills
+/// while they arrive, however slow the machine is to answer.
+async fn udp_burst(addr: SocketAddr, queries: &[Vec<u8>], wait: Duration) -> Vec<Option<Message>> {
+    let mut sockets = Vec::new();
+    for _ in queries {
+        sockets.push(
+            tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+        );
+    }
+    for (socket, q) in sockets.iter().zip(queries) {
+        socket.send_to(q, addr).await.expect("send");
+    }
+    let mut replies = Vec::new();
+    for socket in &sockets {
+        let mut buf = vec![0u8; 65535];
+        replies.push(
+            match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
+                Ok(Ok((len, _))) => Some(Message::from_vec(&buf[..len]).expect("reply parses")),
+                _ => None,
+            },
+        );
+    }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_charges_a_cache_miss_once() {
+    const RATE: usize = 5;
+    let up = TestUpstream::start().await;
+    let (fwd, _dir) = start(&up, &format!("rate_limit = {RATE}\nrate_limit_exempt = []")).await;
+    // RATE + 1 distinct names, none cached: each is a miss that goes upstream.
+    let queries: Vec<Vec<u8>> = (1..=RATE + 1)
+        .map(|i| query(0x700 + i as u16, &format!("slow-{i}.test."), TYPE_A, None))
+        .collect();
+    let replies = udp_burst(fwd.addr, &queries, REPLY_TIMEOUT).await;
+    let mut answered = 0;
+    let mut truncated = 0;
+    for reply in replies.iter().flatten() {
+        if reply.metadata.truncation {
+            assert!(
+                reply.answers.is_empty(),
+                "over the limit: nothing to amplify"
+            );
+            truncated += 1;
+        } else {
+            assert_eq!(addresses(reply), ["192.0.2.9"], "a real answer: {reply}");
+            answered += 1;
+        }
+    }
+    assert_eq!(
+        (answered, truncated),
+        (RATE, 1),
+        "rate_limit = {RATE}: {RATE} misses answered, the next truncated"
+    );
+    assert_eq!(
+        fwd.metric("consul_dns_forwarder_rate_limited_total", &[]),
+        1.0
+    );
+    assert_eq!(up.queries(), RATE, "only the answered ones went upstream");
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_replies_are_rate_limited_too() {
+    const RATE: usize = 5;
+    let up = TestUpstream::start().await;
+    // 127.0.0.1 is outside `allow`: it gets REFUSED, like a spoofed source would.
+    let (fwd, _dir) = start(
+        &up,
+        &format!("allow = [\"127.0.0.2/32\"]\nrate_limit = {RATE}\nrate_limit_exempt = []"),
+    )
+    .await;
+    let queries: Vec<Vec<u8>> = (0..RATE + 3)
+        .map(|i| query(0x800 + i as u16, "a.test.", TYPE_A, None))
+        .collect();
+    let replies = udp_burst(fwd.addr, &queries, SILENCE).await;
+    let refused = replies
+        .iter()
+        .flatten()
+        .filter(|r| r.metadata.response_code == ResponseCode::Refused && !r.metadata.truncation)
+        .count();
+    let silent = replies.iter().filter(|r| r.is_none()).count();
+    assert_eq!(
+        (refused, silent),
+        (RATE, 3),
+        "REFUSED up to the limit, then nothing: {replies:?}"
+    );
+    assert_eq!(fwd.metric(DROPPED, &[("reason", "rate_limit")]), 3.0);
+    assert_eq!(
+        fwd.metric(
+            "consul_dns_forwarder_refused_clients_total",
+            &[("protocol", "udp")]
+        ),
+        (RATE + 3) as f64,
+        "every refused request is counted, answered or not"
+    );
+    // TCP proves the source address: refused, never limited.
+    let mut s = TcpStream::connect(fwd.addr).await.expect("connect");
+    s.write_all(&frame(&control_query(0x900)))
+        .await
+        .expect("write");
+    let r = read_frame(&mut s, REPLY_TIMEOUT)
+        .await
+        .expect("a TCP reply");
+    let r = Message::from_vec(&r).expect("parses");
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(up.queries(), 0, "nothing refused went upstream");
+    fwd.stop().await;
+}

@@ -38,6 +38,8 @@ const REQUIRED_SERIES: &[&str] = &[
     "consul_dns_forwarder_truncated_responses_total",
     "consul_dns_forwarder_refused_clients_total",
     "consul_dns_forwarder_dropped_packets_total",
+    "consul_dns_forwarder_upstream_unmatched_replies_total",
+    "consul_dns_forwarder_upstream_case_fallbacks_total",
     "consul_dns_forwarder_build_info",
 ];
 

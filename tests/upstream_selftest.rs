@@ -328,6 +328,73 @@ async fn mixed_case_is_matched_and_echoed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn lowercase_replies_mode_echoes_the_question_lowercased_and_names_are_recorded() {
+    let upstream = TestUpstream::start().await;
+    upstream.set_lowercase_replies(true);
+    for reply in [
+        udp(upstream.addr, "A.TeSt.", RecordType::A, None).await,
+        tcp(upstream.addr, "A.TeSt.", RecordType::A, None).await,
+    ] {
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(
+            reply.queries[0].name().to_ascii(),
+            "a.test.",
+            "question lowercased"
+        );
+        assert_eq!(reply.queries[0].query_type(), RecordType::A, "type kept");
+        assert_eq!(a_addrs(&reply.answers), [Ipv4Addr::new(192, 0, 2, 1)]);
+    }
+    upstream.set_lowercase_replies(false);
+    let reply = udp(upstream.addr, "A.TeSt.", RecordType::A, None).await;
+    assert_eq!(reply.queries[0].name().to_ascii(), "A.TeSt.", "off again");
+    assert_eq!(
+        upstream.received_names(),
+        ["A.TeSt.", "A.TeSt.", "A.TeSt."],
+        "names recorded as received"
+    );
+    upstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spoof_first_mode_sends_a_wrong_id_then_a_wrong_question_then_the_answer() {
+    let upstream = TestUpstream::start().await;
+    upstream.set_spoof_first(true);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    socket.connect(upstream.addr).await.expect("connect");
+    let q = query("a.test.", RecordType::A, None);
+    socket.send(&encode(&q)).await.expect("send");
+    let mut buffer = vec![0u8; 65535];
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        let len = timeout(WAIT, socket.recv(&mut buffer))
+            .await
+            .expect("three datagrams")
+            .expect("recv");
+        replies.push(decode(&buffer[..len]));
+    }
+    let spoofed = [Ipv4Addr::new(203, 0, 113, 66)];
+    assert_ne!(replies[0].metadata.id, q.metadata.id, "first: wrong ID");
+    assert_eq!(replies[0].queries[0].name().to_ascii(), "a.test.");
+    assert_eq!(a_addrs(&replies[0].answers), spoofed);
+    assert_eq!(replies[1].metadata.id, q.metadata.id, "second: right ID");
+    assert_eq!(
+        replies[1].queries[0].name().to_ascii(),
+        "spoofed.test.",
+        "second: wrong question"
+    );
+    assert_eq!(a_addrs(&replies[1].answers), spoofed);
+    assert_eq!(replies[2].metadata.id, q.metadata.id, "third: the answer");
+    assert_eq!(replies[2].queries[0].name().to_ascii(), "a.test.");
+    assert_eq!(a_addrs(&replies[2].answers), [Ipv4Addr::new(192, 0, 2, 1)]);
+    let extra = timeout(SILENCE, socket.recv(&mut buffer)).await;
+    assert!(extra.is_err(), "nothing more");
+    // TCP cannot be spoofed blind: only the answer.
+    let reply = tcp(upstream.addr, "a.test.", RecordType::A, None).await;
+    assert_eq!(a_addrs(&reply.answers), [Ipv4Addr::new(192, 0, 2, 1)]);
+    upstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn opt_only_when_the_query_had_one() {
     let upstream = TestUpstream::start().await;
     let addr = upstream.addr;

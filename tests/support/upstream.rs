@@ -23,6 +23,17 @@
 //! | other `*.test.`     | NXDOMAIN + SOA                                              |
 //! | outside `test.`     | REFUSED (not authoritative)                                 |
 //!
+//! Two misbehaviours can be switched on, for the forwarder's spoofing defences:
+//! [`TestUpstream::set_lowercase_replies`] (the question in replies is lowercased, as by
+//! upstreams that do not preserve case, defeating DNS 0x20) and
+//! [`TestUpstream::set_spoof_first`] (over UDP, each real reply is preceded by two forged ones:
+//! a wrong ID, then a wrong question, both answering [`SPOOFED_ADDRESS`]).
+//! [`TestUpstream::received_names`] lists the question names exactly as they arrived.
+//!
+//! Owner names equal to the question are written in the question's case, as servers that
+//! compress them into a pointer at the question do (BIND, Unbound): a forwarder using DNS 0x20
+//! gets its random case back in the answers.
+//!
 //! Every answer from the zone has AA=1; NXDOMAIN and NODATA answers carry the
 //! SOA in the authority section (RFC 2308), so negative caching can be tested
 //! (negative TTL = min(SOA TTL 3600, minimum 60) = 60 s).
@@ -39,14 +50,20 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncoder;
+use hickory_proto::serialize::binary::{BinDecoder, BinEncoder};
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use hickory_server::Server;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
+
+/// The address forged replies answer (TEST-NET-3): a client that sees it was fooled.
+pub const SPOOFED_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
+
+/// The question of the forged reply whose ID is right but question wrong.
+const SPOOFED_NAME: &str = "spoofed.test.";
 
 /// Label served by `who.test.` when none is given.
 pub const DEFAULT_LABEL: &str = "upstream";
@@ -114,10 +131,14 @@ impl TestUpstream {
         }
         let (udp, tcp) = bind_pair(addr).await?;
         let addr = udp.local_addr()?;
+        let udp = udp.into_std()?;
+        let forger = Arc::new(udp.try_clone()?);
+        let udp = UdpSocket::from_std(udp)?;
 
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
         let handler = UpstreamHandler {
+            forger,
             zone: Arc::new(Zone::new(label)),
             stats: Arc::clone(&stats),
             shutdown: shutdown.clone(),
@@ -168,6 +189,29 @@ impl TestUpstream {
     /// simulate an upstream that has gone silent (timeouts, failover).
     pub fn set_blackhole(&self, on: bool) {
         self.stats.blackhole.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, replies carry the question name lowercased instead of echoing its case,
+    /// like upstreams that do not preserve case (DNS 0x20 cannot work with them).
+    pub fn set_lowercase_replies(&self, on: bool) {
+        self.stats.lowercase_replies.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, every UDP reply is preceded by two forged replies to the same client: one
+    /// with a wrong ID, one with the right ID and another question (`spoofed.test.`), both
+    /// answering [`SPOOFED_ADDRESS`].
+    pub fn set_spoof_first(&self, on: bool) {
+        self.stats.spoof_first.store(on, Ordering::SeqCst);
+    }
+
+    /// Every question name received, in arrival order, exactly as written (case kept, with the
+    /// trailing dot).
+    pub fn received_names(&self) -> Vec<String> {
+        self.stats
+            .names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Stops serving and waits until the UDP socket and TCP listener are
@@ -236,7 +280,11 @@ struct Stats {
     tcp: AtomicUsize,
     /// Keyed by (normalised name, type).
     per_query: Mutex<HashMap<(String, RecordType), usize>>,
+    /// Question names as received, case kept.
+    names: Mutex<Vec<String>>,
     blackhole: AtomicBool,
+    lowercase_replies: AtomicBool,
+    spoof_first: AtomicBool,
 }
 
 impl Stats {
@@ -251,6 +299,16 @@ impl Stats {
                 *per_query.entry(key).or_default() += 1;
             }
         }
+        self.names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(
+                request
+                    .queries
+                    .queries()
+                    .iter()
+                    .map(|q| q.original().name().to_ascii()),
+            );
         match request.protocol() {
             Protocol::Udp => self.udp.fetch_add(1, Ordering::SeqCst),
             Protocol::Tcp => self.tcp.fetch_add(1, Ordering::SeqCst),
@@ -443,6 +501,8 @@ impl Zone {
 
 /// The `RequestHandler` hickory calls for every decoded query.
 struct UpstreamHandler {
+    /// A duplicate of the UDP socket's descriptor, for [`send_forgeries`].
+    forger: Arc<std::net::UdpSocket>,
     zone: Arc<Zone>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
@@ -461,8 +521,16 @@ impl RequestHandler for UpstreamHandler {
         }
 
         let reply = self.zone.answer(request);
+        let misbehave = Misbehave {
+            lowercase: self.stats.lowercase_replies.load(Ordering::SeqCst),
+            spoof_first: self
+                .stats
+                .spoof_first
+                .load(Ordering::SeqCst)
+                .then(|| self.forger.clone()),
+        };
         let Some(delay) = reply.delay else {
-            return send_reply(request, &reply, response_handle).await;
+            return send_reply(request, &reply, response_handle, misbehave).await;
         };
 
         // hickory serves a TCP connection's queries one after another, so a
@@ -486,7 +554,7 @@ impl RequestHandler for UpstreamHandler {
         tokio::spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {
-                    send_reply(&owned, &reply, response_handle).await;
+                    send_reply(&owned, &reply, response_handle, misbehave).await;
                 }
                 _ = shutdown.cancelled() => {}
             }
@@ -551,14 +619,40 @@ async fn send_reply<R: ResponseHandler>(
     request: &Request,
     reply: &Reply,
     mut response_handle: R,
+    misbehave: Misbehave,
 ) -> ResponseInfo {
     let mut metadata = Metadata::response_from_request(&request.metadata);
     metadata.authoritative = reply.authoritative;
     metadata.response_code = reply.rcode;
     let edns = response_edns(request);
-    let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+    let lowered;
+    let queries = if misbehave.lowercase {
+        lowered = lowercase_queries(&request.queries);
+        &lowered
+    } else {
+        &request.queries
+    };
+    let builder = MessageResponseBuilder::new(queries, edns.as_ref());
+    let echoed;
+    let reply = match queries.queries().first() {
+        Some(question) => {
+            let mut copy = reply.clone();
+            let spelling = question.original().name();
+            for record in copy.answers.iter_mut().chain(copy.authorities.iter_mut()) {
+                if record.name == *spelling {
+                    record.name = spelling.clone();
+                }
+            }
+            echoed = copy;
+            &echoed
+        }
+        None => reply,
+    };
 
     let udp = matches!(request.protocol(), Protocol::Udp);
+    if let Some(forger) = misbehave.spoof_first.filter(|_| udp) {
+        send_forgeries(request, &forger);
+    }
     let sent = if udp && !fits_udp(request, edns.as_ref(), metadata, reply) {
         metadata.truncation = true;
         response_handle
@@ -579,6 +673,75 @@ async fn send_reply<R: ResponseHandler>(
         Err(error) => {
             tracing::warn!(%error, "TestUpstream: could not send a reply");
             unsent_info(request, ResponseCode::ServFail)
+        }
+    }
+}
+
+/// The switchable misbehaviours, read once per request.
+#[derive(Debug, Clone)]
+struct Misbehave {
+    lowercase: bool,
+    /// The socket forged replies are sent from, when on.
+    spoof_first: Option<Arc<std::net::UdpSocket>>,
+}
+
+/// `queries` with every name lowercased, as an upstream that does not preserve case echoes
+/// them. Only the name bytes are touched (type and class bytes may look like letters).
+fn lowercase_queries(queries: &Queries) -> Queries {
+    let mut bytes = queries.as_bytes().to_vec();
+    let mut at = 0;
+    for _ in 0..queries.len() {
+        // Question names in a request are never compressed: plain labels to the root.
+        while let Some(&len) = bytes.get(at) {
+            at += 1;
+            if len == 0 {
+                break;
+            }
+            let end = (at + usize::from(len)).min(bytes.len());
+            bytes[at..end].make_ascii_lowercase();
+            at = end;
+        }
+        at += 4; // type and class
+    }
+    Queries::read(&mut BinDecoder::new(&bytes), queries.len())
+        .expect("lowercased questions still decode")
+}
+
+/// The forged replies of [`TestUpstream::set_spoof_first`]: a wrong ID, then the right ID with
+/// another question, each answering [`SPOOFED_ADDRESS`]. Sent raw through `forger`, a duplicate
+/// of the server's UDP socket (same source address and port, as a spoofer would forge them):
+/// hickory's own response handle insists on the request's ID.
+fn send_forgeries(request: &Request, forger: &std::net::UdpSocket) {
+    let Some(query) = request.queries.queries().first() else {
+        return;
+    };
+    let forge = |id: u16, question: hickory_proto::op::Query| {
+        let mut message = hickory_proto::op::Message::new(
+            id,
+            hickory_proto::op::MessageType::Response,
+            OpCode::Query,
+        );
+        message.metadata.recursion_desired = request.metadata.recursion_desired;
+        message.metadata.recursion_available = true;
+        message.add_answer(Record::from_rdata(
+            question.name().clone(),
+            300,
+            RData::A(A(SPOOFED_ADDRESS)),
+        ));
+        message.add_query(question);
+        message.to_vec().expect("a forged reply encodes")
+    };
+    let asked = query.original().clone();
+    let other = hickory_proto::op::Query::query(
+        Name::from_ascii(SPOOFED_NAME).expect("static name"),
+        query.query_type(),
+    );
+    for bytes in [
+        forge(request.metadata.id ^ 0x5a5a, asked),
+        forge(request.metadata.id, other),
+    ] {
+        if let Err(error) = forger.send_to(&bytes, request.src()) {
+            tracing::warn!(%error, "TestUpstream: could not send a forged reply");
         }
     }
 }

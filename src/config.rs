@@ -83,6 +83,23 @@ pub const MIN_CONSUL_CONNECTIONS: usize = 2;
 /// Where metrics are served by default: CoreDNS's conventional metrics port, loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9153";
 
+/// The largest TTL a record may carry: RFC 2181 §8 makes TTLs 31-bit, and resolvers read a
+/// larger value as 0, so a longer configured TTL would silently disable caching downstream.
+pub const MAX_DNS_TTL: Duration = Duration::from_secs(0x7fff_ffff);
+
+/// More UDP sockets per address than any core count needs; each costs a descriptor, a kernel
+/// buffer and a 64 KiB receive buffer, so a typo like 100000 must not exhaust the host.
+pub const MAX_UDP_SOCKETS_PER_ADDRESS: usize = 1024;
+
+/// Counts of concurrent things (queries, connections) are semaphores, which cannot hold more
+/// than this many permits (tokio panics above it). Larger values are unlimited in practice, so
+/// they are clamped, not rejected.
+pub const MAX_CONCURRENCY_LIMIT: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
+/// The environment variable the ACL token is read from when `consul.token_file` is not set
+/// (the name Consul's own CLI uses).
+pub const TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
+
 /// A problem with the configuration, worded for the person who has to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -105,8 +122,24 @@ pub enum ConfigError {
     },
     #[error("{flag}: {message}")]
     Flag { flag: &'static str, message: String },
+    /// Found after the command-line flags and the environment are applied, so there is no line.
+    #[error("consul.http: {0}")]
+    InsecureToken(#[from] InsecureToken),
     #[error("{0}")]
     Other(String),
+}
+
+/// The Consul ACL token would cross the network in clear text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{agent} is plain http:// to an agent that is not on this host (not 127.0.0.0/8, ::1 or \
+     localhost), and the Consul ACL token from {token_from} would cross the network in clear \
+     text. Use an https:// URL for this agent (with consul.ca_file if its CA is private), or set \
+     consul.allow_insecure_token = true if the network path to it is trusted"
+)]
+pub struct InsecureToken {
+    pub agent: String,
+    pub token_from: String,
 }
 
 /// Several problems at once, so `check-config` can list them all.
@@ -388,6 +421,7 @@ struct FileConsul {
     watch_idle: Option<ConfigDuration>,
     stale_for: Option<ConfigDuration>,
     max_connections: Option<usize>,
+    allow_insecure_token: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -508,6 +542,9 @@ pub struct ConsulConfig {
     pub watch_idle: Duration,
     pub stale_for: Duration,
     pub max_connections: usize,
+    /// Send the token to `http://` agents that are not on loopback (off: refused at start and
+    /// on reload, see [`ConsulConfig::check_token_transport`]).
+    pub allow_insecure_token: bool,
 }
 
 impl ConsulConfig {
@@ -525,6 +562,61 @@ impl ConsulConfig {
             }
         }
         DEFAULT_SERVICE_TTL
+    }
+
+    /// Refuses a token that would go in clear text to an agent off this host. Checked when the
+    /// token is read (start and every reload) and by `check-config`, after the flags are
+    /// applied, since `--consul-http` and `CONSUL_HTTP_TOKEN` can both bring the problem in.
+    pub fn check_token_transport(&self) -> Result<(), InsecureToken> {
+        let env_token = std::env::var(TOKEN_ENV).is_ok_and(|t| !t.trim().is_empty());
+        self.check_token_transport_with(env_token)
+    }
+
+    fn check_token_transport_with(&self, env_token: bool) -> Result<(), InsecureToken> {
+        // Only the HTTP backend talks to agents with the token.
+        if !self.enabled
+            || self.mode != ConsulMode::Http
+            || self.catalog_file.is_some()
+            || self.demo_catalog
+            || self.allow_insecure_token
+        {
+            return Ok(());
+        }
+        let token_from = match &self.token_file {
+            Some(path) => format!("consul.token_file ({})", path.display()),
+            None if env_token => TOKEN_ENV.to_owned(),
+            None => return Ok(()),
+        };
+        match self
+            .http
+            .iter()
+            .find(|u| u.scheme() == "http" && !is_loopback_url(u))
+        {
+            Some(agent) => Err(InsecureToken {
+                agent: agent.as_str().to_owned(),
+                token_from,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Does `url` name this host? Only literal loopback addresses and `localhost` count: any other
+/// name could resolve off the host.
+fn is_loopback_url(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.is_loopback(),
+        Ok(IpAddr::V6(v6)) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Err(_) => {
+            let name = bare.strip_suffix('.').unwrap_or(bare);
+            name.eq_ignore_ascii_case("localhost")
+        }
     }
 }
 
@@ -608,7 +700,10 @@ impl Config {
             .flatten()
             .collect(),
         };
-        let max_tcp_connections = s.max_tcp_connections.unwrap_or(DEFAULT_MAX_TCP_CONNECTIONS);
+        let max_tcp_connections = s
+            .max_tcp_connections
+            .unwrap_or(DEFAULT_MAX_TCP_CONNECTIONS)
+            .min(MAX_CONCURRENCY_LIMIT);
         if max_tcp_connections == 0 {
             errors.push(invalid(
                 "server",
@@ -624,7 +719,10 @@ impl Config {
                 "must be at least 100ms, like \"10s\"".into(),
             ));
         }
-        let max_inflight = s.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);
+        let max_inflight = s
+            .max_inflight
+            .unwrap_or(DEFAULT_MAX_INFLIGHT)
+            .min(MAX_CONCURRENCY_LIMIT);
         if max_inflight == 0 {
             errors.push(invalid(
                 "server",
@@ -632,12 +730,20 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let udp_sockets_per_address = s.udp_sockets_per_address.unwrap_or(0);
+        if udp_sockets_per_address > MAX_UDP_SOCKETS_PER_ADDRESS {
+            errors.push(invalid(
+                "server",
+                "udp_sockets_per_address",
+                format!("must be between 0 (one per CPU core) and {MAX_UDP_SOCKETS_PER_ADDRESS}"),
+            ));
+        }
         let server = ServerConfig {
             listen,
             allow,
             tcp_idle_timeout,
             max_tcp_connections,
-            udp_sockets_per_address: s.udp_sockets_per_address.unwrap_or(0),
+            udp_sockets_per_address,
             max_inflight,
             rate_limit: s.rate_limit,
             rate_limit_exempt: match s.rate_limit_exempt {
@@ -667,7 +773,10 @@ impl Config {
                 .collect(),
             timeout,
             resolv_conf: u.resolv_conf.unwrap_or_else(|| PathBuf::from(RESOLV_CONF)),
-            max_inflight: u.max_inflight.unwrap_or(DEFAULT_UPSTREAM_INFLIGHT),
+            max_inflight: u
+                .max_inflight
+                .unwrap_or(DEFAULT_UPSTREAM_INFLIGHT)
+                .min(MAX_CONCURRENCY_LIMIT),
         };
         if upstream.max_inflight == 0 {
             errors.push(invalid(
@@ -726,12 +835,8 @@ impl Config {
                 ),
             ));
         }
-        if cache.max_ttl.as_secs() > u64::from(u32::MAX >> 1) {
-            errors.push(invalid(
-                "cache",
-                "max_ttl",
-                "must be below 68 years (RFC 2181 TTL limit)".into(),
-            ));
+        if cache.max_ttl > MAX_DNS_TTL {
+            errors.push(invalid("cache", "max_ttl", ttl_range()));
         }
 
         let k = file.consul;
@@ -780,7 +885,14 @@ impl Config {
                     ),
                 ));
             } else {
-                service_ttl.push((TtlPattern::Exact(pattern), ttl.0));
+                service_ttl.push((TtlPattern::Exact(pattern.clone()), ttl.0));
+            }
+            if ttl.0 > MAX_DNS_TTL {
+                errors.push(invalid(
+                    "consul.service_ttl",
+                    &format!("{pattern:?}"),
+                    ttl_range(),
+                ));
             }
         }
         // Exact names first, then prefixes longest first, then `*`: the first match wins.
@@ -802,7 +914,10 @@ impl Config {
                 "must be between 1s and 10m (Consul caps blocking queries at 10 minutes)".into(),
             ));
         }
-        let max_connections = k.max_connections.unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS);
+        let max_connections = k
+            .max_connections
+            .unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS)
+            .min(MAX_CONCURRENCY_LIMIT);
         if max_connections < MIN_CONSUL_CONNECTIONS {
             errors.push(invalid(
                 "consul",
@@ -847,6 +962,13 @@ impl Config {
                 ));
             }
         }
+        let node_ttl = k.node_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0);
+        let negative_ttl = k.negative_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0);
+        for (key, ttl) in [("node_ttl", node_ttl), ("negative_ttl", negative_ttl)] {
+            if ttl > MAX_DNS_TTL {
+                errors.push(invalid("consul", key, ttl_range()));
+            }
+        }
         let consul = ConsulConfig {
             enabled: k.enabled.unwrap_or(true),
             mode,
@@ -862,13 +984,21 @@ impl Config {
             when_none_healthy: k.when_none_healthy.unwrap_or_default(),
             a_record_limit: k.a_record_limit.unwrap_or(0),
             service_ttl,
-            node_ttl: k.node_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0),
-            negative_ttl: k.negative_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0),
+            node_ttl,
+            negative_ttl,
             watch_wait,
             watch_idle: k.watch_idle.map_or(DEFAULT_WATCH_IDLE, |d| d.0),
             stale_for: k.stale_for.map_or(DEFAULT_CONSUL_STALE_FOR, |d| d.0),
             max_connections,
+            allow_insecure_token: k.allow_insecure_token.unwrap_or(false),
         };
+        // The token file is known here, so its problem gets a line; a token from the
+        // environment or an agent from a flag is checked after the flags are applied.
+        if consul.token_file.is_some() {
+            if let Err(e) = consul.check_token_transport_with(false) {
+                errors.push(invalid("consul", "http", e.to_string()));
+            }
+        }
 
         let metrics = MetricsConfig {
             listen: if file.metrics.enabled == Some(false) {
@@ -1017,6 +1147,14 @@ pub const DEFAULT_RATE_LIMIT: u32 = 200;
 
 /// How many queries may be in progress at once before new UDP queries are shed.
 pub const DEFAULT_MAX_INFLIGHT: usize = 10_000;
+
+/// The message for a TTL above [`MAX_DNS_TTL`].
+fn ttl_range() -> String {
+    format!(
+        "must be between 0s and {}s, about 68 years (RFC 2181: resolvers read a larger TTL as 0)",
+        MAX_DNS_TTL.as_secs()
+    )
+}
 
 /// Would a query sent to `upstream` arrive at a socket bound to `listen`?
 fn is_same_endpoint(listen: SocketAddr, upstream: SocketAddr) -> bool {

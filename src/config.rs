@@ -1291,6 +1291,104 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_shows_the_defaults() {
+        let text = include_str!("../conf/consul-dns-forwarder.toml");
+        let shipped = Config::from_toml_str(text, "conf/consul-dns-forwarder.toml").expect("valid");
+        assert_eq!(shipped, Config::default());
+    }
+
+    #[test]
+    fn concurrency_limits_beyond_a_semaphore_are_clamped() {
+        let c = Config::from_toml_str(
+            "[server]\nmax_inflight = 18446744073709551615\nmax_tcp_connections = 9223372036854775807\n\
+             [upstream]\nmax_inflight = 18446744073709551615\n[consul]\nmax_connections = 18446744073709551615\n",
+            "f.toml",
+        )
+        .expect("huge counts mean unlimited");
+        assert_eq!(c.server.max_inflight, MAX_CONCURRENCY_LIMIT);
+        assert_eq!(c.server.max_tcp_connections, MAX_CONCURRENCY_LIMIT);
+        assert_eq!(c.upstream.max_inflight, MAX_CONCURRENCY_LIMIT);
+        assert_eq!(c.consul.max_connections, MAX_CONCURRENCY_LIMIT);
+    }
+
+    #[test]
+    fn ttls_above_31_bits_are_rejected_with_their_key() {
+        let err = Config::from_toml_str(
+            "[consul]\nnode_ttl = \"100000000y\"\n[consul.service_ttl]\n\"web*\" = \"69y\"\n",
+            "f.toml",
+        )
+        .expect_err("TTL beyond RFC 2181");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("f.toml:2: consul.node_ttl: must be between 0s and 2147483647s"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("f.toml:4: consul.service_ttl.\"web*\""),
+            "{msg}"
+        );
+        let ok = Config::from_toml_str("[consul]\nnode_ttl = \"2147483647s\"\n", "f.toml");
+        assert!(ok.is_ok(), "the largest TTL itself is allowed");
+    }
+
+    fn consul_with(http: &str, extra: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml_str(
+            &format!("[consul]\nhttp = [\"{http}\"]\ntoken_file = \"/run/token\"\n{extra}"),
+            "f.toml",
+        )
+    }
+
+    #[test]
+    fn token_over_plain_http_off_host_is_refused_with_the_fix() {
+        let msg = consul_with("http://192.0.2.1:8500", "")
+            .expect_err("clear-text token")
+            .to_string();
+        assert!(
+            msg.starts_with("f.toml:2: consul.http: http://192.0.2.1:8500/"),
+            "{msg}"
+        );
+        for part in [
+            "consul.token_file (/run/token)",
+            "https://",
+            "consul.allow_insecure_token = true",
+        ] {
+            assert!(msg.contains(part), "{part} missing: {msg}");
+        }
+        for http in [
+            "http://127.0.0.1:8500",
+            "http://127.8.9.10:8500",
+            "http://localhost:8500",
+            "http://LOCALHOST.:8500",
+            "http://[::1]:8500",
+            "https://192.0.2.1:8501",
+        ] {
+            assert!(consul_with(http, "").is_ok(), "{http} must be accepted");
+        }
+        assert!(consul_with("http://192.0.2.1:8500", "allow_insecure_token = true\n").is_ok());
+        assert!(consul_with("http://192.0.2.1:8500", "catalog_file = \"/x.json\"\n").is_ok());
+        assert!(consul_with("http://192.0.2.1:8500", "mode = \"dns\"\n").is_ok());
+        assert!(
+            consul_with("http://localhost.example:8500", "").is_err(),
+            "a name that merely starts with localhost is not loopback"
+        );
+    }
+
+    #[test]
+    fn token_from_the_environment_is_checked_too() {
+        let mut c =
+            Config::from_toml_str("[consul]\nhttp = [\"http://192.0.2.1:8500\"]\n", "f.toml")
+                .expect("no token file: nothing to check in the file");
+        assert_eq!(c.consul.check_token_transport_with(false), Ok(()));
+        let err = c
+            .consul
+            .check_token_transport_with(true)
+            .expect_err("env token");
+        assert_eq!(err.token_from, TOKEN_ENV);
+        c.consul.allow_insecure_token = true;
+        assert_eq!(c.consul.check_token_transport_with(true), Ok(()));
+    }
+
+    #[test]
     fn upstream_equal_to_listen_is_a_loop() {
         let mut c = Config::default();
         c.server.listen = vec!["127.0.0.1:53".parse().expect("addr")];

@@ -67,8 +67,15 @@ pub const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(300);
 /// Consul caps `wait` at 10 minutes.
 pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(600);
 
+/// `consul.stale_for` is at least this many `consul.watch_wait`s: one for the blocking query
+/// to return, one for Consul's jitter and a retry.
+pub const STALE_FOR_WATCH_WAITS: u32 = 2;
+
 /// A watcher nobody asked about for this long stops.
 pub const DEFAULT_WATCH_IDLE: Duration = Duration::from_secs(600);
+
+/// The shortest `consul.watch_idle`: long enough for a first answer from Consul to arrive.
+pub const MIN_WATCH_IDLE: Duration = Duration::from_secs(1);
 
 /// How long the last known view of a service is served while Consul is unreachable.
 pub const DEFAULT_CONSUL_STALE_FOR: Duration = Duration::from_secs(86_400);
@@ -962,6 +969,36 @@ impl Config {
                 ));
             }
         }
+        let stale_for = k.stale_for.map_or(DEFAULT_CONSUL_STALE_FOR, |d| d.0);
+        // A blocking query confirms a view only when it returns: up to watch_wait, plus up to
+        // wait/16 of Consul's jitter, later. A shorter stale_for would turn quiet, healthy
+        // services into SERVFAIL between two confirmations.
+        let min_stale_for = watch_wait.saturating_mul(STALE_FOR_WATCH_WAITS);
+        // Only against a valid watch_wait: otherwise that key's own error says it all.
+        if stale_for < min_stale_for && watch_wait <= MAX_WATCH_WAIT {
+            errors.push(invalid(
+                "consul",
+                "stale_for",
+                format!(
+                    "must be at least {STALE_FOR_WATCH_WAITS} × consul.watch_wait ({}): a blocking query \
+                     confirms a view only when it returns, up to watch_wait later, and a view older \
+                     than stale_for is answered SERVFAIL; raise stale_for or lower watch_wait",
+                    humantime::format_duration(min_stale_for)
+                ),
+            ));
+        }
+        let watch_idle = k.watch_idle.map_or(DEFAULT_WATCH_IDLE, |d| d.0);
+        if watch_idle < MIN_WATCH_IDLE {
+            errors.push(invalid(
+                "consul",
+                "watch_idle",
+                format!(
+                    "must be at least {} (a watcher checks it before its first request: a shorter \
+                     one stops before Consul answers, and every name gets SERVFAIL)",
+                    humantime::format_duration(MIN_WATCH_IDLE)
+                ),
+            ));
+        }
         let node_ttl = k.node_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0);
         let negative_ttl = k.negative_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0);
         for (key, ttl) in [("node_ttl", node_ttl), ("negative_ttl", negative_ttl)] {
@@ -987,8 +1024,8 @@ impl Config {
             node_ttl,
             negative_ttl,
             watch_wait,
-            watch_idle: k.watch_idle.map_or(DEFAULT_WATCH_IDLE, |d| d.0),
-            stale_for: k.stale_for.map_or(DEFAULT_CONSUL_STALE_FOR, |d| d.0),
+            watch_idle,
+            stale_for,
             max_connections,
             allow_insecure_token: k.allow_insecure_token.unwrap_or(false),
         };

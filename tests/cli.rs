@@ -566,3 +566,116 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
         );
     }
 }
+
+/// A Consul token is never sent in clear text to another host: `check-config` and a start refuse
+/// it before any connection (192.0.2.1 is TEST-NET-1 and is never contacted), saying what to do;
+/// loopback agents, https:// and `consul.allow_insecure_token = true` are accepted.
+#[test]
+fn a_token_over_plain_http_to_another_host_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "secret-token\n").expect("write");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let path = dir.path().join("f.toml");
+    let check = |consul: &str, env_token: Option<&str>, flags: &[&str]| -> Output {
+        std::fs::write(
+            &path,
+            format!("[upstream]\nservers = [\"127.0.0.1:9\"]\n[consul]\n{consul}"),
+        )
+        .expect("write");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["check-config", "--config"])
+            .arg(&path)
+            .args(flags);
+        cmd.env_remove("CONSUL_HTTP_TOKEN");
+        if let Some(t) = env_token {
+            cmd.env("CONSUL_HTTP_TOKEN", t);
+        }
+        cmd.output().expect("run check-config")
+    };
+    let with_file = |http: &str, extra: &str| {
+        format!(
+            "http = [\"{http}\"]\ntoken_file = \"{}\"\n{extra}",
+            token.display()
+        )
+    };
+
+    let out = check(&with_file("http://192.0.2.1:8500", ""), None, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for part in [
+        "f.toml:5: consul.http: http://192.0.2.1:8500/",
+        "consul.token_file",
+        "clear text",
+        "https://",
+        "consul.allow_insecure_token = true",
+    ] {
+        assert!(err.contains(part), "{part:?} missing: {err}");
+    }
+    assert!(
+        !err.contains("secret-token"),
+        "the token itself is never printed"
+    );
+
+    // A start with that file stops at the same check, before binding or connecting.
+    let port = free_port();
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("consul.allow_insecure_token"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The token from the environment, the agent from a flag: refused after the flags apply.
+    let out = check(
+        "",
+        Some("secret-token"),
+        &["--consul-http", "http://192.0.2.1:8500"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("consul.http: http://192.0.2.1:8500/") && err.contains("CONSUL_HTTP_TOKEN"),
+        "{err}"
+    );
+
+    for (consul, env, why) in [
+        (
+            with_file("http://192.0.2.1:8500", "allow_insecure_token = true\n"),
+            None,
+            "explicitly allowed",
+        ),
+        (with_file("http://127.0.0.1:8500", ""), None, "loopback"),
+        (with_file("http://localhost:8500", ""), None, "localhost"),
+        (with_file("http://[::1]:8500", ""), None, "IPv6 loopback"),
+        (with_file("https://192.0.2.1:8501", ""), None, "https"),
+        (
+            "http = [\"http://192.0.2.1:8500\"]\n".to_owned(),
+            None,
+            "no token at all",
+        ),
+        (
+            "http = [\"http://127.0.0.1:8500\"]\n".to_owned(),
+            Some("secret-token"),
+            "environment token to loopback",
+        ),
+    ] {
+        let out = check(&consul, env, &[]);
+        assert!(
+            out.status.success(),
+            "{why}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

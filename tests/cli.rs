@@ -608,7 +608,7 @@ fn a_token_over_plain_http_to_another_host_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     for part in [
-        "f.toml:5: consul.http: http://192.0.2.1:8500/",
+        "f.toml:4: consul.http: http://192.0.2.1:8500/",
         "consul.token_file",
         "clear text",
         "https://",

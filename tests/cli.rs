@@ -410,7 +410,7 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
     use hickory_proto::rr::RecordType;
     use std::collections::BTreeMap;
     use support::consul_sim::ConsulSim;
-    use support::{addresses, ask, make_query, tcp, wait_until_answering};
+    use support::{addresses, ask, make_query, raw_udp, tcp};
 
     const INTEGERS: [&str; 3] = ["0", "9223372036854775807", "18446744073709551615"];
     const DURATIONS: [&str; 3] = ["\"0s\"", "\"100000000y\"", "\"100000000y\""];
@@ -539,14 +539,28 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
         let listen = format!("127.0.0.1:{port}");
         let mut server = spawn(&["--config", &path.display().to_string(), "--listen", &listen]);
         let addr: std::net::SocketAddr = listen.parse().expect("addr");
-        if let Ok(Some(status)) = server.0.try_wait() {
-            panic!(
-                "{}: exited {status} at start: {}",
-                path.display(),
-                server.terminate_and_read_stderr()
+        let probe = make_query("a.test.", RecordType::A, None)
+            .to_vec()
+            .expect("encode");
+        let started = Instant::now();
+        while raw_udp(addr, &probe, Duration::from_millis(200))
+            .await
+            .is_none()
+        {
+            if let Ok(Some(status)) = server.0.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = server.0.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                panic!("{}: exited {status} at start: {stderr}", path.display());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{}: not answering",
+                path.display()
             );
         }
-        wait_until_answering(addr).await;
         let udp = ask(addr, "a.test.", RecordType::A).await;
         let over_tcp = tcp(addr, &make_query("two.test.", RecordType::A, None)).await;
         let consul = ask(addr, "web.service.consul.", RecordType::A).await;

@@ -974,8 +974,9 @@ impl Config {
         // wait/16 of Consul's jitter, later. A shorter stale_for would turn quiet, healthy
         // services into SERVFAIL between two confirmations.
         let min_stale_for = watch_wait.saturating_mul(STALE_FOR_WATCH_WAITS);
-        // Only against a valid watch_wait: otherwise that key's own error says it all.
-        if stale_for < min_stale_for && watch_wait <= MAX_WATCH_WAIT {
+        // Only in the mode with watchers (in mode = "dns" stale_for is a cache setting), and
+        // only against a valid watch_wait: otherwise that key's own error says it all.
+        if mode == ConsulMode::Http && stale_for < min_stale_for && watch_wait <= MAX_WATCH_WAIT {
             errors.push(invalid(
                 "consul",
                 "stale_for",
@@ -1366,6 +1367,33 @@ mod tests {
         );
         let ok = Config::from_toml_str("[consul]\nnode_ttl = \"2147483647s\"\n", "f.toml");
         assert!(ok.is_ok(), "the largest TTL itself is allowed");
+    }
+
+    #[test]
+    fn consul_stale_for_covers_two_blocking_waits_and_watchers_live_a_second() {
+        let err = Config::from_toml_str("[consul]\nstale_for = \"9m\"\n", "f.toml")
+            .expect_err("below 2 x the default 5m watch_wait");
+        assert!(
+            err.to_string().contains(
+                "f.toml:2: consul.stale_for: must be at least 2 × consul.watch_wait (10m)"
+            ),
+            "{err}"
+        );
+        for ok in [
+            "[consul]\nstale_for = \"10m\"\n",
+            "[consul]\nstale_for = \"2s\"\nwatch_wait = \"1s\"\n",
+            "[consul]\nstale_for = \"0s\"\nmode = \"dns\"\n",
+            "[consul]\nwatch_idle = \"1s\"\n",
+        ] {
+            assert!(Config::from_toml_str(ok, "f.toml").is_ok(), "{ok}");
+        }
+        let err = Config::from_toml_str("[consul]\nwatch_idle = \"500ms\"\n", "f.toml")
+            .expect_err("watch_idle below 1s");
+        assert!(
+            err.to_string()
+                .contains("f.toml:2: consul.watch_idle: must be at least 1s"),
+            "{err}"
+        );
     }
 
     fn consul_with(http: &str, extra: &str) -> Result<Config, ConfigErrors> {

@@ -55,6 +55,10 @@ const ENDPOINT_STOP: Duration = Duration::from_secs(2);
 /// Margin on top of the upstream timeout when draining queries at shutdown.
 const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 
+/// A reload reads a few files and starts tasks; it never waits on the network. Far above what
+/// that takes, so only a bug trips it, and the next SIGHUP is not stuck behind a hung one.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -299,7 +303,7 @@ pub async fn run_with_reload(
                 // validation missed) ends that task only, so it is counted as a failure and this
                 // loop stays alive for the next SIGHUP.
                 let attempt = token.child_token();
-                let task = tokio::spawn({
+                let mut task = tokio::spawn({
                     let (load, state, handler, metrics, attempt) = (
                         load.clone(),
                         state.clone(),
@@ -312,9 +316,17 @@ pub async fn run_with_reload(
                         apply_reload(new_config, &state, &handler, &metrics, &attempt).await
                     }
                 });
-                let outcome = match task.await {
-                    Ok(result) => result,
-                    Err(e) => Err(reload_task_error(e)),
+                let outcome = match tokio::time::timeout(RELOAD_TIMEOUT, &mut task).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(e)) => Err(reload_task_error(e)),
+                    Err(_) => {
+                        // Nothing is replaced until the build is done, so stopping it midway
+                        // leaves the running configuration whole.
+                        task.abort();
+                        Err(format!(
+                            "the reload did not finish within {RELOAD_TIMEOUT:?}"
+                        ))
+                    }
                 };
                 if outcome.is_err() {
                     // Stops whatever the failed attempt started (Consul watchers of routes that

@@ -440,7 +440,10 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
     let sim = ConsulSim::start().await;
     sim.add_simple("web", "n1", "127.0.0.2", 80);
     let dir = tempfile::tempdir().expect("tmp");
-    let render = |set: &[(&Limit, &str)]| -> String {
+    // The agent's HTTP API, or (mode = "dns") its DNS port, where the Consul limits feed a cache.
+    let http_source = format!("http = [\"{}\"]", sim.http_url());
+    let dns_source = format!("mode = \"dns\"\ndns = [\"{}\"]", sim.dns_addr());
+    let render = |set: &[(&Limit, &str)], source: &str| -> String {
         let mut sections: BTreeMap<String, Vec<String>> = BTreeMap::new();
         sections
             .entry("upstream".into())
@@ -453,7 +456,7 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
         sections
             .entry("consul".into())
             .or_default()
-            .push(format!("http = [\"{}\"]", sim.http_url()));
+            .push(source.to_owned());
         for (limit, value) in set {
             sections
                 .entry(limit.section.clone())
@@ -482,7 +485,7 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
                 continue;
             }
             let path = dir.path().join("one.toml");
-            std::fs::write(&path, render(&[(limit, value)])).expect("write");
+            std::fs::write(&path, render(&[(limit, value)], &http_source)).expect("write");
             let out = tokio::process::Command::new(BIN)
                 .args(["check-config", "--config"])
                 .arg(&path)
@@ -531,10 +534,14 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
         "huge counts are clamped to {MAX_CONCURRENCY_LIMIT}, not rejected"
     );
 
-    // Every accepted extreme together, one server per column.
-    for (column, set) in accepted.iter().enumerate() {
-        let path = dir.path().join(format!("extreme-{column}.toml"));
-        std::fs::write(&path, render(set)).expect("write");
+    // Every accepted extreme together, one server per column and Consul mode.
+    let runs = accepted.iter().enumerate().flat_map(|(column, set)| {
+        [("http", &http_source), ("dns", &dns_source)]
+            .map(|(mode, source)| (column, set, mode, source))
+    });
+    for (column, set, mode, source) in runs {
+        let path = dir.path().join(format!("extreme-{column}-{mode}.toml"));
+        std::fs::write(&path, render(set, source)).expect("write");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut server = spawn(&["--config", &path.display().to_string(), "--listen", &listen]);
@@ -575,7 +582,7 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
         let stderr = server.terminate_and_read_stderr();
         assert!(!stderr.contains("panicked"), "{stderr}");
         println!(
-            "extreme-{column}: {} accepted limits together, answered",
+            "extreme-{column}-{mode}: {} accepted limits together, answered",
             set.len()
         );
     }

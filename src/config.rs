@@ -72,8 +72,15 @@ pub const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(300);
 /// Consul caps `wait` at 10 minutes.
 pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(600);
 
+/// `consul.stale_for` is at least this many `consul.watch_wait`s: one for the blocking query
+/// to return, one for Consul's jitter and a retry.
+pub const STALE_FOR_WATCH_WAITS: u32 = 2;
+
 /// A watcher nobody asked about for this long stops.
 pub const DEFAULT_WATCH_IDLE: Duration = Duration::from_secs(600);
+
+/// The shortest `consul.watch_idle`: long enough for a first answer from Consul to arrive.
+pub const MIN_WATCH_IDLE: Duration = Duration::from_secs(1);
 
 /// How long the last known view of a service is served while Consul is unreachable.
 pub const DEFAULT_CONSUL_STALE_FOR: Duration = Duration::from_secs(86_400);
@@ -87,6 +94,23 @@ pub const MIN_CONSUL_CONNECTIONS: usize = 2;
 
 /// Where metrics are served by default: CoreDNS's conventional metrics port, loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9153";
+
+/// The largest TTL a record may carry: RFC 2181 §8 makes TTLs 31-bit, and resolvers read a
+/// larger value as 0, so a longer configured TTL would silently disable caching downstream.
+pub const MAX_DNS_TTL: Duration = Duration::from_secs(0x7fff_ffff);
+
+/// More UDP sockets per address than any core count needs; each costs a descriptor, a kernel
+/// buffer and a 64 KiB receive buffer, so a typo like 100000 must not exhaust the host.
+pub const MAX_UDP_SOCKETS_PER_ADDRESS: usize = 1024;
+
+/// Counts of concurrent things (queries, connections) are semaphores, which cannot hold more
+/// than this many permits (tokio panics above it). Larger values are unlimited in practice, so
+/// they are clamped, not rejected.
+pub const MAX_CONCURRENCY_LIMIT: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
+/// The environment variable the ACL token is read from when `consul.token_file` is not set
+/// (the name Consul's own CLI uses).
+pub const TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
 
 /// A problem with the configuration, worded for the person who has to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -110,8 +134,24 @@ pub enum ConfigError {
     },
     #[error("{flag}: {message}")]
     Flag { flag: &'static str, message: String },
+    /// Found after the command-line flags and the environment are applied, so there is no line.
+    #[error("consul.http: {0}")]
+    InsecureToken(#[from] InsecureToken),
     #[error("{0}")]
     Other(String),
+}
+
+/// The Consul ACL token would cross the network in clear text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{agent} is plain http:// to an agent that is not on this host (not 127.0.0.0/8, ::1 or \
+     localhost), and the Consul ACL token from {token_from} would cross the network in clear \
+     text. Use an https:// URL for this agent (with consul.ca_file if its CA is private), or set \
+     consul.allow_insecure_token = true if the network path to it is trusted"
+)]
+pub struct InsecureToken {
+    pub agent: String,
+    pub token_from: String,
 }
 
 /// Several problems at once, so `check-config` can list them all.
@@ -395,6 +435,7 @@ struct FileConsul {
     watch_idle: Option<ConfigDuration>,
     stale_for: Option<ConfigDuration>,
     max_connections: Option<usize>,
+    allow_insecure_token: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -522,6 +563,9 @@ pub struct ConsulConfig {
     pub watch_idle: Duration,
     pub stale_for: Duration,
     pub max_connections: usize,
+    /// Send the token to `http://` agents that are not on loopback (off: refused at start and
+    /// on reload, see [`ConsulConfig::check_token_transport`]).
+    pub allow_insecure_token: bool,
 }
 
 impl ConsulConfig {
@@ -539,6 +583,61 @@ impl ConsulConfig {
             }
         }
         DEFAULT_SERVICE_TTL
+    }
+
+    /// Refuses a token that would go in clear text to an agent off this host. Checked when the
+    /// token is read (start and every reload) and by `check-config`, after the flags are
+    /// applied, since `--consul-http` and `CONSUL_HTTP_TOKEN` can both bring the problem in.
+    pub fn check_token_transport(&self) -> Result<(), InsecureToken> {
+        let env_token = std::env::var(TOKEN_ENV).is_ok_and(|t| !t.trim().is_empty());
+        self.check_token_transport_with(env_token)
+    }
+
+    fn check_token_transport_with(&self, env_token: bool) -> Result<(), InsecureToken> {
+        // Only the HTTP backend talks to agents with the token.
+        if !self.enabled
+            || self.mode != ConsulMode::Http
+            || self.catalog_file.is_some()
+            || self.demo_catalog
+            || self.allow_insecure_token
+        {
+            return Ok(());
+        }
+        let token_from = match &self.token_file {
+            Some(path) => format!("consul.token_file ({})", path.display()),
+            None if env_token => TOKEN_ENV.to_owned(),
+            None => return Ok(()),
+        };
+        match self
+            .http
+            .iter()
+            .find(|u| u.scheme() == "http" && !is_loopback_url(u))
+        {
+            Some(agent) => Err(InsecureToken {
+                agent: agent.as_str().to_owned(),
+                token_from,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Does `url` name this host? Only literal loopback addresses and `localhost` count: any other
+/// name could resolve off the host.
+fn is_loopback_url(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.is_loopback(),
+        Ok(IpAddr::V6(v6)) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Err(_) => {
+            let name = bare.strip_suffix('.').unwrap_or(bare);
+            name.eq_ignore_ascii_case("localhost")
+        }
     }
 }
 
@@ -622,7 +721,10 @@ impl Config {
             .flatten()
             .collect(),
         };
-        let max_tcp_connections = s.max_tcp_connections.unwrap_or(DEFAULT_MAX_TCP_CONNECTIONS);
+        let max_tcp_connections = s
+            .max_tcp_connections
+            .unwrap_or(DEFAULT_MAX_TCP_CONNECTIONS)
+            .min(MAX_CONCURRENCY_LIMIT);
         if max_tcp_connections == 0 {
             errors.push(invalid(
                 "server",
@@ -648,12 +750,23 @@ impl Config {
                 "must be at least 100ms, like \"10s\"".into(),
             ));
         }
-        let max_inflight = s.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);
+        let max_inflight = s
+            .max_inflight
+            .unwrap_or(DEFAULT_MAX_INFLIGHT)
+            .min(MAX_CONCURRENCY_LIMIT);
         if max_inflight == 0 {
             errors.push(invalid(
                 "server",
                 "max_inflight",
                 "must be at least 1".into(),
+            ));
+        }
+        let udp_sockets_per_address = s.udp_sockets_per_address.unwrap_or(0);
+        if udp_sockets_per_address > MAX_UDP_SOCKETS_PER_ADDRESS {
+            errors.push(invalid(
+                "server",
+                "udp_sockets_per_address",
+                format!("must be between 0 (one per CPU core) and {MAX_UDP_SOCKETS_PER_ADDRESS}"),
             ));
         }
         let server = ServerConfig {
@@ -662,7 +775,7 @@ impl Config {
             tcp_idle_timeout,
             max_tcp_connections,
             max_tcp_connections_per_network,
-            udp_sockets_per_address: s.udp_sockets_per_address.unwrap_or(0),
+            udp_sockets_per_address,
             max_inflight,
             rate_limit: s.rate_limit,
             rate_limit_exempt: match s.rate_limit_exempt {
@@ -692,7 +805,10 @@ impl Config {
                 .collect(),
             timeout,
             resolv_conf: u.resolv_conf.unwrap_or_else(|| PathBuf::from(RESOLV_CONF)),
-            max_inflight: u.max_inflight.unwrap_or(DEFAULT_UPSTREAM_INFLIGHT),
+            max_inflight: u
+                .max_inflight
+                .unwrap_or(DEFAULT_UPSTREAM_INFLIGHT)
+                .min(MAX_CONCURRENCY_LIMIT),
             randomize_case: u.randomize_case.unwrap_or(false),
         };
         if upstream.max_inflight == 0 {
@@ -752,12 +868,8 @@ impl Config {
                 ),
             ));
         }
-        if cache.max_ttl.as_secs() > u64::from(u32::MAX >> 1) {
-            errors.push(invalid(
-                "cache",
-                "max_ttl",
-                "must be below 68 years (RFC 2181 TTL limit)".into(),
-            ));
+        if cache.max_ttl > MAX_DNS_TTL {
+            errors.push(invalid("cache", "max_ttl", ttl_range()));
         }
 
         let k = file.consul;
@@ -806,7 +918,14 @@ impl Config {
                     ),
                 ));
             } else {
-                service_ttl.push((TtlPattern::Exact(pattern), ttl.0));
+                service_ttl.push((TtlPattern::Exact(pattern.clone()), ttl.0));
+            }
+            if ttl.0 > MAX_DNS_TTL {
+                errors.push(invalid(
+                    "consul.service_ttl",
+                    &format!("{pattern:?}"),
+                    ttl_range(),
+                ));
             }
         }
         // Exact names first, then prefixes longest first, then `*`: the first match wins.
@@ -828,7 +947,10 @@ impl Config {
                 "must be between 1s and 10m (Consul caps blocking queries at 10 minutes)".into(),
             ));
         }
-        let max_connections = k.max_connections.unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS);
+        let max_connections = k
+            .max_connections
+            .unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS)
+            .min(MAX_CONCURRENCY_LIMIT);
         if max_connections < MIN_CONSUL_CONNECTIONS {
             errors.push(invalid(
                 "consul",
@@ -873,6 +995,44 @@ impl Config {
                 ));
             }
         }
+        let stale_for = k.stale_for.map_or(DEFAULT_CONSUL_STALE_FOR, |d| d.0);
+        // A blocking query confirms a view only when it returns: up to watch_wait, plus up to
+        // wait/16 of Consul's jitter, later. A shorter stale_for would turn quiet, healthy
+        // services into SERVFAIL between two confirmations.
+        let min_stale_for = watch_wait.saturating_mul(STALE_FOR_WATCH_WAITS);
+        // Only in the mode with watchers (in mode = "dns" stale_for is a cache setting), and
+        // only against a valid watch_wait: otherwise that key's own error says it all.
+        if mode == ConsulMode::Http && stale_for < min_stale_for && watch_wait <= MAX_WATCH_WAIT {
+            errors.push(invalid(
+                "consul",
+                "stale_for",
+                format!(
+                    "must be at least {STALE_FOR_WATCH_WAITS} × consul.watch_wait ({}): a blocking query \
+                     confirms a view only when it returns, up to watch_wait later, and a view older \
+                     than stale_for is answered SERVFAIL; raise stale_for or lower watch_wait",
+                    humantime::format_duration(min_stale_for)
+                ),
+            ));
+        }
+        let watch_idle = k.watch_idle.map_or(DEFAULT_WATCH_IDLE, |d| d.0);
+        if watch_idle < MIN_WATCH_IDLE {
+            errors.push(invalid(
+                "consul",
+                "watch_idle",
+                format!(
+                    "must be at least {} (a watcher checks it before its first request: a shorter \
+                     one stops before Consul answers, and every name gets SERVFAIL)",
+                    humantime::format_duration(MIN_WATCH_IDLE)
+                ),
+            ));
+        }
+        let node_ttl = k.node_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0);
+        let negative_ttl = k.negative_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0);
+        for (key, ttl) in [("node_ttl", node_ttl), ("negative_ttl", negative_ttl)] {
+            if ttl > MAX_DNS_TTL {
+                errors.push(invalid("consul", key, ttl_range()));
+            }
+        }
         let consul = ConsulConfig {
             enabled: k.enabled.unwrap_or(true),
             mode,
@@ -888,13 +1048,21 @@ impl Config {
             when_none_healthy: k.when_none_healthy.unwrap_or_default(),
             a_record_limit: k.a_record_limit.unwrap_or(0),
             service_ttl,
-            node_ttl: k.node_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0),
-            negative_ttl: k.negative_ttl.map_or(DEFAULT_SERVICE_TTL, |d| d.0),
+            node_ttl,
+            negative_ttl,
             watch_wait,
-            watch_idle: k.watch_idle.map_or(DEFAULT_WATCH_IDLE, |d| d.0),
-            stale_for: k.stale_for.map_or(DEFAULT_CONSUL_STALE_FOR, |d| d.0),
+            watch_idle,
+            stale_for,
             max_connections,
+            allow_insecure_token: k.allow_insecure_token.unwrap_or(false),
         };
+        // The token file is known here, so its problem gets a line; a token from the
+        // environment or an agent from a flag is checked after the flags are applied.
+        if consul.token_file.is_some() {
+            if let Err(e) = consul.check_token_transport_with(false) {
+                errors.push(invalid("consul", "http", e.to_string()));
+            }
+        }
 
         let metrics = MetricsConfig {
             listen: if file.metrics.enabled == Some(false) {
@@ -1044,6 +1212,14 @@ pub const DEFAULT_RATE_LIMIT: u32 = 200;
 /// How many queries may be in progress at once before new UDP queries are shed.
 pub const DEFAULT_MAX_INFLIGHT: usize = 10_000;
 
+/// The message for a TTL above [`MAX_DNS_TTL`].
+fn ttl_range() -> String {
+    format!(
+        "must be between 0s and {}s, about 68 years (RFC 2181: resolvers read a larger TTL as 0)",
+        MAX_DNS_TTL.as_secs()
+    )
+}
+
 /// Would a query sent to `upstream` arrive at a socket bound to `listen`?
 fn is_same_endpoint(listen: SocketAddr, upstream: SocketAddr) -> bool {
     if listen.port() != upstream.port() {
@@ -1176,6 +1352,131 @@ mod tests {
                 "[::1]:53".parse().expect("addr")
             ]
         );
+    }
+
+    #[test]
+    fn shipped_config_shows_the_defaults() {
+        let text = include_str!("../conf/consul-dns-forwarder.toml");
+        let shipped = Config::from_toml_str(text, "conf/consul-dns-forwarder.toml").expect("valid");
+        assert_eq!(shipped, Config::default());
+    }
+
+    #[test]
+    fn concurrency_limits_beyond_a_semaphore_are_clamped() {
+        let c = Config::from_toml_str(
+            "[server]\nmax_inflight = 18446744073709551615\nmax_tcp_connections = 9223372036854775807\n\
+             [upstream]\nmax_inflight = 18446744073709551615\n[consul]\nmax_connections = 18446744073709551615\n",
+            "f.toml",
+        )
+        .expect("huge counts mean unlimited");
+        assert_eq!(c.server.max_inflight, MAX_CONCURRENCY_LIMIT);
+        assert_eq!(c.server.max_tcp_connections, MAX_CONCURRENCY_LIMIT);
+        assert_eq!(c.upstream.max_inflight, MAX_CONCURRENCY_LIMIT);
+        assert_eq!(c.consul.max_connections, MAX_CONCURRENCY_LIMIT);
+    }
+
+    #[test]
+    fn ttls_above_31_bits_are_rejected_with_their_key() {
+        let err = Config::from_toml_str(
+            "[consul]\nnode_ttl = \"100000000y\"\n[consul.service_ttl]\n\"web*\" = \"69y\"\n",
+            "f.toml",
+        )
+        .expect_err("TTL beyond RFC 2181");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("f.toml:2: consul.node_ttl: must be between 0s and 2147483647s"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("f.toml:4: consul.service_ttl.\"web*\""),
+            "{msg}"
+        );
+        let ok = Config::from_toml_str("[consul]\nnode_ttl = \"2147483647s\"\n", "f.toml");
+        assert!(ok.is_ok(), "the largest TTL itself is allowed");
+    }
+
+    #[test]
+    fn consul_stale_for_covers_two_blocking_waits_and_watchers_live_a_second() {
+        let err = Config::from_toml_str("[consul]\nstale_for = \"9m\"\n", "f.toml")
+            .expect_err("below 2 x the default 5m watch_wait");
+        assert!(
+            err.to_string().contains(
+                "f.toml:2: consul.stale_for: must be at least 2 × consul.watch_wait (10m)"
+            ),
+            "{err}"
+        );
+        for ok in [
+            "[consul]\nstale_for = \"10m\"\n",
+            "[consul]\nstale_for = \"2s\"\nwatch_wait = \"1s\"\n",
+            "[consul]\nstale_for = \"0s\"\nmode = \"dns\"\n",
+            "[consul]\nwatch_idle = \"1s\"\n",
+        ] {
+            assert!(Config::from_toml_str(ok, "f.toml").is_ok(), "{ok}");
+        }
+        let err = Config::from_toml_str("[consul]\nwatch_idle = \"500ms\"\n", "f.toml")
+            .expect_err("watch_idle below 1s");
+        assert!(
+            err.to_string()
+                .contains("f.toml:2: consul.watch_idle: must be at least 1s"),
+            "{err}"
+        );
+    }
+
+    fn consul_with(http: &str, extra: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml_str(
+            &format!("[consul]\nhttp = [\"{http}\"]\ntoken_file = \"/run/token\"\n{extra}"),
+            "f.toml",
+        )
+    }
+
+    #[test]
+    fn token_over_plain_http_off_host_is_refused_with_the_fix() {
+        let msg = consul_with("http://192.0.2.1:8500", "")
+            .expect_err("clear-text token")
+            .to_string();
+        assert!(
+            msg.starts_with("f.toml:2: consul.http: http://192.0.2.1:8500/"),
+            "{msg}"
+        );
+        for part in [
+            "consul.token_file (/run/token)",
+            "https://",
+            "consul.allow_insecure_token = true",
+        ] {
+            assert!(msg.contains(part), "{part} missing: {msg}");
+        }
+        for http in [
+            "http://127.0.0.1:8500",
+            "http://127.8.9.10:8500",
+            "http://localhost:8500",
+            "http://LOCALHOST.:8500",
+            "http://[::1]:8500",
+            "https://192.0.2.1:8501",
+        ] {
+            assert!(consul_with(http, "").is_ok(), "{http} must be accepted");
+        }
+        assert!(consul_with("http://192.0.2.1:8500", "allow_insecure_token = true\n").is_ok());
+        assert!(consul_with("http://192.0.2.1:8500", "catalog_file = \"/x.json\"\n").is_ok());
+        assert!(consul_with("http://192.0.2.1:8500", "mode = \"dns\"\n").is_ok());
+        assert!(
+            consul_with("http://localhost.example:8500", "").is_err(),
+            "a name that merely starts with localhost is not loopback"
+        );
+    }
+
+    #[test]
+    fn token_from_the_environment_is_checked_too() {
+        let mut c =
+            Config::from_toml_str("[consul]\nhttp = [\"http://192.0.2.1:8500\"]\n", "f.toml")
+                .expect("no token file: nothing to check in the file");
+        assert_eq!(c.consul.check_token_transport_with(false), Ok(()));
+        let err = c
+            .consul
+            .check_token_transport_with(true)
+            .expect_err("env token");
+        assert_eq!(err.token_from, TOKEN_ENV);
+        c.consul.allow_insecure_token = true;
+        assert_eq!(c.consul.check_token_transport_with(true), Ok(()));
     }
 
     #[test]

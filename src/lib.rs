@@ -55,6 +55,10 @@ const ENDPOINT_STOP: Duration = Duration::from_secs(2);
 /// Margin on top of the upstream timeout when draining queries at shutdown.
 const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 
+/// A reload reads a few files and starts tasks; it never waits on the network. Far above what
+/// that takes, so only a bug trips it, and the next SIGHUP is not stuck behind a hung one.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -71,8 +75,9 @@ pub struct Bound {
 }
 
 /// Config reloads: each message on `trigger` (SIGHUP in `main`) calls `load`, which reads and
-/// validates the config again. A config that fails to load or build leaves the running one as it
-/// is; the outcome is logged and counted.
+/// validates the config again. A config that fails to load or build, or a reload that panics,
+/// leaves the running one as it is; the outcome is logged and counted, and the next trigger is
+/// served as usual.
 pub struct Reload {
     pub trigger: mpsc::Receiver<()>,
     pub load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
@@ -283,23 +288,53 @@ pub async fn run_with_reload(
         }));
     }
 
-    if let Some(mut reload) = reload {
+    if let Some(reload) = reload {
         let handler = handler.clone();
         let metrics = metrics.clone();
         let state = state.clone();
         let token = token.clone();
+        let mut trigger = reload.trigger;
+        let load: Arc<dyn Fn() -> Result<Config, String> + Send + Sync> = Arc::from(reload.load);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = token.cancelled() => return,
-                    got = reload.trigger.recv() => if got.is_none() { return },
+                    got = trigger.recv() => if got.is_none() { return },
                 }
-                let outcome = match (reload.load)() {
-                    Err(e) => Err(e),
-                    Ok(new_config) => {
-                        apply_reload(new_config, &state, &handler, &metrics, &token).await
+                // Each attempt runs as its own task: a panic anywhere in it (a bug, or a value
+                // validation missed) ends that task only, so it is counted as a failure and this
+                // loop stays alive for the next SIGHUP.
+                let attempt = token.child_token();
+                let mut task = tokio::spawn({
+                    let (load, state, handler, metrics, attempt) = (
+                        load.clone(),
+                        state.clone(),
+                        handler.clone(),
+                        metrics.clone(),
+                        attempt.clone(),
+                    );
+                    async move {
+                        let new_config = load()?;
+                        apply_reload(new_config, &state, &handler, &metrics, &attempt).await
+                    }
+                });
+                let outcome = match tokio::time::timeout(RELOAD_TIMEOUT, &mut task).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(e)) => Err(reload_task_error(e)),
+                    Err(_) => {
+                        // Nothing is replaced until the build is done, so stopping it midway
+                        // leaves the running configuration whole.
+                        task.abort();
+                        Err(format!(
+                            "the reload did not finish within {RELOAD_TIMEOUT:?}"
+                        ))
                     }
                 };
+                if outcome.is_err() {
+                    // Stops whatever the failed attempt started (Consul watchers of routes that
+                    // were never installed).
+                    attempt.cancel();
+                }
                 match outcome {
                     Ok(()) => {
                         metrics.reloads.with_label_values(&["success"]).inc();
@@ -350,6 +385,20 @@ pub async fn run_with_reload(
 
 type State = Arc<std::sync::Mutex<(Config, Built)>>;
 
+/// Why a reload task ended without a result, for the log.
+fn reload_task_error(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return format!("the reload was cancelled: {e}");
+    }
+    let payload = e.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    format!("the reload failed with an internal error (a bug, please report it): {message}")
+}
+
 async fn apply_reload(
     new_config: Config,
     state: &State,
@@ -365,6 +414,8 @@ async fn apply_reload(
     if new_config.server.listen != old_config.server.listen
         || new_config.metrics != old_config.metrics
         || new_config.server.max_tcp_connections != old_config.server.max_tcp_connections
+        || new_config.server.max_tcp_connections_per_network
+            != old_config.server.max_tcp_connections_per_network
         || new_config.server.max_inflight != old_config.server.max_inflight
     {
         tracing::warn!("listen addresses, metrics.listen and server limits change only on restart; the rest is applied");

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use consul_dns_forwarder::config::{Config, Overrides};
+use consul_dns_forwarder::config::{Config, ConfigError, Overrides};
 use consul_dns_forwarder::{run_with_reload, server, Bound, Reload};
 
 #[derive(Parser, Debug)]
@@ -142,6 +142,12 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
     config
         .apply_overrides(overrides)
         .map_err(|e| e.to_string())?;
+    // After the flags: `--consul-http` and CONSUL_HTTP_TOKEN can each bring the problem in, and
+    // check-config must refuse what the start would.
+    config
+        .consul
+        .check_token_transport()
+        .map_err(|e| ConfigError::from(e).to_string())?;
     if let Err(e) = config.resolve_system_upstreams() {
         // The demo must start on any machine: without usable nameservers it still serves the
         // demo catalog, and forwarded names get SERVFAIL. A loop is refused even then.

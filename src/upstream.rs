@@ -431,7 +431,9 @@ impl Forwarder {
     /// Caps upstream fetches in flight; a miss beyond the cap is answered at once (stale data or
     /// SERVFAIL) instead of queueing behind a slow upstream.
     pub fn with_max_inflight(mut self, max: usize) -> Forwarder {
-        self.inflight = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        // Config validation clamps too; this keeps any caller from the semaphore's panic.
+        let permits = max.clamp(1, crate::config::MAX_CONCURRENCY_LIMIT);
+        self.inflight = Arc::new(tokio::sync::Semaphore::new(permits));
         self
     }
 

@@ -341,3 +341,362 @@ async fn catalog_file_is_reloaded_on_sighup_and_a_bad_file_keeps_the_old_one() {
         "a bad file leaves the served catalog untouched"
     );
 }
+
+/// A key the shipped config documents with an integer or duration value.
+#[derive(Clone, Debug)]
+struct Limit {
+    section: String,
+    /// As written in the file (`max_inflight`, `"*"`).
+    key: String,
+    duration: bool,
+}
+
+impl Limit {
+    fn name(&self) -> String {
+        format!("{}.{}", self.section, self.key)
+    }
+}
+
+/// Every integer and duration key of conf/consul-dns-forwarder.toml, commented-out ones too, so
+/// a limit added later (and documented, as it must be) is covered without touching this test.
+fn documented_limits() -> Vec<Limit> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/consul-dns-forwarder.toml");
+    let text = std::fs::read_to_string(path).expect("read the shipped config");
+    let mut section: Option<String> = None;
+    let mut found = Vec::new();
+    for raw in text.lines() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            section = Some(line.trim_matches(|c| c == '[' || c == ']').to_owned());
+            continue;
+        }
+        let candidate = line.trim_start_matches('#').trim();
+        if candidate.starts_with('[') {
+            // A commented-out section: its keys belong to it, not to the one above.
+            section = None;
+            continue;
+        }
+        let (Some(section), Ok(table)) = (&section, candidate.parse::<toml::Table>()) else {
+            continue;
+        };
+        for (key, value) in table {
+            let duration = match &value {
+                toml::Value::Integer(_) => false,
+                toml::Value::String(s) if humantime::parse_duration(s).is_ok() => true,
+                _ => continue,
+            };
+            let key = if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                key
+            } else {
+                format!("{key:?}")
+            };
+            found.push(Limit {
+                section: section.clone(),
+                key,
+                duration,
+            });
+        }
+    }
+    found
+}
+
+/// Each limit at 0 and at the largest values TOML and humantime accept: `check-config` either
+/// rejects the value naming its key (exit 2, never a crash), or the value is accepted and a
+/// server running with all the accepted extremes together starts and answers forwarded and
+/// Consul names over UDP and TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
+    use consul_dns_forwarder::config::MAX_CONCURRENCY_LIMIT;
+    use hickory_proto::rr::RecordType;
+    use std::collections::BTreeMap;
+    use support::consul_sim::ConsulSim;
+    use support::{addresses, ask, make_query, raw_udp, tcp};
+
+    const INTEGERS: [&str; 3] = ["0", "9223372036854775807", "18446744073709551615"];
+    const DURATIONS: [&str; 3] = ["\"0s\"", "\"100000000y\"", "\"100000000y\""];
+
+    let limits = documented_limits();
+    let names: Vec<String> = limits.iter().map(Limit::name).collect();
+    for known in [
+        "server.tcp_idle_timeout",
+        "server.max_inflight",
+        "server.udp_sockets_per_address",
+        "server.rate_limit",
+        "upstream.max_inflight",
+        "upstream.timeout",
+        "cache.max_entries",
+        "cache.stale_for",
+        "consul.watch_idle",
+        "consul.max_connections",
+        "consul.service_ttl.\"*\"",
+    ] {
+        assert!(
+            names.iter().any(|n| n == known),
+            "{known} not found in {names:?}"
+        );
+    }
+
+    let up = TestUpstream::start().await;
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let dir = tempfile::tempdir().expect("tmp");
+    // The agent's HTTP API, or (mode = "dns") its DNS port, where the Consul limits feed a cache.
+    let http_source = format!("http = [\"{}\"]", sim.http_url());
+    let dns_source = format!("mode = \"dns\"\ndns = [\"{}\"]", sim.dns_addr());
+    let render = |set: &[(&Limit, &str)], source: &str| -> String {
+        let mut sections: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        sections
+            .entry("upstream".into())
+            .or_default()
+            .push(format!("servers = [\"{}\"]", up.addr));
+        sections
+            .entry("metrics".into())
+            .or_default()
+            .push("listen = \"127.0.0.1:0\"".into());
+        sections
+            .entry("consul".into())
+            .or_default()
+            .push(source.to_owned());
+        for (limit, value) in set {
+            sections
+                .entry(limit.section.clone())
+                .or_default()
+                .push(format!("{} = {value}", limit.key));
+        }
+        sections
+            .iter()
+            .map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n")))
+            .collect()
+    };
+
+    // One value at a time through check-config.
+    let mut accepted: Vec<Vec<(&Limit, &str)>> = vec![Vec::new(); INTEGERS.len()];
+    let mut report = Vec::new();
+    for limit in &limits {
+        let values = if limit.duration { DURATIONS } else { INTEGERS };
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 && values[i] == values[i - 1] {
+                if accepted[i - 1]
+                    .iter()
+                    .any(|(l, _)| l.name() == limit.name())
+                {
+                    accepted[i].push((limit, value));
+                }
+                continue;
+            }
+            let path = dir.path().join("one.toml");
+            std::fs::write(&path, render(&[(limit, value)], &http_source)).expect("write");
+            let out = tokio::process::Command::new(BIN)
+                .args(["check-config", "--config"])
+                .arg(&path)
+                .output()
+                .await
+                .expect("run check-config");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            match out.status.code() {
+                Some(0) => {
+                    accepted[i].push((limit, value));
+                    report.push(format!("{} = {value}: accepted", limit.name()));
+                }
+                Some(2) => {
+                    // Either the TOML parser's error (a value the key's type cannot hold),
+                    // which quotes the offending line with its key, or our validation's
+                    // "file:line: section.key: must be ...", which states the range.
+                    let named = if stderr.contains("TOML parse error") {
+                        stderr.contains("one.toml: ")
+                            && stderr.contains(&format!("{} = ", limit.key))
+                    } else {
+                        stderr.contains("one.toml:")
+                            && stderr.contains(&format!(": {}: ", limit.name()))
+                            && stderr.contains("must ")
+                    };
+                    assert!(
+                        named,
+                        "{} = {value}: the rejection must name the key and what is allowed: {stderr}",
+                        limit.name()
+                    );
+                    let summary = stderr.lines().last().unwrap_or_default().trim().to_owned();
+                    report.push(format!("{} = {value}: rejected: {summary}", limit.name()));
+                }
+                other => panic!(
+                    "{} = {value}: check-config exited {other:?}: {stderr}",
+                    limit.name()
+                ),
+            }
+        }
+    }
+    println!("{}", report.join("\n"));
+    // The known panic: an upstream.max_inflight beyond what a semaphore holds.
+    assert!(
+        accepted[2]
+            .iter()
+            .any(|(l, _)| l.name() == "upstream.max_inflight"),
+        "huge counts are clamped to {MAX_CONCURRENCY_LIMIT}, not rejected"
+    );
+
+    // Every accepted extreme together, one server per column and Consul mode.
+    let runs = accepted.iter().enumerate().flat_map(|(column, set)| {
+        [("http", &http_source), ("dns", &dns_source)]
+            .map(|(mode, source)| (column, set, mode, source))
+    });
+    for (column, set, mode, source) in runs {
+        let path = dir.path().join(format!("extreme-{column}-{mode}.toml"));
+        std::fs::write(&path, render(set, source)).expect("write");
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut server = spawn(&["--config", &path.display().to_string(), "--listen", &listen]);
+        let addr: std::net::SocketAddr = listen.parse().expect("addr");
+        let probe = make_query("a.test.", RecordType::A, None)
+            .to_vec()
+            .expect("encode");
+        let started = Instant::now();
+        while raw_udp(addr, &probe, Duration::from_millis(200))
+            .await
+            .is_none()
+        {
+            if let Ok(Some(status)) = server.0.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = server.0.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                panic!("{}: exited {status} at start: {stderr}", path.display());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{}: not answering",
+                path.display()
+            );
+        }
+        let udp = ask(addr, "a.test.", RecordType::A).await;
+        let over_tcp = tcp(addr, &make_query("two.test.", RecordType::A, None)).await;
+        let consul = ask(addr, "web.service.consul.", RecordType::A).await;
+        assert_eq!(addresses(&udp), vec!["192.0.2.1"], "{}", path.display());
+        assert_eq!(addresses(&over_tcp).len(), 2, "{}", path.display());
+        assert_eq!(addresses(&consul), vec!["127.0.0.2"], "{}", path.display());
+        assert!(
+            server.0.try_wait().expect("wait").is_none(),
+            "{} still running after the queries",
+            path.display()
+        );
+        let stderr = server.terminate_and_read_stderr();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        println!(
+            "extreme-{column}-{mode}: {} accepted limits together, answered",
+            set.len()
+        );
+    }
+}
+
+/// A Consul token is never sent in clear text to another host: `check-config` and a start refuse
+/// it before any connection (192.0.2.1 is TEST-NET-1 and is never contacted), saying what to do;
+/// loopback agents, https:// and `consul.allow_insecure_token = true` are accepted.
+#[test]
+fn a_token_over_plain_http_to_another_host_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "secret-token\n").expect("write");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let path = dir.path().join("f.toml");
+    let check = |consul: &str, env_token: Option<&str>, flags: &[&str]| -> Output {
+        std::fs::write(
+            &path,
+            format!("[upstream]\nservers = [\"127.0.0.1:9\"]\n[consul]\n{consul}"),
+        )
+        .expect("write");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["check-config", "--config"])
+            .arg(&path)
+            .args(flags);
+        cmd.env_remove("CONSUL_HTTP_TOKEN");
+        if let Some(t) = env_token {
+            cmd.env("CONSUL_HTTP_TOKEN", t);
+        }
+        cmd.output().expect("run check-config")
+    };
+    let with_file = |http: &str, extra: &str| {
+        format!(
+            "http = [\"{http}\"]\ntoken_file = \"{}\"\n{extra}",
+            token.display()
+        )
+    };
+
+    let out = check(&with_file("http://192.0.2.1:8500", ""), None, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for part in [
+        "f.toml:4: consul.http: http://192.0.2.1:8500/",
+        "consul.token_file",
+        "clear text",
+        "https://",
+        "consul.allow_insecure_token = true",
+    ] {
+        assert!(err.contains(part), "{part:?} missing: {err}");
+    }
+    assert!(
+        !err.contains("secret-token"),
+        "the token itself is never printed"
+    );
+
+    // A start with that file stops at the same check, before binding or connecting.
+    let port = free_port();
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("consul.allow_insecure_token"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The token from the environment, the agent from a flag: refused after the flags apply.
+    let out = check(
+        "",
+        Some("secret-token"),
+        &["--consul-http", "http://192.0.2.1:8500"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("consul.http: http://192.0.2.1:8500/") && err.contains("CONSUL_HTTP_TOKEN"),
+        "{err}"
+    );
+
+    for (consul, env, why) in [
+        (
+            with_file("http://192.0.2.1:8500", "allow_insecure_token = true\n"),
+            None,
+            "explicitly allowed",
+        ),
+        (with_file("http://127.0.0.1:8500", ""), None, "loopback"),
+        (with_file("http://localhost:8500", ""), None, "localhost"),
+        (with_file("http://[::1]:8500", ""), None, "IPv6 loopback"),
+        (with_file("https://192.0.2.1:8501", ""), None, "https"),
+        (
+            "http = [\"http://192.0.2.1:8500\"]\n".to_owned(),
+            None,
+            "no token at all",
+        ),
+        (
+            "http = [\"http://127.0.0.1:8500\"]\n".to_owned(),
+            Some("secret-token"),
+            "environment token to loopback",
+        ),
+    ] {
+        let out = check(&consul, env, &[]);
+        assert!(
+            out.status.success(),
+            "{why}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

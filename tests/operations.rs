@@ -4,6 +4,8 @@
 mod support;
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
@@ -463,4 +465,275 @@ async fn query_log_in_json() {
         .as_str()
         .is_some_and(|c| c.starts_with("127.0.0.1")));
     assert!(q["fields"]["duration_us"].is_u64());
+}
+
+fn hup(pid: &str) {
+    assert!(Command::new("kill")
+        .args(["-HUP", pid])
+        .status()
+        .expect("kill")
+        .success());
+}
+
+async fn reloads(maddr: std::net::SocketAddr, outcome: &str) -> f64 {
+    metric_in(
+        &http_get(maddr, "/metrics").await.1,
+        "consul_dns_forwarder_config_reloads_total",
+        &[("outcome", outcome)],
+    )
+}
+
+async fn web_ttl(addr: std::net::SocketAddr) -> Option<u32> {
+    ask(addr, "web.service.consul.", RecordType::A)
+        .await
+        .answers
+        .first()
+        .map(|r| r.ttl)
+}
+
+/// SIGHUP with values that used to kill reloads, and with configs that fail after validation
+/// (a catalog file that is gone) or in it (a token that would go to another host in clear
+/// text): each is counted, the running configuration keeps answering, and the next SIGHUP
+/// applies a good file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
+    let up = TestUpstream::start().await;
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let dir = tempfile::tempdir().expect("tmp");
+    let catalog = dir.path().join("catalog.json");
+    std::fs::write(&catalog, sim.catalog_json().to_string()).expect("write");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "secret-token").expect("write");
+    let conf = dir.path().join("forwarder.toml");
+    let mport = free_port();
+    std::fs::write(&conf, reload_config(&up, &catalog, mport, "5s")).expect("write");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
+    let pid = server.0.id().to_string();
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse().expect("addr");
+    wait_until_answering(addr).await;
+    assert_eq!(web_ttl(addr).await, Some(5));
+
+    // Used to panic inside the reload (a semaphore beyond MAX_PERMITS): now clamped and applied.
+    let huge = format!(
+        "{}[server]\nmax_inflight = 18446744073709551615\n",
+        reload_config(&up, &catalog, mport, "6s").replace(
+            "[upstream]\n",
+            "[upstream]\nmax_inflight = 18446744073709551615\n"
+        )
+    );
+    std::fs::write(&conf, huge).expect("write");
+    hup(&pid);
+    eventually(Duration::from_secs(5), async || {
+        reloads(maddr, "success").await == 1.0
+    })
+    .await
+    .expect("the reload with huge limits succeeds");
+    assert_eq!(web_ttl(addr).await, Some(6), "and is applied");
+
+    // Valid on paper, fails while building: the catalog file is gone.
+    let missing = dir.path().join("missing.json");
+    std::fs::write(&conf, reload_config(&up, &missing, mport, "7s")).expect("write");
+    hup(&pid);
+    eventually(Duration::from_secs(5), async || {
+        reloads(maddr, "failure").await == 1.0
+    })
+    .await
+    .expect("the failed build is counted");
+
+    // Refused by validation: a token for an http:// agent on another host.
+    std::fs::write(
+        &conf,
+        format!(
+            "[upstream]\nservers = [\"{}\"]\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n[consul]\nhttp = [\"http://192.0.2.1:8500\"]\ntoken_file = \"{}\"\n",
+            up.addr,
+            token.display()
+        ),
+    )
+    .expect("write");
+    hup(&pid);
+    eventually(Duration::from_secs(5), async || {
+        reloads(maddr, "failure").await == 2.0
+    })
+    .await
+    .expect("the insecure token is refused and counted");
+    assert_eq!(
+        web_ttl(addr).await,
+        Some(6),
+        "the running config is untouched"
+    );
+    assert_eq!(
+        addresses(&ask(addr, "a.test.", RecordType::A).await),
+        vec!["192.0.2.1"]
+    );
+    assert_eq!(reloads(maddr, "success").await, 1.0);
+
+    std::fs::write(&conf, reload_config(&up, &catalog, mport, "9s")).expect("write");
+    hup(&pid);
+    eventually(Duration::from_secs(5), async || {
+        reloads(maddr, "success").await == 2.0
+    })
+    .await
+    .expect("the next good reload succeeds");
+    assert_eq!(web_ttl(addr).await, Some(9), "and is applied");
+    assert!(
+        server.0.try_wait().expect("wait").is_none(),
+        "still running"
+    );
+    let stderr = server.terminate_and_read_stderr();
+    assert!(
+        stderr.contains("configuration not reloaded") && stderr.contains("missing.json"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("allow_insecure_token"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !stderr.contains("secret-token"),
+        "the token is never logged"
+    );
+}
+
+/// A reload that panics (here in loading the config; the whole reload runs in one task) is
+/// counted as a failure, the forwarder keeps answering with its running config, and the next
+/// reload is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_reload_is_counted_and_the_next_one_applies() {
+    use consul_dns_forwarder::config::Config;
+    use consul_dns_forwarder::{run_with_reload, server, Bound, Reload};
+
+    let up = TestUpstream::start().await;
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let dir = tempfile::tempdir().expect("tmp");
+    let catalog = dir.path().join("catalog.json");
+    std::fs::write(&catalog, sim.catalog_json().to_string()).expect("write");
+    let config_with = |ttl: &str| {
+        let text = format!(
+            "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\ncatalog_file = \"{}\"\n[consul.service_ttl]\n\"*\" = \"{ttl}\"\n",
+            up.addr,
+            catalog.display()
+        );
+        Config::from_toml_str(&text, "reload.toml").expect("valid")
+    };
+    let mut config = config_with("5s");
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    let dns = server::bind(&config.server.listen, 1).expect("bind");
+    let addr = dns.local_addrs()[0];
+    let registry = prometheus::Registry::new();
+    let (trigger_tx, trigger) = tokio::sync::mpsc::channel(1);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let next = config_with("9s");
+    let counted = calls.clone();
+    let load = Box::new(move || {
+        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("simulated bug while reloading");
+        }
+        Ok(next.clone())
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reg = registry.clone();
+    let task = tokio::spawn(async move {
+        run_with_reload(
+            config,
+            Bound { dns, metrics: None },
+            reg,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Some(Reload { trigger, load }),
+        )
+        .await
+    });
+    let reloads = |outcome: &'static str| {
+        let registry = registry.clone();
+        move || {
+            metric_in(
+                &consul_dns_forwarder::metrics::render(&registry),
+                "consul_dns_forwarder_config_reloads_total",
+                &[("outcome", outcome)],
+            )
+        }
+    };
+    let (failures, successes) = (reloads("failure"), reloads("success"));
+    wait_until_answering(addr).await;
+    assert_eq!(web_ttl(addr).await, Some(5));
+
+    trigger_tx.send(()).await.expect("trigger");
+    eventually(Duration::from_secs(5), async || failures() == 1.0)
+        .await
+        .expect("the panic is counted as a failed reload");
+    assert_eq!(web_ttl(addr).await, Some(5), "running config untouched");
+    assert_eq!(successes(), 0.0);
+
+    trigger_tx
+        .send(())
+        .await
+        .expect("the reload loop is still listening");
+    eventually(Duration::from_secs(5), async || successes() == 1.0)
+        .await
+        .expect("the next reload succeeds");
+    assert_eq!(web_ttl(addr).await, Some(9), "and is applied");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops")
+        .expect("no panic escaped")
+        .expect("ran");
+}
+
+/// A token file its group can read gets the same warning as a world-readable one; a 0600 file
+/// gets none.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_readable_token_file_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = TestUpstream::start().await;
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "secret-token").expect("write");
+    let conf = dir.path().join("f.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\ntoken_file = \"{}\"\n",
+            up.addr,
+            sim.http_url(),
+            token.display()
+        ),
+    )
+    .expect("write");
+    let mut logs = Vec::new();
+    for mode in [0o640, 0o600] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
+        let addr: std::net::SocketAddr = listen.parse().expect("addr");
+        wait_until_answering(addr).await;
+        assert_eq!(
+            addresses(&ask(addr, "web.service.consul.", RecordType::A).await),
+            vec!["127.0.0.2"],
+            "mode {mode:o}: Consul answers with the token"
+        );
+        logs.push(server.terminate_and_read_stderr());
+    }
+    let warning = "consul.token_file is readable by its group";
+    assert!(
+        logs[0].contains(warning) && logs[0].contains("chmod 600"),
+        "0640: {}",
+        logs[0]
+    );
+    assert!(logs[0].contains("WARN"), "{}", logs[0]);
+    assert!(!logs[1].contains("readable by"), "0600: {}", logs[1]);
+    assert!(
+        !logs.concat().contains("secret-token"),
+        "the token is never logged"
+    );
 }

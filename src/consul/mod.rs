@@ -85,6 +85,8 @@ pub enum ConsulError {
         #[source]
         source: std::io::Error,
     },
+    #[error("consul.http: {0}")]
+    InsecureToken(#[from] crate::config::InsecureToken),
 }
 
 /// What the answer source needs from the config.
@@ -326,6 +328,8 @@ async fn build_backend(
             Ok(Arc::new(Forwarder::new(router, cache, metrics, true)))
         }
         ConsulMode::Http => {
+            // Checked where the token is used, so no caller (a reload, a library user) can skip it.
+            c.check_token_transport()?;
             let token = read_token(c)?;
             let ca = match &c.ca_file {
                 Some(path) => Some((
@@ -350,7 +354,8 @@ async fn build_backend(
     }
 }
 
-/// The ACL token: `consul.token_file`, else `CONSUL_HTTP_TOKEN`. Never logged.
+/// The ACL token: `consul.token_file`, else `CONSUL_HTTP_TOKEN`. Never logged. A file that other
+/// users can read gets a warning: the token is a credential for the whole Consul cluster.
 fn read_token(c: &ConsulConfig) -> Result<Option<String>, ConsulError> {
     if let Some(path) = &c.token_file {
         let text = std::fs::read_to_string(path).map_err(|source| ConsulError::TokenFile {
@@ -361,10 +366,19 @@ fn read_token(c: &ConsulConfig) -> Result<Option<String>, ConsulError> {
         {
             use std::os::unix::fs::PermissionsExt;
             if let Ok(meta) = std::fs::metadata(path) {
-                if meta.permissions().mode() & 0o004 != 0 {
+                let mode = meta.permissions().mode();
+                let readers = if mode & 0o004 != 0 {
+                    Some("every user on this host")
+                } else if mode & 0o040 != 0 {
+                    Some("its group")
+                } else {
+                    None
+                };
+                if let Some(readers) = readers {
                     tracing::warn!(
                         path = %path.display(),
-                        "consul.token_file is readable by every user on this host: chmod 600 it"
+                        mode = %format!("{:o}", mode & 0o777),
+                        "consul.token_file is readable by {readers}: chmod 600 it"
                     );
                 }
             }
@@ -372,7 +386,7 @@ fn read_token(c: &ConsulConfig) -> Result<Option<String>, ConsulError> {
         let token = text.trim().to_owned();
         return Ok((!token.is_empty()).then_some(token));
     }
-    Ok(std::env::var("CONSUL_HTTP_TOKEN")
+    Ok(std::env::var(crate::config::TOKEN_ENV)
         .ok()
         .map(|t| t.trim().to_owned())
         .filter(|t| !t.is_empty()))

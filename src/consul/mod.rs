@@ -1,5 +1,6 @@
-//! The Consul answer source. Names under the Consul domains are parsed ([`name`]), looked up in
-//! a backend (HTTP watchers in [`watch`], or a catalog file in [`file`]), filtered by health and
+//! The Consul answer source. Names under the Consul domains are parsed and checked against
+//! Consul's alphabet ([`name`]), checked against what exists ([`inventory`], HTTP mode), looked up
+//! in a backend (HTTP watchers in [`watch`], or a catalog file in [`file`]), filtered by health and
 //! turned into records ([`records`]), shuffled afresh for every response. The dnsmasq-compatible
 //! `mode = "dns"` instead forwards the domain to the agents' DNS port through the same cache as
 //! upstream names.

@@ -241,6 +241,13 @@ impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
         }
     }
 
+    /// Is there a fetched answer for `key` (fresh or not)?
+    fn remembers(&self, key: &str) -> bool {
+        lock(&self.slots)
+            .get(key)
+            .is_some_and(|slot| slot.value.is_some())
+    }
+
     /// Keeps at most [`MAX_ON_DEMAND`] entries: past it, forgets the least recently fetched
     /// (never one with a fetch in flight) down to nine tenths of it, so the sort runs once per
     /// tenth of the bound, not per insert.
@@ -1192,13 +1199,19 @@ impl Backend for HttpBackend {
         service: &str,
         dc: Option<&str>,
     ) -> Result<Arc<ServiceView>, LookupError> {
-        let checked = match self.inventory.service(service, dc).await {
-            Verdict::Exists => true,
-            Verdict::Unchecked => false,
-            Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
-            Verdict::NoSuchName => return Err(LookupError::NoSuchName),
-        };
-        let Some(w) = self.watch_for((service.to_owned(), dc.map(str::to_owned)), checked) else {
+        let key = (service.to_owned(), dc.map(str::to_owned));
+        // A watched service is answered from its view, which its watcher keeps exact (a
+        // deregistered service's view empties): the inventory only decides what new state a
+        // name may create, so a list gone wrong cannot hide a service that is being served.
+        let watched = lock(&self.watches).contains_key(&key);
+        let checked = watched
+            || match self.inventory.service(service, dc).await {
+                Verdict::Exists => true,
+                Verdict::Unchecked => false,
+                Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
+                Verdict::NoSuchName => return Err(LookupError::NoSuchName),
+            };
+        let Some(w) = self.watch_for(key, checked) else {
             return Err(LookupError::Unavailable(
                 "a bound on Consul lookups was reached (limit_drops_total)".into(),
             ));
@@ -1251,12 +1264,15 @@ impl Backend for HttpBackend {
         node: &str,
         dc: Option<&str>,
     ) -> Result<Option<Arc<NodeView>>, LookupError> {
-        let checked = match self.inventory.node(node, dc).await {
-            Verdict::Exists => true,
-            Verdict::Unchecked => false,
-            Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
-            Verdict::NoSuchName => return Ok(None),
-        };
+        let key = format!("{node}|{}", dc.unwrap_or(""));
+        // A remembered answer goes on being served and refreshed, as a watched service does.
+        let checked = self.nodes.remembers(&key)
+            || match self.inventory.node(node, dc).await {
+                Verdict::Exists => true,
+                Verdict::Unchecked => false,
+                Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
+                Verdict::NoSuchName => return Ok(None),
+            };
         let client = self.client.clone();
         let outage = self.outage.clone();
         let budget = self.unchecked_budget(checked);
@@ -1266,7 +1282,7 @@ impl Backend for HttpBackend {
         let node_ttl = self.settings.node_ttl;
         self.nodes
             .get(
-                format!("{node}|{}", dc.unwrap_or("")),
+                key,
                 move |_| node_ttl,
                 self.settings.stale_for,
                 move || {
@@ -1293,12 +1309,14 @@ impl Backend for HttpBackend {
         name: &str,
         dc: Option<&str>,
     ) -> Result<Option<Arc<QueryView>>, LookupError> {
-        let checked = match self.inventory.query(name, dc).await {
-            Verdict::Exists => true,
-            Verdict::Unchecked => false,
-            Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
-            Verdict::NoSuchName => return Ok(None),
-        };
+        let key = format!("{name}|{}", dc.unwrap_or(""));
+        let checked = self.queries.remembers(&key)
+            || match self.inventory.query(name, dc).await {
+                Verdict::Exists => true,
+                Verdict::Unchecked => false,
+                Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
+                Verdict::NoSuchName => return Ok(None),
+            };
         let client = self.client.clone();
         let outage = self.outage.clone();
         let budget = self.unchecked_budget(checked);
@@ -1308,7 +1326,7 @@ impl Backend for HttpBackend {
         let default_ttl = self.settings.default_service_ttl;
         self.queries
             .get(
-                format!("{name}|{}", dc.unwrap_or("")),
+                key,
                 move |v: &Option<Arc<QueryView>>| {
                     v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl)
                 },

@@ -6,6 +6,7 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
@@ -129,12 +130,7 @@ async fn hostile_labels_never_reach_consul_in_any_position() {
     sim.add_simple("web", "n1", "127.0.0.2", 8080);
     sim.add_prepared_query("geo", "web", None, None);
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[consul]\nhttp = [\"{}\"]\n",
-        up.addr,
-        sim.http_url()
-    ))
-    .await;
+    let fwd = TestServer::start(&forwarder_config(&sim, &up)).await;
 
     // The real names first, so their views and the catalog lists are loaded.
     for (name, qtype) in [
@@ -203,5 +199,113 @@ async fn hostile_labels_never_reach_consul_in_any_position() {
     for line in distinct {
         println!("  {line}");
     }
+    fwd.stop().await;
+}
+
+fn forwarder_config(sim: &ConsulSim, up: &TestUpstream) -> String {
+    format!(
+        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[consul]\nhttp = [\"{}\"]\n",
+        up.addr,
+        sim.http_url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_registered_later_is_answered_once_the_catalog_shows_it() {
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 8080);
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&forwarder_config(&sim, &up)).await;
+    let later = [
+        ("late.service.consul.", "127.0.0.9"),
+        ("late-node.node.consul.", "127.0.0.9"),
+        ("later.query.consul.", "127.0.0.9"),
+    ];
+    for (name, _) in later {
+        let r = ask(fwd.addr, name, RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{name}");
+    }
+    let lookups_before = sim.requests("/v1/health/service/late")
+        + sim.requests("/v1/catalog/node/late")
+        + sim.requests("/v1/query/later");
+    assert_eq!(
+        lookups_before, 0,
+        "no request for a name Consul does not have"
+    );
+
+    sim.add_simple("late", "late-node", "127.0.0.9", 80);
+    sim.add_prepared_query("later", "late", None, None);
+    // Services and nodes follow the lists' blocking queries (about half a second); prepared
+    // queries the 10 s poll of their list.
+    for (name, addr) in later {
+        let took = eventually(Duration::from_secs(15), async || {
+            addresses(&ask(fwd.addr, name, RecordType::A).await) == vec![addr.to_owned()]
+        })
+        .await
+        .unwrap_or_else(|| panic!("{name} is answered once Consul has it"));
+        println!("{name} answered {took:?} after its registration");
+        if !name.contains(".query.") {
+            assert!(took < Duration::from_secs(3), "{name} took {took:?}");
+        }
+    }
+    fwd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_the_catalog_cannot_settle_go_to_consul_within_a_budget() {
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 8080);
+    sim.add_prepared_query("geo", "web", None, None);
+    // A token without query:read: the prepared-query list is refused, so .query names cannot
+    // be checked and each one would be a request.
+    sim.set_query_list_denied(true);
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&forwarder_config(&sim, &up)).await;
+    let r = ask(fwd.addr, "geo.query.consul.", RecordType::A).await;
+    assert_eq!(addresses(&r), vec!["127.0.0.2"], "a real query still works");
+
+    let started = Instant::now();
+    let (mut nxdomain, mut servfail) = (0, 0);
+    for i in 0..200 {
+        let r = ask(
+            fwd.addr,
+            &format!("made-up-{i}.query.consul."),
+            RecordType::A,
+        )
+        .await;
+        match r.metadata.response_code {
+            ResponseCode::NXDomain => nxdomain += 1,
+            ResponseCode::ServFail => servfail += 1,
+            other => panic!("made-up-{i}: {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let executed = sim.requests("/v1/query/") - 1;
+    // The budget: a burst of 20, then 2 a second (and one token of slack for the clock).
+    let allowed = 20.0 + 2.0 * elapsed + 1.0;
+    println!(
+        "200 unchecked names in {elapsed:.2} s: {executed} requests (budget {allowed:.0}), \
+         {nxdomain} NXDOMAIN, {servfail} SERVFAIL"
+    );
+    assert!(
+        (executed as f64) <= allowed,
+        "{executed} requests > {allowed}"
+    );
+    assert_eq!(nxdomain, executed, "each request's answer: NXDOMAIN");
+    assert_eq!(
+        servfail,
+        200 - executed,
+        "beyond the budget: SERVFAIL, never NXDOMAIN"
+    );
+    assert_eq!(
+        fwd.metric(
+            "consul_dns_forwarder_limit_drops_total",
+            &[("limit", "unverified_lookups")]
+        ),
+        servfail as f64
+    );
+    // The real query is remembered and keeps being answered.
+    let r = ask(fwd.addr, "geo.query.consul.", RecordType::A).await;
+    assert_eq!(addresses(&r), vec!["127.0.0.2"]);
     fwd.stop().await;
 }

@@ -1367,6 +1367,100 @@ impl Backend for HttpBackend {
 mod tests {
     use super::*;
 
+    fn test_metrics() -> Arc<Metrics> {
+        Metrics::new(&prometheus::Registry::new()).expect("metrics")
+    }
+
+    fn new_watch() -> Watch {
+        Watch {
+            state: watch::channel(ViewState::Pending).0,
+            on_demand: AtomicBool::new(false),
+            demand: tokio::sync::Notify::new(),
+            changed: tokio::sync::Notify::new(),
+            asked_again: AtomicBool::new(false),
+            last_asked: Mutex::new(Instant::now()),
+            last_confirmed: Mutex::new(None),
+            series: AtomicU8::new(SERIES_NONE),
+        }
+    }
+
+    #[test]
+    fn remembered_answers_are_bounded_and_the_oldest_forgotten_first() {
+        let metrics = test_metrics();
+        let forgotten = metrics.limit_drops.with_label_values(&["on_demand"]);
+        let start = Instant::now();
+        let mut slots: HashMap<String, Slot<u32>> = HashMap::new();
+        for i in 0..=MAX_ON_DEMAND {
+            let at = start + Duration::from_millis(i as u64);
+            slots.insert(
+                format!("n{i}"),
+                Slot {
+                    value: Some((0, at)),
+                    inflight: None,
+                },
+            );
+        }
+        // One failed fetch (no value) goes first.
+        slots.insert(
+            "failed".into(),
+            Slot {
+                value: None,
+                inflight: None,
+            },
+        );
+        OnDemand::bound(&mut slots, &forgotten);
+        assert_eq!(slots.len(), MAX_ON_DEMAND / 10 * 9);
+        assert_eq!(forgotten.get() as usize, MAX_ON_DEMAND + 2 - slots.len());
+        assert!(!slots.contains_key("failed"));
+        assert!(!slots.contains_key("n0"), "the oldest is forgotten");
+        assert!(
+            slots.contains_key(&format!("n{MAX_ON_DEMAND}")),
+            "the newest is kept"
+        );
+        // Under the bound nothing is touched.
+        let before = slots.len();
+        OnDemand::bound(&mut slots, &forgotten);
+        assert_eq!(slots.len(), before);
+    }
+
+    #[test]
+    fn per_service_series_stop_at_their_bound_and_free_their_place() {
+        let metrics = test_metrics();
+        let series = ServiceSeries {
+            metrics: metrics.clone(),
+            created: AtomicUsize::new(0),
+        };
+        let watches: Vec<Watch> = (0..=MAX_SERVICE_SERIES).map(|_| new_watch()).collect();
+        for (i, w) in watches.iter().enumerate() {
+            series.set(&format!("s{i}"), true, w, 3);
+        }
+        let count = |m: &Metrics| {
+            prometheus::core::Collector::collect(&m.consul_healthy_instances)[0]
+                .get_metric()
+                .len()
+        };
+        assert_eq!(count(&metrics), MAX_SERVICE_SERIES);
+        let drops = metrics.limit_drops.with_label_values(&["service_series"]);
+        assert_eq!(drops.get(), 1);
+        // Refused once, counted once: later updates of the same view add nothing.
+        series.set(
+            &format!("s{MAX_SERVICE_SERIES}"),
+            true,
+            &watches[MAX_SERVICE_SERIES],
+            4,
+        );
+        assert_eq!(drops.get(), 1);
+        // A remote view never gets one (the label has no datacenter).
+        let remote = new_watch();
+        series.remove("s0", &watches[0]);
+        series.set("s0", false, &remote, 1);
+        assert_eq!(count(&metrics), MAX_SERVICE_SERIES - 1);
+        // The freed place goes to the next view that asks.
+        let late = new_watch();
+        series.set("late", true, &late, 2);
+        assert_eq!(count(&metrics), MAX_SERVICE_SERIES);
+    }
+
     fn seen(list: &[(&str, &str, Option<&str>, u64)]) -> SeenChecks {
         seen_checks(
             list.iter()

@@ -43,17 +43,6 @@ const CATALOG_WATCHES: [&str; 4] = [
     "/v1/query?",
 ];
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 fn flood_name(i: u32) -> String {
     match i % 4 {
         0 => format!("f{i}.service.consul."),

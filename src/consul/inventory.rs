@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::watch::{backoff, lock, OutageLog};
+use super::LookupError;
 use crate::metrics::Metrics;
 
 /// Shortest time between the starts of two requests of one list. Under churn a blocking query
@@ -73,6 +74,19 @@ pub enum Verdict {
     NoSuchName,
     /// The lists cannot tell: ask Consul, within the budget for unchecked lookups.
     Unchecked,
+}
+
+impl Verdict {
+    /// Whether the name was checked (`Ok(false)`: unchecked, so within the budget), or the
+    /// lookup's NXDOMAIN when Consul does not have the name.
+    pub fn checked(self) -> Result<bool, LookupError> {
+        match self {
+            Verdict::Exists => Ok(true),
+            Verdict::Unchecked => Ok(false),
+            Verdict::NoSuchDatacenter => Err(LookupError::NoSuchDatacenter),
+            Verdict::NoSuchName => Err(LookupError::NoSuchName),
+        }
+    }
 }
 
 /// The names of one list: exact names, and (prepared-query templates) prefixes that match
@@ -593,9 +607,8 @@ async fn poll_datacenters(
     list: watch::Sender<List>,
     shutdown: CancellationToken,
 ) {
-    let mut failures: u32 = 0;
-    loop {
-        let fetched = shared
+    let fetch = || async {
+        let r = shared
             .client
             .get::<Vec<String>>(
                 "catalog_datacenters",
@@ -603,34 +616,16 @@ async fn poll_datacenters(
                 &[],
                 None,
             )
-            .await;
-        let pause = match fetched {
-            Ok(r) => {
-                failures = 0;
-                let names = Names::new(r.value.unwrap_or_default(), true);
-                list.send_replace(List::Ready(Arc::new(names)));
-                DATACENTERS_REFRESH
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "datacenter list request failed");
-                failures = failures.saturating_add(1);
-                mark_failed(&list);
-                backoff(failures)
-            }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-    }
+            .await?;
+        Ok(Names::new(r.value.unwrap_or_default(), true))
+    };
+    poll("datacenter", DATACENTERS_REFRESH, &list, &shutdown, fetch).await;
 }
 
 /// Keeps the local prepared-query list (`/v1/query`, which cannot block).
 async fn poll_queries(shared: Arc<Shared>, list: watch::Sender<List>, shutdown: CancellationToken) {
-    let mut failures: u32 = 0;
-    let mut refused_logged = false;
-    loop {
-        let fetched = shared
+    let fetch = || async {
+        let r = shared
             .client
             .get::<Vec<QueryDefinitionJson>>(
                 "query_list",
@@ -638,31 +633,52 @@ async fn poll_queries(shared: Arc<Shared>, list: watch::Sender<List>, shutdown: 
                 &[("stale", String::new())],
                 None,
             )
-            .await;
-        let pause = match fetched {
-            Ok(r) => {
+            .await?;
+        Ok(query_names(r.value.unwrap_or_default(), !r.filtered))
+    };
+    poll("prepared query", QUERIES_REFRESH, &list, &shutdown, fetch).await;
+}
+
+/// Fetches a list every `refresh` (after failures, with backoff) until shutdown. An agent that
+/// refuses the list (403 for a token without the ACL, 404 on an agent without the endpoint)
+/// is logged once and asked again after [`REFUSED_RETRY`]; meanwhile the list is unavailable
+/// and lookups of its kind go unchecked, within their budget.
+async fn poll<F, Fut>(
+    what: &'static str,
+    refresh: Duration,
+    list: &watch::Sender<List>,
+    shutdown: &CancellationToken,
+    fetch: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Names, ClientError>>,
+{
+    let mut failures: u32 = 0;
+    let mut refused_logged = false;
+    loop {
+        let pause = match fetch().await {
+            Ok(names) => {
                 failures = 0;
-                let names = query_names(r.value.unwrap_or_default(), !r.filtered);
                 list.send_replace(List::Ready(Arc::new(names)));
-                QUERIES_REFRESH
+                refresh
             }
             Err(e @ (ClientError::NotFound | ClientError::Status { status: 403, .. })) => {
                 if !refused_logged {
                     refused_logged = true;
                     tracing::warn!(
                         error = %e,
-                        "the agent refuses the prepared query list (/v1/query needs query:read): \
-                         .query names are looked up one by one, within a budget"
+                        list = what,
+                        "the agent refuses this list (the token lacks the ACL to read it): \
+                         such names are looked up one by one, within a budget"
                     );
                 }
-                // Refused is final for now: unchecked lookups, not stale answers.
                 list.send_replace(List::Unavailable);
                 REFUSED_RETRY
             }
             Err(e) => {
-                tracing::debug!(error = %e, "prepared query list request failed");
+                tracing::debug!(error = %e, list = what, "list request failed");
                 failures = failures.saturating_add(1);
-                mark_failed(&list);
+                mark_failed(list);
                 backoff(failures)
             }
         };

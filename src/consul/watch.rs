@@ -24,7 +24,7 @@ use super::catalog::{
     ServiceView, Status,
 };
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
-use super::inventory::{Inventory, Verdict};
+use super::inventory::Inventory;
 use super::{Backend, LookupError};
 use crate::config::ConsulConfig;
 use crate::metrics::Metrics;
@@ -1204,13 +1204,7 @@ impl Backend for HttpBackend {
         // deregistered service's view empties): the inventory only decides what new state a
         // name may create, so a list gone wrong cannot hide a service that is being served.
         let watched = lock(&self.watches).contains_key(&key);
-        let checked = watched
-            || match self.inventory.service(service, dc).await {
-                Verdict::Exists => true,
-                Verdict::Unchecked => false,
-                Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
-                Verdict::NoSuchName => return Err(LookupError::NoSuchName),
-            };
+        let checked = watched || self.inventory.service(service, dc).await.checked()?;
         let Some(w) = self.watch_for(key, checked) else {
             return Err(LookupError::Unavailable(
                 "a bound on Consul lookups was reached (limit_drops_total)".into(),
@@ -1266,13 +1260,8 @@ impl Backend for HttpBackend {
     ) -> Result<Option<Arc<NodeView>>, LookupError> {
         let key = format!("{node}|{}", dc.unwrap_or(""));
         // A remembered answer goes on being served and refreshed, as a watched service does.
-        let checked = self.nodes.remembers(&key)
-            || match self.inventory.node(node, dc).await {
-                Verdict::Exists => true,
-                Verdict::Unchecked => false,
-                Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
-                Verdict::NoSuchName => return Ok(None),
-            };
+        let checked =
+            self.nodes.remembers(&key) || self.inventory.node(node, dc).await.checked()?;
         let client = self.client.clone();
         let outage = self.outage.clone();
         let budget = self.unchecked_budget(checked);
@@ -1310,13 +1299,8 @@ impl Backend for HttpBackend {
         dc: Option<&str>,
     ) -> Result<Option<Arc<QueryView>>, LookupError> {
         let key = format!("{name}|{}", dc.unwrap_or(""));
-        let checked = self.queries.remembers(&key)
-            || match self.inventory.query(name, dc).await {
-                Verdict::Exists => true,
-                Verdict::Unchecked => false,
-                Verdict::NoSuchDatacenter => return Err(LookupError::NoSuchDatacenter),
-                Verdict::NoSuchName => return Ok(None),
-            };
+        let checked =
+            self.queries.remembers(&key) || self.inventory.query(name, dc).await.checked()?;
         let client = self.client.clone();
         let outage = self.outage.clone();
         let budget = self.unchecked_budget(checked);

@@ -313,3 +313,15 @@ pub async fn wait_until_answering(addr: SocketAddr) {
     .await
     .expect("the server answers within 10 s");
 }
+
+/// Resident memory of process `pid` in KiB, from /proc (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}

@@ -19,7 +19,7 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 use consul_dns_forwarder::cache::{Cache, CachedAnswer, TtlPolicy};
-use consul_dns_forwarder::wire::Question;
+use consul_dns_forwarder::answer::Question;
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;

@@ -7,7 +7,7 @@
 //!
 //! Groups:
 //! - `name_parse`: Consul's name grammar (`consul::name::parse`), plus the lowercasing the handler
-//!   does first (`wire::Question::from_query`).
+//!   does first (`answer::Question::from_query`).
 //! - `request_parse`: the request bytes parsed into a hickory `Message` (done for every query).
 //! - `cache_hit`: a forwarded cache hit turned into reply bytes: `write_reply` (the hot path:
 //!   bytes patched), and for comparison the general path (`CachedAnswer::to_answer` +
@@ -45,7 +45,8 @@ use consul_dns_forwarder::handler::{Cached, ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
 use consul_dns_forwarder::packet;
 use consul_dns_forwarder::upstream::{Forwarder, Router, ServerGroup};
-use consul_dns_forwarder::wire::{self, Question, Transport};
+use consul_dns_forwarder::answer::Question;
+use consul_dns_forwarder::wire::{self, Transport};
 
 /// Instance counts of the `consul_view` and `handler` groups. 5,000 is issue 8's large service.
 const SIZES: [usize; 4] = [1, 10, 100, 5_000];

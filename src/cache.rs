@@ -23,7 +23,8 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, Record};
 
 use crate::packet::{self, PlainQuery};
-use crate::wire::{self, Answer, Question, HEADER_LEN, STALE_TTL};
+use crate::answer::{Answer, Question};
+use crate::wire::{self, HEADER_LEN, STALE_TTL};
 
 /// TTL rules applied when an upstream message is stored.
 #[derive(Clone, Debug)]

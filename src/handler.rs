@@ -6,57 +6,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
 use crate::metrics::{rcode_label, Metrics};
-use crate::packet::{self, PlainQuery};
+use crate::packet;
 use crate::ratelimit::RateLimiter;
-use crate::upstream::{Forwarder, Source};
-use crate::wire::{self, Answer, Question, RawHeader, Transport};
+use crate::answer::{Answer, AnswerSource, Question, Source};
+use crate::wire::{self, RawHeader, Transport};
 
-/// Something that answers questions for a set of names. Never fails: a failure is an answer too
-/// (SERVFAIL, or stale data).
-#[async_trait]
-pub trait AnswerSource: Send + Sync {
-    /// `limit` is the size the reply may take: a source may use it to avoid building records
-    /// that cannot fit (the reply is truncated to it in any case).
-    async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source);
 
-    /// Writes the reply to `query` into `out` straight from fresh cached bytes, if the source has
-    /// them (the hot path, see `packet`); `key` is the question with its name lowercased. Returns
-    /// false when `answer` must be asked instead; sources without a byte cache always do.
-    fn reply_from_cache(
-        &self,
-        _query: &PlainQuery<'_>,
-        _key: &[u8],
-        _limit: usize,
-        _now: Instant,
-        _out: &mut Vec<u8>,
-    ) -> bool {
-        false
-    }
-}
-
-#[async_trait]
-impl AnswerSource for Forwarder {
-    async fn answer(&self, q: &Question, _limit: usize) -> (Answer, Source) {
-        Forwarder::answer(self, q).await
-    }
-
-    fn reply_from_cache(
-        &self,
-        query: &PlainQuery<'_>,
-        key: &[u8],
-        limit: usize,
-        now: Instant,
-        out: &mut Vec<u8>,
-    ) -> bool {
-        Forwarder::reply_from_cache(self, query, key, limit, now, out)
-    }
-}
 
 /// The Consul domains and what answers them.
 #[derive(Clone)]

@@ -7,6 +7,8 @@
 //! - [`config`]: the TOML file and command-line flags, validated once into typed values.
 //! - [`server`]: sockets: binding (SO_REUSEPORT per core), UDP receive loops, TCP connections
 //!   (RFC 7766), draining on shutdown.
+//! - [`answer`]: the contract between the handler and the answer sources: `Question`,
+//!   `Answer`, `Source` and the `AnswerSource` trait.
 //! - [`handler`]: one request's bytes in, one reply's bytes out: protocol checks, access control,
 //!   routing to an answer source, size limits.
 //! - [`wire`]: pure DNS message functions: reply headers, encoding within a size, truncation.
@@ -23,6 +25,7 @@
 //!
 //! See ARCHITECTURE.md for the flow of a query.
 
+pub mod answer;
 pub mod cache;
 pub mod config;
 pub mod consul;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::upstream::Source;
+use crate::answer::Source;
 use crate::wire::Transport;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;

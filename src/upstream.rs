@@ -20,7 +20,8 @@ use tokio::net::{TcpStream, UdpSocket};
 use crate::cache::{Cache, FetchError, Lookup};
 use crate::metrics::Metrics;
 use crate::packet::PlainQuery;
-use crate::wire::{self, Answer, Question};
+use crate::answer::{Answer, AnswerSource, Question, Source};
+use crate::wire;
 
 /// The EDNS size we offer upstreams: the same 1232 bytes we accept from clients.
 const UPSTREAM_EDNS_SIZE: u16 = wire::UDP_LIMIT_EDNS as u16;
@@ -28,27 +29,6 @@ const UPSTREAM_EDNS_SIZE: u16 = wire::UDP_LIMIT_EDNS as u16;
 /// Every attempt gets at least this long, even when many servers share a short deadline.
 const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 
-/// Where an answer came from, for metrics and the query log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    Cache,
-    Upstream,
-    Stale,
-    Consul,
-    Local,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Cache => "cache",
-            Source::Upstream => "upstream",
-            Source::Stale => "stale",
-            Source::Consul => "consul",
-            Source::Local => "local",
-        }
-    }
-}
 
 /// A set of servers tried in order (starting with the last one that answered), all within one
 /// deadline.
@@ -520,6 +500,24 @@ impl Forwarder {
             answer.answers.shuffle(&mut rand::rng());
         }
         answer
+    }
+}
+
+#[async_trait::async_trait]
+impl AnswerSource for Forwarder {
+    async fn answer(&self, q: &Question, _limit: usize) -> (Answer, Source) {
+        Forwarder::answer(self, q).await
+    }
+
+    fn reply_from_cache(
+        &self,
+        query: &PlainQuery<'_>,
+        key: &[u8],
+        limit: usize,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        Forwarder::reply_from_cache(self, query, key, limit, now, out)
     }
 }
 

@@ -2,8 +2,9 @@
 //! strict clients (nginx, glibc) demand, encoding within the client's size limit, and truncating
 //! with TC=1 instead of silently.
 
+use crate::answer::Answer;
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
 /// Without EDNS a UDP reply must fit in 512 bytes (RFC 1035 §4.2.1).
@@ -79,32 +80,6 @@ pub fn header_only_reply(h: &RawHeader, rcode: ResponseCode) -> Vec<u8> {
     out
 }
 
-/// What a source answered, before it is fitted into a reply.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Answer {
-    pub rcode: ResponseCode,
-    /// AA: set for names in the Consul domains, which we answer for; clear for forwarded names.
-    pub authoritative: bool,
-    pub answers: Vec<Record>,
-    pub authorities: Vec<Record>,
-    pub additionals: Vec<Record>,
-}
-
-impl Answer {
-    pub fn rcode(rcode: ResponseCode) -> Answer {
-        Answer {
-            rcode,
-            authoritative: false,
-            answers: Vec::new(),
-            authorities: Vec::new(),
-            additionals: Vec::new(),
-        }
-    }
-
-    pub fn servfail() -> Answer {
-        Answer::rcode(ResponseCode::ServFail)
-    }
-}
 
 /// The reply size a client can take: min(its EDNS size, 1232) with EDNS (never below 512), 512
 /// without, 64 KiB over TCP.
@@ -384,26 +359,6 @@ pub fn in_zone(name: &Name, zone: &Name) -> bool {
     zone.zone_of(name)
 }
 
-/// A question as the sources see it: the name lowercased for matching; the original kept by the
-/// handler for the echo.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Question {
-    pub name: Name,
-    pub qtype: RecordType,
-    pub qclass: DNSClass,
-}
-
-impl Question {
-    pub fn from_query(q: &Query) -> Question {
-        let mut name = q.name().to_lowercase();
-        name.set_fqdn(true);
-        Question {
-            name,
-            qtype: q.query_type(),
-            qclass: q.query_class(),
-        }
-    }
-}
 
 /// Appends `name` in wire format, uncompressed, in its case (the root label included).
 pub fn push_name(out: &mut Vec<u8>, name: &Name) {
@@ -423,6 +378,7 @@ pub fn record_len(record: &Record) -> usize {
 mod tests {
     use super::*;
     use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::RecordType;
     use std::str::FromStr;
 
     fn request(name: &str, edns: Option<u16>) -> Message {

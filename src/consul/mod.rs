@@ -26,10 +26,9 @@ use self::name::ConsulName;
 use self::records::{Built, Ctx};
 use crate::cache::{Cache, TtlPolicy};
 use crate::config::{Config, ConsulConfig, ConsulMode};
-use crate::handler::AnswerSource;
 use crate::metrics::Metrics;
-use crate::upstream::{Forwarder, Router, ServerGroup, Source};
-use crate::wire::{Answer, Question};
+use crate::upstream::{Forwarder, Router, ServerGroup};
+use crate::answer::{Answer, AnswerSource, Question, Source};
 
 /// Why a backend could not produce a view.
 #[derive(Clone, Debug, thiserror::Error)]

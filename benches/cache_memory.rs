@@ -18,8 +18,8 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
-use consul_dns_forwarder::cache::{Cache, CachedAnswer, TtlPolicy};
 use consul_dns_forwarder::answer::Question;
+use consul_dns_forwarder::cache::{Cache, CachedAnswer, TtlPolicy};
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;

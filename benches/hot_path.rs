@@ -32,6 +32,7 @@ use hickory_proto::rr::rdata::{A, CNAME};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use serde_json::json;
 
+use consul_dns_forwarder::answer::Question;
 use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup, TtlPolicy};
 use consul_dns_forwarder::config::{Config, WhenNoneHealthy};
 use consul_dns_forwarder::consul::catalog::{
@@ -45,7 +46,6 @@ use consul_dns_forwarder::handler::{Cached, ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
 use consul_dns_forwarder::packet;
 use consul_dns_forwarder::upstream::{Forwarder, Router, ServerGroup};
-use consul_dns_forwarder::answer::Question;
 use consul_dns_forwarder::wire::{self, Transport};
 
 /// Instance counts of the `consul_view` and `handler` groups. 5,000 is issue 8's large service.

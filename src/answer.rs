@@ -89,6 +89,12 @@ pub trait AnswerSource: Send + Sync {
     /// that cannot fit (the reply is truncated to it in any case).
     async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source);
 
+    /// Why this source cannot answer properly yet (`/ready` answers 503 with it), if it cannot:
+    /// a Consul source that has not heard from Consul.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Writes the reply to `query` into `out` straight from fresh cached bytes, if the source has
     /// them (the hot path, see `packet`); `key` is the question with its name lowercased. Returns
     /// false when `answer` must be asked instead; sources without a byte cache always do.

@@ -22,8 +22,8 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, Record};
 
-use crate::packet::{self, PlainQuery};
 use crate::answer::{Answer, Question};
+use crate::packet::{self, PlainQuery};
 use crate::wire::{self, HEADER_LEN, STALE_TTL};
 
 /// TTL rules applied when an upstream message is stored.

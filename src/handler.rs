@@ -10,13 +10,11 @@ use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
+use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::metrics::{rcode_label, Metrics};
 use crate::packet;
 use crate::ratelimit::RateLimiter;
-use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::wire::{self, RawHeader, Transport};
-
-
 
 /// The Consul domains and what answers them.
 #[derive(Clone)]
@@ -28,6 +26,11 @@ pub struct ConsulRoute {
 }
 
 impl ConsulRoute {
+    /// See [`AnswerSource::ready`].
+    pub fn ready(&self) -> Result<(), String> {
+        self.source.ready()
+    }
+
     pub fn new(domains: Vec<Name>, source: Arc<dyn AnswerSource>) -> ConsulRoute {
         let domains_wire = domains
             .iter()

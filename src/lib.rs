@@ -45,12 +45,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Cache, TtlPolicy};
 use crate::config::Config;
 use crate::handler::{ConsulRoute, Handler, Routes};
 use crate::metrics::Metrics;
 use crate::server::{Limits, Listeners};
-use crate::upstream::{Forwarder, Router, ServerGroup};
+use crate::upstream::Forwarder;
 
 /// How long a scrape in progress may delay the end of `run`.
 const ENDPOINT_STOP: Duration = Duration::from_secs(2);
@@ -104,46 +103,8 @@ struct Built {
     forwarder: Arc<Forwarder>,
     /// Stops the Consul watchers of these routes when they are replaced.
     consul_stop: CancellationToken,
-    consul_ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     /// True when the Consul source was carried over from the previous routes.
     reused_consul: bool,
-}
-
-fn build_forwarder(config: &Config, metrics: &Arc<Metrics>) -> Arc<Forwarder> {
-    Arc::new(
-        Forwarder::new(
-            Router::new(
-                ServerGroup::new(config.upstream.servers.clone(), config.upstream.timeout)
-                    .with_randomize_case(config.upstream.randomize_case),
-                config
-                    .forward
-                    .iter()
-                    .map(|f| {
-                        (
-                            f.zone.clone(),
-                            ServerGroup::new(f.servers.clone(), config.upstream.timeout)
-                                .with_randomize_case(config.upstream.randomize_case),
-                        )
-                    })
-                    .collect(),
-            ),
-            Cache::with_limits(
-                config.cache.max_entries,
-                config.cache.max_bytes,
-                TtlPolicy {
-                    min_ttl: config.cache.min_ttl,
-                    max_ttl: config.cache.max_ttl,
-                    negative_ttl: config.cache.negative_ttl,
-                    negative_min_ttl: Duration::ZERO,
-                    stale_for: config.cache.stale_for,
-                },
-                Some(metrics.cache_evictions.clone()),
-            ),
-            metrics.clone(),
-            false,
-        )
-        .with_max_inflight(config.upstream.max_inflight),
-    )
 }
 
 /// Builds routes for `config`, reusing the forwarder (and its cache) and the Consul source of
@@ -163,7 +124,7 @@ async fn build(
         {
             built.forwarder.clone()
         }
-        _ => build_forwarder(config, metrics),
+        _ => Arc::new(Forwarder::from_config(config, metrics)),
     };
     let reuse_consul = match previous {
         Some((old, built)) => {
@@ -174,43 +135,20 @@ async fn build(
         }
         None => false,
     };
-    let (consul, consul_stop, consul_ready) = match previous {
-        Some((_, built)) if reuse_consul => (
-            built.routes.consul.clone(),
-            built.consul_stop.clone(),
-            built.consul_ready.clone(),
-        ),
+    let (consul, consul_stop) = match previous {
+        Some((_, built)) if reuse_consul => {
+            (built.routes.consul.clone(), built.consul_stop.clone())
+        }
         _ if config.consul.enabled => {
             let stop = shutdown.child_token();
             let source =
                 consul::build(config, metrics.clone(), forwarder.clone(), stop.clone()).await?;
-            let ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync> =
-                if config.consul.catalog_file.is_some()
-                    || config.consul.demo_catalog
-                    || config.consul.mode == config::ConsulMode::Dns
-                {
-                    Arc::new(|| Ok(()))
-                } else {
-                    let m = metrics.clone();
-                    Arc::new(move || {
-                        if m.consul_last_contact.get() > 0 {
-                            Ok(())
-                        } else {
-                            Err("Consul has not answered yet".to_owned())
-                        }
-                    })
-                };
             (
                 Some(ConsulRoute::new(config.consul.domains.clone(), source)),
                 stop,
-                ready,
             )
         }
-        _ => (
-            None,
-            shutdown.child_token(),
-            Arc::new(|| Ok(())) as Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
-        ),
+        _ => (None, shutdown.child_token()),
     };
     Ok(Built {
         routes: Routes {
@@ -226,7 +164,6 @@ async fn build(
         },
         forwarder,
         consul_stop,
-        consul_ready,
         reused_consul: reuse_consul,
     })
 }
@@ -268,11 +205,11 @@ pub async fn run_with_reload(
             if !up.load(Ordering::SeqCst) {
                 return Err("not serving DNS (starting or shutting down)".to_owned());
             }
-            let check = match st.lock() {
-                Ok(g) => g.1.consul_ready.clone(),
-                Err(p) => p.into_inner().1.consul_ready.clone(),
+            let consul = match st.lock() {
+                Ok(g) => g.1.routes.consul.clone(),
+                Err(p) => p.into_inner().1.routes.consul.clone(),
             };
-            check()
+            consul.map_or(Ok(()), |c| c.ready())
         });
         let live = serving.clone();
         let stop = token.clone();

@@ -17,10 +17,11 @@ use hickory_proto::rr::{Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use crate::cache::{Cache, FetchError, Lookup};
+use crate::answer::{Answer, AnswerSource, Question, Source};
+use crate::cache::{Cache, FetchError, Lookup, TtlPolicy};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::packet::PlainQuery;
-use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::wire;
 
 /// The EDNS size we offer upstreams: the same 1232 bytes we accept from clients.
@@ -28,7 +29,6 @@ const UPSTREAM_EDNS_SIZE: u16 = wire::UDP_LIMIT_EDNS as u16;
 
 /// Every attempt gets at least this long, even when many servers share a short deadline.
 const MIN_ATTEMPT: Duration = Duration::from_millis(100);
-
 
 /// A set of servers tried in order (starting with the last one that answered), all within one
 /// deadline.
@@ -406,6 +406,69 @@ impl Forwarder {
                 crate::config::DEFAULT_UPSTREAM_INFLIGHT,
             )),
         }
+    }
+
+    /// The forwarding stack `config` asks for: `[upstream]` servers and `[[forward]]` zones, the
+    /// answer cache with `[cache]`'s limits and TTL rules, and the cap on fetches in flight.
+    /// The one place it is assembled: the server, the tests and the benchmarks all build it here.
+    pub fn from_config(config: &Config, metrics: &Arc<Metrics>) -> Forwarder {
+        let group = |servers: &[SocketAddr]| {
+            ServerGroup::new(servers.to_vec(), config.upstream.timeout)
+                .with_randomize_case(config.upstream.randomize_case)
+        };
+        let zones = config
+            .forward
+            .iter()
+            .map(|f| (f.zone.clone(), group(&f.servers)))
+            .collect();
+        let policy = TtlPolicy {
+            min_ttl: config.cache.min_ttl,
+            max_ttl: config.cache.max_ttl,
+            negative_ttl: config.cache.negative_ttl,
+            negative_min_ttl: Duration::ZERO,
+            stale_for: config.cache.stale_for,
+        };
+        Forwarder::new(
+            Router::new(group(&config.upstream.servers), zones),
+            Self::new_cache(config, policy, metrics),
+            metrics.clone(),
+            false,
+        )
+        .with_max_inflight(config.upstream.max_inflight)
+    }
+
+    /// The dnsmasq-compatible Consul mode (`consul.mode = "dns"`): the Consul domains forwarded
+    /// to the agents' DNS ports, a forward zone like the others but with a TTL floor of the
+    /// service TTL (Consul sends 0: without the floor every query would reach the agent) and
+    /// shuffled on the way out, so round robin survives the cache.
+    pub fn consul_dns(config: &Config, metrics: &Arc<Metrics>) -> Forwarder {
+        let consul = &config.consul;
+        let floor = config.cache.min_ttl.max(consul.service_ttl_for(""));
+        let policy = TtlPolicy {
+            min_ttl: floor,
+            max_ttl: config.cache.max_ttl.max(floor),
+            negative_ttl: consul.negative_ttl,
+            negative_min_ttl: consul.negative_ttl,
+            stale_for: consul.stale_for,
+        };
+        Forwarder::new(
+            Router::new(
+                ServerGroup::new(consul.dns.clone(), config.upstream.timeout),
+                Vec::new(),
+            ),
+            Self::new_cache(config, policy, metrics),
+            metrics.clone(),
+            true,
+        )
+    }
+
+    fn new_cache(config: &Config, policy: TtlPolicy, metrics: &Metrics) -> Cache {
+        Cache::with_limits(
+            config.cache.max_entries,
+            config.cache.max_bytes,
+            policy,
+            Some(metrics.cache_evictions.clone()),
+        )
     }
 
     /// Caps upstream fetches in flight; a miss beyond the cap is answered at once (stale data or

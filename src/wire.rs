@@ -80,7 +80,6 @@ pub fn header_only_reply(h: &RawHeader, rcode: ResponseCode) -> Vec<u8> {
     out
 }
 
-
 /// The reply size a client can take: min(its EDNS size, 1232) with EDNS (never below 512), 512
 /// without, 64 KiB over TCP.
 pub fn reply_limit(request: &Message, transport: Transport) -> usize {
@@ -358,7 +357,6 @@ pub const RFC8482_TTL: u32 = 86_400;
 pub fn in_zone(name: &Name, zone: &Name) -> bool {
     zone.zone_of(name)
 }
-
 
 /// Appends `name` in wire format, uncompressed, in its case (the root label included).
 pub fn push_name(out: &mut Vec<u8>, name: &Name) {

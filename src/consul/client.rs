@@ -26,7 +26,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -116,6 +116,8 @@ pub struct ConsulClient {
     agents: Vec<reqwest::Url>,
     /// The agent that answered last; requests start there.
     current: AtomicUsize,
+    /// Some agent has answered a request since the start (readiness).
+    answered: AtomicBool,
     token: Option<String>,
     blocking: Arc<Semaphore>,
     fetches: Arc<Semaphore>,
@@ -174,6 +176,7 @@ impl ConsulClient {
             http,
             agents,
             current: AtomicUsize::new(0),
+            answered: AtomicBool::new(false),
             token,
             blocking: Arc::new(Semaphore::new(blocking_slots)),
             fetches: Arc::new(Semaphore::new(fetch)),
@@ -185,6 +188,11 @@ impl ConsulClient {
     /// How many blocking watches can run at once.
     pub fn blocking_slots(&self) -> usize {
         self.blocking_slots
+    }
+
+    /// Has any agent answered a request yet?
+    pub fn has_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
     }
 
     /// A slot for a long-lived blocking watch, if one is free.
@@ -239,6 +247,7 @@ impl ConsulClient {
             match self.get_from(i, segments, &params, timeout).await {
                 Ok(r) => {
                     self.current.store(i, Ordering::Relaxed);
+                    self.answered.store(true, Ordering::Relaxed);
                     self.metrics
                         .consul_requests
                         .with_label_values(&[endpoint, "ok"])

@@ -24,11 +24,10 @@ use tokio_util::sync::CancellationToken;
 use self::catalog::{NodeView, QueryView, ServiceView};
 use self::name::ConsulName;
 use self::records::{Built, Ctx};
-use crate::cache::{Cache, TtlPolicy};
+use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::config::{Config, ConsulConfig, ConsulMode};
 use crate::metrics::Metrics;
-use crate::upstream::{Forwarder, Router, ServerGroup};
-use crate::answer::{Answer, AnswerSource, Question, Source};
+use crate::upstream::Forwarder;
 
 /// Why a backend could not produce a view.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -49,6 +48,10 @@ pub enum LookupError {
 pub trait Backend: Send + Sync {
     /// The datacenter names without a datacenter label refer to.
     async fn local_datacenter(&self) -> Option<String>;
+    /// See [`AnswerSource::ready`]: a catalog file is ready once loaded.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
     async fn service(
         &self,
         service: &str,
@@ -99,8 +102,8 @@ struct Policy {
 pub struct ConsulSource {
     backend: Arc<dyn Backend>,
     policy: Policy,
-    /// Resolves hostnames that Consul gives as addresses (CNAME targets).
-    forwarder: Arc<Forwarder>,
+    /// Resolves hostnames that Consul gives as addresses (CNAME targets): the resolver.
+    resolver: Arc<dyn AnswerSource>,
 }
 
 fn secs(d: Duration) -> u32 {
@@ -111,14 +114,14 @@ impl ConsulSource {
     pub fn new(
         backend: Arc<dyn Backend>,
         config: &ConsulConfig,
-        forwarder: Arc<Forwarder>,
+        resolver: Arc<dyn AnswerSource>,
     ) -> ConsulSource {
         ConsulSource {
             backend,
             policy: Policy {
                 config: config.clone(),
             },
-            forwarder,
+            resolver,
         }
     }
 
@@ -205,14 +208,12 @@ impl ConsulSource {
                 } else {
                     q.qtype
                 };
-                let (resolved, _) = self
-                    .forwarder
-                    .answer(&Question {
-                        name: target,
-                        qtype,
-                        qclass: DNSClass::IN,
-                    })
-                    .await;
+                let target = Question {
+                    name: target,
+                    qtype,
+                    qclass: DNSClass::IN,
+                };
+                let (resolved, _) = self.resolver.answer(&target, limit).await;
                 answer.answers.extend(resolved.answers);
                 answer
             }
@@ -259,6 +260,10 @@ impl AnswerSource for ConsulSource {
     async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source) {
         (self.answer_inner(q, limit).await, Source::Consul)
     }
+
+    fn ready(&self) -> Result<(), String> {
+        self.backend.ready()
+    }
 }
 
 /// Builds the Consul answer source the config asks for: the catalog file, the agents' DNS port,
@@ -266,24 +271,24 @@ impl AnswerSource for ConsulSource {
 pub async fn build(
     config: &Config,
     metrics: Arc<Metrics>,
-    forwarder: Arc<Forwarder>,
+    resolver: Arc<dyn AnswerSource>,
     shutdown: CancellationToken,
 ) -> Result<Arc<dyn AnswerSource>, ConsulError> {
     let c = &config.consul;
     if c.demo_catalog {
-        return demo_source(c, forwarder);
+        return demo_source(c, resolver);
     }
     if let Some(path) = &c.catalog_file {
         let backend = Arc::new(file::FileBackend::load(path, c.datacenter.as_deref())?);
-        return Ok(Arc::new(ConsulSource::new(backend, c, forwarder)));
+        return Ok(Arc::new(ConsulSource::new(backend, c, resolver)));
     }
-    build_backend(config, metrics, forwarder, shutdown).await
+    build_backend(config, metrics, resolver, shutdown).await
 }
 
 /// The demo catalog (for `--dev` without a catalog file).
 pub fn demo_source(
     config: &ConsulConfig,
-    forwarder: Arc<Forwarder>,
+    resolver: Arc<dyn AnswerSource>,
 ) -> Result<Arc<dyn AnswerSource>, ConsulError> {
     let backend = file::FileBackend::from_text(
         file::DEMO_CATALOG,
@@ -293,40 +298,19 @@ pub fn demo_source(
     Ok(Arc::new(ConsulSource::new(
         Arc::new(backend),
         config,
-        forwarder,
+        resolver,
     )))
 }
 
 async fn build_backend(
     config: &Config,
     metrics: Arc<Metrics>,
-    forwarder: Arc<Forwarder>,
+    resolver: Arc<dyn AnswerSource>,
     shutdown: CancellationToken,
 ) -> Result<Arc<dyn AnswerSource>, ConsulError> {
     let c = &config.consul;
     match c.mode {
-        ConsulMode::Dns => {
-            // Consul sends TTL 0; cache at least the service TTL so every query does not reach
-            // the agent, and shuffle on the way out so round robin survives the cache.
-            let floor = config.cache.min_ttl.max(c.service_ttl_for(""));
-            let cache = Cache::with_limits(
-                config.cache.max_entries,
-                config.cache.max_bytes,
-                TtlPolicy {
-                    min_ttl: floor,
-                    max_ttl: config.cache.max_ttl.max(floor),
-                    negative_ttl: c.negative_ttl,
-                    negative_min_ttl: c.negative_ttl,
-                    stale_for: c.stale_for,
-                },
-                Some(metrics.cache_evictions.clone()),
-            );
-            let router = Router::new(
-                ServerGroup::new(c.dns.clone(), config.upstream.timeout),
-                Vec::new(),
-            );
-            Ok(Arc::new(Forwarder::new(router, cache, metrics, true)))
-        }
+        ConsulMode::Dns => Ok(Arc::new(Forwarder::consul_dns(config, &metrics))),
         ConsulMode::Http => {
             // Checked where the token is used, so no caller (a reload, a library user) can skip it.
             c.check_token_transport()?;
@@ -349,7 +333,7 @@ async fn build_backend(
                 metrics.clone(),
             )?;
             let backend = watch::HttpBackend::new(client, c, metrics, shutdown);
-            Ok(Arc::new(ConsulSource::new(Arc::new(backend), c, forwarder)))
+            Ok(Arc::new(ConsulSource::new(Arc::new(backend), c, resolver)))
         }
     }
 }

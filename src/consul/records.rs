@@ -15,8 +15,8 @@ use rand::Rng;
 
 use super::catalog::{Instance, NodeView, Selection, SelectionKey, ServiceView, Target};
 use super::name::encode_hex_ip;
-use crate::config::WhenNoneHealthy;
 use crate::answer::Answer;
+use crate::config::WhenNoneHealthy;
 
 /// SOA timers, as Consul's DNS interface sends them.
 const SOA_REFRESH: i32 = 3600;

@@ -1189,6 +1189,14 @@ impl Watcher {
 
 #[async_trait]
 impl Backend for HttpBackend {
+    fn ready(&self) -> Result<(), String> {
+        if self.client.has_answered() {
+            Ok(())
+        } else {
+            Err("Consul has not answered yet".to_owned())
+        }
+    }
+
     async fn local_datacenter(&self) -> Option<String> {
         // Never asked on the query path: `discover_datacenter` fills it in the background.
         lock(&self.datacenter).clone()

@@ -303,12 +303,12 @@ impl<'de> Deserialize<'de> for Zone {
 
 /// An `http://` or `https://` base URL of a Consul agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpUrl(pub reqwest::Url);
+pub struct HttpUrl(pub url::Url);
 
 impl FromStr for HttpUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let url = reqwest::Url::parse(s.trim()).map_err(|e| {
+        let url = url::Url::parse(s.trim()).map_err(|e| {
             format!("invalid URL {s:?} ({e}): write a base URL like \"http://127.0.0.1:8500\"")
         })?;
         match url.scheme() {
@@ -542,7 +542,7 @@ pub enum TtlPattern {
 pub struct ConsulConfig {
     pub enabled: bool,
     pub mode: ConsulMode,
-    pub http: Vec<reqwest::Url>,
+    pub http: Vec<url::Url>,
     pub dns: Vec<SocketAddr>,
     /// The main domain first, then the alternative ones.
     pub domains: Vec<Name>,
@@ -624,7 +624,7 @@ impl ConsulConfig {
 
 /// Does `url` name this host? Only literal loopback addresses and `localhost` count: any other
 /// name could resolve off the host.
-fn is_loopback_url(url: &reqwest::Url) -> bool {
+fn is_loopback_url(url: &url::Url) -> bool {
     let Some(host) = url.host_str() else {
         return false;
     };
@@ -958,7 +958,7 @@ impl Config {
                 format!("must be at least {MIN_CONSUL_CONNECTIONS} (one for blocking watches, one for first lookups)"),
             ));
         }
-        let http: Vec<reqwest::Url> = match k.http {
+        let http: Vec<url::Url> = match k.http {
             Some(v) => v.into_iter().map(|u| u.0).collect(),
             None => vec![HttpUrl::from_str(DEFAULT_CONSUL_HTTP)
                 .map(|u| u.0)

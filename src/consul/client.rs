@@ -400,11 +400,7 @@ impl ConsulClient {
 /// encoded query string. `None` for a segment that is empty, `.` or `..` (the url crate drops
 /// the last two, which would turn one endpoint into another; names are validated before they
 /// get here, this keeps the client safe on its own), or a base that cannot have a path.
-pub fn api_url(
-    base: &url::Url,
-    segments: &[&str],
-    params: &[(&str, String)],
-) -> Option<url::Url> {
+pub fn api_url(base: &url::Url, segments: &[&str], params: &[(&str, String)]) -> Option<url::Url> {
     let mut url = base.clone();
     url.set_query(None);
     url.set_fragment(None);

@@ -475,3 +475,374 @@ impl FileLog {
         self.queries.unwrap_or(DEFAULT_LOG_QUERIES)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::schema::ListenAddr;
+
+    /// Runs one section's validator on no file text (so every problem is at line 1) and returns
+    /// its value and the problems as `check-config` prints them.
+    fn run<T>(validate: impl FnOnce(&mut Errors) -> T) -> (T, Vec<String>) {
+        let mut errors = Errors::new("f.toml", "");
+        let value = validate(&mut errors);
+        (value, errors.messages())
+    }
+
+    /// Like [`run`], but only the keys of the problems.
+    fn keys<T>(validate: impl FnOnce(&mut Errors) -> T) -> Vec<String> {
+        let mut errors = Errors::new("f.toml", "");
+        validate(&mut errors);
+        errors.keys().into_iter().map(str::to_owned).collect()
+    }
+
+    fn secs(s: u64) -> Option<ConfigDuration> {
+        Some(ConfigDuration(Duration::from_secs(s)))
+    }
+
+    fn millis(ms: u64) -> Option<ConfigDuration> {
+        Some(ConfigDuration(Duration::from_millis(ms)))
+    }
+
+    fn server_addrs(list: &[&str]) -> Vec<ServerAddr> {
+        list.iter()
+            .map(|a| ServerAddr::from_str(a).expect("server address"))
+            .collect()
+    }
+
+    #[test]
+    fn problems_are_located_at_their_key_in_the_text() {
+        let mut errors = Errors::new("f.toml", "[server]\n\nmax_inflight = 0\n");
+        FileServer {
+            max_inflight: Some(0),
+            ..FileServer::default()
+        }
+        .validate(&mut errors);
+        assert_eq!(
+            errors.messages(),
+            ["f.toml:3: server.max_inflight: must be at least 1"]
+        );
+    }
+
+    #[test]
+    fn server_defaults_and_problems() {
+        let (server, problems) = run(|e| FileServer::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            server.listen,
+            ["127.0.0.1:53", "[::1]:53"].map(|a| a.parse::<SocketAddr>().expect("addr"))
+        );
+        let loopback = ["127.0.0.0/8", "::1/128"].map(|n| AllowNet::from_str(n).expect("net").0);
+        assert_eq!(server.allow, loopback);
+        assert_eq!(server.rate_limit_exempt, loopback);
+        assert_eq!(server.tcp_idle_timeout, Duration::from_secs(10));
+        assert_eq!(server.effective_rate_limit(), 0, "loopback only: off");
+
+        let (_, problems) = run(|e| {
+            FileServer {
+                listen: Some(Vec::new()),
+                tcp_idle_timeout: millis(99),
+                max_tcp_connections: Some(0),
+                max_tcp_connections_per_network: Some(0),
+                udp_sockets_per_address: Some(MAX_UDP_SOCKETS_PER_ADDRESS + 1),
+                max_inflight: Some(0),
+                ..FileServer::default()
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: server.listen: at least one address is needed, like [\"127.0.0.1:53\"]",
+                "f.toml:1: server.max_tcp_connections: must be at least 1 (TCP is required for truncated answers)",
+                "f.toml:1: server.max_tcp_connections_per_network: must be at least 1 (TCP is required for truncated answers)",
+                "f.toml:1: server.tcp_idle_timeout: must be at least 100ms, like \"10s\"",
+                "f.toml:1: server.max_inflight: must be at least 1",
+                "f.toml:1: server.udp_sockets_per_address: must be between 0 (one per CPU core) and 1024",
+            ]
+        );
+    }
+
+    #[test]
+    fn upstream_defaults_and_problems() {
+        let (upstream, problems) = run(|e| {
+            FileUpstream {
+                servers: Some(server_addrs(&["192.0.2.1", "[::1]:5353"])),
+                ..FileUpstream::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            upstream.servers,
+            ["192.0.2.1:53", "[::1]:5353"].map(|a| a.parse::<SocketAddr>().expect("addr"))
+        );
+        assert_eq!(upstream.timeout, Duration::from_secs(2));
+        assert_eq!(upstream.resolv_conf, PathBuf::from("/etc/resolv.conf"));
+        assert_eq!(upstream.max_inflight, 1024);
+        assert!(!upstream.randomize_case);
+
+        for timeout in [millis(9), secs(31)] {
+            let (_, problems) = run(|e| {
+                FileUpstream {
+                    timeout,
+                    max_inflight: Some(0),
+                    ..FileUpstream::default()
+                }
+                .validate(e)
+            });
+            assert_eq!(
+                problems,
+                [
+                    "f.toml:1: upstream.timeout: must be between 10ms and 30s (clients give up after about 5s)",
+                    "f.toml:1: upstream.max_inflight: must be at least 1",
+                ]
+            );
+        }
+        let edges = [millis(10), secs(30)];
+        for timeout in edges {
+            let file = FileUpstream {
+                timeout,
+                ..FileUpstream::default()
+            };
+            assert!(keys(|e| file.validate(e)).is_empty());
+        }
+    }
+
+    #[test]
+    fn forward_zone_needs_servers() {
+        let zone = || Zone::from_str("Corp.Example").expect("zone");
+        let (forward, problems) = run(|e| {
+            FileForward {
+                zone: zone(),
+                servers: server_addrs(&["10.0.0.1"]),
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(forward.zone.to_ascii(), "corp.example.");
+        assert_eq!(
+            forward.servers,
+            ["10.0.0.1:53".parse::<SocketAddr>().expect("addr")]
+        );
+
+        let (_, problems) = run(|e| {
+            FileForward {
+                zone: zone(),
+                servers: Vec::new(),
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            ["f.toml:1: forward.servers: zone corp.example. has no servers: list at least one, like [\"10.0.0.1\"]"]
+        );
+    }
+
+    #[test]
+    fn cache_defaults_and_problems() {
+        let (cache, problems) = run(|e| FileCache::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            (cache.max_entries, cache.max_bytes),
+            (100_000, 32 * 1024 * 1024)
+        );
+        assert_eq!(
+            [
+                cache.min_ttl,
+                cache.max_ttl,
+                cache.negative_ttl,
+                cache.stale_for
+            ],
+            [0, 86_400, 300, 3600].map(Duration::from_secs)
+        );
+
+        let (_, problems) = run(|e| {
+            FileCache {
+                max_bytes: Some(MIN_CACHE_BYTES - 1),
+                min_ttl: secs(60),
+                max_ttl: secs(10),
+                ..FileCache::default()
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: cache.max_bytes: max_entries must be at least 1 and max_bytes at least 1024",
+                "f.toml:1: cache.min_ttl: 1m is above cache.max_ttl (10s): min_ttl must not exceed max_ttl",
+            ]
+        );
+        let file = FileCache {
+            max_entries: Some(0),
+            max_ttl: Some(ConfigDuration(MAX_DNS_TTL + Duration::from_secs(1))),
+            ..FileCache::default()
+        };
+        assert_eq!(
+            keys(|e| file.validate(e)),
+            ["cache.max_entries", "cache.max_ttl"]
+        );
+    }
+
+    #[test]
+    fn consul_defaults_and_problems() {
+        let (consul, problems) = run(|e| FileConsul::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(consul.enabled);
+        assert_eq!(consul.mode, ConsulMode::Http);
+        assert_eq!(
+            consul.http.iter().map(url::Url::as_str).collect::<Vec<_>>(),
+            ["http://127.0.0.1:8500/"]
+        );
+        assert_eq!(
+            consul.dns,
+            ["127.0.0.1:8600".parse::<SocketAddr>().expect("addr")]
+        );
+        assert_eq!(consul.domains[0].to_ascii(), "consul.");
+        assert_eq!(
+            [
+                consul.node_ttl,
+                consul.negative_ttl,
+                consul.watch_wait,
+                consul.watch_idle,
+                consul.stale_for
+            ],
+            [5, 5, 300, 600, 86_400].map(Duration::from_secs)
+        );
+        assert_eq!(consul.max_connections, 32);
+
+        let (_, problems) = run(|e| {
+            FileConsul {
+                mode: Some(ConsulMode::Dns),
+                dns: Some(Vec::new()),
+                datacenter: Some("dc1.example".into()),
+                watch_wait: millis(999),
+                max_connections: Some(1),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: consul.watch_wait: must be between 1s and 10m (Consul caps blocking queries at 10 minutes)",
+                "f.toml:1: consul.max_connections: must be at least 2 (one for blocking watches, one for first lookups)",
+                "f.toml:1: consul.dns: mode = \"dns\" needs at least one agent DNS address, like [\"127.0.0.1:8600\"]",
+                "f.toml:1: consul.datacenter: \"dc1.example\" is not a datacenter name (one DNS label, like \"dc1\")",
+            ]
+        );
+        let file = FileConsul {
+            http: Some(Vec::new()),
+            ..FileConsul::default()
+        };
+        assert_eq!(keys(|e| file.validate(e)), ["consul.http"]);
+    }
+
+    #[test]
+    fn consul_domains_are_each_listed_once() {
+        let zone = |z: &str| Zone::from_str(z).expect("zone");
+        let (domains, problems) = run(|e| {
+            consul_domains(
+                Some(zone("service.example")),
+                Some(vec![
+                    zone("consul"),
+                    zone("Consul."),
+                    zone("service.example"),
+                ]),
+                e,
+            )
+        });
+        assert_eq!(
+            domains.iter().map(Name::to_ascii).collect::<Vec<_>>(),
+            ["service.example.", "consul."]
+        );
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: consul.alt_domains: consul. is listed twice (or is the main domain)",
+                "f.toml:1: consul.alt_domains: service.example. is listed twice (or is the main domain)",
+            ]
+        );
+    }
+
+    #[test]
+    fn service_ttl_patterns_are_ordered_and_checked() {
+        let patterns = ["*", "w*", "web*", "web", "a*b*", "a*b", ""]
+            .iter()
+            .zip(1..)
+            .map(|(p, s)| (p.to_string(), ConfigDuration(Duration::from_secs(s))))
+            .collect();
+        let (ttls, problems) = run(|e| service_ttls(patterns, e));
+        assert_eq!(
+            ttls,
+            [
+                (TtlPattern::Exact("web".into()), Duration::from_secs(4)),
+                (TtlPattern::Prefix("a*b".into()), Duration::from_secs(5)),
+                (TtlPattern::Prefix("web".into()), Duration::from_secs(3)),
+                (TtlPattern::Prefix("w".into()), Duration::from_secs(2)),
+                (TtlPattern::Prefix(String::new()), Duration::from_secs(1)),
+            ]
+        );
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: consul.service_ttl: pattern \"\": write a service name, a prefix ending in *, or *",
+                "f.toml:1: consul.service_ttl: pattern \"a*b\": write a service name, a prefix ending in *, or *",
+                "f.toml:1: consul.service_ttl: pattern \"a*b*\": only one trailing * is allowed, like \"web*\"",
+            ]
+        );
+        let (ttls, _) = run(|e| service_ttls(BTreeMap::new(), e));
+        assert_eq!(
+            ttls,
+            [(TtlPattern::Prefix(String::new()), DEFAULT_SERVICE_TTL)]
+        );
+    }
+
+    #[test]
+    fn consul_stale_for_is_checked_only_against_a_valid_watch_wait_in_http_mode() {
+        let check = |mode, stale_for, watch_wait| {
+            keys(|e| {
+                check_stale_for(
+                    mode,
+                    Duration::from_secs(stale_for),
+                    Duration::from_secs(watch_wait),
+                    e,
+                )
+            })
+        };
+        assert_eq!(check(ConsulMode::Http, 599, 300), ["consul.stale_for"]);
+        assert!(check(ConsulMode::Http, 600, 300).is_empty());
+        assert!(check(ConsulMode::Dns, 0, 300).is_empty());
+        assert!(
+            check(ConsulMode::Http, 0, 601).is_empty(),
+            "watch_wait's own error says it"
+        );
+    }
+
+    #[test]
+    fn metrics_default_listen_and_off() {
+        let (metrics, problems) = run(|e| FileMetrics::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            metrics.listen,
+            Some("127.0.0.1:9153".parse().expect("addr"))
+        );
+        let (metrics, _) = run(|e| {
+            FileMetrics {
+                enabled: Some(false),
+                listen: Some(ListenAddr::from_str("[::1]:9000").expect("addr")),
+            }
+            .validate(e)
+        });
+        assert_eq!(metrics.listen, None);
+    }
+
+    #[test]
+    fn log_queries_off_by_default() {
+        assert_eq!(run(|e| FileLog::default().validate(e)), (false, Vec::new()));
+        let on = FileLog {
+            queries: Some(true),
+        };
+        assert_eq!(run(|e| on.validate(e)), (true, Vec::new()));
+    }
+}

@@ -113,7 +113,7 @@ pub struct Indexed<T> {
 
 pub struct ConsulClient {
     http: HttpsClient,
-    agents: Vec<reqwest::Url>,
+    agents: Vec<url::Url>,
     /// The agent that answered last; requests start there.
     current: AtomicUsize,
     /// Some agent has answered a request since the start (readiness).
@@ -135,7 +135,7 @@ pub enum ClientBuildError {
 
 impl ConsulClient {
     pub fn new(
-        agents: Vec<reqwest::Url>,
+        agents: Vec<url::Url>,
         token: Option<String>,
         ca_pem: Option<(&str, Vec<u8>)>,
         max_connections: usize,
@@ -409,11 +409,7 @@ impl ConsulClient {
 /// encoded query string. `None` for a segment that is empty, `.` or `..` (the url crate drops
 /// the last two, which would turn one endpoint into another; names are validated before they
 /// get here, this keeps the client safe on its own), or a base that cannot have a path.
-pub fn api_url(
-    base: &reqwest::Url,
-    segments: &[&str],
-    params: &[(&str, String)],
-) -> Option<reqwest::Url> {
+pub fn api_url(base: &url::Url, segments: &[&str], params: &[(&str, String)]) -> Option<url::Url> {
     let mut url = base.clone();
     url.set_query(None);
     url.set_fragment(None);
@@ -487,7 +483,7 @@ fn tls_config(ca_pem: Option<(&str, Vec<u8>)>) -> Result<rustls::ClientConfig, C
 }
 
 /// `host:port` of an agent or a request, the key of the per-agent budgets.
-fn authority(url: &reqwest::Url) -> String {
+fn authority(url: &url::Url) -> String {
     let host = url.host_str().unwrap_or_default();
     let port = url.port_or_known_default().unwrap_or(80);
     normal_authority(host, port)
@@ -680,7 +676,7 @@ mod tests {
             ("https://[::1]:8501/", "https://[::1]:8501/v1/status/leader"),
             ("https://[::1]", "https://[::1]/v1/status/leader"),
         ] {
-            let agent = reqwest::Url::parse(agent).expect("url");
+            let agent = url::Url::parse(agent).expect("url");
             let request: hyper::Uri = request.parse().expect("uri");
             assert_eq!(super::authority(&agent), super::uri_authority(&request));
         }
@@ -688,7 +684,7 @@ mod tests {
 
     #[test]
     fn every_segment_stays_one_segment_and_every_value_one_value() {
-        let base = reqwest::Url::parse("http://127.0.0.1:8500/prefix/").expect("url");
+        let base = url::Url::parse("http://127.0.0.1:8500/prefix/").expect("url");
         let url = |segments: &[&str], params: &[(&str, String)]| {
             super::api_url(&base, segments, params).map(|u| u.to_string())
         };

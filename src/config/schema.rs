@@ -1,0 +1,278 @@
+//! The file as written: every section and key optional, `deny_unknown_fields` everywhere, and the
+//! value types that check themselves while deserializing, so that the TOML parser's error names
+//! the file, line, column and key of a value that is wrong on its own.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use hickory_proto::rr::Name;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// The DNS port: the default for upstream servers given without one.
+pub const DNS_PORT: u16 = 53;
+
+// ---------------------------------------------------------------------------------------------
+// Value types.
+
+/// Reads a string and parses it with `T`'s `FromStr`, whose message says what is wrong and
+/// shows the expected form; the TOML parser adds where.
+fn deserialize_from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr<Err = String>,
+{
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+/// `Deserialize` through [`deserialize_from_str`], for types written as strings.
+macro_rules! deserialize_via_from_str {
+    ($($t:ty),+ $(,)?) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                deserialize_from_str(d)
+            }
+        }
+    )+};
+}
+
+deserialize_via_from_str!(
+    ConfigDuration,
+    ListenAddr,
+    ServerAddr,
+    AllowNet,
+    Zone,
+    HttpUrl
+);
+
+/// A duration written as a string with a unit: "500ms", "5s", "10m", "1h", "1d".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConfigDuration(pub Duration);
+
+impl FromStr for ConfigDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim()).map(ConfigDuration).map_err(|e| {
+            format!("invalid duration {s:?} ({e}): write a number with a unit, like \"500ms\", \"5s\", \"10m\" or \"1h\"")
+        })
+    }
+}
+
+/// `ADDR:PORT`, e.g. `127.0.0.1:53` or `[::1]:53`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim().parse().map(ListenAddr).map_err(|_| {
+            format!("invalid address {s:?}: write IP:PORT, like \"127.0.0.1:53\" or \"[::1]:53\"")
+        })
+    }
+}
+
+/// `ADDR[:PORT]`, the port defaulting to 53: `192.0.2.1`, `192.0.2.1:5353`, `::1`, `[::1]:5353`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerAddr(pub SocketAddr);
+
+impl FromStr for ServerAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Ok(sa) = t.parse::<SocketAddr>() {
+            return Ok(ServerAddr(sa));
+        }
+        if let Ok(ip) = t.parse::<IpAddr>() {
+            return Ok(ServerAddr(SocketAddr::new(ip, DNS_PORT)));
+        }
+        Err(format!(
+            "invalid server address {s:?}: write IP or IP:PORT (port 53 by default), like \"192.0.2.1\", \"127.0.0.1:5353\" or \"[::1]:53\""
+        ))
+    }
+}
+
+/// A network in CIDR form, or a single address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowNet(pub IpNet);
+
+impl FromStr for AllowNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Ok(net) = t.parse::<IpNet>() {
+            return Ok(AllowNet(net.trunc()));
+        }
+        if let Ok(ip) = t.parse::<IpAddr>() {
+            return Ok(AllowNet(IpNet::from(ip)));
+        }
+        Err(format!(
+            "invalid network {s:?}: write an address or CIDR, like \"10.0.0.0/8\", \"127.0.0.1\" or \"::1/128\""
+        ))
+    }
+}
+
+/// A DNS zone such as `consul` or `corp.example.` (stored lowercased, fully qualified).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Zone(pub Name);
+
+impl FromStr for Zone {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(
+                "empty zone name: write a domain like \"consul\" or \"corp.example\"".into(),
+            );
+        }
+        let mut name = Name::from_ascii(t).map_err(|e| {
+            format!("invalid zone {s:?} ({e}): write a domain like \"consul\" or \"corp.example\"")
+        })?;
+        name.set_fqdn(true);
+        Ok(Zone(name.to_lowercase()))
+    }
+}
+
+/// An `http://` or `https://` base URL of a Consul agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl(pub url::Url);
+
+impl FromStr for HttpUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let url = url::Url::parse(s.trim()).map_err(|e| {
+            format!("invalid URL {s:?} ({e}): write a base URL like \"http://127.0.0.1:8500\"")
+        })?;
+        match url.scheme() {
+            "http" | "https" if url.host().is_some() => Ok(HttpUrl(url)),
+            _ => Err(format!(
+                "invalid URL {s:?}: only http:// and https:// URLs with a host are allowed, like \"http://127.0.0.1:8500\""
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsulMode {
+    /// Answers from the HTTP health API, kept fresh by blocking queries.
+    Http,
+    /// The dnsmasq-compatible mode: the domain forwarded to the agents' DNS interface.
+    Dns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenNoneHealthy {
+    /// NXDOMAIN, as Consul does.
+    Nxdomain,
+    /// Every instance, healthy or not: better than sending traffic nowhere.
+    All,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sections. Each has a `validate` in `validate.rs` that turns it into its validated type.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    #[serde(default)]
+    pub server: FileServer,
+    #[serde(default)]
+    pub upstream: FileUpstream,
+    #[serde(default)]
+    pub forward: Vec<FileForward>,
+    #[serde(default)]
+    pub cache: FileCache,
+    #[serde(default)]
+    pub consul: FileConsul,
+    #[serde(default)]
+    pub metrics: FileMetrics,
+    #[serde(default)]
+    pub log: FileLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileServer {
+    pub listen: Option<Vec<ListenAddr>>,
+    pub allow: Option<Vec<AllowNet>>,
+    pub tcp_idle_timeout: Option<ConfigDuration>,
+    pub max_tcp_connections: Option<usize>,
+    pub max_tcp_connections_per_network: Option<usize>,
+    pub udp_sockets_per_address: Option<usize>,
+    pub max_inflight: Option<usize>,
+    pub rate_limit: Option<u32>,
+    pub rate_limit_exempt: Option<Vec<AllowNet>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpstream {
+    pub servers: Option<Vec<ServerAddr>>,
+    pub timeout: Option<ConfigDuration>,
+    pub resolv_conf: Option<PathBuf>,
+    pub max_inflight: Option<usize>,
+    pub randomize_case: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileForward {
+    pub zone: Zone,
+    pub servers: Vec<ServerAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCache {
+    pub max_entries: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub min_ttl: Option<ConfigDuration>,
+    pub max_ttl: Option<ConfigDuration>,
+    pub negative_ttl: Option<ConfigDuration>,
+    pub stale_for: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConsul {
+    pub enabled: Option<bool>,
+    pub mode: Option<ConsulMode>,
+    pub http: Option<Vec<HttpUrl>>,
+    pub dns: Option<Vec<ServerAddr>>,
+    pub domain: Option<Zone>,
+    pub alt_domains: Option<Vec<Zone>>,
+    pub datacenter: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub catalog_file: Option<PathBuf>,
+    pub only_passing: Option<bool>,
+    pub when_none_healthy: Option<WhenNoneHealthy>,
+    pub a_record_limit: Option<usize>,
+    pub service_ttl: Option<BTreeMap<String, ConfigDuration>>,
+    pub node_ttl: Option<ConfigDuration>,
+    pub negative_ttl: Option<ConfigDuration>,
+    pub watch_wait: Option<ConfigDuration>,
+    pub watch_idle: Option<ConfigDuration>,
+    pub stale_for: Option<ConfigDuration>,
+    pub max_connections: Option<usize>,
+    pub allow_insecure_token: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileMetrics {
+    pub listen: Option<ListenAddr>,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLog {
+    pub queries: Option<bool>,
+}

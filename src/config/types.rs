@@ -1,0 +1,205 @@
+//! The validated configuration: typed values the rest of the program uses without parsing or
+//! checking them again.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hickory_proto::rr::Name;
+use ipnet::IpNet;
+
+use super::defaults::{DEFAULT_RATE_LIMIT, DEFAULT_SERVICE_TTL, TOKEN_ENV};
+use super::errors::InsecureToken;
+use super::schema::{ConsulMode, WhenNoneHealthy};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub forward: Vec<ForwardZone>,
+    pub cache: CacheConfig,
+    pub consul: ConsulConfig,
+    pub metrics: MetricsConfig,
+    pub log_queries: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub allow: Vec<IpNet>,
+    pub tcp_idle_timeout: Duration,
+    pub max_tcp_connections: usize,
+    /// Of `max_tcp_connections`, how many one client network (/24 for IPv4, /56 for IPv6, as
+    /// the rate limit) may hold, so one client cannot lock the others out of TCP.
+    pub max_tcp_connections_per_network: usize,
+    /// SO_REUSEPORT sockets per UDP listen address, each with its own receive loop (0 = one per core).
+    pub udp_sockets_per_address: usize,
+    /// Queries being answered at once across UDP and TCP; beyond it UDP queries are dropped
+    /// (and counted) rather than queued without bound.
+    pub max_inflight: usize,
+    /// Responses per second to one client network (/24 for IPv4, /56 for IPv6) over UDP; above
+    /// it, UDP queries get an empty TC=1 reply so real clients retry over TCP (which a spoofed
+    /// source cannot). `None` = the default: off when every listen address is loopback, else
+    /// [`DEFAULT_RATE_LIMIT`]. `Some(0)` = off.
+    pub rate_limit: Option<u32>,
+    /// Clients never rate-limited.
+    pub rate_limit_exempt: Vec<IpNet>,
+}
+
+impl ServerConfig {
+    /// The rate limit in force (0 = off); see [`ServerConfig::rate_limit`].
+    pub fn effective_rate_limit(&self) -> u32 {
+        match self.rate_limit {
+            Some(r) => r,
+            None if self.listen.iter().all(|a| a.ip().is_loopback()) => 0,
+            None => DEFAULT_RATE_LIMIT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Empty until [`Config::resolve_system_upstreams`] fills it from resolv.conf.
+    pub servers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub resolv_conf: PathBuf,
+    /// Upstream fetches in flight at once; beyond it a miss is answered SERVFAIL (or stale) at
+    /// once instead of piling up behind a slow upstream.
+    pub max_inflight: usize,
+    /// Random letter case in upstream questions (DNS 0x20), checked in replies: more entropy
+    /// against blind spoofing. Off by default because some upstreams do not preserve case
+    /// (those are re-asked without it, at the cost of a round trip).
+    pub randomize_case: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardZone {
+    pub zone: Name,
+    pub servers: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    pub max_entries: u64,
+    /// Approximate bytes of cached records; whichever of the two limits is reached first evicts.
+    pub max_bytes: u64,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub stale_for: Duration,
+}
+
+/// A `consul.service_ttl` key: exact service name, `prefix*`, or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TtlPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsulConfig {
+    pub enabled: bool,
+    pub mode: ConsulMode,
+    pub http: Vec<url::Url>,
+    pub dns: Vec<SocketAddr>,
+    /// The main domain first, then the alternative ones.
+    pub domains: Vec<Name>,
+    pub datacenter: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub catalog_file: Option<PathBuf>,
+    /// Serve the built-in demo catalog (`--dev` without a catalog file).
+    pub demo_catalog: bool,
+    pub only_passing: bool,
+    pub when_none_healthy: WhenNoneHealthy,
+    pub a_record_limit: usize,
+    /// Longest pattern first, so the first match is the best one.
+    pub service_ttl: Vec<(TtlPattern, Duration)>,
+    pub node_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub watch_wait: Duration,
+    pub watch_idle: Duration,
+    pub stale_for: Duration,
+    pub max_connections: usize,
+    /// Send the token to `http://` agents that are not on loopback (off: refused at start and
+    /// on reload, see [`ConsulConfig::check_token_transport`]).
+    pub allow_insecure_token: bool,
+}
+
+impl ConsulConfig {
+    /// The TTL for a service: exact name, then the longest matching `prefix*`, then `*`.
+    pub fn service_ttl_for(&self, service: &str) -> Duration {
+        for (pattern, ttl) in &self.service_ttl {
+            match pattern {
+                TtlPattern::Exact(name) if name.eq_ignore_ascii_case(service) => return *ttl,
+                TtlPattern::Prefix(p)
+                    if service.len() >= p.len() && service[..p.len()].eq_ignore_ascii_case(p) =>
+                {
+                    return *ttl
+                }
+                _ => {}
+            }
+        }
+        DEFAULT_SERVICE_TTL
+    }
+
+    /// Refuses a token that would go in clear text to an agent off this host. Checked when the
+    /// token is read (start and every reload) and by `check-config`, after the flags are
+    /// applied, since `--consul-http` and `CONSUL_HTTP_TOKEN` can both bring the problem in.
+    pub fn check_token_transport(&self) -> Result<(), InsecureToken> {
+        let env_token = std::env::var(TOKEN_ENV).is_ok_and(|t| !t.trim().is_empty());
+        self.check_token_transport_with(env_token)
+    }
+
+    pub(super) fn check_token_transport_with(&self, env_token: bool) -> Result<(), InsecureToken> {
+        // Only the HTTP backend talks to agents with the token.
+        if !self.enabled
+            || self.mode != ConsulMode::Http
+            || self.catalog_file.is_some()
+            || self.demo_catalog
+            || self.allow_insecure_token
+        {
+            return Ok(());
+        }
+        let token_from = match &self.token_file {
+            Some(path) => format!("consul.token_file ({})", path.display()),
+            None if env_token => TOKEN_ENV.to_owned(),
+            None => return Ok(()),
+        };
+        match self
+            .http
+            .iter()
+            .find(|u| u.scheme() == "http" && !is_loopback_url(u))
+        {
+            Some(agent) => Err(InsecureToken {
+                agent: agent.as_str().to_owned(),
+                token_from,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Does `url` name this host? Only literal loopback addresses and `localhost` count: any other
+/// name could resolve off the host.
+fn is_loopback_url(url: &url::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.is_loopback(),
+        Ok(IpAddr::V6(v6)) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Err(_) => {
+            let name = bare.strip_suffix('.').unwrap_or(bare);
+            name.eq_ignore_ascii_case("localhost")
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
+}

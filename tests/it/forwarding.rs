@@ -1,14 +1,12 @@
 //! The forwarder over real sockets: forwarding, rcodes, caching, serve-stale, failover,
 //! truncation, protocol hygiene and access control.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
-use support::upstream::TestUpstream;
-use support::*;
 
 fn config_for(upstreams: &[&TestUpstream], extra: &str) -> String {
     let servers: Vec<String> = upstreams

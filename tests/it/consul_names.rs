@@ -2,16 +2,14 @@
 //! the health rules, shuffling, freshness through blocking queries, outages, and the bound on
 //! requests that reach Consul.
 
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use support::upstream::TestUpstream;
-use support::*;
 
 fn node(sim: &ConsulSim, name: &str, addr: &str) {
     let mut meta = BTreeMap::new();

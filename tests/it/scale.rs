@@ -5,17 +5,15 @@
 //! The two large ones are ignored in the debug run (they would measure a debug build's JSON
 //! parsing); `scripts/test.sh` runs them with `--release -- --ignored`.
 
-mod support;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::{ConsulSim, Status};
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
-use support::consul_sim::{ConsulSim, Status};
-use support::upstream::TestUpstream;
-use support::*;
 
 fn conf(up: &TestUpstream, sim: &ConsulSim, extra: &str) -> String {
     format!(

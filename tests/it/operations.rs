@@ -1,17 +1,15 @@
 //! Operating it: /metrics (checked by promtool and scraped by a real Prometheus), /health and
 //! /ready, SIGHUP reloads under load, the query log.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::ConsulSim;
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::rr::RecordType;
-use support::consul_sim::ConsulSim;
-use support::upstream::TestUpstream;
-use support::*;
 
 fn toml(up: &TestUpstream, consul: &str) -> String {
     format!(

@@ -1,17 +1,15 @@
 //! Faults and limits: Consul down, hung or flapping; secrets kept out of output; resource limits
 //! with their counters.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use support::upstream::TestUpstream;
-use support::*;
 
 fn web(sim: &ConsulSim) {
     for (i, addr) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {

@@ -9,20 +9,18 @@
 //! The debug run uses a smaller catalog; `scripts/test.sh` runs the large variant in release
 //! mode with `--ignored`.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::RecordType;
-use support::consul_sim::{
+use crate::support::consul_sim::{
     ChurnCheck, ChurnTarget, ConsulSim, GridInstance, SimNode, SimService, Status,
 };
-use support::upstream::TestUpstream;
-use support::*;
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
 
 /// The bound the issue sets between a flip and the answer that shows it.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
@@ -94,7 +92,7 @@ struct Sample {
 /// its service shows it (the instance gone when critical, back when passing).
 async fn probe_one(
     addr: SocketAddr,
-    churn: &support::consul_sim::Churn,
+    churn: &crate::support::consul_sim::Churn,
     targets: &[ChurnTarget],
     grid: &[GridInstance],
     previous: &mut Option<(usize, Instant)>,

@@ -44,12 +44,11 @@ struct Scale {
 }
 
 fn conf(up: &TestUpstream, sim: &ConsulSim) -> String {
-    format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\n\
-         [consul.service_ttl]\n\"*\" = \"60s\"\n",
-        up.addr,
-        sim.http_url()
-    )
+    TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .service_ttl("60s")
+        .toml()
 }
 
 fn fqdn(service: &str) -> String {
@@ -362,13 +361,12 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
         );
     }
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\n\
-         max_connections = 4\n[consul.service_ttl]\n\"*\" = \"60s\"\n",
-        up.addr,
-        sim.http_url()
-    ))
-    .await;
+    let config = TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .consul("max_connections = 4")
+        .service_ttl("60s");
+    let fwd = TestServer::start(&config.toml()).await;
     let filler_names: Vec<String> = fillers.iter().map(|f| fqdn(f)).collect();
     for _ in 0..2 {
         assert_eq!(ask_all(fwd.addr, &filler_names, 1).await, 0);

@@ -230,10 +230,12 @@ async fn accepted_extreme_config_values_serve_queries() {
         } else {
             format!("catalog_file = \"{}\"", catalog.display())
         };
-        let mut toml = format!(
-            "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nenabled = false\n[consul]\n{source}\n[cache]\nmax_ttl = \"2147483647s\"\n",
-            up.addr,
-        );
+        let mut toml = TestConfig::new()
+            .upstream(up.addr)
+            .upstream_timeout("1s")
+            .consul(&source)
+            .cache("max_ttl = \"2147483647s\"")
+            .toml();
         toml = toml.replace(
             &format!("[{section}]\n"),
             &format!("[{section}]\n{key} = {value}\n"),
@@ -815,12 +817,13 @@ async fn forwarder(consul: &HostileConsul, up: &TestUpstream, discover: bool) ->
     } else {
         "datacenter = \"dc1\"\n"
     };
-    TestServer::start(&format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\nwatch_wait = \"1s\"\n{dc}",
-        up.addr,
-        consul.url()
-    ))
-    .await
+    let config = TestConfig::new()
+        .upstream(up.addr)
+        .upstream_timeout("1s")
+        .consul_http(consul.url())
+        .consul("watch_wait = \"1s\"")
+        .consul(dc);
+    TestServer::start(&config.toml()).await
 }
 
 async fn rcode_of(fwd: &TestServer, name: &str) -> (ResponseCode, Vec<String>) {

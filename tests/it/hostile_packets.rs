@@ -38,11 +38,12 @@ async fn start(up: &TestUpstream, extra_server: &str) -> (TestServer, tempfile::
     let dir = tempfile::tempdir().expect("tmp");
     let catalog = dir.path().join("catalog.json");
     std::fs::write(&catalog, DEMO_CATALOG).expect("write catalog");
-    let toml = format!(
-        "[server]\n{extra_server}\n[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nenabled = false\n[consul]\ncatalog_file = \"{}\"\n",
-        up.addr,
-        catalog.display()
-    );
+    let toml = TestConfig::new()
+        .server(extra_server)
+        .upstream(up.addr)
+        .upstream_timeout("1s")
+        .catalog_file(&catalog)
+        .toml();
     (TestServer::start(&toml).await, dir)
 }
 

@@ -201,11 +201,12 @@ async fn hostile_labels_never_reach_consul_in_any_position() {
 }
 
 fn forwarder_config(sim: &ConsulSim, up: &TestUpstream) -> String {
-    format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[consul]\nhttp = [\"{}\"]\n",
-        up.addr,
-        sim.http_url()
-    )
+    TestConfig::new()
+        .upstream(up.addr)
+        .upstream_timeout("1s")
+        .metrics_default()
+        .consul_http(sim.http_url())
+        .toml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

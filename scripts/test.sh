@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need when it is missing, via apt-get when running
 # as root: dig (bind9-dnsutils), promtool and prometheus (prometheus), nginx and getent/ip for
-# the end-to-end tests (tests/e2e_*.rs), python3 with PyYAML for checking examples/kubernetes.
+# the end-to-end tests (tests/it/e2e_*.rs), python3 with PyYAML for checking examples/kubernetes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +33,6 @@ if ((${#need_pkgs[@]})); then
 fi
 
 cargo test --all-targets "$@"
-# The soak run (about 60 s at ~20k queries/s) and the large-scale tests measure a release build,
-# not a debug one.
-cargo test --release --test soak --test scale --test churn --test flood -- --ignored --nocapture
+# The soak run (about 60 s at ~20k queries/s) and the large-scale tests (scale, health churn,
+# name flood) measure a release build, not a debug one: they are the only ignored tests.
+cargo test --release --test it -- --ignored --nocapture

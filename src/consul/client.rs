@@ -18,7 +18,7 @@
 //! Why not reqwest (used before): its `connector_layer` can make a connect wait for a permit,
 //! but a layer returns reqwest's sealed connection type, so nothing can hold the permit for the
 //! connection's life; a permit per connect or per request leaves the moments above uncovered
-//! (a peak of 44 connections on a budget of 32 in `tests/scale.rs`). hyper-util's client is the
+//! (a peak of 44 connections on a budget of 32 in `tests/it/scale.rs`). hyper-util's client is the
 //! pool reqwest itself runs on, so behaviour is otherwise unchanged. The budgets are per agent
 //! (after a failover, idle connections to the old agent must not hold the new agent's permits);
 //! the request slots are shared by all agents.

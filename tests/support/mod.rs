@@ -2,6 +2,7 @@
 //! simulator, and small DNS client helpers over real UDP and TCP sockets.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod consul_sim;
 pub mod e2e;
 pub mod hostile;
@@ -11,6 +12,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use config::TestConfig;
 use consul_dns_forwarder::config::Config;
 use consul_dns_forwarder::{run, server, Bound};
 use hickory_proto::op::{Edns, Message, Query};

@@ -17,8 +17,6 @@
 //! Needs root (network namespaces, /etc/netns). The namespace, its /etc/netns directory and
 //! every process are removed by a Drop guard, also when an assertion fails.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -27,9 +25,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use support::e2e::{sbin, KillOnDrop, BIN};
-use support::upstream::TestUpstream;
+use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::e2e::{sbin, KillOnDrop, BIN};
+use crate::support::upstream::TestUpstream;
 
 const CLONE_NEWNET: i32 = 0x4000_0000;
 

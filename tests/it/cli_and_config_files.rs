@@ -1,15 +1,13 @@
 //! The real binary: `dig` against it, `--dev`, `check-config`, shipped configs, refusing to
 //! start on bad input, and a clean exit on SIGTERM.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::support::upstream::TestUpstream;
+use crate::support::{free_port, spawn, BIN};
 use consul_dns_forwarder::config::Config;
-use support::upstream::TestUpstream;
-use support::{free_port, spawn, BIN};
 
 fn dig(port: u16, args: &[&str]) -> String {
     let out = Command::new("dig")
@@ -406,11 +404,11 @@ fn documented_limits() -> Vec<Limit> {
 /// Consul names over UDP and TCP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
+    use crate::support::consul_sim::ConsulSim;
+    use crate::support::{addresses, ask, make_query, raw_udp, tcp};
     use consul_dns_forwarder::config::MAX_CONCURRENCY_LIMIT;
     use hickory_proto::rr::RecordType;
     use std::collections::BTreeMap;
-    use support::consul_sim::ConsulSim;
-    use support::{addresses, ask, make_query, raw_udp, tcp};
 
     const INTEGERS: [&str; 3] = ["0", "9223372036854775807", "18446744073709551615"];
     const DURATIONS: [&str; 3] = ["\"0s\"", "\"100000000y\"", "\"100000000y\""];

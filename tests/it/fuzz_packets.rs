@@ -8,27 +8,25 @@
 //! the AFL++ or libFuzzer targets in `fuzz/`.
 //!
 //! ```sh
-//! FUZZ_SECONDS=600 cargo test --release --test fuzz_packets -- --nocapture
-//! FUZZ_SEED=12345 FUZZ_SECONDS=60 cargo test --release --test fuzz_packets -- --nocapture
-//! FUZZ_CORPUS=/tmp/afl-out/default/queue FUZZ_SECONDS=60 cargo test --release --test fuzz_packets
+//! FUZZ_SECONDS=600 cargo test --release --test it fuzz_packets -- --nocapture
+//! FUZZ_SEED=12345 FUZZ_SECONDS=60 cargo test --release --test it fuzz_packets -- --nocapture
+//! FUZZ_CORPUS=/tmp/afl-out/default/queue FUZZ_SECONDS=60 cargo test --release --test it fuzz_packets
 //! ```
 //!
 //! A failing input is written to `target/fuzz-findings/<hash>.bin`; copy it into
 //! `tests/corpus/packets/` (with a name that says what it is) to replay it in every test run.
-
-mod support;
 
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::support::hostile::*;
 use consul_dns_forwarder::wire::Transport;
 use futures::FutureExt;
 use hickory_proto::op::Message;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use support::hostile::*;
 
 /// How long one `cargo test` run fuzzes when FUZZ_SECONDS is not set.
 const DEFAULT_SECONDS: u64 = 3;

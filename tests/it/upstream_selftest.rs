@@ -1,5 +1,3 @@
-mod support;
-
 // Proves every feature of `support::upstream::TestUpstream` with real DNS
 // queries over UDP and TCP on 127.0.0.1, so the forwarder's integration tests
 // can rely on it.
@@ -15,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::timeout;
 
-use support::upstream::*;
+use crate::support::upstream::*;
 
 /// Upper bound for an answer that should come; nothing here is slow.
 const WAIT: Duration = Duration::from_secs(5);

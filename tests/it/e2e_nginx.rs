@@ -4,16 +4,14 @@
 //! critical with both `when_none_healthy` settings, and a service whose answer needs TCP.
 //! `examples/nginx/upstream-resolve.conf` runs too when the installed nginx is >= 1.27.3.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use support::e2e::{
+use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::e2e::{
     examples_dir, free_port, nginx_version, replace_once, Backends, Forwarder, Nginx,
 };
-use support::upstream::TestUpstream;
+use crate::support::upstream::TestUpstream;
 
 /// The service TTL the forwarder sends (its default) and `valid=` in the example.
 const TTL: Duration = Duration::from_secs(5);
@@ -230,12 +228,12 @@ async fn nginx_resolves_a_service_of_60_instances_over_tcp() {
     let fwd = Forwarder::spawn(&["--consul-http", &url, "--upstream", &upstream]).await;
 
     // 60 A records do not fit 512 bytes: over UDP without EDNS (as nginx asks) TC=1.
-    let q = support::make_query(
+    let q = crate::support::make_query(
         "many.service.consul.",
         hickory_proto::rr::RecordType::A,
         None,
     );
-    let r = support::udp(fwd.addr, &q).await;
+    let r = crate::support::udp(fwd.addr, &q).await;
     assert!(r.metadata.truncation, "60 instances truncate over UDP: {r}");
 
     let port = free_port();

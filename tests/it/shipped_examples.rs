@@ -2,16 +2,14 @@
 //! (PyYAML, Debian's python3-yaml) and hang together, the TOML embedded in the ConfigMap is
 //! accepted by the forwarder's own parser, and the systemd unit passes `systemd-analyze verify`
 //! (where installed) with the hardening it promises. The nginx examples run in e2e_nginx.rs;
-//! tests/cli.rs checks every `*.toml` file under examples/.
-
-mod support;
+//! cli_and_config_files.rs checks every `*.toml` file under examples/.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::{free_port, Running as KillOnDrop, BIN};
 use consul_dns_forwarder::config::Config;
 use serde_json::Value;
-use support::{free_port, Running as KillOnDrop, BIN};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")

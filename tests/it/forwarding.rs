@@ -1,24 +1,19 @@
 //! The forwarder over real sockets: forwarding, rcodes, caching, serve-stale, failover,
 //! truncation, protocol hygiene and access control.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
-use support::upstream::TestUpstream;
-use support::*;
 
 fn config_for(upstreams: &[&TestUpstream], extra: &str) -> String {
-    let servers: Vec<String> = upstreams
-        .iter()
-        .map(|u| format!("\"{}\"", u.addr))
-        .collect();
-    format!(
-        "[upstream]\nservers = [{}]\ntimeout = \"1s\"\n[consul]\nenabled = false\n[metrics]\nenabled = false\n{extra}",
-        servers.join(", ")
-    )
+    let mut config = TestConfig::new();
+    for up in upstreams {
+        config = config.upstream(up.addr);
+    }
+    config.upstream_timeout("1s").consul_off().raw(extra).toml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,11 +523,13 @@ const CASE_FALLBACKS: &str = "consul_dns_forwarder_upstream_case_fallbacks_total
 
 /// A forwarder to `up` whose /metrics is served over HTTP, with `extra` lines in `[upstream]`.
 async fn with_metrics(up: &TestUpstream, extra: &str) -> TestServer {
-    TestServer::start(&format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n{extra}\n[consul]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
-        up.addr
-    ))
-    .await
+    let config = TestConfig::new()
+        .upstream(up.addr)
+        .upstream_timeout("1s")
+        .upstream_lines(extra)
+        .consul_off()
+        .metrics_listen("127.0.0.1:0");
+    TestServer::start(&config.toml()).await
 }
 
 /// `name`'s samples on the forwarder's /metrics, as a scraper gets them.

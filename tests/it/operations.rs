@@ -1,23 +1,23 @@
 //! Operating it: /metrics (checked by promtool and scraped by a real Prometheus), /health and
 //! /ready, SIGHUP reloads under load, the query log.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::ConsulSim;
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::rr::RecordType;
-use support::consul_sim::ConsulSim;
-use support::upstream::TestUpstream;
-use support::*;
 
 fn toml(up: &TestUpstream, consul: &str) -> String {
-    format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[consul]\n{consul}",
-        up.addr
-    )
+    TestConfig::new()
+        .upstream(up.addr)
+        .upstream_timeout("1s")
+        .metrics_listen("127.0.0.1:0")
+        .consul(consul)
+        .toml()
 }
 
 /// Every series operators rely on (issue 5), by name.
@@ -307,11 +307,12 @@ fn reload_config(
     metrics_port: u16,
     ttl: &str,
 ) -> String {
-    format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[consul]\ncatalog_file = \"{}\"\n[consul.service_ttl]\n\"*\" = \"{ttl}\"\n",
-        up.addr,
-        catalog.display()
-    )
+    TestConfig::new()
+        .upstream(up.addr)
+        .metrics_listen(format!("127.0.0.1:{metrics_port}"))
+        .catalog_file(catalog)
+        .service_ttl(ttl)
+        .toml()
 }
 
 /// SIGHUP under load: new TTLs applied, a bad file rejected and counted, no query lost.
@@ -433,7 +434,11 @@ async fn query_log_in_json() {
     let conf = dir.path().join("f.toml");
     std::fs::write(
         &conf,
-        format!("[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nenabled = false\n[log]\nqueries = true\n", up.addr),
+        TestConfig::new()
+            .upstream(up.addr)
+            .consul_off()
+            .log("queries = true")
+            .toml(),
     )
     .expect("write");
     let port = free_port();
@@ -547,11 +552,12 @@ async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
     // Refused by validation: a token for an http:// agent on another host.
     std::fs::write(
         &conf,
-        format!(
-            "[upstream]\nservers = [\"{}\"]\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n[consul]\nhttp = [\"http://192.0.2.1:8500\"]\ntoken_file = \"{}\"\n",
-            up.addr,
-            token.display()
-        ),
+        TestConfig::new()
+            .upstream(up.addr)
+            .metrics_listen(format!("127.0.0.1:{mport}"))
+            .consul_http("http://192.0.2.1:8500")
+            .token_file(&token)
+            .toml(),
     )
     .expect("write");
     hup(&pid);
@@ -611,11 +617,11 @@ async fn a_panicking_reload_is_counted_and_the_next_one_applies() {
     let catalog = dir.path().join("catalog.json");
     std::fs::write(&catalog, sim.catalog_json().to_string()).expect("write");
     let config_with = |ttl: &str| {
-        let text = format!(
-            "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\ncatalog_file = \"{}\"\n[consul.service_ttl]\n\"*\" = \"{ttl}\"\n",
-            up.addr,
-            catalog.display()
-        );
+        let text = TestConfig::new()
+            .upstream(up.addr)
+            .catalog_file(&catalog)
+            .service_ttl(ttl)
+            .toml();
         Config::from_toml_str(&text, "reload.toml").expect("valid")
     };
     let mut config = config_with("5s");
@@ -701,12 +707,11 @@ async fn a_group_readable_token_file_is_warned_about() {
     let conf = dir.path().join("f.toml");
     std::fs::write(
         &conf,
-        format!(
-            "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\ntoken_file = \"{}\"\n",
-            up.addr,
-            sim.http_url(),
-            token.display()
-        ),
+        TestConfig::new()
+            .upstream(up.addr)
+            .consul_http(sim.http_url())
+            .token_file(&token)
+            .toml(),
     )
     .expect("write");
     let mut logs = Vec::new();

@@ -2,16 +2,14 @@
 //! the health rules, shuffling, freshness through blocking queries, outages, and the bound on
 //! requests that reach Consul.
 
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use support::upstream::TestUpstream;
-use support::*;
 
 fn node(sim: &ConsulSim, name: &str, addr: &str) {
     let mut meta = BTreeMap::new();
@@ -86,12 +84,16 @@ async fn sim_with_web() -> ConsulSim {
 }
 
 fn config(sim_urls: &[String], upstream: &TestUpstream, extra_consul: &str) -> String {
-    let urls: Vec<String> = sim_urls.iter().map(|u| format!("\"{u}\"")).collect();
-    format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nenabled = false\n[consul]\nhttp = [{}]\nalt_domains = [\"alt.example\"]\n{extra_consul}",
-        upstream.addr,
-        urls.join(", ")
-    )
+    let mut config = TestConfig::new()
+        .upstream(upstream.addr)
+        .upstream_timeout("1s");
+    for url in sim_urls {
+        config = config.consul_http(url);
+    }
+    config
+        .consul("alt_domains = [\"alt.example\"]")
+        .consul(extra_consul)
+        .toml()
 }
 
 async fn start(sim: &ConsulSim, up: &TestUpstream, extra: &str) -> TestServer {
@@ -544,11 +546,10 @@ async fn hostname_addresses_become_a_cname_chain() {
 
 /// `consul.mode = "dns"` against the simulator's DNS port.
 fn dns_mode_config(sim: &ConsulSim, up: &TestUpstream) -> String {
-    format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nmode = \"dns\"\ndns = [\"{}\"]\n",
-        up.addr,
-        sim.dns_addr()
-    )
+    TestConfig::new()
+        .upstream(up.addr)
+        .consul(&format!("mode = \"dns\"\ndns = [\"{}\"]", sim.dns_addr()))
+        .toml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,11 +624,10 @@ async fn catalog_file_answers_without_consul() {
     std::fs::write(&path, sim.catalog_json().to_string()).expect("write");
     drop(sim);
     let up = TestUpstream::start().await;
-    let toml = format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\ncatalog_file = \"{}\"\n",
-        up.addr,
-        path.display()
-    );
+    let toml = TestConfig::new()
+        .upstream(up.addr)
+        .catalog_file(&path)
+        .toml();
     let fwd = TestServer::start(&toml).await;
     let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
     assert_eq!(sorted(addresses(&r)), vec!["127.0.0.2", "127.0.0.3"]);

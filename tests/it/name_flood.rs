@@ -5,18 +5,16 @@
 //!
 //! Ignored in the debug run; `scripts/test.sh` runs it with `--release -- --ignored`.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::ConsulSim;
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
-use support::consul_sim::ConsulSim;
-use support::upstream::TestUpstream;
-use support::*;
 
 /// Unique made-up names in the flood.
 const FLOOD_NAMES: u32 = 100_000;

@@ -6,19 +6,17 @@
 //! Ignored in the debug run (a debug build measures the debug build); `scripts/test.sh` runs it
 //! with `--release -- --ignored`. `SOAK_SECONDS` and `SOAK_QPS` override the duration and rate.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::{ConsulSim, Status};
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
-use support::consul_sim::{ConsulSim, Status};
-use support::upstream::TestUpstream;
-use support::*;
 
 /// How long a query may take before it counts as lost.
 const LOST_AFTER: Duration = Duration::from_secs(2);

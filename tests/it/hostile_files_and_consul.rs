@@ -11,14 +11,17 @@
 //!   serving truncated JSON, wrong types, HTML, 500s, bodies that never end, connections that
 //!   hang, and `X-Consul-Index` values that go backwards, are 0, missing or not numbers.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::hostile::{
+    check_reply, hex, query, ALLOWED_CLIENT, TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_SRV, TYPE_TXT,
+};
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use consul_dns_forwarder::config::Config;
 use consul_dns_forwarder::consul::file::{FileBackend, DEMO_CATALOG};
 use consul_dns_forwarder::wire::Transport;
@@ -27,15 +30,10 @@ use hickory_proto::rr::RecordType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use support::hostile::{
-    check_reply, hex, query, ALLOWED_CLIENT, TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_SRV, TYPE_TXT,
-};
-use support::upstream::TestUpstream;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const CONFIG: &str = include_str!("../conf/consul-dns-forwarder.toml");
+const CONFIG: &str = include_str!("../../conf/consul-dns-forwarder.toml");
 
 /// Values that break assumptions: wrong types, empty, huge, negative, odd units and addresses.
 const HOSTILE_TOML_VALUES: &[&str] = &[
@@ -232,10 +230,12 @@ async fn accepted_extreme_config_values_serve_queries() {
         } else {
             format!("catalog_file = \"{}\"", catalog.display())
         };
-        let mut toml = format!(
-            "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nenabled = false\n[consul]\n{source}\n[cache]\nmax_ttl = \"2147483647s\"\n",
-            up.addr,
-        );
+        let mut toml = TestConfig::new()
+            .upstream(up.addr)
+            .upstream_timeout("1s")
+            .consul(&source)
+            .cache("max_ttl = \"2147483647s\"")
+            .toml();
         toml = toml.replace(
             &format!("[{section}]\n"),
             &format!("[{section}]\n{key} = {value}\n"),
@@ -444,7 +444,7 @@ async fn catalog_mutations_never_panic_and_accepted_catalogs_answer() {
             continue;
         }
         let (handler, _registry) =
-            support::hostile::handler_with_catalog(None, Duration::from_millis(50), backend);
+            crate::support::hostile::handler_with_catalog(None, Duration::from_millis(50), backend);
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let (services, nodes) = names_in(&value);
         let mut names: Vec<String> = Vec::new();
@@ -817,12 +817,13 @@ async fn forwarder(consul: &HostileConsul, up: &TestUpstream, discover: bool) ->
     } else {
         "datacenter = \"dc1\"\n"
     };
-    TestServer::start(&format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\nwatch_wait = \"1s\"\n{dc}",
-        up.addr,
-        consul.url()
-    ))
-    .await
+    let config = TestConfig::new()
+        .upstream(up.addr)
+        .upstream_timeout("1s")
+        .consul_http(consul.url())
+        .consul("watch_wait = \"1s\"")
+        .consul(dc);
+    TestServer::start(&config.toml()).await
 }
 
 async fn rcode_of(fwd: &TestServer, name: &str) -> (ResponseCode, Vec<String>) {

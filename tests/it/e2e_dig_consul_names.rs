@@ -1,14 +1,12 @@
 //! dig (BIND's client, an independent DNS implementation) against the forwarder binary for
 //! Consul names: TCP, no EDNS, truncation and the TCP retry, SRV in RFC 2782 form, and every
-//! SRV target asked on its own (as nginx's `service=` does). tests/cli.rs covers forwarded names.
-
-mod support;
+//! SRV target asked on its own (as nginx's `service=` does). cli_and_config_files.rs covers forwarded names.
 
 use std::collections::BTreeMap;
 
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use support::e2e::Forwarder;
-use support::upstream::TestUpstream;
+use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::e2e::Forwarder;
+use crate::support::upstream::TestUpstream;
 
 async fn dig(port: u16, args: &[&str]) -> String {
     let out = tokio::process::Command::new("dig")

@@ -3,16 +3,14 @@
 //! steer an HTTP request, over real DNS against the Consul simulator, and every request line
 //! the simulator received is held against the endpoints the forwarder may ask for.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::ConsulSim;
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
-use support::consul_sim::ConsulSim;
-use support::upstream::TestUpstream;
-use support::*;
 
 /// Every character class of the issue, alone and inside a label, plus the two attacks seen on
 /// the old code (a path climbing to the KV store, a `?filter=` oracle).
@@ -203,11 +201,12 @@ async fn hostile_labels_never_reach_consul_in_any_position() {
 }
 
 fn forwarder_config(sim: &ConsulSim, up: &TestUpstream) -> String {
-    format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[consul]\nhttp = [\"{}\"]\n",
-        up.addr,
-        sim.http_url()
-    )
+    TestConfig::new()
+        .upstream(up.addr)
+        .upstream_timeout("1s")
+        .metrics_default()
+        .consul_http(sim.http_url())
+        .toml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,20 +9,18 @@
 //! The debug run uses a smaller catalog; `scripts/test.sh` runs the large variant in release
 //! mode with `--ignored`.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::RecordType;
-use support::consul_sim::{
+use crate::support::consul_sim::{
     ChurnCheck, ChurnTarget, ConsulSim, GridInstance, SimNode, SimService, Status,
 };
-use support::upstream::TestUpstream;
-use support::*;
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
 
 /// The bound the issue sets between a flip and the answer that shows it.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
@@ -46,12 +44,11 @@ struct Scale {
 }
 
 fn conf(up: &TestUpstream, sim: &ConsulSim) -> String {
-    format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\n\
-         [consul.service_ttl]\n\"*\" = \"60s\"\n",
-        up.addr,
-        sim.http_url()
-    )
+    TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .service_ttl("60s")
+        .toml()
 }
 
 fn fqdn(service: &str) -> String {
@@ -94,7 +91,7 @@ struct Sample {
 /// its service shows it (the instance gone when critical, back when passing).
 async fn probe_one(
     addr: SocketAddr,
-    churn: &support::consul_sim::Churn,
+    churn: &crate::support::consul_sim::Churn,
     targets: &[ChurnTarget],
     grid: &[GridInstance],
     previous: &mut Option<(usize, Instant)>,
@@ -364,13 +361,12 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
         );
     }
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\n\
-         max_connections = 4\n[consul.service_ttl]\n\"*\" = \"60s\"\n",
-        up.addr,
-        sim.http_url()
-    ))
-    .await;
+    let config = TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .consul("max_connections = 4")
+        .service_ttl("60s");
+    let fwd = TestServer::start(&config.toml()).await;
     let filler_names: Vec<String> = fillers.iter().map(|f| fqdn(f)).collect();
     for _ in 0..2 {
         assert_eq!(ask_all(fwd.addr, &filler_names, 1).await, 0);

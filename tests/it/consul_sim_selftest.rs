@@ -3,17 +3,15 @@
 //! tests can trust it. Every test is bounded by `within` (20 s) and every
 //! network wait has its own timeout: nothing here can hang.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, Status};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::Value;
-use support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -152,12 +150,12 @@ fn without(set: &BTreeSet<String>, segs: &[&str]) -> BTreeSet<String> {
 
 fn sample(name: &str) -> Value {
     let text = match name {
-        "health-service" => include_str!("support/consul_samples/health-service.json"),
-        "catalog-node" => include_str!("support/consul_samples/catalog-node.json"),
-        "query-execute" => include_str!("support/consul_samples/query-execute.json"),
-        "agent-self" => include_str!("support/consul_samples/agent-self.json"),
-        "catalog-services" => include_str!("support/consul_samples/catalog-services.json"),
-        "health-state" => include_str!("support/consul_samples/health-state.json"),
+        "health-service" => include_str!("../support/consul_samples/health-service.json"),
+        "catalog-node" => include_str!("../support/consul_samples/catalog-node.json"),
+        "query-execute" => include_str!("../support/consul_samples/query-execute.json"),
+        "agent-self" => include_str!("../support/consul_samples/agent-self.json"),
+        "catalog-services" => include_str!("../support/consul_samples/catalog-services.json"),
+        "health-state" => include_str!("../support/consul_samples/health-state.json"),
         _ => unreachable!(),
     };
     serde_json::from_str(text).expect("sample JSON")

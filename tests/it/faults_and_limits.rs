@@ -1,17 +1,15 @@
 //! Faults and limits: Consul down, hung or flapping; secrets kept out of output; resource limits
 //! with their counters.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
-use support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use support::upstream::TestUpstream;
-use support::*;
 
 fn web(sim: &ConsulSim) {
     for (i, addr) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
@@ -38,12 +36,11 @@ fn web(sim: &ConsulSim) {
 }
 
 fn conf(up: &TestUpstream, urls: &[String], extra: &str) -> String {
-    let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
-    format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"1s\"\n[metrics]\nenabled = false\n[consul]\nhttp = [{}]\n{extra}",
-        up.addr,
-        urls.join(", ")
-    )
+    let mut config = TestConfig::new().upstream(up.addr).upstream_timeout("1s");
+    for url in urls {
+        config = config.consul_http(url);
+    }
+    config.consul(extra).toml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,12 +161,12 @@ async fn one_log_line_per_outage_and_the_token_never_shows() {
     let conf_path = dir.path().join("f.toml");
     std::fs::write(
         &conf_path,
-        format!(
-            "[upstream]\nservers = [\"{}\"]\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n[consul]\nhttp = [\"{}\"]\ntoken_file = \"{}\"\n",
-            up.addr,
-            sim.http_url(),
-            token_path.display()
-        ),
+        TestConfig::new()
+            .upstream(up.addr)
+            .metrics_listen(format!("127.0.0.1:{mport}"))
+            .consul_http(sim.http_url())
+            .token_file(&token_path)
+            .toml(),
     )
     .expect("write");
     let mut server = spawn(&[
@@ -271,7 +268,10 @@ fn token_file_problems_are_clear() {
     let conf = dir.path().join("g.toml");
     std::fs::write(
         &conf,
-        format!("[consul]\ntoken_file = \"{}\"\n", token.display()),
+        TestConfig::new()
+            .metrics_default()
+            .token_file(&token)
+            .toml(),
     )
     .expect("write");
     let mut server = spawn(&[
@@ -303,11 +303,12 @@ fn token_file_problems_are_clear() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_inflight_limit_answers_at_once() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&format!(
-        "[upstream]\nservers = [\"{}\"]\ntimeout = \"2s\"\nmax_inflight = 2\n[metrics]\nenabled = false\n[consul]\nenabled = false\n",
-        up.addr
-    ))
-    .await;
+    let config = TestConfig::new()
+        .upstream(up.addr)
+        .upstream_timeout("2s")
+        .upstream_lines("max_inflight = 2")
+        .consul_off();
+    let fwd = TestServer::start(&config.toml()).await;
     let mut tasks = Vec::new();
     for i in 0..10 {
         let addr = fwd.addr;
@@ -339,11 +340,11 @@ async fn upstream_inflight_limit_answers_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_truncates_udp_and_tcp_still_answers() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&format!(
-        "[server]\nrate_limit = 20\nrate_limit_exempt = []\n[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nenabled = false\n",
-        up.addr
-    ))
-    .await;
+    let config = TestConfig::new()
+        .server("rate_limit = 20\nrate_limit_exempt = []")
+        .upstream(up.addr)
+        .consul_off();
+    let fwd = TestServer::start(&config.toml()).await;
     let mut truncated = 0;
     for _ in 0..60 {
         let r = ask(fwd.addr, "a.test.", RecordType::A).await;
@@ -362,11 +363,11 @@ async fn rate_limit_truncates_udp_and_tcp_still_answers() {
     fwd.stop().await;
 
     // Loopback is exempt by default.
-    let fwd = TestServer::start(&format!(
-        "[server]\nrate_limit = 20\n[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nenabled = false\n",
-        up.addr
-    ))
-    .await;
+    let config = TestConfig::new()
+        .server("rate_limit = 20")
+        .upstream(up.addr)
+        .consul_off();
+    let fwd = TestServer::start(&config.toml()).await;
     for _ in 0..60 {
         assert!(
             !ask(fwd.addr, "a.test.", RecordType::A)
@@ -381,11 +382,11 @@ async fn rate_limit_truncates_udp_and_tcp_still_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_stays_within_its_entry_limit() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[cache]\nmax_entries = 20\n[metrics]\nenabled = false\n[consul]\nenabled = false\n",
-        up.addr
-    ))
-    .await;
+    let config = TestConfig::new()
+        .upstream(up.addr)
+        .cache("max_entries = 20")
+        .consul_off();
+    let fwd = TestServer::start(&config.toml()).await;
     for i in 0..200 {
         ask(fwd.addr, &format!("n{i}.test."), RecordType::A).await;
     }

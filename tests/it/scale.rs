@@ -5,24 +5,22 @@
 //! The two large ones are ignored in the debug run (they would measure a debug build's JSON
 //! parsing); `scripts/test.sh` runs them with `--release -- --ignored`.
 
-mod support;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::consul_sim::{ConsulSim, Status};
+use crate::support::upstream::TestUpstream;
+use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
-use support::consul_sim::{ConsulSim, Status};
-use support::upstream::TestUpstream;
-use support::*;
 
 fn conf(up: &TestUpstream, sim: &ConsulSim, extra: &str) -> String {
-    format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\"]\n{extra}",
-        up.addr,
-        sim.http_url()
-    )
+    TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .consul(extra)
+        .toml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,12 +317,13 @@ async fn failing_over_from_a_hung_agent_keeps_both_within_the_budget() {
         b.add_simple(&format!("svc{n}"), &format!("node{n}"), &address(2, n), 80);
     }
     let up = TestUpstream::start().await;
-    let toml = format!(
-        "[upstream]\nservers = [\"{}\"]\n[metrics]\nenabled = false\n[consul]\nhttp = [\"{}\", \"{}\"]\nmax_connections = 8\nwatch_wait = \"1s\"\n[consul.service_ttl]\n\"*\" = \"1s\"\n",
-        up.addr,
-        a.http_url(),
-        b.http_url()
-    );
+    let toml = TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(a.http_url())
+        .consul_http(b.http_url())
+        .consul("max_connections = 8\nwatch_wait = \"1s\"")
+        .service_ttl("1s")
+        .toml();
     let fwd = TestServer::start(&toml).await;
     let addr = fwd.addr;
     // Which agent answered each service; asked all at once.

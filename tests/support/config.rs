@@ -1,0 +1,195 @@
+//! `TestConfig`: the forwarder's TOML config for a test, built by what the test cares about
+//! instead of a `format!` string per test.
+//!
+//! It writes TOML text (not a `Config`), because the same text also goes into files for the real
+//! binary and through `Config::from_toml_str`, and some tests edit it further. Sections come out in
+//! a fixed order, `[server]`, `[upstream]`, `[cache]`, `[metrics]`, `[log]`, `[consul]`, each only
+//! when something was set in it, then the `raw` text: TOML subtables such as
+//! `[consul.service_ttl]` must come after their parent's keys, so they go there.
+//!
+//! Unlike the shipped defaults, the metrics endpoint is off unless asked for: a test that binds
+//! nothing it does not use cannot collide with another test's port.
+
+use std::fmt::{self, Display};
+use std::path::Path;
+
+#[derive(Clone, Debug)]
+pub struct TestConfig {
+    server: String,
+    upstream_servers: Vec<String>,
+    upstream: String,
+    cache: String,
+    /// `None`: no `[metrics]` section, the shipped default (the endpoint on).
+    metrics: Option<String>,
+    log: String,
+    consul_http: Vec<String>,
+    consul: String,
+    raw: String,
+}
+
+impl Default for TestConfig {
+    fn default() -> Self {
+        TestConfig::new()
+    }
+}
+
+impl TestConfig {
+    pub fn new() -> TestConfig {
+        TestConfig {
+            server: String::new(),
+            upstream_servers: Vec::new(),
+            upstream: String::new(),
+            cache: String::new(),
+            metrics: Some("enabled = false\n".to_owned()),
+            log: String::new(),
+            consul_http: Vec::new(),
+            consul: String::new(),
+            raw: String::new(),
+        }
+    }
+
+    /// Adds an upstream server (`upstream.servers`, in call order).
+    pub fn upstream(mut self, addr: impl Display) -> Self {
+        self.upstream_servers.push(addr.to_string());
+        self
+    }
+
+    /// `upstream.timeout`, e.g. `"1s"`.
+    pub fn upstream_timeout(self, timeout: &str) -> Self {
+        self.upstream_lines(&format!("timeout = \"{timeout}\""))
+    }
+
+    /// Lines of `[upstream]` beyond the servers and the timeout.
+    pub fn upstream_lines(mut self, lines: &str) -> Self {
+        push_lines(&mut self.upstream, lines);
+        self
+    }
+
+    /// Lines of `[server]`.
+    pub fn server(mut self, lines: &str) -> Self {
+        push_lines(&mut self.server, lines);
+        self
+    }
+
+    /// Lines of `[cache]`.
+    pub fn cache(mut self, lines: &str) -> Self {
+        push_lines(&mut self.cache, lines);
+        self
+    }
+
+    /// Lines of `[log]`.
+    pub fn log(mut self, lines: &str) -> Self {
+        push_lines(&mut self.log, lines);
+        self
+    }
+
+    /// Serves /metrics on `addr` (`TestServer` binds its own port 0 whatever the address).
+    pub fn metrics_listen(mut self, addr: impl Display) -> Self {
+        self.metrics = Some(format!("listen = \"{addr}\"\n"));
+        self
+    }
+
+    /// The metrics endpoint off: already so unless `metrics_listen` was called; says so where a
+    /// test depends on it.
+    pub fn metrics_off(mut self) -> Self {
+        self.metrics = Some("enabled = false\n".to_owned());
+        self
+    }
+
+    /// No `[metrics]` section: the shipped default, endpoint on.
+    pub fn metrics_default(mut self) -> Self {
+        self.metrics = None;
+        self
+    }
+
+    /// Adds a Consul agent's HTTP address (`consul.http`, in call order: the failover order).
+    pub fn consul_http(mut self, url: impl Display) -> Self {
+        self.consul_http.push(url.to_string());
+        self
+    }
+
+    /// Lines of `[consul]` beyond `http`.
+    pub fn consul(mut self, lines: &str) -> Self {
+        push_lines(&mut self.consul, lines);
+        self
+    }
+
+    /// No Consul at all: every name is forwarded.
+    pub fn consul_off(self) -> Self {
+        self.consul("enabled = false")
+    }
+
+    /// Consul names from a catalog file instead of an agent.
+    pub fn catalog_file(self, path: &Path) -> Self {
+        self.consul(&format!("catalog_file = \"{}\"", path.display()))
+    }
+
+    pub fn token_file(self, path: &Path) -> Self {
+        self.consul(&format!("token_file = \"{}\"", path.display()))
+    }
+
+    /// One TTL for every service (`[consul.service_ttl] "*"`).
+    pub fn service_ttl(self, ttl: &str) -> Self {
+        self.raw(&format!("[consul.service_ttl]\n\"*\" = \"{ttl}\""))
+    }
+
+    /// Text written after every section: subtables, or whole sections the builder has no method
+    /// for.
+    pub fn raw(mut self, text: &str) -> Self {
+        push_lines(&mut self.raw, text);
+        self
+    }
+
+    /// The TOML text.
+    pub fn toml(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// Appends `lines`, ending them with a newline so the next key starts on its own line.
+fn push_lines(section: &mut String, lines: &str) {
+    if lines.is_empty() {
+        return;
+    }
+    section.push_str(lines);
+    if !lines.ends_with('\n') {
+        section.push('\n');
+    }
+}
+
+fn quoted_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+impl Display for TestConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.server.is_empty() {
+            write!(f, "[server]\n{}", self.server)?;
+        }
+        if !self.upstream_servers.is_empty() || !self.upstream.is_empty() {
+            f.write_str("[upstream]\n")?;
+            if !self.upstream_servers.is_empty() {
+                writeln!(f, "servers = {}", quoted_list(&self.upstream_servers))?;
+            }
+            f.write_str(&self.upstream)?;
+        }
+        if !self.cache.is_empty() {
+            write!(f, "[cache]\n{}", self.cache)?;
+        }
+        if let Some(metrics) = &self.metrics {
+            write!(f, "[metrics]\n{metrics}")?;
+        }
+        if !self.log.is_empty() {
+            write!(f, "[log]\n{}", self.log)?;
+        }
+        if !self.consul_http.is_empty() || !self.consul.is_empty() {
+            f.write_str("[consul]\n")?;
+            if !self.consul_http.is_empty() {
+                writeln!(f, "http = {}", quoted_list(&self.consul_http))?;
+            }
+            f.write_str(&self.consul)?;
+        }
+        f.write_str(&self.raw)
+    }
+}

@@ -45,7 +45,7 @@ use consul_dns_forwarder::consul::ConsulSource;
 use consul_dns_forwarder::handler::{Cached, ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
 use consul_dns_forwarder::packet;
-use consul_dns_forwarder::upstream::{Forwarder, Router, ServerGroup};
+use consul_dns_forwarder::upstream::Forwarder;
 use consul_dns_forwarder::wire::{self, Transport};
 
 /// Instance counts of the `consul_view` and `handler` groups. 5,000 is issue 8's large service.
@@ -350,15 +350,12 @@ fn bench_handler(c: &mut Criterion) {
     let mut g = c.benchmark_group("handler");
 
     let make_handler = |catalog: &str| -> (Handler, Arc<Forwarder>) {
-        let config = Config::default();
+        // The production stack (no upstream: every answer here comes from the cache or Consul).
+        let mut config = Config::default();
+        config.upstream.servers = Vec::new();
         let registry = prometheus::Registry::new();
         let metrics = Metrics::new(&registry).expect("metrics");
-        let forwarder = Arc::new(Forwarder::new(
-            Router::new(ServerGroup::new(Vec::new(), Duration::from_secs(2)), vec![]),
-            Cache::new(config.cache.max_entries, policy(), None),
-            metrics.clone(),
-            false,
-        ));
+        let forwarder = Arc::new(Forwarder::from_config(&config, &metrics));
         let backend = FileBackend::from_text(catalog, "bench-catalog.json", None).expect("catalog");
         let source = ConsulSource::new(Arc::new(backend), &config.consul, forwarder.clone());
         let handler = Handler::new(

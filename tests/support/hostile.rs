@@ -11,13 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use consul_dns_forwarder::cache::{Cache, TtlPolicy};
 use consul_dns_forwarder::config::Config;
 use consul_dns_forwarder::consul::file::{FileBackend, DEMO_CATALOG};
 use consul_dns_forwarder::consul::ConsulSource;
 use consul_dns_forwarder::handler::{ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
-use consul_dns_forwarder::upstream::{Forwarder, Router, ServerGroup};
+use consul_dns_forwarder::upstream::Forwarder;
 use consul_dns_forwarder::wire::Transport;
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use rand::Rng;
@@ -1323,26 +1322,10 @@ pub fn handler_with_catalog(
 ) -> (Handler, prometheus::Registry) {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry).expect("metrics register");
-    let config = Config::default();
-    let forwarder = Arc::new(Forwarder::new(
-        Router::new(
-            ServerGroup::new(upstream.into_iter().collect(), upstream_timeout),
-            vec![],
-        ),
-        Cache::new(
-            10_000,
-            TtlPolicy {
-                min_ttl: Duration::ZERO,
-                max_ttl: Duration::from_secs(86_400),
-                negative_ttl: Duration::from_secs(300),
-                negative_min_ttl: Duration::ZERO,
-                stale_for: Duration::from_secs(3600),
-            },
-            None,
-        ),
-        metrics.clone(),
-        false,
-    ));
+    let mut config = Config::default();
+    config.upstream.servers = upstream.into_iter().collect();
+    config.upstream.timeout = upstream_timeout;
+    let forwarder = Arc::new(Forwarder::from_config(&config, &metrics));
     let consul = ConsulSource::new(Arc::new(backend), &config.consul, forwarder.clone());
     let routes = Routes {
         allow: vec!["127.0.0.0/8".parse().expect("net")],

@@ -30,6 +30,7 @@ pub mod cache;
 pub mod config;
 pub mod consul;
 pub mod handler;
+pub mod lock;
 pub mod metrics;
 pub mod packet;
 pub mod ratelimit;

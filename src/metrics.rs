@@ -20,13 +20,13 @@ use prometheus::{
 const NS: &str = "consul_dns_forwarder";
 
 /// The values of `limit_drops_total{limit}`:
-/// - `watchers`: a service view not started because `consul::watch::MAX_WATCHERS` are running;
+/// - `watchers`: a service view not started because `consul::http::MAX_WATCHERS` are running;
 /// - `on_demand`: a remembered node or prepared-query answer forgotten to stay within
-///   `consul::watch::MAX_ON_DEMAND`;
+///   `consul::on_demand::MAX_ON_DEMAND`;
 /// - `unverified_lookups`: a Consul lookup not sent because the name could not be checked
 ///   against the catalog and `consul::inventory`'s budget for such lookups was spent;
 /// - `service_series`: a `consul_healthy_instances` series not created, beyond
-///   `consul::watch::MAX_SERVICE_SERIES`.
+///   `consul::views::MAX_SERVICE_SERIES`.
 pub const LIMIT_LABELS: [&str; 4] = [
     "watchers",
     "on_demand",

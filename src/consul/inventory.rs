@@ -22,8 +22,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
-use super::watch::{backoff, lock, OutageLog};
+use super::outage::OutageLog;
+use super::retry::backoff;
 use super::LookupError;
+use crate::lock::lock;
 use crate::metrics::Metrics;
 
 /// Shortest time between the starts of two requests of one list. Under churn a blocking query

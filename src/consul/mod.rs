@@ -1,17 +1,24 @@
 //! The Consul answer source. Names under the Consul domains are parsed and checked against
 //! Consul's alphabet ([`name`]), checked against what exists ([`inventory`], HTTP mode), looked up
-//! in a backend (HTTP watchers in [`watch`], or a catalog file in [`file`]), filtered by health and
+//! in a backend (HTTP watchers in [`http`], or a catalog file in [`file`]), filtered by health and
 //! turned into records ([`records`]), shuffled afresh for every response. The dnsmasq-compatible
 //! `mode = "dns"` instead forwards the domain to the agents' DNS port through the same cache as
 //! upstream names.
 
+pub mod agent;
 pub mod catalog;
 pub mod client;
+pub mod feed;
 pub mod file;
+pub mod http;
 pub mod inventory;
 pub mod name;
+pub mod on_demand;
+pub mod outage;
 pub mod records;
-pub mod watch;
+pub mod retry;
+pub mod views;
+pub mod watcher;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -332,7 +339,7 @@ async fn build_backend(
                 c.max_connections,
                 metrics.clone(),
             )?;
-            let backend = watch::HttpBackend::new(client, c, metrics, shutdown);
+            let backend = http::HttpBackend::new(client, c, metrics, shutdown);
             Ok(Arc::new(ConsulSource::new(Arc::new(backend), c, resolver)))
         }
     }

@@ -1,0 +1,553 @@
+//! The datacenter-wide health change feed: blocking queries on `/v1/health/state/critical` and
+//! `/warning`, whose successive results are diffed to find the services whose health changed;
+//! the views without a blocking query of their own are patched from the lists (or, when a patch
+//! cannot be exact, fetched again).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::{service_id_key, Instance, ServiceView, Status};
+use super::client::{ClientError, ConsulClient};
+use super::outage::OutageLog;
+use super::retry::backoff;
+use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
+use crate::lock::lock;
+use crate::metrics::Metrics;
+
+/// Shortest time between the starts of two requests of one change feed. Under churn (Consul
+/// answers a blocking query on a check state at once when any check anywhere changed) this
+/// is the feed's period: it bounds our load on Consul and the CPU spent decoding and diffing
+/// the state lists, at the price of up to this much added delay between a flip and its view's
+/// refresh (the target is under 2 s). When nothing changes the blocking query just waits.
+pub(super) const FEED_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long a feed waits before asking again after the agent refused the endpoint (404, or
+/// 403 without `node:read`/`service:read` on everything): views then refresh on their TTL.
+pub(super) const FEED_UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
+
+/// The check states the feeds watch. DNS cares about every status transition: critical
+/// instances are never served, warning ones are served unless `only_passing`, with their
+/// warning weight. A check in neither list is passing, so the two lists are the whole health
+/// picture, and they are small compared to `/v1/health/state/any` (every check). The order is
+/// the order of [`HealthLists::lists`].
+pub(super) const FEED_STATES: [&str; 2] = ["critical", "warning"];
+
+/// One entry of `/v1/health/state/<state>`: which check, where, and its last write.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct StateCheckJson {
+    pub(super) node: String,
+    #[serde(rename = "CheckID", default)]
+    pub(super) check_id: String,
+    /// Empty (or absent) for a node check, which affects every service on the node.
+    #[serde(rename = "ServiceID", default)]
+    pub(super) service_id: Option<String>,
+    #[serde(default)]
+    pub(super) service_name: Option<String>,
+    #[serde(default)]
+    pub(super) modify_index: u64,
+}
+
+/// What a feed remembers of a check in its state: enough to tell a rewrite, to name the views
+/// it affects once it leaves the state, and to find the instance it belongs to.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct SeenCheck {
+    pub(super) modify_index: u64,
+    /// Lowercased service name; `None` for a node check.
+    pub(super) service: Option<String>,
+    /// [`service_id_key`] of the check's `ServiceID` (0 for a node check).
+    pub(super) service_id: u64,
+}
+
+impl SeenCheck {
+    /// Does this check (listed on the instance's node) count towards the instance's health?
+    /// Node checks count for every instance on the node.
+    pub(super) fn applies_to(&self, instance: &Instance) -> bool {
+        self.service.is_none() || self.service_id == instance.service_id
+    }
+}
+
+/// The checks in one state: lowercased node -> check ID -> what was seen.
+pub(super) type SeenChecks = HashMap<String, HashMap<String, SeenCheck>>;
+
+pub(super) fn seen_checks(list: Vec<StateCheckJson>) -> SeenChecks {
+    let mut out: SeenChecks = HashMap::new();
+    for c in list {
+        let service_id = c.service_id.filter(|id| !id.is_empty());
+        let seen = SeenCheck {
+            modify_index: c.modify_index,
+            service_id: service_id.as_deref().map_or(0, service_id_key),
+            service: service_id.map(|_| c.service_name.unwrap_or_default().to_ascii_lowercase()),
+        };
+        out.entry(c.node.to_ascii_lowercase())
+            .or_default()
+            .insert(c.check_id, seen);
+    }
+    out
+}
+
+/// The checks one round of a feed found changed, by what they affect.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Changes {
+    /// Service -> the instances whose service checks changed, as (node, service ID key).
+    pub(super) services: HashMap<String, HashSet<(String, u64)>>,
+    /// Nodes whose node checks changed.
+    pub(super) nodes: HashSet<String>,
+}
+
+impl Changes {
+    pub(super) fn note(&mut self, node: &str, seen: &SeenCheck) {
+        match &seen.service {
+            Some(s) => {
+                self.services
+                    .entry(s.clone())
+                    .or_default()
+                    .insert((node.to_owned(), seen.service_id));
+            }
+            None => {
+                self.nodes.insert(node.to_owned());
+            }
+        }
+    }
+}
+
+/// The checks that entered the state, left it, or were rewritten in it (a new `ModifyIndex`:
+/// the check may have been elsewhere in between, which a view fetched meanwhile may show).
+pub(super) fn diff(old: &SeenChecks, new: &SeenChecks) -> Changes {
+    let mut changes = Changes::default();
+    for (node, checks) in new {
+        let before = old.get(node);
+        for (id, seen) in checks {
+            if before.and_then(|b| b.get(id)) != Some(seen) {
+                changes.note(node, seen);
+            }
+        }
+    }
+    for (node, checks) in old {
+        let after = new.get(node);
+        for (id, seen) in checks {
+            if !after.is_some_and(|a| a.contains_key(id)) {
+                changes.note(node, seen);
+            }
+        }
+    }
+    changes
+}
+
+/// The latest list of each feed (`None` until its first result and after a failure).
+#[derive(Default)]
+pub(super) struct HealthLists {
+    pub(super) lists: [Option<SeenChecks>; FEED_STATES.len()],
+}
+
+impl HealthLists {
+    /// Every non-passing check of the datacenter, when both lists are known.
+    pub(super) fn complete(&self) -> Option<[&SeenChecks; FEED_STATES.len()]> {
+        let [critical, warning] = &self.lists;
+        Some([critical.as_ref()?, warning.as_ref()?])
+    }
+}
+
+/// An instance's status by the feeds' lists: critical when one of its checks (its service's
+/// or its node's) is in the critical list, else warning when one is in the warning list, else
+/// passing (every check in neither list is passing).
+pub(super) fn listed_status(
+    lists: [&SeenChecks; FEED_STATES.len()],
+    instance: &Instance,
+) -> Status {
+    let [critical, warning] = lists;
+    let listed_in = |list: &SeenChecks| {
+        list.get(&instance.node)
+            .is_some_and(|checks| checks.values().any(|c| c.applies_to(instance)))
+    };
+    if listed_in(critical) {
+        Status::Critical
+    } else if listed_in(warning) {
+        Status::Warning
+    } else {
+        Status::Passing
+    }
+}
+
+/// `view` with every instance's status recomputed from the lists, or `None` when nothing
+/// changes.
+pub(super) fn patched(
+    view: &ServiceView,
+    lists: [&SeenChecks; FEED_STATES.len()],
+) -> Option<ServiceView> {
+    let mut changed = false;
+    let instances = view
+        .instances
+        .iter()
+        .map(|inst| {
+            let status = listed_status(lists, inst);
+            changed |= status != inst.status;
+            Instance {
+                status,
+                ..inst.clone()
+            }
+        })
+        .collect();
+    changed.then(|| ServiceView::new(instances, &view.datacenter))
+}
+
+/// What the feeds need to reach the views.
+#[derive(Clone)]
+pub(super) struct FeedShared {
+    pub(super) watches: WatchMap,
+    pub(super) lists: Arc<Mutex<HealthLists>>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) series: Arc<ServiceSeries>,
+    pub(super) only_passing: bool,
+}
+
+/// How one round of the feeds touched the views.
+#[derive(Debug, Default)]
+pub(super) struct Applied {
+    pub(super) patched: usize,
+    pub(super) refreshed: usize,
+}
+
+impl FeedShared {
+    /// Brings the views without a blocking query up to date with the lists: every one of them
+    /// when `changes` is `None` (a feed's first result), else those named by `changes`. A view
+    /// is patched in place when every changed check belongs to an instance it has (each
+    /// instance's status follows from the lists); a view that lacks one (an instance
+    /// registered since its fetch), or any view while a list is missing, is refreshed with one
+    /// fetch instead.
+    pub(super) fn apply(&self, changes: Option<&Changes>) -> Applied {
+        let lists = lock(&self.lists);
+        let complete = lists.complete();
+        let watches = lock(&self.watches);
+        let mut applied = Applied::default();
+        for ((service, dc), w) in watches.iter() {
+            if dc.is_some() || !w.on_demand.load(Ordering::SeqCst) {
+                continue;
+            }
+            let current = match &*w.state.borrow() {
+                ViewState::Ready(view) => Some(view.clone()),
+                _ => None,
+            };
+            let Some(view) = current else {
+                continue;
+            };
+            let knows_all = match changes {
+                None => true,
+                Some(c) => match affects(c, service, &view) {
+                    Affected::No => continue,
+                    Affected::Known => true,
+                    Affected::Unknown => false,
+                },
+            };
+            match complete {
+                Some(lists) if knows_all => {
+                    if let Some(new) = patched(&view, lists) {
+                        self.install(service, w, &view, new);
+                        applied.patched += 1;
+                    }
+                }
+                // Only a diff says something happened; without one there is nothing to fetch.
+                _ if changes.is_some() => {
+                    w.changed.notify_one();
+                    applied.refreshed += 1;
+                }
+                _ => {}
+            }
+        }
+        applied
+    }
+
+    /// Replaces `old` by `new` unless the watcher replaced it meanwhile (its fetch is newer).
+    pub(super) fn install(
+        &self,
+        service: &str,
+        w: &Watch,
+        old: &Arc<ServiceView>,
+        new: ServiceView,
+    ) {
+        let healthy = new.healthy_count(self.only_passing);
+        let new = Arc::new(new);
+        let replaced = w.state.send_if_modified(|state| match state {
+            ViewState::Ready(current) if Arc::ptr_eq(current, old) => {
+                *state = ViewState::Ready(new);
+                true
+            }
+            _ => false,
+        });
+        if replaced {
+            self.metrics.consul_health_changes.inc();
+            // The feeds patch local-datacenter views only.
+            self.series.set(service, true, w, healthy);
+        }
+    }
+}
+
+pub(super) enum Affected {
+    No,
+    /// Changed, and every changed check belongs to an instance of the view: a patch is exact.
+    Known,
+    /// Changed, through a service check of an instance the view does not have (registered
+    /// since its fetch, perhaps just turned healthy).
+    Unknown,
+}
+
+pub(super) fn affects(changes: &Changes, service: &str, view: &ServiceView) -> Affected {
+    let mut affected = false;
+    if let Some(changed) = changes.services.get(service) {
+        affected = true;
+        let has = |(node, service_id): &(String, u64)| {
+            view.instances
+                .iter()
+                .any(|i| i.service_id == *service_id && i.node == *node)
+        };
+        if !changed.iter().all(has) {
+            return Affected::Unknown;
+        }
+    }
+    if !affected && !changes.nodes.is_empty() {
+        affected = view
+            .instances
+            .iter()
+            .any(|i| changes.nodes.contains(&i.node));
+    }
+    if affected {
+        Affected::Known
+    } else {
+        Affected::No
+    }
+}
+
+/// A datacenter-wide change feed: a blocking query on `/v1/health/state/<state>` of the local
+/// datacenter, at most one request per [`FEED_INTERVAL`]. Each result is diffed with the one
+/// before, and the views whose health changed and which have no blocking query of their own
+/// are patched from the lists (see [`FeedShared::apply`]). So every view, not only the ones
+/// within the blocking budget, follows health changes within about one interval, with one
+/// connection per feed and no request per change.
+pub(super) struct Feed {
+    pub(super) state: &'static str,
+    /// This feed's place in [`HealthLists::lists`].
+    pub(super) list: usize,
+    pub(super) client: Arc<ConsulClient>,
+    /// A feed's answer ends an outage as a watcher's does: after an agent restart the feed
+    /// may be the first to get through, and the "reachable again" line must not wait for
+    /// the next probe.
+    pub(super) outage: Arc<OutageLog>,
+    pub(super) shared: FeedShared,
+    pub(super) watch_wait: Duration,
+    pub(super) shutdown: CancellationToken,
+    pub(super) failovers: watch::Receiver<u64>,
+}
+
+impl Feed {
+    pub(super) async fn run(mut self) {
+        let segments = ["v1", "health", "state", self.state];
+        let mut index: u64 = 0;
+        let mut failures: u32 = 0;
+        let mut refused_logged = false;
+        // The feed keeps its blocking slot from one request to the next: given back after
+        // each, it went to a service watcher, and the feed then polled every FEED_INTERVAL
+        // while nothing changed (two requests a second to the agent for nothing).
+        let mut slot = None;
+        loop {
+            let started = Instant::now();
+            // Without a free blocking slot (a tiny budget) the feed polls instead.
+            if slot.is_none() && index > 0 {
+                slot = self.client.try_blocking_slot();
+            }
+            let blocking = slot.as_ref().map(|_| (index, self.watch_wait));
+            let request =
+                self.client
+                    .get::<Vec<StateCheckJson>>("health_state", &segments, &[], blocking);
+            self.failovers.borrow_and_update();
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.failovers.changed() => {
+                    index = 0;
+                    lock(&self.shared.lists).lists[self.list] = None;
+                    continue;
+                }
+                r = request => r,
+            };
+            let pause = match result {
+                Ok(r) => {
+                    self.outage.ok();
+                    failures = 0;
+                    index = if r.index < index { 0 } else { r.index.max(1) };
+                    // Decoding into maps, diffing and patching walk every listed check and
+                    // every view: off the runtime's workers, so queries never queue behind it.
+                    let shared = self.shared.clone();
+                    let list = self.list;
+                    let listed = r.value.unwrap_or_default();
+                    let applied = tokio::task::spawn_blocking(move || {
+                        let new = seen_checks(listed);
+                        let changes = {
+                            let mut lists = lock(&shared.lists);
+                            let changes = lists.lists[list].as_ref().map(|old| diff(old, &new));
+                            lists.lists[list] = Some(new);
+                            changes
+                        };
+                        shared.apply(changes.as_ref())
+                    })
+                    .await
+                    .unwrap_or_default();
+                    if applied.patched + applied.refreshed > 0 {
+                        tracing::debug!(
+                            state = self.state,
+                            patched = applied.patched,
+                            refreshed = applied.refreshed,
+                            "health changes applied"
+                        );
+                    }
+                    FEED_INTERVAL.saturating_sub(started.elapsed())
+                }
+                Err(e) => {
+                    index = 0;
+                    // Failing or refused: the slot serves a watcher better meanwhile.
+                    slot = None;
+                    lock(&self.shared.lists).lists[self.list] = None;
+                    failures = failures.saturating_add(1);
+                    let refused = matches!(
+                        e,
+                        ClientError::NotFound | ClientError::Status { status: 403, .. }
+                    );
+                    if refused {
+                        if !refused_logged {
+                            refused_logged = true;
+                            tracing::warn!(
+                                error = %e,
+                                state = self.state,
+                                "the agent refuses /v1/health/state: views without a blocking \
+                                 query follow health changes only on their TTL"
+                            );
+                        }
+                        FEED_UNSUPPORTED_RETRY
+                    } else {
+                        // Outages are logged by the watchers and the probe, not here.
+                        tracing::debug!(error = %e, state = self.state, "change feed request failed");
+                        backoff(failures)
+                    }
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::catalog::HealthEntry;
+
+    fn seen(list: &[(&str, &str, Option<&str>, u64)]) -> SeenChecks {
+        seen_checks(
+            list.iter()
+                .map(|(node, id, service, modify_index)| StateCheckJson {
+                    node: (*node).to_owned(),
+                    check_id: (*id).to_owned(),
+                    service_id: service.map(|s| format!("{}-1", s.to_ascii_lowercase())),
+                    service_name: service.map(str::to_owned),
+                    modify_index: *modify_index,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn diff_names_entered_left_and_rewritten_checks() {
+        let old = seen(&[
+            ("N1", "service:a-1", Some("A"), 5),
+            ("n2", "serfHealth", None, 3),
+            ("n4", "service:c-1", Some("c"), 4),
+        ]);
+        let new = seen(&[
+            ("n1", "service:a-1", Some("a"), 7),
+            ("n3", "service:b-1", Some("b"), 8),
+            ("n4", "service:c-1", Some("c"), 4),
+        ]);
+        let changes = diff(&old, &new);
+        let services: Vec<(&str, Vec<(String, u64)>)> = {
+            let mut v: Vec<_> = changes
+                .services
+                .iter()
+                .map(|(s, c)| (s.as_str(), c.iter().cloned().collect()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            services,
+            vec![
+                ("a", vec![("n1".to_owned(), service_id_key("a-1"))]),
+                ("b", vec![("n3".to_owned(), service_id_key("b-1"))]),
+            ]
+        );
+        assert_eq!(changes.nodes, HashSet::from(["n2".to_owned()]));
+        assert_eq!(diff(&new, &new), Changes::default());
+    }
+
+    #[test]
+    fn a_patch_recomputes_each_instance_from_the_lists() {
+        // Two instances of `a` on n1 and n2, and one of `b` on n1 (whose checks must not
+        // count for `a`'s instance there).
+        let entries: Vec<HealthEntry> = serde_json::from_str(
+            r#"[
+              {"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": {"ID": "a-1", "Service": "a", "Port": 80},
+               "Checks": [{"CheckID": "serfHealth", "Status": "passing"}, {"CheckID": "service:a-1", "Status": "passing", "ServiceID": "a-1"}]},
+              {"Node": {"Node": "n2", "Address": "10.0.0.2"}, "Service": {"ID": "a-2", "Service": "a", "Port": 80},
+               "Checks": [{"CheckID": "serfHealth", "Status": "passing"}, {"CheckID": "service:a-2", "Status": "passing", "ServiceID": "a-2"}]}
+            ]"#,
+        )
+        .expect("entries");
+        let view = ServiceView::from_entries(&entries, "dc1");
+        let critical = seen(&[
+            ("n2", "serfHealth", None, 9),
+            ("n1", "service:b-1", Some("b"), 9),
+        ]);
+        let warning = seen(&[("n1", "service:a-1", Some("a"), 9)]);
+        let new = patched(&view, [&critical, &warning]).expect("changed");
+        let statuses: Vec<Status> = new.instances.iter().map(|i| i.status).collect();
+        assert_eq!(statuses, vec![Status::Warning, Status::Critical]);
+        assert!(patched(&new, [&critical, &warning]).is_none());
+        let none = SeenChecks::new();
+        let back = patched(&new, [&none, &none]).expect("changed");
+        assert!(back.same_data(&view));
+
+        // A check of an instance the view has (a second check registered since the fetch
+        // included) patches exactly; one of an instance it lacks needs a fetch.
+        let note = |node: &str, id: &str| {
+            let mut changes = Changes::default();
+            let listed = seen(&[(node, id, Some("a"), 1)]);
+            for (n, checks) in &listed {
+                for c in checks.values() {
+                    changes.note(n, c);
+                }
+            }
+            changes
+        };
+        let known = note("n1", "service:a-1-extra");
+        assert!(matches!(affects(&known, "a", &view), Affected::Known));
+        let mut unknown = known;
+        unknown
+            .services
+            .entry("a".into())
+            .or_default()
+            .insert(("n3".into(), service_id_key("a-3")));
+        assert!(matches!(affects(&unknown, "a", &view), Affected::Unknown));
+        assert!(matches!(affects(&unknown, "b", &view), Affected::No));
+        let mut node_change = Changes::default();
+        node_change.nodes.insert("n2".into());
+        assert!(matches!(affects(&node_change, "a", &view), Affected::Known));
+        node_change.nodes = HashSet::from(["n9".to_owned()]);
+        assert!(matches!(affects(&node_change, "a", &view), Affected::No));
+    }
+}

@@ -1,0 +1,421 @@
+//! The HTTP backend: one watcher per asked (service, datacenter), kept fresh by Consul blocking
+//! queries; nodes and prepared queries fetched on demand and kept for their TTL. Every view is
+//! replaced whole (readers hold an `Arc` of the old one until they are done), and the last known
+//! view keeps being served while Consul is unreachable, for up to `consul.stale_for`.
+//!
+//! Views beyond the blocking budget learn of health changes from a datacenter-wide change feed
+//! ([`Feed`]): blocking queries on `/v1/health/state/critical` and `/warning`, whose successive
+//! results are diffed to find the services whose health changed; only those views are patched
+//! (or, when a patch cannot be exact, fetched again).
+//!
+//! The parts live beside this file: [`super::views`] (the watched views), [`super::watcher`],
+//! [`super::feed`], [`super::on_demand`], [`super::agent`], [`super::outage`], and
+//! [`super::inventory`] (what exists).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::FutureExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::agent::{discover_datacenter, probe_agents};
+use super::catalog::{CatalogNodeJson, NodeView, QueryExecuteJson, QueryView, ServiceView};
+use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
+use super::feed::{Feed, FeedShared, HealthLists, FEED_STATES};
+use super::inventory::Inventory;
+use super::on_demand::OnDemand;
+use super::outage::OutageLog;
+use super::views::{ServiceSeries, ViewState, Watch, WatchMap, SERIES_NONE};
+use super::watcher::{Settings, Watcher, WatcherContext};
+use super::{Backend, LookupError};
+use crate::config::ConsulConfig;
+use crate::lock::lock;
+use crate::metrics::Metrics;
+
+/// How long the first queries for a service wait for its first fetch before SERVFAIL (the
+/// fetch goes on; later queries get its result). Within glibc's 5 s per try.
+pub(super) const FIRST_FETCH_WAIT: Duration = REQUEST_TIMEOUT;
+
+/// Bound on service views watched at once (one watcher task, view and `Watch` each, about
+/// 3.5 KiB at 10 instances: 70 MiB at the bound). Only services the inventory found in Consul
+/// get a watcher, and idle ones stop after `consul.watch_idle`; beyond the bound a new service
+/// gets SERVFAIL, counted in `limit_drops_total{limit="watchers"}`. Twice the 10,000 services
+/// the forwarder is measured at.
+pub const MAX_WATCHERS: usize = 20_000;
+
+pub struct HttpBackend {
+    pub(super) client: Arc<ConsulClient>,
+    pub(super) settings: Settings,
+    pub(super) watches: WatchMap,
+    pub(super) nodes: Arc<OnDemand<Option<Arc<NodeView>>>>,
+    pub(super) queries: Arc<OnDemand<Option<Arc<QueryView>>>>,
+    /// `consul.datacenter`, or what `/v1/agent/self` reports once it has answered.
+    pub(super) datacenter: Arc<Mutex<Option<String>>>,
+    pub(super) outage: Arc<OutageLog>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) shutdown: CancellationToken,
+    /// Bumped when the client fails over to another agent: watchers drop their (possibly hung)
+    /// blocking query and ask the new agent at once.
+    pub(super) failovers: watch::Receiver<u64>,
+    /// The change feeds start with the first local-datacenter view (a forwarder nobody asks
+    /// Consul names costs Consul nothing).
+    pub(super) feeds_started: AtomicBool,
+    pub(super) watcher_context: Arc<WatcherContext>,
+    /// What exists in Consul: names it does not have are answered without a request.
+    pub(super) inventory: Arc<Inventory>,
+}
+
+impl HttpBackend {
+    pub fn new(
+        client: ConsulClient,
+        config: &ConsulConfig,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> HttpBackend {
+        let client = Arc::new(client);
+        let datacenter = Arc::new(Mutex::new(config.datacenter.clone()));
+        if config.datacenter.is_none() {
+            tokio::spawn(discover_datacenter(
+                client.clone(),
+                datacenter.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let outage = Arc::new(OutageLog::default());
+        let (failover_tx, failovers) = watch::channel(0u64);
+        let inventory = Arc::new(Inventory::new(
+            client.clone(),
+            outage.clone(),
+            config.watch_wait,
+            config.watch_idle,
+            failovers.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(probe_agents(
+            client.clone(),
+            outage.clone(),
+            failover_tx,
+            shutdown.clone(),
+        ));
+        let settings = Settings {
+            watch_wait: config.watch_wait,
+            watch_idle: config.watch_idle,
+            stale_for: config.stale_for,
+            only_passing: config.only_passing,
+            node_ttl: config.node_ttl,
+            default_service_ttl: config.service_ttl_for(""),
+            config: Arc::new(config.clone()),
+        };
+        let watches: WatchMap = Arc::new(Mutex::new(HashMap::new()));
+        let watcher_context = Arc::new(WatcherContext {
+            client: client.clone(),
+            settings: settings.clone(),
+            watches: watches.clone(),
+            outage: outage.clone(),
+            metrics: metrics.clone(),
+            series: Arc::new(ServiceSeries {
+                metrics: metrics.clone(),
+                created: AtomicUsize::new(0),
+            }),
+            shutdown: shutdown.clone(),
+        });
+        HttpBackend {
+            inventory,
+            failovers,
+            feeds_started: AtomicBool::new(false),
+            watcher_context,
+            client,
+            settings,
+            watches,
+            nodes: Arc::new(OnDemand::new(&metrics)),
+            queries: Arc::new(OnDemand::new(&metrics)),
+            datacenter,
+            outage,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// A deferred check of the budget for lookups the inventory could not settle, spent only
+    /// when the lookup really goes to Consul (not when a remembered answer serves it).
+    pub(super) fn unchecked_budget(
+        &self,
+        checked: bool,
+    ) -> impl FnOnce() -> Result<(), LookupError> + Send {
+        let inventory = self.inventory.clone();
+        move || {
+            if checked || inventory.allow_unchecked() {
+                Ok(())
+            } else {
+                Err(LookupError::Unavailable(
+                    "the budget for unchecked Consul lookups is spent (limit_drops_total)".into(),
+                ))
+            }
+        }
+    }
+
+    /// The watch for `key`, started if new: `None` when it is new and [`MAX_WATCHERS`] run
+    /// already, or when `checked` is false (the inventory could not tell whether the service
+    /// exists) and the budget for such lookups is spent.
+    pub(super) fn watch_for(
+        &self,
+        key: (String, Option<String>),
+        checked: bool,
+    ) -> Option<Arc<Watch>> {
+        let mut watches = lock(&self.watches);
+        if let Some(w) = watches.get(&key) {
+            return Some(w.clone());
+        }
+        if watches.len() >= MAX_WATCHERS {
+            self.metrics
+                .limit_drops
+                .with_label_values(&["watchers"])
+                .inc();
+            return None;
+        }
+        if !checked && !self.inventory.allow_unchecked() {
+            return None;
+        }
+        let (tx, _) = watch::channel(ViewState::Pending);
+        let w = Arc::new(Watch {
+            state: tx,
+            on_demand: AtomicBool::new(false),
+            demand: tokio::sync::Notify::new(),
+            changed: tokio::sync::Notify::new(),
+            asked_again: AtomicBool::new(false),
+            last_asked: Mutex::new(Instant::now()),
+            last_confirmed: Mutex::new(None),
+            series: AtomicU8::new(SERIES_NONE),
+        });
+        watches.insert(key.clone(), w.clone());
+        self.metrics.consul_watchers.inc();
+        let local = key.1.is_none();
+        let task = Watcher {
+            key,
+            watch: w.clone(),
+            cx: self.watcher_context.clone(),
+            failovers: self.failovers.clone(),
+        };
+        tokio::spawn(task.run());
+        if local && !self.feeds_started.swap(true, Ordering::SeqCst) {
+            let shared = FeedShared {
+                watches: self.watches.clone(),
+                lists: Arc::new(Mutex::new(HealthLists::default())),
+                metrics: self.metrics.clone(),
+                series: self.watcher_context.series.clone(),
+                only_passing: self.settings.only_passing,
+            };
+            for (list, state) in FEED_STATES.into_iter().enumerate() {
+                let feed = Feed {
+                    state,
+                    list,
+                    client: self.client.clone(),
+                    outage: self.outage.clone(),
+                    shared: shared.clone(),
+                    watch_wait: self.settings.watch_wait,
+                    shutdown: self.shutdown.clone(),
+                    failovers: self.failovers.clone(),
+                };
+                tokio::spawn(feed.run());
+            }
+        }
+        Some(w)
+    }
+}
+
+/// One on-demand GET: the body converted, `None` for a 404 or a `null` body. "No such
+/// datacenter" is final (NXDOMAIN); any other failure marks an outage (stale data or SERVFAIL).
+pub(super) async fn fetch_one<J: serde::de::DeserializeOwned, V>(
+    client: &ConsulClient,
+    outage: &OutageLog,
+    endpoint: &'static str,
+    segments: &[&str],
+    params: &[(&'static str, String)],
+    convert: impl FnOnce(J) -> V,
+) -> Result<Option<V>, LookupError> {
+    match client.get::<J>(endpoint, segments, params, None).await {
+        Ok(r) => {
+            outage.ok();
+            Ok(r.value.map(convert))
+        }
+        Err(ClientError::NoSuchDatacenter) => Err(LookupError::NoSuchDatacenter),
+        Err(ClientError::NotFound) => Ok(None),
+        Err(e) => {
+            outage.failed(&e);
+            Err(LookupError::Unavailable(e.to_string()))
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for HttpBackend {
+    fn ready(&self) -> Result<(), String> {
+        if self.client.has_answered() {
+            Ok(())
+        } else {
+            Err("Consul has not answered yet".to_owned())
+        }
+    }
+
+    async fn local_datacenter(&self) -> Option<String> {
+        // Never asked on the query path: `discover_datacenter` fills it in the background.
+        lock(&self.datacenter).clone()
+    }
+
+    async fn service(
+        &self,
+        service: &str,
+        dc: Option<&str>,
+    ) -> Result<Arc<ServiceView>, LookupError> {
+        let key = (service.to_owned(), dc.map(str::to_owned));
+        // A watched service is answered from its view, which its watcher keeps exact (a
+        // deregistered service's view empties): the inventory only decides what new state a
+        // name may create, so a list gone wrong cannot hide a service that is being served.
+        let watched = lock(&self.watches).contains_key(&key);
+        let checked = watched || self.inventory.service(service, dc).await.checked()?;
+        let Some(w) = self.watch_for(key, checked) else {
+            return Err(LookupError::Unavailable(
+                "a bound on Consul lookups was reached (limit_drops_total)".into(),
+            ));
+        };
+        w.touch();
+        let mut rx = w.state.subscribe();
+        let waited = tokio::time::timeout(
+            FIRST_FETCH_WAIT,
+            rx.wait_for(|s| !matches!(s, ViewState::Pending)),
+        )
+        .await;
+        let state = match waited {
+            Ok(Ok(state)) => state.clone(),
+            _ => {
+                return Err(LookupError::Unavailable(
+                    "Consul has not answered yet".into(),
+                ))
+            }
+        };
+        match state {
+            ViewState::Ready(view) => {
+                let confirmed = *lock(&w.last_confirmed);
+                if w.on_demand.load(Ordering::SeqCst)
+                    && (!w.asked_again.load(Ordering::SeqCst)
+                        || confirmed
+                            .is_none_or(|at| at.elapsed() >= self.settings.service_ttl(service)))
+                {
+                    // Served now from the current view; the refresh serves the next queries.
+                    w.demand.notify_one();
+                }
+                match confirmed {
+                    Some(at) if at.elapsed() > self.settings.stale_for => {
+                        Err(LookupError::Unavailable(
+                            "the last view is older than consul.stale_for".into(),
+                        ))
+                    }
+                    _ => Ok(view),
+                }
+            }
+            ViewState::NoDatacenter => Err(LookupError::NoSuchDatacenter),
+            ViewState::Failed(e) => Err(LookupError::Unavailable(e)),
+            ViewState::Pending => Err(LookupError::Unavailable(
+                "Consul has not answered yet".into(),
+            )),
+        }
+    }
+
+    async fn node(
+        &self,
+        node: &str,
+        dc: Option<&str>,
+    ) -> Result<Option<Arc<NodeView>>, LookupError> {
+        let key = format!("{node}|{}", dc.unwrap_or(""));
+        // A remembered answer goes on being served and refreshed, as a watched service does.
+        let checked =
+            self.nodes.remembers(&key) || self.inventory.node(node, dc).await.checked()?;
+        let client = self.client.clone();
+        let outage = self.outage.clone();
+        let budget = self.unchecked_budget(checked);
+        let node_name = node.to_owned();
+        let params: Vec<(&'static str, String)> =
+            dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
+        let node_ttl = self.settings.node_ttl;
+        self.nodes
+            .get(
+                key,
+                move |_| node_ttl,
+                self.settings.stale_for,
+                move || {
+                    async move {
+                        budget()?;
+                        fetch_one(
+                            &client,
+                            &outage,
+                            "catalog_node",
+                            &["v1", "catalog", "node", &node_name],
+                            &params,
+                            |n: CatalogNodeJson| Arc::new(NodeView::from_json(&n.node)),
+                        )
+                        .await
+                    }
+                    .boxed()
+                },
+            )
+            .await
+    }
+
+    async fn query(
+        &self,
+        name: &str,
+        dc: Option<&str>,
+    ) -> Result<Option<Arc<QueryView>>, LookupError> {
+        let key = format!("{name}|{}", dc.unwrap_or(""));
+        let checked =
+            self.queries.remembers(&key) || self.inventory.query(name, dc).await.checked()?;
+        let client = self.client.clone();
+        let outage = self.outage.clone();
+        let budget = self.unchecked_budget(checked);
+        let query_name = name.to_owned();
+        let params: Vec<(&'static str, String)> =
+            dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
+        let default_ttl = self.settings.default_service_ttl;
+        self.queries
+            .get(
+                key,
+                move |v: &Option<Arc<QueryView>>| {
+                    v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl)
+                },
+                self.settings.stale_for,
+                move || {
+                    async move {
+                        budget()?;
+                        fetch_one(
+                            &client,
+                            &outage,
+                            "query_execute",
+                            &["v1", "query", &query_name, "execute"],
+                            &params,
+                            |q: QueryExecuteJson| {
+                                let ttl = q
+                                    .dns
+                                    .as_ref()
+                                    .and_then(|d| humantime::parse_duration(&d.ttl).ok());
+                                Arc::new(QueryView {
+                                    service: Arc::new(ServiceView::from_entries(
+                                        &q.nodes,
+                                        &q.datacenter.to_ascii_lowercase(),
+                                    )),
+                                    ttl,
+                                })
+                            },
+                        )
+                        .await
+                    }
+                    .boxed()
+                },
+            )
+            .await
+    }
+}

@@ -1,0 +1,178 @@
+//! Answers fetched on demand (nodes, prepared queries), kept for their TTL, served stale up to
+//! `consul.stale_for` when a refresh fails; concurrent misses share one fetch; bounded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+
+use super::LookupError;
+use crate::lock::lock;
+use crate::metrics::Metrics;
+
+/// Bound on remembered node and prepared-query answers (each map on its own); beyond it the
+/// least recently fetched are forgotten (counted in `limit_drops_total{limit="on_demand"}`).
+/// Only names the inventory found in Consul, or unchecked lookups within their budget, get an
+/// entry, so this is a backstop: a catalog of more nodes than this, all asked, refetches some.
+pub const MAX_ON_DEMAND: usize = 10_000;
+
+pub(super) type SharedResult<V> = Shared<BoxFuture<'static, Result<V, LookupError>>>;
+
+/// Values fetched on demand, kept `ttl` fresh, served stale up to `stale_for` when a refresh
+/// fails; concurrent misses share one fetch.
+pub(super) struct OnDemand<V: Clone + Send + Sync + 'static> {
+    pub(super) slots: Mutex<HashMap<String, Slot<V>>>,
+    /// `limit_drops_total{limit="on_demand"}`.
+    pub(super) forgotten: prometheus::IntCounter,
+}
+
+pub(super) struct Slot<V: Clone> {
+    pub(super) value: Option<(V, Instant)>,
+    pub(super) inflight: Option<SharedResult<V>>,
+}
+
+impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
+    pub(super) fn new(metrics: &Metrics) -> Self {
+        OnDemand {
+            slots: Mutex::new(HashMap::new()),
+            forgotten: metrics.limit_drops.with_label_values(&["on_demand"]),
+        }
+    }
+
+    /// Is there a fetched answer for `key` (fresh or not)?
+    pub(super) fn remembers(&self, key: &str) -> bool {
+        lock(&self.slots)
+            .get(key)
+            .is_some_and(|slot| slot.value.is_some())
+    }
+
+    /// Keeps at most [`MAX_ON_DEMAND`] entries: past it, forgets the least recently fetched
+    /// (never one with a fetch in flight) down to nine tenths of it, so the sort runs once per
+    /// tenth of the bound, not per insert.
+    pub(super) fn bound(slots: &mut HashMap<String, Slot<V>>, forgotten: &prometheus::IntCounter) {
+        if slots.len() <= MAX_ON_DEMAND {
+            return;
+        }
+        let mut idle: Vec<(Option<Instant>, String)> = slots
+            .iter()
+            .filter(|(_, s)| s.inflight.is_none())
+            .map(|(k, s)| (s.value.as_ref().map(|(_, at)| *at), k.clone()))
+            .collect();
+        // Entries without a value (failed fetches) sort first, then the oldest.
+        idle.sort_unstable();
+        let excess = slots.len().saturating_sub(MAX_ON_DEMAND / 10 * 9);
+        for (_, key) in idle.into_iter().take(excess) {
+            slots.remove(&key);
+            forgotten.inc();
+        }
+    }
+
+    pub(super) async fn get(
+        self: &Arc<Self>,
+        key: String,
+        ttl: impl Fn(&V) -> Duration,
+        stale_for: Duration,
+        fetch: impl FnOnce() -> BoxFuture<'static, Result<V, LookupError>>,
+    ) -> Result<V, LookupError> {
+        let (shared, previous) = {
+            let mut slots = lock(&self.slots);
+            let slot = slots.entry(key.clone()).or_insert(Slot {
+                value: None,
+                inflight: None,
+            });
+            if let Some((v, at)) = &slot.value {
+                if at.elapsed() < ttl(v) {
+                    return Ok(v.clone());
+                }
+            }
+            let previous = slot.value.clone();
+            let shared = match &slot.inflight {
+                Some(s) => s.clone(),
+                None => {
+                    let this = self.clone();
+                    let k = key.clone();
+                    let fut = fetch();
+                    let task = tokio::spawn(async move {
+                        let r = fut.await;
+                        let mut slots = lock(&this.slots);
+                        if let Some(slot) = slots.get_mut(&k) {
+                            slot.inflight = None;
+                            if let Ok(v) = &r {
+                                slot.value = Some((v.clone(), Instant::now()));
+                            }
+                        }
+                        r
+                    });
+                    let s: SharedResult<V> = async move {
+                        task.await.unwrap_or_else(|_| {
+                            Err(LookupError::Unavailable("fetch task failed".into()))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    slot.inflight = Some(s.clone());
+                    Self::bound(&mut slots, &self.forgotten);
+                    s
+                }
+            };
+            (shared, previous)
+        };
+        match shared.await {
+            Ok(v) => Ok(v),
+            Err(LookupError::Unavailable(e)) => match previous {
+                Some((v, at)) if at.elapsed() < stale_for => Ok(v),
+                _ => Err(LookupError::Unavailable(e)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_metrics() -> Arc<Metrics> {
+        Metrics::new(&prometheus::Registry::new()).expect("metrics")
+    }
+
+    #[test]
+    fn remembered_answers_are_bounded_and_the_oldest_forgotten_first() {
+        let metrics = test_metrics();
+        let forgotten = metrics.limit_drops.with_label_values(&["on_demand"]);
+        let start = Instant::now();
+        let mut slots: HashMap<String, Slot<u32>> = HashMap::new();
+        for i in 0..=MAX_ON_DEMAND {
+            let at = start + Duration::from_millis(i as u64);
+            slots.insert(
+                format!("n{i}"),
+                Slot {
+                    value: Some((0, at)),
+                    inflight: None,
+                },
+            );
+        }
+        // One failed fetch (no value) goes first.
+        slots.insert(
+            "failed".into(),
+            Slot {
+                value: None,
+                inflight: None,
+            },
+        );
+        OnDemand::bound(&mut slots, &forgotten);
+        assert_eq!(slots.len(), MAX_ON_DEMAND / 10 * 9);
+        assert_eq!(forgotten.get() as usize, MAX_ON_DEMAND + 2 - slots.len());
+        assert!(!slots.contains_key("failed"));
+        assert!(!slots.contains_key("n0"), "the oldest is forgotten");
+        assert!(
+            slots.contains_key(&format!("n{MAX_ON_DEMAND}")),
+            "the newest is kept"
+        );
+        // Under the bound nothing is touched.
+        let before = slots.len();
+        OnDemand::bound(&mut slots, &forgotten);
+        assert_eq!(slots.len(), before);
+    }
+}

@@ -1,0 +1,168 @@
+//! The table of watched service views: one entry per asked (service, datacenter) with its
+//! current view, what the watcher and the feeds need to coordinate, and its
+//! `consul_healthy_instances` series (bounded).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use super::catalog::ServiceView;
+use crate::lock::lock;
+use crate::metrics::Metrics;
+
+/// Bound on `consul_healthy_instances{service}` series: one per watched service up to this
+/// many (about 370 B each, and as many lines in every scrape of every host), none beyond it
+/// (counted in `limit_drops_total{limit="service_series"}`).
+pub const MAX_SERVICE_SERIES: usize = 1_000;
+
+#[derive(Clone, Debug)]
+pub(super) enum ViewState {
+    Pending,
+    Ready(Arc<ServiceView>),
+    NoDatacenter,
+    Failed(String),
+}
+
+pub(super) struct Watch {
+    pub(super) state: watch::Sender<ViewState>,
+    /// Set while the watcher has no blocking query: queries then wake it through `demand`
+    /// when the view is older than its TTL.
+    pub(super) on_demand: AtomicBool,
+    pub(super) demand: tokio::sync::Notify,
+    /// The change feed saw a health change of this service that it could not patch in (a check
+    /// the view does not know) while the watcher had no blocking query: refresh with one
+    /// non-blocking fetch, without claiming a blocking slot.
+    pub(super) changed: tokio::sync::Notify,
+    /// A query came after the first fetch: the service is worth a blocking watch.
+    pub(super) asked_again: AtomicBool,
+    pub(super) last_asked: Mutex<Instant>,
+    pub(super) last_confirmed: Mutex<Option<Instant>>,
+    /// This view's `consul_healthy_instances` series: see [`ServiceSeries`].
+    pub(super) series: AtomicU8,
+}
+
+/// [`Watch::series`]: not asked for yet, created, or refused at the bound.
+pub(super) const SERIES_NONE: u8 = 0;
+pub(super) const SERIES_CREATED: u8 = 1;
+pub(super) const SERIES_REFUSED: u8 = 2;
+
+/// The `consul_healthy_instances{service}` series, at most [`MAX_SERVICE_SERIES`] of them, for
+/// local-datacenter views only (the label has no datacenter, and two views must not share one
+/// series).
+pub(super) struct ServiceSeries {
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) created: AtomicUsize,
+}
+
+impl ServiceSeries {
+    pub(super) fn set(&self, service: &str, local: bool, w: &Watch, healthy: usize) {
+        if !local {
+            return;
+        }
+        if w.series.load(Ordering::SeqCst) == SERIES_NONE {
+            let reserved = self
+                .created
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < MAX_SERVICE_SERIES).then_some(n + 1)
+                })
+                .is_ok();
+            if reserved {
+                w.series.store(SERIES_CREATED, Ordering::SeqCst);
+            } else {
+                w.series.store(SERIES_REFUSED, Ordering::SeqCst);
+                self.metrics
+                    .limit_drops
+                    .with_label_values(&["service_series"])
+                    .inc();
+            }
+        }
+        if w.series.load(Ordering::SeqCst) == SERIES_CREATED {
+            self.metrics
+                .consul_healthy_instances
+                .with_label_values(&[service])
+                .set(i64::try_from(healthy).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub(super) fn remove(&self, service: &str, w: &Watch) {
+        if w.series.swap(SERIES_NONE, Ordering::SeqCst) == SERIES_CREATED {
+            let _ = self
+                .metrics
+                .consul_healthy_instances
+                .remove_label_values(&[service]);
+            self.created.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Watch {
+    pub(super) fn touch(&self) {
+        *lock(&self.last_asked) = Instant::now();
+    }
+}
+
+/// Watchers by (service, datacenter); `None` is the local datacenter.
+pub(super) type WatchMap = Arc<Mutex<HashMap<(String, Option<String>), Arc<Watch>>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_metrics() -> Arc<Metrics> {
+        Metrics::new(&prometheus::Registry::new()).expect("metrics")
+    }
+
+    fn new_watch() -> Watch {
+        Watch {
+            state: watch::channel(ViewState::Pending).0,
+            on_demand: AtomicBool::new(false),
+            demand: tokio::sync::Notify::new(),
+            changed: tokio::sync::Notify::new(),
+            asked_again: AtomicBool::new(false),
+            last_asked: Mutex::new(Instant::now()),
+            last_confirmed: Mutex::new(None),
+            series: AtomicU8::new(SERIES_NONE),
+        }
+    }
+
+    #[test]
+    fn per_service_series_stop_at_their_bound_and_free_their_place() {
+        let metrics = test_metrics();
+        let series = ServiceSeries {
+            metrics: metrics.clone(),
+            created: AtomicUsize::new(0),
+        };
+        let watches: Vec<Watch> = (0..=MAX_SERVICE_SERIES).map(|_| new_watch()).collect();
+        for (i, w) in watches.iter().enumerate() {
+            series.set(&format!("s{i}"), true, w, 3);
+        }
+        let count = |m: &Metrics| {
+            prometheus::core::Collector::collect(&m.consul_healthy_instances)[0]
+                .get_metric()
+                .len()
+        };
+        assert_eq!(count(&metrics), MAX_SERVICE_SERIES);
+        let drops = metrics.limit_drops.with_label_values(&["service_series"]);
+        assert_eq!(drops.get(), 1);
+        // Refused once, counted once: later updates of the same view add nothing.
+        series.set(
+            &format!("s{MAX_SERVICE_SERIES}"),
+            true,
+            &watches[MAX_SERVICE_SERIES],
+            4,
+        );
+        assert_eq!(drops.get(), 1);
+        // A remote view never gets one (the label has no datacenter).
+        let remote = new_watch();
+        series.remove("s0", &watches[0]);
+        series.set("s0", false, &remote, 1);
+        assert_eq!(count(&metrics), MAX_SERVICE_SERIES - 1);
+        // The freed place goes to the next view that asks.
+        let late = new_watch();
+        series.set("late", true, &late, 2);
+        assert_eq!(count(&metrics), MAX_SERVICE_SERIES);
+    }
+}

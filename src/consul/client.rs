@@ -102,6 +102,17 @@ pub enum ClientError {
     Closed,
 }
 
+/// The index for the next blocking query after one that returned `returned`, by Consul's
+/// rules: an index that went backwards (a snapshot restore) resets to 0, and one below 1 (a
+/// Consul bug on some versions) counts as 1, so the loop never spins.
+pub fn next_index(previous: u64, returned: u64) -> u64 {
+    if returned < previous {
+        0
+    } else {
+        returned.max(1)
+    }
+}
+
 /// A decoded response and its `X-Consul-Index`.
 pub struct Indexed<T> {
     pub value: T,
@@ -706,6 +717,15 @@ mod tests {
         for bad in ["", ".", ".."] {
             assert_eq!(url(&["v1", "catalog", "node", bad], &[]), None);
         }
+    }
+
+    #[test]
+    fn blocking_indexes_follow_consuls_rules() {
+        assert_eq!(super::next_index(0, 7), 7);
+        assert_eq!(super::next_index(7, 9), 9);
+        assert_eq!(super::next_index(9, 3), 0, "backwards resets");
+        assert_eq!(super::next_index(0, 0), 1, "never below 1");
+        assert_eq!(super::next_index(5, 5), 5);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{service_id_key, Instance, ServiceView, Status};
-use super::client::{ClientError, ConsulClient};
+use super::client::{next_index, ClientError, ConsulClient};
 use super::outage::OutageLog;
 use super::retry::backoff;
 use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
@@ -377,7 +377,7 @@ impl Feed {
                 Ok(r) => {
                     self.outage.ok();
                     failures = 0;
-                    index = if r.index < index { 0 } else { r.index.max(1) };
+                    index = next_index(index, r.index);
                     // Decoding into maps, diffing and patching walk every listed check and
                     // every view: off the runtime's workers, so queries never queue behind it.
                     let shared = self.shared.clone();

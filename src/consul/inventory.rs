@@ -21,7 +21,7 @@ use serde::de::IgnoredAny;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
+use super::client::{next_index, ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::outage::OutageLog;
 use super::retry::backoff;
 use super::LookupError;
@@ -548,11 +548,7 @@ impl ListTask {
                     // logged by the watchers and the probe.
                     self.shared.outage.ok();
                     failures = 0;
-                    index = if new_index < index {
-                        0
-                    } else {
-                        new_index.max(1)
-                    };
+                    index = next_index(index, new_index);
                     self.list.send_replace(List::Ready(Arc::new(names)));
                     // Polling only when a blocking query was due and no slot was free.
                     if blocking.is_none() && asked_at > 0 {

@@ -108,14 +108,14 @@ impl Watch {
 pub(super) type WatchMap = Arc<Mutex<HashMap<(String, Option<String>), Arc<Watch>>>>;
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn test_metrics() -> Arc<Metrics> {
+    pub(crate) fn test_metrics() -> Arc<Metrics> {
         Metrics::new(&prometheus::Registry::new()).expect("metrics")
     }
 
-    fn new_watch() -> Watch {
+    pub(crate) fn new_watch() -> Watch {
         Watch {
             state: watch::channel(ViewState::Pending).0,
             on_demand: AtomicBool::new(false),

@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{HealthEntry, ServiceView};
-use super::client::{ClientError, ConsulClient};
+use super::client::{next_index, ClientError, ConsulClient};
 use super::outage::OutageLog;
 use super::retry::{backoff, BACKOFF_CAP};
 use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
@@ -65,13 +65,91 @@ pub(super) struct Watcher {
     pub(super) failovers: watch::Receiver<u64>,
 }
 
+/// The watcher's token bucket: [`WATCH_BURST`] requests at once, then one per
+/// [`WATCH_REFILL`].
+#[derive(Debug)]
+pub(super) struct TokenBucket {
+    tokens: u32,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    pub(super) fn new(now: Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: WATCH_BURST,
+            refilled: now,
+        }
+    }
+
+    /// Takes a token, or says how long until one is due.
+    pub(super) fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let since = now.saturating_duration_since(self.refilled);
+        let refill = since.as_millis() / WATCH_REFILL.as_millis().max(1);
+        if refill > 0 {
+            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(refill).min(WATCH_BURST);
+            self.refilled = now;
+        }
+        if self.tokens == 0 {
+            return Err(WATCH_REFILL.saturating_sub(now.saturating_duration_since(self.refilled)));
+        }
+        self.tokens -= 1;
+        Ok(())
+    }
+}
+
+/// What a watcher does next, once its turn has come.
+enum Turn {
+    /// Shutting down, or idle: the watcher ends.
+    Stop,
+    /// Nothing to ask yet: go round the loop again (idleness and the bucket are checked anew).
+    Again,
+    /// Ask Consul: a blocking query when it holds a blocking slot, else one fetch.
+    Ask(Option<OwnedSemaphorePermit>),
+}
+
+/// The view `entries` make, installed in `watch` unless it holds the same data already; the
+/// per-service series and the change counter follow.
+pub(super) fn install_entries(
+    watch: &Watch,
+    key: &(String, Option<String>),
+    entries: &[HealthEntry],
+    series: &ServiceSeries,
+    metrics: &Metrics,
+    only_passing: bool,
+) {
+    let dc = entries
+        .first()
+        .map(|e| e.node.datacenter.to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
+        .or_else(|| key.1.clone())
+        .unwrap_or_default();
+    let view = ServiceView::from_entries(entries, &dc);
+    let (changed, was_ready) = match &*watch.state.borrow() {
+        ViewState::Ready(old) => (!old.same_data(&view), true),
+        _ => (true, false),
+    };
+    if !changed {
+        return;
+    }
+    series.set(
+        &key.0,
+        key.1.is_none(),
+        watch,
+        view.healthy_count(only_passing),
+    );
+    if was_ready {
+        metrics.consul_health_changes.inc();
+    }
+    watch.state.send_replace(ViewState::Ready(Arc::new(view)));
+}
+
 impl Watcher {
     pub(super) async fn run(mut self) {
         let segments = ["v1", "health", "service", self.key.0.as_str()];
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
-        let mut tokens = WATCH_BURST;
-        let mut refilled = Instant::now();
+        let mut bucket = TokenBucket::new(Instant::now());
         let mut params = Vec::new();
         if let Some(dc) = &self.key.1 {
             params.push(("dc", dc.clone()));
@@ -80,60 +158,20 @@ impl Watcher {
             if lock(&self.watch.last_asked).elapsed() > self.cx.settings.watch_idle {
                 break;
             }
-            // Token bucket.
-            let refill = (refilled.elapsed().as_millis() / WATCH_REFILL.as_millis().max(1)) as u32;
-            if refill > 0 {
-                tokens = (tokens + refill).min(WATCH_BURST);
-                refilled = Instant::now();
-            }
-            if tokens == 0 {
-                let wait = WATCH_REFILL.saturating_sub(refilled.elapsed());
+            if let Err(wait) = bucket.take(Instant::now()) {
                 tokio::select! {
                     _ = self.cx.shutdown.cancelled() => break,
                     _ = tokio::time::sleep(wait) => continue,
                 }
             }
-            tokens -= 1;
-            // A blocking query needs a slot of the connection budget. Without one the view is
-            // refreshed on demand: when a query finds it older than its TTL, or when the change
-            // feed saw one of its checks change.
-            // Blocking slots go to services asked more than once: a name asked once (a cold
-            // start asks thousands) keeps no connection; the next query makes it a watch.
-            let mut refresh = false;
-            if index > 0 && !self.watch.asked_again.load(Ordering::SeqCst) {
-                self.watch.on_demand.store(true, Ordering::SeqCst);
-                tokio::select! {
-                    _ = self.cx.shutdown.cancelled() => break,
-                    _ = self.watch.demand.notified() => {
-                        self.watch.asked_again.store(true, Ordering::SeqCst);
-                    }
-                    // A health change is not a query: the service stays without a watch.
-                    _ = self.watch.changed.notified() => refresh = true,
-                    _ = tokio::time::sleep(SLOT_RETRY) => continue,
-                }
-            }
-            let slot = if index > 0 && !refresh {
-                self.cx.client.try_blocking_slot()
-            } else {
-                None
+            let slot = match self.wait_for_turn(index).await {
+                Turn::Stop => break,
+                Turn::Again => continue,
+                Turn::Ask(slot) => slot,
             };
-            if index > 0 && slot.is_none() && !refresh {
-                self.watch.on_demand.store(true, Ordering::SeqCst);
-                tokio::select! {
-                    _ = self.cx.shutdown.cancelled() => break,
-                    _ = self.watch.demand.notified() => {}
-                    _ = self.watch.changed.notified() => {}
-                    // Look again for a free slot (and for idleness) now and then.
-                    _ = tokio::time::sleep(SLOT_RETRY) => continue,
-                }
-            }
-            self.watch
-                .on_demand
-                .store(slot.is_none() && index > 0, Ordering::SeqCst);
             let blocking = slot.as_ref().map(|_| (index, self.cx.settings.watch_wait));
             // Boxed: the request's state machine is most of a watcher's size, and only the
-            // watchers with a request in flight need it (10,000 idle watchers carried ~1.7 KiB
-            // each of it; issue 8's memory target).
+            // watchers with a request in flight need it.
             let request = Box::pin(self.cx.client.get::<Vec<HealthEntry>>(
                 "health_service",
                 &segments,
@@ -151,70 +189,100 @@ impl Watcher {
                 r = request => r,
             };
             drop(slot);
-            match result {
+            let pause = match result {
                 Ok(r) => {
                     self.cx.outage.ok();
                     failures = 0;
                     *lock(&self.watch.last_confirmed) = Some(Instant::now());
-                    let entries = r.value.unwrap_or_default();
-                    // Consul's rules: an index going backwards resets; below 1 is treated as 1.
-                    let new_index = if r.index < index { 0 } else { r.index.max(1) };
-                    let dc = entries
-                        .first()
-                        .map(|e| e.node.datacenter.to_ascii_lowercase())
-                        .filter(|d| !d.is_empty())
-                        .or_else(|| self.key.1.clone())
-                        .unwrap_or_default();
-                    let view = ServiceView::from_entries(&entries, &dc);
-                    let changed = match &*self.watch.state.borrow() {
-                        ViewState::Ready(old) => !old.same_data(&view),
-                        _ => true,
-                    };
-                    if changed {
-                        self.cx.series.set(
-                            &self.key.0,
-                            self.key.1.is_none(),
-                            &self.watch,
-                            view.healthy_count(self.cx.settings.only_passing),
-                        );
-                        if matches!(&*self.watch.state.borrow(), ViewState::Ready(..)) {
-                            self.cx.metrics.consul_health_changes.inc();
-                        }
-                        self.watch
-                            .state
-                            .send_replace(ViewState::Ready(Arc::new(view)));
-                    }
-                    index = new_index;
-                }
-                Err(ClientError::NoSuchDatacenter) => {
-                    self.cx.outage.ok();
-                    self.watch.state.send_replace(ViewState::NoDatacenter);
-                    failures = failures.saturating_add(1);
-                    index = 0;
-                    tokio::select! {
-                        _ = self.cx.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(self.cx.settings.default_service_ttl.max(BACKOFF_CAP)) => {}
-                    }
+                    install_entries(
+                        &self.watch,
+                        &self.key,
+                        &r.value.unwrap_or_default(),
+                        &self.cx.series,
+                        &self.cx.metrics,
+                        self.cx.settings.only_passing,
+                    );
+                    index = next_index(index, r.index);
+                    continue;
                 }
                 Err(e) => {
-                    self.cx.outage.failed(&e);
                     failures = failures.saturating_add(1);
                     index = 0;
-                    if matches!(
-                        &*self.watch.state.borrow(),
-                        ViewState::Pending | ViewState::Failed(_)
-                    ) {
-                        self.watch
-                            .state
-                            .send_replace(ViewState::Failed(e.to_string()));
-                    }
-                    tokio::select! {
-                        _ = self.cx.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff(failures)) => {}
-                    }
+                    self.failed(&e, failures)
                 }
+            };
+            tokio::select! {
+                _ = self.cx.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
+        self.forget();
+    }
+
+    /// Waits until the watcher should ask Consul. A blocking query needs a slot of the
+    /// connection budget; without one the view is refreshed on demand: when a query finds it
+    /// older than its TTL, or when the change feed saw one of its checks change. Blocking slots
+    /// go to services asked more than once: a name asked once (a cold start asks thousands)
+    /// keeps no connection; the next query makes it a watch.
+    async fn wait_for_turn(&self, index: u64) -> Turn {
+        if index == 0 {
+            // The first fetch, or after a reset: at once, without a slot.
+            self.watch.on_demand.store(false, Ordering::SeqCst);
+            return Turn::Ask(None);
+        }
+        let w = &self.watch;
+        let mut refresh = false;
+        if !w.asked_again.load(Ordering::SeqCst) {
+            w.on_demand.store(true, Ordering::SeqCst);
+            tokio::select! {
+                _ = self.cx.shutdown.cancelled() => return Turn::Stop,
+                _ = w.demand.notified() => w.asked_again.store(true, Ordering::SeqCst),
+                // A health change is not a query: the service stays without a watch.
+                _ = w.changed.notified() => refresh = true,
+                _ = tokio::time::sleep(SLOT_RETRY) => return Turn::Again,
+            }
+        }
+        let slot = if refresh {
+            None
+        } else {
+            self.cx.client.try_blocking_slot()
+        };
+        if slot.is_none() && !refresh {
+            w.on_demand.store(true, Ordering::SeqCst);
+            tokio::select! {
+                _ = self.cx.shutdown.cancelled() => return Turn::Stop,
+                _ = w.demand.notified() => {}
+                _ = w.changed.notified() => {}
+                // Look again for a free slot (and for idleness) now and then.
+                _ = tokio::time::sleep(SLOT_RETRY) => return Turn::Again,
+            }
+        }
+        w.on_demand.store(slot.is_none(), Ordering::SeqCst);
+        Turn::Ask(slot)
+    }
+
+    /// Records a failed request in the view and the outage log; returns the pause before the
+    /// next one.
+    fn failed(&self, e: &ClientError, failures: u32) -> Duration {
+        if matches!(e, ClientError::NoSuchDatacenter) {
+            self.cx.outage.ok();
+            self.watch.state.send_replace(ViewState::NoDatacenter);
+            return self.cx.settings.default_service_ttl.max(BACKOFF_CAP);
+        }
+        self.cx.outage.failed(e);
+        if matches!(
+            &*self.watch.state.borrow(),
+            ViewState::Pending | ViewState::Failed(_)
+        ) {
+            self.watch
+                .state
+                .send_replace(ViewState::Failed(e.to_string()));
+        }
+        backoff(failures)
+    }
+
+    /// Removes this watcher's entry (unless a newer watcher replaced it) and its series.
+    fn forget(&self) {
         let mut watches = lock(&self.cx.watches);
         if watches
             .get(&self.key)
@@ -224,5 +292,74 @@ impl Watcher {
             self.cx.metrics.consul_watchers.dec();
             self.cx.series.remove(&self.key.0, &self.watch);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::views::tests::{new_watch, test_metrics};
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_one_per_interval() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(start);
+        for _ in 0..WATCH_BURST {
+            assert_eq!(bucket.take(start), Ok(()));
+        }
+        assert_eq!(bucket.take(start), Err(WATCH_REFILL));
+        let later = start + WATCH_REFILL;
+        assert_eq!(bucket.take(later), Ok(()));
+        assert!(bucket.take(later).is_err());
+        // A long quiet spell refills the burst, no more.
+        let much_later = later + WATCH_REFILL * 100;
+        for _ in 0..WATCH_BURST {
+            assert_eq!(bucket.take(much_later), Ok(()));
+        }
+        assert!(bucket.take(much_later).is_err());
+    }
+
+    #[test]
+    fn a_result_replaces_the_view_only_when_its_data_changed() {
+        let metrics = test_metrics();
+        let series = ServiceSeries {
+            metrics: metrics.clone(),
+            created: AtomicUsize::new(0),
+        };
+        let w = new_watch();
+        let key = ("web".to_owned(), None);
+        let entries = |status: &str| -> Vec<HealthEntry> {
+            serde_json::from_str(&format!(
+                r#"[{{"Node": {{"Node": "n1", "Address": "10.0.0.1", "Datacenter": "DC1"}},
+                     "Service": {{"ID": "web-1", "Service": "web", "Port": 80}},
+                     "Checks": [{{"CheckID": "service:web-1", "Status": "{status}", "ServiceID": "web-1"}}]}}]"#
+            ))
+            .expect("entries")
+        };
+        install_entries(&w, &key, &entries("passing"), &series, &metrics, false);
+        let first = match &*w.state.borrow() {
+            ViewState::Ready(v) => v.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(first.datacenter, "dc1");
+        assert_eq!(
+            metrics.consul_health_changes.get(),
+            0,
+            "the first view is no change"
+        );
+        // The same data again: the view (and its Arc) stays.
+        install_entries(&w, &key, &entries("passing"), &series, &metrics, false);
+        assert!(matches!(&*w.state.borrow(), ViewState::Ready(v) if Arc::ptr_eq(v, &first)));
+        // A health change: replaced, counted, and the series follows.
+        install_entries(&w, &key, &entries("critical"), &series, &metrics, false);
+        assert_eq!(metrics.consul_health_changes.get(), 1);
+        assert_eq!(
+            metrics
+                .consul_healthy_instances
+                .with_label_values(&["web"])
+                .get(),
+            0
+        );
     }
 }

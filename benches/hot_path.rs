@@ -40,7 +40,7 @@ use consul_dns_forwarder::consul::catalog::{
 };
 use consul_dns_forwarder::consul::file::FileBackend;
 use consul_dns_forwarder::consul::name;
-use consul_dns_forwarder::consul::records::{self, Built, Ctx};
+use consul_dns_forwarder::consul::records::{self, Ctx, Plan};
 use consul_dns_forwarder::consul::ConsulSource;
 use consul_dns_forwarder::handler::{Cached, ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
@@ -138,7 +138,7 @@ fn view(size: usize) -> ServiceView {
 
 /// What the Consul source does per question: the (cached) selection, a random sample of what
 /// can fit in `limit`, records.
-fn built(v: &ServiceView, ctx: &Ctx<'_>, limit: usize) -> Built {
+fn built(v: &ServiceView, ctx: &Ctx<'_>, limit: usize) -> Plan {
     let selection = records::select(v, None, false, WhenNoneHealthy::Nxdomain);
     let chosen = records::pick(
         v,
@@ -315,15 +315,15 @@ fn bench_consul_view(c: &mut Criterion) {
         // and glibc ask), truncated with TC=1 when they do not fit.
         g.bench_with_input(BenchmarkId::new("answer_a_udp512", size), &v, |b, v| {
             b.iter(|| match built(black_box(v), &ctx, 512) {
-                Built::Done(answer) => wire::encode_reply(&req, &answer, 512),
-                Built::Cname { .. } => unreachable!("IP instances"),
+                Plan::Done(answer) => wire::encode_reply(&req, &answer, 512),
+                Plan::Cname { .. } => unreachable!("IP instances"),
             })
         });
         // The encode step alone, from records already built.
         let answer = {
             match built(&v, &ctx, 512) {
-                Built::Done(answer) => answer,
-                Built::Cname { .. } => unreachable!("IP instances"),
+                Plan::Done(answer) => answer,
+                Plan::Cname { .. } => unreachable!("IP instances"),
             }
         };
         g.bench_with_input(
@@ -333,8 +333,8 @@ fn bench_consul_view(c: &mut Criterion) {
         );
         g.bench_with_input(BenchmarkId::new("answer_srv_edns1232", size), &v, |b, v| {
             b.iter(|| match built(black_box(v), &srv_ctx, 1232) {
-                Built::Done(answer) => wire::encode_reply(&srv_req, &answer, 1232),
-                Built::Cname { .. } => unreachable!("IP instances"),
+                Plan::Done(answer) => wire::encode_reply(&srv_req, &answer, 1232),
+                Plan::Cname { .. } => unreachable!("IP instances"),
             })
         });
     }

@@ -5,11 +5,10 @@
 //!
 //! Entries are kept in wire format (the question and the records as they follow it in a reply),
 //! so a hit is answered by copying bytes and patching ID, flags, TTLs and the question's case
-//! (`packet`), not by cloning and encoding records: about 170 bytes of heap per cached name
-//! instead of the 750 that hickory `Record`s in moka cost (benches/cache_memory.rs), and no
-//! encoding per hit.
-//! The map is quick_cache (S3-FIFO, sharded, about 30 bytes of bookkeeping per entry, weights in
-//! bytes); moka's per-entry bookkeeping alone was about 290 bytes. Expiry is checked on read:
+//! (`packet`), not by cloning and encoding records: little heap per cached name
+//! (`benches/cache_memory.rs` measures it) and no encoding per hit.
+//! The map is quick_cache (S3-FIFO, sharded, small bookkeeping per entry, weights in bytes; why
+//! not moka is in ARCHITECTURE.md). Expiry is checked on read:
 //! entries past their stale window are dropped when met, and the byte bound evicts the rest.
 
 use std::collections::HashMap;
@@ -348,8 +347,8 @@ pub enum FetchError {
     Unstorable(String),
 }
 
-/// The result of a fetch: the entry, and whether it came from a new upstream answer that is not
-/// cacheable (then it is served once, uncached).
+/// The result of a fetch: the entry (stored when its `cacheable` flag says so; an uncacheable
+/// answer is served to the waiting queries once), or why there is none.
 pub type FetchResult = Result<CachedAnswer, FetchError>;
 
 type SharedFetch = Shared<BoxFuture<'static, FetchResult>>;
@@ -468,10 +467,6 @@ impl Cache {
             inflight: Arc::new(Mutex::new(HashMap::new())),
             policy,
         }
-    }
-
-    pub fn policy(&self) -> &TtlPolicy {
-        &self.policy
     }
 
     pub fn lookup(&self, key: &Question, now: Instant) -> Lookup {

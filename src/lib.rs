@@ -25,6 +25,8 @@
 //!
 //! See ARCHITECTURE.md for the flow of a query.
 
+#![forbid(unsafe_code)]
+
 pub mod answer;
 pub mod cache;
 pub mod config;
@@ -97,9 +99,10 @@ pub async fn run(
     run_with_reload(config, bound, registry, shutdown, None).await
 }
 
-/// The parts of a running configuration that a reload may replace.
+/// One generation of the running configuration: what a reload replaces whole (reusing the
+/// forwarder and the Consul source where their settings did not change).
 #[derive(Clone)]
-struct Built {
+struct Generation {
     routes: Routes,
     forwarder: Arc<Forwarder>,
     /// Stops the Consul watchers of these routes when they are replaced.
@@ -113,10 +116,10 @@ struct Built {
 /// restart watchers needlessly.
 async fn build(
     config: &Config,
-    previous: Option<(&Config, &Built)>,
+    previous: Option<(&Config, &Generation)>,
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
-) -> Result<Built, RunError> {
+) -> Result<Generation, RunError> {
     let forwarder = match previous {
         Some((old, built))
             if old.upstream == config.upstream
@@ -151,7 +154,7 @@ async fn build(
         }
         _ => (None, shutdown.child_token()),
     };
-    Ok(Built {
+    Ok(Generation {
         routes: Routes {
             allow: config.server.allow.clone(),
             consul,
@@ -324,7 +327,7 @@ pub async fn run_with_reload(
     Ok(())
 }
 
-type State = Arc<std::sync::Mutex<(Config, Built)>>;
+type State = Arc<std::sync::Mutex<(Config, Generation)>>;
 
 /// Why a reload task ended without a result, for the log.
 fn reload_task_error(e: tokio::task::JoinError) -> String {

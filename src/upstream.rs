@@ -60,10 +60,6 @@ impl ServerGroup {
         self
     }
 
-    pub fn servers(&self) -> &[SocketAddr] {
-        &self.servers
-    }
-
     /// Asks the servers for `q` and returns the first usable reply (any rcode but SERVFAIL,
     /// REFUSED, NOTIMP and FORMERR, which move on to the next server).
     pub async fn query(&self, q: &Question, metrics: &Metrics) -> Result<Message, FetchError> {

@@ -323,13 +323,6 @@ pub fn set_truncated(bytes: &mut [u8]) {
     }
 }
 
-/// Rewrites the ID of an encoded message (used for replies built once and sent to many).
-pub fn set_id(bytes: &mut [u8], id: u16) {
-    if bytes.len() >= 2 {
-        bytes[0..2].copy_from_slice(&id.to_be_bytes());
-    }
-}
-
 /// RFC 8482: a forwarded ANY query gets one synthesized HINFO record instead of everything, so we
 /// are useless as an amplifier and never pay for a huge upstream answer.
 pub fn minimal_any_answer(query: &Query) -> Answer {
@@ -365,11 +358,6 @@ pub fn push_name(out: &mut Vec<u8>, name: &Name) {
         out.extend_from_slice(label);
     }
     out.push(0);
-}
-
-/// Encodes a record on its own (for tests and size estimates).
-pub fn record_len(record: &Record) -> usize {
-    record.to_bytes().map_or(0, |b| b.len())
 }
 
 #[cfg(test)]

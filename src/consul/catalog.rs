@@ -2,8 +2,8 @@
 //! it) and the views built from it: each instance reduced to what DNS needs, with its worst
 //! check status. Parsing is lenient about what DNS does not use and strict about what it does.
 //!
-//! Memory: a view is kept for every watched service (issue 8: 10,000 services of 10 instances
-//! in 64 MiB for the whole process), so an instance keeps only what answers use, strings that
+//! Memory: a view is kept for every watched service (the target: 10,000 services of 10
+//! instances in 64 MiB for the whole process), so an instance keeps only what answers use, strings that
 //! repeat across the instances of a view (tags, hostnames) are shared, and a selection shares
 //! its index lists when they are equal (`benches/view_memory.rs` measures it).
 
@@ -202,8 +202,7 @@ impl Interner {
 
 /// What identifies an instance's checks in `/v1/health/state` (`Node`, `ServiceID`) kept as a
 /// hash: the change feed needs only to match a listed check to the instance on its node, and
-/// a string per instance cost 10,000 services x 10 instances about 5 MB (issue 8's memory
-/// target). Two service IDs on one node would have to collide in 64 bits to be confused,
+/// a string per instance costs megabytes at 10,000 services (ARCHITECTURE.md). Two service IDs on one node would have to collide in 64 bits to be confused,
 /// and then one instance's health would be wrong until its next fetch.
 pub fn service_id_key(service_id: &str) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};

@@ -15,11 +15,9 @@
 //!   a request without a connection means some permit is held by a connection that is idle (the
 //!   pool hands it over), being returned, or closing.
 //!
-//! Why not reqwest (used before): its `connector_layer` can make a connect wait for a permit,
-//! but a layer returns reqwest's sealed connection type, so nothing can hold the permit for the
-//! connection's life; a permit per connect or per request leaves the moments above uncovered
-//! (a peak of 44 connections on a budget of 32 in `tests/it/scale.rs`). hyper-util's client is the
-//! pool reqwest itself runs on, so behaviour is otherwise unchanged. The budgets are per agent
+//! Why hyper-util's client over our own connector rather than a higher-level client: the permit
+//! must live as long as the connection, which needs the connection type in our hands
+//! (ARCHITECTURE.md, "Decisions", has the measurement). The budgets are per agent
 //! (after a failover, idle connections to the old agent must not hold the new agent's permits);
 //! the request slots are shared by all agents.
 
@@ -76,7 +74,7 @@ const PERMIT_WAIT: Duration = REQUEST_TIMEOUT;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Idle pooled connections are closed after this. They hold permits but any request to their
-/// agent reuses them, so this only trims the pool after a burst (reqwest's default).
+/// agent reuses them, so this only trims the pool after a burst (the usual default of HTTP client pools).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type HttpsClient =
@@ -132,7 +130,6 @@ pub struct ConsulClient {
     token: Option<String>,
     blocking: Arc<Semaphore>,
     fetches: Arc<Semaphore>,
-    blocking_slots: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -191,14 +188,8 @@ impl ConsulClient {
             token,
             blocking: Arc::new(Semaphore::new(blocking_slots)),
             fetches: Arc::new(Semaphore::new(fetch)),
-            blocking_slots,
             metrics,
         })
-    }
-
-    /// How many blocking watches can run at once.
-    pub fn blocking_slots(&self) -> usize {
-        self.blocking_slots
     }
 
     /// Has any agent answered a request yet?

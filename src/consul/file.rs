@@ -42,7 +42,6 @@ struct Catalog {
 
 pub struct FileBackend {
     catalog: RwLock<Arc<Catalog>>,
-    configured_dc: Option<String>,
 }
 
 fn parse(text: &str, path: &str, configured_dc: Option<&str>) -> Result<Catalog, CatalogError> {
@@ -89,30 +88,12 @@ impl FileBackend {
     ) -> Result<FileBackend, CatalogError> {
         Ok(FileBackend {
             catalog: RwLock::new(Arc::new(parse(text, path, dc)?)),
-            configured_dc: dc.map(str::to_owned),
         })
     }
 
     pub fn load(path: &Path, dc: Option<&str>) -> Result<FileBackend, CatalogError> {
         let text = read(path)?;
         FileBackend::from_text(&text, &path.display().to_string(), dc)
-    }
-
-    /// Re-reads the file; on error the catalog being served stays as it was.
-    pub fn reload(&self, path: &Path) -> Result<usize, CatalogError> {
-        let text = read(path)?;
-        let catalog = parse(
-            &text,
-            &path.display().to_string(),
-            self.configured_dc.as_deref(),
-        )?;
-        let count = catalog.services.len();
-        let mut guard = match self.catalog.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *guard = Arc::new(catalog);
-        Ok(count)
     }
 
     fn current(&self) -> Arc<Catalog> {

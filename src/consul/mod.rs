@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::catalog::{NodeView, QueryView, ServiceView};
 use self::name::ConsulName;
-use self::records::{Built, Ctx};
+use self::records::{Ctx, Plan};
 use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::config::{Config, ConsulConfig, ConsulMode};
 use crate::metrics::Metrics;
@@ -99,17 +99,11 @@ pub enum ConsulError {
     InsecureToken(#[from] crate::config::InsecureToken),
 }
 
-/// What the answer source needs from the config.
-#[derive(Clone, Debug)]
-struct Policy {
-    config: ConsulConfig,
-}
-
 /// Answers names under the Consul domains from a backend.
 pub struct ConsulSource {
     backend: Arc<dyn Backend>,
-    policy: Policy,
-    /// Resolves hostnames that Consul gives as addresses (CNAME targets): the resolver.
+    config: ConsulConfig,
+    /// Resolves hostnames that Consul gives as addresses (CNAME targets): the forwarder.
     resolver: Arc<dyn AnswerSource>,
 }
 
@@ -125,15 +119,13 @@ impl ConsulSource {
     ) -> ConsulSource {
         ConsulSource {
             backend,
-            policy: Policy {
-                config: config.clone(),
-            },
+            config: config.clone(),
             resolver,
         }
     }
 
     async fn answer_inner(&self, q: &Question, limit: usize) -> Answer {
-        let cfg = &self.policy.config;
+        let cfg = &self.config;
         let Some(parsed) = name::parse(&q.name, q.qtype, &cfg.domains) else {
             return Answer::rcode(ResponseCode::Refused);
         };
@@ -165,9 +157,9 @@ impl ConsulSource {
             serial,
         };
         let built = match &parsed.name {
-            ConsulName::Apex => Built::Done(records::apex_answer(&ctx)),
-            ConsulName::Invalid => Built::Done(records::nxdomain(&ctx)),
-            ConsulName::Addr { ip } => Built::Done(records::addr_answer(*ip, &ctx)),
+            ConsulName::Apex => Plan::Done(records::apex_answer(&ctx)),
+            ConsulName::Invalid => Plan::Done(records::nxdomain(&ctx)),
+            ConsulName::Addr { ip } => Plan::Done(records::addr_answer(*ip, &ctx)),
             ConsulName::Service { service, tag, dc } => {
                 let dc = norm(dc);
                 match self.backend.service(service, dc.as_deref()).await {
@@ -177,7 +169,7 @@ impl ConsulSource {
                         self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, &dc_name)
                     }
                     Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Built::Done(records::nxdomain(&ctx))
+                        Plan::Done(records::nxdomain(&ctx))
                     }
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),
                 }
@@ -186,7 +178,7 @@ impl ConsulSource {
                 match self.backend.node(node, norm(dc).as_deref()).await {
                     Ok(node) => records::node_answer(node.as_deref(), &ctx),
                     Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Built::Done(records::nxdomain(&ctx))
+                        Plan::Done(records::nxdomain(&ctx))
                     }
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),
                 }
@@ -199,15 +191,15 @@ impl ConsulSource {
                         self.answer_from_view(&qv.service, None, q, limit, &ctx, &dc_name)
                     }
                     Ok(None) | Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Built::Done(records::nxdomain(&ctx))
+                        Plan::Done(records::nxdomain(&ctx))
                     }
                     Err(LookupError::Unavailable(_)) => return Answer::servfail(),
                 }
             }
         };
         match built {
-            Built::Done(answer) => answer,
-            Built::Cname { mut answer, target } => {
+            Plan::Done(answer) => answer,
+            Plan::Cname { mut answer, target } => {
                 // The CNAME first, then the target's records, in chain order (glibc ≥ 2.37
                 // ignores addresses that do not follow the chain).
                 let qtype = if q.qtype == RecordType::ANY {
@@ -239,8 +231,8 @@ impl ConsulSource {
         limit: usize,
         ctx: &Ctx<'_>,
         dc_fallback: &str,
-    ) -> Built {
-        let cfg = &self.policy.config;
+    ) -> Plan {
+        let cfg = &self.config;
         let selection = records::select(view, tag, cfg.only_passing, cfg.when_none_healthy);
         let chosen = records::pick(
             view,

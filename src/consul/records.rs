@@ -226,9 +226,10 @@ fn family_matches(qtype: RecordType, ip: &IpAddr) -> bool {
     }
 }
 
-/// A service answer that may still need a hostname resolved.
+/// What a view gives for a question: the answer, or an answer that still needs a hostname
+/// resolved (a CNAME whose target the caller resolves and appends).
 #[derive(Clone, Debug, PartialEq)]
-pub enum Built {
+pub enum Plan {
     Done(Answer),
     /// The answer holds a CNAME to `target`; the caller appends `target`'s addresses after it.
     Cname {
@@ -239,21 +240,21 @@ pub enum Built {
 
 /// Answers a service question from `instances` (picked and shuffled). `exists` = the selection
 /// was not empty: without it the answer is NXDOMAIN; with it and nothing to say, NODATA.
-pub fn service_answer(instances: &[&Instance], exists: bool, ctx: &Ctx<'_>) -> Built {
+pub fn service_answer(instances: &[&Instance], exists: bool, ctx: &Ctx<'_>) -> Plan {
     if !exists {
-        return Built::Done(nxdomain(ctx));
+        return Plan::Done(nxdomain(ctx));
     }
     if let Some(a) = apex_types(ctx) {
-        return Built::Done(a);
+        return Plan::Done(a);
     }
     match ctx.qtype {
         RecordType::A | RecordType::AAAA | RecordType::ANY => addresses(instances, ctx),
-        RecordType::SRV => Built::Done(srv_answer(instances, ctx)),
-        _ => Built::Done(nodata(ctx)),
+        RecordType::SRV => Plan::Done(srv_answer(instances, ctx)),
+        _ => Plan::Done(nodata(ctx)),
     }
 }
 
-fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Built {
+fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Plan {
     // Duplicate addresses are dropped. foldhash: this set is built for every answer of up to
     // a few hundred records, where SipHash showed in the per-answer cost; its keys are
     // addresses from Consul, not chosen by the client.
@@ -273,7 +274,7 @@ fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Built {
         records.truncate(ctx.a_record_limit);
     }
     if !records.is_empty() {
-        return Built::Done(answer(records, Vec::new()));
+        return Plan::Done(answer(records, Vec::new()));
     }
     if !any_ip {
         // Only hostname instances: a CNAME to one (a name may carry one CNAME only), followed by
@@ -287,13 +288,13 @@ fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Built {
                 ctx.ttl,
                 RData::CNAME(CNAME(host.clone())),
             );
-            return Built::Cname {
+            return Plan::Cname {
                 answer: answer(vec![cname], Vec::new()),
                 target: host,
             };
         }
     }
-    Built::Done(nodata(ctx))
+    Plan::Done(nodata(ctx))
 }
 
 /// `<label>.<kind>.<dc>.<domain>`.
@@ -346,18 +347,18 @@ fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
 }
 
 /// A node: its address (A/AAAA/ANY) with its meta as TXT in additional, or its meta as TXT.
-pub fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Built {
+pub fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
     let Some(node) = node else {
-        return Built::Done(nxdomain(ctx));
+        return Plan::Done(nxdomain(ctx));
     };
     if let Some(a) = apex_types(ctx) {
-        return Built::Done(a);
+        return Plan::Done(a);
     }
     let meta = || meta_txt(node, ctx);
     match (ctx.qtype, &node.target) {
         (RecordType::TXT, _) => {
             let txt = meta();
-            Built::Done(if txt.is_empty() {
+            Plan::Done(if txt.is_empty() {
                 nodata(ctx)
             } else {
                 answer(txt, Vec::new())
@@ -366,14 +367,14 @@ pub fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Built {
         (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Ip(ip)))
             if family_matches(ctx.qtype, ip) =>
         {
-            Built::Done(answer(
+            Plan::Done(answer(
                 vec![address_record(ctx.qname, ctx.ttl, *ip)],
                 meta(),
             ))
         }
         (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Host(h))) => {
             match Name::from_ascii(format!("{h}.")) {
-                Ok(host) => Built::Cname {
+                Ok(host) => Plan::Cname {
                     answer: answer(
                         vec![Record::from_rdata(
                             ctx.qname.clone(),
@@ -384,10 +385,10 @@ pub fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Built {
                     ),
                     target: host,
                 },
-                Err(_) => Built::Done(nodata(ctx)),
+                Err(_) => Plan::Done(nodata(ctx)),
             }
         }
-        _ => Built::Done(nodata(ctx)),
+        _ => Plan::Done(nodata(ctx)),
     }
 }
 
@@ -460,10 +461,10 @@ mod tests {
         })
     }
 
-    fn done(b: Built) -> Answer {
+    fn done(b: Plan) -> Answer {
         match b {
-            Built::Done(a) => a,
-            Built::Cname { .. } => panic!("expected a complete answer"),
+            Plan::Done(a) => a,
+            Plan::Cname { .. } => panic!("expected a complete answer"),
         }
     }
 
@@ -555,7 +556,7 @@ mod tests {
     fn hostname_becomes_cname_unless_ips_exist() {
         let h = inst("h", "db.example.com", true, 80, Status::Passing);
         match with(RecordType::A, |ctx| service_answer(&[&h], true, ctx)) {
-            Built::Cname { answer, target } => {
+            Plan::Cname { answer, target } => {
                 assert_eq!(target.to_ascii(), "db.example.com.");
                 assert!(matches!(answer.answers[0].data, RData::CNAME(_)));
             }

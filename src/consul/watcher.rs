@@ -47,7 +47,7 @@ impl Settings {
 }
 
 /// What every watcher shares, behind one `Arc`: a watcher's task holds its fields for as long
-/// as the service is watched (10,000 of them in issue 8's target), so they cost one pointer.
+/// as the service is watched (tens of thousands of them at scale), so they cost one pointer.
 pub(super) struct WatcherContext {
     pub(super) client: Arc<ConsulClient>,
     pub(super) settings: Settings,

@@ -22,8 +22,9 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, Record};
 
 use crate::answer::{Answer, Question};
+use crate::header::{self, Section, HEADER_LEN};
 use crate::packet::{self, PlainQuery};
-use crate::wire::{self, HEADER_LEN, STALE_TTL};
+use crate::wire::{self, STALE_TTL};
 
 /// TTL rules applied when an upstream message is stored.
 #[derive(Clone, Debug)]
@@ -150,12 +151,8 @@ impl CachedAnswer {
         let bytes = reply
             .to_vec()
             .map_err(|e| FetchError::Unstorable(e.to_string()))?;
-        let count = |at: usize| {
-            bytes
-                .get(at..at + 2)
-                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]))
-        };
-        let counts = [count(6), count(8), count(10)];
+        let [_, answers, authorities, additionals] = header::counts(&bytes).unwrap_or([0; 4]);
+        let counts = [answers, authorities, additionals];
         let expected = [
             reply.answers.len(),
             reply.authorities.len(),
@@ -226,10 +223,14 @@ impl CachedAnswer {
     /// shuffling records that cannot move as bytes).
     pub fn to_answer(&self, now: Instant, stale: bool) -> Answer {
         let mut bytes = Vec::with_capacity(HEADER_LEN + self.wire.len());
-        bytes.extend_from_slice(&[0, 0, 0x80, 0, 0, 1]);
-        for c in self.counts {
-            bytes.extend_from_slice(&c.to_be_bytes());
-        }
+        let [answers, authorities, additionals] = self.counts;
+        // Only the counts matter to the decoder; ID and flags are the reply's business.
+        header::push(
+            &mut bytes,
+            0,
+            header::QR,
+            [1, answers, authorities, additionals],
+        );
         bytes.extend_from_slice(&self.wire);
         let base = HEADER_LEN + usize::from(self.question_len);
         let total = self.counts.iter().map(|&c| usize::from(c)).sum();
@@ -308,10 +309,8 @@ impl CachedAnswer {
             if copied < answers {
                 // Only when cutting: nothing follows the answers.
                 let copied_count = u16::try_from(copied).unwrap_or(u16::MAX);
-                if let Some(ancount) = out.get_mut(6..8) {
-                    ancount.copy_from_slice(&copied_count.to_be_bytes());
-                }
-                wire::set_truncated(out);
+                header::set_count(out, Section::Answer, copied_count);
+                header::set_flags(out, header::TC);
                 total = copied;
             } else {
                 out.extend_from_slice(&records[used..]);

@@ -11,6 +11,7 @@ use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
 use crate::answer::{Answer, AnswerSource, Question, Source};
+use crate::header;
 use crate::metrics::{rcode_label, Metrics};
 use crate::packet;
 use crate::ratelimit::RateLimiter;
@@ -146,13 +147,13 @@ impl Handler {
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
             out.clear();
             let opt = query.edns_payload.is_some();
-            packet::write_header(out, &query, false, 0, [0, 0, 0]);
+            packet::write_header(out, &query, false, ResponseCode::NoError.low(), [0, 0, 0]);
             out.extend_from_slice(query.question);
             if opt {
                 packet::write_opt(out);
                 packet::add_additional(out);
             }
-            wire::set_truncated(out);
+            header::set_flags(out, header::TC);
             return Cached::Replied;
         }
         let mut key_buf = [0u8; packet::MAX_QUESTION_WIRE];
@@ -168,7 +169,8 @@ impl Handler {
             // The token is spent: `handle_miss` must not take another for the same query.
             return Cached::Miss(RateCharge::Taken);
         }
-        if out.get(2).is_some_and(|flags| flags & 0x02 != 0) {
+        let flags = header::flags(out).unwrap_or(0);
+        if flags & header::TC != 0 {
             // Cut to fit (a large shuffled answer); nothing else sets TC on this path.
             self.metrics
                 .truncated
@@ -177,7 +179,7 @@ impl Handler {
         }
         self.metrics
             .count_request(transport, RecordType::from(query.qtype), consul.is_some());
-        let rcode = ResponseCode::from(0, out.get(3).map_or(0, |b| b & 0x0f));
+        let rcode = ResponseCode::from(0, header::rcode(flags));
         self.metrics.count_response(rcode, Source::Cache);
         self.metrics
             .request_duration
@@ -271,7 +273,7 @@ impl Handler {
                 &Answer::rcode(ResponseCode::NoError),
                 wire::UDP_LIMIT_NO_EDNS,
             );
-            wire::set_truncated(&mut bytes);
+            header::set_flags(&mut bytes, header::TC);
             return Some(bytes);
         }
         let query = &request.queries[0];

@@ -11,6 +11,7 @@
 //!   `Answer`, `Source` and the `AnswerSource` trait.
 //! - [`handler`]: one request's bytes in, one reply's bytes out: protocol checks, access control,
 //!   routing to an answer source, size limits.
+//! - [`header`]: the 12-byte DNS header (named flags, section counts) and record type numbers.
 //! - [`wire`]: pure DNS message functions: reply headers, encoding within a size, truncation.
 //! - [`consul`]: the Consul answer source: name parsing, health filtering, record building,
 //!   watchers with blocking queries, the catalog file and the dnsmasq-compatible DNS mode.
@@ -32,6 +33,7 @@ pub mod cache;
 pub mod config;
 pub mod consul;
 pub mod handler;
+pub mod header;
 pub mod lock;
 pub mod metrics;
 pub mod packet;

@@ -7,18 +7,13 @@
 //! `handler`, which parses with hickory and can refuse, truncate or FORMERR properly. This module
 //! only ever says "I can answer this exactly like the general path would" or "not me".
 
-use crate::wire::HEADER_LEN;
+use crate::header::{self, Section, HEADER_LEN, TYPE_A, TYPE_AAAA, TYPE_OPT};
 
 /// Longest name in wire format (RFC 1035 §3.1).
 pub const MAX_NAME_WIRE: usize = 255;
 
 /// Longest question: a name plus type and class. Fits the stack buffer the key is built in.
 pub const MAX_QUESTION_WIRE: usize = MAX_NAME_WIRE + 4;
-
-/// Record type of OPT (RFC 6891).
-const TYPE_OPT: u16 = 41;
-const TYPE_A: u16 = 1;
-const TYPE_AAAA: u16 = 28;
 
 /// EDNS options whose contents hickory checks when it parses a request (NSID, DAU, client
 /// subnet): a query carrying one goes the general way, so a malformed one still gets FORMERR.
@@ -78,18 +73,15 @@ fn plain_name_len(p: &[u8], at: usize) -> Option<usize> {
 /// uncompressed name, no answer or authority records, and at most one additional record, which
 /// is an EDNS version 0 OPT with well-formed options. `None` means "use the general path".
 pub fn parse_plain_query(packet: &[u8]) -> Option<PlainQuery<'_>> {
-    if packet.len() < HEADER_LEN {
+    let [questions, answers, authorities, additionals] = header::counts(packet)?;
+    let flags = header::flags(packet)?;
+    // A response, another opcode or a truncated query is the general path's to judge.
+    if flags & (header::QR | header::OPCODE_MASK | header::TC) != 0 {
         return None;
     }
-    let flags = packet[2];
-    // QR, opcode (4 bits) and TC must all be zero.
-    if flags & 0xfa != 0 {
+    if questions != 1 || answers != 0 || authorities != 0 {
         return None;
     }
-    if u16_at(packet, 4)? != 1 || u16_at(packet, 6)? != 0 || u16_at(packet, 8)? != 0 {
-        return None;
-    }
-    let additionals = u16_at(packet, 10)?;
     let name_len = plain_name_len(packet, HEADER_LEN)?;
     let question_end = HEADER_LEN + name_len + 4;
     let question = packet.get(HEADER_LEN..question_end)?;
@@ -131,9 +123,9 @@ pub fn parse_plain_query(packet: &[u8]) -> Option<PlainQuery<'_>> {
         _ => return None,
     };
     Some(PlainQuery {
-        id: u16::from_be_bytes([packet[0], packet[1]]),
-        recursion_desired: flags & 0x01 != 0,
-        checking_disabled: packet[3] & 0x10 != 0,
+        id: header::id(packet)?,
+        recursion_desired: flags & header::RD != 0,
+        checking_disabled: flags & header::CD != 0,
         question,
         qtype,
         edns_payload,
@@ -255,13 +247,14 @@ pub fn write_header(
     rcode: u8,
     counts: [u16; 3],
 ) {
-    out.extend_from_slice(&q.id.to_be_bytes());
-    out.push(0x80 | (u8::from(authoritative) << 2) | u8::from(q.recursion_desired));
-    out.push(0x80 | (u8::from(q.checking_disabled) << 4) | (rcode & 0x0f));
-    out.extend_from_slice(&1u16.to_be_bytes());
-    for c in counts {
-        out.extend_from_slice(&c.to_be_bytes());
-    }
+    let flags = header::QR
+        | header::RA
+        | header::flag_if(authoritative, header::AA)
+        | header::flag_if(q.recursion_desired, header::RD)
+        | header::flag_if(q.checking_disabled, header::CD)
+        | header::rcode_flags(rcode);
+    let [answers, authorities, additionals] = counts;
+    header::push(out, q.id, flags, [1, answers, authorities, additionals]);
 }
 
 /// The OPT record of our replies: UDP size 1232, version 0, no flags or options (as
@@ -269,15 +262,14 @@ pub fn write_header(
 pub fn write_opt(out: &mut Vec<u8>) {
     out.push(0);
     out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-    out.extend_from_slice(&(crate::wire::UDP_LIMIT_EDNS as u16).to_be_bytes());
+    out.extend_from_slice(&(header::UDP_LIMIT_EDNS as u16).to_be_bytes());
     out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
 }
 
 /// Bumps ARCOUNT of an encoded message by one (after `write_opt`).
 pub fn add_additional(out: &mut [u8]) {
-    if let Some(b) = out.get_mut(10..12) {
-        let n = u16::from_be_bytes([b[0], b[1]]).saturating_add(1);
-        b.copy_from_slice(&n.to_be_bytes());
+    if let Some(n) = header::count(out, Section::Additional) {
+        header::set_count(out, Section::Additional, n.saturating_add(1));
     }
 }
 
@@ -336,7 +328,7 @@ pub fn copy_shuffled_answers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::{Edns, Message, Query};
+    use hickory_proto::op::{Edns, Message, OpCode, Query};
     use hickory_proto::rr::{Name, RecordType};
 
     fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
@@ -358,7 +350,7 @@ mod tests {
         let q = parse_plain_query(&bytes).expect("plain");
         assert_eq!(q.id, 0xbeef);
         assert!(q.recursion_desired && !q.checking_disabled);
-        assert_eq!(q.qtype, 28);
+        assert_eq!(q.qtype, TYPE_AAAA);
         assert_eq!(q.edns_payload, None);
         assert_eq!(q.name(), b"\x03WwW\x07Example\x03COM\x00");
         let bytes = query("a.b.", RecordType::A, Some(4096));
@@ -372,13 +364,13 @@ mod tests {
     fn anything_unusual_goes_to_the_general_path() {
         let plain = query("a.b.", RecordType::A, Some(1232));
         let mut response = plain.clone();
-        response[2] |= 0x80;
+        header::set_flags(&mut response, header::QR);
         let mut notify = plain.clone();
-        notify[2] |= 4 << 3;
+        header::set_flags(&mut notify, header::opcode_flags(u8::from(OpCode::Notify)));
         let mut truncated = plain.clone();
-        truncated[2] |= 0x02;
+        header::set_flags(&mut truncated, header::TC);
         let mut two_questions = plain.clone();
-        two_questions[5] = 2;
+        header::set_count(&mut two_questions, Section::Question, 2);
         let mut trailing = plain.clone();
         trailing.push(0);
         let mut version1 = plain.clone();

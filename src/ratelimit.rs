@@ -5,30 +5,52 @@
 //! (REFUSED to a client outside `server.allow`, FORMERR, ...) is dropped instead: TCP would give
 //! a real client the same error, so TC=1 helps nobody but a reflection attack (see
 //! `Handler::handle_miss`). `network_key` also keys the per-network TCP connection cap.
+//!
+//! The buckets live in quick_cache (already the answer cache's map), by value, each updated in
+//! place under its shard's lock. Per `allow` call (`benches/rate_limit.rs`, release): 111 ns for
+//! a known network and 1.4 µs for a new one past the bound, against moka's 573 ns and 10.4 µs
+//! (a bucket behind a mutex per entry). A plain sharded map did 69 ns and 0.7 µs, but would make
+//! us own its eviction. moka's time-to-idle bought nothing a client can see: a bucket idle for a
+//! second is full again, exactly like a new one.
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ipnet::IpNet;
+use quick_cache::sync::{EntryAction, EntryResult};
 
-/// Client networks remembered at once; the least recently seen are forgotten first.
-const MAX_TRACKED_NETWORKS: u64 = 100_000;
+/// Client networks remembered at once. Beyond it quick_cache's S3-FIFO forgets first the
+/// networks seen only once (a spoofed flood's sources) and keeps those that keep coming back.
+/// A forgotten network that comes back idle is served as it would have been: its bucket would
+/// have refilled.
+const MAX_TRACKED_NETWORKS: usize = 100_000;
 
-/// A network not seen for this long starts again with a full bucket.
-const IDLE_FORGET: Duration = Duration::from_secs(60);
-
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Bucket {
     tokens: f64,
     last: Instant,
+}
+
+impl Bucket {
+    /// Refills for the time since `last`, then takes a token if there is one.
+    fn take(&mut self, rate: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 pub struct RateLimiter {
     /// Responses per second, also the burst.
     rate: u32,
     exempt: Vec<IpNet>,
-    buckets: moka::sync::Cache<u128, Arc<Mutex<Bucket>>>,
+    buckets: quick_cache::sync::Cache<u128, Bucket>,
 }
 
 /// The key of a client's network: the /24 of an IPv4 address, the /56 of an IPv6 one.
@@ -48,10 +70,7 @@ impl RateLimiter {
         (rate > 0).then(|| RateLimiter {
             rate,
             exempt,
-            buckets: moka::sync::Cache::builder()
-                .max_capacity(MAX_TRACKED_NETWORKS)
-                .time_to_idle(IDLE_FORGET)
-                .build(),
+            buckets: quick_cache::sync::Cache::new(MAX_TRACKED_NETWORKS),
         })
     }
 
@@ -61,24 +80,24 @@ impl RateLimiter {
             return true;
         }
         let rate = f64::from(self.rate);
-        let bucket = self.buckets.get_with(network_key(client), || {
-            Arc::new(Mutex::new(Bucket {
-                tokens: rate,
-                last: now,
-            }))
-        });
-        let mut b = match bucket.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(rate);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
+        let key = network_key(client);
+        match self
+            .buckets
+            .entry(&key, None, |_, b| EntryAction::Retain(b.take(rate, now)))
+        {
+            EntryResult::Retained(allowed) => allowed,
+            EntryResult::Vacant(slot) => {
+                let mut b = Bucket {
+                    tokens: rate,
+                    last: now,
+                };
+                let allowed = b.take(rate, now);
+                // Refused only if the placeholder was removed meanwhile, which nothing here does.
+                let _ = slot.insert(b);
+                allowed
+            }
+            // The callback always retains and there is no timeout: never returned.
+            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => true,
         }
     }
 }
@@ -86,6 +105,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
@@ -123,5 +143,23 @@ mod tests {
         );
         assert!((0..1000).all(|_| l.allow(ip("127.0.0.1"), t0)), "exempt");
         assert!(RateLimiter::new(0, vec![]).is_none());
+    }
+
+    #[test]
+    fn buckets_stay_bounded_and_new_networks_start_full() {
+        let l = RateLimiter::new(2, vec![]).expect("on");
+        let t0 = Instant::now();
+        for n in 0..(2 * MAX_TRACKED_NETWORKS as u32) {
+            let client = IpAddr::V4(std::net::Ipv4Addr::from(n << 8));
+            assert!(l.allow(client, t0), "a new network has its burst");
+        }
+        assert!(
+            l.buckets.len() <= MAX_TRACKED_NETWORKS,
+            "{}",
+            l.buckets.len()
+        );
+        let busy = ip("198.51.100.1");
+        assert!(l.allow(busy, t0) && l.allow(busy, t0));
+        assert!(!l.allow(busy, t0), "empty after the burst");
     }
 }

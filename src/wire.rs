@@ -7,18 +7,10 @@ use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, Res
 use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 
-/// Without EDNS a UDP reply must fit in 512 bytes (RFC 1035 §4.2.1).
-pub const UDP_LIMIT_NO_EDNS: usize = 512;
+use crate::header::{self, Section, HEADER_LEN, TYPE_A, TYPE_AAAA};
+// Re-exported because callers outside the header code still import it from here.
 
-/// The largest UDP reply we send, whatever the client offers: 1232 bytes avoids IP fragmentation
-/// on any path with an MTU of 1280 (DNS Flag Day 2020).
-pub const UDP_LIMIT_EDNS: usize = 1232;
-
-/// A DNS message over TCP is prefixed by a 16-bit length.
-pub const TCP_LIMIT: usize = 65_535;
-
-/// The DNS header is 12 bytes; anything shorter is not DNS.
-pub const HEADER_LEN: usize = 12;
+pub use crate::header::{TCP_LIMIT, UDP_LIMIT_EDNS, UDP_LIMIT_NO_EDNS};
 
 /// Size of an OPT record without options (RFC 6891 §6.1.2).
 pub const OPT_LEN: usize = 11;
@@ -56,16 +48,15 @@ pub struct RawHeader {
 
 impl RawHeader {
     pub fn parse(packet: &[u8]) -> Option<RawHeader> {
-        if packet.len() < HEADER_LEN {
-            return None;
-        }
+        let [qdcount, ..] = header::counts(packet)?;
+        let flags = header::flags(packet)?;
         Some(RawHeader {
-            id: u16::from_be_bytes([packet[0], packet[1]]),
-            is_response: packet[2] & 0x80 != 0,
-            opcode: (packet[2] >> 3) & 0x0f,
-            recursion_desired: packet[2] & 0x01 != 0,
-            checking_disabled: packet[3] & 0x10 != 0,
-            qdcount: u16::from_be_bytes([packet[4], packet[5]]),
+            id: header::id(packet)?,
+            is_response: flags & header::QR != 0,
+            opcode: header::opcode(flags),
+            recursion_desired: flags & header::RD != 0,
+            checking_disabled: flags & header::CD != 0,
+            qdcount,
         })
     }
 }
@@ -73,10 +64,13 @@ impl RawHeader {
 /// A reply with only a header: used when the request body could not be parsed, so nothing of it
 /// can be echoed. QR=1, RA=1, opcode and RD copied, counts zero.
 pub fn header_only_reply(h: &RawHeader, rcode: ResponseCode) -> Vec<u8> {
-    let mut out = vec![0u8; HEADER_LEN];
-    out[0..2].copy_from_slice(&h.id.to_be_bytes());
-    out[2] = 0x80 | (h.opcode << 3) | u8::from(h.recursion_desired);
-    out[3] = 0x80 | (rcode.low() & 0x0f);
+    let flags = header::QR
+        | header::opcode_flags(h.opcode)
+        | header::flag_if(h.recursion_desired, header::RD)
+        | header::RA
+        | header::rcode_flags(rcode.low());
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    header::push(&mut out, h.id, flags, [0; 4]);
     out
 }
 
@@ -197,9 +191,7 @@ fn encode_general(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8>,
         let mut encoder = BinEncoder::new(&mut buf);
         encoder.set_max_size(u16::try_from(probe_limit).unwrap_or(u16::MAX));
         match probe.emit(&mut encoder) {
-            Ok(()) => buf
-                .get(6..8)
-                .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]]))),
+            Ok(()) => header::count(&buf, Section::Answer).map_or(0, usize::from),
             Err(_) => 0,
         }
     };
@@ -231,7 +223,7 @@ fn encode_general(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8>,
                 },
                 answer.rcode,
             );
-            set_truncated(&mut bytes);
+            header::set_flags(&mut bytes, header::TC);
             (bytes, true)
         }
     }
@@ -277,8 +269,8 @@ fn encode_addresses(request: &Message, answer: &Answer, limit: usize) -> Option<
     let mut written = 0usize;
     for record in &answer.answers {
         let (rtype, rdata): (u16, &[u8]) = match &record.data {
-            RData::A(a) => (1, &a.0.octets()),
-            RData::AAAA(aaaa) => (28, &aaaa.0.octets()),
+            RData::A(a) => (TYPE_A, &a.0.octets()),
+            RData::AAAA(aaaa) => (TYPE_AAAA, &aaaa.0.octets()),
             _ => return None,
         };
         if out.len() - question_end + 12 + rdata.len() > room {
@@ -293,11 +285,11 @@ fn encode_addresses(request: &Message, answer: &Answer, limit: usize) -> Option<
         written += 1;
     }
     out.extend_from_slice(&frame[question_end..]);
-    out[6..8].copy_from_slice(&u16::try_from(written).ok()?.to_be_bytes());
+    header::set_count(&mut out, Section::Answer, u16::try_from(written).ok()?);
     let truncated = written < answer.answers.len();
     // As in the general path: TC=1 tells a UDP client TCP would give it more.
     if truncated && limit < TCP_LIMIT {
-        set_truncated(&mut out);
+        header::set_flags(&mut out, header::TC);
     }
     Some((out, truncated))
 }
@@ -305,22 +297,11 @@ fn encode_addresses(request: &Message, answer: &Answer, limit: usize) -> Option<
 /// Did the encoder write every record? hickory stops at 64 KiB on its own (setting TC and
 /// lowering the counts), which must not pass for a fit.
 fn complete(bytes: &[u8], msg: &Message) -> bool {
-    let count = |at: usize| {
-        bytes
-            .get(at..at + 2)
-            .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-    };
+    let count = |section| header::count(bytes, section).map_or(0, usize::from);
     let opt = usize::from(msg.edns.is_some());
-    count(6) == msg.answers.len()
-        && count(8) == msg.authorities.len()
-        && count(10) == msg.additionals.len() + opt
-}
-
-/// Sets TC=1 on an encoded message.
-pub fn set_truncated(bytes: &mut [u8]) {
-    if bytes.len() >= 3 {
-        bytes[2] |= 0x02;
-    }
+    count(Section::Answer) == msg.answers.len()
+        && count(Section::Authority) == msg.authorities.len()
+        && count(Section::Additional) == msg.additionals.len() + opt
 }
 
 /// RFC 8482: a forwarded ANY query gets one synthesized HINFO record instead of everything, so we
@@ -409,8 +390,9 @@ mod tests {
         assert_eq!(reply.queries[0].name().to_ascii(), "WeB.Service.Consul.");
         assert!(reply.edns.is_none(), "no OPT unless the query had one");
         // nginx's acceptance mask: QR=1 and AD, Z, CD clear.
-        let flags = u16::from_be_bytes([bytes[2], bytes[3]]);
-        assert_eq!(flags & 0xf870, 0x8000);
+        let flags = header::flags(&bytes).expect("flags");
+        let checked = header::QR | header::OPCODE_MASK | header::Z | header::AD | header::CD;
+        assert_eq!(flags & checked, header::QR);
     }
 
     #[test]

@@ -11,10 +11,12 @@
 //!   `Answer`, `Source` and the `AnswerSource` trait.
 //! - [`handler`]: one request's bytes in, one reply's bytes out: protocol checks, access control,
 //!   routing to an answer source, size limits.
-//! - [`header`]: the 12-byte DNS header (named flags, section counts) and record type numbers.
+//! - [`header`]: the 12-byte DNS header (named flags, section counts), record type numbers and
+//!   the reply size limits.
 //! - [`wire`]: pure DNS message functions: reply headers, encoding within a size, truncation.
-//! - [`consul`]: the Consul answer source: name parsing, health filtering, record building,
-//!   watchers with blocking queries, the catalog file and the dnsmasq-compatible DNS mode.
+//! - [`consul`]: the Consul answer source: name parsing and validation, what exists in Consul,
+//!   health filtering, record building, watchers with blocking queries, the change feed, the
+//!   catalog file and the dnsmasq-compatible DNS mode.
 //! - [`upstream`]: forwarding to upstream resolvers with failover and TCP fallback, zone routing,
 //!   and the cache in front of it.
 //! - [`ratelimit`]: per-client-network UDP response rate limiting (TC=1 over the limit).
@@ -22,6 +24,7 @@
 //!   merged misses.
 //! - [`packet`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
+//! - [`lock`]: the one way to take a mutex (poisoning ignored).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
 //!
 //! See ARCHITECTURE.md for the flow of a query.

@@ -23,6 +23,7 @@ use hickory_proto::rr::{RData, Record};
 
 use crate::answer::{Answer, Question};
 use crate::header::{self, Section, HEADER_LEN};
+use crate::lock::lock;
 use crate::packet::{self, PlainQuery};
 use crate::wire::{self, STALE_TTL};
 
@@ -516,10 +517,7 @@ impl Cache {
     {
         let wire: Box<[u8]> = question_wire(key).into();
         let shared = {
-            let mut inflight = match self.inflight.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut inflight = lock(&self.inflight);
             if let Some(running) = inflight.get(&wire) {
                 running.clone()
             } else {
@@ -555,10 +553,7 @@ impl Cache {
 
     fn remove_inflight(&self, key: &[u8]) {
         // Called from a destructor too: never panic here.
-        let mut inflight = match self.inflight.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut inflight = lock(&self.inflight);
         inflight.remove(key);
     }
 }

@@ -55,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::handler::{ConsulRoute, Handler, Routes};
+use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::server::{Limits, Listeners};
 use crate::upstream::Forwarder;
@@ -199,10 +200,7 @@ pub async fn run_with_reload(
         let gauges = metrics.clone();
         let st = state.clone();
         let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-            let entries = match st.lock() {
-                Ok(g) => g.1.forwarder.cache().entry_count(),
-                Err(p) => p.into_inner().1.forwarder.cache().entry_count(),
-            };
+            let entries = lock(&st).1.forwarder.cache().entry_count();
             gauges
                 .cache_entries
                 .set(i64::try_from(entries).unwrap_or(i64::MAX));
@@ -214,10 +212,7 @@ pub async fn run_with_reload(
             if !up.load(Ordering::SeqCst) {
                 return Err("not serving DNS (starting or shutting down)".to_owned());
             }
-            let consul = match st.lock() {
-                Ok(g) => g.1.routes.consul.clone(),
-                Err(p) => p.into_inner().1.routes.consul.clone(),
-            };
+            let consul = lock(&st).1.routes.consul.clone();
             consul.map_or(Ok(()), |c| c.ready())
         });
         let live = serving.clone();
@@ -356,10 +351,7 @@ async fn apply_reload(
     token: &CancellationToken,
 ) -> Result<(), String> {
     // Build outside the lock (it may read files); the previous parts are shared through Arcs.
-    let (old_config, old_parts) = match state.lock() {
-        Ok(g) => g.clone(),
-        Err(p) => p.into_inner().clone(),
-    };
+    let (old_config, old_parts) = lock(state).clone();
     if new_config.server.listen != old_config.server.listen
         || new_config.metrics != old_config.metrics
         || new_config.server.max_tcp_connections != old_config.server.max_tcp_connections
@@ -376,10 +368,7 @@ async fn apply_reload(
     handler.replace_routes(new_routes);
     let replaced_consul = !built.reused_consul;
     {
-        let mut guard = match state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut guard = lock(state);
         *guard = (new_config, built);
     }
     if replaced_consul {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::handler::{Cached, Handler};
+use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::ratelimit::network_key;
 use crate::wire::Transport;
@@ -388,10 +389,7 @@ impl NetworkConnections {
     fn acquire(self: Arc<Self>, client: IpAddr) -> Option<NetworkSlot> {
         let key = network_key(client);
         {
-            let mut open = match self.open.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut open = lock(&self.open);
             let count = open.entry(key).or_insert(0);
             if *count >= self.max {
                 return None;
@@ -409,10 +407,7 @@ struct NetworkSlot {
 
 impl Drop for NetworkSlot {
     fn drop(&mut self) {
-        let mut open = match self.owner.open.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut open = lock(&self.owner.open);
         if let Some(count) = open.get_mut(&self.key) {
             *count = count.saturating_sub(1);
             if *count == 0 {

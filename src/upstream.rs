@@ -638,4 +638,107 @@ mod tests {
             Some(Mismatch::Malformed)
         );
     }
+
+    /// A loopback DNS server for the failover tests: answers every question with `rcode` (echoing
+    /// ID and question), or never answers when `rcode` is `None`. Counts what it received.
+    async fn fake_server(
+        rcode: Option<ResponseCode>,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = received.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let (Some(rcode), Ok(query)) = (rcode, Message::from_vec(&buf[..len])) else {
+                    continue;
+                };
+                let mut m = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+                m.metadata.response_code = rcode;
+                for q in query.queries {
+                    m.add_query(q);
+                }
+                let _ = socket.send_to(&m.to_vec().expect("encode"), from).await;
+            }
+        });
+        (addr, received)
+    }
+
+    fn metrics() -> Arc<Metrics> {
+        Metrics::new(&prometheus::Registry::new()).expect("metrics")
+    }
+
+    #[tokio::test]
+    async fn a_silent_first_server_costs_one_timeout_then_the_good_one_is_asked_first() {
+        let (silent, silent_got) = fake_server(None).await;
+        let (good, good_got) = fake_server(Some(ResponseCode::NoError)).await;
+        let group = ServerGroup::new(vec![silent, good], Duration::from_secs(2));
+        let m = metrics();
+        let started = Instant::now();
+        let reply = group
+            .query(&question("a.example."), &m)
+            .await
+            .expect("answer");
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(
+            silent_got.load(Ordering::SeqCst),
+            1,
+            "the first server was tried"
+        );
+        assert_eq!(good_got.load(Ordering::SeqCst), 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "within the deadline"
+        );
+        // The server that answered is tried first from now on: no more waiting on the silent one.
+        let started = Instant::now();
+        for _ in 0..3 {
+            group
+                .query(&question("a.example."), &m)
+                .await
+                .expect("answer");
+        }
+        assert_eq!(silent_got.load(Ordering::SeqCst), 1, "not asked again");
+        assert_eq!(good_got.load(Ordering::SeqCst), 4);
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn servfail_and_refused_move_on_to_the_next_server() {
+        for bad in [ResponseCode::ServFail, ResponseCode::Refused] {
+            let (first, first_got) = fake_server(Some(bad)).await;
+            let (second, second_got) = fake_server(Some(ResponseCode::NXDomain)).await;
+            let group = ServerGroup::new(vec![first, second], Duration::from_secs(2));
+            let reply = group
+                .query(&question("b.example."), &metrics())
+                .await
+                .expect("answer");
+            assert_eq!(
+                reply.metadata.response_code,
+                ResponseCode::NXDomain,
+                "{bad:?}"
+            );
+            assert_eq!(first_got.load(Ordering::SeqCst), 1);
+            assert_eq!(second_got.load(Ordering::SeqCst), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn every_server_silent_fails_at_the_deadline() {
+        let (a, _) = fake_server(None).await;
+        let (b, _) = fake_server(None).await;
+        let group = ServerGroup::new(vec![a, b], Duration::from_millis(600));
+        let started = Instant::now();
+        assert!(group
+            .query(&question("c.example."), &metrics())
+            .await
+            .is_err());
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
 }

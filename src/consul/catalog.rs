@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock, Mutex};
 
+use crate::lock::lock;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -371,10 +372,7 @@ impl ServiceView {
     /// The instances served for `key`: tag-filtered, then healthy only, or every tagged one
     /// when none is healthy and `all_when_none_healthy`. Computed once per view and key.
     pub fn selection(&self, key: &SelectionKey) -> Arc<Selection> {
-        let mut cache = match self.selections.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut cache = lock(&self.selections);
         if let Some(s) = cache.get(key) {
             return s.clone();
         }

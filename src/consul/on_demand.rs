@@ -22,12 +22,12 @@ pub(super) type SharedResult<V> = Shared<BoxFuture<'static, Result<V, LookupErro
 /// Values fetched on demand, kept `ttl` fresh, served stale up to `stale_for` when a refresh
 /// fails; concurrent misses share one fetch.
 pub(super) struct OnDemand<V: Clone + Send + Sync + 'static> {
-    pub(super) slots: Mutex<HashMap<String, Slot<V>>>,
+    pub(super) entries: Mutex<HashMap<String, Entry<V>>>,
     /// `limit_drops_total{limit="on_demand"}`.
     pub(super) forgotten: prometheus::IntCounter,
 }
 
-pub(super) struct Slot<V: Clone> {
+pub(super) struct Entry<V: Clone> {
     pub(super) value: Option<(V, Instant)>,
     pub(super) inflight: Option<SharedResult<V>>,
 }
@@ -35,35 +35,38 @@ pub(super) struct Slot<V: Clone> {
 impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
     pub(super) fn new(metrics: &Metrics) -> Self {
         OnDemand {
-            slots: Mutex::new(HashMap::new()),
+            entries: Mutex::new(HashMap::new()),
             forgotten: metrics.limit_drops.with_label_values(&["on_demand"]),
         }
     }
 
     /// Is there a fetched answer for `key` (fresh or not)?
     pub(super) fn remembers(&self, key: &str) -> bool {
-        lock(&self.slots)
+        lock(&self.entries)
             .get(key)
-            .is_some_and(|slot| slot.value.is_some())
+            .is_some_and(|entry| entry.value.is_some())
     }
 
     /// Keeps at most [`MAX_ON_DEMAND`] entries: past it, forgets the least recently fetched
     /// (never one with a fetch in flight) down to nine tenths of it, so the sort runs once per
     /// tenth of the bound, not per insert.
-    pub(super) fn bound(slots: &mut HashMap<String, Slot<V>>, forgotten: &prometheus::IntCounter) {
-        if slots.len() <= MAX_ON_DEMAND {
+    pub(super) fn bound(
+        entries: &mut HashMap<String, Entry<V>>,
+        forgotten: &prometheus::IntCounter,
+    ) {
+        if entries.len() <= MAX_ON_DEMAND {
             return;
         }
-        let mut idle: Vec<(Option<Instant>, String)> = slots
+        let mut idle: Vec<(Option<Instant>, String)> = entries
             .iter()
             .filter(|(_, s)| s.inflight.is_none())
             .map(|(k, s)| (s.value.as_ref().map(|(_, at)| *at), k.clone()))
             .collect();
         // Entries without a value (failed fetches) sort first, then the oldest.
         idle.sort_unstable();
-        let excess = slots.len().saturating_sub(MAX_ON_DEMAND / 10 * 9);
+        let excess = entries.len().saturating_sub(MAX_ON_DEMAND / 10 * 9);
         for (_, key) in idle.into_iter().take(excess) {
-            slots.remove(&key);
+            entries.remove(&key);
             forgotten.inc();
         }
     }
@@ -76,18 +79,18 @@ impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
         fetch: impl FnOnce() -> BoxFuture<'static, Result<V, LookupError>>,
     ) -> Result<V, LookupError> {
         let (shared, previous) = {
-            let mut slots = lock(&self.slots);
-            let slot = slots.entry(key.clone()).or_insert(Slot {
+            let mut entries = lock(&self.entries);
+            let entry = entries.entry(key.clone()).or_insert(Entry {
                 value: None,
                 inflight: None,
             });
-            if let Some((v, at)) = &slot.value {
+            if let Some((v, at)) = &entry.value {
                 if at.elapsed() < ttl(v) {
                     return Ok(v.clone());
                 }
             }
-            let previous = slot.value.clone();
-            let shared = match &slot.inflight {
+            let previous = entry.value.clone();
+            let shared = match &entry.inflight {
                 Some(s) => s.clone(),
                 None => {
                     let this = self.clone();
@@ -95,11 +98,11 @@ impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
                     let fut = fetch();
                     let task = tokio::spawn(async move {
                         let r = fut.await;
-                        let mut slots = lock(&this.slots);
-                        if let Some(slot) = slots.get_mut(&k) {
-                            slot.inflight = None;
+                        let mut entries = lock(&this.entries);
+                        if let Some(entry) = entries.get_mut(&k) {
+                            entry.inflight = None;
                             if let Ok(v) = &r {
-                                slot.value = Some((v.clone(), Instant::now()));
+                                entry.value = Some((v.clone(), Instant::now()));
                             }
                         }
                         r
@@ -111,8 +114,8 @@ impl<V: Clone + Send + Sync + 'static> OnDemand<V> {
                     }
                     .boxed()
                     .shared();
-                    slot.inflight = Some(s.clone());
-                    Self::bound(&mut slots, &self.forgotten);
+                    entry.inflight = Some(s.clone());
+                    Self::bound(&mut entries, &self.forgotten);
                     s
                 }
             };
@@ -142,37 +145,37 @@ mod tests {
         let metrics = test_metrics();
         let forgotten = metrics.limit_drops.with_label_values(&["on_demand"]);
         let start = Instant::now();
-        let mut slots: HashMap<String, Slot<u32>> = HashMap::new();
+        let mut entries: HashMap<String, Entry<u32>> = HashMap::new();
         for i in 0..=MAX_ON_DEMAND {
             let at = start + Duration::from_millis(i as u64);
-            slots.insert(
+            entries.insert(
                 format!("n{i}"),
-                Slot {
+                Entry {
                     value: Some((0, at)),
                     inflight: None,
                 },
             );
         }
         // One failed fetch (no value) goes first.
-        slots.insert(
+        entries.insert(
             "failed".into(),
-            Slot {
+            Entry {
                 value: None,
                 inflight: None,
             },
         );
-        OnDemand::bound(&mut slots, &forgotten);
-        assert_eq!(slots.len(), MAX_ON_DEMAND / 10 * 9);
-        assert_eq!(forgotten.get() as usize, MAX_ON_DEMAND + 2 - slots.len());
-        assert!(!slots.contains_key("failed"));
-        assert!(!slots.contains_key("n0"), "the oldest is forgotten");
+        OnDemand::bound(&mut entries, &forgotten);
+        assert_eq!(entries.len(), MAX_ON_DEMAND / 10 * 9);
+        assert_eq!(forgotten.get() as usize, MAX_ON_DEMAND + 2 - entries.len());
+        assert!(!entries.contains_key("failed"));
+        assert!(!entries.contains_key("n0"), "the oldest is forgotten");
         assert!(
-            slots.contains_key(&format!("n{MAX_ON_DEMAND}")),
+            entries.contains_key(&format!("n{MAX_ON_DEMAND}")),
             "the newest is kept"
         );
         // Under the bound nothing is touched.
-        let before = slots.len();
-        OnDemand::bound(&mut slots, &forgotten);
-        assert_eq!(slots.len(), before);
+        let before = entries.len();
+        OnDemand::bound(&mut entries, &forgotten);
+        assert_eq!(entries.len(), before);
     }
 }

@@ -11,7 +11,7 @@
 //! - `request_parse`: the request bytes parsed into a hickory `Message` (done for every query).
 //! - `cache_hit`: a forwarded cache hit turned into reply bytes: `write_reply` (the hot path:
 //!   bytes patched), and for comparison the general path (`CachedAnswer::to_answer` +
-//!   `wire::encode_reply`); the cache lookup in front of it.
+//!   `reply::encode_reply`); the cache lookup in front of it.
 //! - `consul_view`: a Consul view turned into records and reply bytes for 1, 10, 100 and 5,000
 //!   instances (issue 8: the cost of an answer should not grow with the instance count).
 //! - `handler`: `Handler::handle` end to end (bytes in, bytes out, metrics included) for a Consul
@@ -44,9 +44,9 @@ use consul_dns_forwarder::consul::records::{self, Ctx, Plan};
 use consul_dns_forwarder::consul::ConsulSource;
 use consul_dns_forwarder::handler::{Cached, ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
-use consul_dns_forwarder::packet;
+use consul_dns_forwarder::raw;
+use consul_dns_forwarder::reply::{self, Transport};
 use consul_dns_forwarder::upstream::Forwarder;
-use consul_dns_forwarder::wire::{self, Transport};
 
 /// Instance counts of the `consul_view` and `handler` groups. 5,000 is issue 8's large service.
 const SIZES: [usize; 4] = [1, 10, 100, 5_000];
@@ -221,14 +221,14 @@ fn bench_cache_hit(c: &mut Criterion) {
             CachedAnswer::from_message(&question, &upstream_reply(qname, a, cname), &policy(), now)
                 .expect("cacheable");
         let req = request(qname, RecordType::A, false);
-        let limit = wire::reply_limit(&req, Transport::Udp);
+        let limit = reply::reply_limit(&req, Transport::Udp);
         let later = now + Duration::from_millis(1500);
         let req_bytes = req.to_vec().expect("encodes");
         let mut out = Vec::with_capacity(1232);
         // The hot path: the plain query read as bytes and the reply written from cached bytes.
         g.bench_function(BenchmarkId::new("write_reply", label), |b| {
             b.iter(|| {
-                let q = packet::parse_plain_query(black_box(&req_bytes)).expect("plain");
+                let q = raw::parse_plain_query(black_box(&req_bytes)).expect("plain");
                 black_box(&entry).write_reply(&mut out, &q, limit, later, false, false)
             })
         });
@@ -238,7 +238,7 @@ fn bench_cache_hit(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("to_answer_encode", label), |b| {
             b.iter(|| {
                 let answer = black_box(&entry).to_answer(later, false);
-                wire::encode_reply(black_box(&req), &answer, limit)
+                reply::encode_reply(black_box(&req), &answer, limit)
             })
         });
     }
@@ -315,7 +315,7 @@ fn bench_consul_view(c: &mut Criterion) {
         // and glibc ask), truncated with TC=1 when they do not fit.
         g.bench_with_input(BenchmarkId::new("answer_a_udp512", size), &v, |b, v| {
             b.iter(|| match built(black_box(v), &ctx, 512) {
-                Plan::Done(answer) => wire::encode_reply(&req, &answer, 512),
+                Plan::Done(answer) => reply::encode_reply(&req, &answer, 512),
                 Plan::Cname { .. } => unreachable!("IP instances"),
             })
         });
@@ -329,11 +329,11 @@ fn bench_consul_view(c: &mut Criterion) {
         g.bench_with_input(
             BenchmarkId::new("encode_a_udp512", size),
             &answer,
-            |b, a| b.iter(|| wire::encode_reply(&req, black_box(a), 512)),
+            |b, a| b.iter(|| reply::encode_reply(&req, black_box(a), 512)),
         );
         g.bench_with_input(BenchmarkId::new("answer_srv_edns1232", size), &v, |b, v| {
             b.iter(|| match built(black_box(v), &srv_ctx, 1232) {
-                Plan::Done(answer) => wire::encode_reply(&srv_req, &answer, 1232),
+                Plan::Done(answer) => reply::encode_reply(&srv_req, &answer, 1232),
                 Plan::Cname { .. } => unreachable!("IP instances"),
             })
         });

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use hickory_proto::op::{Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
 
-use crate::packet::PlainQuery;
+use crate::raw::PlainQuery;
 
 /// A question as the sources see it: the name lowercased for matching; the original kept by the
 /// handler for the echo.
@@ -96,7 +96,7 @@ pub trait AnswerSource: Send + Sync {
     }
 
     /// Writes the reply to `query` into `out` straight from fresh cached bytes, if the source has
-    /// them (the hot path, see `packet`); `key` is the question with its name lowercased. Returns
+    /// them (the hot path, see `raw`); `key` is the question with its name lowercased. Returns
     /// false when `answer` must be asked instead; sources without a byte cache always do.
     fn reply_from_cache(
         &self,

@@ -5,7 +5,7 @@
 //!
 //! Entries are kept in wire format (the question and the records as they follow it in a reply),
 //! so a hit is answered by copying bytes and patching ID, flags, TTLs and the question's case
-//! (`packet`), not by cloning and encoding records: little heap per cached name
+//! (`raw`), not by cloning and encoding records: little heap per cached name
 //! (`benches/cache_memory.rs` measures it) and no encoding per hit.
 //! The map is quick_cache (S3-FIFO, sharded, small bookkeeping per entry, weights in bytes; why
 //! not moka is in ARCHITECTURE.md). Expiry is checked on read:
@@ -24,8 +24,8 @@ use hickory_proto::rr::{RData, Record};
 use crate::answer::{Answer, Question};
 use crate::header::{self, Section, HEADER_LEN};
 use crate::lock::lock;
-use crate::packet::{self, PlainQuery};
-use crate::wire::{self, STALE_TTL};
+use crate::raw::{self, PlainQuery};
+use crate::reply::{self, STALE_TTL};
 
 /// TTL rules applied when an upstream message is stored.
 #[derive(Clone, Debug)]
@@ -77,8 +77,8 @@ pub struct CachedAnswer {
 /// The question in wire format, as the cache keys it: the name (already lowercased in a
 /// `Question`), type and class.
 pub fn question_wire(q: &Question) -> Vec<u8> {
-    let mut out = Vec::with_capacity(packet::MAX_QUESTION_WIRE);
-    crate::wire::push_name(&mut out, &q.name);
+    let mut out = Vec::with_capacity(raw::MAX_QUESTION_WIRE);
+    crate::reply::push_name(&mut out, &q.name);
     out.extend_from_slice(&u16::from(q.qtype).to_be_bytes());
     out.extend_from_slice(&u16::from(q.qclass).to_be_bytes());
     out
@@ -235,10 +235,9 @@ impl CachedAnswer {
         bytes.extend_from_slice(&self.wire);
         let base = HEADER_LEN + usize::from(self.question_len);
         let total = self.counts.iter().map(|&c| usize::from(c)).sum();
-        let decoded =
-            packet::rewrite_ttls(&mut bytes[base..], total, base, self.ttl_at(now, stale))
-                .then(|| Message::from_vec(&bytes).ok())
-                .flatten();
+        let decoded = raw::rewrite_ttls(&mut bytes[base..], total, base, self.ttl_at(now, stale))
+            .then(|| Message::from_vec(&bytes).ok())
+            .flatten();
         match decoded {
             Some(msg) => Answer {
                 rcode: self.rcode,
@@ -268,7 +267,7 @@ impl CachedAnswer {
         shuffle: bool,
     ) -> bool {
         let opt_len = if q.edns_payload.is_some() {
-            wire::OPT_LEN
+            reply::OPT_LEN
         } else {
             0
         };
@@ -285,12 +284,12 @@ impl CachedAnswer {
             && shuffled
             && self.counts[1] == 0
             && self.counts[2] == 0
-            && limit < wire::TCP_LIMIT;
+            && limit < reply::TCP_LIMIT;
         if !fits && !cut {
             return false;
         }
         out.clear();
-        packet::write_header(out, q, false, self.rcode.low(), self.counts);
+        raw::write_header(out, q, false, self.rcode.low(), self.counts);
         out.extend_from_slice(q.question);
         let base = out.len();
         let records = self.records();
@@ -303,7 +302,7 @@ impl CachedAnswer {
             };
             let mut rng = rand::rng();
             let Some((used, copied)) =
-                packet::copy_shuffled_answers(out, records, answers, base, room, &mut rng)
+                raw::copy_shuffled_answers(out, records, answers, base, room, &mut rng)
             else {
                 return false;
             };
@@ -319,12 +318,12 @@ impl CachedAnswer {
         } else {
             out.extend_from_slice(records);
         }
-        if !packet::rewrite_ttls(&mut out[base..], total, base, self.ttl_at(now, stale)) {
+        if !raw::rewrite_ttls(&mut out[base..], total, base, self.ttl_at(now, stale)) {
             return false;
         }
         if opt_len > 0 {
-            packet::write_opt(out);
-            packet::add_additional(out);
+            raw::write_opt(out);
+            raw::add_additional(out);
         }
         true
     }
@@ -474,7 +473,7 @@ impl Cache {
     }
 
     /// Looks up a question given in wire format with its name lowercased
-    /// (`packet::question_key`).
+    /// (`raw::question_key`).
     pub fn lookup_wire(&self, question: &[u8], now: Instant) -> Lookup {
         let hash = self.hasher.hash_one(question);
         match self.entries.get(&hash) {
@@ -647,7 +646,7 @@ mod tests {
         ));
     }
 
-    /// The bytes path and the general path (decode, then `wire::encode_reply`) must give the
+    /// The bytes path and the general path (decode, then `reply::encode_reply`) must give the
     /// same reply: same header, the client's question case, same records and TTLs, same OPT.
     #[test]
     fn byte_replies_equal_the_general_path() {
@@ -676,13 +675,13 @@ mod tests {
                 request.edns = Some(opt);
             }
             let bytes = request.to_vec().expect("encode");
-            let plain = packet::parse_plain_query(&bytes).expect("plain");
+            let plain = raw::parse_plain_query(&bytes).expect("plain");
             for stale in [false, true] {
                 let mut fast = Vec::new();
                 assert!(e.write_reply(&mut fast, &plain, 512, later, stale, false));
-                let limit = crate::wire::reply_limit(&request, crate::wire::Transport::Udp);
+                let limit = crate::reply::reply_limit(&request, crate::reply::Transport::Udp);
                 let (general, truncated) =
-                    crate::wire::encode_reply(&request, &e.to_answer(later, stale), limit);
+                    crate::reply::encode_reply(&request, &e.to_answer(later, stale), limit);
                 assert!(!truncated);
                 assert_eq!(
                     Message::from_vec(&fast).expect("fast decodes"),
@@ -718,7 +717,7 @@ mod tests {
         let e = store(&reply(ResponseCode::NoError, &[60, 60, 60, 60], None), now).expect("ok");
         let request = a_query();
         let bytes = request.to_vec().expect("encode");
-        let plain = packet::parse_plain_query(&bytes).expect("plain");
+        let plain = raw::parse_plain_query(&bytes).expect("plain");
         let mut firsts = std::collections::HashSet::new();
         for _ in 0..64 {
             let mut out = Vec::new();
@@ -741,8 +740,8 @@ mod tests {
         let e = store(&reply(ResponseCode::NoError, &[60; 100], None), now).expect("ok");
         let request = a_query();
         let bytes = request.to_vec().expect("encode");
-        let plain = packet::parse_plain_query(&bytes).expect("plain");
-        let (general, truncated) = wire::encode_reply(&request, &e.to_answer(now, false), 512);
+        let plain = raw::parse_plain_query(&bytes).expect("plain");
+        let (general, truncated) = reply::encode_reply(&request, &e.to_answer(now, false), 512);
         assert!(truncated);
         let general = Message::from_vec(&general).expect("general decodes");
         let mut kept = std::collections::HashSet::new();
@@ -761,7 +760,7 @@ mod tests {
             "a different subset each time"
         );
         let mut out = Vec::new();
-        assert!(e.write_reply(&mut out, &plain, wire::TCP_LIMIT, now, false, true));
+        assert!(e.write_reply(&mut out, &plain, reply::TCP_LIMIT, now, false, true));
         let msg = Message::from_vec(&out).expect("decodes");
         assert!(!msg.metadata.truncation);
         assert_eq!(msg.answers.len(), 100);

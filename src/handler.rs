@@ -13,9 +13,9 @@ use ipnet::IpNet;
 use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::header;
 use crate::metrics::{rcode_label, Metrics};
-use crate::packet;
 use crate::ratelimit::RateLimiter;
-use crate::wire::{self, RawHeader, Transport};
+use crate::raw;
+use crate::reply::{self, RawHeader, Transport};
 
 /// The Consul domains and what answers them.
 #[derive(Clone)]
@@ -37,7 +37,7 @@ impl ConsulRoute {
             .iter()
             .map(|d| {
                 let mut bytes = Vec::new();
-                wire::push_name(&mut bytes, &d.to_lowercase());
+                reply::push_name(&mut bytes, &d.to_lowercase());
                 bytes
             })
             .collect();
@@ -49,9 +49,7 @@ impl ConsulRoute {
     }
 
     fn covers_wire(&self, name: &[u8]) -> bool {
-        self.domains_wire
-            .iter()
-            .any(|d| packet::name_in_zone(name, d))
+        self.domains_wire.iter().any(|d| raw::name_in_zone(name, d))
     }
 }
 
@@ -119,7 +117,7 @@ impl Handler {
     }
 
     /// The hot path: writes the reply to `packet` into `out` when it is a plain query (see
-    /// `packet::parse_plain_query`) that a source answers from fresh cached bytes, or that the
+    /// `raw::parse_plain_query`) that a source answers from fresh cached bytes, or that the
     /// rate limit turns away. No `Message` is built, nothing is allocated beyond `out`'s growth,
     /// and the caller needs no task. Returns [`Cached::Miss`] when [`Handler::handle_miss`] must
     /// be called instead (with the charge it carries, so a miss costs one rate-limit token, not
@@ -132,7 +130,7 @@ impl Handler {
         out: &mut Vec<u8>,
     ) -> Cached {
         let started = Instant::now();
-        let Some(query) = packet::parse_plain_query(packet) else {
+        let Some(query) = raw::parse_plain_query(packet) else {
             return Cached::Miss(RateCharge::NotTaken);
         };
         if query.qtype == u16::from(RecordType::ANY) {
@@ -147,24 +145,24 @@ impl Handler {
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
             out.clear();
             let opt = query.edns_payload.is_some();
-            packet::write_header(out, &query, false, ResponseCode::NoError.low(), [0, 0, 0]);
+            raw::write_header(out, &query, false, ResponseCode::NoError.low(), [0, 0, 0]);
             out.extend_from_slice(query.question);
             if opt {
-                packet::write_opt(out);
-                packet::add_additional(out);
+                raw::write_opt(out);
+                raw::add_additional(out);
             }
             header::set_flags(out, header::TC);
             return Cached::Replied;
         }
-        let mut key_buf = [0u8; packet::MAX_QUESTION_WIRE];
-        let key = packet::question_key(query.question, &mut key_buf);
+        let mut key_buf = [0u8; raw::MAX_QUESTION_WIRE];
+        let key = raw::question_key(query.question, &mut key_buf);
         let name = &key[..key.len() - 4];
         let consul = routes.consul.as_ref().filter(|c| c.covers_wire(name));
         let source = match consul {
             Some(route) => &route.source,
             None => &routes.forwarder,
         };
-        let limit = wire::limit_for(transport, query.edns_payload);
+        let limit = reply::limit_for(transport, query.edns_payload);
         if !source.reply_from_cache(&query, key, limit, started, out) {
             // The token is spent: `handle_miss` must not take another for the same query.
             return Cached::Miss(RateCharge::Taken);
@@ -268,10 +266,10 @@ impl Handler {
             }
         };
         if limited {
-            let (mut bytes, _) = wire::encode_reply(
+            let (mut bytes, _) = reply::encode_reply(
                 &request,
                 &Answer::rcode(ResponseCode::NoError),
-                wire::UDP_LIMIT_NO_EDNS,
+                reply::UDP_LIMIT_NO_EDNS,
             );
             header::set_flags(&mut bytes, header::TC);
             return Some(bytes);
@@ -281,15 +279,15 @@ impl Handler {
         let consul = routes
             .consul
             .as_ref()
-            .filter(|c| c.domains.iter().any(|d| wire::in_zone(&q.name, d)));
+            .filter(|c| c.domains.iter().any(|d| reply::in_zone(&q.name, d)));
         self.metrics
             .count_request(transport, q.qtype, consul.is_some());
-        let limit = wire::reply_limit(&request, transport);
+        let limit = reply::reply_limit(&request, transport);
         let (answer, source) = match consul {
             Some(route) => route.source.answer(&q, limit).await,
             None => routes.forwarder.answer(&q, limit).await,
         };
-        let (bytes, truncated) = wire::encode_reply(&request, &answer, limit);
+        let (bytes, truncated) = reply::encode_reply(&request, &answer, limit);
         if truncated {
             self.metrics
                 .truncated
@@ -343,8 +341,8 @@ impl Handler {
             .with_label_values(&[rcode_label(rcode), Source::Local.as_str()])
             .inc();
         match request {
-            Some(request) => wire::error_reply(request, rcode),
-            None => wire::header_only_reply(header, rcode),
+            Some(request) => reply::error_reply(request, rcode),
+            None => reply::header_only_reply(header, rcode),
         }
     }
 }

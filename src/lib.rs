@@ -13,7 +13,7 @@
 //!   routing to an answer source, size limits.
 //! - [`header`]: the 12-byte DNS header (named flags, section counts), record type numbers and
 //!   the reply size limits.
-//! - [`wire`]: pure DNS message functions: reply headers, encoding within a size, truncation.
+//! - [`reply`]: pure DNS message functions: reply headers, encoding within a size, truncation.
 //! - [`consul`]: the Consul answer source: name parsing and validation, what exists in Consul,
 //!   health filtering, record building, watchers with blocking queries, the change feed, the
 //!   catalog file and the dnsmasq-compatible DNS mode.
@@ -22,7 +22,7 @@
 //! - [`ratelimit`]: per-client-network UDP response rate limiting (TC=1 over the limit).
 //! - [`cache`]: the answer cache, in wire format: TTL countdown, negative caching, serve-stale,
 //!   merged misses.
-//! - [`packet`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
+//! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
 //! - [`lock`]: the one way to take a mutex (poisoning ignored).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
@@ -39,11 +39,11 @@ pub mod handler;
 pub mod header;
 pub mod lock;
 pub mod metrics;
-pub mod packet;
 pub mod ratelimit;
+pub mod raw;
+pub mod reply;
 pub mod server;
 pub mod upstream;
-pub mod wire;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

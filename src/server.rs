@@ -18,7 +18,7 @@ use crate::handler::{Cached, Handler};
 use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::ratelimit::network_key;
-use crate::wire::Transport;
+use crate::reply::Transport;
 
 /// The largest datagram we read. EDNS clients may send up to their advertised size; reading the
 /// whole datagram lets an oversized one be parsed (and refused) instead of silently cut.
@@ -247,7 +247,7 @@ async fn udp_loop(
 ) {
     let mut buf = vec![0u8; UDP_RECV_BUFFER];
     // Replies answered inline (cache hits) are written here: one buffer per loop, reused.
-    let mut reply = Vec::with_capacity(crate::wire::UDP_LIMIT_EDNS);
+    let mut reply = Vec::with_capacity(crate::reply::UDP_LIMIT_EDNS);
     loop {
         let (len, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -21,11 +21,11 @@ use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::cache::{Cache, FetchError, Lookup, TtlPolicy};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::packet::PlainQuery;
-use crate::wire;
+use crate::raw::PlainQuery;
+use crate::reply;
 
 /// The EDNS size we offer upstreams: the same 1232 bytes we accept from clients.
-const UPSTREAM_EDNS_SIZE: u16 = wire::UDP_LIMIT_EDNS as u16;
+const UPSTREAM_EDNS_SIZE: u16 = reply::UDP_LIMIT_EDNS as u16;
 
 /// Every attempt gets at least this long, even when many servers share a short deadline.
 const MIN_ATTEMPT: Duration = Duration::from_millis(100);
@@ -486,7 +486,7 @@ impl Forwarder {
         if q.qtype == RecordType::ANY {
             // RFC 8482, without asking anyone.
             return (
-                wire::minimal_any_answer(&Query::query(q.name.clone(), q.qtype)),
+                reply::minimal_any_answer(&Query::query(q.name.clone(), q.qtype)),
                 Source::Local,
             );
         }

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use consul_dns_forwarder::handler::Handler;
-use consul_dns_forwarder::wire::Transport;
+use consul_dns_forwarder::reply::Transport;
 
 struct Target {
     runtime: tokio::runtime::Runtime,

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::support::hostile::*;
-use consul_dns_forwarder::wire::Transport;
+use consul_dns_forwarder::reply::Transport;
 use futures::FutureExt;
 use hickory_proto::op::Message;
 use rand::rngs::StdRng;

@@ -24,7 +24,7 @@ use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use consul_dns_forwarder::config::Config;
 use consul_dns_forwarder::consul::file::{FileBackend, DEMO_CATALOG};
-use consul_dns_forwarder::wire::Transport;
+use consul_dns_forwarder::reply::Transport;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use rand::rngs::StdRng;

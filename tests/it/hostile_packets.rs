@@ -18,7 +18,7 @@ use crate::support::hostile::*;
 use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use consul_dns_forwarder::consul::file::DEMO_CATALOG;
-use consul_dns_forwarder::wire::Transport;
+use consul_dns_forwarder::reply::Transport;
 use futures::FutureExt;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;

@@ -16,8 +16,8 @@ use consul_dns_forwarder::consul::file::{FileBackend, DEMO_CATALOG};
 use consul_dns_forwarder::consul::ConsulSource;
 use consul_dns_forwarder::handler::{ConsulRoute, Handler, Routes};
 use consul_dns_forwarder::metrics::Metrics;
+use consul_dns_forwarder::reply::Transport;
 use consul_dns_forwarder::upstream::Forwarder;
-use consul_dns_forwarder::wire::Transport;
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use rand::Rng;
 

@@ -239,7 +239,7 @@ pub fn rewrite_ttls(
 }
 
 /// Header flags of a reply to `q`: QR=1, opcode QUERY, RD and CD copied, RA=1, AA as given, AD
-/// and Z clear (the same rules as `wire::reply_metadata`).
+/// and Z clear (the same rules as `reply::reply_metadata`).
 pub fn write_header(
     out: &mut Vec<u8>,
     q: &PlainQuery<'_>,
@@ -258,7 +258,7 @@ pub fn write_header(
 }
 
 /// The OPT record of our replies: UDP size 1232, version 0, no flags or options (as
-/// `wire::reply_edns`).
+/// `reply::reply_edns`).
 pub fn write_opt(out: &mut Vec<u8>) {
     out.push(0);
     out.extend_from_slice(&TYPE_OPT.to_be_bytes());
@@ -277,7 +277,7 @@ pub fn add_additional(out: &mut [u8]) {
 /// many as fit in `room` bytes, if every one of them can move (an A or AAAA whose owner points
 /// back at the question, so no other record points into it either). The copy stops at the first
 /// record that does not fit, so a cut answer is a random subset, the largest prefix of a random
-/// order that fits, as the general path cuts (`wire::encode_reply`). Returns the length of the
+/// order that fits, as the general path cuts (`reply::encode_reply`). Returns the length of the
 /// whole answer section in `records` and how many records were copied, or `None` when they
 /// cannot be shuffled here.
 pub fn copy_shuffled_answers(

@@ -238,20 +238,10 @@ impl Handler {
                 .with_label_values(&[transport.as_str()])
                 .inc();
         }
-        let error = if !allowed {
-            Some(ResponseCode::Refused)
+        let error = if allowed {
+            request_error(request.as_ref().ok())
         } else {
-            match &request {
-                // The header parsed, so a reply is possible: FORMERR (counted in responses_total).
-                Err(_) => Some(ResponseCode::FormErr),
-                Ok(r) if r.metadata.op_code != OpCode::Query => Some(ResponseCode::NotImp),
-                Ok(r) if r.queries.len() != 1 => Some(ResponseCode::FormErr),
-                // RFC 6891 §6.1.3: we speak EDNS version 0 only.
-                Ok(r) if r.edns.as_ref().is_some_and(|e| e.version() > 0) => {
-                    Some(ResponseCode::BADVERS)
-                }
-                Ok(_) => None,
-            }
+            Some(ResponseCode::Refused)
         };
         let request = match request {
             Ok(request) if error.is_none() => request,
@@ -298,17 +288,7 @@ impl Handler {
         let took = started.elapsed();
         self.metrics.request_duration.observe(took.as_secs_f64());
         if routes.log_queries {
-            tracing::info!(
-                target: "consul_dns_forwarder::query",
-                client = %client,
-                name = %query.name(),
-                qtype = %q.qtype,
-                rcode = rcode_label(answer.rcode),
-                source = source.as_str(),
-                duration_us = took.as_micros() as u64,
-                protocol = transport.as_str(),
-                "query"
-            );
+            log_query(client, query, &answer, source, took, transport);
         }
         Some(bytes)
     }
@@ -345,4 +325,40 @@ impl Handler {
             None => reply::header_only_reply(header, rcode),
         }
     }
+}
+
+/// The error rcode a request that parsed (`None`: it did not) must get before any source is
+/// asked, or `None` when it is a query we answer.
+fn request_error(request: Option<&Message>) -> Option<ResponseCode> {
+    match request {
+        // The header parsed, so a reply is possible: FORMERR (counted in responses_total).
+        None => Some(ResponseCode::FormErr),
+        Some(r) if r.metadata.op_code != OpCode::Query => Some(ResponseCode::NotImp),
+        Some(r) if r.queries.len() != 1 => Some(ResponseCode::FormErr),
+        // RFC 6891 §6.1.3: we speak EDNS version 0 only.
+        Some(r) if r.edns.as_ref().is_some_and(|e| e.version() > 0) => Some(ResponseCode::BADVERS),
+        Some(_) => None,
+    }
+}
+
+/// One line of the query log (`[log] queries = true`).
+fn log_query(
+    client: IpAddr,
+    query: &hickory_proto::op::Query,
+    answer: &Answer,
+    source: Source,
+    took: std::time::Duration,
+    transport: Transport,
+) {
+    tracing::info!(
+        target: "consul_dns_forwarder::query",
+        client = %client,
+        name = %query.name(),
+        qtype = %query.query_type(),
+        rcode = rcode_label(answer.rcode),
+        source = source.as_str(),
+        duration_us = took.as_micros() as u64,
+        protocol = transport.as_str(),
+        "query"
+    );
 }

@@ -233,64 +233,13 @@ pub async fn run_with_reload(
     }
 
     if let Some(reload) = reload {
-        let handler = handler.clone();
-        let metrics = metrics.clone();
-        let state = state.clone();
-        let token = token.clone();
-        let mut trigger = reload.trigger;
-        let load: Arc<dyn Fn() -> Result<Config, String> + Send + Sync> = Arc::from(reload.load);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    got = trigger.recv() => if got.is_none() { return },
-                }
-                // Each attempt runs as its own task: a panic anywhere in it (a bug, or a value
-                // validation missed) ends that task only, so it is counted as a failure and this
-                // loop stays alive for the next SIGHUP.
-                let attempt = token.child_token();
-                let mut task = tokio::spawn({
-                    let (load, state, handler, metrics, attempt) = (
-                        load.clone(),
-                        state.clone(),
-                        handler.clone(),
-                        metrics.clone(),
-                        attempt.clone(),
-                    );
-                    async move {
-                        let new_config = load()?;
-                        apply_reload(new_config, &state, &handler, &metrics, &attempt).await
-                    }
-                });
-                let outcome = match tokio::time::timeout(RELOAD_TIMEOUT, &mut task).await {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(e)) => Err(reload_task_error(e)),
-                    Err(_) => {
-                        // Nothing is replaced until the build is done, so stopping it midway
-                        // leaves the running configuration whole.
-                        task.abort();
-                        Err(format!(
-                            "the reload did not finish within {RELOAD_TIMEOUT:?}"
-                        ))
-                    }
-                };
-                if outcome.is_err() {
-                    // Stops whatever the failed attempt started (Consul watchers of routes that
-                    // were never installed).
-                    attempt.cancel();
-                }
-                match outcome {
-                    Ok(()) => {
-                        metrics.reloads.with_label_values(&["success"]).inc();
-                        tracing::info!("configuration reloaded");
-                    }
-                    Err(e) => {
-                        metrics.reloads.with_label_values(&["failure"]).inc();
-                        tracing::error!(error = %e, "configuration not reloaded; the running configuration is unchanged");
-                    }
-                }
-            }
-        });
+        tokio::spawn(reload_loop(
+            reload,
+            state.clone(),
+            handler.clone(),
+            metrics.clone(),
+            token.clone(),
+        ));
     }
 
     let trigger = token.clone();
@@ -325,6 +274,69 @@ pub async fn run_with_reload(
         }
     }
     Ok(())
+}
+
+/// Applies a reload for each message on `reload.trigger` until `token` is cancelled. Each
+/// attempt's outcome is counted in `config_reloads_total` and logged.
+async fn reload_loop(
+    reload: Reload,
+    state: State,
+    handler: Arc<Handler>,
+    metrics: Arc<Metrics>,
+    token: CancellationToken,
+) {
+    let mut trigger = reload.trigger;
+    let load: Arc<dyn Fn() -> Result<Config, String> + Send + Sync> = Arc::from(reload.load);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            got = trigger.recv() => if got.is_none() { return },
+        }
+        // Each attempt runs as its own task: a panic anywhere in it (a bug, or a value
+        // validation missed) ends that task only, so it is counted as a failure and this
+        // loop stays alive for the next SIGHUP.
+        let attempt = token.child_token();
+        let mut task = tokio::spawn({
+            let (load, state, handler, metrics, attempt) = (
+                load.clone(),
+                state.clone(),
+                handler.clone(),
+                metrics.clone(),
+                attempt.clone(),
+            );
+            async move {
+                let new_config = load()?;
+                apply_reload(new_config, &state, &handler, &metrics, &attempt).await
+            }
+        });
+        let outcome = match tokio::time::timeout(RELOAD_TIMEOUT, &mut task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(reload_task_error(e)),
+            Err(_) => {
+                // Nothing is replaced until the build is done, so stopping it midway
+                // leaves the running configuration whole.
+                task.abort();
+                Err(format!(
+                    "the reload did not finish within {RELOAD_TIMEOUT:?}"
+                ))
+            }
+        };
+        if outcome.is_err() {
+            // Stops whatever the failed attempt started (Consul watchers of routes that
+            // were never installed).
+            attempt.cancel();
+        }
+        match outcome {
+            Ok(()) => {
+                metrics.reloads.with_label_values(&["success"]).inc();
+                tracing::info!("configuration reloaded");
+            }
+            Err(e) => {
+                metrics.reloads.with_label_values(&["failure"]).inc();
+                tracing::error!(error = %e, "configuration not reloaded; the running configuration is unchanged");
+            }
+        }
+    }
 }
 
 type State = Arc<std::sync::Mutex<(Config, Generation)>>;

@@ -160,32 +160,9 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
     Ok(config)
 }
 
-async fn serve(
-    config: Config,
-    dev: bool,
-    load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
-) -> anyhow::Result<()> {
-    let dns = server::bind(&config.server.listen, config.server.udp_sockets_per_address)?;
-    let metrics = match config.metrics.listen {
-        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            // The demo must start even where the metrics port is taken.
-            Err(e) if dev => {
-                tracing::warn!(%addr, error = %e, "metrics endpoint not started");
-                None
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "cannot listen on {addr} for metrics (metrics.listen / --metrics-listen)"
-                    )
-                })
-            }
-        },
-        None => None,
-    };
-    let listen: Vec<String> = dns.local_addrs().iter().map(ToString::to_string).collect();
-    let consul_source = if !config.consul.enabled {
+/// Where Consul answers come from, for the start-up log line.
+fn describe_consul(config: &Config) -> String {
+    if !config.consul.enabled {
         "off".to_owned()
     } else if config.consul.demo_catalog {
         "demo catalog".to_owned()
@@ -214,7 +191,54 @@ async fn serve(
                     .join(",")
             ),
         }
+    }
+}
+
+/// The `--dev` banner: dig commands to try against the demo catalog.
+fn print_demo_hints(dns: &server::Listeners) {
+    if let Some(addr) = dns.local_addrs().first() {
+        let (ip, port) = (addr.ip(), addr.port());
+        println!("Demo catalog served on {addr}. Try:");
+        for q in [
+            "web.service.consul",
+            "web.service.consul SRV",
+            "_web._tcp.service.consul SRV",
+            "v1.web.service.consul",
+            "api.service.consul AAAA",
+            "node-1.node.consul",
+            "missing.service.consul",
+        ] {
+            println!("  dig @{ip} -p {port} {q}");
+        }
+    }
+}
+
+async fn serve(
+    config: Config,
+    dev: bool,
+    load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+) -> anyhow::Result<()> {
+    let dns = server::bind(&config.server.listen, config.server.udp_sockets_per_address)?;
+    let metrics = match config.metrics.listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            // The demo must start even where the metrics port is taken.
+            Err(e) if dev => {
+                tracing::warn!(%addr, error = %e, "metrics endpoint not started");
+                None
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot listen on {addr} for metrics (metrics.listen / --metrics-listen)"
+                    )
+                })
+            }
+        },
+        None => None,
     };
+    let listen: Vec<String> = dns.local_addrs().iter().map(ToString::to_string).collect();
+    let consul_source = describe_consul(&config);
     tracing::info!(
         listen = %listen.join(","),
         upstream = %config.upstream.servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
@@ -223,21 +247,7 @@ async fn serve(
         "consul-dns-forwarder serving"
     );
     if dev {
-        if let Some(addr) = dns.local_addrs().first() {
-            let (ip, port) = (addr.ip(), addr.port());
-            println!("Demo catalog served on {addr}. Try:");
-            for q in [
-                "web.service.consul",
-                "web.service.consul SRV",
-                "_web._tcp.service.consul SRV",
-                "v1.web.service.consul",
-                "api.service.consul AAAA",
-                "node-1.node.consul",
-                "missing.service.consul",
-            ] {
-                println!("  dig @{ip} -p {port} {q}");
-            }
-        }
+        print_demo_hints(&dns);
     }
     let shutdown = async {
         #[cfg(unix)]

@@ -191,42 +191,54 @@ impl Metrics {
                 &["version"],
             )?,
         };
-        registry.register(Box::new(m.requests.clone()))?;
-        registry.register(Box::new(m.responses.clone()))?;
-        registry.register(Box::new(m.request_duration.clone()))?;
-        registry.register(Box::new(m.cache_hits.clone()))?;
-        registry.register(Box::new(m.cache_misses.clone()))?;
-        registry.register(Box::new(m.cache_entries.clone()))?;
-        registry.register(Box::new(m.stale_answers.clone()))?;
-        registry.register(Box::new(m.cache_evictions.clone()))?;
-        registry.register(Box::new(m.consul_contact_age.clone()))?;
-        registry.register(Box::new(m.reloads.clone()))?;
-        registry.register(Box::new(m.upstream_duration.clone()))?;
-        registry.register(Box::new(m.upstream_errors.clone()))?;
-        registry.register(Box::new(m.truncated.clone()))?;
-        registry.register(Box::new(m.upstream_rejected.clone()))?;
-        registry.register(Box::new(m.upstream_unmatched_replies.clone()))?;
-        registry.register(Box::new(m.upstream_case_fallbacks.clone()))?;
-        registry.register(Box::new(m.rate_limited.clone()))?;
-        registry.register(Box::new(m.refused_clients.clone()))?;
-        registry.register(Box::new(m.dropped.clone()))?;
-        registry.register(Box::new(m.tcp_connections.clone()))?;
-        registry.register(Box::new(m.consul_requests.clone()))?;
-        registry.register(Box::new(m.consul_watchers.clone()))?;
-        registry.register(Box::new(m.consul_last_contact.clone()))?;
-        registry.register(Box::new(m.consul_healthy_instances.clone()))?;
-        registry.register(Box::new(m.consul_health_changes.clone()))?;
-        registry.register(Box::new(m.limit_drops.clone()))?;
-        registry.register(Box::new(m.build_info.clone()))?;
-        m.build_info
+        m.register(registry)?;
+        m.create_initial_series();
+        Ok(Arc::new(m))
+    }
+
+    /// Registers every series into the caller's registry.
+    fn register(&self, registry: &Registry) -> Result<(), MetricsError> {
+        registry.register(Box::new(self.requests.clone()))?;
+        registry.register(Box::new(self.responses.clone()))?;
+        registry.register(Box::new(self.request_duration.clone()))?;
+        registry.register(Box::new(self.cache_hits.clone()))?;
+        registry.register(Box::new(self.cache_misses.clone()))?;
+        registry.register(Box::new(self.cache_entries.clone()))?;
+        registry.register(Box::new(self.stale_answers.clone()))?;
+        registry.register(Box::new(self.cache_evictions.clone()))?;
+        registry.register(Box::new(self.consul_contact_age.clone()))?;
+        registry.register(Box::new(self.reloads.clone()))?;
+        registry.register(Box::new(self.upstream_duration.clone()))?;
+        registry.register(Box::new(self.upstream_errors.clone()))?;
+        registry.register(Box::new(self.truncated.clone()))?;
+        registry.register(Box::new(self.upstream_rejected.clone()))?;
+        registry.register(Box::new(self.upstream_unmatched_replies.clone()))?;
+        registry.register(Box::new(self.upstream_case_fallbacks.clone()))?;
+        registry.register(Box::new(self.rate_limited.clone()))?;
+        registry.register(Box::new(self.refused_clients.clone()))?;
+        registry.register(Box::new(self.dropped.clone()))?;
+        registry.register(Box::new(self.tcp_connections.clone()))?;
+        registry.register(Box::new(self.consul_requests.clone()))?;
+        registry.register(Box::new(self.consul_watchers.clone()))?;
+        registry.register(Box::new(self.consul_last_contact.clone()))?;
+        registry.register(Box::new(self.consul_healthy_instances.clone()))?;
+        registry.register(Box::new(self.consul_health_changes.clone()))?;
+        registry.register(Box::new(self.limit_drops.clone()))?;
+        registry.register(Box::new(self.build_info.clone()))?;
+        Ok(())
+    }
+
+    /// Creates the series that must exist from the start.
+    fn create_initial_series(&self) {
+        self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         // Series that exist from the start, at 0, so dashboards and alerts see them before the
         // first event (a counter that appears only on its first increment hides that increment
         // from rate()).
         for protocol in ["udp", "tcp"] {
-            m.refused_clients.with_label_values(&[protocol]);
-            m.truncated.with_label_values(&[protocol]);
+            self.refused_clients.with_label_values(&[protocol]);
+            self.truncated.with_label_values(&[protocol]);
         }
         for reason in [
             "short",
@@ -236,18 +248,17 @@ impl Metrics {
             "tcp_network_limit",
             "rate_limit",
         ] {
-            m.dropped.with_label_values(&[reason]);
+            self.dropped.with_label_values(&[reason]);
         }
         for limit in LIMIT_LABELS {
-            m.limit_drops.with_label_values(&[limit]);
+            self.limit_drops.with_label_values(&[limit]);
         }
         for reason in UNMATCHED_REASONS {
-            m.upstream_unmatched_replies.with_label_values(&[reason]);
+            self.upstream_unmatched_replies.with_label_values(&[reason]);
         }
         for outcome in ["success", "failure"] {
-            m.reloads.with_label_values(&[outcome]);
+            self.reloads.with_label_values(&[outcome]);
         }
-        Ok(Arc::new(m))
     }
 
     /// Counts one request: `requests_total{protocol, qtype, zone}`.

@@ -25,6 +25,8 @@
 //! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
 //! - [`lock`]: the one way to take a mutex (poisoning ignored).
+//! - `token_bucket`: the one token bucket behind every rate (client networks, watchers,
+//!   unchecked Consul lookups).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
 //!
 //! See ARCHITECTURE.md for the flow of a query.
@@ -43,6 +45,7 @@ pub mod ratelimit;
 pub mod raw;
 pub mod reply;
 pub mod server;
+mod token_bucket;
 pub mod upstream;
 
 use std::future::Future;

@@ -19,38 +19,20 @@ use std::time::Instant;
 use ipnet::IpNet;
 use quick_cache::sync::{EntryAction, EntryResult};
 
+use crate::token_bucket::{Rate, TokenBucket};
+
 /// Client networks remembered at once. Beyond it quick_cache's S3-FIFO forgets first the
 /// networks seen only once (a spoofed flood's sources) and keeps those that keep coming back.
 /// A forgotten network that comes back idle is served as it would have been: its bucket would
 /// have refilled.
 const MAX_TRACKED_NETWORKS: usize = 100_000;
 
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    /// Refills for the time since `last`, then takes a token if there is one.
-    fn take(&mut self, rate: f64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 pub struct RateLimiter {
     /// Responses per second, also the burst.
     rate: u32,
     exempt: Vec<IpNet>,
-    buckets: quick_cache::sync::Cache<u128, Bucket>,
+    buckets: quick_cache::sync::Cache<u128, TokenBucket>,
 }
 
 /// The key of a client's network: the /24 of an IPv4 address, the /56 of an IPv6 one.
@@ -79,19 +61,20 @@ impl RateLimiter {
         if self.exempt.iter().any(|n| n.contains(&client)) {
             return true;
         }
-        let rate = f64::from(self.rate);
+        // Responses per second, and as many at once.
+        let rate = Rate {
+            per_second: f64::from(self.rate),
+            burst: f64::from(self.rate),
+        };
         let key = network_key(client);
         match self
             .buckets
-            .entry(&key, None, |_, b| EntryAction::Retain(b.take(rate, now)))
+            .entry(&key, None, |_, b| EntryAction::Retain(b.take(rate, now).is_ok()))
         {
             EntryResult::Retained(allowed) => allowed,
             EntryResult::Vacant(slot) => {
-                let mut b = Bucket {
-                    tokens: rate,
-                    last: now,
-                };
-                let allowed = b.take(rate, now);
+                let mut b = TokenBucket::full(rate, now);
+                let allowed = b.take(rate, now).is_ok();
                 // Refused only if the placeholder was removed meanwhile, which nothing here does.
                 let _ = slot.insert(b);
                 allowed

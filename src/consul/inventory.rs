@@ -26,6 +26,7 @@ use super::outage::OutageLog;
 use super::retry::backoff;
 use super::LookupError;
 use crate::lock::lock;
+use crate::token_bucket::{Rate, TokenBucket};
 use crate::metrics::Metrics;
 
 /// Shortest time between the starts of two requests of one list. Under churn a blocking query
@@ -62,8 +63,10 @@ const FIRST_LOAD_WAIT: Duration = REQUEST_TIMEOUT;
 /// many, then this many per second. A real name asked while the lists are away still gets
 /// through (every later query for it is served by its watcher or its remembered answer); a
 /// flood of made-up names costs Consul at most this rate.
-const UNCHECKED_BURST: f64 = 20.0;
-const UNCHECKED_PER_SECOND: f64 = 2.0;
+const UNCHECKED: Rate = Rate {
+    per_second: 2.0,
+    burst: 20.0,
+};
 
 /// What the inventory says of a name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,26 +176,6 @@ impl DatacenterLists {
     }
 }
 
-/// A token bucket for unchecked lookups.
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * UNCHECKED_PER_SECOND).min(UNCHECKED_BURST);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// The two kinds of catalog list kept by blocking queries.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -280,7 +263,7 @@ pub struct Inventory {
     queries: watch::Sender<List>,
     local: Arc<DatacenterLists>,
     remote: Arc<Mutex<HashMap<String, Arc<DatacenterLists>>>>,
-    unchecked: Mutex<Bucket>,
+    unchecked: Mutex<TokenBucket>,
 }
 
 impl Inventory {
@@ -307,10 +290,7 @@ impl Inventory {
             queries: new_list(),
             local: Arc::new(DatacenterLists::new(shutdown.child_token())),
             remote: Arc::new(Mutex::new(HashMap::new())),
-            unchecked: Mutex::new(Bucket {
-                tokens: UNCHECKED_BURST,
-                last: Instant::now(),
-            }),
+            unchecked: Mutex::new(TokenBucket::full(UNCHECKED, Instant::now())),
             shutdown,
         }
     }
@@ -433,7 +413,9 @@ impl Inventory {
 
     /// May an unchecked lookup go to Consul now? Counted in `limit_drops_total` when not.
     pub fn allow_unchecked(&self) -> bool {
-        let allowed = lock(&self.unchecked).take(Instant::now());
+        let allowed = lock(&self.unchecked)
+            .take(UNCHECKED, Instant::now())
+            .is_ok();
         if !allowed {
             self.metrics
                 .limit_drops
@@ -746,14 +728,11 @@ mod tests {
     #[test]
     fn the_unchecked_budget_refills_at_its_rate() {
         let start = Instant::now();
-        let mut bucket = Bucket {
-            tokens: UNCHECKED_BURST,
-            last: start,
-        };
-        let burst = (0..100).filter(|_| bucket.take(start)).count();
-        assert_eq!(burst as f64, UNCHECKED_BURST);
+        let mut bucket = TokenBucket::full(UNCHECKED, start);
+        let burst = (0..100).filter(|_| bucket.take(UNCHECKED, start).is_ok()).count();
+        assert_eq!(burst as f64, UNCHECKED.burst);
         let later = start + Duration::from_secs(1);
-        let refilled = (0..100).filter(|_| bucket.take(later)).count();
-        assert_eq!(refilled as f64, UNCHECKED_PER_SECOND);
+        let refilled = (0..100).filter(|_| bucket.take(UNCHECKED, later).is_ok()).count();
+        assert_eq!(refilled as f64, UNCHECKED.per_second);
     }
 }

@@ -17,12 +17,15 @@ use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
 use crate::config::ConsulConfig;
 use crate::lock::lock;
 use crate::metrics::Metrics;
+use crate::token_bucket::{Rate, TokenBucket};
 
 /// Token bucket of a watcher's loop (Consul's advice for blocking queries): a burst of two
-/// requests, then one per interval while the service keeps changing. Bounds our load on Consul
+/// requests, then one per 250 ms while the service keeps changing. Bounds our load on Consul
 /// under churn while a single change still shows within one round trip.
-pub(super) const WATCH_BURST: u32 = 2;
-pub(super) const WATCH_REFILL: Duration = Duration::from_millis(250);
+const WATCH_RATE: Rate = Rate {
+    per_second: 4.0,
+    burst: 2.0,
+};
 
 /// A watcher without a blocking slot (the connection budget is spent) looks for a free one
 /// this often; meanwhile its view is refreshed on demand.
@@ -63,39 +66,6 @@ pub(super) struct Watcher {
     pub(super) watch: Arc<Watch>,
     pub(super) cx: Arc<WatcherContext>,
     pub(super) failovers: watch::Receiver<u64>,
-}
-
-/// The watcher's token bucket: [`WATCH_BURST`] requests at once, then one per
-/// [`WATCH_REFILL`].
-#[derive(Debug)]
-pub(super) struct TokenBucket {
-    tokens: u32,
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    pub(super) fn new(now: Instant) -> TokenBucket {
-        TokenBucket {
-            tokens: WATCH_BURST,
-            refilled: now,
-        }
-    }
-
-    /// Takes a token, or says how long until one is due.
-    pub(super) fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        let since = now.saturating_duration_since(self.refilled);
-        let refill = since.as_millis() / WATCH_REFILL.as_millis().max(1);
-        if refill > 0 {
-            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
-            self.tokens = self.tokens.saturating_add(refill).min(WATCH_BURST);
-            self.refilled = now;
-        }
-        if self.tokens == 0 {
-            return Err(WATCH_REFILL.saturating_sub(now.saturating_duration_since(self.refilled)));
-        }
-        self.tokens -= 1;
-        Ok(())
-    }
 }
 
 /// What a watcher does next, once its turn has come.
@@ -149,7 +119,7 @@ impl Watcher {
         let segments = ["v1", "health", "service", self.key.0.as_str()];
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
-        let mut bucket = TokenBucket::new(Instant::now());
+        let mut bucket = TokenBucket::full(WATCH_RATE, Instant::now());
         let mut params = Vec::new();
         if let Some(dc) = &self.key.1 {
             params.push(("dc", dc.clone()));
@@ -158,7 +128,7 @@ impl Watcher {
             if lock(&self.watch.last_asked).elapsed() > self.cx.settings.watch_idle {
                 break;
             }
-            if let Err(wait) = bucket.take(Instant::now()) {
+            if let Err(wait) = bucket.take(WATCH_RATE, Instant::now()) {
                 tokio::select! {
                     _ = self.cx.shutdown.cancelled() => break,
                     _ = tokio::time::sleep(wait) => continue,
@@ -300,25 +270,6 @@ mod tests {
     use super::*;
     use crate::consul::views::tests::{new_watch, test_metrics};
     use std::sync::atomic::AtomicUsize;
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_one_per_interval() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(start);
-        for _ in 0..WATCH_BURST {
-            assert_eq!(bucket.take(start), Ok(()));
-        }
-        assert_eq!(bucket.take(start), Err(WATCH_REFILL));
-        let later = start + WATCH_REFILL;
-        assert_eq!(bucket.take(later), Ok(()));
-        assert!(bucket.take(later).is_err());
-        // A long quiet spell refills the burst, no more.
-        let much_later = later + WATCH_REFILL * 100;
-        for _ in 0..WATCH_BURST {
-            assert_eq!(bucket.take(much_later), Ok(()));
-        }
-        assert!(bucket.take(much_later).is_err());
-    }
 
     #[test]
     fn a_result_replaces_the_view_only_when_its_data_changed() {

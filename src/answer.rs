@@ -35,16 +35,16 @@ impl Question {
 /// What a source answered, before it is fitted into a reply.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Answer {
-    pub rcode: ResponseCode,
+    pub(crate) rcode: ResponseCode,
     /// AA: set for names in the Consul domains, which we answer for; clear for forwarded names.
-    pub authoritative: bool,
-    pub answers: Vec<Record>,
-    pub authorities: Vec<Record>,
-    pub additionals: Vec<Record>,
+    pub(crate) authoritative: bool,
+    pub(crate) answers: Vec<Record>,
+    pub(crate) authorities: Vec<Record>,
+    pub(crate) additionals: Vec<Record>,
 }
 
 impl Answer {
-    pub fn rcode(rcode: ResponseCode) -> Answer {
+    pub(crate) fn rcode(rcode: ResponseCode) -> Answer {
         Answer {
             rcode,
             authoritative: false,
@@ -54,7 +54,7 @@ impl Answer {
         }
     }
 
-    pub fn servfail() -> Answer {
+    pub(crate) fn servfail() -> Answer {
         Answer::rcode(ResponseCode::ServFail)
     }
 }
@@ -70,7 +70,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Source::Cache => "cache",
             Source::Upstream => "upstream",

@@ -58,13 +58,13 @@ const GHOST_SHARE: f64 = 0.1;
 /// entry (the bytes), not two (an `Arc` of the struct, then the bytes).
 #[derive(Clone, Debug)]
 pub struct CachedAnswer {
-    pub rcode: ResponseCode,
-    pub stored_at: Instant,
+    pub(crate) rcode: ResponseCode,
+    pub(crate) stored_at: Instant,
     /// How long the entry is fresh, in seconds.
     ttl_secs: u32,
     /// False for a negative answer without SOA: passed on to the client, never stored
     /// (RFC 2308 §5).
-    pub cacheable: bool,
+    pub(crate) cacheable: bool,
     /// Answer, authority and additional record counts.
     counts: [u16; 3],
     question_len: u16,
@@ -76,7 +76,7 @@ pub struct CachedAnswer {
 
 /// The question in wire format, as the cache keys it: the name (already lowercased in a
 /// `Question`), type and class.
-pub fn question_wire(q: &Question) -> Vec<u8> {
+pub(crate) fn question_wire(q: &Question) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw::MAX_QUESTION_WIRE);
     crate::reply::push_name(&mut out, &q.name);
     out.extend_from_slice(&u16::from(q.qtype).to_be_bytes());
@@ -181,12 +181,12 @@ impl CachedAnswer {
     }
 
     /// What the entry costs in memory, roughly.
-    pub fn approx_bytes(&self) -> u32 {
+    pub(crate) fn approx_bytes(&self) -> u32 {
         u32::try_from(ENTRY_OVERHEAD + self.wire.len()).unwrap_or(u32::MAX)
     }
 
     /// The question the entry answers (its cache key).
-    pub fn question(&self) -> &[u8] {
+    pub(crate) fn question(&self) -> &[u8] {
         &self.wire[..usize::from(self.question_len)]
     }
 
@@ -195,7 +195,7 @@ impl CachedAnswer {
     }
 
     /// How long the entry is fresh.
-    pub fn ttl(&self) -> Duration {
+    pub(crate) fn ttl(&self) -> Duration {
         Duration::from_secs(u64::from(self.ttl_secs))
     }
 
@@ -204,7 +204,7 @@ impl CachedAnswer {
         u32::try_from(now.saturating_duration_since(self.stored_at).as_secs()).unwrap_or(u32::MAX)
     }
 
-    pub fn is_fresh(&self, now: Instant) -> bool {
+    pub(crate) fn is_fresh(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.stored_at) < self.ttl()
     }
 
@@ -348,7 +348,7 @@ pub enum FetchError {
 
 /// The result of a fetch: the entry (stored when its `cacheable` flag says so; an uncacheable
 /// answer is served to the waiting queries once), or why there is none.
-pub type FetchResult = Result<CachedAnswer, FetchError>;
+pub(crate) type FetchResult = Result<CachedAnswer, FetchError>;
 
 type SharedFetch = Shared<BoxFuture<'static, FetchResult>>;
 
@@ -432,7 +432,7 @@ impl Cache {
     /// A cache bounded both in entries and in (approximate) bytes: each entry weighs its size in
     /// bytes but at least `max_bytes / max_entries`, so the total weight stays under `max_bytes`
     /// and the count under `max_entries`.
-    pub fn with_limits(
+    pub(crate) fn with_limits(
         max_entries: u64,
         max_bytes: u64,
         policy: TtlPolicy,
@@ -474,7 +474,7 @@ impl Cache {
 
     /// Looks up a question given in wire format with its name lowercased
     /// (`raw::question_key`).
-    pub fn lookup_wire(&self, question: &[u8], now: Instant) -> Lookup {
+    pub(crate) fn lookup_wire(&self, question: &[u8], now: Instant) -> Lookup {
         let hash = self.hasher.hash_one(question);
         match self.entries.get(&hash) {
             Some(entry) if entry.question() != question => Lookup::Miss,

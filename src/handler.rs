@@ -28,7 +28,7 @@ pub struct ConsulRoute {
 
 impl ConsulRoute {
     /// See [`AnswerSource::ready`].
-    pub fn ready(&self) -> Result<(), String> {
+    pub(crate) fn ready(&self) -> Result<(), String> {
         self.source.ready()
     }
 
@@ -78,7 +78,7 @@ impl Routes {
 
 /// The `dropped_packets_total` reason of a query over the rate limit whose reply would have been
 /// an error (REFUSED, FORMERR, NOTIMP, BADVERS): dropped, see [`Handler::handle_miss`].
-pub const RATE_LIMIT_DROP: &str = "rate_limit";
+pub(crate) const RATE_LIMIT_DROP: &str = "rate_limit";
 
 /// What [`Handler::handle_cached`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub const RATE_LIMIT_DROP: &str = "rate_limit";
 pub enum Cached {
     /// `out` holds the reply: send it.
     Replied,
-    /// Not answerable on the hot path: call [`Handler::handle_miss`] with this charge.
+    /// Not answerable on the hot path: call `Handler::handle_miss` with this charge.
     Miss(RateCharge),
 }
 
@@ -112,14 +112,14 @@ impl Handler {
     }
 
     /// Installs new routes (config reload) and returns the previous ones.
-    pub fn replace_routes(&self, routes: Routes) -> Arc<Routes> {
+    pub(crate) fn replace_routes(&self, routes: Routes) -> Arc<Routes> {
         self.routes.swap(Arc::new(routes))
     }
 
     /// The hot path: writes the reply to `packet` into `out` when it is a plain query (see
     /// `raw::parse_plain_query`) that a source answers from fresh cached bytes, or that the
     /// rate limit turns away. No `Message` is built, nothing is allocated beyond `out`'s growth,
-    /// and the caller needs no task. Returns [`Cached::Miss`] when [`Handler::handle_miss`] must
+    /// and the caller needs no task. Returns [`Cached::Miss`] when `Handler::handle_miss` must
     /// be called instead (with the charge it carries, so a miss costs one rate-limit token, not
     /// two); the reply and the metrics are then exactly those `handle` would give.
     pub fn handle_cached(
@@ -207,7 +207,7 @@ impl Handler {
     /// retries over TCP and is answered); everything else is dropped and counted. A REFUSED
     /// or FORMERR client gains nothing from TC=1 (TCP would give it the same error), while a
     /// spoofed victim would still receive a datagram per query.
-    pub async fn handle_miss(
+    pub(crate) async fn handle_miss(
         &self,
         packet: &[u8],
         client: IpAddr,

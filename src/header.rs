@@ -12,19 +12,19 @@
 //! what they read; writers leave such a packet alone, so neither can panic on client bytes.
 
 /// The DNS header is 12 bytes; anything shorter is not DNS.
-pub const HEADER_LEN: usize = 12;
+pub(crate) const HEADER_LEN: usize = 12;
 
 /// The message sizes every reply obeys: they go with the header because the hot path writes
 /// them into raw replies (the OPT record's payload size) as much as the encoder uses them.
 /// Without EDNS a UDP reply must fit in 512 bytes (RFC 1035 §4.2.1).
-pub const UDP_LIMIT_NO_EDNS: usize = 512;
+pub(crate) const UDP_LIMIT_NO_EDNS: usize = 512;
 
 /// The largest UDP reply we send, whatever the client offers: 1232 bytes avoids IP fragmentation
 /// on any path with an MTU of 1280 (DNS Flag Day 2020).
-pub const UDP_LIMIT_EDNS: usize = 1232;
+pub(crate) const UDP_LIMIT_EDNS: usize = 1232;
 
 /// A DNS message over TCP is prefixed by a 16-bit length.
-pub const TCP_LIMIT: usize = 65_535;
+pub(crate) const TCP_LIMIT: usize = 65_535;
 
 /// Where the flags word starts.
 const FLAGS_AT: usize = 2;
@@ -33,39 +33,45 @@ const FLAGS_AT: usize = 2;
 const COUNTS_AT: usize = 4;
 
 /// QR: the message is a response.
-pub const QR: u16 = 0x8000;
+pub(crate) const QR: u16 = 0x8000;
 /// The four opcode bits (QUERY, NOTIFY, UPDATE, ...).
-pub const OPCODE_MASK: u16 = 0x7800;
+pub(crate) const OPCODE_MASK: u16 = 0x7800;
 /// AA: authoritative answer.
-pub const AA: u16 = 0x0400;
+pub(crate) const AA: u16 = 0x0400;
 /// TC: truncated; a UDP client should ask again over TCP.
-pub const TC: u16 = 0x0200;
+pub(crate) const TC: u16 = 0x0200;
 /// RD: recursion desired (copied from query to reply).
-pub const RD: u16 = 0x0100;
+pub(crate) const RD: u16 = 0x0100;
 /// RA: recursion available.
-pub const RA: u16 = 0x0080;
-/// Z: reserved, must be zero.
-pub const Z: u16 = 0x0040;
-/// AD: authentic data (RFC 4035 §3.2.3).
-pub const AD: u16 = 0x0020;
+pub(crate) const RA: u16 = 0x0080;
+/// Z: reserved, must be zero. Named for the header tests; nothing sets it.
+#[cfg(test)]
+pub(crate) const Z: u16 = 0x0040;
+/// AD: authentic data (RFC 4035 §3.2.3). Named for the header tests; replies clear it.
+#[cfg(test)]
+pub(crate) const AD: u16 = 0x0020;
 /// CD: checking disabled (RFC 4035 §3.2.2; copied from query to reply).
-pub const CD: u16 = 0x0010;
+pub(crate) const CD: u16 = 0x0010;
 /// The four low bits of the rcode (the high bits live in the OPT record).
-pub const RCODE_MASK: u16 = 0x000f;
+pub(crate) const RCODE_MASK: u16 = 0x000f;
 
 /// How far the opcode sits above bit 0 of the flags word.
 const OPCODE_SHIFT: u32 = OPCODE_MASK.trailing_zeros();
 
 /// Record type of an IPv4 address (RFC 1035).
-pub const TYPE_A: u16 = 1;
+pub(crate) const TYPE_A: u16 = 1;
 /// Record type of an IPv6 address (RFC 3596).
-pub const TYPE_AAAA: u16 = 28;
+pub(crate) const TYPE_AAAA: u16 = 28;
 /// Record type of the EDNS pseudo-record (RFC 6891).
-pub const TYPE_OPT: u16 = 41;
+pub(crate) const TYPE_OPT: u16 = 41;
 
 /// The four sections whose record counts the header holds, in header order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Section {
+pub(crate) enum Section {
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "only tests write a question count")
+    )]
     Question = 0,
     Answer = 1,
     Authority = 2,
@@ -92,19 +98,19 @@ fn set_u16_at(packet: &mut [u8], at: usize, value: u16) {
 
 /// The message ID.
 #[inline]
-pub fn id(packet: &[u8]) -> Option<u16> {
+pub(crate) fn id(packet: &[u8]) -> Option<u16> {
     u16_at(packet, 0)
 }
 
 /// The flags word (bytes 2-3): test it with the flag constants.
 #[inline]
-pub fn flags(packet: &[u8]) -> Option<u16> {
+pub(crate) fn flags(packet: &[u8]) -> Option<u16> {
     u16_at(packet, FLAGS_AT)
 }
 
 /// Sets the bits of `flag` (one or more flag constants) in an encoded message.
 #[inline]
-pub fn set_flags(packet: &mut [u8], flag: u16) {
+pub(crate) fn set_flags(packet: &mut [u8], flag: u16) {
     if let Some(f) = flags(packet) {
         set_u16_at(packet, FLAGS_AT, f | flag);
     }
@@ -112,31 +118,31 @@ pub fn set_flags(packet: &mut [u8], flag: u16) {
 
 /// The opcode held in a flags word.
 #[inline]
-pub fn opcode(flags: u16) -> u8 {
+pub(crate) fn opcode(flags: u16) -> u8 {
     ((flags & OPCODE_MASK) >> OPCODE_SHIFT) as u8
 }
 
 /// `opcode` placed in a flags word (bits above the field's four are dropped).
 #[inline]
-pub fn opcode_flags(opcode: u8) -> u16 {
+pub(crate) fn opcode_flags(opcode: u8) -> u16 {
     (u16::from(opcode) << OPCODE_SHIFT) & OPCODE_MASK
 }
 
 /// The (low four bits of the) rcode held in a flags word.
 #[inline]
-pub fn rcode(flags: u16) -> u8 {
+pub(crate) fn rcode(flags: u16) -> u8 {
     (flags & RCODE_MASK) as u8
 }
 
 /// `rcode` placed in a flags word (its low four bits: the rest go in the OPT record).
 #[inline]
-pub fn rcode_flags(rcode: u8) -> u16 {
+pub(crate) fn rcode_flags(rcode: u8) -> u16 {
     u16::from(rcode) & RCODE_MASK
 }
 
 /// `flag` when `on`, else nothing: for building a flags word from booleans.
 #[inline]
-pub fn flag_if(on: bool, flag: u16) -> u16 {
+pub(crate) fn flag_if(on: bool, flag: u16) -> u16 {
     if on {
         flag
     } else {
@@ -146,7 +152,7 @@ pub fn flag_if(on: bool, flag: u16) -> u16 {
 
 /// The four section counts, indexed by [`Section`]; `None` for a packet shorter than a header.
 #[inline]
-pub fn counts(packet: &[u8]) -> Option<[u16; 4]> {
+pub(crate) fn counts(packet: &[u8]) -> Option<[u16; 4]> {
     let c = packet.get(COUNTS_AT..HEADER_LEN)?;
     Some([
         u16::from_be_bytes([c[0], c[1]]),
@@ -158,19 +164,19 @@ pub fn counts(packet: &[u8]) -> Option<[u16; 4]> {
 
 /// One section's record count.
 #[inline]
-pub fn count(packet: &[u8], section: Section) -> Option<u16> {
+pub(crate) fn count(packet: &[u8], section: Section) -> Option<u16> {
     u16_at(packet, section.at())
 }
 
 /// Rewrites one section's record count in an encoded message.
 #[inline]
-pub fn set_count(packet: &mut [u8], section: Section, n: u16) {
+pub(crate) fn set_count(packet: &mut [u8], section: Section, n: u16) {
     set_u16_at(packet, section.at(), n);
 }
 
 /// Appends a whole header: ID, flags word and the four counts in [`Section`] order.
 #[inline]
-pub fn push(out: &mut Vec<u8>, id: u16, flags: u16, counts: [u16; 4]) {
+pub(crate) fn push(out: &mut Vec<u8>, id: u16, flags: u16, counts: [u16; 4]) {
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
     for c in counts {

@@ -11,7 +11,7 @@
 //!   `Answer`, `Source` and the `AnswerSource` trait.
 //! - [`handler`]: one request's bytes in, one reply's bytes out: protocol checks, access control,
 //!   routing to an answer source, size limits.
-//! - [`header`]: the 12-byte DNS header (named flags, section counts), record type numbers and
+//! - `header`: the 12-byte DNS header (named flags, section counts), record type numbers and
 //!   the reply size limits.
 //! - [`reply`]: pure DNS message functions: reply headers, encoding within a size, truncation.
 //! - [`consul`]: the Consul answer source: name parsing and validation, what exists in Consul,
@@ -24,22 +24,39 @@
 //!   merged misses.
 //! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
-//! - [`lock`]: the one way to take a mutex (poisoning ignored).
+//! - `lock`: the one way to take a mutex (poisoning ignored).
 //! - `token_bucket`: the one token bucket behind every rate (client networks, watchers,
 //!   unchecked Consul lookups).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
 //!
 //! See ARCHITECTURE.md for the flow of a query.
+//!
+//! # Public API
+//! Everything is `pub(crate)` unless someone outside the library needs it (the lint
+//! `unreachable_pub` holds the line):
+//! - the binary: [`run`], [`run_with_reload`], [`Bound`], [`Reload`], [`config`],
+//!   [`server::bind`], [`metrics::Metrics`];
+//! - the answer contract, for other sources: [`answer`];
+//! - the parts the integration tests and benchmarks drive without sockets: the
+//!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
+//!   [`raw`] hot path, the [`ratelimit`], [`reply::encode_reply`], and the Consul record
+//!   builder and catalog types ([`consul::records`], [`consul::catalog`], [`consul::file`]).
+//!
+//! Their fields and helpers stay crate-private: a test needing more goes through one of these
+//! doors or becomes a unit test beside the code.
 
 #![forbid(unsafe_code)]
+// Items are `pub(crate)` unless the public API above needs them: the compiler says where a `pub`
+// reaches nobody outside.
+#![warn(unreachable_pub)]
 
 pub mod answer;
 pub mod cache;
 pub mod config;
 pub mod consul;
 pub mod handler;
-pub mod header;
-pub mod lock;
+mod header;
+mod lock;
 pub mod metrics;
 pub mod ratelimit;
 pub mod raw;

@@ -4,7 +4,6 @@
 //! Names start with `consul_dns_forwarder_`, use base units, and never carry a query name as a
 //! label (unbounded cardinality).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -27,7 +26,7 @@ const NS: &str = "consul_dns_forwarder";
 ///   against the catalog and `consul::inventory`'s budget for such lookups was spent;
 /// - `service_series`: a `consul_healthy_instances` series not created, beyond
 ///   `consul::views::MAX_SERVICE_SERIES`.
-pub const LIMIT_LABELS: [&str; 4] = [
+pub(crate) const LIMIT_LABELS: [&str; 4] = [
     "watchers",
     "on_demand",
     "unverified_lookups",
@@ -47,35 +46,35 @@ pub struct MetricsError(#[from] prometheus::Error);
 /// Every series the forwarder exports.
 #[derive(Clone)]
 pub struct Metrics {
-    pub requests: IntCounterVec,
-    pub responses: IntCounterVec,
-    pub request_duration: Histogram,
-    pub cache_hits: IntCounter,
-    pub cache_misses: IntCounter,
-    pub cache_entries: IntGauge,
-    pub cache_evictions: IntCounter,
-    pub stale_answers: IntCounter,
-    pub upstream_duration: HistogramVec,
-    pub upstream_errors: IntCounterVec,
-    pub upstream_rejected: IntCounter,
-    pub upstream_unmatched_replies: IntCounterVec,
-    pub upstream_case_fallbacks: IntCounter,
-    pub rate_limited: IntCounter,
-    pub truncated: IntCounterVec,
-    pub refused_clients: IntCounterVec,
-    pub dropped: IntCounterVec,
-    pub tcp_connections: IntGauge,
-    pub consul_requests: IntCounterVec,
-    pub consul_watchers: IntGauge,
-    pub consul_last_contact: IntGauge,
-    pub consul_contact_age: prometheus::Gauge,
-    pub reloads: IntCounterVec,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) responses: IntCounterVec,
+    pub(crate) request_duration: Histogram,
+    pub(crate) cache_hits: IntCounter,
+    pub(crate) cache_misses: IntCounter,
+    pub(crate) cache_entries: IntGauge,
+    pub(crate) cache_evictions: IntCounter,
+    pub(crate) stale_answers: IntCounter,
+    pub(crate) upstream_duration: HistogramVec,
+    pub(crate) upstream_errors: IntCounterVec,
+    pub(crate) upstream_rejected: IntCounter,
+    pub(crate) upstream_unmatched_replies: IntCounterVec,
+    pub(crate) upstream_case_fallbacks: IntCounter,
+    pub(crate) rate_limited: IntCounter,
+    pub(crate) truncated: IntCounterVec,
+    pub(crate) refused_clients: IntCounterVec,
+    pub(crate) dropped: IntCounterVec,
+    pub(crate) tcp_connections: IntGauge,
+    pub(crate) consul_requests: IntCounterVec,
+    pub(crate) consul_watchers: IntGauge,
+    pub(crate) consul_last_contact: IntGauge,
+    pub(crate) consul_contact_age: prometheus::Gauge,
+    pub(crate) reloads: IntCounterVec,
     pub consul_healthy_instances: IntGaugeVec,
-    pub consul_health_changes: IntCounter,
+    pub(crate) consul_health_changes: IntCounter,
     /// What a bound on client-keyed state turned away or forgot, by bound (see
     /// [`LIMIT_LABELS`]): the caps that keep names from clients from growing the forwarder.
-    pub limit_drops: IntCounterVec,
-    pub build_info: IntGaugeVec,
+    pub(crate) limit_drops: IntCounterVec,
+    pub(crate) build_info: IntGaugeVec,
     /// Children of `requests`, resolved on first use and kept: `with_label_values` hashes the
     /// labels and takes a lock on every call, which shows in the hot path's profile. Indexed by
     /// `request_slot`.
@@ -85,7 +84,7 @@ pub struct Metrics {
 }
 
 /// The `reason` label values of `upstream_unmatched_replies_total`.
-pub const UNMATCHED_REASONS: [&str; 4] = ["id", "question", "case", "malformed"];
+pub(crate) const UNMATCHED_REASONS: [&str; 4] = ["id", "question", "case", "malformed"];
 
 /// The `qtype` label values; anything else is "other" (bounded cardinality).
 const QTYPE_LABELS: [&str; 12] = [
@@ -262,7 +261,7 @@ impl Metrics {
     }
 
     /// Counts one request: `requests_total{protocol, qtype, zone}`.
-    pub fn count_request(&self, transport: Transport, qtype: RecordType, consul: bool) {
+    pub(crate) fn count_request(&self, transport: Transport, qtype: RecordType, consul: bool) {
         let t = usize::from(transport == Transport::Tcp);
         let slot = (t * 2 + usize::from(consul)) * QTYPE_LABELS.len() + qtype_index(qtype);
         let zone = if consul { "consul" } else { "forwarded" };
@@ -275,7 +274,7 @@ impl Metrics {
     }
 
     /// Counts one response: `responses_total{rcode, source}`.
-    pub fn count_response(&self, rcode: ResponseCode, source: Source) {
+    pub(crate) fn count_response(&self, rcode: ResponseCode, source: Source) {
         let hot = match (source, rcode) {
             (Source::Cache, ResponseCode::NoError) => Some(0),
             (Source::Cache, ResponseCode::NXDomain) => Some(1),
@@ -292,7 +291,7 @@ impl Metrics {
     }
 
     /// Updates the derived "seconds since last Consul contact" gauge (called at scrape time).
-    pub fn refresh_consul_age(&self) {
+    pub(crate) fn refresh_consul_age(&self) {
         let last = self.consul_last_contact.get();
         if last <= 0 {
             self.consul_contact_age.set(-1.0);
@@ -304,25 +303,25 @@ impl Metrics {
         self.consul_contact_age.set((now - last as f64).max(0.0));
     }
 
-    pub fn cache_hit(&self) {
+    pub(crate) fn cache_hit(&self) {
         self.cache_hits.inc();
     }
 
-    pub fn cache_miss(&self) {
+    pub(crate) fn cache_miss(&self) {
         self.cache_misses.inc();
     }
 
-    pub fn stale_served(&self) {
+    pub(crate) fn stale_served(&self) {
         self.stale_answers.inc();
     }
 
-    pub fn observe_upstream(&self, upstream: &str, took: Duration) {
+    pub(crate) fn observe_upstream(&self, upstream: &str, took: Duration) {
         self.upstream_duration
             .with_label_values(&[upstream])
             .observe(took.as_secs_f64());
     }
 
-    pub fn upstream_error(&self, upstream: &str, kind: &str) {
+    pub(crate) fn upstream_error(&self, upstream: &str, kind: &str) {
         self.upstream_errors
             .with_label_values(&[upstream, kind])
             .inc();
@@ -330,19 +329,19 @@ impl Metrics {
 
     /// Counts one upstream reply that matched no question (`reason`: one of
     /// [`UNMATCHED_REASONS`]).
-    pub fn upstream_unmatched(&self, reason: &str) {
+    pub(crate) fn upstream_unmatched(&self, reason: &str) {
         self.upstream_unmatched_replies
             .with_label_values(&[reason])
             .inc();
     }
 
-    pub fn drop_packet(&self, reason: &str) {
+    pub(crate) fn drop_packet(&self, reason: &str) {
         self.dropped.with_label_values(&[reason]).inc();
     }
 }
 
 /// A bounded label for a query type: common types by name, everything else "other".
-pub fn qtype_label(t: RecordType) -> &'static str {
+pub(crate) fn qtype_label(t: RecordType) -> &'static str {
     QTYPE_LABELS[qtype_index(t)]
 }
 
@@ -357,18 +356,18 @@ pub fn render(registry: &Registry) -> String {
 }
 
 /// What the HTTP endpoint serves.
-pub struct Endpoint {
-    pub registry: Registry,
+pub(crate) struct Endpoint {
+    pub(crate) registry: Registry,
     /// Updates gauges that are computed at scrape time.
-    pub refresh: Arc<dyn Fn() + Send + Sync>,
+    pub(crate) refresh: Arc<dyn Fn() + Send + Sync>,
     /// `/ready`: Ok once listeners are up and the Consul source has data; the reason otherwise.
-    pub ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    pub(crate) ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     /// `/health`: true while serving DNS (false once shutdown began).
-    pub live: Arc<dyn Fn() -> bool + Send + Sync>,
+    pub(crate) live: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// Serves `/metrics`, `/health` and `/ready` on an already-bound listener until `shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     endpoint: Endpoint,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -435,13 +434,8 @@ pub async fn serve(
         .await
 }
 
-/// Binds the metrics listener (here so main and tests bind the same way).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}
-
 /// The conventional mnemonic of an rcode (as dig prints it), for labels and logs.
-pub fn rcode_label(rcode: ResponseCode) -> &'static str {
+pub(crate) fn rcode_label(rcode: ResponseCode) -> &'static str {
     use hickory_proto::op::ResponseCode as R;
     match rcode {
         R::NoError => "NOERROR",

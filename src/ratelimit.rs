@@ -27,7 +27,6 @@ use crate::token_bucket::{Rate, TokenBucket};
 /// have refilled.
 const MAX_TRACKED_NETWORKS: usize = 100_000;
 
-
 pub struct RateLimiter {
     /// Responses per second, also the burst.
     rate: u32,
@@ -67,10 +66,9 @@ impl RateLimiter {
             burst: f64::from(self.rate),
         };
         let key = network_key(client);
-        match self
-            .buckets
-            .entry(&key, None, |_, b| EntryAction::Retain(b.take(rate, now).is_ok()))
-        {
+        match self.buckets.entry(&key, None, |_, b| {
+            EntryAction::Retain(b.take(rate, now).is_ok())
+        }) {
             EntryResult::Retained(allowed) => allowed,
             EntryResult::Vacant(slot) => {
                 let mut b = TokenBucket::full(rate, now);

@@ -10,10 +10,10 @@
 use crate::header::{self, Section, HEADER_LEN, TYPE_A, TYPE_AAAA, TYPE_OPT};
 
 /// Longest name in wire format (RFC 1035 §3.1).
-pub const MAX_NAME_WIRE: usize = 255;
+pub(crate) const MAX_NAME_WIRE: usize = 255;
 
 /// Longest question: a name plus type and class. Fits the stack buffer the key is built in.
-pub const MAX_QUESTION_WIRE: usize = MAX_NAME_WIRE + 4;
+pub(crate) const MAX_QUESTION_WIRE: usize = MAX_NAME_WIRE + 4;
 
 /// EDNS options whose contents hickory checks when it parses a request (NSID, DAU, client
 /// subnet): a query carrying one goes the general way, so a malformed one still gets FORMERR.
@@ -31,21 +31,14 @@ const MIN_MOVABLE_RECORD: usize = 16;
 /// What the reply to a plain query needs from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlainQuery<'a> {
-    pub id: u16,
-    pub recursion_desired: bool,
-    pub checking_disabled: bool,
+    pub(crate) id: u16,
+    pub(crate) recursion_desired: bool,
+    pub(crate) checking_disabled: bool,
     /// The question exactly as the client wrote it (name in its case, type, class): echoed as is.
-    pub question: &'a [u8],
-    pub qtype: u16,
+    pub(crate) question: &'a [u8],
+    pub(crate) qtype: u16,
     /// The client's EDNS UDP size when the query carried an OPT record.
-    pub edns_payload: Option<u16>,
-}
-
-impl PlainQuery<'_> {
-    /// The name part of the question (wire format, with its root label).
-    pub fn name(&self) -> &[u8] {
-        &self.question[..self.question.len() - 4]
-    }
+    pub(crate) edns_payload: Option<u16>,
 }
 
 fn u16_at(p: &[u8], at: usize) -> Option<u16> {
@@ -134,7 +127,7 @@ pub fn parse_plain_query(packet: &[u8]) -> Option<PlainQuery<'_>> {
 
 /// The cache key of a question: its name lowercased (ASCII, as `Name::to_lowercase` does),
 /// then type and class unchanged. Written into `buf`; returns the used part.
-pub fn question_key<'b>(question: &[u8], buf: &'b mut [u8; MAX_QUESTION_WIRE]) -> &'b [u8] {
+pub(crate) fn question_key<'b>(question: &[u8], buf: &'b mut [u8; MAX_QUESTION_WIRE]) -> &'b [u8] {
     let len = question.len().min(MAX_QUESTION_WIRE);
     let name_end = len.saturating_sub(4);
     for (i, (dst, &src)) in buf.iter_mut().zip(&question[..len]).enumerate() {
@@ -151,7 +144,7 @@ pub fn question_key<'b>(question: &[u8], buf: &'b mut [u8; MAX_QUESTION_WIRE]) -
 
 /// Does the wire-format `name` lie in the zone `zone` (both wire format, lowercased)? Compared
 /// on label boundaries, so `xconsul.` is not in `consul.`.
-pub fn name_in_zone(name: &[u8], zone: &[u8]) -> bool {
+pub(crate) fn name_in_zone(name: &[u8], zone: &[u8]) -> bool {
     if zone.len() > name.len() {
         return false;
     }
@@ -171,18 +164,18 @@ pub fn name_in_zone(name: &[u8], zone: &[u8]) -> bool {
 /// section. `base` is the section's offset in the message (compression pointers are message
 /// offsets). `None` if the bytes are not well-formed records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecordSpan {
-    pub start: usize,
-    pub ttl_at: usize,
-    pub end: usize,
-    pub rtype: u16,
+pub(crate) struct RecordSpan {
+    pub(crate) start: usize,
+    pub(crate) ttl_at: usize,
+    pub(crate) end: usize,
+    pub(crate) rtype: u16,
     /// The owner name is one compression pointer to before `base` (the question): the record
     /// does not depend on what precedes it in its section, so it may be moved.
-    pub owner_points_back: bool,
+    pub(crate) owner_points_back: bool,
 }
 
 /// Walks one record at `at` in `body` (whose first byte sits at message offset `base`).
-pub fn record_at(body: &[u8], at: usize, base: usize) -> Option<RecordSpan> {
+pub(crate) fn record_at(body: &[u8], at: usize, base: usize) -> Option<RecordSpan> {
     let mut i = at;
     let mut owner_points_back = false;
     loop {
@@ -219,7 +212,7 @@ pub fn record_at(body: &[u8], at: usize, base: usize) -> Option<RecordSpan> {
 
 /// Rewrites every TTL of the `count` records at the start of `records` with `ttl(old)`.
 /// Returns false (leaving the bytes partly rewritten) if the records are malformed.
-pub fn rewrite_ttls(
+pub(crate) fn rewrite_ttls(
     records: &mut [u8],
     count: usize,
     base: usize,
@@ -240,7 +233,7 @@ pub fn rewrite_ttls(
 
 /// Header flags of a reply to `q`: QR=1, opcode QUERY, RD and CD copied, RA=1, AA as given, AD
 /// and Z clear (the same rules as `reply::reply_metadata`).
-pub fn write_header(
+pub(crate) fn write_header(
     out: &mut Vec<u8>,
     q: &PlainQuery<'_>,
     authoritative: bool,
@@ -259,7 +252,7 @@ pub fn write_header(
 
 /// The OPT record of our replies: UDP size 1232, version 0, no flags or options (as
 /// `reply::reply_edns`).
-pub fn write_opt(out: &mut Vec<u8>) {
+pub(crate) fn write_opt(out: &mut Vec<u8>) {
     out.push(0);
     out.extend_from_slice(&TYPE_OPT.to_be_bytes());
     out.extend_from_slice(&(header::UDP_LIMIT_EDNS as u16).to_be_bytes());
@@ -267,7 +260,7 @@ pub fn write_opt(out: &mut Vec<u8>) {
 }
 
 /// Bumps ARCOUNT of an encoded message by one (after `write_opt`).
-pub fn add_additional(out: &mut [u8]) {
+pub(crate) fn add_additional(out: &mut [u8]) {
     if let Some(n) = header::count(out, Section::Additional) {
         header::set_count(out, Section::Additional, n.saturating_add(1));
     }
@@ -280,7 +273,7 @@ pub fn add_additional(out: &mut [u8]) {
 /// order that fits, as the general path cuts (`reply::encode_reply`). Returns the length of the
 /// whole answer section in `records` and how many records were copied, or `None` when they
 /// cannot be shuffled here.
-pub fn copy_shuffled_answers(
+pub(crate) fn copy_shuffled_answers(
     out: &mut Vec<u8>,
     records: &[u8],
     count: usize,
@@ -352,7 +345,10 @@ mod tests {
         assert!(q.recursion_desired && !q.checking_disabled);
         assert_eq!(q.qtype, TYPE_AAAA);
         assert_eq!(q.edns_payload, None);
-        assert_eq!(q.name(), b"\x03WwW\x07Example\x03COM\x00");
+        assert_eq!(
+            &q.question[..q.question.len() - 4],
+            b"\x03WwW\x07Example\x03COM\x00"
+        );
         let bytes = query("a.b.", RecordType::A, Some(4096));
         assert_eq!(
             parse_plain_query(&bytes).expect("plain").edns_payload,

@@ -10,13 +10,13 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use crate::header::{self, Section, HEADER_LEN, TYPE_A, TYPE_AAAA};
 // Re-exported because callers outside the header code still import it from here.
 
-pub use crate::header::{TCP_LIMIT, UDP_LIMIT_EDNS, UDP_LIMIT_NO_EDNS};
+pub(crate) use crate::header::{TCP_LIMIT, UDP_LIMIT_EDNS, UDP_LIMIT_NO_EDNS};
 
 /// Size of an OPT record without options (RFC 6891 §6.1.2).
-pub const OPT_LEN: usize = 11;
+pub(crate) const OPT_LEN: usize = 11;
 
 /// TTL of answers served from stale data (RFC 8767 §4 recommends 30 seconds).
-pub const STALE_TTL: u32 = 30;
+pub(crate) const STALE_TTL: u32 = 30;
 
 /// How a query arrived, which decides the size limit of its reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,7 +26,7 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
@@ -37,17 +37,17 @@ impl Transport {
 /// The fixed 12-byte header, read without parsing the rest, so that even a packet whose body is
 /// garbage can get a FORMERR with the right ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RawHeader {
-    pub id: u16,
-    pub is_response: bool,
-    pub opcode: u8,
-    pub recursion_desired: bool,
-    pub checking_disabled: bool,
-    pub qdcount: u16,
+pub(crate) struct RawHeader {
+    pub(crate) id: u16,
+    pub(crate) is_response: bool,
+    pub(crate) opcode: u8,
+    pub(crate) recursion_desired: bool,
+    pub(crate) checking_disabled: bool,
+    pub(crate) qdcount: u16,
 }
 
 impl RawHeader {
-    pub fn parse(packet: &[u8]) -> Option<RawHeader> {
+    pub(crate) fn parse(packet: &[u8]) -> Option<RawHeader> {
         let [qdcount, ..] = header::counts(packet)?;
         let flags = header::flags(packet)?;
         Some(RawHeader {
@@ -63,7 +63,7 @@ impl RawHeader {
 
 /// A reply with only a header: used when the request body could not be parsed, so nothing of it
 /// can be echoed. QR=1, RA=1, opcode and RD copied, counts zero.
-pub fn header_only_reply(h: &RawHeader, rcode: ResponseCode) -> Vec<u8> {
+pub(crate) fn header_only_reply(h: &RawHeader, rcode: ResponseCode) -> Vec<u8> {
     let flags = header::QR
         | header::opcode_flags(h.opcode)
         | header::flag_if(h.recursion_desired, header::RD)
@@ -81,7 +81,7 @@ pub fn reply_limit(request: &Message, transport: Transport) -> usize {
 }
 
 /// `reply_limit` from the client's EDNS payload size (`None`: no OPT in the query).
-pub fn limit_for(transport: Transport, edns_payload: Option<u16>) -> usize {
+pub(crate) fn limit_for(transport: Transport, edns_payload: Option<u16>) -> usize {
     match (transport, edns_payload) {
         (Transport::Tcp, _) => TCP_LIMIT,
         (Transport::Udp, None) => UDP_LIMIT_NO_EDNS,
@@ -91,7 +91,11 @@ pub fn limit_for(transport: Transport, edns_payload: Option<u16>) -> usize {
 
 /// The reply's header: ID, opcode, RD and CD copied; RA=1 always (glibc treats a reply without RA,
 /// AA or records as lame); AD and Z never set (nginx drops replies with them).
-pub fn reply_metadata(request: &Message, rcode: ResponseCode, authoritative: bool) -> Metadata {
+pub(crate) fn reply_metadata(
+    request: &Message,
+    rcode: ResponseCode,
+    authoritative: bool,
+) -> Metadata {
     let mut md = Metadata::new(request.metadata.id, MessageType::Response, OpCode::Query);
     md.op_code = request.metadata.op_code;
     md.recursion_desired = request.metadata.recursion_desired;
@@ -117,7 +121,7 @@ fn reply_edns(request: &Message) -> Option<Edns> {
 /// A reply carrying only an rcode (plus the question and OPT when the request had them). Only a
 /// single question is echoed: echoing many could exceed the 512 bytes a UDP client without EDNS
 /// accepts (a single one always fits).
-pub fn error_reply(request: &Message, rcode: ResponseCode) -> Vec<u8> {
+pub(crate) fn error_reply(request: &Message, rcode: ResponseCode) -> Vec<u8> {
     let mut msg = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
     msg.metadata = reply_metadata(request, rcode, false);
     if request.queries.len() == 1 {
@@ -306,7 +310,7 @@ fn complete(bytes: &[u8], msg: &Message) -> bool {
 
 /// RFC 8482: a forwarded ANY query gets one synthesized HINFO record instead of everything, so we
 /// are useless as an amplifier and never pay for a huge upstream answer.
-pub fn minimal_any_answer(query: &Query) -> Answer {
+pub(crate) fn minimal_any_answer(query: &Query) -> Answer {
     let record = Record::from_rdata(
         query.name().clone(),
         RFC8482_TTL,
@@ -325,15 +329,15 @@ pub fn minimal_any_answer(query: &Query) -> Answer {
 }
 
 /// TTL of the RFC 8482 HINFO record (RFC 8482 §4.2 suggests a long TTL; a day, like Cloudflare).
-pub const RFC8482_TTL: u32 = 86_400;
+pub(crate) const RFC8482_TTL: u32 = 86_400;
 
 /// Does `name` fall inside `zone` (both compared case-insensitively)?
-pub fn in_zone(name: &Name, zone: &Name) -> bool {
+pub(crate) fn in_zone(name: &Name, zone: &Name) -> bool {
     zone.zone_of(name)
 }
 
 /// Appends `name` in wire format, uncompressed, in its case (the root label included).
-pub fn push_name(out: &mut Vec<u8>, name: &Name) {
+pub(crate) fn push_name(out: &mut Vec<u8>, name: &Name) {
     for label in name.iter() {
         out.push(label.len() as u8);
         out.extend_from_slice(label);

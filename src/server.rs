@@ -43,8 +43,8 @@ const PORT_ZERO_TRIES: usize = 20;
 /// Listen sockets, bound before `run` so tests can bind port 0 and callers see bind errors
 /// before anything starts.
 pub struct Listeners {
-    pub udp: Vec<UdpSocket>,
-    pub tcp: Vec<TcpListener>,
+    pub(crate) udp: Vec<UdpSocket>,
+    pub(crate) tcp: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -166,7 +166,7 @@ fn bind_one(addr: SocketAddr, per: usize) -> Result<(Vec<UdpSocket>, TcpListener
 
 /// Serves until `shutdown` is cancelled, then stops reading, lets queries in flight finish (at
 /// most `drain` long) and returns.
-pub async fn serve(
+pub(crate) async fn serve(
     listeners: Listeners,
     handler: Arc<Handler>,
     metrics: Arc<Metrics>,
@@ -226,15 +226,15 @@ pub async fn serve(
 
 /// The server's resource limits.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub max_inflight: usize,
-    pub max_tcp_connections: usize,
+pub(crate) struct Limits {
+    pub(crate) max_inflight: usize,
+    pub(crate) max_tcp_connections: usize,
     /// Of `max_tcp_connections`, how many one client network (see `ratelimit::network_key`)
     /// may hold.
-    pub max_tcp_connections_per_network: usize,
-    pub tcp_idle_timeout: Duration,
+    pub(crate) max_tcp_connections_per_network: usize,
+    pub(crate) tcp_idle_timeout: Duration,
     /// How long shutdown waits for queries in flight: the upstream timeout and a margin.
-    pub drain: Duration,
+    pub(crate) drain: Duration,
 }
 
 async fn udp_loop(

@@ -33,7 +33,7 @@ const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 /// A set of servers tried in order (starting with the last one that answered), all within one
 /// deadline.
 #[derive(Debug)]
-pub struct ServerGroup {
+pub(crate) struct ServerGroup {
     servers: Vec<SocketAddr>,
     timeout: Duration,
     /// Index of the server that answered last: tried first next time, so a dead first server
@@ -44,7 +44,7 @@ pub struct ServerGroup {
 }
 
 impl ServerGroup {
-    pub fn new(servers: Vec<SocketAddr>, timeout: Duration) -> ServerGroup {
+    pub(crate) fn new(servers: Vec<SocketAddr>, timeout: Duration) -> ServerGroup {
         ServerGroup {
             servers,
             timeout,
@@ -55,14 +55,18 @@ impl ServerGroup {
 
     /// Sends questions with random letter case and accepts only replies that echo it (see
     /// `exchange`).
-    pub fn with_randomize_case(mut self, on: bool) -> ServerGroup {
+    pub(crate) fn with_randomize_case(mut self, on: bool) -> ServerGroup {
         self.randomize_case = on;
         self
     }
 
     /// Asks the servers for `q` and returns the first usable reply (any rcode but SERVFAIL,
     /// REFUSED, NOTIMP and FORMERR, which move on to the next server).
-    pub async fn query(&self, q: &Question, metrics: &Metrics) -> Result<Message, FetchError> {
+    pub(crate) async fn query(
+        &self,
+        q: &Question,
+        metrics: &Metrics,
+    ) -> Result<Message, FetchError> {
         let n = self.servers.len();
         if n == 0 {
             return Err(FetchError::Io("no upstream servers".into()));
@@ -354,13 +358,13 @@ async fn exchange_tcp(
 
 /// `[[forward]]` zones and the default servers: the longest matching zone wins.
 #[derive(Debug)]
-pub struct Router {
+pub(crate) struct Router {
     zones: Vec<(Name, Arc<ServerGroup>)>,
     default: Arc<ServerGroup>,
 }
 
 impl Router {
-    pub fn new(default: ServerGroup, zones: Vec<(Name, ServerGroup)>) -> Router {
+    pub(crate) fn new(default: ServerGroup, zones: Vec<(Name, ServerGroup)>) -> Router {
         let mut zones: Vec<(Name, Arc<ServerGroup>)> =
             zones.into_iter().map(|(z, g)| (z, Arc::new(g))).collect();
         // Most labels first, so the first match is the longest.
@@ -371,7 +375,7 @@ impl Router {
         }
     }
 
-    pub fn group_for(&self, name: &Name) -> &Arc<ServerGroup> {
+    pub(crate) fn group_for(&self, name: &Name) -> &Arc<ServerGroup> {
         self.zones
             .iter()
             .find(|(zone, _)| zone.zone_of(name))
@@ -392,7 +396,12 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(router: Router, cache: Cache, metrics: Arc<Metrics>, shuffle: bool) -> Forwarder {
+    pub(crate) fn new(
+        router: Router,
+        cache: Cache,
+        metrics: Arc<Metrics>,
+        shuffle: bool,
+    ) -> Forwarder {
         Forwarder {
             router,
             cache,
@@ -437,7 +446,7 @@ impl Forwarder {
     /// to the agents' DNS ports, a forward zone like the others but with a TTL floor of the
     /// service TTL (Consul sends 0: without the floor every query would reach the agent) and
     /// shuffled on the way out, so round robin survives the cache.
-    pub fn consul_dns(config: &Config, metrics: &Arc<Metrics>) -> Forwarder {
+    pub(crate) fn consul_dns(config: &Config, metrics: &Arc<Metrics>) -> Forwarder {
         let consul = &config.consul;
         let floor = config.cache.min_ttl.max(consul.service_ttl_for(""));
         let policy = TtlPolicy {
@@ -469,7 +478,7 @@ impl Forwarder {
 
     /// Caps upstream fetches in flight; a miss beyond the cap is answered at once (stale data or
     /// SERVFAIL) instead of queueing behind a slow upstream.
-    pub fn with_max_inflight(mut self, max: usize) -> Forwarder {
+    pub(crate) fn with_max_inflight(mut self, max: usize) -> Forwarder {
         // Config validation clamps too; this keeps any caller from the semaphore's panic.
         let permits = max.clamp(1, crate::config::MAX_CONCURRENCY_LIMIT);
         self.inflight = Arc::new(tokio::sync::Semaphore::new(permits));
@@ -482,7 +491,7 @@ impl Forwarder {
 
     /// The answer for `q`, and where it came from. Never fails: when nothing can be had in time,
     /// the answer is SERVFAIL.
-    pub async fn answer(&self, q: &Question) -> (Answer, Source) {
+    pub(crate) async fn answer(&self, q: &Question) -> (Answer, Source) {
         if q.qtype == RecordType::ANY {
             // RFC 8482, without asking anyone.
             return (
@@ -535,7 +544,7 @@ impl Forwarder {
 
     /// The hot path: the reply to `query` from fresh cached bytes, if there are any (see
     /// `AnswerSource::reply_from_cache`). Expired entries go the general way, which refreshes.
-    pub fn reply_from_cache(
+    pub(crate) fn reply_from_cache(
         &self,
         query: &PlainQuery<'_>,
         key: &[u8],

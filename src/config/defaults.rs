@@ -9,15 +9,15 @@ use ipnet::IpNet;
 use super::schema::{ConsulMode, WhenNoneHealthy, DNS_PORT};
 
 /// Where the system's resolvers are listed.
-pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+pub(crate) const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// The environment variable the ACL token is read from when `consul.token_file` is not set
 /// (the name Consul's own CLI uses).
-pub const TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
 
 /// The largest TTL a record may carry: RFC 2181 §8 makes TTLs 31-bit, and resolvers read a
 /// larger value as 0, so a longer configured TTL would silently disable caching downstream.
-pub const MAX_DNS_TTL: Duration = Duration::from_secs(0x7fff_ffff);
+pub(crate) const MAX_DNS_TTL: Duration = Duration::from_secs(0x7fff_ffff);
 
 /// Counts of concurrent things (queries, connections) are semaphores, which cannot hold more
 /// than this many permits (tokio panics above it). Larger values are unlimited in practice, so
@@ -33,172 +33,173 @@ const LOOPBACK_NETS: [IpNet; 2] = [
 // --- [server] ---------------------------------------------------------------------------------
 
 /// Loopback only, both families: a per-host forwarder serves its own host unless told otherwise.
-pub const DEFAULT_LISTEN: [SocketAddr; 2] = [
+pub(crate) const DEFAULT_LISTEN: [SocketAddr; 2] = [
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DNS_PORT),
     SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), DNS_PORT),
 ];
 
 /// Where `--dev` listens: an unprivileged port, so the demo runs without root.
-pub const DEV_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1053);
+pub(crate) const DEV_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1053);
 
 /// Clients allowed to query: this host.
-pub const DEFAULT_ALLOW: [IpNet; 2] = LOOPBACK_NETS;
+pub(crate) const DEFAULT_ALLOW: [IpNet; 2] = LOOPBACK_NETS;
 
 /// Idle TCP connections are closed after this (RFC 7766 §6.2.3 suggests "on the order of seconds").
-pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The shortest `server.tcp_idle_timeout`, so that a slip like "1ms" cannot close connections
 /// before a client's query arrives.
-pub const MIN_TCP_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
+pub(crate) const MIN_TCP_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Enough for every local client (nginx workers, glibc retries) with a wide margin, small enough
 /// that a misbehaving client cannot exhaust file descriptors.
-pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 1024;
+pub(crate) const DEFAULT_MAX_TCP_CONNECTIONS: usize = 1024;
 
 /// TCP connections one client network may hold: a quarter of the default total, so at least
 /// four networks always find a slot, and still far more than a host's resolver clients open
 /// (glibc and nginx use one connection per retried query and close it).
-pub const DEFAULT_MAX_TCP_CONNECTIONS_PER_NETWORK: usize = 256;
+pub(crate) const DEFAULT_MAX_TCP_CONNECTIONS_PER_NETWORK: usize = 256;
 
 /// 0 = one socket per CPU core, so every core has a receive loop.
-pub const DEFAULT_UDP_SOCKETS_PER_ADDRESS: usize = 0;
+pub(crate) const DEFAULT_UDP_SOCKETS_PER_ADDRESS: usize = 0;
 
 /// More UDP sockets per address than any core count needs; each costs a descriptor, a kernel
 /// buffer and a 64 KiB receive buffer, so a typo like 100000 must not exhaust the host.
-pub const MAX_UDP_SOCKETS_PER_ADDRESS: usize = 1024;
+pub(crate) const MAX_UDP_SOCKETS_PER_ADDRESS: usize = 1024;
 
 /// How many queries may be in progress at once before new UDP queries are shed.
-pub const DEFAULT_MAX_INFLIGHT: usize = 10_000;
+pub(crate) const DEFAULT_MAX_INFLIGHT: usize = 10_000;
 
 /// Responses per second per client network when rate limiting is on by default (non-loopback
 /// listen addresses): ample for a host's resolver clients, small for an amplification attack.
-pub const DEFAULT_RATE_LIMIT: u32 = 200;
+pub(crate) const DEFAULT_RATE_LIMIT: u32 = 200;
 
 /// Clients never rate-limited: this host.
-pub const DEFAULT_RATE_LIMIT_EXEMPT: [IpNet; 2] = LOOPBACK_NETS;
+pub(crate) const DEFAULT_RATE_LIMIT_EXEMPT: [IpNet; 2] = LOOPBACK_NETS;
 
 // --- [upstream] -------------------------------------------------------------------------------
 
 /// How long every upstream together may take before the client gets SERVFAIL. Below the 5 s that
 /// glibc waits per try, so a client never times out on us while we wait for an upstream.
-pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The shortest `upstream.timeout`, so that a slip like "1ms" cannot fail every query.
-pub const MIN_UPSTREAM_TIMEOUT: Duration = Duration::from_millis(10);
+pub(crate) const MIN_UPSTREAM_TIMEOUT: Duration = Duration::from_millis(10);
 
 /// The longest `upstream.timeout`: clients give up after about 5 s, so longer only holds
 /// resources for answers nobody waits for.
-pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Upstream fetches in flight: far above what a healthy upstream needs (answers take
 /// milliseconds), low enough that a black-holed upstream cannot tie up memory without bound.
-pub const DEFAULT_UPSTREAM_INFLIGHT: usize = 1024;
+pub(crate) const DEFAULT_UPSTREAM_INFLIGHT: usize = 1024;
 
 /// Off: some upstreams do not preserve the letter case of questions (see
 /// `UpstreamConfig::randomize_case`).
-pub const DEFAULT_RANDOMIZE_CASE: bool = false;
+pub(crate) const DEFAULT_RANDOMIZE_CASE: bool = false;
 
 // --- [cache] ----------------------------------------------------------------------------------
 
 /// Cached names. 100,000 entries cost a few tens of MiB at most.
-pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
+pub(crate) const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
 
 /// Cache memory bound: 100,000 typical answers fit with room to spare.
-pub const DEFAULT_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+pub(crate) const DEFAULT_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// The smallest `cache.max_bytes`: a cache smaller than this holds hardly an answer.
-pub const MIN_CACHE_BYTES: u64 = 1024;
+pub(crate) const MIN_CACHE_BYTES: u64 = 1024;
 
 /// No TTL floor: answers expire when their owner says.
-pub const DEFAULT_MIN_TTL: Duration = Duration::ZERO;
+pub(crate) const DEFAULT_MIN_TTL: Duration = Duration::ZERO;
 
 /// Upper bound on positive TTLs: one day, as unbound's `cache-max-ttl`.
-pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(86_400);
+pub(crate) const DEFAULT_MAX_TTL: Duration = Duration::from_secs(86_400);
 
 /// Upper bound on how long a negative answer is cached (RFC 2308 suggests 1–3 hours max; a short
 /// value lets a newly created name appear quickly).
-pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(300);
 
 /// RFC 8767 suggests 1–3 days of stale serving; one hour covers a restarting upstream without
 /// pinning long-gone data.
-pub const DEFAULT_STALE_FOR: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_STALE_FOR: Duration = Duration::from_secs(3600);
 
 // --- [consul] ---------------------------------------------------------------------------------
 
 /// On: answering `*.consul` is what this forwarder is for.
-pub const DEFAULT_CONSUL_ENABLED: bool = true;
+pub(crate) const DEFAULT_CONSUL_ENABLED: bool = true;
 
 /// The health API: answers follow health changes as they happen (blocking queries).
-pub const DEFAULT_CONSUL_MODE: ConsulMode = ConsulMode::Http;
+pub(crate) const DEFAULT_CONSUL_MODE: ConsulMode = ConsulMode::Http;
 
 /// Consul's HTTP API on the local agent (a string: a URL cannot be built in a constant).
-pub const DEFAULT_CONSUL_HTTP: &str = "http://127.0.0.1:8500";
+pub(crate) const DEFAULT_CONSUL_HTTP: &str = "http://127.0.0.1:8500";
 
 /// Consul's DNS interface on the local agent.
-pub const DEFAULT_CONSUL_DNS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8600);
+pub(crate) const DEFAULT_CONSUL_DNS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8600);
 
 /// Consul's own domain (a string: a DNS name cannot be built in a constant).
-pub const DEFAULT_CONSUL_DOMAIN: &str = "consul.";
+pub(crate) const DEFAULT_CONSUL_DOMAIN: &str = "consul.";
 
 /// Off: Consul's DNS interface also answers instances in the warning state.
-pub const DEFAULT_ONLY_PASSING: bool = false;
+pub(crate) const DEFAULT_ONLY_PASSING: bool = false;
 
 /// What Consul does when no instance is healthy.
-pub const DEFAULT_WHEN_NONE_HEALTHY: WhenNoneHealthy = WhenNoneHealthy::Nxdomain;
+pub(crate) const DEFAULT_WHEN_NONE_HEALTHY: WhenNoneHealthy = WhenNoneHealthy::Nxdomain;
 
 /// 0 = every instance, as Consul's `a_record_limit` default.
-pub const DEFAULT_A_RECORD_LIMIT: usize = 0;
+pub(crate) const DEFAULT_A_RECORD_LIMIT: usize = 0;
 
 /// TTL of service answers when `consul.service_ttl` does not say: long enough to absorb bursts,
 /// short enough that a client re-asks soon after an instance fails.
-pub const DEFAULT_SERVICE_TTL: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_SERVICE_TTL: Duration = Duration::from_secs(5);
 
 /// Node answers change as rarely as service answers: the same TTL.
-pub const DEFAULT_NODE_TTL: Duration = DEFAULT_SERVICE_TTL;
+pub(crate) const DEFAULT_NODE_TTL: Duration = DEFAULT_SERVICE_TTL;
 
 /// A name that does not exist in Consul may be registered any moment: as short as a service TTL.
-pub const DEFAULT_CONSUL_NEGATIVE_TTL: Duration = DEFAULT_SERVICE_TTL;
+pub(crate) const DEFAULT_CONSUL_NEGATIVE_TTL: Duration = DEFAULT_SERVICE_TTL;
 
 /// How long a blocking query may wait in Consul (Consul's default and our default: 5 minutes).
-pub const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(300);
 
 /// The shortest `consul.watch_wait`: shorter turns blocking queries into polling.
-pub const MIN_WATCH_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const MIN_WATCH_WAIT: Duration = Duration::from_secs(1);
 
 /// Consul caps `wait` at 10 minutes.
-pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(600);
+pub(crate) const MAX_WATCH_WAIT: Duration = Duration::from_secs(600);
 
 /// `consul.stale_for` is at least this many `consul.watch_wait`s: one for the blocking query
 /// to return, one for Consul's jitter and a retry.
-pub const STALE_FOR_WATCH_WAITS: u32 = 2;
+pub(crate) const STALE_FOR_WATCH_WAITS: u32 = 2;
 
 /// A watcher nobody asked about for this long stops.
-pub const DEFAULT_WATCH_IDLE: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_WATCH_IDLE: Duration = Duration::from_secs(600);
 
 /// The shortest `consul.watch_idle`: long enough for a first answer from Consul to arrive.
-pub const MIN_WATCH_IDLE: Duration = Duration::from_secs(1);
+pub(crate) const MIN_WATCH_IDLE: Duration = Duration::from_secs(1);
 
 /// How long the last known view of a service is served while Consul is unreachable.
-pub const DEFAULT_CONSUL_STALE_FOR: Duration = Duration::from_secs(86_400);
+pub(crate) const DEFAULT_CONSUL_STALE_FOR: Duration = Duration::from_secs(86_400);
 
 /// Connections to one agent: far below Consul's `limits.http_max_conns_per_client` (200).
-pub const DEFAULT_CONSUL_MAX_CONNECTIONS: usize = 32;
+pub(crate) const DEFAULT_CONSUL_MAX_CONNECTIONS: usize = 32;
 
 /// The smallest connection budget that still leaves a watch slot and a fetch slot (see
 /// `consul::client`; connections hold their slot until closed, so no margin is needed).
-pub const MIN_CONSUL_CONNECTIONS: usize = 2;
+pub(crate) const MIN_CONSUL_CONNECTIONS: usize = 2;
 
 /// Off: a token crosses the network only encrypted unless the operator says the path is trusted.
-pub const DEFAULT_ALLOW_INSECURE_TOKEN: bool = false;
+pub(crate) const DEFAULT_ALLOW_INSECURE_TOKEN: bool = false;
 
 // --- [metrics] and [log] ----------------------------------------------------------------------
 
 /// On: the metrics listener is loopback-only by default, so it exposes nothing off the host.
-pub const DEFAULT_METRICS_ENABLED: bool = true;
+pub(crate) const DEFAULT_METRICS_ENABLED: bool = true;
 
 /// Where metrics are served by default: CoreDNS's conventional metrics port, loopback only.
-pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+pub(crate) const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9153);
 
 /// Off: a line per query is for debugging, too much for a busy host's logs.
-pub const DEFAULT_LOG_QUERIES: bool = false;
+pub(crate) const DEFAULT_LOG_QUERIES: bool = false;

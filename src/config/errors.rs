@@ -43,8 +43,8 @@ pub enum ConfigError {
      consul.allow_insecure_token = true if the network path to it is trusted"
 )]
 pub struct InsecureToken {
-    pub agent: String,
-    pub token_from: String,
+    pub(crate) agent: String,
+    pub(crate) token_from: String,
 }
 
 /// Several problems at once, so `check-config` can list them all.

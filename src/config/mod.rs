@@ -24,7 +24,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use defaults::*;
+pub use defaults::MAX_CONCURRENCY_LIMIT;
+pub(crate) use defaults::*;
 use errors::Errors;
 pub use errors::{line_of, ConfigError, ConfigErrors, InsecureToken};
 use schema::FileConfig;
@@ -168,7 +169,7 @@ fn is_same_endpoint(listen: SocketAddr, upstream: SocketAddr) -> bool {
 }
 
 /// The `nameserver` lines of a resolv.conf, port 53. Scoped IPv6 (`fe80::1%eth0`) is skipped.
-pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+pub(crate) fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
     text.lines()
         .filter_map(|line| {
             let line = line.split(['#', ';']).next().unwrap_or("");

@@ -181,98 +181,98 @@ pub enum WhenNoneHealthy {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     #[serde(default)]
-    pub server: FileServer,
+    pub(crate) server: FileServer,
     #[serde(default)]
-    pub upstream: FileUpstream,
+    pub(crate) upstream: FileUpstream,
     #[serde(default)]
-    pub forward: Vec<FileForward>,
+    pub(crate) forward: Vec<FileForward>,
     #[serde(default)]
-    pub cache: FileCache,
+    pub(crate) cache: FileCache,
     #[serde(default)]
-    pub consul: FileConsul,
+    pub(crate) consul: FileConsul,
     #[serde(default)]
-    pub metrics: FileMetrics,
+    pub(crate) metrics: FileMetrics,
     #[serde(default)]
-    pub log: FileLog,
+    pub(crate) log: FileLog,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileServer {
-    pub listen: Option<Vec<ListenAddr>>,
-    pub allow: Option<Vec<AllowNet>>,
-    pub tcp_idle_timeout: Option<ConfigDuration>,
-    pub max_tcp_connections: Option<usize>,
-    pub max_tcp_connections_per_network: Option<usize>,
-    pub udp_sockets_per_address: Option<usize>,
-    pub max_inflight: Option<usize>,
-    pub rate_limit: Option<u32>,
-    pub rate_limit_exempt: Option<Vec<AllowNet>>,
+    pub(crate) listen: Option<Vec<ListenAddr>>,
+    pub(crate) allow: Option<Vec<AllowNet>>,
+    pub(crate) tcp_idle_timeout: Option<ConfigDuration>,
+    pub(crate) max_tcp_connections: Option<usize>,
+    pub(crate) max_tcp_connections_per_network: Option<usize>,
+    pub(crate) udp_sockets_per_address: Option<usize>,
+    pub(crate) max_inflight: Option<usize>,
+    pub(crate) rate_limit: Option<u32>,
+    pub(crate) rate_limit_exempt: Option<Vec<AllowNet>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileUpstream {
-    pub servers: Option<Vec<ServerAddr>>,
-    pub timeout: Option<ConfigDuration>,
-    pub resolv_conf: Option<PathBuf>,
-    pub max_inflight: Option<usize>,
-    pub randomize_case: Option<bool>,
+    pub(crate) servers: Option<Vec<ServerAddr>>,
+    pub(crate) timeout: Option<ConfigDuration>,
+    pub(crate) resolv_conf: Option<PathBuf>,
+    pub(crate) max_inflight: Option<usize>,
+    pub(crate) randomize_case: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileForward {
-    pub zone: Zone,
-    pub servers: Vec<ServerAddr>,
+    pub(crate) zone: Zone,
+    pub(crate) servers: Vec<ServerAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileCache {
-    pub max_entries: Option<u64>,
-    pub max_bytes: Option<u64>,
-    pub min_ttl: Option<ConfigDuration>,
-    pub max_ttl: Option<ConfigDuration>,
-    pub negative_ttl: Option<ConfigDuration>,
-    pub stale_for: Option<ConfigDuration>,
+    pub(crate) max_entries: Option<u64>,
+    pub(crate) max_bytes: Option<u64>,
+    pub(crate) min_ttl: Option<ConfigDuration>,
+    pub(crate) max_ttl: Option<ConfigDuration>,
+    pub(crate) negative_ttl: Option<ConfigDuration>,
+    pub(crate) stale_for: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConsul {
-    pub enabled: Option<bool>,
-    pub mode: Option<ConsulMode>,
-    pub http: Option<Vec<HttpUrl>>,
-    pub dns: Option<Vec<ServerAddr>>,
-    pub domain: Option<Zone>,
-    pub alt_domains: Option<Vec<Zone>>,
-    pub datacenter: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    pub catalog_file: Option<PathBuf>,
-    pub only_passing: Option<bool>,
-    pub when_none_healthy: Option<WhenNoneHealthy>,
-    pub a_record_limit: Option<usize>,
-    pub service_ttl: Option<BTreeMap<String, ConfigDuration>>,
-    pub node_ttl: Option<ConfigDuration>,
-    pub negative_ttl: Option<ConfigDuration>,
-    pub watch_wait: Option<ConfigDuration>,
-    pub watch_idle: Option<ConfigDuration>,
-    pub stale_for: Option<ConfigDuration>,
-    pub max_connections: Option<usize>,
-    pub allow_insecure_token: Option<bool>,
+    pub(crate) enabled: Option<bool>,
+    pub(crate) mode: Option<ConsulMode>,
+    pub(crate) http: Option<Vec<HttpUrl>>,
+    pub(crate) dns: Option<Vec<ServerAddr>>,
+    pub(crate) domain: Option<Zone>,
+    pub(crate) alt_domains: Option<Vec<Zone>>,
+    pub(crate) datacenter: Option<String>,
+    pub(crate) token_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) catalog_file: Option<PathBuf>,
+    pub(crate) only_passing: Option<bool>,
+    pub(crate) when_none_healthy: Option<WhenNoneHealthy>,
+    pub(crate) a_record_limit: Option<usize>,
+    pub(crate) service_ttl: Option<BTreeMap<String, ConfigDuration>>,
+    pub(crate) node_ttl: Option<ConfigDuration>,
+    pub(crate) negative_ttl: Option<ConfigDuration>,
+    pub(crate) watch_wait: Option<ConfigDuration>,
+    pub(crate) watch_idle: Option<ConfigDuration>,
+    pub(crate) stale_for: Option<ConfigDuration>,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) allow_insecure_token: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileMetrics {
-    pub listen: Option<ListenAddr>,
-    pub enabled: Option<bool>,
+    pub(crate) listen: Option<ListenAddr>,
+    pub(crate) enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileLog {
-    pub queries: Option<bool>,
+    pub(crate) queries: Option<bool>,
 }

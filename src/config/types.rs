@@ -16,39 +16,39 @@ use super::schema::{ConsulMode, WhenNoneHealthy};
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
-    pub forward: Vec<ForwardZone>,
-    pub cache: CacheConfig,
+    pub(crate) forward: Vec<ForwardZone>,
+    pub(crate) cache: CacheConfig,
     pub consul: ConsulConfig,
     pub metrics: MetricsConfig,
-    pub log_queries: bool,
+    pub(crate) log_queries: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     pub allow: Vec<IpNet>,
-    pub tcp_idle_timeout: Duration,
-    pub max_tcp_connections: usize,
+    pub(crate) tcp_idle_timeout: Duration,
+    pub(crate) max_tcp_connections: usize,
     /// Of `max_tcp_connections`, how many one client network (/24 for IPv4, /56 for IPv6, as
     /// the rate limit) may hold, so one client cannot lock the others out of TCP.
-    pub max_tcp_connections_per_network: usize,
+    pub(crate) max_tcp_connections_per_network: usize,
     /// SO_REUSEPORT sockets per UDP listen address, each with its own receive loop (0 = one per core).
     pub udp_sockets_per_address: usize,
     /// Queries being answered at once across UDP and TCP; beyond it UDP queries are dropped
     /// (and counted) rather than queued without bound.
-    pub max_inflight: usize,
+    pub(crate) max_inflight: usize,
     /// Responses per second to one client network (/24 for IPv4, /56 for IPv6) over UDP; above
     /// it, UDP queries get an empty TC=1 reply so real clients retry over TCP (which a spoofed
     /// source cannot). `None` = the default: off when every listen address is loopback, else
     /// [`DEFAULT_RATE_LIMIT`]. `Some(0)` = off.
-    pub rate_limit: Option<u32>,
+    pub(crate) rate_limit: Option<u32>,
     /// Clients never rate-limited.
-    pub rate_limit_exempt: Vec<IpNet>,
+    pub(crate) rate_limit_exempt: Vec<IpNet>,
 }
 
 impl ServerConfig {
     /// The rate limit in force (0 = off); see [`ServerConfig::rate_limit`].
-    pub fn effective_rate_limit(&self) -> u32 {
+    pub(crate) fn effective_rate_limit(&self) -> u32 {
         match self.rate_limit {
             Some(r) => r,
             None if self.listen.iter().all(|a| a.ip().is_loopback()) => 0,
@@ -62,31 +62,31 @@ pub struct UpstreamConfig {
     /// Empty until [`Config::resolve_system_upstreams`] fills it from resolv.conf.
     pub servers: Vec<SocketAddr>,
     pub timeout: Duration,
-    pub resolv_conf: PathBuf,
+    pub(crate) resolv_conf: PathBuf,
     /// Upstream fetches in flight at once; beyond it a miss is answered SERVFAIL (or stale) at
     /// once instead of piling up behind a slow upstream.
-    pub max_inflight: usize,
+    pub(crate) max_inflight: usize,
     /// Random letter case in upstream questions (DNS 0x20), checked in replies: more entropy
     /// against blind spoofing. Off by default because some upstreams do not preserve case
     /// (those are re-asked without it, at the cost of a round trip).
-    pub randomize_case: bool,
+    pub(crate) randomize_case: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ForwardZone {
-    pub zone: Name,
-    pub servers: Vec<SocketAddr>,
+    pub(crate) zone: Name,
+    pub(crate) servers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
-    pub max_entries: u64,
+    pub(crate) max_entries: u64,
     /// Approximate bytes of cached records; whichever of the two limits is reached first evicts.
-    pub max_bytes: u64,
-    pub min_ttl: Duration,
-    pub max_ttl: Duration,
-    pub negative_ttl: Duration,
-    pub stale_for: Duration,
+    pub(crate) max_bytes: u64,
+    pub(crate) min_ttl: Duration,
+    pub(crate) max_ttl: Duration,
+    pub(crate) negative_ttl: Duration,
+    pub(crate) stale_for: Duration,
 }
 
 /// A `consul.service_ttl` key: exact service name, `prefix*`, or `*`.
@@ -104,31 +104,31 @@ pub struct ConsulConfig {
     pub dns: Vec<SocketAddr>,
     /// The main domain first, then the alternative ones.
     pub domains: Vec<Name>,
-    pub datacenter: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
+    pub(crate) datacenter: Option<String>,
+    pub(crate) token_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     pub catalog_file: Option<PathBuf>,
     /// Serve the built-in demo catalog (`--dev` without a catalog file).
     pub demo_catalog: bool,
-    pub only_passing: bool,
-    pub when_none_healthy: WhenNoneHealthy,
+    pub(crate) only_passing: bool,
+    pub(crate) when_none_healthy: WhenNoneHealthy,
     pub a_record_limit: usize,
     /// Longest pattern first, so the first match is the best one.
-    pub service_ttl: Vec<(TtlPattern, Duration)>,
-    pub node_ttl: Duration,
-    pub negative_ttl: Duration,
-    pub watch_wait: Duration,
-    pub watch_idle: Duration,
-    pub stale_for: Duration,
-    pub max_connections: usize,
+    pub(crate) service_ttl: Vec<(TtlPattern, Duration)>,
+    pub(crate) node_ttl: Duration,
+    pub(crate) negative_ttl: Duration,
+    pub(crate) watch_wait: Duration,
+    pub(crate) watch_idle: Duration,
+    pub(crate) stale_for: Duration,
+    pub(crate) max_connections: usize,
     /// Send the token to `http://` agents that are not on loopback (off: refused at start and
     /// on reload, see [`ConsulConfig::check_token_transport`]).
-    pub allow_insecure_token: bool,
+    pub(crate) allow_insecure_token: bool,
 }
 
 impl ConsulConfig {
     /// The TTL for a service: exact name, then the longest matching `prefix*`, then `*`.
-    pub fn service_ttl_for(&self, service: &str) -> Duration {
+    pub(crate) fn service_ttl_for(&self, service: &str) -> Duration {
         for (pattern, ttl) in &self.service_ttl {
             match pattern {
                 TtlPattern::Exact(name) if name.eq_ignore_ascii_case(service) => return *ttl,

@@ -17,47 +17,46 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct HealthEntry {
-    pub node: NodeJson,
-    pub service: ServiceJson,
+    pub(crate) node: NodeJson,
+    pub(crate) service: ServiceJson,
     #[serde(default, deserialize_with = "null_as_default")]
-    pub checks: Vec<CheckJson>,
+    pub(crate) checks: Vec<CheckJson>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct NodeJson {
-    pub node: String,
+pub(crate) struct NodeJson {
+    pub(crate) node: String,
     #[serde(default)]
-    pub address: String,
+    pub(crate) address: String,
     #[serde(default)]
-    pub datacenter: String,
+    pub(crate) datacenter: String,
     #[serde(default, deserialize_with = "null_as_default")]
-    pub meta: BTreeMap<String, String>,
+    pub(crate) meta: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct ServiceJson {
+pub(crate) struct ServiceJson {
     #[serde(rename = "ID", default)]
-    pub id: String,
-    pub service: String,
+    pub(crate) id: String,
     #[serde(default, deserialize_with = "null_as_default")]
-    pub tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     #[serde(default)]
-    pub address: String,
+    pub(crate) address: String,
     #[serde(default)]
-    pub port: u16,
+    pub(crate) port: u16,
     #[serde(default)]
-    pub weights: Option<WeightsJson>,
+    pub(crate) weights: Option<WeightsJson>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct WeightsJson {
+pub(crate) struct WeightsJson {
     #[serde(default = "one")]
-    pub passing: u32,
+    pub(crate) passing: u32,
     #[serde(default = "one")]
-    pub warning: u32,
+    pub(crate) warning: u32,
 }
 
 fn one() -> u32 {
@@ -66,39 +65,35 @@ fn one() -> u32 {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct CheckJson {
-    #[serde(rename = "CheckID", default)]
-    pub check_id: String,
+pub(crate) struct CheckJson {
     #[serde(default)]
-    pub status: String,
-    #[serde(rename = "ServiceID", default)]
-    pub service_id: String,
+    pub(crate) status: String,
 }
 
 /// `/v1/catalog/node/<node>`: `null` for an unknown node.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct CatalogNodeJson {
-    pub node: NodeJson,
+pub(crate) struct CatalogNodeJson {
+    pub(crate) node: NodeJson,
 }
 
 /// `/v1/query/<name>/execute`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct QueryExecuteJson {
+pub(crate) struct QueryExecuteJson {
     #[serde(default, deserialize_with = "null_as_default")]
-    pub nodes: Vec<HealthEntry>,
+    pub(crate) nodes: Vec<HealthEntry>,
     #[serde(rename = "DNS", default)]
-    pub dns: Option<QueryDnsJson>,
+    pub(crate) dns: Option<QueryDnsJson>,
     #[serde(default)]
-    pub datacenter: String,
+    pub(crate) datacenter: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct QueryDnsJson {
+pub(crate) struct QueryDnsJson {
     #[serde(rename = "TTL", default)]
-    pub ttl: String,
+    pub(crate) ttl: String,
 }
 
 /// Consul writes `null` for empty lists and maps in places; treat it as empty.
@@ -121,7 +116,7 @@ pub enum Status {
 impl Status {
     /// Anything but `passing` and `warning` (`critical`, `maintenance`, unknown) counts as
     /// critical: an instance we cannot vouch for gets no traffic.
-    pub fn parse(s: &str) -> Status {
+    pub(crate) fn parse(s: &str) -> Status {
         match s {
             "passing" => Status::Passing,
             "warning" => Status::Warning,
@@ -131,7 +126,7 @@ impl Status {
 }
 
 /// The worst status among `checks`; passing when there are none (as Consul).
-pub fn worst_status(checks: &[CheckJson]) -> Status {
+pub(crate) fn worst_status(checks: &[CheckJson]) -> Status {
     checks
         .iter()
         .map(|c| Status::parse(&c.status))
@@ -171,7 +166,7 @@ struct Interner {
 }
 
 /// An instance's tags, lowercased; instances with the same tags share one list.
-pub type Tags = Arc<[Arc<str>]>;
+pub(crate) type Tags = Arc<[Arc<str>]>;
 
 /// The tag list of every untagged instance (an empty `Arc<[_]>` still allocates).
 static NO_TAGS: LazyLock<Tags> = LazyLock::new(|| Arc::from(Vec::new()));
@@ -234,7 +229,8 @@ pub struct Instance {
 }
 
 impl Instance {
-    pub fn from_entry(e: &HealthEntry) -> Instance {
+    #[cfg(test)]
+    pub(crate) fn from_entry(e: &HealthEntry) -> Instance {
         Instance::from_entry_in(e, &mut Interner::default())
     }
 
@@ -258,14 +254,14 @@ impl Instance {
         }
     }
 
-    pub fn weight(&self) -> u16 {
+    pub(crate) fn weight(&self) -> u16 {
         match self.status {
             Status::Warning => self.weight_warning,
             _ => self.weight_passing,
         }
     }
 
-    pub fn has_tag(&self, tag: &str) -> bool {
+    pub(crate) fn has_tag(&self, tag: &str) -> bool {
         self.tags.iter().any(|t| &**t == tag)
     }
 }
@@ -273,8 +269,8 @@ impl Instance {
 /// Everything known about one service in one datacenter, replaced whole on every change.
 #[derive(Debug)]
 pub struct ServiceView {
-    pub instances: Vec<Instance>,
-    pub datacenter: String,
+    pub(crate) instances: Vec<Instance>,
+    pub(crate) datacenter: String,
     /// Selections already computed for this view (per tag and health rule), so a query costs the
     /// same whatever the number of instances.
     selections: Mutex<Selections>,
@@ -312,13 +308,13 @@ impl Selections {
 
 /// What decides which instances a lookup serves.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct SelectionKey {
-    pub tag: Option<String>,
-    pub only_passing: bool,
-    pub all_when_none_healthy: bool,
+pub(crate) struct SelectionKey {
+    pub(crate) tag: Option<String>,
+    pub(crate) only_passing: bool,
+    pub(crate) all_when_none_healthy: bool,
 }
 
-/// The instances one kind of lookup serves, as indices into [`ServiceView::instances`], split
+/// The instances one kind of lookup serves, as indices into `ServiceView::instances`, split
 /// by address family so a query samples only what it can answer with. Lists with the same
 /// content share one allocation (in the usual view, every instance has an IPv4 address, and
 /// `all`, `v4` and `with_ip` are one list).
@@ -326,8 +322,8 @@ pub struct SelectionKey {
 pub struct Selection {
     pub all: Arc<[u32]>,
     pub v4: Arc<[u32]>,
-    pub v6: Arc<[u32]>,
-    pub with_ip: Arc<[u32]>,
+    pub(crate) v6: Arc<[u32]>,
+    pub(crate) with_ip: Arc<[u32]>,
 }
 
 /// The empty index list every selection shares (an empty `Arc<[u32]>` still allocates).
@@ -358,11 +354,11 @@ impl ServiceView {
     }
 
     /// The same data as another view? (A blocking query can return without a change.)
-    pub fn same_data(&self, other: &ServiceView) -> bool {
+    pub(crate) fn same_data(&self, other: &ServiceView) -> bool {
         self.instances == other.instances
     }
 
-    pub fn healthy_count(&self, only_passing: bool) -> usize {
+    pub(crate) fn healthy_count(&self, only_passing: bool) -> usize {
         self.instances
             .iter()
             .filter(|i| is_healthy(i.status, only_passing))
@@ -371,7 +367,7 @@ impl ServiceView {
 
     /// The instances served for `key`: tag-filtered, then healthy only, or every tagged one
     /// when none is healthy and `all_when_none_healthy`. Computed once per view and key.
-    pub fn selection(&self, key: &SelectionKey) -> Arc<Selection> {
+    pub(crate) fn selection(&self, key: &SelectionKey) -> Arc<Selection> {
         let mut cache = lock(&self.selections);
         if let Some(s) = cache.get(key) {
             return s.clone();
@@ -439,7 +435,7 @@ impl ServiceView {
 }
 
 /// Consul's DNS rule: critical is never served; warning only when `only_passing` is off.
-pub fn is_healthy(status: Status, only_passing: bool) -> bool {
+pub(crate) fn is_healthy(status: Status, only_passing: bool) -> bool {
     match status {
         Status::Passing => true,
         Status::Warning => !only_passing,
@@ -450,13 +446,13 @@ pub fn is_healthy(status: Status, only_passing: bool) -> bool {
 /// A catalog node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeView {
-    pub name: String,
-    pub target: Option<Target>,
-    pub meta: BTreeMap<String, String>,
+    pub(crate) name: String,
+    pub(crate) target: Option<Target>,
+    pub(crate) meta: BTreeMap<String, String>,
 }
 
 impl NodeView {
-    pub fn from_json(n: &NodeJson) -> NodeView {
+    pub(crate) fn from_json(n: &NodeJson) -> NodeView {
         NodeView {
             name: n.node.to_ascii_lowercase(),
             target: Target::parse(&n.address, &mut Interner::default()),
@@ -468,13 +464,13 @@ impl NodeView {
 /// A prepared query's result.
 #[derive(Clone, Debug)]
 pub struct QueryView {
-    pub service: Arc<ServiceView>,
+    pub(crate) service: Arc<ServiceView>,
     /// `DNS.TTL` of the query, when set.
-    pub ttl: Option<std::time::Duration>,
+    pub(crate) ttl: Option<std::time::Duration>,
 }
 
 /// The catalog file: `{"<service>": [entries as /v1/health/service returns them]}`.
-pub type CatalogFile = BTreeMap<String, Vec<HealthEntry>>;
+pub(crate) type CatalogFile = BTreeMap<String, Vec<HealthEntry>>;
 
 #[cfg(test)]
 mod tests {

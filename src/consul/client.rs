@@ -43,18 +43,18 @@ use crate::metrics::Metrics;
 
 /// How long a non-blocking request may take. Consul answers from memory in milliseconds; more
 /// than this means it is overloaded or gone, and the next agent is tried.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the liveness probe of the current agent may take. A hung agent (accepting
 /// connections but never answering) is otherwise invisible to blocking queries for `wait`.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Extra time a blocking request gets beyond `wait` and Consul's jitter (up to wait/16).
 const BLOCKING_MARGIN: Duration = Duration::from_secs(5);
 
 /// The largest body we read: a 5,000-instance service is about 10 MiB of JSON; more than this is
 /// not a health listing (or it never ends).
-pub const MAX_BODY: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// Part of the connection budget kept for on-demand fetches (first lookups, nodes, prepared
 /// queries), so blocking watches can never starve them.
@@ -81,7 +81,7 @@ type HttpsClient =
     hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<BudgetConnector>, Empty<Bytes>>;
 
 #[derive(Clone, Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("{agent}: {message}")]
     Transport { agent: String, message: String },
     #[error("{agent}: HTTP {status}: {body}")]
@@ -103,7 +103,7 @@ pub enum ClientError {
 /// The index for the next blocking query after one that returned `returned`, by Consul's
 /// rules: an index that went backwards (a snapshot restore) resets to 0, and one below 1 (a
 /// Consul bug on some versions) counts as 1, so the loop never spins.
-pub fn next_index(previous: u64, returned: u64) -> u64 {
+pub(crate) fn next_index(previous: u64, returned: u64) -> u64 {
     if returned < previous {
         0
     } else {
@@ -112,15 +112,15 @@ pub fn next_index(previous: u64, returned: u64) -> u64 {
 }
 
 /// A decoded response and its `X-Consul-Index`.
-pub struct Indexed<T> {
-    pub value: T,
-    pub index: u64,
+pub(crate) struct Indexed<T> {
+    pub(crate) value: T,
+    pub(crate) index: u64,
     /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read every item, so a list
     /// is not the whole catalog.
-    pub filtered: bool,
+    pub(crate) filtered: bool,
 }
 
-pub struct ConsulClient {
+pub(crate) struct ConsulClient {
     http: HttpsClient,
     agents: Vec<url::Url>,
     /// The agent that answered last; requests start there.
@@ -142,7 +142,7 @@ pub enum ClientBuildError {
 }
 
 impl ConsulClient {
-    pub fn new(
+    pub(crate) fn new(
         agents: Vec<url::Url>,
         token: Option<String>,
         ca_pem: Option<(&str, Vec<u8>)>,
@@ -193,12 +193,12 @@ impl ConsulClient {
     }
 
     /// Has any agent answered a request yet?
-    pub fn has_answered(&self) -> bool {
+    pub(crate) fn has_answered(&self) -> bool {
         self.answered.load(Ordering::Relaxed)
     }
 
     /// A slot for a long-lived blocking watch, if one is free.
-    pub fn try_blocking_slot(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn try_blocking_slot(&self) -> Option<OwnedSemaphorePermit> {
         self.blocking.clone().try_acquire_owned().ok()
     }
 
@@ -208,7 +208,7 @@ impl ConsulClient {
     /// fragment to the request that carries the token. `blocking`
     /// = `Some((index, wait))` makes it a blocking query, which must hold a slot from
     /// [`ConsulClient::try_blocking_slot`]; otherwise a fetch slot is taken here.
-    pub async fn get<T: DeserializeOwned>(
+    pub(crate) async fn get<T: DeserializeOwned>(
         &self,
         endpoint: &'static str,
         segments: &[&str],
@@ -286,7 +286,7 @@ impl ConsulClient {
     /// Checks that the current agent answers (`/v1/status/leader` within [`PROBE_TIMEOUT`]).
     /// `None` when no connection of the budget is free right now (then there is traffic, which
     /// shows the agent's health anyway).
-    pub async fn probe_current(&self) -> Option<Result<(), ClientError>> {
+    pub(crate) async fn probe_current(&self) -> Option<Result<(), ClientError>> {
         let _slot = self.fetches.clone().try_acquire_owned().ok()?;
         let i = self.current.load(Ordering::Relaxed) % self.agents.len().max(1);
         let r = self
@@ -302,7 +302,7 @@ impl ConsulClient {
 
     /// Moves to the next agent (after the current one failed its probe). Returns false when there
     /// is no other agent.
-    pub fn fail_over(&self) -> bool {
+    pub(crate) fn fail_over(&self) -> bool {
         let n = self.agents.len();
         if n < 2 {
             return false;
@@ -411,7 +411,11 @@ impl ConsulClient {
 /// encoded query string. `None` for a segment that is empty, `.` or `..` (the url crate drops
 /// the last two, which would turn one endpoint into another; names are validated before they
 /// get here, this keeps the client safe on its own), or a base that cannot have a path.
-pub fn api_url(base: &url::Url, segments: &[&str], params: &[(&str, String)]) -> Option<url::Url> {
+pub(crate) fn api_url(
+    base: &url::Url,
+    segments: &[&str],
+    params: &[(&str, String)],
+) -> Option<url::Url> {
     let mut url = base.clone();
     url.set_query(None);
     url.set_fragment(None);

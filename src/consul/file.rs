@@ -15,7 +15,7 @@ use super::{Backend, LookupError};
 pub const DEMO_CATALOG: &str = include_str!("../../conf/demo-catalog.json");
 
 /// Datacenter assumed when neither the config nor the file names one.
-pub const DEFAULT_DATACENTER: &str = "dc1";
+pub(crate) const DEFAULT_DATACENTER: &str = "dc1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -91,7 +91,7 @@ impl FileBackend {
         })
     }
 
-    pub fn load(path: &Path, dc: Option<&str>) -> Result<FileBackend, CatalogError> {
+    pub(crate) fn load(path: &Path, dc: Option<&str>) -> Result<FileBackend, CatalogError> {
         let text = read(path)?;
         FileBackend::from_text(&text, &path.display().to_string(), dc)
     }

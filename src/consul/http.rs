@@ -45,9 +45,9 @@ pub(super) const FIRST_FETCH_WAIT: Duration = REQUEST_TIMEOUT;
 /// get a watcher, and idle ones stop after `consul.watch_idle`; beyond the bound a new service
 /// gets SERVFAIL, counted in `limit_drops_total{limit="watchers"}`. Twice the 10,000 services
 /// the forwarder is measured at.
-pub const MAX_WATCHERS: usize = 20_000;
+pub(crate) const MAX_WATCHERS: usize = 20_000;
 
-pub struct HttpBackend {
+pub(crate) struct HttpBackend {
     pub(super) client: Arc<ConsulClient>,
     pub(super) settings: Settings,
     pub(super) watches: WatchMap,
@@ -70,7 +70,7 @@ pub struct HttpBackend {
 }
 
 impl HttpBackend {
-    pub fn new(
+    pub(crate) fn new(
         client: ConsulClient,
         config: &ConsulConfig,
         metrics: Arc<Metrics>,

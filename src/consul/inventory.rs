@@ -26,8 +26,8 @@ use super::outage::OutageLog;
 use super::retry::backoff;
 use super::LookupError;
 use crate::lock::lock;
-use crate::token_bucket::{Rate, TokenBucket};
 use crate::metrics::Metrics;
+use crate::token_bucket::{Rate, TokenBucket};
 
 /// Shortest time between the starts of two requests of one list. Under churn a blocking query
 /// returns at once; this bounds the requests (and the decoding of a list of 10,000 services) to
@@ -53,7 +53,7 @@ const REFUSED_RETRY: Duration = Duration::from_secs(300);
 
 /// Remote datacenters whose lists are kept at once. Bounded by the datacenters Consul reports
 /// anyway; this keeps a federation of hundreds from costing two blocking queries each.
-pub const MAX_REMOTE_DATACENTERS: usize = 16;
+pub(crate) const MAX_REMOTE_DATACENTERS: usize = 16;
 
 /// How long a lookup waits for a list's first load before going unchecked. Within glibc's 5 s
 /// per try, like a service's first fetch.
@@ -70,7 +70,7 @@ const UNCHECKED: Rate = Rate {
 
 /// What the inventory says of a name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Consul has it: look it up.
     Exists,
     /// The datacenter label names no datacenter Consul knows: NXDOMAIN, no request.
@@ -84,7 +84,7 @@ pub enum Verdict {
 impl Verdict {
     /// Whether the name was checked (`Ok(false)`: unchecked, so within the budget), or the
     /// lookup's NXDOMAIN when Consul does not have the name.
-    pub fn checked(self) -> Result<bool, LookupError> {
+    pub(crate) fn checked(self) -> Result<bool, LookupError> {
         match self {
             Verdict::Exists => Ok(true),
             Verdict::Unchecked => Ok(false),
@@ -97,7 +97,7 @@ impl Verdict {
 /// The names of one list: exact names, and (prepared-query templates) prefixes that match
 /// every name they begin.
 #[derive(Debug, Default)]
-pub struct Names {
+pub(crate) struct Names {
     exact: HashSet<String>,
     prefixes: Vec<String>,
     /// False when Consul said the token does not see every item
@@ -115,7 +115,7 @@ impl Names {
     }
 
     /// The verdict on `name` (lowercased).
-    pub fn verdict(&self, name: &str) -> Verdict {
+    pub(crate) fn verdict(&self, name: &str) -> Verdict {
         if self.exact.contains(name) || self.prefixes.iter().any(|p| name.starts_with(p)) {
             Verdict::Exists
         } else if self.complete {
@@ -252,7 +252,7 @@ struct Shared {
     failovers: watch::Receiver<u64>,
 }
 
-pub struct Inventory {
+pub(crate) struct Inventory {
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -267,7 +267,7 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    pub fn new(
+    pub(crate) fn new(
         client: Arc<ConsulClient>,
         outage: Arc<OutageLog>,
         watch_wait: Duration,
@@ -374,18 +374,18 @@ impl Inventory {
     }
 
     /// Does service `name` exist in `dc` (`None`: the local datacenter)?
-    pub async fn service(&self, name: &str, dc: Option<&str>) -> Verdict {
+    pub(crate) async fn service(&self, name: &str, dc: Option<&str>) -> Verdict {
         self.catalog(Kind::Services, name, dc).await
     }
 
     /// Does node `name` exist in `dc`?
-    pub async fn node(&self, name: &str, dc: Option<&str>) -> Verdict {
+    pub(crate) async fn node(&self, name: &str, dc: Option<&str>) -> Verdict {
         self.catalog(Kind::Nodes, name, dc).await
     }
 
     /// Is `name` a prepared query (by name, ID or template)? Only the local datacenter's list
     /// is kept: a query in another datacenter is checked against that datacenter's existence.
-    pub async fn query(&self, name: &str, dc: Option<&str>) -> Verdict {
+    pub(crate) async fn query(&self, name: &str, dc: Option<&str>) -> Verdict {
         self.start();
         match self.datacenter(dc).await {
             Verdict::Exists if dc.is_none() => {}
@@ -412,7 +412,7 @@ impl Inventory {
     }
 
     /// May an unchecked lookup go to Consul now? Counted in `limit_drops_total` when not.
-    pub fn allow_unchecked(&self) -> bool {
+    pub(crate) fn allow_unchecked(&self) -> bool {
         let allowed = lock(&self.unchecked)
             .take(UNCHECKED, Instant::now())
             .is_ok();
@@ -729,10 +729,14 @@ mod tests {
     fn the_unchecked_budget_refills_at_its_rate() {
         let start = Instant::now();
         let mut bucket = TokenBucket::full(UNCHECKED, start);
-        let burst = (0..100).filter(|_| bucket.take(UNCHECKED, start).is_ok()).count();
+        let burst = (0..100)
+            .filter(|_| bucket.take(UNCHECKED, start).is_ok())
+            .count();
         assert_eq!(burst as f64, UNCHECKED.burst);
         let later = start + Duration::from_secs(1);
-        let refilled = (0..100).filter(|_| bucket.take(UNCHECKED, later).is_ok()).count();
+        let refilled = (0..100)
+            .filter(|_| bucket.take(UNCHECKED, later).is_ok())
+            .count();
         assert_eq!(refilled as f64, UNCHECKED.per_second);
     }
 }

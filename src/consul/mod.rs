@@ -1,24 +1,24 @@
 //! The Consul answer source. Names under the Consul domains are parsed and checked against
-//! Consul's alphabet ([`name`]), checked against what exists ([`inventory`], HTTP mode), looked up
-//! in a backend (HTTP watchers in [`http`], or a catalog file in [`file`]), filtered by health and
+//! Consul's alphabet ([`name`]), checked against what exists (`inventory`, HTTP mode), looked up
+//! in a backend (HTTP watchers in `http`, or a catalog file in [`file`](mod@file)), filtered by health and
 //! turned into records ([`records`]), shuffled afresh for every response. The dnsmasq-compatible
 //! `mode = "dns"` instead forwards the domain to the agents' DNS port through the same cache as
 //! upstream names.
 
-pub mod agent;
+pub(crate) mod agent;
 pub mod catalog;
-pub mod client;
-pub mod feed;
+pub(crate) mod client;
+pub(crate) mod feed;
 pub mod file;
-pub mod http;
-pub mod inventory;
+pub(crate) mod http;
+pub(crate) mod inventory;
 pub mod name;
-pub mod on_demand;
-pub mod outage;
+pub(crate) mod on_demand;
+pub(crate) mod outage;
 pub mod records;
-pub mod retry;
-pub mod views;
-pub mod watcher;
+pub(crate) mod retry;
+pub(crate) mod views;
+pub(crate) mod watcher;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -267,7 +267,7 @@ impl AnswerSource for ConsulSource {
 
 /// Builds the Consul answer source the config asks for: the catalog file, the agents' DNS port,
 /// or the HTTP API.
-pub async fn build(
+pub(crate) async fn build(
     config: &Config,
     metrics: Arc<Metrics>,
     resolver: Arc<dyn AnswerSource>,
@@ -285,7 +285,7 @@ pub async fn build(
 }
 
 /// The demo catalog (for `--dev` without a catalog file).
-pub fn demo_source(
+pub(crate) fn demo_source(
     config: &ConsulConfig,
     resolver: Arc<dyn AnswerSource>,
 ) -> Result<Arc<dyn AnswerSource>, ConsulError> {

@@ -8,7 +8,7 @@ use hickory_proto::rr::{Name, RecordType};
 
 /// What a name under a Consul domain asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConsulName {
+pub(crate) enum ConsulName {
     /// `[tag.]service.service[.dc]` or RFC 2782 `_service._tag[.service][.dc]`.
     Service {
         service: String,
@@ -31,8 +31,8 @@ pub enum ConsulName {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {
     /// The matched domain, lowercased, fully qualified (`consul.` or an alternative domain).
-    pub domain: Name,
-    pub name: ConsulName,
+    pub(crate) domain: Name,
+    pub(crate) name: ConsulName,
 }
 
 /// Parses `qname` (already lowercased) against `domains`; `None` when it is under none of them.
@@ -56,7 +56,7 @@ pub fn parse(qname: &Name, qtype: RecordType, domains: &[Name]) -> Option<Parsed
 /// Interprets the labels left of the domain, then checks every element that could reach Consul
 /// against what Consul can hold in it ([`valid_name_label`]): a name that cannot exist there is
 /// [`ConsulName::Invalid`] (NXDOMAIN, no request).
-pub fn parse_labels(labels: &[String], qtype: RecordType) -> ConsulName {
+pub(crate) fn parse_labels(labels: &[String], qtype: RecordType) -> ConsulName {
     let parsed = parse_labels_unchecked(labels, qtype);
     if parsed.is_valid() {
         parsed
@@ -75,7 +75,7 @@ const MAX_DOTTED_NAME: usize = 253;
 /// and the datacenter rule (`^[a-z0-9_-]+$`). Everything that could steer an HTTP request (`/`,
 /// `.` inside a label, `?`, `#`, `%`, `&`, `=`, `+`, `;`, `:`, `@`, `\`, space, quotes, NUL,
 /// non-ASCII bytes) is outside it. Names are lowercased before this check.
-pub fn valid_name_label(label: &str) -> bool {
+pub(crate) fn valid_name_label(label: &str) -> bool {
     (1..=63).contains(&label.len())
         && label
             .bytes()
@@ -182,7 +182,7 @@ fn parse_labels_unchecked(labels: &[String], qtype: RecordType) -> ConsulName {
 }
 
 /// `7f000001` → 127.0.0.1; 32 hex digits → an IPv6 address.
-pub fn decode_hex_ip(hex: &str) -> Option<IpAddr> {
+pub(crate) fn decode_hex_ip(hex: &str) -> Option<IpAddr> {
     if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
@@ -198,7 +198,7 @@ pub fn decode_hex_ip(hex: &str) -> Option<IpAddr> {
 }
 
 /// The `.addr` label of an address: 8 hex digits for IPv4, 32 for IPv6.
-pub fn encode_hex_ip(ip: IpAddr) -> String {
+pub(crate) fn encode_hex_ip(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{:08x}", u32::from(v4)),
         IpAddr::V6(v6) => format!("{:032x}", u128::from(v6)),

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 /// least recently fetched are forgotten (counted in `limit_drops_total{limit="on_demand"}`).
 /// Only names the inventory found in Consul, or unchecked lookups within their budget, get an
 /// entry, so this is a backstop: a catalog of more nodes than this, all asked, refetches some.
-pub const MAX_ON_DEMAND: usize = 10_000;
+pub(crate) const MAX_ON_DEMAND: usize = 10_000;
 
 pub(super) type SharedResult<V> = Shared<BoxFuture<'static, Result<V, LookupError>>>;
 

@@ -11,13 +11,13 @@ use crate::lock::lock;
 /// One log line when Consul becomes unreachable, one when it is back: not one per query or
 /// per watcher.
 #[derive(Default)]
-pub struct OutageLog {
+pub(crate) struct OutageLog {
     pub(super) down: AtomicBool,
     pub(super) since: Mutex<Option<Instant>>,
 }
 
 impl OutageLog {
-    pub fn failed(&self, error: &ClientError) {
+    pub(crate) fn failed(&self, error: &ClientError) {
         if !self.down.swap(true, Ordering::SeqCst) {
             *lock(&self.since) = Some(Instant::now());
             tracing::warn!(error = %error, "Consul unreachable: serving the last known views until it is back");
@@ -25,11 +25,11 @@ impl OutageLog {
     }
 
     /// Is Consul known to be unreachable right now?
-    pub fn is_down(&self) -> bool {
+    pub(crate) fn is_down(&self) -> bool {
         self.down.load(Ordering::SeqCst)
     }
 
-    pub fn ok(&self) {
+    pub(crate) fn ok(&self) {
         if self.down.swap(false, Ordering::SeqCst) {
             let took = lock(&self.since)
                 .take()

@@ -63,7 +63,7 @@ const COMPRESSED_NAMES: usize = 120;
 
 /// An upper bound on how many records of `qtype` fit in `limit` bytes: each A record takes at
 /// least 16 bytes while its name is compressed, AAAA 28, SRV 20, and `qname_len + 14` (resp.
-/// 26, 18) after the first [`COMPRESSED_NAMES`]. Sampling more instances than this is wasted
+/// 26, 18) after the first `COMPRESSED_NAMES`. Sampling more instances than this is wasted
 /// work, so a 5,000-instance service costs what a 50-instance one does over UDP.
 pub fn record_cap(qtype: RecordType, limit: usize, qname_len: usize) -> usize {
     let rdata = match qtype {
@@ -110,7 +110,11 @@ pub fn pick<'v, R: Rng + ?Sized>(
 /// large relative to `len` (74 of 5,000 for an EDNS answer: 20 KB written per answer), and
 /// compares each draw with every earlier one otherwise. Here a draw is checked against a bitset
 /// of `len` bits: cost `amount`, plus `len / 8` bytes zeroed.
-pub fn sample_indices<R: Rng + ?Sized>(rng: &mut R, len: usize, amount: usize) -> Vec<usize> {
+pub(crate) fn sample_indices<R: Rng + ?Sized>(
+    rng: &mut R,
+    len: usize,
+    amount: usize,
+) -> Vec<usize> {
     use rand::seq::SliceRandom;
     if amount.saturating_mul(2) >= len {
         // Most of them are wanted anyway: shuffle them all and keep a prefix.
@@ -136,7 +140,7 @@ pub fn sample_indices<R: Rng + ?Sized>(rng: &mut R, len: usize, amount: usize) -
     picked
 }
 
-pub fn soa_record(ctx: &Ctx<'_>) -> Record {
+pub(crate) fn soa_record(ctx: &Ctx<'_>) -> Record {
     let mname = Name::from_ascii("ns")
         .and_then(|n| n.append_domain(ctx.domain))
         .unwrap_or_else(|_| ctx.domain.clone());
@@ -176,12 +180,12 @@ fn answer(answers: Vec<Record>, additionals: Vec<Record>) -> Answer {
 }
 
 /// NXDOMAIN with the SOA in authority.
-pub fn nxdomain(ctx: &Ctx<'_>) -> Answer {
+pub(crate) fn nxdomain(ctx: &Ctx<'_>) -> Answer {
     negative(ctx, ResponseCode::NXDomain)
 }
 
 /// NOERROR, no answers, the SOA in authority: the name exists, not with this type.
-pub fn nodata(ctx: &Ctx<'_>) -> Answer {
+pub(crate) fn nodata(ctx: &Ctx<'_>) -> Answer {
     negative(ctx, ResponseCode::NoError)
 }
 
@@ -205,7 +209,7 @@ fn apex_types(ctx: &Ctx<'_>) -> Option<Answer> {
 }
 
 /// The domain itself.
-pub fn apex_answer(ctx: &Ctx<'_>) -> Answer {
+pub(crate) fn apex_answer(ctx: &Ctx<'_>) -> Answer {
     apex_types(ctx).unwrap_or_else(|| nodata(ctx))
 }
 
@@ -347,7 +351,7 @@ fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
 }
 
 /// A node: its address (A/AAAA/ANY) with its meta as TXT in additional, or its meta as TXT.
-pub fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
+pub(crate) fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
     let Some(node) = node else {
         return Plan::Done(nxdomain(ctx));
     };
@@ -407,7 +411,7 @@ fn meta_txt(node: &NodeView, ctx: &Ctx<'_>) -> Vec<Record> {
 }
 
 /// `<hex>.addr`: the address itself, computed locally.
-pub fn addr_answer(ip: IpAddr, ctx: &Ctx<'_>) -> Answer {
+pub(crate) fn addr_answer(ip: IpAddr, ctx: &Ctx<'_>) -> Answer {
     if let Some(a) = apex_types(ctx) {
         return a;
     }

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 /// Bound on `consul_healthy_instances{service}` series: one per watched service up to this
 /// many (about 370 B each, and as many lines in every scrape of every host), none beyond it
 /// (counted in `limit_drops_total{limit="service_series"}`).
-pub const MAX_SERVICE_SERIES: usize = 1_000;
+pub(crate) const MAX_SERVICE_SERIES: usize = 1_000;
 
 #[derive(Clone, Debug)]
 pub(super) enum ViewState {

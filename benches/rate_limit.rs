@@ -20,37 +20,17 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 use consul_dns_forwarder::ratelimit::{network_key, RateLimiter};
+use consul_dns_forwarder::token_bucket::{Rate, TokenBucket};
 
 const MAX_NETWORKS: usize = 100_000;
 const IDLE_FORGET: Duration = Duration::from_secs(60);
 const RATE: u32 = 100;
 
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn full(rate: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: rate,
-            last: now,
-        }
-    }
-
-    fn take(&mut self, rate: f64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// The limiter's rule: burst = rate.
+const BUCKET: Rate = Rate {
+    per_second: RATE as f64,
+    burst: RATE as f64,
+};
 
 trait Limiter {
     fn allow(&self, client: IpAddr, now: Instant) -> bool;
@@ -62,10 +42,13 @@ impl Limiter for RateLimiter {
     }
 }
 
+/// A network's bucket and when it was last seen, by network key.
+type Shard = HashMap<u128, (TokenBucket, Instant), foldhash::fast::RandomState>;
+
 /// A plain map per shard (foldhash), each bounded to its share; a full shard first forgets
 /// buckets idle past `IDLE_FORGET`, then the least recently seen quarter.
 struct Sharded {
-    shards: Vec<Mutex<HashMap<u128, Bucket, foldhash::fast::RandomState>>>,
+    shards: Vec<Mutex<Shard>>,
     /// Picks the shard, keyed per process so that clients cannot aim at one.
     hasher: foldhash::fast::RandomState,
 }
@@ -86,28 +69,28 @@ impl Sharded {
 impl Limiter for Sharded {
     fn allow(&self, client: IpAddr, now: Instant) -> bool {
         let key = network_key(client);
-        let rate = f64::from(RATE);
         let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
         let mut map = match shard.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        if let Some(b) = map.get_mut(&key) {
-            return b.take(rate, now);
+        if let Some((b, seen)) = map.get_mut(&key) {
+            *seen = now;
+            return b.take(BUCKET, now).is_ok();
         }
         if map.len() >= MAX_NETWORKS / SHARDS {
-            map.retain(|_, b| now.saturating_duration_since(b.last) < IDLE_FORGET);
+            map.retain(|_, (_, seen)| now.saturating_duration_since(*seen) < IDLE_FORGET);
             if map.len() >= MAX_NETWORKS / SHARDS {
-                let mut seen: Vec<Instant> = map.values().map(|b| b.last).collect();
+                let mut seen: Vec<Instant> = map.values().map(|(_, seen)| *seen).collect();
                 let quarter = seen.len() / 4;
                 let (_, cutoff, _) = seen.select_nth_unstable(quarter);
                 let cutoff = *cutoff;
-                map.retain(|_, b| b.last > cutoff);
+                map.retain(|_, (_, seen)| *seen > cutoff);
             }
         }
-        let mut b = Bucket::full(rate, now);
-        let allowed = b.take(rate, now);
-        map.insert(key, b);
+        let mut b = TokenBucket::full(BUCKET, now);
+        let allowed = b.take(BUCKET, now).is_ok();
+        map.insert(key, (b, now));
         allowed
     }
 }

@@ -25,7 +25,7 @@
 //! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
 //! - `lock`: the one way to take a mutex (poisoning ignored).
-//! - `token_bucket`: the one token bucket behind every rate (client networks, watchers,
+//! - [`token_bucket`]: the one token bucket behind every rate (client networks, watchers,
 //!   unchecked Consul lookups).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
 //!
@@ -39,7 +39,7 @@
 //! - the answer contract, for other sources: [`answer`];
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
-//!   [`raw`] hot path, the [`ratelimit`], [`reply::encode_reply`], and the Consul record
+//!   [`raw`] hot path, the [`ratelimit`] and its [`token_bucket`], [`reply::encode_reply`], and the Consul record
 //!   builder and catalog types ([`consul::records`], [`consul::catalog`], [`consul::file`]).
 //!
 //! Their fields and helpers stay crate-private: a test needing more goes through one of these
@@ -62,7 +62,7 @@ pub mod ratelimit;
 pub mod raw;
 pub mod reply;
 pub mod server;
-mod token_bucket;
+pub mod token_bucket;
 pub mod upstream;
 
 use std::future::Future;

@@ -6,22 +6,22 @@ use std::time::{Duration, Instant};
 
 /// How fast tokens come back, and how many can be saved up.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Rate {
-    pub(crate) per_second: f64,
-    pub(crate) burst: f64,
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: f64,
 }
 
 /// Small and `Copy`, so that a map can hold one per key by value. The rate is passed to each
 /// call instead of stored: a hundred thousand buckets share one.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct TokenBucket {
+pub struct TokenBucket {
     tokens: f64,
     refilled: Instant,
 }
 
 impl TokenBucket {
     /// A bucket with its whole burst available.
-    pub(crate) fn full(rate: Rate, now: Instant) -> TokenBucket {
+    pub fn full(rate: Rate, now: Instant) -> TokenBucket {
         TokenBucket {
             tokens: rate.burst,
             refilled: now,
@@ -30,7 +30,7 @@ impl TokenBucket {
 
     /// Refills for the time since the last call, then takes a token, or says how long until
     /// one is due.
-    pub(crate) fn take(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
+    pub fn take(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
         // Callers on other threads may pass an `Instant` read a moment before ours: time
         // never runs backwards here, so no interval is refilled twice.
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();

@@ -542,26 +542,6 @@ impl Forwarder {
         }
     }
 
-    /// The hot path: the reply to `query` from fresh cached bytes, if there are any (see
-    /// `AnswerSource::reply_from_cache`). Expired entries go the general way, which refreshes.
-    pub(crate) fn reply_from_cache(
-        &self,
-        query: &PlainQuery<'_>,
-        key: &[u8],
-        limit: usize,
-        now: Instant,
-        out: &mut Vec<u8>,
-    ) -> bool {
-        let Lookup::Fresh(entry) = self.cache.lookup_wire(key, now) else {
-            return false;
-        };
-        if !entry.write_reply(out, query, limit, now, false, self.shuffle) {
-            return false;
-        }
-        self.metrics.cache_hit();
-        true
-    }
-
     fn finish(&self, mut answer: Answer) -> Answer {
         if self.shuffle {
             use rand::seq::SliceRandom;
@@ -577,6 +557,7 @@ impl AnswerSource for Forwarder {
         Forwarder::answer(self, q).await
     }
 
+    /// Fresh cached bytes only: expired entries go the general way, which refreshes.
     fn reply_from_cache(
         &self,
         query: &PlainQuery<'_>,
@@ -585,7 +566,14 @@ impl AnswerSource for Forwarder {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> bool {
-        Forwarder::reply_from_cache(self, query, key, limit, now, out)
+        let Lookup::Fresh(entry) = self.cache.lookup_wire(key, now) else {
+            return false;
+        };
+        if !entry.write_reply(out, query, limit, now, false, self.shuffle) {
+            return false;
+        }
+        self.metrics.cache_hit();
+        true
     }
 }
 

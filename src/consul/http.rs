@@ -13,9 +13,9 @@
 //! [`super::inventory`] (what exists).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::FutureExt;
@@ -29,7 +29,7 @@ use super::feed::{Feed, FeedShared, HealthLists, FEED_STATES};
 use super::inventory::Inventory;
 use super::on_demand::OnDemand;
 use super::outage::OutageLog;
-use super::views::{ServiceSeries, ViewState, Watch, WatchMap, SERIES_NONE};
+use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
 use super::watcher::{Settings, Watcher, WatcherContext};
 use super::{Backend, LookupError};
 use crate::config::ConsulConfig;
@@ -159,6 +159,45 @@ impl HttpBackend {
         }
     }
 
+    /// A node or prepared-query answer from its on-demand cache, fetched with one request
+    /// when it is missing or older than `ttl` (within the unchecked budget unless `checked`).
+    async fn fetch_remembered<J, V>(
+        &self,
+        cache: &Arc<OnDemand<Option<Arc<V>>>>,
+        key: String,
+        checked: bool,
+        ttl: impl Fn(&Option<Arc<V>>) -> Duration,
+        fetch: OneFetch<'_, impl FnOnce(J) -> Arc<V> + Send + 'static>,
+    ) -> Result<Option<Arc<V>>, LookupError>
+    where
+        J: serde::de::DeserializeOwned + Send + 'static,
+        V: Send + Sync + 'static,
+    {
+        let client = self.client.clone();
+        let outage = self.outage.clone();
+        let budget = self.unchecked_budget(checked);
+        let params: Vec<(&'static str, String)> = fetch
+            .dc
+            .map(|d| vec![("dc", d.to_owned())])
+            .unwrap_or_default();
+        let OneFetch {
+            endpoint,
+            segments,
+            convert,
+            ..
+        } = fetch;
+        cache
+            .get(key, ttl, self.settings.stale_for, move || {
+                async move {
+                    budget()?;
+                    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+                    fetch_one(&client, &outage, endpoint, &segments, &params, convert).await
+                }
+                .boxed()
+            })
+            .await
+    }
+
     /// The watch for `key`, started if new: `None` when it is new and [`MAX_WATCHERS`] run
     /// already, or when `checked` is false (the inventory could not tell whether the service
     /// exists) and the budget for such lookups is spent.
@@ -181,17 +220,7 @@ impl HttpBackend {
         if !checked && !self.inventory.allow_unchecked() {
             return None;
         }
-        let (tx, _) = watch::channel(ViewState::Pending);
-        let w = Arc::new(Watch {
-            state: tx,
-            on_demand: AtomicBool::new(false),
-            demand: tokio::sync::Notify::new(),
-            changed: tokio::sync::Notify::new(),
-            asked_again: AtomicBool::new(false),
-            last_asked: Mutex::new(Instant::now()),
-            last_confirmed: Mutex::new(None),
-            series: AtomicU8::new(SERIES_NONE),
-        });
+        let w = Arc::new(Watch::new());
         watches.insert(key.clone(), w.clone());
         self.metrics.consul_watchers.inc();
         let local = key.1.is_none();
@@ -226,6 +255,15 @@ impl HttpBackend {
         }
         Some(w)
     }
+}
+
+/// One non-blocking request for an on-demand answer: the endpoint's metric label, its path
+/// segments (each encoded as one), the datacenter, and how to turn the JSON into the value.
+struct OneFetch<'a, C> {
+    endpoint: &'static str,
+    segments: Vec<String>,
+    dc: Option<&'a str>,
+    convert: C,
 }
 
 /// One on-demand GET: the body converted, `None` for a 404 or a `null` body. "No such
@@ -335,34 +373,14 @@ impl Backend for HttpBackend {
         // A remembered answer goes on being served and refreshed, as a watched service does.
         let checked =
             self.nodes.remembers(&key) || self.inventory.node(node, dc).await.checked()?;
-        let client = self.client.clone();
-        let outage = self.outage.clone();
-        let budget = self.unchecked_budget(checked);
-        let node_name = node.to_owned();
-        let params: Vec<(&'static str, String)> =
-            dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
         let node_ttl = self.settings.node_ttl;
-        self.nodes
-            .get(
-                key,
-                move |_| node_ttl,
-                self.settings.stale_for,
-                move || {
-                    async move {
-                        budget()?;
-                        fetch_one(
-                            &client,
-                            &outage,
-                            "catalog_node",
-                            &["v1", "catalog", "node", &node_name],
-                            &params,
-                            |n: CatalogNodeJson| Arc::new(NodeView::from_json(&n.node)),
-                        )
-                        .await
-                    }
-                    .boxed()
-                },
-            )
+        let fetch = OneFetch {
+            endpoint: "catalog_node",
+            segments: vec!["v1".into(), "catalog".into(), "node".into(), node.into()],
+            dc,
+            convert: |n: CatalogNodeJson| Arc::new(NodeView::from_json(&n.node)),
+        };
+        self.fetch_remembered(&self.nodes, key, checked, move |_| node_ttl, fetch)
             .await
     }
 
@@ -374,48 +392,28 @@ impl Backend for HttpBackend {
         let key = format!("{name}|{}", dc.unwrap_or(""));
         let checked =
             self.queries.remembers(&key) || self.inventory.query(name, dc).await.checked()?;
-        let client = self.client.clone();
-        let outage = self.outage.clone();
-        let budget = self.unchecked_budget(checked);
-        let query_name = name.to_owned();
-        let params: Vec<(&'static str, String)> =
-            dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default();
         let default_ttl = self.settings.default_service_ttl;
-        self.queries
-            .get(
-                key,
-                move |v: &Option<Arc<QueryView>>| {
-                    v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl)
-                },
-                self.settings.stale_for,
-                move || {
-                    async move {
-                        budget()?;
-                        fetch_one(
-                            &client,
-                            &outage,
-                            "query_execute",
-                            &["v1", "query", &query_name, "execute"],
-                            &params,
-                            |q: QueryExecuteJson| {
-                                let ttl = q
-                                    .dns
-                                    .as_ref()
-                                    .and_then(|d| humantime::parse_duration(&d.ttl).ok());
-                                Arc::new(QueryView {
-                                    service: Arc::new(ServiceView::from_entries(
-                                        &q.nodes,
-                                        &q.datacenter.to_ascii_lowercase(),
-                                    )),
-                                    ttl,
-                                })
-                            },
-                        )
-                        .await
-                    }
-                    .boxed()
-                },
-            )
+        let ttl =
+            move |v: &Option<Arc<QueryView>>| v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl);
+        let fetch = OneFetch {
+            endpoint: "query_execute",
+            segments: vec!["v1".into(), "query".into(), name.into(), "execute".into()],
+            dc,
+            convert: |q: QueryExecuteJson| {
+                let ttl = q
+                    .dns
+                    .as_ref()
+                    .and_then(|d| humantime::parse_duration(&d.ttl).ok());
+                Arc::new(QueryView {
+                    service: Arc::new(ServiceView::from_entries(
+                        &q.nodes,
+                        &q.datacenter.to_ascii_lowercase(),
+                    )),
+                    ttl,
+                })
+            },
+        };
+        self.fetch_remembered(&self.queries, key, checked, ttl, fetch)
             .await
     }
 }

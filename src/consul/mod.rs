@@ -265,8 +265,8 @@ impl AnswerSource for ConsulSource {
     }
 }
 
-/// Builds the Consul answer source the config asks for: the catalog file, the agents' DNS port,
-/// or the HTTP API.
+/// Builds the Consul answer source the config asks for: the demo or a catalog file, the agents'
+/// DNS port, or the HTTP API.
 pub(crate) async fn build(
     config: &Config,
     metrics: Arc<Metrics>,
@@ -274,67 +274,47 @@ pub(crate) async fn build(
     shutdown: CancellationToken,
 ) -> Result<Arc<dyn AnswerSource>, ConsulError> {
     let c = &config.consul;
-    if c.demo_catalog {
-        return demo_source(c, resolver);
-    }
-    if let Some(path) = &c.catalog_file {
-        let backend = Arc::new(file::FileBackend::load(path, c.datacenter.as_deref())?);
-        return Ok(Arc::new(ConsulSource::new(backend, c, resolver)));
-    }
-    build_backend(config, metrics, resolver, shutdown).await
-}
-
-/// The demo catalog (for `--dev` without a catalog file).
-pub(crate) fn demo_source(
-    config: &ConsulConfig,
-    resolver: Arc<dyn AnswerSource>,
-) -> Result<Arc<dyn AnswerSource>, ConsulError> {
-    let backend = file::FileBackend::from_text(
-        file::DEMO_CATALOG,
-        "conf/demo-catalog.json",
-        config.datacenter.as_deref(),
-    )?;
-    Ok(Arc::new(ConsulSource::new(
-        Arc::new(backend),
-        config,
-        resolver,
-    )))
-}
-
-async fn build_backend(
-    config: &Config,
-    metrics: Arc<Metrics>,
-    resolver: Arc<dyn AnswerSource>,
-    shutdown: CancellationToken,
-) -> Result<Arc<dyn AnswerSource>, ConsulError> {
-    let c = &config.consul;
-    match c.mode {
-        ConsulMode::Dns => Ok(Arc::new(Forwarder::consul_dns(config, &metrics))),
-        ConsulMode::Http => {
-            // Checked where the token is used, so no caller (a reload, a library user) can skip it.
-            c.check_token_transport()?;
-            let token = read_token(c)?;
-            let ca = match &c.ca_file {
-                Some(path) => Some((
-                    path.display().to_string(),
-                    std::fs::read(path).map_err(|source| ConsulError::CaFile {
-                        path: path.display().to_string(),
-                        source,
-                    })?,
-                )),
-                None => None,
-            };
-            let client = client::ConsulClient::new(
-                c.http.clone(),
-                token,
-                ca.as_ref().map(|(p, pem)| (p.as_str(), pem.clone())),
-                c.max_connections,
-                metrics.clone(),
-            )?;
-            let backend = http::HttpBackend::new(client, c, metrics, shutdown);
-            Ok(Arc::new(ConsulSource::new(Arc::new(backend), c, resolver)))
+    let dc = c.datacenter.as_deref();
+    let backend: Arc<dyn Backend> = if c.demo_catalog {
+        let demo = file::FileBackend::from_text(file::DEMO_CATALOG, "conf/demo-catalog.json", dc)?;
+        Arc::new(demo)
+    } else if let Some(path) = &c.catalog_file {
+        Arc::new(file::FileBackend::load(path, dc)?)
+    } else {
+        match c.mode {
+            ConsulMode::Dns => return Ok(Arc::new(Forwarder::consul_dns(config, &metrics))),
+            ConsulMode::Http => Arc::new(http_backend(c, metrics, shutdown)?),
         }
-    }
+    };
+    Ok(Arc::new(ConsulSource::new(backend, c, resolver)))
+}
+
+fn http_backend(
+    c: &ConsulConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<http::HttpBackend, ConsulError> {
+    // Checked where the token is used, so no caller (a reload, a library user) can skip it.
+    c.check_token_transport()?;
+    let token = read_token(c)?;
+    let ca = match &c.ca_file {
+        Some(path) => Some((
+            path.display().to_string(),
+            std::fs::read(path).map_err(|source| ConsulError::CaFile {
+                path: path.display().to_string(),
+                source,
+            })?,
+        )),
+        None => None,
+    };
+    let client = client::ConsulClient::new(
+        c.http.clone(),
+        token,
+        ca.as_ref().map(|(p, pem)| (p.as_str(), pem.clone())),
+        c.max_connections,
+        metrics.clone(),
+    )?;
+    Ok(http::HttpBackend::new(client, c, metrics, shutdown))
 }
 
 /// The ACL token: `consul.token_file`, else `CONSUL_HTTP_TOKEN`. Never logged. A file that other

@@ -99,6 +99,20 @@ impl ServiceSeries {
 }
 
 impl Watch {
+    /// A view nobody has fetched yet.
+    pub(super) fn new() -> Watch {
+        Watch {
+            state: watch::channel(ViewState::Pending).0,
+            on_demand: AtomicBool::new(false),
+            demand: tokio::sync::Notify::new(),
+            changed: tokio::sync::Notify::new(),
+            asked_again: AtomicBool::new(false),
+            last_asked: Mutex::new(Instant::now()),
+            last_confirmed: Mutex::new(None),
+            series: AtomicU8::new(SERIES_NONE),
+        }
+    }
+
     pub(super) fn touch(&self) {
         *lock(&self.last_asked) = Instant::now();
     }
@@ -115,19 +129,6 @@ pub(super) mod tests {
         Metrics::new(&prometheus::Registry::new()).expect("metrics")
     }
 
-    pub(crate) fn new_watch() -> Watch {
-        Watch {
-            state: watch::channel(ViewState::Pending).0,
-            on_demand: AtomicBool::new(false),
-            demand: tokio::sync::Notify::new(),
-            changed: tokio::sync::Notify::new(),
-            asked_again: AtomicBool::new(false),
-            last_asked: Mutex::new(Instant::now()),
-            last_confirmed: Mutex::new(None),
-            series: AtomicU8::new(SERIES_NONE),
-        }
-    }
-
     #[test]
     fn per_service_series_stop_at_their_bound_and_free_their_place() {
         let metrics = test_metrics();
@@ -135,7 +136,7 @@ pub(super) mod tests {
             metrics: metrics.clone(),
             created: AtomicUsize::new(0),
         };
-        let watches: Vec<Watch> = (0..=MAX_SERVICE_SERIES).map(|_| new_watch()).collect();
+        let watches: Vec<Watch> = (0..=MAX_SERVICE_SERIES).map(|_| Watch::new()).collect();
         for (i, w) in watches.iter().enumerate() {
             series.set(&format!("s{i}"), true, w, 3);
         }
@@ -156,12 +157,12 @@ pub(super) mod tests {
         );
         assert_eq!(drops.get(), 1);
         // A remote view never gets one (the label has no datacenter).
-        let remote = new_watch();
+        let remote = Watch::new();
         series.remove("s0", &watches[0]);
         series.set("s0", false, &remote, 1);
         assert_eq!(count(&metrics), MAX_SERVICE_SERIES - 1);
         // The freed place goes to the next view that asks.
-        let late = new_watch();
+        let late = Watch::new();
         series.set("late", true, &late, 2);
         assert_eq!(count(&metrics), MAX_SERVICE_SERIES);
     }

@@ -268,7 +268,7 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consul::views::tests::{new_watch, test_metrics};
+    use crate::consul::views::tests::test_metrics;
     use std::sync::atomic::AtomicUsize;
 
     #[test]
@@ -278,7 +278,7 @@ mod tests {
             metrics: metrics.clone(),
             created: AtomicUsize::new(0),
         };
-        let w = new_watch();
+        let w = Watch::new();
         let key = ("web".to_owned(), None);
         let entries = |status: &str| -> Vec<HealthEntry> {
             serde_json::from_str(&format!(

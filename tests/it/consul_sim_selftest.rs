@@ -363,6 +363,19 @@ async fn passing_tag_and_dc_filters() {
         assert!(r.index() >= 1);
         assert_eq!(r.headers["X-Consul-KnownLeader"], "true");
         assert_eq!(r.headers["X-Consul-LastContact"], "0");
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "leader");
+
+        // Stale reads: a follower answers, reporting how long ago it heard from the leader
+        // (api-docs/features/consistency.mdx); a default read is still the leader's.
+        sim.set_follower_lag(Duration::from_millis(2500));
+        let r = get(&c, &u("?stale")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "stale");
+        assert_eq!(r.headers["X-Consul-LastContact"], "2500");
+        let r = get(&c, &u("")).await;
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "leader");
+        assert_eq!(r.headers["X-Consul-LastContact"], "0");
+        sim.set_follower_lag(Duration::ZERO);
 
         // Unknown node: null; unknown path: 404.
         let r = get(&c, &format!("{}/v1/catalog/node/nope", sim.http_url())).await;

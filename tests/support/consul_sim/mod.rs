@@ -29,7 +29,7 @@ mod state;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -205,6 +205,9 @@ struct Inner {
     query_list_denied: AtomicBool,
     /// 0 = no limit (the default here, see `set_dns_udp_answer_limit`).
     udp_answer_limit: AtomicUsize,
+    /// What a follower answering a `?stale` read reports in `X-Consul-LastContact` (ms since it
+    /// last heard from the leader); see `set_follower_lag`.
+    follower_lag_ms: AtomicU64,
     stats: Stats,
 }
 
@@ -309,6 +312,7 @@ impl ConsulSim {
             fail: AtomicBool::new(false),
             query_list_denied: AtomicBool::new(false),
             udp_answer_limit: AtomicUsize::new(0),
+            follower_lag_ms: AtomicU64::new(0),
             stats: Stats::default(),
         });
         inner.spawn_http(listener);
@@ -674,6 +678,14 @@ impl ConsulSim {
     /// its servers have no leader.
     pub fn set_fail(&self, on: bool) {
         self.inner.fail.store(on, Ordering::SeqCst);
+    }
+
+    /// How far behind the leader the server answering `?stale` reads is: reads with `stale`
+    /// then report it in `X-Consul-LastContact` (as a follower does); reads without it are the
+    /// leader's (`X-Consul-LastContact: 0`, consistency `leader`).
+    pub fn set_follower_lag(&self, lag: Duration) {
+        let ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
+        self.inner.follower_lag_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Opt-in: emulate Consul's `dns_config.udp_answer_limit` (real default 3,

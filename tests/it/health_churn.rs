@@ -4,7 +4,7 @@
 //! being answered.
 //!
 //! Every service TTL is 60 s here, so a view refreshed on its TTL could not pass: only the
-//! change feed (`/v1/health/state/critical|warning`, see `src/consul/watch.rs`) can.
+//! change feed (`/v1/health/state/critical|warning`, see `src/consul/feed.rs`) can.
 //!
 //! The debug run uses a smaller catalog; `scripts/test.sh` runs the large variant in release
 //! mode with `--ignored`.

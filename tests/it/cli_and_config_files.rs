@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::support::upstream::TestUpstream;
-use crate::support::{free_port, spawn, BIN};
+use crate::support::{free_port, spawn, TestConfig, BIN};
 use consul_dns_forwarder::config::Config;
 
 fn dig(port: u16, args: &[&str]) -> String {
@@ -408,7 +408,6 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
     use crate::support::{addresses, ask, make_query, raw_udp, tcp};
     use consul_dns_forwarder::config::MAX_CONCURRENCY_LIMIT;
     use hickory_proto::rr::RecordType;
-    use std::collections::BTreeMap;
 
     const INTEGERS: [&str; 3] = ["0", "9223372036854775807", "18446744073709551615"];
     const DURATIONS: [&str; 3] = ["\"0s\"", "\"100000000y\"", "\"100000000y\""];
@@ -439,32 +438,15 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
     sim.add_simple("web", "n1", "127.0.0.2", 80);
     let dir = tempfile::tempdir().expect("tmp");
     // The agent's HTTP API, or (mode = "dns") its DNS port, where the Consul limits feed a cache.
-    let http_source = format!("http = [\"{}\"]", sim.http_url());
-    let dns_source = format!("mode = \"dns\"\ndns = [\"{}\"]", sim.dns_addr());
-    let render = |set: &[(&Limit, &str)], source: &str| -> String {
-        let mut sections: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        sections
-            .entry("upstream".into())
-            .or_default()
-            .push(format!("servers = [\"{}\"]", up.addr));
-        sections
-            .entry("metrics".into())
-            .or_default()
-            .push("listen = \"127.0.0.1:0\"".into());
-        sections
-            .entry("consul".into())
-            .or_default()
-            .push(source.to_owned());
-        for (limit, value) in set {
-            sections
-                .entry(limit.section.clone())
-                .or_default()
-                .push(format!("{} = {value}", limit.key));
-        }
-        sections
-            .iter()
-            .map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n")))
-            .collect()
+    let base = TestConfig::new()
+        .upstream(up.addr)
+        .metrics_listen("127.0.0.1:0");
+    let http_source = base.clone().consul_http(sim.http_url());
+    let dns_source = base.consul_dns(sim.dns_addr());
+    let render = |set: &[(&Limit, &str)], source: &TestConfig| -> TestConfig {
+        set.iter().fold(source.clone(), |config, (limit, value)| {
+            config.set(&limit.section, &limit.key, value)
+        })
     };
 
     // One value at a time through check-config.
@@ -483,7 +465,7 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
                 continue;
             }
             let path = dir.path().join("one.toml");
-            std::fs::write(&path, render(&[(limit, value)], &http_source)).expect("write");
+            render(&[(limit, value)], &http_source).write_to(&path);
             let out = tokio::process::Command::new(BIN)
                 .args(["check-config", "--config"])
                 .arg(&path)
@@ -539,7 +521,7 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
     });
     for (column, set, mode, source) in runs {
         let path = dir.path().join(format!("extreme-{column}-{mode}.toml"));
-        std::fs::write(&path, render(set, source)).expect("write");
+        render(set, source).write_to(&path);
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut server = spawn(&["--config", &path.display().to_string(), "--listen", &listen]);
@@ -600,12 +582,8 @@ fn a_token_over_plain_http_to_another_host_is_refused() {
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
     let path = dir.path().join("f.toml");
-    let check = |consul: &str, env_token: Option<&str>, flags: &[&str]| -> Output {
-        std::fs::write(
-            &path,
-            format!("[upstream]\nservers = [\"127.0.0.1:9\"]\n[consul]\n{consul}"),
-        )
-        .expect("write");
+    let check = |config: &TestConfig, env_token: Option<&str>, flags: &[&str]| -> Output {
+        config.write_to(&path);
         let mut cmd = Command::new(BIN);
         cmd.args(["check-config", "--config"])
             .arg(&path)
@@ -616,18 +594,20 @@ fn a_token_over_plain_http_to_another_host_is_refused() {
         }
         cmd.output().expect("run check-config")
     };
-    let with_file = |http: &str, extra: &str| {
-        format!(
-            "http = [\"{http}\"]\ntoken_file = \"{}\"\n{extra}",
-            token.display()
-        )
-    };
+    let plain = || TestConfig::new().metrics_default().upstream("127.0.0.1:9");
+    let with_file = |http: &str| plain().consul_http(http).token_file(&token);
 
-    let out = check(&with_file("http://192.0.2.1:8500", ""), None, &[]);
+    let config = with_file("http://192.0.2.1:8500");
+    let http_line = 1 + config
+        .toml()
+        .lines()
+        .position(|l| l.starts_with("http = "))
+        .expect("consul.http in the file");
+    let out = check(&config, None, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     for part in [
-        "f.toml:4: consul.http: http://192.0.2.1:8500/",
+        &format!("f.toml:{http_line}: consul.http: http://192.0.2.1:8500/"),
         "consul.token_file",
         "clear text",
         "https://",
@@ -658,7 +638,7 @@ fn a_token_over_plain_http_to_another_host_is_refused() {
 
     // The token from the environment, the agent from a flag: refused after the flags apply.
     let out = check(
-        "",
+        &plain(),
         Some("secret-token"),
         &["--consul-http", "http://192.0.2.1:8500"],
     );
@@ -669,28 +649,28 @@ fn a_token_over_plain_http_to_another_host_is_refused() {
         "{err}"
     );
 
-    for (consul, env, why) in [
+    for (config, env, why) in [
         (
-            with_file("http://192.0.2.1:8500", "allow_insecure_token = true\n"),
+            with_file("http://192.0.2.1:8500").consul("allow_insecure_token = true"),
             None,
             "explicitly allowed",
         ),
-        (with_file("http://127.0.0.1:8500", ""), None, "loopback"),
-        (with_file("http://localhost:8500", ""), None, "localhost"),
-        (with_file("http://[::1]:8500", ""), None, "IPv6 loopback"),
-        (with_file("https://192.0.2.1:8501", ""), None, "https"),
+        (with_file("http://127.0.0.1:8500"), None, "loopback"),
+        (with_file("http://localhost:8500"), None, "localhost"),
+        (with_file("http://[::1]:8500"), None, "IPv6 loopback"),
+        (with_file("https://192.0.2.1:8501"), None, "https"),
         (
-            "http = [\"http://192.0.2.1:8500\"]\n".to_owned(),
+            plain().consul_http("http://192.0.2.1:8500"),
             None,
             "no token at all",
         ),
         (
-            "http = [\"http://127.0.0.1:8500\"]\n".to_owned(),
+            plain().consul_http("http://127.0.0.1:8500"),
             Some("secret-token"),
             "environment token to loopback",
         ),
     ] {
-        let out = check(&consul, env, &[]);
+        let out = check(&config, env, &[]);
         assert!(
             out.status.success(),
             "{why}: {}",

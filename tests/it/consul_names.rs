@@ -83,7 +83,7 @@ async fn sim_with_web() -> ConsulSim {
     sim
 }
 
-fn config(sim_urls: &[String], upstream: &TestUpstream, extra_consul: &str) -> String {
+fn config(sim_urls: &[String], upstream: &TestUpstream, extra_consul: &str) -> TestConfig {
     let mut config = TestConfig::new()
         .upstream(upstream.addr)
         .upstream_timeout("1s");
@@ -93,11 +93,10 @@ fn config(sim_urls: &[String], upstream: &TestUpstream, extra_consul: &str) -> S
     config
         .consul("alt_domains = [\"alt.example\"]")
         .consul(extra_consul)
-        .toml()
 }
 
 async fn start(sim: &ConsulSim, up: &TestUpstream, extra: &str) -> TestServer {
-    TestServer::start(&config(&[sim.http_url()], up, extra)).await
+    TestServer::start(&config(&[sim.http_url()], up, extra).toml()).await
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -507,8 +506,8 @@ async fn fails_over_to_the_next_agent_and_sends_the_token() {
     let dir = tempfile::tempdir().expect("tmp");
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, "s3cr3t-token\n").expect("write");
-    let extra = format!("token_file = \"{}\"\n", token_path.display());
-    let fwd = TestServer::start(&config(&[dead_url, sim.http_url()], &up, &extra)).await;
+    let config = config(&[dead_url, sim.http_url()], &up, "").token_file(&token_path);
+    let fwd = TestServer::start(&config.toml()).await;
     let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
     assert_eq!(addresses(&r).len(), 3);
     assert_eq!(sim.last_token().as_deref(), Some("s3cr3t-token"));
@@ -548,7 +547,7 @@ async fn hostname_addresses_become_a_cname_chain() {
 fn dns_mode_config(sim: &ConsulSim, up: &TestUpstream) -> String {
     TestConfig::new()
         .upstream(up.addr)
-        .consul(&format!("mode = \"dns\"\ndns = [\"{}\"]", sim.dns_addr()))
+        .consul_dns(sim.dns_addr())
         .toml()
 }
 

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
 use crate::support::e2e::{sbin, KillOnDrop, BIN};
 use crate::support::upstream::TestUpstream;
+use crate::support::TestConfig;
 
 const CLONE_NEWNET: i32 = 0x4000_0000;
 
@@ -382,7 +383,10 @@ fn glibc_sorting_defeats_round_robin_and_a_record_limit_1_restores_it() {
 
     let dir = tempfile::tempdir().expect("tmp");
     let conf = dir.path().join("limit.toml");
-    std::fs::write(&conf, "[consul]\na_record_limit = 1\n").expect("write");
+    TestConfig::new()
+        .metrics_default()
+        .consul("a_record_limit = 1")
+        .write_to(&conf);
     let conf = conf.display().to_string();
     let ns = Netns::start(&lo, &["--config", &conf], same_subnet_catalog);
     let mut firsts: BTreeMap<String, usize> = BTreeMap::new();

@@ -12,6 +12,7 @@ use crate::support::e2e::{
     examples_dir, free_port, nginx_version, replace_once, Backends, Forwarder, Nginx,
 };
 use crate::support::upstream::TestUpstream;
+use crate::support::TestConfig;
 
 /// The service TTL the forwarder sends (its default) and `valid=` in the example.
 const TTL: Duration = Duration::from_secs(5);
@@ -182,7 +183,10 @@ async fn nginx_spreads_requests_drops_a_critical_backend_and_fails_when_none_is_
 async fn nginx_keeps_serving_when_none_is_healthy_with_when_none_healthy_all() {
     let dir = tempfile::tempdir().expect("tmp");
     let conf = dir.path().join("forwarder.toml");
-    std::fs::write(&conf, "[consul]\nwhen_none_healthy = \"all\"\n").expect("write");
+    TestConfig::new()
+        .metrics_default()
+        .consul("when_none_healthy = \"all\"")
+        .write_to(&conf);
     let conf = conf.display().to_string();
     let (sim, _up, backends, _fwd, nginx) = setup(&["--config", &conf]).await;
 

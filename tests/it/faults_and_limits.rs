@@ -159,16 +159,12 @@ async fn one_log_line_per_outage_and_the_token_never_shows() {
     let port = free_port();
     let mport = free_port();
     let conf_path = dir.path().join("f.toml");
-    std::fs::write(
-        &conf_path,
-        TestConfig::new()
-            .upstream(up.addr)
-            .metrics_listen(format!("127.0.0.1:{mport}"))
-            .consul_http(sim.http_url())
-            .token_file(&token_path)
-            .toml(),
-    )
-    .expect("write");
+    TestConfig::new()
+        .upstream(up.addr)
+        .metrics_listen(format!("127.0.0.1:{mport}"))
+        .consul_http(sim.http_url())
+        .token_file(&token_path)
+        .write_to(&conf_path);
     let mut server = spawn(&[
         "--config",
         &conf_path.display().to_string(),
@@ -244,11 +240,10 @@ fn token_file_problems_are_clear() {
         .args(["--config"])
         .arg({
             let p = dir.path().join("f.toml");
-            std::fs::write(
-                &p,
-                format!("[consul]\ntoken_file = \"{}\"\n", missing.display()),
-            )
-            .expect("write");
+            TestConfig::new()
+                .metrics_default()
+                .token_file(&missing)
+                .write_to(&p);
             p
         })
         .output()
@@ -266,14 +261,10 @@ fn token_file_problems_are_clear() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let conf = dir.path().join("g.toml");
-    std::fs::write(
-        &conf,
-        TestConfig::new()
-            .metrics_default()
-            .token_file(&token)
-            .toml(),
-    )
-    .expect("write");
+    TestConfig::new()
+        .metrics_default()
+        .token_file(&token)
+        .write_to(&conf);
     let mut server = spawn(&[
         "--config",
         &conf.display().to_string(),
@@ -410,14 +401,11 @@ fn ca_file_problems_are_clear() {
     let port = free_port();
     let run = |ca: &std::path::Path| {
         let conf = dir.path().join("ca.toml");
-        std::fs::write(
-            &conf,
-            format!(
-                "[consul]\nhttp = [\"https://127.0.0.1:8501\"]\nca_file = \"{}\"\n",
-                ca.display()
-            ),
-        )
-        .expect("write");
+        TestConfig::new()
+            .metrics_default()
+            .consul_http("https://127.0.0.1:8501")
+            .ca_file(ca)
+            .write_to(&conf);
         Command::new(BIN)
             .args([
                 "--config",

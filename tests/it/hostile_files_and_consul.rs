@@ -225,24 +225,18 @@ async fn accepted_extreme_config_values_serve_queries() {
         // consul.max_connections only matters to the HTTP client: that case asks an agent on
         // 127.0.0.1:1, where nothing listens, and its Consul names get SERVFAIL.
         let http = key == "max_connections";
-        let source = if http {
-            "http = [\"http://127.0.0.1:1\"]\ndatacenter = \"dc1\"".to_owned()
-        } else {
-            format!("catalog_file = \"{}\"", catalog.display())
-        };
-        let mut toml = TestConfig::new()
+        let config = TestConfig::new()
             .upstream(up.addr)
             .upstream_timeout("1s")
-            .consul(&source)
-            .cache("max_ttl = \"2147483647s\"")
-            .toml();
-        toml = toml.replace(
-            &format!("[{section}]\n"),
-            &format!("[{section}]\n{key} = {value}\n"),
-        );
-        if !toml.contains(&format!("{key} = {value}")) {
-            toml.push_str(&format!("[{section}]\n{key} = {value}\n"));
-        }
+            .cache("max_ttl = \"2147483647s\"");
+        let config = if http {
+            config
+                .consul_http("http://127.0.0.1:1")
+                .consul("datacenter = \"dc1\"")
+        } else {
+            config.catalog_file(&catalog)
+        };
+        let toml = config.set(section, key, value).toml();
         let config = match Config::from_toml_str(&toml, "extreme.toml") {
             Ok(c) => c,
             Err(e) => {

@@ -678,7 +678,9 @@ async fn one_client_network_cannot_take_every_tcp_connection() {
 #[test]
 fn a_per_network_tcp_share_of_zero_is_rejected_naming_the_key() {
     let err = consul_dns_forwarder::config::Config::from_toml_str(
-        "[server]\nmax_tcp_connections_per_network = 0\n",
+        &TestConfig::new()
+            .server("max_tcp_connections_per_network = 0")
+            .toml(),
         "zero.toml",
     )
     .expect_err("0 refuses every TCP client");

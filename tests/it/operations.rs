@@ -11,13 +11,12 @@ use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use hickory_proto::rr::RecordType;
 
-fn toml(up: &TestUpstream, consul: &str) -> String {
+/// Forwarding to `up`, /metrics served; the Consul source is the test's.
+fn config(up: &TestUpstream) -> TestConfig {
     TestConfig::new()
         .upstream(up.addr)
         .upstream_timeout("1s")
         .metrics_listen("127.0.0.1:0")
-        .consul(consul)
-        .toml()
 }
 
 /// Every series operators rely on (issue 5), by name.
@@ -61,7 +60,7 @@ async fn metrics_endpoint_passes_promtool_and_has_every_series() {
     let sim = ConsulSim::start().await;
     sim.add_simple("web", "n1", "127.0.0.2", 80);
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&toml(&up, &format!("http = [\"{}\"]\n", sim.http_url()))).await;
+    let fwd = TestServer::start(&config(&up).consul_http(sim.http_url()).toml()).await;
     let maddr = fwd.metrics_addr.expect("metrics enabled");
     some_load(&fwd).await;
     let (status, body) = http_get(maddr, "/metrics").await;
@@ -132,7 +131,7 @@ async fn health_and_ready_follow_consul_and_shutdown() {
     let url = sim.http_url();
     sim.stop().await;
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&toml(&up, &format!("http = [\"{url}\"]\n"))).await;
+    let fwd = TestServer::start(&config(&up).consul_http(url).toml()).await;
     let maddr = fwd.metrics_addr.expect("metrics");
     assert_eq!(http_get(maddr, "/health").await.0, 200);
     let (status, body) = http_get(maddr, "/ready").await;
@@ -158,11 +157,7 @@ async fn health_and_ready_follow_consul_and_shutdown() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("c.json");
     std::fs::write(&path, "{}").expect("write");
-    let fwd = TestServer::start(&toml(
-        &up,
-        &format!("catalog_file = \"{}\"\n", path.display()),
-    ))
-    .await;
+    let fwd = TestServer::start(&config(&up).catalog_file(&path).toml()).await;
     assert_eq!(
         http_get(fwd.metrics_addr.expect("metrics"), "/ready")
             .await
@@ -176,7 +171,7 @@ async fn health_and_ready_follow_consul_and_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_it() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&toml(&up, "enabled = false\n")).await;
+    let fwd = TestServer::start(&config(&up).consul_off().toml()).await;
     let maddr = fwd.metrics_addr.expect("metrics");
     for _ in 0..5 {
         ask(fwd.addr, "a.test.", RecordType::A).await;
@@ -306,13 +301,12 @@ fn reload_config(
     catalog: &std::path::Path,
     metrics_port: u16,
     ttl: &str,
-) -> String {
+) -> TestConfig {
     TestConfig::new()
         .upstream(up.addr)
         .metrics_listen(format!("127.0.0.1:{metrics_port}"))
         .catalog_file(catalog)
         .service_ttl(ttl)
-        .toml()
 }
 
 /// SIGHUP under load: new TTLs applied, a bad file rejected and counted, no query lost.
@@ -326,7 +320,7 @@ async fn sighup_reloads_under_load_without_losing_a_query() {
     std::fs::write(&catalog, sim.catalog_json().to_string()).expect("write");
     let conf = dir.path().join("forwarder.toml");
     let mport = free_port();
-    std::fs::write(&conf, reload_config(&up, &catalog, mport, "5s")).expect("write");
+    reload_config(&up, &catalog, mport, "5s").write_to(&conf);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
@@ -363,7 +357,7 @@ async fn sighup_reloads_under_load_without_losing_a_query() {
             .success());
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::write(&conf, reload_config(&up, &catalog, mport, "7s")).expect("write");
+    reload_config(&up, &catalog, mport, "7s").write_to(&conf);
     hup(&pid);
     eventually(Duration::from_secs(5), async || {
         ask(addr, "web.service.consul.", RecordType::A)
@@ -396,7 +390,7 @@ async fn sighup_reloads_under_load_without_losing_a_query() {
     );
     // Several more good reloads while the load runs.
     for ttl in ["8s", "9s", "10s"] {
-        std::fs::write(&conf, reload_config(&up, &catalog, mport, ttl)).expect("write");
+        reload_config(&up, &catalog, mport, ttl).write_to(&conf);
         hup(&pid);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -432,15 +426,11 @@ async fn query_log_in_json() {
     let up = TestUpstream::start().await;
     let dir = tempfile::tempdir().expect("tmp");
     let conf = dir.path().join("f.toml");
-    std::fs::write(
-        &conf,
-        TestConfig::new()
-            .upstream(up.addr)
-            .consul_off()
-            .log("queries = true")
-            .toml(),
-    )
-    .expect("write");
+    TestConfig::new()
+        .upstream(up.addr)
+        .consul_off()
+        .log("queries = true")
+        .write_to(&conf);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut server = spawn(&[
@@ -512,7 +502,7 @@ async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
     std::fs::write(&token, "secret-token").expect("write");
     let conf = dir.path().join("forwarder.toml");
     let mport = free_port();
-    std::fs::write(&conf, reload_config(&up, &catalog, mport, "5s")).expect("write");
+    reload_config(&up, &catalog, mport, "5s").write_to(&conf);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
@@ -523,14 +513,10 @@ async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
     assert_eq!(web_ttl(addr).await, Some(5));
 
     // Used to panic inside the reload (a semaphore beyond MAX_PERMITS): now clamped and applied.
-    let huge = format!(
-        "{}[server]\nmax_inflight = 18446744073709551615\n",
-        reload_config(&up, &catalog, mport, "6s").replace(
-            "[upstream]\n",
-            "[upstream]\nmax_inflight = 18446744073709551615\n"
-        )
-    );
-    std::fs::write(&conf, huge).expect("write");
+    reload_config(&up, &catalog, mport, "6s")
+        .server("max_inflight = 18446744073709551615")
+        .upstream_lines("max_inflight = 18446744073709551615")
+        .write_to(&conf);
     hup(&pid);
     eventually(Duration::from_secs(5), async || {
         reloads(maddr, "success").await == 1.0
@@ -541,7 +527,7 @@ async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
 
     // Valid on paper, fails while building: the catalog file is gone.
     let missing = dir.path().join("missing.json");
-    std::fs::write(&conf, reload_config(&up, &missing, mport, "7s")).expect("write");
+    reload_config(&up, &missing, mport, "7s").write_to(&conf);
     hup(&pid);
     eventually(Duration::from_secs(5), async || {
         reloads(maddr, "failure").await == 1.0
@@ -550,16 +536,12 @@ async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
     .expect("the failed build is counted");
 
     // Refused by validation: a token for an http:// agent on another host.
-    std::fs::write(
-        &conf,
-        TestConfig::new()
-            .upstream(up.addr)
-            .metrics_listen(format!("127.0.0.1:{mport}"))
-            .consul_http("http://192.0.2.1:8500")
-            .token_file(&token)
-            .toml(),
-    )
-    .expect("write");
+    TestConfig::new()
+        .upstream(up.addr)
+        .metrics_listen(format!("127.0.0.1:{mport}"))
+        .consul_http("http://192.0.2.1:8500")
+        .token_file(&token)
+        .write_to(&conf);
     hup(&pid);
     eventually(Duration::from_secs(5), async || {
         reloads(maddr, "failure").await == 2.0
@@ -577,7 +559,7 @@ async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
     );
     assert_eq!(reloads(maddr, "success").await, 1.0);
 
-    std::fs::write(&conf, reload_config(&up, &catalog, mport, "9s")).expect("write");
+    reload_config(&up, &catalog, mport, "9s").write_to(&conf);
     hup(&pid);
     eventually(Duration::from_secs(5), async || {
         reloads(maddr, "success").await == 2.0
@@ -705,15 +687,11 @@ async fn a_group_readable_token_file_is_warned_about() {
     let token = dir.path().join("token");
     std::fs::write(&token, "secret-token").expect("write");
     let conf = dir.path().join("f.toml");
-    std::fs::write(
-        &conf,
-        TestConfig::new()
-            .upstream(up.addr)
-            .consul_http(sim.http_url())
-            .token_file(&token)
-            .toml(),
-    )
-    .expect("write");
+    TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .token_file(&token)
+        .write_to(&conf);
     let mut logs = Vec::new();
     for mode in [0o640, 0o600] {
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).expect("chmod");

@@ -2,10 +2,13 @@
 //! instead of a `format!` string per test.
 //!
 //! It writes TOML text (not a `Config`), because the same text also goes into files for the real
-//! binary and through `Config::from_toml_str`, and some tests edit it further. Sections come out in
-//! a fixed order, `[server]`, `[upstream]`, `[cache]`, `[metrics]`, `[log]`, `[consul]`, each only
-//! when something was set in it, then the `raw` text: TOML subtables such as
-//! `[consul.service_ttl]` must come after their parent's keys, so they go there.
+//! binary and through `Config::from_toml_str`. Sections come out in a fixed order, `[server]`,
+//! `[upstream]`, `[cache]`, `[metrics]`, `[log]`, `[consul]`, each only when something was set in
+//! it, then the `[[forward]]` zones, then any other table (`[consul.service_ttl]`: TOML subtables
+//! must come after their parent's keys), each in the order first set.
+//!
+//! Tests whose subject is the TOML text itself (a line number in an error, an edit of a shipped
+//! file, mutated text) write their text literally instead.
 //!
 //! Unlike the shipped defaults, the metrics endpoint is off unless asked for: a test that binds
 //! nothing it does not use cannot collide with another test's port.
@@ -24,7 +27,10 @@ pub struct TestConfig {
     log: String,
     consul_http: Vec<String>,
     consul: String,
-    raw: String,
+    /// `[[forward]]` entries, each its lines.
+    forwards: Vec<String>,
+    /// Other tables: (name, lines).
+    tables: Vec<(String, String)>,
 }
 
 impl Default for TestConfig {
@@ -44,7 +50,8 @@ impl TestConfig {
             log: String::new(),
             consul_http: Vec::new(),
             consul: String::new(),
-            raw: String::new(),
+            forwards: Vec::new(),
+            tables: Vec::new(),
         }
     }
 
@@ -128,21 +135,66 @@ impl TestConfig {
         self.consul(&format!("token_file = \"{}\"", path.display()))
     }
 
-    /// One TTL for every service (`[consul.service_ttl] "*"`).
-    pub fn service_ttl(self, ttl: &str) -> Self {
-        self.raw(&format!("[consul.service_ttl]\n\"*\" = \"{ttl}\""))
+    /// `consul.ca_file`: the CA bundle for an https:// agent.
+    pub fn ca_file(self, path: &Path) -> Self {
+        self.consul(&format!("ca_file = \"{}\"", path.display()))
     }
 
-    /// Text written after every section: subtables, or whole sections the builder has no method
-    /// for.
-    pub fn raw(mut self, text: &str) -> Self {
-        push_lines(&mut self.raw, text);
+    /// Consul names from an agent's DNS port (`consul.mode = "dns"`) instead of its HTTP API.
+    pub fn consul_dns(self, addr: impl Display) -> Self {
+        self.consul(&format!("mode = \"dns\"\ndns = [\"{addr}\"]"))
+    }
+
+    /// One TTL for every service (`[consul.service_ttl] "*"`).
+    pub fn service_ttl(self, ttl: &str) -> Self {
+        self.set("consul.service_ttl", "\"*\"", format!("\"{ttl}\""))
+    }
+
+    /// A forward zone (`[[forward]]`): names in `zone` go to `servers`.
+    pub fn forward_zone(mut self, zone: &str, servers: &[impl Display]) -> Self {
+        let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+        self.forwards.push(format!(
+            "zone = \"{zone}\"\nservers = {}\n",
+            quoted_list(&servers)
+        ));
+        self
+    }
+
+    /// `key = value` in the table `table` (`"cache"`, `"consul.service_ttl"`, ...), for a test that
+    /// goes through keys by name; `value` is TOML (a string in its quotes).
+    pub fn set(mut self, table: &str, key: &str, value: impl Display) -> Self {
+        let line = format!("{key} = {value}");
+        let section = match table {
+            "server" => &mut self.server,
+            "upstream" => &mut self.upstream,
+            "cache" => &mut self.cache,
+            "metrics" => self.metrics.get_or_insert_with(String::new),
+            "log" => &mut self.log,
+            "consul" => &mut self.consul,
+            _ => {
+                let at = match self.tables.iter().position(|(name, _)| name == table) {
+                    Some(at) => at,
+                    None => {
+                        self.tables.push((table.to_owned(), String::new()));
+                        self.tables.len() - 1
+                    }
+                };
+                &mut self.tables[at].1
+            }
+        };
+        push_lines(section, &line);
         self
     }
 
     /// The TOML text.
     pub fn toml(&self) -> String {
         self.to_string()
+    }
+
+    /// Writes the TOML text to `path`, for the real binary's `--config`.
+    pub fn write_to(&self, path: &Path) {
+        std::fs::write(path, self.toml())
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 }
 
@@ -190,6 +242,12 @@ impl Display for TestConfig {
             }
             f.write_str(&self.consul)?;
         }
-        f.write_str(&self.raw)
+        for forward in &self.forwards {
+            write!(f, "[[forward]]\n{forward}")?;
+        }
+        for (name, lines) in &self.tables {
+            write!(f, "[{name}]\n{lines}")?;
+        }
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod consul_sim;
 pub mod e2e;
 pub mod hostile;
+pub mod proc_status;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -318,12 +319,5 @@ pub async fn wait_until_answering(addr: SocketAddr) {
 
 /// Resident memory of process `pid` in KiB, from /proc (0 when it cannot be read).
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
+    proc_status::vm_rss_kib(&pid.to_string())
 }

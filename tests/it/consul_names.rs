@@ -34,14 +34,10 @@ fn svc(
 ) {
     sim.add_service(
         SimService {
-            id: id.into(),
-            service: service.into(),
-            node: node.into(),
             address: at.0.into(),
-            port: at.1,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             weights: (10, 1),
-            meta: BTreeMap::new(),
+            ..SimService::new(id, service, node, at.1)
         },
         status,
     );
@@ -169,24 +165,17 @@ async fn service_names_answer_like_consul() {
         "alt domain"
     );
 
-    let r = ask(fwd.addr, "web.service.dc9.consul.", RecordType::A).await;
-    assert_eq!(
-        r.metadata.response_code,
-        ResponseCode::NXDomain,
-        "unknown datacenter"
-    );
-    let r = ask(fwd.addr, "nosuch.service.consul.", RecordType::A).await;
-    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-    assert!(has_soa_authority(&r));
-    let r = ask(fwd.addr, "v9.web.service.consul.", RecordType::A).await;
-    assert_eq!(
-        r.metadata.response_code,
-        ResponseCode::NXDomain,
-        "no instance with that tag"
-    );
-    let r = ask(fwd.addr, "whatever.consul.", RecordType::A).await;
-    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-    assert!(has_soa_authority(&r));
+    // Names that do not exist, and whether the SOA must come in the authority section.
+    for (name, soa, why) in [
+        ("web.service.dc9.consul.", false, "unknown datacenter"),
+        ("nosuch.service.consul.", true, "unknown service"),
+        ("v9.web.service.consul.", false, "no instance with that tag"),
+        ("whatever.consul.", true, "not a Consul name"),
+    ] {
+        let r = ask(fwd.addr, name, RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{why}");
+        assert!(!soa || has_soa_authority(&r), "{why}: SOA in the authority");
+    }
 
     let r = ask(fwd.addr, "consul.", RecordType::SOA).await;
     match &r.answers[0].data {

@@ -198,12 +198,7 @@ async fn large_answers_truncate_over_udp_and_arrive_whole_over_tcp() {
     let up = TestUpstream::start().await;
     let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
     for (edns, limit) in [(None, 512usize), (Some(1232u16), 1232), (Some(4096), 1232)] {
-        let q = make_query("big.test.", RecordType::A, edns);
-        let bytes = raw_udp(fwd.addr, &q.to_vec().expect("enc"), REPLY_TIMEOUT)
-            .await
-            .expect("reply");
-        assert!(bytes.len() <= limit, "{} > {limit}", bytes.len());
-        let r = Message::from_vec(&bytes).expect("parse");
+        let r = udp_within(fwd.addr, "big.test.", RecordType::A, edns, limit).await;
         assert!(r.metadata.truncation, "TC=1, never silent");
         assert_eq!(r.edns.is_some(), edns.is_some(), "OPT kept when truncating");
     }

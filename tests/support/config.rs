@@ -67,27 +67,23 @@ impl TestConfig {
     }
 
     /// Lines of `[upstream]` beyond the servers and the timeout.
-    pub fn upstream_lines(mut self, lines: &str) -> Self {
-        push_lines(&mut self.upstream, lines);
-        self
+    pub fn upstream_lines(self, lines: &str) -> Self {
+        self.lines_in("upstream", lines)
     }
 
     /// Lines of `[server]`.
-    pub fn server(mut self, lines: &str) -> Self {
-        push_lines(&mut self.server, lines);
-        self
+    pub fn server(self, lines: &str) -> Self {
+        self.lines_in("server", lines)
     }
 
     /// Lines of `[cache]`.
-    pub fn cache(mut self, lines: &str) -> Self {
-        push_lines(&mut self.cache, lines);
-        self
+    pub fn cache(self, lines: &str) -> Self {
+        self.lines_in("cache", lines)
     }
 
     /// Lines of `[log]`.
-    pub fn log(mut self, lines: &str) -> Self {
-        push_lines(&mut self.log, lines);
-        self
+    pub fn log(self, lines: &str) -> Self {
+        self.lines_in("log", lines)
     }
 
     /// Serves /metrics on `addr` (`TestServer` binds its own port 0 whatever the address).
@@ -116,9 +112,8 @@ impl TestConfig {
     }
 
     /// Lines of `[consul]` beyond `http`.
-    pub fn consul(mut self, lines: &str) -> Self {
-        push_lines(&mut self.consul, lines);
-        self
+    pub fn consul(self, lines: &str) -> Self {
+        self.lines_in("consul", lines)
     }
 
     /// No Consul at all: every name is forwarded.
@@ -162,8 +157,12 @@ impl TestConfig {
 
     /// `key = value` in the table `table` (`"cache"`, `"consul.service_ttl"`, ...), for a test that
     /// goes through keys by name; `value` is TOML (a string in its quotes).
-    pub fn set(mut self, table: &str, key: &str, value: impl Display) -> Self {
-        let line = format!("{key} = {value}");
+    pub fn set(self, table: &str, key: &str, value: impl Display) -> Self {
+        self.lines_in(table, &format!("{key} = {value}"))
+    }
+
+    /// Lines of the table `table`: one of the sections above, or any other table (a subtable).
+    fn lines_in(mut self, table: &str, lines: &str) -> Self {
         let section = match table {
             "server" => &mut self.server,
             "upstream" => &mut self.upstream,
@@ -182,7 +181,7 @@ impl TestConfig {
                 &mut self.tables[at].1
             }
         };
-        push_lines(section, &line);
+        push_lines(section, lines);
         self
     }
 
@@ -195,6 +194,15 @@ impl TestConfig {
     pub fn write_to(&self, path: &Path) {
         std::fs::write(path, self.toml())
             .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Writes the TOML text to `name` in a new temporary directory, for the real binary's
+    /// `--config`: the directory (removed when dropped) and the file's path.
+    pub fn write_temp(&self, name: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(name);
+        self.write_to(&path);
+        (dir, path.display().to_string())
     }
 }
 
@@ -216,31 +224,20 @@ fn quoted_list(items: &[String]) -> String {
 
 impl Display for TestConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.server.is_empty() {
-            write!(f, "[server]\n{}", self.server)?;
-        }
-        if !self.upstream_servers.is_empty() || !self.upstream.is_empty() {
-            f.write_str("[upstream]\n")?;
-            if !self.upstream_servers.is_empty() {
-                writeln!(f, "servers = {}", quoted_list(&self.upstream_servers))?;
+        let upstream = with_list("servers", &self.upstream_servers, &self.upstream);
+        let consul = with_list("http", &self.consul_http, &self.consul);
+        let sections = [
+            ("server", self.server.as_str()),
+            ("upstream", &upstream),
+            ("cache", &self.cache),
+            ("metrics", self.metrics.as_deref().unwrap_or_default()),
+            ("log", &self.log),
+            ("consul", &consul),
+        ];
+        for (name, lines) in sections {
+            if !lines.is_empty() {
+                write!(f, "[{name}]\n{lines}")?;
             }
-            f.write_str(&self.upstream)?;
-        }
-        if !self.cache.is_empty() {
-            write!(f, "[cache]\n{}", self.cache)?;
-        }
-        if let Some(metrics) = &self.metrics {
-            write!(f, "[metrics]\n{metrics}")?;
-        }
-        if !self.log.is_empty() {
-            write!(f, "[log]\n{}", self.log)?;
-        }
-        if !self.consul_http.is_empty() || !self.consul.is_empty() {
-            f.write_str("[consul]\n")?;
-            if !self.consul_http.is_empty() {
-                writeln!(f, "http = {}", quoted_list(&self.consul_http))?;
-            }
-            f.write_str(&self.consul)?;
         }
         for forward in &self.forwards {
             write!(f, "[[forward]]\n{forward}")?;
@@ -249,5 +246,14 @@ impl Display for TestConfig {
             write!(f, "[{name}]\n{lines}")?;
         }
         Ok(())
+    }
+}
+
+/// A section's lines with `key = [items]` first, when there are items.
+fn with_list(key: &str, items: &[String], lines: &str) -> String {
+    if items.is_empty() {
+        lines.to_owned()
+    } else {
+        format!("{key} = {}\n{lines}", quoted_list(items))
     }
 }

@@ -74,6 +74,33 @@ pub struct SimService {
     pub meta: BTreeMap<String, String>,
 }
 
+impl SimNode {
+    /// A node with no meta.
+    pub fn new(name: &str, address: &str) -> SimNode {
+        SimNode {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            meta: BTreeMap::new(),
+        }
+    }
+}
+
+impl SimService {
+    /// An instance at its node's address, with no tags or meta and weights (1, 1).
+    pub fn new(id: &str, service: &str, node: &str, port: u16) -> SimService {
+        SimService {
+            id: id.to_owned(),
+            service: service.to_owned(),
+            node: node.to_owned(),
+            address: String::new(),
+            port,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta: BTreeMap::new(),
+        }
+    }
+}
+
 /// A health check status. Consul also knows `maintenance`, which it reports as
 /// `critical` on the wire, so three values cover everything a client can see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -390,26 +417,24 @@ impl ConsulSim {
 
     /// Like [`ConsulSim::add_simple`], returning the instance ID it chose.
     pub fn add_simple_id(&self, service: &str, node: &str, addr: &str, port: u16) -> String {
-        self.add_node(SimNode {
-            name: node.to_string(),
-            address: addr.to_string(),
-            meta: BTreeMap::new(),
-        });
         let id = self.inner.state().free_instance_id(service);
-        self.add_service(
-            SimService {
-                id: id.clone(),
-                service: service.to_string(),
-                node: node.to_string(),
-                address: String::new(),
-                port,
-                tags: Vec::new(),
-                weights: (1, 1),
-                meta: BTreeMap::new(),
-            },
-            Status::Passing,
-        );
+        self.add_instance(&id, service, node, addr, port, Status::Passing);
         id
+    }
+
+    /// Node `node` at `addr` (added or updated) plus instance `id` of `service` on it, at the
+    /// node's address, with its check at `status`.
+    pub fn add_instance(
+        &self,
+        id: &str,
+        service: &str,
+        node: &str,
+        addr: &str,
+        port: u16,
+        status: Status,
+    ) {
+        self.add_node(SimNode::new(node, addr));
+        self.add_service(SimService::new(id, service, node, port), status);
     }
 
     /// Registers many instances at once (nodes included) as a single write:
@@ -439,21 +464,8 @@ impl ConsulSim {
                     address,
                 };
                 items.push((
-                    SimNode {
-                        name: g.node.clone(),
-                        address: g.address.clone(),
-                        meta: BTreeMap::new(),
-                    },
-                    SimService {
-                        id: g.id.clone(),
-                        service: g.service.clone(),
-                        node: g.node.clone(),
-                        address: String::new(),
-                        port: 80,
-                        tags: Vec::new(),
-                        weights: (1, 1),
-                        meta: BTreeMap::new(),
-                    },
+                    SimNode::new(&g.node, &g.address),
+                    SimService::new(&g.id, &g.service, &g.node, 80),
                     Status::Passing,
                 ));
                 out.push(g);

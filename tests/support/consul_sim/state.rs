@@ -34,6 +34,27 @@ pub(super) struct NodeRec {
     pub checks: BTreeMap<String, CheckRec>,
 }
 
+impl NodeRec {
+    /// A node registered at index `idx`, with the passing `serfHealth` check every agent's node
+    /// has.
+    fn registered(node: SimNode, idx: u64) -> NodeRec {
+        let serf = CheckRec {
+            name: check_name("serfHealth", None),
+            status: Status::Passing,
+            notes: String::new(),
+            create: idx,
+            modify: idx,
+        };
+        NodeRec {
+            id: uuid_from(&node.name),
+            node,
+            create: idx,
+            modify: idx,
+            checks: BTreeMap::from([("serfHealth".to_string(), serf)]),
+        }
+    }
+}
+
 pub(super) struct SvcRec {
     pub svc: SimService,
     pub create: u64,
@@ -225,27 +246,8 @@ impl State {
             }
             None => {
                 self.checks_index = idx;
-                let mut checks = BTreeMap::new();
-                checks.insert(
-                    "serfHealth".to_string(),
-                    CheckRec {
-                        name: check_name("serfHealth", None),
-                        status: Status::Passing,
-                        notes: String::new(),
-                        create: idx,
-                        modify: idx,
-                    },
-                );
-                self.nodes.insert(
-                    name.clone(),
-                    NodeRec {
-                        id: uuid_from(&name),
-                        node,
-                        create: idx,
-                        modify: idx,
-                        checks,
-                    },
-                );
+                self.nodes
+                    .insert(name.clone(), NodeRec::registered(node, idx));
             }
         }
         self.touch_services_on_node(&name, idx);
@@ -399,28 +401,8 @@ impl State {
                     }
                 }
                 None => {
-                    let mut checks = BTreeMap::new();
-                    checks.insert(
-                        "serfHealth".to_string(),
-                        CheckRec {
-                            name: check_name("serfHealth", None),
-                            status: Status::Passing,
-                            notes: String::new(),
-                            create: idx,
-                            modify: idx,
-                        },
-                    );
-                    let name = node.name.clone();
-                    self.nodes.insert(
-                        name.clone(),
-                        NodeRec {
-                            id: uuid_from(&name),
-                            node,
-                            create: idx,
-                            modify: idx,
-                            checks,
-                        },
-                    );
+                    self.nodes
+                        .insert(node.name.clone(), NodeRec::registered(node, idx));
                 }
             }
             assert!(
@@ -643,13 +625,16 @@ impl State {
         )
     }
 
+    /// The node named `name`, as Consul finds it: case-insensitively.
+    pub fn node_named(&self, name: &str) -> Option<&NodeRec> {
+        self.nodes
+            .values()
+            .find(|n| n.node.name.eq_ignore_ascii_case(name))
+    }
+
     /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
     pub fn catalog_node_json(&self, node: &str) -> Value {
-        let Some(n) = self
-            .nodes
-            .values()
-            .find(|n| n.node.name.eq_ignore_ascii_case(node))
-        else {
+        let Some(n) = self.node_named(node) else {
             return Value::Null;
         };
         let services: Map<String, Value> = self

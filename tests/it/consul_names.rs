@@ -2,7 +2,7 @@
 //! the health rules, shuffling, freshness through blocking queries, outages, and the bound on
 //! requests that reach Consul.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
@@ -12,13 +12,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 
 fn node(sim: &ConsulSim, name: &str, addr: &str) {
-    let mut meta = BTreeMap::new();
-    meta.insert("rack".to_string(), "r1".to_string());
-    sim.add_node(SimNode {
-        name: name.into(),
-        address: addr.into(),
-        meta,
-    });
+    sim.add_node(SimNode::new(name, addr).meta("rack", "r1"));
 }
 
 /// Registers instance `id` of `service` on `node`; `at` is (service address, port), the address

@@ -83,6 +83,12 @@ impl SimNode {
             meta: BTreeMap::new(),
         }
     }
+
+    /// With one more node meta entry (a TXT record in node answers).
+    pub fn meta(mut self, key: &str, value: &str) -> SimNode {
+        self.meta.insert(key.to_owned(), value.to_owned());
+        self
+    }
 }
 
 impl SimService {
@@ -98,6 +104,12 @@ impl SimService {
             weights: (1, 1),
             meta: BTreeMap::new(),
         }
+    }
+
+    /// With these tags.
+    pub fn tags(mut self, tags: &[&str]) -> SimService {
+        self.tags = tags.iter().map(|t| t.to_string()).collect();
+        self
     }
 }
 

@@ -262,6 +262,7 @@ pub(super) struct FileConsul {
     pub(crate) stale_for: Option<ConfigDuration>,
     pub(crate) max_connections: Option<usize>,
     pub(crate) allow_insecure_token: Option<bool>,
+    pub(crate) reverse_networks: Option<Vec<AllowNet>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

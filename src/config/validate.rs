@@ -309,6 +309,7 @@ impl FileConsul {
             allow_insecure_token: self
                 .allow_insecure_token
                 .unwrap_or(DEFAULT_ALLOW_INSECURE_TOKEN),
+            reverse_networks: reverse_networks(self.reverse_networks, mode, errors),
         };
         // The token file is known here, so its problem gets a line; a token from the
         // environment or an agent from a flag is checked after the flags are applied.
@@ -319,6 +320,25 @@ impl FileConsul {
         }
         consul
     }
+}
+
+/// `consul.reverse_networks`, which only the DNS mode uses: the HTTP and catalog-file modes know
+/// Consul's addresses themselves.
+fn reverse_networks(
+    list: Option<Vec<AllowNet>>,
+    mode: ConsulMode,
+    errors: &mut Errors,
+) -> Vec<IpNet> {
+    let nets: Vec<IpNet> = list.unwrap_or_default().into_iter().map(|n| n.0).collect();
+    if !nets.is_empty() && mode != ConsulMode::Dns {
+        errors.invalid(
+            "consul",
+            "reverse_networks",
+            "only for mode = \"dns\": the HTTP and catalog-file modes answer PTR questions for \
+             every address Consul knows, and forward the rest",
+        );
+    }
+    nets
 }
 
 /// `consul.domain` (or Consul's own) first, then the alternative domains, each once.
@@ -736,6 +756,33 @@ mod tests {
             ..FileConsul::default()
         };
         assert_eq!(keys(|e| file.validate(e)), ["consul.http"]);
+    }
+
+    #[test]
+    fn consul_reverse_networks_are_for_the_dns_mode_only() {
+        let net = |n: &str| AllowNet::from_str(n).expect("net");
+        let (consul, problems) = run(|e| {
+            FileConsul {
+                mode: Some(ConsulMode::Dns),
+                reverse_networks: Some(vec![net("10.0.0.0/8"), net("fd00::1")]),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            consul.reverse_networks,
+            ["10.0.0.0/8", "fd00::1/128"].map(|n| n.parse::<IpNet>().expect("net"))
+        );
+        assert!(run(|e| FileConsul::default().validate(e))
+            .0
+            .reverse_networks
+            .is_empty());
+        let file = FileConsul {
+            reverse_networks: Some(vec![net("10.0.0.0/8")]),
+            ..FileConsul::default()
+        };
+        assert_eq!(keys(|e| file.validate(e)), ["consul.reverse_networks"]);
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub fn allocs() -> usize {
 }
 
 /// The process's resident set, in KiB (0 if /proc cannot be read).
+#[allow(dead_code)]
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -181,27 +181,22 @@ mod tests {
 
     #[test]
     fn full_length_names_are_addresses() {
-        assert_eq!(
-            both("2.0.0.127.in-addr.arpa."),
-            Some("127.0.0.2".parse().expect("ip"))
-        );
-        assert_eq!(
-            both("4.3.2.1.IN-ADDR.ARPA."),
-            Some("1.2.3.4".parse().expect("ip"))
-        );
-        assert_eq!(
-            both("0.0.0.0.in-addr.arpa."),
-            Some("0.0.0.0".parse().expect("ip"))
-        );
-        // Consul's own test: 2001:db8::ff00:42:8329.
-        assert_eq!(
-            both("9.2.3.8.2.4.0.0.0.0.f.f.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa."),
-            Some("2001:db8::ff00:42:8329".parse().expect("ip"))
-        );
-        assert_eq!(
-            both("2.4.2.4.2.4.2.4.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.IP6.ARPA."),
-            Some("::4242:4242".parse().expect("ip"))
-        );
+        for (name, ip) in [
+            ("2.0.0.127.in-addr.arpa.", "127.0.0.2"),
+            ("4.3.2.1.IN-ADDR.ARPA.", "1.2.3.4"),
+            ("0.0.0.0.in-addr.arpa.", "0.0.0.0"),
+            // Consul's own tests.
+            (
+                "9.2.3.8.2.4.0.0.0.0.f.f.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.",
+                "2001:db8::ff00:42:8329",
+            ),
+            (
+                "2.4.2.4.2.4.2.4.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.IP6.ARPA.",
+                "::4242:4242",
+            ),
+        ] {
+            assert_eq!(both(name), Some(ip.parse().expect("ip")), "{name}");
+        }
         for ip in [
             "10.1.2.3",
             "255.255.255.255",

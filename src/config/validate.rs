@@ -760,29 +760,29 @@ mod tests {
 
     #[test]
     fn consul_reverse_networks_are_for_the_dns_mode_only() {
-        let net = |n: &str| AllowNet::from_str(n).expect("net");
-        let (consul, problems) = run(|e| {
-            FileConsul {
-                mode: Some(ConsulMode::Dns),
-                reverse_networks: Some(vec![net("10.0.0.0/8"), net("fd00::1")]),
-                ..FileConsul::default()
-            }
-            .validate(e)
-        });
-        assert!(problems.is_empty(), "{problems:?}");
-        assert_eq!(
-            consul.reverse_networks,
-            ["10.0.0.0/8", "fd00::1/128"].map(|n| n.parse::<IpNet>().expect("net"))
-        );
-        assert!(run(|e| FileConsul::default().validate(e))
-            .0
-            .reverse_networks
-            .is_empty());
-        let file = FileConsul {
-            reverse_networks: Some(vec![net("10.0.0.0/8")]),
+        let with = |mode: ConsulMode, nets: &[&str]| FileConsul {
+            mode: Some(mode),
+            reverse_networks: Some(
+                nets.iter()
+                    .map(|n| AllowNet::from_str(n).expect("net"))
+                    .collect(),
+            ),
             ..FileConsul::default()
         };
-        assert_eq!(keys(|e| file.validate(e)), ["consul.reverse_networks"]);
+        let (consul, problems) =
+            run(|e| with(ConsulMode::Dns, &["10.0.0.0/8", "fd00::1"]).validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        let nets: Vec<String> = consul
+            .reverse_networks
+            .iter()
+            .map(IpNet::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "fd00::1/128"]);
+        assert!(run(|e| with(ConsulMode::Http, &[]).validate(e))
+            .1
+            .is_empty());
+        let refused = keys(|e| with(ConsulMode::Http, &["10.0.0.0/8"]).validate(e));
+        assert_eq!(refused, ["consul.reverse_networks"]);
     }
 
     #[test]

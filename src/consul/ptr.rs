@@ -268,8 +268,10 @@ mod tests {
     use super::*;
     use hickory_proto::rr::{DNSClass, RecordType};
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
+    /// `text` as an address (tests write them as text).
+    fn ip(text: &str) -> IpAddr {
+        text.parse::<IpAddr>()
+            .unwrap_or_else(|e| panic!("{text}: {e}"))
     }
 
     #[test]

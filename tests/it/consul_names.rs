@@ -11,7 +11,7 @@ use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 
-fn node(sim: &ConsulSim, name: &str, addr: &str) {
+pub(crate) fn node(sim: &ConsulSim, name: &str, addr: &str) {
     let mut meta = BTreeMap::new();
     meta.insert("rack".to_string(), "r1".to_string());
     sim.add_node(SimNode {
@@ -23,7 +23,7 @@ fn node(sim: &ConsulSim, name: &str, addr: &str) {
 
 /// Registers instance `id` of `service` on `node`; `at` is (service address, port), the address
 /// "" meaning the node's.
-fn svc(
+pub(crate) fn svc(
     sim: &ConsulSim,
     id: &str,
     service: &str,

@@ -4,12 +4,12 @@
 //! HTTP mode against the Consul simulator, the catalog-file mode, the DNS mode's
 //! `consul.reverse_networks`, and `dig -x` against the binary.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::consul_names::{node, svc};
 use crate::e2e_dig_consul_names::{answers, dig, flags, section};
-use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::consul_sim::{ConsulSim, Status};
 use crate::support::e2e::Forwarder;
 use crate::support::upstream::TestUpstream;
 use crate::support::*;
@@ -25,52 +25,30 @@ fn v6_upstream_reverse() -> String {
     format!("1.{}8.b.d.0.1.0.0.2.ip6.arpa.", "0.".repeat(23))
 }
 
-fn add_node(sim: &ConsulSim, name: &str, addr: &str) {
-    sim.add_node(SimNode {
-        name: name.into(),
-        address: addr.into(),
-        meta: BTreeMap::new(),
-    });
-}
-
-/// Instance `id` of `service` on `node`, with its own `addr` ("" for the node's).
-fn add_service(sim: &ConsulSim, id: &str, service: &str, node: &str, addr: &str, status: Status) {
-    sim.add_service(
-        SimService {
-            id: id.into(),
-            service: service.into(),
-            node: node.into(),
-            address: addr.into(),
-            port: 8080,
-            tags: Vec::new(),
-            weights: (1, 1),
-            meta: BTreeMap::new(),
-        },
-        status,
-    );
-}
-
 /// The catalog of Consul's own reverse-lookup tests (`agent/dns_test.go`): node `foo2` at
 /// 127.0.0.2, `bar` at ::4242:4242, `foo` at 127.0.0.1 (with a tagged IPv6 address), service
 /// `db` with its own 127.0.0.3, `db6` with its own 2001:db8::ff00:42:8329 (critical), `same`
 /// whose own address is its node's.
 async fn consul_test_catalog() -> ConsulSim {
     let sim = ConsulSim::start().await;
-    add_node(&sim, "foo2", "127.0.0.2");
-    add_node(&sim, "bar", "::4242:4242");
-    add_node(&sim, "foo", "127.0.0.1");
+    node(&sim, "foo2", "127.0.0.2");
+    node(&sim, "bar", "::4242:4242");
+    node(&sim, "foo", "127.0.0.1");
     sim.set_node_tagged_addresses("foo", &[("lan_ipv6", "2001:db8::1")]);
-    add_service(&sim, "db-1", "db", "foo", "127.0.0.3", Status::Passing);
-    add_service(
-        &sim,
-        "db6-1",
-        "db6",
-        "bar",
-        "2001:db8::ff00:42:8329",
-        Status::Critical,
-    );
-    add_service(&sim, "same-1", "same", "foo", "127.0.0.1", Status::Passing);
+    let ok = Status::Passing;
+    svc(&sim, "db-1", "db", "foo", ("127.0.0.3", 5432), &[], ok);
+    let db6 = ("2001:db8::ff00:42:8329", 5432);
+    svc(&sim, "db6-1", "db6", "bar", db6, &[], Status::Critical);
+    svc(&sim, "same-1", "same", "foo", ("127.0.0.1", 80), &[], ok);
     sim
+}
+
+/// The catalog above, the test upstream, and a forwarder asking both.
+async fn start() -> (ConsulSim, TestUpstream, TestServer) {
+    let sim = consul_test_catalog().await;
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&config(&sim, &up)).await;
+    (sim, up, fwd)
 }
 
 fn config(sim: &ConsulSim, up: &TestUpstream) -> String {
@@ -114,9 +92,7 @@ fn assert_consul_ptr(m: &Message, target: &str, ttl: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_and_service_addresses_answer_like_consul() {
-    let sim = consul_test_catalog().await;
-    let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config(&sim, &up)).await;
+    let (sim, up, fwd) = start().await;
 
     // A node's address: the node, named in the main domain (not an alternative one), with
     // node_ttl, over UDP and TCP, for PTR and ANY (Consul's tests ask ANY).
@@ -166,9 +142,7 @@ async fn node_and_service_addresses_answer_like_consul() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addresses_consul_does_not_know_are_forwarded_upstream() {
-    let sim = consul_test_catalog().await;
-    let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config(&sim, &up)).await;
+    let (sim, up, fwd) = start().await;
 
     // Unknown to Consul, known upstream: the upstream's answer as it came (not AA: ours only
     // for Consul's answers), then from the cache.
@@ -194,13 +168,15 @@ async fn addresses_consul_does_not_know_are_forwarded_upstream() {
     assert_eq!(targets(&m)[0].0, "v6.test.");
     assert_eq!(up.queries_for(&v6_upstream_reverse(), RecordType::PTR), 1);
     // A service address of a service nobody asked for is not known (no view): forwarded.
-    add_node(&sim, "n9", "127.0.0.9");
-    add_service(
+    node(&sim, "n9", "127.0.0.9");
+    let own = ("127.0.0.10", 80);
+    svc(
         &sim,
         "unasked-1",
         "unasked",
         "n9",
-        "127.0.0.10",
+        own,
+        &[],
         Status::Passing,
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -220,16 +196,14 @@ async fn addresses_consul_does_not_know_are_forwarded_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_and_deregistrations_show_within_seconds() {
-    let sim = consul_test_catalog().await;
-    let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config(&sim, &up)).await;
+    let (sim, up, fwd) = start().await;
     let late = "50.0.0.127.in-addr.arpa.";
     // Not there yet: forwarded, and the upstream's NXDOMAIN cached.
     let m = udp(fwd.addr, &ptr(late)).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     assert_eq!(up.queries_for(late, RecordType::PTR), 1);
 
-    add_node(&sim, "late", "127.0.0.50");
+    node(&sim, "late", "127.0.0.50");
     let took = eventually(FRESH_WITHIN, async || {
         targets(&udp(fwd.addr, &ptr(late)).await) == [("late.node.dc1.consul.".into(), 7)]
     })
@@ -242,7 +216,8 @@ async fn registrations_and_deregistrations_show_within_seconds() {
         addresses(&ask(fwd.addr, "db.service.consul.", RecordType::A).await),
         ["127.0.0.3"]
     );
-    add_service(&sim, "db-2", "db", "late", "127.0.0.51", Status::Passing);
+    let own = ("127.0.0.51", 5432);
+    svc(&sim, "db-2", "db", "late", own, &[], Status::Passing);
     let svc = "51.0.0.127.in-addr.arpa.";
     eventually(FRESH_WITHIN, async || {
         targets(&udp(fwd.addr, &ptr(svc)).await) == [("db.service.dc1.consul.".into(), 9)]
@@ -264,9 +239,7 @@ async fn registrations_and_deregistrations_show_within_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_consul_is_away_the_last_known_addresses_are_answered() {
-    let sim = consul_test_catalog().await;
-    let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config(&sim, &up)).await;
+    let (sim, _up, fwd) = start().await;
     let name = "2.0.0.127.in-addr.arpa.";
     assert_consul_ptr(&udp(fwd.addr, &ptr(name)).await, "foo2.node.dc1.consul.", 7);
     sim.stop().await;
@@ -295,9 +268,7 @@ fn raw_ptr(labels: &[&[u8]]) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_and_hostile_reverse_names_are_forwarded_without_asking_consul() {
-    let sim = consul_test_catalog().await;
-    let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config(&sim, &up)).await;
+    let (sim, up, fwd) = start().await;
     let (arpa, v4, v6): (&[u8], &[u8], &[u8]) = (b"arpa", b"in-addr", b"ip6");
     let long: Vec<&[u8]> = std::iter::repeat_n(&b"1"[..], 120)
         .chain([v4, arpa])
@@ -393,11 +364,8 @@ async fn the_catalog_file_answers_its_addresses() {
     )
     .expect("write");
     let up = TestUpstream::start().await;
-    let toml = TestConfig::new()
-        .upstream(up.addr)
-        .catalog_file(&path)
-        .toml();
-    let fwd = TestServer::start(&toml).await;
+    let file_mode = TestConfig::new().upstream(up.addr).upstream_timeout("1s");
+    let fwd = TestServer::start(&file_mode.catalog_file(&path).toml()).await;
     let n1 = udp(fwd.addr, &ptr("1.0.0.10.in-addr.arpa.")).await;
     assert_consul_ptr(&n1, "Node-1.node.dc7.consul.", 5);
     let web = udp(fwd.addr, &ptr("2.0.0.10.in-addr.arpa.")).await;

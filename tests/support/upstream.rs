@@ -392,19 +392,23 @@ impl Zone {
                 .push(Record::from_rdata(name(owner), ttl, rdata));
         };
 
-        let soa = Record::from_rdata(
-            name("test."),
-            3600,
-            RData::SOA(SOA::new(
-                name("ns.test."),
-                name("hostmaster.test."),
-                1,
+        // The SOA of the zone `test.`, and the one reverse names' negative answers carry.
+        let soa_of = |zone: &str| {
+            Record::from_rdata(
+                name(zone),
                 3600,
-                600,
-                86400,
-                60,
-            )),
-        );
+                RData::SOA(SOA::new(
+                    name("ns.test."),
+                    name("hostmaster.test."),
+                    1,
+                    3600,
+                    600,
+                    86400,
+                    60,
+                )),
+            )
+        };
+        let soa = soa_of("test.");
         add("test.", soa.ttl, soa.data.clone());
 
         add("a.test.", 300, RData::A(A(Ipv4Addr::new(192, 0, 2, 1))));
@@ -442,22 +446,9 @@ impl Zone {
         let v6_reverse = format!("1.{}8.b.d.0.1.0.0.2.ip6.arpa.", "0.".repeat(23));
         add(&v6_reverse, 300, RData::PTR(PTR(name("v6.test."))));
 
-        let reverse_soa = Record::from_rdata(
-            name("arpa."),
-            3600,
-            RData::SOA(SOA::new(
-                name("ns.test."),
-                name("hostmaster.test."),
-                1,
-                3600,
-                600,
-                86400,
-                60,
-            )),
-        );
         Zone {
             soa,
-            reverse_soa,
+            reverse_soa: soa_of("arpa."),
             rrsets,
         }
     }

@@ -38,7 +38,9 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test` does not: a smaller smoke run there.
     let full = std::env::args().any(|a| a == "--bench");
     let nodes: usize = if full { 10_000 } else { 1_000 };
-    println!("ptr_memory: {nodes} nodes, agent-shaped /v1/catalog/nodes JSON (names node-00001...)");
+    println!(
+        "ptr_memory: {nodes} nodes, agent-shaped /v1/catalog/nodes JSON (names node-00001...)"
+    );
     for v6 in [false, true] {
         let body = format!(
             "[{}]",

@@ -261,6 +261,8 @@ pub(super) struct FileConsul {
     pub(crate) watch_idle: Option<ConfigDuration>,
     pub(crate) stale_for: Option<ConfigDuration>,
     pub(crate) max_connections: Option<usize>,
+    pub(crate) allow_stale: Option<bool>,
+    pub(crate) max_stale: Option<ConfigDuration>,
     pub(crate) allow_insecure_token: Option<bool>,
     pub(crate) reverse_networks: Option<Vec<AllowNet>>,
 }

@@ -121,6 +121,11 @@ pub struct ConsulConfig {
     pub(crate) watch_idle: Duration,
     pub(crate) stale_for: Duration,
     pub(crate) max_connections: usize,
+    /// Read from any server (`?stale`), as Consul's DNS does (`dns_config.allow_stale`).
+    pub(crate) allow_stale: bool,
+    /// With `allow_stale`: a read from a server further behind the leader than this
+    /// (`X-Consul-LastContact`) is asked again of the leader (`dns_config.max_stale`).
+    pub(crate) max_stale: Duration,
     /// Send the token to `http://` agents that are not on loopback (off: refused at start and
     /// on reload, see [`ConsulConfig::check_token_transport`]).
     pub(crate) allow_insecure_token: bool,

@@ -306,6 +306,8 @@ impl FileConsul {
             watch_idle,
             stale_for,
             max_connections,
+            allow_stale: self.allow_stale.unwrap_or(DEFAULT_ALLOW_STALE),
+            max_stale: duration_or(self.max_stale, DEFAULT_MAX_STALE),
             allow_insecure_token: self
                 .allow_insecure_token
                 .unwrap_or(DEFAULT_ALLOW_INSECURE_TOKEN),

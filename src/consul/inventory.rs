@@ -4,13 +4,13 @@
 //! watcher or a metric series of its own, and a name that appears later is answered as soon as
 //! the catalog shows it.
 //!
-//! The service and node lists are kept by blocking queries (`?stale`, like Consul's own DNS
-//! interface: any server answers, and one request per change); the datacenter list (Consul
-//! offers no blocking there) and the prepared-query list are polled. A lookup the inventory
-//! cannot settle (a list not loaded because Consul is away, the agent refusing the prepared
-//! query list, a list the token only partly sees) goes to Consul as before, within a small
-//! budget shared by all such lookups, so a flood of made-up names costs Consul a few requests a
-//! second at most.
+//! The service and node lists are kept by blocking queries (stale reads unless
+//! `consul.allow_stale = false`, like Consul's own DNS interface: any server answers, and one
+//! request per change); the datacenter list (Consul offers no blocking there) and the
+//! prepared-query list are polled. A lookup the inventory cannot settle (a list not loaded
+//! because Consul is away, the agent refusing the prepared query list, a list the token only
+//! partly sees) goes to Consul as before, within a small budget shared by all such lookups, so a
+//! flood of made-up names costs Consul a few requests a second at most.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -543,10 +543,7 @@ struct ListTask {
 impl ListTask {
     async fn run(self) {
         let mut failovers = self.shared.failovers.clone();
-        let mut params = vec![("stale", String::new())];
-        if let Some(dc) = &self.dc {
-            params.push(("dc", dc.clone()));
-        }
+        let params: Vec<(&str, String)> = self.dc.iter().map(|dc| ("dc", dc.clone())).collect();
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         // Kept between requests, as a feed keeps its own: given back after each, a service
@@ -662,12 +659,7 @@ async fn poll_queries(shared: Arc<Shared>, list: watch::Sender<List>, shutdown: 
     let fetch = || async {
         let r = shared
             .client
-            .get::<Vec<QueryDefinitionJson>>(
-                "query_list",
-                &["v1", "query"],
-                &[("stale", String::new())],
-                None,
-            )
+            .get::<Vec<QueryDefinitionJson>>("query_list", &["v1", "query"], &[], None)
             .await?;
         Ok(query_names(r.value.unwrap_or_default(), !r.filtered))
     };

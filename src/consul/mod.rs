@@ -354,6 +354,10 @@ fn http_backend(
         token,
         ca.as_ref().map(|(p, pem)| (p.as_str(), pem.clone())),
         c.max_connections,
+        client::ReadConsistency {
+            allow_stale: c.allow_stale,
+            max_stale: c.max_stale,
+        },
         metrics.clone(),
     )?;
     Ok(http::HttpBackend::new(client, c, metrics, shutdown))

@@ -57,7 +57,8 @@ fn config(sim: &ConsulSim, up: &TestUpstream) -> String {
         .upstream_timeout("1s")
         .consul_http(sim.http_url())
         .consul("alt_domains = [\"alt.example\"]\nnode_ttl = \"7s\"")
-        .raw("[consul.service_ttl]\n\"*\" = \"5s\"\n\"db\" = \"9s\"")
+        .service_ttl("5s")
+        .set("consul.service_ttl", "\"db\"", "\"9s\"")
         .toml()
 }
 
@@ -390,10 +391,12 @@ async fn the_dns_mode_sends_reverse_networks_to_the_agents() {
     let toml = TestConfig::new()
         .upstream(up.addr)
         .upstream_timeout("1s")
-        .consul(&format!(
-            "mode = \"dns\"\ndns = [\"{}\"]\nreverse_networks = [\"127.0.0.0/8\", \"::4242:0/112\"]",
-            sim.dns_addr()
-        ))
+        .consul_dns(sim.dns_addr())
+        .set(
+            "consul",
+            "reverse_networks",
+            r#"["127.0.0.0/8", "::4242:0/112"]"#,
+        )
         .toml();
     let fwd = TestServer::start(&toml).await;
     let name = "2.0.0.127.in-addr.arpa.";

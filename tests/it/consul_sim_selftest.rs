@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::addresses;
 use crate::support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, Status};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -73,23 +74,13 @@ async fn get(c: &reqwest::Client, url: &str) -> Resp {
 }
 
 fn node(name: &str, addr: &str) -> SimNode {
-    SimNode {
-        name: name.into(),
-        address: addr.into(),
-        meta: BTreeMap::new(),
-    }
+    SimNode::new(name, addr)
 }
 
 fn svc(id: &str, service: &str, node: &str, port: u16, tags: &[&str]) -> SimService {
     SimService {
-        id: id.into(),
-        service: service.into(),
-        node: node.into(),
-        address: String::new(),
-        port,
         tags: tags.iter().map(|t| t.to_string()).collect(),
-        weights: (1, 1),
-        meta: BTreeMap::new(),
+        ..SimService::new(id, service, node, port)
     }
 }
 
@@ -164,6 +155,25 @@ fn sample(name: &str) -> Value {
 
 /// A node and two instances shaped like the samples (one with its own
 /// address, tags and meta; one bare).
+/// Whether every connection to `sim` is closed within 2 s.
+async fn connections_close(sim: &ConsulSim) -> bool {
+    for _ in 0..100 {
+        if sim.open_connections() == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A simulator holding [`sample_like`]'s catalog, a client, and the simulator's base URL.
+async fn sample_sim() -> (ConsulSim, reqwest::Client, String) {
+    let sim = ConsulSim::start().await;
+    sample_like(&sim);
+    let base = sim.http_url();
+    (sim, client(), base)
+}
+
 fn sample_like(sim: &ConsulSim) {
     let mut n = node("foobar", "10.1.10.12");
     n.meta.insert("instance_type".into(), "t2.medium".into());
@@ -182,10 +192,7 @@ fn sample_like(sim: &ConsulSim) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_shapes_match_samples() {
     within(async {
-        let sim = ConsulSim::start().await;
-        sample_like(&sim);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sample_sim().await;
 
         // health/service: exactly the sample's keys (minus Namespace) plus
         // CreateIndex/ModifyIndex on Node, Service and each check.
@@ -364,6 +371,19 @@ async fn passing_tag_and_dc_filters() {
         assert!(r.index() >= 1);
         assert_eq!(r.headers["X-Consul-KnownLeader"], "true");
         assert_eq!(r.headers["X-Consul-LastContact"], "0");
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "leader");
+
+        // Stale reads: a follower answers, reporting how long ago it heard from the leader
+        // (api-docs/features/consistency.mdx); a default read is still the leader's.
+        sim.set_follower_lag(Duration::from_millis(2500));
+        let r = get(&c, &u("?stale")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "stale");
+        assert_eq!(r.headers["X-Consul-LastContact"], "2500");
+        let r = get(&c, &u("")).await;
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "leader");
+        assert_eq!(r.headers["X-Consul-LastContact"], "0");
+        sim.set_follower_lag(Duration::ZERO);
 
         // Unknown node: null; unknown path: 404.
         let r = get(&c, &format!("{}/v1/catalog/node/nope", sim.http_url())).await;
@@ -504,15 +524,11 @@ async fn blocking_queries() {
             .await;
         assert!(res.unwrap_err().is_timeout());
         drop(c);
-        let mut closed = false;
-        for _ in 0..100 {
-            if sim.open_connections() == 0 {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed, "open connections: {}", sim.open_connections());
+        assert!(
+            connections_close(&sim).await,
+            "open connections: {}",
+            sim.open_connections()
+        );
     })
     .await;
 }
@@ -758,15 +774,11 @@ async fn request_and_connection_accounting() {
             "pooled keep-alive connections stay open"
         );
         drop(c);
-        let mut closed = false;
-        for _ in 0..100 {
-            if sim.open_connections() == 0 {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed);
+        assert!(
+            connections_close(&sim).await,
+            "open connections: {}",
+            sim.open_connections()
+        );
 
         // Raw HTTP/1.1: pipelining and Connection: close are handled.
         let mut s = TcpStream::connect(sim.http_addr()).await.unwrap();
@@ -835,17 +847,6 @@ async fn dns_tcp(addr: SocketAddr, name: &str, rtype: RecordType) -> Message {
     Message::from_vec(&msg).unwrap()
 }
 
-fn addrs(m: &Message) -> Vec<String> {
-    m.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0.to_string()),
-            RData::AAAA(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn assert_soa_authority(m: &Message) {
     assert_eq!(m.authorities.len(), 1, "{m:?}");
     let r = &m.authorities[0];
@@ -905,7 +906,7 @@ async fn dns_answers_like_consul() {
         assert!(m.queries[0]
             .name()
             .eq_case(&Name::from_ascii(asked).unwrap()));
-        let mut got = addrs(&m);
+        let mut got = addresses(&m);
         got.sort();
         assert_eq!(got, ["10.0.0.1", "10.0.0.2"]);
         assert!(m
@@ -915,11 +916,11 @@ async fn dns_answers_like_consul() {
 
         // AAAA / datacenter / tag forms.
         let (m, _) = dns_udp(dns, "web.service.consul.", RecordType::AAAA, None).await;
-        assert_eq!(addrs(&m), ["fd00::6"]);
+        assert_eq!(addresses(&m), ["fd00::6"]);
         let (m, _) = dns_udp(dns, "web.service.dc1.consul.", RecordType::A, None).await;
         assert_eq!(m.answers.len(), 2);
         let (m, _) = dns_udp(dns, "v1.web.service.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"], "web-3 has v1 but is critical");
+        assert_eq!(addresses(&m), ["10.0.0.1"], "web-3 has v1 but is critical");
         let (m, _) = dns_udp(dns, "web.service.dc2.consul.", RecordType::A, None).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 
@@ -963,7 +964,7 @@ async fn dns_answers_like_consul() {
         };
         assert_eq!(s.target.to_ascii(), "0a090909.addr.dc1.consul.");
         let (m, _) = dns_udp(dns, "0a090909.addr.dc1.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.9.9.9"]);
+        assert_eq!(addresses(&m), ["10.9.9.9"]);
 
         // NXDOMAIN (unknown, or nothing healthy) with the SOA; NODATA; REFUSED.
         for name in [
@@ -987,7 +988,7 @@ async fn dns_answers_like_consul() {
 
         // Nodes: A plus meta TXT in additional.
         let (m, _) = dns_udp(dns, "n1.node.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"]);
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
         let txt: Vec<String> = m
             .additionals
             .iter()
@@ -998,7 +999,7 @@ async fn dns_answers_like_consul() {
             .collect();
         assert_eq!(txt, ["rack=r1"]);
         let (m, _) = dns_udp(dns, "n3.node.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.3"], "node lookups ignore health");
+        assert_eq!(addresses(&m), ["10.0.0.3"], "node lookups ignore health");
 
         // TCP on the same port.
         let m = dns_tcp(dns, "web.service.consul.", RecordType::A).await;
@@ -1007,7 +1008,7 @@ async fn dns_answers_like_consul() {
         // Prepared query over DNS: its TTL, its filters.
         sim.add_prepared_query("webq", "web", Some("v1"), Some("10s"));
         let (m, _) = dns_udp(dns, "webq.query.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"]);
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
         assert_eq!(m.answers[0].ttl, 10);
 
         // Every message was counted (UDP and TCP).
@@ -1037,7 +1038,7 @@ async fn dns_shuffles_and_trims_silently() {
         for _ in 0..30 {
             let (m, _) = dns_udp(dns, "small.service.consul.", RecordType::A, None).await;
             assert_eq!(m.answers.len(), 5);
-            orders.insert(addrs(&m));
+            orders.insert(addresses(&m));
         }
         assert!(orders.len() > 1, "answers must be shuffled per query");
 
@@ -1102,10 +1103,7 @@ fn check_ids(v: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_state_lists_checks_by_status_and_blocks() {
     within(async {
-        let sim = ConsulSim::start().await;
-        sample_like(&sim);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sample_sim().await;
 
         // The sample's keys (minus Namespace, Enterprise only) plus the raft indexes, one
         // entry per check, node checks first within a node (ordered by check ID).

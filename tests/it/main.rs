@@ -9,6 +9,8 @@
 mod support;
 
 // The forwarder's own behaviour over real sockets.
+mod consul_compatibility;
+mod consul_consistency;
 mod consul_names;
 mod consul_ptr;
 mod faults_and_limits;

@@ -415,11 +415,7 @@ fn hex_ip(ip: IpAddr) -> String {
 
 /// `<node>.node.consul`: catalog node, no health filter.
 fn node_records(st: &State, qname: &Name, name: &str, qtype: RecordType) -> Lookup {
-    let Some(n) = st
-        .nodes
-        .values()
-        .find(|n| n.node.name.eq_ignore_ascii_case(name))
-    else {
+    let Some(n) = st.node_named(name) else {
         return Lookup::NxDomain;
     };
     let mut answers = Vec::new();

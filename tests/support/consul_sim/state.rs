@@ -37,6 +37,28 @@ pub(super) struct NodeRec {
     pub tagged: BTreeMap<String, String>,
 }
 
+impl NodeRec {
+    /// A node registered at index `idx`, with the passing `serfHealth` check every agent's node
+    /// has.
+    fn registered(node: SimNode, idx: u64) -> NodeRec {
+        let serf = CheckRec {
+            name: check_name("serfHealth", None),
+            status: Status::Passing,
+            notes: String::new(),
+            create: idx,
+            modify: idx,
+        };
+        NodeRec {
+            id: uuid_from(&node.name),
+            node,
+            create: idx,
+            modify: idx,
+            checks: BTreeMap::from([("serfHealth".to_string(), serf)]),
+            tagged: BTreeMap::new(),
+        }
+    }
+}
+
 pub(super) struct SvcRec {
     pub svc: SimService,
     pub create: u64,
@@ -228,28 +250,8 @@ impl State {
             }
             None => {
                 self.checks_index = idx;
-                let mut checks = BTreeMap::new();
-                checks.insert(
-                    "serfHealth".to_string(),
-                    CheckRec {
-                        name: check_name("serfHealth", None),
-                        status: Status::Passing,
-                        notes: String::new(),
-                        create: idx,
-                        modify: idx,
-                    },
-                );
-                self.nodes.insert(
-                    name.clone(),
-                    NodeRec {
-                        id: uuid_from(&name),
-                        node,
-                        create: idx,
-                        modify: idx,
-                        checks,
-                        tagged: BTreeMap::new(),
-                    },
-                );
+                self.nodes
+                    .insert(name.clone(), NodeRec::registered(node, idx));
             }
         }
         self.touch_services_on_node(&name, idx);
@@ -446,29 +448,8 @@ impl State {
                     }
                 }
                 None => {
-                    let mut checks = BTreeMap::new();
-                    checks.insert(
-                        "serfHealth".to_string(),
-                        CheckRec {
-                            name: check_name("serfHealth", None),
-                            status: Status::Passing,
-                            notes: String::new(),
-                            create: idx,
-                            modify: idx,
-                        },
-                    );
-                    let name = node.name.clone();
-                    self.nodes.insert(
-                        name.clone(),
-                        NodeRec {
-                            id: uuid_from(&name),
-                            node,
-                            create: idx,
-                            modify: idx,
-                            checks,
-                            tagged: BTreeMap::new(),
-                        },
-                    );
+                    self.nodes
+                        .insert(node.name.clone(), NodeRec::registered(node, idx));
                 }
             }
             assert!(
@@ -694,13 +675,16 @@ impl State {
         )
     }
 
+    /// The node named `name`, as Consul finds it: case-insensitively.
+    pub fn node_named(&self, name: &str) -> Option<&NodeRec> {
+        self.nodes
+            .values()
+            .find(|n| n.node.name.eq_ignore_ascii_case(name))
+    }
+
     /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
     pub fn catalog_node_json(&self, node: &str) -> Value {
-        let Some(n) = self
-            .nodes
-            .values()
-            .find(|n| n.node.name.eq_ignore_ascii_case(node))
-        else {
+        let Some(n) = self.node_named(node) else {
             return Value::Null;
         };
         let services: Map<String, Value> = self

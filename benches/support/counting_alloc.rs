@@ -57,6 +57,7 @@ pub fn allocs() -> usize {
 mod proc_status;
 
 /// The process's resident set, in KiB (0 if /proc cannot be read).
+#[allow(dead_code)]
 pub fn rss_kib() -> u64 {
     proc_status::vm_rss_kib("self")
 }

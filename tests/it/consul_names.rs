@@ -11,13 +11,13 @@ use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 
-fn node(sim: &ConsulSim, name: &str, addr: &str) {
+pub(crate) fn node(sim: &ConsulSim, name: &str, addr: &str) {
     sim.add_node(SimNode::new(name, addr).meta("rack", "r1"));
 }
 
 /// Registers instance `id` of `service` on `node`; `at` is (service address, port), the address
 /// "" meaning the node's.
-fn svc(
+pub(crate) fn svc(
     sim: &ConsulSim,
     id: &str,
     service: &str,

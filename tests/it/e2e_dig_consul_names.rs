@@ -6,7 +6,7 @@ use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
 use crate::support::e2e::{dig_command, Forwarder};
 use crate::support::upstream::TestUpstream;
 
-async fn dig(port: u16, args: &[&str]) -> String {
+pub(crate) async fn dig(port: u16, args: &[&str]) -> String {
     let out = tokio::process::Command::from(dig_command(port, args))
         .output()
         .await
@@ -16,7 +16,7 @@ async fn dig(port: u16, args: &[&str]) -> String {
 
 /// The records of one section of dig's output (`ANSWER`, `AUTHORITY`, `ADDITIONAL`), each
 /// split into fields: name, TTL, class, type, data...
-fn section(out: &str, name: &str) -> Vec<Vec<String>> {
+pub(crate) fn section(out: &str, name: &str) -> Vec<Vec<String>> {
     let header = format!(";; {name} SECTION:");
     out.lines()
         .skip_while(|l| l.trim() != header)
@@ -27,7 +27,7 @@ fn section(out: &str, name: &str) -> Vec<Vec<String>> {
 }
 
 /// The data of the `rtype` records in the answer section, sorted.
-fn answers(out: &str, rtype: &str) -> Vec<String> {
+pub(crate) fn answers(out: &str, rtype: &str) -> Vec<String> {
     let mut v: Vec<String> = section(out, "ANSWER")
         .into_iter()
         .filter(|f| f.get(3).is_some_and(|t| t == rtype))
@@ -37,7 +37,7 @@ fn answers(out: &str, rtype: &str) -> Vec<String> {
     v
 }
 
-fn flags(out: &str) -> String {
+pub(crate) fn flags(out: &str) -> String {
     out.lines()
         .find_map(|l| l.split_once(";; flags: "))
         .map(|(_, rest)| rest.split(';').next().unwrap_or("").to_string())

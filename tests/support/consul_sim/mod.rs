@@ -389,6 +389,25 @@ impl ConsulSim {
         self.inner.mutate(|st| st.add_node(node));
     }
 
+    /// Sets a node's tagged addresses besides `lan` and `wan` (which always carry its
+    /// `Address`), as an agent registers them: `lan_ipv4`, `lan_ipv6`, `wan_ipv4`, `wan_ipv6`
+    /// (a dual-stack node has both families). A change of the node, like a new address.
+    /// Panics if the node is unknown.
+    pub fn set_node_tagged_addresses(&self, node: &str, tagged: &[(&str, &str)]) {
+        let tagged = tagged
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.inner
+            .mutate(|st| st.set_node_tagged_addresses(node, tagged));
+    }
+
+    /// Deregisters a node, its checks and its service instances (Consul's
+    /// `/v1/catalog/deregister` with only `Node`). Unknown nodes are ignored.
+    pub fn remove_node(&self, node: &str) {
+        self.inner.mutate(|st| st.remove_node(node));
+    }
+
     /// Registers (or replaces) a service instance plus its service check
     /// `service:<id>` with `status`. Panics if the node is unknown: real Consul
     /// refuses a registration for a node it does not have, and a silent default

@@ -18,6 +18,7 @@ fn node(sim: &ConsulSim, name: &str, addr: &str) {
         name: name.into(),
         address: addr.into(),
         meta,
+        ..Default::default()
     });
 }
 
@@ -42,6 +43,7 @@ fn svc(
             tags: tags.iter().map(|t| t.to_string()).collect(),
             weights: (10, 1),
             meta: BTreeMap::new(),
+            ..Default::default()
         },
         status,
     );

@@ -56,6 +56,7 @@ fn node(sim: &ConsulSim, name: &str, addr: &str) {
         name: name.into(),
         address: addr.into(),
         meta: BTreeMap::new(),
+        ..Default::default()
     });
 }
 
@@ -70,6 +71,7 @@ fn service(sim: &ConsulSim, id: &str, name: &str, node: &str, addr: &str, port: 
             tags: Vec::new(),
             weights: (1, 1),
             meta: BTreeMap::new(),
+            ..Default::default()
         },
         Status::Passing,
     );

@@ -275,6 +275,7 @@ fn register(sim: &ConsulSim, service: &str, n: usize, ip: &str, status: Status) 
         name: node.clone(),
         address: ip.into(),
         meta: BTreeMap::new(),
+        ..Default::default()
     });
     sim.add_service(
         SimService {
@@ -286,6 +287,7 @@ fn register(sim: &ConsulSim, service: &str, n: usize, ip: &str, status: Status) 
             tags: Vec::new(),
             weights: (1, 1),
             meta: BTreeMap::new(),
+            ..Default::default()
         },
         status,
     );

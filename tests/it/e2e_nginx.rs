@@ -26,6 +26,7 @@ fn register(sim: &ConsulSim, service: &str, id: &str, node: &str, addr: &str, po
         name: node.into(),
         address: addr.into(),
         meta: BTreeMap::new(),
+        ..Default::default()
     });
     sim.add_service(
         SimService {
@@ -37,6 +38,7 @@ fn register(sim: &ConsulSim, service: &str, id: &str, node: &str, addr: &str, po
             tags: Vec::new(),
             weights: (1, 1),
             meta: BTreeMap::new(),
+            ..Default::default()
         },
         Status::Passing,
     );

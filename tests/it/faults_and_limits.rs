@@ -18,6 +18,7 @@ fn web(sim: &ConsulSim) {
             name: node.clone(),
             address: addr.to_string(),
             meta: BTreeMap::new(),
+            ..Default::default()
         });
         sim.add_service(
             SimService {
@@ -29,6 +30,7 @@ fn web(sim: &ConsulSim) {
                 tags: vec![],
                 weights: (1, 1),
                 meta: BTreeMap::new(),
+                ..Default::default()
             },
             Status::Passing,
         );

@@ -382,6 +382,7 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
         name: "a-node-2".into(),
         address: "10.1.0.2".into(),
         meta: Default::default(),
+        ..Default::default()
     });
     sim.add_service(
         SimService {
@@ -393,6 +394,7 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
             tags: Vec::new(),
             weights: (1, 1),
             meta: Default::default(),
+            ..Default::default()
         },
         Status::Critical,
     );

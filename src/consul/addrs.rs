@@ -194,9 +194,23 @@ pub struct Addrs {
     pub host: Option<Arc<str>>,
     /// What ANY and SRV get.
     pub any: AnyAddr,
-    /// SRV names the target `<node>.node.<dc>.<domain>` (the node's own address) rather than
-    /// `<hex>.addr.<dc>.<domain>`.
-    pub srv_by_node: bool,
+    /// Where the addresses came from: whether SRV names the node, which one is the service's.
+    pub origin: Origin,
+}
+
+/// Where an [`Addrs`]' addresses came from, where it matters. One byte for two facts that
+/// exclude each other (a service with an address of its own is never reached at its node's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Origin {
+    #[default]
+    Other,
+    /// ANY's address is the node's own `Address`: SRV names the target
+    /// `<node>.node.<dc>.<domain>` rather than `<hex>.addr.<dc>.<domain>`.
+    NodeAddress,
+    /// `v4` is the service's own `Address` (what a reverse lookup of a service address matches).
+    ServiceV4,
+    /// `v6` is the service's own `Address`.
+    ServiceV6,
 }
 
 impl Addrs {
@@ -212,7 +226,11 @@ impl Addrs {
             v6,
             host: None,
             any,
-            srv_by_node: via_node,
+            origin: if via_node {
+                Origin::NodeAddress
+            } else {
+                Origin::Other
+            },
         }
     }
 
@@ -244,7 +262,7 @@ impl Addrs {
         });
         // ANY's choice is always A's or AAAA's (it prefers the IPv6 tag, then what A gets): the
         // last arm is for completeness (tested over every combination below).
-        let (any, srv_by_node) = match any {
+        let (any, via_node) = match any {
             Reached::Ip {
                 ip: IpAddr::V4(ip),
                 via_node,
@@ -261,7 +279,35 @@ impl Addrs {
             v6,
             host,
             any,
-            srv_by_node,
+            origin: if via_node {
+                Origin::NodeAddress
+            } else {
+                Origin::Other
+            },
+        }
+    }
+
+    /// Marks which answer is the service's own `address`, when one is.
+    pub(crate) fn with_own(mut self, address: &str) -> Addrs {
+        match address.trim().parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) if self.v4 == Some(ip) => self.origin = Origin::ServiceV4,
+            Ok(IpAddr::V6(ip)) if self.v6 == Some(ip) => self.origin = Origin::ServiceV6,
+            _ => {}
+        }
+        self
+    }
+
+    /// SRV names the target by the node (`<node>.node.<dc>.<domain>`).
+    pub(crate) fn srv_by_node(&self) -> bool {
+        self.origin == Origin::NodeAddress
+    }
+
+    /// The service's own address, when an answer has it.
+    pub fn own_ip(&self) -> Option<IpAddr> {
+        match self.origin {
+            Origin::ServiceV4 => self.v4.map(IpAddr::V4),
+            Origin::ServiceV6 => self.v6.map(IpAddr::V6),
+            _ => None,
         }
     }
 
@@ -398,7 +444,7 @@ mod tests {
         assert_eq!(a.v4, Some("10.0.0.1".parse().expect("ip")));
         assert_eq!(a.v6, Some("fd00::1".parse().expect("ip")));
         // ANY and SRV prefer the IPv6 tag, which is not the node's own address: `.addr` form.
-        assert_eq!((a.any, a.srv_by_node), (AnyAddr::V6, false));
+        assert_eq!((a.any, a.srv_by_node()), (AnyAddr::V6, false));
         assert_eq!(
             a.ip_for(RecordType::ANY),
             Some("fd00::1".parse().expect("ip"))
@@ -412,8 +458,9 @@ mod tests {
 
     #[test]
     fn service_ipv6_on_an_ipv4_node_gets_no_a_record() {
-        let a = resolve(["fd00::5", "", ""], ["10.0.0.1", "", ""], "10.0.0.1");
+        let a = resolve(["fd00::5", "", ""], ["10.0.0.1", "", ""], "10.0.0.1").with_own("fd00::5");
         assert_eq!((a.v4, a.v6), (None, Some("fd00::5".parse().expect("ip"))));
+        assert_eq!(a.own_ip(), Some("fd00::5".parse().expect("ip")));
         assert_eq!(a.ip_for(RecordType::A), None);
         assert_eq!(a.host_for(RecordType::A), None);
         // With a lan_ipv4 tag on the service, A has its address.
@@ -423,7 +470,7 @@ mod tests {
             "10.0.0.1",
         );
         assert_eq!(a.v4, Some("10.0.0.5".parse().expect("ip")));
-        assert_eq!((a.any, a.srv_by_node), (AnyAddr::V4, false));
+        assert_eq!((a.any, a.srv_by_node()), (AnyAddr::V4, false));
     }
 
     #[test]
@@ -511,7 +558,7 @@ mod tests {
                     let got = match (a.ip_for(qtype), a.host_for(qtype)) {
                         (Some(ip), _) => Reached::Ip {
                             ip,
-                            via_node: accept == Accept::Any && a.srv_by_node,
+                            via_node: accept == Accept::Any && a.srv_by_node(),
                         },
                         (None, Some(h)) => Reached::Host(h),
                         (None, None) => Reached::Nothing,

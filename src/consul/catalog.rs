@@ -240,7 +240,8 @@ impl Instance {
             ),
             &e.node.address,
             &mut |h| strings.lowercase(h),
-        );
+        )
+        .with_own(&e.service.address);
         // Consul's `TranslateServicePort`: the `wan` tag's port, when it has one.
         let port = match &e.service.tagged_addresses.wan {
             Some(w) if service_wan && w.port != 0 => w.port,
@@ -512,7 +513,9 @@ mod tests {
         let entries: Vec<HealthEntry> = serde_json::from_str(SAMPLE).expect("sample parses");
         let i = Instance::from_entry(&entries[0]);
         assert_eq!(i.node, "foobar");
-        assert_eq!(i.addrs, Addrs::ip("10.1.10.12".parse().expect("ip"), false));
+        let own = Addrs::ip("10.1.10.12".parse().expect("ip"), false).with_own("10.1.10.12");
+        assert_eq!(i.addrs, own);
+        assert_eq!(i.addrs.own_ip(), Some("10.1.10.12".parse().expect("ip")));
         assert_eq!(i.port, 8000);
         assert_eq!(&*i.tags, &[Arc::<str>::from("primary")]);
         assert_eq!(i.status, Status::Passing);
@@ -567,7 +570,10 @@ mod tests {
             let v = ServiceView::from_entries_translated(&entries, "dc1", wan);
             (v.instances[0].addrs.clone(), v.instances[0].port)
         };
-        let lan = (Addrs::ip("10.1.10.12".parse().expect("ip"), false), 8000);
+        let lan = (
+            Addrs::ip("10.1.10.12".parse().expect("ip"), false).with_own("10.1.10.12"),
+            8000,
+        );
         assert_eq!(from("dc1"), lan);
         assert_eq!(
             from("dc2"),

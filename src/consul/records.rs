@@ -333,7 +333,7 @@ fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
             continue;
         }
         let target = match (ip, host) {
-            (Some(_), _) if i.addrs.srv_by_node => name_under(&i.node, "node", ctx),
+            (Some(_), _) if i.addrs.srv_by_node() => name_under(&i.node, "node", ctx),
             (Some(ip), _) => name_under(&encode_hex_ip(ip), "addr", ctx),
             (None, Some(h)) => Name::from_ascii(format!("{h}.")).ok(),
             (None, None) => None,
@@ -418,7 +418,7 @@ pub(crate) fn addr_answer(ip: IpAddr, ctx: &Ctx<'_>) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consul::addrs::{Addrs, AnyAddr};
+    use crate::consul::addrs::{Addrs, AnyAddr, Origin};
     use crate::consul::catalog::{service_id_key, Status};
     use std::str::FromStr;
 
@@ -612,7 +612,7 @@ mod tests {
             addrs: Addrs {
                 v6: Some("fd00::1".parse().expect("ip")),
                 any: AnyAddr::V6,
-                srv_by_node: false,
+                origin: Origin::Other,
                 ..Addrs::ip("10.0.0.1".parse().expect("ip"), true)
             },
             ..inst(node, "", false, 80, Status::Passing)

@@ -11,6 +11,7 @@ mod support;
 // The forwarder's own behaviour over real sockets.
 mod consul_consistency;
 mod consul_names;
+mod consul_parity_addrs;
 mod faults_and_limits;
 mod forwarding;
 mod operations;

@@ -298,15 +298,18 @@ mod tests {
             ))
             .expect("entries")
         };
-        install_entries(
-            &w,
-            &key,
-            &entries("passing"),
-            &series,
-            &metrics,
-            false,
-            Default::default(),
-        );
+        let install = |entries: &[HealthEntry]| {
+            install_entries(
+                &w,
+                &key,
+                entries,
+                &series,
+                &metrics,
+                false,
+                Default::default(),
+            )
+        };
+        install(&entries("passing"));
         let first = match &*w.state.borrow() {
             ViewState::Ready(v) => v.clone(),
             other => panic!("{other:?}"),
@@ -318,26 +321,10 @@ mod tests {
             "the first view is no change"
         );
         // The same data again: the view (and its Arc) stays.
-        install_entries(
-            &w,
-            &key,
-            &entries("passing"),
-            &series,
-            &metrics,
-            false,
-            Default::default(),
-        );
+        install(&entries("passing"));
         assert!(matches!(&*w.state.borrow(), ViewState::Ready(v) if Arc::ptr_eq(v, &first)));
         // A health change: replaced, counted, and the series follows.
-        install_entries(
-            &w,
-            &key,
-            &entries("critical"),
-            &series,
-            &metrics,
-            false,
-            Default::default(),
-        );
+        install(&entries("critical"));
         assert_eq!(metrics.consul_health_changes.get(), 1);
         assert_eq!(
             metrics

@@ -490,18 +490,14 @@ async fn tagged_addresses_in_consul_shapes() {
         assert!(sim.service_index("web") > before);
 
         // The agent-style DNS port answers AAAA from lan_ipv6, A from the address.
-        let (m, _) = dns_udp(
-            sim.dns_addr(),
-            "web.service.consul.",
-            RecordType::AAAA,
-            None,
-        )
-        .await;
-        assert_eq!(addrs(&m), ["fd00::2"]);
-        let (m, _) = dns_udp(sim.dns_addr(), "web.service.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"]);
-        let (m, _) = dns_udp(sim.dns_addr(), "n1.node.consul.", RecordType::AAAA, None).await;
-        assert_eq!(addrs(&m), ["fd00::2"]);
+        for (name, qtype, want) in [
+            ("web.service.consul.", RecordType::AAAA, "fd00::2"),
+            ("web.service.consul.", RecordType::A, "10.0.0.1"),
+            ("n1.node.consul.", RecordType::AAAA, "fd00::2"),
+        ] {
+            let (m, _) = dns_udp(sim.dns_addr(), name, qtype, None).await;
+            assert_eq!(addrs(&m), [want], "{name} {qtype}");
+        }
     })
     .await;
 }

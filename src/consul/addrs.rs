@@ -5,8 +5,8 @@
 //!
 //! Resolved once, when a view is built, into [`Addrs`]: the A answer, the AAAA answer, the
 //! hostname (CNAME) and which of them ANY and SRV get. A view keeps these, not the tagged
-//! addresses, so a dual-stack fleet costs 16 bytes per instance and answering costs what it did
-//! before.
+//! addresses: 16 bytes per instance more than one address took, whatever the tags, and
+//! answering costs what it did before.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -332,14 +332,6 @@ impl Addrs {
             _ => self.any == AnyAddr::Host,
         };
         self.host.as_ref().filter(|_| by_name)
-    }
-
-    /// Every address some question gets.
-    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.v4
-            .map(IpAddr::V4)
-            .into_iter()
-            .chain(self.v6.map(IpAddr::V6))
     }
 }
 

@@ -191,6 +191,10 @@ pub(crate) const DEFAULT_ALLOW_STALE: bool = true;
 /// again of the leader. Consul's `dns_config.max_stale` default: 10 years, i.e. never in practice.
 pub(crate) const DEFAULT_MAX_STALE: Duration = Duration::from_secs(87_600 * 3600);
 
+/// Addresses of other datacenters are their LAN ones, as with Consul's default
+/// `translate_wan_addrs = false`.
+pub(crate) const DEFAULT_TRANSLATE_WAN_ADDRS: bool = false;
+
 /// Connections to one agent: far below Consul's `limits.http_max_conns_per_client` (200).
 pub(crate) const DEFAULT_CONSUL_MAX_CONNECTIONS: usize = 32;
 

@@ -263,6 +263,7 @@ pub(super) struct FileConsul {
     pub(crate) max_connections: Option<usize>,
     pub(crate) allow_stale: Option<bool>,
     pub(crate) max_stale: Option<ConfigDuration>,
+    pub(crate) translate_wan_addrs: Option<bool>,
     pub(crate) allow_insecure_token: Option<bool>,
     pub(crate) reverse_networks: Option<Vec<AllowNet>>,
 }

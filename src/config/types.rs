@@ -126,6 +126,9 @@ pub struct ConsulConfig {
     /// With `allow_stale`: a read from a server further behind the leader than this
     /// (`X-Consul-LastContact`) is asked again of the leader (`dns_config.max_stale`).
     pub(crate) max_stale: Duration,
+    /// Answer with the WAN addresses (`wan`, `wan_ipv4`, `wan_ipv6` tagged addresses) of nodes
+    /// and services in other datacenters, as Consul's `translate_wan_addrs`.
+    pub(crate) translate_wan_addrs: bool,
     /// Send the token to `http://` agents that are not on loopback (off: refused at start and
     /// on reload, see [`ConsulConfig::check_token_transport`]).
     pub(crate) allow_insecure_token: bool,

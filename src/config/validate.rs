@@ -308,6 +308,9 @@ impl FileConsul {
             max_connections,
             allow_stale: self.allow_stale.unwrap_or(DEFAULT_ALLOW_STALE),
             max_stale: duration_or(self.max_stale, DEFAULT_MAX_STALE),
+            translate_wan_addrs: self
+                .translate_wan_addrs
+                .unwrap_or(DEFAULT_TRANSLATE_WAN_ADDRS),
             allow_insecure_token: self
                 .allow_insecure_token
                 .unwrap_or(DEFAULT_ALLOW_INSECURE_TOKEN),

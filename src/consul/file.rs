@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 
+use super::addrs::WanTranslation;
 use super::catalog::{CatalogFile, NodeView, QueryView, ServiceView};
 use super::ptr::{AddressIndex, PtrName};
 use super::{Backend, LookupError};
@@ -71,7 +72,11 @@ fn parse(text: &str, path: &str, configured_dc: Option<&str>) -> Result<Catalog,
         for e in entries {
             nodes
                 .entry(e.node.node.to_ascii_lowercase())
-                .or_insert_with(|| Arc::new(NodeView::from_json(&e.node)));
+                .or_insert_with(|| {
+                    // One datacenter: nothing is another's, so no WAN translation.
+                    let wan = WanTranslation::default();
+                    Arc::new(NodeView::from_json(&e.node, wan, &datacenter))
+                });
         }
         services.insert(
             name.to_ascii_lowercase(),

@@ -23,6 +23,7 @@ use futures::future::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::addrs::WanTranslation;
 use super::agent::{discover_datacenter, probe_agents};
 use super::catalog::{CatalogNodeJson, NodeView, QueryExecuteJson, QueryView, ServiceView};
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
@@ -127,6 +128,7 @@ impl HttpBackend {
                 created: AtomicUsize::new(0),
             }),
             shutdown: shutdown.clone(),
+            datacenter: datacenter.clone(),
         });
         HttpBackend {
             inventory,
@@ -144,6 +146,15 @@ impl HttpBackend {
             metrics,
             shutdown,
         }
+    }
+
+    /// `consul.translate_wan_addrs` and the agent's datacenter (if known yet), for the views
+    /// built from on-demand answers.
+    fn wan_translation(&self) -> (bool, Option<String>) {
+        (
+            self.settings.config.translate_wan_addrs,
+            lock(&self.datacenter).clone(),
+        )
     }
 
     /// A deferred check of the budget for lookups the inventory could not settle, spent only
@@ -379,11 +390,19 @@ impl Backend for HttpBackend {
         let checked =
             self.nodes.remembers(&key) || self.inventory.node(node, dc).await.checked()?;
         let node_ttl = self.settings.node_ttl;
+        let (translate, local_dc) = self.wan_translation();
+        let asked_dc = dc.or(local_dc.as_deref()).unwrap_or_default().to_owned();
         let fetch = OneFetch {
             endpoint: "catalog_node",
             segments: vec!["v1".into(), "catalog".into(), "node".into(), node.into()],
             dc,
-            convert: |n: CatalogNodeJson| Arc::new(NodeView::from_json(&n.node)),
+            convert: move |n: CatalogNodeJson| {
+                let wan = WanTranslation {
+                    enabled: translate,
+                    local_dc: local_dc.as_deref(),
+                };
+                Arc::new(NodeView::from_json(&n.node, wan, &asked_dc))
+            },
         };
         self.fetch_remembered(&self.nodes, key, checked, move |_| node_ttl, fetch)
             .await
@@ -398,21 +417,27 @@ impl Backend for HttpBackend {
         let checked =
             self.queries.remembers(&key) || self.inventory.query(name, dc).await.checked()?;
         let default_ttl = self.settings.default_service_ttl;
+        let (translate, local_dc) = self.wan_translation();
         let ttl =
             move |v: &Option<Arc<QueryView>>| v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl);
         let fetch = OneFetch {
             endpoint: "query_execute",
             segments: vec!["v1".into(), "query".into(), name.into(), "execute".into()],
             dc,
-            convert: |q: QueryExecuteJson| {
+            convert: move |q: QueryExecuteJson| {
                 let ttl = q
                     .dns
                     .as_ref()
                     .and_then(|d| humantime::parse_duration(&d.ttl).ok());
+                let wan = WanTranslation {
+                    enabled: translate,
+                    local_dc: local_dc.as_deref(),
+                };
                 Arc::new(QueryView {
-                    service: Arc::new(ServiceView::from_entries(
+                    service: Arc::new(ServiceView::from_entries_translated(
                         &q.nodes,
                         &q.datacenter.to_ascii_lowercase(),
+                        wan,
                     )),
                     ttl,
                 })

@@ -5,6 +5,7 @@
 //! `mode = "dns"` instead forwards the domain to the agents' DNS port through the same cache as
 //! upstream names.
 
+pub mod addrs;
 pub(crate) mod agent;
 pub mod catalog;
 pub(crate) mod client;

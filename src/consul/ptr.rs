@@ -20,7 +20,7 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::PTR;
 use hickory_proto::rr::{Name, RData, Record};
 
-use super::catalog::{ServiceView, Target};
+use super::catalog::ServiceView;
 use super::views::{ViewState, WatchMap};
 use crate::answer::{Answer, Question};
 use crate::lock::lock;
@@ -253,13 +253,10 @@ fn service_index(watches: &WatchMap) -> (AddressIndex, usize) {
         })
         .collect();
     AddressIndex::build(views.iter().flat_map(|(service, view)| {
-        view.instances
-            .iter()
-            .filter(|i| i.own_address)
-            .filter_map(move |i| match &i.target {
-                Some(Target::Ip(ip)) => Some((*ip, i.node.as_str(), service.as_str())),
-                _ => None,
-            })
+        view.instances.iter().filter_map(move |i| {
+            let ip = i.addrs.own_ip()?;
+            Some((ip, i.node.as_str(), service.as_str()))
+        })
     }))
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::catalog::{Instance, NodeView, Selection, SelectionKey, ServiceView, Target};
+use super::catalog::{Instance, NodeView, Selection, SelectionKey, ServiceView};
 use super::name::encode_hex_ip;
 use crate::answer::Answer;
 use crate::config::WhenNoneHealthy;
@@ -83,7 +83,7 @@ pub fn record_cap(qtype: RecordType, limit: usize, qname_len: usize) -> usize {
 
 /// Up to `cap` instances picked at random, in random order (a partial Fisher-Yates shuffle, so
 /// the cost is `cap`, not the instance count), from those that can answer a `qtype` question:
-/// the address family asked for, or every instance for SRV and when none has an IP (hostnames).
+/// those with an address for it, else those with a hostname (a CNAME), or every instance for SRV.
 pub fn pick<'v, R: Rng + ?Sized>(
     view: &'v ServiceView,
     selection: &Selection,
@@ -91,12 +91,16 @@ pub fn pick<'v, R: Rng + ?Sized>(
     cap: usize,
     rng: &mut R,
 ) -> Vec<&'v Instance> {
-    let pool = match qtype {
-        _ if selection.with_ip.is_empty() => &selection.all,
+    let with_address = match qtype {
         RecordType::A => &selection.v4,
         RecordType::AAAA => &selection.v6,
         RecordType::ANY => &selection.with_ip,
         _ => &selection.all,
+    };
+    let pool = if with_address.is_empty() {
+        &selection.hosts
+    } else {
+        with_address
     };
     sample_indices(rng, pool.len(), cap)
         .into_iter()
@@ -265,12 +269,10 @@ fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Plan {
     let mut seen: HashSet<IpAddr, foldhash::fast::RandomState> =
         HashSet::with_capacity_and_hasher(instances.len(), Default::default());
     let mut records = Vec::with_capacity(instances.len());
-    let mut any_ip = false;
     for i in instances {
-        if let Some(Target::Ip(ip)) = &i.target {
-            any_ip = true;
-            if family_matches(ctx.qtype, ip) && seen.insert(*ip) {
-                records.push(address_record(ctx.qname, ctx.ttl, *ip));
+        if let Some(ip) = i.addrs.ip_for(ctx.qtype) {
+            if seen.insert(ip) {
+                records.push(address_record(ctx.qname, ctx.ttl, ip));
             }
         }
     }
@@ -280,25 +282,29 @@ fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Plan {
     if !records.is_empty() {
         return Plan::Done(answer(records, Vec::new()));
     }
-    if !any_ip {
-        // Only hostname instances: a CNAME to one (a name may carry one CNAME only), followed by
-        // its addresses. Instances with IPs win over hostnames, as in Consul.
-        if let Some(host) = instances.iter().find_map(|i| match &i.target {
-            Some(Target::Host(h)) => Name::from_ascii(format!("{h}.")).ok(),
-            _ => None,
-        }) {
-            let cname = Record::from_rdata(
-                ctx.qname.clone(),
-                ctx.ttl,
-                RData::CNAME(CNAME(host.clone())),
-            );
-            return Plan::Cname {
-                answer: answer(vec![cname], Vec::new()),
-                target: host,
-            };
-        }
+    // No address for this question: a CNAME to an instance's hostname (a name may carry one
+    // CNAME only), followed by its addresses. Addresses win over hostnames, as in Consul.
+    match instances
+        .iter()
+        .find_map(|i| i.addrs.host_for(ctx.qtype))
+        .and_then(|h| Name::from_ascii(format!("{h}.")).ok())
+    {
+        Some(host) => cname_plan(host, ctx),
+        None => Plan::Done(nodata(ctx)),
     }
-    Plan::Done(nodata(ctx))
+}
+
+/// A CNAME to `host`, whose addresses the caller appends.
+fn cname_plan(host: Name, ctx: &Ctx<'_>) -> Plan {
+    let cname = Record::from_rdata(
+        ctx.qname.clone(),
+        ctx.ttl,
+        RData::CNAME(CNAME(host.clone())),
+    );
+    Plan::Cname {
+        answer: answer(vec![cname], Vec::new()),
+        target: host,
+    }
 }
 
 /// `<label>.<kind>.<dc>.<domain>`.
@@ -310,32 +316,30 @@ fn name_under(label: &str, kind: &str, ctx: &Ctx<'_>) -> Option<Name> {
 }
 
 /// SRV: one record per (node, address, port), priority 1, weight by the instance's worst check;
-/// the target is `<node>.node.<dc>.<domain>` (no own address), `<hex>.addr.<dc>.<domain>` (own
-/// IP) or the hostname. Addresses of the targets go in the additional section; every target
-/// name also resolves on its own (nginx asks for each).
+/// the target is `<node>.node.<dc>.<domain>` (the node's own address),
+/// `<hex>.addr.<dc>.<domain>` (the service's address, or a tagged or WAN one) or the hostname,
+/// with the address ANY gets (Consul's "any" translation: the IPv6 tag first). Addresses of the
+/// targets go in the additional section; every target name also resolves on its own (nginx
+/// asks for each).
 fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
     let mut seen = HashSet::new();
     let mut answers = Vec::new();
     let mut additionals = Vec::new();
     let mut extra_seen = HashSet::new();
     for i in instances {
-        if !seen.insert((i.node.as_str(), i.target.clone(), i.port)) {
+        let ip = i.addrs.ip_for(RecordType::SRV);
+        let host = i.addrs.host_for(RecordType::SRV);
+        if !seen.insert((i.node.as_str(), ip, host, i.port)) {
             continue;
         }
-        let (target, extra_ip) = match (&i.target, i.own_address) {
-            (Some(Target::Ip(ip)), true) => {
-                (name_under(&encode_hex_ip(*ip), "addr", ctx), Some(*ip))
-            }
-            (Some(Target::Host(h)), true) => (Name::from_ascii(format!("{h}.")).ok(), None),
-            (target, _) => (
-                name_under(&i.node, "node", ctx),
-                match target {
-                    Some(Target::Ip(ip)) => Some(*ip),
-                    _ => None,
-                },
-            ),
+        let target = match (ip, host) {
+            (Some(_), _) if i.addrs.srv_by_node() => name_under(&i.node, "node", ctx),
+            (Some(ip), _) => name_under(&encode_hex_ip(ip), "addr", ctx),
+            (None, Some(h)) => Name::from_ascii(format!("{h}.")).ok(),
+            (None, None) => None,
         };
         let Some(target) = target else { continue };
+        let extra_ip = ip;
         answers.push(Record::from_rdata(
             ctx.qname.clone(),
             ctx.ttl,
@@ -359,8 +363,8 @@ pub(crate) fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
         return Plan::Done(a);
     }
     let meta = || meta_txt(node, ctx);
-    match (ctx.qtype, &node.target) {
-        (RecordType::TXT, _) => {
+    match ctx.qtype {
+        RecordType::TXT => {
             let txt = meta();
             Plan::Done(if txt.is_empty() {
                 nodata(ctx)
@@ -368,28 +372,17 @@ pub(crate) fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
                 answer(txt, Vec::new())
             })
         }
-        (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Ip(ip)))
-            if family_matches(ctx.qtype, ip) =>
-        {
-            Plan::Done(answer(
-                vec![address_record(ctx.qname, ctx.ttl, *ip)],
-                meta(),
-            ))
-        }
-        (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Host(h))) => {
-            match Name::from_ascii(format!("{h}.")) {
-                Ok(host) => Plan::Cname {
-                    answer: answer(
-                        vec![Record::from_rdata(
-                            ctx.qname.clone(),
-                            ctx.ttl,
-                            RData::CNAME(CNAME(host.clone())),
-                        )],
-                        Vec::new(),
-                    ),
-                    target: host,
-                },
-                Err(_) => Plan::Done(nodata(ctx)),
+        RecordType::A | RecordType::AAAA | RecordType::ANY => {
+            if let Some(ip) = node.addrs.ip_for(ctx.qtype) {
+                return Plan::Done(answer(vec![address_record(ctx.qname, ctx.ttl, ip)], meta()));
+            }
+            match node
+                .addrs
+                .host_for(ctx.qtype)
+                .and_then(|h| Name::from_ascii(format!("{h}.")).ok())
+            {
+                Some(host) => cname_plan(host, ctx),
+                None => Plan::Done(nodata(ctx)),
             }
         }
         _ => Plan::Done(nodata(ctx)),
@@ -425,23 +418,26 @@ pub(crate) fn addr_answer(ip: IpAddr, ctx: &Ctx<'_>) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consul::addrs::{Addrs, AnyAddr, Origin};
     use crate::consul::catalog::{service_id_key, Status};
     use std::str::FromStr;
 
+    /// An instance reached at `addr` (an IP or a hostname) for every question; `own`: the
+    /// service's address rather than its node's.
     fn inst(node: &str, addr: &str, own: bool, port: u16, status: Status) -> Instance {
-        let target = if addr.is_empty() {
-            None
-        } else {
-            Some(match addr.parse::<IpAddr>() {
-                Ok(ip) => Target::Ip(ip),
-                Err(_) => Target::Host(addr.into()),
-            })
+        let addrs = match addr.parse::<IpAddr>() {
+            Ok(ip) => Addrs::ip(ip, !own),
+            Err(_) if addr.is_empty() => Addrs::default(),
+            Err(_) => Addrs {
+                host: Some(addr.into()),
+                any: AnyAddr::Host,
+                ..Addrs::default()
+            },
         };
         Instance {
             node: node.into(),
             service_id: service_id_key(node),
-            target,
-            own_address: own,
+            addrs,
             port,
             tags: vec!["v1".into()].into(),
             status,
@@ -610,6 +606,87 @@ mod tests {
         );
     }
 
+    /// An instance on a dual-stack node (address 10.0.0.1, `lan_ipv6` fd00::1).
+    fn dual_stack(node: &str) -> Instance {
+        Instance {
+            addrs: Addrs {
+                v6: Some("fd00::1".parse().expect("ip")),
+                any: AnyAddr::V6,
+                origin: Origin::Other,
+                ..Addrs::ip("10.0.0.1".parse().expect("ip"), true)
+            },
+            ..inst(node, "", false, 80, Status::Passing)
+        }
+    }
+
+    fn rdata(records: &[Record]) -> Vec<(String, String)> {
+        records
+            .iter()
+            .map(|r| (r.name.to_ascii(), r.data.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn each_question_gets_its_own_address() {
+        let d = dual_stack("n1");
+        let owner = "web.service.consul.".to_string();
+        for (qtype, want) in [
+            (RecordType::A, "10.0.0.1"),
+            (RecordType::AAAA, "fd00::1"),
+            // ANY gets one address per instance, the IPv6 tag first (Consul's "any").
+            (RecordType::ANY, "fd00::1"),
+        ] {
+            let r = with(qtype, |ctx| done(service_answer(&[&d], true, ctx)));
+            assert_eq!(rdata(&r.answers), vec![(owner.clone(), want.to_string())]);
+        }
+        // SRV: the IPv6 address is not the node's own, so the target is its `.addr` name.
+        let r = with(RecordType::SRV, |ctx| {
+            done(service_answer(&[&d], true, ctx))
+        });
+        let target = "fd000000000000000000000000000001.addr.dc1.consul.";
+        assert_eq!(
+            rdata(&r.answers),
+            vec![(owner, format!("1 10 80 {target}"))]
+        );
+        assert_eq!(
+            rdata(&r.additionals),
+            vec![(target.to_string(), "fd00::1".to_string())]
+        );
+        let r = with(RecordType::AAAA, |ctx| {
+            done(node_answer(
+                Some(&NodeView {
+                    name: "n1".into(),
+                    addrs: d.addrs.clone(),
+                    meta: Default::default(),
+                }),
+                ctx,
+            ))
+        });
+        assert_eq!(rdata(&r.answers)[0].1, "fd00::1");
+    }
+
+    #[test]
+    fn hostnames_answer_questions_no_instance_has_an_address_for() {
+        let v4 = inst("a", "10.0.0.1", false, 80, Status::Passing);
+        let host = inst("h", "db.example.com", true, 80, Status::Passing);
+        let v = view(vec![v4, host]);
+        let sel = select(&v, None, false, WhenNoneHealthy::Nxdomain);
+        let mut rng = rand::rng();
+        // A: the address; AAAA: nobody has one, so the hostname instance's CNAME.
+        let a = pick(&v, &sel, RecordType::A, 10, &mut rng);
+        assert_eq!(a.len(), 1);
+        let six = pick(&v, &sel, RecordType::AAAA, 10, &mut rng);
+        assert_eq!(six.iter().map(|i| &*i.node).collect::<Vec<_>>(), ["h"]);
+        match with(RecordType::AAAA, |ctx| service_answer(&six, true, ctx)) {
+            Plan::Cname { target, .. } => assert_eq!(target.to_ascii(), "db.example.com."),
+            other => panic!("expected a CNAME, got {other:?}"),
+        }
+        // An IPv4-only service asked AAAA without hostnames: nothing to pick, NODATA.
+        let v = view(vec![inst("a", "10.0.0.1", false, 80, Status::Passing)]);
+        let sel = select(&v, None, false, WhenNoneHealthy::Nxdomain);
+        assert!(pick(&v, &sel, RecordType::AAAA, 10, &mut rng).is_empty());
+    }
+
     #[test]
     fn nodes_and_addrs() {
         let mut meta = std::collections::BTreeMap::new();
@@ -617,7 +694,7 @@ mod tests {
         meta.insert("rfc1035-x".to_string(), "raw".to_string());
         let node = NodeView {
             name: "n1".into(),
-            target: Some(Target::Ip("10.0.0.1".parse().expect("ip"))),
+            addrs: Addrs::ip("10.0.0.1".parse().expect("ip"), true),
             meta,
         };
         let r = with(RecordType::A, |ctx| done(node_answer(Some(&node), ctx)));
@@ -668,7 +745,7 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(a
             .iter()
-            .all(|i| matches!(i.target, Some(Target::Ip(ip)) if ip.is_ipv4())));
+            .all(|i| i.addrs.v4.is_some() && i.addrs.v6.is_none()));
         let distinct: std::collections::HashSet<&str> = a.iter().map(|i| i.node.as_str()).collect();
         assert_eq!(distinct.len(), 32, "no instance twice");
         let again = pick(&v, &sel, RecordType::A, cap, &mut rng);
@@ -680,7 +757,7 @@ mod tests {
         let six = pick(&v, &sel, RecordType::AAAA, 10, &mut rng);
         assert!(six
             .iter()
-            .all(|i| matches!(i.target, Some(Target::Ip(ip)) if ip.is_ipv6())));
+            .all(|i| i.addrs.v6.is_some() && i.addrs.v4.is_none()));
         assert!(
             Arc::ptr_eq(&sel, &select(&v, None, false, WhenNoneHealthy::Nxdomain)),
             "computed once per view"

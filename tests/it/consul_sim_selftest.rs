@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::support::addresses;
-use crate::support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, Status};
+use crate::support::consul_sim::{
+    ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, SimServiceAddress, Status,
+};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::Value;
@@ -139,6 +141,22 @@ fn without(set: &BTreeSet<String>, segs: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
+/// A sample's shape as the agent writes it: the docs write a service's tagged address
+/// (`ServiceAddress{Address, Port}`, a Go struct without JSON tags) in lowercase, the agent
+/// with Go's field names (and Go's decoder takes either).
+fn as_agent_writes(shape: BTreeSet<String>) -> BTreeSet<String> {
+    shape
+        .into_iter()
+        .map(|p| {
+            if p.contains(".TaggedAddresses.") {
+                p.replace(".address", ".Address").replace(".port", ".Port")
+            } else {
+                p
+            }
+        })
+        .collect()
+}
+
 fn sample(name: &str) -> Value {
     let text = match name {
         "health-service" => include_str!("../support/consul_samples/health-service.json"),
@@ -203,7 +221,7 @@ async fn json_shapes_match_samples() {
         let idx = ["CreateIndex", "ModifyIndex"];
         assert_eq!(
             without(&ours, &idx),
-            without(&shape(&sample("health-service")), &["Namespace"])
+            as_agent_writes(without(&shape(&sample("health-service")), &["Namespace"]))
         );
         for p in ["[].Node", "[].Service", "[].Checks[]"] {
             for k in idx {
@@ -222,23 +240,20 @@ async fn json_shapes_match_samples() {
         assert!(r.index() >= 1);
         let body = r.json();
         assert_eq!(body["Services"]["consul"]["Tags"], Value::Null);
-        let ours = shape(&body);
+        let mut ours = shape(&body);
+        ours.remove(".Services.*.Address");
         assert_eq!(
             without(
                 &ours,
                 &[
                     "CreateIndex",
                     "ModifyIndex",
-                    "Address",
                     "Weights",
                     "Passing",
                     "Warning"
                 ]
-            )
-            .into_iter()
-            .chain([".Node.Address".to_string()])
-            .collect::<BTreeSet<_>>(),
-            without(&shape(&sample("catalog-node")), &["Namespace"])
+            ),
+            as_agent_writes(without(&shape(&sample("catalog-node")), &["Namespace"]))
         );
 
         // query execute: identical top level; node entries are full health
@@ -265,8 +280,8 @@ async fn json_shapes_match_samples() {
             "TaggedAddresses",
             "lan",
             "wan",
-            "address",
-            "port",
+            "Address",
+            "Port",
             "Weights",
             "Passing",
             "Warning",
@@ -393,6 +408,170 @@ async fn passing_tag_and_dc_filters() {
             get(&c, &format!("{}/v1/kv/x", sim.http_url())).await.status,
             404
         );
+    })
+    .await;
+}
+
+/// Registered tagged addresses appear where Consul shows them, in its shapes: a node's as
+/// `map[string]string` beside `lan` and `wan`, a service's as `map[string]ServiceAddress`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_addresses_in_consul_shapes() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.tagged_addresses = BTreeMap::from([
+            ("lan_ipv4".to_string(), "10.0.0.1".to_string()),
+            ("lan_ipv6".to_string(), "fd00::1".to_string()),
+            ("wan".to_string(), "198.18.0.1".to_string()),
+        ]);
+        sim.add_node(n1);
+        let mut web = svc("web-1", "web", "n1", 80, &[]);
+        web.tagged_addresses.insert(
+            "wan".into(),
+            SimServiceAddress {
+                address: "198.18.0.9".into(),
+                port: 8080,
+            },
+        );
+        sim.add_service(web, Status::Passing);
+        let mut own = svc("api-1", "api", "n1", 81, &[]);
+        own.address = "10.0.0.5".into();
+        sim.add_service(own, Status::Passing);
+        sim.add_prepared_query("web-q", "web", None, None);
+        let c = client();
+        let base = sim.http_url();
+
+        let node_tags = serde_json::json!({
+            "lan": "10.0.0.1", "lan_ipv4": "10.0.0.1", "lan_ipv6": "fd00::1",
+            "wan": "198.18.0.1",
+        });
+        let web_tags = serde_json::json!({ "wan": { "Address": "198.18.0.9", "Port": 8080 } });
+        let health = get(&c, &format!("{base}/v1/health/service/web"))
+            .await
+            .json();
+        assert_eq!(health[0]["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(health[0]["Service"]["TaggedAddresses"], web_tags);
+        // A service with an address of its own shows it as `lan` and `wan`, as the docs' sample.
+        let api = get(&c, &format!("{base}/v1/health/service/api"))
+            .await
+            .json();
+        let lan = serde_json::json!({ "Address": "10.0.0.5", "Port": 81 });
+        assert_eq!(
+            api[0]["Service"]["TaggedAddresses"],
+            serde_json::json!({ "lan": lan, "wan": lan })
+        );
+        // Node values are strings and service values {Address, Port}, as in the samples.
+        let sample_node = &sample("health-service")[0]["Node"]["TaggedAddresses"];
+        assert!(sample_node
+            .as_object()
+            .unwrap()
+            .values()
+            .all(Value::is_string));
+        let sample_svc = &sample("health-service")[0]["Service"]["TaggedAddresses"]["wan"];
+        let keys: BTreeSet<String> = sample_svc
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.to_ascii_lowercase())
+            .collect();
+        assert_eq!(keys, BTreeSet::from(["address".into(), "port".into()]));
+
+        let cat = get(&c, &format!("{base}/v1/catalog/node/n1")).await.json();
+        assert_eq!(cat["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(cat["Services"]["web-1"]["TaggedAddresses"], web_tags);
+        let nodes = get(&c, &format!("{base}/v1/catalog/nodes")).await.json();
+        assert_eq!(nodes[0]["TaggedAddresses"], node_tags);
+        let q = get(&c, &format!("{base}/v1/query/web-q/execute"))
+            .await
+            .json();
+        assert_eq!(q["Nodes"][0]["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(q["Nodes"][0]["Service"]["TaggedAddresses"], web_tags);
+
+        // Changing only a node's tagged addresses is a change of its services.
+        let before = sim.service_index("web");
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.tagged_addresses
+            .insert("lan_ipv6".into(), "fd00::2".into());
+        sim.add_node(n1);
+        assert!(sim.service_index("web") > before);
+
+        // The agent-style DNS port answers AAAA from lan_ipv6, A from the address.
+        for (name, qtype, want) in [
+            ("web.service.consul.", RecordType::AAAA, "fd00::2"),
+            ("web.service.consul.", RecordType::A, "10.0.0.1"),
+            ("n1.node.consul.", RecordType::AAAA, "fd00::2"),
+        ] {
+            let (m, _) = dns_udp(sim.dns_addr(), name, qtype, None).await;
+            assert_eq!(addresses(&m), [want], "{name} {qtype}");
+        }
+    })
+    .await;
+}
+
+/// A node registered in another datacenter is seen only with `?dc=` naming it, as through a
+/// WAN-federated server, and its datacenter is listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_datacenter() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_node(node("n1", "10.0.0.1"));
+        sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+        let mut far = node("far1", "10.2.0.1");
+        far.datacenter = "dc2".into();
+        sim.add_node(far);
+        sim.add_service(svc("web-9", "web", "far1", 80, &["eu"]), Status::Passing);
+        sim.add_prepared_query("web-q", "web", None, None);
+        let c = client();
+        let base = sim.http_url();
+
+        let dcs = get(&c, &format!("{base}/v1/catalog/datacenters"))
+            .await
+            .json();
+        assert_eq!(dcs, serde_json::json!(["dc1", "dc2"]));
+        let local = get(&c, &format!("{base}/v1/health/service/web"))
+            .await
+            .json();
+        assert_eq!(ids(&local), ["web-1"]);
+        let far = get(&c, &format!("{base}/v1/health/service/web?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(ids(&far), ["web-9"]);
+        assert_eq!(far[0]["Node"]["Datacenter"], "dc2");
+        let r = get(&c, &format!("{base}/v1/health/service/web?dc=dc3")).await;
+        assert_eq!((r.status, r.body.as_str()), (500, "No path to datacenter"));
+
+        let services = get(&c, &format!("{base}/v1/catalog/services?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(services, serde_json::json!({ "web": ["eu"] }));
+        let nodes = get(&c, &format!("{base}/v1/catalog/nodes?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(nodes.as_array().unwrap().len(), 1);
+        assert_eq!(nodes[0]["Node"], "far1");
+        let n = get(&c, &format!("{base}/v1/catalog/node/far1")).await;
+        assert_eq!(n.body, "null");
+        let n = get(&c, &format!("{base}/v1/catalog/node/far1?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(n["Node"]["Datacenter"], "dc2");
+        let states = get(&c, &format!("{base}/v1/health/state/any?dc=dc2"))
+            .await
+            .json();
+        let states = states.as_array().unwrap();
+        assert!(!states.is_empty() && states.iter().all(|c| c["Node"] == "far1"));
+        // Prepared queries are the local datacenter's.
+        let q = get(&c, &format!("{base}/v1/query/web-q/execute"))
+            .await
+            .json();
+        assert_eq!(q["Nodes"].as_array().unwrap().len(), 1);
+        let r = get(&c, &format!("{base}/v1/query/web-q/execute?dc=dc2")).await;
+        assert_eq!(r.status, 404);
+        let list = get(&c, &format!("{base}/v1/query?dc=dc2")).await.json();
+        assert_eq!(list, serde_json::json!([]));
+        // The agent-style DNS port answers its own datacenter.
+        let (m, _) = dns_udp(sim.dns_addr(), "web.service.consul.", RecordType::A, None).await;
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
     })
     .await;
 }

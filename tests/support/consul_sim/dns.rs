@@ -12,8 +12,10 @@
 //!
 //! Simplifications: no recursion (hostname addresses give a CNAME only), `NS`
 //! questions get NODATA, `connect`/`ingress`/`virtual` lookups are NXDOMAIN (no
-//! mesh), the only datacenter is `dc1`. Consul's default `udp_answer_limit`
-//! (3) is off unless enabled with `ConsulSim::set_dns_udp_answer_limit`.
+//! mesh), only `dc1` is answered (no WAN translation). Tagged addresses choose
+//! the address as Consul does (`lan_ipv6` for AAAA, `lan_ipv4` for A). Consul's
+//! default `udp_answer_limit` (3) is off unless enabled with
+//! `ConsulSim::set_dns_udp_answer_limit`.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -30,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::http::parse_go_duration;
-use super::state::{Instance, State};
+use super::state::{dc_of, node_addresses, Instance, State};
 use super::{Inner, Status, DATACENTER};
 
 const DOMAIN: &str = "consul.";
@@ -239,7 +241,7 @@ fn lookup(st: &State, qname: &Name, labels: &[String], qtype: RecordType) -> Loo
                         (n > 1).then(|| parts[..n - 1].join(".")),
                     )
                 };
-            let insts = st.healthy_instances(service, tag.as_deref());
+            let insts = st.healthy_instances(DATACENTER, service, tag.as_deref());
             if insts.is_empty() {
                 return Lookup::NxDomain;
             }
@@ -254,7 +256,7 @@ fn lookup(st: &State, qname: &Name, labels: &[String], qtype: RecordType) -> Loo
                 .as_deref()
                 .and_then(parse_go_duration)
                 .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
-            let insts = st.healthy_instances(&q.service, q.tag.as_deref());
+            let insts = st.healthy_instances(DATACENTER, &q.service, q.tag.as_deref());
             if insts.is_empty() {
                 return Lookup::NxDomain;
             }
@@ -272,6 +274,28 @@ fn wants_v4(qtype: RecordType) -> bool {
 
 fn wants_v6(qtype: RecordType) -> bool {
     matches!(qtype, RecordType::AAAA | RecordType::ANY)
+}
+
+/// Consul's address for a question (`translateAddressAccept` over an address and its
+/// `lan_ipv4`, `lan_ipv6` tags): the IPv6 tag for AAAA and any other type but A, the IPv4 tag
+/// for A and any other type but AAAA, else the address itself.
+fn accepted(qtype: RecordType, [address, v4, v6]: [&str; 3]) -> &str {
+    if qtype != RecordType::A && !v6.is_empty() {
+        v6
+    } else if qtype != RecordType::AAAA && !v4.is_empty() {
+        v4
+    } else {
+        address
+    }
+}
+
+/// The address a `qtype` question gets for an instance: the service's (translated), else the
+/// node's; `true` when it is the node's.
+fn address_for<'a>(i: &'a Instance<'_>, qtype: RecordType) -> (&'a str, bool) {
+    match accepted(qtype, i.service_addresses()) {
+        "" => (accepted(qtype, node_addresses(&i.node.node)), true),
+        own => (own, false),
+    }
 }
 
 fn ip_record(owner: &Name, ip: IpAddr, ttl: u32) -> Record {
@@ -306,7 +330,7 @@ fn service_records(
             let mut hosts: Vec<&str> = Vec::new();
             let mut any_ip = false;
             for i in &insts {
-                let addr = i.effective_address();
+                let (addr, _) = address_for(i, qtype);
                 match addr.parse::<IpAddr>() {
                     Ok(ip) => {
                         any_ip = true;
@@ -372,11 +396,12 @@ fn service_records(
 }
 
 /// SRV target and its additional records: `<node>.node.dc1.consul.` for an
-/// instance without its own address, `<hex>.addr.dc1.consul.` for one with its
-/// own IP, the hostname itself otherwise (as Consul does).
+/// instance reached at its node's own address, `<hex>.addr.dc1.consul.` for one
+/// reached at another IP (its own, or a tagged one: the IPv6 tag first), the
+/// hostname itself otherwise (as Consul does).
 fn srv_target(i: &Instance<'_>, ttl: u32) -> Option<(Name, Vec<Record>)> {
-    let s = &i.svc.svc;
-    if s.address.is_empty() {
+    let (addr, from_node) = address_for(i, RecordType::SRV);
+    if from_node && addr == i.node.node.address {
         let node = &i.node.node;
         let target = Name::from_ascii(format!("{}.node.{DATACENTER}.{DOMAIN}", node.name)).ok()?;
         let mut recs = Vec::new();
@@ -395,14 +420,14 @@ fn srv_target(i: &Instance<'_>, ttl: u32) -> Option<(Name, Vec<Record>)> {
         recs.extend(meta_txt(&target, &node.meta, ttl));
         return Some((target, recs));
     }
-    match s.address.parse::<IpAddr>() {
+    match addr.parse::<IpAddr>() {
         Ok(ip) => {
             let target =
                 Name::from_ascii(format!("{}.addr.{DATACENTER}.{DOMAIN}", hex_ip(ip))).ok()?;
             let rec = ip_record(&target, ip, ttl);
             Some((target, vec![rec]))
         }
-        Err(_) => Some((fqdn(&s.address)?, Vec::new())),
+        Err(_) => Some((fqdn(addr)?, Vec::new())),
     }
 }
 
@@ -415,11 +440,15 @@ fn hex_ip(ip: IpAddr) -> String {
 
 /// `<node>.node.consul`: catalog node, no health filter.
 fn node_records(st: &State, qname: &Name, name: &str, qtype: RecordType) -> Lookup {
-    let Some(n) = st.node_named(name) else {
+    let Some(n) = st
+        .nodes
+        .values()
+        .find(|n| n.node.name.eq_ignore_ascii_case(name) && dc_of(&n.node) == DATACENTER)
+    else {
         return Lookup::NxDomain;
     };
     let mut answers = Vec::new();
-    match n.node.address.parse::<IpAddr>() {
+    match accepted(qtype, node_addresses(&n.node)).parse::<IpAddr>() {
         Ok(ip @ IpAddr::V4(_)) if wants_v4(qtype) => answers.push(ip_record(qname, ip, 0)),
         Ok(ip @ IpAddr::V6(_)) if wants_v6(qtype) => answers.push(ip_record(qname, ip, 0)),
         Err(_)

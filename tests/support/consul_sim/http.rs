@@ -431,11 +431,12 @@ fn parse_go_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// `?dc=` other than ours fails the way an agent without a WAN path does.
-fn check_dc(req: &Request) -> Result<(), Response> {
+/// The datacenter `?dc=` asks for: ours without it, or one the catalog has nodes in (as
+/// through a WAN-federated server); any other fails the way an agent without a WAN path does.
+fn check_dc(inner: &Inner, req: &Request) -> Result<String, Response> {
     match req.param("dc") {
-        None | Some("") => Ok(()),
-        Some(dc) if dc == DATACENTER => Ok(()),
+        None | Some("") => Ok(DATACENTER.to_string()),
+        Some(dc) if inner.state().datacenters().contains(&dc) => Ok(dc.to_string()),
         Some(_) => Err(Response::text(500, "No path to datacenter")),
     }
 }
@@ -498,7 +499,10 @@ async fn handle(inner: &Arc<Inner>, req: &Request) -> Response {
         catalog_nodes(inner, req).await
     } else if req.path == "/v1/catalog/datacenters" {
         // No blocking and no index on this endpoint in Consul: the WAN members' datacenters.
-        Ok(Response::json(&Value::from(vec![DATACENTER]), None))
+        Ok(Response::json(
+            &Value::from(inner.state().datacenters()),
+            None,
+        ))
     } else if req.path == "/v1/query" {
         query_list(inner, req)
     } else if let Some(q) = req
@@ -550,7 +554,7 @@ async fn health_service(inner: &Inner, req: &Request, name: &str) -> Result<Resp
     if name.is_empty() {
         return Err(Response::text(400, "Missing service name"));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     // Real Consul: bare `?passing` = true, otherwise strconv.ParseBool, so
     // `passing=false` does not filter and garbage is a 400.
     let passing = match req.param("passing") {
@@ -563,7 +567,7 @@ async fn health_service(inner: &Inner, req: &Request, name: &str) -> Result<Resp
     let tags = req.params("tag");
     block(inner, req, |st| st.service_idx(name)).await?;
     let st = inner.state();
-    let body = st.health_json(name, passing, &tags);
+    let body = st.health_json(&dc, name, passing, &tags);
     Ok(Response::json(&body, Some(st.service_idx(name))))
 }
 
@@ -591,11 +595,11 @@ async fn health_state(inner: &Inner, req: &Request, state: &str) -> Result<Respo
             "consul_sim: ?filter is not implemented by the simulator",
         ));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     block(inner, req, |st| st.checks_index).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.health_state_json(wanted),
+        &st.health_state_json(&dc, wanted),
         Some(st.checks_index),
     ))
 }
@@ -604,32 +608,32 @@ async fn catalog_node(inner: &Inner, req: &Request, node: &str) -> Result<Respon
     if node.is_empty() {
         return Err(Response::text(400, "Missing node name"));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     block(inner, req, State::node_idx).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_node_json(node),
+        &st.catalog_node_json(&dc, node),
         Some(st.node_idx()),
     ))
 }
 
 async fn catalog_services(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     block(inner, req, |st| st.services_index).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_services_json(),
+        &st.catalog_services_json(&dc),
         Some(st.services_index),
     ))
 }
 
 /// `/v1/catalog/nodes`: every node, blocking on the nodes table's index.
 async fn catalog_nodes(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     block(inner, req, |st| st.nodes_index.max(1)).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_nodes_json(),
+        &st.catalog_nodes_json(&dc),
         Some(st.nodes_index.max(1)),
     ))
 }
@@ -638,7 +642,7 @@ async fn catalog_nodes(inner: &Inner, req: &Request) -> Result<Response, Respons
 /// while [`super::ConsulSim::set_query_list_denied`] is on, as Consul answers a token without
 /// `query:read`.
 fn query_list(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     if inner
         .query_list_denied
         .load(std::sync::atomic::Ordering::SeqCst)
@@ -646,15 +650,17 @@ fn query_list(inner: &Inner, req: &Request) -> Result<Response, Response> {
         return Err(Response::text(403, "Permission denied"));
     }
     let st = inner.state();
-    Ok(Response::json(&st.query_list_json(), Some(st.index)))
+    Ok(Response::json(&st.query_list_json(&dc), Some(st.index)))
 }
 
 /// Prepared queries do not support blocking in Consul; executed immediately.
 fn query_execute(inner: &Inner, req: &Request, name: &str) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     let st = inner.state();
+    // Every prepared query is our datacenter's.
     let q = st
         .find_query(name)
+        .filter(|_| dc == DATACENTER)
         .ok_or_else(|| Response::text(404, "Query not found"))?;
     Ok(Response::json(&st.query_execute_json(q), Some(st.index)))
 }

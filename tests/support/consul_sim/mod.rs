@@ -44,16 +44,31 @@ pub const DATACENTER: &str = "dc1";
 /// The node name of the simulated agent (what `/v1/agent/self` reports).
 pub const AGENT_NODE: &str = "agent-1";
 
-/// A catalog node, as registered with Consul.
-#[derive(Clone, Debug)]
+/// A catalog node, as registered with Consul. `..Default::default()` fills the fields a test
+/// does not care about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SimNode {
     pub name: String,
     /// IPv4, IPv6 or a hostname (Consul accepts all three).
     pub address: String,
     pub meta: BTreeMap<String, String>,
+    /// `TaggedAddresses` as registered (`lan_ipv4`, `lan_ipv6`, `wan`, `wan_ipv4`, `wan_ipv6`,
+    /// ...), on top of the `lan` and `wan` (= `address`) every node shows.
+    pub tagged_addresses: BTreeMap<String, String>,
+    /// `""` = [`DATACENTER`]. A node of another datacenter is seen only with `?dc=` (as through
+    /// a WAN-federated server), and its datacenter is listed in `/v1/catalog/datacenters`.
+    pub datacenter: String,
 }
 
-/// A service instance, as registered with Consul.
+/// A service's tagged address (Consul's `ServiceAddress`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimServiceAddress {
+    pub address: String,
+    pub port: u16,
+}
+
+/// A service instance, as registered with Consul. `..Default::default()` fills the fields a
+/// test does not care about (weights 1/1, as Consul's default).
 #[derive(Clone, Debug)]
 pub struct SimService {
     /// Instance ID. The simulator treats IDs as unique across all nodes (real
@@ -72,6 +87,25 @@ pub struct SimService {
     /// whose worst check is passing or warning respectively.
     pub weights: (u32, u32),
     pub meta: BTreeMap<String, String>,
+    /// `TaggedAddresses` as registered; a service with an address of its own also shows `lan`
+    /// and `wan` (= its address and port) unless registered here.
+    pub tagged_addresses: BTreeMap<String, SimServiceAddress>,
+}
+
+impl Default for SimService {
+    fn default() -> Self {
+        SimService {
+            id: String::new(),
+            service: String::new(),
+            node: String::new(),
+            address: String::new(),
+            port: 0,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta: BTreeMap::new(),
+            tagged_addresses: BTreeMap::new(),
+        }
+    }
 }
 
 impl SimNode {
@@ -80,7 +114,7 @@ impl SimNode {
         SimNode {
             name: name.to_owned(),
             address: address.to_owned(),
-            meta: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
@@ -101,8 +135,7 @@ impl SimService {
             address: String::new(),
             port,
             tags: Vec::new(),
-            weights: (1, 1),
-            meta: BTreeMap::new(),
+            ..Default::default()
         }
     }
 

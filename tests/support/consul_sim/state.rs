@@ -32,9 +32,6 @@ pub(super) struct NodeRec {
     pub create: u64,
     pub modify: u64,
     pub checks: BTreeMap<String, CheckRec>,
-    /// Tagged addresses beyond `lan` and `wan` (`lan_ipv4`, `lan_ipv6`, `wan_ipv4`,
-    /// `wan_ipv6`), as an agent registers them: see [`State::set_node_tagged_addresses`].
-    pub tagged: BTreeMap<String, String>,
 }
 
 impl NodeRec {
@@ -54,7 +51,6 @@ impl NodeRec {
             create: idx,
             modify: idx,
             checks: BTreeMap::from([("serfHealth".to_string(), serf)]),
-            tagged: BTreeMap::new(),
         }
     }
 }
@@ -119,13 +115,26 @@ impl Instance<'_> {
             .unwrap_or(Status::Passing)
     }
 
-    /// Service address, else node address (what Consul's DNS and clients use).
-    pub fn effective_address(&self) -> &str {
-        if self.svc.svc.address.is_empty() {
-            &self.node.node.address
-        } else {
-            &self.svc.svc.address
-        }
+    /// The service's (address, `lan_ipv4`, `lan_ipv6`).
+    pub fn service_addresses(&self) -> [&str; 3] {
+        let s = &self.svc.svc;
+        let tag = |k: &str| s.tagged_addresses.get(k).map_or("", |a| a.address.as_str());
+        [&s.address, tag("lan_ipv4"), tag("lan_ipv6")]
+    }
+}
+
+/// The node's (address, `lan_ipv4`, `lan_ipv6`).
+pub(super) fn node_addresses(n: &SimNode) -> [&str; 3] {
+    let tag = |k: &str| n.tagged_addresses.get(k).map_or("", String::as_str);
+    [&n.address, tag("lan_ipv4"), tag("lan_ipv6")]
+}
+
+/// The datacenter a node is in.
+pub(super) fn dc_of(n: &SimNode) -> &str {
+    if n.datacenter.is_empty() {
+        DATACENTER
+    } else {
+        &n.datacenter
     }
 }
 
@@ -235,10 +244,8 @@ impl State {
     }
 
     pub fn add_node(&mut self, node: SimNode) {
-        if let Some(existing) = self.nodes.get(&node.name) {
-            if existing.node.address == node.address && existing.node.meta == node.meta {
-                return;
-            }
+        if self.nodes.get(&node.name).is_some_and(|n| n.node == node) {
+            return;
         }
         let idx = self.bump();
         self.nodes_index = idx;
@@ -263,13 +270,13 @@ impl State {
         let Some(rec) = self.nodes.get(node) else {
             panic!("consul_sim: set_node_tagged_addresses: unknown node {node:?}");
         };
-        if rec.tagged == tagged {
+        if rec.node.tagged_addresses == tagged {
             return;
         }
         let idx = self.bump();
         self.nodes_index = idx;
         let rec = self.nodes.get_mut(node).expect("checked above");
-        rec.tagged = tagged;
+        rec.node.tagged_addresses = tagged;
         rec.modify = idx;
         self.touch_services_on_node(node, idx);
     }
@@ -441,7 +448,7 @@ impl State {
         for (node, svc, status) in items {
             match self.nodes.get_mut(&node.name) {
                 Some(rec) => {
-                    if rec.node.address != node.address || rec.node.meta != node.meta {
+                    if rec.node != node {
                         changed_nodes.insert(node.name.clone());
                         rec.node = node;
                         rec.modify = idx;
@@ -488,9 +495,21 @@ impl State {
         self.nodes_index.max(self.services_index).max(1)
     }
 
-    /// Instances of `name` (case-insensitive, as Consul's catalog index is),
+    /// The datacenters: ours first, then the others its nodes are in (Consul sorts by
+    /// round-trip time, its own first).
+    pub fn datacenters(&self) -> Vec<&str> {
+        let others: BTreeSet<&str> = self
+            .nodes
+            .values()
+            .map(|n| dc_of(&n.node))
+            .filter(|dc| *dc != DATACENTER)
+            .collect();
+        std::iter::once(DATACENTER).chain(others).collect()
+    }
+
+    /// Instances of `name` in `dc` (case-insensitive, as Consul's catalog index is),
     /// sorted by node then ID.
-    pub fn instances(&self, name: &str) -> Vec<Instance<'_>> {
+    pub fn instances(&self, dc: &str, name: &str) -> Vec<Instance<'_>> {
         let mut v: Vec<Instance<'_>> = self
             .by_name
             .get(&name.to_ascii_lowercase())
@@ -500,6 +519,7 @@ impl State {
             .filter_map(|s| {
                 self.nodes
                     .get(&s.svc.node)
+                    .filter(|node| dc_of(&node.node) == dc)
                     .map(|node| Instance { svc: s, node })
             })
             .collect();
@@ -511,8 +531,8 @@ impl State {
 
     /// Instances with the given tag (case-insensitive) and without a critical
     /// check: what DNS and prepared queries (default `OnlyPassing=false`) serve.
-    pub fn healthy_instances(&self, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
-        self.instances(name)
+    pub fn healthy_instances(&self, dc: &str, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
+        self.instances(dc, name)
             .into_iter()
             .filter(|i| i.worst() != Status::Critical)
             .filter(|i| tag.is_none_or(|t| has_tag(&i.svc.svc, t)))
@@ -527,14 +547,18 @@ impl State {
     }
 
     fn node_json(&self, n: &NodeRec) -> Value {
-        let mut tagged = n.tagged.clone();
-        tagged.insert("lan".into(), n.node.address.clone());
-        tagged.insert("wan".into(), n.node.address.clone());
+        let mut tagged = Map::new();
+        for key in ["lan", "wan"] {
+            tagged.insert(key.into(), json!(n.node.address));
+        }
+        for (key, addr) in &n.node.tagged_addresses {
+            tagged.insert(key.clone(), json!(addr));
+        }
         json!({
             "ID": n.id,
             "Node": n.node.name,
             "Address": n.node.address,
-            "Datacenter": DATACENTER,
+            "Datacenter": dc_of(&n.node),
             "TaggedAddresses": tagged,
             "Meta": meta_json(&n.node.meta),
             "CreateIndex": n.create,
@@ -556,11 +580,20 @@ impl State {
         m.insert("Service".into(), json!(svc.service));
         m.insert("Tags".into(), tags);
         m.insert("Address".into(), json!(svc.address));
+        // Go's `ServiceAddress{Address, Port}` (no JSON tags: the docs' lowercase keys are
+        // hand-written); the field is omitempty.
+        let tagged_json = |address: &str, port: u16| json!({ "Address": address, "Port": port });
+        let mut tagged = Map::new();
         if !svc.address.is_empty() {
-            // Only a service with its own address has tagged addresses (the
-            // field is omitempty in Consul).
-            let ta = json!({ "address": svc.address, "port": svc.port });
-            m.insert("TaggedAddresses".into(), json!({ "lan": ta, "wan": ta }));
+            for key in ["lan", "wan"] {
+                tagged.insert(key.into(), tagged_json(&svc.address, svc.port));
+            }
+        }
+        for (key, a) in &svc.tagged_addresses {
+            tagged.insert(key.clone(), tagged_json(&a.address, a.port));
+        }
+        if !tagged.is_empty() {
+            m.insert("TaggedAddresses".into(), Value::Object(tagged));
         }
         m.insert("Meta".into(), meta_json(&svc.meta));
         m.insert("Port".into(), json!(svc.port));
@@ -600,10 +633,11 @@ impl State {
     /// Body of `/v1/health/state/<state>`: every check (node and service) whose
     /// status is `state` (`None` = `any`), ordered by node then check ID like
     /// Consul's checks table.
-    pub fn health_state_json(&self, state: Option<Status>) -> Value {
+    pub fn health_state_json(&self, dc: &str, state: Option<Status>) -> Value {
         let wanted = |c: &CheckRec| state.is_none_or(|s| c.status == s);
+        let in_dc = |node: &str| self.nodes.get(node).is_some_and(|n| dc_of(&n.node) == dc);
         let mut rows: Vec<(&str, &str, Value)> = Vec::new();
-        for n in self.nodes.values() {
+        for n in self.nodes.values().filter(|n| dc_of(&n.node) == dc) {
             for (id, c) in n.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &n.node.name,
@@ -612,7 +646,7 @@ impl State {
                 ));
             }
         }
-        for s in self.services.values() {
+        for s in self.services.values().filter(|s| in_dc(&s.svc.node)) {
             for (id, c) in s.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &s.svc.node,
@@ -642,9 +676,9 @@ impl State {
 
     /// Body of `/v1/health/service/<name>`: `passing` drops any entry with a
     /// non-passing check (Consul's `filterNonPassing`), `tags` must all match.
-    pub fn health_json(&self, name: &str, passing: bool, tags: &[String]) -> Value {
+    pub fn health_json(&self, dc: &str, name: &str, passing: bool, tags: &[String]) -> Value {
         Value::Array(
-            self.instances(name)
+            self.instances(dc, name)
                 .iter()
                 .filter(|i| !passing || i.worst() == Status::Passing)
                 .filter(|i| tags.iter().all(|t| has_tag(&i.svc.svc, t)))
@@ -664,7 +698,7 @@ impl State {
                 .into_iter()
                 .map(|n| {
                     let entries = self
-                        .instances(n)
+                        .instances(DATACENTER, n)
                         .into_iter()
                         .filter(|i| i.svc.svc.service == n)
                         .map(|i| self.entry_json(&i, false))
@@ -683,8 +717,12 @@ impl State {
     }
 
     /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
-    pub fn catalog_node_json(&self, node: &str) -> Value {
-        let Some(n) = self.node_named(node) else {
+    pub fn catalog_node_json(&self, dc: &str, node: &str) -> Value {
+        let Some(n) = self
+            .nodes
+            .values()
+            .find(|n| n.node.name.eq_ignore_ascii_case(node) && dc_of(&n.node) == dc)
+        else {
             return Value::Null;
         };
         let services: Map<String, Value> = self
@@ -697,15 +735,23 @@ impl State {
     }
 
     /// Body of `/v1/catalog/nodes`: every node, sorted by name (as Consul's memdb index).
-    pub fn catalog_nodes_json(&self) -> Value {
-        Value::Array(self.nodes.values().map(|n| self.node_json(n)).collect())
+    pub fn catalog_nodes_json(&self, dc: &str) -> Value {
+        Value::Array(
+            self.nodes
+                .values()
+                .filter(|n| dc_of(&n.node) == dc)
+                .map(|n| self.node_json(n))
+                .collect(),
+        )
     }
 
-    /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`.
-    pub fn query_list_json(&self) -> Value {
+    /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`. Every
+    /// query is [`DATACENTER`]'s.
+    pub fn query_list_json(&self, dc: &str) -> Value {
         Value::Array(
             self.queries
                 .iter()
+                .filter(|_| dc == DATACENTER)
                 .map(|q| {
                     json!({
                         "ID": q.id,
@@ -733,9 +779,10 @@ impl State {
     }
 
     /// Body of `/v1/catalog/services`: service name -> its distinct tags.
-    pub fn catalog_services_json(&self) -> Value {
+    pub fn catalog_services_json(&self, dc: &str) -> Value {
         let mut map: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for s in self.services.values() {
+        let in_dc = |node: &str| self.nodes.get(node).is_some_and(|n| dc_of(&n.node) == dc);
+        for s in self.services.values().filter(|s| in_dc(&s.svc.node)) {
             map.entry(&s.svc.service)
                 .or_default()
                 .extend(s.svc.tags.iter().map(String::as_str));
@@ -748,7 +795,7 @@ impl State {
     /// like Consul does when no `near` sorting applies.
     pub fn query_execute_json(&self, q: &QueryRec) -> Value {
         use rand::seq::SliceRandom;
-        let mut insts = self.healthy_instances(&q.service, q.tag.as_deref());
+        let mut insts = self.healthy_instances(DATACENTER, &q.service, q.tag.as_deref());
         insts.shuffle(&mut rand::rng());
         let nodes: Vec<Value> = insts.iter().map(|i| self.entry_json(i, true)).collect();
         json!({

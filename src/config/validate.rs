@@ -17,11 +17,11 @@ use super::defaults::*;
 use super::errors::{ttl_range, Errors};
 use super::schema::{
     AllowNet, ConfigDuration, ConsulMode, FileCache, FileConfig, FileConsul, FileForward, FileLog,
-    FileMetrics, FileServer, FileUpstream, HttpUrl, ServerAddr, Zone,
+    FileMetrics, FileServer, FileSoa, FileUpstream, HttpUrl, ServerAddr, Zone,
 };
 use super::types::{
-    CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, TtlPattern,
-    UpstreamConfig,
+    CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, SoaTimers,
+    TtlPattern, UpstreamConfig,
 };
 
 impl FileConfig {
@@ -279,7 +279,7 @@ impl FileConsul {
             );
         }
         let node_ttl = duration_or(self.node_ttl, DEFAULT_NODE_TTL);
-        let negative_ttl = duration_or(self.negative_ttl, DEFAULT_CONSUL_NEGATIVE_TTL);
+        let (soa, negative_ttl) = soa_settings(self.soa, self.negative_ttl, errors);
         for (key, ttl) in [("node_ttl", node_ttl), ("negative_ttl", negative_ttl)] {
             if ttl > MAX_DNS_TTL {
                 errors.invalid("consul", key, ttl_range());
@@ -309,6 +309,12 @@ impl FileConsul {
             allow_insecure_token: self
                 .allow_insecure_token
                 .unwrap_or(DEFAULT_ALLOW_INSECURE_TOKEN),
+            node_meta_txt: self
+                .enable_additional_node_meta_txt
+                .unwrap_or(DEFAULT_NODE_META_TXT),
+            udp_answer_limit: self.udp_answer_limit.unwrap_or(DEFAULT_UDP_ANSWER_LIMIT),
+            enable_truncate: self.enable_truncate.unwrap_or(DEFAULT_ENABLE_TRUNCATE),
+            soa,
         };
         // The token file is known here, so its problem gets a line; a token from the
         // environment or an agent from a flag is checked after the flags are applied.
@@ -319,6 +325,44 @@ impl FileConsul {
         }
         consul
     }
+}
+
+/// `consul.soa`'s timers, and the negative TTL: `consul.soa.min_ttl` is Consul's name for
+/// `consul.negative_ttl` (the SOA minimum), so either may be written, not both.
+fn soa_settings(
+    soa: Option<FileSoa>,
+    negative_ttl: Option<ConfigDuration>,
+    errors: &mut Errors,
+) -> (SoaTimers, Duration) {
+    let soa = soa.unwrap_or_default();
+    let timers = SoaTimers {
+        refresh: soa.refresh.unwrap_or(DEFAULT_SOA_REFRESH),
+        retry: soa.retry.unwrap_or(DEFAULT_SOA_RETRY),
+        expire: soa.expire.unwrap_or(DEFAULT_SOA_EXPIRE),
+    };
+    // The SOA's timers are signed 32-bit numbers on the wire (RFC 1035 §3.3.13).
+    for (key, value) in [
+        ("refresh", timers.refresh),
+        ("retry", timers.retry),
+        ("expire", timers.expire),
+    ] {
+        if i32::try_from(value).is_err() {
+            errors.invalid("consul.soa", key, "must be at most 2147483647 (seconds)");
+        }
+    }
+    let negative = match (soa.min_ttl, negative_ttl) {
+        (Some(_), Some(ttl)) => {
+            errors.invalid(
+                "consul.soa",
+                "min_ttl",
+                "is consul.negative_ttl under Consul's name: set one of them, not both",
+            );
+            ttl.0
+        }
+        (Some(secs), None) => Duration::from_secs(u64::from(secs)),
+        (None, ttl) => duration_or(ttl, DEFAULT_CONSUL_NEGATIVE_TTL),
+    };
+    (timers, negative)
 }
 
 /// `consul.domain` (or Consul's own) first, then the alternative domains, each once.

@@ -395,21 +395,26 @@ impl Backend for HttpBackend {
         let default_ttl = self.settings.default_service_ttl;
         let ttl =
             move |v: &Option<Arc<QueryView>>| v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl);
+        // Consul sorts by round-trip time only within the agent's datacenter (a failover
+        // result comes shuffled); a query the list does not show is taken as sorted, its
+        // order kept as a cached Consul answer would keep it.
+        let sorted = dc.is_none() && self.inventory.query_sorted(name).unwrap_or(true);
+        let local_dc = lock(&self.datacenter).clone();
         let fetch = OneFetch {
             endpoint: "query_execute",
             segments: vec!["v1".into(), "query".into(), name.into(), "execute".into()],
             dc,
-            convert: |q: QueryExecuteJson| {
+            convert: move |q: QueryExecuteJson| {
                 let ttl = q
                     .dns
                     .as_ref()
                     .and_then(|d| humantime::parse_duration(&d.ttl).ok());
+                let datacenter = q.datacenter.to_ascii_lowercase();
+                let in_local_dc = local_dc.is_none_or(|l| l == datacenter);
                 Arc::new(QueryView {
-                    service: Arc::new(ServiceView::from_entries(
-                        &q.nodes,
-                        &q.datacenter.to_ascii_lowercase(),
-                    )),
+                    service: Arc::new(ServiceView::from_entries(&q.nodes, &datacenter)),
                     ttl,
+                    keeps_order: sorted && in_local_dc,
                 })
             },
         };

@@ -328,7 +328,7 @@ impl FileConsul {
 }
 
 /// `consul.soa`'s timers, and the negative TTL: `consul.soa.min_ttl` is Consul's name for
-/// `consul.negative_ttl` (the SOA minimum), so either may be written, not both.
+/// `consul.negative_ttl` (the SOA minimum), so either may be written, both only alike.
 fn soa_settings(
     soa: Option<FileSoa>,
     negative_ttl: Option<ConfigDuration>,
@@ -351,15 +351,18 @@ fn soa_settings(
         }
     }
     let negative = match (soa.min_ttl, negative_ttl) {
-        (Some(_), Some(ttl)) => {
+        (Some(secs), Some(ttl)) if Duration::from_secs(u64::from(secs)) != ttl.0 => {
             errors.invalid(
                 "consul.soa",
                 "min_ttl",
-                "is consul.negative_ttl under Consul's name: set one of them, not both",
+                format!(
+                    "is consul.negative_ttl under Consul's name, and that says {}: set one of them",
+                    format_duration(ttl.0)
+                ),
             );
             ttl.0
         }
-        (Some(secs), None) => Duration::from_secs(u64::from(secs)),
+        (Some(secs), _) => Duration::from_secs(u64::from(secs)),
         (None, ttl) => duration_or(ttl, DEFAULT_CONSUL_NEGATIVE_TTL),
     };
     (timers, negative)
@@ -780,6 +783,75 @@ mod tests {
             ..FileConsul::default()
         };
         assert_eq!(keys(|e| file.validate(e)), ["consul.http"]);
+    }
+
+    #[test]
+    fn consul_answer_options_and_soa() {
+        let (consul, problems) = run(|e| FileConsul::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(consul.node_meta_txt && consul.enable_truncate);
+        assert_eq!(consul.udp_answer_limit, 0);
+        assert_eq!(
+            (consul.soa.refresh, consul.soa.retry, consul.soa.expire),
+            (3600, 600, 86_400)
+        );
+
+        let (consul, problems) = run(|e| {
+            FileConsul {
+                enable_additional_node_meta_txt: Some(false),
+                udp_answer_limit: Some(3),
+                enable_truncate: Some(false),
+                soa: Some(FileSoa {
+                    refresh: Some(60),
+                    retry: Some(30),
+                    expire: Some(120),
+                    min_ttl: Some(10),
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(!consul.node_meta_txt && !consul.enable_truncate);
+        assert_eq!(consul.udp_answer_limit, 3);
+        assert_eq!(
+            (consul.soa.refresh, consul.soa.retry, consul.soa.expire),
+            (60, 30, 120)
+        );
+        assert_eq!(consul.negative_ttl, Duration::from_secs(10), "soa.min_ttl");
+
+        // min_ttl is negative_ttl under Consul's name: both only when they agree.
+        let (_, problems) = run(|e| {
+            FileConsul {
+                negative_ttl: secs(10),
+                soa: Some(FileSoa {
+                    min_ttl: Some(10),
+                    ..FileSoa::default()
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        let (_, problems) = run(|e| {
+            FileConsul {
+                negative_ttl: secs(10),
+                soa: Some(FileSoa {
+                    min_ttl: Some(0),
+                    expire: Some(u32::MAX),
+                    ..FileSoa::default()
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: consul.soa.expire: must be at most 2147483647 (seconds)",
+                "f.toml:1: consul.soa.min_ttl: is consul.negative_ttl under Consul's name, and that says 10s: set one of them",
+            ]
+        );
     }
 
     #[test]

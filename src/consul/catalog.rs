@@ -276,10 +276,13 @@ impl Instance {
         }
     }
 
+    /// The SRV weight, as Consul's `findWeight`: 0 for a critical instance, which only a
+    /// prepared query ignoring that check, or `when_none_healthy = "all"`, serves.
     pub(crate) fn weight(&self) -> u16 {
         match self.status {
+            Status::Passing => self.weight_passing,
             Status::Warning => self.weight_warning,
-            _ => self.weight_passing,
+            Status::Critical => 0,
         }
     }
 

@@ -28,37 +28,14 @@ async fn start(sim: &ConsulSim, up: &TestUpstream, extra: &str) -> TestServer {
     TestServer::start(&toml).await
 }
 
-/// Registers instance `id` of `service` on its own node `node` at `addr`, passing.
-fn instance(sim: &ConsulSim, service: &str, id: &str, node: &str, addr: &str) {
-    sim.add_node(SimNode {
-        name: node.into(),
-        address: addr.into(),
-        meta: BTreeMap::new(),
-    });
-    sim.add_service(
-        SimService {
-            id: id.into(),
-            service: service.into(),
-            node: node.into(),
-            address: String::new(),
-            port: 8080,
-            tags: Vec::new(),
-            weights: (1, 1),
-            meta: BTreeMap::new(),
-        },
-        Status::Passing,
-    );
-}
-
 /// `n` instances of `service` on nodes `<service>-<i>` at 127.0.<third>.<i>.
 fn many(sim: &ConsulSim, service: &str, third: u8, n: u8) {
     for i in 1..=n {
-        instance(
-            sim,
+        sim.add_simple(
             service,
             &format!("{service}-{i}"),
-            &format!("{service}-{i}"),
             &format!("127.0.{third}.{i}"),
+            8080,
         );
     }
 }
@@ -149,7 +126,7 @@ fn servers(sim: &ConsulSim) -> BTreeSet<String> {
 async fn soa_and_ns_answer_every_name_with_the_consul_servers() {
     let sim = ConsulSim::start().await;
     let listed = servers(&sim);
-    instance(&sim, "web", "web-1", "n1", "127.0.0.2");
+    sim.add_simple("web", "n1", "127.0.0.2", 8080);
     let up = TestUpstream::start().await;
     let fwd = start(
         &sim,
@@ -256,7 +233,7 @@ async fn soa_and_ns_answer_every_name_with_the_consul_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zone_transfers_are_not_implemented() {
     let sim = ConsulSim::start().await;
-    instance(&sim, "web", "web-1", "n1", "127.0.0.2");
+    sim.add_simple("web", "n1", "127.0.0.2", 8080);
     let up = TestUpstream::start().await;
     let http = start(&sim, &up, "").await;
     let dns_mode = TestServer::start(
@@ -560,25 +537,13 @@ async fn answer_size_without_edns_follows_udp_answer_limit_and_enable_truncate()
 async fn prepared_queries_keep_consuls_filters_and_near_order() {
     let sim = ConsulSim::start().await;
     // web-i on node ni at 127.0.3.i; round-trip times from the agent, n3 without one.
-    for (i, rtt) in [
-        (1, Some(30)),
-        (2, Some(10)),
-        (3, None),
-        (4, Some(20)),
-        (5, Some(5)),
-    ] {
-        let n = format!("n{i}");
-        instance(
-            &sim,
-            "web",
-            &format!("web-{i}"),
-            &n,
-            &format!("127.0.3.{i}"),
-        );
-        if let Some(ms) = rtt {
-            sim.set_node_rtt(&n, Duration::from_millis(ms));
-        }
-    }
+    let ms = |m| Some(Duration::from_millis(m));
+    sim.add_at_rtts(
+        "web",
+        "127.0.3",
+        8080,
+        &[ms(30), ms(10), None, ms(20), ms(5)],
+    );
     sim.set_service_check("web-5", Status::Critical);
     sim.set_service_check("web-4", Status::Warning);
     let q = |name: &str, near: &str| SimQuery {

@@ -786,23 +786,8 @@ async fn prepared_queries_filter_and_sort_like_consul() {
     use crate::support::consul_sim::SimQuery;
     within(async {
         let sim = ConsulSim::start().await;
-        for (i, rtt) in [
-            (1, Some(30)),
-            (2, Some(10)),
-            (3, None),
-            (4, Some(20)),
-            (5, Some(5)),
-        ] {
-            let n = format!("n{i}");
-            sim.add_node(node(&n, &format!("10.0.0.{i}")));
-            sim.add_service(
-                svc(&format!("web-{i}"), "web", &n, 80, &[]),
-                Status::Passing,
-            );
-            if let Some(ms) = rtt {
-                sim.set_node_rtt(&n, Duration::from_millis(ms));
-            }
-        }
+        let ms = |m| Some(Duration::from_millis(m));
+        sim.add_at_rtts("web", "10.0.0", 80, &[ms(30), ms(10), None, ms(20), ms(5)]);
         sim.set_service_check("web-5", Status::Critical);
         sim.set_service_check("web-4", Status::Warning);
         let near = |name: &str, near: &str| SimQuery {

@@ -583,6 +583,20 @@ impl ConsulSim {
             .insert(node.to_string(), rtt.as_secs_f64());
     }
 
+    /// Registers a passing instance of `service` (as [`ConsulSim::add_simple`]: IDs
+    /// `<service>-1`, `-2`, ... for a new service) on each node `n<i>` (`i` from 1) at
+    /// `<prefix>.<i>`, node `n<i>` `rtts[i - 1]` away from the agent (`None`: no coordinate).
+    /// For prepared queries with `Near`.
+    pub fn add_at_rtts(&self, service: &str, prefix: &str, port: u16, rtts: &[Option<Duration>]) {
+        for (i, rtt) in (1..).zip(rtts) {
+            let node = format!("n{i}");
+            self.add_simple(service, &node, &format!("{prefix}.{i}"), port);
+            if let Some(rtt) = rtt {
+                self.set_node_rtt(&node, *rtt);
+            }
+        }
+    }
+
     /// Registers a Consul server: node `node` at `address` (with the meta Consul writes on
     /// every node) and the `consul` service Consul keeps for its servers. Their names are
     /// the domain's nameservers in Consul's DNS.

@@ -41,15 +41,17 @@ pub(super) struct SvcRec {
     pub checks: BTreeMap<String, CheckRec>,
 }
 
+/// A prepared query: its generated ID and its definition (read through `Deref`).
 pub(super) struct QueryRec {
     pub id: String,
-    pub name: String,
-    pub service: String,
-    pub tag: Option<String>,
-    pub dns_ttl: Option<String>,
-    pub only_passing: bool,
-    pub ignore_check_ids: Vec<String>,
-    pub near: String,
+    def: SimQuery,
+}
+
+impl std::ops::Deref for QueryRec {
+    type Target = SimQuery;
+    fn deref(&self) -> &SimQuery {
+        &self.def
+    }
 }
 
 pub(super) struct State {
@@ -377,13 +379,7 @@ impl State {
         self.queries.retain(|old| old.name != q.name);
         self.queries.push(QueryRec {
             id: uuid_from(&format!("query/{}", q.name)),
-            name: q.name,
-            service: q.service,
-            tag: q.tag,
-            dns_ttl: q.dns_ttl,
-            only_passing: q.only_passing,
-            ignore_check_ids: q.ignore_check_ids,
-            near: q.near,
+            def: q,
         });
     }
 

@@ -182,6 +182,15 @@ pub(crate) const MIN_WATCH_IDLE: Duration = Duration::from_secs(1);
 /// How long the last known view of a service is served while Consul is unreachable.
 pub(crate) const DEFAULT_CONSUL_STALE_FOR: Duration = Duration::from_secs(86_400);
 
+/// Reads go to any Consul server (`?stale`), as Consul's own DNS interface does by default
+/// (`dns_config.allow_stale`): followers share the load, and reads keep working while the servers
+/// elect a leader.
+pub(crate) const DEFAULT_ALLOW_STALE: bool = true;
+
+/// A stale read from a server that last heard from the leader longer ago than this is asked
+/// again of the leader. Consul's `dns_config.max_stale` default: 10 years, i.e. never in practice.
+pub(crate) const DEFAULT_MAX_STALE: Duration = Duration::from_secs(87_600 * 3600);
+
 /// Connections to one agent: far below Consul's `limits.http_max_conns_per_client` (200).
 pub(crate) const DEFAULT_CONSUL_MAX_CONNECTIONS: usize = 32;
 

@@ -124,9 +124,18 @@ pub struct ConsulConfig {
     pub(crate) watch_idle: Duration,
     pub(crate) stale_for: Duration,
     pub(crate) max_connections: usize,
+    /// Read from any server (`?stale`), as Consul's DNS does (`dns_config.allow_stale`).
+    pub(crate) allow_stale: bool,
+    /// With `allow_stale`: a read from a server further behind the leader than this
+    /// (`X-Consul-LastContact`) is asked again of the leader (`dns_config.max_stale`).
+    pub(crate) max_stale: Duration,
     /// Send the token to `http://` agents that are not on loopback (off: refused at start and
     /// on reload, see [`ConsulConfig::check_token_transport`]).
     pub(crate) allow_insecure_token: bool,
+    /// `mode = "dns"` only: PTR questions for addresses in these networks go to the agents'
+    /// DNS port, as dnsmasq's `rev-server` sends them (the HTTP and file modes know Consul's
+    /// addresses themselves).
+    pub(crate) reverse_networks: Vec<IpNet>,
     /// Node meta as TXT in the additional section of node A/AAAA and service SRV answers
     /// (Consul's `enable_additional_node_meta_txt`).
     pub(crate) node_meta_txt: bool,

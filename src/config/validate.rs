@@ -306,6 +306,8 @@ impl FileConsul {
             watch_idle,
             stale_for,
             max_connections,
+            allow_stale: self.allow_stale.unwrap_or(DEFAULT_ALLOW_STALE),
+            max_stale: duration_or(self.max_stale, DEFAULT_MAX_STALE),
             allow_insecure_token: self
                 .allow_insecure_token
                 .unwrap_or(DEFAULT_ALLOW_INSECURE_TOKEN),
@@ -315,6 +317,7 @@ impl FileConsul {
             udp_answer_limit: self.udp_answer_limit.unwrap_or(DEFAULT_UDP_ANSWER_LIMIT),
             enable_truncate: self.enable_truncate.unwrap_or(DEFAULT_ENABLE_TRUNCATE),
             soa,
+            reverse_networks: reverse_networks(self.reverse_networks, mode, errors),
         };
         // The token file is known here, so its problem gets a line; a token from the
         // environment or an agent from a flag is checked after the flags are applied.
@@ -366,6 +369,25 @@ fn soa_settings(
         (None, ttl) => duration_or(ttl, DEFAULT_CONSUL_NEGATIVE_TTL),
     };
     (timers, negative)
+}
+
+/// `consul.reverse_networks`, which only the DNS mode uses: the HTTP and catalog-file modes know
+/// Consul's addresses themselves.
+fn reverse_networks(
+    list: Option<Vec<AllowNet>>,
+    mode: ConsulMode,
+    errors: &mut Errors,
+) -> Vec<IpNet> {
+    let nets: Vec<IpNet> = list.unwrap_or_default().into_iter().map(|n| n.0).collect();
+    if !nets.is_empty() && mode != ConsulMode::Dns {
+        errors.invalid(
+            "consul",
+            "reverse_networks",
+            "only for mode = \"dns\": the HTTP and catalog-file modes answer PTR questions for \
+             every address Consul knows, and forward the rest",
+        );
+    }
+    nets
 }
 
 /// `consul.domain` (or Consul's own) first, then the alternative domains, each once.
@@ -852,6 +874,33 @@ mod tests {
                 "f.toml:1: consul.soa.min_ttl: is consul.negative_ttl under Consul's name, and that says 10s: set one of them",
             ]
         );
+    }
+
+    #[test]
+    fn consul_reverse_networks_are_for_the_dns_mode_only() {
+        let with = |mode: ConsulMode, nets: &[&str]| FileConsul {
+            mode: Some(mode),
+            reverse_networks: Some(
+                nets.iter()
+                    .map(|n| AllowNet::from_str(n).expect("net"))
+                    .collect(),
+            ),
+            ..FileConsul::default()
+        };
+        let (consul, problems) =
+            run(|e| with(ConsulMode::Dns, &["10.0.0.0/8", "fd00::1"]).validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        let nets: Vec<String> = consul
+            .reverse_networks
+            .iter()
+            .map(IpNet::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "fd00::1/128"]);
+        assert!(run(|e| with(ConsulMode::Http, &[]).validate(e))
+            .1
+            .is_empty());
+        let refused = keys(|e| with(ConsulMode::Http, &["10.0.0.0/8"]).validate(e));
+        assert_eq!(refused, ["consul.reverse_networks"]);
     }
 
     #[test]

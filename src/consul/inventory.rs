@@ -4,13 +4,13 @@
 //! watcher or a metric series of its own, and a name that appears later is answered as soon as
 //! the catalog shows it.
 //!
-//! The service and node lists are kept by blocking queries (`?stale`, like Consul's own DNS
-//! interface: any server answers, and one request per change); the datacenter list (Consul
-//! offers no blocking there) and the prepared-query list are polled. A lookup the inventory
-//! cannot settle (a list not loaded because Consul is away, the agent refusing the prepared
-//! query list, a list the token only partly sees) goes to Consul as before, within a small
-//! budget shared by all such lookups, so a flood of made-up names costs Consul a few requests a
-//! second at most.
+//! The service and node lists are kept by blocking queries (stale reads unless
+//! `consul.allow_stale = false`, like Consul's own DNS interface: any server answers, and one
+//! request per change); the datacenter list (Consul offers no blocking there) and the
+//! prepared-query list are polled. A lookup the inventory cannot settle (a list not loaded
+//! because Consul is away, the agent refusing the prepared query list, a list the token only
+//! partly sees) goes to Consul as before, within a small budget shared by all such lookups, so a
+//! flood of made-up names costs Consul a few requests a second at most.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{next_index, ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::outage::OutageLog;
+use super::ptr::{count_dropped, AddressIndex, NodeAddressJson};
 use super::retry::backoff;
 use super::LookupError;
 use crate::lock::lock;
@@ -106,6 +107,9 @@ pub(crate) struct Names {
     /// Prepared queries only: the names, IDs and template prefixes whose results Consul sorts
     /// by round-trip time (`Service.Near`).
     sorted: HashSet<String>,
+    /// The local datacenter's node list only: the nodes' addresses, for PTR answers. Loaded,
+    /// kept while Consul is away and replaced with the names, by the same request.
+    addresses: AddressIndex,
 }
 
 impl Names {
@@ -115,6 +119,7 @@ impl Names {
             prefixes: Vec::new(),
             complete,
             sorted: HashSet::new(),
+            addresses: AddressIndex::default(),
         }
     }
 
@@ -130,6 +135,11 @@ impl Names {
             .filter(|p| name.starts_with(p.as_str()))
             .max_by_key(|p| p.len())
             .map(|p| self.sorted.contains(p))
+    }
+
+    /// The node whose `Address` is `ip` (local node list only).
+    pub(crate) fn node_at(&self, ip: std::net::IpAddr) -> Option<&str> {
+        self.addresses.get(ip)
     }
 
     /// The verdict on `name` (lowercased).
@@ -217,13 +227,6 @@ impl Kind {
     }
 }
 
-/// One element of `/v1/catalog/nodes`: only the name is kept.
-#[derive(serde::Deserialize)]
-struct NodeNameJson {
-    #[serde(rename = "Node")]
-    node: String,
-}
-
 /// One element of `/v1/query`: the ways a query can be named in DNS.
 #[derive(serde::Deserialize)]
 struct QueryDefinitionJson {
@@ -297,6 +300,17 @@ struct Shared {
     outage: Arc<OutageLog>,
     watch_wait: Duration,
     failovers: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+}
+
+/// The local node list's addresses as a PTR question finds them, without waiting.
+pub(crate) enum NodeAddresses {
+    /// The first load is on its way: wait for it ([`Inventory::node_addresses`]).
+    Loading,
+    /// Loaded (perhaps stale: the last known addresses are kept while Consul is away).
+    Known(Arc<Names>),
+    /// Never loaded: nothing is known.
+    Unknown,
 }
 
 pub(crate) struct Inventory {
@@ -329,6 +343,7 @@ impl Inventory {
                 outage,
                 watch_wait,
                 failovers,
+                metrics: metrics.clone(),
             }),
             metrics,
             idle,
@@ -467,6 +482,36 @@ impl Inventory {
         verdict(list, name, &self.shared.outage).await
     }
 
+    /// The local node list's addresses now (the lists start with the first question that
+    /// needs them).
+    pub(crate) fn node_addresses_now(&self) -> NodeAddresses {
+        self.start();
+        match &*self.local.nodes.borrow() {
+            List::Pending => NodeAddresses::Loading,
+            List::Ready(names) | List::Stale(names) => NodeAddresses::Known(names.clone()),
+            List::Unavailable => NodeAddresses::Unknown,
+        }
+    }
+
+    /// The local node list's addresses, waiting up to [`FIRST_LOAD_WAIT`] for its first load;
+    /// `None` when it could not be loaded.
+    pub(crate) async fn node_addresses(&self) -> Option<Arc<Names>> {
+        self.start();
+        let mut rx = self.local.nodes.subscribe();
+        let waited = tokio::time::timeout(
+            FIRST_LOAD_WAIT,
+            rx.wait_for(|s| !matches!(s, List::Pending)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(state)) => match &*state {
+                List::Ready(names) | List::Stale(names) => Some(names.clone()),
+                List::Pending | List::Unavailable => None,
+            },
+            _ => None,
+        }
+    }
+
     /// May an unchecked lookup go to Consul now? Counted in `limit_drops_total` when not.
     pub(crate) fn allow_unchecked(&self) -> bool {
         let allowed = lock(&self.unchecked)
@@ -554,10 +599,7 @@ struct ListTask {
 impl ListTask {
     async fn run(self) {
         let mut failovers = self.shared.failovers.clone();
-        let mut params = vec![("stale", String::new())];
-        if let Some(dc) = &self.dc {
-            params.push(("dc", dc.clone()));
-        }
+        let params: Vec<(&str, String)> = self.dc.iter().map(|dc| ("dc", dc.clone())).collect();
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         // Kept between requests, as a feed keeps its own: given back after each, a service
@@ -628,10 +670,20 @@ impl ListTask {
             }
             Kind::Nodes => {
                 let r = client
-                    .get::<Vec<NodeNameJson>>(endpoint, segments, params, blocking)
+                    .get::<Vec<NodeAddressJson>>(endpoint, segments, params, blocking)
                     .await?;
-                let names = r.value.unwrap_or_default().into_iter().map(|n| n.node);
-                Ok((Names::new(names, !r.filtered), r.index))
+                let nodes = r.value.unwrap_or_default();
+                // Consul's PTR answers come from the local datacenter only.
+                let addresses = if self.dc.is_none() {
+                    let (index, dropped) = AddressIndex::from_nodes(&nodes);
+                    count_dropped(&self.shared.metrics, dropped);
+                    index
+                } else {
+                    AddressIndex::default()
+                };
+                let mut names = Names::new(nodes.into_iter().map(|n| n.node), !r.filtered);
+                names.addresses = addresses;
+                Ok((names, r.index))
             }
         }
     }
@@ -663,12 +715,7 @@ async fn poll_queries(shared: Arc<Shared>, list: watch::Sender<List>, shutdown: 
     let fetch = || async {
         let r = shared
             .client
-            .get::<Vec<QueryDefinitionJson>>(
-                "query_list",
-                &["v1", "query"],
-                &[("stale", String::new())],
-                None,
-            )
+            .get::<Vec<QueryDefinitionJson>>("query_list", &["v1", "query"], &[], None)
             .await?;
         Ok(query_names(r.value.unwrap_or_default(), !r.filtered))
     };

@@ -516,7 +516,34 @@ async fn handle(inner: &Arc<Inner>, req: &Request) -> Response {
         // Consul's catch-all index handler: 404, empty body.
         Ok(Response::text(404, ""))
     };
-    result.unwrap_or_else(|e| e)
+    let mut response = result.unwrap_or_else(|e| e);
+    consistency(inner, req, &mut response);
+    response
+}
+
+/// Consul's consistency headers (api-docs/features/consistency.mdx): a `?stale` read may be
+/// answered by a follower, which reports how long ago it heard from the leader; any other read
+/// is the leader's own. Only responses that carry query meta (an index) get them.
+fn consistency(inner: &Inner, req: &Request, response: &mut Response) {
+    let Some(at) = response
+        .headers
+        .iter()
+        .position(|(name, _)| *name == "X-Consul-Effective-Consistency")
+    else {
+        return;
+    };
+    let stale = req.param("stale").is_some();
+    response.headers[at].1 = if stale { "stale" } else { "leader" }.to_string();
+    let lag = if stale {
+        inner.follower_lag_ms.load(Ordering::SeqCst)
+    } else {
+        0
+    };
+    for (name, value) in &mut response.headers {
+        if *name == "X-Consul-LastContact" {
+            *value = lag.to_string();
+        }
+    }
 }
 
 async fn health_service(inner: &Inner, req: &Request, name: &str) -> Result<Response, Response> {

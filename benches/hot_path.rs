@@ -116,6 +116,7 @@ fn instance(i: usize) -> Instance {
         },
         weight_passing: 10,
         weight_warning: 1,
+        node_meta: Default::default(),
     }
 }
 
@@ -283,6 +284,8 @@ fn bench_consul_view(c: &mut Criterion) {
         negative_ttl: 5,
         a_record_limit: 0,
         serial: 1,
+        soa: Default::default(),
+        node_meta_txt: true,
     };
     let srv_ctx = Ctx {
         qtype: RecordType::SRV,

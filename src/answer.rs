@@ -42,6 +42,18 @@ pub struct Answer {
     pub(crate) answers: Vec<Record>,
     pub(crate) authorities: Vec<Record>,
     pub(crate) additionals: Vec<Record>,
+    /// Records the source left out, and whether the reply says so.
+    pub(crate) cut: Cut,
+}
+
+/// Answer records left out of a reply, by the source or to fit the client's size, are
+/// flagged with TC=1 by default, so the client can ask over TCP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Cut {
+    /// The source already left answer records out (`consul.udp_answer_limit`).
+    pub(crate) by_source: bool,
+    /// TC stays clear whatever was left out (Consul's `enable_truncate = false`).
+    pub(crate) silent: bool,
 }
 
 impl Answer {
@@ -52,6 +64,7 @@ impl Answer {
             answers: Vec::new(),
             authorities: Vec::new(),
             additionals: Vec::new(),
+            cut: Cut::default(),
         }
     }
 

@@ -290,6 +290,10 @@ impl Handler {
             .count_request(transport, q.qtype, consul.is_some());
         let limit = reply::reply_limit(&request, transport);
         let (answer, source) = match consul {
+            // In every Consul mode, as Consul answers AXFR.
+            Some(_) if matches!(q.qtype, RecordType::AXFR | RecordType::IXFR) => {
+                (crate::consul::records::zone_transfer(), Source::Local)
+            }
             Some(route) => route.source.answer(&q, limit).await,
             None => routes.forwarder.answer(&q, limit).await,
         };

@@ -145,6 +145,7 @@ pub(crate) fn worst_status(checks: &[CheckJson]) -> Status {
 struct Interner {
     strings: HashMap<Box<str>, Arc<str>>,
     tag_lists: HashMap<Vec<String>, Tags>,
+    metas: HashMap<BTreeMap<String, String>, NodeMeta>,
 }
 
 /// An instance's tags, lowercased; instances with the same tags share one list.
@@ -152,6 +153,14 @@ pub(crate) type Tags = Arc<[Arc<str>]>;
 
 /// The tag list of every untagged instance (an empty `Arc<[_]>` still allocates).
 static NO_TAGS: LazyLock<Tags> = LazyLock::new(|| Arc::from(Vec::new()));
+
+/// An instance's node meta (its TXT records in SRV answers). The nodes of a real cluster
+/// mostly carry the same meta (`consul-network-segment`, `consul-version`), so instances share
+/// one map per distinct content within a view: 8 bytes an instance.
+pub type NodeMeta = Arc<BTreeMap<String, String>>;
+
+/// The meta of every node without any.
+static NO_META: LazyLock<NodeMeta> = LazyLock::new(|| Arc::new(BTreeMap::new()));
 
 impl Interner {
     fn lowercase(&mut self, s: &str) -> Arc<str> {
@@ -175,6 +184,18 @@ impl Interner {
         let tags: Tags = raw.iter().map(|t| self.lowercase(t)).collect();
         self.tag_lists.insert(raw.to_vec(), tags.clone());
         tags
+    }
+
+    fn meta(&mut self, meta: &BTreeMap<String, String>) -> NodeMeta {
+        if meta.is_empty() {
+            return NO_META.clone();
+        }
+        if let Some(shared) = self.metas.get(meta) {
+            return shared.clone();
+        }
+        let shared = Arc::new(meta.clone());
+        self.metas.insert(meta.clone(), shared.clone());
+        shared
     }
 }
 
@@ -205,10 +226,10 @@ pub struct Instance {
     /// The SRV weights (`Service.Weights`), capped to what an SRV record can carry.
     pub weight_passing: u16,
     pub weight_warning: u16,
-    // Not kept: the node's meta (no service answer uses it; node lookups answer it from
-    // [`NodeView`], and a real agent's nodes all carry some, a map per instance), the tagged
-    // addresses (resolved into `addrs`) and the node's own address when the service has one
-    // (no answer uses it).
+    /// The node's meta, for TXT records beside SRV answers (`enable_additional_node_meta_txt`).
+    pub node_meta: NodeMeta,
+    // Not kept: the tagged addresses (resolved into `addrs`) and the node's own address when the
+    // service has one (no answer uses it).
 }
 
 impl Instance {
@@ -261,13 +282,17 @@ impl Instance {
             status: worst_status(&e.checks),
             weight_passing: srv_weight(weights.passing),
             weight_warning: srv_weight(weights.warning),
+            node_meta: strings.meta(&e.node.meta),
         }
     }
 
+    /// The SRV weight, as Consul's `findWeight`: 0 for a critical instance, which only a
+    /// prepared query ignoring that check, or `when_none_healthy = "all"`, serves.
     pub(crate) fn weight(&self) -> u16 {
         match self.status {
+            Status::Passing => self.weight_passing,
             Status::Warning => self.weight_warning,
-            _ => self.weight_passing,
+            Status::Critical => 0,
         }
     }
 
@@ -322,6 +347,9 @@ pub(crate) struct SelectionKey {
     pub(crate) tag: Option<String>,
     pub(crate) only_passing: bool,
     pub(crate) all_when_none_healthy: bool,
+    /// Every instance whatever its health: a prepared query's result, which Consul filtered
+    /// by the query's own rules (`OnlyPassing`, `IgnoreCheckIDs`).
+    pub(crate) unfiltered: bool,
 }
 
 /// The instances one kind of lookup serves, as indices into `ServiceView::instances`, split
@@ -414,7 +442,9 @@ impl ServiceView {
         let healthy: Vec<u32> = tagged
             .iter()
             .copied()
-            .filter(|&n| is_healthy(self.instances[n as usize].status, key.only_passing))
+            .filter(|&n| {
+                key.unfiltered || is_healthy(self.instances[n as usize].status, key.only_passing)
+            })
             .collect();
         let all = if healthy.is_empty() && key.all_when_none_healthy {
             tagged
@@ -497,6 +527,9 @@ pub struct QueryView {
     pub(crate) service: Arc<ServiceView>,
     /// `DNS.TTL` of the query, when set.
     pub(crate) ttl: Option<std::time::Duration>,
+    /// Consul sorted the result (the query's `Near`): answers keep its order. Otherwise Consul
+    /// shuffled it, and so does every answer made from it.
+    pub(crate) keeps_order: bool,
 }
 
 /// The catalog file: `{"<service>": [entries as /v1/health/service returns them]}`.

@@ -420,6 +420,10 @@ impl Backend for HttpBackend {
         let (translate, local_dc) = self.wan_translation();
         let ttl =
             move |v: &Option<Arc<QueryView>>| v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl);
+        // Consul sorts by round-trip time only within the agent's datacenter (a failover
+        // result comes shuffled); a query the list does not show is taken as sorted, its
+        // order kept as a cached Consul answer would keep it.
+        let sorted = dc.is_none() && self.inventory.query_sorted(name).unwrap_or(true);
         let fetch = OneFetch {
             endpoint: "query_execute",
             segments: vec!["v1".into(), "query".into(), name.into(), "execute".into()],
@@ -429,6 +433,8 @@ impl Backend for HttpBackend {
                     .dns
                     .as_ref()
                     .and_then(|d| humantime::parse_duration(&d.ttl).ok());
+                let datacenter = q.datacenter.to_ascii_lowercase();
+                let in_local_dc = local_dc.as_deref().is_none_or(|l| l == datacenter);
                 let wan = WanTranslation {
                     enabled: translate,
                     local_dc: local_dc.as_deref(),
@@ -436,10 +442,11 @@ impl Backend for HttpBackend {
                 Arc::new(QueryView {
                     service: Arc::new(ServiceView::from_entries_translated(
                         &q.nodes,
-                        &q.datacenter.to_ascii_lowercase(),
+                        &datacenter,
                         wan,
                     )),
                     ttl,
+                    keeps_order: sorted && in_local_dc,
                 })
             },
         };

@@ -104,6 +104,9 @@ pub(crate) struct Names {
     /// False when Consul said the token does not see every item
     /// (`X-Consul-Results-Filtered-By-ACLs`): a missing name may still exist.
     complete: bool,
+    /// Prepared queries only: the names, IDs and template prefixes whose results Consul sorts
+    /// by round-trip time (`Service.Near`).
+    sorted: HashSet<String>,
     /// The local datacenter's node list only: the nodes' addresses, for PTR answers. Loaded,
     /// kept while Consul is away and replaced with the names, by the same request.
     addresses: AddressIndex,
@@ -115,8 +118,23 @@ impl Names {
             exact: exact.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
             prefixes: Vec::new(),
             complete,
+            sorted: HashSet::new(),
             addresses: AddressIndex::default(),
         }
+    }
+
+    /// Does Consul sort prepared query `name`'s result (lowercased)? By its exact name or ID,
+    /// else by the longest template prefix it matches, as Consul resolves a name; `None` when
+    /// the list has no such query.
+    fn sorted(&self, name: &str) -> Option<bool> {
+        if self.exact.contains(name) {
+            return Some(self.sorted.contains(name));
+        }
+        self.prefixes
+            .iter()
+            .filter(|p| name.starts_with(p.as_str()))
+            .max_by_key(|p| p.len())
+            .map(|p| self.sorted.contains(p))
     }
 
     /// The node whose `Address` is `ip` (local node list only).
@@ -218,6 +236,26 @@ struct QueryDefinitionJson {
     name: String,
     #[serde(rename = "Template", default)]
     template: Option<QueryTemplateJson>,
+    #[serde(rename = "Service", default)]
+    service: Option<QueryServiceJson>,
+}
+
+#[derive(serde::Deserialize)]
+struct QueryServiceJson {
+    #[serde(rename = "Near", default)]
+    near: String,
+}
+
+impl QueryDefinitionJson {
+    /// Does Consul sort this query's results by round-trip time? `Near` names a node or
+    /// `_agent` (here: the agent the forwarder asks, as for Consul's DNS on that host). `_ip`
+    /// sorts from the requester's address, which over HTTP is the forwarder's own, so nothing
+    /// is sorted; Consul shuffles instead.
+    fn sorted(&self) -> bool {
+        self.service
+            .as_ref()
+            .is_some_and(|s| !s.near.is_empty() && s.near != "_ip")
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -232,14 +270,23 @@ struct QueryTemplateJson {
 fn query_names(list: Vec<QueryDefinitionJson>, complete: bool) -> Names {
     let mut names = Names::new(Vec::new(), complete);
     for q in list {
+        let sorted = q.sorted();
         let name = q.name.to_ascii_lowercase();
+        let mut keys = Vec::with_capacity(2);
         if q.template.is_some_and(|t| t.kind == "name_prefix_match") {
-            names.prefixes.push(name);
+            names.prefixes.push(name.clone());
+            keys.push(name);
         } else if !name.is_empty() {
-            names.exact.insert(name);
+            names.exact.insert(name.clone());
+            keys.push(name);
         }
         if !q.id.is_empty() {
-            names.exact.insert(q.id.to_ascii_lowercase());
+            let id = q.id.to_ascii_lowercase();
+            names.exact.insert(id.clone());
+            keys.push(id);
+        }
+        if sorted {
+            names.sorted.extend(keys);
         }
     }
     names
@@ -408,6 +455,15 @@ impl Inventory {
             other => return other,
         }
         verdict(&self.queries, name, &self.shared.outage).await
+    }
+
+    /// Does Consul sort prepared query `name`'s results (by its `Near`)? `None` when the list
+    /// cannot tell (not loaded, refused, or the query is not in it).
+    pub(crate) fn query_sorted(&self, name: &str) -> Option<bool> {
+        match &*self.queries.borrow() {
+            List::Ready(names) | List::Stale(names) => names.sorted(name),
+            List::Pending | List::Unavailable => None,
+        }
     }
 
     async fn catalog(&self, kind: Kind, name: &str, dc: Option<&str>) -> Verdict {
@@ -770,6 +826,32 @@ mod tests {
             query_names(catch_all, true).verdict("anything"),
             Verdict::Exists
         );
+    }
+
+    #[test]
+    fn a_query_with_near_is_sorted_by_name_id_and_longest_template() {
+        let list: Vec<QueryDefinitionJson> = serde_json::from_str(
+            r#"[
+              {"ID": "id-near", "Name": "near", "Service": {"Service": "db", "Near": "_agent"}},
+              {"ID": "id-ip", "Name": "by-ip", "Service": {"Service": "db", "Near": "_ip"}},
+              {"ID": "id-plain", "Name": "plain", "Service": {"Service": "db", "Near": ""}},
+              {"ID": "t1", "Name": "web-", "Template": {"Type": "name_prefix_match"}, "Service": {"Near": "node-1"}},
+              {"ID": "t2", "Name": "web-east-", "Template": {"Type": "name_prefix_match"}, "Service": {"Near": ""}}
+            ]"#,
+        )
+        .expect("json");
+        let names = query_names(list, true);
+        assert_eq!(names.sorted("near"), Some(true));
+        assert_eq!(names.sorted("id-near"), Some(true));
+        assert_eq!(names.sorted("by-ip"), Some(false), "_ip: Consul shuffles");
+        assert_eq!(names.sorted("plain"), Some(false));
+        assert_eq!(names.sorted("web-west-1"), Some(true));
+        assert_eq!(
+            names.sorted("web-east-1"),
+            Some(false),
+            "the longest prefix wins"
+        );
+        assert_eq!(names.sorted("other"), None);
     }
 
     #[test]

@@ -26,20 +26,13 @@ const ACCEPTED_MODE_DIFFERENCES: &[(&str, &str)] = &[
          (ANY is an amplification vector; the agent's own answer is not asked for)",
     ),
     (
-        "consul NS",
-        "NS at the apex lists `ns.consul.` in HTTP mode (issue 15, in progress)",
-    ),
-    (
-        "foo.consul SOA",
-        "SOA below the apex is NXDOMAIN in HTTP mode (issue 15, in progress)",
+        "consul A",
+        "the apex asked another type than SOA or NS is NODATA in HTTP mode, where Consul says \
+         NXDOMAIN (which would deny every name below the apex to an RFC 8020 resolver)",
     ),
     (
         "web.service.dc1.dc.consul A",
         "the `.dc` locality label is not read in HTTP mode yet (issue 15, in progress)",
-    ),
-    (
-        "consul AXFR",
-        "AXFR is NODATA in HTTP mode, not NOTIMP (issue 15, in progress)",
     ),
     (
         "2.0.0.127.in-addr.arpa PTR",
@@ -140,6 +133,7 @@ async fn fixture() -> ConsulSim {
     }
     sim.add_service(SimService::new("db-1", "db", "n1", 8080), Status::Critical);
     sim.add_prepared_query("geo", "web", Some("v2"), Some("10s"));
+    sim.add_server("srv-1", "127.0.0.10");
     sim
 }
 

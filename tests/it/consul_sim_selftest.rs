@@ -911,6 +911,146 @@ async fn catalog_node_and_prepared_query() {
     .await;
 }
 
+/// The `consul` service Consul keeps for its servers: ID `consul` on every server, port 8300,
+/// no service check (the node's `serfHealth` alone), Consul's meta; in the services list with
+/// no tags. Shapes as any health entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_are_the_consul_service() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_server("srv-1", "10.0.0.10");
+        sim.add_server("srv-2", "10.0.0.11");
+        sim.set_node_check("srv-2", "serfHealth", Status::Critical);
+        let c = client();
+        let base = sim.http_url();
+
+        let r = get(&c, &format!("{base}/v1/health/service/consul")).await;
+        assert_eq!(r.status, 200);
+        let body = r.json();
+        let entries = body.as_array().expect("array");
+        assert_eq!(entries.len(), 2);
+        for (e, (node, addr)) in entries
+            .iter()
+            .zip([("srv-1", "10.0.0.10"), ("srv-2", "10.0.0.11")])
+        {
+            assert_eq!(e["Node"]["Node"], node);
+            assert_eq!(e["Node"]["Address"], addr);
+            assert_eq!(e["Node"]["Meta"]["consul-network-segment"], "");
+            assert_eq!(e["Service"]["ID"], "consul");
+            assert_eq!(e["Service"]["Service"], "consul");
+            assert_eq!(e["Service"]["Port"], 8300);
+            assert_eq!(e["Service"]["Tags"], serde_json::json!([]));
+            assert_eq!(e["Service"]["Address"], "");
+            assert_eq!(
+                e["Service"]["Weights"],
+                serde_json::json!({"Passing": 1, "Warning": 1})
+            );
+            assert!(e["Service"]["Meta"]["version"].is_string());
+            let checks: Vec<&str> = e["Checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["CheckID"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                checks,
+                ["serfHealth"],
+                "no service check on the consul service"
+            );
+        }
+        // The sample's keys, but for the service's TaggedAddresses (omitted: it has no
+        // address of its own).
+        let theirs: BTreeSet<String> = without(&shape(&sample("health-service")), &["Namespace"])
+            .into_iter()
+            .filter(|p| !p.starts_with("[].Service.TaggedAddresses"))
+            .collect();
+        let ours = without(&shape(&body), &["CreateIndex", "ModifyIndex"]);
+        assert_eq!(ours, theirs);
+        let r = get(&c, &format!("{base}/v1/health/service/consul?passing")).await;
+        assert_eq!(ids(&r.json()), ["consul"], "srv-2's node is critical");
+        let body = get(&c, &format!("{base}/v1/catalog/services")).await.json();
+        assert_eq!(body["consul"], serde_json::json!([]));
+    })
+    .await;
+}
+
+/// Prepared queries as Consul's `PreparedQuery.Execute`: `IgnoreCheckIDs` and `OnlyPassing`
+/// decide health, the result is shuffled, and sorted by distance from `Near` (nodes without a
+/// coordinate last); the definitions list shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_queries_filter_and_sort_like_consul() {
+    use crate::support::consul_sim::SimQuery;
+    within(async {
+        let sim = ConsulSim::start().await;
+        let ms = |m| Some(Duration::from_millis(m));
+        sim.add_at_rtts("web", "10.0.0", 80, &[ms(30), ms(10), None, ms(20), ms(5)]);
+        sim.set_service_check("web-5", Status::Critical);
+        sim.set_service_check("web-4", Status::Warning);
+        let near = |name: &str, near: &str| SimQuery {
+            name: name.into(),
+            service: "web".into(),
+            near: near.into(),
+            ignore_check_ids: vec!["service:web-5".into()],
+            ..SimQuery::default()
+        };
+        sim.add_query(near("near-agent", "_agent"));
+        sim.add_query(near("near-n1", "n1"));
+        sim.add_query(SimQuery {
+            only_passing: true,
+            ..near("passing", "")
+        });
+        let c = client();
+        let base = sim.http_url();
+        let order = |body: &Value| -> Vec<String> {
+            body["Nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["Node"]["Node"].as_str().unwrap().to_string())
+                .collect()
+        };
+        for _ in 0..5 {
+            let body = get(&c, &format!("{base}/v1/query/near-agent/execute"))
+                .await
+                .json();
+            assert_eq!(
+                order(&body),
+                ["n5", "n2", "n4", "n1", "n3"],
+                "web-5's critical check is ignored"
+            );
+            let body = get(&c, &format!("{base}/v1/query/near-n1/execute"))
+                .await
+                .json();
+            assert_eq!(order(&body), ["n1", "n4", "n2", "n5", "n3"]);
+        }
+        let body = get(&c, &format!("{base}/v1/query/passing/execute"))
+            .await
+            .json();
+        let mut got = order(&body);
+        got.sort();
+        assert_eq!(
+            got,
+            ["n1", "n2", "n3", "n5"],
+            "OnlyPassing drops the warning one"
+        );
+
+        let list = get(&c, &format!("{base}/v1/query")).await.json();
+        let def = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["Name"] == "near-agent")
+            .expect("listed");
+        assert_eq!(def["Service"]["Near"], "_agent");
+        assert_eq!(def["Service"]["OnlyPassing"], false);
+        assert_eq!(
+            def["Service"]["IgnoreCheckIDs"],
+            serde_json::json!(["service:web-5"])
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_connection_accounting() {
     within(async {
@@ -1192,6 +1332,126 @@ async fn dns_answers_like_consul() {
 
         // Every message was counted (UDP and TCP).
         assert_eq!(sim.dns_queries(), 19);
+    })
+    .await;
+}
+
+/// The DNS port's answers for the domain as a whole, as `agent/dns.go`'s `handleQuery`: SOA and
+/// NS for any name with the servers as nameservers (glue in additional), AXFR NOTIMP, `.addr`
+/// of another type in additional, node meta with `rfc1035-` in any case, node meta beside
+/// every SRV answer, and prepared queries in `execute`'s order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_soa_ns_axfr_addr_and_meta_like_consul() {
+    use crate::support::consul_sim::SimQuery;
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_server("srv-1", "10.0.0.10");
+        sim.add_server("srv-2", "10.0.0.11");
+        sim.add_server("srv-3", "10.0.0.12");
+        sim.add_server("srv-4", "10.0.0.13");
+        sim.add_server("srv_bad", "10.0.0.14");
+        sim.set_node_check("srv-4", "serfHealth", Status::Critical);
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.meta.insert("RFC1035-spf".into(), "v=spf1 -all".into());
+        n1.meta.insert("rack".into(), "r1".into());
+        sim.add_node(n1);
+        let mut own = svc("own-1", "own", "n1", 9000, &[]);
+        own.address = "10.9.9.9".into();
+        sim.add_service(own, Status::Passing);
+        let dns = sim.dns_addr();
+
+        let servers: BTreeSet<String> = ["srv-1", "srv-2", "srv-3"]
+            .iter()
+            .map(|s| format!("{s}.node.dc1.consul."))
+            .collect();
+        for name in ["consul.", "foo.consul.", "nope.service.consul."] {
+            let (m, _) = dns_udp(dns, name, RecordType::NS, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert!(m.metadata.authoritative);
+            let targets: BTreeSet<String> = m
+                .answers
+                .iter()
+                .map(|r| {
+                    assert_eq!((r.name.to_ascii().as_str(), r.ttl), ("consul.", 0));
+                    match &r.data {
+                        RData::NS(ns) => ns.0.to_ascii(),
+                        other => panic!("{other:?}"),
+                    }
+                })
+                .collect();
+            assert_eq!(
+                targets, servers,
+                "healthy servers with names Consul can write"
+            );
+            let glue: BTreeSet<String> = m.additionals.iter().map(|r| r.name.to_ascii()).collect();
+            assert_eq!(glue, servers);
+            let (m, _) = dns_udp(dns, name, RecordType::SOA, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert_eq!(m.answers.len(), 1);
+            assert_eq!(m.answers[0].name.to_ascii(), "consul.");
+            assert!(matches!(m.answers[0].data, RData::SOA(_)));
+            assert_eq!((m.authorities.len(), m.additionals.len()), (3, 3));
+        }
+        let m = dns_tcp(dns, "consul.", RecordType::AXFR).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        assert!(m.metadata.authoritative && m.answers.is_empty());
+
+        let (m, _) = dns_udp(dns, "7f000001.addr.consul.", RecordType::TXT, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+        assert_eq!(m.additionals.len(), 1);
+        assert!(matches!(m.additionals[0].data, RData::A(_)));
+
+        let txt = |records: &[hickory_proto::rr::Record]| -> Vec<(String, String)> {
+            records
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some((
+                        r.name.to_ascii(),
+                        String::from_utf8_lossy(&t.txt_data[0]).into_owned(),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (m, _) = dns_udp(dns, "n1.node.consul.", RecordType::TXT, None).await;
+        assert_eq!(
+            txt(&m.answers),
+            [
+                ("n1.node.consul.".to_string(), "v=spf1 -all".to_string()),
+                ("n1.node.consul.".to_string(), "rack=r1".to_string())
+            ]
+        );
+        // An instance with its own address: the target is .addr, the TXT the node's name.
+        let (m, _) = dns_udp(dns, "own.service.consul.", RecordType::SRV, None).await;
+        assert_eq!(
+            txt(&m.additionals),
+            [
+                ("n1.node.dc1.consul.".to_string(), "v=spf1 -all".to_string()),
+                ("n1.node.dc1.consul.".to_string(), "rack=r1".to_string())
+            ]
+        );
+
+        // Prepared queries: the order execute gave, not shuffled again.
+        for (i, ms) in [(1, 3), (2, 1), (3, 2)] {
+            let n = format!("q{i}");
+            sim.add_node(node(&n, &format!("10.1.0.{i}")));
+            sim.add_service(
+                svc(&format!("db-{i}"), "db", &n, 5432, &[]),
+                Status::Passing,
+            );
+            sim.set_node_rtt(&n, Duration::from_millis(ms));
+        }
+        sim.add_query(SimQuery {
+            name: "near-db".into(),
+            service: "db".into(),
+            near: "_agent".into(),
+            ..SimQuery::default()
+        });
+        for _ in 0..5 {
+            let (m, _) = dns_udp(dns, "near-db.query.consul.", RecordType::A, None).await;
+            assert_eq!(addresses(&m), ["10.1.0.2", "10.1.0.3", "10.1.0.1"]);
+        }
     })
     .await;
 }

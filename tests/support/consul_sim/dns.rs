@@ -10,12 +10,17 @@
 //! reply is trimmed *silently* (answers dropped until it fits 512 bytes, or the
 //! client's EDNS size, with TC left clear: `enable_truncate = false`).
 //!
-//! Simplifications: no recursion (hostname addresses give a CNAME only), `NS`
-//! questions get NODATA, `connect`/`ingress`/`virtual` lookups are NXDOMAIN (no
-//! mesh), only `dc1` is answered (no WAN translation). Tagged addresses choose
-//! the address as Consul does (`lan_ipv6` for AAAA, `lan_ipv4` for A). Consul's
-//! default `udp_answer_limit` (3) is off unless enabled with
-//! `ConsulSim::set_dns_udp_answer_limit`.
+//! SOA and NS are answered for every name in the domain, the nameservers being
+//! up to three healthy Consul servers (`ConsulSim::add_server`) with their
+//! addresses; AXFR gets NOTIMP; `<hex>.addr` asked with another type has its
+//! record in the additional section; prepared queries answer in the order
+//! `execute` gave (no second shuffle). Tagged addresses choose the address as
+//! Consul does (`lan_ipv6` for AAAA, `lan_ipv4` for A).
+//!
+//! Simplifications: no recursion (hostname addresses give a CNAME only),
+//! `connect`/`ingress`/`virtual` lookups are NXDOMAIN (no mesh), only `dc1` is
+//! answered (no WAN translation). Consul's default `udp_answer_limit` (3) is off
+//! unless enabled with `ConsulSim::set_dns_udp_answer_limit`.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -24,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rand::seq::SliceRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -151,6 +156,8 @@ enum Lookup {
     NxDomain,
     /// Answers and additionals; no answers = NODATA.
     Found(Vec<Record>, Vec<Record>),
+    /// NOERROR with only additional records, no SOA (`.addr` asked with another type).
+    Extra(Vec<Record>),
 }
 
 fn resolve(st: &State, q: &Query, resp: &mut Message) {
@@ -172,11 +179,20 @@ fn resolve(st: &State, q: &Query, resp: &mut Message) {
     let qtype = q.query_type();
     match qtype {
         RecordType::SOA => {
+            let (ns, glue) = nameservers(st);
             resp.answers.push(soa());
+            resp.authorities = ns;
+            resp.additionals = glue;
             return;
         }
         RecordType::NS => {
-            resp.authorities.push(soa());
+            let (ns, glue) = nameservers(st);
+            resp.answers = ns;
+            resp.additionals = glue;
+            return;
+        }
+        RecordType::AXFR => {
+            resp.metadata.response_code = ResponseCode::NotImp;
             return;
         }
         _ => {}
@@ -194,7 +210,40 @@ fn resolve(st: &State, q: &Query, resp: &mut Message) {
                 resp.additionals = additionals;
             }
         }
+        Lookup::Extra(additionals) => resp.additionals = additionals,
     }
+}
+
+/// Consul's `getNameserversAndNodeRecord`: up to three healthy servers, shuffled,
+/// those whose name has anything but letters, digits and `-` skipped, as
+/// `<node>.node.dc1.consul.` NS records owned by the domain, their addresses as
+/// glue (TTL 0, the default `node_ttl`).
+fn nameservers(st: &State) -> (Vec<Record>, Vec<Record>) {
+    let mut servers = st.healthy_instances(DATACENTER, "consul", None);
+    servers.shuffle(&mut rand::rng());
+    let mut ns = Vec::new();
+    let mut glue = Vec::new();
+    let domain = Name::from_ascii(DOMAIN).expect("static name");
+    for s in servers {
+        let name = &s.node.node.name;
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            continue;
+        }
+        let Ok(target) = Name::from_ascii(format!(
+            "{}.node.{DATACENTER}.{DOMAIN}",
+            name.to_ascii_lowercase()
+        )) else {
+            continue;
+        };
+        if let Ok(ip) = s.node.node.address.parse::<IpAddr>() {
+            glue.push(ip_record(&target, ip, 0));
+        }
+        ns.push(Record::from_rdata(domain.clone(), 0, RData::NS(NS(target))));
+        if ns.len() == 3 {
+            break;
+        }
+    }
+    (ns, glue)
 }
 
 /// `labels`: the question name without the domain, lowercased.
@@ -241,10 +290,11 @@ fn lookup(st: &State, qname: &Name, labels: &[String], qtype: RecordType) -> Loo
                         (n > 1).then(|| parts[..n - 1].join(".")),
                     )
                 };
-            let insts = st.healthy_instances(DATACENTER, service, tag.as_deref());
+            let mut insts = st.healthy_instances(DATACENTER, service, tag.as_deref());
             if insts.is_empty() {
                 return Lookup::NxDomain;
             }
+            insts.shuffle(&mut rand::rng());
             service_records(qname, insts, qtype, 0)
         }
         "query" => {
@@ -256,7 +306,8 @@ fn lookup(st: &State, qname: &Name, labels: &[String], qtype: RecordType) -> Loo
                 .as_deref()
                 .and_then(parse_go_duration)
                 .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
-            let insts = st.healthy_instances(DATACENTER, &q.service, q.tag.as_deref());
+            // The executed result as it comes: Consul's DNS does not shuffle it again.
+            let insts = st.execute(q);
             if insts.is_empty() {
                 return Lookup::NxDomain;
             }
@@ -315,14 +366,8 @@ fn fqdn(host: &str) -> Option<Name> {
     Name::from_ascii(s).ok()
 }
 
-/// A/AAAA/ANY and SRV answers for healthy instances, shuffled per query.
-fn service_records(
-    qname: &Name,
-    mut insts: Vec<Instance<'_>>,
-    qtype: RecordType,
-    ttl: u32,
-) -> Lookup {
-    insts.shuffle(&mut rand::rng());
+/// A/AAAA/ANY and SRV answers for `insts`, in their order.
+fn service_records(qname: &Name, insts: Vec<Instance<'_>>, qtype: RecordType, ttl: u32) -> Lookup {
     match qtype {
         RecordType::A | RecordType::AAAA | RecordType::ANY => {
             let mut answers = Vec::new();
@@ -375,9 +420,16 @@ fn service_records(
                     s.weights.0
                 };
                 let weight = u16::try_from(weight).unwrap_or(u16::MAX);
-                let Some((target, recs)) = srv_target(i, ttl) else {
+                let Some((target, mut recs)) = srv_target(i, ttl) else {
                     continue;
                 };
+                // Node meta for every instance, owned by its node's name whatever the
+                // target (`enable_additional_node_meta_txt`, on by default).
+                if let Ok(owner) =
+                    Name::from_ascii(format!("{}.node.{DATACENTER}.{DOMAIN}", i.node.node.name))
+                {
+                    recs.extend(meta_txt(&owner, &i.node.node.meta, ttl));
+                }
                 answers.push(Record::from_rdata(
                     qname.clone(),
                     ttl,
@@ -417,7 +469,6 @@ fn srv_target(i: &Instance<'_>, ttl: u32) -> Option<(Name, Vec<Record>)> {
                 }
             }
         }
-        recs.extend(meta_txt(&target, &node.meta, ttl));
         return Some((target, recs));
     }
     match addr.parse::<IpAddr>() {
@@ -498,12 +549,11 @@ fn addr_records(qname: &Name, parts: &[String], qtype: RecordType) -> Lookup {
         IpAddr::V4(_) => wants_v4(qtype),
         IpAddr::V6(_) => wants_v6(qtype),
     };
-    let answers = if wanted {
-        vec![ip_record(qname, ip, 0)]
+    if wanted {
+        Lookup::Found(vec![ip_record(qname, ip, 0)], Vec::new())
     } else {
-        Vec::new()
-    };
-    Lookup::Found(answers, Vec::new())
+        Lookup::Extra(vec![ip_record(qname, ip, 0)])
+    }
 }
 
 /// Consul's `handlePtr`, for every question under `arpa.` whatever its type: the first node (in
@@ -575,7 +625,10 @@ fn meta_txt(
 ) -> Vec<Record> {
     meta.iter()
         .map(|(k, v)| {
-            let s = if k.starts_with("rfc1035-") {
+            let s = if k
+                .get(..8)
+                .is_some_and(|p| p.eq_ignore_ascii_case("rfc1035-"))
+            {
                 v.clone()
             } else {
                 format!("{}={}", rfc1464_key(k), v.replace('`', "``"))

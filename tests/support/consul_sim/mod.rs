@@ -146,6 +146,25 @@ impl SimService {
     }
 }
 
+/// A prepared query's definition: the parts of Consul's `PreparedQuery` the simulator executes
+/// (see [`ConsulSim::add_query`]).
+#[derive(Clone, Debug, Default)]
+pub struct SimQuery {
+    pub name: String,
+    pub service: String,
+    /// `Service.Tags`, one tag at most here.
+    pub tag: Option<String>,
+    /// `DNS.TTL`, a Go duration such as `"10s"` (`None` = `""`: the DNS interface falls back
+    /// to the service TTL).
+    pub dns_ttl: Option<String>,
+    /// `Service.OnlyPassing`: instances with a warning check are left out too.
+    pub only_passing: bool,
+    /// `Service.IgnoreCheckIDs`: checks that do not count for health.
+    pub ignore_check_ids: Vec<String>,
+    /// `Service.Near`: a node name, `_agent` or `_ip` (results sorted by distance from it).
+    pub near: String,
+}
+
 /// A health check status. Consul also knows `maintenance`, which it reports as
 /// `critical` on the wire, so three values cover everything a client can see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -620,8 +639,57 @@ impl ConsulSim {
         tag: Option<&str>,
         dns_ttl: Option<&str>,
     ) {
+        self.add_query(SimQuery {
+            name: name.into(),
+            service: service.into(),
+            tag: tag.map(Into::into),
+            dns_ttl: dns_ttl.map(Into::into),
+            ..SimQuery::default()
+        });
+    }
+
+    /// Creates (or replaces) a prepared query with every option [`SimQuery`] has.
+    pub fn add_query(&self, q: SimQuery) {
+        self.inner.mutate(|st| st.add_query(q));
+    }
+
+    /// Gives `node` a network coordinate `rtt` away from the agent (distances between nodes
+    /// are differences along one line), so prepared queries with `Near` sort by it. Not a
+    /// catalog write: no index moves.
+    pub fn set_node_rtt(&self, node: &str, rtt: Duration) {
         self.inner
-            .mutate(|st| st.add_query(name, service, tag, dns_ttl));
+            .state()
+            .coordinates
+            .insert(node.to_string(), rtt.as_secs_f64());
+    }
+
+    /// Registers a passing instance of `service` (as [`ConsulSim::add_simple`]: IDs
+    /// `<service>-1`, `-2`, ... for a new service) on each node `n<i>` (`i` from 1) at
+    /// `<prefix>.<i>`, node `n<i>` `rtts[i - 1]` away from the agent (`None`: no coordinate).
+    /// For prepared queries with `Near`.
+    pub fn add_at_rtts(&self, service: &str, prefix: &str, port: u16, rtts: &[Option<Duration>]) {
+        for (i, rtt) in (1..).zip(rtts) {
+            let node = format!("n{i}");
+            self.add_simple(service, &node, &format!("{prefix}.{i}"), port);
+            if let Some(rtt) = rtt {
+                self.set_node_rtt(&node, *rtt);
+            }
+        }
+    }
+
+    /// Registers a Consul server: node `node` at `address` (with the meta Consul writes on
+    /// every node) and the `consul` service Consul keeps for its servers. Their names are
+    /// the domain's nameservers in Consul's DNS.
+    pub fn add_server(&self, node: &str, address: &str) {
+        self.add_node(SimNode {
+            name: node.to_string(),
+            address: address.to_string(),
+            meta: [("consul-network-segment".to_string(), String::new())]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        });
+        self.inner.mutate(|st| st.add_server(node));
     }
 
     /// Number of HTTP requests whose (percent-decoded) path starts with

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value};
 
-use super::{SimNode, SimService, Status, AGENT_NODE, DATACENTER};
+use super::{SimNode, SimQuery, SimService, Status, AGENT_NODE, DATACENTER};
 
 pub(super) struct CheckRec {
     pub name: String,
@@ -62,12 +62,17 @@ pub(super) struct SvcRec {
     pub checks: BTreeMap<String, CheckRec>,
 }
 
+/// A prepared query: its generated ID and its definition (read through `Deref`).
 pub(super) struct QueryRec {
     pub id: String,
-    pub name: String,
-    pub service: String,
-    pub tag: Option<String>,
-    pub dns_ttl: Option<String>,
+    def: SimQuery,
+}
+
+impl std::ops::Deref for QueryRec {
+    type Target = SimQuery;
+    fn deref(&self) -> &SimQuery {
+        &self.def
+    }
 }
 
 pub(super) struct State {
@@ -89,6 +94,10 @@ pub(super) struct State {
     /// the last instance is removed, like Consul's per-service index entry.
     pub service_index: HashMap<String, u64>,
     pub queries: Vec<QueryRec>,
+    /// Network coordinates, reduced to a distance on a line from the agent (at 0): nodes
+    /// listed here are sorted by `Near`; the others have no coordinate, as a node whose agent
+    /// has not sent one yet.
+    pub coordinates: HashMap<String, f64>,
 }
 
 /// A service instance joined with its node, what health endpoints and DNS work on.
@@ -209,6 +218,7 @@ impl State {
             by_name: HashMap::new(),
             service_index: HashMap::new(),
             queries: Vec::new(),
+            coordinates: HashMap::new(),
         }
     }
 
@@ -420,16 +430,118 @@ impl State {
         self.touch_services_on_node(node, idx);
     }
 
-    pub fn add_query(&mut self, name: &str, service: &str, tag: Option<&str>, ttl: Option<&str>) {
+    pub fn add_query(&mut self, q: SimQuery) {
         self.bump();
-        self.queries.retain(|q| q.name != name);
+        self.queries.retain(|old| old.name != q.name);
         self.queries.push(QueryRec {
-            id: uuid_from(&format!("query/{name}")),
-            name: name.to_string(),
-            service: service.to_string(),
-            tag: tag.map(str::to_string),
-            dns_ttl: ttl.map(str::to_string),
+            id: uuid_from(&format!("query/{}", q.name)),
+            def: q,
         });
+    }
+
+    /// Registers a Consul server on `node` (which must exist): the `consul` service Consul
+    /// keeps for its servers, ID `consul` on every server, port 8300, no service check (only
+    /// the node's `serfHealth` decides its health), and the meta Consul writes for it.
+    pub fn add_server(&mut self, node: &str) {
+        assert!(
+            self.nodes.contains_key(node),
+            "consul_sim: add_server: node {node:?} not added"
+        );
+        let idx = self.bump();
+        self.services_index = idx;
+        let meta: BTreeMap<String, String> = [
+            ("grpc_port", "8502"),
+            ("non_voter", "false"),
+            ("raft_version", "3"),
+            ("read_replica", "false"),
+            ("serf_protocol_current", "2"),
+            ("serf_protocol_max", "5"),
+            ("serf_protocol_min", "1"),
+            ("version", "1.21.0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let svc = SimService {
+            id: "consul".into(),
+            service: "consul".into(),
+            node: node.to_string(),
+            address: String::new(),
+            port: 8300,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta,
+            ..Default::default()
+        };
+        // Keyed apart from other instances: every server's instance has the ID `consul`.
+        let key = format!("consul@{node}");
+        self.by_name
+            .entry("consul".into())
+            .or_default()
+            .insert(key.clone());
+        self.services.insert(
+            key,
+            SvcRec {
+                svc,
+                create: idx,
+                modify: idx,
+                checks: BTreeMap::new(),
+            },
+        );
+        self.touch_service("consul", idx);
+    }
+
+    /// What `/v1/query/<q>/execute` returns, as Consul's `PreparedQuery.Execute`: the
+    /// service's instances with the query's tag, without any critical check (checks in
+    /// `IgnoreCheckIDs` do not count) or, with `OnlyPassing`, any check not passing; shuffled,
+    /// then sorted by distance from `Near` when it names a node with a coordinate (`_agent`
+    /// is the agent; `_ip` the node at the requester's address, 127.0.0.1 here), nodes without
+    /// one last.
+    pub fn execute(&self, q: &QueryRec) -> Vec<Instance<'_>> {
+        use rand::seq::SliceRandom;
+        let counts = |id: &str| !q.ignore_check_ids.iter().any(|i| i == id);
+        let mut insts: Vec<Instance<'_>> = self
+            .instances(DATACENTER, &q.service)
+            .into_iter()
+            .filter(|i| q.tag.as_deref().is_none_or(|t| has_tag(&i.svc.svc, t)))
+            .filter(|i| {
+                i.checks().all(|(id, c, _)| {
+                    !counts(id)
+                        || match c.status {
+                            Status::Passing => true,
+                            Status::Warning => !q.only_passing,
+                            Status::Critical => false,
+                        }
+                })
+            })
+            .collect();
+        insts.shuffle(&mut rand::rng());
+        let source = match q.near.as_str() {
+            "" => None,
+            "_agent" => Some(AGENT_NODE.to_string()),
+            "_ip" => self
+                .nodes
+                .values()
+                .find(|n| n.node.address == "127.0.0.1")
+                .map(|n| n.node.name.clone()),
+            node => Some(node.to_string()),
+        };
+        let origin = source.and_then(|s| {
+            if s == AGENT_NODE {
+                Some(0.0)
+            } else {
+                self.coordinates.get(&s).copied()
+            }
+        });
+        if let Some(origin) = origin {
+            let distance = |i: &Instance<'_>| {
+                self.coordinates
+                    .get(&i.node.node.name)
+                    .map_or(f64::INFINITY, |c| (c - origin).abs())
+            };
+            insts.sort_by(|a, b| distance(a).total_cmp(&distance(b)));
+        }
+        insts
     }
 
     /// Registers many instances as one write (one index bump, like a Consul
@@ -762,9 +874,13 @@ impl State {
                         "Service": {
                             "Service": q.service,
                             "Failover": { "NearestN": 0, "Datacenters": null },
-                            "OnlyPassing": false,
-                            "IgnoreCheckIDs": null,
-                            "Near": "",
+                            "OnlyPassing": q.only_passing,
+                            "IgnoreCheckIDs": if q.ignore_check_ids.is_empty() {
+                                Value::Null
+                            } else {
+                                json!(q.ignore_check_ids)
+                            },
+                            "Near": q.near,
                             "Tags": q.tag.iter().collect::<Vec<_>>(),
                             "NodeMeta": null,
                             "ServiceMeta": null,
@@ -791,12 +907,9 @@ impl State {
     }
 
     /// Body of `/v1/query/<name or id>/execute` (the real wire shape: Service,
-    /// Nodes, DNS, Datacenter, Failovers at the top level). Results are shuffled
-    /// like Consul does when no `near` sorting applies.
+    /// Nodes, DNS, Datacenter, Failovers at the top level), with [`State::execute`]'s result.
     pub fn query_execute_json(&self, q: &QueryRec) -> Value {
-        use rand::seq::SliceRandom;
-        let mut insts = self.healthy_instances(DATACENTER, &q.service, q.tag.as_deref());
-        insts.shuffle(&mut rand::rng());
+        let insts = self.execute(q);
         let nodes: Vec<Value> = insts.iter().map(|i| self.entry_json(i, true)).collect();
         json!({
             "Service": q.service,

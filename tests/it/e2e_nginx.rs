@@ -383,7 +383,9 @@ async fn nginx_spread_over_20_backends_per_answer_size_policy() {
         let (spread, per_window) = &results[p];
         assert_eq!(spread.used(), 20, "{}", spread.summary());
         assert!(spread.max_share() < 10.0, "{}", spread.summary());
-        assert!(*per_window > 15.0, "{per_window}");
+        // About 20 when requests keep their 25 ms pace; a loaded machine slows the pace, not
+        // the spread, so the bound sits well clear of the limited policies' 4 and 1.
+        assert!(*per_window > 10.0, "{per_window}");
     }
     // Three (or one) per answer: only those serve until nginx resolves again.
     assert!(

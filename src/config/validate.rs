@@ -225,33 +225,61 @@ impl FileCache {
     }
 }
 
+/// `consul.watch_wait`, within what Consul accepts for a blocking query.
+fn watch_wait(value: Option<ConfigDuration>, errors: &mut Errors) -> Duration {
+    let watch_wait = duration_or(value, DEFAULT_WATCH_WAIT);
+    if !(MIN_WATCH_WAIT..=MAX_WATCH_WAIT).contains(&watch_wait) {
+        errors.invalid(
+            "consul",
+            "watch_wait",
+            format!(
+                "must be between {} and {} (Consul caps blocking queries at 10 minutes)",
+                format_duration(MIN_WATCH_WAIT),
+                format_duration(MAX_WATCH_WAIT)
+            ),
+        );
+    }
+    watch_wait
+}
+
+/// `consul.max_connections`: room for a blocking watch and a first lookup, at least.
+fn consul_max_connections(value: Option<usize>, errors: &mut Errors) -> usize {
+    let max_connections = value
+        .unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS)
+        .min(MAX_CONCURRENCY_LIMIT);
+    if max_connections < MIN_CONSUL_CONNECTIONS {
+        errors.invalid(
+            "consul",
+            "max_connections",
+            format!("must be at least {MIN_CONSUL_CONNECTIONS} (one for blocking watches, one for first lookups)"),
+        );
+    }
+    max_connections
+}
+
+/// `consul.watch_idle`: long enough for a watcher to see Consul's first answer.
+fn watch_idle(value: Option<ConfigDuration>, errors: &mut Errors) -> Duration {
+    let watch_idle = duration_or(value, DEFAULT_WATCH_IDLE);
+    if watch_idle < MIN_WATCH_IDLE {
+        errors.invalid(
+            "consul",
+            "watch_idle",
+            format!(
+                "must be at least {} (a watcher checks it before its first request: a shorter \
+                 one stops before Consul answers, and every name gets SERVFAIL)",
+                format_duration(MIN_WATCH_IDLE)
+            ),
+        );
+    }
+    watch_idle
+}
+
 impl FileConsul {
     pub(super) fn validate(self, errors: &mut Errors) -> ConsulConfig {
         let domains = consul_domains(self.domain, self.alt_domains, errors);
         let service_ttl = service_ttls(self.service_ttl.unwrap_or_default(), errors);
-        let watch_wait = duration_or(self.watch_wait, DEFAULT_WATCH_WAIT);
-        if !(MIN_WATCH_WAIT..=MAX_WATCH_WAIT).contains(&watch_wait) {
-            errors.invalid(
-                "consul",
-                "watch_wait",
-                format!(
-                    "must be between {} and {} (Consul caps blocking queries at 10 minutes)",
-                    format_duration(MIN_WATCH_WAIT),
-                    format_duration(MAX_WATCH_WAIT)
-                ),
-            );
-        }
-        let max_connections = self
-            .max_connections
-            .unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS)
-            .min(MAX_CONCURRENCY_LIMIT);
-        if max_connections < MIN_CONSUL_CONNECTIONS {
-            errors.invalid(
-                "consul",
-                "max_connections",
-                format!("must be at least {MIN_CONSUL_CONNECTIONS} (one for blocking watches, one for first lookups)"),
-            );
-        }
+        let watch_wait = watch_wait(self.watch_wait, errors);
+        let max_connections = consul_max_connections(self.max_connections, errors);
         let mode = self.mode.unwrap_or(DEFAULT_CONSUL_MODE);
         let has_catalog = self.catalog_file.is_some();
         let (http, dns) = consul_agents(self.http, self.dns, mode, has_catalog, errors);
@@ -266,18 +294,7 @@ impl FileConsul {
         }
         let stale_for = duration_or(self.stale_for, DEFAULT_CONSUL_STALE_FOR);
         check_stale_for(mode, stale_for, watch_wait, errors);
-        let watch_idle = duration_or(self.watch_idle, DEFAULT_WATCH_IDLE);
-        if watch_idle < MIN_WATCH_IDLE {
-            errors.invalid(
-                "consul",
-                "watch_idle",
-                format!(
-                    "must be at least {} (a watcher checks it before its first request: a shorter \
-                     one stops before Consul answers, and every name gets SERVFAIL)",
-                    format_duration(MIN_WATCH_IDLE)
-                ),
-            );
-        }
+        let watch_idle = watch_idle(self.watch_idle, errors);
         let node_ttl = duration_or(self.node_ttl, DEFAULT_NODE_TTL);
         let (soa, negative_ttl) = soa_settings(self.soa, self.negative_ttl, errors);
         for (key, ttl) in [("node_ttl", node_ttl), ("negative_ttl", negative_ttl)] {

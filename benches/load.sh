@@ -185,11 +185,13 @@ wait_dns() { # port name: until it answers NOERROR (10 s at most)
 }
 
 # ---------------------------------------------------------------- upstream (unbound, zone test.)
-{
+# The server: lines both unbound instances share (the upstream and the unbound contender):
+# one thread in the foreground, no files outside $W, loopback only.
+unbound_server() { # port
   cat <<EOF
 server:
-  interface: 127.0.0.1@$UP_PORT
-  port: $UP_PORT
+  interface: 127.0.0.1@$1
+  port: $1
   num-threads: 1
   do-daemonize: no
   username: ""
@@ -201,6 +203,12 @@ server:
   verbosity: 0
   do-ip6: no
   access-control: 127.0.0.0/8 allow
+EOF
+}
+
+{
+  unbound_server "$UP_PORT"
+  cat <<EOF
   module-config: "iterator"
   local-zone: "test." static
   local-data: "test. 3600 IN SOA ns.test. hostmaster.test. 1 3600 600 86400 60"
@@ -311,21 +319,9 @@ server=/consul/127.0.0.1#$SIM_DNS_PORT
 server=127.0.0.1#$UP_PORT
 cache-size=100000
 EOF
-  cat >"$W/unbound.conf" <<EOF
-server:
-  interface: 127.0.0.1@$PORT
-  port: $PORT
-  num-threads: 1
-  do-daemonize: no
-  username: ""
-  chroot: ""
-  directory: "$W"
-  pidfile: ""
-  use-syslog: no
-  logfile: ""
-  verbosity: 0
-  do-ip6: no
-  access-control: 127.0.0.0/8 allow
+  {
+    unbound_server "$PORT"
+    cat <<EOF
   # No DNSSEC validation: none of the others validate either.
   module-config: "iterator"
   do-not-query-localhost: no
@@ -342,6 +338,7 @@ forward-zone:
   name: "."
   forward-addr: 127.0.0.1@$UP_PORT
 EOF
+  } >"$W/unbound.conf"
   unbound-checkconf "$W/unbound.conf" >/dev/null || die "unbound config rejected"
 }
 start_sim shared

@@ -290,6 +290,8 @@ fn bench_consul_view(c: &mut Criterion) {
         negative_ttl: 5,
         a_record_limit: 0,
         serial: 1,
+        peer: None,
+        partition: None,
     };
     let srv_ctx = Ctx {
         qtype: RecordType::SRV,

@@ -48,6 +48,64 @@ pub(crate) struct ServiceJson {
     pub(crate) port: u16,
     #[serde(default)]
     pub(crate) weights: Option<WeightsJson>,
+    /// Only `consul-virtual` is read: the virtual IP Consul gives every Connect instance of a
+    /// service (transparent proxy), what `<service>.virtual` answers.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub(crate) tagged_addresses: VirtualAddressJson,
+    /// `connect-proxy` for a sidecar, `ingress-gateway` for a gateway, "" for a plain service:
+    /// the catalog file's `.connect` views are made from these.
+    #[serde(default)]
+    pub(crate) kind: String,
+    #[serde(default)]
+    pub(crate) proxy: Option<ProxyJson>,
+    #[serde(default)]
+    pub(crate) connect: Option<ConnectJson>,
+}
+
+/// `Service.TaggedAddresses`, of which only the virtual IP is kept (the others cost an
+/// allocation per instance of every fetch and no answer here uses them).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub(crate) struct VirtualAddressJson {
+    #[serde(rename = "consul-virtual", default)]
+    pub(crate) virtual_ip: Option<TaggedAddressJson>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct TaggedAddressJson {
+    #[serde(rename = "Address", alias = "address", default)]
+    pub(crate) address: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ProxyJson {
+    #[serde(default)]
+    pub(crate) destination_service_name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ConnectJson {
+    #[serde(default)]
+    pub(crate) native: bool,
+}
+
+impl ServiceJson {
+    /// The service this instance serves Connect traffic for, if any: a sidecar proxy's
+    /// destination, or the service itself when it is Connect-native (what
+    /// `/v1/health/connect/<service>` returns).
+    pub(crate) fn connect_destination<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        if self.kind == "connect-proxy" {
+            self.proxy
+                .as_ref()
+                .map(|p| p.destination_service_name.as_str())
+                .filter(|d| !d.is_empty())
+        } else if self.connect.as_ref().is_some_and(|c| c.native) {
+            Some(name)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -271,6 +329,9 @@ impl Instance {
 pub struct ServiceView {
     pub(crate) instances: Vec<Instance>,
     pub(crate) datacenter: String,
+    /// The `consul-virtual` tagged address of the first instance that has one (Connect
+    /// instances of a service share it): `<service>.virtual`.
+    pub(crate) virtual_ip: Option<IpAddr>,
     /// Selections already computed for this view (per tag and health rule), so a query costs the
     /// same whatever the number of instances.
     selections: Mutex<Selections>,
@@ -338,24 +399,30 @@ impl ServiceView {
         ServiceView {
             instances,
             datacenter: datacenter.to_owned(),
+            virtual_ip: None,
             selections: Mutex::new(Selections::default()),
         }
     }
 
     pub fn from_entries(entries: &[HealthEntry], datacenter: &str) -> ServiceView {
         let mut strings = Interner::default();
-        ServiceView::new(
+        let mut view = ServiceView::new(
             entries
                 .iter()
                 .map(|e| Instance::from_entry_in(e, &mut strings))
                 .collect(),
             datacenter,
-        )
+        );
+        view.virtual_ip = entries.iter().find_map(|e| {
+            let tagged = e.service.tagged_addresses.virtual_ip.as_ref()?;
+            tagged.address.parse().ok()
+        });
+        view
     }
 
     /// The same data as another view? (A blocking query can return without a change.)
     pub(crate) fn same_data(&self, other: &ServiceView) -> bool {
-        self.instances == other.instances
+        self.instances == other.instances && self.virtual_ip == other.virtual_ip
     }
 
     pub(crate) fn healthy_count(&self, only_passing: bool) -> usize {

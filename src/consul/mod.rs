@@ -29,7 +29,7 @@ use hickory_proto::rr::{DNSClass, RecordType};
 use tokio_util::sync::CancellationToken;
 
 use self::catalog::{NodeView, QueryView, ServiceView};
-use self::name::ConsulName;
+use self::name::{ConsulName, ServiceKind, Tenancy, ViewKey};
 use self::records::{Ctx, Plan};
 use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::config::{Config, ConsulConfig, ConsulMode};
@@ -59,15 +59,14 @@ pub trait Backend: Send + Sync {
     fn ready(&self) -> Result<(), String> {
         Ok(())
     }
-    async fn service(
-        &self,
-        service: &str,
-        dc: Option<&str>,
-    ) -> Result<Arc<ServiceView>, LookupError>;
+    /// The view of a service lookup (`.service`, `.connect` or `.ingress`, in a datacenter,
+    /// peer, namespace and partition).
+    async fn service(&self, key: &ViewKey) -> Result<Arc<ServiceView>, LookupError>;
     async fn node(
         &self,
         node: &str,
         dc: Option<&str>,
+        tenancy: &Tenancy,
     ) -> Result<Option<Arc<NodeView>>, LookupError>;
     async fn query(
         &self,
@@ -155,49 +154,70 @@ impl ConsulSource {
             negative_ttl: secs(cfg.negative_ttl),
             a_record_limit: cfg.a_record_limit,
             serial,
+            peer: None,
+            partition: None,
         };
         let built = match &parsed.name {
-            ConsulName::Apex => Plan::Done(records::apex_answer(&ctx)),
-            ConsulName::Invalid => Plan::Done(records::nxdomain(&ctx)),
-            ConsulName::Addr { ip } => Plan::Done(records::addr_answer(*ip, &ctx)),
-            ConsulName::Service { service, tag, dc } => {
-                let dc = norm(dc);
-                match self.backend.service(service, dc.as_deref()).await {
-                    Ok(view) => {
-                        ctx.ttl = secs(cfg.service_ttl_for(service));
-                        let dc_name = dc.clone().unwrap_or_else(|| ctx.dc.to_owned());
-                        self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, &dc_name)
-                    }
-                    Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Plan::Done(records::nxdomain(&ctx))
-                    }
-                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+            ConsulName::Apex => Ok(Plan::Done(records::apex_answer(&ctx))),
+            ConsulName::Invalid => Ok(Plan::Done(records::nxdomain(&ctx))),
+            ConsulName::Addr { ip } => Ok(Plan::Done(records::addr_answer(*ip, &ctx))),
+            ConsulName::Service {
+                service,
+                tag,
+                kind,
+                dc,
+                tenancy,
+            } => {
+                let key = ViewKey::new(service, norm(dc), *kind, tenancy);
+                self.backend.service(&key).await.map(|view| {
+                    ctx.ttl = secs(cfg.service_ttl_for(service));
+                    ctx.peer = tenancy.peer.as_deref();
+                    ctx.partition = tenancy.partition.as_deref();
+                    let dc_name = key.dc.clone().unwrap_or_else(|| ctx.dc.to_owned());
+                    self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, &dc_name)
+                })
+            }
+            ConsulName::Virtual { service, tenancy } => {
+                // The connect view carries the virtual IP (every connect instance has it).
+                let key = ViewKey::new(service, None, ServiceKind::Connect, tenancy);
+                match self.backend.service(&key).await {
+                    Ok(view) => Ok(Plan::Done(records::virtual_answer(view.virtual_ip, &ctx))),
+                    Err(e @ LookupError::Unavailable(_)) => Err(e),
+                    // Consul answers NOERROR without records for a service it has no virtual
+                    // IP for, known or not.
+                    Err(_) => Ok(Plan::Done(records::virtual_answer(None, &ctx))),
                 }
             }
-            ConsulName::Node { node, dc } => {
-                match self.backend.node(node, norm(dc).as_deref()).await {
-                    Ok(node) => records::node_answer(node.as_deref(), &ctx),
-                    Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Plan::Done(records::nxdomain(&ctx))
-                    }
-                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
-                }
-            }
+            ConsulName::Node { node, dc, tenancy } => self
+                .backend
+                .node(node, norm(dc).as_deref(), tenancy)
+                .await
+                .map(|node| records::node_answer(node.as_deref(), &ctx)),
             ConsulName::Query { query, dc } => {
-                match self.backend.query(query, norm(dc).as_deref()).await {
-                    Ok(Some(qv)) => {
+                let found = self.backend.query(query, norm(dc).as_deref()).await;
+                found.map(|found| match found {
+                    Some(qv) => {
                         ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
                         let dc_name = ctx.dc.to_owned();
                         self.answer_from_view(&qv.service, None, q, limit, &ctx, &dc_name)
                     }
-                    Ok(None) | Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Plan::Done(records::nxdomain(&ctx))
-                    }
-                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
-                }
+                    None => Plan::Done(records::nxdomain(&ctx)),
+                })
             }
         };
-        match built {
+        let built = match built {
+            Ok(plan) => plan,
+            Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
+                Plan::Done(records::nxdomain(&ctx))
+            }
+            Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+        };
+        self.finish(built, q, limit).await
+    }
+
+    /// The answer of a plan: a CNAME is followed by its target's records, resolved upstream.
+    async fn finish(&self, plan: Plan, q: &Question, limit: usize) -> Answer {
+        match plan {
             Plan::Done(answer) => answer,
             Plan::Cname { mut answer, target } => {
                 // The CNAME first, then the target's records, in chain order (glibc ≥ 2.37

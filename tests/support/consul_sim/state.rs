@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value};
 
-use super::{SimNode, SimService, Status, AGENT_NODE, DATACENTER};
+use super::{SimKind, SimMesh, SimNode, SimService, Status, AGENT_NODE, DATACENTER};
 
 pub(super) struct CheckRec {
     pub name: String,
@@ -28,6 +28,10 @@ pub(super) struct CheckRec {
 
 pub(super) struct NodeRec {
     pub node: SimNode,
+    /// The cluster peer the node was imported from, and its admin partition (`None`: the
+    /// default one): a node belongs to one of each, its instances with it.
+    pub peer: Option<String>,
+    pub partition: Option<String>,
     pub id: String,
     pub create: u64,
     pub modify: u64,
@@ -36,6 +40,8 @@ pub(super) struct NodeRec {
 
 pub(super) struct SvcRec {
     pub svc: SimService,
+    /// Connect role and namespace (`SimMesh::default()`: a plain service in `default`).
+    pub mesh: SimMesh,
     pub create: u64,
     pub modify: u64,
     pub checks: BTreeMap<String, CheckRec>,
@@ -68,6 +74,53 @@ pub(super) struct State {
     /// the last instance is removed, like Consul's per-service index entry.
     pub service_index: HashMap<String, u64>,
     pub queries: Vec<QueryRec>,
+    /// Cluster peerings (`/v1/peerings`), by name.
+    pub peerings: BTreeSet<String>,
+    /// Consul Enterprise: admin partitions and (partition, namespace) pairs beyond the
+    /// built-in `default` ones. Consul CE has neither (`enterprise` off).
+    pub enterprise: bool,
+    pub partitions: BTreeSet<String>,
+    pub namespaces: BTreeSet<(String, String)>,
+    /// Virtual IPs by (peer, service), given out from 240.0.0.1 on in registration order of
+    /// the service's first Connect instance, as Consul's state store does. Kept after the
+    /// instances go (Consul frees them only with the last one; tests do not need that).
+    pub virtual_ips: BTreeMap<(String, String), String>,
+}
+
+/// Which instances a request selects: its `peer`, `ns` and `partition` parameters (empty
+/// or absent: local, `default`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Scope {
+    pub peer: String,
+    pub ns: String,
+    pub partition: String,
+}
+
+impl Scope {
+    fn norm(s: &Option<String>) -> &str {
+        match s.as_deref() {
+            None | Some("") | Some("default") => "default",
+            Some(other) => other,
+        }
+    }
+
+    fn of_default(s: &str) -> &str {
+        if s.is_empty() {
+            "default"
+        } else {
+            s
+        }
+    }
+
+    /// Does a node of `peer`/`partition` belong to this scope?
+    pub fn has_node(&self, n: &NodeRec) -> bool {
+        n.peer.as_deref().unwrap_or("") == self.peer
+            && Self::norm(&n.partition) == Self::of_default(&self.partition)
+    }
+
+    pub fn has(&self, i: &Instance<'_>) -> bool {
+        self.has_node(i.node) && Self::norm(&i.svc.mesh.namespace) == Self::of_default(&self.ns)
+    }
 }
 
 /// A service instance joined with its node, what health endpoints and DNS work on.
@@ -175,6 +228,11 @@ impl State {
             by_name: HashMap::new(),
             service_index: HashMap::new(),
             queries: Vec::new(),
+            peerings: BTreeSet::new(),
+            enterprise: false,
+            partitions: BTreeSet::new(),
+            namespaces: BTreeSet::new(),
+            virtual_ips: BTreeMap::new(),
         }
     }
 
@@ -210,8 +268,18 @@ impl State {
     }
 
     pub fn add_node(&mut self, node: SimNode) {
+        self.add_node_in(node, None, None);
+    }
+
+    /// [`State::add_node`] for a node of cluster peer `peer` and partition `partition`.
+    pub fn add_node_in(&mut self, node: SimNode, peer: Option<&str>, partition: Option<&str>) {
+        let (peer, partition) = (peer.map(str::to_owned), partition.map(str::to_owned));
         if let Some(existing) = self.nodes.get(&node.name) {
-            if existing.node.address == node.address && existing.node.meta == node.meta {
+            if existing.node.address == node.address
+                && existing.node.meta == node.meta
+                && existing.peer == peer
+                && existing.partition == partition
+            {
                 return;
             }
         }
@@ -221,6 +289,8 @@ impl State {
         match self.nodes.get_mut(&name) {
             Some(rec) => {
                 rec.node = node;
+                rec.peer = peer;
+                rec.partition = partition;
                 rec.modify = idx;
             }
             None => {
@@ -241,6 +311,8 @@ impl State {
                     NodeRec {
                         id: uuid_from(&name),
                         node,
+                        peer,
+                        partition,
                         create: idx,
                         modify: idx,
                         checks,
@@ -252,6 +324,12 @@ impl State {
     }
 
     pub fn add_service(&mut self, svc: SimService, status: Status) {
+        self.add_service_with(svc, SimMesh::default(), status);
+    }
+
+    /// [`State::add_service`] with a Connect role and namespace. A Connect-capable instance
+    /// (a sidecar proxy, or Connect-native) gets its service's virtual IP, as in Consul.
+    pub fn add_service_with(&mut self, svc: SimService, mesh: SimMesh, status: Status) {
         assert!(
             self.nodes.contains_key(&svc.node),
             "consul_sim: add_service({}): node {:?} not added (call add_node first)",
@@ -261,12 +339,20 @@ impl State {
         let idx = self.bump();
         self.services_index = idx;
         self.checks_index = idx;
-        self.put_service(svc, status, idx);
+        if let Some(destination) = mesh.connect_destination(&svc.service) {
+            let peer = self.nodes[&svc.node].peer.clone().unwrap_or_default();
+            let key = (peer, destination.to_ascii_lowercase());
+            let next = self.virtual_ips.len() + 1;
+            self.virtual_ips
+                .entry(key)
+                .or_insert_with(|| format!("240.0.{}.{}", next / 256, next % 256));
+        }
+        self.put_service(svc, mesh, status, idx);
     }
 
     /// Registers `svc` (replacing an instance with its ID, whose create indexes it keeps, as
     /// Consul does) with one service check in `status`, at index `idx`.
-    fn put_service(&mut self, svc: SimService, status: Status, idx: u64) {
+    fn put_service(&mut self, svc: SimService, mesh: SimMesh, status: Status, idx: u64) {
         let check_id = format!("service:{}", svc.id);
         let old = self.services.remove(&svc.id);
         if let Some(o) = &old {
@@ -300,6 +386,7 @@ impl State {
             svc.id.clone(),
             SvcRec {
                 svc,
+                mesh,
                 create,
                 modify: idx,
                 checks,
@@ -416,6 +503,8 @@ impl State {
                         NodeRec {
                             id: uuid_from(&name),
                             node,
+                            peer: None,
+                            partition: None,
                             create: idx,
                             modify: idx,
                             checks,
@@ -429,7 +518,7 @@ impl State {
                 svc.id,
                 svc.node
             );
-            self.put_service(svc, status, idx);
+            self.put_service(svc, SimMesh::default(), status, idx);
         }
         for n in changed_nodes {
             self.touch_services_on_node(&n, idx);
@@ -480,11 +569,45 @@ impl State {
         v
     }
 
+    /// What `/v1/health/<kind>/<name>` returns in `scope`, sorted by node then ID: the
+    /// service's instances (`service`); its Connect-capable ones, the sidecar proxies whose
+    /// destination it is and its own instances when Connect-native (`connect`); the ingress
+    /// gateways that route to it (`ingress`).
+    pub fn health_instances(&self, kind: &str, name: &str, scope: &Scope) -> Vec<Instance<'_>> {
+        let mut v: Vec<Instance<'_>> = match kind {
+            "service" => self.instances(name),
+            _ => self
+                .services
+                .values()
+                .filter(|s| match kind {
+                    "connect" => s
+                        .mesh
+                        .connect_destination(&s.svc.service)
+                        .is_some_and(|d| d.eq_ignore_ascii_case(name)),
+                    _ => matches!(&s.mesh.kind, SimKind::IngressGateway { services }
+                        if services.iter().any(|x| x.eq_ignore_ascii_case(name))),
+                })
+                .filter_map(|s| {
+                    let node = self.nodes.get(&s.svc.node)?;
+                    Some(Instance { svc: s, node })
+                })
+                .collect(),
+        };
+        v.retain(|i| scope.has(i));
+        v.sort_by(|a, b| {
+            (&a.node.node.name, &a.svc.svc.id).cmp(&(&b.node.node.name, &b.svc.svc.id))
+        });
+        v
+    }
+
     /// Instances with the given tag (case-insensitive) and without a critical
     /// check: what DNS and prepared queries (default `OnlyPassing=false`) serve.
+    /// Local ones only (no peer, default namespace and partition).
     pub fn healthy_instances(&self, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
+        let local = Scope::default();
         self.instances(name)
             .into_iter()
+            .filter(|i| local.has(i))
             .filter(|i| i.worst() != Status::Critical)
             .filter(|i| tag.is_none_or(|t| has_tag(&i.svc.svc, t)))
             .collect()
@@ -498,7 +621,7 @@ impl State {
     }
 
     fn node_json(&self, n: &NodeRec) -> Value {
-        json!({
+        let mut v = json!({
             "ID": n.id,
             "Node": n.node.name,
             "Address": n.node.address,
@@ -507,12 +630,70 @@ impl State {
             "Meta": meta_json(&n.node.meta),
             "CreateIndex": n.create,
             "ModifyIndex": n.modify,
-        })
+        });
+        // Both `omitempty` in Consul; `Partition` exists in Enterprise builds only.
+        if let Some(peer) = &n.peer {
+            v["PeerName"] = json!(peer);
+        }
+        if self.enterprise {
+            v["Partition"] = json!(Scope::norm(&n.partition));
+        }
+        v
+    }
+
+    /// The tenancy and Connect fields of an instance, as Consul's `NodeService` shows them:
+    /// `Kind` and `Proxy` for a sidecar (`omitempty`), `Connect.Native`, the virtual IP
+    /// under `TaggedAddresses["consul-virtual"]`, `PeerName`, and in Enterprise builds
+    /// `Namespace` and `Partition`.
+    fn mesh_json(&self, s: &SvcRec, m: &mut Map<String, Value>) {
+        let node = self.nodes.get(&s.svc.node);
+        let peer = node.and_then(|n| n.peer.clone());
+        match &s.mesh.kind {
+            SimKind::Typical => {}
+            SimKind::ConnectProxy { destination } => {
+                m.insert("Kind".into(), json!("connect-proxy"));
+                m.insert(
+                    "Proxy".into(),
+                    json!({
+                        "DestinationServiceName": destination,
+                        "DestinationServiceID": "",
+                        "LocalServiceAddress": "",
+                        "LocalServicePort": 0,
+                        "Mode": "",
+                        "Upstreams": null,
+                    }),
+                );
+            }
+            SimKind::IngressGateway { .. } => {
+                m.insert("Kind".into(), json!("ingress-gateway"));
+            }
+        }
+        if s.mesh.connect_native {
+            m.insert("Connect".into(), json!({ "Native": true }));
+        }
+        if let Some(destination) = s.mesh.connect_destination(&s.svc.service) {
+            let key = (
+                peer.clone().unwrap_or_default(),
+                destination.to_ascii_lowercase(),
+            );
+            if let Some(vip) = self.virtual_ips.get(&key) {
+                let tagged = m.entry("TaggedAddresses").or_insert_with(|| json!({}));
+                tagged["consul-virtual"] = json!({ "address": vip, "port": s.svc.port });
+            }
+        }
+        if let Some(peer) = peer {
+            m.insert("PeerName".into(), json!(peer));
+        }
+        if self.enterprise {
+            m.insert("Namespace".into(), json!(Scope::norm(&s.mesh.namespace)));
+            let partition = node.and_then(|n| n.partition.clone());
+            m.insert("Partition".into(), json!(Scope::norm(&partition)));
+        }
     }
 
     /// `null_tags`: the prepared-query and catalog-node samples show `null` for
     /// an instance without tags; the health endpoint replaces it with `[]`.
-    fn service_json(s: &SvcRec, null_tags: bool, with_weights: bool) -> Value {
+    fn service_json(&self, s: &SvcRec, null_tags: bool, with_weights: bool) -> Value {
         let svc = &s.svc;
         let tags = if svc.tags.is_empty() && null_tags {
             Value::Null
@@ -538,6 +719,7 @@ impl State {
                 json!({ "Passing": svc.weights.0, "Warning": svc.weights.1 }),
             );
         }
+        self.mesh_json(s, &mut m);
         m.insert("CreateIndex".into(), json!(s.create));
         m.insert("ModifyIndex".into(), json!(s.modify));
         Value::Object(m)
@@ -568,10 +750,13 @@ impl State {
     /// Body of `/v1/health/state/<state>`: every check (node and service) whose
     /// status is `state` (`None` = `any`), ordered by node then check ID like
     /// Consul's checks table.
+    /// Local checks only (no peer's, default namespace and partition), like Consul without
+    /// `peer`/`ns`/`partition`.
     pub fn health_state_json(&self, state: Option<Status>) -> Value {
         let wanted = |c: &CheckRec| state.is_none_or(|s| c.status == s);
+        let local = Scope::default();
         let mut rows: Vec<(&str, &str, Value)> = Vec::new();
-        for n in self.nodes.values() {
+        for n in self.nodes.values().filter(|n| local.has_node(n)) {
             for (id, c) in n.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &n.node.name,
@@ -580,7 +765,12 @@ impl State {
                 ));
             }
         }
-        for s in self.services.values() {
+        let local_instance = |s: &SvcRec| {
+            self.nodes
+                .get(&s.svc.node)
+                .is_some_and(|node| local.has(&Instance { svc: s, node }))
+        };
+        for s in self.services.values().filter(|s| local_instance(s)) {
             for (id, c) in s.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &s.svc.node,
@@ -603,16 +793,24 @@ impl State {
             .collect();
         json!({
             "Node": self.node_json(inst.node),
-            "Service": Self::service_json(inst.svc, null_tags, true),
+            "Service": self.service_json(inst.svc, null_tags, true),
             "Checks": checks,
         })
     }
 
-    /// Body of `/v1/health/service/<name>`: `passing` drops any entry with a
-    /// non-passing check (Consul's `filterNonPassing`), `tags` must all match.
-    pub fn health_json(&self, name: &str, passing: bool, tags: &[String]) -> Value {
+    /// Body of `/v1/health/<kind>/<name>` in `scope` (see [`State::health_instances`]):
+    /// `passing` drops any entry with a non-passing check (Consul's `filterNonPassing`),
+    /// `tags` must all match.
+    pub fn health_json(
+        &self,
+        kind: &str,
+        name: &str,
+        scope: &Scope,
+        passing: bool,
+        tags: &[String],
+    ) -> Value {
         Value::Array(
-            self.instances(name)
+            self.health_instances(kind, name, scope)
                 .iter()
                 .filter(|i| !passing || i.worst() == Status::Passing)
                 .filter(|i| tags.iter().all(|t| has_tag(&i.svc.svc, t)))
@@ -643,12 +841,12 @@ impl State {
         )
     }
 
-    /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
-    pub fn catalog_node_json(&self, node: &str) -> Value {
+    /// Body of `/v1/catalog/node/<node>` in `scope`; `null` for an unknown node (as Consul).
+    pub fn catalog_node_json(&self, node: &str, scope: &Scope) -> Value {
         let Some(n) = self
             .nodes
             .values()
-            .find(|n| n.node.name.eq_ignore_ascii_case(node))
+            .find(|n| n.node.name.eq_ignore_ascii_case(node) && scope.has_node(n))
         else {
             return Value::Null;
         };
@@ -656,14 +854,91 @@ impl State {
             .services
             .values()
             .filter(|s| s.svc.node == n.node.name)
-            .map(|s| (s.svc.id.clone(), Self::service_json(s, true, true)))
+            .filter(|s| scope.has(&Instance { svc: s, node: n }))
+            .map(|s| (s.svc.id.clone(), self.service_json(s, true, true)))
             .collect();
         json!({ "Node": self.node_json(n), "Services": services })
     }
 
-    /// Body of `/v1/catalog/nodes`: every node, sorted by name (as Consul's memdb index).
-    pub fn catalog_nodes_json(&self) -> Value {
-        Value::Array(self.nodes.values().map(|n| self.node_json(n)).collect())
+    /// Body of `/v1/catalog/nodes` in `scope`: its nodes, sorted by name (as Consul's memdb
+    /// index).
+    pub fn catalog_nodes_json(&self, scope: &Scope) -> Value {
+        Value::Array(
+            self.nodes
+                .values()
+                .filter(|n| scope.has_node(n))
+                .map(|n| self.node_json(n))
+                .collect(),
+        )
+    }
+
+    /// Body of `/v1/peerings`, in the shape of Consul's docs (1.13+); `Partition` in
+    /// Enterprise builds only. Every peering is `ACTIVE` here.
+    pub fn peerings_json(&self) -> Value {
+        Value::Array(
+            self.peerings
+                .iter()
+                .map(|name| {
+                    let mut v = json!({
+                        "ID": uuid_from(&format!("peering/{name}")),
+                        "Name": name,
+                        "State": "ACTIVE",
+                        "PeerID": uuid_from(&format!("peer/{name}")),
+                        "PeerServerName": "server.dc1.consul",
+                        "PeerServerAddresses": ["10.0.0.1:8300"],
+                        "CreateIndex": 1,
+                        "ModifyIndex": 1,
+                    });
+                    if self.enterprise {
+                        v["Partition"] = json!("default");
+                    }
+                    v
+                })
+                .collect(),
+        )
+    }
+
+    /// Body of `/v1/partitions` (Enterprise): `default` and those added.
+    pub fn partitions_json(&self) -> Value {
+        let mut v = vec![json!({
+            "Name": "default",
+            "Description": "Builtin Default Partition",
+            "CreateIndex": 1,
+            "ModifyIndex": 1,
+        })];
+        v.extend(
+            self.partitions.iter().map(
+                |p| json!({ "Name": p, "Description": "", "CreateIndex": 1, "ModifyIndex": 1 }),
+            ),
+        );
+        Value::Array(v)
+    }
+
+    /// Body of `/v1/namespaces?partition=<partition>` (Enterprise): `default` and those added
+    /// to that partition.
+    pub fn namespaces_json(&self, partition: &str) -> Value {
+        let mut v = vec![json!({
+            "Name": "default",
+            "Description": "Builtin Default Namespace",
+            "Partition": partition,
+            "CreateIndex": 1,
+            "ModifyIndex": 1,
+        })];
+        v.extend(
+            self.namespaces
+                .iter()
+                .filter(|(p, _)| p == partition)
+                .map(|(p, ns)| {
+                    json!({
+                        "Name": ns,
+                        "Description": "",
+                        "Partition": p,
+                        "CreateIndex": 1,
+                        "ModifyIndex": 1,
+                    })
+                }),
+        );
+        Value::Array(v)
     }
 
     /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`.
@@ -697,10 +972,17 @@ impl State {
         )
     }
 
-    /// Body of `/v1/catalog/services`: service name -> its distinct tags.
-    pub fn catalog_services_json(&self) -> Value {
+    /// Body of `/v1/catalog/services` in `scope`: service name -> its distinct tags.
+    pub fn catalog_services_json(&self, scope: &Scope) -> Value {
         let mut map: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for s in self.services.values() {
+            let in_scope = self
+                .nodes
+                .get(&s.svc.node)
+                .is_some_and(|node| scope.has(&Instance { svc: s, node }));
+            if !in_scope {
+                continue;
+            }
             map.entry(&s.svc.service)
                 .or_default()
                 .extend(s.svc.tags.iter().map(String::as_str));

@@ -10,6 +10,7 @@ mod support;
 
 // The forwarder's own behaviour over real sockets.
 mod consul_names;
+mod consul_parity_names;
 mod faults_and_limits;
 mod forwarding;
 mod operations;

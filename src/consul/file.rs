@@ -160,9 +160,9 @@ impl Backend for FileBackend {
     async fn service(&self, key: &ViewKey) -> Result<Arc<ServiceView>, LookupError> {
         let catalog = self.current();
         self.check_dc(&catalog, key.dc.as_deref())?;
-        check_tenancy(key.tenancy())?;
+        check_tenancy(&key.tenancy)?;
         // A file has no ingress-gateway config entries: no `.ingress` view has instances.
-        let views = match key.kind() {
+        let views = match key.kind {
             ServiceKind::Service => Some(&catalog.services),
             ServiceKind::Connect => Some(&catalog.connect),
             ServiceKind::Ingress => None,
@@ -231,7 +231,7 @@ mod tests {
     #[tokio::test]
     async fn connect_views_come_from_sidecars_and_native_instances() {
         let b = FileBackend::from_text(MESH, "mesh.json", None).expect("parses");
-        let key = |s: &str, kind| ViewKey::new(s, None, kind, &Tenancy::default());
+        let key = |s: &str, kind| ViewKey::new(s.into(), None, kind, Tenancy::default());
         let web = b
             .service(&key("web", ServiceKind::Connect))
             .await
@@ -256,11 +256,8 @@ mod tests {
             .expect("web");
         assert!(ingress.instances.is_empty());
         // No peers, namespaces or partitions in a file.
-        let peer = Tenancy {
-            peer: Some("p1".into()),
-            ..Tenancy::default()
-        };
-        let peered = ViewKey::new("web", None, ServiceKind::Service, &peer);
+        let peer = Tenancy::new(Some("p1".into()), None, None);
+        let peered = ViewKey::new("web".into(), None, ServiceKind::Service, peer.clone());
         assert!(matches!(
             b.service(&peered).await,
             Err(LookupError::NoSuchName)

@@ -362,13 +362,13 @@ impl Backend for HttpBackend {
         tenancy: &Tenancy,
     ) -> Result<Option<Arc<NodeView>>, LookupError> {
         // Validated labels hold no `|`.
-        let part = |l: &Option<String>| l.clone().unwrap_or_default();
+        let part = |l: Option<&str>| l.unwrap_or_default().to_owned();
         let key = format!(
             "{node}|{}|{}|{}|{}",
             dc.unwrap_or(""),
-            part(&tenancy.peer),
-            part(&tenancy.ns),
-            part(&tenancy.partition)
+            part(tenancy.peer()),
+            part(tenancy.ns()),
+            part(tenancy.partition())
         );
         // A remembered answer goes on being served and refreshed, as a watched service does.
         let checked =

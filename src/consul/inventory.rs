@@ -456,11 +456,11 @@ impl Inventory {
     /// Do the peer, namespace and partition of `tenancy` exist? The partition is checked
     /// first, so a made-up one starts no list of its peers or namespaces.
     async fn tenancy(&self, tenancy: &Tenancy) -> Verdict {
-        let partition = tenancy.partition.as_deref();
+        let partition = tenancy.partition();
         let checks = [
             (TenancyKind::Partitions, None, partition),
-            (TenancyKind::Namespaces, partition, tenancy.ns.as_deref()),
-            (TenancyKind::Peers, partition, tenancy.peer.as_deref()),
+            (TenancyKind::Namespaces, partition, tenancy.ns()),
+            (TenancyKind::Peers, partition, tenancy.peer()),
         ];
         let mut overall = Verdict::Exists;
         for (kind, of, name) in checks {
@@ -492,7 +492,7 @@ impl Inventory {
     /// `.ingress` too: the service they front is in the same list.)
     pub(crate) async fn service(&self, key: &ViewKey) -> Verdict {
         let dc = key.dc.as_deref();
-        self.catalog(Kind::Services, &key.service, dc, key.tenancy())
+        self.catalog(Kind::Services, &key.service, dc, &key.tenancy)
             .await
     }
 

@@ -125,7 +125,8 @@ impl ConsulSource {
 
     async fn answer_inner(&self, q: &Question, limit: usize) -> Answer {
         let cfg = &self.config;
-        let Some(parsed) = name::parse(&q.name, q.qtype, &cfg.domains) else {
+        let Some(name::Parsed { domain, name }) = name::parse(&q.name, q.qtype, &cfg.domains)
+        else {
             return Answer::rcode(ResponseCode::Refused);
         };
         if q.qclass != DNSClass::IN && q.qclass != DNSClass::ANY {
@@ -145,10 +146,10 @@ impl ConsulSource {
                 .map_or(0, |d| d.as_secs()),
         )
         .unwrap_or(0);
-        let mut ctx = Ctx {
+        let ctx = Ctx {
             qname: &q.name,
             qtype: q.qtype,
-            domain: &parsed.domain,
+            domain: &domain,
             dc: local_dc.as_deref().unwrap_or(file::DEFAULT_DATACENTER),
             ttl: secs(cfg.node_ttl),
             negative_ttl: secs(cfg.negative_ttl),
@@ -157,10 +158,10 @@ impl ConsulSource {
             peer: None,
             partition: None,
         };
-        let built = match &parsed.name {
+        let built = match name {
             ConsulName::Apex => Ok(Plan::Done(records::apex_answer(&ctx))),
             ConsulName::Invalid => Ok(Plan::Done(records::nxdomain(&ctx))),
-            ConsulName::Addr { ip } => Ok(Plan::Done(records::addr_answer(*ip, &ctx))),
+            ConsulName::Addr { ip } => Ok(Plan::Done(records::addr_answer(ip, &ctx))),
             ConsulName::Service {
                 service,
                 tag,
@@ -168,13 +169,16 @@ impl ConsulSource {
                 dc,
                 tenancy,
             } => {
-                let key = ViewKey::new(service, norm(dc), *kind, tenancy);
+                let key = ViewKey::new(service, norm(&dc), kind, tenancy);
                 self.backend.service(&key).await.map(|view| {
-                    ctx.ttl = secs(cfg.service_ttl_for(service));
-                    ctx.peer = tenancy.peer.as_deref();
-                    ctx.partition = tenancy.partition.as_deref();
-                    let dc_name = key.dc.clone().unwrap_or_else(|| ctx.dc.to_owned());
-                    self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, &dc_name)
+                    let ctx = Ctx {
+                        ttl: secs(cfg.service_ttl_for(&key.service)),
+                        peer: key.tenancy.peer(),
+                        partition: key.tenancy.partition(),
+                        ..ctx.clone()
+                    };
+                    let dc_name = key.dc.as_deref().unwrap_or(ctx.dc);
+                    self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, dc_name)
                 })
             }
             ConsulName::Virtual { service, tenancy } => {
@@ -190,16 +194,19 @@ impl ConsulSource {
             }
             ConsulName::Node { node, dc, tenancy } => self
                 .backend
-                .node(node, norm(dc).as_deref(), tenancy)
+                .node(&node, norm(&dc).as_deref(), &tenancy)
                 .await
                 .map(|node| records::node_answer(node.as_deref(), &ctx)),
             ConsulName::Query { query, dc } => {
-                let found = self.backend.query(query, norm(dc).as_deref()).await;
+                let found = self.backend.query(&query, norm(&dc).as_deref()).await;
                 found.map(|found| match found {
                     Some(qv) => {
-                        ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
-                        let dc_name = ctx.dc.to_owned();
-                        self.answer_from_view(&qv.service, None, q, limit, &ctx, &dc_name)
+                        let ttl = qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(&query));
+                        let ctx = Ctx {
+                            ttl: secs(ttl),
+                            ..ctx.clone()
+                        };
+                        self.answer_from_view(&qv.service, None, q, limit, &ctx, ctx.dc)
                     }
                     None => Plan::Done(records::nxdomain(&ctx)),
                 })

@@ -18,95 +18,109 @@ pub enum ServiceKind {
 }
 
 /// Where a name points besides its datacenter: a cluster peer (`.peer`), and Consul
-/// Enterprise's namespace (`.ns`) and admin partition (`.ap`). All `None` is what a name
+/// Enterprise's namespace (`.ns`) and admin partition (`.ap`). None of them is what a name
 /// without those labels means (the agent's own partition and the default namespace), the
-/// common case, which costs nothing (three empty options, no allocation).
+/// common case: one empty pointer, so names and view keys stay as small as before.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Tenancy {
-    pub(crate) peer: Option<String>,
-    pub(crate) ns: Option<String>,
-    pub(crate) partition: Option<String>,
+pub struct Tenancy(Option<Box<TenancyLabels>>);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct TenancyLabels {
+    peer: Option<String>,
+    ns: Option<String>,
+    partition: Option<String>,
 }
 
 impl Tenancy {
+    pub(crate) fn new(
+        peer: Option<String>,
+        ns: Option<String>,
+        partition: Option<String>,
+    ) -> Tenancy {
+        if peer.is_none() && ns.is_none() && partition.is_none() {
+            Tenancy(None)
+        } else {
+            Tenancy(Some(Box::new(TenancyLabels {
+                peer,
+                ns,
+                partition,
+            })))
+        }
+    }
+
     /// No peer, namespace or partition label.
     pub(crate) fn is_default(&self) -> bool {
-        self.peer.is_none() && self.ns.is_none() && self.partition.is_none()
+        self.0.is_none()
+    }
+
+    pub(crate) fn peer(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|t| t.peer.as_deref())
+    }
+
+    pub(crate) fn ns(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|t| t.ns.as_deref())
+    }
+
+    pub(crate) fn partition(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|t| t.partition.as_deref())
     }
 
     /// The query parameters that select this tenancy in Consul's HTTP API (`peer`, `ns`,
     /// `partition`), after `dc` if given.
     pub(crate) fn params(&self, dc: Option<&str>) -> Vec<(&'static str, String)> {
-        let mut params = Vec::new();
-        for (key, value) in [
+        [
             ("dc", dc),
-            ("peer", self.peer.as_deref()),
-            ("ns", self.ns.as_deref()),
-            ("partition", self.partition.as_deref()),
-        ] {
-            if let Some(v) = value {
-                params.push((key, v.to_owned()));
-            }
-        }
-        params
+            ("peer", self.peer()),
+            ("ns", self.ns()),
+            ("partition", self.partition()),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|v| (key, v.to_owned())))
+        .collect()
     }
 
     fn is_valid(&self) -> bool {
-        [&self.peer, &self.ns, &self.partition]
+        [self.peer(), self.ns(), self.partition()]
             .into_iter()
-            .all(|l| l.as_deref().is_none_or(valid_name_label))
+            .all(|l| l.is_none_or(valid_name_label))
     }
 }
 
 /// What a service view is kept for: one per asked service, datacenter (`None`: the local
-/// one), kind and tenancy. Nearly every key is a plain `.service` lookup without tenancy, so
-/// the rest is boxed and absent then: the common key stays two strings, hashed as before.
+/// one), kind and tenancy.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ViewKey {
     pub(crate) service: String,
     pub(crate) dc: Option<String>,
-    scope: Option<Box<(ServiceKind, Tenancy)>>,
+    pub(crate) kind: ServiceKind,
+    pub(crate) tenancy: Tenancy,
 }
 
-/// The tenancy of every key without one.
-static DEFAULT_TENANCY: Tenancy = Tenancy {
-    peer: None,
-    ns: None,
-    partition: None,
-};
-
 impl ViewKey {
+    /// Takes the parsed name's strings: no allocation.
     pub(crate) fn new(
-        service: &str,
+        service: String,
         dc: Option<String>,
         kind: ServiceKind,
-        tenancy: &Tenancy,
+        tenancy: Tenancy,
     ) -> ViewKey {
-        let plain = kind == ServiceKind::Service && tenancy.is_default();
         ViewKey {
-            service: service.to_owned(),
+            service,
             dc,
-            scope: (!plain).then(|| Box::new((kind, tenancy.clone()))),
+            kind,
+            tenancy,
         }
     }
 
     /// A `.service` lookup in the local datacenter without tenancy: the views the change feed
     /// patches and the `consul_healthy_instances` series follow.
     pub(crate) fn is_plain_local(&self) -> bool {
-        self.dc.is_none() && self.scope.is_none()
-    }
-
-    pub(crate) fn kind(&self) -> ServiceKind {
-        self.scope.as_ref().map_or(ServiceKind::Service, |s| s.0)
-    }
-
-    pub(crate) fn tenancy(&self) -> &Tenancy {
-        self.scope.as_ref().map_or(&DEFAULT_TENANCY, |s| &s.1)
+        self.dc.is_none() && self.kind == ServiceKind::Service && self.tenancy.is_default()
     }
 
     /// The request's metric label and path: `/v1/health/{service,connect,ingress}/<name>`.
     pub(crate) fn endpoint(&self) -> (&'static str, [&str; 4]) {
-        let (label, kind) = match self.kind() {
+        let (label, kind) = match self.kind {
             ServiceKind::Service => ("health_service", "service"),
             ServiceKind::Connect => ("health_connect", "connect"),
             ServiceKind::Ingress => ("health_ingress", "ingress"),
@@ -116,7 +130,7 @@ impl ViewKey {
 
     /// The request's parameters: `dc`, `peer`, `ns`, `partition` as given.
     pub(crate) fn params(&self) -> Vec<(&'static str, String)> {
-        self.tenancy().params(self.dc.as_deref())
+        self.tenancy.params(self.dc.as_deref())
     }
 }
 
@@ -249,9 +263,13 @@ impl ConsulName {
 }
 
 /// The labels that name a kind of lookup; the rightmost one decides (Consul's `dispatch`).
-const KINDS: [&str; 7] = [
-    "service", "connect", "ingress", "virtual", "node", "query", "addr",
-];
+/// A `match`, not a list: every label of every Consul name goes through it.
+fn is_kind(label: &str) -> bool {
+    matches!(
+        label,
+        "service" | "connect" | "ingress" | "virtual" | "node" | "query" | "addr"
+    )
+}
 
 /// The labels that say what the label before them is, after the kind: datacenter, cluster
 /// peer, namespace, admin partition; `port` (a v2-catalog port name, which Consul's DNS reads
@@ -315,11 +333,7 @@ impl Locality {
     }
 
     fn tenancy(self, peer: Option<String>) -> Tenancy {
-        Tenancy {
-            peer,
-            ns: self.ns,
-            partition: self.partition,
-        }
+        Tenancy::new(peer, self.ns, self.partition)
     }
 }
 
@@ -328,7 +342,7 @@ impl Locality {
 /// (`_web._tcp.consul`). Returns (kind, the labels before it, the labels after it).
 fn split_at_kind(labels: &[String], qtype: RecordType) -> Option<(&str, &[String], &[String])> {
     labels.iter().enumerate().rev().find_map(|(i, l)| {
-        if KINDS.contains(&l.as_str()) {
+        if is_kind(l) {
             Some((l.as_str(), &labels[..i], &labels[i + 1..]))
         } else if qtype == RecordType::SRV && l.starts_with('_') {
             Some(("service", &labels[..=i], &labels[i + 1..]))
@@ -361,11 +375,22 @@ fn parse_labels_unchecked(labels: &[String], qtype: RecordType) -> ConsulName {
         }
         _ => {}
     }
+    if after.is_empty() && kind == "service" {
+        // The common name, `[tag.]service.service`, on the shortest path.
+        let (service, tag) = service_and_tag(before);
+        return ConsulName::Service {
+            service,
+            tag,
+            kind: ServiceKind::Service,
+            dc: None,
+            tenancy: Tenancy::default(),
+        };
+    }
     let Some(mut loc) = Locality::parse(after) else {
         return ConsulName::Invalid;
     };
-    // Consul uses the last label as the service and drops any before it for these kinds.
-    let last = before[before.len() - 1].clone();
+    // Consul uses the last label as the service and drops any before it for the other kinds.
+    let last = || before[before.len() - 1].clone();
     match kind {
         "service" => {
             let (service, tag) = service_and_tag(before);
@@ -382,7 +407,7 @@ fn parse_labels_unchecked(labels: &[String], qtype: RecordType) -> ConsulName {
         }
         // Consul does not serve these from peers: a peer label is read and ignored.
         "connect" | "ingress" => ConsulName::Service {
-            service: last,
+            service: last(),
             tag: None,
             kind: if kind == "connect" {
                 ServiceKind::Connect
@@ -397,7 +422,7 @@ fn parse_labels_unchecked(labels: &[String], qtype: RecordType) -> ConsulName {
         "virtual" => {
             let peer = loc.peer.take().or_else(|| loc.peer_or_dc.take());
             ConsulName::Virtual {
-                service: last,
+                service: last(),
                 tenancy: loc.tenancy(peer),
             }
         }
@@ -516,11 +541,8 @@ mod tests {
     }
 
     fn tenancy(peer: Option<&str>, ns: Option<&str>, partition: Option<&str>) -> Tenancy {
-        Tenancy {
-            peer: peer.map(Into::into),
-            ns: ns.map(Into::into),
-            partition: partition.map(Into::into),
-        }
+        let own = |l: Option<&str>| l.map(str::to_owned);
+        Tenancy::new(own(peer), own(ns), own(partition))
     }
 
     #[test]

@@ -277,7 +277,7 @@ mod tests {
             created: AtomicUsize::new(0),
         };
         let w = Watch::new();
-        let key = ViewKey::new("web", None, Default::default(), &Default::default());
+        let key = ViewKey::new("web".into(), None, Default::default(), Default::default());
         let entries = |status: &str| -> Vec<HealthEntry> {
             serde_json::from_str(&format!(
                 r#"[{{"Node": {{"Node": "n1", "Address": "10.0.0.1", "Datacenter": "DC1"}},

@@ -56,9 +56,7 @@ pub(crate) struct ServiceJson {
     /// the catalog file's `.connect` views are made from these.
     #[serde(default)]
     pub(crate) kind: String,
-    #[serde(default)]
     pub(crate) proxy: Option<ProxyJson>,
-    #[serde(default)]
     pub(crate) connect: Option<ConnectJson>,
 }
 

@@ -644,69 +644,56 @@ mod tests {
         use RecordType::*;
         let local = Tenancy::default;
         assert_eq!(
-            p("web.service.dc2.dc.consul.", A),
-            svc("web", None, Some("dc2"))
-        );
-        assert_eq!(
             p("v1.web.service.dc2.dc.alt.example.", A),
             svc("web", Some("v1"), Some("dc2"))
         );
-        // A peer's services: no datacenter.
-        assert_eq!(
-            p("web.service.p1.peer.consul.", A),
-            scoped(
-                ServiceKind::Service,
-                "web",
-                None,
-                None,
-                tenancy(Some("p1"), None, None)
-            )
+        // (name, qtype, datacenter, (peer, namespace, partition)) of service `web`, no tag.
+        type Case = (
+            &'static str,
+            RecordType,
+            Option<&'static str>,
+            [Option<&'static str>; 3],
         );
-        assert_eq!(
-            p("_web._tcp.service.p1.peer.consul.", SRV),
-            scoped(
-                ServiceKind::Service,
-                "web",
+        let cases: [Case; 7] = [
+            ("web.service.dc2.dc.consul.", A, Some("dc2"), [None; 3]),
+            ("_web._tcp.dc2.dc.consul.", SRV, Some("dc2"), [None; 3]),
+            // A peer's services: no datacenter.
+            (
+                "web.service.p1.peer.consul.",
+                A,
                 None,
+                [Some("p1"), None, None],
+            ),
+            (
+                "_web._tcp.service.p1.peer.consul.",
+                SRV,
                 None,
-                tenancy(Some("p1"), None, None)
-            )
-        );
-        assert_eq!(
-            p("_web._tcp.dc2.dc.consul.", SRV),
-            svc("web", None, Some("dc2"))
-        );
-        // Enterprise: namespace and partition, in any order, with or without a datacenter.
-        assert_eq!(
-            p("web.service.ns1.ns.ap1.ap.dc2.dc.consul.", A),
-            scoped(
-                ServiceKind::Service,
-                "web",
-                None,
+                [Some("p1"), None, None],
+            ),
+            // Enterprise: namespace and partition, in any order, with or without a datacenter.
+            (
+                "web.service.ns1.ns.ap1.ap.dc2.dc.consul.",
+                A,
                 Some("dc2"),
-                tenancy(None, Some("ns1"), Some("ap1"))
-            )
-        );
-        assert_eq!(
-            p("web.service.ap1.ap.ns1.ns.consul.", A),
-            scoped(
-                ServiceKind::Service,
-                "web",
+                [None, Some("ns1"), Some("ap1")],
+            ),
+            (
+                "web.service.ap1.ap.ns1.ns.consul.",
+                A,
                 None,
+                [None, Some("ns1"), Some("ap1")],
+            ),
+            (
+                "web.service.ns1.ns.p1.peer.consul.",
+                A,
                 None,
-                tenancy(None, Some("ns1"), Some("ap1"))
-            )
-        );
-        assert_eq!(
-            p("web.service.ns1.ns.p1.peer.consul.", A),
-            scoped(
-                ServiceKind::Service,
-                "web",
-                None,
-                None,
-                tenancy(Some("p1"), Some("ns1"), None)
-            )
-        );
+                [Some("p1"), Some("ns1"), None],
+            ),
+        ];
+        for (name, qtype, dc, [peer, ns, ap]) in cases {
+            let want = scoped(ServiceKind::Service, "web", None, dc, tenancy(peer, ns, ap));
+            assert_eq!(p(name, qtype), want, "{name}");
+        }
         // Enterprise's older `<namespace>.<datacenter>`.
         assert_eq!(
             p("web.service.ns1.dc2.consul.", A),

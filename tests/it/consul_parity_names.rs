@@ -4,9 +4,7 @@
 //! `.virtual`, RFC 2782 prepared queries (`_q._tcp.query`) and the `_udp` tag; each with its
 //! exact rcode, records, TTLs and AA, and the requests it costs Consul.
 
-use std::collections::BTreeMap;
-
-use crate::support::consul_sim::{ConsulSim, SimKind, SimMesh, SimNode, SimService, Status};
+use crate::support::consul_sim::{ConsulSim, SimMesh, SimNode, SimService, Status};
 use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
@@ -16,36 +14,6 @@ use hickory_proto::rr::{RData, RecordType};
 /// `.virtual` uses too, as Consul), different so a test sees which one an answer took.
 const SERVICE_TTL: u32 = 5;
 const NODE_TTL: u32 = 7;
-
-fn node(name: &str, addr: &str) -> SimNode {
-    SimNode {
-        name: name.into(),
-        address: addr.into(),
-        meta: BTreeMap::new(),
-    }
-}
-
-fn svc(id: &str, service: &str, node: &str, port: u16, tags: &[&str]) -> SimService {
-    SimService {
-        id: id.into(),
-        service: service.into(),
-        node: node.into(),
-        address: String::new(),
-        port,
-        tags: tags.iter().map(|t| t.to_string()).collect(),
-        weights: (1, 1),
-        meta: BTreeMap::new(),
-    }
-}
-
-fn sidecar_for(destination: &str) -> SimMesh {
-    SimMesh {
-        kind: SimKind::ConnectProxy {
-            destination: destination.into(),
-        },
-        ..SimMesh::default()
-    }
-}
 
 /// `web` on n1 (tag `v1`) and n2 (tag `udp`), each with a sidecar (n2's critical); `api`,
 /// Connect-native on n3; an ingress gateway for `web` on gwn; the prepared query `geo` for
@@ -57,48 +25,41 @@ fn mesh(sim: &ConsulSim) {
         ("n3", "127.0.0.4"),
         ("gwn", "127.0.0.5"),
     ] {
-        sim.add_node(node(n, addr));
+        sim.add_node(SimNode::new(n, addr));
     }
-    sim.add_service(svc("web-1", "web", "n1", 8080, &["v1"]), Status::Passing);
-    sim.add_service(svc("web-2", "web", "n2", 8080, &["udp"]), Status::Passing);
-    sim.add_service_with(
-        svc("web-1-sidecar", "web-sidecar-proxy", "n1", 21000, &[]),
-        sidecar_for("web"),
+    sim.add_service(
+        SimService::new("web-1", "web", "n1", 8080, &["v1"]),
+        Status::Passing,
+    );
+    sim.add_service(
+        SimService::new("web-2", "web", "n2", 8080, &["udp"]),
         Status::Passing,
     );
     sim.add_service_with(
-        svc("web-2-sidecar", "web-sidecar-proxy", "n2", 21000, &[]),
-        sidecar_for("web"),
+        SimService::new("web-1-sidecar", "web-sidecar-proxy", "n1", 21000, &[]),
+        SimMesh::sidecar("web"),
+        Status::Passing,
+    );
+    sim.add_service_with(
+        SimService::new("web-2-sidecar", "web-sidecar-proxy", "n2", 21000, &[]),
+        SimMesh::sidecar("web"),
         Status::Critical,
     );
-    let native = SimMesh {
-        connect_native: true,
-        ..SimMesh::default()
-    };
-    sim.add_service_with(
-        svc("api-1", "api", "n3", 9090, &[]),
-        native,
-        Status::Passing,
-    );
-    let gateway = SimMesh {
-        kind: SimKind::IngressGateway {
-            services: vec!["web".into()],
-        },
-        ..SimMesh::default()
-    };
-    sim.add_service_with(
-        svc("gw-1", "gw", "gwn", 8443, &[]),
-        gateway,
-        Status::Passing,
-    );
+    let api = SimService::new("api-1", "api", "n3", 9090, &[]);
+    sim.add_service_with(api, SimMesh::native(), Status::Passing);
+    let gateway = SimService::new("gw-1", "gw", "gwn", 8443, &[]);
+    sim.add_service_with(gateway, SimMesh::ingress(&["web"]), Status::Passing);
     sim.add_prepared_query("geo", "web", None, None);
 }
 
 /// Cluster peer `p1` exporting `web` on its node pn1 (127.0.1.1).
 fn peer(sim: &ConsulSim) {
     sim.add_peering("p1");
-    sim.add_node_in(node("pn1", "127.0.1.1"), Some("p1"), None);
-    sim.add_service(svc("web-p1", "web", "pn1", 80, &[]), Status::Passing);
+    sim.add_node_in(SimNode::new("pn1", "127.0.1.1"), Some("p1"), None);
+    sim.add_service(
+        SimService::new("web-p1", "web", "pn1", 80, &[]),
+        Status::Passing,
+    );
 }
 
 fn config() -> TestConfig {
@@ -168,17 +129,30 @@ fn srv(m: &Message) -> SrvAnswer {
     (answers, extra)
 }
 
+/// Asks `name` SRV (EDNS, so nothing is cut) and checks the answer: NOERROR, AA, the service
+/// TTL, one SRV (priority and weight 1) per `(port, target, address)`, and the target's A
+/// record in the additional section.
+async fn assert_srv(server: std::net::SocketAddr, name: &str, expected: &[(u16, &str, &str)]) {
+    let r = udp(server, &make_query(name, RecordType::SRV, Some(1232))).await;
+    assert_answer(&r, ResponseCode::NoError, SERVICE_TTL, name);
+    let mut answers: Vec<(u16, u16, String)> = expected
+        .iter()
+        .map(|(port, target, _)| (1, *port, target.to_string()))
+        .collect();
+    answers.sort();
+    let mut extra: Vec<(String, String)> = expected
+        .iter()
+        .map(|(_, target, addr)| (target.to_string(), addr.to_string()))
+        .collect();
+    extra.sort();
+    assert_eq!(srv(&r), (answers, extra), "{name}");
+}
+
 /// The request lines the simulator received that contain `needle`.
 fn requests_with(sim: &ConsulSim, needle: &str) -> Vec<String> {
     sim.request_lines()
         .into_iter()
         .filter(|l| l.contains(needle))
-        .collect()
-}
-
-fn own(s: &[(&str, &str)]) -> Vec<(String, String)> {
-    s.iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect()
 }
 
@@ -220,23 +194,12 @@ async fn datacenter_and_peer_labels_answer_like_consul() {
     assert_eq!(addresses(&r), vec!["127.0.1.1"]);
     assert!(!requests_with(&sim, "/v1/health/service/web?peer=p1").is_empty());
     // SRV targets of a peer's node, as Consul spells them; each target resolves here.
-    let r = udp(
+    assert_srv(
         fwd.addr,
-        &make_query(
-            "_web._tcp.service.p1.peer.consul.",
-            RecordType::SRV,
-            Some(1232),
-        ),
+        "_web._tcp.service.p1.peer.consul.",
+        &[(80, "pn1.node.p1.peer.consul.", "127.0.1.1")],
     )
     .await;
-    assert_answer(&r, ResponseCode::NoError, SERVICE_TTL, "peer SRV");
-    assert_eq!(
-        srv(&r),
-        (
-            vec![(1, 80, "pn1.node.p1.peer.consul.".to_string())],
-            own(&[("pn1.node.p1.peer.consul.", "127.0.1.1")])
-        )
-    );
     let r = ask(fwd.addr, "pn1.node.p1.peer.consul.", RecordType::A).await;
     assert_answer(&r, ResponseCode::NoError, NODE_TTL, "pn1.node.p1.peer");
     assert_eq!(addresses(&r), vec!["127.0.1.1"]);
@@ -296,16 +259,15 @@ async fn namespace_and_partition_labels_on_consul_enterprise() {
     mesh(&sim);
     sim.set_enterprise(true);
     sim.add_namespace("default", "ns1");
-    let mut in_ns1 = svc("web-ns1", "web", "n3", 8081, &[]);
+    let mut in_ns1 = SimService::new("web-ns1", "web", "n3", 8081, &[]);
     in_ns1.address = "127.0.0.9".into();
-    let ns1 = SimMesh {
-        namespace: Some("ns1".into()),
-        ..SimMesh::default()
-    };
-    sim.add_service_with(in_ns1, ns1, Status::Passing);
+    sim.add_service_with(in_ns1, SimMesh::in_namespace("ns1"), Status::Passing);
     sim.add_partition("ap1");
-    sim.add_node_in(node("an1", "127.0.2.1"), None, Some("ap1"));
-    sim.add_service(svc("web-ap1", "web", "an1", 80, &[]), Status::Passing);
+    sim.add_node_in(SimNode::new("an1", "127.0.2.1"), None, Some("ap1"));
+    sim.add_service(
+        SimService::new("web-ap1", "web", "an1", 80, &[]),
+        Status::Passing,
+    );
     let up = TestUpstream::start().await;
     let fwd = start(&sim, &up).await;
 
@@ -325,18 +287,12 @@ async fn namespace_and_partition_labels_on_consul_enterprise() {
     assert_eq!(addresses(&r), vec!["127.0.2.1"]);
     assert!(!requests_with(&sim, "partition=ap1").is_empty());
     // SRV targets name the partition, and resolve to that partition's node.
-    let r = udp(
+    assert_srv(
         fwd.addr,
-        &make_query("web.service.ap1.ap.consul.", RecordType::SRV, Some(1232)),
+        "web.service.ap1.ap.consul.",
+        &[(80, "an1.node.ap1.ap.dc1.dc.consul.", "127.0.2.1")],
     )
     .await;
-    assert_eq!(
-        srv(&r),
-        (
-            vec![(1, 80, "an1.node.ap1.ap.dc1.dc.consul.".to_string())],
-            own(&[("an1.node.ap1.ap.dc1.dc.consul.", "127.0.2.1")])
-        )
-    );
     let r = ask(fwd.addr, "an1.node.ap1.ap.dc1.dc.consul.", RecordType::A).await;
     assert_answer(&r, ResponseCode::NoError, NODE_TTL, "an1.node.ap1.ap");
     assert_eq!(addresses(&r), vec!["127.0.2.1"]);
@@ -366,19 +322,12 @@ async fn connect_ingress_and_virtual_names() {
     let r = ask(fwd.addr, "web.connect.consul.", RecordType::A).await;
     assert_answer(&r, ResponseCode::NoError, SERVICE_TTL, "web.connect");
     assert_eq!(addresses(&r), vec!["127.0.0.2"]);
-    let r = udp(
+    assert_srv(
         fwd.addr,
-        &make_query("web.connect.consul.", RecordType::SRV, Some(1232)),
+        "web.connect.consul.",
+        &[(21000, "n1.node.dc1.consul.", "127.0.0.2")],
     )
     .await;
-    assert_answer(&r, ResponseCode::NoError, SERVICE_TTL, "web.connect SRV");
-    assert_eq!(
-        srv(&r),
-        (
-            vec![(1, 21000, "n1.node.dc1.consul.".to_string())],
-            own(&[("n1.node.dc1.consul.", "127.0.0.2")])
-        )
-    );
     // Consul takes the last label as the service, and ignores a peer label here.
     for name in ["v1.web.connect.consul.", "web.connect.p1.peer.consul."] {
         let r = ask(fwd.addr, name, RecordType::A).await;
@@ -395,19 +344,12 @@ async fn connect_ingress_and_virtual_names() {
     assert_eq!(sim.requests("/v1/health/connect/nope"), 0);
 
     // .ingress: the gateways routing to the service.
-    let r = udp(
+    assert_srv(
         fwd.addr,
-        &make_query("web.ingress.consul.", RecordType::SRV, Some(1232)),
+        "web.ingress.consul.",
+        &[(8443, "gwn.node.dc1.consul.", "127.0.0.5")],
     )
     .await;
-    assert_answer(&r, ResponseCode::NoError, SERVICE_TTL, "web.ingress SRV");
-    assert_eq!(
-        srv(&r),
-        (
-            vec![(1, 8443, "gwn.node.dc1.consul.".to_string())],
-            own(&[("gwn.node.dc1.consul.", "127.0.0.5")])
-        )
-    );
     let r = ask(fwd.addr, "api.ingress.consul.", RecordType::A).await;
     assert_negative(&r, ResponseCode::NXDomain, "api.ingress");
 
@@ -436,48 +378,20 @@ async fn rfc2782_prepared_queries_and_the_udp_tag() {
     let fwd = start(&sim, &up).await;
 
     // `_geo._tcp.query` is the prepared query geo, not a service `geo` in datacenter "query".
-    let r = udp(
-        fwd.addr,
-        &make_query("_geo._tcp.query.consul.", RecordType::SRV, Some(1232)),
-    )
-    .await;
-    assert_answer(
-        &r,
-        ResponseCode::NoError,
-        SERVICE_TTL,
-        "_geo._tcp.query SRV",
-    );
-    assert_eq!(
-        srv(&r),
-        (
-            vec![
-                (1, 8080, "n1.node.dc1.consul.".to_string()),
-                (1, 8080, "n2.node.dc1.consul.".to_string())
-            ],
-            own(&[
-                ("n1.node.dc1.consul.", "127.0.0.2"),
-                ("n2.node.dc1.consul.", "127.0.0.3")
-            ])
-        )
-    );
+    let web = [
+        (8080, "n1.node.dc1.consul.", "127.0.0.2"),
+        (8080, "n2.node.dc1.consul.", "127.0.0.3"),
+    ];
+    assert_srv(fwd.addr, "_geo._tcp.query.consul.", &web).await;
     assert!(sim.requests("/v1/query/geo/execute") >= 1);
     assert_eq!(sim.requests("/v1/health/service/geo"), 0);
     let r = ask(fwd.addr, "_nope._tcp.query.consul.", RecordType::SRV).await;
     assert_negative(&r, ResponseCode::NXDomain, "_nope._tcp.query");
 
     // Only `_tcp` means any tag: `_udp` is the tag `udp`.
-    let ask_srv = |name: &'static str| async move {
-        udp(fwd.addr, &make_query(name, RecordType::SRV, Some(1232))).await
-    };
-    let r = ask_srv("_web._udp.service.consul.").await;
-    assert_answer(&r, ResponseCode::NoError, SERVICE_TTL, "_web._udp");
-    assert_eq!(
-        srv(&r).0,
-        vec![(1, 8080, "n2.node.dc1.consul.".to_string())]
-    );
-    let r = ask_srv("_web._tcp.service.consul.").await;
-    assert_eq!(srv(&r).0.len(), 2);
-    let r = ask_srv("_api._udp.service.consul.").await;
+    assert_srv(fwd.addr, "_web._udp.service.consul.", &web[1..]).await;
+    assert_srv(fwd.addr, "_web._tcp.service.consul.", &web).await;
+    let r = ask(fwd.addr, "_api._udp.service.consul.", RecordType::SRV).await;
     assert_negative(
         &r,
         ResponseCode::NXDomain,

@@ -73,24 +73,11 @@ async fn get(c: &reqwest::Client, url: &str) -> Resp {
 }
 
 fn node(name: &str, addr: &str) -> SimNode {
-    SimNode {
-        name: name.into(),
-        address: addr.into(),
-        meta: BTreeMap::new(),
-    }
+    SimNode::new(name, addr)
 }
 
 fn svc(id: &str, service: &str, node: &str, port: u16, tags: &[&str]) -> SimService {
-    SimService {
-        id: id.into(),
-        service: service.into(),
-        node: node.into(),
-        address: String::new(),
-        port,
-        tags: tags.iter().map(|t| t.to_string()).collect(),
-        weights: (1, 1),
-        meta: BTreeMap::new(),
-    }
+    SimService::new(id, service, node, port, tags)
 }
 
 fn ids(v: &Value) -> Vec<String> {
@@ -1297,47 +1284,47 @@ async fn bulk_catalog_and_churn_generator() {
 /// `web` (plain, on n1), its sidecar proxy, a Connect-native `api`, an ingress gateway for
 /// `web`, each with its own node.
 fn mesh_catalog(sim: &ConsulSim) {
-    use crate::support::consul_sim::{SimKind, SimMesh};
+    use crate::support::consul_sim::SimMesh;
     for (name, addr) in [("n1", "10.0.0.1"), ("n2", "10.0.0.2"), ("n3", "10.0.0.3")] {
         sim.add_node(node(name, addr));
     }
     sim.add_service(svc("web-1", "web", "n1", 8080, &[]), Status::Passing);
-    let proxy = SimMesh {
-        kind: SimKind::ConnectProxy {
-            destination: "web".into(),
-        },
-        ..SimMesh::default()
-    };
-    sim.add_service_with(
-        svc("web-1-sidecar", "web-sidecar-proxy", "n1", 21000, &[]),
-        proxy,
-        Status::Passing,
-    );
-    let native = SimMesh {
-        connect_native: true,
-        ..SimMesh::default()
-    };
-    sim.add_service_with(
-        svc("api-1", "api", "n2", 9090, &[]),
-        native,
-        Status::Passing,
-    );
-    let gateway = SimMesh {
-        kind: SimKind::IngressGateway {
-            services: vec!["web".into()],
-        },
-        ..SimMesh::default()
-    };
-    sim.add_service_with(svc("gw-1", "gw", "n3", 8443, &[]), gateway, Status::Passing);
+    for (svc, mesh) in [
+        (
+            svc("web-1-sidecar", "web-sidecar-proxy", "n1", 21000, &[]),
+            SimMesh::sidecar("web"),
+        ),
+        (svc("api-1", "api", "n2", 9090, &[]), SimMesh::native()),
+        (
+            svc("gw-1", "gw", "n3", 8443, &[]),
+            SimMesh::ingress(&["web"]),
+        ),
+    ] {
+        sim.add_service_with(svc, mesh, Status::Passing);
+    }
+}
+
+/// The `Name` of each element of a list body (`/v1/partitions`, `/v1/namespaces`).
+fn list_names(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["Name"].as_str().expect("Name"))
+        .collect()
+}
+
+/// A simulator set up by `setup`, a client, and the simulator's base URL.
+async fn sim_with(setup: impl FnOnce(&ConsulSim)) -> (ConsulSim, reqwest::Client, String) {
+    let sim = ConsulSim::start().await;
+    setup(&sim);
+    let base = sim.http_url();
+    (sim, client(), base)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_and_ingress_endpoints_list_the_mesh_instances() {
     within(async {
-        let sim = ConsulSim::start().await;
-        mesh_catalog(&sim);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sim_with(mesh_catalog).await;
 
         // Connect: the sidecars of a service (Kind, Proxy, its virtual IP), not the service.
         let r = get(&c, &format!("{base}/v1/health/connect/web")).await;
@@ -1431,14 +1418,14 @@ async fn connect_and_ingress_endpoints_list_the_mesh_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_parameter_selects_a_peers_imported_instances() {
     within(async {
-        let sim = ConsulSim::start().await;
-        sim.add_node(node("n1", "10.0.0.1"));
-        sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
-        sim.add_peering("p1");
-        sim.add_node_in(node("pn1", "10.9.0.1"), Some("p1"), None);
-        sim.add_service(svc("web-p1", "web", "pn1", 80, &[]), Status::Passing);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sim_with(|sim| {
+            sim.add_node(node("n1", "10.0.0.1"));
+            sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+            sim.add_peering("p1");
+            sim.add_node_in(node("pn1", "10.9.0.1"), Some("p1"), None);
+            sim.add_service(svc("web-p1", "web", "pn1", 80, &[]), Status::Passing);
+        })
+        .await;
 
         let r = get(&c, &format!("{base}/v1/health/service/web")).await;
         assert_eq!(ids(&r.json()), vec!["web-1"], "local instances only");
@@ -1501,11 +1488,11 @@ async fn peer_parameter_selects_a_peers_imported_instances() {
 async fn namespaces_and_partitions_as_consul_ce_and_enterprise_answer_them() {
     within(async {
         use crate::support::consul_sim::SimMesh;
-        let sim = ConsulSim::start().await;
-        sim.add_node(node("n1", "10.0.0.1"));
-        sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sim_with(|sim| {
+            sim.add_node(node("n1", "10.0.0.1"));
+            sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+        })
+        .await;
 
         // Consul CE: any ns or partition, even "default", is a 400 with CE's own message, and
         // the Enterprise lists do not exist.
@@ -1530,10 +1517,7 @@ async fn namespaces_and_partitions_as_consul_ce_and_enterprise_answer_them() {
         sim.set_enterprise(true);
         sim.add_partition("ap1");
         sim.add_namespace("default", "ns1");
-        let in_ns1 = SimMesh {
-            namespace: Some("ns1".into()),
-            ..SimMesh::default()
-        };
+        let in_ns1 = SimMesh::in_namespace("ns1");
         sim.add_service_with(
             svc("web-ns1", "web", "n1", 81, &[]),
             in_ns1,
@@ -1560,23 +1544,11 @@ async fn namespaces_and_partitions_as_consul_ce_and_enterprise_answer_them() {
         // The lists, in the shape of the docs' samples.
         let r = get(&c, &format!("{base}/v1/partitions")).await;
         let body = r.json();
-        let names: Vec<&str> = body
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["Name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, vec!["default", "ap1"]);
+        assert_eq!(list_names(&body), vec!["default", "ap1"]);
         assert_eq!(body[0]["Description"], "Builtin Default Partition");
         let r = get(&c, &format!("{base}/v1/namespaces")).await;
         let body = r.json();
-        let names: Vec<&str> = body
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["Name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, vec!["default", "ns1"]);
+        assert_eq!(list_names(&body), vec!["default", "ns1"]);
         assert_eq!(body[0]["Description"], "Builtin Default Namespace");
         let r = get(&c, &format!("{base}/v1/namespaces?partition=ap1")).await;
         assert_eq!(

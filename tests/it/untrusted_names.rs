@@ -65,44 +65,40 @@ fn positions(x: &[u8]) -> Vec<(Vec<Vec<u8>>, RecordType)> {
         ),
         (vec![l("_web"), l("_tcp"), x.clone()], RecordType::SRV),
         (vec![x.clone(), l("addr")], RecordType::A),
-        // Locality labels, Enterprise namespace and partition, the mesh kinds.
-        (
-            vec![l("web"), l("service"), x.clone(), l("dc")],
-            RecordType::A,
-        ),
-        (
-            vec![l("web"), l("service"), x.clone(), l("peer")],
-            RecordType::A,
-        ),
-        (
-            vec![l("web"), l("service"), x.clone(), l("ns")],
-            RecordType::A,
-        ),
-        (
-            vec![l("web"), l("service"), x.clone(), l("ap")],
-            RecordType::A,
-        ),
-        (
-            vec![l("web"), l("service"), x.clone(), l("dc1")],
-            RecordType::A,
-        ),
-        (
-            vec![l("n1"), l("node"), x.clone(), l("peer")],
-            RecordType::A,
-        ),
-        (vec![x.clone(), l("connect")], RecordType::A),
-        (vec![x.clone(), l("ingress")], RecordType::SRV),
-        (vec![x.clone(), l("virtual")], RecordType::A),
-        (vec![l("web"), l("virtual"), x.clone()], RecordType::A),
-        (
-            vec![l("web"), l("connect"), x.clone(), l("ns")],
-            RecordType::A,
-        ),
-        (
-            vec![[b"_".as_slice(), &x].concat(), l("_tcp"), l("query")],
-            RecordType::SRV,
-        ),
     ]
+    .into_iter()
+    .chain(locality_and_mesh_positions(&x))
+    .collect()
+}
+
+/// The positions of the locality labels (datacenter, peer, Enterprise namespace and partition,
+/// the namespace of Enterprise's `<ns>.<dc>`) after `.service` and `.connect`, and of the mesh
+/// kinds.
+fn locality_and_mesh_positions(x: &[u8]) -> Vec<(Vec<Vec<u8>>, RecordType)> {
+    let l = |s: &str| s.as_bytes().to_vec();
+    let x = x.to_vec();
+    let locality = ["dc", "peer", "ns", "ap", "dc1"]
+        .into_iter()
+        .flat_map(|after| {
+            ["service", "connect"]
+                .map(|kind| (vec![l("web"), l(kind), x.clone(), l(after)], RecordType::A))
+        });
+    locality
+        .chain([
+            (vec![x.clone(), l("connect")], RecordType::A),
+            (vec![x.clone(), l("ingress")], RecordType::SRV),
+            (vec![x.clone(), l("virtual")], RecordType::A),
+            (vec![l("web"), l("virtual"), x.clone()], RecordType::A),
+            (
+                vec![l("n1"), l("node"), x.clone(), l("peer")],
+                RecordType::A,
+            ),
+            (
+                vec![[b"_".as_slice(), &x].concat(), l("_tcp"), l("query")],
+                RecordType::SRV,
+            ),
+        ])
+        .collect()
 }
 
 /// The query, or `None` where the position makes a label longer than DNS allows (`_` before a

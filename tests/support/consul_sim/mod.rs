@@ -53,6 +53,17 @@ pub struct SimNode {
     pub meta: BTreeMap<String, String>,
 }
 
+impl SimNode {
+    /// A node without meta.
+    pub fn new(name: &str, address: &str) -> SimNode {
+        SimNode {
+            name: name.into(),
+            address: address.into(),
+            meta: BTreeMap::new(),
+        }
+    }
+}
+
 /// A service instance, as registered with Consul.
 #[derive(Clone, Debug)]
 pub struct SimService {
@@ -100,6 +111,42 @@ pub struct SimMesh {
 }
 
 impl SimMesh {
+    /// A sidecar proxy for `destination`.
+    pub fn sidecar(destination: &str) -> SimMesh {
+        SimMesh {
+            kind: SimKind::ConnectProxy {
+                destination: destination.into(),
+            },
+            ..SimMesh::default()
+        }
+    }
+
+    /// A Connect-native service.
+    pub fn native() -> SimMesh {
+        SimMesh {
+            connect_native: true,
+            ..SimMesh::default()
+        }
+    }
+
+    /// An ingress gateway routing to `services`.
+    pub fn ingress(services: &[&str]) -> SimMesh {
+        SimMesh {
+            kind: SimKind::IngressGateway {
+                services: services.iter().map(|s| s.to_string()).collect(),
+            },
+            ..SimMesh::default()
+        }
+    }
+
+    /// A plain service in Enterprise namespace `ns`.
+    pub fn in_namespace(ns: &str) -> SimMesh {
+        SimMesh {
+            namespace: Some(ns.into()),
+            ..SimMesh::default()
+        }
+    }
+
     /// The service whose Connect instances this one is: a proxy's destination, or its own
     /// service when Connect-native.
     pub fn connect_destination<'a>(&'a self, service: &'a str) -> Option<&'a str> {
@@ -107,6 +154,22 @@ impl SimMesh {
             SimKind::ConnectProxy { destination } => Some(destination),
             _ if self.connect_native => Some(service),
             _ => None,
+        }
+    }
+}
+
+impl SimService {
+    /// Instance `id` of `service` on `node` at the node's address, weights 1/1, no meta.
+    pub fn new(id: &str, service: &str, node: &str, port: u16, tags: &[&str]) -> SimService {
+        SimService {
+            id: id.into(),
+            service: service.into(),
+            node: node.into(),
+            address: String::new(),
+            port,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            weights: (1, 1),
+            meta: BTreeMap::new(),
         }
     }
 }
@@ -470,23 +533,10 @@ impl ConsulSim {
 
     /// Like [`ConsulSim::add_simple`], returning the instance ID it chose.
     pub fn add_simple_id(&self, service: &str, node: &str, addr: &str, port: u16) -> String {
-        self.add_node(SimNode {
-            name: node.to_string(),
-            address: addr.to_string(),
-            meta: BTreeMap::new(),
-        });
+        self.add_node(SimNode::new(node, addr));
         let id = self.inner.state().free_instance_id(service);
         self.add_service(
-            SimService {
-                id: id.clone(),
-                service: service.to_string(),
-                node: node.to_string(),
-                address: String::new(),
-                port,
-                tags: Vec::new(),
-                weights: (1, 1),
-                meta: BTreeMap::new(),
-            },
+            SimService::new(&id, service, node, port, &[]),
             Status::Passing,
         );
         id

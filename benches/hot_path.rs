@@ -33,11 +33,10 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use serde_json::json;
 
 use consul_dns_forwarder::answer::Question;
-use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup, TtlPolicy};
+use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup};
 use consul_dns_forwarder::config::{Config, WhenNoneHealthy};
-use consul_dns_forwarder::consul::catalog::{
-    service_id_key, Instance, ServiceView, Status, Target,
-};
+use consul_dns_forwarder::consul::addrs::Addrs;
+use consul_dns_forwarder::consul::catalog::{service_id_key, Instance, ServiceView, Status};
 use consul_dns_forwarder::consul::file::FileBackend;
 use consul_dns_forwarder::consul::name;
 use consul_dns_forwarder::consul::records::{self, Ctx, Plan};
@@ -47,6 +46,11 @@ use consul_dns_forwarder::metrics::Metrics;
 use consul_dns_forwarder::raw;
 use consul_dns_forwarder::reply::{self, Transport};
 use consul_dns_forwarder::upstream::Forwarder;
+
+#[path = "support/policy.rs"]
+mod policy;
+
+use policy::policy;
 
 /// Instance counts of the `consul_view` and `handler` groups. 5,000 is issue 8's large service.
 const SIZES: [usize; 4] = [1, 10, 100, 5_000];
@@ -66,16 +70,6 @@ fn request(qname: &str, qtype: RecordType, edns: bool) -> Message {
         m.edns = Some(e);
     }
     m
-}
-
-fn policy() -> TtlPolicy {
-    TtlPolicy {
-        min_ttl: Duration::ZERO,
-        max_ttl: Duration::from_secs(86_400),
-        negative_ttl: Duration::from_secs(300),
-        negative_min_ttl: Duration::ZERO,
-        stale_for: Duration::from_secs(3600),
-    }
 }
 
 /// An upstream reply for `qname`: `a` A records, behind a CNAME when `cname` is set.
@@ -111,8 +105,7 @@ fn instance(i: usize) -> Instance {
     Instance {
         node: format!("node-{i}"),
         service_id: service_id_key(&format!("web-{i}")),
-        target: Some(Target::Ip(ip)),
-        own_address: false,
+        addrs: Addrs::ip(ip, true),
         port: 8080,
         tags: vec!["v1".into(), "primary".into()].into(),
         // One in ten critical, one in ten warning: select() has work to do.
@@ -123,6 +116,7 @@ fn instance(i: usize) -> Instance {
         },
         weight_passing: 10,
         weight_warning: 1,
+        node_meta: Default::default(),
     }
 }
 
@@ -290,6 +284,8 @@ fn bench_consul_view(c: &mut Criterion) {
         negative_ttl: 5,
         a_record_limit: 0,
         serial: 1,
+        soa: Default::default(),
+        node_meta_txt: true,
         peer: None,
         partition: None,
     };

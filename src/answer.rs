@@ -3,6 +3,7 @@
 //! forwarder (`upstream`) and the Consul source (`consul`) implement. Kept apart from both so
 //! that neither sources nor metrics depend on the handler or on each other.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -41,6 +42,18 @@ pub struct Answer {
     pub(crate) answers: Vec<Record>,
     pub(crate) authorities: Vec<Record>,
     pub(crate) additionals: Vec<Record>,
+    /// Records the source left out, and whether the reply says so.
+    pub(crate) cut: Cut,
+}
+
+/// Answer records left out of a reply, by the source or to fit the client's size, are
+/// flagged with TC=1 by default, so the client can ask over TCP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Cut {
+    /// The source already left answer records out (`consul.udp_answer_limit`).
+    pub(crate) by_source: bool,
+    /// TC stays clear whatever was left out (Consul's `enable_truncate = false`).
+    pub(crate) silent: bool,
 }
 
 impl Answer {
@@ -51,6 +64,7 @@ impl Answer {
             answers: Vec::new(),
             authorities: Vec::new(),
             additionals: Vec::new(),
+            cut: Cut::default(),
         }
     }
 
@@ -93,6 +107,14 @@ pub trait AnswerSource: Send + Sync {
     /// a Consul source that has not heard from Consul.
     fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Whether reverse (PTR) questions for `ip` go to this source instead of upstream: the
+    /// Consul source's, for the addresses Consul knows (or may know: its node list is still
+    /// loading, and [`AnswerSource::answer`] waits for it, then forwards what it does not know).
+    /// Asked on the hot path for PTR questions: no allocation, no waiting.
+    fn answers_address(&self, _ip: IpAddr) -> bool {
+        false
     }
 
     /// Writes the reply to `query` into `out` straight from fresh cached bytes, if the source has

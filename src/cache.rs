@@ -21,7 +21,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, Record};
 
-use crate::answer::{Answer, Question};
+use crate::answer::{Answer, Cut, Question};
 use crate::header::{self, Section, HEADER_LEN};
 use crate::lock::lock;
 use crate::raw::{self, PlainQuery};
@@ -245,6 +245,7 @@ impl CachedAnswer {
                 answers: msg.answers,
                 authorities: msg.authorities,
                 additionals: msg.additionals,
+                cut: Cut::default(),
             },
             // Bytes we encoded ourselves always decode; should they not, fail safe.
             None => Answer::servfail(),

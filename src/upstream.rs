@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
+use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -393,6 +394,9 @@ pub struct Forwarder {
     shuffle: bool,
     /// Upstream fetches in flight (`upstream.max_inflight`).
     inflight: Arc<tokio::sync::Semaphore>,
+    /// The Consul DNS mode's `consul.reverse_networks`: PTR questions for addresses in them go
+    /// to the agents (dnsmasq's `rev-server`). Empty for the upstream forwarder.
+    reverse_networks: Vec<IpNet>,
 }
 
 impl Forwarder {
@@ -410,6 +414,7 @@ impl Forwarder {
             inflight: Arc::new(tokio::sync::Semaphore::new(
                 crate::config::DEFAULT_UPSTREAM_INFLIGHT,
             )),
+            reverse_networks: Vec::new(),
         }
     }
 
@@ -456,7 +461,7 @@ impl Forwarder {
             negative_min_ttl: consul.negative_ttl,
             stale_for: consul.stale_for,
         };
-        Forwarder::new(
+        let mut forwarder = Forwarder::new(
             Router::new(
                 ServerGroup::new(consul.dns.clone(), config.upstream.timeout),
                 Vec::new(),
@@ -464,7 +469,9 @@ impl Forwarder {
             Self::new_cache(config, policy, metrics),
             metrics.clone(),
             true,
-        )
+        );
+        forwarder.reverse_networks = consul.reverse_networks.clone();
+        forwarder
     }
 
     fn new_cache(config: &Config, policy: TtlPolicy, metrics: &Metrics) -> Cache {
@@ -555,6 +562,10 @@ impl Forwarder {
 impl AnswerSource for Forwarder {
     async fn answer(&self, q: &Question, _limit: usize) -> (Answer, Source) {
         Forwarder::answer(self, q).await
+    }
+
+    fn answers_address(&self, ip: IpAddr) -> bool {
+        self.reverse_networks.iter().any(|net| net.contains(&ip))
     }
 
     /// Fresh cached bytes only: expired entries go the general way, which refreshes.

@@ -17,11 +17,11 @@ use super::defaults::*;
 use super::errors::{ttl_range, Errors};
 use super::schema::{
     AllowNet, ConfigDuration, ConsulMode, FileCache, FileConfig, FileConsul, FileForward, FileLog,
-    FileMetrics, FileServer, FileUpstream, HttpUrl, ServerAddr, Zone,
+    FileMetrics, FileServer, FileSoa, FileUpstream, HttpUrl, ServerAddr, Zone,
 };
 use super::types::{
-    CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, TtlPattern,
-    UpstreamConfig,
+    CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, SoaTimers,
+    TtlPattern, UpstreamConfig,
 };
 
 impl FileConfig {
@@ -279,7 +279,7 @@ impl FileConsul {
             );
         }
         let node_ttl = duration_or(self.node_ttl, DEFAULT_NODE_TTL);
-        let negative_ttl = duration_or(self.negative_ttl, DEFAULT_CONSUL_NEGATIVE_TTL);
+        let (soa, negative_ttl) = soa_settings(self.soa, self.negative_ttl, errors);
         for (key, ttl) in [("node_ttl", node_ttl), ("negative_ttl", negative_ttl)] {
             if ttl > MAX_DNS_TTL {
                 errors.invalid("consul", key, ttl_range());
@@ -306,9 +306,21 @@ impl FileConsul {
             watch_idle,
             stale_for,
             max_connections,
+            allow_stale: self.allow_stale.unwrap_or(DEFAULT_ALLOW_STALE),
+            max_stale: duration_or(self.max_stale, DEFAULT_MAX_STALE),
+            translate_wan_addrs: self
+                .translate_wan_addrs
+                .unwrap_or(DEFAULT_TRANSLATE_WAN_ADDRS),
             allow_insecure_token: self
                 .allow_insecure_token
                 .unwrap_or(DEFAULT_ALLOW_INSECURE_TOKEN),
+            node_meta_txt: self
+                .enable_additional_node_meta_txt
+                .unwrap_or(DEFAULT_NODE_META_TXT),
+            udp_answer_limit: self.udp_answer_limit.unwrap_or(DEFAULT_UDP_ANSWER_LIMIT),
+            enable_truncate: self.enable_truncate.unwrap_or(DEFAULT_ENABLE_TRUNCATE),
+            soa,
+            reverse_networks: reverse_networks(self.reverse_networks, mode, errors),
         };
         // The token file is known here, so its problem gets a line; a token from the
         // environment or an agent from a flag is checked after the flags are applied.
@@ -319,6 +331,66 @@ impl FileConsul {
         }
         consul
     }
+}
+
+/// `consul.soa`'s timers, and the negative TTL: `consul.soa.min_ttl` is Consul's name for
+/// `consul.negative_ttl` (the SOA minimum), so either may be written, both only alike.
+fn soa_settings(
+    soa: Option<FileSoa>,
+    negative_ttl: Option<ConfigDuration>,
+    errors: &mut Errors,
+) -> (SoaTimers, Duration) {
+    let soa = soa.unwrap_or_default();
+    let timers = SoaTimers {
+        refresh: soa.refresh.unwrap_or(DEFAULT_SOA_REFRESH),
+        retry: soa.retry.unwrap_or(DEFAULT_SOA_RETRY),
+        expire: soa.expire.unwrap_or(DEFAULT_SOA_EXPIRE),
+    };
+    // The SOA's timers are signed 32-bit numbers on the wire (RFC 1035 §3.3.13).
+    for (key, value) in [
+        ("refresh", timers.refresh),
+        ("retry", timers.retry),
+        ("expire", timers.expire),
+    ] {
+        if i32::try_from(value).is_err() {
+            errors.invalid("consul.soa", key, "must be at most 2147483647 (seconds)");
+        }
+    }
+    let negative = match (soa.min_ttl, negative_ttl) {
+        (Some(secs), Some(ttl)) if Duration::from_secs(u64::from(secs)) != ttl.0 => {
+            errors.invalid(
+                "consul.soa",
+                "min_ttl",
+                format!(
+                    "is consul.negative_ttl under Consul's name, and that says {}: set one of them",
+                    format_duration(ttl.0)
+                ),
+            );
+            ttl.0
+        }
+        (Some(secs), _) => Duration::from_secs(u64::from(secs)),
+        (None, ttl) => duration_or(ttl, DEFAULT_CONSUL_NEGATIVE_TTL),
+    };
+    (timers, negative)
+}
+
+/// `consul.reverse_networks`, which only the DNS mode uses: the HTTP and catalog-file modes know
+/// Consul's addresses themselves.
+fn reverse_networks(
+    list: Option<Vec<AllowNet>>,
+    mode: ConsulMode,
+    errors: &mut Errors,
+) -> Vec<IpNet> {
+    let nets: Vec<IpNet> = list.unwrap_or_default().into_iter().map(|n| n.0).collect();
+    if !nets.is_empty() && mode != ConsulMode::Dns {
+        errors.invalid(
+            "consul",
+            "reverse_networks",
+            "only for mode = \"dns\": the HTTP and catalog-file modes answer PTR questions for \
+             every address Consul knows, and forward the rest",
+        );
+    }
+    nets
 }
 
 /// `consul.domain` (or Consul's own) first, then the alternative domains, each once.
@@ -736,6 +808,102 @@ mod tests {
             ..FileConsul::default()
         };
         assert_eq!(keys(|e| file.validate(e)), ["consul.http"]);
+    }
+
+    #[test]
+    fn consul_answer_options_and_soa() {
+        let (consul, problems) = run(|e| FileConsul::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(consul.node_meta_txt && consul.enable_truncate);
+        assert_eq!(consul.udp_answer_limit, 0);
+        assert_eq!(
+            (consul.soa.refresh, consul.soa.retry, consul.soa.expire),
+            (3600, 600, 86_400)
+        );
+
+        let (consul, problems) = run(|e| {
+            FileConsul {
+                enable_additional_node_meta_txt: Some(false),
+                udp_answer_limit: Some(3),
+                enable_truncate: Some(false),
+                soa: Some(FileSoa {
+                    refresh: Some(60),
+                    retry: Some(30),
+                    expire: Some(120),
+                    min_ttl: Some(10),
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(!consul.node_meta_txt && !consul.enable_truncate);
+        assert_eq!(consul.udp_answer_limit, 3);
+        assert_eq!(
+            (consul.soa.refresh, consul.soa.retry, consul.soa.expire),
+            (60, 30, 120)
+        );
+        assert_eq!(consul.negative_ttl, Duration::from_secs(10), "soa.min_ttl");
+
+        // min_ttl is negative_ttl under Consul's name: both only when they agree.
+        let (_, problems) = run(|e| {
+            FileConsul {
+                negative_ttl: secs(10),
+                soa: Some(FileSoa {
+                    min_ttl: Some(10),
+                    ..FileSoa::default()
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        let (_, problems) = run(|e| {
+            FileConsul {
+                negative_ttl: secs(10),
+                soa: Some(FileSoa {
+                    min_ttl: Some(0),
+                    expire: Some(u32::MAX),
+                    ..FileSoa::default()
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: consul.soa.expire: must be at most 2147483647 (seconds)",
+                "f.toml:1: consul.soa.min_ttl: is consul.negative_ttl under Consul's name, and that says 10s: set one of them",
+            ]
+        );
+    }
+
+    #[test]
+    fn consul_reverse_networks_are_for_the_dns_mode_only() {
+        let with = |mode: ConsulMode, nets: &[&str]| FileConsul {
+            mode: Some(mode),
+            reverse_networks: Some(
+                nets.iter()
+                    .map(|n| AllowNet::from_str(n).expect("net"))
+                    .collect(),
+            ),
+            ..FileConsul::default()
+        };
+        let (consul, problems) =
+            run(|e| with(ConsulMode::Dns, &["10.0.0.0/8", "fd00::1"]).validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        let nets: Vec<String> = consul
+            .reverse_networks
+            .iter()
+            .map(IpNet::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "fd00::1/128"]);
+        assert!(run(|e| with(ConsulMode::Http, &[]).validate(e))
+            .1
+            .is_empty());
+        let refused = keys(|e| with(ConsulMode::Http, &["10.0.0.0/8"]).validate(e));
+        assert_eq!(refused, ["consul.reverse_networks"]);
     }
 
     #[test]

@@ -115,13 +115,25 @@ pub(crate) fn next_index(previous: u64, returned: u64) -> u64 {
 pub(crate) struct Indexed<T> {
     pub(crate) value: T,
     pub(crate) index: u64,
+    /// `X-Consul-LastContact`: how long ago the answering server last heard from the leader
+    /// (0 from the leader itself).
+    pub(crate) last_contact: Duration,
     /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read every item, so a list
     /// is not the whole catalog.
     pub(crate) filtered: bool,
 }
 
+/// How reads are spread over the Consul servers: Consul's DNS options `allow_stale` and
+/// `max_stale`, applied to every request (watches, feeds, lists and fetches alike).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReadConsistency {
+    pub(crate) allow_stale: bool,
+    pub(crate) max_stale: Duration,
+}
+
 pub(crate) struct ConsulClient {
     http: HttpsClient,
+    consistency: ReadConsistency,
     agents: Vec<url::Url>,
     /// The agent that answered last; requests start there.
     current: AtomicUsize,
@@ -147,6 +159,7 @@ impl ConsulClient {
         token: Option<String>,
         ca_pem: Option<(&str, Vec<u8>)>,
         max_connections: usize,
+        consistency: ReadConsistency,
         metrics: Arc<Metrics>,
     ) -> Result<ConsulClient, ClientBuildError> {
         // rustls is built without a default provider (ring builds quickly and needs no cmake);
@@ -182,6 +195,7 @@ impl ConsulClient {
         let blocking_slots = max_connections.saturating_sub(fetch).max(1);
         Ok(ConsulClient {
             http,
+            consistency,
             agents,
             current: AtomicUsize::new(0),
             answered: AtomicBool::new(false),
@@ -233,6 +247,9 @@ impl ConsulClient {
             }),
         };
         let mut params: Vec<(&str, String)> = query.to_vec();
+        if self.consistency.allow_stale {
+            params.push(("stale", String::new()));
+        }
         let timeout = match blocking {
             Some((index, wait)) => {
                 params.push(("index", index.to_string()));
@@ -246,7 +263,10 @@ impl ConsulClient {
         let mut last = ClientError::Closed;
         for k in 0..n {
             let i = (start + k) % n;
-            match self.get_from(i, segments, &params, timeout).await {
+            match self
+                .get_consistent(i, endpoint, segments, query, &params, timeout)
+                .await
+            {
                 Ok(r) => {
                     self.current.store(i, Ordering::Relaxed);
                     self.answered.store(true, Ordering::Relaxed);
@@ -313,6 +333,29 @@ impl ConsulClient {
         true
     }
 
+    /// `get_from`, then, when a stale read came from a server too far behind the leader
+    /// (`max_stale`), the same read again without `stale` (and without blocking: the leader's
+    /// answer is wanted now), as Consul's DNS interface does.
+    async fn get_consistent<T: DeserializeOwned>(
+        &self,
+        agent: usize,
+        endpoint: &'static str,
+        segments: &[&str],
+        query: &[(&str, String)],
+        params: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<Indexed<Option<T>>, ClientError> {
+        let r = self.get_from(agent, segments, params, timeout).await?;
+        if !self.consistency.allow_stale || r.last_contact <= self.consistency.max_stale {
+            return Ok(r);
+        }
+        self.metrics
+            .consul_requests
+            .with_label_values(&[endpoint, "too_stale"])
+            .inc();
+        self.get_from(agent, segments, query, REQUEST_TIMEOUT).await
+    }
+
     async fn get_from<T: DeserializeOwned>(
         &self,
         agent: usize,
@@ -374,6 +417,12 @@ impl ConsulClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
+        let last_contact = parts
+            .headers
+            .get("X-Consul-LastContact")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(Duration::ZERO, Duration::from_millis);
         let filtered = parts
             .headers
             .get("X-Consul-Results-Filtered-By-ACLs")
@@ -401,6 +450,7 @@ impl ConsulClient {
         Ok(Indexed {
             value,
             index,
+            last_contact,
             filtered,
         })
     }

@@ -14,6 +14,7 @@
 //! [`super::inventory`] (what exists).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,14 +24,16 @@ use futures::future::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::addrs::WanTranslation;
 use super::agent::{discover_datacenter, probe_agents};
 use super::catalog::{CatalogNodeJson, NodeView, QueryExecuteJson, QueryView, ServiceView};
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::feed::{Feed, FeedShared, HealthLists, FEED_STATES};
-use super::inventory::Inventory;
+use super::inventory::{Inventory, NodeAddresses};
 use super::name::{Tenancy, ViewKey};
 use super::on_demand::OnDemand;
 use super::outage::OutageLog;
+use super::ptr::{PtrName, ServiceAddresses};
 use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
 use super::watcher::{Settings, Watcher, WatcherContext};
 use super::{Backend, LookupError};
@@ -69,6 +72,8 @@ pub(crate) struct HttpBackend {
     pub(super) watcher_context: Arc<WatcherContext>,
     /// What exists in Consul: names it does not have are answered without a request.
     pub(super) inventory: Arc<Inventory>,
+    /// The watched views' service addresses, for PTR answers (the nodes' are the inventory's).
+    pub(super) service_addresses: ServiceAddresses,
 }
 
 impl HttpBackend {
@@ -125,9 +130,11 @@ impl HttpBackend {
                 created: AtomicUsize::new(0),
             }),
             shutdown: shutdown.clone(),
+            datacenter: datacenter.clone(),
         });
         HttpBackend {
             inventory,
+            service_addresses: ServiceAddresses::new(),
             failovers,
             feeds_started: AtomicBool::new(false),
             watcher_context,
@@ -141,6 +148,15 @@ impl HttpBackend {
             metrics,
             shutdown,
         }
+    }
+
+    /// `consul.translate_wan_addrs` and the agent's datacenter (if known yet), for the views
+    /// built from on-demand answers.
+    fn wan_translation(&self) -> (bool, Option<String>) {
+        (
+            self.settings.config.translate_wan_addrs,
+            lock(&self.datacenter).clone(),
+        )
     }
 
     /// A deferred check of the budget for lookups the inventory could not settle, spent only
@@ -374,11 +390,19 @@ impl Backend for HttpBackend {
         let checked =
             self.nodes.remembers(&key) || self.inventory.node(node, dc, tenancy).await.checked()?;
         let node_ttl = self.settings.node_ttl;
+        let (translate, local_dc) = self.wan_translation();
+        let asked_dc = dc.or(local_dc.as_deref()).unwrap_or_default().to_owned();
         let fetch = OneFetch {
             endpoint: "catalog_node",
             segments: vec!["v1".into(), "catalog".into(), "node".into(), node.into()],
             params: tenancy.params(dc),
-            convert: |n: CatalogNodeJson| Arc::new(NodeView::from_json(&n.node)),
+            convert: move |n: CatalogNodeJson| {
+                let wan = WanTranslation {
+                    enabled: translate,
+                    local_dc: local_dc.as_deref(),
+                };
+                Arc::new(NodeView::from_json(&n.node, wan, &asked_dc))
+            },
         };
         self.fetch_remembered(&self.nodes, key, checked, move |_| node_ttl, fetch)
             .await
@@ -393,27 +417,63 @@ impl Backend for HttpBackend {
         let checked =
             self.queries.remembers(&key) || self.inventory.query(name, dc).await.checked()?;
         let default_ttl = self.settings.default_service_ttl;
+        let (translate, local_dc) = self.wan_translation();
         let ttl =
             move |v: &Option<Arc<QueryView>>| v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl);
+        // Consul sorts by round-trip time only within the agent's datacenter (a failover
+        // result comes shuffled); a query the list does not show is taken as sorted, its
+        // order kept as a cached Consul answer would keep it.
+        let sorted = dc.is_none() && self.inventory.query_sorted(name).unwrap_or(true);
         let fetch = OneFetch {
             endpoint: "query_execute",
             segments: vec!["v1".into(), "query".into(), name.into(), "execute".into()],
             params: dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default(),
-            convert: |q: QueryExecuteJson| {
+            convert: move |q: QueryExecuteJson| {
                 let ttl = q
                     .dns
                     .as_ref()
                     .and_then(|d| humantime::parse_duration(&d.ttl).ok());
+                let datacenter = q.datacenter.to_ascii_lowercase();
+                let in_local_dc = local_dc.as_deref().is_none_or(|l| l == datacenter);
+                let wan = WanTranslation {
+                    enabled: translate,
+                    local_dc: local_dc.as_deref(),
+                };
                 Arc::new(QueryView {
-                    service: Arc::new(ServiceView::from_entries(
+                    service: Arc::new(ServiceView::from_entries_translated(
                         &q.nodes,
-                        &q.datacenter.to_ascii_lowercase(),
+                        &datacenter,
+                        wan,
                     )),
                     ttl,
+                    keeps_order: sorted && in_local_dc,
                 })
             },
         };
         self.fetch_remembered(&self.queries, key, checked, ttl, fetch)
             .await
+    }
+
+    fn may_know_address(&self, ip: IpAddr) -> bool {
+        match self.inventory.node_addresses_now() {
+            NodeAddresses::Loading => true,
+            NodeAddresses::Known(names) if names.node_at(ip).is_some() => true,
+            NodeAddresses::Known(_) | NodeAddresses::Unknown => self.service_at(ip).is_some(),
+        }
+    }
+
+    async fn address_name(&self, ip: IpAddr) -> Option<PtrName> {
+        let names = self.inventory.node_addresses().await;
+        if let Some(node) = names.as_ref().and_then(|n| n.node_at(ip)) {
+            return Some(PtrName::Node(node.to_owned()));
+        }
+        self.service_at(ip).map(PtrName::Service)
+    }
+}
+
+impl HttpBackend {
+    fn service_at(&self, ip: IpAddr) -> Option<String> {
+        self.service_addresses
+            .lookup(ip, &self.watches, &self.metrics)
     }
 }

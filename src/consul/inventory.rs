@@ -4,13 +4,13 @@
 //! watcher or a metric series of its own, and a name that appears later is answered as soon as
 //! the catalog shows it.
 //!
-//! The service and node lists are kept by blocking queries (`?stale`, like Consul's own DNS
-//! interface: any server answers, and one request per change); the datacenter list (Consul
-//! offers no blocking there) and the prepared-query list are polled. A lookup the inventory
-//! cannot settle (a list not loaded because Consul is away, the agent refusing the prepared
-//! query list, a list the token only partly sees) goes to Consul as before, within a small
-//! budget shared by all such lookups, so a flood of made-up names costs Consul a few requests a
-//! second at most.
+//! The service and node lists are kept by blocking queries (stale reads unless
+//! `consul.allow_stale = false`, like Consul's own DNS interface: any server answers, and one
+//! request per change); the datacenter list (Consul offers no blocking there) and the
+//! prepared-query list are polled. A lookup the inventory cannot settle (a list not loaded
+//! because Consul is away, the agent refusing the prepared query list, a list the token only
+//! partly sees) goes to Consul as before, within a small budget shared by all such lookups, so a
+//! flood of made-up names costs Consul a few requests a second at most.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{next_index, ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::name::{Tenancy, ViewKey};
 use super::outage::OutageLog;
+use super::ptr::{count_dropped, AddressIndex, NodeAddressJson};
 use super::retry::backoff;
 use super::LookupError;
 use crate::lock::lock;
@@ -114,6 +115,12 @@ pub(crate) struct Names {
     /// False when Consul said the token does not see every item
     /// (`X-Consul-Results-Filtered-By-ACLs`): a missing name may still exist.
     complete: bool,
+    /// Prepared queries only: the names, IDs and template prefixes whose results Consul sorts
+    /// by round-trip time (`Service.Near`).
+    sorted: HashSet<String>,
+    /// The local datacenter's node list only: the nodes' addresses, for PTR answers. Loaded,
+    /// kept while Consul is away and replaced with the names, by the same request.
+    addresses: AddressIndex,
 }
 
 impl Names {
@@ -122,7 +129,28 @@ impl Names {
             exact: exact.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
             prefixes: Vec::new(),
             complete,
+            sorted: HashSet::new(),
+            addresses: AddressIndex::default(),
         }
+    }
+
+    /// Does Consul sort prepared query `name`'s result (lowercased)? By its exact name or ID,
+    /// else by the longest template prefix it matches, as Consul resolves a name; `None` when
+    /// the list has no such query.
+    fn sorted(&self, name: &str) -> Option<bool> {
+        if self.exact.contains(name) {
+            return Some(self.sorted.contains(name));
+        }
+        self.prefixes
+            .iter()
+            .filter(|p| name.starts_with(p.as_str()))
+            .max_by_key(|p| p.len())
+            .map(|p| self.sorted.contains(p))
+    }
+
+    /// The node whose `Address` is `ip` (local node list only).
+    pub(crate) fn node_at(&self, ip: std::net::IpAddr) -> Option<&str> {
+        self.addresses.get(ip)
     }
 
     /// The verdict on `name` (lowercased).
@@ -255,13 +283,6 @@ struct NamedJson {
     name: String,
 }
 
-/// One element of `/v1/catalog/nodes`: only the name is kept.
-#[derive(serde::Deserialize)]
-struct NodeNameJson {
-    #[serde(rename = "Node")]
-    node: String,
-}
-
 /// One element of `/v1/query`: the ways a query can be named in DNS.
 #[derive(serde::Deserialize)]
 struct QueryDefinitionJson {
@@ -271,6 +292,26 @@ struct QueryDefinitionJson {
     name: String,
     #[serde(rename = "Template", default)]
     template: Option<QueryTemplateJson>,
+    #[serde(rename = "Service", default)]
+    service: Option<QueryServiceJson>,
+}
+
+#[derive(serde::Deserialize)]
+struct QueryServiceJson {
+    #[serde(rename = "Near", default)]
+    near: String,
+}
+
+impl QueryDefinitionJson {
+    /// Does Consul sort this query's results by round-trip time? `Near` names a node or
+    /// `_agent` (here: the agent the forwarder asks, as for Consul's DNS on that host). `_ip`
+    /// sorts from the requester's address, which over HTTP is the forwarder's own, so nothing
+    /// is sorted; Consul shuffles instead.
+    fn sorted(&self) -> bool {
+        self.service
+            .as_ref()
+            .is_some_and(|s| !s.near.is_empty() && s.near != "_ip")
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -285,14 +326,23 @@ struct QueryTemplateJson {
 fn query_names(list: Vec<QueryDefinitionJson>, complete: bool) -> Names {
     let mut names = Names::new(Vec::new(), complete);
     for q in list {
+        let sorted = q.sorted();
         let name = q.name.to_ascii_lowercase();
+        let mut keys = Vec::with_capacity(2);
         if q.template.is_some_and(|t| t.kind == "name_prefix_match") {
-            names.prefixes.push(name);
+            names.prefixes.push(name.clone());
+            keys.push(name);
         } else if !name.is_empty() {
-            names.exact.insert(name);
+            names.exact.insert(name.clone());
+            keys.push(name);
         }
         if !q.id.is_empty() {
-            names.exact.insert(q.id.to_ascii_lowercase());
+            let id = q.id.to_ascii_lowercase();
+            names.exact.insert(id.clone());
+            keys.push(id);
+        }
+        if sorted {
+            names.sorted.extend(keys);
         }
     }
     names
@@ -306,6 +356,17 @@ struct Shared {
     outage: Arc<OutageLog>,
     watch_wait: Duration,
     failovers: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+}
+
+/// The local node list's addresses as a PTR question finds them, without waiting.
+pub(crate) enum NodeAddresses {
+    /// The first load is on its way: wait for it ([`Inventory::node_addresses`]).
+    Loading,
+    /// Loaded (perhaps stale: the last known addresses are kept while Consul is away).
+    Known(Arc<Names>),
+    /// Never loaded: nothing is known.
+    Unknown,
 }
 
 pub(crate) struct Inventory {
@@ -340,6 +401,7 @@ impl Inventory {
                 outage,
                 watch_wait,
                 failovers,
+                metrics: metrics.clone(),
             }),
             metrics,
             idle,
@@ -513,6 +575,15 @@ impl Inventory {
         verdict(&self.queries, name, &self.shared.outage).await
     }
 
+    /// Does Consul sort prepared query `name`'s results (by its `Near`)? `None` when the list
+    /// cannot tell (not loaded, refused, or the query is not in it).
+    pub(crate) fn query_sorted(&self, name: &str) -> Option<bool> {
+        match &*self.queries.borrow() {
+            List::Ready(names) | List::Stale(names) => names.sorted(name),
+            List::Pending | List::Unavailable => None,
+        }
+    }
+
     async fn catalog(
         &self,
         kind: Kind,
@@ -541,6 +612,36 @@ impl Inventory {
             Kind::Nodes => &lists.nodes,
         };
         verdict(list, name, &self.shared.outage).await
+    }
+
+    /// The local node list's addresses now (the lists start with the first question that
+    /// needs them).
+    pub(crate) fn node_addresses_now(&self) -> NodeAddresses {
+        self.start();
+        match &*self.local.nodes.borrow() {
+            List::Pending => NodeAddresses::Loading,
+            List::Ready(names) | List::Stale(names) => NodeAddresses::Known(names.clone()),
+            List::Unavailable => NodeAddresses::Unknown,
+        }
+    }
+
+    /// The local node list's addresses, waiting up to [`FIRST_LOAD_WAIT`] for its first load;
+    /// `None` when it could not be loaded.
+    pub(crate) async fn node_addresses(&self) -> Option<Arc<Names>> {
+        self.start();
+        let mut rx = self.local.nodes.subscribe();
+        let waited = tokio::time::timeout(
+            FIRST_LOAD_WAIT,
+            rx.wait_for(|s| !matches!(s, List::Pending)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(state)) => match &*state {
+                List::Ready(names) | List::Stale(names) => Some(names.clone()),
+                List::Pending | List::Unavailable => None,
+            },
+            _ => None,
+        }
     }
 
     /// May an unchecked lookup go to Consul now? Counted in `limit_drops_total` when not.
@@ -630,8 +731,7 @@ struct ListTask {
 impl ListTask {
     async fn run(self) {
         let mut failovers = self.shared.failovers.clone();
-        let mut params = vec![("stale", String::new())];
-        params.extend(self.scope.tenancy.params(self.scope.dc.as_deref()));
+        let params = self.scope.tenancy.params(self.scope.dc.as_deref());
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         // Kept between requests, as a feed keeps its own: given back after each, a service
@@ -702,10 +802,20 @@ impl ListTask {
             }
             Kind::Nodes => {
                 let r = client
-                    .get::<Vec<NodeNameJson>>(endpoint, segments, params, blocking)
+                    .get::<Vec<NodeAddressJson>>(endpoint, segments, params, blocking)
                     .await?;
-                let names = r.value.unwrap_or_default().into_iter().map(|n| n.node);
-                Ok((Names::new(names, !r.filtered), r.index))
+                let nodes = r.value.unwrap_or_default();
+                // Consul's PTR answers come from the local datacenter only.
+                let addresses = if self.scope == ListScope::default() {
+                    let (index, dropped) = AddressIndex::from_nodes(&nodes);
+                    count_dropped(&self.shared.metrics, dropped);
+                    index
+                } else {
+                    AddressIndex::default()
+                };
+                let mut names = Names::new(nodes.into_iter().map(|n| n.node), !r.filtered);
+                names.addresses = addresses;
+                Ok((names, r.index))
             }
         }
     }
@@ -737,12 +847,7 @@ async fn poll_queries(shared: Arc<Shared>, list: watch::Sender<List>, shutdown: 
     let fetch = || async {
         let r = shared
             .client
-            .get::<Vec<QueryDefinitionJson>>(
-                "query_list",
-                &["v1", "query"],
-                &[("stale", String::new())],
-                None,
-            )
+            .get::<Vec<QueryDefinitionJson>>("query_list", &["v1", "query"], &[], None)
             .await?;
         Ok(query_names(r.value.unwrap_or_default(), !r.filtered))
     };
@@ -883,6 +988,32 @@ mod tests {
             query_names(catch_all, true).verdict("anything"),
             Verdict::Exists
         );
+    }
+
+    #[test]
+    fn a_query_with_near_is_sorted_by_name_id_and_longest_template() {
+        let list: Vec<QueryDefinitionJson> = serde_json::from_str(
+            r#"[
+              {"ID": "id-near", "Name": "near", "Service": {"Service": "db", "Near": "_agent"}},
+              {"ID": "id-ip", "Name": "by-ip", "Service": {"Service": "db", "Near": "_ip"}},
+              {"ID": "id-plain", "Name": "plain", "Service": {"Service": "db", "Near": ""}},
+              {"ID": "t1", "Name": "web-", "Template": {"Type": "name_prefix_match"}, "Service": {"Near": "node-1"}},
+              {"ID": "t2", "Name": "web-east-", "Template": {"Type": "name_prefix_match"}, "Service": {"Near": ""}}
+            ]"#,
+        )
+        .expect("json");
+        let names = query_names(list, true);
+        assert_eq!(names.sorted("near"), Some(true));
+        assert_eq!(names.sorted("id-near"), Some(true));
+        assert_eq!(names.sorted("by-ip"), Some(false), "_ip: Consul shuffles");
+        assert_eq!(names.sorted("plain"), Some(false));
+        assert_eq!(names.sorted("web-west-1"), Some(true));
+        assert_eq!(
+            names.sorted("web-east-1"),
+            Some(false),
+            "the longest prefix wins"
+        );
+        assert_eq!(names.sorted("other"), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `mode = "dns"` instead forwards the domain to the agents' DNS port through the same cache as
 //! upstream names.
 
+pub mod addrs;
 pub(crate) mod agent;
 pub mod catalog;
 pub(crate) mod client;
@@ -15,26 +16,32 @@ pub(crate) mod inventory;
 pub mod name;
 pub(crate) mod on_demand;
 pub(crate) mod outage;
+pub mod ptr;
 pub mod records;
 pub(crate) mod retry;
 pub(crate) mod views;
 pub(crate) mod watcher;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{DNSClass, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RecordType};
 use tokio_util::sync::CancellationToken;
 
-use self::catalog::{NodeView, QueryView, ServiceView};
+use self::catalog::{NodeView, QueryView, Selection, ServiceView};
 use self::name::{ConsulName, ServiceKind, Tenancy, ViewKey};
+use self::ptr::PtrName;
 use self::records::{Ctx, Plan};
 use crate::answer::{Answer, AnswerSource, Question, Source};
-use crate::config::{Config, ConsulConfig, ConsulMode};
+use crate::config::{Config, ConsulConfig, ConsulMode, WhenNoneHealthy};
 use crate::metrics::Metrics;
 use crate::upstream::Forwarder;
+
+/// The service Consul registers for its servers: their nodes are the domain's nameservers.
+const CONSUL_SERVICE: &str = "consul";
 
 /// Why a backend could not produce a view.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -73,6 +80,15 @@ pub trait Backend: Send + Sync {
         name: &str,
         dc: Option<&str>,
     ) -> Result<Option<Arc<QueryView>>, LookupError>;
+    /// See [`AnswerSource::answers_address`]: `ip` is known, or may be (still loading).
+    fn may_know_address(&self, _ip: IpAddr) -> bool {
+        false
+    }
+    /// What the local datacenter calls `ip` (a node, else a service), waiting for a first
+    /// load; `None` when Consul does not know it.
+    async fn address_name(&self, _ip: IpAddr) -> Option<PtrName> {
+        None
+    }
 }
 
 /// Problems found while setting Consul up, before serving.
@@ -133,13 +149,6 @@ impl ConsulSource {
             return Answer::rcode(ResponseCode::Refused);
         }
         let local_dc = self.backend.local_datacenter().await;
-        // A name that spells out the local datacenter is the same view as one that does not.
-        let norm = |dc: &Option<String>| -> Option<String> {
-            match (dc, &local_dc) {
-                (Some(d), Some(l)) if d == l => None,
-                (d, _) => d.clone(),
-            }
-        };
         let serial = u32::try_from(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -155,10 +164,52 @@ impl ConsulSource {
             negative_ttl: secs(cfg.negative_ttl),
             a_record_limit: cfg.a_record_limit,
             serial,
+            soa: cfg.soa,
+            node_meta_txt: cfg.node_meta_txt,
             peer: None,
             partition: None,
         };
-        let built = match name {
+        let built = match q.qtype {
+            // Answered for every name in the domain, whatever it names, as Consul does.
+            RecordType::SOA | RecordType::NS => self.nameserver_answer(&ctx).await,
+            _ => self.lookup(name, &local_dc, limit, ctx).await,
+        };
+        let mut answer = match built {
+            Ok(Plan::Done(answer)) => answer,
+            Ok(Plan::Cname { answer, target }) => self.follow_cname(answer, target, q, limit).await,
+            Err(failed) => return failed,
+        };
+        if limit == crate::reply::UDP_LIMIT_NO_EDNS {
+            records::limit_answers(&mut answer, cfg.udp_answer_limit);
+        }
+        answer.cut.silent = !cfg.enable_truncate;
+        answer
+    }
+
+    /// What a name of each kind answers (before a CNAME is followed); `Err` is the final answer
+    /// when Consul cannot be asked. Takes the parsed name: its strings become the view key.
+    async fn lookup(
+        &self,
+        name: ConsulName,
+        local_dc: &Option<String>,
+        limit: usize,
+        mut ctx: Ctx<'_>,
+    ) -> Result<Plan, Answer> {
+        let cfg = &self.config;
+        // A name that spells out the local datacenter is the same view as one that does not.
+        let norm = |dc: Option<String>| -> Option<String> {
+            match (dc, local_dc) {
+                (Some(d), Some(l)) if d == *l => None,
+                (d, _) => d,
+            }
+        };
+        let missing = |e: LookupError, ctx: &Ctx<'_>| match e {
+            LookupError::NoSuchDatacenter | LookupError::NoSuchName => {
+                Ok(Plan::Done(records::nxdomain(ctx)))
+            }
+            LookupError::Unavailable(_) => Err(Answer::servfail()),
+        };
+        match name {
             ConsulName::Apex => Ok(Plan::Done(records::apex_answer(&ctx))),
             ConsulName::Invalid => Ok(Plan::Done(records::nxdomain(&ctx))),
             ConsulName::Addr { ip } => Ok(Plan::Done(records::addr_answer(ip, &ctx))),
@@ -169,126 +220,199 @@ impl ConsulSource {
                 dc,
                 tenancy,
             } => {
-                let key = ViewKey::new(service, norm(&dc), kind, tenancy);
-                self.backend.service(&key).await.map(|view| {
-                    let ctx = Ctx {
-                        ttl: secs(cfg.service_ttl_for(&key.service)),
-                        peer: key.tenancy.peer(),
-                        partition: key.tenancy.partition(),
-                        ..ctx.clone()
-                    };
-                    let dc_name = key.dc.as_deref().unwrap_or(ctx.dc);
-                    self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, dc_name)
-                })
+                let key = ViewKey::new(service, norm(dc), kind, tenancy);
+                match self.backend.service(&key).await {
+                    Ok(view) => {
+                        let ctx = Ctx {
+                            ttl: secs(cfg.service_ttl_for(&key.service)),
+                            dc: key.dc.as_deref().unwrap_or(ctx.dc),
+                            peer: key.tenancy.peer(),
+                            partition: key.tenancy.partition(),
+                            ..ctx
+                        };
+                        let tag = tag.as_deref();
+                        let selection =
+                            records::select(&view, tag, cfg.only_passing, cfg.when_none_healthy);
+                        Ok(answer_from_view(&view, &selection, true, limit, &ctx))
+                    }
+                    Err(e) => missing(e, &ctx),
+                }
             }
             ConsulName::Virtual { service, tenancy } => {
                 // The connect view carries the virtual IP (every connect instance has it).
                 let key = ViewKey::new(service, None, ServiceKind::Connect, tenancy);
                 match self.backend.service(&key).await {
                     Ok(view) => Ok(Plan::Done(records::virtual_answer(view.virtual_ip, &ctx))),
-                    Err(e @ LookupError::Unavailable(_)) => Err(e),
+                    Err(LookupError::Unavailable(_)) => Err(Answer::servfail()),
                     // Consul answers NOERROR without records for a service it has no virtual
                     // IP for, known or not.
                     Err(_) => Ok(Plan::Done(records::virtual_answer(None, &ctx))),
                 }
             }
-            ConsulName::Node { node, dc, tenancy } => self
-                .backend
-                .node(&node, norm(&dc).as_deref(), &tenancy)
-                .await
-                .map(|node| records::node_answer(node.as_deref(), &ctx)),
+            ConsulName::Node { node, dc, tenancy } => {
+                match self
+                    .backend
+                    .node(&node, norm(dc).as_deref(), &tenancy)
+                    .await
+                {
+                    Ok(node) => Ok(records::node_answer(node.as_deref(), &ctx)),
+                    Err(e) => missing(e, &ctx),
+                }
+            }
             ConsulName::Query { query, dc } => {
-                let found = self.backend.query(&query, norm(&dc).as_deref()).await;
-                found.map(|found| match found {
-                    Some(qv) => {
-                        let ttl = qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(&query));
-                        let ctx = Ctx {
-                            ttl: secs(ttl),
-                            ..ctx.clone()
-                        };
-                        self.answer_from_view(&qv.service, None, q, limit, &ctx, ctx.dc)
+                match self.backend.query(&query, norm(dc).as_deref()).await {
+                    Ok(Some(qv)) => {
+                        ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(&query)));
+                        // Consul's result as it came: its own filters, its order when it
+                        // sorted it, shuffled like every other answer when it did not.
+                        let selection = records::select_all(&qv.service);
+                        let shuffle = !qv.keeps_order;
+                        Ok(answer_from_view(
+                            &qv.service,
+                            &selection,
+                            shuffle,
+                            limit,
+                            &ctx,
+                        ))
                     }
-                    None => Plan::Done(records::nxdomain(&ctx)),
-                })
-            }
-        };
-        let built = match built {
-            Ok(plan) => plan,
-            Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                Plan::Done(records::nxdomain(&ctx))
-            }
-            Err(LookupError::Unavailable(_)) => return Answer::servfail(),
-        };
-        self.finish(built, q, limit).await
-    }
-
-    /// The answer of a plan: a CNAME is followed by its target's records, resolved upstream.
-    async fn finish(&self, plan: Plan, q: &Question, limit: usize) -> Answer {
-        match plan {
-            Plan::Done(answer) => answer,
-            Plan::Cname { mut answer, target } => {
-                // The CNAME first, then the target's records, in chain order (glibc ≥ 2.37
-                // ignores addresses that do not follow the chain).
-                let qtype = if q.qtype == RecordType::ANY {
-                    RecordType::A
-                } else {
-                    q.qtype
-                };
-                let target = Question {
-                    name: target,
-                    qtype,
-                    qclass: DNSClass::IN,
-                };
-                let (resolved, _) = self.resolver.answer(&target, limit).await;
-                answer.answers.extend(resolved.answers);
-                answer
+                    Ok(None) => Ok(Plan::Done(records::nxdomain(&ctx))),
+                    Err(e) => missing(e, &ctx),
+                }
             }
         }
     }
+
+    /// SOA and NS: the domain's nameservers are the healthy Consul servers (the instances of
+    /// Consul's own `consul` service), shuffled, as Consul lists them. Without servers to list
+    /// the SOA is still answered; an NS question then gets SERVFAIL while Consul is unreachable
+    /// (Consul's empty answer would be cached as "no nameservers").
+    async fn nameserver_answer(&self, ctx: &Ctx<'_>) -> Result<Plan, Answer> {
+        let key = ViewKey::new(
+            CONSUL_SERVICE.to_owned(),
+            None,
+            ServiceKind::Service,
+            Tenancy::default(),
+        );
+        let view = match self.backend.service(&key).await {
+            Ok(view) => Some(view),
+            Err(LookupError::Unavailable(_)) if ctx.qtype == RecordType::NS => {
+                return Err(Answer::servfail())
+            }
+            Err(_) => None,
+        };
+        let servers = view.as_ref().map_or_else(Vec::new, |view| {
+            let selection = records::select(
+                view,
+                None,
+                self.config.only_passing,
+                WhenNoneHealthy::Nxdomain,
+            );
+            let every = selection.all.len();
+            records::pick(view, &selection, RecordType::SRV, every, &mut rand::rng())
+        });
+        let dc = view
+            .as_ref()
+            .map(|v| v.datacenter.as_str())
+            .filter(|d| !d.is_empty())
+            .unwrap_or(ctx.dc);
+        let ctx = Ctx { dc, ..ctx.clone() };
+        Ok(Plan::Done(match ctx.qtype {
+            RecordType::NS => records::ns_answer(&servers, &ctx),
+            _ => records::soa_answer(&servers, &ctx),
+        }))
+    }
+
+    /// The CNAME first, then the target's records, in chain order (glibc ≥ 2.37 ignores
+    /// addresses that do not follow the chain).
+    async fn follow_cname(
+        &self,
+        mut answer: Answer,
+        target: Name,
+        q: &Question,
+        limit: usize,
+    ) -> Answer {
+        let qtype = if q.qtype == RecordType::ANY {
+            RecordType::A
+        } else {
+            q.qtype
+        };
+        let target = Question {
+            name: target,
+            qtype,
+            qclass: DNSClass::IN,
+        };
+        let (resolved, _) = self.resolver.answer(&target, limit).await;
+        answer.answers.extend(resolved.answers);
+        answer
+    }
+}
+
+/// A service view's answer from `selection`: a random sample of what can fit in `limit`
+/// (`shuffle`), or the first that fit in the view's order, then records. SRV targets name the
+/// view's datacenter when it has one, else `ctx.dc`.
+fn answer_from_view(
+    view: &ServiceView,
+    selection: &Selection,
+    shuffle: bool,
+    limit: usize,
+    ctx: &Ctx<'_>,
+) -> Plan {
+    let cap = records::record_cap(ctx.qtype, limit, ctx.qname.len());
+    let chosen = if shuffle {
+        records::pick(view, selection, ctx.qtype, cap, &mut rand::rng())
+    } else {
+        records::first(view, selection, ctx.qtype, cap)
+    };
+    let dc = if view.datacenter.is_empty() {
+        ctx.dc
+    } else {
+        view.datacenter.as_str()
+    };
+    records::service_answer(
+        &chosen,
+        !selection.all.is_empty(),
+        &Ctx { dc, ..ctx.clone() },
+    )
 }
 
 impl ConsulSource {
-    /// A service view's answer: its selection for `tag`, a random sample of what can fit in
-    /// `limit`, records. SRV targets name the view's datacenter when it has one.
-    fn answer_from_view(
-        &self,
-        view: &ServiceView,
-        tag: Option<&str>,
-        q: &Question,
-        limit: usize,
-        ctx: &Ctx<'_>,
-        dc_fallback: &str,
-    ) -> Plan {
+    /// A PTR (or ANY) question for `ip`, an address the handler found Consul may know: Consul's
+    /// answer when it does, else the question forwarded, as Consul's DNS recurses.
+    async fn reverse_answer(&self, q: &Question, ip: IpAddr, limit: usize) -> (Answer, Source) {
         let cfg = &self.config;
-        let selection = records::select(view, tag, cfg.only_passing, cfg.when_none_healthy);
-        let chosen = records::pick(
-            view,
-            &selection,
-            q.qtype,
-            records::record_cap(q.qtype, limit, q.name.len()),
-            &mut rand::rng(),
-        );
-        let dc = if view.datacenter.is_empty() {
-            dc_fallback
-        } else {
-            view.datacenter.as_str()
-        };
-        records::service_answer(
-            &chosen,
-            !selection.all.is_empty(),
-            &Ctx { dc, ..ctx.clone() },
-        )
+        if let Some(found) = self.backend.address_name(ip).await {
+            let ttl = match &found {
+                PtrName::Node(_) => cfg.node_ttl,
+                PtrName::Service(service) => cfg.service_ttl_for(service),
+            };
+            let dc = self.backend.local_datacenter().await;
+            let dc = dc.as_deref().unwrap_or(file::DEFAULT_DATACENTER);
+            // Consul names its own domain, never an alternative one.
+            if let Some(domain) = cfg.domains.first() {
+                if let Some(answer) = ptr::answer(q, &found, dc, domain, secs(ttl)) {
+                    return (answer, Source::Consul);
+                }
+            }
+        }
+        self.resolver.answer(q, limit).await
     }
 }
 
 #[async_trait]
 impl AnswerSource for ConsulSource {
     async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source) {
+        if let Some(ip) = crate::arpa::question_address(q) {
+            return self.reverse_answer(q, ip, limit).await;
+        }
         (self.answer_inner(q, limit).await, Source::Consul)
     }
 
     fn ready(&self) -> Result<(), String> {
         self.backend.ready()
+    }
+
+    fn answers_address(&self, ip: IpAddr) -> bool {
+        self.backend.may_know_address(ip)
     }
 }
 
@@ -339,6 +463,10 @@ fn http_backend(
         token,
         ca.as_ref().map(|(p, pem)| (p.as_str(), pem.clone())),
         c.max_connections,
+        client::ReadConsistency {
+            allow_stale: c.allow_stale,
+            max_stale: c.max_stale,
+        },
         metrics.clone(),
     )?;
     Ok(http::HttpBackend::new(client, c, metrics, shutdown))

@@ -4,12 +4,13 @@
 //! when no blocking slot of the connection budget is free. Each result replaces the view whole.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use super::addrs::WanTranslation;
 use super::catalog::{HealthEntry, ServiceView};
 use super::client::{next_index, ClientError, ConsulClient};
 use super::name::ViewKey;
@@ -61,6 +62,9 @@ pub(super) struct WatcherContext {
     pub(super) metrics: Arc<Metrics>,
     pub(super) series: Arc<ServiceSeries>,
     pub(super) shutdown: CancellationToken,
+    /// The agent's datacenter, once known: views of other ones get WAN addresses with
+    /// `consul.translate_wan_addrs`.
+    pub(super) datacenter: Arc<Mutex<Option<String>>>,
 }
 
 pub(super) struct Watcher {
@@ -80,8 +84,8 @@ enum Turn {
     Ask(Option<OwnedSemaphorePermit>),
 }
 
-/// The view `entries` make, installed in `watch` unless it holds the same data already; the
-/// per-service series and the change counter follow.
+/// The view `entries` make (addresses translated by `wan`), installed in `watch` unless it holds
+/// the same data already; the per-service series and the change counter follow.
 pub(super) fn install_entries(
     watch: &Watch,
     key: &ViewKey,
@@ -89,6 +93,7 @@ pub(super) fn install_entries(
     series: &ServiceSeries,
     metrics: &Metrics,
     only_passing: bool,
+    wan: WanTranslation<'_>,
 ) {
     let dc = entries
         .first()
@@ -96,7 +101,7 @@ pub(super) fn install_entries(
         .filter(|d| !d.is_empty())
         .or_else(|| key.dc.clone())
         .unwrap_or_default();
-    let view = ServiceView::from_entries(entries, &dc);
+    let view = ServiceView::from_entries_translated(entries, &dc, wan);
     let (changed, was_ready) = match &*watch.state.borrow() {
         ViewState::Ready(old) => (!old.same_data(&view), true),
         _ => (true, false),
@@ -162,6 +167,7 @@ impl Watcher {
                     self.cx.outage.ok();
                     failures = 0;
                     *lock(&self.watch.last_confirmed) = Some(Instant::now());
+                    let local_dc = lock(&self.cx.datacenter).clone();
                     install_entries(
                         &self.watch,
                         &self.key,
@@ -169,6 +175,10 @@ impl Watcher {
                         &self.cx.series,
                         &self.cx.metrics,
                         self.cx.settings.only_passing,
+                        WanTranslation {
+                            enabled: self.cx.settings.config.translate_wan_addrs,
+                            local_dc: local_dc.as_deref(),
+                        },
                     );
                     index = next_index(index, r.index);
                     continue;
@@ -286,7 +296,18 @@ mod tests {
             ))
             .expect("entries")
         };
-        install_entries(&w, &key, &entries("passing"), &series, &metrics, false);
+        let install = |entries: &[HealthEntry]| {
+            install_entries(
+                &w,
+                &key,
+                entries,
+                &series,
+                &metrics,
+                false,
+                Default::default(),
+            )
+        };
+        install(&entries("passing"));
         let first = match &*w.state.borrow() {
             ViewState::Ready(v) => v.clone(),
             other => panic!("{other:?}"),
@@ -298,10 +319,10 @@ mod tests {
             "the first view is no change"
         );
         // The same data again: the view (and its Arc) stays.
-        install_entries(&w, &key, &entries("passing"), &series, &metrics, false);
+        install(&entries("passing"));
         assert!(matches!(&*w.state.borrow(), ViewState::Ready(v) if Arc::ptr_eq(v, &first)));
         // A health change: replaced, counted, and the series follows.
-        install_entries(&w, &key, &entries("critical"), &series, &metrics, false);
+        install(&entries("critical"));
         assert_eq!(metrics.consul_health_changes.get(), 1);
         assert_eq!(
             metrics

@@ -28,26 +28,26 @@ fn mesh(sim: &ConsulSim) {
         sim.add_node(SimNode::new(n, addr));
     }
     sim.add_service(
-        SimService::new("web-1", "web", "n1", 8080, &["v1"]),
+        SimService::new("web-1", "web", "n1", 8080).tags(&["v1"]),
         Status::Passing,
     );
     sim.add_service(
-        SimService::new("web-2", "web", "n2", 8080, &["udp"]),
+        SimService::new("web-2", "web", "n2", 8080).tags(&["udp"]),
         Status::Passing,
     );
     sim.add_service_with(
-        SimService::new("web-1-sidecar", "web-sidecar-proxy", "n1", 21000, &[]),
+        SimService::new("web-1-sidecar", "web-sidecar-proxy", "n1", 21000),
         SimMesh::sidecar("web"),
         Status::Passing,
     );
     sim.add_service_with(
-        SimService::new("web-2-sidecar", "web-sidecar-proxy", "n2", 21000, &[]),
+        SimService::new("web-2-sidecar", "web-sidecar-proxy", "n2", 21000),
         SimMesh::sidecar("web"),
         Status::Critical,
     );
-    let api = SimService::new("api-1", "api", "n3", 9090, &[]);
+    let api = SimService::new("api-1", "api", "n3", 9090);
     sim.add_service_with(api, SimMesh::native(), Status::Passing);
-    let gateway = SimService::new("gw-1", "gw", "gwn", 8443, &[]);
+    let gateway = SimService::new("gw-1", "gw", "gwn", 8443);
     sim.add_service_with(gateway, SimMesh::ingress(&["web"]), Status::Passing);
     sim.add_prepared_query("geo", "web", None, None);
 }
@@ -56,10 +56,7 @@ fn mesh(sim: &ConsulSim) {
 fn peer(sim: &ConsulSim) {
     sim.add_peering("p1");
     sim.add_node_in(SimNode::new("pn1", "127.0.1.1"), Some("p1"), None);
-    sim.add_service(
-        SimService::new("web-p1", "web", "pn1", 80, &[]),
-        Status::Passing,
-    );
+    sim.add_service(SimService::new("web-p1", "web", "pn1", 80), Status::Passing);
 }
 
 fn config() -> TestConfig {
@@ -259,13 +256,13 @@ async fn namespace_and_partition_labels_on_consul_enterprise() {
     mesh(&sim);
     sim.set_enterprise(true);
     sim.add_namespace("default", "ns1");
-    let mut in_ns1 = SimService::new("web-ns1", "web", "n3", 8081, &[]);
+    let mut in_ns1 = SimService::new("web-ns1", "web", "n3", 8081);
     in_ns1.address = "127.0.0.9".into();
     sim.add_service_with(in_ns1, SimMesh::in_namespace("ns1"), Status::Passing);
     sim.add_partition("ap1");
     sim.add_node_in(SimNode::new("an1", "127.0.2.1"), None, Some("ap1"));
     sim.add_service(
-        SimService::new("web-ap1", "web", "an1", 80, &[]),
+        SimService::new("web-ap1", "web", "an1", 80),
         Status::Passing,
     );
     let up = TestUpstream::start().await;

@@ -8,7 +8,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, Status};
+use crate::support::addresses;
+use crate::support::consul_sim::{
+    ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, SimServiceAddress, Status,
+};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::Value;
@@ -77,7 +80,10 @@ fn node(name: &str, addr: &str) -> SimNode {
 }
 
 fn svc(id: &str, service: &str, node: &str, port: u16, tags: &[&str]) -> SimService {
-    SimService::new(id, service, node, port, tags)
+    SimService {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..SimService::new(id, service, node, port)
+    }
 }
 
 fn ids(v: &Value) -> Vec<String> {
@@ -135,6 +141,22 @@ fn without(set: &BTreeSet<String>, segs: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
+/// A sample's shape as the agent writes it: the docs write a service's tagged address
+/// (`ServiceAddress{Address, Port}`, a Go struct without JSON tags) in lowercase, the agent
+/// with Go's field names (and Go's decoder takes either).
+fn as_agent_writes(shape: BTreeSet<String>) -> BTreeSet<String> {
+    shape
+        .into_iter()
+        .map(|p| {
+            if p.contains(".TaggedAddresses.") {
+                p.replace(".address", ".Address").replace(".port", ".Port")
+            } else {
+                p
+            }
+        })
+        .collect()
+}
+
 fn sample(name: &str) -> Value {
     let text = match name {
         "health-service" => include_str!("../support/consul_samples/health-service.json"),
@@ -143,6 +165,7 @@ fn sample(name: &str) -> Value {
         "agent-self" => include_str!("../support/consul_samples/agent-self.json"),
         "catalog-services" => include_str!("../support/consul_samples/catalog-services.json"),
         "health-state" => include_str!("../support/consul_samples/health-state.json"),
+        "catalog-nodes" => include_str!("../support/consul_samples/catalog-nodes.json"),
         _ => unreachable!(),
     };
     serde_json::from_str(text).expect("sample JSON")
@@ -150,6 +173,30 @@ fn sample(name: &str) -> Value {
 
 /// A node and two instances shaped like the samples (one with its own
 /// address, tags and meta; one bare).
+/// Whether every connection to `sim` is closed within 2 s.
+async fn connections_close(sim: &ConsulSim) -> bool {
+    for _ in 0..100 {
+        if sim.open_connections() == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A simulator holding [`sample_like`]'s catalog, a client, and the simulator's base URL.
+async fn sample_sim() -> (ConsulSim, reqwest::Client, String) {
+    sim_with(sample_like).await
+}
+
+/// A simulator set up by `setup`, a client, and the simulator's base URL.
+async fn sim_with(setup: impl FnOnce(&ConsulSim)) -> (ConsulSim, reqwest::Client, String) {
+    let sim = ConsulSim::start().await;
+    setup(&sim);
+    let base = sim.http_url();
+    (sim, client(), base)
+}
+
 fn sample_like(sim: &ConsulSim) {
     let mut n = node("foobar", "10.1.10.12");
     n.meta.insert("instance_type".into(), "t2.medium".into());
@@ -168,10 +215,7 @@ fn sample_like(sim: &ConsulSim) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_shapes_match_samples() {
     within(async {
-        let sim = ConsulSim::start().await;
-        sample_like(&sim);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sample_sim().await;
 
         // health/service: exactly the sample's keys (minus Namespace) plus
         // CreateIndex/ModifyIndex on Node, Service and each check.
@@ -182,7 +226,7 @@ async fn json_shapes_match_samples() {
         let idx = ["CreateIndex", "ModifyIndex"];
         assert_eq!(
             without(&ours, &idx),
-            without(&shape(&sample("health-service")), &["Namespace"])
+            as_agent_writes(without(&shape(&sample("health-service")), &["Namespace"]))
         );
         for p in ["[].Node", "[].Service", "[].Checks[]"] {
             for k in idx {
@@ -201,23 +245,20 @@ async fn json_shapes_match_samples() {
         assert!(r.index() >= 1);
         let body = r.json();
         assert_eq!(body["Services"]["consul"]["Tags"], Value::Null);
-        let ours = shape(&body);
+        let mut ours = shape(&body);
+        ours.remove(".Services.*.Address");
         assert_eq!(
             without(
                 &ours,
                 &[
                     "CreateIndex",
                     "ModifyIndex",
-                    "Address",
                     "Weights",
                     "Passing",
                     "Warning"
                 ]
-            )
-            .into_iter()
-            .chain([".Node.Address".to_string()])
-            .collect::<BTreeSet<_>>(),
-            without(&shape(&sample("catalog-node")), &["Namespace"])
+            ),
+            as_agent_writes(without(&shape(&sample("catalog-node")), &["Namespace"]))
         );
 
         // query execute: identical top level; node entries are full health
@@ -244,8 +285,8 @@ async fn json_shapes_match_samples() {
             "TaggedAddresses",
             "lan",
             "wan",
-            "address",
-            "port",
+            "Address",
+            "Port",
             "Weights",
             "Passing",
             "Warning",
@@ -350,6 +391,19 @@ async fn passing_tag_and_dc_filters() {
         assert!(r.index() >= 1);
         assert_eq!(r.headers["X-Consul-KnownLeader"], "true");
         assert_eq!(r.headers["X-Consul-LastContact"], "0");
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "leader");
+
+        // Stale reads: a follower answers, reporting how long ago it heard from the leader
+        // (api-docs/features/consistency.mdx); a default read is still the leader's.
+        sim.set_follower_lag(Duration::from_millis(2500));
+        let r = get(&c, &u("?stale")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "stale");
+        assert_eq!(r.headers["X-Consul-LastContact"], "2500");
+        let r = get(&c, &u("")).await;
+        assert_eq!(r.headers["X-Consul-Effective-Consistency"], "leader");
+        assert_eq!(r.headers["X-Consul-LastContact"], "0");
+        sim.set_follower_lag(Duration::ZERO);
 
         // Unknown node: null; unknown path: 404.
         let r = get(&c, &format!("{}/v1/catalog/node/nope", sim.http_url())).await;
@@ -359,6 +413,170 @@ async fn passing_tag_and_dc_filters() {
             get(&c, &format!("{}/v1/kv/x", sim.http_url())).await.status,
             404
         );
+    })
+    .await;
+}
+
+/// Registered tagged addresses appear where Consul shows them, in its shapes: a node's as
+/// `map[string]string` beside `lan` and `wan`, a service's as `map[string]ServiceAddress`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_addresses_in_consul_shapes() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.tagged_addresses = BTreeMap::from([
+            ("lan_ipv4".to_string(), "10.0.0.1".to_string()),
+            ("lan_ipv6".to_string(), "fd00::1".to_string()),
+            ("wan".to_string(), "198.18.0.1".to_string()),
+        ]);
+        sim.add_node(n1);
+        let mut web = svc("web-1", "web", "n1", 80, &[]);
+        web.tagged_addresses.insert(
+            "wan".into(),
+            SimServiceAddress {
+                address: "198.18.0.9".into(),
+                port: 8080,
+            },
+        );
+        sim.add_service(web, Status::Passing);
+        let mut own = svc("api-1", "api", "n1", 81, &[]);
+        own.address = "10.0.0.5".into();
+        sim.add_service(own, Status::Passing);
+        sim.add_prepared_query("web-q", "web", None, None);
+        let c = client();
+        let base = sim.http_url();
+
+        let node_tags = serde_json::json!({
+            "lan": "10.0.0.1", "lan_ipv4": "10.0.0.1", "lan_ipv6": "fd00::1",
+            "wan": "198.18.0.1",
+        });
+        let web_tags = serde_json::json!({ "wan": { "Address": "198.18.0.9", "Port": 8080 } });
+        let health = get(&c, &format!("{base}/v1/health/service/web"))
+            .await
+            .json();
+        assert_eq!(health[0]["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(health[0]["Service"]["TaggedAddresses"], web_tags);
+        // A service with an address of its own shows it as `lan` and `wan`, as the docs' sample.
+        let api = get(&c, &format!("{base}/v1/health/service/api"))
+            .await
+            .json();
+        let lan = serde_json::json!({ "Address": "10.0.0.5", "Port": 81 });
+        assert_eq!(
+            api[0]["Service"]["TaggedAddresses"],
+            serde_json::json!({ "lan": lan, "wan": lan })
+        );
+        // Node values are strings and service values {Address, Port}, as in the samples.
+        let sample_node = &sample("health-service")[0]["Node"]["TaggedAddresses"];
+        assert!(sample_node
+            .as_object()
+            .unwrap()
+            .values()
+            .all(Value::is_string));
+        let sample_svc = &sample("health-service")[0]["Service"]["TaggedAddresses"]["wan"];
+        let keys: BTreeSet<String> = sample_svc
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.to_ascii_lowercase())
+            .collect();
+        assert_eq!(keys, BTreeSet::from(["address".into(), "port".into()]));
+
+        let cat = get(&c, &format!("{base}/v1/catalog/node/n1")).await.json();
+        assert_eq!(cat["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(cat["Services"]["web-1"]["TaggedAddresses"], web_tags);
+        let nodes = get(&c, &format!("{base}/v1/catalog/nodes")).await.json();
+        assert_eq!(nodes[0]["TaggedAddresses"], node_tags);
+        let q = get(&c, &format!("{base}/v1/query/web-q/execute"))
+            .await
+            .json();
+        assert_eq!(q["Nodes"][0]["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(q["Nodes"][0]["Service"]["TaggedAddresses"], web_tags);
+
+        // Changing only a node's tagged addresses is a change of its services.
+        let before = sim.service_index("web");
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.tagged_addresses
+            .insert("lan_ipv6".into(), "fd00::2".into());
+        sim.add_node(n1);
+        assert!(sim.service_index("web") > before);
+
+        // The agent-style DNS port answers AAAA from lan_ipv6, A from the address.
+        for (name, qtype, want) in [
+            ("web.service.consul.", RecordType::AAAA, "fd00::2"),
+            ("web.service.consul.", RecordType::A, "10.0.0.1"),
+            ("n1.node.consul.", RecordType::AAAA, "fd00::2"),
+        ] {
+            let (m, _) = dns_udp(sim.dns_addr(), name, qtype, None).await;
+            assert_eq!(addresses(&m), [want], "{name} {qtype}");
+        }
+    })
+    .await;
+}
+
+/// A node registered in another datacenter is seen only with `?dc=` naming it, as through a
+/// WAN-federated server, and its datacenter is listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_datacenter() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_node(node("n1", "10.0.0.1"));
+        sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+        let mut far = node("far1", "10.2.0.1");
+        far.datacenter = "dc2".into();
+        sim.add_node(far);
+        sim.add_service(svc("web-9", "web", "far1", 80, &["eu"]), Status::Passing);
+        sim.add_prepared_query("web-q", "web", None, None);
+        let c = client();
+        let base = sim.http_url();
+
+        let dcs = get(&c, &format!("{base}/v1/catalog/datacenters"))
+            .await
+            .json();
+        assert_eq!(dcs, serde_json::json!(["dc1", "dc2"]));
+        let local = get(&c, &format!("{base}/v1/health/service/web"))
+            .await
+            .json();
+        assert_eq!(ids(&local), ["web-1"]);
+        let far = get(&c, &format!("{base}/v1/health/service/web?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(ids(&far), ["web-9"]);
+        assert_eq!(far[0]["Node"]["Datacenter"], "dc2");
+        let r = get(&c, &format!("{base}/v1/health/service/web?dc=dc3")).await;
+        assert_eq!((r.status, r.body.as_str()), (500, "No path to datacenter"));
+
+        let services = get(&c, &format!("{base}/v1/catalog/services?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(services, serde_json::json!({ "web": ["eu"] }));
+        let nodes = get(&c, &format!("{base}/v1/catalog/nodes?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(nodes.as_array().unwrap().len(), 1);
+        assert_eq!(nodes[0]["Node"], "far1");
+        let n = get(&c, &format!("{base}/v1/catalog/node/far1")).await;
+        assert_eq!(n.body, "null");
+        let n = get(&c, &format!("{base}/v1/catalog/node/far1?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(n["Node"]["Datacenter"], "dc2");
+        let states = get(&c, &format!("{base}/v1/health/state/any?dc=dc2"))
+            .await
+            .json();
+        let states = states.as_array().unwrap();
+        assert!(!states.is_empty() && states.iter().all(|c| c["Node"] == "far1"));
+        // Prepared queries are the local datacenter's.
+        let q = get(&c, &format!("{base}/v1/query/web-q/execute"))
+            .await
+            .json();
+        assert_eq!(q["Nodes"].as_array().unwrap().len(), 1);
+        let r = get(&c, &format!("{base}/v1/query/web-q/execute?dc=dc2")).await;
+        assert_eq!(r.status, 404);
+        let list = get(&c, &format!("{base}/v1/query?dc=dc2")).await.json();
+        assert_eq!(list, serde_json::json!([]));
+        // The agent-style DNS port answers its own datacenter.
+        let (m, _) = dns_udp(sim.dns_addr(), "web.service.consul.", RecordType::A, None).await;
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
     })
     .await;
 }
@@ -490,15 +708,11 @@ async fn blocking_queries() {
             .await;
         assert!(res.unwrap_err().is_timeout());
         drop(c);
-        let mut closed = false;
-        for _ in 0..100 {
-            if sim.open_connections() == 0 {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed, "open connections: {}", sim.open_connections());
+        assert!(
+            connections_close(&sim).await,
+            "open connections: {}",
+            sim.open_connections()
+        );
     })
     .await;
 }
@@ -702,6 +916,146 @@ async fn catalog_node_and_prepared_query() {
     .await;
 }
 
+/// The `consul` service Consul keeps for its servers: ID `consul` on every server, port 8300,
+/// no service check (the node's `serfHealth` alone), Consul's meta; in the services list with
+/// no tags. Shapes as any health entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_are_the_consul_service() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_server("srv-1", "10.0.0.10");
+        sim.add_server("srv-2", "10.0.0.11");
+        sim.set_node_check("srv-2", "serfHealth", Status::Critical);
+        let c = client();
+        let base = sim.http_url();
+
+        let r = get(&c, &format!("{base}/v1/health/service/consul")).await;
+        assert_eq!(r.status, 200);
+        let body = r.json();
+        let entries = body.as_array().expect("array");
+        assert_eq!(entries.len(), 2);
+        for (e, (node, addr)) in entries
+            .iter()
+            .zip([("srv-1", "10.0.0.10"), ("srv-2", "10.0.0.11")])
+        {
+            assert_eq!(e["Node"]["Node"], node);
+            assert_eq!(e["Node"]["Address"], addr);
+            assert_eq!(e["Node"]["Meta"]["consul-network-segment"], "");
+            assert_eq!(e["Service"]["ID"], "consul");
+            assert_eq!(e["Service"]["Service"], "consul");
+            assert_eq!(e["Service"]["Port"], 8300);
+            assert_eq!(e["Service"]["Tags"], serde_json::json!([]));
+            assert_eq!(e["Service"]["Address"], "");
+            assert_eq!(
+                e["Service"]["Weights"],
+                serde_json::json!({"Passing": 1, "Warning": 1})
+            );
+            assert!(e["Service"]["Meta"]["version"].is_string());
+            let checks: Vec<&str> = e["Checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["CheckID"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                checks,
+                ["serfHealth"],
+                "no service check on the consul service"
+            );
+        }
+        // The sample's keys, but for the service's TaggedAddresses (omitted: it has no
+        // address of its own).
+        let theirs: BTreeSet<String> = without(&shape(&sample("health-service")), &["Namespace"])
+            .into_iter()
+            .filter(|p| !p.starts_with("[].Service.TaggedAddresses"))
+            .collect();
+        let ours = without(&shape(&body), &["CreateIndex", "ModifyIndex"]);
+        assert_eq!(ours, theirs);
+        let r = get(&c, &format!("{base}/v1/health/service/consul?passing")).await;
+        assert_eq!(ids(&r.json()), ["consul"], "srv-2's node is critical");
+        let body = get(&c, &format!("{base}/v1/catalog/services")).await.json();
+        assert_eq!(body["consul"], serde_json::json!([]));
+    })
+    .await;
+}
+
+/// Prepared queries as Consul's `PreparedQuery.Execute`: `IgnoreCheckIDs` and `OnlyPassing`
+/// decide health, the result is shuffled, and sorted by distance from `Near` (nodes without a
+/// coordinate last); the definitions list shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_queries_filter_and_sort_like_consul() {
+    use crate::support::consul_sim::SimQuery;
+    within(async {
+        let sim = ConsulSim::start().await;
+        let ms = |m| Some(Duration::from_millis(m));
+        sim.add_at_rtts("web", "10.0.0", 80, &[ms(30), ms(10), None, ms(20), ms(5)]);
+        sim.set_service_check("web-5", Status::Critical);
+        sim.set_service_check("web-4", Status::Warning);
+        let near = |name: &str, near: &str| SimQuery {
+            name: name.into(),
+            service: "web".into(),
+            near: near.into(),
+            ignore_check_ids: vec!["service:web-5".into()],
+            ..SimQuery::default()
+        };
+        sim.add_query(near("near-agent", "_agent"));
+        sim.add_query(near("near-n1", "n1"));
+        sim.add_query(SimQuery {
+            only_passing: true,
+            ..near("passing", "")
+        });
+        let c = client();
+        let base = sim.http_url();
+        let order = |body: &Value| -> Vec<String> {
+            body["Nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["Node"]["Node"].as_str().unwrap().to_string())
+                .collect()
+        };
+        for _ in 0..5 {
+            let body = get(&c, &format!("{base}/v1/query/near-agent/execute"))
+                .await
+                .json();
+            assert_eq!(
+                order(&body),
+                ["n5", "n2", "n4", "n1", "n3"],
+                "web-5's critical check is ignored"
+            );
+            let body = get(&c, &format!("{base}/v1/query/near-n1/execute"))
+                .await
+                .json();
+            assert_eq!(order(&body), ["n1", "n4", "n2", "n5", "n3"]);
+        }
+        let body = get(&c, &format!("{base}/v1/query/passing/execute"))
+            .await
+            .json();
+        let mut got = order(&body);
+        got.sort();
+        assert_eq!(
+            got,
+            ["n1", "n2", "n3", "n5"],
+            "OnlyPassing drops the warning one"
+        );
+
+        let list = get(&c, &format!("{base}/v1/query")).await.json();
+        let def = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["Name"] == "near-agent")
+            .expect("listed");
+        assert_eq!(def["Service"]["Near"], "_agent");
+        assert_eq!(def["Service"]["OnlyPassing"], false);
+        assert_eq!(
+            def["Service"]["IgnoreCheckIDs"],
+            serde_json::json!(["service:web-5"])
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_connection_accounting() {
     within(async {
@@ -744,15 +1098,11 @@ async fn request_and_connection_accounting() {
             "pooled keep-alive connections stay open"
         );
         drop(c);
-        let mut closed = false;
-        for _ in 0..100 {
-            if sim.open_connections() == 0 {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed);
+        assert!(
+            connections_close(&sim).await,
+            "open connections: {}",
+            sim.open_connections()
+        );
 
         // Raw HTTP/1.1: pipelining and Connection: close are handled.
         let mut s = TcpStream::connect(sim.http_addr()).await.unwrap();
@@ -821,17 +1171,6 @@ async fn dns_tcp(addr: SocketAddr, name: &str, rtype: RecordType) -> Message {
     Message::from_vec(&msg).unwrap()
 }
 
-fn addrs(m: &Message) -> Vec<String> {
-    m.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0.to_string()),
-            RData::AAAA(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn assert_soa_authority(m: &Message) {
     assert_eq!(m.authorities.len(), 1, "{m:?}");
     let r = &m.authorities[0];
@@ -891,7 +1230,7 @@ async fn dns_answers_like_consul() {
         assert!(m.queries[0]
             .name()
             .eq_case(&Name::from_ascii(asked).unwrap()));
-        let mut got = addrs(&m);
+        let mut got = addresses(&m);
         got.sort();
         assert_eq!(got, ["10.0.0.1", "10.0.0.2"]);
         assert!(m
@@ -901,11 +1240,11 @@ async fn dns_answers_like_consul() {
 
         // AAAA / datacenter / tag forms.
         let (m, _) = dns_udp(dns, "web.service.consul.", RecordType::AAAA, None).await;
-        assert_eq!(addrs(&m), ["fd00::6"]);
+        assert_eq!(addresses(&m), ["fd00::6"]);
         let (m, _) = dns_udp(dns, "web.service.dc1.consul.", RecordType::A, None).await;
         assert_eq!(m.answers.len(), 2);
         let (m, _) = dns_udp(dns, "v1.web.service.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"], "web-3 has v1 but is critical");
+        assert_eq!(addresses(&m), ["10.0.0.1"], "web-3 has v1 but is critical");
         let (m, _) = dns_udp(dns, "web.service.dc2.consul.", RecordType::A, None).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 
@@ -949,7 +1288,7 @@ async fn dns_answers_like_consul() {
         };
         assert_eq!(s.target.to_ascii(), "0a090909.addr.dc1.consul.");
         let (m, _) = dns_udp(dns, "0a090909.addr.dc1.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.9.9.9"]);
+        assert_eq!(addresses(&m), ["10.9.9.9"]);
 
         // NXDOMAIN (unknown, or nothing healthy) with the SOA; NODATA; REFUSED.
         for name in [
@@ -973,7 +1312,7 @@ async fn dns_answers_like_consul() {
 
         // Nodes: A plus meta TXT in additional.
         let (m, _) = dns_udp(dns, "n1.node.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"]);
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
         let txt: Vec<String> = m
             .additionals
             .iter()
@@ -984,7 +1323,7 @@ async fn dns_answers_like_consul() {
             .collect();
         assert_eq!(txt, ["rack=r1"]);
         let (m, _) = dns_udp(dns, "n3.node.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.3"], "node lookups ignore health");
+        assert_eq!(addresses(&m), ["10.0.0.3"], "node lookups ignore health");
 
         // TCP on the same port.
         let m = dns_tcp(dns, "web.service.consul.", RecordType::A).await;
@@ -993,11 +1332,131 @@ async fn dns_answers_like_consul() {
         // Prepared query over DNS: its TTL, its filters.
         sim.add_prepared_query("webq", "web", Some("v1"), Some("10s"));
         let (m, _) = dns_udp(dns, "webq.query.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"]);
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
         assert_eq!(m.answers[0].ttl, 10);
 
         // Every message was counted (UDP and TCP).
         assert_eq!(sim.dns_queries(), 19);
+    })
+    .await;
+}
+
+/// The DNS port's answers for the domain as a whole, as `agent/dns.go`'s `handleQuery`: SOA and
+/// NS for any name with the servers as nameservers (glue in additional), AXFR NOTIMP, `.addr`
+/// of another type in additional, node meta with `rfc1035-` in any case, node meta beside
+/// every SRV answer, and prepared queries in `execute`'s order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_soa_ns_axfr_addr_and_meta_like_consul() {
+    use crate::support::consul_sim::SimQuery;
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_server("srv-1", "10.0.0.10");
+        sim.add_server("srv-2", "10.0.0.11");
+        sim.add_server("srv-3", "10.0.0.12");
+        sim.add_server("srv-4", "10.0.0.13");
+        sim.add_server("srv_bad", "10.0.0.14");
+        sim.set_node_check("srv-4", "serfHealth", Status::Critical);
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.meta.insert("RFC1035-spf".into(), "v=spf1 -all".into());
+        n1.meta.insert("rack".into(), "r1".into());
+        sim.add_node(n1);
+        let mut own = svc("own-1", "own", "n1", 9000, &[]);
+        own.address = "10.9.9.9".into();
+        sim.add_service(own, Status::Passing);
+        let dns = sim.dns_addr();
+
+        let servers: BTreeSet<String> = ["srv-1", "srv-2", "srv-3"]
+            .iter()
+            .map(|s| format!("{s}.node.dc1.consul."))
+            .collect();
+        for name in ["consul.", "foo.consul.", "nope.service.consul."] {
+            let (m, _) = dns_udp(dns, name, RecordType::NS, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert!(m.metadata.authoritative);
+            let targets: BTreeSet<String> = m
+                .answers
+                .iter()
+                .map(|r| {
+                    assert_eq!((r.name.to_ascii().as_str(), r.ttl), ("consul.", 0));
+                    match &r.data {
+                        RData::NS(ns) => ns.0.to_ascii(),
+                        other => panic!("{other:?}"),
+                    }
+                })
+                .collect();
+            assert_eq!(
+                targets, servers,
+                "healthy servers with names Consul can write"
+            );
+            let glue: BTreeSet<String> = m.additionals.iter().map(|r| r.name.to_ascii()).collect();
+            assert_eq!(glue, servers);
+            let (m, _) = dns_udp(dns, name, RecordType::SOA, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert_eq!(m.answers.len(), 1);
+            assert_eq!(m.answers[0].name.to_ascii(), "consul.");
+            assert!(matches!(m.answers[0].data, RData::SOA(_)));
+            assert_eq!((m.authorities.len(), m.additionals.len()), (3, 3));
+        }
+        let m = dns_tcp(dns, "consul.", RecordType::AXFR).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        assert!(m.metadata.authoritative && m.answers.is_empty());
+
+        let (m, _) = dns_udp(dns, "7f000001.addr.consul.", RecordType::TXT, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+        assert_eq!(m.additionals.len(), 1);
+        assert!(matches!(m.additionals[0].data, RData::A(_)));
+
+        let txt = |records: &[hickory_proto::rr::Record]| -> Vec<(String, String)> {
+            records
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some((
+                        r.name.to_ascii(),
+                        String::from_utf8_lossy(&t.txt_data[0]).into_owned(),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (m, _) = dns_udp(dns, "n1.node.consul.", RecordType::TXT, None).await;
+        assert_eq!(
+            txt(&m.answers),
+            [
+                ("n1.node.consul.".to_string(), "v=spf1 -all".to_string()),
+                ("n1.node.consul.".to_string(), "rack=r1".to_string())
+            ]
+        );
+        // An instance with its own address: the target is .addr, the TXT the node's name.
+        let (m, _) = dns_udp(dns, "own.service.consul.", RecordType::SRV, None).await;
+        assert_eq!(
+            txt(&m.additionals),
+            [
+                ("n1.node.dc1.consul.".to_string(), "v=spf1 -all".to_string()),
+                ("n1.node.dc1.consul.".to_string(), "rack=r1".to_string())
+            ]
+        );
+
+        // Prepared queries: the order execute gave, not shuffled again.
+        for (i, ms) in [(1, 3), (2, 1), (3, 2)] {
+            let n = format!("q{i}");
+            sim.add_node(node(&n, &format!("10.1.0.{i}")));
+            sim.add_service(
+                svc(&format!("db-{i}"), "db", &n, 5432, &[]),
+                Status::Passing,
+            );
+            sim.set_node_rtt(&n, Duration::from_millis(ms));
+        }
+        sim.add_query(SimQuery {
+            name: "near-db".into(),
+            service: "db".into(),
+            near: "_agent".into(),
+            ..SimQuery::default()
+        });
+        for _ in 0..5 {
+            let (m, _) = dns_udp(dns, "near-db.query.consul.", RecordType::A, None).await;
+            assert_eq!(addresses(&m), ["10.1.0.2", "10.1.0.3", "10.1.0.1"]);
+        }
     })
     .await;
 }
@@ -1023,7 +1482,7 @@ async fn dns_shuffles_and_trims_silently() {
         for _ in 0..30 {
             let (m, _) = dns_udp(dns, "small.service.consul.", RecordType::A, None).await;
             assert_eq!(m.answers.len(), 5);
-            orders.insert(addrs(&m));
+            orders.insert(addresses(&m));
         }
         assert!(orders.len() > 1, "answers must be shuffled per query");
 
@@ -1088,10 +1547,7 @@ fn check_ids(v: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_state_lists_checks_by_status_and_blocks() {
     within(async {
-        let sim = ConsulSim::start().await;
-        sample_like(&sim);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sample_sim().await;
 
         // The sample's keys (minus Namespace, Enterprise only) plus the raft indexes, one
         // entry per check, node checks first within a node (ordered by check ID).
@@ -1279,6 +1735,237 @@ async fn bulk_catalog_and_churn_generator() {
     .await;
 }
 
+// ---------------------------------------------------------------- catalog nodes and PTR
+
+/// The node names of a `/v1/catalog/nodes` body, in its order.
+fn node_names(v: &Value) -> Vec<String> {
+    field_list(v, "Node")
+}
+
+/// The string field `key` of each element of an array body.
+fn field_list(v: &Value, key: &str) -> Vec<String> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|n| n[key].as_str().expect(key).to_string())
+        .collect()
+}
+
+/// GETs `url` (a blocking query) and, once it is held, makes `change`; returns the response.
+async fn get_while(c: &reqwest::Client, url: String, change: impl FnOnce()) -> Resp {
+    let c = c.clone();
+    let held = tokio::spawn(async move { get(&c, &url).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    change();
+    held.await.expect("the request task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_nodes_shape_tagged_addresses_and_blocking() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sample_like(&sim);
+        sim.add_node(node("v6", "2001:db8::6"));
+        sim.set_node_tagged_addresses(
+            "foobar",
+            &[
+                ("lan_ipv4", "10.1.10.12"),
+                ("wan_ipv4", "10.1.10.12"),
+                ("lan_ipv6", "2001:db8::12"),
+                ("wan_ipv6", "2001:db8::12"),
+            ],
+        );
+        let c = client();
+        let base = sim.http_url();
+        let r = get(&c, &format!("{base}/v1/catalog/nodes")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["content-type"], "application/json");
+        let body = r.json();
+        // The sample's keys, plus the node's raft indexes (Consul's `Node` carries them; the
+        // docs sample is abridged) and the tagged addresses by family an agent registers.
+        let ours = shape(&body);
+        let extra = [
+            "CreateIndex",
+            "ModifyIndex",
+            "lan_ipv4",
+            "wan_ipv4",
+            "lan_ipv6",
+            "wan_ipv6",
+        ];
+        assert_eq!(without(&ours, &extra), shape(&sample("catalog-nodes")));
+        assert!(ours.contains("[].CreateIndex") && ours.contains("[].ModifyIndex"));
+        assert_eq!(node_names(&body), ["foobar", "v6"], "sorted by name");
+        assert_eq!(
+            body[0]["TaggedAddresses"],
+            serde_json::json!({
+                "lan": "10.1.10.12", "lan_ipv4": "10.1.10.12", "lan_ipv6": "2001:db8::12",
+                "wan": "10.1.10.12", "wan_ipv4": "10.1.10.12", "wan_ipv6": "2001:db8::12",
+            })
+        );
+        assert_eq!(body[0]["Meta"]["instance_type"], "t2.medium");
+        assert_eq!(body[1]["Address"], "2001:db8::6");
+        assert_eq!(
+            body[1]["TaggedAddresses"],
+            serde_json::json!({"lan": "2001:db8::6", "wan": "2001:db8::6"})
+        );
+        assert_eq!(body[1]["Datacenter"], "dc1");
+        let idx = r.index();
+        assert!(idx >= 1);
+        // `?stale` is accepted (any server answers); another datacenter fails as without a WAN path.
+        assert_eq!(
+            get(&c, &format!("{base}/v1/catalog/nodes?stale"))
+                .await
+                .index(),
+            idx
+        );
+        let r = get(&c, &format!("{base}/v1/catalog/nodes?dc=dc2")).await;
+        assert_eq!((r.status, r.body.as_str()), (500, "No path to datacenter"));
+
+        // A check flip is not a change of the nodes table: the query waits out its wait.
+        let t = Instant::now();
+        let url = format!("{base}/v1/catalog/nodes?stale&index={idx}&wait=300ms");
+        let r = get_while(&c, url, || sim.set_service_check("redis", Status::Critical)).await;
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        assert_eq!(r.index(), idx);
+
+        // A node registered wakes it at once, with a higher index.
+        let t = Instant::now();
+        let url = format!("{base}/v1/catalog/nodes?index={idx}&wait=10s");
+        let r = get_while(&c, url, || sim.add_node(node("late", "10.1.10.99"))).await;
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(r.index() > idx);
+        assert_eq!(node_names(&r.json()), ["foobar", "late", "v6"]);
+
+        // So do a new tagged address and a node deregistered, which takes its services along.
+        let idx = r.index();
+        let url = format!("{base}/v1/catalog/nodes?index={idx}&wait=10s");
+        let tag = || sim.set_node_tagged_addresses("v6", &[("lan_ipv6", "2001:db8::6")]);
+        let r = get_while(&c, url, tag).await;
+        assert!(r.index() > idx);
+        assert_eq!(r.json()[2]["TaggedAddresses"]["lan_ipv6"], "2001:db8::6");
+        let idx = r.index();
+        let url = format!("{base}/v1/catalog/nodes?index={idx}&wait=10s");
+        let r = get_while(&c, url, || sim.remove_node("foobar")).await;
+        assert!(r.index() > idx);
+        assert_eq!(node_names(&r.json()), ["late", "v6"]);
+        let redis = get(&c, &format!("{base}/v1/health/service/redis")).await;
+        assert_eq!(redis.json(), serde_json::json!([]));
+        assert!(redis.index() > idx, "the service's result changed too");
+        let services = get(&c, &format!("{base}/v1/catalog/services")).await.json();
+        assert!(services.get("redis").is_none() && services.get("consul").is_none());
+    })
+    .await;
+}
+
+fn ptr_target(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::PTR(p) => {
+                assert_eq!(r.ttl, 0, "Consul's PTR TTL is 0");
+                p.0.to_ascii()
+            }
+            other => panic!("PTR expected: {other:?}"),
+        })
+        .collect()
+}
+
+/// Consul's `TestDNS_ReverseLookup*` and `TestDNS_ServiceReverseLookup*` (agent/dns_test.go):
+/// node addresses first, then service addresses, IPv4 and IPv6, any question type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_ptr_like_consul() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_node(node("foo2", "127.0.0.2"));
+        sim.add_node(node("bar", "::4242:4242"));
+        sim.add_node(node("foo", "127.0.0.1"));
+        let mut db = svc("db-1", "db", "foo", 12345, &["primary"]);
+        db.address = "127.0.0.3".into();
+        sim.add_service(db, Status::Passing);
+        let mut db6 = svc("db-6", "db6", "bar", 12345, &[]);
+        db6.address = "2001:db8::ff00:42:8329".into();
+        sim.add_service(db6, Status::Critical);
+        // Its service address is its node's: the node answers.
+        let mut same = svc("same-1", "same", "foo", 80, &[]);
+        same.address = "127.0.0.1".into();
+        sim.add_service(same, Status::Passing);
+        sim.set_node_tagged_addresses("foo", &[("lan_ipv6", "2001:db8::1")]);
+        let dns = sim.dns_addr();
+
+        for (name, rtype, want) in [
+            (
+                "2.0.0.127.in-addr.arpa.",
+                RecordType::ANY,
+                "foo2.node.dc1.consul.",
+            ),
+            (
+                "2.0.0.127.in-addr.arpa.",
+                RecordType::PTR,
+                "foo2.node.dc1.consul.",
+            ),
+            (
+                "2.0.0.127.IN-ADDR.ARPA.",
+                RecordType::A,
+                "foo2.node.dc1.consul.",
+            ),
+            (
+                "1.0.0.127.in-addr.arpa.",
+                RecordType::PTR,
+                "foo.node.dc1.consul.",
+            ),
+            (
+                "3.0.0.127.in-addr.arpa.",
+                RecordType::PTR,
+                "db.service.dc1.consul.",
+            ),
+            (
+                "2.4.2.4.2.4.2.4.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa.",
+                RecordType::PTR,
+                "bar.node.dc1.consul.",
+            ),
+            (
+                "9.2.3.8.2.4.0.0.0.0.f.f.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.",
+                RecordType::ANY,
+                "db6.service.dc1.consul.",
+            ),
+        ] {
+            let (m, _) = dns_udp(dns, name, rtype, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert!(m.metadata.authoritative && !m.metadata.recursion_available);
+            assert_eq!(ptr_target(&m), [want], "{name} {rtype}");
+            assert_eq!(m.answers[0].name.to_ascii(), name, "owner: the question");
+        }
+        let m = dns_tcp(dns, "3.0.0.127.in-addr.arpa.", RecordType::PTR).await;
+        assert_eq!(ptr_target(&m), ["db.service.dc1.consul."], "over TCP");
+
+        // Unknown, tagged-only, partial and malformed: NXDOMAIN with the SOA (no recursors).
+        for name in [
+            "9.9.9.10.in-addr.arpa.",
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.",
+            "0.127.in-addr.arpa.",
+            "02.0.0.127.in-addr.arpa.",
+            "x.0.0.127.in-addr.arpa.",
+            "in-addr.arpa.",
+            "arpa.",
+        ] {
+            let (m, _) = dns_udp(dns, name, RecordType::PTR, None).await;
+            let nxdomain = (ResponseCode::NXDomain, true, 0);
+            let got = (
+                m.metadata.response_code,
+                m.metadata.authoritative,
+                m.answers.len(),
+            );
+            assert_eq!(got, nxdomain, "{name}: NXDOMAIN, AA, no answer");
+            assert_soa_authority(&m);
+        }
+        // Deregistered: gone at once.
+        sim.remove_node("foo2");
+        let (m, _) = dns_udp(dns, "2.0.0.127.in-addr.arpa.", RecordType::PTR, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------- mesh, peers, tenancy
 
 /// `web` (plain, on n1), its sidecar proxy, a Connect-native `api`, an ingress gateway for
@@ -1304,23 +1991,6 @@ fn mesh_catalog(sim: &ConsulSim) {
     }
 }
 
-/// The `Name` of each element of a list body (`/v1/partitions`, `/v1/namespaces`).
-fn list_names(v: &Value) -> Vec<&str> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|e| e["Name"].as_str().expect("Name"))
-        .collect()
-}
-
-/// A simulator set up by `setup`, a client, and the simulator's base URL.
-async fn sim_with(setup: impl FnOnce(&ConsulSim)) -> (ConsulSim, reqwest::Client, String) {
-    let sim = ConsulSim::start().await;
-    setup(&sim);
-    let base = sim.http_url();
-    (sim, client(), base)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_and_ingress_endpoints_list_the_mesh_instances() {
     within(async {
@@ -1336,13 +2006,13 @@ async fn connect_and_ingress_endpoints_list_the_mesh_instances() {
         assert_eq!(s["Kind"], "connect-proxy");
         assert_eq!(s["Proxy"]["DestinationServiceName"], "web");
         assert_eq!(
-            s["TaggedAddresses"]["consul-virtual"]["address"],
+            s["TaggedAddresses"]["consul-virtual"]["Address"],
             "240.0.0.1"
         );
-        assert_eq!(s["TaggedAddresses"]["consul-virtual"]["port"], 21000);
+        assert_eq!(s["TaggedAddresses"]["consul-virtual"]["Port"], 21000);
         // The same entry shape as /health/service (the docs: "response format are the same"),
         // plus the Connect fields.
-        let theirs = without(&shape(&sample("health-service")), &["Namespace"]);
+        let theirs = as_agent_writes(without(&shape(&sample("health-service")), &["Namespace"]));
         let ours = shape(&body);
         let mesh: BTreeSet<&str> = [
             "CreateIndex",
@@ -1356,8 +2026,8 @@ async fn connect_and_ingress_endpoints_list_the_mesh_instances() {
             "Mode",
             "Upstreams",
             "consul-virtual",
-            "address",
-            "port",
+            "Address",
+            "Port",
         ]
         .into();
         for missing in theirs.difference(&ours) {
@@ -1376,7 +2046,7 @@ async fn connect_and_ingress_endpoints_list_the_mesh_instances() {
         assert_eq!(ids(&body), vec!["api-1"]);
         assert_eq!(body[0]["Service"]["Connect"]["Native"], true);
         assert_eq!(
-            body[0]["Service"]["TaggedAddresses"]["consul-virtual"]["address"],
+            body[0]["Service"]["TaggedAddresses"]["consul-virtual"]["Address"],
             "240.0.0.2"
         );
         // The plain endpoint is unchanged: no proxies.
@@ -1479,7 +2149,7 @@ async fn peer_parameter_selects_a_peers_imported_instances() {
         assert_eq!(keys, sample_keys);
         // The DNS port serves local instances only.
         let (m, _) = dns_udp(sim.dns_addr(), "web.service.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), vec!["10.0.0.1"]);
+        assert_eq!(addresses(&m), vec!["10.0.0.1"]);
     })
     .await;
 }
@@ -1544,11 +2214,11 @@ async fn namespaces_and_partitions_as_consul_ce_and_enterprise_answer_them() {
         // The lists, in the shape of the docs' samples.
         let r = get(&c, &format!("{base}/v1/partitions")).await;
         let body = r.json();
-        assert_eq!(list_names(&body), vec!["default", "ap1"]);
+        assert_eq!(field_list(&body, "Name"), vec!["default", "ap1"]);
         assert_eq!(body[0]["Description"], "Builtin Default Partition");
         let r = get(&c, &format!("{base}/v1/namespaces")).await;
         let body = r.json();
-        assert_eq!(list_names(&body), vec!["default", "ns1"]);
+        assert_eq!(field_list(&body, "Name"), vec!["default", "ns1"]);
         assert_eq!(body[0]["Description"], "Builtin Default Namespace");
         let r = get(&c, &format!("{base}/v1/namespaces?partition=ap1")).await;
         assert_eq!(

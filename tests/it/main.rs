@@ -9,8 +9,13 @@
 mod support;
 
 // The forwarder's own behaviour over real sockets.
+mod consul_compatibility;
+mod consul_consistency;
 mod consul_names;
+mod consul_parity_addrs;
 mod consul_parity_names;
+mod consul_parity_records;
+mod consul_ptr;
 mod faults_and_limits;
 mod forwarding;
 mod operations;

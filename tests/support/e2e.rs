@@ -15,6 +15,29 @@ use tokio_util::sync::CancellationToken;
 
 pub use super::{free_port, Running as KillOnDrop, BIN};
 
+/// `dig @127.0.0.1 -p port +time=2 +tries=1 args...` (BIND's client, from bind9-dnsutils, which
+/// scripts/test.sh installs).
+pub fn dig_command(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new("dig");
+    cmd.arg("@127.0.0.1")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(["+time=2", "+tries=1"])
+        .args(args);
+    cmd
+}
+
+/// Starts `cmd` (the forwarder, or a command that runs it) with only its warnings and errors
+/// logged, to the test's stderr.
+pub fn start_quietly(cmd: &mut Command) -> Child {
+    cmd.env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"))
+}
+
 /// The forwarder binary listening on 127.0.0.1:`port` (UDP and TCP).
 pub struct Forwarder {
     pub port: u16,
@@ -31,18 +54,14 @@ impl Forwarder {
         let metrics_port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().expect("addr");
-        let child = Command::new(BIN)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--metrics-listen")
-            .arg(metrics.to_string())
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the forwarder binary");
+        let child = start_quietly(
+            Command::new(BIN)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--metrics-listen")
+                .arg(metrics.to_string())
+                .args(args),
+        );
         let mut fwd = Forwarder {
             port,
             addr,
@@ -344,29 +363,25 @@ impl Nginx {
         );
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, main).expect("write nginx.conf");
-        let check = Command::new(sbin("nginx"))
-            .arg("-t")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .output()
-            .expect("nginx -t");
+        // nginx with its prefix, configuration and error log in `dir`.
+        let nginx = || {
+            let mut cmd = Command::new(sbin("nginx"));
+            cmd.arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&conf)
+                .arg("-e")
+                .arg(dir.path().join("error.log"));
+            cmd
+        };
+        let check = nginx().arg("-t").output().expect("nginx -t");
         assert!(
             check.status.success(),
             "nginx -t rejects the configuration:\n{}\n--- site.conf ---\n{site}",
             String::from_utf8_lossy(&check.stderr)
         );
         use std::os::unix::process::CommandExt;
-        let child = Command::new(sbin("nginx"))
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
+        let child = nginx()
             .args(["-g", "daemon off;"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -440,5 +455,79 @@ impl Drop for Nginx {
         }
         let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = child.wait();
+    }
+}
+
+/// The answer-size policies the spread measurements compare (`[consul]` lines).
+pub const ANSWER_SIZE_POLICIES: [(&str, &str); 4] = [
+    ("default: as many as fit, TC", ""),
+    (
+        "udp_answer_limit = 3, no TC (Consul's)",
+        "udp_answer_limit = 3\nenable_truncate = false",
+    ),
+    ("udp_answer_limit = 3 with TC", "udp_answer_limit = 3"),
+    ("a_record_limit = 1", "a_record_limit = 1"),
+];
+
+/// How a client spread its picks over a set of backends: counts per backend, and figures of
+/// evenness, for the answer-size measurements (ARCHITECTURE.md).
+pub struct Spread {
+    /// Picks per backend, every backend listed (0 when never picked), in the given order.
+    pub counts: Vec<(String, usize)>,
+}
+
+impl Spread {
+    pub fn new(backends: &[String], picks: &[String]) -> Spread {
+        Spread {
+            counts: backends
+                .iter()
+                .map(|b| (b.clone(), picks.iter().filter(|p| *p == b).count()))
+                .collect(),
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.counts.iter().map(|(_, c)| c).sum()
+    }
+
+    /// Backends picked at least once.
+    pub fn used(&self) -> usize {
+        self.counts.iter().filter(|(_, c)| *c > 0).count()
+    }
+
+    /// The busiest backend's share of the picks, in percent.
+    pub fn max_share(&self) -> f64 {
+        let max = self.counts.iter().map(|(_, c)| *c).max().unwrap_or(0);
+        100.0 * max as f64 / self.total().max(1) as f64
+    }
+
+    /// Standard deviation of the counts over their mean (0 = perfectly even).
+    pub fn cv(&self) -> f64 {
+        let n = self.counts.len().max(1) as f64;
+        let mean = self.total() as f64 / n;
+        let var = self
+            .counts
+            .iter()
+            .map(|(_, c)| (*c as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        if mean == 0.0 {
+            0.0
+        } else {
+            var.sqrt() / mean
+        }
+    }
+
+    /// One line: used backends, busiest share, CV, then the counts in backend order.
+    pub fn summary(&self) -> String {
+        let counts: Vec<String> = self.counts.iter().map(|(_, c)| c.to_string()).collect();
+        format!(
+            "{:2}/{} used, busiest {:5.1}%, cv {:.2}  [{}]",
+            self.used(),
+            self.counts.len(),
+            self.max_share(),
+            self.cv(),
+            counts.join(" ")
+        )
     }
 }

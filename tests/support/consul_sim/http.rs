@@ -431,11 +431,12 @@ fn parse_go_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// `?dc=` other than ours fails the way an agent without a WAN path does.
-fn check_dc(req: &Request) -> Result<(), Response> {
+/// The datacenter `?dc=` asks for: ours without it, or one the catalog has nodes in (as
+/// through a WAN-federated server); any other fails the way an agent without a WAN path does.
+fn check_dc(inner: &Inner, req: &Request) -> Result<String, Response> {
     match req.param("dc") {
-        None | Some("") => Ok(()),
-        Some(dc) if dc == DATACENTER => Ok(()),
+        None | Some("") => Ok(DATACENTER.to_string()),
+        Some(dc) if inner.state().datacenters().contains(&dc) => Ok(dc.to_string()),
         Some(_) => Err(Response::text(500, "No path to datacenter")),
     }
 }
@@ -509,7 +510,10 @@ async fn handle(inner: &Arc<Inner>, req: &Request) -> Response {
         catalog_nodes(inner, req).await
     } else if req.path == "/v1/catalog/datacenters" {
         // No blocking and no index on this endpoint in Consul: the WAN members' datacenters.
-        Ok(Response::json(&Value::from(vec![DATACENTER]), None))
+        Ok(Response::json(
+            &Value::from(inner.state().datacenters()),
+            None,
+        ))
     } else if req.path == "/v1/query" {
         query_list(inner, req)
     } else if let Some(q) = req
@@ -527,7 +531,34 @@ async fn handle(inner: &Arc<Inner>, req: &Request) -> Response {
         // Consul's catch-all index handler: 404, empty body.
         Ok(Response::text(404, ""))
     };
-    result.unwrap_or_else(|e| e)
+    let mut response = result.unwrap_or_else(|e| e);
+    consistency(inner, req, &mut response);
+    response
+}
+
+/// Consul's consistency headers (api-docs/features/consistency.mdx): a `?stale` read may be
+/// answered by a follower, which reports how long ago it heard from the leader; any other read
+/// is the leader's own. Only responses that carry query meta (an index) get them.
+fn consistency(inner: &Inner, req: &Request, response: &mut Response) {
+    let Some(at) = response
+        .headers
+        .iter()
+        .position(|(name, _)| *name == "X-Consul-Effective-Consistency")
+    else {
+        return;
+    };
+    let stale = req.param("stale").is_some();
+    response.headers[at].1 = if stale { "stale" } else { "leader" }.to_string();
+    let lag = if stale {
+        inner.follower_lag_ms.load(Ordering::SeqCst)
+    } else {
+        0
+    };
+    for (name, value) in &mut response.headers {
+        if *name == "X-Consul-LastContact" {
+            *value = lag.to_string();
+        }
+    }
 }
 
 /// A request's `peer`, `ns` and `partition`. Consul CE refuses the two Enterprise ones, even
@@ -586,7 +617,7 @@ async fn health_service(
     if name.is_empty() {
         return Err(Response::text(400, "Missing service name"));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     let scope = scope(inner, req)?;
     // Real Consul: bare `?passing` = true, otherwise strconv.ParseBool, so
     // `passing=false` does not filter and garbage is a 400.
@@ -609,7 +640,7 @@ async fn health_service(
     };
     block(inner, req, index_of).await?;
     let st = inner.state();
-    let body = st.health_json(kind, name, &scope, passing, &tags);
+    let body = st.health_json(kind, (&dc, &scope), name, passing, &tags);
     Ok(Response::json(&body, Some(index_of(&st))))
 }
 
@@ -637,11 +668,11 @@ async fn health_state(inner: &Inner, req: &Request, state: &str) -> Result<Respo
             "consul_sim: ?filter is not implemented by the simulator",
         ));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     block(inner, req, |st| st.checks_index).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.health_state_json(wanted),
+        &st.health_state_json(&dc, wanted),
         Some(st.checks_index),
     ))
 }
@@ -650,35 +681,35 @@ async fn catalog_node(inner: &Inner, req: &Request, node: &str) -> Result<Respon
     if node.is_empty() {
         return Err(Response::text(400, "Missing node name"));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     let scope = scope(inner, req)?;
     block(inner, req, State::node_idx).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_node_json(node, &scope),
+        &st.catalog_node_json(&dc, &scope, node),
         Some(st.node_idx()),
     ))
 }
 
 async fn catalog_services(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     let scope = scope(inner, req)?;
     block(inner, req, |st| st.services_index).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_services_json(&scope),
+        &st.catalog_services_json(&dc, &scope),
         Some(st.services_index),
     ))
 }
 
 /// `/v1/catalog/nodes`: every node, blocking on the nodes table's index.
 async fn catalog_nodes(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     let scope = scope(inner, req)?;
     block(inner, req, |st| st.nodes_index.max(1)).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_nodes_json(&scope),
+        &st.catalog_nodes_json(&dc, &scope),
         Some(st.nodes_index.max(1)),
     ))
 }
@@ -687,7 +718,7 @@ async fn catalog_nodes(inner: &Inner, req: &Request) -> Result<Response, Respons
 /// while [`super::ConsulSim::set_query_list_denied`] is on, as Consul answers a token without
 /// `query:read`.
 fn query_list(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     if inner
         .query_list_denied
         .load(std::sync::atomic::Ordering::SeqCst)
@@ -695,15 +726,17 @@ fn query_list(inner: &Inner, req: &Request) -> Result<Response, Response> {
         return Err(Response::text(403, "Permission denied"));
     }
     let st = inner.state();
-    Ok(Response::json(&st.query_list_json(), Some(st.index)))
+    Ok(Response::json(&st.query_list_json(&dc), Some(st.index)))
 }
 
 /// Prepared queries do not support blocking in Consul; executed immediately.
 fn query_execute(inner: &Inner, req: &Request, name: &str) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     let st = inner.state();
+    // Every prepared query is our datacenter's.
     let q = st
         .find_query(name)
+        .filter(|_| dc == DATACENTER)
         .ok_or_else(|| Response::text(404, "Query not found"))?;
     Ok(Response::json(&st.query_execute_json(q), Some(st.index)))
 }

@@ -29,7 +29,7 @@ mod state;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,27 +44,31 @@ pub const DATACENTER: &str = "dc1";
 /// The node name of the simulated agent (what `/v1/agent/self` reports).
 pub const AGENT_NODE: &str = "agent-1";
 
-/// A catalog node, as registered with Consul.
-#[derive(Clone, Debug)]
+/// A catalog node, as registered with Consul. `..Default::default()` fills the fields a test
+/// does not care about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SimNode {
     pub name: String,
     /// IPv4, IPv6 or a hostname (Consul accepts all three).
     pub address: String,
     pub meta: BTreeMap<String, String>,
+    /// `TaggedAddresses` as registered (`lan_ipv4`, `lan_ipv6`, `wan`, `wan_ipv4`, `wan_ipv6`,
+    /// ...), on top of the `lan` and `wan` (= `address`) every node shows.
+    pub tagged_addresses: BTreeMap<String, String>,
+    /// `""` = [`DATACENTER`]. A node of another datacenter is seen only with `?dc=` (as through
+    /// a WAN-federated server), and its datacenter is listed in `/v1/catalog/datacenters`.
+    pub datacenter: String,
 }
 
-impl SimNode {
-    /// A node without meta.
-    pub fn new(name: &str, address: &str) -> SimNode {
-        SimNode {
-            name: name.into(),
-            address: address.into(),
-            meta: BTreeMap::new(),
-        }
-    }
+/// A service's tagged address (Consul's `ServiceAddress`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimServiceAddress {
+    pub address: String,
+    pub port: u16,
 }
 
-/// A service instance, as registered with Consul.
+/// A service instance, as registered with Consul. `..Default::default()` fills the fields a
+/// test does not care about (weights 1/1, as Consul's default).
 #[derive(Clone, Debug)]
 pub struct SimService {
     /// Instance ID. The simulator treats IDs as unique across all nodes (real
@@ -83,6 +87,82 @@ pub struct SimService {
     /// whose worst check is passing or warning respectively.
     pub weights: (u32, u32),
     pub meta: BTreeMap<String, String>,
+    /// `TaggedAddresses` as registered; a service with an address of its own also shows `lan`
+    /// and `wan` (= its address and port) unless registered here.
+    pub tagged_addresses: BTreeMap<String, SimServiceAddress>,
+}
+
+impl Default for SimService {
+    fn default() -> Self {
+        SimService {
+            id: String::new(),
+            service: String::new(),
+            node: String::new(),
+            address: String::new(),
+            port: 0,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta: BTreeMap::new(),
+            tagged_addresses: BTreeMap::new(),
+        }
+    }
+}
+
+impl SimNode {
+    /// A node with no meta.
+    pub fn new(name: &str, address: &str) -> SimNode {
+        SimNode {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// With one more node meta entry (a TXT record in node answers).
+    pub fn meta(mut self, key: &str, value: &str) -> SimNode {
+        self.meta.insert(key.to_owned(), value.to_owned());
+        self
+    }
+}
+
+impl SimService {
+    /// An instance at its node's address, with no tags or meta and weights (1, 1).
+    pub fn new(id: &str, service: &str, node: &str, port: u16) -> SimService {
+        SimService {
+            id: id.to_owned(),
+            service: service.to_owned(),
+            node: node.to_owned(),
+            address: String::new(),
+            port,
+            tags: Vec::new(),
+            ..Default::default()
+        }
+    }
+
+    /// With these tags.
+    pub fn tags(mut self, tags: &[&str]) -> SimService {
+        self.tags = tags.iter().map(|t| t.to_string()).collect();
+        self
+    }
+}
+
+/// A prepared query's definition: the parts of Consul's `PreparedQuery` the simulator executes
+/// (see [`ConsulSim::add_query`]).
+#[derive(Clone, Debug, Default)]
+pub struct SimQuery {
+    pub name: String,
+    pub service: String,
+    /// `Service.Tags`, one tag at most here.
+    pub tag: Option<String>,
+    /// `DNS.TTL`, a Go duration such as `"10s"` (`None` = `""`: the DNS interface falls back
+    /// to the service TTL).
+    pub dns_ttl: Option<String>,
+    /// `Service.OnlyPassing`: instances with a warning check are left out too.
+    pub only_passing: bool,
+    /// `Service.IgnoreCheckIDs`: checks that do not count for health.
+    pub ignore_check_ids: Vec<String>,
+    /// `Service.Near`: a node name, `_agent` or `_ip` (results sorted by distance from it).
+    pub near: String,
 }
 
 /// An instance's role in the service mesh (Consul's `Kind`).
@@ -154,22 +234,6 @@ impl SimMesh {
             SimKind::ConnectProxy { destination } => Some(destination),
             _ if self.connect_native => Some(service),
             _ => None,
-        }
-    }
-}
-
-impl SimService {
-    /// Instance `id` of `service` on `node` at the node's address, weights 1/1, no meta.
-    pub fn new(id: &str, service: &str, node: &str, port: u16, tags: &[&str]) -> SimService {
-        SimService {
-            id: id.into(),
-            service: service.into(),
-            node: node.into(),
-            address: String::new(),
-            port,
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            weights: (1, 1),
-            meta: BTreeMap::new(),
         }
     }
 }
@@ -305,6 +369,9 @@ struct Inner {
     query_list_denied: AtomicBool,
     /// 0 = no limit (the default here, see `set_dns_udp_answer_limit`).
     udp_answer_limit: AtomicUsize,
+    /// What a follower answering a `?stale` read reports in `X-Consul-LastContact` (ms since it
+    /// last heard from the leader); see `set_follower_lag`.
+    follower_lag_ms: AtomicU64,
     stats: Stats,
 }
 
@@ -409,6 +476,7 @@ impl ConsulSim {
             fail: AtomicBool::new(false),
             query_list_denied: AtomicBool::new(false),
             udp_answer_limit: AtomicUsize::new(0),
+            follower_lag_ms: AtomicU64::new(0),
             stats: Stats::default(),
         });
         inner.spawn_http(listener);
@@ -444,6 +512,25 @@ impl ConsulSim {
     /// changes the result (and index) of every service on that node.
     pub fn add_node(&self, node: SimNode) {
         self.inner.mutate(|st| st.add_node(node));
+    }
+
+    /// Sets a node's tagged addresses besides `lan` and `wan` (which always carry its
+    /// `Address`), as an agent registers them: `lan_ipv4`, `lan_ipv6`, `wan_ipv4`, `wan_ipv6`
+    /// (a dual-stack node has both families). A change of the node, like a new address.
+    /// Panics if the node is unknown.
+    pub fn set_node_tagged_addresses(&self, node: &str, tagged: &[(&str, &str)]) {
+        let tagged = tagged
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.inner
+            .mutate(|st| st.set_node_tagged_addresses(node, tagged));
+    }
+
+    /// Deregisters a node, its checks and its service instances (Consul's
+    /// `/v1/catalog/deregister` with only `Node`). Unknown nodes are ignored.
+    pub fn remove_node(&self, node: &str) {
+        self.inner.mutate(|st| st.remove_node(node));
     }
 
     /// Registers (or replaces) a service instance plus its service check
@@ -533,13 +620,24 @@ impl ConsulSim {
 
     /// Like [`ConsulSim::add_simple`], returning the instance ID it chose.
     pub fn add_simple_id(&self, service: &str, node: &str, addr: &str, port: u16) -> String {
-        self.add_node(SimNode::new(node, addr));
         let id = self.inner.state().free_instance_id(service);
-        self.add_service(
-            SimService::new(&id, service, node, port, &[]),
-            Status::Passing,
-        );
+        self.add_instance(&id, service, node, addr, port, Status::Passing);
         id
+    }
+
+    /// Node `node` at `addr` (added or updated) plus instance `id` of `service` on it, at the
+    /// node's address, with its check at `status`.
+    pub fn add_instance(
+        &self,
+        id: &str,
+        service: &str,
+        node: &str,
+        addr: &str,
+        port: u16,
+        status: Status,
+    ) {
+        self.add_node(SimNode::new(node, addr));
+        self.add_service(SimService::new(id, service, node, port), status);
     }
 
     /// Registers many instances at once (nodes included) as a single write:
@@ -569,21 +667,8 @@ impl ConsulSim {
                     address,
                 };
                 items.push((
-                    SimNode {
-                        name: g.node.clone(),
-                        address: g.address.clone(),
-                        meta: BTreeMap::new(),
-                    },
-                    SimService {
-                        id: g.id.clone(),
-                        service: g.service.clone(),
-                        node: g.node.clone(),
-                        address: String::new(),
-                        port: 80,
-                        tags: Vec::new(),
-                        weights: (1, 1),
-                        meta: BTreeMap::new(),
-                    },
+                    SimNode::new(&g.node, &g.address),
+                    SimService::new(&g.id, &g.service, &g.node, 80),
                     Status::Passing,
                 ));
                 out.push(g);
@@ -674,8 +759,57 @@ impl ConsulSim {
         tag: Option<&str>,
         dns_ttl: Option<&str>,
     ) {
+        self.add_query(SimQuery {
+            name: name.into(),
+            service: service.into(),
+            tag: tag.map(Into::into),
+            dns_ttl: dns_ttl.map(Into::into),
+            ..SimQuery::default()
+        });
+    }
+
+    /// Creates (or replaces) a prepared query with every option [`SimQuery`] has.
+    pub fn add_query(&self, q: SimQuery) {
+        self.inner.mutate(|st| st.add_query(q));
+    }
+
+    /// Gives `node` a network coordinate `rtt` away from the agent (distances between nodes
+    /// are differences along one line), so prepared queries with `Near` sort by it. Not a
+    /// catalog write: no index moves.
+    pub fn set_node_rtt(&self, node: &str, rtt: Duration) {
         self.inner
-            .mutate(|st| st.add_query(name, service, tag, dns_ttl));
+            .state()
+            .coordinates
+            .insert(node.to_string(), rtt.as_secs_f64());
+    }
+
+    /// Registers a passing instance of `service` (as [`ConsulSim::add_simple`]: IDs
+    /// `<service>-1`, `-2`, ... for a new service) on each node `n<i>` (`i` from 1) at
+    /// `<prefix>.<i>`, node `n<i>` `rtts[i - 1]` away from the agent (`None`: no coordinate).
+    /// For prepared queries with `Near`.
+    pub fn add_at_rtts(&self, service: &str, prefix: &str, port: u16, rtts: &[Option<Duration>]) {
+        for (i, rtt) in (1..).zip(rtts) {
+            let node = format!("n{i}");
+            self.add_simple(service, &node, &format!("{prefix}.{i}"), port);
+            if let Some(rtt) = rtt {
+                self.set_node_rtt(&node, *rtt);
+            }
+        }
+    }
+
+    /// Registers a Consul server: node `node` at `address` (with the meta Consul writes on
+    /// every node) and the `consul` service Consul keeps for its servers. Their names are
+    /// the domain's nameservers in Consul's DNS.
+    pub fn add_server(&self, node: &str, address: &str) {
+        self.add_node(SimNode {
+            name: node.to_string(),
+            address: address.to_string(),
+            meta: [("consul-network-segment".to_string(), String::new())]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        });
+        self.inner.mutate(|st| st.add_server(node));
     }
 
     /// Number of HTTP requests whose (percent-decoded) path starts with
@@ -808,6 +942,14 @@ impl ConsulSim {
     /// its servers have no leader.
     pub fn set_fail(&self, on: bool) {
         self.inner.fail.store(on, Ordering::SeqCst);
+    }
+
+    /// How far behind the leader the server answering `?stale` reads is: reads with `stale`
+    /// then report it in `X-Consul-LastContact` (as a follower does); reads without it are the
+    /// leader's (`X-Consul-LastContact: 0`, consistency `leader`).
+    pub fn set_follower_lag(&self, lag: Duration) {
+        let ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
+        self.inner.follower_lag_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Opt-in: emulate Consul's `dns_config.udp_answer_limit` (real default 3,

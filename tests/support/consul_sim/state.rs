@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value};
 
-use super::{SimKind, SimMesh, SimNode, SimService, Status, AGENT_NODE, DATACENTER};
+use super::{SimKind, SimMesh, SimNode, SimQuery, SimService, Status, AGENT_NODE, DATACENTER};
 
 pub(super) struct CheckRec {
     pub name: String,
@@ -38,6 +38,29 @@ pub(super) struct NodeRec {
     pub checks: BTreeMap<String, CheckRec>,
 }
 
+impl NodeRec {
+    /// A node registered at index `idx`, with the passing `serfHealth` check every agent's node
+    /// has.
+    fn registered(node: SimNode, idx: u64) -> NodeRec {
+        let serf = CheckRec {
+            name: check_name("serfHealth", None),
+            status: Status::Passing,
+            notes: String::new(),
+            create: idx,
+            modify: idx,
+        };
+        NodeRec {
+            id: uuid_from(&node.name),
+            node,
+            peer: None,
+            partition: None,
+            create: idx,
+            modify: idx,
+            checks: BTreeMap::from([("serfHealth".to_string(), serf)]),
+        }
+    }
+}
+
 pub(super) struct SvcRec {
     pub svc: SimService,
     /// Connect role and namespace (`SimMesh::default()`: a plain service in `default`).
@@ -47,12 +70,17 @@ pub(super) struct SvcRec {
     pub checks: BTreeMap<String, CheckRec>,
 }
 
+/// A prepared query: its generated ID and its definition (read through `Deref`).
 pub(super) struct QueryRec {
     pub id: String,
-    pub name: String,
-    pub service: String,
-    pub tag: Option<String>,
-    pub dns_ttl: Option<String>,
+    def: SimQuery,
+}
+
+impl std::ops::Deref for QueryRec {
+    type Target = SimQuery;
+    fn deref(&self) -> &SimQuery {
+        &self.def
+    }
 }
 
 pub(super) struct State {
@@ -74,6 +102,10 @@ pub(super) struct State {
     /// the last instance is removed, like Consul's per-service index entry.
     pub service_index: HashMap<String, u64>,
     pub queries: Vec<QueryRec>,
+    /// Network coordinates, reduced to a distance on a line from the agent (at 0): nodes
+    /// listed here are sorted by `Near`; the others have no coordinate, as a node whose agent
+    /// has not sent one yet.
+    pub coordinates: HashMap<String, f64>,
     /// Cluster peerings (`/v1/peerings`), by name.
     pub peerings: BTreeSet<String>,
     /// Consul Enterprise: admin partitions and (partition, namespace) pairs beyond the
@@ -147,13 +179,26 @@ impl Instance<'_> {
             .unwrap_or(Status::Passing)
     }
 
-    /// Service address, else node address (what Consul's DNS and clients use).
-    pub fn effective_address(&self) -> &str {
-        if self.svc.svc.address.is_empty() {
-            &self.node.node.address
-        } else {
-            &self.svc.svc.address
-        }
+    /// The service's (address, `lan_ipv4`, `lan_ipv6`).
+    pub fn service_addresses(&self) -> [&str; 3] {
+        let s = &self.svc.svc;
+        let tag = |k: &str| s.tagged_addresses.get(k).map_or("", |a| a.address.as_str());
+        [&s.address, tag("lan_ipv4"), tag("lan_ipv6")]
+    }
+}
+
+/// The node's (address, `lan_ipv4`, `lan_ipv6`).
+pub(super) fn node_addresses(n: &SimNode) -> [&str; 3] {
+    let tag = |k: &str| n.tagged_addresses.get(k).map_or("", String::as_str);
+    [&n.address, tag("lan_ipv4"), tag("lan_ipv6")]
+}
+
+/// The datacenter a node is in.
+pub(super) fn dc_of(n: &SimNode) -> &str {
+    if n.datacenter.is_empty() {
+        DATACENTER
+    } else {
+        &n.datacenter
     }
 }
 
@@ -228,6 +273,7 @@ impl State {
             by_name: HashMap::new(),
             service_index: HashMap::new(),
             queries: Vec::new(),
+            coordinates: HashMap::new(),
             peerings: BTreeSet::new(),
             enterprise: false,
             partitions: BTreeSet::new(),
@@ -274,14 +320,9 @@ impl State {
     /// [`State::add_node`] for a node of cluster peer `peer` and partition `partition`.
     pub fn add_node_in(&mut self, node: SimNode, peer: Option<&str>, partition: Option<&str>) {
         let (peer, partition) = (peer.map(str::to_owned), partition.map(str::to_owned));
-        if let Some(existing) = self.nodes.get(&node.name) {
-            if existing.node.address == node.address
-                && existing.node.meta == node.meta
-                && existing.peer == peer
-                && existing.partition == partition
-            {
-                return;
-            }
+        let same = |n: &NodeRec| n.node == node && n.peer == peer && n.partition == partition;
+        if self.nodes.get(&node.name).is_some_and(same) {
+            return;
         }
         let idx = self.bump();
         self.nodes_index = idx;
@@ -289,38 +330,62 @@ impl State {
         match self.nodes.get_mut(&name) {
             Some(rec) => {
                 rec.node = node;
-                rec.peer = peer;
-                rec.partition = partition;
                 rec.modify = idx;
             }
             None => {
                 self.checks_index = idx;
-                let mut checks = BTreeMap::new();
-                checks.insert(
-                    "serfHealth".to_string(),
-                    CheckRec {
-                        name: check_name("serfHealth", None),
-                        status: Status::Passing,
-                        notes: String::new(),
-                        create: idx,
-                        modify: idx,
-                    },
-                );
-                self.nodes.insert(
-                    name.clone(),
-                    NodeRec {
-                        id: uuid_from(&name),
-                        node,
-                        peer,
-                        partition,
-                        create: idx,
-                        modify: idx,
-                        checks,
-                    },
-                );
+                self.nodes
+                    .insert(name.clone(), NodeRec::registered(node, idx));
             }
         }
+        if let Some(rec) = self.nodes.get_mut(&name) {
+            rec.peer = peer;
+            rec.partition = partition;
+        }
         self.touch_services_on_node(&name, idx);
+    }
+
+    /// Sets a node's tagged addresses beyond `lan` and `wan` (which always carry its address),
+    /// replacing the ones it had: a change of the node, like its address.
+    pub fn set_node_tagged_addresses(&mut self, node: &str, tagged: BTreeMap<String, String>) {
+        let Some(rec) = self.nodes.get(node) else {
+            panic!("consul_sim: set_node_tagged_addresses: unknown node {node:?}");
+        };
+        if rec.node.tagged_addresses == tagged {
+            return;
+        }
+        let idx = self.bump();
+        self.nodes_index = idx;
+        let rec = self.nodes.get_mut(node).expect("checked above");
+        rec.node.tagged_addresses = tagged;
+        rec.modify = idx;
+        self.touch_services_on_node(node, idx);
+    }
+
+    /// Deregisters a node with its checks and service instances, as Consul's
+    /// `/v1/catalog/deregister` with only `Node` does. Unknown nodes are ignored.
+    pub fn remove_node(&mut self, node: &str) {
+        let Some(rec) = self.nodes.remove(node) else {
+            return;
+        };
+        let idx = self.bump();
+        self.nodes_index = idx;
+        self.checks_index = idx;
+        let ids: Vec<String> = self
+            .services
+            .values()
+            .filter(|s| s.svc.node == rec.node.name)
+            .map(|s| s.svc.id.clone())
+            .collect();
+        if !ids.is_empty() {
+            self.services_index = idx;
+        }
+        for id in ids {
+            if let Some(old) = self.services.remove(&id) {
+                self.unindex(&old.svc.service, &id);
+                self.touch_service(&old.svc.service, idx);
+            }
+        }
     }
 
     pub fn add_service(&mut self, svc: SimService, status: Status) {
@@ -451,16 +516,119 @@ impl State {
         self.touch_services_on_node(node, idx);
     }
 
-    pub fn add_query(&mut self, name: &str, service: &str, tag: Option<&str>, ttl: Option<&str>) {
+    pub fn add_query(&mut self, q: SimQuery) {
         self.bump();
-        self.queries.retain(|q| q.name != name);
+        self.queries.retain(|old| old.name != q.name);
         self.queries.push(QueryRec {
-            id: uuid_from(&format!("query/{name}")),
-            name: name.to_string(),
-            service: service.to_string(),
-            tag: tag.map(str::to_string),
-            dns_ttl: ttl.map(str::to_string),
+            id: uuid_from(&format!("query/{}", q.name)),
+            def: q,
         });
+    }
+
+    /// Registers a Consul server on `node` (which must exist): the `consul` service Consul
+    /// keeps for its servers, ID `consul` on every server, port 8300, no service check (only
+    /// the node's `serfHealth` decides its health), and the meta Consul writes for it.
+    pub fn add_server(&mut self, node: &str) {
+        assert!(
+            self.nodes.contains_key(node),
+            "consul_sim: add_server: node {node:?} not added"
+        );
+        let idx = self.bump();
+        self.services_index = idx;
+        let meta: BTreeMap<String, String> = [
+            ("grpc_port", "8502"),
+            ("non_voter", "false"),
+            ("raft_version", "3"),
+            ("read_replica", "false"),
+            ("serf_protocol_current", "2"),
+            ("serf_protocol_max", "5"),
+            ("serf_protocol_min", "1"),
+            ("version", "1.21.0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let svc = SimService {
+            id: "consul".into(),
+            service: "consul".into(),
+            node: node.to_string(),
+            address: String::new(),
+            port: 8300,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta,
+            ..Default::default()
+        };
+        // Keyed apart from other instances: every server's instance has the ID `consul`.
+        let key = format!("consul@{node}");
+        self.by_name
+            .entry("consul".into())
+            .or_default()
+            .insert(key.clone());
+        self.services.insert(
+            key,
+            SvcRec {
+                svc,
+                mesh: SimMesh::default(),
+                create: idx,
+                modify: idx,
+                checks: BTreeMap::new(),
+            },
+        );
+        self.touch_service("consul", idx);
+    }
+
+    /// What `/v1/query/<q>/execute` returns, as Consul's `PreparedQuery.Execute`: the
+    /// service's instances with the query's tag, without any critical check (checks in
+    /// `IgnoreCheckIDs` do not count) or, with `OnlyPassing`, any check not passing; shuffled,
+    /// then sorted by distance from `Near` when it names a node with a coordinate (`_agent`
+    /// is the agent; `_ip` the node at the requester's address, 127.0.0.1 here), nodes without
+    /// one last.
+    pub fn execute(&self, q: &QueryRec) -> Vec<Instance<'_>> {
+        use rand::seq::SliceRandom;
+        let counts = |id: &str| !q.ignore_check_ids.iter().any(|i| i == id);
+        let mut insts: Vec<Instance<'_>> = self
+            .instances(DATACENTER, &q.service)
+            .into_iter()
+            .filter(|i| q.tag.as_deref().is_none_or(|t| has_tag(&i.svc.svc, t)))
+            .filter(|i| {
+                i.checks().all(|(id, c, _)| {
+                    !counts(id)
+                        || match c.status {
+                            Status::Passing => true,
+                            Status::Warning => !q.only_passing,
+                            Status::Critical => false,
+                        }
+                })
+            })
+            .collect();
+        insts.shuffle(&mut rand::rng());
+        let source = match q.near.as_str() {
+            "" => None,
+            "_agent" => Some(AGENT_NODE.to_string()),
+            "_ip" => self
+                .nodes
+                .values()
+                .find(|n| n.node.address == "127.0.0.1")
+                .map(|n| n.node.name.clone()),
+            node => Some(node.to_string()),
+        };
+        let origin = source.and_then(|s| {
+            if s == AGENT_NODE {
+                Some(0.0)
+            } else {
+                self.coordinates.get(&s).copied()
+            }
+        });
+        if let Some(origin) = origin {
+            let distance = |i: &Instance<'_>| {
+                self.coordinates
+                    .get(&i.node.node.name)
+                    .map_or(f64::INFINITY, |c| (c - origin).abs())
+            };
+            insts.sort_by(|a, b| distance(a).total_cmp(&distance(b)));
+        }
+        insts
     }
 
     /// Registers many instances as one write (one index bump, like a Consul
@@ -479,37 +647,15 @@ impl State {
         for (node, svc, status) in items {
             match self.nodes.get_mut(&node.name) {
                 Some(rec) => {
-                    if rec.node.address != node.address || rec.node.meta != node.meta {
+                    if rec.node != node {
                         changed_nodes.insert(node.name.clone());
                         rec.node = node;
                         rec.modify = idx;
                     }
                 }
                 None => {
-                    let mut checks = BTreeMap::new();
-                    checks.insert(
-                        "serfHealth".to_string(),
-                        CheckRec {
-                            name: check_name("serfHealth", None),
-                            status: Status::Passing,
-                            notes: String::new(),
-                            create: idx,
-                            modify: idx,
-                        },
-                    );
-                    let name = node.name.clone();
-                    self.nodes.insert(
-                        name.clone(),
-                        NodeRec {
-                            id: uuid_from(&name),
-                            node,
-                            peer: None,
-                            partition: None,
-                            create: idx,
-                            modify: idx,
-                            checks,
-                        },
-                    );
+                    self.nodes
+                        .insert(node.name.clone(), NodeRec::registered(node, idx));
                 }
             }
             assert!(
@@ -548,9 +694,21 @@ impl State {
         self.nodes_index.max(self.services_index).max(1)
     }
 
-    /// Instances of `name` (case-insensitive, as Consul's catalog index is),
+    /// The datacenters: ours first, then the others its nodes are in (Consul sorts by
+    /// round-trip time, its own first).
+    pub fn datacenters(&self) -> Vec<&str> {
+        let others: BTreeSet<&str> = self
+            .nodes
+            .values()
+            .map(|n| dc_of(&n.node))
+            .filter(|dc| *dc != DATACENTER)
+            .collect();
+        std::iter::once(DATACENTER).chain(others).collect()
+    }
+
+    /// Instances of `name` in `dc` (case-insensitive, as Consul's catalog index is),
     /// sorted by node then ID.
-    pub fn instances(&self, name: &str) -> Vec<Instance<'_>> {
+    pub fn instances(&self, dc: &str, name: &str) -> Vec<Instance<'_>> {
         let mut v: Vec<Instance<'_>> = self
             .by_name
             .get(&name.to_ascii_lowercase())
@@ -560,6 +718,7 @@ impl State {
             .filter_map(|s| {
                 self.nodes
                     .get(&s.svc.node)
+                    .filter(|node| dc_of(&node.node) == dc)
                     .map(|node| Instance { svc: s, node })
             })
             .collect();
@@ -569,13 +728,19 @@ impl State {
         v
     }
 
-    /// What `/v1/health/<kind>/<name>` returns in `scope`, sorted by node then ID: the
-    /// service's instances (`service`); its Connect-capable ones, the sidecar proxies whose
+    /// What `/v1/health/<kind>/<name>` returns in `dc` and `scope`, sorted by node then ID:
+    /// the service's instances (`service`); its Connect-capable ones, the sidecar proxies whose
     /// destination it is and its own instances when Connect-native (`connect`); the ingress
     /// gateways that route to it (`ingress`).
-    pub fn health_instances(&self, kind: &str, name: &str, scope: &Scope) -> Vec<Instance<'_>> {
+    pub fn health_instances(
+        &self,
+        kind: &str,
+        dc: &str,
+        name: &str,
+        scope: &Scope,
+    ) -> Vec<Instance<'_>> {
         let mut v: Vec<Instance<'_>> = match kind {
-            "service" => self.instances(name),
+            "service" => self.instances(dc, name),
             _ => self
                 .services
                 .values()
@@ -589,7 +754,7 @@ impl State {
                 })
                 .filter_map(|s| {
                     let node = self.nodes.get(&s.svc.node)?;
-                    Some(Instance { svc: s, node })
+                    (dc_of(&node.node) == dc).then_some(Instance { svc: s, node })
                 })
                 .collect(),
         };
@@ -603,9 +768,9 @@ impl State {
     /// Instances with the given tag (case-insensitive) and without a critical
     /// check: what DNS and prepared queries (default `OnlyPassing=false`) serve.
     /// Local ones only (no peer, default namespace and partition).
-    pub fn healthy_instances(&self, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
+    pub fn healthy_instances(&self, dc: &str, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
         let local = Scope::default();
-        self.instances(name)
+        self.instances(dc, name)
             .into_iter()
             .filter(|i| local.has(i))
             .filter(|i| i.worst() != Status::Critical)
@@ -621,12 +786,19 @@ impl State {
     }
 
     fn node_json(&self, n: &NodeRec) -> Value {
+        let mut tagged = Map::new();
+        for key in ["lan", "wan"] {
+            tagged.insert(key.into(), json!(n.node.address));
+        }
+        for (key, addr) in &n.node.tagged_addresses {
+            tagged.insert(key.clone(), json!(addr));
+        }
         let mut v = json!({
             "ID": n.id,
             "Node": n.node.name,
             "Address": n.node.address,
-            "Datacenter": DATACENTER,
-            "TaggedAddresses": { "lan": n.node.address, "wan": n.node.address },
+            "Datacenter": dc_of(&n.node),
+            "TaggedAddresses": tagged,
             "Meta": meta_json(&n.node.meta),
             "CreateIndex": n.create,
             "ModifyIndex": n.modify,
@@ -678,7 +850,7 @@ impl State {
             );
             if let Some(vip) = self.virtual_ips.get(&key) {
                 let tagged = m.entry("TaggedAddresses").or_insert_with(|| json!({}));
-                tagged["consul-virtual"] = json!({ "address": vip, "port": s.svc.port });
+                tagged["consul-virtual"] = json!({ "Address": vip, "Port": s.svc.port });
             }
         }
         if let Some(peer) = peer {
@@ -705,11 +877,20 @@ impl State {
         m.insert("Service".into(), json!(svc.service));
         m.insert("Tags".into(), tags);
         m.insert("Address".into(), json!(svc.address));
+        // Go's `ServiceAddress{Address, Port}` (no JSON tags: the docs' lowercase keys are
+        // hand-written); the field is omitempty.
+        let tagged_json = |address: &str, port: u16| json!({ "Address": address, "Port": port });
+        let mut tagged = Map::new();
         if !svc.address.is_empty() {
-            // Only a service with its own address has tagged addresses (the
-            // field is omitempty in Consul).
-            let ta = json!({ "address": svc.address, "port": svc.port });
-            m.insert("TaggedAddresses".into(), json!({ "lan": ta, "wan": ta }));
+            for key in ["lan", "wan"] {
+                tagged.insert(key.into(), tagged_json(&svc.address, svc.port));
+            }
+        }
+        for (key, a) in &svc.tagged_addresses {
+            tagged.insert(key.clone(), tagged_json(&a.address, a.port));
+        }
+        if !tagged.is_empty() {
+            m.insert("TaggedAddresses".into(), Value::Object(tagged));
         }
         m.insert("Meta".into(), meta_json(&svc.meta));
         m.insert("Port".into(), json!(svc.port));
@@ -752,11 +933,17 @@ impl State {
     /// Consul's checks table.
     /// Local checks only (no peer's, default namespace and partition), like Consul without
     /// `peer`/`ns`/`partition`.
-    pub fn health_state_json(&self, state: Option<Status>) -> Value {
+    pub fn health_state_json(&self, dc: &str, state: Option<Status>) -> Value {
         let wanted = |c: &CheckRec| state.is_none_or(|s| c.status == s);
         let local = Scope::default();
+        let in_dc = |s: &SvcRec| {
+            self.nodes.get(&s.svc.node).is_some_and(|node| {
+                dc_of(&node.node) == dc && local.has(&Instance { svc: s, node })
+            })
+        };
         let mut rows: Vec<(&str, &str, Value)> = Vec::new();
-        for n in self.nodes.values().filter(|n| local.has_node(n)) {
+        let local_nodes = self.nodes.values().filter(|n| local.has_node(n));
+        for n in local_nodes.filter(|n| dc_of(&n.node) == dc) {
             for (id, c) in n.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &n.node.name,
@@ -765,12 +952,7 @@ impl State {
                 ));
             }
         }
-        let local_instance = |s: &SvcRec| {
-            self.nodes
-                .get(&s.svc.node)
-                .is_some_and(|node| local.has(&Instance { svc: s, node }))
-        };
-        for s in self.services.values().filter(|s| local_instance(s)) {
+        for s in self.services.values().filter(|s| in_dc(s)) {
             for (id, c) in s.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &s.svc.node,
@@ -798,19 +980,19 @@ impl State {
         })
     }
 
-    /// Body of `/v1/health/<kind>/<name>` in `scope` (see [`State::health_instances`]):
-    /// `passing` drops any entry with a non-passing check (Consul's `filterNonPassing`),
-    /// `tags` must all match.
+    /// Body of `/v1/health/<kind>/<name>` in `dc` and `scope` (see
+    /// [`State::health_instances`]): `passing` drops any entry with a non-passing check
+    /// (Consul's `filterNonPassing`), `tags` must all match.
     pub fn health_json(
         &self,
         kind: &str,
+        (dc, scope): (&str, &Scope),
         name: &str,
-        scope: &Scope,
         passing: bool,
         tags: &[String],
     ) -> Value {
         Value::Array(
-            self.health_instances(kind, name, scope)
+            self.health_instances(kind, dc, name, scope)
                 .iter()
                 .filter(|i| !passing || i.worst() == Status::Passing)
                 .filter(|i| tags.iter().all(|t| has_tag(&i.svc.svc, t)))
@@ -830,7 +1012,7 @@ impl State {
                 .into_iter()
                 .map(|n| {
                     let entries = self
-                        .instances(n)
+                        .instances(DATACENTER, n)
                         .into_iter()
                         .filter(|i| i.svc.svc.service == n)
                         .map(|i| self.entry_json(&i, false))
@@ -841,13 +1023,18 @@ impl State {
         )
     }
 
-    /// Body of `/v1/catalog/node/<node>` in `scope`; `null` for an unknown node (as Consul).
-    pub fn catalog_node_json(&self, node: &str, scope: &Scope) -> Value {
-        let Some(n) = self
-            .nodes
+    /// The node named `name`, as Consul finds it: case-insensitively.
+    pub fn node_named(&self, name: &str) -> Option<&NodeRec> {
+        self.nodes
             .values()
-            .find(|n| n.node.name.eq_ignore_ascii_case(node) && scope.has_node(n))
-        else {
+            .find(|n| n.node.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
+    pub fn catalog_node_json(&self, dc: &str, scope: &Scope, node: &str) -> Value {
+        let Some(n) = self.nodes.values().find(|n| {
+            n.node.name.eq_ignore_ascii_case(node) && dc_of(&n.node) == dc && scope.has_node(n)
+        }) else {
             return Value::Null;
         };
         let services: Map<String, Value> = self
@@ -860,13 +1047,12 @@ impl State {
         json!({ "Node": self.node_json(n), "Services": services })
     }
 
-    /// Body of `/v1/catalog/nodes` in `scope`: its nodes, sorted by name (as Consul's memdb
-    /// index).
-    pub fn catalog_nodes_json(&self, scope: &Scope) -> Value {
+    /// Body of `/v1/catalog/nodes`: every node, sorted by name (as Consul's memdb index).
+    pub fn catalog_nodes_json(&self, dc: &str, scope: &Scope) -> Value {
         Value::Array(
             self.nodes
                 .values()
-                .filter(|n| scope.has_node(n))
+                .filter(|n| dc_of(&n.node) == dc && scope.has_node(n))
                 .map(|n| self.node_json(n))
                 .collect(),
         )
@@ -941,11 +1127,13 @@ impl State {
         Value::Array(v)
     }
 
-    /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`.
-    pub fn query_list_json(&self) -> Value {
+    /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`. Every
+    /// query is [`DATACENTER`]'s.
+    pub fn query_list_json(&self, dc: &str) -> Value {
         Value::Array(
             self.queries
                 .iter()
+                .filter(|_| dc == DATACENTER)
                 .map(|q| {
                     json!({
                         "ID": q.id,
@@ -956,9 +1144,13 @@ impl State {
                         "Service": {
                             "Service": q.service,
                             "Failover": { "NearestN": 0, "Datacenters": null },
-                            "OnlyPassing": false,
-                            "IgnoreCheckIDs": null,
-                            "Near": "",
+                            "OnlyPassing": q.only_passing,
+                            "IgnoreCheckIDs": if q.ignore_check_ids.is_empty() {
+                                Value::Null
+                            } else {
+                                json!(q.ignore_check_ids)
+                            },
+                            "Near": q.near,
                             "Tags": q.tag.iter().collect::<Vec<_>>(),
                             "NodeMeta": null,
                             "ServiceMeta": null,
@@ -972,17 +1164,15 @@ impl State {
         )
     }
 
-    /// Body of `/v1/catalog/services` in `scope`: service name -> its distinct tags.
-    pub fn catalog_services_json(&self, scope: &Scope) -> Value {
+    /// Body of `/v1/catalog/services`: service name -> its distinct tags.
+    pub fn catalog_services_json(&self, dc: &str, scope: &Scope) -> Value {
         let mut map: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for s in self.services.values() {
-            let in_scope = self
-                .nodes
-                .get(&s.svc.node)
-                .is_some_and(|node| scope.has(&Instance { svc: s, node }));
-            if !in_scope {
-                continue;
-            }
+        let in_scope = |s: &SvcRec| {
+            self.nodes.get(&s.svc.node).is_some_and(|node| {
+                dc_of(&node.node) == dc && scope.has(&Instance { svc: s, node })
+            })
+        };
+        for s in self.services.values().filter(|s| in_scope(s)) {
             map.entry(&s.svc.service)
                 .or_default()
                 .extend(s.svc.tags.iter().map(String::as_str));
@@ -991,12 +1181,9 @@ impl State {
     }
 
     /// Body of `/v1/query/<name or id>/execute` (the real wire shape: Service,
-    /// Nodes, DNS, Datacenter, Failovers at the top level). Results are shuffled
-    /// like Consul does when no `near` sorting applies.
+    /// Nodes, DNS, Datacenter, Failovers at the top level), with [`State::execute`]'s result.
     pub fn query_execute_json(&self, q: &QueryRec) -> Value {
-        use rand::seq::SliceRandom;
-        let mut insts = self.healthy_instances(&q.service, q.tag.as_deref());
-        insts.shuffle(&mut rand::rng());
+        let insts = self.execute(q);
         let nodes: Vec<Value> = insts.iter().map(|i| self.entry_json(i, true)).collect();
         json!({
             "Service": q.service,

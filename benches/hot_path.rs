@@ -286,6 +286,8 @@ fn bench_consul_view(c: &mut Criterion) {
         serial: 1,
         soa: Default::default(),
         node_meta_txt: true,
+        peer: None,
+        partition: None,
     };
     let srv_ctx = Ctx {
         qtype: RecordType::SRV,

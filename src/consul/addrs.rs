@@ -16,7 +16,8 @@ use serde::Deserialize;
 
 /// `TaggedAddresses` of a node (`map[string]string`, `A = String`) or of a service
 /// (`map[string]ServiceAddress`, `A = ServiceAddressJson`): only the keys Consul's DNS reads
-/// (`lan` never decides an answer; `wan` only with WAN translation).
+/// (`lan` never decides an answer; `wan` only with WAN translation; `consul-virtual`, the
+/// virtual IP Consul writes into every Connect instance of a service, only for `.virtual`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(bound = "A: Deserialize<'de>")]
 pub(crate) struct TaggedJson<A> {
@@ -30,6 +31,8 @@ pub(crate) struct TaggedJson<A> {
     pub(crate) wan_ipv4: Option<A>,
     #[serde(default)]
     pub(crate) wan_ipv6: Option<A>,
+    #[serde(rename = "consul-virtual", default)]
+    pub(crate) consul_virtual: Option<A>,
 }
 
 impl<A> Default for TaggedJson<A> {
@@ -40,6 +43,7 @@ impl<A> Default for TaggedJson<A> {
             wan: None,
             wan_ipv4: None,
             wan_ipv6: None,
+            consul_virtual: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! its index lists when they are equal (`benches/view_memory.rs` measures it).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use super::addrs::{candidates, Addrs, AnyAddr, ServiceAddressJson, TaggedJson, WanTranslation};
@@ -52,6 +53,44 @@ pub(crate) struct ServiceJson {
     pub(crate) weights: Option<WeightsJson>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub(crate) tagged_addresses: TaggedJson<ServiceAddressJson>,
+    /// `connect-proxy` for a sidecar, `ingress-gateway` for a gateway, "" for a plain service:
+    /// the catalog file's `.connect` views are made from these.
+    #[serde(default)]
+    pub(crate) kind: String,
+    pub(crate) proxy: Option<ProxyJson>,
+    pub(crate) connect: Option<ConnectJson>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ProxyJson {
+    #[serde(default)]
+    pub(crate) destination_service_name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ConnectJson {
+    #[serde(default)]
+    pub(crate) native: bool,
+}
+
+impl ServiceJson {
+    /// The service this instance serves Connect traffic for, if any: a sidecar proxy's
+    /// destination, or the service itself when it is Connect-native (what
+    /// `/v1/health/connect/<service>` returns).
+    pub(crate) fn connect_destination<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        if self.kind == "connect-proxy" {
+            self.proxy
+                .as_ref()
+                .map(|p| p.destination_service_name.as_str())
+                .filter(|d| !d.is_empty())
+        } else if self.connect.as_ref().is_some_and(|c| c.native) {
+            Some(name)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -306,6 +345,9 @@ impl Instance {
 pub struct ServiceView {
     pub(crate) instances: Vec<Instance>,
     pub(crate) datacenter: String,
+    /// The `consul-virtual` tagged address of the first instance that has one (Connect
+    /// instances of a service share it): `<service>.virtual`.
+    pub(crate) virtual_ip: Option<IpAddr>,
     /// Selections already computed for this view (per tag and health rule), so a query costs the
     /// same whatever the number of instances.
     selections: Mutex<Selections>,
@@ -381,6 +423,7 @@ impl ServiceView {
         ServiceView {
             instances,
             datacenter: datacenter.to_owned(),
+            virtual_ip: None,
             selections: Mutex::new(Selections::default()),
         }
     }
@@ -396,18 +439,23 @@ impl ServiceView {
         wan: WanTranslation<'_>,
     ) -> ServiceView {
         let mut strings = Interner::default();
-        ServiceView::new(
+        let mut view = ServiceView::new(
             entries
                 .iter()
                 .map(|e| Instance::from_entry_in(e, &mut strings, wan, datacenter))
                 .collect(),
             datacenter,
-        )
+        );
+        view.virtual_ip = entries.iter().find_map(|e| {
+            let tagged = e.service.tagged_addresses.consul_virtual.as_ref()?;
+            tagged.address.parse().ok()
+        });
+        view
     }
 
     /// The same data as another view? (A blocking query can return without a change.)
     pub(crate) fn same_data(&self, other: &ServiceView) -> bool {
-        self.instances == other.instances
+        self.instances == other.instances && self.virtual_ip == other.virtual_ip
     }
 
     pub(crate) fn healthy_count(&self, only_passing: bool) -> usize {

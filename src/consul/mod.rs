@@ -32,7 +32,7 @@ use hickory_proto::rr::{DNSClass, Name, RecordType};
 use tokio_util::sync::CancellationToken;
 
 use self::catalog::{NodeView, QueryView, Selection, ServiceView};
-use self::name::ConsulName;
+use self::name::{ConsulName, ServiceKind, Tenancy, ViewKey};
 use self::ptr::PtrName;
 use self::records::{Ctx, Plan};
 use crate::answer::{Answer, AnswerSource, Question, Source};
@@ -66,15 +66,14 @@ pub trait Backend: Send + Sync {
     fn ready(&self) -> Result<(), String> {
         Ok(())
     }
-    async fn service(
-        &self,
-        service: &str,
-        dc: Option<&str>,
-    ) -> Result<Arc<ServiceView>, LookupError>;
+    /// The view of a service lookup (`.service`, `.connect` or `.ingress`, in a datacenter,
+    /// peer, namespace and partition).
+    async fn service(&self, key: &ViewKey) -> Result<Arc<ServiceView>, LookupError>;
     async fn node(
         &self,
         node: &str,
         dc: Option<&str>,
+        tenancy: &Tenancy,
     ) -> Result<Option<Arc<NodeView>>, LookupError>;
     async fn query(
         &self,
@@ -142,7 +141,8 @@ impl ConsulSource {
 
     async fn answer_inner(&self, q: &Question, limit: usize) -> Answer {
         let cfg = &self.config;
-        let Some(parsed) = name::parse(&q.name, q.qtype, &cfg.domains) else {
+        let Some(name::Parsed { domain, name }) = name::parse(&q.name, q.qtype, &cfg.domains)
+        else {
             return Answer::rcode(ResponseCode::Refused);
         };
         if q.qclass != DNSClass::IN && q.qclass != DNSClass::ANY {
@@ -158,7 +158,7 @@ impl ConsulSource {
         let ctx = Ctx {
             qname: &q.name,
             qtype: q.qtype,
-            domain: &parsed.domain,
+            domain: &domain,
             dc: local_dc.as_deref().unwrap_or(file::DEFAULT_DATACENTER),
             ttl: secs(cfg.node_ttl),
             negative_ttl: secs(cfg.negative_ttl),
@@ -166,11 +166,13 @@ impl ConsulSource {
             serial,
             soa: cfg.soa,
             node_meta_txt: cfg.node_meta_txt,
+            peer: None,
+            partition: None,
         };
         let built = match q.qtype {
             // Answered for every name in the domain, whatever it names, as Consul does.
             RecordType::SOA | RecordType::NS => self.nameserver_answer(&ctx).await,
-            _ => self.lookup(&parsed.name, &local_dc, limit, ctx).await,
+            _ => self.lookup(name, &local_dc, limit, ctx).await,
         };
         let mut answer = match built {
             Ok(Plan::Done(answer)) => answer,
@@ -185,20 +187,20 @@ impl ConsulSource {
     }
 
     /// What a name of each kind answers (before a CNAME is followed); `Err` is the final answer
-    /// when Consul cannot be asked.
+    /// when Consul cannot be asked. Takes the parsed name: its strings become the view key.
     async fn lookup(
         &self,
-        name: &ConsulName,
+        name: ConsulName,
         local_dc: &Option<String>,
         limit: usize,
         mut ctx: Ctx<'_>,
     ) -> Result<Plan, Answer> {
         let cfg = &self.config;
         // A name that spells out the local datacenter is the same view as one that does not.
-        let norm = |dc: &Option<String>| -> Option<String> {
+        let norm = |dc: Option<String>| -> Option<String> {
             match (dc, local_dc) {
-                (Some(d), Some(l)) if d == l => None,
-                (d, _) => d.clone(),
+                (Some(d), Some(l)) if d == *l => None,
+                (d, _) => d,
             }
         };
         let missing = |e: LookupError, ctx: &Ctx<'_>| match e {
@@ -210,15 +212,22 @@ impl ConsulSource {
         match name {
             ConsulName::Apex => Ok(Plan::Done(records::apex_answer(&ctx))),
             ConsulName::Invalid => Ok(Plan::Done(records::nxdomain(&ctx))),
-            ConsulName::Addr { ip } => Ok(Plan::Done(records::addr_answer(*ip, &ctx))),
-            ConsulName::Service { service, tag, dc } => {
-                let dc = norm(dc);
-                match self.backend.service(service, dc.as_deref()).await {
+            ConsulName::Addr { ip } => Ok(Plan::Done(records::addr_answer(ip, &ctx))),
+            ConsulName::Service {
+                service,
+                tag,
+                kind,
+                dc,
+                tenancy,
+            } => {
+                let key = ViewKey::new(service, norm(dc), kind, tenancy);
+                match self.backend.service(&key).await {
                     Ok(view) => {
-                        ctx.ttl = secs(cfg.service_ttl_for(service));
-                        let dc_name = dc.unwrap_or_else(|| ctx.dc.to_owned());
                         let ctx = Ctx {
-                            dc: &dc_name,
+                            ttl: secs(cfg.service_ttl_for(&key.service)),
+                            dc: key.dc.as_deref().unwrap_or(ctx.dc),
+                            peer: key.tenancy.peer(),
+                            partition: key.tenancy.partition(),
                             ..ctx
                         };
                         let tag = tag.as_deref();
@@ -229,16 +238,31 @@ impl ConsulSource {
                     Err(e) => missing(e, &ctx),
                 }
             }
-            ConsulName::Node { node, dc } => {
-                match self.backend.node(node, norm(dc).as_deref()).await {
+            ConsulName::Virtual { service, tenancy } => {
+                // The connect view carries the virtual IP (every connect instance has it).
+                let key = ViewKey::new(service, None, ServiceKind::Connect, tenancy);
+                match self.backend.service(&key).await {
+                    Ok(view) => Ok(Plan::Done(records::virtual_answer(view.virtual_ip, &ctx))),
+                    Err(LookupError::Unavailable(_)) => Err(Answer::servfail()),
+                    // Consul answers NOERROR without records for a service it has no virtual
+                    // IP for, known or not.
+                    Err(_) => Ok(Plan::Done(records::virtual_answer(None, &ctx))),
+                }
+            }
+            ConsulName::Node { node, dc, tenancy } => {
+                match self
+                    .backend
+                    .node(&node, norm(dc).as_deref(), &tenancy)
+                    .await
+                {
                     Ok(node) => Ok(records::node_answer(node.as_deref(), &ctx)),
                     Err(e) => missing(e, &ctx),
                 }
             }
             ConsulName::Query { query, dc } => {
-                match self.backend.query(query, norm(dc).as_deref()).await {
+                match self.backend.query(&query, norm(dc).as_deref()).await {
                     Ok(Some(qv)) => {
-                        ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
+                        ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(&query)));
                         // Consul's result as it came: its own filters, its order when it
                         // sorted it, shuffled like every other answer when it did not.
                         let selection = records::select_all(&qv.service);
@@ -263,7 +287,13 @@ impl ConsulSource {
     /// the SOA is still answered; an NS question then gets SERVFAIL while Consul is unreachable
     /// (Consul's empty answer would be cached as "no nameservers").
     async fn nameserver_answer(&self, ctx: &Ctx<'_>) -> Result<Plan, Answer> {
-        let view = match self.backend.service(CONSUL_SERVICE, None).await {
+        let key = ViewKey::new(
+            CONSUL_SERVICE.to_owned(),
+            None,
+            ServiceKind::Service,
+            Tenancy::default(),
+        );
+        let view = match self.backend.service(&key).await {
             Ok(view) => Some(view),
             Err(LookupError::Unavailable(_)) if ctx.qtype == RecordType::NS => {
                 return Err(Answer::servfail())

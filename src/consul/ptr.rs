@@ -246,9 +246,10 @@ impl ServiceAddresses {
 fn service_index(watches: &WatchMap) -> (AddressIndex, usize) {
     let views: Vec<(String, Arc<ServiceView>)> = lock(watches)
         .iter()
-        .filter(|((_, dc), _)| dc.is_none())
-        .filter_map(|((service, _), w)| match &*w.state.borrow() {
-            ViewState::Ready(view) => Some((service.clone(), view.clone())),
+        // A `.connect` view's instances are sidecars, a peer's are not ours to name.
+        .filter(|(key, _)| key.is_plain_local())
+        .filter_map(|(key, w)| match &*w.state.borrow() {
+            ViewState::Ready(view) => Some((key.service.clone(), view.clone())),
             _ => None,
         })
         .collect();

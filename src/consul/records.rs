@@ -40,6 +40,12 @@ pub struct Ctx<'a> {
     pub a_record_limit: usize,
     /// SOA serial: Unix time, as Consul.
     pub serial: u32,
+    /// The cluster peer a service answer is about: SRV targets are then
+    /// `<node>.node.<peer>.peer.<domain>` and `<hex>.addr.<domain>`, as Consul names them.
+    pub peer: Option<&'a str>,
+    /// The admin partition a service answer is about (Consul Enterprise): SRV targets name it
+    /// (`<node>.node.<partition>.ap.<dc>.dc.<domain>`) so that resolving them finds that node.
+    pub partition: Option<&'a str>,
     /// The SOA's refresh, retry and expire.
     pub soa: SoaTimers,
     /// Node meta as TXT in the additional section (`enable_additional_node_meta_txt`).
@@ -412,12 +418,18 @@ fn cname_plan(host: Name, ctx: &Ctx<'_>) -> Plan {
     }
 }
 
-/// `<label>.<kind>.<dc>.<domain>`.
+/// An SRV target under the domain: `<label>.<kind>.<dc>.<domain>`; for a peer
+/// `<node>.node.<peer>.peer.<domain>` and `<hex>.addr.<domain>` (Consul's spelling, the
+/// datacenter of a peer's node means nothing here); in a partition
+/// `<node>.node.<partition>.ap.<dc>.dc.<domain>`.
 fn name_under(label: &str, kind: &str, ctx: &Ctx<'_>) -> Option<Name> {
-    Name::from_ascii(format!("{label}.{kind}.{}", ctx.dc))
-        .ok()?
-        .append_domain(ctx.domain)
-        .ok()
+    let text = match (ctx.peer, ctx.partition, kind) {
+        (Some(_), _, "addr") => format!("{label}.addr"),
+        (Some(peer), _, _) => format!("{label}.{kind}.{peer}.peer"),
+        (None, Some(ap), "node") => format!("{label}.node.{ap}.ap.{}.dc", ctx.dc),
+        _ => format!("{label}.{kind}.{}", ctx.dc),
+    };
+    Name::from_ascii(text).ok()?.append_domain(ctx.domain).ok()
 }
 
 /// SRV: one record per (node, address, port), priority 1, weight by the instance's worst check;
@@ -523,6 +535,20 @@ fn meta_txt(meta: &BTreeMap<String, String>, owner: &Name, ttl: u32) -> Vec<Reco
         .collect()
 }
 
+/// `<service>.virtual`: the virtual IP Consul gave the service, as an A record with the node
+/// TTL (as Consul). No virtual IP (an unknown service, virtual IPs off): NOERROR without
+/// records. Consul puts the A record in the answer whatever the question's type; here only
+/// A and ANY questions get it, other types get NODATA, so a client never reads an A record
+/// as the answer to another question.
+pub(crate) fn virtual_answer(ip: Option<IpAddr>, ctx: &Ctx<'_>) -> Answer {
+    match ip {
+        Some(ip) if matches!(ctx.qtype, RecordType::A | RecordType::ANY) => {
+            answer(vec![address_record(ctx.qname, ctx.ttl, ip)], Vec::new())
+        }
+        _ => nodata(ctx),
+    }
+}
+
 /// One meta entry as TXT text: a key starting `rfc1035-` (in any case) gives the value alone;
 /// any other is `key=value` in RFC 1464's form, backticks doubled and `=` in the key quoted.
 /// (Consul also quotes a key's leading and trailing spaces, but it accepts only
@@ -610,6 +636,8 @@ mod tests {
             negative_ttl: 7,
             a_record_limit: 0,
             serial: 1,
+            peer: None,
+            partition: None,
             soa: SoaTimers::default(),
             node_meta_txt: true,
         })
@@ -760,6 +788,29 @@ mod tests {
         );
     }
 
+    /// The SRV targets of `instances` when the answer is about a peer or a partition.
+    fn srv_targets(
+        instances: &[&Instance],
+        peer: Option<&str>,
+        partition: Option<&str>,
+    ) -> Vec<String> {
+        let r = with(RecordType::SRV, |ctx| {
+            let ctx = Ctx {
+                peer,
+                partition,
+                ..ctx.clone()
+            };
+            done(service_answer(instances, true, &ctx))
+        });
+        r.answers
+            .iter()
+            .map(|rec| match &rec.data {
+                RData::SRV(s) => s.target.to_ascii(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
     /// An instance on a dual-stack node (address 10.0.0.1, `lan_ipv6` fd00::1).
     fn dual_stack(node: &str) -> Instance {
         Instance {
@@ -778,6 +829,48 @@ mod tests {
             .iter()
             .map(|r| (r.name.to_ascii(), r.data.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn srv_targets_of_peers_and_partitions() {
+        let node_addr = inst("n1", "10.0.0.1", false, 80, Status::Passing);
+        let own_ip = inst("n2", "127.0.0.2", true, 81, Status::Passing);
+        // Consul's spelling for a peer: the peer names the node, an address has no datacenter.
+        assert_eq!(
+            srv_targets(&[&node_addr, &own_ip], Some("p1"), None),
+            vec!["n1.node.p1.peer.consul.", "7f000002.addr.consul."]
+        );
+        // A partition names its node (resolving the target finds that partition's node).
+        assert_eq!(
+            srv_targets(&[&node_addr, &own_ip], None, Some("ap1")),
+            vec!["n1.node.ap1.ap.dc1.dc.consul.", "7f000002.addr.dc1.consul."]
+        );
+    }
+
+    #[test]
+    fn virtual_ip_answers_a_and_any_with_the_node_ttl() {
+        let vip: IpAddr = "240.0.0.7".parse().expect("ip");
+        let r = with(RecordType::A, |ctx| virtual_answer(Some(vip), ctx));
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(
+            r.answers[0].data,
+            RData::A(A("240.0.0.7".parse().expect("v4")))
+        );
+        assert_eq!(r.answers[0].ttl, 5);
+        let r = with(RecordType::ANY, |ctx| virtual_answer(Some(vip), ctx));
+        assert_eq!(r.answers.len(), 1);
+        // Other types, and no virtual IP: NOERROR without records (NODATA, with the SOA).
+        for (qtype, ip) in [
+            (RecordType::AAAA, Some(vip)),
+            (RecordType::SRV, Some(vip)),
+            (RecordType::A, None),
+        ] {
+            let r = with(qtype, |ctx| virtual_answer(ip, ctx));
+            assert_eq!(r.rcode, ResponseCode::NoError, "{qtype}");
+            assert!(r.answers.is_empty(), "{qtype}");
+            assert!(matches!(r.authorities[0].data, RData::SOA(_)), "{qtype}");
+        }
     }
 
     #[test]

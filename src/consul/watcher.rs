@@ -1,4 +1,5 @@
 //! The watcher of one service view: a loop of blocking queries on `/v1/health/service/<name>`
+//! (or `/connect/`, `/ingress/`, with the view's `dc`, `peer`, `ns`, `partition`)
 //! (Consul's rules: index resets, a token bucket, backoff with jitter), or refreshes on demand
 //! when no blocking slot of the connection budget is free. Each result replaces the view whole.
 
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::addrs::WanTranslation;
 use super::catalog::{HealthEntry, ServiceView};
 use super::client::{next_index, ClientError, ConsulClient};
+use super::name::ViewKey;
 use super::outage::OutageLog;
 use super::retry::{backoff, BACKOFF_CAP};
 use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
@@ -66,7 +68,7 @@ pub(super) struct WatcherContext {
 }
 
 pub(super) struct Watcher {
-    pub(super) key: (String, Option<String>),
+    pub(super) key: ViewKey,
     pub(super) watch: Arc<Watch>,
     pub(super) cx: Arc<WatcherContext>,
     pub(super) failovers: watch::Receiver<u64>,
@@ -86,7 +88,7 @@ enum Turn {
 /// the same data already; the per-service series and the change counter follow.
 pub(super) fn install_entries(
     watch: &Watch,
-    key: &(String, Option<String>),
+    key: &ViewKey,
     entries: &[HealthEntry],
     series: &ServiceSeries,
     metrics: &Metrics,
@@ -97,7 +99,7 @@ pub(super) fn install_entries(
         .first()
         .map(|e| e.node.datacenter.to_ascii_lowercase())
         .filter(|d| !d.is_empty())
-        .or_else(|| key.1.clone())
+        .or_else(|| key.dc.clone())
         .unwrap_or_default();
     let view = ServiceView::from_entries_translated(entries, &dc, wan);
     let (changed, was_ready) = match &*watch.state.borrow() {
@@ -108,8 +110,8 @@ pub(super) fn install_entries(
         return;
     }
     series.set(
-        &key.0,
-        key.1.is_none(),
+        &key.service,
+        key.is_plain_local(),
         watch,
         view.healthy_count(only_passing),
     );
@@ -121,14 +123,11 @@ pub(super) fn install_entries(
 
 impl Watcher {
     pub(super) async fn run(mut self) {
-        let segments = ["v1", "health", "service", self.key.0.as_str()];
+        let (endpoint, segments) = self.key.endpoint();
+        let params = self.key.params();
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         let mut bucket = TokenBucket::full(WATCH_RATE, Instant::now());
-        let mut params = Vec::new();
-        if let Some(dc) = &self.key.1 {
-            params.push(("dc", dc.clone()));
-        }
         loop {
             if lock(&self.watch.last_asked).elapsed() > self.cx.settings.watch_idle {
                 break;
@@ -147,12 +146,11 @@ impl Watcher {
             let blocking = slot.as_ref().map(|_| (index, self.cx.settings.watch_wait));
             // Boxed: the request's state machine is most of a watcher's size, and only the
             // watchers with a request in flight need it.
-            let request = Box::pin(self.cx.client.get::<Vec<HealthEntry>>(
-                "health_service",
-                &segments,
-                &params,
-                blocking,
-            ));
+            let request = Box::pin(
+                self.cx
+                    .client
+                    .get::<Vec<HealthEntry>>(endpoint, &segments, &params, blocking),
+            );
             self.failovers.borrow_and_update();
             let result = tokio::select! {
                 _ = self.cx.shutdown.cancelled() => break,
@@ -270,7 +268,7 @@ impl Watcher {
         {
             watches.remove(&self.key);
             self.cx.metrics.consul_watchers.dec();
-            self.cx.series.remove(&self.key.0, &self.watch);
+            self.cx.series.remove(&self.key.service, &self.watch);
         }
     }
 }
@@ -289,7 +287,7 @@ mod tests {
             created: AtomicUsize::new(0),
         };
         let w = Watch::new();
-        let key = ("web".to_owned(), None);
+        let key = ViewKey::new("web".into(), None, Default::default(), Default::default());
         let entries = |status: &str| -> Vec<HealthEntry> {
             serde_json::from_str(&format!(
                 r#"[{{"Node": {{"Node": "n1", "Address": "10.0.0.1", "Datacenter": "DC1"}},

@@ -31,10 +31,6 @@ const ACCEPTED_MODE_DIFFERENCES: &[(&str, &str)] = &[
          NXDOMAIN (which would deny every name below the apex to an RFC 8020 resolver)",
     ),
     (
-        "web.service.dc1.dc.consul A",
-        "the `.dc` locality label is not read in HTTP mode yet (issue 15, in progress)",
-    ),
-    (
         "2.0.0.127.in-addr.arpa PTR",
         "DNS mode forwards reverse names upstream unless consul.reverse_networks lists their \
          network: the forwarder does not know Consul's addresses there",

@@ -186,8 +186,13 @@ async fn connections_close(sim: &ConsulSim) -> bool {
 
 /// A simulator holding [`sample_like`]'s catalog, a client, and the simulator's base URL.
 async fn sample_sim() -> (ConsulSim, reqwest::Client, String) {
+    sim_with(sample_like).await
+}
+
+/// A simulator set up by `setup`, a client, and the simulator's base URL.
+async fn sim_with(setup: impl FnOnce(&ConsulSim)) -> (ConsulSim, reqwest::Client, String) {
     let sim = ConsulSim::start().await;
-    sample_like(&sim);
+    setup(&sim);
     let base = sim.http_url();
     (sim, client(), base)
 }
@@ -1734,10 +1739,15 @@ async fn bulk_catalog_and_churn_generator() {
 
 /// The node names of a `/v1/catalog/nodes` body, in its order.
 fn node_names(v: &Value) -> Vec<String> {
+    field_list(v, "Node")
+}
+
+/// The string field `key` of each element of an array body.
+fn field_list(v: &Value, key: &str) -> Vec<String> {
     v.as_array()
         .expect("array")
         .iter()
-        .map(|n| n["Node"].as_str().expect("Node").to_string())
+        .map(|n| n[key].as_str().expect(key).to_string())
         .collect()
 }
 
@@ -1952,6 +1962,270 @@ async fn dns_answers_ptr_like_consul() {
         sim.remove_node("foo2");
         let (m, _) = dns_udp(dns, "2.0.0.127.in-addr.arpa.", RecordType::PTR, None).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- mesh, peers, tenancy
+
+/// `web` (plain, on n1), its sidecar proxy, a Connect-native `api`, an ingress gateway for
+/// `web`, each with its own node.
+fn mesh_catalog(sim: &ConsulSim) {
+    use crate::support::consul_sim::SimMesh;
+    for (name, addr) in [("n1", "10.0.0.1"), ("n2", "10.0.0.2"), ("n3", "10.0.0.3")] {
+        sim.add_node(node(name, addr));
+    }
+    sim.add_service(svc("web-1", "web", "n1", 8080, &[]), Status::Passing);
+    for (svc, mesh) in [
+        (
+            svc("web-1-sidecar", "web-sidecar-proxy", "n1", 21000, &[]),
+            SimMesh::sidecar("web"),
+        ),
+        (svc("api-1", "api", "n2", 9090, &[]), SimMesh::native()),
+        (
+            svc("gw-1", "gw", "n3", 8443, &[]),
+            SimMesh::ingress(&["web"]),
+        ),
+    ] {
+        sim.add_service_with(svc, mesh, Status::Passing);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_ingress_endpoints_list_the_mesh_instances() {
+    within(async {
+        let (sim, c, base) = sim_with(mesh_catalog).await;
+
+        // Connect: the sidecars of a service (Kind, Proxy, its virtual IP), not the service.
+        let r = get(&c, &format!("{base}/v1/health/connect/web")).await;
+        assert_eq!(r.status, 200);
+        assert!(r.index() >= 1);
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["web-1-sidecar"]);
+        let s = &body[0]["Service"];
+        assert_eq!(s["Kind"], "connect-proxy");
+        assert_eq!(s["Proxy"]["DestinationServiceName"], "web");
+        assert_eq!(
+            s["TaggedAddresses"]["consul-virtual"]["Address"],
+            "240.0.0.1"
+        );
+        assert_eq!(s["TaggedAddresses"]["consul-virtual"]["Port"], 21000);
+        // The same entry shape as /health/service (the docs: "response format are the same"),
+        // plus the Connect fields.
+        let theirs = as_agent_writes(without(&shape(&sample("health-service")), &["Namespace"]));
+        let ours = shape(&body);
+        let mesh: BTreeSet<&str> = [
+            "CreateIndex",
+            "ModifyIndex",
+            "Kind",
+            "Proxy",
+            "DestinationServiceName",
+            "DestinationServiceID",
+            "LocalServiceAddress",
+            "LocalServicePort",
+            "Mode",
+            "Upstreams",
+            "consul-virtual",
+            "Address",
+            "Port",
+        ]
+        .into();
+        for missing in theirs.difference(&ours) {
+            // A sidecar without an address of its own has no lan/wan tagged addresses.
+            assert!(
+                missing.contains(".TaggedAddresses.") || missing.ends_with(".Address"),
+                "missing {missing}"
+            );
+        }
+        for extra in ours.difference(&theirs) {
+            assert!(mesh.contains(last_seg(extra)), "unexpected key {extra}");
+        }
+        // Connect-native: the service's own instance, with its own virtual IP.
+        let r = get(&c, &format!("{base}/v1/health/connect/api")).await;
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["api-1"]);
+        assert_eq!(body[0]["Service"]["Connect"]["Native"], true);
+        assert_eq!(
+            body[0]["Service"]["TaggedAddresses"]["consul-virtual"]["Address"],
+            "240.0.0.2"
+        );
+        // The plain endpoint is unchanged: no proxies.
+        let r = get(&c, &format!("{base}/v1/health/service/web")).await;
+        assert_eq!(ids(&r.json()), vec!["web-1"]);
+        assert!(r.json()[0]["Service"].get("Kind").is_none());
+        // Ingress: the gateways whose configuration lists the service.
+        let r = get(&c, &format!("{base}/v1/health/ingress/web")).await;
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["gw-1"]);
+        assert_eq!(body[0]["Service"]["Kind"], "ingress-gateway");
+        for empty in ["connect/nope", "ingress/api", "connect/gw"] {
+            let r = get(&c, &format!("{base}/v1/health/{empty}")).await;
+            assert_eq!(
+                (r.status, r.json()),
+                (200, serde_json::json!([])),
+                "{empty}"
+            );
+        }
+        // ?passing and blocking work as on /health/service.
+        sim.set_service_check("web-1-sidecar", Status::Critical);
+        let r = get(&c, &format!("{base}/v1/health/connect/web?passing")).await;
+        assert_eq!(r.json(), serde_json::json!([]));
+        let idx = get(&c, &format!("{base}/v1/health/connect/web"))
+            .await
+            .index();
+        let url = format!("{base}/v1/health/connect/web?index={idx}&wait=5s");
+        let held = tokio::spawn(async move { get(&client(), &url).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!held.is_finished(), "blocks until a change");
+        sim.set_service_check("web-1-sidecar", Status::Passing);
+        let r = held.await.expect("join");
+        assert!(r.index() > idx);
+        assert_eq!(r.json()[0]["Checks"][1]["Status"], "passing");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_parameter_selects_a_peers_imported_instances() {
+    within(async {
+        let (sim, c, base) = sim_with(|sim| {
+            sim.add_node(node("n1", "10.0.0.1"));
+            sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+            sim.add_peering("p1");
+            sim.add_node_in(node("pn1", "10.9.0.1"), Some("p1"), None);
+            sim.add_service(svc("web-p1", "web", "pn1", 80, &[]), Status::Passing);
+        })
+        .await;
+
+        let r = get(&c, &format!("{base}/v1/health/service/web")).await;
+        assert_eq!(ids(&r.json()), vec!["web-1"], "local instances only");
+        let r = get(&c, &format!("{base}/v1/health/service/web?peer=p1")).await;
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["web-p1"]);
+        assert_eq!(body[0]["Node"]["PeerName"], "p1");
+        assert_eq!(body[0]["Service"]["PeerName"], "p1");
+        assert!(r.index() >= 1);
+        // A peer that exports nothing (or does not exist): empty, not an error.
+        let r = get(&c, &format!("{base}/v1/health/service/web?peer=nope")).await;
+        assert_eq!((r.status, r.json()), (200, serde_json::json!([])));
+        let r = get(&c, &format!("{base}/v1/catalog/services?peer=p1")).await;
+        assert_eq!(r.json(), serde_json::json!({ "web": [] }));
+        let r = get(&c, &format!("{base}/v1/catalog/services")).await;
+        assert_eq!(r.json(), serde_json::json!({ "web": [] }));
+        let r = get(&c, &format!("{base}/v1/catalog/nodes?peer=p1")).await;
+        assert_eq!(r.json().as_array().unwrap().len(), 1);
+        assert_eq!(r.json()[0]["Node"], "pn1");
+        let r = get(&c, &format!("{base}/v1/catalog/nodes")).await;
+        assert_eq!(r.json().as_array().unwrap().len(), 1);
+        assert_eq!(r.json()[0]["Node"], "n1");
+        let r = get(&c, &format!("{base}/v1/catalog/node/pn1?peer=p1")).await;
+        assert_eq!(r.json()["Node"]["Node"], "pn1");
+        let r = get(&c, &format!("{base}/v1/catalog/node/pn1")).await;
+        assert_eq!(r.json(), Value::Null, "a peer's node is not a local one");
+
+        // /v1/peerings: the docs' sample shape (a CE agent has no Partition field).
+        let r = get(&c, &format!("{base}/v1/peerings")).await;
+        assert_eq!(r.status, 200);
+        let body = r.json();
+        assert_eq!(body[0]["Name"], "p1");
+        assert_eq!(body[0]["State"], "ACTIVE");
+        let keys: BTreeSet<&str> = body[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let sample_keys: BTreeSet<&str> = [
+            "ID",
+            "Name",
+            "State",
+            "PeerID",
+            "PeerServerName",
+            "PeerServerAddresses",
+            "CreateIndex",
+            "ModifyIndex",
+        ]
+        .into();
+        assert_eq!(keys, sample_keys);
+        // The DNS port serves local instances only.
+        let (m, _) = dns_udp(sim.dns_addr(), "web.service.consul.", RecordType::A, None).await;
+        assert_eq!(addresses(&m), vec!["10.0.0.1"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_and_partitions_as_consul_ce_and_enterprise_answer_them() {
+    within(async {
+        use crate::support::consul_sim::SimMesh;
+        let (sim, c, base) = sim_with(|sim| {
+            sim.add_node(node("n1", "10.0.0.1"));
+            sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+        })
+        .await;
+
+        // Consul CE: any ns or partition, even "default", is a 400 with CE's own message, and
+        // the Enterprise lists do not exist.
+        let r = get(&c, &format!("{base}/v1/health/service/web?ns=default")).await;
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.body,
+            "Invalid query parameter: \"ns\" - Namespaces are a Consul Enterprise feature"
+        );
+        let r = get(&c, &format!("{base}/v1/catalog/services?partition=ap1")).await;
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.body,
+            "Invalid query parameter: \"partition\" - Partitions are a Consul Enterprise feature"
+        );
+        for list in ["namespaces", "partitions"] {
+            let r = get(&c, &format!("{base}/v1/{list}")).await;
+            assert_eq!(r.status, 404, "{list}");
+        }
+
+        // Consul Enterprise: the parameters select, the JSON names namespace and partition.
+        sim.set_enterprise(true);
+        sim.add_partition("ap1");
+        sim.add_namespace("default", "ns1");
+        let in_ns1 = SimMesh::in_namespace("ns1");
+        sim.add_service_with(
+            svc("web-ns1", "web", "n1", 81, &[]),
+            in_ns1,
+            Status::Passing,
+        );
+        sim.add_node_in(node("an1", "10.1.0.1"), None, Some("ap1"));
+        sim.add_service(svc("web-ap1", "web", "an1", 82, &[]), Status::Passing);
+        let r = get(&c, &format!("{base}/v1/health/service/web")).await;
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["web-1"]);
+        assert_eq!(body[0]["Service"]["Namespace"], "default");
+        assert_eq!(body[0]["Service"]["Partition"], "default");
+        assert_eq!(body[0]["Node"]["Partition"], "default");
+        let r = get(&c, &format!("{base}/v1/health/service/web?ns=ns1")).await;
+        assert_eq!(ids(&r.json()), vec!["web-ns1"]);
+        assert_eq!(r.json()[0]["Service"]["Namespace"], "ns1");
+        let r = get(&c, &format!("{base}/v1/health/service/web?ns=default")).await;
+        assert_eq!(ids(&r.json()), vec!["web-1"]);
+        let r = get(&c, &format!("{base}/v1/health/service/web?partition=ap1")).await;
+        assert_eq!(ids(&r.json()), vec!["web-ap1"]);
+        assert_eq!(r.json()[0]["Node"]["Partition"], "ap1");
+        let r = get(&c, &format!("{base}/v1/catalog/nodes?partition=ap1")).await;
+        assert_eq!(r.json()[0]["Node"], "an1");
+        // The lists, in the shape of the docs' samples.
+        let r = get(&c, &format!("{base}/v1/partitions")).await;
+        let body = r.json();
+        assert_eq!(field_list(&body, "Name"), vec!["default", "ap1"]);
+        assert_eq!(body[0]["Description"], "Builtin Default Partition");
+        let r = get(&c, &format!("{base}/v1/namespaces")).await;
+        let body = r.json();
+        assert_eq!(field_list(&body, "Name"), vec!["default", "ns1"]);
+        assert_eq!(body[0]["Description"], "Builtin Default Namespace");
+        let r = get(&c, &format!("{base}/v1/namespaces?partition=ap1")).await;
+        assert_eq!(
+            r.json().as_array().unwrap().len(),
+            1,
+            "ap1 has only default"
+        );
     })
     .await;
 }

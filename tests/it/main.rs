@@ -13,6 +13,7 @@ mod consul_compatibility;
 mod consul_consistency;
 mod consul_names;
 mod consul_parity_addrs;
+mod consul_parity_names;
 mod consul_parity_records;
 mod consul_ptr;
 mod faults_and_limits;

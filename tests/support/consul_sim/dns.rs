@@ -17,8 +17,13 @@
 //! `execute` gave (no second shuffle). Tagged addresses choose the address as
 //! Consul does (`lan_ipv6` for AAAA, `lan_ipv4` for A).
 //!
-//! Simplifications: no recursion (hostname addresses give a CNAME only),
-//! `connect`/`ingress`/`virtual` lookups are NXDOMAIN (no mesh), only `dc1` is
+//! `connect` and `ingress` answer the local Connect instances and ingress gateways like a
+//! service (the last label before the kind is the service, a peer label is ignored);
+//! `virtual` the service's virtual IP as one A record, NOERROR without records when it has
+//! none; `_q._tcp.query` is the prepared query `q`.
+//!
+//! Simplifications: no recursion (hostname addresses give a CNAME only), no cluster peers,
+//! namespaces or partitions (`.peer`, `.ns`, `.ap` are NXDOMAIN), only `dc1` is
 //! answered (no WAN translation). Consul's default `udp_answer_limit` (3) is off
 //! unless enabled with `ConsulSim::set_dns_udp_answer_limit`.
 
@@ -37,7 +42,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::http::parse_go_duration;
-use super::state::{dc_of, node_addresses, Instance, State};
+use super::state::{dc_of, node_addresses, Instance, Scope, State};
 use super::{Inner, Status, DATACENTER};
 
 const DOMAIN: &str = "consul.";
@@ -297,8 +302,41 @@ fn lookup(st: &State, qname: &Name, labels: &[String], qtype: RecordType) -> Loo
             insts.shuffle(&mut rand::rng());
             service_records(qname, insts, qtype, 0)
         }
+        "connect" | "ingress" => {
+            let service = &parts[parts.len() - 1];
+            let local = Scope::default();
+            let mut insts: Vec<Instance<'_>> = st
+                .health_instances(kind, DATACENTER, service, &local)
+                .into_iter()
+                .filter(|i| i.worst() != Status::Critical)
+                .collect();
+            if insts.is_empty() {
+                return Lookup::NxDomain;
+            }
+            insts.shuffle(&mut rand::rng());
+            service_records(qname, insts, qtype, 0)
+        }
+        // Consul appends the A record whatever the question's type.
+        "virtual" => match st
+            .virtual_ips
+            .get(&(String::new(), parts[parts.len() - 1].clone()))
+        {
+            Some(vip) => {
+                let ip: IpAddr = vip.parse().expect("the simulator's virtual IPs are IPv4");
+                Lookup::Found(vec![ip_record(qname, ip, 0)], Vec::new())
+            }
+            None => Lookup::Extra(Vec::new()),
+        },
         "query" => {
-            let Some(q) = st.find_query(&parts.join(".")) else {
+            // `_geo._tcp.query`: the first and last labels start with `_`, the last one (the
+            // protocol) is dropped and so is the first underscore.
+            let name = match parts {
+                [first, .., last] if first.starts_with('_') && last.starts_with('_') => {
+                    parts[..parts.len() - 1].join(".")[1..].to_owned()
+                }
+                _ => parts.join("."),
+            };
+            let Some(q) = st.find_query(&name) else {
                 return Lookup::NxDomain;
             };
             let ttl = q

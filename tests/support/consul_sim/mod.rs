@@ -165,6 +165,79 @@ pub struct SimQuery {
     pub near: String,
 }
 
+/// An instance's role in the service mesh (Consul's `Kind`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SimKind {
+    /// A plain service (`Kind: ""`).
+    #[default]
+    Typical,
+    /// A sidecar proxy (`Kind: "connect-proxy"`) for `destination`
+    /// (`Proxy.DestinationServiceName`).
+    ConnectProxy { destination: String },
+    /// An ingress gateway (`Kind: "ingress-gateway"`) routing to `services`. In Consul that
+    /// list is the gateway's `ingress-gateway` config entry; the simulator keeps it on the
+    /// registration.
+    IngressGateway { services: Vec<String> },
+}
+
+/// What [`ConsulSim::add_service_with`] adds to a registration: its mesh role, whether it is
+/// Connect-native (`Connect.Native`), and its Enterprise namespace (`None`: `default`). Peer
+/// and partition belong to the node ([`ConsulSim::add_node_in`]).
+#[derive(Clone, Debug, Default)]
+pub struct SimMesh {
+    pub kind: SimKind,
+    pub connect_native: bool,
+    pub namespace: Option<String>,
+}
+
+impl SimMesh {
+    /// A sidecar proxy for `destination`.
+    pub fn sidecar(destination: &str) -> SimMesh {
+        SimMesh {
+            kind: SimKind::ConnectProxy {
+                destination: destination.into(),
+            },
+            ..SimMesh::default()
+        }
+    }
+
+    /// A Connect-native service.
+    pub fn native() -> SimMesh {
+        SimMesh {
+            connect_native: true,
+            ..SimMesh::default()
+        }
+    }
+
+    /// An ingress gateway routing to `services`.
+    pub fn ingress(services: &[&str]) -> SimMesh {
+        SimMesh {
+            kind: SimKind::IngressGateway {
+                services: services.iter().map(|s| s.to_string()).collect(),
+            },
+            ..SimMesh::default()
+        }
+    }
+
+    /// A plain service in Enterprise namespace `ns`.
+    pub fn in_namespace(ns: &str) -> SimMesh {
+        SimMesh {
+            namespace: Some(ns.into()),
+            ..SimMesh::default()
+        }
+    }
+
+    /// The service whose Connect instances this one is: a proxy's destination, or its own
+    /// service when Connect-native.
+    pub fn connect_destination<'a>(&'a self, service: &'a str) -> Option<&'a str> {
+        match &self.kind {
+            SimKind::ConnectProxy { destination } => Some(destination),
+            _ if self.connect_native => Some(service),
+            _ => None,
+        }
+    }
+}
+
 /// A health check status. Consul also knows `maintenance`, which it reports as
 /// `critical` on the wire, so three values cover everything a client can see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -466,6 +539,53 @@ impl ConsulSim {
     /// would hide test mistakes.
     pub fn add_service(&self, svc: SimService, status: Status) {
         self.inner.mutate(|st| st.add_service(svc, status));
+    }
+
+    /// A node imported from cluster peer `peer` and/or in admin partition `partition`
+    /// (Enterprise); its instances are listed only for those `peer`/`partition` parameters.
+    pub fn add_node_in(&self, node: SimNode, peer: Option<&str>, partition: Option<&str>) {
+        self.inner
+            .mutate(|st| st.add_node_in(node, peer, partition));
+    }
+
+    /// [`ConsulSim::add_service`] with a mesh role and namespace (see [`SimMesh`]). A
+    /// Connect-capable instance carries its service's virtual IP in
+    /// `TaggedAddresses["consul-virtual"]` (from 240.0.0.1 on, one per service).
+    pub fn add_service_with(&self, svc: SimService, mesh: SimMesh, status: Status) {
+        self.inner
+            .mutate(|st| st.add_service_with(svc, mesh, status));
+    }
+
+    /// A cluster peering named `name` (listed by `/v1/peerings`).
+    pub fn add_peering(&self, name: &str) {
+        self.inner.mutate(|st| {
+            st.bump();
+            st.peerings.insert(name.to_owned());
+        });
+    }
+
+    /// Answer as Consul Enterprise (on) or CE (off, the default): CE refuses `ns` and
+    /// `partition` parameters with 400 and has no `/v1/namespaces` or `/v1/partitions` (404);
+    /// Enterprise filters by them and adds `Namespace`/`Partition` to its JSON.
+    pub fn set_enterprise(&self, on: bool) {
+        self.inner.mutate(|st| st.enterprise = on);
+    }
+
+    /// An Enterprise admin partition besides `default`.
+    pub fn add_partition(&self, name: &str) {
+        self.inner.mutate(|st| {
+            st.bump();
+            st.partitions.insert(name.to_owned());
+        });
+    }
+
+    /// An Enterprise namespace of `partition` besides `default`.
+    pub fn add_namespace(&self, partition: &str, name: &str) {
+        self.inner.mutate(|st| {
+            st.bump();
+            st.namespaces
+                .insert((partition.to_owned(), name.to_owned()));
+        });
     }
 
     /// Deregisters an instance (and its checks). Unknown IDs are ignored.

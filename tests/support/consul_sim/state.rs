@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value};
 
-use super::{SimNode, SimQuery, SimService, Status, AGENT_NODE, DATACENTER};
+use super::{SimKind, SimMesh, SimNode, SimQuery, SimService, Status, AGENT_NODE, DATACENTER};
 
 pub(super) struct CheckRec {
     pub name: String,
@@ -28,6 +28,10 @@ pub(super) struct CheckRec {
 
 pub(super) struct NodeRec {
     pub node: SimNode,
+    /// The cluster peer the node was imported from, and its admin partition (`None`: the
+    /// default one): a node belongs to one of each, its instances with it.
+    pub peer: Option<String>,
+    pub partition: Option<String>,
     pub id: String,
     pub create: u64,
     pub modify: u64,
@@ -48,6 +52,8 @@ impl NodeRec {
         NodeRec {
             id: uuid_from(&node.name),
             node,
+            peer: None,
+            partition: None,
             create: idx,
             modify: idx,
             checks: BTreeMap::from([("serfHealth".to_string(), serf)]),
@@ -57,6 +63,8 @@ impl NodeRec {
 
 pub(super) struct SvcRec {
     pub svc: SimService,
+    /// Connect role and namespace (`SimMesh::default()`: a plain service in `default`).
+    pub mesh: SimMesh,
     pub create: u64,
     pub modify: u64,
     pub checks: BTreeMap<String, CheckRec>,
@@ -98,6 +106,53 @@ pub(super) struct State {
     /// listed here are sorted by `Near`; the others have no coordinate, as a node whose agent
     /// has not sent one yet.
     pub coordinates: HashMap<String, f64>,
+    /// Cluster peerings (`/v1/peerings`), by name.
+    pub peerings: BTreeSet<String>,
+    /// Consul Enterprise: admin partitions and (partition, namespace) pairs beyond the
+    /// built-in `default` ones. Consul CE has neither (`enterprise` off).
+    pub enterprise: bool,
+    pub partitions: BTreeSet<String>,
+    pub namespaces: BTreeSet<(String, String)>,
+    /// Virtual IPs by (peer, service), given out from 240.0.0.1 on in registration order of
+    /// the service's first Connect instance, as Consul's state store does. Kept after the
+    /// instances go (Consul frees them only with the last one; tests do not need that).
+    pub virtual_ips: BTreeMap<(String, String), String>,
+}
+
+/// Which instances a request selects: its `peer`, `ns` and `partition` parameters (empty
+/// or absent: local, `default`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Scope {
+    pub peer: String,
+    pub ns: String,
+    pub partition: String,
+}
+
+impl Scope {
+    fn norm(s: &Option<String>) -> &str {
+        match s.as_deref() {
+            None | Some("") | Some("default") => "default",
+            Some(other) => other,
+        }
+    }
+
+    fn of_default(s: &str) -> &str {
+        if s.is_empty() {
+            "default"
+        } else {
+            s
+        }
+    }
+
+    /// Does a node of `peer`/`partition` belong to this scope?
+    pub fn has_node(&self, n: &NodeRec) -> bool {
+        n.peer.as_deref().unwrap_or("") == self.peer
+            && Self::norm(&n.partition) == Self::of_default(&self.partition)
+    }
+
+    pub fn has(&self, i: &Instance<'_>) -> bool {
+        self.has_node(i.node) && Self::norm(&i.svc.mesh.namespace) == Self::of_default(&self.ns)
+    }
 }
 
 /// A service instance joined with its node, what health endpoints and DNS work on.
@@ -219,6 +274,11 @@ impl State {
             service_index: HashMap::new(),
             queries: Vec::new(),
             coordinates: HashMap::new(),
+            peerings: BTreeSet::new(),
+            enterprise: false,
+            partitions: BTreeSet::new(),
+            namespaces: BTreeSet::new(),
+            virtual_ips: BTreeMap::new(),
         }
     }
 
@@ -254,7 +314,14 @@ impl State {
     }
 
     pub fn add_node(&mut self, node: SimNode) {
-        if self.nodes.get(&node.name).is_some_and(|n| n.node == node) {
+        self.add_node_in(node, None, None);
+    }
+
+    /// [`State::add_node`] for a node of cluster peer `peer` and partition `partition`.
+    pub fn add_node_in(&mut self, node: SimNode, peer: Option<&str>, partition: Option<&str>) {
+        let (peer, partition) = (peer.map(str::to_owned), partition.map(str::to_owned));
+        let same = |n: &NodeRec| n.node == node && n.peer == peer && n.partition == partition;
+        if self.nodes.get(&node.name).is_some_and(same) {
             return;
         }
         let idx = self.bump();
@@ -270,6 +337,10 @@ impl State {
                 self.nodes
                     .insert(name.clone(), NodeRec::registered(node, idx));
             }
+        }
+        if let Some(rec) = self.nodes.get_mut(&name) {
+            rec.peer = peer;
+            rec.partition = partition;
         }
         self.touch_services_on_node(&name, idx);
     }
@@ -318,6 +389,12 @@ impl State {
     }
 
     pub fn add_service(&mut self, svc: SimService, status: Status) {
+        self.add_service_with(svc, SimMesh::default(), status);
+    }
+
+    /// [`State::add_service`] with a Connect role and namespace. A Connect-capable instance
+    /// (a sidecar proxy, or Connect-native) gets its service's virtual IP, as in Consul.
+    pub fn add_service_with(&mut self, svc: SimService, mesh: SimMesh, status: Status) {
         assert!(
             self.nodes.contains_key(&svc.node),
             "consul_sim: add_service({}): node {:?} not added (call add_node first)",
@@ -327,12 +404,20 @@ impl State {
         let idx = self.bump();
         self.services_index = idx;
         self.checks_index = idx;
-        self.put_service(svc, status, idx);
+        if let Some(destination) = mesh.connect_destination(&svc.service) {
+            let peer = self.nodes[&svc.node].peer.clone().unwrap_or_default();
+            let key = (peer, destination.to_ascii_lowercase());
+            let next = self.virtual_ips.len() + 1;
+            self.virtual_ips
+                .entry(key)
+                .or_insert_with(|| format!("240.0.{}.{}", next / 256, next % 256));
+        }
+        self.put_service(svc, mesh, status, idx);
     }
 
     /// Registers `svc` (replacing an instance with its ID, whose create indexes it keeps, as
     /// Consul does) with one service check in `status`, at index `idx`.
-    fn put_service(&mut self, svc: SimService, status: Status, idx: u64) {
+    fn put_service(&mut self, svc: SimService, mesh: SimMesh, status: Status, idx: u64) {
         let check_id = format!("service:{}", svc.id);
         let old = self.services.remove(&svc.id);
         if let Some(o) = &old {
@@ -366,6 +451,7 @@ impl State {
             svc.id.clone(),
             SvcRec {
                 svc,
+                mesh,
                 create,
                 modify: idx,
                 checks,
@@ -483,6 +569,7 @@ impl State {
             key,
             SvcRec {
                 svc,
+                mesh: SimMesh::default(),
                 create: idx,
                 modify: idx,
                 checks: BTreeMap::new(),
@@ -577,7 +664,7 @@ impl State {
                 svc.id,
                 svc.node
             );
-            self.put_service(svc, status, idx);
+            self.put_service(svc, SimMesh::default(), status, idx);
         }
         for n in changed_nodes {
             self.touch_services_on_node(&n, idx);
@@ -641,11 +728,51 @@ impl State {
         v
     }
 
+    /// What `/v1/health/<kind>/<name>` returns in `dc` and `scope`, sorted by node then ID:
+    /// the service's instances (`service`); its Connect-capable ones, the sidecar proxies whose
+    /// destination it is and its own instances when Connect-native (`connect`); the ingress
+    /// gateways that route to it (`ingress`).
+    pub fn health_instances(
+        &self,
+        kind: &str,
+        dc: &str,
+        name: &str,
+        scope: &Scope,
+    ) -> Vec<Instance<'_>> {
+        let mut v: Vec<Instance<'_>> = match kind {
+            "service" => self.instances(dc, name),
+            _ => self
+                .services
+                .values()
+                .filter(|s| match kind {
+                    "connect" => s
+                        .mesh
+                        .connect_destination(&s.svc.service)
+                        .is_some_and(|d| d.eq_ignore_ascii_case(name)),
+                    _ => matches!(&s.mesh.kind, SimKind::IngressGateway { services }
+                        if services.iter().any(|x| x.eq_ignore_ascii_case(name))),
+                })
+                .filter_map(|s| {
+                    let node = self.nodes.get(&s.svc.node)?;
+                    (dc_of(&node.node) == dc).then_some(Instance { svc: s, node })
+                })
+                .collect(),
+        };
+        v.retain(|i| scope.has(i));
+        v.sort_by(|a, b| {
+            (&a.node.node.name, &a.svc.svc.id).cmp(&(&b.node.node.name, &b.svc.svc.id))
+        });
+        v
+    }
+
     /// Instances with the given tag (case-insensitive) and without a critical
     /// check: what DNS and prepared queries (default `OnlyPassing=false`) serve.
+    /// Local ones only (no peer, default namespace and partition).
     pub fn healthy_instances(&self, dc: &str, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
+        let local = Scope::default();
         self.instances(dc, name)
             .into_iter()
+            .filter(|i| local.has(i))
             .filter(|i| i.worst() != Status::Critical)
             .filter(|i| tag.is_none_or(|t| has_tag(&i.svc.svc, t)))
             .collect()
@@ -666,7 +793,7 @@ impl State {
         for (key, addr) in &n.node.tagged_addresses {
             tagged.insert(key.clone(), json!(addr));
         }
-        json!({
+        let mut v = json!({
             "ID": n.id,
             "Node": n.node.name,
             "Address": n.node.address,
@@ -675,12 +802,70 @@ impl State {
             "Meta": meta_json(&n.node.meta),
             "CreateIndex": n.create,
             "ModifyIndex": n.modify,
-        })
+        });
+        // Both `omitempty` in Consul; `Partition` exists in Enterprise builds only.
+        if let Some(peer) = &n.peer {
+            v["PeerName"] = json!(peer);
+        }
+        if self.enterprise {
+            v["Partition"] = json!(Scope::norm(&n.partition));
+        }
+        v
+    }
+
+    /// The tenancy and Connect fields of an instance, as Consul's `NodeService` shows them:
+    /// `Kind` and `Proxy` for a sidecar (`omitempty`), `Connect.Native`, the virtual IP
+    /// under `TaggedAddresses["consul-virtual"]`, `PeerName`, and in Enterprise builds
+    /// `Namespace` and `Partition`.
+    fn mesh_json(&self, s: &SvcRec, m: &mut Map<String, Value>) {
+        let node = self.nodes.get(&s.svc.node);
+        let peer = node.and_then(|n| n.peer.clone());
+        match &s.mesh.kind {
+            SimKind::Typical => {}
+            SimKind::ConnectProxy { destination } => {
+                m.insert("Kind".into(), json!("connect-proxy"));
+                m.insert(
+                    "Proxy".into(),
+                    json!({
+                        "DestinationServiceName": destination,
+                        "DestinationServiceID": "",
+                        "LocalServiceAddress": "",
+                        "LocalServicePort": 0,
+                        "Mode": "",
+                        "Upstreams": null,
+                    }),
+                );
+            }
+            SimKind::IngressGateway { .. } => {
+                m.insert("Kind".into(), json!("ingress-gateway"));
+            }
+        }
+        if s.mesh.connect_native {
+            m.insert("Connect".into(), json!({ "Native": true }));
+        }
+        if let Some(destination) = s.mesh.connect_destination(&s.svc.service) {
+            let key = (
+                peer.clone().unwrap_or_default(),
+                destination.to_ascii_lowercase(),
+            );
+            if let Some(vip) = self.virtual_ips.get(&key) {
+                let tagged = m.entry("TaggedAddresses").or_insert_with(|| json!({}));
+                tagged["consul-virtual"] = json!({ "Address": vip, "Port": s.svc.port });
+            }
+        }
+        if let Some(peer) = peer {
+            m.insert("PeerName".into(), json!(peer));
+        }
+        if self.enterprise {
+            m.insert("Namespace".into(), json!(Scope::norm(&s.mesh.namespace)));
+            let partition = node.and_then(|n| n.partition.clone());
+            m.insert("Partition".into(), json!(Scope::norm(&partition)));
+        }
     }
 
     /// `null_tags`: the prepared-query and catalog-node samples show `null` for
     /// an instance without tags; the health endpoint replaces it with `[]`.
-    fn service_json(s: &SvcRec, null_tags: bool, with_weights: bool) -> Value {
+    fn service_json(&self, s: &SvcRec, null_tags: bool, with_weights: bool) -> Value {
         let svc = &s.svc;
         let tags = if svc.tags.is_empty() && null_tags {
             Value::Null
@@ -715,6 +900,7 @@ impl State {
                 json!({ "Passing": svc.weights.0, "Warning": svc.weights.1 }),
             );
         }
+        self.mesh_json(s, &mut m);
         m.insert("CreateIndex".into(), json!(s.create));
         m.insert("ModifyIndex".into(), json!(s.modify));
         Value::Object(m)
@@ -745,11 +931,19 @@ impl State {
     /// Body of `/v1/health/state/<state>`: every check (node and service) whose
     /// status is `state` (`None` = `any`), ordered by node then check ID like
     /// Consul's checks table.
+    /// Local checks only (no peer's, default namespace and partition), like Consul without
+    /// `peer`/`ns`/`partition`.
     pub fn health_state_json(&self, dc: &str, state: Option<Status>) -> Value {
         let wanted = |c: &CheckRec| state.is_none_or(|s| c.status == s);
-        let in_dc = |node: &str| self.nodes.get(node).is_some_and(|n| dc_of(&n.node) == dc);
+        let local = Scope::default();
+        let in_dc = |s: &SvcRec| {
+            self.nodes.get(&s.svc.node).is_some_and(|node| {
+                dc_of(&node.node) == dc && local.has(&Instance { svc: s, node })
+            })
+        };
         let mut rows: Vec<(&str, &str, Value)> = Vec::new();
-        for n in self.nodes.values().filter(|n| dc_of(&n.node) == dc) {
+        let local_nodes = self.nodes.values().filter(|n| local.has_node(n));
+        for n in local_nodes.filter(|n| dc_of(&n.node) == dc) {
             for (id, c) in n.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &n.node.name,
@@ -758,7 +952,7 @@ impl State {
                 ));
             }
         }
-        for s in self.services.values().filter(|s| in_dc(&s.svc.node)) {
+        for s in self.services.values().filter(|s| in_dc(s)) {
             for (id, c) in s.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &s.svc.node,
@@ -781,16 +975,24 @@ impl State {
             .collect();
         json!({
             "Node": self.node_json(inst.node),
-            "Service": Self::service_json(inst.svc, null_tags, true),
+            "Service": self.service_json(inst.svc, null_tags, true),
             "Checks": checks,
         })
     }
 
-    /// Body of `/v1/health/service/<name>`: `passing` drops any entry with a
-    /// non-passing check (Consul's `filterNonPassing`), `tags` must all match.
-    pub fn health_json(&self, dc: &str, name: &str, passing: bool, tags: &[String]) -> Value {
+    /// Body of `/v1/health/<kind>/<name>` in `dc` and `scope` (see
+    /// [`State::health_instances`]): `passing` drops any entry with a non-passing check
+    /// (Consul's `filterNonPassing`), `tags` must all match.
+    pub fn health_json(
+        &self,
+        kind: &str,
+        (dc, scope): (&str, &Scope),
+        name: &str,
+        passing: bool,
+        tags: &[String],
+    ) -> Value {
         Value::Array(
-            self.instances(dc, name)
+            self.health_instances(kind, dc, name, scope)
                 .iter()
                 .filter(|i| !passing || i.worst() == Status::Passing)
                 .filter(|i| tags.iter().all(|t| has_tag(&i.svc.svc, t)))
@@ -829,32 +1031,100 @@ impl State {
     }
 
     /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
-    pub fn catalog_node_json(&self, dc: &str, node: &str) -> Value {
-        let Some(n) = self
-            .nodes
-            .values()
-            .find(|n| n.node.name.eq_ignore_ascii_case(node) && dc_of(&n.node) == dc)
-        else {
+    pub fn catalog_node_json(&self, dc: &str, scope: &Scope, node: &str) -> Value {
+        let Some(n) = self.nodes.values().find(|n| {
+            n.node.name.eq_ignore_ascii_case(node) && dc_of(&n.node) == dc && scope.has_node(n)
+        }) else {
             return Value::Null;
         };
         let services: Map<String, Value> = self
             .services
             .values()
             .filter(|s| s.svc.node == n.node.name)
-            .map(|s| (s.svc.id.clone(), Self::service_json(s, true, true)))
+            .filter(|s| scope.has(&Instance { svc: s, node: n }))
+            .map(|s| (s.svc.id.clone(), self.service_json(s, true, true)))
             .collect();
         json!({ "Node": self.node_json(n), "Services": services })
     }
 
     /// Body of `/v1/catalog/nodes`: every node, sorted by name (as Consul's memdb index).
-    pub fn catalog_nodes_json(&self, dc: &str) -> Value {
+    pub fn catalog_nodes_json(&self, dc: &str, scope: &Scope) -> Value {
         Value::Array(
             self.nodes
                 .values()
-                .filter(|n| dc_of(&n.node) == dc)
+                .filter(|n| dc_of(&n.node) == dc && scope.has_node(n))
                 .map(|n| self.node_json(n))
                 .collect(),
         )
+    }
+
+    /// Body of `/v1/peerings`, in the shape of Consul's docs (1.13+); `Partition` in
+    /// Enterprise builds only. Every peering is `ACTIVE` here.
+    pub fn peerings_json(&self) -> Value {
+        Value::Array(
+            self.peerings
+                .iter()
+                .map(|name| {
+                    let mut v = json!({
+                        "ID": uuid_from(&format!("peering/{name}")),
+                        "Name": name,
+                        "State": "ACTIVE",
+                        "PeerID": uuid_from(&format!("peer/{name}")),
+                        "PeerServerName": "server.dc1.consul",
+                        "PeerServerAddresses": ["10.0.0.1:8300"],
+                        "CreateIndex": 1,
+                        "ModifyIndex": 1,
+                    });
+                    if self.enterprise {
+                        v["Partition"] = json!("default");
+                    }
+                    v
+                })
+                .collect(),
+        )
+    }
+
+    /// Body of `/v1/partitions` (Enterprise): `default` and those added.
+    pub fn partitions_json(&self) -> Value {
+        let mut v = vec![json!({
+            "Name": "default",
+            "Description": "Builtin Default Partition",
+            "CreateIndex": 1,
+            "ModifyIndex": 1,
+        })];
+        v.extend(
+            self.partitions.iter().map(
+                |p| json!({ "Name": p, "Description": "", "CreateIndex": 1, "ModifyIndex": 1 }),
+            ),
+        );
+        Value::Array(v)
+    }
+
+    /// Body of `/v1/namespaces?partition=<partition>` (Enterprise): `default` and those added
+    /// to that partition.
+    pub fn namespaces_json(&self, partition: &str) -> Value {
+        let mut v = vec![json!({
+            "Name": "default",
+            "Description": "Builtin Default Namespace",
+            "Partition": partition,
+            "CreateIndex": 1,
+            "ModifyIndex": 1,
+        })];
+        v.extend(
+            self.namespaces
+                .iter()
+                .filter(|(p, _)| p == partition)
+                .map(|(p, ns)| {
+                    json!({
+                        "Name": ns,
+                        "Description": "",
+                        "Partition": p,
+                        "CreateIndex": 1,
+                        "ModifyIndex": 1,
+                    })
+                }),
+        );
+        Value::Array(v)
     }
 
     /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`. Every
@@ -895,10 +1165,14 @@ impl State {
     }
 
     /// Body of `/v1/catalog/services`: service name -> its distinct tags.
-    pub fn catalog_services_json(&self, dc: &str) -> Value {
+    pub fn catalog_services_json(&self, dc: &str, scope: &Scope) -> Value {
         let mut map: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        let in_dc = |node: &str| self.nodes.get(node).is_some_and(|n| dc_of(&n.node) == dc);
-        for s in self.services.values().filter(|s| in_dc(&s.svc.node)) {
+        let in_scope = |s: &SvcRec| {
+            self.nodes.get(&s.svc.node).is_some_and(|node| {
+                dc_of(&node.node) == dc && scope.has(&Instance { svc: s, node })
+            })
+        };
+        for s in self.services.values().filter(|s| in_scope(s)) {
             map.entry(&s.svc.service)
                 .or_default()
                 .extend(s.svc.tags.iter().map(String::as_str));

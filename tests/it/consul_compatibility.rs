@@ -130,6 +130,13 @@ async fn fixture() -> ConsulSim {
     sim.add_service(SimService::new("db-1", "db", "n1", 8080), Status::Critical);
     sim.add_prepared_query("geo", "web", Some("v2"), Some("10s"));
     sim.add_server("srv-1", "127.0.0.10");
+    // A dual-stack node: its IPv6 address is a tagged one, as an agent with
+    // `advertise_addr_ipv6` registers it.
+    let mut dual = SimNode::new("n4", "127.0.0.5");
+    dual.tagged_addresses
+        .insert("lan_ipv6".to_owned(), "::5".to_owned());
+    sim.add_node(dual);
+    sim.add_service(SimService::new("ds-1", "ds", "n4", 8080), Status::Passing);
     sim
 }
 

@@ -33,8 +33,12 @@ pub(crate) const LIMIT_LABELS: [&str; 5] = [
     "on_demand",
     "unverified_lookups",
     "service_series",
-    crate::consul::ptr::PTR_LIMIT_LABEL,
+    PTR_LIMIT_LABEL,
 ];
+
+/// The `limit_drops_total` label of the PTR address bound (kept here with the others, so that
+/// metrics depends on no answer source).
+pub(crate) const PTR_LIMIT_LABEL: &str = "ptr_addresses";
 
 /// Request latency buckets: from 50 µs (a cache hit) to several seconds (an upstream timeout).
 const DURATION_BUCKETS: &[f64] = &[

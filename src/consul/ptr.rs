@@ -24,17 +24,15 @@ use super::catalog::ServiceView;
 use super::views::{ViewState, WatchMap};
 use crate::answer::{Answer, Question};
 use crate::lock::lock;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PTR_LIMIT_LABEL};
 
 /// Bound on the addresses one index holds (nodes, and services, each): 24 B of heap per address
 /// plus its name (34 B per node named `node-00001`, `benches/ptr_memory.rs`), so a few MiB each
-/// at the bound, ten times the 10,000-node catalog the forwarder is measured at. Beyond it the highest addresses are left out (their
-/// PTR questions are forwarded), counted once per index built in
+/// at the bound, ten times the 10,000-node catalog the forwarder is measured at. Beyond it the
+/// highest addresses are left out (their PTR questions are forwarded), counted once per index
+/// built in
 /// `limit_drops_total{limit="ptr_addresses"}`.
 pub const MAX_PTR_ADDRESSES: usize = 100_000;
-
-/// The `limit_drops_total` label of [`MAX_PTR_ADDRESSES`].
-pub(crate) const PTR_LIMIT_LABEL: &str = "ptr_addresses";
 
 /// How old the service-address index may be before a PTR question rebuilds it from the views:
 /// a service address registered (or gone) since is answered (or forwarded) after at most this

@@ -163,6 +163,7 @@ impl FileUpstream {
                 .unwrap_or_else(|| PathBuf::from(RESOLV_CONF)),
             max_inflight,
             randomize_case: self.randomize_case.unwrap_or(DEFAULT_RANDOMIZE_CASE),
+            trust_ad: self.trust_ad,
         }
     }
 }
@@ -195,6 +196,8 @@ impl FileCache {
             max_ttl: duration_or(self.max_ttl, DEFAULT_MAX_TTL),
             negative_ttl: duration_or(self.negative_ttl, DEFAULT_NEGATIVE_TTL),
             stale_for: duration_or(self.stale_for, DEFAULT_STALE_FOR),
+            failure_ttl: duration_or(self.failure_ttl, DEFAULT_FAILURE_TTL),
+            failure_ttl_max: duration_or(self.failure_ttl_max, DEFAULT_FAILURE_TTL_MAX),
         };
         if cache.max_entries == 0 || cache.max_bytes < MIN_CACHE_BYTES {
             errors.invalid(
@@ -221,7 +224,35 @@ impl FileCache {
         if cache.max_ttl > MAX_DNS_TTL {
             errors.invalid("cache", "max_ttl", ttl_range());
         }
+        check_failure_ttls(&cache, errors);
         cache
+    }
+}
+
+/// RFC 9520 §3.2: failures are cached for at least 1 second and should not be for longer than
+/// 5 minutes; the cap must not be below the first period.
+fn check_failure_ttls(cache: &CacheConfig, errors: &mut Errors) {
+    let range = MIN_FAILURE_TTL..=MAX_FAILURE_TTL;
+    let bounds = format!(
+        "must be between {} and {} (RFC 9520)",
+        format_duration(MIN_FAILURE_TTL),
+        format_duration(MAX_FAILURE_TTL)
+    );
+    if !range.contains(&cache.failure_ttl) {
+        errors.invalid("cache", "failure_ttl", bounds.clone());
+    }
+    if !range.contains(&cache.failure_ttl_max) {
+        errors.invalid("cache", "failure_ttl_max", bounds);
+    } else if cache.failure_ttl_max < cache.failure_ttl {
+        errors.invalid(
+            "cache",
+            "failure_ttl_max",
+            format!(
+                "{} is below cache.failure_ttl ({}): the cap must not be below the first period",
+                format_duration(cache.failure_ttl_max),
+                format_duration(cache.failure_ttl)
+            ),
+        );
     }
 }
 
@@ -583,6 +614,7 @@ mod tests {
         assert_eq!(upstream.resolv_conf, PathBuf::from("/etc/resolv.conf"));
         assert_eq!(upstream.max_inflight, 1024);
         assert!(!upstream.randomize_case);
+        assert_eq!(upstream.trust_ad, None, "decided from the servers");
 
         for timeout in [millis(9), secs(31)] {
             let (_, problems) = run(|e| {
@@ -684,6 +716,51 @@ mod tests {
             keys(|e| file.validate(e)),
             ["cache.max_entries", "cache.max_ttl"]
         );
+    }
+
+    #[test]
+    fn failure_ttls_follow_rfc_9520() {
+        let (cache, problems) = run(|e| FileCache::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            [cache.failure_ttl, cache.failure_ttl_max],
+            [5, 30].map(Duration::from_secs)
+        );
+        let (_, problems) = run(|e| {
+            FileCache {
+                failure_ttl: millis(500),
+                failure_ttl_max: secs(301),
+                ..FileCache::default()
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: cache.failure_ttl: must be between 1s and 5m (RFC 9520)",
+                "f.toml:1: cache.failure_ttl_max: must be between 1s and 5m (RFC 9520)",
+            ]
+        );
+        let (_, problems) = run(|e| {
+            FileCache {
+                failure_ttl: secs(20),
+                failure_ttl_max: secs(10),
+                ..FileCache::default()
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            ["f.toml:1: cache.failure_ttl_max: 10s is below cache.failure_ttl (20s): the cap must not be below the first period"]
+        );
+        for (first, cap) in [(1, 1), (300, 300)] {
+            let file = FileCache {
+                failure_ttl: secs(first),
+                failure_ttl_max: secs(cap),
+                ..FileCache::default()
+            };
+            assert!(keys(|e| file.validate(e)).is_empty());
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
-use crate::answer::{Answer, AnswerSource, Question, Source};
+use crate::answer::{Answer, AnswerSource, Dnssec, Question, Source};
 use crate::header;
 use crate::metrics::{rcode_label, Metrics};
 use crate::ratelimit::RateLimiter;
@@ -145,10 +145,16 @@ impl Handler {
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
             out.clear();
             let opt = query.edns_payload.is_some();
-            raw::write_header(out, &query, false, ResponseCode::NoError.low(), [0, 0, 0]);
+            raw::write_header(
+                out,
+                &query,
+                (false, false),
+                ResponseCode::NoError.low(),
+                [0; 3],
+            );
             out.extend_from_slice(query.question);
             if opt {
-                raw::write_opt(out);
+                raw::write_opt(out, &query);
                 raw::add_additional(out);
             }
             header::set_flags(out, header::TC);
@@ -167,6 +173,7 @@ impl Handler {
             // The token is spent: `handle_miss` must not take another for the same query.
             return Cached::Miss(RateCharge::Taken);
         }
+        self.metrics.cache_hit();
         let flags = header::flags(out).unwrap_or(0);
         if flags & header::TC != 0 {
             // Cut to fit (a large shuffled answer); nothing else sets TC on this path.
@@ -273,11 +280,22 @@ impl Handler {
         self.metrics
             .count_request(transport, q.qtype, consul.is_some());
         let limit = reply::reply_limit(&request, transport);
-        let (answer, source) = match consul {
-            Some(route) => route.source.answer(&q, limit).await,
-            None => routes.forwarder.answer(&q, limit).await,
-        };
-        let (bytes, truncated) = reply::encode_reply(&request, &answer, limit);
+        let answering = consul.map_or(&routes.forwarder, |route| &route.source);
+        let answered = answering
+            .answer_dnssec(&q, limit, Dnssec::of(&request))
+            .await;
+        let (answer, source) = (answered.answer, answered.source);
+        let (mut bytes, mut truncated) = reply::encode_reply(&request, &answer, limit);
+        if truncated && transport == Transport::Tcp {
+            // An answer hickory cannot encode again within 64 KiB (it compresses at most 120
+            // names) is cached as the upstream sent it: served whole from those bytes.
+            if let Some(whole) = whole_from_cache(answering.as_ref(), packet, limit) {
+                (bytes, truncated) = (whole, false);
+            }
+        }
+        if answered.authentic_data {
+            header::set_flags(&mut bytes, header::AD);
+        }
         if truncated {
             self.metrics
                 .truncated
@@ -325,6 +343,18 @@ impl Handler {
             None => reply::header_only_reply(header, rcode),
         }
     }
+}
+
+/// The reply to `packet` written from `source`'s cached bytes, if it is a plain query it has
+/// them for.
+fn whole_from_cache(source: &dyn AnswerSource, packet: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let query = raw::parse_plain_query(packet)?;
+    let mut key_buf = [0u8; raw::MAX_QUESTION_WIRE];
+    let key = raw::question_key(query.question, &mut key_buf);
+    let mut out = Vec::new();
+    source
+        .reply_from_cache(&query, key, limit, Instant::now(), &mut out)
+        .then_some(out)
 }
 
 /// The error rcode a request that parsed (`None`: it did not) must get before any source is

@@ -12,6 +12,7 @@ mod support;
 mod consul_compatibility;
 mod consul_consistency;
 mod consul_names;
+mod failure_cache;
 mod faults_and_limits;
 mod forwarding;
 mod operations;
@@ -20,6 +21,7 @@ mod untrusted_names;
 // The real binary, and real clients (dig, glibc, nginx) against it.
 mod cli_and_config_files;
 mod e2e_dig_consul_names;
+mod e2e_dnssec;
 mod e2e_glibc;
 mod e2e_nginx;
 mod shipped_examples;

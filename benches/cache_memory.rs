@@ -19,22 +19,15 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 use consul_dns_forwarder::answer::Question;
-use consul_dns_forwarder::cache::{Cache, CachedAnswer, TtlPolicy};
+use consul_dns_forwarder::cache::{Cache, CachedAnswer};
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
+#[path = "support/policy.rs"]
+mod policy;
 
 use counting_alloc::{live, rss_kib};
-
-fn policy() -> TtlPolicy {
-    TtlPolicy {
-        min_ttl: Duration::ZERO,
-        max_ttl: Duration::from_secs(86_400),
-        negative_ttl: Duration::from_secs(300),
-        negative_min_ttl: Duration::ZERO,
-        stale_for: Duration::from_secs(3600),
-    }
-}
+use policy::policy;
 
 fn reply(name: &Name, i: usize) -> Message {
     let mut m = Message::new(1, MessageType::Response, OpCode::Query);
@@ -54,6 +47,16 @@ fn question(i: usize) -> Question {
         qtype: RecordType::A,
         qclass: DNSClass::IN,
     }
+}
+
+/// Name `i` cached as a forwarded miss stores it.
+async fn store(cache: &Cache, i: usize) {
+    let q = question(i);
+    let msg = reply(&q.name, i);
+    cache
+        .fetch(&q, move || async move { Ok(msg) })
+        .await
+        .expect("stored");
 }
 
 fn main() {
@@ -100,12 +103,7 @@ fn main() {
     let started = Instant::now();
     rt.block_on(async {
         for i in 0..n {
-            let q = question(i);
-            let msg = reply(&q.name, i);
-            cache
-                .fetch(&q, move || async move { Ok(msg) })
-                .await
-                .expect("stored");
+            store(&cache, i).await;
         }
     });
     let took = started.elapsed();
@@ -145,12 +143,7 @@ fn main() {
     let cache = Cache::new(100_000, policy(), None);
     rt.block_on(async {
         for i in 0..n {
-            let q = question(i);
-            let msg = reply(&q.name, i);
-            cache
-                .fetch(&q, move || async move { Ok(msg) })
-                .await
-                .expect("stored");
+            store(&cache, i).await;
             for j in 1..10 {
                 let hit = question(i.saturating_sub(j * 7) % (i + 1));
                 if let consul_dns_forwarder::cache::Lookup::Fresh(e) =

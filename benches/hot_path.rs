@@ -37,7 +37,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use serde_json::json;
 
 use consul_dns_forwarder::answer::{Dnssec, Question};
-use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup, TtlPolicy};
+use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup};
 use consul_dns_forwarder::config::{Config, WhenNoneHealthy};
 use consul_dns_forwarder::consul::catalog::{
     service_id_key, Instance, ServiceView, Status, Target,
@@ -51,6 +51,11 @@ use consul_dns_forwarder::metrics::Metrics;
 use consul_dns_forwarder::raw;
 use consul_dns_forwarder::reply::{self, Transport};
 use consul_dns_forwarder::upstream::Forwarder;
+
+#[path = "support/policy.rs"]
+mod policy;
+
+use policy::policy;
 
 /// Instance counts of the `consul_view` and `handler` groups. 5,000 is issue 8's large service.
 const SIZES: [usize; 4] = [1, 10, 100, 5_000];
@@ -81,16 +86,6 @@ fn dnssec_request(qname: &str, qtype: RecordType) -> Message {
         e.set_dnssec_ok(true);
     }
     m
-}
-
-fn policy() -> TtlPolicy {
-    TtlPolicy {
-        min_ttl: Duration::ZERO,
-        max_ttl: Duration::from_secs(86_400),
-        negative_ttl: Duration::from_secs(300),
-        negative_min_ttl: Duration::ZERO,
-        stale_for: Duration::from_secs(3600),
-    }
 }
 
 /// An upstream reply for `qname`: `a` A records, behind a CNAME when `cname` is set.

@@ -72,7 +72,7 @@ fn main() {
     drop(warm);
 
     // Outside the views, a watched service also has a series of its own in the
-    // `consul_healthy_instances` gauge (what `consul/watch.rs` sets for every view).
+    // `consul_healthy_instances` gauge (what `consul/views.rs` sets for every view).
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry).expect("metrics");
     let before = live();

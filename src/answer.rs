@@ -3,6 +3,7 @@
 //! forwarder (`upstream`) and the Consul source (`consul`) implement. Kept apart from both so
 //! that neither sources nor metrics depend on the handler or on each other.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -146,6 +147,14 @@ pub trait AnswerSource: Send + Sync {
     /// a Consul source that has not heard from Consul.
     fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Whether reverse (PTR) questions for `ip` go to this source instead of upstream: the
+    /// Consul source's, for the addresses Consul knows (or may know: its node list is still
+    /// loading, and [`AnswerSource::answer`] waits for it, then forwards what it does not know).
+    /// Asked on the hot path for PTR questions: no allocation, no waiting.
+    fn answers_address(&self, _ip: IpAddr) -> bool {
+        false
     }
 
     /// Writes the reply to `query` into `out` straight from fresh cached bytes, if the source has

@@ -11,6 +11,7 @@ use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
 use crate::answer::{Answer, AnswerSource, Dnssec, Question, Source};
+use crate::arpa;
 use crate::header;
 use crate::metrics::{rcode_label, Metrics};
 use crate::ratelimit::RateLimiter;
@@ -50,6 +51,22 @@ impl ConsulRoute {
 
     fn covers_wire(&self, name: &[u8]) -> bool {
         self.domains_wire.iter().any(|d| raw::name_in_zone(name, d))
+    }
+
+    /// Does this route take `q`: a name under its domains, or a reverse (PTR) question for an
+    /// address its source answers?
+    fn takes(&self, q: &Question) -> bool {
+        self.domains.iter().any(|d| reply::in_zone(&q.name, d))
+            || arpa::question_address(q).is_some_and(|ip| self.source.answers_address(ip))
+    }
+
+    /// [`ConsulRoute::takes`] on the hot path: `key` is the question with its name lowercased.
+    /// A question of any type but PTR costs one comparison more than before, a PTR question
+    /// for a name outside the reverse zones a suffix comparison; nothing allocates.
+    fn takes_wire(&self, qtype: u16, key: &[u8]) -> bool {
+        self.covers_wire(&key[..key.len() - 4])
+            || arpa::wire_question_address(qtype, key)
+                .is_some_and(|ip| self.source.answers_address(ip))
     }
 }
 
@@ -162,8 +179,10 @@ impl Handler {
         }
         let mut key_buf = [0u8; raw::MAX_QUESTION_WIRE];
         let key = raw::question_key(query.question, &mut key_buf);
-        let name = &key[..key.len() - 4];
-        let consul = routes.consul.as_ref().filter(|c| c.covers_wire(name));
+        let consul = routes
+            .consul
+            .as_ref()
+            .filter(|c| c.takes_wire(query.qtype, key));
         let source = match consul {
             Some(route) => &route.source,
             None => &routes.forwarder,
@@ -273,10 +292,7 @@ impl Handler {
         }
         let query = &request.queries[0];
         let q = Question::from_query(query);
-        let consul = routes
-            .consul
-            .as_ref()
-            .filter(|c| c.domains.iter().any(|d| reply::in_zone(&q.name, d)));
+        let consul = routes.consul.as_ref().filter(|c| c.takes(&q));
         self.metrics
             .count_request(transport, q.qtype, consul.is_some());
         let limit = reply::reply_limit(&request, transport);

@@ -11,6 +11,8 @@
 //!   `Answer`, `Source` and the `AnswerSource` trait.
 //! - [`handler`]: one request's bytes in, one reply's bytes out: protocol checks, access control,
 //!   routing to an answer source, size limits.
+//! - `arpa`: reverse names (`in-addr.arpa.`, `ip6.arpa.`) read as addresses, without
+//!   allocating, for the PTR answers of the Consul source.
 //! - `header`: the 12-byte DNS header (named flags, section counts), record type numbers and
 //!   the reply size limits.
 //! - [`reply`]: pure DNS message functions: reply headers, encoding within a size, truncation.
@@ -43,7 +45,8 @@
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
 //!   [`raw`] hot path, the [`ratelimit`] and its [`token_bucket`], [`reply::encode_reply`], and the Consul record
-//!   builder and catalog types ([`consul::records`], [`consul::catalog`], [`consul::file`]).
+//!   builder and catalog types ([`consul::records`], [`consul::catalog`], [`consul::file`]),
+//!   and the PTR address index ([`consul::ptr`], measured by `benches/ptr_memory.rs`).
 //!
 //! Their fields and helpers stay crate-private: a test needing more goes through one of these
 //! doors or becomes a unit test beside the code.
@@ -54,6 +57,7 @@
 #![warn(unreachable_pub)]
 
 pub mod answer;
+mod arpa;
 pub mod cache;
 pub mod config;
 pub mod consul;

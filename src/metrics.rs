@@ -25,12 +25,15 @@ const NS: &str = "consul_dns_forwarder";
 /// - `unverified_lookups`: a Consul lookup not sent because the name could not be checked
 ///   against the catalog and `consul::inventory`'s budget for such lookups was spent;
 /// - `service_series`: a `consul_healthy_instances` series not created, beyond
-///   `consul::views::MAX_SERVICE_SERIES`.
-pub(crate) const LIMIT_LABELS: [&str; 4] = [
+///   `consul::views::MAX_SERVICE_SERIES`;
+/// - `ptr_addresses`: an index of the addresses Consul's PTR answers come from was cut at
+///   `consul::ptr::MAX_PTR_ADDRESSES` (once per index built).
+pub(crate) const LIMIT_LABELS: [&str; 5] = [
     "watchers",
     "on_demand",
     "unverified_lookups",
     "service_series",
+    crate::consul::ptr::PTR_LIMIT_LABEL,
 ];
 
 /// Request latency buckets: from 50 µs (a cache hit) to several seconds (an upstream timeout).

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
+use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -421,6 +422,9 @@ pub struct Forwarder {
     trust_ad: bool,
     /// Upstream fetches in flight (`upstream.max_inflight`).
     inflight: Arc<tokio::sync::Semaphore>,
+    /// The Consul DNS mode's `consul.reverse_networks`: PTR questions for addresses in them go
+    /// to the agents (dnsmasq's `rev-server`). Empty for the upstream forwarder.
+    reverse_networks: Vec<IpNet>,
 }
 
 impl Forwarder {
@@ -440,6 +444,7 @@ impl Forwarder {
             inflight: Arc::new(tokio::sync::Semaphore::new(
                 crate::config::DEFAULT_UPSTREAM_INFLIGHT,
             )),
+            reverse_networks: Vec::new(),
         }
     }
 
@@ -495,7 +500,7 @@ impl Forwarder {
             negative_min_ttl: consul.negative_ttl,
             stale_for: consul.stale_for,
         };
-        Forwarder::new(
+        let mut forwarder = Forwarder::new(
             Router::new(
                 ServerGroup::new(consul.dns.clone(), config.upstream.timeout),
                 Vec::new(),
@@ -503,7 +508,9 @@ impl Forwarder {
             Self::new_cache(config, policy, metrics),
             metrics.clone(),
             true,
-        )
+        );
+        forwarder.reverse_networks = consul.reverse_networks.clone();
+        forwarder
     }
 
     fn new_cache(config: &Config, policy: TtlPolicy, metrics: &Metrics) -> Cache {
@@ -663,6 +670,10 @@ impl AnswerSource for Forwarder {
 
     async fn answer_dnssec(&self, q: &Question, _limit: usize, dnssec: Dnssec) -> Answered {
         self.answer_for(q, dnssec).await
+    }
+
+    fn answers_address(&self, ip: IpAddr) -> bool {
+        self.reverse_networks.iter().any(|net| net.contains(&ip))
     }
 
     /// Fresh cached bytes only: expired entries go the general way, which refreshes.

@@ -53,14 +53,11 @@ pub fn allocs() -> usize {
     ALLOCS.load(Ordering::Relaxed)
 }
 
+#[path = "../../tests/support/proc_status.rs"]
+mod proc_status;
+
 /// The process's resident set, in KiB (0 if /proc cannot be read).
+#[allow(dead_code)]
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
+    proc_status::vm_rss_kib("self")
 }

@@ -267,6 +267,7 @@ pub(super) struct FileConsul {
     pub(crate) allow_stale: Option<bool>,
     pub(crate) max_stale: Option<ConfigDuration>,
     pub(crate) allow_insecure_token: Option<bool>,
+    pub(crate) reverse_networks: Option<Vec<AllowNet>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -138,6 +138,10 @@ pub struct ConsulConfig {
     /// Send the token to `http://` agents that are not on loopback (off: refused at start and
     /// on reload, see [`ConsulConfig::check_token_transport`]).
     pub(crate) allow_insecure_token: bool,
+    /// `mode = "dns"` only: PTR questions for addresses in these networks go to the agents'
+    /// DNS port, as dnsmasq's `rev-server` sends them (the HTTP and file modes know Consul's
+    /// addresses themselves).
+    pub(crate) reverse_networks: Vec<IpNet>,
 }
 
 impl ConsulConfig {

@@ -342,6 +342,7 @@ impl FileConsul {
             allow_insecure_token: self
                 .allow_insecure_token
                 .unwrap_or(DEFAULT_ALLOW_INSECURE_TOKEN),
+            reverse_networks: reverse_networks(self.reverse_networks, mode, errors),
         };
         // The token file is known here, so its problem gets a line; a token from the
         // environment or an agent from a flag is checked after the flags are applied.
@@ -352,6 +353,25 @@ impl FileConsul {
         }
         consul
     }
+}
+
+/// `consul.reverse_networks`, which only the DNS mode uses: the HTTP and catalog-file modes know
+/// Consul's addresses themselves.
+fn reverse_networks(
+    list: Option<Vec<AllowNet>>,
+    mode: ConsulMode,
+    errors: &mut Errors,
+) -> Vec<IpNet> {
+    let nets: Vec<IpNet> = list.unwrap_or_default().into_iter().map(|n| n.0).collect();
+    if !nets.is_empty() && mode != ConsulMode::Dns {
+        errors.invalid(
+            "consul",
+            "reverse_networks",
+            "only for mode = \"dns\": the HTTP and catalog-file modes answer PTR questions for \
+             every address Consul knows, and forward the rest",
+        );
+    }
+    nets
 }
 
 /// `consul.domain` (or Consul's own) first, then the alternative domains, each once.
@@ -815,6 +835,33 @@ mod tests {
             ..FileConsul::default()
         };
         assert_eq!(keys(|e| file.validate(e)), ["consul.http"]);
+    }
+
+    #[test]
+    fn consul_reverse_networks_are_for_the_dns_mode_only() {
+        let with = |mode: ConsulMode, nets: &[&str]| FileConsul {
+            mode: Some(mode),
+            reverse_networks: Some(
+                nets.iter()
+                    .map(|n| AllowNet::from_str(n).expect("net"))
+                    .collect(),
+            ),
+            ..FileConsul::default()
+        };
+        let (consul, problems) =
+            run(|e| with(ConsulMode::Dns, &["10.0.0.0/8", "fd00::1"]).validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        let nets: Vec<String> = consul
+            .reverse_networks
+            .iter()
+            .map(IpNet::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "fd00::1/128"]);
+        assert!(run(|e| with(ConsulMode::Http, &[]).validate(e))
+            .1
+            .is_empty());
+        let refused = keys(|e| with(ConsulMode::Http, &["10.0.0.0/8"]).validate(e));
+        assert_eq!(refused, ["consul.reverse_networks"]);
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! all. Used by `--dev` (the demo catalog) and for hosts that get their catalog pushed as a file.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 
 use super::catalog::{CatalogFile, NodeView, QueryView, ServiceView};
+use super::ptr::{AddressIndex, PtrName};
 use super::{Backend, LookupError};
 
 /// The demo catalog served by `--dev` when no catalog file is given.
@@ -38,6 +40,9 @@ struct Catalog {
     services: HashMap<String, Arc<ServiceView>>,
     nodes: HashMap<String, Arc<NodeView>>,
     datacenter: String,
+    /// PTR answers: the nodes' addresses, then the instances' own addresses.
+    node_addresses: AddressIndex,
+    service_addresses: AddressIndex,
 }
 
 pub struct FileBackend {
@@ -73,11 +78,41 @@ fn parse(text: &str, path: &str, configured_dc: Option<&str>) -> Result<Catalog,
             Arc::new(ServiceView::from_entries(entries, &datacenter)),
         );
     }
+    let (node_addresses, service_addresses) = address_indexes(&file);
     Ok(Catalog {
         services,
         nodes,
         datacenter,
+        node_addresses,
+        service_addresses,
     })
+}
+
+/// The file's node addresses and instances' own addresses, for PTR answers. A file beyond
+/// [`super::ptr::MAX_PTR_ADDRESSES`] is cut, with a warning (there are no metrics here).
+fn address_indexes(file: &CatalogFile) -> (AddressIndex, AddressIndex) {
+    let ip = |s: &str| s.trim().parse::<IpAddr>().ok();
+    let entries = || {
+        file.iter()
+            .flat_map(|(name, es)| es.iter().map(move |e| (name, e)))
+    };
+    let (nodes, dropped_nodes) = AddressIndex::build(entries().filter_map(|(_, e)| {
+        Some((
+            ip(&e.node.address)?,
+            e.node.node.as_str(),
+            e.node.node.as_str(),
+        ))
+    }));
+    let (services, dropped_services) = AddressIndex::build(entries().filter_map(|(name, e)| {
+        Some((ip(&e.service.address)?, e.node.node.as_str(), name.as_str()))
+    }));
+    if dropped_nodes + dropped_services > 0 {
+        tracing::warn!(
+            left_out = dropped_nodes + dropped_services,
+            "the catalog file has more addresses than PTR answers keep: the highest are forwarded"
+        );
+    }
+    (nodes, services)
 }
 
 impl FileBackend {
@@ -157,6 +192,20 @@ impl Backend for FileBackend {
         self.check_dc(&catalog, dc)?;
         // A catalog file has no prepared queries.
         Ok(None)
+    }
+
+    fn may_know_address(&self, ip: IpAddr) -> bool {
+        let catalog = self.current();
+        catalog.node_addresses.get(ip).is_some() || catalog.service_addresses.get(ip).is_some()
+    }
+
+    async fn address_name(&self, ip: IpAddr) -> Option<PtrName> {
+        let catalog = self.current();
+        if let Some(node) = catalog.node_addresses.get(ip) {
+            return Some(PtrName::Node(node.to_owned()));
+        }
+        let service = catalog.service_addresses.get(ip)?;
+        Some(PtrName::Service(service.to_owned()))
     }
 }
 

@@ -13,6 +13,7 @@
 //! [`super::inventory`] (what exists).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,9 +27,10 @@ use super::agent::{discover_datacenter, probe_agents};
 use super::catalog::{CatalogNodeJson, NodeView, QueryExecuteJson, QueryView, ServiceView};
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::feed::{Feed, FeedShared, HealthLists, FEED_STATES};
-use super::inventory::Inventory;
+use super::inventory::{Inventory, NodeAddresses};
 use super::on_demand::OnDemand;
 use super::outage::OutageLog;
+use super::ptr::{PtrName, ServiceAddresses};
 use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
 use super::watcher::{Settings, Watcher, WatcherContext};
 use super::{Backend, LookupError};
@@ -67,6 +69,8 @@ pub(crate) struct HttpBackend {
     pub(super) watcher_context: Arc<WatcherContext>,
     /// What exists in Consul: names it does not have are answered without a request.
     pub(super) inventory: Arc<Inventory>,
+    /// The watched views' service addresses, for PTR answers (the nodes' are the inventory's).
+    pub(super) service_addresses: ServiceAddresses,
 }
 
 impl HttpBackend {
@@ -126,6 +130,7 @@ impl HttpBackend {
         });
         HttpBackend {
             inventory,
+            service_addresses: ServiceAddresses::new(),
             failovers,
             feeds_started: AtomicBool::new(false),
             watcher_context,
@@ -415,5 +420,28 @@ impl Backend for HttpBackend {
         };
         self.fetch_remembered(&self.queries, key, checked, ttl, fetch)
             .await
+    }
+
+    fn may_know_address(&self, ip: IpAddr) -> bool {
+        match self.inventory.node_addresses_now() {
+            NodeAddresses::Loading => true,
+            NodeAddresses::Known(names) if names.node_at(ip).is_some() => true,
+            NodeAddresses::Known(_) | NodeAddresses::Unknown => self.service_at(ip).is_some(),
+        }
+    }
+
+    async fn address_name(&self, ip: IpAddr) -> Option<PtrName> {
+        let names = self.inventory.node_addresses().await;
+        if let Some(node) = names.as_ref().and_then(|n| n.node_at(ip)) {
+            return Some(PtrName::Node(node.to_owned()));
+        }
+        self.service_at(ip).map(PtrName::Service)
+    }
+}
+
+impl HttpBackend {
+    fn service_at(&self, ip: IpAddr) -> Option<String> {
+        self.service_addresses
+            .lookup(ip, &self.watches, &self.metrics)
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{next_index, ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::outage::OutageLog;
+use super::ptr::{count_dropped, AddressIndex, NodeAddressJson};
 use super::retry::backoff;
 use super::LookupError;
 use crate::lock::lock;
@@ -103,6 +104,9 @@ pub(crate) struct Names {
     /// False when Consul said the token does not see every item
     /// (`X-Consul-Results-Filtered-By-ACLs`): a missing name may still exist.
     complete: bool,
+    /// The local datacenter's node list only: the nodes' addresses, for PTR answers. Loaded,
+    /// kept while Consul is away and replaced with the names, by the same request.
+    addresses: AddressIndex,
 }
 
 impl Names {
@@ -111,7 +115,13 @@ impl Names {
             exact: exact.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
             prefixes: Vec::new(),
             complete,
+            addresses: AddressIndex::default(),
         }
+    }
+
+    /// The node whose `Address` is `ip` (local node list only).
+    pub(crate) fn node_at(&self, ip: std::net::IpAddr) -> Option<&str> {
+        self.addresses.get(ip)
     }
 
     /// The verdict on `name` (lowercased).
@@ -199,13 +209,6 @@ impl Kind {
     }
 }
 
-/// One element of `/v1/catalog/nodes`: only the name is kept.
-#[derive(serde::Deserialize)]
-struct NodeNameJson {
-    #[serde(rename = "Node")]
-    node: String,
-}
-
 /// One element of `/v1/query`: the ways a query can be named in DNS.
 #[derive(serde::Deserialize)]
 struct QueryDefinitionJson {
@@ -250,6 +253,17 @@ struct Shared {
     outage: Arc<OutageLog>,
     watch_wait: Duration,
     failovers: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+}
+
+/// The local node list's addresses as a PTR question finds them, without waiting.
+pub(crate) enum NodeAddresses {
+    /// The first load is on its way: wait for it ([`Inventory::node_addresses`]).
+    Loading,
+    /// Loaded (perhaps stale: the last known addresses are kept while Consul is away).
+    Known(Arc<Names>),
+    /// Never loaded: nothing is known.
+    Unknown,
 }
 
 pub(crate) struct Inventory {
@@ -282,6 +296,7 @@ impl Inventory {
                 outage,
                 watch_wait,
                 failovers,
+                metrics: metrics.clone(),
             }),
             metrics,
             idle,
@@ -409,6 +424,36 @@ impl Inventory {
             Kind::Nodes => &lists.nodes,
         };
         verdict(list, name, &self.shared.outage).await
+    }
+
+    /// The local node list's addresses now (the lists start with the first question that
+    /// needs them).
+    pub(crate) fn node_addresses_now(&self) -> NodeAddresses {
+        self.start();
+        match &*self.local.nodes.borrow() {
+            List::Pending => NodeAddresses::Loading,
+            List::Ready(names) | List::Stale(names) => NodeAddresses::Known(names.clone()),
+            List::Unavailable => NodeAddresses::Unknown,
+        }
+    }
+
+    /// The local node list's addresses, waiting up to [`FIRST_LOAD_WAIT`] for its first load;
+    /// `None` when it could not be loaded.
+    pub(crate) async fn node_addresses(&self) -> Option<Arc<Names>> {
+        self.start();
+        let mut rx = self.local.nodes.subscribe();
+        let waited = tokio::time::timeout(
+            FIRST_LOAD_WAIT,
+            rx.wait_for(|s| !matches!(s, List::Pending)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(state)) => match &*state {
+                List::Ready(names) | List::Stale(names) => Some(names.clone()),
+                List::Pending | List::Unavailable => None,
+            },
+            _ => None,
+        }
     }
 
     /// May an unchecked lookup go to Consul now? Counted in `limit_drops_total` when not.
@@ -569,10 +614,20 @@ impl ListTask {
             }
             Kind::Nodes => {
                 let r = client
-                    .get::<Vec<NodeNameJson>>(endpoint, segments, params, blocking)
+                    .get::<Vec<NodeAddressJson>>(endpoint, segments, params, blocking)
                     .await?;
-                let names = r.value.unwrap_or_default().into_iter().map(|n| n.node);
-                Ok((Names::new(names, !r.filtered), r.index))
+                let nodes = r.value.unwrap_or_default();
+                // Consul's PTR answers come from the local datacenter only.
+                let addresses = if self.dc.is_none() {
+                    let (index, dropped) = AddressIndex::from_nodes(&nodes);
+                    count_dropped(&self.shared.metrics, dropped);
+                    index
+                } else {
+                    AddressIndex::default()
+                };
+                let mut names = Names::new(nodes.into_iter().map(|n| n.node), !r.filtered);
+                names.addresses = addresses;
+                Ok((names, r.index))
             }
         }
     }

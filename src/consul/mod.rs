@@ -15,11 +15,13 @@ pub(crate) mod inventory;
 pub mod name;
 pub(crate) mod on_demand;
 pub(crate) mod outage;
+pub mod ptr;
 pub mod records;
 pub(crate) mod retry;
 pub(crate) mod views;
 pub(crate) mod watcher;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::catalog::{NodeView, QueryView, ServiceView};
 use self::name::ConsulName;
+use self::ptr::PtrName;
 use self::records::{Ctx, Plan};
 use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::config::{Config, ConsulConfig, ConsulMode};
@@ -74,6 +77,15 @@ pub trait Backend: Send + Sync {
         name: &str,
         dc: Option<&str>,
     ) -> Result<Option<Arc<QueryView>>, LookupError>;
+    /// See [`AnswerSource::answers_address`]: `ip` is known, or may be (still loading).
+    fn may_know_address(&self, _ip: IpAddr) -> bool {
+        false
+    }
+    /// What the local datacenter calls `ip` (a node, else a service), waiting for a first
+    /// load; `None` when Consul does not know it.
+    async fn address_name(&self, _ip: IpAddr) -> Option<PtrName> {
+        None
+    }
 }
 
 /// Problems found while setting Consul up, before serving.
@@ -254,14 +266,44 @@ impl ConsulSource {
     }
 }
 
+impl ConsulSource {
+    /// A PTR (or ANY) question for `ip`, an address the handler found Consul may know: Consul's
+    /// answer when it does, else the question forwarded, as Consul's DNS recurses.
+    async fn reverse_answer(&self, q: &Question, ip: IpAddr, limit: usize) -> (Answer, Source) {
+        let cfg = &self.config;
+        if let Some(found) = self.backend.address_name(ip).await {
+            let ttl = match &found {
+                PtrName::Node(_) => cfg.node_ttl,
+                PtrName::Service(service) => cfg.service_ttl_for(service),
+            };
+            let dc = self.backend.local_datacenter().await;
+            let dc = dc.as_deref().unwrap_or(file::DEFAULT_DATACENTER);
+            // Consul names its own domain, never an alternative one.
+            if let Some(domain) = cfg.domains.first() {
+                if let Some(answer) = ptr::answer(q, &found, dc, domain, secs(ttl)) {
+                    return (answer, Source::Consul);
+                }
+            }
+        }
+        self.resolver.answer(q, limit).await
+    }
+}
+
 #[async_trait]
 impl AnswerSource for ConsulSource {
     async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source) {
+        if let Some(ip) = crate::arpa::question_address(q) {
+            return self.reverse_answer(q, ip, limit).await;
+        }
         (self.answer_inner(q, limit).await, Source::Consul)
     }
 
     fn ready(&self) -> Result<(), String> {
         self.backend.ready()
+    }
+
+    fn answers_address(&self, ip: IpAddr) -> bool {
+        self.backend.may_know_address(ip)
     }
 }
 

@@ -2,20 +2,18 @@
 //! start on bad input, and a clean exit on SIGTERM.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use crate::support::e2e::dig_command;
 use crate::support::upstream::TestUpstream;
-use crate::support::{free_port, spawn, BIN};
+use crate::support::{
+    check_config, exits_with, free_port, run_ok, spawn, Running, TestConfig, BIN,
+};
 use consul_dns_forwarder::config::Config;
 
 fn dig(port: u16, args: &[&str]) -> String {
-    let out = Command::new("dig")
-        .arg("@127.0.0.1")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(["+time=2", "+tries=1"])
-        .args(args)
+    let out = dig_command(port, args)
         .output()
         .expect("dig is installed (bind9-dnsutils)");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -57,13 +55,14 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitSta
     None
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dig_against_the_binary_then_sigterm_exits_zero() {
-    let up = TestUpstream::start().await;
+/// The binary with `args`, forwarding to `up`, on a free port of 127.0.0.1 (not waited for:
+/// [`wait_ready`] does that with dig): the child and its port.
+fn spawn_forwarding(args: &[&str], up: &TestUpstream) -> (Running, u16) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let upstream = up.addr.to_string();
-    let mut server = spawn(&[
+    let mut all = args.to_vec();
+    all.extend([
         "--listen",
         &listen,
         "--upstream",
@@ -71,6 +70,13 @@ async fn dig_against_the_binary_then_sigterm_exits_zero() {
         "--metrics-listen",
         "127.0.0.1:0",
     ]);
+    (spawn(&all), port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_against_the_binary_then_sigterm_exits_zero() {
+    let up = TestUpstream::start().await;
+    let (mut server, port) = spawn_forwarding(&[], &up);
     let out = tokio::task::spawn_blocking(move || {
         let first = wait_ready(port, "a.test");
         let tcp = dig(port, &["+tcp", "a.test"]);
@@ -95,12 +101,10 @@ async fn dig_against_the_binary_then_sigterm_exits_zero() {
 fn refuses_an_upstream_that_is_itself() {
     let port = free_port();
     let me = format!("127.0.0.1:{port}");
-    let out: Output = Command::new(BIN)
-        .args(["--listen", &me, "--upstream", &me])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = exits_with(
+        Command::new(BIN).args(["--listen", &me, "--upstream", &me]),
+        2,
+    );
     assert!(err.contains("loop"), "{err}");
 }
 
@@ -108,19 +112,17 @@ fn refuses_an_upstream_that_is_itself() {
 fn refuses_a_taken_port_with_a_clear_message() {
     let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let out = Command::new(BIN)
-        .args([
+    let err = exits_with(
+        Command::new(BIN).args([
             "--listen",
             &addr,
             "--upstream",
             "127.0.0.1:9",
             "--metrics-listen",
             "127.0.0.1:0",
-        ])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+        ]),
+        1,
+    );
     assert!(
         err.contains(&addr) && err.contains("another process"),
         "{err}"
@@ -129,19 +131,13 @@ fn refuses_a_taken_port_with_a_clear_message() {
 
 #[test]
 fn bad_flags_and_files_are_explained() {
-    let out = Command::new(BIN)
-        .args(["--upstream", "not-an-address"])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream"));
-
-    let out = Command::new(BIN)
-        .args(["--config", "/nonexistent/x.toml"])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.toml"));
+    for (args, named) in [
+        (["--upstream", "not-an-address"], "--upstream"),
+        (["--config", "/nonexistent/x.toml"], "/nonexistent/x.toml"),
+    ] {
+        let err = exits_with(Command::new(BIN).args(args), 2);
+        assert!(err.contains(named), "{err}");
+    }
 }
 
 fn shipped_configs() -> Vec<PathBuf> {
@@ -189,17 +185,7 @@ fn every_shipped_config_parses_and_rejects_an_unknown_key() {
         let msg = err.to_string();
         assert!(msg.contains("unknown field"), "{}: {msg}", path.display());
 
-        let out = Command::new(BIN)
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "check-config {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(&mut check_config(&path));
     }
 }
 
@@ -212,42 +198,19 @@ fn check_config_lists_every_problem_with_line_and_key() {
         "[cache]\nmin_ttl = \"2h\"\nmax_ttl = \"1h\"\n[consul]\nwatch_wait = \"20m\"\n",
     )
     .expect("write");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = exits_with(&mut check_config(&path), 2);
     assert!(err.contains("bad.toml:2: cache.min_ttl"), "{err}");
     assert!(err.contains("bad.toml:5: consul.watch_wait"), "{err}");
 
     std::fs::write(&path, "[upstream]\ntimeout = 5\n").expect("write");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = exits_with(&mut check_config(&path), 2);
     assert!(err.contains("line 2") && err.contains("timeout"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_serves_the_demo_catalog() {
     let up = TestUpstream::start().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let upstream = up.addr.to_string();
-    let _server = spawn(&[
-        "--dev",
-        "--listen",
-        &listen,
-        "--upstream",
-        &upstream,
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]);
+    let (_server, port) = spawn_forwarding(&["--dev"], &up);
     let (a, srv, node, aaaa) = tokio::task::spawn_blocking(move || {
         wait_ready(port, "web.service.consul");
         (
@@ -287,20 +250,7 @@ async fn catalog_file_is_reloaded_on_sighup_and_a_bad_file_keeps_the_old_one() {
         )
     };
     std::fs::write(&path, catalog("127.0.0.2")).expect("write");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let upstream = up.addr.to_string();
-    let file = path.display().to_string();
-    let server = spawn(&[
-        "--catalog-file",
-        &file,
-        "--listen",
-        &listen,
-        "--upstream",
-        &upstream,
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]);
+    let (server, port) = spawn_forwarding(&["--catalog-file", &path.display().to_string()], &up);
     let pid = server.0.id().to_string();
     let p2 = path.clone();
     let (before, after, after_bad) = tokio::task::spawn_blocking(move || {
@@ -408,7 +358,6 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
     use crate::support::{addresses, ask, make_query, raw_udp, tcp};
     use consul_dns_forwarder::config::MAX_CONCURRENCY_LIMIT;
     use hickory_proto::rr::RecordType;
-    use std::collections::BTreeMap;
 
     const INTEGERS: [&str; 3] = ["0", "9223372036854775807", "18446744073709551615"];
     const DURATIONS: [&str; 3] = ["\"0s\"", "\"100000000y\"", "\"100000000y\""];
@@ -439,32 +388,15 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
     sim.add_simple("web", "n1", "127.0.0.2", 80);
     let dir = tempfile::tempdir().expect("tmp");
     // The agent's HTTP API, or (mode = "dns") its DNS port, where the Consul limits feed a cache.
-    let http_source = format!("http = [\"{}\"]", sim.http_url());
-    let dns_source = format!("mode = \"dns\"\ndns = [\"{}\"]", sim.dns_addr());
-    let render = |set: &[(&Limit, &str)], source: &str| -> String {
-        let mut sections: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        sections
-            .entry("upstream".into())
-            .or_default()
-            .push(format!("servers = [\"{}\"]", up.addr));
-        sections
-            .entry("metrics".into())
-            .or_default()
-            .push("listen = \"127.0.0.1:0\"".into());
-        sections
-            .entry("consul".into())
-            .or_default()
-            .push(source.to_owned());
-        for (limit, value) in set {
-            sections
-                .entry(limit.section.clone())
-                .or_default()
-                .push(format!("{} = {value}", limit.key));
-        }
-        sections
-            .iter()
-            .map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n")))
-            .collect()
+    let base = TestConfig::new()
+        .upstream(up.addr)
+        .metrics_listen("127.0.0.1:0");
+    let http_source = base.clone().consul_http(sim.http_url());
+    let dns_source = base.consul_dns(sim.dns_addr());
+    let render = |set: &[(&Limit, &str)], source: &TestConfig| -> TestConfig {
+        set.iter().fold(source.clone(), |config, (limit, value)| {
+            config.set(&limit.section, &limit.key, value)
+        })
     };
 
     // One value at a time through check-config.
@@ -483,7 +415,7 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
                 continue;
             }
             let path = dir.path().join("one.toml");
-            std::fs::write(&path, render(&[(limit, value)], &http_source)).expect("write");
+            render(&[(limit, value)], &http_source).write_to(&path);
             let out = tokio::process::Command::new(BIN)
                 .args(["check-config", "--config"])
                 .arg(&path)
@@ -539,7 +471,7 @@ async fn every_limit_at_its_extremes_is_rejected_with_its_key_or_served() {
     });
     for (column, set, mode, source) in runs {
         let path = dir.path().join(format!("extreme-{column}-{mode}.toml"));
-        std::fs::write(&path, render(set, source)).expect("write");
+        render(set, source).write_to(&path);
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut server = spawn(&["--config", &path.display().to_string(), "--listen", &listen]);
@@ -600,34 +532,29 @@ fn a_token_over_plain_http_to_another_host_is_refused() {
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
     let path = dir.path().join("f.toml");
-    let check = |consul: &str, env_token: Option<&str>, flags: &[&str]| -> Output {
-        std::fs::write(
-            &path,
-            format!("[upstream]\nservers = [\"127.0.0.1:9\"]\n[consul]\n{consul}"),
-        )
-        .expect("write");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["check-config", "--config"])
-            .arg(&path)
-            .args(flags);
+    // check-config of `config` (written to f.toml), to run.
+    let check = |config: &TestConfig, env_token: Option<&str>, flags: &[&str]| -> Command {
+        config.write_to(&path);
+        let mut cmd = check_config(&path);
+        cmd.args(flags);
         cmd.env_remove("CONSUL_HTTP_TOKEN");
         if let Some(t) = env_token {
             cmd.env("CONSUL_HTTP_TOKEN", t);
         }
-        cmd.output().expect("run check-config")
+        cmd
     };
-    let with_file = |http: &str, extra: &str| {
-        format!(
-            "http = [\"{http}\"]\ntoken_file = \"{}\"\n{extra}",
-            token.display()
-        )
-    };
+    let plain = || TestConfig::new().metrics_default().upstream("127.0.0.1:9");
+    let with_file = |http: &str| plain().consul_http(http).token_file(&token);
 
-    let out = check(&with_file("http://192.0.2.1:8500", ""), None, &[]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let config = with_file("http://192.0.2.1:8500");
+    let http_line = 1 + config
+        .toml()
+        .lines()
+        .position(|l| l.starts_with("http = "))
+        .expect("consul.http in the file");
+    let err = exits_with(&mut check(&config, None, &[]), 2);
     for part in [
-        "f.toml:4: consul.http: http://192.0.2.1:8500/",
+        &format!("f.toml:{http_line}: consul.http: http://192.0.2.1:8500/"),
         "consul.token_file",
         "clear text",
         "https://",
@@ -643,54 +570,54 @@ fn a_token_over_plain_http_to_another_host_is_refused() {
     // A start with that file stops at the same check, before binding or connecting.
     let port = free_port();
     let started = Instant::now();
-    let out = Command::new(BIN)
-        .args(["--config"])
-        .arg(&path)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .env_remove("CONSUL_HTTP_TOKEN")
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = exits_with(
+        Command::new(BIN)
+            .args(["--config"])
+            .arg(&path)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env_remove("CONSUL_HTTP_TOKEN"),
+        2,
+    );
     assert!(err.contains("consul.allow_insecure_token"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // The token from the environment, the agent from a flag: refused after the flags apply.
-    let out = check(
-        "",
-        Some("secret-token"),
-        &["--consul-http", "http://192.0.2.1:8500"],
+    let err = exits_with(
+        &mut check(
+            &plain(),
+            Some("secret-token"),
+            &["--consul-http", "http://192.0.2.1:8500"],
+        ),
+        2,
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("consul.http: http://192.0.2.1:8500/") && err.contains("CONSUL_HTTP_TOKEN"),
         "{err}"
     );
 
-    for (consul, env, why) in [
+    for (config, env, why) in [
         (
-            with_file("http://192.0.2.1:8500", "allow_insecure_token = true\n"),
+            with_file("http://192.0.2.1:8500").consul("allow_insecure_token = true"),
             None,
             "explicitly allowed",
         ),
-        (with_file("http://127.0.0.1:8500", ""), None, "loopback"),
-        (with_file("http://localhost:8500", ""), None, "localhost"),
-        (with_file("http://[::1]:8500", ""), None, "IPv6 loopback"),
-        (with_file("https://192.0.2.1:8501", ""), None, "https"),
+        (with_file("http://127.0.0.1:8500"), None, "loopback"),
+        (with_file("http://localhost:8500"), None, "localhost"),
+        (with_file("http://[::1]:8500"), None, "IPv6 loopback"),
+        (with_file("https://192.0.2.1:8501"), None, "https"),
         (
-            "http = [\"http://192.0.2.1:8500\"]\n".to_owned(),
+            plain().consul_http("http://192.0.2.1:8500"),
             None,
             "no token at all",
         ),
         (
-            "http = [\"http://127.0.0.1:8500\"]\n".to_owned(),
+            plain().consul_http("http://127.0.0.1:8500"),
             Some("secret-token"),
             "environment token to loopback",
         ),
     ] {
-        let out = check(&consul, env, &[]);
+        let out = check(&config, env, &[]).output().expect("run check-config");
         assert!(
             out.status.success(),
             "{why}: {}",

@@ -2,7 +2,7 @@
 //! the health rules, shuffling, freshness through blocking queries, outages, and the bound on
 //! requests that reach Consul.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
@@ -11,19 +11,13 @@ use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 
-fn node(sim: &ConsulSim, name: &str, addr: &str) {
-    let mut meta = BTreeMap::new();
-    meta.insert("rack".to_string(), "r1".to_string());
-    sim.add_node(SimNode {
-        name: name.into(),
-        address: addr.into(),
-        meta,
-    });
+pub(crate) fn node(sim: &ConsulSim, name: &str, addr: &str) {
+    sim.add_node(SimNode::new(name, addr).meta("rack", "r1"));
 }
 
 /// Registers instance `id` of `service` on `node`; `at` is (service address, port), the address
 /// "" meaning the node's.
-fn svc(
+pub(crate) fn svc(
     sim: &ConsulSim,
     id: &str,
     service: &str,
@@ -34,14 +28,10 @@ fn svc(
 ) {
     sim.add_service(
         SimService {
-            id: id.into(),
-            service: service.into(),
-            node: node.into(),
             address: at.0.into(),
-            port: at.1,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             weights: (10, 1),
-            meta: BTreeMap::new(),
+            ..SimService::new(id, service, node, at.1)
         },
         status,
     );
@@ -83,7 +73,7 @@ async fn sim_with_web() -> ConsulSim {
     sim
 }
 
-fn config(sim_urls: &[String], upstream: &TestUpstream, extra_consul: &str) -> String {
+fn config(sim_urls: &[String], upstream: &TestUpstream, extra_consul: &str) -> TestConfig {
     let mut config = TestConfig::new()
         .upstream(upstream.addr)
         .upstream_timeout("1s");
@@ -93,11 +83,10 @@ fn config(sim_urls: &[String], upstream: &TestUpstream, extra_consul: &str) -> S
     config
         .consul("alt_domains = [\"alt.example\"]")
         .consul(extra_consul)
-        .toml()
 }
 
 async fn start(sim: &ConsulSim, up: &TestUpstream, extra: &str) -> TestServer {
-    TestServer::start(&config(&[sim.http_url()], up, extra)).await
+    TestServer::start(&config(&[sim.http_url()], up, extra).toml()).await
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -170,24 +159,17 @@ async fn service_names_answer_like_consul() {
         "alt domain"
     );
 
-    let r = ask(fwd.addr, "web.service.dc9.consul.", RecordType::A).await;
-    assert_eq!(
-        r.metadata.response_code,
-        ResponseCode::NXDomain,
-        "unknown datacenter"
-    );
-    let r = ask(fwd.addr, "nosuch.service.consul.", RecordType::A).await;
-    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-    assert!(has_soa_authority(&r));
-    let r = ask(fwd.addr, "v9.web.service.consul.", RecordType::A).await;
-    assert_eq!(
-        r.metadata.response_code,
-        ResponseCode::NXDomain,
-        "no instance with that tag"
-    );
-    let r = ask(fwd.addr, "whatever.consul.", RecordType::A).await;
-    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-    assert!(has_soa_authority(&r));
+    // Names that do not exist, and whether the SOA must come in the authority section.
+    for (name, soa, why) in [
+        ("web.service.dc9.consul.", false, "unknown datacenter"),
+        ("nosuch.service.consul.", true, "unknown service"),
+        ("v9.web.service.consul.", false, "no instance with that tag"),
+        ("whatever.consul.", true, "not a Consul name"),
+    ] {
+        let r = ask(fwd.addr, name, RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{why}");
+        assert!(!soa || has_soa_authority(&r), "{why}: SOA in the authority");
+    }
 
     let r = ask(fwd.addr, "consul.", RecordType::SOA).await;
     match &r.answers[0].data {
@@ -507,8 +489,8 @@ async fn fails_over_to_the_next_agent_and_sends_the_token() {
     let dir = tempfile::tempdir().expect("tmp");
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, "s3cr3t-token\n").expect("write");
-    let extra = format!("token_file = \"{}\"\n", token_path.display());
-    let fwd = TestServer::start(&config(&[dead_url, sim.http_url()], &up, &extra)).await;
+    let config = config(&[dead_url, sim.http_url()], &up, "").token_file(&token_path);
+    let fwd = TestServer::start(&config.toml()).await;
     let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
     assert_eq!(addresses(&r).len(), 3);
     assert_eq!(sim.last_token().as_deref(), Some("s3cr3t-token"));
@@ -548,7 +530,7 @@ async fn hostname_addresses_become_a_cname_chain() {
 fn dns_mode_config(sim: &ConsulSim, up: &TestUpstream) -> String {
     TestConfig::new()
         .upstream(up.addr)
-        .consul(&format!("mode = \"dns\"\ndns = [\"{}\"]", sim.dns_addr()))
+        .consul_dns(sim.dns_addr())
         .toml()
 }
 

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::addresses;
 use crate::support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, Status};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -73,23 +74,13 @@ async fn get(c: &reqwest::Client, url: &str) -> Resp {
 }
 
 fn node(name: &str, addr: &str) -> SimNode {
-    SimNode {
-        name: name.into(),
-        address: addr.into(),
-        meta: BTreeMap::new(),
-    }
+    SimNode::new(name, addr)
 }
 
 fn svc(id: &str, service: &str, node: &str, port: u16, tags: &[&str]) -> SimService {
     SimService {
-        id: id.into(),
-        service: service.into(),
-        node: node.into(),
-        address: String::new(),
-        port,
         tags: tags.iter().map(|t| t.to_string()).collect(),
-        weights: (1, 1),
-        meta: BTreeMap::new(),
+        ..SimService::new(id, service, node, port)
     }
 }
 
@@ -156,6 +147,7 @@ fn sample(name: &str) -> Value {
         "agent-self" => include_str!("../support/consul_samples/agent-self.json"),
         "catalog-services" => include_str!("../support/consul_samples/catalog-services.json"),
         "health-state" => include_str!("../support/consul_samples/health-state.json"),
+        "catalog-nodes" => include_str!("../support/consul_samples/catalog-nodes.json"),
         _ => unreachable!(),
     };
     serde_json::from_str(text).expect("sample JSON")
@@ -163,6 +155,25 @@ fn sample(name: &str) -> Value {
 
 /// A node and two instances shaped like the samples (one with its own
 /// address, tags and meta; one bare).
+/// Whether every connection to `sim` is closed within 2 s.
+async fn connections_close(sim: &ConsulSim) -> bool {
+    for _ in 0..100 {
+        if sim.open_connections() == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A simulator holding [`sample_like`]'s catalog, a client, and the simulator's base URL.
+async fn sample_sim() -> (ConsulSim, reqwest::Client, String) {
+    let sim = ConsulSim::start().await;
+    sample_like(&sim);
+    let base = sim.http_url();
+    (sim, client(), base)
+}
+
 fn sample_like(sim: &ConsulSim) {
     let mut n = node("foobar", "10.1.10.12");
     n.meta.insert("instance_type".into(), "t2.medium".into());
@@ -181,10 +192,7 @@ fn sample_like(sim: &ConsulSim) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_shapes_match_samples() {
     within(async {
-        let sim = ConsulSim::start().await;
-        sample_like(&sim);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sample_sim().await;
 
         // health/service: exactly the sample's keys (minus Namespace) plus
         // CreateIndex/ModifyIndex on Node, Service and each check.
@@ -516,15 +524,11 @@ async fn blocking_queries() {
             .await;
         assert!(res.unwrap_err().is_timeout());
         drop(c);
-        let mut closed = false;
-        for _ in 0..100 {
-            if sim.open_connections() == 0 {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed, "open connections: {}", sim.open_connections());
+        assert!(
+            connections_close(&sim).await,
+            "open connections: {}",
+            sim.open_connections()
+        );
     })
     .await;
 }
@@ -770,15 +774,11 @@ async fn request_and_connection_accounting() {
             "pooled keep-alive connections stay open"
         );
         drop(c);
-        let mut closed = false;
-        for _ in 0..100 {
-            if sim.open_connections() == 0 {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed);
+        assert!(
+            connections_close(&sim).await,
+            "open connections: {}",
+            sim.open_connections()
+        );
 
         // Raw HTTP/1.1: pipelining and Connection: close are handled.
         let mut s = TcpStream::connect(sim.http_addr()).await.unwrap();
@@ -847,17 +847,6 @@ async fn dns_tcp(addr: SocketAddr, name: &str, rtype: RecordType) -> Message {
     Message::from_vec(&msg).unwrap()
 }
 
-fn addrs(m: &Message) -> Vec<String> {
-    m.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0.to_string()),
-            RData::AAAA(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn assert_soa_authority(m: &Message) {
     assert_eq!(m.authorities.len(), 1, "{m:?}");
     let r = &m.authorities[0];
@@ -917,7 +906,7 @@ async fn dns_answers_like_consul() {
         assert!(m.queries[0]
             .name()
             .eq_case(&Name::from_ascii(asked).unwrap()));
-        let mut got = addrs(&m);
+        let mut got = addresses(&m);
         got.sort();
         assert_eq!(got, ["10.0.0.1", "10.0.0.2"]);
         assert!(m
@@ -927,11 +916,11 @@ async fn dns_answers_like_consul() {
 
         // AAAA / datacenter / tag forms.
         let (m, _) = dns_udp(dns, "web.service.consul.", RecordType::AAAA, None).await;
-        assert_eq!(addrs(&m), ["fd00::6"]);
+        assert_eq!(addresses(&m), ["fd00::6"]);
         let (m, _) = dns_udp(dns, "web.service.dc1.consul.", RecordType::A, None).await;
         assert_eq!(m.answers.len(), 2);
         let (m, _) = dns_udp(dns, "v1.web.service.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"], "web-3 has v1 but is critical");
+        assert_eq!(addresses(&m), ["10.0.0.1"], "web-3 has v1 but is critical");
         let (m, _) = dns_udp(dns, "web.service.dc2.consul.", RecordType::A, None).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 
@@ -975,7 +964,7 @@ async fn dns_answers_like_consul() {
         };
         assert_eq!(s.target.to_ascii(), "0a090909.addr.dc1.consul.");
         let (m, _) = dns_udp(dns, "0a090909.addr.dc1.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.9.9.9"]);
+        assert_eq!(addresses(&m), ["10.9.9.9"]);
 
         // NXDOMAIN (unknown, or nothing healthy) with the SOA; NODATA; REFUSED.
         for name in [
@@ -999,7 +988,7 @@ async fn dns_answers_like_consul() {
 
         // Nodes: A plus meta TXT in additional.
         let (m, _) = dns_udp(dns, "n1.node.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"]);
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
         let txt: Vec<String> = m
             .additionals
             .iter()
@@ -1010,7 +999,7 @@ async fn dns_answers_like_consul() {
             .collect();
         assert_eq!(txt, ["rack=r1"]);
         let (m, _) = dns_udp(dns, "n3.node.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.3"], "node lookups ignore health");
+        assert_eq!(addresses(&m), ["10.0.0.3"], "node lookups ignore health");
 
         // TCP on the same port.
         let m = dns_tcp(dns, "web.service.consul.", RecordType::A).await;
@@ -1019,7 +1008,7 @@ async fn dns_answers_like_consul() {
         // Prepared query over DNS: its TTL, its filters.
         sim.add_prepared_query("webq", "web", Some("v1"), Some("10s"));
         let (m, _) = dns_udp(dns, "webq.query.consul.", RecordType::A, None).await;
-        assert_eq!(addrs(&m), ["10.0.0.1"]);
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
         assert_eq!(m.answers[0].ttl, 10);
 
         // Every message was counted (UDP and TCP).
@@ -1049,7 +1038,7 @@ async fn dns_shuffles_and_trims_silently() {
         for _ in 0..30 {
             let (m, _) = dns_udp(dns, "small.service.consul.", RecordType::A, None).await;
             assert_eq!(m.answers.len(), 5);
-            orders.insert(addrs(&m));
+            orders.insert(addresses(&m));
         }
         assert!(orders.len() > 1, "answers must be shuffled per query");
 
@@ -1114,10 +1103,7 @@ fn check_ids(v: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_state_lists_checks_by_status_and_blocks() {
     within(async {
-        let sim = ConsulSim::start().await;
-        sample_like(&sim);
-        let c = client();
-        let base = sim.http_url();
+        let (sim, c, base) = sample_sim().await;
 
         // The sample's keys (minus Namespace, Enterprise only) plus the raft indexes, one
         // entry per check, node checks first within a node (ordered by check ID).
@@ -1301,6 +1287,232 @@ async fn bulk_catalog_and_churn_generator() {
         let mut got = check_ids(&r.json());
         got.sort();
         assert_eq!(got, want);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- catalog nodes and PTR
+
+/// The node names of a `/v1/catalog/nodes` body, in its order.
+fn node_names(v: &Value) -> Vec<String> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|n| n["Node"].as_str().expect("Node").to_string())
+        .collect()
+}
+
+/// GETs `url` (a blocking query) and, once it is held, makes `change`; returns the response.
+async fn get_while(c: &reqwest::Client, url: String, change: impl FnOnce()) -> Resp {
+    let c = c.clone();
+    let held = tokio::spawn(async move { get(&c, &url).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    change();
+    held.await.expect("the request task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_nodes_shape_tagged_addresses_and_blocking() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sample_like(&sim);
+        sim.add_node(node("v6", "2001:db8::6"));
+        sim.set_node_tagged_addresses(
+            "foobar",
+            &[
+                ("lan_ipv4", "10.1.10.12"),
+                ("wan_ipv4", "10.1.10.12"),
+                ("lan_ipv6", "2001:db8::12"),
+                ("wan_ipv6", "2001:db8::12"),
+            ],
+        );
+        let c = client();
+        let base = sim.http_url();
+        let r = get(&c, &format!("{base}/v1/catalog/nodes")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["content-type"], "application/json");
+        let body = r.json();
+        // The sample's keys, plus the node's raft indexes (Consul's `Node` carries them; the
+        // docs sample is abridged) and the tagged addresses by family an agent registers.
+        let ours = shape(&body);
+        let extra = [
+            "CreateIndex",
+            "ModifyIndex",
+            "lan_ipv4",
+            "wan_ipv4",
+            "lan_ipv6",
+            "wan_ipv6",
+        ];
+        assert_eq!(without(&ours, &extra), shape(&sample("catalog-nodes")));
+        assert!(ours.contains("[].CreateIndex") && ours.contains("[].ModifyIndex"));
+        assert_eq!(node_names(&body), ["foobar", "v6"], "sorted by name");
+        assert_eq!(
+            body[0]["TaggedAddresses"],
+            serde_json::json!({
+                "lan": "10.1.10.12", "lan_ipv4": "10.1.10.12", "lan_ipv6": "2001:db8::12",
+                "wan": "10.1.10.12", "wan_ipv4": "10.1.10.12", "wan_ipv6": "2001:db8::12",
+            })
+        );
+        assert_eq!(body[0]["Meta"]["instance_type"], "t2.medium");
+        assert_eq!(body[1]["Address"], "2001:db8::6");
+        assert_eq!(
+            body[1]["TaggedAddresses"],
+            serde_json::json!({"lan": "2001:db8::6", "wan": "2001:db8::6"})
+        );
+        assert_eq!(body[1]["Datacenter"], "dc1");
+        let idx = r.index();
+        assert!(idx >= 1);
+        // `?stale` is accepted (any server answers); another datacenter fails as without a WAN path.
+        assert_eq!(
+            get(&c, &format!("{base}/v1/catalog/nodes?stale"))
+                .await
+                .index(),
+            idx
+        );
+        let r = get(&c, &format!("{base}/v1/catalog/nodes?dc=dc2")).await;
+        assert_eq!((r.status, r.body.as_str()), (500, "No path to datacenter"));
+
+        // A check flip is not a change of the nodes table: the query waits out its wait.
+        let t = Instant::now();
+        let url = format!("{base}/v1/catalog/nodes?stale&index={idx}&wait=300ms");
+        let r = get_while(&c, url, || sim.set_service_check("redis", Status::Critical)).await;
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        assert_eq!(r.index(), idx);
+
+        // A node registered wakes it at once, with a higher index.
+        let t = Instant::now();
+        let url = format!("{base}/v1/catalog/nodes?index={idx}&wait=10s");
+        let r = get_while(&c, url, || sim.add_node(node("late", "10.1.10.99"))).await;
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(r.index() > idx);
+        assert_eq!(node_names(&r.json()), ["foobar", "late", "v6"]);
+
+        // So do a new tagged address and a node deregistered, which takes its services along.
+        let idx = r.index();
+        let url = format!("{base}/v1/catalog/nodes?index={idx}&wait=10s");
+        let tag = || sim.set_node_tagged_addresses("v6", &[("lan_ipv6", "2001:db8::6")]);
+        let r = get_while(&c, url, tag).await;
+        assert!(r.index() > idx);
+        assert_eq!(r.json()[2]["TaggedAddresses"]["lan_ipv6"], "2001:db8::6");
+        let idx = r.index();
+        let url = format!("{base}/v1/catalog/nodes?index={idx}&wait=10s");
+        let r = get_while(&c, url, || sim.remove_node("foobar")).await;
+        assert!(r.index() > idx);
+        assert_eq!(node_names(&r.json()), ["late", "v6"]);
+        let redis = get(&c, &format!("{base}/v1/health/service/redis")).await;
+        assert_eq!(redis.json(), serde_json::json!([]));
+        assert!(redis.index() > idx, "the service's result changed too");
+        let services = get(&c, &format!("{base}/v1/catalog/services")).await.json();
+        assert!(services.get("redis").is_none() && services.get("consul").is_none());
+    })
+    .await;
+}
+
+fn ptr_target(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::PTR(p) => {
+                assert_eq!(r.ttl, 0, "Consul's PTR TTL is 0");
+                p.0.to_ascii()
+            }
+            other => panic!("PTR expected: {other:?}"),
+        })
+        .collect()
+}
+
+/// Consul's `TestDNS_ReverseLookup*` and `TestDNS_ServiceReverseLookup*` (agent/dns_test.go):
+/// node addresses first, then service addresses, IPv4 and IPv6, any question type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_ptr_like_consul() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_node(node("foo2", "127.0.0.2"));
+        sim.add_node(node("bar", "::4242:4242"));
+        sim.add_node(node("foo", "127.0.0.1"));
+        let mut db = svc("db-1", "db", "foo", 12345, &["primary"]);
+        db.address = "127.0.0.3".into();
+        sim.add_service(db, Status::Passing);
+        let mut db6 = svc("db-6", "db6", "bar", 12345, &[]);
+        db6.address = "2001:db8::ff00:42:8329".into();
+        sim.add_service(db6, Status::Critical);
+        // Its service address is its node's: the node answers.
+        let mut same = svc("same-1", "same", "foo", 80, &[]);
+        same.address = "127.0.0.1".into();
+        sim.add_service(same, Status::Passing);
+        sim.set_node_tagged_addresses("foo", &[("lan_ipv6", "2001:db8::1")]);
+        let dns = sim.dns_addr();
+
+        for (name, rtype, want) in [
+            (
+                "2.0.0.127.in-addr.arpa.",
+                RecordType::ANY,
+                "foo2.node.dc1.consul.",
+            ),
+            (
+                "2.0.0.127.in-addr.arpa.",
+                RecordType::PTR,
+                "foo2.node.dc1.consul.",
+            ),
+            (
+                "2.0.0.127.IN-ADDR.ARPA.",
+                RecordType::A,
+                "foo2.node.dc1.consul.",
+            ),
+            (
+                "1.0.0.127.in-addr.arpa.",
+                RecordType::PTR,
+                "foo.node.dc1.consul.",
+            ),
+            (
+                "3.0.0.127.in-addr.arpa.",
+                RecordType::PTR,
+                "db.service.dc1.consul.",
+            ),
+            (
+                "2.4.2.4.2.4.2.4.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa.",
+                RecordType::PTR,
+                "bar.node.dc1.consul.",
+            ),
+            (
+                "9.2.3.8.2.4.0.0.0.0.f.f.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.",
+                RecordType::ANY,
+                "db6.service.dc1.consul.",
+            ),
+        ] {
+            let (m, _) = dns_udp(dns, name, rtype, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert!(m.metadata.authoritative && !m.metadata.recursion_available);
+            assert_eq!(ptr_target(&m), [want], "{name} {rtype}");
+            assert_eq!(m.answers[0].name.to_ascii(), name, "owner: the question");
+        }
+        let m = dns_tcp(dns, "3.0.0.127.in-addr.arpa.", RecordType::PTR).await;
+        assert_eq!(ptr_target(&m), ["db.service.dc1.consul."], "over TCP");
+
+        // Unknown, tagged-only, partial and malformed: NXDOMAIN with the SOA (no recursors).
+        for name in [
+            "9.9.9.10.in-addr.arpa.",
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.",
+            "0.127.in-addr.arpa.",
+            "02.0.0.127.in-addr.arpa.",
+            "x.0.0.127.in-addr.arpa.",
+            "in-addr.arpa.",
+            "arpa.",
+        ] {
+            let (m, _) = dns_udp(dns, name, RecordType::PTR, None).await;
+            let nxdomain = (ResponseCode::NXDomain, true, 0);
+            let got = (
+                m.metadata.response_code,
+                m.metadata.authoritative,
+                m.answers.len(),
+            );
+            assert_eq!(got, nxdomain, "{name}: NXDOMAIN, AA, no answer");
+            assert_soa_authority(&m);
+        }
+        // Deregistered: gone at once.
+        sim.remove_node("foo2");
+        let (m, _) = dns_udp(dns, "2.0.0.127.in-addr.arpa.", RecordType::PTR, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     })
     .await;
 }

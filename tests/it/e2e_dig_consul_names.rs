@@ -2,19 +2,12 @@
 //! Consul names: TCP, no EDNS, truncation and the TCP retry, SRV in RFC 2782 form, and every
 //! SRV target asked on its own (as nginx's `service=` does). cli_and_config_files.rs covers forwarded names.
 
-use std::collections::BTreeMap;
-
 use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use crate::support::e2e::Forwarder;
+use crate::support::e2e::{dig_command, Forwarder};
 use crate::support::upstream::TestUpstream;
 
-async fn dig(port: u16, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("dig")
-        .arg("@127.0.0.1")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(["+time=2", "+tries=1"])
-        .args(args)
+pub(crate) async fn dig(port: u16, args: &[&str]) -> String {
+    let out = tokio::process::Command::from(dig_command(port, args))
         .output()
         .await
         .expect("dig is installed (bind9-dnsutils, scripts/test.sh installs it)");
@@ -23,7 +16,7 @@ async fn dig(port: u16, args: &[&str]) -> String {
 
 /// The records of one section of dig's output (`ANSWER`, `AUTHORITY`, `ADDITIONAL`), each
 /// split into fields: name, TTL, class, type, data...
-fn section(out: &str, name: &str) -> Vec<Vec<String>> {
+pub(crate) fn section(out: &str, name: &str) -> Vec<Vec<String>> {
     let header = format!(";; {name} SECTION:");
     out.lines()
         .skip_while(|l| l.trim() != header)
@@ -34,7 +27,7 @@ fn section(out: &str, name: &str) -> Vec<Vec<String>> {
 }
 
 /// The data of the `rtype` records in the answer section, sorted.
-fn answers(out: &str, rtype: &str) -> Vec<String> {
+pub(crate) fn answers(out: &str, rtype: &str) -> Vec<String> {
     let mut v: Vec<String> = section(out, "ANSWER")
         .into_iter()
         .filter(|f| f.get(3).is_some_and(|t| t == rtype))
@@ -44,7 +37,7 @@ fn answers(out: &str, rtype: &str) -> Vec<String> {
     v
 }
 
-fn flags(out: &str) -> String {
+pub(crate) fn flags(out: &str) -> String {
     out.lines()
         .find_map(|l| l.split_once(";; flags: "))
         .map(|(_, rest)| rest.split(';').next().unwrap_or("").to_string())
@@ -52,46 +45,37 @@ fn flags(out: &str) -> String {
 }
 
 fn node(sim: &ConsulSim, name: &str, addr: &str) {
-    sim.add_node(SimNode {
-        name: name.into(),
-        address: addr.into(),
-        meta: BTreeMap::new(),
-    });
+    sim.add_node(SimNode::new(name, addr));
 }
 
 fn service(sim: &ConsulSim, id: &str, name: &str, node: &str, addr: &str, port: u16) {
     sim.add_service(
         SimService {
-            id: id.into(),
-            service: name.into(),
-            node: node.into(),
             address: addr.into(),
-            port,
-            tags: Vec::new(),
-            weights: (1, 1),
-            meta: BTreeMap::new(),
+            ..SimService::new(id, name, node, port)
         },
         Status::Passing,
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dig_asks_consul_names_over_udp_tcp_with_and_without_edns() {
+/// web-1..3 on n1..n3 (127.0.0.2-4, node addresses, port 8080) and api-1 on n9 (127.0.0.5) at
+/// its own address, 127.0.0.9:9090; all passing.
+async fn web_and_api() -> ConsulSim {
     let sim = ConsulSim::start().await;
     for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
-        node(&sim, &format!("n{}", i + 1), ip);
-        service(
-            &sim,
-            &format!("web-{}", i + 1),
-            "web",
-            &format!("n{}", i + 1),
-            "",
-            8080,
-        );
+        let n = i + 1;
+        node(&sim, &format!("n{n}"), ip);
+        service(&sim, &format!("web-{n}"), "web", &format!("n{n}"), "", 8080);
     }
     // An instance whose own address differs from its node's.
     node(&sim, "n9", "127.0.0.5");
     service(&sim, "api-1", "api", "n9", "127.0.0.9", 9090);
+    sim
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_asks_consul_names_over_udp_tcp_with_and_without_edns() {
+    let sim = web_and_api().await;
     // 60 instances: too big for 512 bytes.
     for i in 1..=60 {
         node(&sim, &format!("m{i}"), &format!("127.0.1.{i}"));
@@ -166,20 +150,7 @@ async fn dig_asks_consul_names_over_udp_tcp_with_and_without_edns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dig_srv_targets_resolve_on_their_own() {
-    let sim = ConsulSim::start().await;
-    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
-        node(&sim, &format!("n{}", i + 1), ip);
-        service(
-            &sim,
-            &format!("web-{}", i + 1),
-            "web",
-            &format!("n{}", i + 1),
-            "",
-            8080,
-        );
-    }
-    node(&sim, "n9", "127.0.0.5");
-    service(&sim, "api-1", "api", "n9", "127.0.0.9", 9090);
+    let sim = web_and_api().await;
     sim.set_service_check("web-3", Status::Critical);
     let up = TestUpstream::start().await;
     let url = sim.http_url();

@@ -4,23 +4,21 @@
 
 use crate::support::dnssec::{delv, Dig, Server, SignedZone};
 use crate::support::e2e::Forwarder;
+use crate::support::TestConfig;
 
-/// The forwarder in front of `unbound`, failures remembered for 3 s, then 6 s.
-async fn forwarder(zone: &SignedZone, unbound: &Server, extra: &str) -> Forwarder {
+/// The forwarder binary in front of `unbound` (`upstream` lines beyond the server in
+/// `upstream_lines`), failures remembered for 3 s, then 6 s.
+async fn forwarder(zone: &SignedZone, unbound: &Server, upstream_lines: &str) -> Forwarder {
     let conf = zone
         .dir
         .path()
-        .join(format!("forwarder-{}.toml", extra.len()));
-    std::fs::write(
-        &conf,
-        format!(
-            "[upstream]\nservers = [\"{}\"]\n{extra}\n\
-             [cache]\nfailure_ttl = \"3s\"\nfailure_ttl_max = \"6s\"\n\
-             [consul]\nenabled = false\n",
-            unbound.addr
-        ),
-    )
-    .expect("write config");
+        .join(format!("forwarder-{}.toml", upstream_lines.len()));
+    TestConfig::new()
+        .upstream(unbound.addr)
+        .upstream_lines(upstream_lines)
+        .cache("failure_ttl = \"3s\"\nfailure_ttl_max = \"6s\"")
+        .consul_off()
+        .write_to(&conf);
     Forwarder::spawn(&["--config", &conf.display().to_string()]).await
 }
 

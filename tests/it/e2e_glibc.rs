@@ -21,13 +21,15 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
-use crate::support::e2e::{sbin, KillOnDrop, BIN};
+use crate::support::consul_sim::{ConsulSim, Status};
+use crate::support::e2e::{sbin, start_quietly, KillOnDrop, BIN};
+use crate::support::run_ok;
 use crate::support::upstream::TestUpstream;
+use crate::support::TestConfig;
 
 const CLONE_NEWNET: i32 = 0x4000_0000;
 
@@ -45,16 +47,6 @@ fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
         })
         .unwrap_or(false)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// A network namespace with `lo` up and /etc/netns/<name>/resolv.conf, the in-namespace
@@ -96,29 +88,17 @@ impl Netns {
             sim: None,
             upstream: "0.0.0.0:0".parse().expect("addr"),
         };
-        run(Command::new(sbin("ip")).args(["netns", "add", &name]));
-        run(Command::new(sbin("ip")).args([
-            "netns",
-            "exec",
-            &name,
-            sbin("ip").as_str(),
-            "link",
-            "set",
-            "lo",
-            "up",
-        ]));
+        run_ok(Command::new(sbin("ip")).args(["netns", "add", &name]));
+        let ip_inside = |args: &[&str]| {
+            run_ok(
+                Command::new(sbin("ip"))
+                    .args(["netns", "exec", &name, sbin("ip").as_str()])
+                    .args(args),
+            );
+        };
+        ip_inside(&["link", "set", "lo", "up"]);
         for addr in lo_addrs {
-            run(Command::new(sbin("ip")).args([
-                "netns",
-                "exec",
-                &name,
-                sbin("ip").as_str(),
-                "addr",
-                "add",
-                addr,
-                "dev",
-                "lo",
-            ]));
+            ip_inside(&["addr", "add", addr, "dev", "lo"]);
         }
         std::fs::create_dir_all(&etc).expect("mkdir /etc/netns/<ns>");
         std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n")
@@ -146,14 +126,7 @@ impl Netns {
             &up,
         ];
         args.extend_from_slice(forwarder_args);
-        let child = Command::new(sbin("ip"))
-            .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the forwarder in the namespace");
+        let child = start_quietly(Command::new(sbin("ip")).args(&args));
         ns.forwarder = Some(KillOnDrop(child));
         ns.wait_ready();
         ns
@@ -270,23 +243,13 @@ impl Drop for Netns {
 }
 
 fn register(sim: &ConsulSim, service: &str, n: usize, ip: &str, status: Status) {
-    let node = format!("{service}-node-{n}");
-    sim.add_node(SimNode {
-        name: node.clone(),
-        address: ip.into(),
-        meta: BTreeMap::new(),
-    });
-    sim.add_service(
-        SimService {
-            id: format!("{service}-{n}"),
-            service: service.into(),
-            node,
-            address: String::new(),
-            port: 8080,
-            tags: Vec::new(),
-            weights: (1, 1),
-            meta: BTreeMap::new(),
-        },
+    let id = format!("{service}-{n}");
+    sim.add_instance(
+        &id,
+        service,
+        &format!("{service}-node-{n}"),
+        ip,
+        8080,
         status,
     );
 }
@@ -380,10 +343,10 @@ fn glibc_sorting_defeats_round_robin_and_a_record_limit_1_restores_it() {
     }
     println!("a_record_limit = 0: first address of 12 lookups: {firsts:?}");
 
-    let dir = tempfile::tempdir().expect("tmp");
-    let conf = dir.path().join("limit.toml");
-    std::fs::write(&conf, "[consul]\na_record_limit = 1\n").expect("write");
-    let conf = conf.display().to_string();
+    let (_dir, conf) = TestConfig::new()
+        .metrics_default()
+        .consul("a_record_limit = 1")
+        .write_temp("limit.toml");
     let ns = Netns::start(&lo, &["--config", &conf], same_subnet_catalog);
     let mut firsts: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..12 {

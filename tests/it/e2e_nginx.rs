@@ -4,14 +4,14 @@
 //! critical with both `when_none_healthy` settings, and a service whose answer needs TCP.
 //! `examples/nginx/upstream-resolve.conf` runs too when the installed nginx is >= 1.27.3.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::consul_sim::{ConsulSim, Status};
 use crate::support::e2e::{
     examples_dir, free_port, nginx_version, replace_once, Backends, Forwarder, Nginx,
 };
 use crate::support::upstream::TestUpstream;
+use crate::support::TestConfig;
 
 /// The service TTL the forwarder sends (its default) and `valid=` in the example.
 const TTL: Duration = Duration::from_secs(5);
@@ -22,24 +22,7 @@ const WEB: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
 
 /// Registers `service` instance `id` on its own node `node` at `addr:port`, passing.
 fn register(sim: &ConsulSim, service: &str, id: &str, node: &str, addr: &str, port: u16) {
-    sim.add_node(SimNode {
-        name: node.into(),
-        address: addr.into(),
-        meta: BTreeMap::new(),
-    });
-    sim.add_service(
-        SimService {
-            id: id.into(),
-            service: service.into(),
-            node: node.into(),
-            address: String::new(),
-            port,
-            tags: Vec::new(),
-            weights: (1, 1),
-            meta: BTreeMap::new(),
-        },
-        Status::Passing,
-    );
+    sim.add_instance(id, service, node, addr, port, Status::Passing);
 }
 
 /// web-1..3 on n1..n3 = 127.0.0.2..4, all on the backends' port.
@@ -180,10 +163,10 @@ async fn nginx_spreads_requests_drops_a_critical_backend_and_fails_when_none_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_keeps_serving_when_none_is_healthy_with_when_none_healthy_all() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let conf = dir.path().join("forwarder.toml");
-    std::fs::write(&conf, "[consul]\nwhen_none_healthy = \"all\"\n").expect("write");
-    let conf = conf.display().to_string();
+    let (_dir, conf) = TestConfig::new()
+        .metrics_default()
+        .consul("when_none_healthy = \"all\"")
+        .write_temp("forwarder.toml");
     let (sim, _up, backends, _fwd, nginx) = setup(&["--config", &conf]).await;
 
     requests_ok(&nginx, &backends, 30).await;

@@ -13,15 +13,14 @@ use hickory_proto::rr::RecordType;
 use crate::support::upstream::{PackedUpstream, TestUpstream};
 use crate::support::*;
 
-/// First period 1 s, doubling to 4 s: in a 5 s run the upstream is asked at 0, 1 and 3 s.
-const BACKOFF: &str = "[cache]\nfailure_ttl = \"1s\"\nfailure_ttl_max = \"4s\"\n";
-
+/// The forwarder's config: failures remembered for 1 s at first, doubling to 4 s, so that in a
+/// 5 s run the upstream is asked at 0, 1 and 3 s.
 fn config(upstream: impl std::fmt::Display, timeout: &str) -> String {
     TestConfig::new()
         .upstream(upstream)
         .upstream_timeout(timeout)
         .consul_off()
-        .raw(BACKOFF)
+        .cache("failure_ttl = \"1s\"\nfailure_ttl_max = \"4s\"")
         .toml()
 }
 

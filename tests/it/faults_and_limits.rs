@@ -1,11 +1,10 @@
 //! Faults and limits: Consul down, hung or flapping; secrets kept out of output; resource limits
 //! with their counters.
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::consul_sim::{ConsulSim, Status};
 use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use hickory_proto::op::{Message, ResponseCode};
@@ -13,23 +12,13 @@ use hickory_proto::rr::RecordType;
 
 fn web(sim: &ConsulSim) {
     for (i, addr) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
-        let node = format!("n{}", i + 1);
-        sim.add_node(SimNode {
-            name: node.clone(),
-            address: addr.to_string(),
-            meta: BTreeMap::new(),
-        });
-        sim.add_service(
-            SimService {
-                id: format!("web-{}", i + 1),
-                service: "web".into(),
-                node,
-                address: String::new(),
-                port: 80,
-                tags: vec![],
-                weights: (1, 1),
-                meta: BTreeMap::new(),
-            },
+        let n = i + 1;
+        sim.add_instance(
+            &format!("web-{n}"),
+            "web",
+            &format!("n{n}"),
+            addr,
+            80,
             Status::Passing,
         );
     }
@@ -156,27 +145,15 @@ async fn one_log_line_per_outage_and_the_token_never_shows() {
     let token = "d3adb33f-secret-token";
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, token).expect("write");
-    let port = free_port();
     let mport = free_port();
     let conf_path = dir.path().join("f.toml");
-    std::fs::write(
-        &conf_path,
-        TestConfig::new()
-            .upstream(up.addr)
-            .metrics_listen(format!("127.0.0.1:{mport}"))
-            .consul_http(sim.http_url())
-            .token_file(&token_path)
-            .toml(),
-    )
-    .expect("write");
-    let mut server = spawn(&[
-        "--config",
-        &conf_path.display().to_string(),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ]);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_until_answering(addr).await;
+    TestConfig::new()
+        .upstream(up.addr)
+        .metrics_listen(format!("127.0.0.1:{mport}"))
+        .consul_http(sim.http_url())
+        .token_file(&token_path)
+        .write_to(&conf_path);
+    let (mut server, addr) = spawn_answering(&["--config", &conf_path.display().to_string()]).await;
     for svc in ["web", "api", "db"] {
         assert!(
             !addresses(&ask(addr, &format!("{svc}.service.consul."), RecordType::A).await)
@@ -215,16 +192,30 @@ async fn one_log_line_per_outage_and_the_token_never_shows() {
     assert_eq!(up_again, 1, "{stderr}");
     assert!(!stderr.contains(token), "token in the logs: {stderr}");
 
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&conf_path)
-        .output()
-        .expect("run");
-    assert!(out.status.success());
+    let out = run_ok(&mut check_config(&conf_path));
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains(token)
             && !String::from_utf8_lossy(&out.stderr).contains(token)
     );
+}
+
+/// Starts the binary with `config` (written to `path`) and returns what it says on stderr when it
+/// refuses to start, as it must (exit 1).
+fn refused_start(config: &TestConfig, path: &std::path::Path) -> String {
+    config.write_to(path);
+    exits_with(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(path)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args([
+                "--upstream",
+                "127.0.0.1:9",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ]),
+        1,
+    )
 }
 
 #[test]
@@ -232,29 +223,8 @@ fn token_file_problems_are_clear() {
     let dir = tempfile::tempdir().expect("tmp");
     let missing = dir.path().join("no-such-token");
     let port = free_port();
-    let out = Command::new(BIN)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--upstream",
-            "127.0.0.1:9",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--config"])
-        .arg({
-            let p = dir.path().join("f.toml");
-            std::fs::write(
-                &p,
-                format!("[consul]\ntoken_file = \"{}\"\n", missing.display()),
-            )
-            .expect("write");
-            p
-        })
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let config = TestConfig::new().metrics_default().token_file(&missing);
+    let err = refused_start(&config, &dir.path().join("f.toml"));
     assert!(
         err.contains("consul.token_file") && err.contains("no-such-token"),
         "{err}"
@@ -266,14 +236,10 @@ fn token_file_problems_are_clear() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let conf = dir.path().join("g.toml");
-    std::fs::write(
-        &conf,
-        TestConfig::new()
-            .metrics_default()
-            .token_file(&token)
-            .toml(),
-    )
-    .expect("write");
+    TestConfig::new()
+        .metrics_default()
+        .token_file(&token)
+        .write_to(&conf);
     let mut server = spawn(&[
         "--config",
         &conf.display().to_string(),
@@ -407,48 +373,20 @@ async fn the_cache_stays_within_its_entry_limit() {
 #[test]
 fn ca_file_problems_are_clear() {
     let dir = tempfile::tempdir().expect("tmp");
-    let port = free_port();
-    let run = |ca: &std::path::Path| {
-        let conf = dir.path().join("ca.toml");
-        std::fs::write(
-            &conf,
-            format!(
-                "[consul]\nhttp = [\"https://127.0.0.1:8501\"]\nca_file = \"{}\"\n",
-                ca.display()
-            ),
-        )
-        .expect("write");
-        Command::new(BIN)
-            .args([
-                "--config",
-                &conf.display().to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args([
-                "--upstream",
-                "127.0.0.1:9",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .output()
-            .expect("run")
-    };
-    let out = run(&dir.path().join("missing.pem"));
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("consul.ca_file") && err.contains("missing.pem"),
-        "{err}"
-    );
-
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate\n").expect("write");
-    let out = run(&garbage);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("consul.ca_file") && err.contains("garbage.pem"),
-        "{err}"
-    );
+    for (ca, file) in [
+        (dir.path().join("missing.pem"), "missing.pem"),
+        (garbage, "garbage.pem"),
+    ] {
+        let config = TestConfig::new()
+            .metrics_default()
+            .consul_http("https://127.0.0.1:8501")
+            .ca_file(&ca);
+        let err = refused_start(&config, &dir.path().join("ca.toml"));
+        assert!(
+            err.contains("consul.ca_file") && err.contains(file),
+            "{err}"
+        );
+    }
 }

@@ -8,18 +8,19 @@ use crate::support::*;
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 
-fn config_for(upstreams: &[&TestUpstream], extra: &str) -> String {
+/// Forwarding to `upstreams` in order, with a 1 s timeout, no Consul.
+fn config_for(upstreams: &[&TestUpstream]) -> TestConfig {
     let mut config = TestConfig::new();
     for up in upstreams {
         config = config.upstream(up.addr);
     }
-    config.upstream_timeout("1s").consul_off().raw(extra).toml()
+    config.upstream_timeout("1s").consul_off()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_and_keeps_rcodes_and_soa() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "")).await;
+    let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
 
     let r = ask(fwd.addr, "a.test.", RecordType::A).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
@@ -64,7 +65,7 @@ async fn forwards_and_keeps_rcodes_and_soa() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caches_positive_and_negative_answers_with_ttl_countdown() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "")).await;
+    let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
     let first = ask(fwd.addr, "a.test.", RecordType::A).await;
     assert_eq!(first.answers[0].ttl, 300);
     let n1 = ask(fwd.addr, "missing.test.", RecordType::A).await;
@@ -99,7 +100,7 @@ async fn caches_positive_and_negative_answers_with_ttl_countdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_identical_misses_make_one_upstream_query() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "")).await;
+    let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
     let mut tasks = Vec::new();
     for _ in 0..40 {
         let addr = fwd.addr;
@@ -118,7 +119,7 @@ async fn concurrent_identical_misses_make_one_upstream_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_stale_when_upstream_stops_answering() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "[cache]\nstale_for = \"1h\"\n")).await;
+    let fwd = TestServer::start(&config_for(&[&up]).cache("stale_for = \"1h\"").toml()).await;
     let r = ask(fwd.addr, "short.test.", RecordType::A).await;
     assert_eq!(r.answers[0].ttl, 2);
     up.set_blackhole(true);
@@ -157,7 +158,7 @@ async fn fails_over_to_the_next_upstream() {
     let dead = TestUpstream::start_labeled("first").await;
     let live = TestUpstream::start_labeled("second").await;
     dead.set_blackhole(true);
-    let fwd = TestServer::start(&config_for(&[&dead, &live], "")).await;
+    let fwd = TestServer::start(&config_for(&[&dead, &live]).toml()).await;
     let started = Instant::now();
     let r = ask(fwd.addr, "who.test.", RecordType::TXT).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
@@ -180,11 +181,8 @@ async fn fails_over_to_the_next_upstream() {
 async fn forward_zones_go_to_their_own_servers() {
     let default = TestUpstream::start_labeled("default").await;
     let corp = TestUpstream::start_labeled("corp").await;
-    let extra = format!(
-        "[[forward]]\nzone = \"corp.test\"\nservers = [\"{}\"]\n",
-        corp.addr
-    );
-    let fwd = TestServer::start(&config_for(&[&default], &extra)).await;
+    let config = config_for(&[&default]).forward_zone("corp.test", &[corp.addr]);
+    let fwd = TestServer::start(&config.toml()).await;
     let r = ask(fwd.addr, "x.corp.test.", RecordType::A).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
     assert_eq!(corp.queries_for("x.corp.test.", RecordType::A), 1);
@@ -198,14 +196,9 @@ async fn forward_zones_go_to_their_own_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_truncate_over_udp_and_arrive_whole_over_tcp() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "")).await;
+    let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
     for (edns, limit) in [(None, 512usize), (Some(1232u16), 1232), (Some(4096), 1232)] {
-        let q = make_query("big.test.", RecordType::A, edns);
-        let bytes = raw_udp(fwd.addr, &q.to_vec().expect("enc"), REPLY_TIMEOUT)
-            .await
-            .expect("reply");
-        assert!(bytes.len() <= limit, "{} > {limit}", bytes.len());
-        let r = Message::from_vec(&bytes).expect("parse");
+        let r = udp_within(fwd.addr, "big.test.", RecordType::A, edns, limit).await;
         assert!(r.metadata.truncation, "TC=1, never silent");
         assert_eq!(r.edns.is_some(), edns.is_some(), "OPT kept when truncating");
     }
@@ -225,7 +218,7 @@ async fn large_answers_truncate_over_udp_and_arrive_whole_over_tcp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_hygiene() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "")).await;
+    let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
 
     // Question echoed with its case; AD clear when asked (this upstream does not validate);
     // CD echoed.
@@ -318,7 +311,8 @@ async fn protocol_hygiene() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_outside_allow_are_refused_on_udp_and_tcp() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "[server]\nallow = [\"10.0.0.0/8\"]\n")).await;
+    let fwd =
+        TestServer::start(&config_for(&[&up]).server("allow = [\"10.0.0.0/8\"]").toml()).await;
     let r = ask(fwd.addr, "a.test.", RecordType::A).await;
     assert_eq!(r.metadata.response_code, ResponseCode::Refused);
     assert!(r.answers.is_empty());
@@ -345,10 +339,11 @@ async fn clients_outside_allow_are_refused_on_udp_and_tcp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_answers_pipelined_queries_concurrently_and_closes_idle_connections() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(
-        &[&up],
-        "[server]\ntcp_idle_timeout = \"500ms\"\n",
-    ))
+    let fwd = TestServer::start(
+        &config_for(&[&up])
+            .server("tcp_idle_timeout = \"500ms\"")
+            .toml(),
+    )
     .await;
     let mut stream = tokio::net::TcpStream::connect(fwd.addr)
         .await
@@ -387,7 +382,7 @@ async fn tcp_answers_pipelined_queries_concurrently_and_closes_idle_connections(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_queries_in_flight() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "")).await;
+    let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
     let addr = fwd.addr;
     let pending = tokio::spawn(async move { ask(addr, "slow-400.test.", RecordType::A).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -419,7 +414,7 @@ async fn shutdown_finishes_queries_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_hits_answer_exactly_like_misses() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&config_for(&[&up], "")).await;
+    let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
     let cases: [(&str, RecordType, Option<u16>, bool, bool); 7] = [
         ("a.test.", RecordType::A, None, true, false),
         ("A.TeSt.", RecordType::A, Some(1232), false, true),

@@ -4,7 +4,7 @@
 //! being answered.
 //!
 //! Every service TTL is 60 s here, so a view refreshed on its TTL could not pass: only the
-//! change feed (`/v1/health/state/critical|warning`, see `src/consul/watch.rs`) can.
+//! change feed (`/v1/health/state/critical|warning`, see `src/consul/feed.rs`) can.
 //!
 //! The debug run uses a smaller catalog; `scripts/test.sh` runs the large variant in release
 //! mode with `--ignored`.
@@ -14,9 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::consul_sim::{
-    ChurnCheck, ChurnTarget, ConsulSim, GridInstance, SimNode, SimService, Status,
-};
+use crate::support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, GridInstance, Status};
 use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use hickory_proto::op::ResponseCode;
@@ -378,24 +376,7 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
         assert_eq!(addresses(&r), vec!["10.1.0.1".to_owned()]);
     }
 
-    sim.add_node(SimNode {
-        name: "a-node-2".into(),
-        address: "10.1.0.2".into(),
-        meta: Default::default(),
-    });
-    sim.add_service(
-        SimService {
-            id: "a-2".into(),
-            service: "a".into(),
-            node: "a-node-2".into(),
-            address: String::new(),
-            port: 80,
-            tags: Vec::new(),
-            weights: (1, 1),
-            meta: Default::default(),
-        },
-        Status::Critical,
-    );
+    sim.add_instance("a-2", "a", "a-node-2", "10.1.0.2", 80, Status::Critical);
     // Two feed intervals: the critical instance is now known to the view, and not served.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let r = ask(fwd.addr, &name, RecordType::A).await;

@@ -225,24 +225,18 @@ async fn accepted_extreme_config_values_serve_queries() {
         // consul.max_connections only matters to the HTTP client: that case asks an agent on
         // 127.0.0.1:1, where nothing listens, and its Consul names get SERVFAIL.
         let http = key == "max_connections";
-        let source = if http {
-            "http = [\"http://127.0.0.1:1\"]\ndatacenter = \"dc1\"".to_owned()
-        } else {
-            format!("catalog_file = \"{}\"", catalog.display())
-        };
-        let mut toml = TestConfig::new()
+        let config = TestConfig::new()
             .upstream(up.addr)
             .upstream_timeout("1s")
-            .consul(&source)
-            .cache("max_ttl = \"2147483647s\"")
-            .toml();
-        toml = toml.replace(
-            &format!("[{section}]\n"),
-            &format!("[{section}]\n{key} = {value}\n"),
-        );
-        if !toml.contains(&format!("{key} = {value}")) {
-            toml.push_str(&format!("[{section}]\n{key} = {value}\n"));
-        }
+            .cache("max_ttl = \"2147483647s\"");
+        let config = if http {
+            config
+                .consul_http("http://127.0.0.1:1")
+                .consul("datacenter = \"dc1\"")
+        } else {
+            config.catalog_file(&catalog)
+        };
+        let toml = config.set(section, key, value).toml();
         let config = match Config::from_toml_str(&toml, "extreme.toml") {
             Ok(c) => c,
             Err(e) => {
@@ -853,21 +847,26 @@ fn script_by_service(path: &str) -> Reply {
     }
 }
 
+/// `KIND.service.consul.` for every kind, all at once: (kind, rcode, how long its answer took).
+async fn ask_all_at_once<'a>(
+    fwd: &TestServer,
+    kinds: &[&'a str],
+) -> Vec<(&'a str, ResponseCode, Duration)> {
+    futures::future::join_all(kinds.iter().map(|&kind| async move {
+        let began = Instant::now();
+        let (rc, _) = rcode_of(fwd, &format!("{kind}.service.consul.")).await;
+        (kind, rc, began.elapsed())
+    }))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_garbage_gets_servfail_for_never_seen_names() {
     let consul = HostileConsul::start(|path, _| script_by_service(path)).await;
     let up = TestUpstream::start().await;
     let fwd = forwarder(&consul, &up, false).await;
     still_serving(&fwd).await;
-    let fwd_ref = &fwd;
-    let answers = futures::future::join_all(FAST_GARBAGE.iter().map(|kind| async move {
-        let fwd = fwd_ref;
-        let began = Instant::now();
-        let (rc, _) = rcode_of(fwd, &format!("{kind}.service.consul.")).await;
-        (kind, rc, began.elapsed())
-    }))
-    .await;
-    for (kind, rc, took) in answers {
+    for (kind, rc, took) in ask_all_at_once(&fwd, FAST_GARBAGE).await {
         assert_eq!(
             rc,
             ResponseCode::ServFail,
@@ -907,15 +906,7 @@ async fn consul_bodies_that_never_end_and_hung_requests_are_given_up() {
     let consul = HostileConsul::start(|path, _| script_by_service(path)).await;
     let up = TestUpstream::start().await;
     let fwd = forwarder(&consul, &up, false).await;
-    let fwd_ref = &fwd;
-    let answers = futures::future::join_all(SLOW_GARBAGE.iter().map(|kind| async move {
-        let fwd = fwd_ref;
-        let began = Instant::now();
-        let (rc, _) = rcode_of(fwd, &format!("{kind}.service.consul.")).await;
-        (kind, rc, began.elapsed())
-    }))
-    .await;
-    for (kind, rc, took) in answers {
+    for (kind, rc, took) in ask_all_at_once(&fwd, SLOW_GARBAGE).await {
         assert_eq!(rc, ResponseCode::ServFail, "{kind}");
         // The first query waits for the first fetch at most 2 s (FIRST_FETCH_WAIT).
         assert!(
@@ -938,6 +929,16 @@ async fn consul_bodies_that_never_end_and_hung_requests_are_given_up() {
     let streamed = consul.streamed.load(Ordering::SeqCst);
     eprintln!("never-ending bodies: {streamed} bytes sent before the forwarder gave up");
     fwd.stop().await;
+}
+
+/// Whether `name` comes to be answered with `addr` alone within 10 s.
+async fn comes_to_answer(fwd: &TestServer, name: &str, addr: &str) -> bool {
+    let want = (ResponseCode::NoError, vec![addr.to_owned()]);
+    eventually(Duration::from_secs(10), async || {
+        rcode_of(fwd, name).await == want
+    })
+    .await
+    .is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -966,13 +967,8 @@ async fn consul_garbage_after_good_data_keeps_the_last_view_and_recovers() {
     let during = consul.total_requests();
     // Good data again, with a new address: the view follows within the backoff (≤ 4.5 s).
     consul.set(|_, _| good("flappy", "127.0.0.6", 20));
-    let recovered = eventually(Duration::from_secs(10), async || {
-        rcode_of(&fwd, "flappy.service.consul.").await
-            == (ResponseCode::NoError, vec!["127.0.0.6".to_owned()])
-    })
-    .await;
     assert!(
-        recovered.is_some(),
+        comes_to_answer(&fwd, "flappy.service.consul.", "127.0.0.6").await,
         "recovers once Consul answers properly ({during} requests during the garbage)"
     );
     fwd.stop().await;
@@ -1004,13 +1000,8 @@ async fn consul_garbage_first_then_recovery() {
             good("late", "127.0.0.7", 5)
         }
     });
-    let recovered = eventually(Duration::from_secs(10), async || {
-        rcode_of(&fwd, "late.service.consul.").await
-            == (ResponseCode::NoError, vec!["127.0.0.7".to_owned()])
-    })
-    .await;
     assert!(
-        recovered.is_some(),
+        comes_to_answer(&fwd, "late.service.consul.", "127.0.0.7").await,
         "a valid answer after garbage is served"
     );
     let self_requests = consul.requests("/v1/agent/self");

@@ -12,6 +12,7 @@ mod support;
 mod consul_compatibility;
 mod consul_consistency;
 mod consul_names;
+mod consul_ptr;
 mod failure_cache;
 mod faults_and_limits;
 mod forwarding;

@@ -11,13 +11,12 @@ use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use hickory_proto::rr::RecordType;
 
-fn toml(up: &TestUpstream, consul: &str) -> String {
+/// Forwarding to `up`, /metrics served; the Consul source is the test's.
+fn config(up: &TestUpstream) -> TestConfig {
     TestConfig::new()
         .upstream(up.addr)
         .upstream_timeout("1s")
         .metrics_listen("127.0.0.1:0")
-        .consul(consul)
-        .toml()
 }
 
 /// Every series operators rely on (issue 5), by name.
@@ -58,10 +57,9 @@ async fn some_load(fwd: &TestServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_passes_promtool_and_has_every_series() {
-    let sim = ConsulSim::start().await;
-    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let sim = web_sim().await;
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&toml(&up, &format!("http = [\"{}\"]\n", sim.http_url()))).await;
+    let fwd = TestServer::start(&config(&up).consul_http(sim.http_url()).toml()).await;
     let maddr = fwd.metrics_addr.expect("metrics enabled");
     some_load(&fwd).await;
     let (status, body) = http_get(maddr, "/metrics").await;
@@ -127,12 +125,11 @@ async fn metrics_endpoint_passes_promtool_and_has_every_series() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_ready_follow_consul_and_shutdown() {
-    let sim = ConsulSim::start().await;
-    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let sim = web_sim().await;
     let url = sim.http_url();
     sim.stop().await;
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&toml(&up, &format!("http = [\"{url}\"]\n"))).await;
+    let fwd = TestServer::start(&config(&up).consul_http(url).toml()).await;
     let maddr = fwd.metrics_addr.expect("metrics");
     assert_eq!(http_get(maddr, "/health").await.0, 200);
     let (status, body) = http_get(maddr, "/ready").await;
@@ -158,11 +155,7 @@ async fn health_and_ready_follow_consul_and_shutdown() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("c.json");
     std::fs::write(&path, "{}").expect("write");
-    let fwd = TestServer::start(&toml(
-        &up,
-        &format!("catalog_file = \"{}\"\n", path.display()),
-    ))
-    .await;
+    let fwd = TestServer::start(&config(&up).catalog_file(&path).toml()).await;
     assert_eq!(
         http_get(fwd.metrics_addr.expect("metrics"), "/ready")
             .await
@@ -176,7 +169,7 @@ async fn health_and_ready_follow_consul_and_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_it() {
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&toml(&up, "enabled = false\n")).await;
+    let fwd = TestServer::start(&config(&up).consul_off().toml()).await;
     let maddr = fwd.metrics_addr.expect("metrics");
     for _ in 0..5 {
         ask(fwd.addr, "a.test.", RecordType::A).await;
@@ -241,28 +234,13 @@ async fn a_real_prometheus_scrapes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipped_prometheus_rules_and_dashboard_are_valid() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/prometheus");
-    let out = Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(root.join("alerts.yml"))
-        .output()
-        .expect("promtool");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new("promtool")
-        .args(["check", "config"])
-        .arg(root.join("prometheus.yml"))
-        .output()
-        .expect("promtool");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (what, file) in [("rules", "alerts.yml"), ("config", "prometheus.yml")] {
+        run_ok(
+            Command::new("promtool")
+                .args(["check", what])
+                .arg(root.join(file)),
+        );
+    }
     let dash: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("grafana-dashboard.json")).expect("read"),
     )
@@ -301,38 +279,54 @@ async fn shipped_prometheus_rules_and_dashboard_are_valid() {
     }
 }
 
+/// A simulated Consul with one `web` instance, n1 at 127.0.0.2:80.
+async fn web_sim() -> ConsulSim {
+    let sim = ConsulSim::start().await;
+    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    sim
+}
+
+/// [`web_sim`]'s catalog as a catalog file, `catalog.json` in `dir`.
+async fn web_catalog_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let catalog = dir.join("catalog.json");
+    std::fs::write(&catalog, web_sim().await.catalog_json().to_string()).expect("write");
+    catalog
+}
+
 fn reload_config(
     up: &TestUpstream,
     catalog: &std::path::Path,
     metrics_port: u16,
     ttl: &str,
-) -> String {
+) -> TestConfig {
     TestConfig::new()
         .upstream(up.addr)
         .metrics_listen(format!("127.0.0.1:{metrics_port}"))
         .catalog_file(catalog)
         .service_ttl(ttl)
-        .toml()
+}
+
+/// The start of a reload test, in `dir`: [`web_catalog_file`], and [`reload_config`] with a 5 s
+/// TTL and /metrics on a free port written to forwarder.toml: (catalog, config file, metrics port).
+async fn reloadable(
+    up: &TestUpstream,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, u16) {
+    let catalog = web_catalog_file(dir).await;
+    let conf = dir.join("forwarder.toml");
+    let mport = free_port();
+    reload_config(up, &catalog, mport, "5s").write_to(&conf);
+    (catalog, conf, mport)
 }
 
 /// SIGHUP under load: new TTLs applied, a bad file rejected and counted, no query lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_under_load_without_losing_a_query() {
     let up = TestUpstream::start().await;
-    let sim = ConsulSim::start().await;
-    sim.add_simple("web", "n1", "127.0.0.2", 80);
     let dir = tempfile::tempdir().expect("tmp");
-    let catalog = dir.path().join("catalog.json");
-    std::fs::write(&catalog, sim.catalog_json().to_string()).expect("write");
-    let conf = dir.path().join("forwarder.toml");
-    let mport = free_port();
-    std::fs::write(&conf, reload_config(&up, &catalog, mport, "5s")).expect("write");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
+    let (catalog, conf, mport) = reloadable(&up, dir.path()).await;
+    let (server, addr) = spawn_answering(&["--config", &conf.display().to_string()]).await;
     let pid = server.0.id().to_string();
-    let addr: std::net::SocketAddr = listen.parse().expect("addr");
-    wait_until_answering(addr).await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
@@ -363,7 +357,7 @@ async fn sighup_reloads_under_load_without_losing_a_query() {
             .success());
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::write(&conf, reload_config(&up, &catalog, mport, "7s")).expect("write");
+    reload_config(&up, &catalog, mport, "7s").write_to(&conf);
     hup(&pid);
     eventually(Duration::from_secs(5), async || {
         ask(addr, "web.service.consul.", RecordType::A)
@@ -375,17 +369,10 @@ async fn sighup_reloads_under_load_without_losing_a_query() {
     .await
     .expect("new TTL applied");
     std::fs::write(&conf, "[upstream\nbroken").expect("write");
-    hup(&pid);
     let maddr: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse().expect("addr");
-    eventually(Duration::from_secs(5), async || {
-        metric_in(
-            &http_get(maddr, "/metrics").await.1,
-            "consul_dns_forwarder_config_reloads_total",
-            &[("outcome", "failure")],
-        ) == 1.0
-    })
-    .await
-    .expect("the failed reload is counted");
+    reload_and_count(&pid, maddr, "failure", 1.0)
+        .await
+        .expect("the failed reload is counted");
     assert_eq!(
         ask(addr, "web.service.consul.", RecordType::A)
             .await
@@ -396,7 +383,7 @@ async fn sighup_reloads_under_load_without_losing_a_query() {
     );
     // Several more good reloads while the load runs.
     for ttl in ["8s", "9s", "10s"] {
-        std::fs::write(&conf, reload_config(&up, &catalog, mport, ttl)).expect("write");
+        reload_config(&up, &catalog, mport, ttl).write_to(&conf);
         hup(&pid);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -432,15 +419,11 @@ async fn query_log_in_json() {
     let up = TestUpstream::start().await;
     let dir = tempfile::tempdir().expect("tmp");
     let conf = dir.path().join("f.toml");
-    std::fs::write(
-        &conf,
-        TestConfig::new()
-            .upstream(up.addr)
-            .consul_off()
-            .log("queries = true")
-            .toml(),
-    )
-    .expect("write");
+    TestConfig::new()
+        .upstream(up.addr)
+        .consul_off()
+        .log("queries = true")
+        .write_to(&conf);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut server = spawn(&[
@@ -488,6 +471,20 @@ async fn reloads(maddr: std::net::SocketAddr, outcome: &str) -> f64 {
     )
 }
 
+/// SIGHUP, then waits (at most 5 s) until the reloads counted with `outcome` reach `count`.
+async fn reload_and_count(
+    pid: &str,
+    maddr: std::net::SocketAddr,
+    outcome: &str,
+    count: f64,
+) -> Option<Duration> {
+    hup(pid);
+    eventually(Duration::from_secs(5), async || {
+        reloads(maddr, outcome).await == count
+    })
+    .await
+}
+
 async fn web_ttl(addr: std::net::SocketAddr) -> Option<u32> {
     ask(addr, "web.service.consul.", RecordType::A)
         .await
@@ -503,69 +500,42 @@ async fn web_ttl(addr: std::net::SocketAddr) -> Option<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
     let up = TestUpstream::start().await;
-    let sim = ConsulSim::start().await;
-    sim.add_simple("web", "n1", "127.0.0.2", 80);
     let dir = tempfile::tempdir().expect("tmp");
-    let catalog = dir.path().join("catalog.json");
-    std::fs::write(&catalog, sim.catalog_json().to_string()).expect("write");
     let token = dir.path().join("token");
     std::fs::write(&token, "secret-token").expect("write");
-    let conf = dir.path().join("forwarder.toml");
-    let mport = free_port();
-    std::fs::write(&conf, reload_config(&up, &catalog, mport, "5s")).expect("write");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
+    let (catalog, conf, mport) = reloadable(&up, dir.path()).await;
+    let (mut server, addr) = spawn_answering(&["--config", &conf.display().to_string()]).await;
     let pid = server.0.id().to_string();
-    let addr: std::net::SocketAddr = listen.parse().expect("addr");
     let maddr: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse().expect("addr");
-    wait_until_answering(addr).await;
     assert_eq!(web_ttl(addr).await, Some(5));
 
     // Used to panic inside the reload (a semaphore beyond MAX_PERMITS): now clamped and applied.
-    let huge = format!(
-        "{}[server]\nmax_inflight = 18446744073709551615\n",
-        reload_config(&up, &catalog, mport, "6s").replace(
-            "[upstream]\n",
-            "[upstream]\nmax_inflight = 18446744073709551615\n"
-        )
-    );
-    std::fs::write(&conf, huge).expect("write");
-    hup(&pid);
-    eventually(Duration::from_secs(5), async || {
-        reloads(maddr, "success").await == 1.0
-    })
-    .await
-    .expect("the reload with huge limits succeeds");
+    reload_config(&up, &catalog, mport, "6s")
+        .server("max_inflight = 18446744073709551615")
+        .upstream_lines("max_inflight = 18446744073709551615")
+        .write_to(&conf);
+    reload_and_count(&pid, maddr, "success", 1.0)
+        .await
+        .expect("the reload with huge limits succeeds");
     assert_eq!(web_ttl(addr).await, Some(6), "and is applied");
 
     // Valid on paper, fails while building: the catalog file is gone.
     let missing = dir.path().join("missing.json");
-    std::fs::write(&conf, reload_config(&up, &missing, mport, "7s")).expect("write");
-    hup(&pid);
-    eventually(Duration::from_secs(5), async || {
-        reloads(maddr, "failure").await == 1.0
-    })
-    .await
-    .expect("the failed build is counted");
+    reload_config(&up, &missing, mport, "7s").write_to(&conf);
+    reload_and_count(&pid, maddr, "failure", 1.0)
+        .await
+        .expect("the failed build is counted");
 
     // Refused by validation: a token for an http:// agent on another host.
-    std::fs::write(
-        &conf,
-        TestConfig::new()
-            .upstream(up.addr)
-            .metrics_listen(format!("127.0.0.1:{mport}"))
-            .consul_http("http://192.0.2.1:8500")
-            .token_file(&token)
-            .toml(),
-    )
-    .expect("write");
-    hup(&pid);
-    eventually(Duration::from_secs(5), async || {
-        reloads(maddr, "failure").await == 2.0
-    })
-    .await
-    .expect("the insecure token is refused and counted");
+    TestConfig::new()
+        .upstream(up.addr)
+        .metrics_listen(format!("127.0.0.1:{mport}"))
+        .consul_http("http://192.0.2.1:8500")
+        .token_file(&token)
+        .write_to(&conf);
+    reload_and_count(&pid, maddr, "failure", 2.0)
+        .await
+        .expect("the insecure token is refused and counted");
     assert_eq!(
         web_ttl(addr).await,
         Some(6),
@@ -577,13 +547,10 @@ async fn failed_reloads_are_counted_and_the_next_sighup_still_applies() {
     );
     assert_eq!(reloads(maddr, "success").await, 1.0);
 
-    std::fs::write(&conf, reload_config(&up, &catalog, mport, "9s")).expect("write");
-    hup(&pid);
-    eventually(Duration::from_secs(5), async || {
-        reloads(maddr, "success").await == 2.0
-    })
-    .await
-    .expect("the next good reload succeeds");
+    reload_config(&up, &catalog, mport, "9s").write_to(&conf);
+    reload_and_count(&pid, maddr, "success", 2.0)
+        .await
+        .expect("the next good reload succeeds");
     assert_eq!(web_ttl(addr).await, Some(9), "and is applied");
     assert!(
         server.0.try_wait().expect("wait").is_none(),
@@ -611,11 +578,8 @@ async fn a_panicking_reload_is_counted_and_the_next_one_applies() {
     use consul_dns_forwarder::{run_with_reload, server, Bound, Reload};
 
     let up = TestUpstream::start().await;
-    let sim = ConsulSim::start().await;
-    sim.add_simple("web", "n1", "127.0.0.2", 80);
     let dir = tempfile::tempdir().expect("tmp");
-    let catalog = dir.path().join("catalog.json");
-    std::fs::write(&catalog, sim.catalog_json().to_string()).expect("write");
+    let catalog = web_catalog_file(dir.path()).await;
     let config_with = |ttl: &str| {
         let text = TestConfig::new()
             .upstream(up.addr)
@@ -699,29 +663,20 @@ async fn a_panicking_reload_is_counted_and_the_next_one_applies() {
 async fn a_group_readable_token_file_is_warned_about() {
     use std::os::unix::fs::PermissionsExt;
     let up = TestUpstream::start().await;
-    let sim = ConsulSim::start().await;
-    sim.add_simple("web", "n1", "127.0.0.2", 80);
+    let sim = web_sim().await;
     let dir = tempfile::tempdir().expect("tmp");
     let token = dir.path().join("token");
     std::fs::write(&token, "secret-token").expect("write");
     let conf = dir.path().join("f.toml");
-    std::fs::write(
-        &conf,
-        TestConfig::new()
-            .upstream(up.addr)
-            .consul_http(sim.http_url())
-            .token_file(&token)
-            .toml(),
-    )
-    .expect("write");
+    TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .token_file(&token)
+        .write_to(&conf);
     let mut logs = Vec::new();
     for mode in [0o640, 0o600] {
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut server = spawn(&["--config", &conf.display().to_string(), "--listen", &listen]);
-        let addr: std::net::SocketAddr = listen.parse().expect("addr");
-        wait_until_answering(addr).await;
+        let (mut server, addr) = spawn_answering(&["--config", &conf.display().to_string()]).await;
         assert_eq!(
             addresses(&ask(addr, "web.service.consul.", RecordType::A).await),
             vec!["127.0.0.2"],

@@ -12,15 +12,14 @@ use std::time::{Duration, Instant};
 use crate::support::consul_sim::{ConsulSim, Status};
 use crate::support::upstream::TestUpstream;
 use crate::support::*;
-use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
-fn conf(up: &TestUpstream, sim: &ConsulSim, extra: &str) -> String {
+/// Forwarding to `up`, Consul names from `sim`'s HTTP API.
+fn conf(up: &TestUpstream, sim: &ConsulSim) -> TestConfig {
     TestConfig::new()
         .upstream(up.addr)
         .consul_http(sim.http_url())
-        .consul(extra)
-        .toml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,16 +31,11 @@ async fn a_five_thousand_instance_service_fits_every_limit() {
         sim.add_simple("big", &format!("node-{n}"), &addr, 80);
     }
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&conf(&up, &sim, "")).await;
+    let fwd = TestServer::start(&conf(&up, &sim).toml()).await;
     let mut subsets = HashSet::new();
     for (edns, limit) in [(None, 512usize), (Some(1232u16), 1232)] {
         for _ in 0..5 {
-            let q = make_query("big.service.consul.", RecordType::A, edns);
-            let bytes = raw_udp(fwd.addr, &q.to_vec().expect("enc"), REPLY_TIMEOUT)
-                .await
-                .expect("reply");
-            assert!(bytes.len() <= limit, "{} > {limit}", bytes.len());
-            let r = Message::from_vec(&bytes).expect("parse");
+            let r = udp_within(fwd.addr, "big.service.consul.", RecordType::A, edns, limit).await;
             assert_eq!(r.metadata.response_code, ResponseCode::NoError);
             assert!(r.metadata.truncation, "TC=1: TCP would give more");
             assert!(
@@ -90,7 +84,7 @@ async fn consul_never_sees_more_connections_than_the_budget() {
         );
     }
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&conf(&up, &sim, "max_connections = 8\n")).await;
+    let fwd = TestServer::start(&conf(&up, &sim).consul("max_connections = 8").toml()).await;
     let mut tasks = Vec::new();
     for n in 0..300 {
         let addr = fwd.addr;
@@ -130,7 +124,7 @@ async fn cold_start_with_ten_thousand_names() {
         );
     }
     let up = TestUpstream::start().await;
-    let fwd = TestServer::start(&conf(&up, &sim, "")).await;
+    let fwd = TestServer::start(&conf(&up, &sim).toml()).await;
     let started = Instant::now();
     let names: Vec<String> = (0..SERVICES)
         .map(|n| format!("s{n}.service.consul."))
@@ -225,10 +219,10 @@ async fn churn(budget: usize) -> (usize, Vec<String>) {
     let up = TestUpstream::start().await;
     // Short waits and TTLs make the most requests: blocking queries end every second even
     // without changes, and views without a watch are refreshed on demand every second.
-    let extra = format!(
-        "max_connections = {budget}\nwatch_wait = \"1s\"\n[consul.service_ttl]\n\"*\" = \"1s\"\n"
-    );
-    let fwd = TestServer::start(&conf(&up, &sim, &extra)).await;
+    let config = conf(&up, &sim)
+        .consul(&format!("max_connections = {budget}\nwatch_wait = \"1s\""))
+        .service_ttl("1s");
+    let fwd = TestServer::start(&config.toml()).await;
     let addr = fwd.addr;
     // Twice: a service asked again is worth a blocking watch, so watches fill the budget.
     let mut bad = ask_all(addr).await;

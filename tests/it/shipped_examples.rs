@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::{free_port, Running as KillOnDrop, BIN};
+use crate::support::{check_config, free_port, run_ok, Running as KillOnDrop, BIN};
 use consul_dns_forwarder::config::Config;
 use serde_json::Value;
 
@@ -80,16 +80,7 @@ fn kubernetes_manifests_parse_and_embed_a_valid_config() {
     let dir = tempfile::tempdir().expect("tmp");
     let file = dir.path().join(key);
     std::fs::write(&file, toml).expect("write");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&file)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "check-config: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut check_config(&file));
 
     // The DaemonSet: one per node in the host's network, reading that ConfigMap.
     let spec = ds.pointer("/spec/template/spec").expect("pod spec");

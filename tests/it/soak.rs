@@ -7,7 +7,6 @@
 //! with `--release -- --ignored`. `SOAK_SECONDS` and `SOAK_QPS` override the duration and rate.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,33 +83,18 @@ async fn soak() {
         sim.add_simple("api", &format!("a{i}"), addr, 81);
     }
     let up = TestUpstream::start().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let server = spawn(&[
-        "--listen",
-        &listen,
-        "--upstream",
-        &up.addr.to_string(),
-        "--consul-http",
-        &sim.http_url(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]);
+    let (server, addr) = spawn_forwarder(up.addr, &sim.http_url(), "127.0.0.1:0").await;
     let pid = server.0.id();
-    let addr: SocketAddr = listen.parse().expect("addr");
-    wait_until_answering(addr).await;
     // Warm: every name known before the clock starts.
-    for name in [
+    let warm = [
         "web.service.consul.",
         "api.service.consul.",
         "a.test.",
         "two.test.",
         "www.test.",
         "txt.test.",
-    ] {
-        let r = ask(addr, name, RecordType::A).await;
-        assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{name}");
-    }
+    ];
+    assert_rcode(addr, &warm, ResponseCode::NoError).await;
 
     let critical: CriticalSince = Arc::new(Mutex::new(HashMap::new()));
     let tally = Arc::new(Tally::default());

@@ -303,6 +303,51 @@ async fn error_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn reverse_names_answer_ptr_or_nxdomain_with_the_arpa_soa() {
+    let upstream = TestUpstream::start().await;
+    let addr = upstream.addr;
+    let v6 = format!("1.{}8.b.d.0.1.0.0.2.ip6.arpa.", "0.".repeat(23));
+    for (name, target) in [
+        ("1.2.0.192.in-addr.arpa.", "a.test."),
+        (v6.as_str(), "v6.test."),
+    ] {
+        for reply in [
+            udp(addr, name, RecordType::PTR, None).await,
+            tcp(addr, name, RecordType::PTR, None).await,
+        ] {
+            assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+            assert!(reply.metadata.authoritative);
+            assert_eq!(reply.answers.len(), 1, "{name}");
+            assert_eq!(reply.answers[0].ttl, 300);
+            match &reply.answers[0].data {
+                RData::PTR(ptr) => assert_eq!(ptr.0.to_ascii(), target),
+                other => panic!("PTR expected: {other:?}"),
+            }
+        }
+    }
+    for name in ["9.9.9.10.in-addr.arpa.", "1.2.3.in-addr.arpa.", "ip6.arpa."] {
+        let reply = udp(addr, name, RecordType::PTR, None).await;
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{name}"
+        );
+        assert!(reply.answers.is_empty());
+        let soa = &reply.authorities[0];
+        assert_eq!((soa.name.to_ascii().as_str(), soa.ttl), ("arpa.", 3600));
+    }
+    let reply = udp(addr, "1.2.0.192.in-addr.arpa.", RecordType::A, None).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert!(reply.answers.is_empty(), "NODATA");
+    assert_eq!(reply.authorities[0].name.to_ascii(), "arpa.");
+    assert_eq!(
+        upstream.queries_for("1.2.0.192.in-addr.arpa", RecordType::PTR),
+        2
+    );
+    upstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn mixed_case_is_matched_and_echoed() {
     let upstream = TestUpstream::start().await;
     for reply in [

@@ -2,10 +2,13 @@
 //! instead of a `format!` string per test.
 //!
 //! It writes TOML text (not a `Config`), because the same text also goes into files for the real
-//! binary and through `Config::from_toml_str`, and some tests edit it further. Sections come out in
-//! a fixed order, `[server]`, `[upstream]`, `[cache]`, `[metrics]`, `[log]`, `[consul]`, each only
-//! when something was set in it, then the `raw` text: TOML subtables such as
-//! `[consul.service_ttl]` must come after their parent's keys, so they go there.
+//! binary and through `Config::from_toml_str`. Sections come out in a fixed order, `[server]`,
+//! `[upstream]`, `[cache]`, `[metrics]`, `[log]`, `[consul]`, each only when something was set in
+//! it, then the `[[forward]]` zones, then any other table (`[consul.service_ttl]`: TOML subtables
+//! must come after their parent's keys), each in the order first set.
+//!
+//! Tests whose subject is the TOML text itself (a line number in an error, an edit of a shipped
+//! file, mutated text) write their text literally instead.
 //!
 //! Unlike the shipped defaults, the metrics endpoint is off unless asked for: a test that binds
 //! nothing it does not use cannot collide with another test's port.
@@ -24,7 +27,10 @@ pub struct TestConfig {
     log: String,
     consul_http: Vec<String>,
     consul: String,
-    raw: String,
+    /// `[[forward]]` entries, each its lines.
+    forwards: Vec<String>,
+    /// Other tables: (name, lines).
+    tables: Vec<(String, String)>,
 }
 
 impl Default for TestConfig {
@@ -44,7 +50,8 @@ impl TestConfig {
             log: String::new(),
             consul_http: Vec::new(),
             consul: String::new(),
-            raw: String::new(),
+            forwards: Vec::new(),
+            tables: Vec::new(),
         }
     }
 
@@ -60,27 +67,23 @@ impl TestConfig {
     }
 
     /// Lines of `[upstream]` beyond the servers and the timeout.
-    pub fn upstream_lines(mut self, lines: &str) -> Self {
-        push_lines(&mut self.upstream, lines);
-        self
+    pub fn upstream_lines(self, lines: &str) -> Self {
+        self.lines_in("upstream", lines)
     }
 
     /// Lines of `[server]`.
-    pub fn server(mut self, lines: &str) -> Self {
-        push_lines(&mut self.server, lines);
-        self
+    pub fn server(self, lines: &str) -> Self {
+        self.lines_in("server", lines)
     }
 
     /// Lines of `[cache]`.
-    pub fn cache(mut self, lines: &str) -> Self {
-        push_lines(&mut self.cache, lines);
-        self
+    pub fn cache(self, lines: &str) -> Self {
+        self.lines_in("cache", lines)
     }
 
     /// Lines of `[log]`.
-    pub fn log(mut self, lines: &str) -> Self {
-        push_lines(&mut self.log, lines);
-        self
+    pub fn log(self, lines: &str) -> Self {
+        self.lines_in("log", lines)
     }
 
     /// Serves /metrics on `addr` (`TestServer` binds its own port 0 whatever the address).
@@ -109,9 +112,8 @@ impl TestConfig {
     }
 
     /// Lines of `[consul]` beyond `http`.
-    pub fn consul(mut self, lines: &str) -> Self {
-        push_lines(&mut self.consul, lines);
-        self
+    pub fn consul(self, lines: &str) -> Self {
+        self.lines_in("consul", lines)
     }
 
     /// No Consul at all: every name is forwarded.
@@ -128,21 +130,79 @@ impl TestConfig {
         self.consul(&format!("token_file = \"{}\"", path.display()))
     }
 
-    /// One TTL for every service (`[consul.service_ttl] "*"`).
-    pub fn service_ttl(self, ttl: &str) -> Self {
-        self.raw(&format!("[consul.service_ttl]\n\"*\" = \"{ttl}\""))
+    /// `consul.ca_file`: the CA bundle for an https:// agent.
+    pub fn ca_file(self, path: &Path) -> Self {
+        self.consul(&format!("ca_file = \"{}\"", path.display()))
     }
 
-    /// Text written after every section: subtables, or whole sections the builder has no method
-    /// for.
-    pub fn raw(mut self, text: &str) -> Self {
-        push_lines(&mut self.raw, text);
+    /// Consul names from an agent's DNS port (`consul.mode = "dns"`) instead of its HTTP API.
+    pub fn consul_dns(self, addr: impl Display) -> Self {
+        self.consul(&format!("mode = \"dns\"\ndns = [\"{addr}\"]"))
+    }
+
+    /// One TTL for every service (`[consul.service_ttl] "*"`).
+    pub fn service_ttl(self, ttl: &str) -> Self {
+        self.set("consul.service_ttl", "\"*\"", format!("\"{ttl}\""))
+    }
+
+    /// A forward zone (`[[forward]]`): names in `zone` go to `servers`.
+    pub fn forward_zone(mut self, zone: &str, servers: &[impl Display]) -> Self {
+        let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+        self.forwards.push(format!(
+            "zone = \"{zone}\"\nservers = {}\n",
+            quoted_list(&servers)
+        ));
+        self
+    }
+
+    /// `key = value` in the table `table` (`"cache"`, `"consul.service_ttl"`, ...), for a test that
+    /// goes through keys by name; `value` is TOML (a string in its quotes).
+    pub fn set(self, table: &str, key: &str, value: impl Display) -> Self {
+        self.lines_in(table, &format!("{key} = {value}"))
+    }
+
+    /// Lines of the table `table`: one of the sections above, or any other table (a subtable).
+    fn lines_in(mut self, table: &str, lines: &str) -> Self {
+        let section = match table {
+            "server" => &mut self.server,
+            "upstream" => &mut self.upstream,
+            "cache" => &mut self.cache,
+            "metrics" => self.metrics.get_or_insert_with(String::new),
+            "log" => &mut self.log,
+            "consul" => &mut self.consul,
+            _ => {
+                let at = match self.tables.iter().position(|(name, _)| name == table) {
+                    Some(at) => at,
+                    None => {
+                        self.tables.push((table.to_owned(), String::new()));
+                        self.tables.len() - 1
+                    }
+                };
+                &mut self.tables[at].1
+            }
+        };
+        push_lines(section, lines);
         self
     }
 
     /// The TOML text.
     pub fn toml(&self) -> String {
         self.to_string()
+    }
+
+    /// Writes the TOML text to `path`, for the real binary's `--config`.
+    pub fn write_to(&self, path: &Path) {
+        std::fs::write(path, self.toml())
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Writes the TOML text to `name` in a new temporary directory, for the real binary's
+    /// `--config`: the directory (removed when dropped) and the file's path.
+    pub fn write_temp(&self, name: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(name);
+        self.write_to(&path);
+        (dir, path.display().to_string())
     }
 }
 
@@ -164,32 +224,36 @@ fn quoted_list(items: &[String]) -> String {
 
 impl Display for TestConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.server.is_empty() {
-            write!(f, "[server]\n{}", self.server)?;
-        }
-        if !self.upstream_servers.is_empty() || !self.upstream.is_empty() {
-            f.write_str("[upstream]\n")?;
-            if !self.upstream_servers.is_empty() {
-                writeln!(f, "servers = {}", quoted_list(&self.upstream_servers))?;
+        let upstream = with_list("servers", &self.upstream_servers, &self.upstream);
+        let consul = with_list("http", &self.consul_http, &self.consul);
+        let sections = [
+            ("server", self.server.as_str()),
+            ("upstream", &upstream),
+            ("cache", &self.cache),
+            ("metrics", self.metrics.as_deref().unwrap_or_default()),
+            ("log", &self.log),
+            ("consul", &consul),
+        ];
+        for (name, lines) in sections {
+            if !lines.is_empty() {
+                write!(f, "[{name}]\n{lines}")?;
             }
-            f.write_str(&self.upstream)?;
         }
-        if !self.cache.is_empty() {
-            write!(f, "[cache]\n{}", self.cache)?;
+        for forward in &self.forwards {
+            write!(f, "[[forward]]\n{forward}")?;
         }
-        if let Some(metrics) = &self.metrics {
-            write!(f, "[metrics]\n{metrics}")?;
+        for (name, lines) in &self.tables {
+            write!(f, "[{name}]\n{lines}")?;
         }
-        if !self.log.is_empty() {
-            write!(f, "[log]\n{}", self.log)?;
-        }
-        if !self.consul_http.is_empty() || !self.consul.is_empty() {
-            f.write_str("[consul]\n")?;
-            if !self.consul_http.is_empty() {
-                writeln!(f, "http = {}", quoted_list(&self.consul_http))?;
-            }
-            f.write_str(&self.consul)?;
-        }
-        f.write_str(&self.raw)
+        Ok(())
+    }
+}
+
+/// A section's lines with `key = [items]` first, when there are items.
+fn with_list(key: &str, items: &[String], lines: &str) -> String {
+    if items.is_empty() {
+        lines.to_owned()
+    } else {
+        format!("{key} = {}\n{lines}", quoted_list(items))
     }
 }

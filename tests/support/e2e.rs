@@ -15,6 +15,29 @@ use tokio_util::sync::CancellationToken;
 
 pub use super::{free_port, Running as KillOnDrop, BIN};
 
+/// `dig @127.0.0.1 -p port +time=2 +tries=1 args...` (BIND's client, from bind9-dnsutils, which
+/// scripts/test.sh installs).
+pub fn dig_command(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new("dig");
+    cmd.arg("@127.0.0.1")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(["+time=2", "+tries=1"])
+        .args(args);
+    cmd
+}
+
+/// Starts `cmd` (the forwarder, or a command that runs it) with only its warnings and errors
+/// logged, to the test's stderr.
+pub fn start_quietly(cmd: &mut Command) -> Child {
+    cmd.env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"))
+}
+
 /// The forwarder binary listening on 127.0.0.1:`port` (UDP and TCP).
 pub struct Forwarder {
     pub port: u16,
@@ -31,18 +54,14 @@ impl Forwarder {
         let metrics_port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().expect("addr");
-        let child = Command::new(BIN)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--metrics-listen")
-            .arg(metrics.to_string())
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the forwarder binary");
+        let child = start_quietly(
+            Command::new(BIN)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--metrics-listen")
+                .arg(metrics.to_string())
+                .args(args),
+        );
         let mut fwd = Forwarder {
             port,
             addr,
@@ -344,29 +363,25 @@ impl Nginx {
         );
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, main).expect("write nginx.conf");
-        let check = Command::new(sbin("nginx"))
-            .arg("-t")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .output()
-            .expect("nginx -t");
+        // nginx with its prefix, configuration and error log in `dir`.
+        let nginx = || {
+            let mut cmd = Command::new(sbin("nginx"));
+            cmd.arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&conf)
+                .arg("-e")
+                .arg(dir.path().join("error.log"));
+            cmd
+        };
+        let check = nginx().arg("-t").output().expect("nginx -t");
         assert!(
             check.status.success(),
             "nginx -t rejects the configuration:\n{}\n--- site.conf ---\n{site}",
             String::from_utf8_lossy(&check.stderr)
         );
         use std::os::unix::process::CommandExt;
-        let child = Command::new(sbin("nginx"))
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
+        let child = nginx()
             .args(["-g", "daemon off;"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

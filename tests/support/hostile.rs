@@ -1,6 +1,7 @@
 //! Hostile DNS input: a hand-written packet builder (independent of hickory's encoder, so it can
-//! write what no encoder would), the corpus of nasty packets kept in `tests/corpus/packets/`, a
-//! DNS-aware mutator, and the oracle that judges a reply from the handler.
+//! write what no encoder would), the corpus of nasty packets kept as files in
+//! `tests/corpus/packets/` with their expectations in the manifest there, a DNS-aware mutator, and
+//! the oracle that judges a reply from the handler.
 //!
 //! Self-contained (only the crate, hickory-proto, rand and tokio), so the coverage-guided fuzz
 //! target in `fuzz/` includes this same file and applies the same oracle.
@@ -25,19 +26,13 @@ use rand::Rng;
 // Packet builder.
 
 pub const TYPE_A: u16 = 1;
-pub const TYPE_NS: u16 = 2;
 pub const TYPE_SOA: u16 = 6;
-pub const TYPE_PTR: u16 = 12;
-pub const TYPE_MX: u16 = 15;
 pub const TYPE_TXT: u16 = 16;
 pub const TYPE_AAAA: u16 = 28;
 pub const TYPE_SRV: u16 = 33;
 pub const TYPE_OPT: u16 = 41;
-pub const TYPE_TSIG: u16 = 250;
-pub const TYPE_AXFR: u16 = 252;
 pub const TYPE_ANY: u16 = 255;
 pub const CLASS_IN: u16 = 1;
-pub const CLASS_CH: u16 = 3;
 
 /// Header flags of a plain query with RD=1.
 pub const RD: u16 = 0x0100;
@@ -57,17 +52,6 @@ pub fn wire_name(text: &str) -> Vec<u8> {
     for label in text.split('.').filter(|l| !l.is_empty()) {
         out.push(u8::try_from(label.len()).expect("label length fits a byte"));
         out.extend_from_slice(label.as_bytes());
-    }
-    out.push(0);
-    out
-}
-
-/// A name from raw labels (any bytes, any length byte the caller wants).
-pub fn name_labels(labels: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for l in labels {
-        out.push(l.len() as u8);
-        out.extend_from_slice(l);
     }
     out.push(0);
     out
@@ -119,13 +103,13 @@ pub fn query(id: u16, qname: &str, qtype: u16, edns: Option<Vec<u8>>) -> Vec<u8>
 }
 
 // ---------------------------------------------------------------------------------------------
-// The corpus.
+// The corpus: the files in `tests/corpus/packets/`, and their manifest, the table in its INDEX.md.
 
 /// What the server must do with a packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {
     /// No reply, one drop counted with this reason.
-    Drop(&'static str),
+    Drop(String),
     /// A reply with the request's ID: this rcode, or any rcode when `None`.
     Reply(Option<ResponseCode>),
 }
@@ -135,803 +119,49 @@ impl Expect {
     /// otherwise a reply.
     pub fn from_bytes(p: &[u8]) -> Expect {
         if p.len() < 12 {
-            Expect::Drop("short")
+            Expect::Drop("short".to_owned())
         } else if p[2] & 0x80 != 0 {
-            Expect::Drop("response")
+            Expect::Drop("response".to_owned())
         } else {
             Expect::Reply(None)
         }
     }
 
-    pub fn describe(self) -> String {
-        match self {
-            Expect::Drop(reason) => format!("no reply, drop counted as `{reason}`"),
-            Expect::Reply(None) => "a reply (any rcode)".to_owned(),
-            Expect::Reply(Some(rc)) => format!("a {rc} reply"),
+    /// The manifest's form: `drop:REASON`, `reply:RCODE` (`NOERROR`, `FORMERR`, `SERVFAIL`,
+    /// `NXDOMAIN`, `NOTIMP`, `REFUSED` or `BADVERS`) or `reply:any`.
+    pub fn parse(text: &str) -> Result<Expect, String> {
+        match text.split_once(':') {
+            Some(("drop", reason)) if !reason.is_empty() => Ok(Expect::Drop(reason.to_owned())),
+            Some(("reply", "any")) => Ok(Expect::Reply(None)),
+            Some(("reply", name)) => {
+                let rcode = match name {
+                    "NOERROR" => ResponseCode::NoError,
+                    "FORMERR" => ResponseCode::FormErr,
+                    "SERVFAIL" => ResponseCode::ServFail,
+                    "NXDOMAIN" => ResponseCode::NXDomain,
+                    "NOTIMP" => ResponseCode::NotImp,
+                    "REFUSED" => ResponseCode::Refused,
+                    "BADVERS" => ResponseCode::BADVERS,
+                    _ => return Err(format!("unknown rcode {name:?} in {text:?}")),
+                };
+                Ok(Expect::Reply(Some(rcode)))
+            }
+            _ => Err(format!(
+                "{text:?} is not drop:REASON, reply:RCODE or reply:any"
+            )),
         }
     }
 }
 
-/// One hand-crafted nasty packet.
-pub struct Nasty {
+/// One packet of the corpus: a file and its row in the manifest.
+pub struct CorpusPacket {
     /// File name without `.bin`.
-    pub name: &'static str,
-    pub what: &'static str,
+    pub name: String,
+    pub what: String,
+    /// The size the manifest gives.
+    pub listed_size: usize,
     pub bytes: Vec<u8>,
     pub expect: Expect,
-}
-
-fn nasty(name: &'static str, what: &'static str, bytes: Vec<u8>, expect: Expect) -> Nasty {
-    Nasty {
-        name,
-        what,
-        bytes,
-        expect,
-    }
-}
-
-const FORMERR: Expect = Expect::Reply(Some(ResponseCode::FormErr));
-const NOERROR: Expect = Expect::Reply(Some(ResponseCode::NoError));
-const NXDOMAIN: Expect = Expect::Reply(Some(ResponseCode::NXDomain));
-const NOTIMP: Expect = Expect::Reply(Some(ResponseCode::NotImp));
-const ANY: Expect = Expect::Reply(None);
-
-/// Every hand-crafted packet, in a fixed order (IDs are fixed so the files never change).
-pub fn corpus() -> Vec<Nasty> {
-    let mut v = Vec::new();
-    let mut id: u16 = 0x5100;
-    let mut next = || {
-        id += 1;
-        id
-    };
-
-    // --- Too short, or not a query.
-    v.push(nasty(
-        "empty",
-        "a zero-byte datagram (over TCP: a zero length prefix)",
-        vec![],
-        Expect::Drop("short"),
-    ));
-    v.push(nasty(
-        "one-byte",
-        "a single byte",
-        vec![0x42],
-        Expect::Drop("short"),
-    ));
-    let mut h11 = header(next(), RD, 1, 0, 0, 0);
-    h11.truncate(11);
-    v.push(nasty(
-        "header-11-bytes",
-        "a header one byte short",
-        h11,
-        Expect::Drop("short"),
-    ));
-    v.push(nasty(
-        "header-only",
-        "a 12-byte header, every count 0",
-        header(next(), RD, 0, 0, 0, 0),
-        FORMERR,
-    ));
-    v.push(nasty(
-        "header-only-qdcount-1",
-        "a 12-byte header announcing a question that is not there",
-        header(next(), RD, 1, 0, 0, 0),
-        FORMERR,
-    ));
-    let mut resp = query(next(), "a.test.", TYPE_A, None);
-    resp[2] |= 0x80;
-    v.push(nasty(
-        "response-bit",
-        "a well-formed query with QR=1 (a reflected response)",
-        resp,
-        Expect::Drop("response"),
-    ));
-    let mut resp_garbage = header(next(), 0x8180, 0xffff, 0xffff, 0xffff, 0xffff);
-    resp_garbage.extend_from_slice(&[0xc0, 0x0c, 0xff, 0xff]);
-    v.push(nasty(
-        "response-bit-garbage",
-        "QR=1 with lying counts and a body of garbage",
-        resp_garbage,
-        Expect::Drop("response"),
-    ));
-    let mut resp_short = header(next(), 0x8000, 0, 0, 0, 0);
-    resp_short.truncate(11);
-    v.push(nasty(
-        "response-bit-11-bytes",
-        "11 bytes with QR=1",
-        resp_short,
-        Expect::Drop("short"),
-    ));
-
-    // --- Names.
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend_from_slice(&[0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "compression-loop",
-        "the question name is a pointer to itself (offset 12)",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    // offset 12: "a" then pointer to 16; offset 16: "b" then pointer to 12.
-    p.extend_from_slice(&[1, b'a', 0xc0, 16, 1, b'b', 0xc0, 12, 0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "compression-loop-two-pointers",
-        "two labels pointing at each other (a -> b -> a ...)",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend_from_slice(&[1, b'a', 0xc0, 0xff, 0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "compression-pointer-past-end",
-        "a pointer to offset 255 of an 20-byte packet",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend_from_slice(&[0xc0, 0x0e, 0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "compression-pointer-forward",
-        "a pointer forward, into the question's own type field",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend_from_slice(&[0xc0, 0x02, 0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "compression-pointer-into-header",
-        "a pointer into the header (offset 2)",
-        p,
-        ANY,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend_from_slice(&[0xc0]);
-    v.push(nasty(
-        "compression-pointer-half",
-        "the packet ends in the middle of a pointer",
-        p,
-        FORMERR,
-    ));
-    // Pointers must point backwards, so a question name can only point into the header; long
-    // chains live in the additional section instead: record k is owned by "y" and a pointer to
-    // the owner of record k-1, the first by "x." — names growing by 2 bytes per link.
-    for (file, what, links, expect) in [
-        ("compression-chain-100", "100 additional records, each owner a pointer to the previous one (names up to 201 bytes)", 100u16, ANY),
-        ("compression-chain-past-255", "130 chained owners: the 127th expands past 255 bytes", 130, FORMERR),
-    ] {
-        let mut p = header(next(), RD, 1, 0, 0, links + 1);
-        p.extend(question(&wire_name("a.test."), TYPE_A, CLASS_IN));
-        let mut prev = p.len() as u16;
-        p.extend(rr(&wire_name("x."), TYPE_A, CLASS_IN, 0, &[192, 0, 2, 1]));
-        for _ in 0..links {
-            let here = p.len() as u16;
-            let mut owner = vec![1, b'y'];
-            owner.extend_from_slice(&(0xc000 | prev).to_be_bytes());
-            p.extend(rr(&owner, TYPE_A, CLASS_IN, 0, &[192, 0, 2, 1]));
-            prev = here;
-        }
-        v.push(nasty(file, what, p, expect));
-    }
-
-    let long63 = "a".repeat(63);
-    let label63 = format!("{long63}.test.");
-    v.push(nasty(
-        "label-63",
-        "a 63-byte label (the maximum) under test.",
-        query(next(), &label63, TYPE_A, None),
-        NXDOMAIN,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.push(64);
-    p.extend_from_slice(&[b'a'; 64]);
-    p.extend(wire_name("test."));
-    p.extend_from_slice(&[0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "label-64",
-        "a label length byte of 64 (0x40: the reserved extended label type)",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.push(0x41);
-    p.extend_from_slice(&[0x01, 0x08, 0xff, 0x00]);
-    p.extend_from_slice(&[0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "label-bitstring",
-        "an RFC 2673 bit-string label (0x41), long obsolete",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.push(0x80);
-    p.extend_from_slice(&[0x00, 0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "label-type-10",
-        "the reserved label type 0b10 (0x80)",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.push(50);
-    p.extend_from_slice(b"only-ten-b");
-    v.push(nasty(
-        "label-past-end",
-        "a 50-byte label with 10 bytes left in the packet",
-        p,
-        FORMERR,
-    ));
-    // 127 one-letter labels end in "test."? No: 125 "a." labels + "test." = 250 + 6 = 256 > 255;
-    // 124 of them: 248 + 6 + ... let the builder count: exactly 255 bytes on the wire.
-    let mut labels = String::new();
-    while labels.len() + 2 + wire_name("test.").len() <= 255 {
-        labels.push_str("a.");
-    }
-    let n255 = format!("{labels}test.");
-    let n255_wire = wire_name(&n255);
-    let n255 = if n255_wire.len() < 255 {
-        // Pad the first label so the wire form is exactly 255 bytes.
-        let pad = 255 - n255_wire.len();
-        format!("{}{}", "a".repeat(pad), n255)
-    } else {
-        n255
-    };
-    assert_eq!(
-        wire_name(&n255).len(),
-        255,
-        "name-255 is 255 bytes on the wire"
-    );
-    v.push(nasty(
-        "name-255",
-        "a 255-byte name (the maximum) under test.",
-        query(next(), &n255, TYPE_A, None),
-        NXDOMAIN,
-    ));
-    let n256 = format!("b{n255}");
-    assert_eq!(wire_name(&n256).len(), 256);
-    v.push(nasty(
-        "name-256",
-        "a 256-byte name, one over the limit",
-        query(next(), &n256, TYPE_A, None),
-        FORMERR,
-    ));
-    let four_63 = format!("{long63}.{long63}.{long63}.{long63}.{long63}.");
-    v.push(nasty(
-        "name-320",
-        "five 63-byte labels: 321 bytes",
-        query(next(), &four_63, TYPE_A, None),
-        FORMERR,
-    ));
-    // The question is a 198-byte name; an additional record's owner is a 63-byte label, "pp"
-    // and a pointer to it: 64 + 3 + 198 = 265 bytes when expanded.
-    let long = format!("{long63}.{long63}.{long63}.test.");
-    let mut p = header(next(), RD, 1, 0, 0, 1);
-    p.extend(question(&wire_name(&long), TYPE_A, CLASS_IN));
-    let mut owner = vec![63];
-    owner.extend_from_slice(long63.as_bytes());
-    owner.extend_from_slice(&[2, b'p', b'p', 0xc0, 12]);
-    p.extend(rr(&owner, TYPE_A, CLASS_IN, 0, &[192, 0, 2, 1]));
-    v.push(nasty(
-        "name-over-255-via-pointer",
-        "a record owner that a pointer makes 265 bytes long when expanded",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend(name_labels(&[b"a\x00b", b"c.d", b"\xff\xfe", b"test"]));
-    p.extend_from_slice(&[0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "binary-labels",
-        "labels holding NUL, a dot and 0xff bytes, under test.",
-        p,
-        ANY,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend(name_labels(&[b"we\x00b", b"ser.vice", b"consul"]));
-    p.extend_from_slice(&[0x00, 0x01, 0x00, 0x01]);
-    v.push(nasty(
-        "binary-labels-consul",
-        "binary labels under consul.",
-        p,
-        ANY,
-    ));
-    let consul63 = format!("{long63}.service.consul.");
-    v.push(nasty(
-        "consul-label-63",
-        "a 63-byte service name under consul.",
-        query(next(), &consul63, TYPE_A, None),
-        ANY,
-    ));
-    let mut deep = String::new();
-    while wire_name(&format!("x.{deep}service.consul.")).len() <= 255 {
-        deep.push_str("x.");
-    }
-    v.push(nasty(
-        "consul-many-labels",
-        "a name of ~120 one-letter labels under service.consul.",
-        query(next(), &format!("{deep}service.consul."), TYPE_SRV, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "root-name",
-        "a question for the root name (NS)",
-        query(next(), ".", TYPE_NS, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "wildcard-consul",
-        "*.service.consul.",
-        query(next(), "*.service.consul.", TYPE_A, None),
-        ANY,
-    ));
-
-    // --- Counts that lie.
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[5] = 2;
-    v.push(nasty("qdcount-lies", "qdcount 2, one question", p, FORMERR));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[4] = 0xff;
-    p[5] = 0xff;
-    v.push(nasty(
-        "qdcount-65535",
-        "qdcount 65535, one question",
-        p,
-        FORMERR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[5] = 0;
-    v.push(nasty(
-        "qdcount-0-with-question",
-        "qdcount 0 followed by a question",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 2, 0, 0, 0);
-    p.extend(question(&wire_name("a.test."), TYPE_A, CLASS_IN));
-    p.extend(question(&wire_name("two.test."), TYPE_A, CLASS_IN));
-    v.push(nasty("qdcount-2", "two real questions", p, FORMERR));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[7] = 5;
-    v.push(nasty(
-        "ancount-lies",
-        "ancount 5 in a query with no answers",
-        p,
-        FORMERR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[9] = 1;
-    v.push(nasty(
-        "nscount-lies",
-        "nscount 1 with nothing there",
-        p,
-        FORMERR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[11] = 3;
-    v.push(nasty(
-        "arcount-lies",
-        "arcount 3 with nothing there",
-        p,
-        FORMERR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p.truncate(p.len() - 2);
-    v.push(nasty(
-        "question-truncated",
-        "the question's class is missing",
-        p,
-        FORMERR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p.truncate(p.len() - 3);
-    v.push(nasty(
-        "question-truncated-in-type",
-        "the packet ends inside the question's type",
-        p,
-        FORMERR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p.extend_from_slice(b"trailing garbage \x00\xff\xc0\x0c");
-    v.push(nasty(
-        "trailing-garbage",
-        "a good query followed by bytes no count announces",
-        p,
-        NOERROR,
-    ));
-    let mut p = header(next(), RD, 1, 1, 0, 0);
-    p.extend(question(&wire_name("a.test."), TYPE_A, CLASS_IN));
-    p.extend(rr(&[0xc0, 12], TYPE_A, CLASS_IN, 60, &[1, 2, 3]));
-    v.push(nasty(
-        "rdata-short",
-        "an A record with 3 bytes of rdata",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 1, 0, 0);
-    p.extend(question(&wire_name("a.test."), TYPE_A, CLASS_IN));
-    let mut r = rr(&[0xc0, 12], TYPE_TXT, CLASS_IN, 60, b"\x05hi");
-    let n = r.len();
-    r[n - 4..n - 2].copy_from_slice(&500u16.to_be_bytes());
-    p.extend(r);
-    v.push(nasty(
-        "rdlength-past-end",
-        "a record whose rdlength runs 500 bytes past the packet",
-        p,
-        FORMERR,
-    ));
-    let mut p = header(next(), RD, 1, 1, 0, 0);
-    p.extend(question(&wire_name("a.test."), TYPE_A, CLASS_IN));
-    p.extend(rr(&[0xc0, 12], TYPE_OPT, 4096, 0, &[]));
-    v.push(nasty(
-        "opt-in-answer-section",
-        "an OPT record in the answer section",
-        p,
-        FORMERR,
-    ));
-
-    // --- EDNS.
-    let garbage = edns_options(&[(65001, b"\xde\xad\xbe\xef\x00\xff\xc0\x0c")]);
-    v.push(nasty(
-        "edns-garbage-option",
-        "an OPT with an unknown option code and 8 bytes of junk",
-        query(next(), "a.test.", TYPE_A, Some(opt(1232, 0, &garbage))),
-        NOERROR,
-    ));
-    let mut rd = edns_options(&[(10, b"12345678")]);
-    rd[3] = 100; // option length 100 inside 12 bytes of rdata
-    v.push(nasty(
-        "edns-option-overruns-rdata",
-        "an EDNS option whose length runs past the OPT's rdata",
-        query(next(), "a.test.", TYPE_A, Some(opt(1232, 0, &rd))),
-        FORMERR,
-    ));
-    let mut o = opt(1232, 0, &edns_options(&[(10, b"12345678")]));
-    let n = o.len();
-    o[n - 14..n - 12].copy_from_slice(&400u16.to_be_bytes());
-    v.push(nasty(
-        "edns-rdlength-past-end",
-        "an OPT whose rdlength runs past the end of the packet",
-        query(next(), "a.test.", TYPE_A, Some(o)),
-        FORMERR,
-    ));
-    v.push(nasty(
-        "edns-option-header-cut",
-        "OPT rdata of 3 bytes: half an option header",
-        query(
-            next(),
-            "a.test.",
-            TYPE_A,
-            Some(opt(1232, 0, &[0x00, 0x0a, 0x00])),
-        ),
-        FORMERR,
-    ));
-    v.push(nasty(
-        "edns-cookie-3-bytes",
-        "a COOKIE option of 3 bytes (RFC 7873 wants 8, or 16-40)",
-        query(
-            next(),
-            "a.test.",
-            TYPE_A,
-            Some(opt(1232, 0, &edns_options(&[(10, b"abc")]))),
-        ),
-        ANY,
-    ));
-    v.push(nasty(
-        "edns-ecs-bad-prefix",
-        "a CLIENT-SUBNET option for IPv4 with a source prefix of 200 bits",
-        query(
-            next(),
-            "a.test.",
-            TYPE_A,
-            Some(opt(
-                1232,
-                0,
-                &edns_options(&[(8, &[0, 1, 200, 0, 10, 0, 0])]),
-            )),
-        ),
-        FORMERR,
-    ));
-    v.push(nasty(
-        "edns-ecs-bad-family",
-        "a CLIENT-SUBNET option with address family 7",
-        query(
-            next(),
-            "a.test.",
-            TYPE_A,
-            Some(opt(
-                1232,
-                0,
-                &edns_options(&[(8, &[0, 7, 24, 0, 10, 0, 0])]),
-            )),
-        ),
-        FORMERR,
-    ));
-    v.push(nasty(
-        "edns-ecs-empty",
-        "a CLIENT-SUBNET option with no data at all",
-        query(
-            next(),
-            "a.test.",
-            TYPE_A,
-            Some(opt(1232, 0, &edns_options(&[(8, &[])]))),
-        ),
-        FORMERR,
-    ));
-    let many: Vec<(u16, &[u8])> = (0..200).map(|i| (65000 + i, &b"x"[..])).collect();
-    v.push(nasty(
-        "edns-200-options",
-        "an OPT with 200 small unknown options",
-        query(
-            next(),
-            "a.test.",
-            TYPE_A,
-            Some(opt(1232, 0, &edns_options(&many))),
-        ),
-        NOERROR,
-    ));
-    let pad = vec![0u8; 3000];
-    v.push(nasty(
-        "edns-padding-3000",
-        "a 3 KB query: an EDNS padding option of 3000 bytes",
-        query(
-            next(),
-            "a.test.",
-            TYPE_A,
-            Some(opt(1232, 0, &edns_options(&[(12, &pad)]))),
-        ),
-        NOERROR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, Some(opt(1232, 0, &[])));
-    p[11] = 2;
-    p.extend(opt(4096, 0, &[]));
-    v.push(nasty(
-        "opt-twice",
-        "two OPT records (RFC 6891 6.1.1: FORMERR)",
-        p,
-        FORMERR,
-    ));
-    v.push(nasty(
-        "opt-version-1",
-        "EDNS version 1 (BADVERS)",
-        query(next(), "a.test.", TYPE_A, Some(opt(1232, 1, &[]))),
-        Expect::Reply(Some(ResponseCode::BADVERS)),
-    ));
-    v.push(nasty(
-        "opt-version-255",
-        "EDNS version 255 with the DO bit and garbage flags",
-        query(
-            next(),
-            "a.test.",
-            TYPE_A,
-            Some(rr(&[0], TYPE_OPT, 1232, 0x00ff_ffff, &[])),
-        ),
-        Expect::Reply(Some(ResponseCode::BADVERS)),
-    ));
-    v.push(nasty(
-        "opt-payload-0",
-        "EDNS with a UDP payload size of 0",
-        query(next(), "big.test.", TYPE_A, Some(opt(0, 0, &[]))),
-        NOERROR,
-    ));
-    v.push(nasty(
-        "opt-payload-65535",
-        "EDNS with a UDP payload size of 65535 for a large answer",
-        query(next(), "big.test.", TYPE_A, Some(opt(65535, 0, &[]))),
-        NOERROR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[11] = 1;
-    p.extend(rr(&wire_name("not.root."), TYPE_OPT, 1232, 0, &[]));
-    v.push(nasty(
-        "opt-owner-not-root",
-        "an OPT record owned by not.root. instead of the root",
-        p,
-        FORMERR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[11] = 1;
-    p.extend(rr(&[0], TYPE_OPT, 1232, 0x0f00_0000, &[]));
-    v.push(nasty(
-        "opt-extended-rcode",
-        "an OPT carrying an extended rcode in a query",
-        p,
-        ANY,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[11] = 1;
-    p.extend(rr(
-        &wire_name("key."),
-        TYPE_TSIG,
-        255,
-        0,
-        b"\x00garbage-tsig-rdata",
-    ));
-    v.push(nasty(
-        "tsig-garbage",
-        "a TSIG record with garbage rdata",
-        p,
-        FORMERR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[11] = 2;
-    p.extend(rr(&wire_name("key."), TYPE_TSIG, 255, 0, b""));
-    p.extend(opt(1232, 0, &[]));
-    v.push(nasty(
-        "record-after-tsig",
-        "an OPT after an (empty) TSIG record",
-        p,
-        FORMERR,
-    ));
-
-    // --- Header fields.
-    for (name_, what, opcode) in [
-        ("opcode-iquery", "opcode 1 (IQUERY, obsolete)", 1u16),
-        ("opcode-status", "opcode 2 (STATUS)", 2),
-        ("opcode-notify", "opcode 4 (NOTIFY)", 4),
-        ("opcode-update", "opcode 5 (UPDATE)", 5),
-    ] {
-        let mut p = query(next(), "a.test.", TYPE_A, None);
-        p[2] = (p[2] & 0x87) | ((opcode as u8) << 3);
-        v.push(nasty(name_, what, p, NOTIMP));
-    }
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[2] = (p[2] & 0x87) | (15 << 3);
-    v.push(nasty("opcode-15", "the unassigned opcode 15", p, NOTIMP));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[2] = 0x7f; // QR=0, opcode 15, AA, TC, RD
-    p[3] = 0xff; // RA, Z, AD, CD, rcode 15
-    v.push(nasty(
-        "all-flags",
-        "QR=0 and every other header bit set (opcode 15)",
-        p,
-        NOTIMP,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[3] = 0x7f; // Z, AD, CD, rcode 15
-    v.push(nasty(
-        "z-ad-cd-rcode-set",
-        "Z, AD, CD and rcode 15 set in a standard query",
-        p,
-        NOERROR,
-    ));
-    let mut p = query(next(), "a.test.", TYPE_A, None);
-    p[2] |= 0x02; // TC
-    v.push(nasty("tc-in-query", "TC=1 in a query", p, NOERROR));
-
-    // --- Questions no resolver should send.
-    v.push(nasty(
-        "qtype-any",
-        "ANY (RFC 8482: one HINFO)",
-        query(next(), "a.test.", TYPE_ANY, None),
-        NOERROR,
-    ));
-    v.push(nasty(
-        "qtype-any-consul",
-        "ANY for a Consul service",
-        query(next(), "web.service.consul.", TYPE_ANY, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "qtype-axfr",
-        "AXFR over UDP",
-        query(next(), "test.", TYPE_AXFR, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "qtype-opt",
-        "a question of type OPT",
-        query(next(), "a.test.", TYPE_OPT, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "qtype-0",
-        "a question of type 0",
-        query(next(), "a.test.", 0, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "qtype-65535",
-        "a question of type 65535",
-        query(next(), "a.test.", 65535, None),
-        ANY,
-    ));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend(question(&wire_name("version.bind."), TYPE_TXT, CLASS_CH));
-    v.push(nasty("qclass-chaos", "version.bind. CH TXT", p, ANY));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend(question(&wire_name("web.service.consul."), TYPE_A, 0));
-    v.push(nasty("qclass-0-consul", "a Consul name in class 0", p, ANY));
-    let mut p = header(next(), RD, 1, 0, 0, 0);
-    p.extend(question(&wire_name("web.service.consul."), TYPE_A, 254));
-    v.push(nasty(
-        "qclass-none-consul",
-        "a Consul name in class NONE (254)",
-        p,
-        ANY,
-    ));
-    v.push(nasty(
-        "ptr-garbage",
-        "a PTR question for a malformed in-addr.arpa name",
-        query(next(), "999.x.in-addr.arpa.", TYPE_PTR, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "consul-addr-garbage",
-        "an addr.consul name that is not hex",
-        query(next(), "zzzzzzzz.addr.dc1.consul.", TYPE_A, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "consul-addr-long",
-        "an addr.consul name with 40 hex digits",
-        query(
-            next(),
-            "0123456789abcdef0123456789abcdef01234567.addr.dc1.consul.",
-            TYPE_AAAA,
-            None,
-        ),
-        ANY,
-    ));
-    v.push(nasty(
-        "consul-query-garbage",
-        "a prepared-query name with binary-ish labels",
-        query(next(), "_._.query.consul.", TYPE_SRV, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "consul-srv-three-underscores",
-        "_a._b._c.service.consul SRV",
-        query(next(), "_a._b._c.service.consul.", TYPE_SRV, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "consul-apex-any",
-        "ANY at the consul. apex",
-        query(next(), "consul.", TYPE_ANY, None),
-        ANY,
-    ));
-    v.push(nasty(
-        "consul-dc-long",
-        "a service in a datacenter named by a 63-byte label",
-        query(
-            next(),
-            &format!("web.service.{long63}.consul."),
-            TYPE_A,
-            None,
-        ),
-        ANY,
-    ));
-
-    // --- Well-formed controls (must get ordinary answers).
-    v.push(nasty(
-        "control-a",
-        "a plain query for a.test.",
-        query(next(), "a.test.", TYPE_A, None),
-        NOERROR,
-    ));
-    v.push(nasty(
-        "control-consul",
-        "a plain query for web.service.consul.",
-        query(next(), "web.service.consul.", TYPE_A, None),
-        NOERROR,
-    ));
-
-    // --- Found by fuzzing (appended, so the IDs above never change).
-    let mut p = header(next(), RD, 40, 0, 0, 0);
-    for i in 0..40 {
-        p.extend(question(
-            &wire_name(&format!("question-number-{i:02}.test.")),
-            TYPE_A,
-            CLASS_IN,
-        ));
-    }
-    v.push(nasty(
-        "qdcount-40",
-        "40 real questions (1.1 KB): the FORMERR must still fit in 512 bytes over UDP",
-        p,
-        FORMERR,
-    ));
-    v
 }
 
 /// The corpus directory, `tests/corpus/packets`.
@@ -939,12 +169,69 @@ pub fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/packets")
 }
 
-/// Every packet to replay: the hand-crafted ones, plus any other `.bin` file in the corpus
-/// directory (fuzzing finds, added by hand), judged by [`Expect::from_bytes`].
+/// The manifest, `INDEX.md` in the corpus directory: a table with the columns file, bytes,
+/// expect, what.
+pub fn manifest_path() -> PathBuf {
+    corpus_dir().join("INDEX.md")
+}
+
+/// One manifest row, `| `NAME.bin` | SIZE | EXPECT | WHAT |`: (NAME, SIZE, EXPECT, WHAT).
+fn manifest_row(line: &str) -> Result<(String, usize, Expect, String), String> {
+    let cells: Vec<&str> = line
+        .trim()
+        .trim_matches('|')
+        .splitn(4, '|')
+        .map(str::trim)
+        .collect();
+    let [file, size, expect, what] = cells[..] else {
+        return Err("not four cells: file, bytes, expect, what".to_owned());
+    };
+    let name = file
+        .strip_prefix('`')
+        .and_then(|f| f.strip_suffix(".bin`"))
+        .ok_or_else(|| format!("file {file:?} is not `NAME.bin`"))?;
+    let size = size.parse().map_err(|e| format!("bytes {size:?}: {e}"))?;
+    Ok((
+        name.to_owned(),
+        size,
+        Expect::parse(expect)?,
+        what.to_owned(),
+    ))
+}
+
+/// Every packet the manifest lists, read from its file, in the manifest's order (the order
+/// matters: the mutation tests draw from this list with fixed seeds). Panics, naming the line,
+/// on a row it cannot read or a file that is not there.
+pub fn corpus() -> Vec<CorpusPacket> {
+    let path = manifest_path();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let rows = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with('|') && !l.starts_with("| file ") && !l.starts_with("|-"));
+    rows.map(|(i, line)| {
+        let (name, listed_size, expect, what) =
+            manifest_row(line).unwrap_or_else(|e| panic!("{}:{}: {e}", path.display(), i + 1));
+        let file = corpus_dir().join(format!("{name}.bin"));
+        let bytes = std::fs::read(&file)
+            .unwrap_or_else(|e| panic!("{}:{}: {}: {e}", path.display(), i + 1, file.display()));
+        CorpusPacket {
+            name,
+            what,
+            listed_size,
+            bytes,
+            expect,
+        }
+    })
+    .collect()
+}
+
+/// Every packet to replay: the listed ones, plus any other `.bin` file in the corpus directory
+/// (fuzzing finds, added without a row), judged by [`Expect::from_bytes`].
 pub fn replay_set() -> Vec<(String, Vec<u8>, Expect)> {
     let mut out: Vec<(String, Vec<u8>, Expect)> = corpus()
         .into_iter()
-        .map(|n| (n.name.to_owned(), n.bytes, n.expect))
+        .map(|n| (n.name, n.bytes, n.expect))
         .collect();
     let known: Vec<String> = out.iter().map(|(n, _, _)| n.clone()).collect();
     if let Ok(entries) = std::fs::read_dir(corpus_dir()) {

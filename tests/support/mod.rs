@@ -7,6 +7,7 @@ pub mod consul_sim;
 pub mod dnssec;
 pub mod e2e;
 pub mod hostile;
+pub mod proc_status;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use std::time::Duration;
 pub use config::TestConfig;
 use consul_dns_forwarder::config::Config;
 use consul_dns_forwarder::{run, server, Bound};
-use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -183,6 +184,23 @@ pub async fn udp(server: SocketAddr, msg: &Message) -> Message {
     parsed
 }
 
+/// `name` `qtype` over UDP with EDNS payload size `edns` (none: no OPT); the reply, which must
+/// come and be at most `limit` bytes.
+pub async fn udp_within(
+    server: SocketAddr,
+    name: &str,
+    qtype: RecordType,
+    edns: Option<u16>,
+    limit: usize,
+) -> Message {
+    let q = make_query(name, qtype, edns);
+    let reply = raw_udp(server, &q.to_vec().expect("encode"), REPLY_TIMEOUT)
+        .await
+        .expect("a UDP reply");
+    assert!(reply.len() <= limit, "{} > {limit}", reply.len());
+    Message::from_vec(&reply).expect("reply parses")
+}
+
 /// Sends `msg` over TCP and parses the reply.
 pub async fn tcp(server: SocketAddr, msg: &Message) -> Message {
     let bytes = msg.to_vec().expect("encode");
@@ -303,6 +321,73 @@ impl Running {
     }
 }
 
+/// Starts the binary with `args` and `--listen` on a free port of 127.0.0.1, and waits until it
+/// answers there.
+pub async fn spawn_answering(args: &[&str]) -> (Running, SocketAddr) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut all = args.to_vec();
+    all.extend(["--listen", &listen]);
+    let server = spawn(&all);
+    let addr: SocketAddr = listen.parse().expect("addr");
+    wait_until_answering(addr).await;
+    (server, addr)
+}
+
+/// [`spawn_answering`] forwarding to `upstream`, Consul names from the agent at `consul_http`,
+/// /metrics on `metrics_listen`.
+pub async fn spawn_forwarder(
+    upstream: SocketAddr,
+    consul_http: &str,
+    metrics_listen: &str,
+) -> (Running, SocketAddr) {
+    spawn_answering(&[
+        "--upstream",
+        &upstream.to_string(),
+        "--consul-http",
+        consul_http,
+        "--metrics-listen",
+        metrics_listen,
+    ])
+    .await
+}
+
+/// Asks each of `names` (A, over UDP) and checks that the answer's rcode is `rcode`.
+pub async fn assert_rcode(server: SocketAddr, names: &[&str], rcode: ResponseCode) {
+    for name in names {
+        let r = ask(server, name, RecordType::A).await;
+        assert_eq!(r.metadata.response_code, rcode, "{name}");
+    }
+}
+
+/// Runs `cmd` to the end and returns its output; panics, showing the command and what it wrote,
+/// unless it exits 0.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cmd` to the end, checks that it exited with `code`, and returns what it wrote to stderr.
+pub fn exits_with(cmd: &mut std::process::Command, code: i32) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{cmd:?}: {err}");
+    err
+}
+
+/// The binary's `check-config --config path`, to run (and add to).
+pub fn check_config(path: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["check-config", "--config"]).arg(path);
+    cmd
+}
+
 /// Waits (at most 10 s) until a DNS server at `addr` answers over UDP.
 pub async fn wait_until_answering(addr: SocketAddr) {
     let query = make_query("a.test.", RecordType::A, None)
@@ -319,12 +404,5 @@ pub async fn wait_until_answering(addr: SocketAddr) {
 
 /// Resident memory of process `pid` in KiB, from /proc (0 when it cannot be read).
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
+    proc_status::vm_rss_kib(&pid.to_string())
 }

@@ -22,7 +22,10 @@
 //! | `refused.test.`     | REFUSED                                                     |
 //! | `silent.test.`      | never answered (counted): a timeout for this name only       |
 //! | other `*.test.`     | NXDOMAIN + SOA                                              |
-//! | outside `test.`     | REFUSED (not authoritative)                                 |
+//! | `1.2.0.192.in-addr.arpa.` | PTR `a.test.`, TTL 300 (the reverse of 192.0.2.1)     |
+//! | `1.0.….8.b.d.0.1.0.0.2.ip6.arpa.` | PTR `v6.test.`, TTL 300 (the reverse of 2001:db8::1) |
+//! | other names under `in-addr.arpa.` and `ip6.arpa.` | NXDOMAIN + SOA `arpa.` (what a resolver answers for an address nobody named) |
+//! | outside these       | REFUSED (not authoritative)                                 |
 //!
 //! Two misbehaviours can be switched on, for the forwarder's spoofing defences:
 //! [`TestUpstream::set_lowercase_replies`] (the question in replies is lowercased, as by
@@ -53,7 +56,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecoder, BinEncoder};
 use hickory_server::net::runtime::Time;
@@ -333,7 +336,14 @@ fn normalize(name: &str) -> String {
 }
 
 fn in_zone(key: &str) -> bool {
-    key == ZONE || key.ends_with(".test")
+    key == ZONE || key.ends_with(".test") || in_reverse_zone(key)
+}
+
+/// The reverse names the upstream answers for (any address, as a recursive resolver would).
+fn in_reverse_zone(key: &str) -> bool {
+    ["in-addr.arpa", "ip6.arpa"]
+        .iter()
+        .any(|zone| key == *zone || key.ends_with(&format!(".{zone}")))
 }
 
 /// `slow-<ms>.test` → the delay before answering.
@@ -368,9 +378,11 @@ impl Reply {
     }
 }
 
-/// The fixed data of the zone `test.`.
+/// The fixed data of the zone `test.` and of the reverse names.
 struct Zone {
     soa: Record,
+    /// The SOA of negative answers for reverse names.
+    reverse_soa: Record,
     /// Keyed by normalised owner name.
     rrsets: HashMap<String, Vec<Record>>,
 }
@@ -388,19 +400,23 @@ impl Zone {
                 .push(Record::from_rdata(name(owner), ttl, rdata));
         };
 
-        let soa = Record::from_rdata(
-            name("test."),
-            3600,
-            RData::SOA(SOA::new(
-                name("ns.test."),
-                name("hostmaster.test."),
-                1,
+        // The SOA of the zone `test.`, and the one reverse names' negative answers carry.
+        let soa_of = |zone: &str| {
+            Record::from_rdata(
+                name(zone),
                 3600,
-                600,
-                86400,
-                60,
-            )),
-        );
+                RData::SOA(SOA::new(
+                    name("ns.test."),
+                    name("hostmaster.test."),
+                    1,
+                    3600,
+                    600,
+                    86400,
+                    60,
+                )),
+            )
+        };
+        let soa = soa_of("test.");
         add("test.", soa.ttl, soa.data.clone());
 
         add("a.test.", 300, RData::A(A(Ipv4Addr::new(192, 0, 2, 1))));
@@ -430,8 +446,28 @@ impl Zone {
                 RData::A(A(Ipv4Addr::new(198, 51, 100, i))),
             );
         }
+        add(
+            "1.2.0.192.in-addr.arpa.",
+            300,
+            RData::PTR(PTR(name("a.test."))),
+        );
+        let v6_reverse = format!("1.{}8.b.d.0.1.0.0.2.ip6.arpa.", "0.".repeat(23));
+        add(&v6_reverse, 300, RData::PTR(PTR(name("v6.test."))));
 
-        Zone { soa, rrsets }
+        Zone {
+            soa,
+            reverse_soa: soa_of("arpa."),
+            rrsets,
+        }
+    }
+
+    /// The SOA of a negative answer for `key`.
+    fn soa_for(&self, key: &str) -> &Record {
+        if in_reverse_zone(key) {
+            &self.reverse_soa
+        } else {
+            &self.soa
+        }
     }
 
     /// Records owned by `key`, including the synthesised `slow-<ms>.test.`.
@@ -475,7 +511,7 @@ impl Zone {
         for _ in 0..MAX_CNAME_CHAIN {
             let Some(records) = self.rrset(&key) else {
                 reply.rcode = ResponseCode::NXDomain;
-                reply.authorities.push(self.soa.clone());
+                reply.authorities.push(self.soa_for(&key).clone());
                 return reply;
             };
             let matching: Vec<Record> = records
@@ -493,7 +529,7 @@ impl Zone {
             });
             let Some((cname_record, target)) = cname else {
                 // NODATA: the name exists but has no record of this type.
-                reply.authorities.push(self.soa.clone());
+                reply.authorities.push(self.soa_for(&key).clone());
                 return reply;
             };
             reply.answers.push(cname_record);

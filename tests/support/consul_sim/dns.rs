@@ -5,7 +5,8 @@
 //!
 //! Default-config behaviour reproduced on purpose, including the parts the
 //! project improves on: every TTL is 0, SOA minimum is 0, RA is 0 (no recursors
-//! configured), names outside the domain are REFUSED, and an oversized UDP
+//! configured), names under `arpa.` get Consul's PTR answers (NXDOMAIN for an address it does
+//! not know), other names outside the domain are REFUSED, and an oversized UDP
 //! reply is trimmed *silently* (answers dropped until it fits 512 bytes, or the
 //! client's EDNS size, with TC left clear: `enable_truncate = false`).
 //!
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rand::seq::SliceRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -156,6 +157,10 @@ fn resolve(st: &State, q: &Query, resp: &mut Message) {
         .iter()
         .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
         .collect();
+    if labels.last().map(String::as_str) == Some("arpa") {
+        ptr(st, q, resp);
+        return;
+    }
     if labels.last().map(String::as_str) != Some("consul") {
         // No recursors configured: Consul's mux has no handler for ".".
         resp.metadata.response_code = ResponseCode::Refused;
@@ -410,11 +415,7 @@ fn hex_ip(ip: IpAddr) -> String {
 
 /// `<node>.node.consul`: catalog node, no health filter.
 fn node_records(st: &State, qname: &Name, name: &str, qtype: RecordType) -> Lookup {
-    let Some(n) = st
-        .nodes
-        .values()
-        .find(|n| n.node.name.eq_ignore_ascii_case(name))
-    else {
+    let Some(n) = st.node_named(name) else {
         return Lookup::NxDomain;
     };
     let mut answers = Vec::new();
@@ -474,6 +475,66 @@ fn addr_records(qname: &Name, parts: &[String], qtype: RecordType) -> Lookup {
         Vec::new()
     };
     Lookup::Found(answers, Vec::new())
+}
+
+/// Consul's `handlePtr`, for every question under `arpa.` whatever its type: the first node (in
+/// name order) whose `Address` is the name's address answers `<node>.node.dc1.consul.`, else
+/// the first instance (by node, then ID) whose own `Address` is that address written as Go
+/// writes it answers `<service>.service.dc1.consul.`; TTL 0, AA. Anything else is NXDOMAIN with
+/// the SOA (no recursors configured).
+fn ptr(st: &State, q: &Query, resp: &mut Message) {
+    resp.metadata.authoritative = true;
+    let target = ip_from_arpa(q.name()).and_then(|ip| {
+        let mut nodes: Vec<_> = st.nodes.values().collect();
+        nodes.sort_by_key(|n| n.node.name.to_ascii_lowercase());
+        let node = nodes
+            .into_iter()
+            .find(|n| n.node.address.parse::<IpAddr>() == Ok(ip))
+            .map(|n| format!("{}.node.{DATACENTER}.{DOMAIN}", n.node.name));
+        node.or_else(|| {
+            let mut services: Vec<_> = st.services.values().collect();
+            services.sort_by(|a, b| (&a.svc.node, &a.svc.id).cmp(&(&b.svc.node, &b.svc.id)));
+            services
+                .into_iter()
+                .find(|s| s.svc.address == ip.to_string())
+                .map(|s| format!("{}.service.{DATACENTER}.{DOMAIN}", s.svc.service))
+        })
+    });
+    match target.and_then(|t| Name::from_ascii(t).ok()) {
+        Some(target) => resp.answers.push(Record::from_rdata(
+            q.name().clone(),
+            0,
+            RData::PTR(PTR(target)),
+        )),
+        None => {
+            resp.metadata.response_code = ResponseCode::NXDomain;
+            resp.authorities.push(soa());
+        }
+    }
+}
+
+/// Consul's `dnsutil.IPFromARPA`: 4 labels under `in-addr.arpa.` joined back into an IPv4
+/// address, or 32 under `ip6.arpa.` joined four by four into an IPv6 one; anything else is no
+/// address.
+fn ip_from_arpa(name: &Name) -> Option<IpAddr> {
+    let labels: Vec<String> = name
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
+        .collect();
+    let (zone, parts) = match labels.as_slice() {
+        [parts @ .., zone, arpa] if arpa == "arpa" => (zone.as_str(), parts),
+        _ => return None,
+    };
+    let mut parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    parts.reverse();
+    match (zone, parts.len()) {
+        ("in-addr", 4) => parts.join(".").parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+        ("ip6", 32) => {
+            let words: Vec<String> = parts.chunks(4).map(|w| w.concat()).collect();
+            words.join(":").parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+        }
+        _ => None,
+    }
 }
 
 /// Node meta as TXT: `key=value` with RFC 1464 backtick escaping of the key;

@@ -74,6 +74,45 @@ pub struct SimService {
     pub meta: BTreeMap<String, String>,
 }
 
+impl SimNode {
+    /// A node with no meta.
+    pub fn new(name: &str, address: &str) -> SimNode {
+        SimNode {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            meta: BTreeMap::new(),
+        }
+    }
+
+    /// With one more node meta entry (a TXT record in node answers).
+    pub fn meta(mut self, key: &str, value: &str) -> SimNode {
+        self.meta.insert(key.to_owned(), value.to_owned());
+        self
+    }
+}
+
+impl SimService {
+    /// An instance at its node's address, with no tags or meta and weights (1, 1).
+    pub fn new(id: &str, service: &str, node: &str, port: u16) -> SimService {
+        SimService {
+            id: id.to_owned(),
+            service: service.to_owned(),
+            node: node.to_owned(),
+            address: String::new(),
+            port,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta: BTreeMap::new(),
+        }
+    }
+
+    /// With these tags.
+    pub fn tags(mut self, tags: &[&str]) -> SimService {
+        self.tags = tags.iter().map(|t| t.to_string()).collect();
+        self
+    }
+}
+
 /// A health check status. Consul also knows `maintenance`, which it reports as
 /// `critical` on the wire, so three values cover everything a client can see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -350,6 +389,25 @@ impl ConsulSim {
         self.inner.mutate(|st| st.add_node(node));
     }
 
+    /// Sets a node's tagged addresses besides `lan` and `wan` (which always carry its
+    /// `Address`), as an agent registers them: `lan_ipv4`, `lan_ipv6`, `wan_ipv4`, `wan_ipv6`
+    /// (a dual-stack node has both families). A change of the node, like a new address.
+    /// Panics if the node is unknown.
+    pub fn set_node_tagged_addresses(&self, node: &str, tagged: &[(&str, &str)]) {
+        let tagged = tagged
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.inner
+            .mutate(|st| st.set_node_tagged_addresses(node, tagged));
+    }
+
+    /// Deregisters a node, its checks and its service instances (Consul's
+    /// `/v1/catalog/deregister` with only `Node`). Unknown nodes are ignored.
+    pub fn remove_node(&self, node: &str) {
+        self.inner.mutate(|st| st.remove_node(node));
+    }
+
     /// Registers (or replaces) a service instance plus its service check
     /// `service:<id>` with `status`. Panics if the node is unknown: real Consul
     /// refuses a registration for a node it does not have, and a silent default
@@ -390,26 +448,24 @@ impl ConsulSim {
 
     /// Like [`ConsulSim::add_simple`], returning the instance ID it chose.
     pub fn add_simple_id(&self, service: &str, node: &str, addr: &str, port: u16) -> String {
-        self.add_node(SimNode {
-            name: node.to_string(),
-            address: addr.to_string(),
-            meta: BTreeMap::new(),
-        });
         let id = self.inner.state().free_instance_id(service);
-        self.add_service(
-            SimService {
-                id: id.clone(),
-                service: service.to_string(),
-                node: node.to_string(),
-                address: String::new(),
-                port,
-                tags: Vec::new(),
-                weights: (1, 1),
-                meta: BTreeMap::new(),
-            },
-            Status::Passing,
-        );
+        self.add_instance(&id, service, node, addr, port, Status::Passing);
         id
+    }
+
+    /// Node `node` at `addr` (added or updated) plus instance `id` of `service` on it, at the
+    /// node's address, with its check at `status`.
+    pub fn add_instance(
+        &self,
+        id: &str,
+        service: &str,
+        node: &str,
+        addr: &str,
+        port: u16,
+        status: Status,
+    ) {
+        self.add_node(SimNode::new(node, addr));
+        self.add_service(SimService::new(id, service, node, port), status);
     }
 
     /// Registers many instances at once (nodes included) as a single write:
@@ -439,21 +495,8 @@ impl ConsulSim {
                     address,
                 };
                 items.push((
-                    SimNode {
-                        name: g.node.clone(),
-                        address: g.address.clone(),
-                        meta: BTreeMap::new(),
-                    },
-                    SimService {
-                        id: g.id.clone(),
-                        service: g.service.clone(),
-                        node: g.node.clone(),
-                        address: String::new(),
-                        port: 80,
-                        tags: Vec::new(),
-                        weights: (1, 1),
-                        meta: BTreeMap::new(),
-                    },
+                    SimNode::new(&g.node, &g.address),
+                    SimService::new(&g.id, &g.service, &g.node, 80),
                     Status::Passing,
                 ));
                 out.push(g);

@@ -32,6 +32,31 @@ pub(super) struct NodeRec {
     pub create: u64,
     pub modify: u64,
     pub checks: BTreeMap<String, CheckRec>,
+    /// Tagged addresses beyond `lan` and `wan` (`lan_ipv4`, `lan_ipv6`, `wan_ipv4`,
+    /// `wan_ipv6`), as an agent registers them: see [`State::set_node_tagged_addresses`].
+    pub tagged: BTreeMap<String, String>,
+}
+
+impl NodeRec {
+    /// A node registered at index `idx`, with the passing `serfHealth` check every agent's node
+    /// has.
+    fn registered(node: SimNode, idx: u64) -> NodeRec {
+        let serf = CheckRec {
+            name: check_name("serfHealth", None),
+            status: Status::Passing,
+            notes: String::new(),
+            create: idx,
+            modify: idx,
+        };
+        NodeRec {
+            id: uuid_from(&node.name),
+            node,
+            create: idx,
+            modify: idx,
+            checks: BTreeMap::from([("serfHealth".to_string(), serf)]),
+            tagged: BTreeMap::new(),
+        }
+    }
 }
 
 pub(super) struct SvcRec {
@@ -225,30 +250,54 @@ impl State {
             }
             None => {
                 self.checks_index = idx;
-                let mut checks = BTreeMap::new();
-                checks.insert(
-                    "serfHealth".to_string(),
-                    CheckRec {
-                        name: check_name("serfHealth", None),
-                        status: Status::Passing,
-                        notes: String::new(),
-                        create: idx,
-                        modify: idx,
-                    },
-                );
-                self.nodes.insert(
-                    name.clone(),
-                    NodeRec {
-                        id: uuid_from(&name),
-                        node,
-                        create: idx,
-                        modify: idx,
-                        checks,
-                    },
-                );
+                self.nodes
+                    .insert(name.clone(), NodeRec::registered(node, idx));
             }
         }
         self.touch_services_on_node(&name, idx);
+    }
+
+    /// Sets a node's tagged addresses beyond `lan` and `wan` (which always carry its address),
+    /// replacing the ones it had: a change of the node, like its address.
+    pub fn set_node_tagged_addresses(&mut self, node: &str, tagged: BTreeMap<String, String>) {
+        let Some(rec) = self.nodes.get(node) else {
+            panic!("consul_sim: set_node_tagged_addresses: unknown node {node:?}");
+        };
+        if rec.tagged == tagged {
+            return;
+        }
+        let idx = self.bump();
+        self.nodes_index = idx;
+        let rec = self.nodes.get_mut(node).expect("checked above");
+        rec.tagged = tagged;
+        rec.modify = idx;
+        self.touch_services_on_node(node, idx);
+    }
+
+    /// Deregisters a node with its checks and service instances, as Consul's
+    /// `/v1/catalog/deregister` with only `Node` does. Unknown nodes are ignored.
+    pub fn remove_node(&mut self, node: &str) {
+        let Some(rec) = self.nodes.remove(node) else {
+            return;
+        };
+        let idx = self.bump();
+        self.nodes_index = idx;
+        self.checks_index = idx;
+        let ids: Vec<String> = self
+            .services
+            .values()
+            .filter(|s| s.svc.node == rec.node.name)
+            .map(|s| s.svc.id.clone())
+            .collect();
+        if !ids.is_empty() {
+            self.services_index = idx;
+        }
+        for id in ids {
+            if let Some(old) = self.services.remove(&id) {
+                self.unindex(&old.svc.service, &id);
+                self.touch_service(&old.svc.service, idx);
+            }
+        }
     }
 
     pub fn add_service(&mut self, svc: SimService, status: Status) {
@@ -399,28 +448,8 @@ impl State {
                     }
                 }
                 None => {
-                    let mut checks = BTreeMap::new();
-                    checks.insert(
-                        "serfHealth".to_string(),
-                        CheckRec {
-                            name: check_name("serfHealth", None),
-                            status: Status::Passing,
-                            notes: String::new(),
-                            create: idx,
-                            modify: idx,
-                        },
-                    );
-                    let name = node.name.clone();
-                    self.nodes.insert(
-                        name.clone(),
-                        NodeRec {
-                            id: uuid_from(&name),
-                            node,
-                            create: idx,
-                            modify: idx,
-                            checks,
-                        },
-                    );
+                    self.nodes
+                        .insert(node.name.clone(), NodeRec::registered(node, idx));
                 }
             }
             assert!(
@@ -498,12 +527,15 @@ impl State {
     }
 
     fn node_json(&self, n: &NodeRec) -> Value {
+        let mut tagged = n.tagged.clone();
+        tagged.insert("lan".into(), n.node.address.clone());
+        tagged.insert("wan".into(), n.node.address.clone());
         json!({
             "ID": n.id,
             "Node": n.node.name,
             "Address": n.node.address,
             "Datacenter": DATACENTER,
-            "TaggedAddresses": { "lan": n.node.address, "wan": n.node.address },
+            "TaggedAddresses": tagged,
             "Meta": meta_json(&n.node.meta),
             "CreateIndex": n.create,
             "ModifyIndex": n.modify,
@@ -643,13 +675,16 @@ impl State {
         )
     }
 
+    /// The node named `name`, as Consul finds it: case-insensitively.
+    pub fn node_named(&self, name: &str) -> Option<&NodeRec> {
+        self.nodes
+            .values()
+            .find(|n| n.node.name.eq_ignore_ascii_case(name))
+    }
+
     /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
     pub fn catalog_node_json(&self, node: &str) -> Value {
-        let Some(n) = self
-            .nodes
-            .values()
-            .find(|n| n.node.name.eq_ignore_ascii_case(node))
-        else {
+        let Some(n) = self.node_named(node) else {
             return Value::Null;
         };
         let services: Map<String, Value> = self

@@ -61,7 +61,7 @@ impl TtlPolicy {
 
 /// What an entry costs beyond its bytes: the map's slot (the struct is held inline), the `Arc`
 /// counts and allocator header of the bytes. Used for the byte bound, so it errs on the high side.
-const ENTRY_OVERHEAD: usize = 128;
+const ENTRY_OVERHEAD: usize = 112;
 
 /// Room for keys recently evicted ("ghosts", which S3-FIFO admits straight to the hot set when
 /// they come back), as a share of the entry count. quick_cache's default is 0.5, but a ghost
@@ -75,17 +75,30 @@ const GHOST_SHARE: f64 = 0.1;
 /// for the common non-CD lookup).
 const CD_KEY: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// The form of an entry that a client without DO gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Plain {
-    /// The records hold nothing such a client must not get: the same bytes serve every client.
-    Same,
-    /// Its records (after the same question) start at this offset of `wire`, with these counts.
-    At(u32, [u16; 3]),
-    /// A signed answer too large to encode again without its DNSSEC records: it serves DO
-    /// clients only.
-    Missing,
-}
+/// Where the form for clients without DO starts in an entry's `wire`: its three record counts
+/// (6 bytes, big-endian), then its records. Two offsets no form can start at say there is none:
+/// the records hold nothing such a client must not get, so the same bytes serve every client...
+const PLAIN_SAME: u32 = 0;
+/// ... or a signed answer too large to encode again without its DNSSEC records serves DO
+/// clients only.
+const PLAIN_MISSING: u32 = u32::MAX;
+
+/// Bits of `CachedAnswer::flags`: what the entry is, packed into one byte, because entries are
+/// held inline in the map and 100,000 of them should cost what they did before DNSSEC.
+/// NXDOMAIN (else NOERROR, the only other rcode stored).
+const NXDOMAIN: u8 = 1;
+/// May be stored: false for a negative answer without SOA, passed on to the client, never
+/// stored (RFC 2308 §5).
+const CACHEABLE: u8 = 1 << 1;
+/// CD of the upstream query: part of the key.
+const CHECKING_DISABLED: u8 = 1 << 2;
+/// DO of the upstream query: the records are what the upstream gives a DNSSEC client.
+const SIGNED: u8 = 1 << 3;
+/// AD of the upstream's reply: it validated the data.
+const AUTHENTIC: u8 = 1 << 4;
+/// Stored as the upstream sent it, because it is too large to encode again (hickory compresses
+/// at most 120 names); cut in bytes for UDP clients.
+const AS_RECEIVED: u8 = 1 << 5;
 
 /// A stored answer. Record TTLs are the clamped ones at `stored_at`.
 ///
@@ -93,31 +106,21 @@ enum Plain {
 /// entry (the bytes), not two (an `Arc` of the struct, then the bytes).
 #[derive(Clone, Debug)]
 pub struct CachedAnswer {
-    pub(crate) rcode: ResponseCode,
     pub(crate) stored_at: Instant,
+    /// The question (name lowercased) followed by the records, exactly as they follow a 12-byte
+    /// header in a reply: names in the records may point into the question, so a reply must put
+    /// the (same-length) question at the same place. Then, at `plain_at`, the form for clients
+    /// without DO, whose records point only into the question and themselves.
+    wire: Arc<[u8]>,
     /// How long the entry is fresh, in seconds.
     ttl_secs: u32,
-    /// False for a negative answer without SOA: passed on to the client, never stored
-    /// (RFC 2308 §5).
-    pub(crate) cacheable: bool,
-    /// CD of the upstream query: part of the key.
-    checking_disabled: bool,
-    /// DO of the upstream query: the records are what the upstream gives a DNSSEC client.
-    signed: bool,
-    /// AD of the upstream's reply: it validated the data.
-    authentic_data: bool,
-    /// Stored as the upstream sent it, because it is too large to encode again (hickory
-    /// compresses at most 120 names); cut in bytes for UDP clients.
-    as_received: bool,
+    /// See [`PLAIN_SAME`].
+    plain_at: u32,
     /// Answer, authority and additional record counts.
     counts: [u16; 3],
     question_len: u16,
-    plain: Plain,
-    /// The question (name lowercased) followed by the records, exactly as they follow a 12-byte
-    /// header in a reply: names in the records may point into the question, so a reply must put
-    /// the (same-length) question at the same place. Then, for `Plain::At`, the other form's
-    /// records, which point only into the question and themselves.
-    wire: Arc<[u8]>,
+    /// [`NXDOMAIN`], [`CACHEABLE`], ...
+    flags: u8,
 }
 
 /// The question in wire format, as the cache keys it: the name (already lowercased in a
@@ -236,6 +239,22 @@ fn encode_sections(q: &Question, sections: &Sections) -> Result<Vec<u8>, FetchEr
     Ok(bytes)
 }
 
+/// The flags an entry fetched with `asked`'s DO and CD gets, the upstream having set AD or not.
+fn entry_flags(asked: Dnssec, authentic_data: bool) -> u8 {
+    bit(asked.checking_disabled, CHECKING_DISABLED)
+        | bit(asked.dnssec_ok, SIGNED)
+        | bit(authentic_data, AUTHENTIC)
+}
+
+/// `flag` when `on`, else nothing.
+fn bit(on: bool, flag: u8) -> u8 {
+    if on {
+        flag
+    } else {
+        0
+    }
+}
+
 fn counts3(bytes: &[u8]) -> [u16; 3] {
     let [_, answers, authorities, additionals] = header::counts(bytes).unwrap_or([0; 4]);
     [answers, authorities, additionals]
@@ -292,18 +311,15 @@ impl CachedAnswer {
         };
         let question_len = question_wire(q).len();
         let mut entry = CachedAnswer {
-            rcode,
             stored_at: now,
+            wire: full[HEADER_LEN..].into(),
             ttl_secs,
-            cacheable,
-            checking_disabled: asked.checking_disabled,
-            signed,
-            authentic_data: msg.metadata.authentic_data,
-            as_received: false,
+            plain_at: PLAIN_SAME,
             counts: counts3(&full),
             question_len: u16::try_from(question_len).unwrap_or(0),
-            plain: Plain::Same,
-            wire: full[HEADER_LEN..].into(),
+            flags: entry_flags(asked, msg.metadata.authentic_data)
+                | bit(rcode == ResponseCode::NXDomain, NXDOMAIN)
+                | bit(cacheable, CACHEABLE),
         };
         if let Some(plain) = plain_bytes {
             // A subset of what just encoded: it encodes too.
@@ -319,11 +335,14 @@ impl CachedAnswer {
         let (Some(records), Ok(at)) = (plain.get(from..), u32::try_from(self.wire.len())) else {
             return;
         };
-        let mut wire = Vec::with_capacity(self.wire.len() + records.len());
+        let mut wire = Vec::with_capacity(self.wire.len() + 6 + records.len());
         wire.extend_from_slice(&self.wire);
+        for count in counts3(plain) {
+            wire.extend_from_slice(&count.to_be_bytes());
+        }
         wire.extend_from_slice(records);
         self.wire = wire.into();
-        self.plain = Plain::At(at, counts3(plain));
+        self.plain_at = at;
     }
 
     /// An entry from the bytes the upstream sent (a positive answer hickory cannot encode again
@@ -351,22 +370,17 @@ impl CachedAnswer {
             return Err(unstorable());
         }
         Ok(CachedAnswer {
-            rcode: ResponseCode::NoError,
             stored_at: now,
+            wire: received.body.into(),
             ttl_secs: received.min_answer_ttl,
-            cacheable: true,
-            checking_disabled: asked.checking_disabled,
-            signed: asked.dnssec_ok,
-            authentic_data: flags & header::AD != 0,
-            as_received: true,
+            plain_at: if received.has_proofs {
+                PLAIN_MISSING
+            } else {
+                PLAIN_SAME
+            },
             counts: received.counts,
             question_len: u16::try_from(question.len()).unwrap_or(0),
-            plain: if received.has_proofs {
-                Plain::Missing
-            } else {
-                Plain::Same
-            },
-            wire: received.body.into(),
+            flags: entry_flags(asked, flags & header::AD != 0) | CACHEABLE | AS_RECEIVED,
         })
     }
 
@@ -384,16 +398,19 @@ impl CachedAnswer {
     /// form without DNSSEC records (`None` when the entry has none to give).
     fn form(&self, dnssec_ok: bool) -> Option<(&[u8], [u16; 3])> {
         let start = usize::from(self.question_len);
-        match self.plain {
-            Plain::At(at, counts) if !dnssec_ok => {
-                Some((self.wire.get(usize::try_from(at).ok()?..)?, counts))
+        match self.plain_at {
+            PLAIN_SAME => Some((self.wire.get(start..)?, self.counts)),
+            PLAIN_MISSING if dnssec_ok => Some((self.wire.get(start..)?, self.counts)),
+            PLAIN_MISSING => None,
+            at => {
+                let at = usize::try_from(at).ok()?;
+                if dnssec_ok {
+                    return Some((self.wire.get(start..at)?, self.counts));
+                }
+                let c = self.wire.get(at..at + 6)?;
+                let count = |i: usize| u16::from_be_bytes([c[i], c[i + 1]]);
+                Some((self.wire.get(at + 6..)?, [count(0), count(2), count(4)]))
             }
-            Plain::Missing if !dnssec_ok => None,
-            Plain::At(at, _) => Some((
-                self.wire.get(start..usize::try_from(at).ok()?)?,
-                self.counts,
-            )),
-            Plain::Same | Plain::Missing => Some((self.wire.get(start..)?, self.counts)),
         }
     }
 
@@ -401,15 +418,33 @@ impl CachedAnswer {
     /// entry fetched with DO (its signatures); a client without DO needs a form without them.
     pub(crate) fn serves(&self, dnssec_ok: bool) -> bool {
         if dnssec_ok {
-            self.signed
+            self.flags & SIGNED != 0
         } else {
-            self.plain != Plain::Missing
+            self.plain_at != PLAIN_MISSING
         }
     }
 
     /// Did the upstream set AD (it validated the data)?
     pub(crate) fn authentic_data(&self) -> bool {
-        self.authentic_data
+        self.flags & AUTHENTIC != 0
+    }
+
+    /// NOERROR or NXDOMAIN, the only rcodes stored.
+    pub(crate) fn rcode(&self) -> ResponseCode {
+        if self.flags & NXDOMAIN != 0 {
+            ResponseCode::NXDomain
+        } else {
+            ResponseCode::NoError
+        }
+    }
+
+    /// May it be stored? (See [`CACHEABLE`].)
+    pub(crate) fn cacheable(&self) -> bool {
+        self.flags & CACHEABLE != 0
+    }
+
+    fn checking_disabled(&self) -> bool {
+        self.flags & CHECKING_DISABLED != 0
     }
 
     /// How long the entry is fresh.
@@ -467,7 +502,7 @@ impl CachedAnswer {
             .flatten();
         match decoded {
             Some(msg) => Answer {
-                rcode: self.rcode,
+                rcode: self.rcode(),
                 authoritative: false,
                 answers: msg.answers,
                 authorities: msg.authorities,
@@ -515,12 +550,12 @@ impl CachedAnswer {
         // service through Consul's DNS interface) or an answer stored as it came, over UDP; the
         // general path cuts the rest, the same way (the largest prefix that fits, TC=1).
         let cut_shuffled = !fits && udp && shuffled && counts[1] == 0 && counts[2] == 0;
-        let cut_prefix = !fits && udp && !shuffled && self.as_received;
+        let cut_prefix = !fits && udp && !shuffled && self.flags & AS_RECEIVED != 0;
         if !fits && !cut_shuffled && !cut_prefix {
             return false;
         }
         out.clear();
-        raw::write_header(out, q, (false, false), self.rcode.low(), counts);
+        raw::write_header(out, q, false, self.rcode().low(), counts);
         out.extend_from_slice(q.question);
         let base = out.len();
         let room = if fits {
@@ -786,7 +821,8 @@ impl Cache {
         let hash = self.key(question, checking_disabled);
         match self.entries.get(&hash) {
             Some(entry)
-                if entry.question() != question || entry.checking_disabled != checking_disabled =>
+                if entry.question() != question
+                    || entry.checking_disabled() != checking_disabled =>
             {
                 Lookup::Miss
             }
@@ -827,7 +863,7 @@ impl Cache {
     }
 
     fn store(&self, entry: CachedAnswer) {
-        let hash = self.key(entry.question(), entry.checking_disabled);
+        let hash = self.key(entry.question(), entry.checking_disabled());
         self.entries.insert(hash, entry);
     }
 
@@ -906,7 +942,7 @@ impl Cache {
         match fetched {
             Ok(entry) => {
                 self.failures.clear(hash);
-                if entry.cacheable {
+                if entry.cacheable() {
                     self.store(entry.clone());
                 }
             }
@@ -1010,7 +1046,7 @@ mod tests {
             store(&reply(ResponseCode::NoError, &[], Some((3600, 900))), now).expect("cacheable");
         assert_eq!(e.ttl(), Duration::from_secs(30), "capped by negative_ttl");
         let no_soa = store(&reply(ResponseCode::NXDomain, &[], None), now).expect("passed on");
-        assert!(!no_soa.cacheable);
+        assert!(!no_soa.cacheable());
         assert!(matches!(
             store(&reply(ResponseCode::ServFail, &[], None), now),
             Err(FetchError::Rcode(ResponseCode::ServFail))

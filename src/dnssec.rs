@@ -119,7 +119,7 @@ mod tests {
         };
         assert!(sections.has_proofs(RecordType::A));
         let plain = sections.without_proofs(RecordType::A);
-        assert_eq!(plain.answers, [a.clone()]);
+        assert_eq!(plain.answers, [a]);
         assert_eq!(plain.authorities, [soa]);
         assert!(plain.additionals.is_empty());
         assert!(!plain.has_proofs(RecordType::A));

@@ -162,13 +162,7 @@ impl Handler {
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
             out.clear();
             let opt = query.edns_payload.is_some();
-            raw::write_header(
-                out,
-                &query,
-                (false, false),
-                ResponseCode::NoError.low(),
-                [0; 3],
-            );
+            raw::write_header(out, &query, false, ResponseCode::NoError.low(), [0, 0, 0]);
             out.extend_from_slice(query.question);
             if opt {
                 raw::write_opt(out, &query);

@@ -333,19 +333,19 @@ pub(crate) fn copy_prefix(
     copied
 }
 
-/// Header flags of a reply to `q`: QR=1, opcode QUERY, RD and CD copied, RA=1, AA and AD as
-/// given, Z clear (the same rules as `reply::reply_metadata`; AD is the forwarder's to decide).
+/// Header flags of a reply to `q`: QR=1, opcode QUERY, RD and CD copied, RA=1, AA as given, AD
+/// and Z clear (the same rules as `reply::reply_metadata`; AD is the forwarder's to set).
+#[inline]
 pub(crate) fn write_header(
     out: &mut Vec<u8>,
     q: &PlainQuery<'_>,
-    (authoritative, authentic_data): (bool, bool),
+    authoritative: bool,
     rcode: u8,
     counts: [u16; 3],
 ) {
     let flags = header::QR
         | header::RA
         | header::flag_if(authoritative, header::AA)
-        | header::flag_if(authentic_data, header::AD)
         | header::flag_if(q.recursion_desired, header::RD)
         | header::flag_if(q.checking_disabled, header::CD)
         | header::rcode_flags(rcode);
@@ -355,14 +355,15 @@ pub(crate) fn write_header(
 
 /// The OPT record of our replies: UDP size 1232, version 0, DO copied from the query (RFC 3225
 /// §3), no other flags or options (as `reply::reply_edns`).
+#[inline]
 pub(crate) fn write_opt(out: &mut Vec<u8>, q: &PlainQuery<'_>) {
-    out.push(0);
-    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-    out.extend_from_slice(&(header::UDP_LIMIT_EDNS as u16).to_be_bytes());
-    // Extended rcode and version 0, then the flags, then no options.
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&header::flag_if(q.dnssec_ok, header::EDNS_DO).to_be_bytes());
-    out.extend_from_slice(&[0, 0]);
+    let [size_high, size_low] = (header::UDP_LIMIT_EDNS as u16).to_be_bytes();
+    let [do_high, do_low] = header::flag_if(q.dnssec_ok, header::EDNS_DO).to_be_bytes();
+    let [type_high, type_low] = TYPE_OPT.to_be_bytes();
+    // Root owner, type, payload size, extended rcode and version 0, flags, no options.
+    out.extend_from_slice(&[
+        0, type_high, type_low, size_high, size_low, 0, 0, do_high, do_low, 0, 0,
+    ]);
 }
 
 /// Bumps ARCOUNT of an encoded message by one (after `write_opt`).
@@ -473,12 +474,12 @@ mod tests {
         let q = parse_plain_query(&bytes).expect("plain");
         assert!(q.dnssec_ok && q.authentic_data && q.checking_disabled);
         let mut out = Vec::new();
-        write_header(&mut out, &q, (false, true), 0, [0; 3]);
+        write_header(&mut out, &q, false, 0, [0; 3]);
         out.extend_from_slice(q.question);
         write_opt(&mut out, &q);
         add_additional(&mut out);
         let reply = Message::from_vec(&out).expect("decodes");
-        assert!(reply.metadata.authentic_data && reply.metadata.checking_disabled);
+        assert!(!reply.metadata.authentic_data && reply.metadata.checking_disabled);
         assert!(reply.edns.is_some_and(|e| e.flags().dnssec_ok));
     }
 

@@ -197,7 +197,12 @@ impl FileCache {
             negative_ttl: duration_or(self.negative_ttl, DEFAULT_NEGATIVE_TTL),
             stale_for: duration_or(self.stale_for, DEFAULT_STALE_FOR),
             failure_ttl: duration_or(self.failure_ttl, DEFAULT_FAILURE_TTL),
-            failure_ttl_max: duration_or(self.failure_ttl_max, DEFAULT_FAILURE_TTL_MAX),
+            // Unset, the cap is never below the first period, so setting failure_ttl alone
+            // (to a minute, say) is enough.
+            failure_ttl_max: duration_or(
+                self.failure_ttl_max,
+                DEFAULT_FAILURE_TTL_MAX.max(duration_or(self.failure_ttl, DEFAULT_FAILURE_TTL)),
+            ),
         };
         if cache.max_entries == 0 || cache.max_bytes < MIN_CACHE_BYTES {
             errors.invalid(
@@ -772,6 +777,19 @@ mod tests {
         assert_eq!(
             problems,
             ["f.toml:1: cache.failure_ttl_max: 10s is below cache.failure_ttl (20s): the cap must not be below the first period"]
+        );
+        let (cache, problems) = run(|e| {
+            FileCache {
+                failure_ttl: secs(60),
+                ..FileCache::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            cache.failure_ttl_max,
+            Duration::from_secs(60),
+            "unset: not below"
         );
         for (first, cap) in [(1, 1), (300, 300)] {
             let file = FileCache {

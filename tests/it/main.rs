@@ -13,6 +13,7 @@ mod consul_compatibility;
 mod consul_consistency;
 mod consul_names;
 mod consul_ptr;
+mod dnssec_bits;
 mod failure_cache;
 mod faults_and_limits;
 mod forwarding;

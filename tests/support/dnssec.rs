@@ -199,28 +199,44 @@ async fn wait_answering(addr: SocketAddr, what: &str, child: &mut Running, log: 
     panic!("{what} did not answer on {addr} within {START_WITHIN:?}");
 }
 
-/// Starts `program` (found in /usr/sbin even when that is not on PATH) in the foreground.
-fn spawn(program: &str, args: &[&str]) -> Running {
-    Running(
-        Command::new(sbin(program))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{program} could not start: {e}")),
-    )
-}
-
 impl Server {
+    /// Runs `program` (Debian's package of the same name; found in /usr/sbin even when that is
+    /// not on PATH) in the foreground with the configuration `conf(port)` written to
+    /// `<program>.conf` in the zone's directory, listening on `ip` and a free port, and waits
+    /// until it answers. Its log is `<program>.log` there.
+    async fn start(
+        zone: &SignedZone,
+        program: &str,
+        ip: &str,
+        conf: impl Fn(u16) -> String,
+    ) -> Server {
+        require(program, program);
+        let port = free_port();
+        let path = zone.dir.path().join(format!("{program}.conf"));
+        std::fs::write(&path, conf(port)).expect("write the configuration");
+        let mut child = Running(
+            Command::new(sbin(program))
+                .args(["-d", "-c", &path.display().to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{program} could not start: {e}")),
+        );
+        let addr: SocketAddr = format!("{ip}:{port}").parse().expect("addr");
+        let log = zone.dir.path().join(format!("{program}.log"));
+        wait_answering(addr, program, &mut child, &log).await;
+        Server {
+            addr,
+            log,
+            _child: child,
+        }
+    }
+
     /// NSD serving `zone` on 127.0.0.120, a free port.
     pub async fn nsd(zone: &SignedZone) -> Server {
-        require("nsd", "nsd");
         let d = zone.dir.path().display().to_string();
-        let port = free_port();
-        let conf = zone.dir.path().join("nsd.conf");
-        std::fs::write(
-            &conf,
+        Server::start(zone, "nsd", NSD_IP, |port| {
             format!(
                 "server:\n  ip-address: {NSD_IP}\n  port: {port}\n  username: \"\"\n  chroot: \"\"\n\
                  \x20 zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n\
@@ -229,29 +245,16 @@ impl Server {
                  remote-control:\n  control-enable: no\n\
                  zone:\n  name: \"{ZONE}\"\n  zonefile: \"{}\"\n",
                 zone.file.display()
-            ),
-        )
-        .expect("write nsd.conf");
-        let mut child = spawn("nsd", &["-d", "-c", &conf.display().to_string()]);
-        let addr: SocketAddr = format!("{NSD_IP}:{port}").parse().expect("addr");
-        let log = zone.dir.path().join("nsd.log");
-        wait_answering(addr, "nsd", &mut child, &log).await;
-        Server {
-            addr,
-            log,
-            _child: child,
-        }
+            )
+        })
+        .await
     }
 
     /// A validating unbound on 127.0.0.121, a free port, with the zone's trust anchor and the
     /// zone stubbed to `nsd`; every query it receives is logged.
     pub async fn unbound(zone: &SignedZone, nsd: &Server) -> Server {
-        require("unbound", "unbound");
         let d = zone.dir.path().display().to_string();
-        let port = free_port();
-        let conf = zone.dir.path().join("unbound.conf");
-        std::fs::write(
-            &conf,
+        Server::start(zone, "unbound", UNBOUND_IP, |port| {
             format!(
                 "server:\n  interface: {UNBOUND_IP}\n  port: {port}\n  username: \"\"\n\
                  \x20 chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n\
@@ -264,18 +267,9 @@ impl Server {
                 zone.unbound_anchor.display(),
                 nsd.addr.ip(),
                 nsd.addr.port()
-            ),
-        )
-        .expect("write unbound.conf");
-        let mut child = spawn("unbound", &["-d", "-c", &conf.display().to_string()]);
-        let addr: SocketAddr = format!("{UNBOUND_IP}:{port}").parse().expect("addr");
-        let log = zone.dir.path().join("unbound.log");
-        wait_answering(addr, "unbound", &mut child, &log).await;
-        Server {
-            addr,
-            log,
-            _child: child,
-        }
+            )
+        })
+        .await
     }
 
     /// How many queries for `name` `rtype` unbound has received (its `log-queries` lines:

@@ -39,9 +39,8 @@ use serde_json::json;
 use consul_dns_forwarder::answer::{Dnssec, Question};
 use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup};
 use consul_dns_forwarder::config::{Config, WhenNoneHealthy};
-use consul_dns_forwarder::consul::catalog::{
-    service_id_key, Instance, ServiceView, Status, Target,
-};
+use consul_dns_forwarder::consul::addrs::Addrs;
+use consul_dns_forwarder::consul::catalog::{service_id_key, Instance, ServiceView, Status};
 use consul_dns_forwarder::consul::file::FileBackend;
 use consul_dns_forwarder::consul::name;
 use consul_dns_forwarder::consul::records::{self, Ctx, Plan};
@@ -121,8 +120,7 @@ fn instance(i: usize) -> Instance {
     Instance {
         node: format!("node-{i}"),
         service_id: service_id_key(&format!("web-{i}")),
-        target: Some(Target::Ip(ip)),
-        own_address: false,
+        addrs: Addrs::ip(ip, true),
         port: 8080,
         tags: vec!["v1".into(), "primary".into()].into(),
         // One in ten critical, one in ten warning: select() has work to do.
@@ -133,6 +131,7 @@ fn instance(i: usize) -> Instance {
         },
         weight_passing: 10,
         weight_warning: 1,
+        node_meta: Default::default(),
     }
 }
 
@@ -310,6 +309,10 @@ fn bench_consul_view(c: &mut Criterion) {
         negative_ttl: 5,
         a_record_limit: 0,
         serial: 1,
+        soa: Default::default(),
+        node_meta_txt: true,
+        peer: None,
+        partition: None,
     };
     let srv_ctx = Ctx {
         qtype: RecordType::SRV,

@@ -14,6 +14,7 @@
 #       ours-dns   consul-dns-forwarder --consul-dns <sim dns>   (consul.mode = "dns")
 #       dnsmasq    server=/consul/<sim dns>, server=<upstream>, cache-size=100000
 #       unbound    stub-zone consul -> <sim dns>, forward-zone . -> <upstream>
+#       base-http, base-dns  as ours-http and ours-dns, with the BENCH_BASELINE_BIN binary
 #   - the load: dnsperf, with -v so that p99 can be computed (dnsperf 2.10 has no histogram).
 #
 # Placement: the contender is pinned to BENCH_SERVER_CPU (default 0); dnsperf, the upstream and
@@ -42,7 +43,12 @@
 # (dnsperf -q, default 100), BENCH_HALF_RATE (queries/s for hits-half-rate when ours-http's
 # fwd-hits is not run), BENCH_PORT_BASE (default 25300; uses 3 ports), BENCH_OUT (result folder),
 # BENCH_PERF=1 (after the table: perf profiles of ours-http in consul, fwd-hits and fill-100k),
-# BENCH_MANY_PASSES (many-services: passes over the 10,000 names, default 10).
+# BENCH_MANY_PASSES (many-services: passes over the 10,000 names, default 10),
+# BENCH_BASELINE_BIN (another consul-dns-forwarder binary, say a release build of an older commit:
+# adds the contenders base-http and base-dns, started as ours-http and ours-dns with the same
+# config, and a section comparing ours with it; head before vs after a change in one run:
+#   BENCH_BASELINE_BIN=/tmp/old/release/consul-dns-forwarder \
+#     BENCH_CONTENDERS="ours-http base-http ours-dns base-dns" benches/load.sh).
 #
 # Output: the table on stdout and in $BENCH_OUT/results.md, raw numbers in results.tsv, dnsperf
 # summaries and logs beside them. This is a benchmark, not a test: it is not part of
@@ -54,7 +60,8 @@ ROOT=$PWD
 DURATION=${BENCH_DURATION:-10}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
-CONTENDERS=${BENCH_CONTENDERS:-"ours-http ours-dns dnsmasq unbound"}
+BASE_BIN=${BENCH_BASELINE_BIN:-}
+CONTENDERS=${BENCH_CONTENDERS:-"ours-http ours-dns ${BASE_BIN:+base-http base-dns }dnsmasq unbound"}
 # Every scenario is in the default list, so one command prints every figure of issues 6 and 8
 # (about 25 minutes at 3 rounds; BENCH_ROUNDS=1 for a quicker look).
 SCENARIOS=${BENCH_SCENARIOS:-"consul fwd-hits mix-10pct-miss hits-half-rate fill-100k large-service many-services"}
@@ -124,6 +131,9 @@ timeout 1800 cargo build --release --quiet --bin consul-dns-forwarder --example 
 BIN=$TARGET_DIR/release/consul-dns-forwarder
 SIM_BIN=$TARGET_DIR/release/examples/bench_consul_sim
 [[ -x $BIN && -x $SIM_BIN ]] || die "build output not found under $TARGET_DIR"
+if [[ " $CONTENDERS " == *" base-"* ]]; then
+  [[ -n $BASE_BIN && -x $BASE_BIN ]] || die "contenders base-http and base-dns need BENCH_BASELINE_BIN (an executable)"
+fi
 
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/cdf-load.XXXXXX)
@@ -175,11 +185,13 @@ wait_dns() { # port name: until it answers NOERROR (10 s at most)
 }
 
 # ---------------------------------------------------------------- upstream (unbound, zone test.)
-{
+# The server: lines both unbound instances share (the upstream and the unbound contender):
+# one thread in the foreground, no files outside $W, loopback only.
+unbound_server() { # port
   cat <<EOF
 server:
-  interface: 127.0.0.1@$UP_PORT
-  port: $UP_PORT
+  interface: 127.0.0.1@$1
+  port: $1
   num-threads: 1
   do-daemonize: no
   username: ""
@@ -191,6 +203,12 @@ server:
   verbosity: 0
   do-ip6: no
   access-control: 127.0.0.0/8 allow
+EOF
+}
+
+{
+  unbound_server "$UP_PORT"
+  cat <<EOF
   module-config: "iterator"
   local-zone: "test." static
   local-data: "test. 3600 IN SOA ns.test. hostmaster.test. 1 3600 600 86400 60"
@@ -301,21 +319,9 @@ server=/consul/127.0.0.1#$SIM_DNS_PORT
 server=127.0.0.1#$UP_PORT
 cache-size=100000
 EOF
-  cat >"$W/unbound.conf" <<EOF
-server:
-  interface: 127.0.0.1@$PORT
-  port: $PORT
-  num-threads: 1
-  do-daemonize: no
-  username: ""
-  chroot: ""
-  directory: "$W"
-  pidfile: ""
-  use-syslog: no
-  logfile: ""
-  verbosity: 0
-  do-ip6: no
-  access-control: 127.0.0.0/8 allow
+  {
+    unbound_server "$PORT"
+    cat <<EOF
   # No DNSSEC validation: none of the others validate either.
   module-config: "iterator"
   do-not-query-localhost: no
@@ -332,20 +338,22 @@ forward-zone:
   name: "."
   forward-addr: 127.0.0.1@$UP_PORT
 EOF
+  } >"$W/unbound.conf"
   unbound-checkconf "$W/unbound.conf" >/dev/null || die "unbound config rejected"
 }
 start_sim shared
 log "upstream 127.0.0.1:$UP_PORT, Consul simulator $SIM_HTTP and DNS $SIM_DNS"
 
 CPID=
+bin_of() { [[ $1 == base-* ]] && echo "$BASE_BIN" || echo "$BIN"; } # contender: the binary it runs
 start_contender() { # name
   case $1 in
-  ours-http)
-    RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN" --config "$W/ours.toml" --consul-http "$SIM_HTTP" \
+  ours-http | base-http)
+    RUST_LOG=warn taskset -c "$SERVER_CPU" "$(bin_of "$1")" --config "$W/ours.toml" --consul-http "$SIM_HTTP" \
       >"$W/$1.log" 2>&1 &
     ;;
-  ours-dns)
-    RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN" --config "$W/ours.toml" --consul-dns "$SIM_DNS" \
+  ours-dns | base-dns)
+    RUST_LOG=warn taskset -c "$SERVER_CPU" "$(bin_of "$1")" --config "$W/ours.toml" --consul-dns "$SIM_DNS" \
       >"$W/$1.log" 2>&1 &
     ;;
   dnsmasq)
@@ -455,10 +463,10 @@ run_one() { # scenario contender round
   d1=$(sim_stat dns_queries)
   rss=$(peak_rss_kb "$CPID")
   rss_end=$(awk '/^VmRSS:/{print $2}' "/proc/$CPID/status" 2>/dev/null || echo 0)
-  if [[ $ct == ours-* ]] && command -v curl >/dev/null 2>&1; then
+  if [[ $ct == ours-* || $ct == base-* ]] && command -v curl >/dev/null 2>&1; then
     curl -s --max-time 2 "http://127.0.0.1:$METRICS_PORT/metrics" >"$W/metrics.txt" || true
     cached=$(awk '$1 == "consul_dns_forwarder_cache_entries" {print $2}' "$W/metrics.txt")
-    if [[ $sc == many-services && $ct == ours-http ]]; then
+    if [[ $sc == many-services && ($ct == ours-http || $ct == base-http) ]]; then
       probed="watchers=$(awk '$1 == "consul_dns_forwarder_consul_watchers" {print $2}' "$W/metrics.txt")"
     fi
   fi
@@ -574,7 +582,7 @@ report() {
   echo
   echo "$(date -u +%Y-%m-%dT%H:%MZ), $(uname -srm), $CPUS CPUs ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)),"
   echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/{print $2}'), $(dnsmasq --version | head -1 | awk '{print $1, $2, $3}'), unbound $(unbound -V 2>/dev/null | awk '/^Version/{print $2}'),"
-  echo "consul-dns-forwarder $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?') (release)."
+  echo "consul-dns-forwarder $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?') (release)${BASE_BIN:+; base-*: $BASE_BIN}."
   echo "${DURATION} s per run (fill-100k: until 100,000 names are sent), dnsperf -c $CLIENTS -q $OUTSTANDING -t 2;"
   echo "contender on CPU $SERVER_CPU, dnsperf + upstream + simulator on CPU $CLIENT_CPU; $SERVICES services x $INSTANCES instances."
   echo
@@ -584,10 +592,11 @@ report() {
   echo "| scenario | contender | queries/s | lost | avg ms | p99 ms | NOERROR % | server CPU µs/answer | helpers CPU µs/answer | peak RSS MiB | Consul HTTP req | Consul DNS req | Consul req per M queries |"
   echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
   awk -F'\t' 'NR > 1 {printf "| %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s |\n", $1, $2, $3, $17, $18, $6, $7, $8, $9, $10, $19, $20, $11, $12, $13, $14, $15}' "$TSV"
-  if grep -q $'^fill-100k\tours' "$TSV"; then
+  if grep -qE $'^fill-100k\t(ours|base)-' "$TSV"; then
     echo
-    awk -F'\t' '$1 == "fill-100k" && $2 ~ /^ours/ {printf "fill-100k, %s: %s entries in the cache after the run (consul_dns_forwarder_cache_entries).\n", $2, $16}' "$TSV"
+    awk -F'\t' '$1 == "fill-100k" && $2 ~ /^(ours|base)-/ {printf "fill-100k, %s: %s entries in the cache after the run (consul_dns_forwarder_cache_entries).\n", $2, $16}' "$TSV"
   fi
+  report_base
   grep -qE $'^(consul|fwd-hits|mix-10pct-miss|hits-half-rate|fill-100k)\t' "$TSV" || {
     report8
     return
@@ -648,6 +657,43 @@ report() {
   report8
 }
 
+# ours / base-* per scenario, when BENCH_BASELINE_BIN's contenders ran: the ratio of the table's
+# figures (medians; peak RSS: the highest), and in brackets the lowest and highest of the
+# per-round ratios (a round runs both in turn).
+report_base() {
+  grep -qE $'^[^\t]+\tbase-' "$TSV" || return 0
+  echo
+  echo "### Against the baseline binary (ours / base; for queries/s higher is better, for the rest lower is better)"
+  echo
+  echo "| scenario | mode | queries/s | CPU µs/answer | p99 | peak RSS |"
+  echo "|---|---|--:|--:|--:|--:|"
+  awk -F'\t' '
+    function r(a, b) { return (b + 0 > 0 && a != "nan" && b != "nan") ? a / b : "" }
+    function f(x) { return x == "" ? "-" : sprintf("%.3f", x) }
+    function span(s, m, c,   lo, hi, i, x) {
+      lo = hi = ""
+      for (i = 1; i <= rounds; i++) {
+        if (!((s, "ours-" m, i) in v) || !((s, "base-" m, i) in v)) continue
+        x = r(v[s, "ours-" m, i, c], v[s, "base-" m, i, c]); if (x == "") continue
+        if (lo == "" || x < lo) lo = x
+        if (hi == "" || x > hi) hi = x
+      }
+      return lo == "" ? "" : sprintf(" (%.3f–%.3f)", lo, hi)
+    }
+    function cell(s, m, c, mc) { return f(r(med[s, "ours-" m, mc], med[s, "base-" m, mc])) span(s, m, c) }
+    FNR == 1 { file++; next }
+    # results.tsv: medians. runs.tsv: one row per round (columns shifted by the round).
+    file == 1 { med[$1, $2, 3] = $3; med[$1, $2, 8] = $8; med[$1, $2, 10] = $10; med[$1, $2, 12] = $12; if (!($1 in seen)) { seen[$1] = 1; order[++ns] = $1 } }
+    file == 2 { v[$2, $3, $1] = 1; v[$2, $3, $1, 4] = $4; v[$2, $3, $1, 9] = $9; v[$2, $3, $1, 11] = $11; v[$2, $3, $1, 13] = $13; if ($1 > rounds) rounds = $1 }
+    END {
+      for (i = 1; i <= ns; i++) for (m = 1; m <= 2; m++) {
+        s = order[i]; mode = m == 1 ? "http" : "dns"
+        if (!((s, "ours-" mode, 3) in med) || !((s, "base-" mode, 3) in med)) continue
+        printf "| %s | %s | %s | %s | %s | %s |\n", s, mode, cell(s, mode, 4, 3), cell(s, mode, 11, 10), cell(s, mode, 9, 8), cell(s, mode, 13, 12)
+      }
+    }' "$TSV" "$RUNS"
+}
+
 # The issue 8 sections, when their scenarios ran.
 report8() {
   if grep -q $'^large-' "$TSV"; then
@@ -670,7 +716,7 @@ report8() {
     awk -F'\t' -v big="$LARGE_INSTANCES" -v small="$SMALL_INSTANCES" '
       NR > 1 && $1 ~ /^large-/ {split($1, p, "-"); cpu[$2, p[2], p[3]] = $10; done[$2, p[2], p[3]] = $5; ct[$2] = 1}
       END {
-        n = split("ours-http ours-dns dnsmasq unbound", order, " ")
+        n = split("ours-http ours-dns base-http base-dns dnsmasq unbound", order, " ")
         for (i = 1; i <= n; i++) {
           c = order[i]; if (!(c in ct)) continue
           for (l = 1; l <= 2; l++) {

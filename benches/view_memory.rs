@@ -16,7 +16,8 @@
 use std::sync::Arc;
 
 use consul_dns_forwarder::config::WhenNoneHealthy;
-use consul_dns_forwarder::consul::catalog::{HealthEntry, Instance, ServiceView, Target};
+use consul_dns_forwarder::consul::addrs::Addrs;
+use consul_dns_forwarder::consul::catalog::{HealthEntry, Instance, ServiceView};
 use consul_dns_forwarder::consul::records;
 use consul_dns_forwarder::metrics::Metrics;
 
@@ -30,20 +31,57 @@ const INSTANCES: usize = 10;
 
 /// One entry of `/v1/health/service/<service>`, in the simulator's shape (field for field what
 /// `tests/support/consul_sim` writes, which follows a real agent's), on a node of its own.
-/// `node_meta`: the node's `Meta` object (the simulator writes `{}`; a real agent's nodes carry
-/// at least `{"consul-network-segment":""}`).
-fn entry_json(service: &str, i: usize, n: usize, node_meta: &str) -> String {
+/// `shape` gives the node's `Meta` and `TaggedAddresses`.
+fn entry_json(service: &str, i: usize, n: usize, shape: &Shape) -> String {
     let addr = format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255);
     let node = format!("node-{service}-{i}");
+    let node_meta = shape.node_meta;
+    let tagged = (shape.tagged)(&addr, n);
     format!(
-        r#"{{"Checks":[{{"CheckID":"serfHealth","CreateIndex":{n},"ModifyIndex":{n},"Name":"Serf Health Status","Node":"{node}","Notes":"","Output":"Agent alive and reachable","ServiceID":"","ServiceName":"","ServiceTags":[],"Status":"passing"}},{{"CheckID":"service:{service}-{i}","CreateIndex":{n},"ModifyIndex":{n},"Name":"Service '{service}' check","Node":"{node}","Notes":"","Output":"","ServiceID":"{service}-{i}","ServiceName":"{service}","ServiceTags":["v1"],"Status":"passing"}}],"Node":{{"Address":"{addr}","CreateIndex":{n},"Datacenter":"dc1","ID":"0b8c7d94-7cae-9ea3-b039-0f64161b5866","Meta":{node_meta},"ModifyIndex":{n},"Node":"{node}","TaggedAddresses":{{"lan":"{addr}","wan":"{addr}"}}}},"Service":{{"Address":"","CreateIndex":{n},"ID":"{service}-{i}","Meta":{{}},"ModifyIndex":{n},"Port":8080,"Service":"{service}","Tags":["v1"],"Weights":{{"Passing":1,"Warning":1}}}}}}"#
+        r#"{{"Checks":[{{"CheckID":"serfHealth","CreateIndex":{n},"ModifyIndex":{n},"Name":"Serf Health Status","Node":"{node}","Notes":"","Output":"Agent alive and reachable","ServiceID":"","ServiceName":"","ServiceTags":[],"Status":"passing"}},{{"CheckID":"service:{service}-{i}","CreateIndex":{n},"ModifyIndex":{n},"Name":"Service '{service}' check","Node":"{node}","Notes":"","Output":"","ServiceID":"{service}-{i}","ServiceName":"{service}","ServiceTags":["v1"],"Status":"passing"}}],"Node":{{"Address":"{addr}","CreateIndex":{n},"Datacenter":"dc1","ID":"0b8c7d94-7cae-9ea3-b039-0f64161b5866","Meta":{node_meta},"ModifyIndex":{n},"Node":"{node}","TaggedAddresses":{tagged}}},"Service":{{"Address":"","CreateIndex":{n},"ID":"{service}-{i}","Meta":{{}},"ModifyIndex":{n},"Port":8080,"Service":"{service}","Tags":["v1"],"Weights":{{"Passing":1,"Warning":1}}}}}}"#
     )
 }
 
-fn body(s: usize, node_meta: &str) -> String {
+/// How the nodes look.
+struct Shape {
+    name: &'static str,
+    /// The node's `Meta` object (the simulator writes `{}`; a real agent's nodes carry at least
+    /// `{"consul-network-segment":""}`).
+    node_meta: &'static str,
+    /// The node's `TaggedAddresses` for its address and number.
+    tagged: fn(&str, usize) -> String,
+}
+
+const SHAPES: [Shape; 3] = [
+    Shape {
+        name: "simulator (node Meta {}, TaggedAddresses lan and wan)",
+        node_meta: "{}",
+        tagged: |addr, _| format!(r#"{{"lan":"{addr}","wan":"{addr}"}}"#),
+    },
+    // A real agent tags its node with its address four times.
+    Shape {
+        name: "agent (node Meta {\"consul-network-segment\":\"\"}, lan, lan_ipv4, wan, wan_ipv4)",
+        node_meta: r#"{"consul-network-segment":""}"#,
+        tagged: |addr, _| {
+            format!(r#"{{"lan":"{addr}","lan_ipv4":"{addr}","wan":"{addr}","wan_ipv4":"{addr}"}}"#)
+        },
+    },
+    // Every node dual-stack (`advertise_addr_ipv6`): AAAA, ANY and SRV get its IPv6 address.
+    Shape {
+        name: "agent, dual stack (lan_ipv6 too)",
+        node_meta: r#"{"consul-network-segment":""}"#,
+        tagged: |addr, n| {
+            format!(
+                r#"{{"lan":"{addr}","lan_ipv4":"{addr}","lan_ipv6":"fd00::{n:x}","wan":"{addr}","wan_ipv4":"{addr}"}}"#
+            )
+        },
+    },
+];
+
+fn body(s: usize, shape: &Shape) -> String {
     let service = format!("svc{s:02}");
     let entries: Vec<String> = (0..INSTANCES)
-        .map(|i| entry_json(&service, i, s * INSTANCES + i + 1, node_meta))
+        .map(|i| entry_json(&service, i, s * INSTANCES + i + 1, shape))
         .collect();
     format!("[{}]", entries.join(","))
 }
@@ -54,14 +92,14 @@ fn main() {
     let services: usize = if full { 10_000 } else { 1_000 };
     println!("view_memory: {services} services x {INSTANCES} instances, simulator-shaped JSON");
     println!(
-        "  size_of: Instance {} B, Target {} B, ServiceView {} B",
+        "  size_of: Instance {} B, Addrs {} B, ServiceView {} B",
         std::mem::size_of::<Instance>(),
-        std::mem::size_of::<Target>(),
+        std::mem::size_of::<Addrs>(),
         std::mem::size_of::<ServiceView>(),
     );
 
     // Statics the views share (allocated once per process) are not the views' cost.
-    let warm: Vec<HealthEntry> = serde_json::from_str(&body(0, "{}")).expect("parses");
+    let warm: Vec<HealthEntry> = serde_json::from_str(&body(0, &SHAPES[0])).expect("parses");
     let warm = ServiceView::from_entries(&warm, "dc1");
     drop(records::select(
         &warm,
@@ -91,20 +129,14 @@ fn main() {
     drop(metrics);
     drop(registry);
 
-    for (shape, node_meta) in [
-        ("simulator (node Meta {})", "{}"),
-        (
-            "agent (node Meta {\"consul-network-segment\":\"\"})",
-            r#"{"consul-network-segment":""}"#,
-        ),
-    ] {
-        println!("  {shape}:");
-        measure(services, node_meta);
+    for shape in &SHAPES {
+        println!("  {}:", shape.name);
+        measure(services, shape);
     }
 }
 
-fn measure(services: usize, node_meta: &str) {
-    let bodies: Vec<String> = (0..services).map(|s| body(s, node_meta)).collect();
+fn measure(services: usize, shape: &Shape) {
+    let bodies: Vec<String> = (0..services).map(|s| body(s, shape)).collect();
     let body_bytes: usize = bodies.iter().map(String::len).sum();
 
     let before = live();

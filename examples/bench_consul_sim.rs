@@ -150,6 +150,7 @@ async fn main() -> std::io::Result<()> {
             name: node_name(service, *i),
             address: format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255),
             meta: args.node_meta.clone(),
+            ..Default::default()
         });
     }
     for (service, i) in &all {
@@ -163,6 +164,7 @@ async fn main() -> std::io::Result<()> {
                 tags: vec!["v1".into()],
                 weights: (1, 1),
                 meta: BTreeMap::new(),
+                ..Default::default()
             },
             Status::Passing,
         );

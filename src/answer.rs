@@ -73,6 +73,17 @@ pub struct Answered {
     pub(crate) authentic_data: bool,
 }
 
+impl Answered {
+    /// An answer without AD: every source's but the forwarder's, whose rule may set it.
+    pub(crate) fn unsigned(answer: Answer, source: Source) -> Answered {
+        Answered {
+            answer,
+            source,
+            authentic_data: false,
+        }
+    }
+}
+
 /// What a source answered, before it is fitted into a reply.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Answer {
@@ -82,6 +93,18 @@ pub struct Answer {
     pub(crate) answers: Vec<Record>,
     pub(crate) authorities: Vec<Record>,
     pub(crate) additionals: Vec<Record>,
+    /// Records the source left out, and whether the reply says so.
+    pub(crate) cut: Cut,
+}
+
+/// Answer records left out of a reply, by the source or to fit the client's size, are
+/// flagged with TC=1 by default, so the client can ask over TCP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Cut {
+    /// The source already left answer records out (`consul.udp_answer_limit`).
+    pub(crate) by_source: bool,
+    /// TC stays clear whatever was left out (Consul's `enable_truncate = false`).
+    pub(crate) silent: bool,
 }
 
 impl Answer {
@@ -92,6 +115,7 @@ impl Answer {
             answers: Vec::new(),
             authorities: Vec::new(),
             additionals: Vec::new(),
+            cut: Cut::default(),
         }
     }
 
@@ -136,11 +160,7 @@ pub trait AnswerSource: Send + Sync {
     async fn answer_dnssec(&self, q: &Question, limit: usize, dnssec: Dnssec) -> Answered {
         let _ = dnssec;
         let (answer, source) = self.answer(q, limit).await;
-        Answered {
-            answer,
-            source,
-            authentic_data: false,
-        }
+        Answered::unsigned(answer, source)
     }
 
     /// Why this source cannot answer properly yet (`/ready` answers 503 with it), if it cannot:

@@ -29,7 +29,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, Record};
 
-use crate::answer::{Answer, Dnssec, Question};
+use crate::answer::{Answer, Cut, Dnssec, Question};
 use crate::dnssec::{self, Sections};
 use crate::failures::{FailurePolicy, Failures};
 use crate::header::{self, Section, HEADER_LEN};
@@ -507,6 +507,7 @@ impl CachedAnswer {
                 answers: msg.answers,
                 authorities: msg.authorities,
                 additionals: msg.additionals,
+                cut: Cut::default(),
             },
             // Bytes we encoded ourselves always decode; should they not, fail safe.
             None => Answer::servfail(),

@@ -10,7 +10,7 @@ use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
-use crate::answer::{Answer, AnswerSource, Dnssec, Question, Source};
+use crate::answer::{Answer, AnswerSource, Answered, Dnssec, Question, Source};
 use crate::arpa;
 use crate::header;
 use crate::metrics::{rcode_label, Metrics};
@@ -291,9 +291,17 @@ impl Handler {
             .count_request(transport, q.qtype, consul.is_some());
         let limit = reply::reply_limit(&request, transport);
         let answering = consul.map_or(&routes.forwarder, |route| &route.source);
-        let answered = answering
-            .answer_dnssec(&q, limit, Dnssec::of(&request))
-            .await;
+        let answered = match consul {
+            // In every Consul mode, as Consul answers AXFR.
+            Some(_) if matches!(q.qtype, RecordType::AXFR | RecordType::IXFR) => {
+                Answered::unsigned(crate::consul::records::zone_transfer(), Source::Local)
+            }
+            _ => {
+                answering
+                    .answer_dnssec(&q, limit, Dnssec::of(&request))
+                    .await
+            }
+        };
         let (answer, source) = (answered.answer, answered.source);
         let (mut bytes, mut truncated) = reply::encode_reply(&request, &answer, limit);
         if truncated && transport == Transport::Tcp {

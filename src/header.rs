@@ -134,6 +134,14 @@ pub(crate) fn set_flags(packet: &mut [u8], flag: u16) {
     }
 }
 
+/// Clears the bits of `flag` in an encoded message.
+#[inline]
+pub(crate) fn clear_flags(packet: &mut [u8], flag: u16) {
+    if let Some(f) = flags(packet) {
+        set_u16_at(packet, FLAGS_AT, f & !flag);
+    }
+}
+
 /// The opcode held in a flags word.
 #[inline]
 pub(crate) fn opcode(flags: u16) -> u8 {

@@ -45,8 +45,9 @@
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
 //!   [`raw`] hot path, the [`ratelimit`] and its [`token_bucket`], [`reply::encode_reply`], and the Consul record
-//!   builder and catalog types ([`consul::records`], [`consul::catalog`], [`consul::file`]),
-//!   and the PTR address index ([`consul::ptr`], measured by `benches/ptr_memory.rs`).
+//!   builder and catalog types ([`consul::records`], [`consul::catalog`], [`consul::addrs`],
+//!   [`consul::file`]), and the PTR address index ([`consul::ptr`], measured by
+//!   `benches/ptr_memory.rs`).
 //!
 //! Their fields and helpers stay crate-private: a test needing more goes through one of these
 //! doors or becomes a unit test beside the code.

@@ -2,7 +2,7 @@
 //! strict clients (nginx, glibc) demand, encoding within the client's size limit, and truncating
 //! with TC=1 instead of silently.
 
-use crate::answer::Answer;
+use crate::answer::{Answer, Cut};
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
@@ -154,11 +154,18 @@ pub(crate) fn error_reply(request: &Message, rcode: ResponseCode) -> Vec<u8> {
 /// the authority and additional sections, and sets TC=1 so the client can retry over TCP. The OPT
 /// record is always kept when the request had one (hickory may drop it when it truncates by itself).
 /// Returns the bytes and whether records were left out.
+///
+/// The answer's [`Cut`] adjusts TC: records its source already left out set it too, and a
+/// silent cut (Consul's `enable_truncate = false`) leaves it clear whatever was left out.
 pub fn encode_reply(request: &Message, answer: &Answer, limit: usize) -> (Vec<u8>, bool) {
-    if let Some(encoded) = encode_addresses(request, answer, limit) {
-        return encoded;
+    let (mut bytes, cut) = encode_addresses(request, answer, limit)
+        .unwrap_or_else(|| encode_general(request, answer, limit));
+    if answer.cut.silent {
+        header::clear_flags(&mut bytes, header::TC);
+    } else if answer.cut.by_source {
+        header::set_flags(&mut bytes, header::TC);
     }
-    encode_general(request, answer, limit)
+    (bytes, cut || answer.cut.by_source)
 }
 
 /// `encode_reply` for any answer, with hickory's encoder.
@@ -328,6 +335,7 @@ pub(crate) fn minimal_any_answer(query: &Query) -> Answer {
         answers: vec![record],
         authorities: Vec::new(),
         additionals: Vec::new(),
+        cut: Cut::default(),
     }
 }
 
@@ -381,6 +389,7 @@ mod tests {
                 .collect(),
             authorities: Vec::new(),
             additionals: Vec::new(),
+            cut: Cut::default(),
         }
     }
 

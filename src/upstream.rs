@@ -584,11 +584,10 @@ impl Forwarder {
     pub(crate) async fn answer_for(&self, q: &Question, client: Dnssec) -> Answered {
         if q.qtype == RecordType::ANY {
             // RFC 8482, without asking anyone.
-            return Answered {
-                answer: reply::minimal_any_answer(&Query::query(q.name.clone(), q.qtype)),
-                source: Source::Local,
-                authentic_data: false,
-            };
+            return Answered::unsigned(
+                reply::minimal_any_answer(&Query::query(q.name.clone(), q.qtype)),
+                Source::Local,
+            );
         }
         let asked = self.upstream_flags(client);
         let now = Instant::now();
@@ -610,11 +609,7 @@ impl Forwarder {
                 }
                 None => {
                     self.metrics.cached_failure_answers.inc();
-                    Answered {
-                        answer: Answer::servfail(),
-                        source: Source::Cache,
-                        authentic_data: false,
-                    }
+                    Answered::unsigned(Answer::servfail(), Source::Cache)
                 }
             };
         }
@@ -641,11 +636,7 @@ impl Forwarder {
             }
             (Err(e), None) => {
                 tracing::debug!(name = %q.name, qtype = %q.qtype, error = %e, "upstream failed");
-                Answered {
-                    answer: Answer::servfail(),
-                    source: Source::Upstream,
-                    authentic_data: false,
-                }
+                Answered::unsigned(Answer::servfail(), Source::Upstream)
             }
         }
     }

@@ -207,12 +207,32 @@ pub(crate) const DEFAULT_ALLOW_STALE: bool = true;
 /// again of the leader. Consul's `dns_config.max_stale` default: 10 years, i.e. never in practice.
 pub(crate) const DEFAULT_MAX_STALE: Duration = Duration::from_secs(87_600 * 3600);
 
+/// Addresses of other datacenters are their LAN ones, as with Consul's default
+/// `translate_wan_addrs = false`.
+pub(crate) const DEFAULT_TRANSLATE_WAN_ADDRS: bool = false;
+
 /// Connections to one agent: far below Consul's `limits.http_max_conns_per_client` (200).
 pub(crate) const DEFAULT_CONSUL_MAX_CONNECTIONS: usize = 32;
 
 /// The smallest connection budget that still leaves a watch slot and a fetch slot (see
 /// `consul::client`; connections hold their slot until closed, so no margin is needed).
 pub(crate) const MIN_CONSUL_CONNECTIONS: usize = 2;
+
+/// On, as Consul's `enable_additional_node_meta_txt`.
+pub(crate) const DEFAULT_NODE_META_TXT: bool = true;
+
+/// 0 = as many records as fit in 512 bytes (Consul's default is 3; ARCHITECTURE.md measures
+/// both).
+pub(crate) const DEFAULT_UDP_ANSWER_LIMIT: usize = 0;
+
+/// On: a client is told when records were left out, so it can ask over TCP (Consul's default is
+/// off).
+pub(crate) const DEFAULT_ENABLE_TRUNCATE: bool = true;
+
+/// Consul's SOA timers (`dns_config.soa`): refresh, retry, expire in seconds.
+pub(crate) const DEFAULT_SOA_REFRESH: u32 = 3600;
+pub(crate) const DEFAULT_SOA_RETRY: u32 = 600;
+pub(crate) const DEFAULT_SOA_EXPIRE: u32 = 86_400;
 
 /// Off: a token crosses the network only encrypted unless the operator says the path is trusted.
 pub(crate) const DEFAULT_ALLOW_INSECURE_TOKEN: bool = false;

@@ -34,8 +34,8 @@ pub use schema::{
     DNS_PORT,
 };
 pub use types::{
-    CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, TtlPattern,
-    UpstreamConfig,
+    CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, SoaTimers,
+    TtlPattern, UpstreamConfig,
 };
 
 /// Command-line values that override the file.

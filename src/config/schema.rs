@@ -266,8 +266,23 @@ pub(super) struct FileConsul {
     pub(crate) max_connections: Option<usize>,
     pub(crate) allow_stale: Option<bool>,
     pub(crate) max_stale: Option<ConfigDuration>,
+    pub(crate) translate_wan_addrs: Option<bool>,
     pub(crate) allow_insecure_token: Option<bool>,
     pub(crate) reverse_networks: Option<Vec<AllowNet>>,
+    pub(crate) enable_additional_node_meta_txt: Option<bool>,
+    pub(crate) udp_answer_limit: Option<usize>,
+    pub(crate) enable_truncate: Option<bool>,
+    pub(crate) soa: Option<FileSoa>,
+}
+
+/// `[consul.soa]`: Consul's `dns_config.soa`, in seconds as Consul writes them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileSoa {
+    pub(crate) refresh: Option<u32>,
+    pub(crate) retry: Option<u32>,
+    pub(crate) expire: Option<u32>,
+    pub(crate) min_ttl: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

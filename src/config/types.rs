@@ -8,7 +8,10 @@ use std::time::Duration;
 use hickory_proto::rr::Name;
 use ipnet::IpNet;
 
-use super::defaults::{DEFAULT_RATE_LIMIT, DEFAULT_SERVICE_TTL, TOKEN_ENV};
+use super::defaults::{
+    DEFAULT_RATE_LIMIT, DEFAULT_SERVICE_TTL, DEFAULT_SOA_EXPIRE, DEFAULT_SOA_REFRESH,
+    DEFAULT_SOA_RETRY, TOKEN_ENV,
+};
 use super::errors::InsecureToken;
 use super::schema::{ConsulMode, WhenNoneHealthy};
 
@@ -135,6 +138,9 @@ pub struct ConsulConfig {
     /// With `allow_stale`: a read from a server further behind the leader than this
     /// (`X-Consul-LastContact`) is asked again of the leader (`dns_config.max_stale`).
     pub(crate) max_stale: Duration,
+    /// Answer with the WAN addresses (`wan`, `wan_ipv4`, `wan_ipv6` tagged addresses) of nodes
+    /// and services in other datacenters, as Consul's `translate_wan_addrs`.
+    pub(crate) translate_wan_addrs: bool,
     /// Send the token to `http://` agents that are not on loopback (off: refused at start and
     /// on reload, see [`ConsulConfig::check_token_transport`]).
     pub(crate) allow_insecure_token: bool,
@@ -142,6 +148,37 @@ pub struct ConsulConfig {
     /// DNS port, as dnsmasq's `rev-server` sends them (the HTTP and file modes know Consul's
     /// addresses themselves).
     pub(crate) reverse_networks: Vec<IpNet>,
+    /// Node meta as TXT in the additional section of node A/AAAA and service SRV answers
+    /// (Consul's `enable_additional_node_meta_txt`).
+    pub(crate) node_meta_txt: bool,
+    /// Answer records in a reply to a client limited to 512 bytes (UDP without EDNS); 0 = as
+    /// many as fit (Consul's `udp_answer_limit`, which has no 0).
+    pub(crate) udp_answer_limit: usize,
+    /// TC=1 when records are left out of a Consul answer (Consul's `enable_truncate`); off,
+    /// they are left out silently, as Consul does by default.
+    pub(crate) enable_truncate: bool,
+    /// The SOA's timers; its minimum is `negative_ttl` (Consul's `soa.min_ttl`).
+    pub(crate) soa: SoaTimers,
+}
+
+/// `consul.soa`'s refresh, retry and expire, in seconds (Consul's `dns_config.soa`). Nothing
+/// transfers a Consul zone, so they only have to look sane to tools that check them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SoaTimers {
+    pub(crate) refresh: u32,
+    pub(crate) retry: u32,
+    pub(crate) expire: u32,
+}
+
+impl Default for SoaTimers {
+    /// Consul's.
+    fn default() -> SoaTimers {
+        SoaTimers {
+            refresh: DEFAULT_SOA_REFRESH,
+            retry: DEFAULT_SOA_RETRY,
+            expire: DEFAULT_SOA_EXPIRE,
+        }
+    }
 }
 
 impl ConsulConfig {

@@ -17,11 +17,11 @@ use super::defaults::*;
 use super::errors::{ttl_range, Errors};
 use super::schema::{
     AllowNet, ConfigDuration, ConsulMode, FileCache, FileConfig, FileConsul, FileForward, FileLog,
-    FileMetrics, FileServer, FileUpstream, HttpUrl, ServerAddr, Zone,
+    FileMetrics, FileServer, FileSoa, FileUpstream, HttpUrl, ServerAddr, Zone,
 };
 use super::types::{
-    CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, TtlPattern,
-    UpstreamConfig,
+    CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, SoaTimers,
+    TtlPattern, UpstreamConfig,
 };
 
 impl FileConfig {
@@ -261,33 +261,61 @@ fn check_failure_ttls(cache: &CacheConfig, errors: &mut Errors) {
     }
 }
 
+/// `consul.watch_wait`, within what Consul accepts for a blocking query.
+fn watch_wait(value: Option<ConfigDuration>, errors: &mut Errors) -> Duration {
+    let watch_wait = duration_or(value, DEFAULT_WATCH_WAIT);
+    if !(MIN_WATCH_WAIT..=MAX_WATCH_WAIT).contains(&watch_wait) {
+        errors.invalid(
+            "consul",
+            "watch_wait",
+            format!(
+                "must be between {} and {} (Consul caps blocking queries at 10 minutes)",
+                format_duration(MIN_WATCH_WAIT),
+                format_duration(MAX_WATCH_WAIT)
+            ),
+        );
+    }
+    watch_wait
+}
+
+/// `consul.max_connections`: room for a blocking watch and a first lookup, at least.
+fn consul_max_connections(value: Option<usize>, errors: &mut Errors) -> usize {
+    let max_connections = value
+        .unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS)
+        .min(MAX_CONCURRENCY_LIMIT);
+    if max_connections < MIN_CONSUL_CONNECTIONS {
+        errors.invalid(
+            "consul",
+            "max_connections",
+            format!("must be at least {MIN_CONSUL_CONNECTIONS} (one for blocking watches, one for first lookups)"),
+        );
+    }
+    max_connections
+}
+
+/// `consul.watch_idle`: long enough for a watcher to see Consul's first answer.
+fn watch_idle(value: Option<ConfigDuration>, errors: &mut Errors) -> Duration {
+    let watch_idle = duration_or(value, DEFAULT_WATCH_IDLE);
+    if watch_idle < MIN_WATCH_IDLE {
+        errors.invalid(
+            "consul",
+            "watch_idle",
+            format!(
+                "must be at least {} (a watcher checks it before its first request: a shorter \
+                 one stops before Consul answers, and every name gets SERVFAIL)",
+                format_duration(MIN_WATCH_IDLE)
+            ),
+        );
+    }
+    watch_idle
+}
+
 impl FileConsul {
     pub(super) fn validate(self, errors: &mut Errors) -> ConsulConfig {
         let domains = consul_domains(self.domain, self.alt_domains, errors);
         let service_ttl = service_ttls(self.service_ttl.unwrap_or_default(), errors);
-        let watch_wait = duration_or(self.watch_wait, DEFAULT_WATCH_WAIT);
-        if !(MIN_WATCH_WAIT..=MAX_WATCH_WAIT).contains(&watch_wait) {
-            errors.invalid(
-                "consul",
-                "watch_wait",
-                format!(
-                    "must be between {} and {} (Consul caps blocking queries at 10 minutes)",
-                    format_duration(MIN_WATCH_WAIT),
-                    format_duration(MAX_WATCH_WAIT)
-                ),
-            );
-        }
-        let max_connections = self
-            .max_connections
-            .unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS)
-            .min(MAX_CONCURRENCY_LIMIT);
-        if max_connections < MIN_CONSUL_CONNECTIONS {
-            errors.invalid(
-                "consul",
-                "max_connections",
-                format!("must be at least {MIN_CONSUL_CONNECTIONS} (one for blocking watches, one for first lookups)"),
-            );
-        }
+        let watch_wait = watch_wait(self.watch_wait, errors);
+        let max_connections = consul_max_connections(self.max_connections, errors);
         let mode = self.mode.unwrap_or(DEFAULT_CONSUL_MODE);
         let has_catalog = self.catalog_file.is_some();
         let (http, dns) = consul_agents(self.http, self.dns, mode, has_catalog, errors);
@@ -302,20 +330,9 @@ impl FileConsul {
         }
         let stale_for = duration_or(self.stale_for, DEFAULT_CONSUL_STALE_FOR);
         check_stale_for(mode, stale_for, watch_wait, errors);
-        let watch_idle = duration_or(self.watch_idle, DEFAULT_WATCH_IDLE);
-        if watch_idle < MIN_WATCH_IDLE {
-            errors.invalid(
-                "consul",
-                "watch_idle",
-                format!(
-                    "must be at least {} (a watcher checks it before its first request: a shorter \
-                     one stops before Consul answers, and every name gets SERVFAIL)",
-                    format_duration(MIN_WATCH_IDLE)
-                ),
-            );
-        }
+        let watch_idle = watch_idle(self.watch_idle, errors);
         let node_ttl = duration_or(self.node_ttl, DEFAULT_NODE_TTL);
-        let negative_ttl = duration_or(self.negative_ttl, DEFAULT_CONSUL_NEGATIVE_TTL);
+        let (soa, negative_ttl) = soa_settings(self.soa, self.negative_ttl, errors);
         for (key, ttl) in [("node_ttl", node_ttl), ("negative_ttl", negative_ttl)] {
             if ttl > MAX_DNS_TTL {
                 errors.invalid("consul", key, ttl_range());
@@ -344,9 +361,18 @@ impl FileConsul {
             max_connections,
             allow_stale: self.allow_stale.unwrap_or(DEFAULT_ALLOW_STALE),
             max_stale: duration_or(self.max_stale, DEFAULT_MAX_STALE),
+            translate_wan_addrs: self
+                .translate_wan_addrs
+                .unwrap_or(DEFAULT_TRANSLATE_WAN_ADDRS),
             allow_insecure_token: self
                 .allow_insecure_token
                 .unwrap_or(DEFAULT_ALLOW_INSECURE_TOKEN),
+            node_meta_txt: self
+                .enable_additional_node_meta_txt
+                .unwrap_or(DEFAULT_NODE_META_TXT),
+            udp_answer_limit: self.udp_answer_limit.unwrap_or(DEFAULT_UDP_ANSWER_LIMIT),
+            enable_truncate: self.enable_truncate.unwrap_or(DEFAULT_ENABLE_TRUNCATE),
+            soa,
             reverse_networks: reverse_networks(self.reverse_networks, mode, errors),
         };
         // The token file is known here, so its problem gets a line; a token from the
@@ -358,6 +384,47 @@ impl FileConsul {
         }
         consul
     }
+}
+
+/// `consul.soa`'s timers, and the negative TTL: `consul.soa.min_ttl` is Consul's name for
+/// `consul.negative_ttl` (the SOA minimum), so either may be written, both only alike.
+fn soa_settings(
+    soa: Option<FileSoa>,
+    negative_ttl: Option<ConfigDuration>,
+    errors: &mut Errors,
+) -> (SoaTimers, Duration) {
+    let soa = soa.unwrap_or_default();
+    let timers = SoaTimers {
+        refresh: soa.refresh.unwrap_or(DEFAULT_SOA_REFRESH),
+        retry: soa.retry.unwrap_or(DEFAULT_SOA_RETRY),
+        expire: soa.expire.unwrap_or(DEFAULT_SOA_EXPIRE),
+    };
+    // The SOA's timers are signed 32-bit numbers on the wire (RFC 1035 §3.3.13).
+    for (key, value) in [
+        ("refresh", timers.refresh),
+        ("retry", timers.retry),
+        ("expire", timers.expire),
+    ] {
+        if i32::try_from(value).is_err() {
+            errors.invalid("consul.soa", key, "must be at most 2147483647 (seconds)");
+        }
+    }
+    let negative = match (soa.min_ttl, negative_ttl) {
+        (Some(secs), Some(ttl)) if Duration::from_secs(u64::from(secs)) != ttl.0 => {
+            errors.invalid(
+                "consul.soa",
+                "min_ttl",
+                format!(
+                    "is consul.negative_ttl under Consul's name, and that says {}: set one of them",
+                    format_duration(ttl.0)
+                ),
+            );
+            ttl.0
+        }
+        (Some(secs), _) => Duration::from_secs(u64::from(secs)),
+        (None, ttl) => duration_or(ttl, DEFAULT_CONSUL_NEGATIVE_TTL),
+    };
+    (timers, negative)
 }
 
 /// `consul.reverse_networks`, which only the DNS mode uses: the HTTP and catalog-file modes know
@@ -853,6 +920,75 @@ mod tests {
             ..FileConsul::default()
         };
         assert_eq!(keys(|e| file.validate(e)), ["consul.http"]);
+    }
+
+    #[test]
+    fn consul_answer_options_and_soa() {
+        let (consul, problems) = run(|e| FileConsul::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(consul.node_meta_txt && consul.enable_truncate);
+        assert_eq!(consul.udp_answer_limit, 0);
+        assert_eq!(
+            (consul.soa.refresh, consul.soa.retry, consul.soa.expire),
+            (3600, 600, 86_400)
+        );
+
+        let (consul, problems) = run(|e| {
+            FileConsul {
+                enable_additional_node_meta_txt: Some(false),
+                udp_answer_limit: Some(3),
+                enable_truncate: Some(false),
+                soa: Some(FileSoa {
+                    refresh: Some(60),
+                    retry: Some(30),
+                    expire: Some(120),
+                    min_ttl: Some(10),
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(!consul.node_meta_txt && !consul.enable_truncate);
+        assert_eq!(consul.udp_answer_limit, 3);
+        assert_eq!(
+            (consul.soa.refresh, consul.soa.retry, consul.soa.expire),
+            (60, 30, 120)
+        );
+        assert_eq!(consul.negative_ttl, Duration::from_secs(10), "soa.min_ttl");
+
+        // min_ttl is negative_ttl under Consul's name: both only when they agree.
+        let (_, problems) = run(|e| {
+            FileConsul {
+                negative_ttl: secs(10),
+                soa: Some(FileSoa {
+                    min_ttl: Some(10),
+                    ..FileSoa::default()
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        let (_, problems) = run(|e| {
+            FileConsul {
+                negative_ttl: secs(10),
+                soa: Some(FileSoa {
+                    min_ttl: Some(0),
+                    expire: Some(u32::MAX),
+                    ..FileSoa::default()
+                }),
+                ..FileConsul::default()
+            }
+            .validate(e)
+        });
+        assert_eq!(
+            problems,
+            [
+                "f.toml:1: consul.soa.expire: must be at most 2147483647 (seconds)",
+                "f.toml:1: consul.soa.min_ttl: is consul.negative_ttl under Consul's name, and that says 10s: set one of them",
+            ]
+        );
     }
 
     #[test]

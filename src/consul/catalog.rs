@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock, Mutex};
 
+use super::addrs::{candidates, Addrs, AnyAddr, ServiceAddressJson, TaggedJson, WanTranslation};
 use crate::lock::lock;
 use serde::Deserialize;
 
@@ -33,6 +34,8 @@ pub(crate) struct NodeJson {
     pub(crate) datacenter: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub(crate) meta: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub(crate) tagged_addresses: TaggedJson<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -48,6 +51,46 @@ pub(crate) struct ServiceJson {
     pub(crate) port: u16,
     #[serde(default)]
     pub(crate) weights: Option<WeightsJson>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub(crate) tagged_addresses: TaggedJson<ServiceAddressJson>,
+    /// `connect-proxy` for a sidecar, `ingress-gateway` for a gateway, "" for a plain service:
+    /// the catalog file's `.connect` views are made from these.
+    #[serde(default)]
+    pub(crate) kind: String,
+    pub(crate) proxy: Option<ProxyJson>,
+    pub(crate) connect: Option<ConnectJson>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ProxyJson {
+    #[serde(default)]
+    pub(crate) destination_service_name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ConnectJson {
+    #[serde(default)]
+    pub(crate) native: bool,
+}
+
+impl ServiceJson {
+    /// The service this instance serves Connect traffic for, if any: a sidecar proxy's
+    /// destination, or the service itself when it is Connect-native (what
+    /// `/v1/health/connect/<service>` returns).
+    pub(crate) fn connect_destination<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        if self.kind == "connect-proxy" {
+            self.proxy
+                .as_ref()
+                .map(|p| p.destination_service_name.as_str())
+                .filter(|d| !d.is_empty())
+        } else if self.connect.as_ref().is_some_and(|c| c.native) {
+            Some(name)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -134,28 +177,6 @@ pub(crate) fn worst_status(checks: &[CheckJson]) -> Status {
         .unwrap_or(Status::Passing)
 }
 
-/// Where an instance is reached.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Target {
-    Ip(IpAddr),
-    /// Lowercased, without the trailing dot. Shared: the node and the service address of an
-    /// instance, and the instances of a view, often name the same host.
-    Host(Arc<str>),
-}
-
-impl Target {
-    fn parse(s: &str, strings: &mut Interner) -> Option<Target> {
-        let s = s.trim();
-        if s.is_empty() {
-            return None;
-        }
-        Some(match s.parse::<IpAddr>() {
-            Ok(ip) => Target::Ip(ip),
-            Err(_) => Target::Host(strings.lowercase(s.trim_end_matches('.'))),
-        })
-    }
-}
-
 /// Lowercased strings and tag lists shared within one view: every instance of a service
 /// usually carries the same tags, so each distinct tag, and each distinct list of them, is
 /// stored once per view instead of once per instance.
@@ -163,6 +184,7 @@ impl Target {
 struct Interner {
     strings: HashMap<Box<str>, Arc<str>>,
     tag_lists: HashMap<Vec<String>, Tags>,
+    metas: HashMap<BTreeMap<String, String>, NodeMeta>,
 }
 
 /// An instance's tags, lowercased; instances with the same tags share one list.
@@ -170,6 +192,14 @@ pub(crate) type Tags = Arc<[Arc<str>]>;
 
 /// The tag list of every untagged instance (an empty `Arc<[_]>` still allocates).
 static NO_TAGS: LazyLock<Tags> = LazyLock::new(|| Arc::from(Vec::new()));
+
+/// An instance's node meta (its TXT records in SRV answers). The nodes of a real cluster
+/// mostly carry the same meta (`consul-network-segment`, `consul-version`), so instances share
+/// one map per distinct content within a view: 8 bytes an instance.
+pub type NodeMeta = Arc<BTreeMap<String, String>>;
+
+/// The meta of every node without any.
+static NO_META: LazyLock<NodeMeta> = LazyLock::new(|| Arc::new(BTreeMap::new()));
 
 impl Interner {
     fn lowercase(&mut self, s: &str) -> Arc<str> {
@@ -194,6 +224,18 @@ impl Interner {
         self.tag_lists.insert(raw.to_vec(), tags.clone());
         tags
     }
+
+    fn meta(&mut self, meta: &BTreeMap<String, String>) -> NodeMeta {
+        if meta.is_empty() {
+            return NO_META.clone();
+        }
+        if let Some(shared) = self.metas.get(meta) {
+            return shared.clone();
+        }
+        let shared = Arc::new(meta.clone());
+        self.metas.insert(meta.clone(), shared.clone());
+        shared
+    }
 }
 
 /// What identifies an instance's checks in `/v1/health/state` (`Node`, `ServiceID`) kept as a
@@ -212,10 +254,10 @@ pub struct Instance {
     pub node: String,
     /// [`service_id_key`] of `Service.ID`.
     pub service_id: u64,
-    /// `Service.Address`, else `Node.Address`.
-    pub target: Option<Target>,
-    /// The service has an address of its own (decides the SRV target form).
-    pub own_address: bool,
+    /// What each kind of question gets: `Service.Address` or `Node.Address`, or one of their
+    /// tagged addresses (dual stack, WAN).
+    pub addrs: Addrs,
+    /// `Service.Port`, or the `wan` tagged address's port with WAN translation.
     pub port: u16,
     /// Lowercased: DNS tag lookups are case-insensitive.
     pub tags: Tags,
@@ -223,19 +265,48 @@ pub struct Instance {
     /// The SRV weights (`Service.Weights`), capped to what an SRV record can carry.
     pub weight_passing: u16,
     pub weight_warning: u16,
-    // Not kept: the node's meta (no service answer uses it; node lookups answer it from
-    // [`NodeView`], and a real agent's nodes all carry some, a map per instance) and the
-    // node's own address when the service has one (no answer uses it).
+    /// The node's meta, for TXT records beside SRV answers (`enable_additional_node_meta_txt`).
+    pub node_meta: NodeMeta,
+    // Not kept: the tagged addresses (resolved into `addrs`) and the node's own address when the
+    // service has one (no answer uses it).
 }
 
 impl Instance {
     #[cfg(test)]
     pub(crate) fn from_entry(e: &HealthEntry) -> Instance {
-        Instance::from_entry_in(e, &mut Interner::default())
+        Instance::from_entry_in(e, &mut Interner::default(), WanTranslation::default(), "")
     }
 
-    fn from_entry_in(e: &HealthEntry, strings: &mut Interner) -> Instance {
-        let own = Target::parse(&e.service.address, strings);
+    /// `dc`: the view's datacenter (WAN translation of the service address; the node's own
+    /// `Datacenter` decides for the node address, as in Consul).
+    fn from_entry_in(
+        e: &HealthEntry,
+        strings: &mut Interner,
+        wan: WanTranslation<'_>,
+        dc: &str,
+    ) -> Instance {
+        let service_wan = wan.applies(dc);
+        let node_dc = if e.node.datacenter.is_empty() {
+            dc
+        } else {
+            &e.node.datacenter
+        };
+        let addrs = Addrs::resolve(
+            candidates(&e.service.address, &e.service.tagged_addresses, service_wan),
+            candidates(
+                &e.node.address,
+                &e.node.tagged_addresses,
+                wan.applies(node_dc),
+            ),
+            &e.node.address,
+            &mut |h| strings.lowercase(h),
+        )
+        .with_own(&e.service.address);
+        // Consul's `TranslateServicePort`: the `wan` tag's port, when it has one.
+        let port = match &e.service.tagged_addresses.wan {
+            Some(w) if service_wan && w.port != 0 => w.port,
+            _ => e.service.port,
+        };
         let weights = e.service.weights.unwrap_or(WeightsJson {
             passing: 1,
             warning: 1,
@@ -244,20 +315,23 @@ impl Instance {
         Instance {
             node: e.node.node.to_ascii_lowercase(),
             service_id: service_id_key(&e.service.id),
-            own_address: own.is_some(),
-            target: own.or_else(|| Target::parse(&e.node.address, strings)),
-            port: e.service.port,
+            addrs,
+            port,
             tags: strings.tags(&e.service.tags),
             status: worst_status(&e.checks),
             weight_passing: srv_weight(weights.passing),
             weight_warning: srv_weight(weights.warning),
+            node_meta: strings.meta(&e.node.meta),
         }
     }
 
+    /// The SRV weight, as Consul's `findWeight`: 0 for a critical instance, which only a
+    /// prepared query ignoring that check, or `when_none_healthy = "all"`, serves.
     pub(crate) fn weight(&self) -> u16 {
         match self.status {
+            Status::Passing => self.weight_passing,
             Status::Warning => self.weight_warning,
-            _ => self.weight_passing,
+            Status::Critical => 0,
         }
     }
 
@@ -271,6 +345,9 @@ impl Instance {
 pub struct ServiceView {
     pub(crate) instances: Vec<Instance>,
     pub(crate) datacenter: String,
+    /// The `consul-virtual` tagged address of the first instance that has one (Connect
+    /// instances of a service share it): `<service>.virtual`.
+    pub(crate) virtual_ip: Option<IpAddr>,
     /// Selections already computed for this view (per tag and health rule), so a query costs the
     /// same whatever the number of instances.
     selections: Mutex<Selections>,
@@ -312,18 +389,26 @@ pub(crate) struct SelectionKey {
     pub(crate) tag: Option<String>,
     pub(crate) only_passing: bool,
     pub(crate) all_when_none_healthy: bool,
+    /// Every instance whatever its health: a prepared query's result, which Consul filtered
+    /// by the query's own rules (`OnlyPassing`, `IgnoreCheckIDs`).
+    pub(crate) unfiltered: bool,
 }
 
 /// The instances one kind of lookup serves, as indices into `ServiceView::instances`, split
-/// by address family so a query samples only what it can answer with. Lists with the same
-/// content share one allocation (in the usual view, every instance has an IPv4 address, and
-/// `all`, `v4` and `with_ip` are one list).
+/// by what each kind of question gets (their [`Addrs`]) so a query samples only what it can
+/// answer with. Lists with the same content share one allocation (in the usual view, every
+/// instance has an IPv4 address, and `all`, `v4` and `with_ip` are one list).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Selection {
     pub all: Arc<[u32]>,
+    /// Instances with an A answer.
     pub v4: Arc<[u32]>,
+    /// Instances with an AAAA answer.
     pub(crate) v6: Arc<[u32]>,
+    /// Instances whose ANY answer is an address.
     pub(crate) with_ip: Arc<[u32]>,
+    /// Instances with a hostname: the CNAME answers of questions no instance has an address for.
+    pub(crate) hosts: Arc<[u32]>,
 }
 
 /// The empty index list every selection shares (an empty `Arc<[u32]>` still allocates).
@@ -338,24 +423,39 @@ impl ServiceView {
         ServiceView {
             instances,
             datacenter: datacenter.to_owned(),
+            virtual_ip: None,
             selections: Mutex::new(Selections::default()),
         }
     }
 
     pub fn from_entries(entries: &[HealthEntry], datacenter: &str) -> ServiceView {
+        ServiceView::from_entries_translated(entries, datacenter, WanTranslation::default())
+    }
+
+    /// A view of `datacenter`, its addresses translated as Consul's `translate_wan_addrs` does.
+    pub fn from_entries_translated(
+        entries: &[HealthEntry],
+        datacenter: &str,
+        wan: WanTranslation<'_>,
+    ) -> ServiceView {
         let mut strings = Interner::default();
-        ServiceView::new(
+        let mut view = ServiceView::new(
             entries
                 .iter()
-                .map(|e| Instance::from_entry_in(e, &mut strings))
+                .map(|e| Instance::from_entry_in(e, &mut strings, wan, datacenter))
                 .collect(),
             datacenter,
-        )
+        );
+        view.virtual_ip = entries.iter().find_map(|e| {
+            let tagged = e.service.tagged_addresses.consul_virtual.as_ref()?;
+            tagged.address.parse().ok()
+        });
+        view
     }
 
     /// The same data as another view? (A blocking query can return without a change.)
     pub(crate) fn same_data(&self, other: &ServiceView) -> bool {
-        self.instances == other.instances
+        self.instances == other.instances && self.virtual_ip == other.virtual_ip
     }
 
     pub(crate) fn healthy_count(&self, only_passing: bool) -> usize {
@@ -390,17 +490,16 @@ impl ServiceView {
         let healthy: Vec<u32> = tagged
             .iter()
             .copied()
-            .filter(|&n| is_healthy(self.instances[n as usize].status, key.only_passing))
+            .filter(|&n| {
+                key.unfiltered || is_healthy(self.instances[n as usize].status, key.only_passing)
+            })
             .collect();
         let all = if healthy.is_empty() && key.all_when_none_healthy {
             tagged
         } else {
             healthy
         };
-        let ip_of = |n: &u32| match &self.instances[*n as usize].target {
-            Some(Target::Ip(ip)) => Some(*ip),
-            _ => None,
-        };
+        let addrs_of = |n: &u32| &self.instances[*n as usize].addrs;
         let all: Arc<[u32]> = if all.is_empty() {
             EMPTY_LIST.clone()
         } else {
@@ -416,20 +515,16 @@ impl ServiceView {
                 Arc::from(list)
             }
         };
-        let v4 = subset(&|n| ip_of(n).is_some_and(|ip| ip.is_ipv4()));
-        let v6 = subset(&|n| ip_of(n).is_some_and(|ip| ip.is_ipv6()));
-        let with_ip = if v4.len() == all.len() {
-            all.clone()
-        } else if v6.len() == all.len() {
-            v6.clone()
-        } else {
-            subset(&|n| ip_of(n).is_some())
-        };
+        let v4 = subset(&|n| addrs_of(n).v4.is_some());
+        let v6 = subset(&|n| addrs_of(n).v6.is_some());
+        let with_ip = subset(&|n| matches!(addrs_of(n).any, AnyAddr::V4 | AnyAddr::V6));
+        let hosts = subset(&|n| addrs_of(n).host.is_some());
         Selection {
             all,
             v4,
             v6,
             with_ip,
+            hosts,
         }
     }
 }
@@ -447,15 +542,28 @@ pub(crate) fn is_healthy(status: Status, only_passing: bool) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeView {
     pub(crate) name: String,
-    pub(crate) target: Option<Target>,
+    /// What each kind of question gets: `Address` or a tagged address (Consul's
+    /// `makeRecordFromNode`).
+    pub(crate) addrs: Addrs,
     pub(crate) meta: BTreeMap<String, String>,
 }
 
 impl NodeView {
-    pub(crate) fn from_json(n: &NodeJson) -> NodeView {
+    /// `dc`: the datacenter asked, for a node whose JSON names none.
+    pub(crate) fn from_json(n: &NodeJson, wan: WanTranslation<'_>, dc: &str) -> NodeView {
+        let node_dc = if n.datacenter.is_empty() {
+            dc
+        } else {
+            &n.datacenter
+        };
         NodeView {
             name: n.node.to_ascii_lowercase(),
-            target: Target::parse(&n.address, &mut Interner::default()),
+            addrs: Addrs::resolve(
+                ["", "", ""],
+                candidates(&n.address, &n.tagged_addresses, wan.applies(node_dc)),
+                &n.address,
+                &mut |h| Arc::from(h.to_ascii_lowercase()),
+            ),
             meta: n.meta.clone(),
         }
     }
@@ -467,6 +575,9 @@ pub struct QueryView {
     pub(crate) service: Arc<ServiceView>,
     /// `DNS.TTL` of the query, when set.
     pub(crate) ttl: Option<std::time::Duration>,
+    /// Consul sorted the result (the query's `Near`): answers keep its order. Otherwise Consul
+    /// shuffled it, and so does every answer made from it.
+    pub(crate) keeps_order: bool,
 }
 
 /// The catalog file: `{"<service>": [entries as /v1/health/service returns them]}`.
@@ -483,11 +594,9 @@ mod tests {
         let entries: Vec<HealthEntry> = serde_json::from_str(SAMPLE).expect("sample parses");
         let i = Instance::from_entry(&entries[0]);
         assert_eq!(i.node, "foobar");
-        assert_eq!(
-            i.target,
-            Some(Target::Ip("10.1.10.12".parse().expect("ip")))
-        );
-        assert!(i.own_address);
+        let own = Addrs::ip("10.1.10.12".parse().expect("ip"), false).with_own("10.1.10.12");
+        assert_eq!(i.addrs, own);
+        assert_eq!(i.addrs.own_ip(), Some("10.1.10.12".parse().expect("ip")));
         assert_eq!(i.port, 8000);
         assert_eq!(&*i.tags, &[Arc::<str>::from("primary")]);
         assert_eq!(i.status, Status::Passing);
@@ -517,9 +626,44 @@ mod tests {
         )
         .expect("parses");
         let i = Instance::from_entry(&e);
-        assert!(!i.own_address);
-        assert_eq!(i.target, Some(Target::Ip("10.0.0.1".parse().expect("ip"))));
+        assert_eq!(i.addrs, Addrs::ip("10.0.0.1".parse().expect("ip"), true));
         assert_eq!(i.weight(), 1);
+        let e: HealthEntry = serde_json::from_str(
+            r#"{"Node":{"Node":"n","Address":"10.0.0.1","TaggedAddresses":null},
+                "Service":{"Service":"s","Port":80,"TaggedAddresses":null}}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            Instance::from_entry(&e).addrs,
+            Addrs::ip("10.0.0.1".parse().expect("ip"), true)
+        );
+    }
+
+    #[test]
+    fn wan_translation_of_the_sample() {
+        // The sample's service has a `wan` tagged address (198.18.1.2:80) in dc1.
+        let entries: Vec<HealthEntry> = serde_json::from_str(SAMPLE).expect("sample parses");
+        let from = |local: &str| {
+            let wan = WanTranslation {
+                enabled: true,
+                local_dc: Some(local),
+            };
+            let v = ServiceView::from_entries_translated(&entries, "dc1", wan);
+            (v.instances[0].addrs.clone(), v.instances[0].port)
+        };
+        let lan = (
+            Addrs::ip("10.1.10.12".parse().expect("ip"), false).with_own("10.1.10.12"),
+            8000,
+        );
+        assert_eq!(from("dc1"), lan);
+        assert_eq!(
+            from("dc2"),
+            (Addrs::ip("198.18.1.2".parse().expect("ip"), false), 80)
+        );
+        assert_eq!(
+            ServiceView::from_entries(&entries, "dc1").instances[0].addrs,
+            lan.0
+        );
     }
 
     #[test]
@@ -529,9 +673,8 @@ mod tests {
                 "Service":{"Service":"s","Address":"DB.Example.COM.","Port":80}}"#,
         )
         .expect("parses");
-        assert_eq!(
-            Instance::from_entry(&e).target,
-            Some(Target::Host("db.example.com".into()))
-        );
+        let addrs = Instance::from_entry(&e).addrs;
+        assert_eq!(addrs.host.as_deref(), Some("db.example.com"));
+        assert_eq!(addrs.any, AnyAddr::Host);
     }
 }

@@ -193,7 +193,11 @@ pub(super) fn patched(
             }
         })
         .collect();
-    changed.then(|| ServiceView::new(instances, &view.datacenter))
+    changed.then(|| {
+        let mut patched = ServiceView::new(instances, &view.datacenter);
+        patched.virtual_ip = view.virtual_ip;
+        patched
+    })
 }
 
 /// What the feeds need to reach the views.
@@ -225,10 +229,13 @@ impl FeedShared {
         let complete = lists.complete();
         let watches = lock(&self.watches);
         let mut applied = Applied::default();
-        for ((service, dc), w) in watches.iter() {
-            if dc.is_some() || !w.on_demand.load(Ordering::SeqCst) {
+        for (key, w) in watches.iter() {
+            // The state lists are the local datacenter's default tenancy, and name the checks'
+            // own services (a sidecar's checks name the sidecar, not the service it fronts).
+            if !key.is_plain_local() || !w.on_demand.load(Ordering::SeqCst) {
                 continue;
             }
+            let service = key.service.as_str();
             let current = match &*w.state.borrow() {
                 ViewState::Ready(view) => Some(view.clone()),
                 _ => None,

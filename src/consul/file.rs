@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 
-use super::catalog::{CatalogFile, NodeView, QueryView, ServiceView};
+use super::addrs::WanTranslation;
+use super::catalog::{CatalogFile, HealthEntry, NodeView, QueryView, ServiceView};
+use super::name::{ServiceKind, Tenancy, ViewKey};
 use super::ptr::{AddressIndex, PtrName};
 use super::{Backend, LookupError};
 
@@ -38,6 +40,10 @@ pub enum CatalogError {
 
 struct Catalog {
     services: HashMap<String, Arc<ServiceView>>,
+    /// `.connect` views: the sidecar proxies (`Kind: "connect-proxy"`, by their
+    /// `Proxy.DestinationServiceName`) and Connect-native instances found in the file, as
+    /// `/v1/health/connect/<service>` would list them.
+    connect: HashMap<String, Arc<ServiceView>>,
     nodes: HashMap<String, Arc<NodeView>>,
     datacenter: String,
     /// PTR answers: the nodes' addresses, then the instances' own addresses.
@@ -67,20 +73,41 @@ fn parse(text: &str, path: &str, configured_dc: Option<&str>) -> Result<Catalog,
         .unwrap_or_else(|| DEFAULT_DATACENTER.to_owned());
     let mut nodes = HashMap::new();
     let mut services = HashMap::new();
+    let mut connect: HashMap<String, Vec<HealthEntry>> = HashMap::new();
     for (name, entries) in &file {
         for e in entries {
             nodes
                 .entry(e.node.node.to_ascii_lowercase())
-                .or_insert_with(|| Arc::new(NodeView::from_json(&e.node)));
+                .or_insert_with(|| {
+                    // One datacenter: nothing is another's, so no WAN translation.
+                    let wan = WanTranslation::default();
+                    Arc::new(NodeView::from_json(&e.node, wan, &datacenter))
+                });
+            if let Some(destination) = e.service.connect_destination(name) {
+                connect
+                    .entry(destination.to_ascii_lowercase())
+                    .or_default()
+                    .push(e.clone());
+            }
         }
         services.insert(
             name.to_ascii_lowercase(),
             Arc::new(ServiceView::from_entries(entries, &datacenter)),
         );
     }
+    let connect = connect
+        .into_iter()
+        .map(|(name, entries)| {
+            (
+                name,
+                Arc::new(ServiceView::from_entries(&entries, &datacenter)),
+            )
+        })
+        .collect();
     let (node_addresses, service_addresses) = address_indexes(&file);
     Ok(Catalog {
         services,
+        connect,
         nodes,
         datacenter,
         node_addresses,
@@ -146,6 +173,17 @@ impl FileBackend {
     }
 }
 
+/// A catalog file is one datacenter's catalog: no cluster peers, and the one (default)
+/// namespace and partition of Consul CE. Names with those labels are NXDOMAIN, as Consul CE
+/// answers them.
+fn check_tenancy(tenancy: &Tenancy) -> Result<(), LookupError> {
+    if tenancy.is_default() {
+        Ok(())
+    } else {
+        Err(LookupError::NoSuchName)
+    }
+}
+
 fn read(path: &Path) -> Result<String, CatalogError> {
     std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
         path: path.display().to_string(),
@@ -159,16 +197,18 @@ impl Backend for FileBackend {
         Some(self.current().datacenter.clone())
     }
 
-    async fn service(
-        &self,
-        service: &str,
-        dc: Option<&str>,
-    ) -> Result<Arc<ServiceView>, LookupError> {
+    async fn service(&self, key: &ViewKey) -> Result<Arc<ServiceView>, LookupError> {
         let catalog = self.current();
-        self.check_dc(&catalog, dc)?;
-        Ok(catalog
-            .services
-            .get(service)
+        self.check_dc(&catalog, key.dc.as_deref())?;
+        check_tenancy(&key.tenancy)?;
+        // A file has no ingress-gateway config entries: no `.ingress` view has instances.
+        let views = match key.kind {
+            ServiceKind::Service => Some(&catalog.services),
+            ServiceKind::Connect => Some(&catalog.connect),
+            ServiceKind::Ingress => None,
+        };
+        Ok(views
+            .and_then(|v| v.get(&key.service))
             .cloned()
             .unwrap_or_else(|| Arc::new(ServiceView::new(Vec::new(), &catalog.datacenter))))
     }
@@ -177,9 +217,11 @@ impl Backend for FileBackend {
         &self,
         node: &str,
         dc: Option<&str>,
+        tenancy: &Tenancy,
     ) -> Result<Option<Arc<NodeView>>, LookupError> {
         let catalog = self.current();
         self.check_dc(&catalog, dc)?;
+        check_tenancy(tenancy)?;
         Ok(catalog.nodes.get(node).cloned())
     }
 
@@ -219,6 +261,65 @@ mod tests {
         let c = b.current();
         assert!(c.services.contains_key("web"));
         assert_eq!(c.datacenter, "dc1");
+    }
+
+    /// A file with `web` (one plain instance), its sidecar, a Connect-native `api` and an
+    /// ingress gateway for `web`.
+    const MESH: &str = r#"{
+      "web": [{"Node": {"Node": "n1", "Address": "10.0.0.1"},
+               "Service": {"ID": "web-1", "Service": "web", "Port": 8080}}],
+      "web-sidecar-proxy": [{"Node": {"Node": "n1", "Address": "10.0.0.1"},
+               "Service": {"ID": "web-1-sidecar", "Service": "web-sidecar-proxy", "Port": 21000,
+                           "Kind": "connect-proxy", "Proxy": {"DestinationServiceName": "web"},
+                           "TaggedAddresses": {"consul-virtual": {"Address": "240.0.0.1", "Port": 21000}}}}],
+      "api": [{"Node": {"Node": "n2", "Address": "10.0.0.2"},
+               "Service": {"ID": "api-1", "Service": "api", "Port": 9090, "Connect": {"Native": true}}}],
+      "gw": [{"Node": {"Node": "n3", "Address": "10.0.0.3"},
+               "Service": {"ID": "gw-1", "Service": "gw", "Port": 8443, "Kind": "ingress-gateway"}}]
+    }"#;
+
+    fn ports(view: &ServiceView) -> Vec<u16> {
+        view.instances.iter().map(|i| i.port).collect()
+    }
+
+    #[tokio::test]
+    async fn connect_views_come_from_sidecars_and_native_instances() {
+        let b = FileBackend::from_text(MESH, "mesh.json", None).expect("parses");
+        let key = |s: &str, kind| ViewKey::new(s.into(), None, kind, Tenancy::default());
+        let web = b
+            .service(&key("web", ServiceKind::Connect))
+            .await
+            .expect("web");
+        assert_eq!(ports(&web), vec![21000]);
+        assert_eq!(web.virtual_ip, Some("240.0.0.1".parse().expect("ip")));
+        let api = b
+            .service(&key("api", ServiceKind::Connect))
+            .await
+            .expect("api");
+        assert_eq!(ports(&api), vec![9090]);
+        assert_eq!(api.virtual_ip, None);
+        let plain = b
+            .service(&key("web", ServiceKind::Service))
+            .await
+            .expect("web");
+        assert_eq!(ports(&plain), vec![8080]);
+        // No gateway config entries in a file: `.ingress` has no instances.
+        let ingress = b
+            .service(&key("web", ServiceKind::Ingress))
+            .await
+            .expect("web");
+        assert!(ingress.instances.is_empty());
+        // No peers, namespaces or partitions in a file.
+        let peer = Tenancy::new(Some("p1".into()), None, None);
+        let peered = ViewKey::new("web".into(), None, ServiceKind::Service, peer.clone());
+        assert!(matches!(
+            b.service(&peered).await,
+            Err(LookupError::NoSuchName)
+        ));
+        assert!(matches!(
+            b.node("n1", None, &peer).await,
+            Err(LookupError::NoSuchName)
+        ));
     }
 
     #[test]

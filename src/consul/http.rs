@@ -1,4 +1,5 @@
-//! The HTTP backend: one watcher per asked (service, datacenter), kept fresh by Consul blocking
+//! The HTTP backend: one watcher per asked view (service, datacenter, kind, tenancy: a
+//! [`ViewKey`]), kept fresh by Consul blocking
 //! queries; nodes and prepared queries fetched on demand and kept for their TTL. Every view is
 //! replaced whole (readers hold an `Arc` of the old one until they are done), and the last known
 //! view keeps being served while Consul is unreachable, for up to `consul.stale_for`.
@@ -23,11 +24,13 @@ use futures::future::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::addrs::WanTranslation;
 use super::agent::{discover_datacenter, probe_agents};
 use super::catalog::{CatalogNodeJson, NodeView, QueryExecuteJson, QueryView, ServiceView};
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::feed::{Feed, FeedShared, HealthLists, FEED_STATES};
 use super::inventory::{Inventory, NodeAddresses};
+use super::name::{Tenancy, ViewKey};
 use super::on_demand::OnDemand;
 use super::outage::OutageLog;
 use super::ptr::{PtrName, ServiceAddresses};
@@ -127,6 +130,7 @@ impl HttpBackend {
                 created: AtomicUsize::new(0),
             }),
             shutdown: shutdown.clone(),
+            datacenter: datacenter.clone(),
         });
         HttpBackend {
             inventory,
@@ -144,6 +148,15 @@ impl HttpBackend {
             metrics,
             shutdown,
         }
+    }
+
+    /// `consul.translate_wan_addrs` and the agent's datacenter (if known yet), for the views
+    /// built from on-demand answers.
+    fn wan_translation(&self) -> (bool, Option<String>) {
+        (
+            self.settings.config.translate_wan_addrs,
+            lock(&self.datacenter).clone(),
+        )
     }
 
     /// A deferred check of the budget for lookups the inventory could not settle, spent only
@@ -172,7 +185,7 @@ impl HttpBackend {
         key: String,
         checked: bool,
         ttl: impl Fn(&Option<Arc<V>>) -> Duration,
-        fetch: OneFetch<'_, impl FnOnce(J) -> Arc<V> + Send + 'static>,
+        fetch: OneFetch<impl FnOnce(J) -> Arc<V> + Send + 'static>,
     ) -> Result<Option<Arc<V>>, LookupError>
     where
         J: serde::de::DeserializeOwned + Send + 'static,
@@ -181,15 +194,11 @@ impl HttpBackend {
         let client = self.client.clone();
         let outage = self.outage.clone();
         let budget = self.unchecked_budget(checked);
-        let params: Vec<(&'static str, String)> = fetch
-            .dc
-            .map(|d| vec![("dc", d.to_owned())])
-            .unwrap_or_default();
         let OneFetch {
             endpoint,
             segments,
+            params,
             convert,
-            ..
         } = fetch;
         cache
             .get(key, ttl, self.settings.stale_for, move || {
@@ -206,11 +215,7 @@ impl HttpBackend {
     /// The watch for `key`, started if new: `None` when it is new and [`MAX_WATCHERS`] run
     /// already, or when `checked` is false (the inventory could not tell whether the service
     /// exists) and the budget for such lookups is spent.
-    pub(super) fn watch_for(
-        &self,
-        key: (String, Option<String>),
-        checked: bool,
-    ) -> Option<Arc<Watch>> {
+    pub(super) fn watch_for(&self, key: ViewKey, checked: bool) -> Option<Arc<Watch>> {
         let mut watches = lock(&self.watches);
         if let Some(w) = watches.get(&key) {
             return Some(w.clone());
@@ -228,7 +233,7 @@ impl HttpBackend {
         let w = Arc::new(Watch::new());
         watches.insert(key.clone(), w.clone());
         self.metrics.consul_watchers.inc();
-        let local = key.1.is_none();
+        let local = key.is_plain_local();
         let task = Watcher {
             key,
             watch: w.clone(),
@@ -263,11 +268,12 @@ impl HttpBackend {
 }
 
 /// One non-blocking request for an on-demand answer: the endpoint's metric label, its path
-/// segments (each encoded as one), the datacenter, and how to turn the JSON into the value.
-struct OneFetch<'a, C> {
+/// segments (each encoded as one), its parameters (`dc` and the like), and how to turn the
+/// JSON into the value.
+struct OneFetch<C> {
     endpoint: &'static str,
     segments: Vec<String>,
-    dc: Option<&'a str>,
+    params: Vec<(&'static str, String)>,
     convert: C,
 }
 
@@ -310,18 +316,14 @@ impl Backend for HttpBackend {
         lock(&self.datacenter).clone()
     }
 
-    async fn service(
-        &self,
-        service: &str,
-        dc: Option<&str>,
-    ) -> Result<Arc<ServiceView>, LookupError> {
-        let key = (service.to_owned(), dc.map(str::to_owned));
+    async fn service(&self, key: &ViewKey) -> Result<Arc<ServiceView>, LookupError> {
         // A watched service is answered from its view, which its watcher keeps exact (a
         // deregistered service's view empties): the inventory only decides what new state a
         // name may create, so a list gone wrong cannot hide a service that is being served.
-        let watched = lock(&self.watches).contains_key(&key);
-        let checked = watched || self.inventory.service(service, dc).await.checked()?;
-        let Some(w) = self.watch_for(key, checked) else {
+        let watched = lock(&self.watches).contains_key(key);
+        let checked = watched || self.inventory.service(key).await.checked()?;
+        let service = key.service.as_str();
+        let Some(w) = self.watch_for(key.clone(), checked) else {
             return Err(LookupError::Unavailable(
                 "a bound on Consul lookups was reached (limit_drops_total)".into(),
             ));
@@ -373,17 +375,34 @@ impl Backend for HttpBackend {
         &self,
         node: &str,
         dc: Option<&str>,
+        tenancy: &Tenancy,
     ) -> Result<Option<Arc<NodeView>>, LookupError> {
-        let key = format!("{node}|{}", dc.unwrap_or(""));
+        // Validated labels hold no `|`.
+        let part = |l: Option<&str>| l.unwrap_or_default().to_owned();
+        let key = format!(
+            "{node}|{}|{}|{}|{}",
+            dc.unwrap_or(""),
+            part(tenancy.peer()),
+            part(tenancy.ns()),
+            part(tenancy.partition())
+        );
         // A remembered answer goes on being served and refreshed, as a watched service does.
         let checked =
-            self.nodes.remembers(&key) || self.inventory.node(node, dc).await.checked()?;
+            self.nodes.remembers(&key) || self.inventory.node(node, dc, tenancy).await.checked()?;
         let node_ttl = self.settings.node_ttl;
+        let (translate, local_dc) = self.wan_translation();
+        let asked_dc = dc.or(local_dc.as_deref()).unwrap_or_default().to_owned();
         let fetch = OneFetch {
             endpoint: "catalog_node",
             segments: vec!["v1".into(), "catalog".into(), "node".into(), node.into()],
-            dc,
-            convert: |n: CatalogNodeJson| Arc::new(NodeView::from_json(&n.node)),
+            params: tenancy.params(dc),
+            convert: move |n: CatalogNodeJson| {
+                let wan = WanTranslation {
+                    enabled: translate,
+                    local_dc: local_dc.as_deref(),
+                };
+                Arc::new(NodeView::from_json(&n.node, wan, &asked_dc))
+            },
         };
         self.fetch_remembered(&self.nodes, key, checked, move |_| node_ttl, fetch)
             .await
@@ -398,23 +417,36 @@ impl Backend for HttpBackend {
         let checked =
             self.queries.remembers(&key) || self.inventory.query(name, dc).await.checked()?;
         let default_ttl = self.settings.default_service_ttl;
+        let (translate, local_dc) = self.wan_translation();
         let ttl =
             move |v: &Option<Arc<QueryView>>| v.as_ref().and_then(|q| q.ttl).unwrap_or(default_ttl);
+        // Consul sorts by round-trip time only within the agent's datacenter (a failover
+        // result comes shuffled); a query the list does not show is taken as sorted, its
+        // order kept as a cached Consul answer would keep it.
+        let sorted = dc.is_none() && self.inventory.query_sorted(name).unwrap_or(true);
         let fetch = OneFetch {
             endpoint: "query_execute",
             segments: vec!["v1".into(), "query".into(), name.into(), "execute".into()],
-            dc,
-            convert: |q: QueryExecuteJson| {
+            params: dc.map(|d| vec![("dc", d.to_owned())]).unwrap_or_default(),
+            convert: move |q: QueryExecuteJson| {
                 let ttl = q
                     .dns
                     .as_ref()
                     .and_then(|d| humantime::parse_duration(&d.ttl).ok());
+                let datacenter = q.datacenter.to_ascii_lowercase();
+                let in_local_dc = local_dc.as_deref().is_none_or(|l| l == datacenter);
+                let wan = WanTranslation {
+                    enabled: translate,
+                    local_dc: local_dc.as_deref(),
+                };
                 Arc::new(QueryView {
-                    service: Arc::new(ServiceView::from_entries(
+                    service: Arc::new(ServiceView::from_entries_translated(
                         &q.nodes,
-                        &q.datacenter.to_ascii_lowercase(),
+                        &datacenter,
+                        wan,
                     )),
                     ttl,
+                    keeps_order: sorted && in_local_dc,
                 })
             },
         };

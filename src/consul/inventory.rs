@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{next_index, ClientError, ConsulClient, REQUEST_TIMEOUT};
+use super::name::{Tenancy, ViewKey};
 use super::outage::OutageLog;
 use super::ptr::{count_dropped, AddressIndex, NodeAddressJson};
 use super::retry::backoff;
@@ -52,9 +53,19 @@ const QUERIES_REFRESH: Duration = Duration::from_secs(10);
 /// the budget below, meanwhile.
 const REFUSED_RETRY: Duration = Duration::from_secs(300);
 
-/// Remote datacenters whose lists are kept at once. Bounded by the datacenters Consul reports
-/// anyway; this keeps a federation of hundreds from costing two blocking queries each.
+/// Remote datacenters (and cluster peers, namespaces, partitions: every scope but the local
+/// default one) whose lists are kept at once. Bounded by what Consul reports anyway (its
+/// datacenters, peerings, namespaces and partitions); this keeps a federation of hundreds from
+/// costing two blocking queries each.
 pub(crate) const MAX_REMOTE_DATACENTERS: usize = 16;
+
+/// How often the lists of cluster peers, namespaces and partitions are fetched (none of them
+/// can block). They change by hand, rarely; a new one is answered after at most this long.
+const TENANCY_REFRESH: Duration = Duration::from_secs(30);
+
+/// Lists of peers and namespaces kept at once: one per partition asked (and the partition
+/// list). Partitions are checked against their own list first, so only real ones count.
+const MAX_TENANCY_LISTS: usize = 16;
 
 /// How long a lookup waits for a list's first load before going unchecked. Within glibc's 5 s
 /// per try, like a service's first fetch.
@@ -104,6 +115,9 @@ pub(crate) struct Names {
     /// False when Consul said the token does not see every item
     /// (`X-Consul-Results-Filtered-By-ACLs`): a missing name may still exist.
     complete: bool,
+    /// Prepared queries only: the names, IDs and template prefixes whose results Consul sorts
+    /// by round-trip time (`Service.Near`).
+    sorted: HashSet<String>,
     /// The local datacenter's node list only: the nodes' addresses, for PTR answers. Loaded,
     /// kept while Consul is away and replaced with the names, by the same request.
     addresses: AddressIndex,
@@ -115,8 +129,23 @@ impl Names {
             exact: exact.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
             prefixes: Vec::new(),
             complete,
+            sorted: HashSet::new(),
             addresses: AddressIndex::default(),
         }
+    }
+
+    /// Does Consul sort prepared query `name`'s result (lowercased)? By its exact name or ID,
+    /// else by the longest template prefix it matches, as Consul resolves a name; `None` when
+    /// the list has no such query.
+    fn sorted(&self, name: &str) -> Option<bool> {
+        if self.exact.contains(name) {
+            return Some(self.sorted.contains(name));
+        }
+        self.prefixes
+            .iter()
+            .filter(|p| name.starts_with(p.as_str()))
+            .max_by_key(|p| p.len())
+            .map(|p| self.sorted.contains(p))
     }
 
     /// The node whose `Address` is `ip` (local node list only).
@@ -209,6 +238,51 @@ impl Kind {
     }
 }
 
+/// What a pair of catalog lists is kept for: a datacenter (`None`: the local one) and a tenancy
+/// (`/v1/catalog/services?peer=p1` lists what a peer exports to us).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct ListScope {
+    dc: Option<String>,
+    tenancy: Tenancy,
+}
+
+/// The lists that say which cluster peers, namespaces and partitions exist. Peers and
+/// namespaces belong to a partition (`None`: the token's own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum TenancyKind {
+    Peers,
+    Namespaces,
+    Partitions,
+}
+
+impl TenancyKind {
+    fn what(self) -> &'static str {
+        match self {
+            TenancyKind::Peers => "cluster peer",
+            TenancyKind::Namespaces => "namespace",
+            TenancyKind::Partitions => "admin partition",
+        }
+    }
+
+    fn endpoint(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            TenancyKind::Peers => ("peerings", &["v1", "peerings"]),
+            TenancyKind::Namespaces => ("namespaces", &["v1", "namespaces"]),
+            TenancyKind::Partitions => ("partitions", &["v1", "partitions"]),
+        }
+    }
+}
+
+/// A list of peers or namespaces of a partition (`None`: the token's own), or of partitions.
+type TenancyListKey = (TenancyKind, Option<String>);
+
+/// One element of `/v1/peerings`, `/v1/namespaces` or `/v1/partitions`: only the name is kept.
+#[derive(serde::Deserialize)]
+struct NamedJson {
+    #[serde(rename = "Name", default)]
+    name: String,
+}
+
 /// One element of `/v1/query`: the ways a query can be named in DNS.
 #[derive(serde::Deserialize)]
 struct QueryDefinitionJson {
@@ -218,6 +292,26 @@ struct QueryDefinitionJson {
     name: String,
     #[serde(rename = "Template", default)]
     template: Option<QueryTemplateJson>,
+    #[serde(rename = "Service", default)]
+    service: Option<QueryServiceJson>,
+}
+
+#[derive(serde::Deserialize)]
+struct QueryServiceJson {
+    #[serde(rename = "Near", default)]
+    near: String,
+}
+
+impl QueryDefinitionJson {
+    /// Does Consul sort this query's results by round-trip time? `Near` names a node or
+    /// `_agent` (here: the agent the forwarder asks, as for Consul's DNS on that host). `_ip`
+    /// sorts from the requester's address, which over HTTP is the forwarder's own, so nothing
+    /// is sorted; Consul shuffles instead.
+    fn sorted(&self) -> bool {
+        self.service
+            .as_ref()
+            .is_some_and(|s| !s.near.is_empty() && s.near != "_ip")
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -232,14 +326,23 @@ struct QueryTemplateJson {
 fn query_names(list: Vec<QueryDefinitionJson>, complete: bool) -> Names {
     let mut names = Names::new(Vec::new(), complete);
     for q in list {
+        let sorted = q.sorted();
         let name = q.name.to_ascii_lowercase();
+        let mut keys = Vec::with_capacity(2);
         if q.template.is_some_and(|t| t.kind == "name_prefix_match") {
-            names.prefixes.push(name);
+            names.prefixes.push(name.clone());
+            keys.push(name);
         } else if !name.is_empty() {
-            names.exact.insert(name);
+            names.exact.insert(name.clone());
+            keys.push(name);
         }
         if !q.id.is_empty() {
-            names.exact.insert(q.id.to_ascii_lowercase());
+            let id = q.id.to_ascii_lowercase();
+            names.exact.insert(id.clone());
+            keys.push(id);
+        }
+        if sorted {
+            names.sorted.extend(keys);
         }
     }
     names
@@ -276,7 +379,9 @@ pub(crate) struct Inventory {
     datacenters: watch::Sender<List>,
     queries: watch::Sender<List>,
     local: Arc<DatacenterLists>,
-    remote: Arc<Mutex<HashMap<String, Arc<DatacenterLists>>>>,
+    remote: Arc<Mutex<HashMap<ListScope, Arc<DatacenterLists>>>>,
+    /// Peers, namespaces and partitions, each list started with the first name that needs it.
+    tenancy_lists: Mutex<HashMap<TenancyListKey, watch::Sender<List>>>,
     unchecked: Mutex<TokenBucket>,
 }
 
@@ -305,6 +410,7 @@ impl Inventory {
             queries: new_list(),
             local: Arc::new(DatacenterLists::new(shutdown.child_token())),
             remote: Arc::new(Mutex::new(HashMap::new())),
+            tenancy_lists: Mutex::new(HashMap::new()),
             unchecked: Mutex::new(TokenBucket::full(UNCHECKED, Instant::now())),
             shutdown,
         }
@@ -329,7 +435,7 @@ impl Inventory {
         self.spawn_lists(None, &self.local);
     }
 
-    fn spawn_lists(&self, dc: Option<&str>, lists: &Arc<DatacenterLists>) {
+    fn spawn_lists(&self, scope: Option<&ListScope>, lists: &Arc<DatacenterLists>) {
         for kind in [Kind::Services, Kind::Nodes] {
             let list = match kind {
                 Kind::Services => lists.services.clone(),
@@ -338,16 +444,16 @@ impl Inventory {
             let task = ListTask {
                 shared: self.shared.clone(),
                 kind,
-                dc: dc.map(str::to_owned),
+                scope: scope.cloned().unwrap_or_default(),
                 list,
                 stop: lists.stop.clone(),
             };
             tokio::spawn(task.run());
         }
-        if let Some(dc) = dc {
-            // A remote datacenter's lists stop once nobody asked for it in `idle`.
+        if let Some(scope) = scope {
+            // A remote scope's lists stop once nobody asked for it in `idle`.
             tokio::spawn(reap_when_idle(
-                dc.to_owned(),
+                scope.clone(),
                 lists.clone(),
                 self.remote.clone(),
                 self.idle,
@@ -355,15 +461,19 @@ impl Inventory {
         }
     }
 
-    /// The lists of `dc` (`None`: the local datacenter), started if new. `None` when
-    /// [`MAX_REMOTE_DATACENTERS`] remote datacenters are kept already.
-    fn lists(&self, dc: Option<&str>) -> Option<Arc<DatacenterLists>> {
-        let Some(dc) = dc else {
+    /// The lists of `scope` (the local datacenter's default tenancy when both are absent),
+    /// started if new. `None` when [`MAX_REMOTE_DATACENTERS`] remote scopes are kept already.
+    fn lists(&self, dc: Option<&str>, tenancy: &Tenancy) -> Option<Arc<DatacenterLists>> {
+        if dc.is_none() && tenancy.is_default() {
             return Some(self.local.clone());
+        }
+        let scope = ListScope {
+            dc: dc.map(str::to_owned),
+            tenancy: tenancy.clone(),
         };
         let lists = {
             let mut remote = lock(&self.remote);
-            if let Some(lists) = remote.get(dc) {
+            if let Some(lists) = remote.get(&scope) {
                 *lock(&lists.last_asked) = Instant::now();
                 return Some(lists.clone());
             }
@@ -371,11 +481,63 @@ impl Inventory {
                 return None;
             }
             let lists = Arc::new(DatacenterLists::new(self.shutdown.child_token()));
-            remote.insert(dc.to_owned(), lists.clone());
+            remote.insert(scope.clone(), lists.clone());
             lists
         };
-        self.spawn_lists(Some(dc), &lists);
+        self.spawn_lists(Some(&scope), &lists);
         Some(lists)
+    }
+
+    /// The list of `kind` (peers and namespaces: of `partition`), started if new; `None` when
+    /// [`MAX_TENANCY_LISTS`] are kept already.
+    fn tenancy_list(
+        &self,
+        kind: TenancyKind,
+        partition: Option<&str>,
+    ) -> Option<watch::Sender<List>> {
+        let key = (kind, partition.map(str::to_owned));
+        let mut lists = lock(&self.tenancy_lists);
+        if let Some(list) = lists.get(&key) {
+            return Some(list.clone());
+        }
+        if lists.len() >= MAX_TENANCY_LISTS {
+            return None;
+        }
+        let list = new_list();
+        lists.insert(key, list.clone());
+        tokio::spawn(poll_tenancy(
+            self.shared.clone(),
+            kind,
+            partition.map(str::to_owned),
+            list.clone(),
+            self.shutdown.clone(),
+        ));
+        Some(list)
+    }
+
+    /// Do the peer, namespace and partition of `tenancy` exist? The partition is checked
+    /// first, so a made-up one starts no list of its peers or namespaces.
+    async fn tenancy(&self, tenancy: &Tenancy) -> Verdict {
+        let partition = tenancy.partition();
+        let checks = [
+            (TenancyKind::Partitions, None, partition),
+            (TenancyKind::Namespaces, partition, tenancy.ns()),
+            (TenancyKind::Peers, partition, tenancy.peer()),
+        ];
+        let mut overall = Verdict::Exists;
+        for (kind, of, name) in checks {
+            let Some(name) = name else { continue };
+            let v = match self.tenancy_list(kind, of) {
+                Some(list) => verdict(&list, name, &self.shared.outage).await,
+                None => Verdict::Unchecked,
+            };
+            match v {
+                Verdict::Exists => {}
+                Verdict::Unchecked => overall = Verdict::Unchecked,
+                other => return other,
+            }
+        }
+        overall
     }
 
     async fn datacenter(&self, dc: Option<&str>) -> Verdict {
@@ -388,14 +550,17 @@ impl Inventory {
         }
     }
 
-    /// Does service `name` exist in `dc` (`None`: the local datacenter)?
-    pub(crate) async fn service(&self, name: &str, dc: Option<&str>) -> Verdict {
-        self.catalog(Kind::Services, name, dc).await
+    /// Does the service of `key` exist in its datacenter and tenancy? (For `.connect` and
+    /// `.ingress` too: the service they front is in the same list.)
+    pub(crate) async fn service(&self, key: &ViewKey) -> Verdict {
+        let dc = key.dc.as_deref();
+        self.catalog(Kind::Services, &key.service, dc, &key.tenancy)
+            .await
     }
 
-    /// Does node `name` exist in `dc`?
-    pub(crate) async fn node(&self, name: &str, dc: Option<&str>) -> Verdict {
-        self.catalog(Kind::Nodes, name, dc).await
+    /// Does node `name` exist in `dc` and `tenancy`?
+    pub(crate) async fn node(&self, name: &str, dc: Option<&str>, tenancy: &Tenancy) -> Verdict {
+        self.catalog(Kind::Nodes, name, dc, tenancy).await
     }
 
     /// Is `name` a prepared query (by name, ID or template)? Only the local datacenter's list
@@ -410,13 +575,36 @@ impl Inventory {
         verdict(&self.queries, name, &self.shared.outage).await
     }
 
-    async fn catalog(&self, kind: Kind, name: &str, dc: Option<&str>) -> Verdict {
+    /// Does Consul sort prepared query `name`'s results (by its `Near`)? `None` when the list
+    /// cannot tell (not loaded, refused, or the query is not in it).
+    pub(crate) fn query_sorted(&self, name: &str) -> Option<bool> {
+        match &*self.queries.borrow() {
+            List::Ready(names) | List::Stale(names) => names.sorted(name),
+            List::Pending | List::Unavailable => None,
+        }
+    }
+
+    async fn catalog(
+        &self,
+        kind: Kind,
+        name: &str,
+        dc: Option<&str>,
+        tenancy: &Tenancy,
+    ) -> Verdict {
         self.start();
         match self.datacenter(dc).await {
             Verdict::Exists => {}
             other => return other,
         }
-        let Some(lists) = self.lists(dc) else {
+        if !tenancy.is_default() {
+            match self.tenancy(tenancy).await {
+                // An unchecked tenancy (its list refused) still gets its own catalog lists,
+                // which are as exact for a peer or namespace that does not exist (empty).
+                Verdict::Exists | Verdict::Unchecked => {}
+                other => return other,
+            }
+        }
+        let Some(lists) = self.lists(dc, tenancy) else {
             return Verdict::Unchecked;
         };
         let list = match kind {
@@ -507,11 +695,11 @@ fn mark_failed(list: &watch::Sender<List>) {
     });
 }
 
-/// Stops a remote datacenter's lists once nobody asked for it in `idle`.
+/// Stops a remote scope's lists once nobody asked for it in `idle`.
 async fn reap_when_idle(
-    dc: String,
+    scope: ListScope,
     lists: Arc<DatacenterLists>,
-    remote: Arc<Mutex<HashMap<String, Arc<DatacenterLists>>>>,
+    remote: Arc<Mutex<HashMap<ListScope, Arc<DatacenterLists>>>>,
     idle: Duration,
 ) {
     loop {
@@ -526,16 +714,16 @@ async fn reap_when_idle(
     }
     lists.stop.cancel();
     let mut remote = lock(&remote);
-    if remote.get(&dc).is_some_and(|l| Arc::ptr_eq(l, &lists)) {
-        remote.remove(&dc);
+    if remote.get(&scope).is_some_and(|l| Arc::ptr_eq(l, &lists)) {
+        remote.remove(&scope);
     }
 }
 
-/// Keeps one catalog list of one datacenter by blocking queries.
+/// Keeps one catalog list of one scope by blocking queries.
 struct ListTask {
     shared: Arc<Shared>,
     kind: Kind,
-    dc: Option<String>,
+    scope: ListScope,
     list: watch::Sender<List>,
     stop: CancellationToken,
 }
@@ -543,7 +731,7 @@ struct ListTask {
 impl ListTask {
     async fn run(self) {
         let mut failovers = self.shared.failovers.clone();
-        let params: Vec<(&str, String)> = self.dc.iter().map(|dc| ("dc", dc.clone())).collect();
+        let params = self.scope.tenancy.params(self.scope.dc.as_deref());
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         // Kept between requests, as a feed keeps its own: given back after each, a service
@@ -618,7 +806,7 @@ impl ListTask {
                     .await?;
                 let nodes = r.value.unwrap_or_default();
                 // Consul's PTR answers come from the local datacenter only.
-                let addresses = if self.dc.is_none() {
+                let addresses = if self.scope == ListScope::default() {
                     let (index, dropped) = AddressIndex::from_nodes(&nodes);
                     count_dropped(&self.shared.metrics, dropped);
                     index
@@ -664,6 +852,36 @@ async fn poll_queries(shared: Arc<Shared>, list: watch::Sender<List>, shutdown: 
         Ok(query_names(r.value.unwrap_or_default(), !r.filtered))
     };
     poll("prepared query", QUERIES_REFRESH, &list, &shutdown, fetch).await;
+}
+
+/// Keeps the list of cluster peers (`/v1/peerings`), namespaces (`/v1/namespaces`) or admin
+/// partitions (`/v1/partitions`), polled (none can block). An agent without the endpoint (404:
+/// Consul CE has no namespaces or partitions, Consul before 1.13 no peering) has none of them:
+/// an empty, complete list, so such names are NXDOMAIN as Consul CE's own DNS answers them.
+async fn poll_tenancy(
+    shared: Arc<Shared>,
+    kind: TenancyKind,
+    partition: Option<String>,
+    list: watch::Sender<List>,
+    shutdown: CancellationToken,
+) {
+    let params: Vec<(&str, String)> = partition.map(|p| ("partition", p)).into_iter().collect();
+    let fetch = || async {
+        let (endpoint, segments) = kind.endpoint();
+        match shared
+            .client
+            .get::<Vec<NamedJson>>(endpoint, segments, &params, None)
+            .await
+        {
+            Ok(r) => {
+                let names = r.value.unwrap_or_default().into_iter().map(|n| n.name);
+                Ok(Names::new(names, !r.filtered))
+            }
+            Err(ClientError::NotFound) => Ok(Names::new(Vec::new(), true)),
+            Err(e) => Err(e),
+        }
+    };
+    poll(kind.what(), TENANCY_REFRESH, &list, &shutdown, fetch).await;
 }
 
 /// Fetches a list every `refresh` (after failures, with backoff) until shutdown. An agent that
@@ -770,6 +988,32 @@ mod tests {
             query_names(catch_all, true).verdict("anything"),
             Verdict::Exists
         );
+    }
+
+    #[test]
+    fn a_query_with_near_is_sorted_by_name_id_and_longest_template() {
+        let list: Vec<QueryDefinitionJson> = serde_json::from_str(
+            r#"[
+              {"ID": "id-near", "Name": "near", "Service": {"Service": "db", "Near": "_agent"}},
+              {"ID": "id-ip", "Name": "by-ip", "Service": {"Service": "db", "Near": "_ip"}},
+              {"ID": "id-plain", "Name": "plain", "Service": {"Service": "db", "Near": ""}},
+              {"ID": "t1", "Name": "web-", "Template": {"Type": "name_prefix_match"}, "Service": {"Near": "node-1"}},
+              {"ID": "t2", "Name": "web-east-", "Template": {"Type": "name_prefix_match"}, "Service": {"Near": ""}}
+            ]"#,
+        )
+        .expect("json");
+        let names = query_names(list, true);
+        assert_eq!(names.sorted("near"), Some(true));
+        assert_eq!(names.sorted("id-near"), Some(true));
+        assert_eq!(names.sorted("by-ip"), Some(false), "_ip: Consul shuffles");
+        assert_eq!(names.sorted("plain"), Some(false));
+        assert_eq!(names.sorted("web-west-1"), Some(true));
+        assert_eq!(
+            names.sorted("web-east-1"),
+            Some(false),
+            "the longest prefix wins"
+        );
+        assert_eq!(names.sorted("other"), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `mode = "dns"` instead forwards the domain to the agents' DNS port through the same cache as
 //! upstream names.
 
+pub mod addrs;
 pub(crate) mod agent;
 pub mod catalog;
 pub(crate) mod client;
@@ -27,17 +28,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{DNSClass, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RecordType};
 use tokio_util::sync::CancellationToken;
 
-use self::catalog::{NodeView, QueryView, ServiceView};
-use self::name::ConsulName;
+use self::catalog::{NodeView, QueryView, Selection, ServiceView};
+use self::name::{ConsulName, ServiceKind, Tenancy, ViewKey};
 use self::ptr::PtrName;
 use self::records::{Ctx, Plan};
 use crate::answer::{Answer, AnswerSource, Question, Source};
-use crate::config::{Config, ConsulConfig, ConsulMode};
+use crate::config::{Config, ConsulConfig, ConsulMode, WhenNoneHealthy};
 use crate::metrics::Metrics;
 use crate::upstream::Forwarder;
+
+/// The service Consul registers for its servers: their nodes are the domain's nameservers.
+const CONSUL_SERVICE: &str = "consul";
 
 /// Why a backend could not produce a view.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -62,15 +66,14 @@ pub trait Backend: Send + Sync {
     fn ready(&self) -> Result<(), String> {
         Ok(())
     }
-    async fn service(
-        &self,
-        service: &str,
-        dc: Option<&str>,
-    ) -> Result<Arc<ServiceView>, LookupError>;
+    /// The view of a service lookup (`.service`, `.connect` or `.ingress`, in a datacenter,
+    /// peer, namespace and partition).
+    async fn service(&self, key: &ViewKey) -> Result<Arc<ServiceView>, LookupError>;
     async fn node(
         &self,
         node: &str,
         dc: Option<&str>,
+        tenancy: &Tenancy,
     ) -> Result<Option<Arc<NodeView>>, LookupError>;
     async fn query(
         &self,
@@ -138,132 +141,238 @@ impl ConsulSource {
 
     async fn answer_inner(&self, q: &Question, limit: usize) -> Answer {
         let cfg = &self.config;
-        let Some(parsed) = name::parse(&q.name, q.qtype, &cfg.domains) else {
+        let Some(name::Parsed { domain, name }) = name::parse(&q.name, q.qtype, &cfg.domains)
+        else {
             return Answer::rcode(ResponseCode::Refused);
         };
         if q.qclass != DNSClass::IN && q.qclass != DNSClass::ANY {
             return Answer::rcode(ResponseCode::Refused);
         }
         let local_dc = self.backend.local_datacenter().await;
-        // A name that spells out the local datacenter is the same view as one that does not.
-        let norm = |dc: &Option<String>| -> Option<String> {
-            match (dc, &local_dc) {
-                (Some(d), Some(l)) if d == l => None,
-                (d, _) => d.clone(),
-            }
-        };
         let serial = u32::try_from(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         )
         .unwrap_or(0);
-        let mut ctx = Ctx {
+        let ctx = Ctx {
             qname: &q.name,
             qtype: q.qtype,
-            domain: &parsed.domain,
+            domain: &domain,
             dc: local_dc.as_deref().unwrap_or(file::DEFAULT_DATACENTER),
             ttl: secs(cfg.node_ttl),
             negative_ttl: secs(cfg.negative_ttl),
             a_record_limit: cfg.a_record_limit,
             serial,
+            soa: cfg.soa,
+            node_meta_txt: cfg.node_meta_txt,
+            peer: None,
+            partition: None,
         };
-        let built = match &parsed.name {
-            ConsulName::Apex => Plan::Done(records::apex_answer(&ctx)),
-            ConsulName::Invalid => Plan::Done(records::nxdomain(&ctx)),
-            ConsulName::Addr { ip } => Plan::Done(records::addr_answer(*ip, &ctx)),
-            ConsulName::Service { service, tag, dc } => {
-                let dc = norm(dc);
-                match self.backend.service(service, dc.as_deref()).await {
+        let built = match q.qtype {
+            // Answered for every name in the domain, whatever it names, as Consul does.
+            RecordType::SOA | RecordType::NS => self.nameserver_answer(&ctx).await,
+            _ => self.lookup(name, &local_dc, limit, ctx).await,
+        };
+        let mut answer = match built {
+            Ok(Plan::Done(answer)) => answer,
+            Ok(Plan::Cname { answer, target }) => self.follow_cname(answer, target, q, limit).await,
+            Err(failed) => return failed,
+        };
+        if limit == crate::reply::UDP_LIMIT_NO_EDNS {
+            records::limit_answers(&mut answer, cfg.udp_answer_limit);
+        }
+        answer.cut.silent = !cfg.enable_truncate;
+        answer
+    }
+
+    /// What a name of each kind answers (before a CNAME is followed); `Err` is the final answer
+    /// when Consul cannot be asked. Takes the parsed name: its strings become the view key.
+    async fn lookup(
+        &self,
+        name: ConsulName,
+        local_dc: &Option<String>,
+        limit: usize,
+        mut ctx: Ctx<'_>,
+    ) -> Result<Plan, Answer> {
+        let cfg = &self.config;
+        // A name that spells out the local datacenter is the same view as one that does not.
+        let norm = |dc: Option<String>| -> Option<String> {
+            match (dc, local_dc) {
+                (Some(d), Some(l)) if d == *l => None,
+                (d, _) => d,
+            }
+        };
+        let missing = |e: LookupError, ctx: &Ctx<'_>| match e {
+            LookupError::NoSuchDatacenter | LookupError::NoSuchName => {
+                Ok(Plan::Done(records::nxdomain(ctx)))
+            }
+            LookupError::Unavailable(_) => Err(Answer::servfail()),
+        };
+        match name {
+            ConsulName::Apex => Ok(Plan::Done(records::apex_answer(&ctx))),
+            ConsulName::Invalid => Ok(Plan::Done(records::nxdomain(&ctx))),
+            ConsulName::Addr { ip } => Ok(Plan::Done(records::addr_answer(ip, &ctx))),
+            ConsulName::Service {
+                service,
+                tag,
+                kind,
+                dc,
+                tenancy,
+            } => {
+                let key = ViewKey::new(service, norm(dc), kind, tenancy);
+                match self.backend.service(&key).await {
                     Ok(view) => {
-                        ctx.ttl = secs(cfg.service_ttl_for(service));
-                        let dc_name = dc.clone().unwrap_or_else(|| ctx.dc.to_owned());
-                        self.answer_from_view(&view, tag.as_deref(), q, limit, &ctx, &dc_name)
+                        let ctx = Ctx {
+                            ttl: secs(cfg.service_ttl_for(&key.service)),
+                            dc: key.dc.as_deref().unwrap_or(ctx.dc),
+                            peer: key.tenancy.peer(),
+                            partition: key.tenancy.partition(),
+                            ..ctx
+                        };
+                        let tag = tag.as_deref();
+                        let selection =
+                            records::select(&view, tag, cfg.only_passing, cfg.when_none_healthy);
+                        Ok(answer_from_view(&view, &selection, true, limit, &ctx))
                     }
-                    Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Plan::Done(records::nxdomain(&ctx))
-                    }
-                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+                    Err(e) => missing(e, &ctx),
                 }
             }
-            ConsulName::Node { node, dc } => {
-                match self.backend.node(node, norm(dc).as_deref()).await {
-                    Ok(node) => records::node_answer(node.as_deref(), &ctx),
-                    Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Plan::Done(records::nxdomain(&ctx))
-                    }
-                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+            ConsulName::Virtual { service, tenancy } => {
+                // The connect view carries the virtual IP (every connect instance has it).
+                let key = ViewKey::new(service, None, ServiceKind::Connect, tenancy);
+                match self.backend.service(&key).await {
+                    Ok(view) => Ok(Plan::Done(records::virtual_answer(view.virtual_ip, &ctx))),
+                    Err(LookupError::Unavailable(_)) => Err(Answer::servfail()),
+                    // Consul answers NOERROR without records for a service it has no virtual
+                    // IP for, known or not.
+                    Err(_) => Ok(Plan::Done(records::virtual_answer(None, &ctx))),
+                }
+            }
+            ConsulName::Node { node, dc, tenancy } => {
+                match self
+                    .backend
+                    .node(&node, norm(dc).as_deref(), &tenancy)
+                    .await
+                {
+                    Ok(node) => Ok(records::node_answer(node.as_deref(), &ctx)),
+                    Err(e) => missing(e, &ctx),
                 }
             }
             ConsulName::Query { query, dc } => {
-                match self.backend.query(query, norm(dc).as_deref()).await {
+                match self.backend.query(&query, norm(dc).as_deref()).await {
                     Ok(Some(qv)) => {
-                        ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(query)));
-                        let dc_name = ctx.dc.to_owned();
-                        self.answer_from_view(&qv.service, None, q, limit, &ctx, &dc_name)
+                        ctx.ttl = secs(qv.ttl.unwrap_or_else(|| cfg.service_ttl_for(&query)));
+                        // Consul's result as it came: its own filters, its order when it
+                        // sorted it, shuffled like every other answer when it did not.
+                        let selection = records::select_all(&qv.service);
+                        let shuffle = !qv.keeps_order;
+                        Ok(answer_from_view(
+                            &qv.service,
+                            &selection,
+                            shuffle,
+                            limit,
+                            &ctx,
+                        ))
                     }
-                    Ok(None) | Err(LookupError::NoSuchDatacenter | LookupError::NoSuchName) => {
-                        Plan::Done(records::nxdomain(&ctx))
-                    }
-                    Err(LookupError::Unavailable(_)) => return Answer::servfail(),
+                    Ok(None) => Ok(Plan::Done(records::nxdomain(&ctx))),
+                    Err(e) => missing(e, &ctx),
                 }
-            }
-        };
-        match built {
-            Plan::Done(answer) => answer,
-            Plan::Cname { mut answer, target } => {
-                // The CNAME first, then the target's records, in chain order (glibc ≥ 2.37
-                // ignores addresses that do not follow the chain).
-                let qtype = if q.qtype == RecordType::ANY {
-                    RecordType::A
-                } else {
-                    q.qtype
-                };
-                let target = Question {
-                    name: target,
-                    qtype,
-                    qclass: DNSClass::IN,
-                };
-                let (resolved, _) = self.resolver.answer(&target, limit).await;
-                answer.answers.extend(resolved.answers);
-                answer
             }
         }
     }
-}
 
-impl ConsulSource {
-    /// A service view's answer: its selection for `tag`, a random sample of what can fit in
-    /// `limit`, records. SRV targets name the view's datacenter when it has one.
-    fn answer_from_view(
+    /// SOA and NS: the domain's nameservers are the healthy Consul servers (the instances of
+    /// Consul's own `consul` service), shuffled, as Consul lists them. Without servers to list
+    /// the SOA is still answered; an NS question then gets SERVFAIL while Consul is unreachable
+    /// (Consul's empty answer would be cached as "no nameservers").
+    async fn nameserver_answer(&self, ctx: &Ctx<'_>) -> Result<Plan, Answer> {
+        let key = ViewKey::new(
+            CONSUL_SERVICE.to_owned(),
+            None,
+            ServiceKind::Service,
+            Tenancy::default(),
+        );
+        let view = match self.backend.service(&key).await {
+            Ok(view) => Some(view),
+            Err(LookupError::Unavailable(_)) if ctx.qtype == RecordType::NS => {
+                return Err(Answer::servfail())
+            }
+            Err(_) => None,
+        };
+        let servers = view.as_ref().map_or_else(Vec::new, |view| {
+            let selection = records::select(
+                view,
+                None,
+                self.config.only_passing,
+                WhenNoneHealthy::Nxdomain,
+            );
+            let every = selection.all.len();
+            records::pick(view, &selection, RecordType::SRV, every, &mut rand::rng())
+        });
+        let dc = view
+            .as_ref()
+            .map(|v| v.datacenter.as_str())
+            .filter(|d| !d.is_empty())
+            .unwrap_or(ctx.dc);
+        let ctx = Ctx { dc, ..ctx.clone() };
+        Ok(Plan::Done(match ctx.qtype {
+            RecordType::NS => records::ns_answer(&servers, &ctx),
+            _ => records::soa_answer(&servers, &ctx),
+        }))
+    }
+
+    /// The CNAME first, then the target's records, in chain order (glibc ≥ 2.37 ignores
+    /// addresses that do not follow the chain).
+    async fn follow_cname(
         &self,
-        view: &ServiceView,
-        tag: Option<&str>,
+        mut answer: Answer,
+        target: Name,
         q: &Question,
         limit: usize,
-        ctx: &Ctx<'_>,
-        dc_fallback: &str,
-    ) -> Plan {
-        let cfg = &self.config;
-        let selection = records::select(view, tag, cfg.only_passing, cfg.when_none_healthy);
-        let chosen = records::pick(
-            view,
-            &selection,
-            q.qtype,
-            records::record_cap(q.qtype, limit, q.name.len()),
-            &mut rand::rng(),
-        );
-        let dc = if view.datacenter.is_empty() {
-            dc_fallback
+    ) -> Answer {
+        let qtype = if q.qtype == RecordType::ANY {
+            RecordType::A
         } else {
-            view.datacenter.as_str()
+            q.qtype
         };
-        records::service_answer(
-            &chosen,
-            !selection.all.is_empty(),
-            &Ctx { dc, ..ctx.clone() },
-        )
+        let target = Question {
+            name: target,
+            qtype,
+            qclass: DNSClass::IN,
+        };
+        let (resolved, _) = self.resolver.answer(&target, limit).await;
+        answer.answers.extend(resolved.answers);
+        answer
     }
+}
+
+/// A service view's answer from `selection`: a random sample of what can fit in `limit`
+/// (`shuffle`), or the first that fit in the view's order, then records. SRV targets name the
+/// view's datacenter when it has one, else `ctx.dc`.
+fn answer_from_view(
+    view: &ServiceView,
+    selection: &Selection,
+    shuffle: bool,
+    limit: usize,
+    ctx: &Ctx<'_>,
+) -> Plan {
+    let cap = records::record_cap(ctx.qtype, limit, ctx.qname.len());
+    let chosen = if shuffle {
+        records::pick(view, selection, ctx.qtype, cap, &mut rand::rng())
+    } else {
+        records::first(view, selection, ctx.qtype, cap)
+    };
+    let dc = if view.datacenter.is_empty() {
+        ctx.dc
+    } else {
+        view.datacenter.as_str()
+    };
+    records::service_answer(
+        &chosen,
+        !selection.all.is_empty(),
+        &Ctx { dc, ..ctx.clone() },
+    )
 }
 
 impl ConsulSource {

@@ -20,7 +20,7 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::PTR;
 use hickory_proto::rr::{Name, RData, Record};
 
-use super::catalog::{ServiceView, Target};
+use super::catalog::ServiceView;
 use super::views::{ViewState, WatchMap};
 use crate::answer::{Answer, Question};
 use crate::lock::lock;
@@ -246,20 +246,18 @@ impl ServiceAddresses {
 fn service_index(watches: &WatchMap) -> (AddressIndex, usize) {
     let views: Vec<(String, Arc<ServiceView>)> = lock(watches)
         .iter()
-        .filter(|((_, dc), _)| dc.is_none())
-        .filter_map(|((service, _), w)| match &*w.state.borrow() {
-            ViewState::Ready(view) => Some((service.clone(), view.clone())),
+        // A `.connect` view's instances are sidecars, a peer's are not ours to name.
+        .filter(|(key, _)| key.is_plain_local())
+        .filter_map(|(key, w)| match &*w.state.borrow() {
+            ViewState::Ready(view) => Some((key.service.clone(), view.clone())),
             _ => None,
         })
         .collect();
     AddressIndex::build(views.iter().flat_map(|(service, view)| {
-        view.instances
-            .iter()
-            .filter(|i| i.own_address)
-            .filter_map(move |i| match &i.target {
-                Some(Target::Ip(ip)) => Some((*ip, i.node.as_str(), service.as_str())),
-                _ => None,
-            })
+        view.instances.iter().filter_map(move |i| {
+            let ip = i.addrs.own_ip()?;
+            Some((ip, i.node.as_str(), service.as_str()))
+        })
     }))
 }
 

@@ -1,8 +1,9 @@
 //! Records from Consul views, as pure functions: which instances are served, A/AAAA/ANY/SRV/TXT
-//! answers, SRV targets and their additional records, SOA and NS for the domain. The caller
-//! shuffles; these functions keep the order they are given.
+//! answers, SRV targets and their additional records, SOA and NS for the domain (the Consul
+//! servers), the cut to `udp_answer_limit`. The caller shuffles; these functions keep the order
+//! they are given.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
 use hickory_proto::op::ResponseCode;
@@ -13,15 +14,14 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::catalog::{Instance, NodeView, Selection, SelectionKey, ServiceView, Target};
+use super::catalog::{Instance, NodeView, Selection, SelectionKey, ServiceView};
 use super::name::encode_hex_ip;
-use crate::answer::Answer;
-use crate::config::WhenNoneHealthy;
+use crate::answer::{Answer, Cut};
+use crate::config::{SoaTimers, WhenNoneHealthy};
 
-/// SOA timers, as Consul's DNS interface sends them.
-const SOA_REFRESH: i32 = 3600;
-const SOA_RETRY: i32 = 600;
-const SOA_EXPIRE: i32 = 86_400;
+/// At most this many Consul servers are listed as the domain's nameservers (Consul's
+/// `getNameserversAndNodeRecord`).
+const MAX_NAMESERVERS: usize = 3;
 
 /// What every record built for one question shares.
 #[derive(Clone, Debug)]
@@ -40,6 +40,16 @@ pub struct Ctx<'a> {
     pub a_record_limit: usize,
     /// SOA serial: Unix time, as Consul.
     pub serial: u32,
+    /// The cluster peer a service answer is about: SRV targets are then
+    /// `<node>.node.<peer>.peer.<domain>` and `<hex>.addr.<domain>`, as Consul names them.
+    pub peer: Option<&'a str>,
+    /// The admin partition a service answer is about (Consul Enterprise): SRV targets name it
+    /// (`<node>.node.<partition>.ap.<dc>.dc.<domain>`) so that resolving them finds that node.
+    pub partition: Option<&'a str>,
+    /// The SOA's refresh, retry and expire.
+    pub soa: SoaTimers,
+    /// Node meta as TXT in the additional section (`enable_additional_node_meta_txt`).
+    pub node_meta_txt: bool,
 }
 
 /// The instances a service lookup serves: tag-filtered, then healthy only, or every one when
@@ -54,6 +64,7 @@ pub fn select(
         tag: tag.map(str::to_owned),
         only_passing,
         all_when_none_healthy: when_none_healthy == WhenNoneHealthy::All,
+        unfiltered: false,
     })
 }
 
@@ -81,9 +92,51 @@ pub fn record_cap(qtype: RecordType, limit: usize, qname_len: usize) -> usize {
     cap.max(1)
 }
 
+/// Every instance of a prepared query's result: Consul filtered it already, by the query's own
+/// rules (`OnlyPassing`, `IgnoreCheckIDs`); the local health rule does not apply again.
+pub(crate) fn select_all(view: &ServiceView) -> Arc<Selection> {
+    view.selection(&SelectionKey {
+        tag: None,
+        only_passing: false,
+        all_when_none_healthy: false,
+        unfiltered: true,
+    })
+}
+
+/// The instances of `selection` that can answer a `qtype` question: those with an address for
+/// it, else those with a hostname (a CNAME), or every instance for SRV.
+fn pool(selection: &Selection, qtype: RecordType) -> &Arc<[u32]> {
+    let with_address = match qtype {
+        RecordType::A => &selection.v4,
+        RecordType::AAAA => &selection.v6,
+        RecordType::ANY => &selection.with_ip,
+        _ => return &selection.all,
+    };
+    if with_address.is_empty() {
+        &selection.hosts
+    } else {
+        with_address
+    }
+}
+
+/// The first `cap` instances of the pool in the view's order: a prepared query Consul sorted
+/// by round-trip time (`Near`) keeps that order.
+pub(crate) fn first<'v>(
+    view: &'v ServiceView,
+    selection: &Selection,
+    qtype: RecordType,
+    cap: usize,
+) -> Vec<&'v Instance> {
+    pool(selection, qtype)
+        .iter()
+        .take(cap)
+        .filter_map(|&at| view.instances.get(at as usize))
+        .collect()
+}
+
 /// Up to `cap` instances picked at random, in random order (a partial Fisher-Yates shuffle, so
-/// the cost is `cap`, not the instance count), from those that can answer a `qtype` question:
-/// the address family asked for, or every instance for SRV and when none has an IP (hostnames).
+/// the cost is `cap`, not the instance count), from those that can answer a `qtype` question
+/// (see [`pool`]).
 pub fn pick<'v, R: Rng + ?Sized>(
     view: &'v ServiceView,
     selection: &Selection,
@@ -91,13 +144,7 @@ pub fn pick<'v, R: Rng + ?Sized>(
     cap: usize,
     rng: &mut R,
 ) -> Vec<&'v Instance> {
-    let pool = match qtype {
-        _ if selection.with_ip.is_empty() => &selection.all,
-        RecordType::A => &selection.v4,
-        RecordType::AAAA => &selection.v6,
-        RecordType::ANY => &selection.with_ip,
-        _ => &selection.all,
-    };
+    let pool = pool(selection, qtype);
     sample_indices(rng, pool.len(), cap)
         .into_iter()
         .filter_map(|i| pool.get(i).and_then(|&at| view.instances.get(at as usize)))
@@ -140,6 +187,8 @@ pub(crate) fn sample_indices<R: Rng + ?Sized>(
     picked
 }
 
+/// The SOA of the domain, as Consul writes it: MNAME `ns.<domain>` (a name that does not
+/// resolve, as in Consul), RNAME `hostmaster.<domain>`, TTL and minimum the negative TTL.
 pub(crate) fn soa_record(ctx: &Ctx<'_>) -> Record {
     let mname = Name::from_ascii("ns")
         .and_then(|n| n.append_domain(ctx.domain))
@@ -147,6 +196,7 @@ pub(crate) fn soa_record(ctx: &Ctx<'_>) -> Record {
     let rname = Name::from_ascii("hostmaster")
         .and_then(|n| n.append_domain(ctx.domain))
         .unwrap_or_else(|_| ctx.domain.clone());
+    let timer = |t: u32| i32::try_from(t).unwrap_or(i32::MAX);
     Record::from_rdata(
         ctx.domain.clone(),
         ctx.negative_ttl,
@@ -154,19 +204,75 @@ pub(crate) fn soa_record(ctx: &Ctx<'_>) -> Record {
             mname,
             rname,
             ctx.serial,
-            SOA_REFRESH,
-            SOA_RETRY,
-            SOA_EXPIRE,
+            timer(ctx.soa.refresh),
+            timer(ctx.soa.retry),
+            timer(ctx.soa.expire),
             ctx.negative_ttl,
         )),
     )
 }
 
-fn ns_record(ctx: &Ctx<'_>) -> Record {
-    let ns = Name::from_ascii("ns")
-        .and_then(|n| n.append_domain(ctx.domain))
-        .unwrap_or_else(|_| ctx.domain.clone());
-    Record::from_rdata(ctx.domain.clone(), ctx.ttl, RData::NS(NS(ns)))
+/// Can Consul write this node name in an NS record? Its DNS interface skips a server whose name
+/// has anything but letters, digits and `-` (`InvalidNameRe`).
+fn ns_name_ok(node: &str) -> bool {
+    (1..=63).contains(&node.len()) && node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The domain's nameservers: up to [`MAX_NAMESERVERS`] of `servers` (the healthy instances of
+/// Consul's own `consul` service, shuffled) as `<node>.node.<dc>.<domain>`, owned by the domain,
+/// with their addresses as glue. TTLs are the node TTL (`ctx.ttl`), as in Consul.
+fn nameservers(servers: &[&Instance], ctx: &Ctx<'_>) -> (Vec<Record>, Vec<Record>) {
+    let mut ns = Vec::new();
+    let mut glue = Vec::new();
+    for server in servers.iter().filter(|s| ns_name_ok(&s.node)) {
+        let Some(target) = name_under(&server.node, "node", ctx) else {
+            continue;
+        };
+        if ns
+            .iter()
+            .any(|r: &Record| r.data == RData::NS(NS(target.clone())))
+        {
+            continue;
+        }
+        // The address Consul's translation gives "any" question (its `getNameserversAndNodeRecord`).
+        if let Some(ip) = server.addrs.ip_for(RecordType::ANY) {
+            glue.push(address_record(&target, ctx.ttl, ip));
+        }
+        ns.push(Record::from_rdata(
+            ctx.domain.clone(),
+            ctx.ttl,
+            RData::NS(NS(target)),
+        ));
+        if ns.len() == MAX_NAMESERVERS {
+            break;
+        }
+    }
+    (ns, glue)
+}
+
+/// An SOA question, for any name in the domain: the SOA, the nameservers in authority and
+/// their addresses in additional.
+pub(crate) fn soa_answer(servers: &[&Instance], ctx: &Ctx<'_>) -> Answer {
+    let (ns, glue) = nameservers(servers, ctx);
+    Answer {
+        authorities: ns,
+        ..answer(vec![soa_record(ctx)], glue)
+    }
+}
+
+/// An NS question, for any name in the domain: the nameservers, with their addresses.
+pub(crate) fn ns_answer(servers: &[&Instance], ctx: &Ctx<'_>) -> Answer {
+    let (ns, glue) = nameservers(servers, ctx);
+    answer(ns, glue)
+}
+
+/// AXFR and IXFR of a Consul domain: not implemented, as Consul answers AXFR (nothing
+/// transfers a zone that is computed per question).
+pub(crate) fn zone_transfer() -> Answer {
+    Answer {
+        authoritative: true,
+        ..Answer::rcode(ResponseCode::NotImp)
+    }
 }
 
 fn answer(answers: Vec<Record>, additionals: Vec<Record>) -> Answer {
@@ -176,7 +282,26 @@ fn answer(answers: Vec<Record>, additionals: Vec<Record>) -> Answer {
         answers,
         authorities: Vec::new(),
         additionals,
+        cut: Cut::default(),
     }
+}
+
+/// Consul's `udp_answer_limit`: a reply to a client limited to 512 bytes keeps the first `max`
+/// answer records (already in random order, or in a prepared query's order) and the additional
+/// records the kept SRV answers still need; the answer says records were left out.
+pub(crate) fn limit_answers(answer: &mut Answer, max: usize) {
+    if max == 0 || answer.answers.len() <= max {
+        return;
+    }
+    answer.answers.truncate(max);
+    let mut needed: HashSet<&Name> = answer.answers.iter().map(|r| &r.name).collect();
+    needed.extend(answer.answers.iter().filter_map(|r| match &r.data {
+        RData::SRV(srv) => Some(&srv.target),
+        _ => None,
+    }));
+    let needed: HashSet<Name> = needed.into_iter().cloned().collect();
+    answer.additionals.retain(|r| needed.contains(&r.name));
+    answer.cut.by_source = true;
 }
 
 /// NXDOMAIN with the SOA in authority.
@@ -196,21 +321,14 @@ fn negative(ctx: &Ctx<'_>, rcode: ResponseCode) -> Answer {
         answers: Vec::new(),
         authorities: vec![soa_record(ctx)],
         additionals: Vec::new(),
+        cut: Cut::default(),
     }
 }
 
-/// SOA and NS are answered for any existing name in the domain, as Consul does.
-fn apex_types(ctx: &Ctx<'_>) -> Option<Answer> {
-    match ctx.qtype {
-        RecordType::SOA => Some(answer(vec![soa_record(ctx)], Vec::new())),
-        RecordType::NS => Some(answer(vec![ns_record(ctx)], Vec::new())),
-        _ => None,
-    }
-}
-
-/// The domain itself.
+/// The domain itself, asked for another type than SOA or NS: NODATA. (Consul answers NXDOMAIN,
+/// which would tell a resolver that follows RFC 8020 that nothing exists below the domain.)
 pub(crate) fn apex_answer(ctx: &Ctx<'_>) -> Answer {
-    apex_types(ctx).unwrap_or_else(|| nodata(ctx))
+    nodata(ctx)
 }
 
 fn address_record(owner: &Name, ttl: u32, ip: IpAddr) -> Record {
@@ -248,9 +366,6 @@ pub fn service_answer(instances: &[&Instance], exists: bool, ctx: &Ctx<'_>) -> P
     if !exists {
         return Plan::Done(nxdomain(ctx));
     }
-    if let Some(a) = apex_types(ctx) {
-        return Plan::Done(a);
-    }
     match ctx.qtype {
         RecordType::A | RecordType::AAAA | RecordType::ANY => addresses(instances, ctx),
         RecordType::SRV => Plan::Done(srv_answer(instances, ctx)),
@@ -265,12 +380,10 @@ fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Plan {
     let mut seen: HashSet<IpAddr, foldhash::fast::RandomState> =
         HashSet::with_capacity_and_hasher(instances.len(), Default::default());
     let mut records = Vec::with_capacity(instances.len());
-    let mut any_ip = false;
     for i in instances {
-        if let Some(Target::Ip(ip)) = &i.target {
-            any_ip = true;
-            if family_matches(ctx.qtype, ip) && seen.insert(*ip) {
-                records.push(address_record(ctx.qname, ctx.ttl, *ip));
+        if let Some(ip) = i.addrs.ip_for(ctx.qtype) {
+            if seen.insert(ip) {
+                records.push(address_record(ctx.qname, ctx.ttl, ip));
             }
         }
     }
@@ -280,62 +393,72 @@ fn addresses(instances: &[&Instance], ctx: &Ctx<'_>) -> Plan {
     if !records.is_empty() {
         return Plan::Done(answer(records, Vec::new()));
     }
-    if !any_ip {
-        // Only hostname instances: a CNAME to one (a name may carry one CNAME only), followed by
-        // its addresses. Instances with IPs win over hostnames, as in Consul.
-        if let Some(host) = instances.iter().find_map(|i| match &i.target {
-            Some(Target::Host(h)) => Name::from_ascii(format!("{h}.")).ok(),
-            _ => None,
-        }) {
-            let cname = Record::from_rdata(
-                ctx.qname.clone(),
-                ctx.ttl,
-                RData::CNAME(CNAME(host.clone())),
-            );
-            return Plan::Cname {
-                answer: answer(vec![cname], Vec::new()),
-                target: host,
-            };
-        }
+    // No address for this question: a CNAME to an instance's hostname (a name may carry one
+    // CNAME only), followed by its addresses. Addresses win over hostnames, as in Consul.
+    match instances
+        .iter()
+        .find_map(|i| i.addrs.host_for(ctx.qtype))
+        .and_then(|h| Name::from_ascii(format!("{h}.")).ok())
+    {
+        Some(host) => cname_plan(host, ctx),
+        None => Plan::Done(nodata(ctx)),
     }
-    Plan::Done(nodata(ctx))
 }
 
-/// `<label>.<kind>.<dc>.<domain>`.
+/// A CNAME to `host`, whose addresses the caller appends.
+fn cname_plan(host: Name, ctx: &Ctx<'_>) -> Plan {
+    let cname = Record::from_rdata(
+        ctx.qname.clone(),
+        ctx.ttl,
+        RData::CNAME(CNAME(host.clone())),
+    );
+    Plan::Cname {
+        answer: answer(vec![cname], Vec::new()),
+        target: host,
+    }
+}
+
+/// An SRV target under the domain: `<label>.<kind>.<dc>.<domain>`; for a peer
+/// `<node>.node.<peer>.peer.<domain>` and `<hex>.addr.<domain>` (Consul's spelling, the
+/// datacenter of a peer's node means nothing here); in a partition
+/// `<node>.node.<partition>.ap.<dc>.dc.<domain>`.
 fn name_under(label: &str, kind: &str, ctx: &Ctx<'_>) -> Option<Name> {
-    Name::from_ascii(format!("{label}.{kind}.{}", ctx.dc))
-        .ok()?
-        .append_domain(ctx.domain)
-        .ok()
+    let text = match (ctx.peer, ctx.partition, kind) {
+        (Some(_), _, "addr") => format!("{label}.addr"),
+        (Some(peer), _, _) => format!("{label}.{kind}.{peer}.peer"),
+        (None, Some(ap), "node") => format!("{label}.node.{ap}.ap.{}.dc", ctx.dc),
+        _ => format!("{label}.{kind}.{}", ctx.dc),
+    };
+    Name::from_ascii(text).ok()?.append_domain(ctx.domain).ok()
 }
 
 /// SRV: one record per (node, address, port), priority 1, weight by the instance's worst check;
-/// the target is `<node>.node.<dc>.<domain>` (no own address), `<hex>.addr.<dc>.<domain>` (own
-/// IP) or the hostname. Addresses of the targets go in the additional section; every target
-/// name also resolves on its own (nginx asks for each).
+/// the target is `<node>.node.<dc>.<domain>` (the node's own address),
+/// `<hex>.addr.<dc>.<domain>` (the service's address, or a tagged or WAN one) or the hostname,
+/// with the address ANY gets (Consul's "any" translation: the IPv6 tag first). Addresses of the
+/// targets go in the additional section; every target name also resolves on its own (nginx
+/// asks for each). With `node_meta_txt`, each node's meta follows as TXT records owned by
+/// `<node>.node.<dc>.<domain>` (whatever the target), as in Consul.
 fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
     let mut seen = HashSet::new();
     let mut answers = Vec::new();
     let mut additionals = Vec::new();
     let mut extra_seen = HashSet::new();
+    let mut meta_seen = HashSet::new();
     for i in instances {
-        if !seen.insert((i.node.as_str(), i.target.clone(), i.port)) {
+        let ip = i.addrs.ip_for(RecordType::SRV);
+        let host = i.addrs.host_for(RecordType::SRV);
+        if !seen.insert((i.node.as_str(), ip, host, i.port)) {
             continue;
         }
-        let (target, extra_ip) = match (&i.target, i.own_address) {
-            (Some(Target::Ip(ip)), true) => {
-                (name_under(&encode_hex_ip(*ip), "addr", ctx), Some(*ip))
-            }
-            (Some(Target::Host(h)), true) => (Name::from_ascii(format!("{h}.")).ok(), None),
-            (target, _) => (
-                name_under(&i.node, "node", ctx),
-                match target {
-                    Some(Target::Ip(ip)) => Some(*ip),
-                    _ => None,
-                },
-            ),
+        let target = match (ip, host) {
+            (Some(_), _) if i.addrs.srv_by_node() => name_under(&i.node, "node", ctx),
+            (Some(ip), _) => name_under(&encode_hex_ip(ip), "addr", ctx),
+            (None, Some(h)) => Name::from_ascii(format!("{h}.")).ok(),
+            (None, None) => None,
         };
         let Some(target) = target else { continue };
+        let extra_ip = ip;
         answers.push(Record::from_rdata(
             ctx.qname.clone(),
             ctx.ttl,
@@ -346,21 +469,24 @@ fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
                 additionals.push(address_record(&target, ctx.ttl, ip));
             }
         }
+        if ctx.node_meta_txt && !i.node_meta.is_empty() && meta_seen.insert(i.node.as_str()) {
+            if let Some(owner) = name_under(&i.node, "node", ctx) {
+                additionals.extend(meta_txt(&i.node_meta, &owner, ctx.ttl));
+            }
+        }
     }
     answer(answers, additionals)
 }
 
-/// A node: its address (A/AAAA/ANY) with its meta as TXT in additional, or its meta as TXT.
+/// A node: its address (A/AAAA/ANY) with its meta as TXT (in the additional section for A and
+/// AAAA when `node_meta_txt`, in the answer for ANY), or its meta as TXT.
 pub(crate) fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
     let Some(node) = node else {
         return Plan::Done(nxdomain(ctx));
     };
-    if let Some(a) = apex_types(ctx) {
-        return Plan::Done(a);
-    }
-    let meta = || meta_txt(node, ctx);
-    match (ctx.qtype, &node.target) {
-        (RecordType::TXT, _) => {
+    let meta = || meta_txt(&node.meta, ctx.qname, ctx.ttl);
+    match ctx.qtype {
+        RecordType::TXT => {
             let txt = meta();
             Plan::Done(if txt.is_empty() {
                 nodata(ctx)
@@ -368,86 +494,134 @@ pub(crate) fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
                 answer(txt, Vec::new())
             })
         }
-        (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Ip(ip)))
-            if family_matches(ctx.qtype, ip) =>
-        {
-            Plan::Done(answer(
-                vec![address_record(ctx.qname, ctx.ttl, *ip)],
-                meta(),
-            ))
-        }
-        (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(Target::Host(h))) => {
-            match Name::from_ascii(format!("{h}.")) {
-                Ok(host) => Plan::Cname {
-                    answer: answer(
-                        vec![Record::from_rdata(
-                            ctx.qname.clone(),
-                            ctx.ttl,
-                            RData::CNAME(CNAME(host.clone())),
-                        )],
-                        Vec::new(),
-                    ),
-                    target: host,
-                },
-                Err(_) => Plan::Done(nodata(ctx)),
+        RecordType::A | RecordType::AAAA | RecordType::ANY => {
+            if let Some(ip) = node.addrs.ip_for(ctx.qtype) {
+                let record = address_record(ctx.qname, ctx.ttl, ip);
+                // ANY answers the meta too; A and AAAA carry it beside, when enabled.
+                return Plan::Done(if ctx.qtype == RecordType::ANY {
+                    let mut records = vec![record];
+                    records.extend(meta());
+                    answer(records, Vec::new())
+                } else if ctx.node_meta_txt {
+                    answer(vec![record], meta())
+                } else {
+                    answer(vec![record], Vec::new())
+                });
+            }
+            match node
+                .addrs
+                .host_for(ctx.qtype)
+                .and_then(|h| Name::from_ascii(format!("{h}.")).ok())
+            {
+                Some(host) => cname_plan(host, ctx),
+                None => Plan::Done(nodata(ctx)),
             }
         }
         _ => Plan::Done(nodata(ctx)),
     }
 }
 
-/// Node meta as TXT, RFC 1464 `key=value` (keys starting `rfc1035-` give the value alone).
-fn meta_txt(node: &NodeView, ctx: &Ctx<'_>) -> Vec<Record> {
-    node.meta
-        .iter()
+/// Node meta as TXT records owned by `owner`, one per entry, as Consul writes them (its
+/// `makeTXTRecordFromNodeMeta`).
+fn meta_txt(meta: &BTreeMap<String, String>, owner: &Name, ttl: u32) -> Vec<Record> {
+    meta.iter()
         .map(|(k, v)| {
-            let text = match k.strip_prefix("rfc1035-") {
-                Some(_) => v.clone(),
-                None => format!("{}={v}", k.replace('`', "``").replace('=', "`=")),
-            };
-            Record::from_rdata(ctx.qname.clone(), ctx.ttl, RData::TXT(TXT::new(vec![text])))
+            Record::from_rdata(
+                owner.clone(),
+                ttl,
+                RData::TXT(TXT::new(vec![meta_text(k, v)])),
+            )
         })
         .collect()
 }
 
-/// `<hex>.addr`: the address itself, computed locally.
-pub(crate) fn addr_answer(ip: IpAddr, ctx: &Ctx<'_>) -> Answer {
-    if let Some(a) = apex_types(ctx) {
-        return a;
+/// `<service>.virtual`: the virtual IP Consul gave the service, as an A record with the node
+/// TTL (as Consul). No virtual IP (an unknown service, virtual IPs off): NOERROR without
+/// records. Consul puts the A record in the answer whatever the question's type; here only
+/// A and ANY questions get it, other types get NODATA, so a client never reads an A record
+/// as the answer to another question.
+pub(crate) fn virtual_answer(ip: Option<IpAddr>, ctx: &Ctx<'_>) -> Answer {
+    match ip {
+        Some(ip) if matches!(ctx.qtype, RecordType::A | RecordType::ANY) => {
+            answer(vec![address_record(ctx.qname, ctx.ttl, ip)], Vec::new())
+        }
+        _ => nodata(ctx),
     }
+}
+
+/// One meta entry as TXT text: a key starting `rfc1035-` (in any case) gives the value alone;
+/// any other is `key=value` in RFC 1464's form, backticks doubled and `=` in the key quoted.
+/// (Consul also quotes a key's leading and trailing spaces, but it accepts only
+/// `[A-Za-z0-9_-]` in meta keys, so none has any.)
+pub(crate) fn meta_text(key: &str, value: &str) -> String {
+    if key
+        .get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("rfc1035-"))
+    {
+        return value.to_owned();
+    }
+    format!(
+        "{}={}",
+        key.replace('`', "``").replace('=', "`="),
+        value.replace('`', "``")
+    )
+}
+
+/// `<hex>.addr`: the address itself, computed locally. Asked with another type than its own
+/// (or ANY), the record goes in the additional section of an otherwise empty NOERROR reply,
+/// as Consul answers.
+pub(crate) fn addr_answer(ip: IpAddr, ctx: &Ctx<'_>) -> Answer {
+    let record = address_record(ctx.qname, ctx.ttl, ip);
     if family_matches(ctx.qtype, &ip) {
-        answer(vec![address_record(ctx.qname, ctx.ttl, ip)], Vec::new())
+        answer(vec![record], Vec::new())
     } else {
-        nodata(ctx)
+        answer(Vec::new(), vec![record])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consul::addrs::{Addrs, AnyAddr, Origin};
     use crate::consul::catalog::{service_id_key, Status};
     use std::str::FromStr;
 
+    /// An instance reached at `addr` (an IP or a hostname) for every question; `own`: the
+    /// service's address rather than its node's.
     fn inst(node: &str, addr: &str, own: bool, port: u16, status: Status) -> Instance {
-        let target = if addr.is_empty() {
-            None
-        } else {
-            Some(match addr.parse::<IpAddr>() {
-                Ok(ip) => Target::Ip(ip),
-                Err(_) => Target::Host(addr.into()),
-            })
+        let addrs = match addr.parse::<IpAddr>() {
+            Ok(ip) => Addrs::ip(ip, !own),
+            Err(_) if addr.is_empty() => Addrs::default(),
+            Err(_) => Addrs {
+                host: Some(addr.into()),
+                any: AnyAddr::Host,
+                ..Addrs::default()
+            },
         };
         Instance {
             node: node.into(),
             service_id: service_id_key(node),
-            target,
-            own_address: own,
+            addrs,
             port,
             tags: vec!["v1".into()].into(),
             status,
             weight_passing: 10,
             weight_warning: 1,
+            node_meta: Default::default(),
         }
+    }
+
+    fn with_meta(mut i: Instance, meta: &[(&str, &str)]) -> Instance {
+        i.node_meta = Arc::new(
+            meta.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        i
+    }
+
+    fn names(records: &[Record]) -> Vec<String> {
+        records.iter().map(|r| r.name.to_ascii()).collect()
     }
 
     fn with<R>(qtype: RecordType, f: impl FnOnce(&Ctx<'_>) -> R) -> R {
@@ -462,6 +636,10 @@ mod tests {
             negative_ttl: 7,
             a_record_limit: 0,
             serial: 1,
+            peer: None,
+            partition: None,
+            soa: SoaTimers::default(),
+            node_meta_txt: true,
         })
     }
 
@@ -610,6 +788,152 @@ mod tests {
         );
     }
 
+    /// The SRV targets of `instances` when the answer is about a peer or a partition.
+    fn srv_targets(
+        instances: &[&Instance],
+        peer: Option<&str>,
+        partition: Option<&str>,
+    ) -> Vec<String> {
+        let r = with(RecordType::SRV, |ctx| {
+            let ctx = Ctx {
+                peer,
+                partition,
+                ..ctx.clone()
+            };
+            done(service_answer(instances, true, &ctx))
+        });
+        r.answers
+            .iter()
+            .map(|rec| match &rec.data {
+                RData::SRV(s) => s.target.to_ascii(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// An instance on a dual-stack node (address 10.0.0.1, `lan_ipv6` fd00::1).
+    fn dual_stack(node: &str) -> Instance {
+        Instance {
+            addrs: Addrs {
+                v6: Some("fd00::1".parse().expect("ip")),
+                any: AnyAddr::V6,
+                origin: Origin::Other,
+                ..Addrs::ip("10.0.0.1".parse().expect("ip"), true)
+            },
+            ..inst(node, "", false, 80, Status::Passing)
+        }
+    }
+
+    fn rdata(records: &[Record]) -> Vec<(String, String)> {
+        records
+            .iter()
+            .map(|r| (r.name.to_ascii(), r.data.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn srv_targets_of_peers_and_partitions() {
+        let node_addr = inst("n1", "10.0.0.1", false, 80, Status::Passing);
+        let own_ip = inst("n2", "127.0.0.2", true, 81, Status::Passing);
+        // Consul's spelling for a peer: the peer names the node, an address has no datacenter.
+        assert_eq!(
+            srv_targets(&[&node_addr, &own_ip], Some("p1"), None),
+            vec!["n1.node.p1.peer.consul.", "7f000002.addr.consul."]
+        );
+        // A partition names its node (resolving the target finds that partition's node).
+        assert_eq!(
+            srv_targets(&[&node_addr, &own_ip], None, Some("ap1")),
+            vec!["n1.node.ap1.ap.dc1.dc.consul.", "7f000002.addr.dc1.consul."]
+        );
+    }
+
+    #[test]
+    fn virtual_ip_answers_a_and_any_with_the_node_ttl() {
+        let vip: IpAddr = "240.0.0.7".parse().expect("ip");
+        let r = with(RecordType::A, |ctx| virtual_answer(Some(vip), ctx));
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(
+            r.answers[0].data,
+            RData::A(A("240.0.0.7".parse().expect("v4")))
+        );
+        assert_eq!(r.answers[0].ttl, 5);
+        let r = with(RecordType::ANY, |ctx| virtual_answer(Some(vip), ctx));
+        assert_eq!(r.answers.len(), 1);
+        // Other types, and no virtual IP: NOERROR without records (NODATA, with the SOA).
+        for (qtype, ip) in [
+            (RecordType::AAAA, Some(vip)),
+            (RecordType::SRV, Some(vip)),
+            (RecordType::A, None),
+        ] {
+            let r = with(qtype, |ctx| virtual_answer(ip, ctx));
+            assert_eq!(r.rcode, ResponseCode::NoError, "{qtype}");
+            assert!(r.answers.is_empty(), "{qtype}");
+            assert!(matches!(r.authorities[0].data, RData::SOA(_)), "{qtype}");
+        }
+    }
+
+    #[test]
+    fn each_question_gets_its_own_address() {
+        let d = dual_stack("n1");
+        let owner = "web.service.consul.".to_string();
+        for (qtype, want) in [
+            (RecordType::A, "10.0.0.1"),
+            (RecordType::AAAA, "fd00::1"),
+            // ANY gets one address per instance, the IPv6 tag first (Consul's "any").
+            (RecordType::ANY, "fd00::1"),
+        ] {
+            let r = with(qtype, |ctx| done(service_answer(&[&d], true, ctx)));
+            assert_eq!(rdata(&r.answers), vec![(owner.clone(), want.to_string())]);
+        }
+        // SRV: the IPv6 address is not the node's own, so the target is its `.addr` name.
+        let r = with(RecordType::SRV, |ctx| {
+            done(service_answer(&[&d], true, ctx))
+        });
+        let target = "fd000000000000000000000000000001.addr.dc1.consul.";
+        assert_eq!(
+            rdata(&r.answers),
+            vec![(owner, format!("1 10 80 {target}"))]
+        );
+        assert_eq!(
+            rdata(&r.additionals),
+            vec![(target.to_string(), "fd00::1".to_string())]
+        );
+        let r = with(RecordType::AAAA, |ctx| {
+            done(node_answer(
+                Some(&NodeView {
+                    name: "n1".into(),
+                    addrs: d.addrs.clone(),
+                    meta: Default::default(),
+                }),
+                ctx,
+            ))
+        });
+        assert_eq!(rdata(&r.answers)[0].1, "fd00::1");
+    }
+
+    #[test]
+    fn hostnames_answer_questions_no_instance_has_an_address_for() {
+        let v4 = inst("a", "10.0.0.1", false, 80, Status::Passing);
+        let host = inst("h", "db.example.com", true, 80, Status::Passing);
+        let v = view(vec![v4, host]);
+        let sel = select(&v, None, false, WhenNoneHealthy::Nxdomain);
+        let mut rng = rand::rng();
+        // A: the address; AAAA: nobody has one, so the hostname instance's CNAME.
+        let a = pick(&v, &sel, RecordType::A, 10, &mut rng);
+        assert_eq!(a.len(), 1);
+        let six = pick(&v, &sel, RecordType::AAAA, 10, &mut rng);
+        assert_eq!(six.iter().map(|i| &*i.node).collect::<Vec<_>>(), ["h"]);
+        match with(RecordType::AAAA, |ctx| service_answer(&six, true, ctx)) {
+            Plan::Cname { target, .. } => assert_eq!(target.to_ascii(), "db.example.com."),
+            other => panic!("expected a CNAME, got {other:?}"),
+        }
+        // An IPv4-only service asked AAAA without hostnames: nothing to pick, NODATA.
+        let v = view(vec![inst("a", "10.0.0.1", false, 80, Status::Passing)]);
+        let sel = select(&v, None, false, WhenNoneHealthy::Nxdomain);
+        assert!(pick(&v, &sel, RecordType::AAAA, 10, &mut rng).is_empty());
+    }
+
     #[test]
     fn nodes_and_addrs() {
         let mut meta = std::collections::BTreeMap::new();
@@ -617,7 +941,7 @@ mod tests {
         meta.insert("rfc1035-x".to_string(), "raw".to_string());
         let node = NodeView {
             name: "n1".into(),
-            target: Some(Target::Ip("10.0.0.1".parse().expect("ip"))),
+            addrs: Addrs::ip("10.0.0.1".parse().expect("ip"), true),
             meta,
         };
         let r = with(RecordType::A, |ctx| done(node_answer(Some(&node), ctx)));
@@ -635,11 +959,211 @@ mod tests {
         );
         let r = with(RecordType::A, |ctx| done(node_answer(None, ctx)));
         assert_eq!(r.rcode, ResponseCode::NXDomain);
-        let r = with(RecordType::AAAA, |ctx| {
-            addr_answer("10.0.0.1".parse().expect("ip"), ctx)
+        // ANY: the meta is part of the answer, as in Consul.
+        let r = with(RecordType::ANY, |ctx| done(node_answer(Some(&node), ctx)));
+        assert_eq!((r.answers.len(), r.additionals.len()), (3, 0));
+        // Without enable_additional_node_meta_txt, A gets no TXT; TXT still answers.
+        let quiet = |qtype| {
+            with(qtype, |ctx| {
+                let ctx = Ctx {
+                    node_meta_txt: false,
+                    ..ctx.clone()
+                };
+                done(node_answer(Some(&node), &ctx))
+            })
+        };
+        let r = quiet(RecordType::A);
+        assert_eq!((r.answers.len(), r.additionals.len()), (1, 0));
+        assert_eq!(quiet(RecordType::TXT).answers.len(), 2);
+    }
+
+    #[test]
+    fn addr_asked_another_type_answers_in_additional() {
+        let v4: IpAddr = "10.0.0.1".parse().expect("ip");
+        for qtype in [RecordType::AAAA, RecordType::TXT, RecordType::SRV] {
+            let r = with(qtype, |ctx| addr_answer(v4, ctx));
+            assert_eq!(r.rcode, ResponseCode::NoError, "{qtype}");
+            assert!(r.answers.is_empty() && r.authorities.is_empty(), "{r:?}");
+            assert_eq!(r.additionals.len(), 1);
+            assert_eq!(
+                r.additionals[0].data,
+                RData::A(A(std::net::Ipv4Addr::new(10, 0, 0, 1)))
+            );
+            assert_eq!(r.additionals[0].ttl, 5, "the node TTL");
+        }
+        let r = with(RecordType::ANY, |ctx| addr_answer(v4, ctx));
+        assert_eq!((r.answers.len(), r.additionals.len()), (1, 0));
+        let v6: IpAddr = "2001:db8::1".parse().expect("ip");
+        let r = with(RecordType::A, |ctx| addr_answer(v6, ctx));
+        assert!(r.answers.is_empty());
+        assert!(matches!(r.additionals[0].data, RData::AAAA(_)));
+    }
+
+    #[test]
+    fn meta_text_as_consul_writes_it() {
+        assert_eq!(
+            meta_text("instance_type", "t2.medium"),
+            "instance_type=t2.medium"
+        );
+        assert_eq!(meta_text("rfc1035-x", "raw"), "raw");
+        assert_eq!(meta_text("RFC1035-Spf", "v=spf1 -all"), "v=spf1 -all");
+        assert_eq!(meta_text("rfc1035", "v"), "rfc1035=v");
+        assert_eq!(meta_text("a=b", "c`d"), "a`=b=c``d");
+    }
+
+    #[test]
+    fn srv_carries_each_nodes_meta_once_owned_by_the_node_name() {
+        let meta = [("consul-network-segment", ""), ("rack", "r1")];
+        let a = with_meta(inst("n1", "10.0.0.1", false, 80, Status::Passing), &meta);
+        let b = with_meta(inst("n1", "10.0.0.1", false, 81, Status::Passing), &meta);
+        let own = with_meta(inst("n2", "127.0.0.2", true, 80, Status::Passing), &meta);
+        let plain = inst("n3", "10.0.0.3", false, 80, Status::Passing);
+        let all = [&a, &b, &own, &plain];
+        let r = with(RecordType::SRV, |ctx| done(service_answer(&all, true, ctx)));
+        assert_eq!(r.answers.len(), 4);
+        let txt: Vec<(String, String)> = r
+            .additionals
+            .iter()
+            .filter(|r| r.record_type() == RecordType::TXT)
+            .map(|r| (r.name.to_ascii(), r.data.to_string()))
+            .collect();
+        assert_eq!(
+            txt,
+            [
+                (
+                    "n1.node.dc1.consul.".into(),
+                    "consul-network-segment=".into()
+                ),
+                ("n1.node.dc1.consul.".into(), "rack=r1".into()),
+                (
+                    "n2.node.dc1.consul.".into(),
+                    "consul-network-segment=".into()
+                ),
+                ("n2.node.dc1.consul.".into(), "rack=r1".into()),
+            ]
+        );
+        assert!(r.additionals.iter().all(|r| r.ttl == 5), "the service TTL");
+        let r = with(RecordType::SRV, |ctx| {
+            let ctx = Ctx {
+                node_meta_txt: false,
+                ..ctx.clone()
+            };
+            done(service_answer(&all, true, &ctx))
         });
+        assert!(r
+            .additionals
+            .iter()
+            .all(|r| r.record_type() != RecordType::TXT));
+    }
+
+    #[test]
+    fn nameservers_are_up_to_three_servers_with_glue() {
+        let servers = [
+            inst("srv-1", "10.0.0.1", false, 8300, Status::Passing),
+            inst("bad_name", "10.0.0.9", false, 8300, Status::Passing),
+            inst("srv-2", "2001:db8::2", false, 8300, Status::Passing),
+            inst("srv-3", "10.0.0.3", false, 8300, Status::Passing),
+            inst("srv-4", "10.0.0.4", false, 8300, Status::Passing),
+        ];
+        let refs: Vec<&Instance> = servers.iter().collect();
+        let r = with(RecordType::NS, |ctx| ns_answer(&refs, ctx));
+        assert!(r.authoritative);
+        assert_eq!(names(&r.answers), ["consul.", "consul.", "consul."]);
+        let targets: Vec<String> = r
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::NS(ns) => ns.0.to_ascii(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                "srv-1.node.dc1.consul.",
+                "srv-2.node.dc1.consul.",
+                "srv-3.node.dc1.consul."
+            ],
+            "a name Consul cannot write is skipped"
+        );
+        assert_eq!(names(&r.additionals), targets);
+        assert!(matches!(r.additionals[1].data, RData::AAAA(_)));
+        assert!(r.answers.iter().chain(&r.additionals).all(|r| r.ttl == 5));
+
+        let r = with(RecordType::SOA, |ctx| soa_answer(&refs[..1], ctx));
+        assert_eq!(names(&r.answers), ["consul."]);
+        match &r.answers[0].data {
+            RData::SOA(soa) => {
+                assert_eq!(
+                    (soa.refresh, soa.retry, soa.expire, soa.minimum),
+                    (3600, 600, 86_400, 7)
+                );
+                assert_eq!(soa.rname.to_ascii(), "hostmaster.consul.");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.answers[0].ttl, 7, "the SOA's TTL is its minimum");
+        assert_eq!(names(&r.authorities), ["consul."]);
+        assert_eq!(names(&r.additionals), ["srv-1.node.dc1.consul."]);
+        let r = with(RecordType::NS, |ctx| ns_answer(&[], ctx));
         assert_eq!(r.rcode, ResponseCode::NoError);
         assert!(r.answers.is_empty());
+    }
+
+    #[test]
+    fn udp_answer_limit_keeps_the_first_answers_and_what_they_need() {
+        let mut r = with(RecordType::SRV, |ctx| {
+            let i: Vec<Instance> = (1..=5)
+                .map(|n| {
+                    inst(
+                        &format!("n{n}"),
+                        &format!("10.0.0.{n}"),
+                        false,
+                        80,
+                        Status::Passing,
+                    )
+                })
+                .collect();
+            let refs: Vec<&Instance> = i.iter().collect();
+            done(service_answer(&refs, true, ctx))
+        });
+        limit_answers(&mut r, 3);
+        assert_eq!(r.answers.len(), 3);
+        assert_eq!(
+            names(&r.additionals),
+            [
+                "n1.node.dc1.consul.",
+                "n2.node.dc1.consul.",
+                "n3.node.dc1.consul."
+            ]
+        );
+        assert!(r.cut.by_source);
+        let mut small = r.clone();
+        small.cut = Cut::default();
+        limit_answers(&mut small, 3);
+        assert!(!small.cut.by_source, "nothing left out, nothing to say");
+        limit_answers(&mut small, 0);
+        assert_eq!(small.answers.len(), 3, "0 = no limit");
+    }
+
+    #[test]
+    fn a_prepared_query_keeps_consuls_filter_and_order() {
+        let v = view(vec![
+            inst("c", "10.0.0.3", false, 80, Status::Critical),
+            inst("a", "10.0.0.1", false, 80, Status::Passing),
+            inst("b", "10.0.0.2", false, 80, Status::Warning),
+        ]);
+        let sel = select_all(&v);
+        assert_eq!(
+            sel.all.len(),
+            3,
+            "an ignored critical check is Consul's business"
+        );
+        let nodes: Vec<&str> = first(&v, &sel, RecordType::A, 2)
+            .iter()
+            .map(|i| i.node.as_str())
+            .collect();
+        assert_eq!(nodes, ["c", "a"]);
     }
 
     #[test]
@@ -668,7 +1192,7 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(a
             .iter()
-            .all(|i| matches!(i.target, Some(Target::Ip(ip)) if ip.is_ipv4())));
+            .all(|i| i.addrs.v4.is_some() && i.addrs.v6.is_none()));
         let distinct: std::collections::HashSet<&str> = a.iter().map(|i| i.node.as_str()).collect();
         assert_eq!(distinct.len(), 32, "no instance twice");
         let again = pick(&v, &sel, RecordType::A, cap, &mut rng);
@@ -680,7 +1204,7 @@ mod tests {
         let six = pick(&v, &sel, RecordType::AAAA, 10, &mut rng);
         assert!(six
             .iter()
-            .all(|i| matches!(i.target, Some(Target::Ip(ip)) if ip.is_ipv6())));
+            .all(|i| i.addrs.v6.is_some() && i.addrs.v4.is_none()));
         assert!(
             Arc::ptr_eq(&sel, &select(&v, None, false, WhenNoneHealthy::Nxdomain)),
             "computed once per view"

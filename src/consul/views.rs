@@ -1,4 +1,4 @@
-//! The table of watched service views: one entry per asked (service, datacenter) with its
+//! The table of watched service views: one entry per asked view ([`ViewKey`]) with its
 //! current view, what the watcher and the feeds need to coordinate, and its
 //! `consul_healthy_instances` series (bounded).
 
@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::catalog::ServiceView;
+use super::name::ViewKey;
 use crate::lock::lock;
 use crate::metrics::Metrics;
 
@@ -118,8 +119,8 @@ impl Watch {
     }
 }
 
-/// Watchers by (service, datacenter); `None` is the local datacenter.
-pub(super) type WatchMap = Arc<Mutex<HashMap<(String, Option<String>), Arc<Watch>>>>;
+/// Watchers by view: service, datacenter (`None`: the local one), kind and tenancy.
+pub(super) type WatchMap = Arc<Mutex<HashMap<ViewKey, Arc<Watch>>>>;
 
 #[cfg(test)]
 pub(super) mod tests {

@@ -1,16 +1,19 @@
 //! The watcher of one service view: a loop of blocking queries on `/v1/health/service/<name>`
+//! (or `/connect/`, `/ingress/`, with the view's `dc`, `peer`, `ns`, `partition`)
 //! (Consul's rules: index resets, a token bucket, backoff with jitter), or refreshes on demand
 //! when no blocking slot of the connection budget is free. Each result replaces the view whole.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use super::addrs::WanTranslation;
 use super::catalog::{HealthEntry, ServiceView};
 use super::client::{next_index, ClientError, ConsulClient};
+use super::name::ViewKey;
 use super::outage::OutageLog;
 use super::retry::{backoff, BACKOFF_CAP};
 use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
@@ -59,10 +62,13 @@ pub(super) struct WatcherContext {
     pub(super) metrics: Arc<Metrics>,
     pub(super) series: Arc<ServiceSeries>,
     pub(super) shutdown: CancellationToken,
+    /// The agent's datacenter, once known: views of other ones get WAN addresses with
+    /// `consul.translate_wan_addrs`.
+    pub(super) datacenter: Arc<Mutex<Option<String>>>,
 }
 
 pub(super) struct Watcher {
-    pub(super) key: (String, Option<String>),
+    pub(super) key: ViewKey,
     pub(super) watch: Arc<Watch>,
     pub(super) cx: Arc<WatcherContext>,
     pub(super) failovers: watch::Receiver<u64>,
@@ -78,23 +84,24 @@ enum Turn {
     Ask(Option<OwnedSemaphorePermit>),
 }
 
-/// The view `entries` make, installed in `watch` unless it holds the same data already; the
-/// per-service series and the change counter follow.
+/// The view `entries` make (addresses translated by `wan`), installed in `watch` unless it holds
+/// the same data already; the per-service series and the change counter follow.
 pub(super) fn install_entries(
     watch: &Watch,
-    key: &(String, Option<String>),
+    key: &ViewKey,
     entries: &[HealthEntry],
     series: &ServiceSeries,
     metrics: &Metrics,
     only_passing: bool,
+    wan: WanTranslation<'_>,
 ) {
     let dc = entries
         .first()
         .map(|e| e.node.datacenter.to_ascii_lowercase())
         .filter(|d| !d.is_empty())
-        .or_else(|| key.1.clone())
+        .or_else(|| key.dc.clone())
         .unwrap_or_default();
-    let view = ServiceView::from_entries(entries, &dc);
+    let view = ServiceView::from_entries_translated(entries, &dc, wan);
     let (changed, was_ready) = match &*watch.state.borrow() {
         ViewState::Ready(old) => (!old.same_data(&view), true),
         _ => (true, false),
@@ -103,8 +110,8 @@ pub(super) fn install_entries(
         return;
     }
     series.set(
-        &key.0,
-        key.1.is_none(),
+        &key.service,
+        key.is_plain_local(),
         watch,
         view.healthy_count(only_passing),
     );
@@ -116,14 +123,11 @@ pub(super) fn install_entries(
 
 impl Watcher {
     pub(super) async fn run(mut self) {
-        let segments = ["v1", "health", "service", self.key.0.as_str()];
+        let (endpoint, segments) = self.key.endpoint();
+        let params = self.key.params();
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         let mut bucket = TokenBucket::full(WATCH_RATE, Instant::now());
-        let mut params = Vec::new();
-        if let Some(dc) = &self.key.1 {
-            params.push(("dc", dc.clone()));
-        }
         loop {
             if lock(&self.watch.last_asked).elapsed() > self.cx.settings.watch_idle {
                 break;
@@ -142,12 +146,11 @@ impl Watcher {
             let blocking = slot.as_ref().map(|_| (index, self.cx.settings.watch_wait));
             // Boxed: the request's state machine is most of a watcher's size, and only the
             // watchers with a request in flight need it.
-            let request = Box::pin(self.cx.client.get::<Vec<HealthEntry>>(
-                "health_service",
-                &segments,
-                &params,
-                blocking,
-            ));
+            let request = Box::pin(
+                self.cx
+                    .client
+                    .get::<Vec<HealthEntry>>(endpoint, &segments, &params, blocking),
+            );
             self.failovers.borrow_and_update();
             let result = tokio::select! {
                 _ = self.cx.shutdown.cancelled() => break,
@@ -164,6 +167,7 @@ impl Watcher {
                     self.cx.outage.ok();
                     failures = 0;
                     *lock(&self.watch.last_confirmed) = Some(Instant::now());
+                    let local_dc = lock(&self.cx.datacenter).clone();
                     install_entries(
                         &self.watch,
                         &self.key,
@@ -171,6 +175,10 @@ impl Watcher {
                         &self.cx.series,
                         &self.cx.metrics,
                         self.cx.settings.only_passing,
+                        WanTranslation {
+                            enabled: self.cx.settings.config.translate_wan_addrs,
+                            local_dc: local_dc.as_deref(),
+                        },
                     );
                     index = next_index(index, r.index);
                     continue;
@@ -260,7 +268,7 @@ impl Watcher {
         {
             watches.remove(&self.key);
             self.cx.metrics.consul_watchers.dec();
-            self.cx.series.remove(&self.key.0, &self.watch);
+            self.cx.series.remove(&self.key.service, &self.watch);
         }
     }
 }
@@ -279,7 +287,7 @@ mod tests {
             created: AtomicUsize::new(0),
         };
         let w = Watch::new();
-        let key = ("web".to_owned(), None);
+        let key = ViewKey::new("web".into(), None, Default::default(), Default::default());
         let entries = |status: &str| -> Vec<HealthEntry> {
             serde_json::from_str(&format!(
                 r#"[{{"Node": {{"Node": "n1", "Address": "10.0.0.1", "Datacenter": "DC1"}},
@@ -288,7 +296,18 @@ mod tests {
             ))
             .expect("entries")
         };
-        install_entries(&w, &key, &entries("passing"), &series, &metrics, false);
+        let install = |entries: &[HealthEntry]| {
+            install_entries(
+                &w,
+                &key,
+                entries,
+                &series,
+                &metrics,
+                false,
+                Default::default(),
+            )
+        };
+        install(&entries("passing"));
         let first = match &*w.state.borrow() {
             ViewState::Ready(v) => v.clone(),
             other => panic!("{other:?}"),
@@ -300,10 +319,10 @@ mod tests {
             "the first view is no change"
         );
         // The same data again: the view (and its Arc) stays.
-        install_entries(&w, &key, &entries("passing"), &series, &metrics, false);
+        install(&entries("passing"));
         assert!(matches!(&*w.state.borrow(), ViewState::Ready(v) if Arc::ptr_eq(v, &first)));
         // A health change: replaced, counted, and the series follows.
-        install_entries(&w, &key, &entries("critical"), &series, &metrics, false);
+        install(&entries("critical"));
         assert_eq!(metrics.consul_health_changes.get(), 1);
         assert_eq!(
             metrics

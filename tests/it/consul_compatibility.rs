@@ -26,20 +26,9 @@ const ACCEPTED_MODE_DIFFERENCES: &[(&str, &str)] = &[
          (ANY is an amplification vector; the agent's own answer is not asked for)",
     ),
     (
-        "consul NS",
-        "NS at the apex lists `ns.consul.` in HTTP mode (issue 15, in progress)",
-    ),
-    (
-        "foo.consul SOA",
-        "SOA below the apex is NXDOMAIN in HTTP mode (issue 15, in progress)",
-    ),
-    (
-        "web.service.dc1.dc.consul A",
-        "the `.dc` locality label is not read in HTTP mode yet (issue 15, in progress)",
-    ),
-    (
-        "consul AXFR",
-        "AXFR is NODATA in HTTP mode, not NOTIMP (issue 15, in progress)",
+        "consul A",
+        "the apex asked another type than SOA or NS is NODATA in HTTP mode, where Consul says \
+         NXDOMAIN (which would deny every name below the apex to an RFC 8020 resolver)",
     ),
     (
         "2.0.0.127.in-addr.arpa PTR",
@@ -140,6 +129,14 @@ async fn fixture() -> ConsulSim {
     }
     sim.add_service(SimService::new("db-1", "db", "n1", 8080), Status::Critical);
     sim.add_prepared_query("geo", "web", Some("v2"), Some("10s"));
+    sim.add_server("srv-1", "127.0.0.10");
+    // A dual-stack node: its IPv6 address is a tagged one, as an agent with
+    // `advertise_addr_ipv6` registers it.
+    let mut dual = SimNode::new("n4", "127.0.0.5");
+    dual.tagged_addresses
+        .insert("lan_ipv6".to_owned(), "::5".to_owned());
+    sim.add_node(dual);
+    sim.add_service(SimService::new("ds-1", "ds", "n4", 8080), Status::Passing);
     sim
 }
 

@@ -5,20 +5,13 @@
 use std::time::Duration;
 
 use crate::support::consul_sim::ConsulSim;
-use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use hickory_proto::rr::RecordType;
 
 /// A forwarder in front of `sim`, with `web` (one instance) registered and asked for once.
 async fn ask_web(sim: &ConsulSim, consul_lines: &str) -> TestServer {
     sim.add_simple("web", "n1", "127.0.0.2", 8080);
-    let up = TestUpstream::start().await;
-    let toml = TestConfig::new()
-        .upstream(up.addr)
-        .consul_http(sim.http_url())
-        .consul(consul_lines)
-        .toml();
-    let fwd = TestServer::start(&toml).await;
+    let (fwd, _up) = TestServer::with_consul(&sim.http_url(), consul_lines).await;
     let reply = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
     assert_eq!(addresses(&reply), vec!["127.0.0.2"]);
     fwd

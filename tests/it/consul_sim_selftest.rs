@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::support::addresses;
-use crate::support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, Status};
+use crate::support::consul_sim::{
+    ChurnCheck, ChurnTarget, ConsulSim, SimNode, SimService, SimServiceAddress, Status,
+};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::Value;
@@ -139,6 +141,22 @@ fn without(set: &BTreeSet<String>, segs: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
+/// A sample's shape as the agent writes it: the docs write a service's tagged address
+/// (`ServiceAddress{Address, Port}`, a Go struct without JSON tags) in lowercase, the agent
+/// with Go's field names (and Go's decoder takes either).
+fn as_agent_writes(shape: BTreeSet<String>) -> BTreeSet<String> {
+    shape
+        .into_iter()
+        .map(|p| {
+            if p.contains(".TaggedAddresses.") {
+                p.replace(".address", ".Address").replace(".port", ".Port")
+            } else {
+                p
+            }
+        })
+        .collect()
+}
+
 fn sample(name: &str) -> Value {
     let text = match name {
         "health-service" => include_str!("../support/consul_samples/health-service.json"),
@@ -168,8 +186,13 @@ async fn connections_close(sim: &ConsulSim) -> bool {
 
 /// A simulator holding [`sample_like`]'s catalog, a client, and the simulator's base URL.
 async fn sample_sim() -> (ConsulSim, reqwest::Client, String) {
+    sim_with(sample_like).await
+}
+
+/// A simulator set up by `setup`, a client, and the simulator's base URL.
+async fn sim_with(setup: impl FnOnce(&ConsulSim)) -> (ConsulSim, reqwest::Client, String) {
     let sim = ConsulSim::start().await;
-    sample_like(&sim);
+    setup(&sim);
     let base = sim.http_url();
     (sim, client(), base)
 }
@@ -203,7 +226,7 @@ async fn json_shapes_match_samples() {
         let idx = ["CreateIndex", "ModifyIndex"];
         assert_eq!(
             without(&ours, &idx),
-            without(&shape(&sample("health-service")), &["Namespace"])
+            as_agent_writes(without(&shape(&sample("health-service")), &["Namespace"]))
         );
         for p in ["[].Node", "[].Service", "[].Checks[]"] {
             for k in idx {
@@ -222,23 +245,20 @@ async fn json_shapes_match_samples() {
         assert!(r.index() >= 1);
         let body = r.json();
         assert_eq!(body["Services"]["consul"]["Tags"], Value::Null);
-        let ours = shape(&body);
+        let mut ours = shape(&body);
+        ours.remove(".Services.*.Address");
         assert_eq!(
             without(
                 &ours,
                 &[
                     "CreateIndex",
                     "ModifyIndex",
-                    "Address",
                     "Weights",
                     "Passing",
                     "Warning"
                 ]
-            )
-            .into_iter()
-            .chain([".Node.Address".to_string()])
-            .collect::<BTreeSet<_>>(),
-            without(&shape(&sample("catalog-node")), &["Namespace"])
+            ),
+            as_agent_writes(without(&shape(&sample("catalog-node")), &["Namespace"]))
         );
 
         // query execute: identical top level; node entries are full health
@@ -265,8 +285,8 @@ async fn json_shapes_match_samples() {
             "TaggedAddresses",
             "lan",
             "wan",
-            "address",
-            "port",
+            "Address",
+            "Port",
             "Weights",
             "Passing",
             "Warning",
@@ -393,6 +413,170 @@ async fn passing_tag_and_dc_filters() {
             get(&c, &format!("{}/v1/kv/x", sim.http_url())).await.status,
             404
         );
+    })
+    .await;
+}
+
+/// Registered tagged addresses appear where Consul shows them, in its shapes: a node's as
+/// `map[string]string` beside `lan` and `wan`, a service's as `map[string]ServiceAddress`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_addresses_in_consul_shapes() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.tagged_addresses = BTreeMap::from([
+            ("lan_ipv4".to_string(), "10.0.0.1".to_string()),
+            ("lan_ipv6".to_string(), "fd00::1".to_string()),
+            ("wan".to_string(), "198.18.0.1".to_string()),
+        ]);
+        sim.add_node(n1);
+        let mut web = svc("web-1", "web", "n1", 80, &[]);
+        web.tagged_addresses.insert(
+            "wan".into(),
+            SimServiceAddress {
+                address: "198.18.0.9".into(),
+                port: 8080,
+            },
+        );
+        sim.add_service(web, Status::Passing);
+        let mut own = svc("api-1", "api", "n1", 81, &[]);
+        own.address = "10.0.0.5".into();
+        sim.add_service(own, Status::Passing);
+        sim.add_prepared_query("web-q", "web", None, None);
+        let c = client();
+        let base = sim.http_url();
+
+        let node_tags = serde_json::json!({
+            "lan": "10.0.0.1", "lan_ipv4": "10.0.0.1", "lan_ipv6": "fd00::1",
+            "wan": "198.18.0.1",
+        });
+        let web_tags = serde_json::json!({ "wan": { "Address": "198.18.0.9", "Port": 8080 } });
+        let health = get(&c, &format!("{base}/v1/health/service/web"))
+            .await
+            .json();
+        assert_eq!(health[0]["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(health[0]["Service"]["TaggedAddresses"], web_tags);
+        // A service with an address of its own shows it as `lan` and `wan`, as the docs' sample.
+        let api = get(&c, &format!("{base}/v1/health/service/api"))
+            .await
+            .json();
+        let lan = serde_json::json!({ "Address": "10.0.0.5", "Port": 81 });
+        assert_eq!(
+            api[0]["Service"]["TaggedAddresses"],
+            serde_json::json!({ "lan": lan, "wan": lan })
+        );
+        // Node values are strings and service values {Address, Port}, as in the samples.
+        let sample_node = &sample("health-service")[0]["Node"]["TaggedAddresses"];
+        assert!(sample_node
+            .as_object()
+            .unwrap()
+            .values()
+            .all(Value::is_string));
+        let sample_svc = &sample("health-service")[0]["Service"]["TaggedAddresses"]["wan"];
+        let keys: BTreeSet<String> = sample_svc
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.to_ascii_lowercase())
+            .collect();
+        assert_eq!(keys, BTreeSet::from(["address".into(), "port".into()]));
+
+        let cat = get(&c, &format!("{base}/v1/catalog/node/n1")).await.json();
+        assert_eq!(cat["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(cat["Services"]["web-1"]["TaggedAddresses"], web_tags);
+        let nodes = get(&c, &format!("{base}/v1/catalog/nodes")).await.json();
+        assert_eq!(nodes[0]["TaggedAddresses"], node_tags);
+        let q = get(&c, &format!("{base}/v1/query/web-q/execute"))
+            .await
+            .json();
+        assert_eq!(q["Nodes"][0]["Node"]["TaggedAddresses"], node_tags);
+        assert_eq!(q["Nodes"][0]["Service"]["TaggedAddresses"], web_tags);
+
+        // Changing only a node's tagged addresses is a change of its services.
+        let before = sim.service_index("web");
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.tagged_addresses
+            .insert("lan_ipv6".into(), "fd00::2".into());
+        sim.add_node(n1);
+        assert!(sim.service_index("web") > before);
+
+        // The agent-style DNS port answers AAAA from lan_ipv6, A from the address.
+        for (name, qtype, want) in [
+            ("web.service.consul.", RecordType::AAAA, "fd00::2"),
+            ("web.service.consul.", RecordType::A, "10.0.0.1"),
+            ("n1.node.consul.", RecordType::AAAA, "fd00::2"),
+        ] {
+            let (m, _) = dns_udp(sim.dns_addr(), name, qtype, None).await;
+            assert_eq!(addresses(&m), [want], "{name} {qtype}");
+        }
+    })
+    .await;
+}
+
+/// A node registered in another datacenter is seen only with `?dc=` naming it, as through a
+/// WAN-federated server, and its datacenter is listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_datacenter() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_node(node("n1", "10.0.0.1"));
+        sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+        let mut far = node("far1", "10.2.0.1");
+        far.datacenter = "dc2".into();
+        sim.add_node(far);
+        sim.add_service(svc("web-9", "web", "far1", 80, &["eu"]), Status::Passing);
+        sim.add_prepared_query("web-q", "web", None, None);
+        let c = client();
+        let base = sim.http_url();
+
+        let dcs = get(&c, &format!("{base}/v1/catalog/datacenters"))
+            .await
+            .json();
+        assert_eq!(dcs, serde_json::json!(["dc1", "dc2"]));
+        let local = get(&c, &format!("{base}/v1/health/service/web"))
+            .await
+            .json();
+        assert_eq!(ids(&local), ["web-1"]);
+        let far = get(&c, &format!("{base}/v1/health/service/web?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(ids(&far), ["web-9"]);
+        assert_eq!(far[0]["Node"]["Datacenter"], "dc2");
+        let r = get(&c, &format!("{base}/v1/health/service/web?dc=dc3")).await;
+        assert_eq!((r.status, r.body.as_str()), (500, "No path to datacenter"));
+
+        let services = get(&c, &format!("{base}/v1/catalog/services?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(services, serde_json::json!({ "web": ["eu"] }));
+        let nodes = get(&c, &format!("{base}/v1/catalog/nodes?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(nodes.as_array().unwrap().len(), 1);
+        assert_eq!(nodes[0]["Node"], "far1");
+        let n = get(&c, &format!("{base}/v1/catalog/node/far1")).await;
+        assert_eq!(n.body, "null");
+        let n = get(&c, &format!("{base}/v1/catalog/node/far1?dc=dc2"))
+            .await
+            .json();
+        assert_eq!(n["Node"]["Datacenter"], "dc2");
+        let states = get(&c, &format!("{base}/v1/health/state/any?dc=dc2"))
+            .await
+            .json();
+        let states = states.as_array().unwrap();
+        assert!(!states.is_empty() && states.iter().all(|c| c["Node"] == "far1"));
+        // Prepared queries are the local datacenter's.
+        let q = get(&c, &format!("{base}/v1/query/web-q/execute"))
+            .await
+            .json();
+        assert_eq!(q["Nodes"].as_array().unwrap().len(), 1);
+        let r = get(&c, &format!("{base}/v1/query/web-q/execute?dc=dc2")).await;
+        assert_eq!(r.status, 404);
+        let list = get(&c, &format!("{base}/v1/query?dc=dc2")).await.json();
+        assert_eq!(list, serde_json::json!([]));
+        // The agent-style DNS port answers its own datacenter.
+        let (m, _) = dns_udp(sim.dns_addr(), "web.service.consul.", RecordType::A, None).await;
+        assert_eq!(addresses(&m), ["10.0.0.1"]);
     })
     .await;
 }
@@ -732,6 +916,146 @@ async fn catalog_node_and_prepared_query() {
     .await;
 }
 
+/// The `consul` service Consul keeps for its servers: ID `consul` on every server, port 8300,
+/// no service check (the node's `serfHealth` alone), Consul's meta; in the services list with
+/// no tags. Shapes as any health entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_are_the_consul_service() {
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_server("srv-1", "10.0.0.10");
+        sim.add_server("srv-2", "10.0.0.11");
+        sim.set_node_check("srv-2", "serfHealth", Status::Critical);
+        let c = client();
+        let base = sim.http_url();
+
+        let r = get(&c, &format!("{base}/v1/health/service/consul")).await;
+        assert_eq!(r.status, 200);
+        let body = r.json();
+        let entries = body.as_array().expect("array");
+        assert_eq!(entries.len(), 2);
+        for (e, (node, addr)) in entries
+            .iter()
+            .zip([("srv-1", "10.0.0.10"), ("srv-2", "10.0.0.11")])
+        {
+            assert_eq!(e["Node"]["Node"], node);
+            assert_eq!(e["Node"]["Address"], addr);
+            assert_eq!(e["Node"]["Meta"]["consul-network-segment"], "");
+            assert_eq!(e["Service"]["ID"], "consul");
+            assert_eq!(e["Service"]["Service"], "consul");
+            assert_eq!(e["Service"]["Port"], 8300);
+            assert_eq!(e["Service"]["Tags"], serde_json::json!([]));
+            assert_eq!(e["Service"]["Address"], "");
+            assert_eq!(
+                e["Service"]["Weights"],
+                serde_json::json!({"Passing": 1, "Warning": 1})
+            );
+            assert!(e["Service"]["Meta"]["version"].is_string());
+            let checks: Vec<&str> = e["Checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["CheckID"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                checks,
+                ["serfHealth"],
+                "no service check on the consul service"
+            );
+        }
+        // The sample's keys, but for the service's TaggedAddresses (omitted: it has no
+        // address of its own).
+        let theirs: BTreeSet<String> = without(&shape(&sample("health-service")), &["Namespace"])
+            .into_iter()
+            .filter(|p| !p.starts_with("[].Service.TaggedAddresses"))
+            .collect();
+        let ours = without(&shape(&body), &["CreateIndex", "ModifyIndex"]);
+        assert_eq!(ours, theirs);
+        let r = get(&c, &format!("{base}/v1/health/service/consul?passing")).await;
+        assert_eq!(ids(&r.json()), ["consul"], "srv-2's node is critical");
+        let body = get(&c, &format!("{base}/v1/catalog/services")).await.json();
+        assert_eq!(body["consul"], serde_json::json!([]));
+    })
+    .await;
+}
+
+/// Prepared queries as Consul's `PreparedQuery.Execute`: `IgnoreCheckIDs` and `OnlyPassing`
+/// decide health, the result is shuffled, and sorted by distance from `Near` (nodes without a
+/// coordinate last); the definitions list shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_queries_filter_and_sort_like_consul() {
+    use crate::support::consul_sim::SimQuery;
+    within(async {
+        let sim = ConsulSim::start().await;
+        let ms = |m| Some(Duration::from_millis(m));
+        sim.add_at_rtts("web", "10.0.0", 80, &[ms(30), ms(10), None, ms(20), ms(5)]);
+        sim.set_service_check("web-5", Status::Critical);
+        sim.set_service_check("web-4", Status::Warning);
+        let near = |name: &str, near: &str| SimQuery {
+            name: name.into(),
+            service: "web".into(),
+            near: near.into(),
+            ignore_check_ids: vec!["service:web-5".into()],
+            ..SimQuery::default()
+        };
+        sim.add_query(near("near-agent", "_agent"));
+        sim.add_query(near("near-n1", "n1"));
+        sim.add_query(SimQuery {
+            only_passing: true,
+            ..near("passing", "")
+        });
+        let c = client();
+        let base = sim.http_url();
+        let order = |body: &Value| -> Vec<String> {
+            body["Nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["Node"]["Node"].as_str().unwrap().to_string())
+                .collect()
+        };
+        for _ in 0..5 {
+            let body = get(&c, &format!("{base}/v1/query/near-agent/execute"))
+                .await
+                .json();
+            assert_eq!(
+                order(&body),
+                ["n5", "n2", "n4", "n1", "n3"],
+                "web-5's critical check is ignored"
+            );
+            let body = get(&c, &format!("{base}/v1/query/near-n1/execute"))
+                .await
+                .json();
+            assert_eq!(order(&body), ["n1", "n4", "n2", "n5", "n3"]);
+        }
+        let body = get(&c, &format!("{base}/v1/query/passing/execute"))
+            .await
+            .json();
+        let mut got = order(&body);
+        got.sort();
+        assert_eq!(
+            got,
+            ["n1", "n2", "n3", "n5"],
+            "OnlyPassing drops the warning one"
+        );
+
+        let list = get(&c, &format!("{base}/v1/query")).await.json();
+        let def = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["Name"] == "near-agent")
+            .expect("listed");
+        assert_eq!(def["Service"]["Near"], "_agent");
+        assert_eq!(def["Service"]["OnlyPassing"], false);
+        assert_eq!(
+            def["Service"]["IgnoreCheckIDs"],
+            serde_json::json!(["service:web-5"])
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_connection_accounting() {
     within(async {
@@ -1017,6 +1341,126 @@ async fn dns_answers_like_consul() {
     .await;
 }
 
+/// The DNS port's answers for the domain as a whole, as `agent/dns.go`'s `handleQuery`: SOA and
+/// NS for any name with the servers as nameservers (glue in additional), AXFR NOTIMP, `.addr`
+/// of another type in additional, node meta with `rfc1035-` in any case, node meta beside
+/// every SRV answer, and prepared queries in `execute`'s order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_soa_ns_axfr_addr_and_meta_like_consul() {
+    use crate::support::consul_sim::SimQuery;
+    within(async {
+        let sim = ConsulSim::start().await;
+        sim.add_server("srv-1", "10.0.0.10");
+        sim.add_server("srv-2", "10.0.0.11");
+        sim.add_server("srv-3", "10.0.0.12");
+        sim.add_server("srv-4", "10.0.0.13");
+        sim.add_server("srv_bad", "10.0.0.14");
+        sim.set_node_check("srv-4", "serfHealth", Status::Critical);
+        let mut n1 = node("n1", "10.0.0.1");
+        n1.meta.insert("RFC1035-spf".into(), "v=spf1 -all".into());
+        n1.meta.insert("rack".into(), "r1".into());
+        sim.add_node(n1);
+        let mut own = svc("own-1", "own", "n1", 9000, &[]);
+        own.address = "10.9.9.9".into();
+        sim.add_service(own, Status::Passing);
+        let dns = sim.dns_addr();
+
+        let servers: BTreeSet<String> = ["srv-1", "srv-2", "srv-3"]
+            .iter()
+            .map(|s| format!("{s}.node.dc1.consul."))
+            .collect();
+        for name in ["consul.", "foo.consul.", "nope.service.consul."] {
+            let (m, _) = dns_udp(dns, name, RecordType::NS, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert!(m.metadata.authoritative);
+            let targets: BTreeSet<String> = m
+                .answers
+                .iter()
+                .map(|r| {
+                    assert_eq!((r.name.to_ascii().as_str(), r.ttl), ("consul.", 0));
+                    match &r.data {
+                        RData::NS(ns) => ns.0.to_ascii(),
+                        other => panic!("{other:?}"),
+                    }
+                })
+                .collect();
+            assert_eq!(
+                targets, servers,
+                "healthy servers with names Consul can write"
+            );
+            let glue: BTreeSet<String> = m.additionals.iter().map(|r| r.name.to_ascii()).collect();
+            assert_eq!(glue, servers);
+            let (m, _) = dns_udp(dns, name, RecordType::SOA, None).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert_eq!(m.answers.len(), 1);
+            assert_eq!(m.answers[0].name.to_ascii(), "consul.");
+            assert!(matches!(m.answers[0].data, RData::SOA(_)));
+            assert_eq!((m.authorities.len(), m.additionals.len()), (3, 3));
+        }
+        let m = dns_tcp(dns, "consul.", RecordType::AXFR).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        assert!(m.metadata.authoritative && m.answers.is_empty());
+
+        let (m, _) = dns_udp(dns, "7f000001.addr.consul.", RecordType::TXT, None).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+        assert_eq!(m.additionals.len(), 1);
+        assert!(matches!(m.additionals[0].data, RData::A(_)));
+
+        let txt = |records: &[hickory_proto::rr::Record]| -> Vec<(String, String)> {
+            records
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some((
+                        r.name.to_ascii(),
+                        String::from_utf8_lossy(&t.txt_data[0]).into_owned(),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (m, _) = dns_udp(dns, "n1.node.consul.", RecordType::TXT, None).await;
+        assert_eq!(
+            txt(&m.answers),
+            [
+                ("n1.node.consul.".to_string(), "v=spf1 -all".to_string()),
+                ("n1.node.consul.".to_string(), "rack=r1".to_string())
+            ]
+        );
+        // An instance with its own address: the target is .addr, the TXT the node's name.
+        let (m, _) = dns_udp(dns, "own.service.consul.", RecordType::SRV, None).await;
+        assert_eq!(
+            txt(&m.additionals),
+            [
+                ("n1.node.dc1.consul.".to_string(), "v=spf1 -all".to_string()),
+                ("n1.node.dc1.consul.".to_string(), "rack=r1".to_string())
+            ]
+        );
+
+        // Prepared queries: the order execute gave, not shuffled again.
+        for (i, ms) in [(1, 3), (2, 1), (3, 2)] {
+            let n = format!("q{i}");
+            sim.add_node(node(&n, &format!("10.1.0.{i}")));
+            sim.add_service(
+                svc(&format!("db-{i}"), "db", &n, 5432, &[]),
+                Status::Passing,
+            );
+            sim.set_node_rtt(&n, Duration::from_millis(ms));
+        }
+        sim.add_query(SimQuery {
+            name: "near-db".into(),
+            service: "db".into(),
+            near: "_agent".into(),
+            ..SimQuery::default()
+        });
+        for _ in 0..5 {
+            let (m, _) = dns_udp(dns, "near-db.query.consul.", RecordType::A, None).await;
+            assert_eq!(addresses(&m), ["10.1.0.2", "10.1.0.3", "10.1.0.1"]);
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_shuffles_and_trims_silently() {
     within(async {
@@ -1295,10 +1739,15 @@ async fn bulk_catalog_and_churn_generator() {
 
 /// The node names of a `/v1/catalog/nodes` body, in its order.
 fn node_names(v: &Value) -> Vec<String> {
+    field_list(v, "Node")
+}
+
+/// The string field `key` of each element of an array body.
+fn field_list(v: &Value, key: &str) -> Vec<String> {
     v.as_array()
         .expect("array")
         .iter()
-        .map(|n| n["Node"].as_str().expect("Node").to_string())
+        .map(|n| n[key].as_str().expect(key).to_string())
         .collect()
 }
 
@@ -1513,6 +1962,270 @@ async fn dns_answers_ptr_like_consul() {
         sim.remove_node("foo2");
         let (m, _) = dns_udp(dns, "2.0.0.127.in-addr.arpa.", RecordType::PTR, None).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- mesh, peers, tenancy
+
+/// `web` (plain, on n1), its sidecar proxy, a Connect-native `api`, an ingress gateway for
+/// `web`, each with its own node.
+fn mesh_catalog(sim: &ConsulSim) {
+    use crate::support::consul_sim::SimMesh;
+    for (name, addr) in [("n1", "10.0.0.1"), ("n2", "10.0.0.2"), ("n3", "10.0.0.3")] {
+        sim.add_node(node(name, addr));
+    }
+    sim.add_service(svc("web-1", "web", "n1", 8080, &[]), Status::Passing);
+    for (svc, mesh) in [
+        (
+            svc("web-1-sidecar", "web-sidecar-proxy", "n1", 21000, &[]),
+            SimMesh::sidecar("web"),
+        ),
+        (svc("api-1", "api", "n2", 9090, &[]), SimMesh::native()),
+        (
+            svc("gw-1", "gw", "n3", 8443, &[]),
+            SimMesh::ingress(&["web"]),
+        ),
+    ] {
+        sim.add_service_with(svc, mesh, Status::Passing);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_ingress_endpoints_list_the_mesh_instances() {
+    within(async {
+        let (sim, c, base) = sim_with(mesh_catalog).await;
+
+        // Connect: the sidecars of a service (Kind, Proxy, its virtual IP), not the service.
+        let r = get(&c, &format!("{base}/v1/health/connect/web")).await;
+        assert_eq!(r.status, 200);
+        assert!(r.index() >= 1);
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["web-1-sidecar"]);
+        let s = &body[0]["Service"];
+        assert_eq!(s["Kind"], "connect-proxy");
+        assert_eq!(s["Proxy"]["DestinationServiceName"], "web");
+        assert_eq!(
+            s["TaggedAddresses"]["consul-virtual"]["Address"],
+            "240.0.0.1"
+        );
+        assert_eq!(s["TaggedAddresses"]["consul-virtual"]["Port"], 21000);
+        // The same entry shape as /health/service (the docs: "response format are the same"),
+        // plus the Connect fields.
+        let theirs = as_agent_writes(without(&shape(&sample("health-service")), &["Namespace"]));
+        let ours = shape(&body);
+        let mesh: BTreeSet<&str> = [
+            "CreateIndex",
+            "ModifyIndex",
+            "Kind",
+            "Proxy",
+            "DestinationServiceName",
+            "DestinationServiceID",
+            "LocalServiceAddress",
+            "LocalServicePort",
+            "Mode",
+            "Upstreams",
+            "consul-virtual",
+            "Address",
+            "Port",
+        ]
+        .into();
+        for missing in theirs.difference(&ours) {
+            // A sidecar without an address of its own has no lan/wan tagged addresses.
+            assert!(
+                missing.contains(".TaggedAddresses.") || missing.ends_with(".Address"),
+                "missing {missing}"
+            );
+        }
+        for extra in ours.difference(&theirs) {
+            assert!(mesh.contains(last_seg(extra)), "unexpected key {extra}");
+        }
+        // Connect-native: the service's own instance, with its own virtual IP.
+        let r = get(&c, &format!("{base}/v1/health/connect/api")).await;
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["api-1"]);
+        assert_eq!(body[0]["Service"]["Connect"]["Native"], true);
+        assert_eq!(
+            body[0]["Service"]["TaggedAddresses"]["consul-virtual"]["Address"],
+            "240.0.0.2"
+        );
+        // The plain endpoint is unchanged: no proxies.
+        let r = get(&c, &format!("{base}/v1/health/service/web")).await;
+        assert_eq!(ids(&r.json()), vec!["web-1"]);
+        assert!(r.json()[0]["Service"].get("Kind").is_none());
+        // Ingress: the gateways whose configuration lists the service.
+        let r = get(&c, &format!("{base}/v1/health/ingress/web")).await;
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["gw-1"]);
+        assert_eq!(body[0]["Service"]["Kind"], "ingress-gateway");
+        for empty in ["connect/nope", "ingress/api", "connect/gw"] {
+            let r = get(&c, &format!("{base}/v1/health/{empty}")).await;
+            assert_eq!(
+                (r.status, r.json()),
+                (200, serde_json::json!([])),
+                "{empty}"
+            );
+        }
+        // ?passing and blocking work as on /health/service.
+        sim.set_service_check("web-1-sidecar", Status::Critical);
+        let r = get(&c, &format!("{base}/v1/health/connect/web?passing")).await;
+        assert_eq!(r.json(), serde_json::json!([]));
+        let idx = get(&c, &format!("{base}/v1/health/connect/web"))
+            .await
+            .index();
+        let url = format!("{base}/v1/health/connect/web?index={idx}&wait=5s");
+        let held = tokio::spawn(async move { get(&client(), &url).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!held.is_finished(), "blocks until a change");
+        sim.set_service_check("web-1-sidecar", Status::Passing);
+        let r = held.await.expect("join");
+        assert!(r.index() > idx);
+        assert_eq!(r.json()[0]["Checks"][1]["Status"], "passing");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_parameter_selects_a_peers_imported_instances() {
+    within(async {
+        let (sim, c, base) = sim_with(|sim| {
+            sim.add_node(node("n1", "10.0.0.1"));
+            sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+            sim.add_peering("p1");
+            sim.add_node_in(node("pn1", "10.9.0.1"), Some("p1"), None);
+            sim.add_service(svc("web-p1", "web", "pn1", 80, &[]), Status::Passing);
+        })
+        .await;
+
+        let r = get(&c, &format!("{base}/v1/health/service/web")).await;
+        assert_eq!(ids(&r.json()), vec!["web-1"], "local instances only");
+        let r = get(&c, &format!("{base}/v1/health/service/web?peer=p1")).await;
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["web-p1"]);
+        assert_eq!(body[0]["Node"]["PeerName"], "p1");
+        assert_eq!(body[0]["Service"]["PeerName"], "p1");
+        assert!(r.index() >= 1);
+        // A peer that exports nothing (or does not exist): empty, not an error.
+        let r = get(&c, &format!("{base}/v1/health/service/web?peer=nope")).await;
+        assert_eq!((r.status, r.json()), (200, serde_json::json!([])));
+        let r = get(&c, &format!("{base}/v1/catalog/services?peer=p1")).await;
+        assert_eq!(r.json(), serde_json::json!({ "web": [] }));
+        let r = get(&c, &format!("{base}/v1/catalog/services")).await;
+        assert_eq!(r.json(), serde_json::json!({ "web": [] }));
+        let r = get(&c, &format!("{base}/v1/catalog/nodes?peer=p1")).await;
+        assert_eq!(r.json().as_array().unwrap().len(), 1);
+        assert_eq!(r.json()[0]["Node"], "pn1");
+        let r = get(&c, &format!("{base}/v1/catalog/nodes")).await;
+        assert_eq!(r.json().as_array().unwrap().len(), 1);
+        assert_eq!(r.json()[0]["Node"], "n1");
+        let r = get(&c, &format!("{base}/v1/catalog/node/pn1?peer=p1")).await;
+        assert_eq!(r.json()["Node"]["Node"], "pn1");
+        let r = get(&c, &format!("{base}/v1/catalog/node/pn1")).await;
+        assert_eq!(r.json(), Value::Null, "a peer's node is not a local one");
+
+        // /v1/peerings: the docs' sample shape (a CE agent has no Partition field).
+        let r = get(&c, &format!("{base}/v1/peerings")).await;
+        assert_eq!(r.status, 200);
+        let body = r.json();
+        assert_eq!(body[0]["Name"], "p1");
+        assert_eq!(body[0]["State"], "ACTIVE");
+        let keys: BTreeSet<&str> = body[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let sample_keys: BTreeSet<&str> = [
+            "ID",
+            "Name",
+            "State",
+            "PeerID",
+            "PeerServerName",
+            "PeerServerAddresses",
+            "CreateIndex",
+            "ModifyIndex",
+        ]
+        .into();
+        assert_eq!(keys, sample_keys);
+        // The DNS port serves local instances only.
+        let (m, _) = dns_udp(sim.dns_addr(), "web.service.consul.", RecordType::A, None).await;
+        assert_eq!(addresses(&m), vec!["10.0.0.1"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_and_partitions_as_consul_ce_and_enterprise_answer_them() {
+    within(async {
+        use crate::support::consul_sim::SimMesh;
+        let (sim, c, base) = sim_with(|sim| {
+            sim.add_node(node("n1", "10.0.0.1"));
+            sim.add_service(svc("web-1", "web", "n1", 80, &[]), Status::Passing);
+        })
+        .await;
+
+        // Consul CE: any ns or partition, even "default", is a 400 with CE's own message, and
+        // the Enterprise lists do not exist.
+        let r = get(&c, &format!("{base}/v1/health/service/web?ns=default")).await;
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.body,
+            "Invalid query parameter: \"ns\" - Namespaces are a Consul Enterprise feature"
+        );
+        let r = get(&c, &format!("{base}/v1/catalog/services?partition=ap1")).await;
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.body,
+            "Invalid query parameter: \"partition\" - Partitions are a Consul Enterprise feature"
+        );
+        for list in ["namespaces", "partitions"] {
+            let r = get(&c, &format!("{base}/v1/{list}")).await;
+            assert_eq!(r.status, 404, "{list}");
+        }
+
+        // Consul Enterprise: the parameters select, the JSON names namespace and partition.
+        sim.set_enterprise(true);
+        sim.add_partition("ap1");
+        sim.add_namespace("default", "ns1");
+        let in_ns1 = SimMesh::in_namespace("ns1");
+        sim.add_service_with(
+            svc("web-ns1", "web", "n1", 81, &[]),
+            in_ns1,
+            Status::Passing,
+        );
+        sim.add_node_in(node("an1", "10.1.0.1"), None, Some("ap1"));
+        sim.add_service(svc("web-ap1", "web", "an1", 82, &[]), Status::Passing);
+        let r = get(&c, &format!("{base}/v1/health/service/web")).await;
+        let body = r.json();
+        assert_eq!(ids(&body), vec!["web-1"]);
+        assert_eq!(body[0]["Service"]["Namespace"], "default");
+        assert_eq!(body[0]["Service"]["Partition"], "default");
+        assert_eq!(body[0]["Node"]["Partition"], "default");
+        let r = get(&c, &format!("{base}/v1/health/service/web?ns=ns1")).await;
+        assert_eq!(ids(&r.json()), vec!["web-ns1"]);
+        assert_eq!(r.json()[0]["Service"]["Namespace"], "ns1");
+        let r = get(&c, &format!("{base}/v1/health/service/web?ns=default")).await;
+        assert_eq!(ids(&r.json()), vec!["web-1"]);
+        let r = get(&c, &format!("{base}/v1/health/service/web?partition=ap1")).await;
+        assert_eq!(ids(&r.json()), vec!["web-ap1"]);
+        assert_eq!(r.json()[0]["Node"]["Partition"], "ap1");
+        let r = get(&c, &format!("{base}/v1/catalog/nodes?partition=ap1")).await;
+        assert_eq!(r.json()[0]["Node"], "an1");
+        // The lists, in the shape of the docs' samples.
+        let r = get(&c, &format!("{base}/v1/partitions")).await;
+        let body = r.json();
+        assert_eq!(field_list(&body, "Name"), vec!["default", "ap1"]);
+        assert_eq!(body[0]["Description"], "Builtin Default Partition");
+        let r = get(&c, &format!("{base}/v1/namespaces")).await;
+        let body = r.json();
+        assert_eq!(field_list(&body, "Name"), vec!["default", "ns1"]);
+        assert_eq!(body[0]["Description"], "Builtin Default Namespace");
+        let r = get(&c, &format!("{base}/v1/namespaces?partition=ap1")).await;
+        assert_eq!(
+            r.json().as_array().unwrap().len(),
+            1,
+            "ap1 has only default"
+        );
     })
     .await;
 }

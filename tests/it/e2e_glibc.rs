@@ -26,7 +26,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::support::consul_sim::{ConsulSim, Status};
-use crate::support::e2e::{sbin, start_quietly, KillOnDrop, BIN};
+use crate::support::e2e::{sbin, start_quietly, KillOnDrop, Spread, ANSWER_SIZE_POLICIES, BIN};
 use crate::support::run_ok;
 use crate::support::upstream::TestUpstream;
 use crate::support::TestConfig;
@@ -358,4 +358,76 @@ fn glibc_sorting_defeats_round_robin_and_a_record_limit_1_restores_it() {
     }
     println!("a_record_limit = 1: first address of 12 lookups: {firsts:?}");
     assert!(firsts.len() >= 2, "the single address rotates: {firsts:?}");
+}
+
+/// Lookups per policy and host in the spread measurement; `CDF_SPREAD_LOOKUPS` sets more for
+/// the figures in ARCHITECTURE.md.
+fn spread_lookups() -> usize {
+    std::env::var("CDF_SPREAD_LOOKUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+/// 20 backends on the host's /24 at increasing distance from its address 198.18.0.1.
+fn twenty_backends() -> Vec<String> {
+    (0..20)
+        .map(|i| format!("198.18.0.{}", 2 + 12 * i))
+        .collect()
+}
+
+/// How evenly glibc's clients spread over 20 backends under each answer-size policy: the
+/// first address `getent ahosts` returns (what a program connects to) over many lookups,
+/// on a dual-stack host on the backends' subnet (glibc's RFC 6724 rule 9 sorts by distance)
+/// and on an IPv4-only one (it cannot, and keeps the DNS order). Printed for ARCHITECTURE.md.
+#[test]
+fn glibc_spread_over_20_backends_per_answer_size_policy() {
+    let backends = twenty_backends();
+    let lookups = spread_lookups();
+    let catalog = |sim: &ConsulSim| {
+        for (i, ip) in twenty_backends().iter().enumerate() {
+            register(sim, "spread", i + 1, ip, Status::Passing);
+        }
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut results = BTreeMap::new();
+    for (host, lo) in [
+        ("dual-stack", &["198.18.0.1/24", "fd00:cdf::1/64"][..]),
+        ("IPv4-only", &["198.18.0.1/24"][..]),
+    ] {
+        for (p, (policy, lines)) in ANSWER_SIZE_POLICIES.iter().enumerate() {
+            let conf = dir.path().join(format!("policy-{p}.toml"));
+            std::fs::write(&conf, format!("[consul]\n{lines}\n")).expect("write");
+            let conf = conf.display().to_string();
+            let ns = Netns::start(lo, &["--config", &conf], catalog);
+            let firsts: Vec<String> = (0..lookups)
+                .map(|_| {
+                    let (addrs, code, _) = ns.ahosts("spread.service.consul");
+                    assert_eq!(code, Some(0), "{host} {policy}");
+                    addrs[0].clone()
+                })
+                .collect();
+            let spread = Spread::new(&backends, &firsts);
+            println!("glibc {host:10} {policy:40} {}", spread.summary());
+            results.insert((host, p), spread);
+        }
+    }
+    let dual = |p| &results[&("dual-stack", p)];
+    // Sorted by distance, the nearest of all 20 is everybody's first; TC sends glibc to TCP
+    // for all 20 as well.
+    assert_eq!(dual(0).used(), 1, "{}", dual(0).summary());
+    assert_eq!(dual(2).used(), 1, "{}", dual(2).summary());
+    // Three random ones: the nearest of the three, so near backends get more, far ones less.
+    assert!(dual(1).used() >= 8, "{}", dual(1).summary());
+    assert!(dual(1).max_share() < 50.0, "{}", dual(1).summary());
+    // One address per answer: nothing to sort.
+    assert!(dual(3).used() >= 15, "{}", dual(3).summary());
+    for p in 0..ANSWER_SIZE_POLICIES.len() {
+        let v4 = &results[&("IPv4-only", p)];
+        assert!(
+            v4.used() >= 15,
+            "IPv4-only keeps the shuffled order: {}",
+            v4.summary()
+        );
+    }
 }

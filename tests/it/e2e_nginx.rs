@@ -4,11 +4,13 @@
 //! critical with both `when_none_healthy` settings, and a service whose answer needs TCP.
 //! `examples/nginx/upstream-resolve.conf` runs too when the installed nginx is >= 1.27.3.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::support::consul_sim::{ConsulSim, Status};
 use crate::support::e2e::{
-    examples_dir, free_port, nginx_version, replace_once, Backends, Forwarder, Nginx,
+    examples_dir, free_port, nginx_version, replace_once, Backends, Forwarder, Nginx, Spread,
+    ANSWER_SIZE_POLICIES,
 };
 use crate::support::upstream::TestUpstream;
 use crate::support::TestConfig;
@@ -293,4 +295,103 @@ async fn nginx_upstream_resolve_example_where_supported() {
             );
         }
     }
+}
+
+/// Requests per policy in the spread measurement; `CDF_SPREAD_REQUESTS` sets more for the
+/// figures in ARCHITECTURE.md.
+fn spread_requests() -> usize {
+    std::env::var("CDF_SPREAD_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+/// How evenly nginx spreads requests over 20 backends under each answer-size policy: example 1
+/// with `valid=1s` (nginx resolves again every second), a request every 25 ms, each counted
+/// at the backend that answered; also how many backends served within each second. nginx asks
+/// without EDNS and retries a TC=1 answer over TCP. Printed for ARCHITECTURE.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_spread_over_20_backends_per_answer_size_policy() {
+    let ips: Vec<String> = (1..=20).map(|i| format!("127.0.4.{i}")).collect();
+    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let backends = Backends::start(&refs).await;
+    let sim = ConsulSim::start().await;
+    for (i, ip) in ips.iter().enumerate() {
+        let n = i + 1;
+        register(
+            &sim,
+            "spread",
+            &format!("spread-{n}"),
+            &format!("s{n}"),
+            ip,
+            backends.port,
+        );
+    }
+    let up = TestUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let requests = spread_requests();
+    let mut results = Vec::new();
+    for (p, (policy, lines)) in ANSWER_SIZE_POLICIES.iter().enumerate() {
+        let conf = dir.path().join(format!("policy-{p}.toml"));
+        std::fs::write(&conf, format!("[consul]\n{lines}\n")).expect("write");
+        let (url, upstream, conf) = (
+            sim.http_url(),
+            up.addr.to_string(),
+            conf.display().to_string(),
+        );
+        let fwd = Forwarder::spawn(&[
+            "--consul-http",
+            &url,
+            "--upstream",
+            &upstream,
+            "--config",
+            &conf,
+        ])
+        .await;
+        let port = free_port();
+        let site = replace_once(
+            &example1(port, &fwd, "spread", backends.port),
+            "valid=5s",
+            "valid=1s",
+        );
+        let nginx = Nginx::start(&site, port).await;
+        let started = Instant::now();
+        let mut picks = Vec::with_capacity(requests);
+        let mut per_second: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+        for _ in 0..requests {
+            let r = nginx.get("/").await;
+            assert_eq!(r.status, 200, "{policy}: {r:?}\n{}", nginx.error_log());
+            per_second
+                .entry(started.elapsed().as_secs())
+                .or_default()
+                .insert(r.body.clone());
+            picks.push(r.body);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let spread = Spread::new(&ips, &picks);
+        let per_window = per_second.values().map(|s| s.len() as f64).sum::<f64>()
+            / per_second.len().max(1) as f64;
+        println!(
+            "nginx {policy:40} {}  backends per second {per_window:.1}",
+            spread.summary()
+        );
+        results.push((spread, per_window));
+    }
+    // All 20 in every answer (TC sends nginx to TCP for them when the limit cuts): round robin
+    // over all of them, every second.
+    for p in [0, 2] {
+        let (spread, per_window) = &results[p];
+        assert_eq!(spread.used(), 20, "{}", spread.summary());
+        assert!(spread.max_share() < 10.0, "{}", spread.summary());
+        // About 20 when requests keep their 25 ms pace; a loaded machine slows the pace, not
+        // the spread, so the bound sits well clear of the limited policies' 4 and 1.
+        assert!(*per_window > 10.0, "{per_window}");
+    }
+    // Three (or one) per answer: only those serve until nginx resolves again.
+    assert!(
+        results[1].1 <= 6.0,
+        "3 per answer, a second may straddle two: {}",
+        results[1].1
+    );
+    assert!(results[3].1 <= 2.5, "1 per answer: {}", results[3].1);
 }

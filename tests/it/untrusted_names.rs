@@ -64,8 +64,41 @@ fn positions(x: &[u8]) -> Vec<(Vec<Vec<u8>>, RecordType)> {
             RecordType::SRV,
         ),
         (vec![l("_web"), l("_tcp"), x.clone()], RecordType::SRV),
-        (vec![x, l("addr")], RecordType::A),
+        (vec![x.clone(), l("addr")], RecordType::A),
     ]
+    .into_iter()
+    .chain(locality_and_mesh_positions(&x))
+    .collect()
+}
+
+/// The positions of the locality labels (datacenter, peer, Enterprise namespace and partition,
+/// the namespace of Enterprise's `<ns>.<dc>`) after `.service` and `.connect`, and of the mesh
+/// kinds.
+fn locality_and_mesh_positions(x: &[u8]) -> Vec<(Vec<Vec<u8>>, RecordType)> {
+    let l = |s: &str| s.as_bytes().to_vec();
+    let x = x.to_vec();
+    let locality = ["dc", "peer", "ns", "ap", "dc1"]
+        .into_iter()
+        .flat_map(|after| {
+            ["service", "connect"]
+                .map(|kind| (vec![l("web"), l(kind), x.clone(), l(after)], RecordType::A))
+        });
+    locality
+        .chain([
+            (vec![x.clone(), l("connect")], RecordType::A),
+            (vec![x.clone(), l("ingress")], RecordType::SRV),
+            (vec![x.clone(), l("virtual")], RecordType::A),
+            (vec![l("web"), l("virtual"), x.clone()], RecordType::A),
+            (
+                vec![l("n1"), l("node"), x.clone(), l("peer")],
+                RecordType::A,
+            ),
+            (
+                vec![[b"_".as_slice(), &x].concat(), l("_tcp"), l("query")],
+                RecordType::SRV,
+            ),
+        ])
+        .collect()
 }
 
 /// The query, or `None` where the position makes a label longer than DNS allows (`_` before a
@@ -94,12 +127,12 @@ fn allowed_request(line: &str, names: &BTreeSet<&str>) -> Result<(), String> {
     let name_ok = |n: &str| names.contains(n);
     let segments: Vec<&str> = path.split('/').collect();
     let known_path = match segments.as_slice() {
-        ["", "v1", "health", "service", name] | ["", "v1", "catalog", "node", name] => {
-            name_ok(name)
-        }
+        ["", "v1", "health", "service" | "connect" | "ingress", name]
+        | ["", "v1", "catalog", "node", name] => name_ok(name),
         ["", "v1", "query", name, "execute"] => name_ok(name),
         ["", "v1", "health", "state", "critical" | "warning"]
         | ["", "v1", "catalog", "services" | "nodes" | "datacenters"]
+        | ["", "v1", "peerings" | "namespaces" | "partitions"]
         | ["", "v1", "query"]
         | ["", "v1", "agent", "self"]
         | ["", "v1", "status", "leader"] => true,
@@ -115,8 +148,18 @@ fn allowed_request(line: &str, names: &BTreeSet<&str>) -> Result<(), String> {
         let value_ok = value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !matches!(key, "dc" | "index" | "wait" | "stale") || !value_ok {
+        if !matches!(
+            key,
+            "dc" | "index" | "wait" | "stale" | "peer" | "ns" | "partition"
+        ) || !value_ok
+        {
             return Err(format!("parameter {pair:?} was never intended"));
+        }
+        // A peer, namespace or partition is asked for only once Consul listed it.
+        if matches!(key, "peer" | "ns" | "partition") && !name_ok(value) {
+            return Err(format!(
+                "parameter {pair:?} names what Consul does not have"
+            ));
         }
     }
     Ok(())
@@ -127,12 +170,14 @@ async fn hostile_labels_never_reach_consul_in_any_position() {
     let sim = ConsulSim::start().await;
     sim.add_simple("web", "n1", "127.0.0.2", 8080);
     sim.add_prepared_query("geo", "web", None, None);
+    sim.add_peering("p1");
     let up = TestUpstream::start().await;
     let fwd = TestServer::start(&forwarder_config(&sim, &up)).await;
 
     // The real names first, so their views and the catalog lists are loaded.
     for (name, qtype) in [
         ("web.service.consul.", RecordType::A),
+        ("web.service.dc1.dc.consul.", RecordType::A),
         ("n1.node.consul.", RecordType::A),
         ("geo.query.consul.", RecordType::A),
     ] {
@@ -179,7 +224,7 @@ async fn hostile_labels_never_reach_consul_in_any_position() {
     // Every request line the simulator saw, from the very first, is a known endpoint with a
     // known name and only the parameters the forwarder means to send; the hostile phase
     // added no request for any name.
-    let names: BTreeSet<&str> = ["web", "n1", "geo"].into_iter().collect();
+    let names: BTreeSet<&str> = ["web", "n1", "geo", "p1"].into_iter().collect();
     let lines = sim.request_lines();
     for line in &lines {
         if let Err(why) = allowed_request(line, &names) {

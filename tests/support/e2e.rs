@@ -457,3 +457,77 @@ impl Drop for Nginx {
         let _ = child.wait();
     }
 }
+
+/// The answer-size policies the spread measurements compare (`[consul]` lines).
+pub const ANSWER_SIZE_POLICIES: [(&str, &str); 4] = [
+    ("default: as many as fit, TC", ""),
+    (
+        "udp_answer_limit = 3, no TC (Consul's)",
+        "udp_answer_limit = 3\nenable_truncate = false",
+    ),
+    ("udp_answer_limit = 3 with TC", "udp_answer_limit = 3"),
+    ("a_record_limit = 1", "a_record_limit = 1"),
+];
+
+/// How a client spread its picks over a set of backends: counts per backend, and figures of
+/// evenness, for the answer-size measurements (ARCHITECTURE.md).
+pub struct Spread {
+    /// Picks per backend, every backend listed (0 when never picked), in the given order.
+    pub counts: Vec<(String, usize)>,
+}
+
+impl Spread {
+    pub fn new(backends: &[String], picks: &[String]) -> Spread {
+        Spread {
+            counts: backends
+                .iter()
+                .map(|b| (b.clone(), picks.iter().filter(|p| *p == b).count()))
+                .collect(),
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.counts.iter().map(|(_, c)| c).sum()
+    }
+
+    /// Backends picked at least once.
+    pub fn used(&self) -> usize {
+        self.counts.iter().filter(|(_, c)| *c > 0).count()
+    }
+
+    /// The busiest backend's share of the picks, in percent.
+    pub fn max_share(&self) -> f64 {
+        let max = self.counts.iter().map(|(_, c)| *c).max().unwrap_or(0);
+        100.0 * max as f64 / self.total().max(1) as f64
+    }
+
+    /// Standard deviation of the counts over their mean (0 = perfectly even).
+    pub fn cv(&self) -> f64 {
+        let n = self.counts.len().max(1) as f64;
+        let mean = self.total() as f64 / n;
+        let var = self
+            .counts
+            .iter()
+            .map(|(_, c)| (*c as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        if mean == 0.0 {
+            0.0
+        } else {
+            var.sqrt() / mean
+        }
+    }
+
+    /// One line: used backends, busiest share, CV, then the counts in backend order.
+    pub fn summary(&self) -> String {
+        let counts: Vec<String> = self.counts.iter().map(|(_, c)| c.to_string()).collect();
+        format!(
+            "{:2}/{} used, busiest {:5.1}%, cv {:.2}  [{}]",
+            self.used(),
+            self.counts.len(),
+            self.max_share(),
+            self.cv(),
+            counts.join(" ")
+        )
+    }
+}

@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use upstream::TestUpstream;
 
 /// How long a test waits for any single DNS reply before calling it lost.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -74,6 +75,18 @@ impl TestServer {
             stop: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// A forwarder answering Consul names from the agent at `consul_url` (with `consul_lines` in
+    /// its `[consul]` section) and other names from a test upstream, which the caller keeps.
+    pub async fn with_consul(consul_url: &str, consul_lines: &str) -> (TestServer, TestUpstream) {
+        let up = TestUpstream::start().await;
+        let toml = TestConfig::new()
+            .upstream(up.addr)
+            .consul_http(consul_url)
+            .consul(consul_lines)
+            .toml();
+        (TestServer::start(&toml).await, up)
     }
 
     /// Asks the server to stop and waits until it has (bounded).

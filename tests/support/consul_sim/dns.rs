@@ -10,10 +10,22 @@
 //! reply is trimmed *silently* (answers dropped until it fits 512 bytes, or the
 //! client's EDNS size, with TC left clear: `enable_truncate = false`).
 //!
-//! Simplifications: no recursion (hostname addresses give a CNAME only), `NS`
-//! questions get NODATA, `connect`/`ingress`/`virtual` lookups are NXDOMAIN (no
-//! mesh), the only datacenter is `dc1`. Consul's default `udp_answer_limit`
-//! (3) is off unless enabled with `ConsulSim::set_dns_udp_answer_limit`.
+//! SOA and NS are answered for every name in the domain, the nameservers being
+//! up to three healthy Consul servers (`ConsulSim::add_server`) with their
+//! addresses; AXFR gets NOTIMP; `<hex>.addr` asked with another type has its
+//! record in the additional section; prepared queries answer in the order
+//! `execute` gave (no second shuffle). Tagged addresses choose the address as
+//! Consul does (`lan_ipv6` for AAAA, `lan_ipv4` for A).
+//!
+//! `connect` and `ingress` answer the local Connect instances and ingress gateways like a
+//! service (the last label before the kind is the service, a peer label is ignored);
+//! `virtual` the service's virtual IP as one A record, NOERROR without records when it has
+//! none; `_q._tcp.query` is the prepared query `q`.
+//!
+//! Simplifications: no recursion (hostname addresses give a CNAME only), no cluster peers,
+//! namespaces or partitions (`.peer`, `.ns`, `.ap` are NXDOMAIN), only `dc1` is
+//! answered (no WAN translation). Consul's default `udp_answer_limit` (3) is off
+//! unless enabled with `ConsulSim::set_dns_udp_answer_limit`.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -22,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rand::seq::SliceRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,7 +42,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::http::parse_go_duration;
-use super::state::{Instance, State};
+use super::state::{dc_of, node_addresses, Instance, Scope, State};
 use super::{Inner, Status, DATACENTER};
 
 const DOMAIN: &str = "consul.";
@@ -149,6 +161,8 @@ enum Lookup {
     NxDomain,
     /// Answers and additionals; no answers = NODATA.
     Found(Vec<Record>, Vec<Record>),
+    /// NOERROR with only additional records, no SOA (`.addr` asked with another type).
+    Extra(Vec<Record>),
 }
 
 fn resolve(st: &State, q: &Query, resp: &mut Message) {
@@ -170,11 +184,20 @@ fn resolve(st: &State, q: &Query, resp: &mut Message) {
     let qtype = q.query_type();
     match qtype {
         RecordType::SOA => {
+            let (ns, glue) = nameservers(st);
             resp.answers.push(soa());
+            resp.authorities = ns;
+            resp.additionals = glue;
             return;
         }
         RecordType::NS => {
-            resp.authorities.push(soa());
+            let (ns, glue) = nameservers(st);
+            resp.answers = ns;
+            resp.additionals = glue;
+            return;
+        }
+        RecordType::AXFR => {
+            resp.metadata.response_code = ResponseCode::NotImp;
             return;
         }
         _ => {}
@@ -192,7 +215,40 @@ fn resolve(st: &State, q: &Query, resp: &mut Message) {
                 resp.additionals = additionals;
             }
         }
+        Lookup::Extra(additionals) => resp.additionals = additionals,
     }
+}
+
+/// Consul's `getNameserversAndNodeRecord`: up to three healthy servers, shuffled,
+/// those whose name has anything but letters, digits and `-` skipped, as
+/// `<node>.node.dc1.consul.` NS records owned by the domain, their addresses as
+/// glue (TTL 0, the default `node_ttl`).
+fn nameservers(st: &State) -> (Vec<Record>, Vec<Record>) {
+    let mut servers = st.healthy_instances(DATACENTER, "consul", None);
+    servers.shuffle(&mut rand::rng());
+    let mut ns = Vec::new();
+    let mut glue = Vec::new();
+    let domain = Name::from_ascii(DOMAIN).expect("static name");
+    for s in servers {
+        let name = &s.node.node.name;
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            continue;
+        }
+        let Ok(target) = Name::from_ascii(format!(
+            "{}.node.{DATACENTER}.{DOMAIN}",
+            name.to_ascii_lowercase()
+        )) else {
+            continue;
+        };
+        if let Ok(ip) = s.node.node.address.parse::<IpAddr>() {
+            glue.push(ip_record(&target, ip, 0));
+        }
+        ns.push(Record::from_rdata(domain.clone(), 0, RData::NS(NS(target))));
+        if ns.len() == 3 {
+            break;
+        }
+    }
+    (ns, glue)
 }
 
 /// `labels`: the question name without the domain, lowercased.
@@ -239,14 +295,48 @@ fn lookup(st: &State, qname: &Name, labels: &[String], qtype: RecordType) -> Loo
                         (n > 1).then(|| parts[..n - 1].join(".")),
                     )
                 };
-            let insts = st.healthy_instances(service, tag.as_deref());
+            let mut insts = st.healthy_instances(DATACENTER, service, tag.as_deref());
             if insts.is_empty() {
                 return Lookup::NxDomain;
             }
+            insts.shuffle(&mut rand::rng());
             service_records(qname, insts, qtype, 0)
         }
+        "connect" | "ingress" => {
+            let service = &parts[parts.len() - 1];
+            let local = Scope::default();
+            let mut insts: Vec<Instance<'_>> = st
+                .health_instances(kind, DATACENTER, service, &local)
+                .into_iter()
+                .filter(|i| i.worst() != Status::Critical)
+                .collect();
+            if insts.is_empty() {
+                return Lookup::NxDomain;
+            }
+            insts.shuffle(&mut rand::rng());
+            service_records(qname, insts, qtype, 0)
+        }
+        // Consul appends the A record whatever the question's type.
+        "virtual" => match st
+            .virtual_ips
+            .get(&(String::new(), parts[parts.len() - 1].clone()))
+        {
+            Some(vip) => {
+                let ip: IpAddr = vip.parse().expect("the simulator's virtual IPs are IPv4");
+                Lookup::Found(vec![ip_record(qname, ip, 0)], Vec::new())
+            }
+            None => Lookup::Extra(Vec::new()),
+        },
         "query" => {
-            let Some(q) = st.find_query(&parts.join(".")) else {
+            // `_geo._tcp.query`: the first and last labels start with `_`, the last one (the
+            // protocol) is dropped and so is the first underscore.
+            let name = match parts {
+                [first, .., last] if first.starts_with('_') && last.starts_with('_') => {
+                    parts[..parts.len() - 1].join(".")[1..].to_owned()
+                }
+                _ => parts.join("."),
+            };
+            let Some(q) = st.find_query(&name) else {
                 return Lookup::NxDomain;
             };
             let ttl = q
@@ -254,7 +344,8 @@ fn lookup(st: &State, qname: &Name, labels: &[String], qtype: RecordType) -> Loo
                 .as_deref()
                 .and_then(parse_go_duration)
                 .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
-            let insts = st.healthy_instances(&q.service, q.tag.as_deref());
+            // The executed result as it comes: Consul's DNS does not shuffle it again.
+            let insts = st.execute(q);
             if insts.is_empty() {
                 return Lookup::NxDomain;
             }
@@ -274,6 +365,28 @@ fn wants_v6(qtype: RecordType) -> bool {
     matches!(qtype, RecordType::AAAA | RecordType::ANY)
 }
 
+/// Consul's address for a question (`translateAddressAccept` over an address and its
+/// `lan_ipv4`, `lan_ipv6` tags): the IPv6 tag for AAAA and any other type but A, the IPv4 tag
+/// for A and any other type but AAAA, else the address itself.
+fn accepted(qtype: RecordType, [address, v4, v6]: [&str; 3]) -> &str {
+    if qtype != RecordType::A && !v6.is_empty() {
+        v6
+    } else if qtype != RecordType::AAAA && !v4.is_empty() {
+        v4
+    } else {
+        address
+    }
+}
+
+/// The address a `qtype` question gets for an instance: the service's (translated), else the
+/// node's; `true` when it is the node's.
+fn address_for<'a>(i: &'a Instance<'_>, qtype: RecordType) -> (&'a str, bool) {
+    match accepted(qtype, i.service_addresses()) {
+        "" => (accepted(qtype, node_addresses(&i.node.node)), true),
+        own => (own, false),
+    }
+}
+
 fn ip_record(owner: &Name, ip: IpAddr, ttl: u32) -> Record {
     let data = match ip {
         IpAddr::V4(v4) => RData::A(A(v4)),
@@ -291,14 +404,8 @@ fn fqdn(host: &str) -> Option<Name> {
     Name::from_ascii(s).ok()
 }
 
-/// A/AAAA/ANY and SRV answers for healthy instances, shuffled per query.
-fn service_records(
-    qname: &Name,
-    mut insts: Vec<Instance<'_>>,
-    qtype: RecordType,
-    ttl: u32,
-) -> Lookup {
-    insts.shuffle(&mut rand::rng());
+/// A/AAAA/ANY and SRV answers for `insts`, in their order.
+fn service_records(qname: &Name, insts: Vec<Instance<'_>>, qtype: RecordType, ttl: u32) -> Lookup {
     match qtype {
         RecordType::A | RecordType::AAAA | RecordType::ANY => {
             let mut answers = Vec::new();
@@ -306,7 +413,7 @@ fn service_records(
             let mut hosts: Vec<&str> = Vec::new();
             let mut any_ip = false;
             for i in &insts {
-                let addr = i.effective_address();
+                let (addr, _) = address_for(i, qtype);
                 match addr.parse::<IpAddr>() {
                     Ok(ip) => {
                         any_ip = true;
@@ -351,9 +458,16 @@ fn service_records(
                     s.weights.0
                 };
                 let weight = u16::try_from(weight).unwrap_or(u16::MAX);
-                let Some((target, recs)) = srv_target(i, ttl) else {
+                let Some((target, mut recs)) = srv_target(i, ttl) else {
                     continue;
                 };
+                // Node meta for every instance, owned by its node's name whatever the
+                // target (`enable_additional_node_meta_txt`, on by default).
+                if let Ok(owner) =
+                    Name::from_ascii(format!("{}.node.{DATACENTER}.{DOMAIN}", i.node.node.name))
+                {
+                    recs.extend(meta_txt(&owner, &i.node.node.meta, ttl));
+                }
                 answers.push(Record::from_rdata(
                     qname.clone(),
                     ttl,
@@ -372,11 +486,12 @@ fn service_records(
 }
 
 /// SRV target and its additional records: `<node>.node.dc1.consul.` for an
-/// instance without its own address, `<hex>.addr.dc1.consul.` for one with its
-/// own IP, the hostname itself otherwise (as Consul does).
+/// instance reached at its node's own address, `<hex>.addr.dc1.consul.` for one
+/// reached at another IP (its own, or a tagged one: the IPv6 tag first), the
+/// hostname itself otherwise (as Consul does).
 fn srv_target(i: &Instance<'_>, ttl: u32) -> Option<(Name, Vec<Record>)> {
-    let s = &i.svc.svc;
-    if s.address.is_empty() {
+    let (addr, from_node) = address_for(i, RecordType::SRV);
+    if from_node && addr == i.node.node.address {
         let node = &i.node.node;
         let target = Name::from_ascii(format!("{}.node.{DATACENTER}.{DOMAIN}", node.name)).ok()?;
         let mut recs = Vec::new();
@@ -392,17 +507,16 @@ fn srv_target(i: &Instance<'_>, ttl: u32) -> Option<(Name, Vec<Record>)> {
                 }
             }
         }
-        recs.extend(meta_txt(&target, &node.meta, ttl));
         return Some((target, recs));
     }
-    match s.address.parse::<IpAddr>() {
+    match addr.parse::<IpAddr>() {
         Ok(ip) => {
             let target =
                 Name::from_ascii(format!("{}.addr.{DATACENTER}.{DOMAIN}", hex_ip(ip))).ok()?;
             let rec = ip_record(&target, ip, ttl);
             Some((target, vec![rec]))
         }
-        Err(_) => Some((fqdn(&s.address)?, Vec::new())),
+        Err(_) => Some((fqdn(addr)?, Vec::new())),
     }
 }
 
@@ -415,11 +529,15 @@ fn hex_ip(ip: IpAddr) -> String {
 
 /// `<node>.node.consul`: catalog node, no health filter.
 fn node_records(st: &State, qname: &Name, name: &str, qtype: RecordType) -> Lookup {
-    let Some(n) = st.node_named(name) else {
+    let Some(n) = st
+        .nodes
+        .values()
+        .find(|n| n.node.name.eq_ignore_ascii_case(name) && dc_of(&n.node) == DATACENTER)
+    else {
         return Lookup::NxDomain;
     };
     let mut answers = Vec::new();
-    match n.node.address.parse::<IpAddr>() {
+    match accepted(qtype, node_addresses(&n.node)).parse::<IpAddr>() {
         Ok(ip @ IpAddr::V4(_)) if wants_v4(qtype) => answers.push(ip_record(qname, ip, 0)),
         Ok(ip @ IpAddr::V6(_)) if wants_v6(qtype) => answers.push(ip_record(qname, ip, 0)),
         Err(_)
@@ -469,12 +587,11 @@ fn addr_records(qname: &Name, parts: &[String], qtype: RecordType) -> Lookup {
         IpAddr::V4(_) => wants_v4(qtype),
         IpAddr::V6(_) => wants_v6(qtype),
     };
-    let answers = if wanted {
-        vec![ip_record(qname, ip, 0)]
+    if wanted {
+        Lookup::Found(vec![ip_record(qname, ip, 0)], Vec::new())
     } else {
-        Vec::new()
-    };
-    Lookup::Found(answers, Vec::new())
+        Lookup::Extra(vec![ip_record(qname, ip, 0)])
+    }
 }
 
 /// Consul's `handlePtr`, for every question under `arpa.` whatever its type: the first node (in
@@ -546,7 +663,10 @@ fn meta_txt(
 ) -> Vec<Record> {
     meta.iter()
         .map(|(k, v)| {
-            let s = if k.starts_with("rfc1035-") {
+            let s = if k
+                .get(..8)
+                .is_some_and(|p| p.eq_ignore_ascii_case("rfc1035-"))
+            {
                 v.clone()
             } else {
                 format!("{}={}", rfc1464_key(k), v.replace('`', "``"))

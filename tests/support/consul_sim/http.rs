@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::state::State;
+use super::state::{Scope, State};
 use super::{lock, Inner, DATACENTER};
 
 /// Consul's default and maximum blocking wait.
@@ -431,11 +431,12 @@ fn parse_go_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// `?dc=` other than ours fails the way an agent without a WAN path does.
-fn check_dc(req: &Request) -> Result<(), Response> {
+/// The datacenter `?dc=` asks for: ours without it, or one the catalog has nodes in (as
+/// through a WAN-federated server); any other fails the way an agent without a WAN path does.
+fn check_dc(inner: &Inner, req: &Request) -> Result<String, Response> {
     match req.param("dc") {
-        None | Some("") => Ok(()),
-        Some(dc) if dc == DATACENTER => Ok(()),
+        None | Some("") => Ok(DATACENTER.to_string()),
+        Some(dc) if inner.state().datacenters().contains(&dc) => Ok(dc.to_string()),
         Some(_) => Err(Response::text(500, "No path to datacenter")),
     }
 }
@@ -486,8 +487,19 @@ async fn handle(inner: &Arc<Inner>, req: &Request) -> Response {
     if req.method != "GET" && req.method != "HEAD" {
         return Response::text(405, format!("method {} not allowed", req.method));
     }
-    let result = if let Some(name) = req.path.strip_prefix("/v1/health/service/") {
-        health_service(inner, req, name).await
+    let health = ["service", "connect", "ingress"]
+        .into_iter()
+        .find_map(|kind| {
+            let prefix = format!("/v1/health/{kind}/");
+            req.path.strip_prefix(&prefix).map(|name| (kind, name))
+        });
+    let result = if let Some((kind, name)) = health {
+        health_service(inner, req, kind, name).await
+    } else if req.path == "/v1/peerings" {
+        // Not blocking in Consul, and no index header.
+        Ok(Response::json(&inner.state().peerings_json(), None))
+    } else if req.path == "/v1/partitions" || req.path == "/v1/namespaces" {
+        enterprise_list(inner, req)
     } else if let Some(node) = req.path.strip_prefix("/v1/catalog/node/") {
         catalog_node(inner, req, node).await
     } else if let Some(state) = req.path.strip_prefix("/v1/health/state/") {
@@ -498,7 +510,10 @@ async fn handle(inner: &Arc<Inner>, req: &Request) -> Response {
         catalog_nodes(inner, req).await
     } else if req.path == "/v1/catalog/datacenters" {
         // No blocking and no index on this endpoint in Consul: the WAN members' datacenters.
-        Ok(Response::json(&Value::from(vec![DATACENTER]), None))
+        Ok(Response::json(
+            &Value::from(inner.state().datacenters()),
+            None,
+        ))
     } else if req.path == "/v1/query" {
         query_list(inner, req)
     } else if let Some(q) = req
@@ -546,11 +561,64 @@ fn consistency(inner: &Inner, req: &Request, response: &mut Response) {
     }
 }
 
-async fn health_service(inner: &Inner, req: &Request, name: &str) -> Result<Response, Response> {
+/// A request's `peer`, `ns` and `partition`. Consul CE refuses the two Enterprise ones, even
+/// `default`, with its own message (`agent/http_ce.go`).
+fn scope(inner: &Inner, req: &Request) -> Result<Scope, Response> {
+    let get = |k: &str| req.param(k).unwrap_or("").to_owned();
+    let scope = Scope {
+        peer: get("peer"),
+        ns: get("ns"),
+        partition: get("partition"),
+    };
+    if !inner.state().enterprise {
+        if !scope.ns.is_empty() {
+            return Err(Response::text(
+                400,
+                "Invalid query parameter: \"ns\" - Namespaces are a Consul Enterprise feature",
+            ));
+        }
+        if !scope.partition.is_empty() {
+            return Err(Response::text(
+                400,
+                "Invalid query parameter: \"partition\" - Partitions are a Consul Enterprise feature",
+            ));
+        }
+    }
+    Ok(scope)
+}
+
+/// `/v1/partitions` and `/v1/namespaces[?partition=]`: Enterprise only; a CE agent has no such
+/// endpoint (404 from its catch-all handler). Neither blocks.
+fn enterprise_list(inner: &Inner, req: &Request) -> Result<Response, Response> {
+    let st = inner.state();
+    if !st.enterprise {
+        return Err(Response::text(404, ""));
+    }
+    let body = if req.path == "/v1/partitions" {
+        st.partitions_json()
+    } else {
+        let partition = match req.param("partition") {
+            None | Some("") => "default",
+            Some(p) => p,
+        };
+        st.namespaces_json(partition)
+    };
+    Ok(Response::json(&body, Some(st.index)))
+}
+
+/// `/v1/health/{service,connect,ingress}/<name>`: the same parameters and entry shape for all
+/// three (Consul's docs), each with its own selection of instances.
+async fn health_service(
+    inner: &Inner,
+    req: &Request,
+    kind: &str,
+    name: &str,
+) -> Result<Response, Response> {
     if name.is_empty() {
         return Err(Response::text(400, "Missing service name"));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
+    let scope = scope(inner, req)?;
     // Real Consul: bare `?passing` = true, otherwise strconv.ParseBool, so
     // `passing=false` does not filter and garbage is a 400.
     let passing = match req.param("passing") {
@@ -561,10 +629,19 @@ async fn health_service(inner: &Inner, req: &Request, name: &str) -> Result<Resp
         }
     };
     let tags = req.params("tag");
-    block(inner, req, |st| st.service_idx(name)).await?;
+    // A proxy or gateway changes under its own name: those views follow every table.
+    let index_of = |st: &State| match kind {
+        "service" => st.service_idx(name),
+        _ => st
+            .services_index
+            .max(st.checks_index)
+            .max(st.nodes_index)
+            .max(1),
+    };
+    block(inner, req, index_of).await?;
     let st = inner.state();
-    let body = st.health_json(name, passing, &tags);
-    Ok(Response::json(&body, Some(st.service_idx(name))))
+    let body = st.health_json(kind, (&dc, &scope), name, passing, &tags);
+    Ok(Response::json(&body, Some(index_of(&st))))
 }
 
 /// `/v1/health/state/<state>`: every check in that state (`any` = all), with
@@ -591,11 +668,11 @@ async fn health_state(inner: &Inner, req: &Request, state: &str) -> Result<Respo
             "consul_sim: ?filter is not implemented by the simulator",
         ));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     block(inner, req, |st| st.checks_index).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.health_state_json(wanted),
+        &st.health_state_json(&dc, wanted),
         Some(st.checks_index),
     ))
 }
@@ -604,32 +681,35 @@ async fn catalog_node(inner: &Inner, req: &Request, node: &str) -> Result<Respon
     if node.is_empty() {
         return Err(Response::text(400, "Missing node name"));
     }
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
+    let scope = scope(inner, req)?;
     block(inner, req, State::node_idx).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_node_json(node),
+        &st.catalog_node_json(&dc, &scope, node),
         Some(st.node_idx()),
     ))
 }
 
 async fn catalog_services(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
+    let scope = scope(inner, req)?;
     block(inner, req, |st| st.services_index).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_services_json(),
+        &st.catalog_services_json(&dc, &scope),
         Some(st.services_index),
     ))
 }
 
 /// `/v1/catalog/nodes`: every node, blocking on the nodes table's index.
 async fn catalog_nodes(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
+    let scope = scope(inner, req)?;
     block(inner, req, |st| st.nodes_index.max(1)).await?;
     let st = inner.state();
     Ok(Response::json(
-        &st.catalog_nodes_json(),
+        &st.catalog_nodes_json(&dc, &scope),
         Some(st.nodes_index.max(1)),
     ))
 }
@@ -638,7 +718,7 @@ async fn catalog_nodes(inner: &Inner, req: &Request) -> Result<Response, Respons
 /// while [`super::ConsulSim::set_query_list_denied`] is on, as Consul answers a token without
 /// `query:read`.
 fn query_list(inner: &Inner, req: &Request) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     if inner
         .query_list_denied
         .load(std::sync::atomic::Ordering::SeqCst)
@@ -646,15 +726,17 @@ fn query_list(inner: &Inner, req: &Request) -> Result<Response, Response> {
         return Err(Response::text(403, "Permission denied"));
     }
     let st = inner.state();
-    Ok(Response::json(&st.query_list_json(), Some(st.index)))
+    Ok(Response::json(&st.query_list_json(&dc), Some(st.index)))
 }
 
 /// Prepared queries do not support blocking in Consul; executed immediately.
 fn query_execute(inner: &Inner, req: &Request, name: &str) -> Result<Response, Response> {
-    check_dc(req)?;
+    let dc = check_dc(inner, req)?;
     let st = inner.state();
+    // Every prepared query is our datacenter's.
     let q = st
         .find_query(name)
+        .filter(|_| dc == DATACENTER)
         .ok_or_else(|| Response::text(404, "Query not found"))?;
     Ok(Response::json(&st.query_execute_json(q), Some(st.index)))
 }

@@ -44,16 +44,31 @@ pub const DATACENTER: &str = "dc1";
 /// The node name of the simulated agent (what `/v1/agent/self` reports).
 pub const AGENT_NODE: &str = "agent-1";
 
-/// A catalog node, as registered with Consul.
-#[derive(Clone, Debug)]
+/// A catalog node, as registered with Consul. `..Default::default()` fills the fields a test
+/// does not care about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SimNode {
     pub name: String,
     /// IPv4, IPv6 or a hostname (Consul accepts all three).
     pub address: String,
     pub meta: BTreeMap<String, String>,
+    /// `TaggedAddresses` as registered (`lan_ipv4`, `lan_ipv6`, `wan`, `wan_ipv4`, `wan_ipv6`,
+    /// ...), on top of the `lan` and `wan` (= `address`) every node shows.
+    pub tagged_addresses: BTreeMap<String, String>,
+    /// `""` = [`DATACENTER`]. A node of another datacenter is seen only with `?dc=` (as through
+    /// a WAN-federated server), and its datacenter is listed in `/v1/catalog/datacenters`.
+    pub datacenter: String,
 }
 
-/// A service instance, as registered with Consul.
+/// A service's tagged address (Consul's `ServiceAddress`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimServiceAddress {
+    pub address: String,
+    pub port: u16,
+}
+
+/// A service instance, as registered with Consul. `..Default::default()` fills the fields a
+/// test does not care about (weights 1/1, as Consul's default).
 #[derive(Clone, Debug)]
 pub struct SimService {
     /// Instance ID. The simulator treats IDs as unique across all nodes (real
@@ -72,6 +87,25 @@ pub struct SimService {
     /// whose worst check is passing or warning respectively.
     pub weights: (u32, u32),
     pub meta: BTreeMap<String, String>,
+    /// `TaggedAddresses` as registered; a service with an address of its own also shows `lan`
+    /// and `wan` (= its address and port) unless registered here.
+    pub tagged_addresses: BTreeMap<String, SimServiceAddress>,
+}
+
+impl Default for SimService {
+    fn default() -> Self {
+        SimService {
+            id: String::new(),
+            service: String::new(),
+            node: String::new(),
+            address: String::new(),
+            port: 0,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta: BTreeMap::new(),
+            tagged_addresses: BTreeMap::new(),
+        }
+    }
 }
 
 impl SimNode {
@@ -80,7 +114,7 @@ impl SimNode {
         SimNode {
             name: name.to_owned(),
             address: address.to_owned(),
-            meta: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
@@ -101,8 +135,7 @@ impl SimService {
             address: String::new(),
             port,
             tags: Vec::new(),
-            weights: (1, 1),
-            meta: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
@@ -110,6 +143,98 @@ impl SimService {
     pub fn tags(mut self, tags: &[&str]) -> SimService {
         self.tags = tags.iter().map(|t| t.to_string()).collect();
         self
+    }
+}
+
+/// A prepared query's definition: the parts of Consul's `PreparedQuery` the simulator executes
+/// (see [`ConsulSim::add_query`]).
+#[derive(Clone, Debug, Default)]
+pub struct SimQuery {
+    pub name: String,
+    pub service: String,
+    /// `Service.Tags`, one tag at most here.
+    pub tag: Option<String>,
+    /// `DNS.TTL`, a Go duration such as `"10s"` (`None` = `""`: the DNS interface falls back
+    /// to the service TTL).
+    pub dns_ttl: Option<String>,
+    /// `Service.OnlyPassing`: instances with a warning check are left out too.
+    pub only_passing: bool,
+    /// `Service.IgnoreCheckIDs`: checks that do not count for health.
+    pub ignore_check_ids: Vec<String>,
+    /// `Service.Near`: a node name, `_agent` or `_ip` (results sorted by distance from it).
+    pub near: String,
+}
+
+/// An instance's role in the service mesh (Consul's `Kind`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SimKind {
+    /// A plain service (`Kind: ""`).
+    #[default]
+    Typical,
+    /// A sidecar proxy (`Kind: "connect-proxy"`) for `destination`
+    /// (`Proxy.DestinationServiceName`).
+    ConnectProxy { destination: String },
+    /// An ingress gateway (`Kind: "ingress-gateway"`) routing to `services`. In Consul that
+    /// list is the gateway's `ingress-gateway` config entry; the simulator keeps it on the
+    /// registration.
+    IngressGateway { services: Vec<String> },
+}
+
+/// What [`ConsulSim::add_service_with`] adds to a registration: its mesh role, whether it is
+/// Connect-native (`Connect.Native`), and its Enterprise namespace (`None`: `default`). Peer
+/// and partition belong to the node ([`ConsulSim::add_node_in`]).
+#[derive(Clone, Debug, Default)]
+pub struct SimMesh {
+    pub kind: SimKind,
+    pub connect_native: bool,
+    pub namespace: Option<String>,
+}
+
+impl SimMesh {
+    /// A sidecar proxy for `destination`.
+    pub fn sidecar(destination: &str) -> SimMesh {
+        SimMesh {
+            kind: SimKind::ConnectProxy {
+                destination: destination.into(),
+            },
+            ..SimMesh::default()
+        }
+    }
+
+    /// A Connect-native service.
+    pub fn native() -> SimMesh {
+        SimMesh {
+            connect_native: true,
+            ..SimMesh::default()
+        }
+    }
+
+    /// An ingress gateway routing to `services`.
+    pub fn ingress(services: &[&str]) -> SimMesh {
+        SimMesh {
+            kind: SimKind::IngressGateway {
+                services: services.iter().map(|s| s.to_string()).collect(),
+            },
+            ..SimMesh::default()
+        }
+    }
+
+    /// A plain service in Enterprise namespace `ns`.
+    pub fn in_namespace(ns: &str) -> SimMesh {
+        SimMesh {
+            namespace: Some(ns.into()),
+            ..SimMesh::default()
+        }
+    }
+
+    /// The service whose Connect instances this one is: a proxy's destination, or its own
+    /// service when Connect-native.
+    pub fn connect_destination<'a>(&'a self, service: &'a str) -> Option<&'a str> {
+        match &self.kind {
+            SimKind::ConnectProxy { destination } => Some(destination),
+            _ if self.connect_native => Some(service),
+            _ => None,
+        }
     }
 }
 
@@ -416,6 +541,53 @@ impl ConsulSim {
         self.inner.mutate(|st| st.add_service(svc, status));
     }
 
+    /// A node imported from cluster peer `peer` and/or in admin partition `partition`
+    /// (Enterprise); its instances are listed only for those `peer`/`partition` parameters.
+    pub fn add_node_in(&self, node: SimNode, peer: Option<&str>, partition: Option<&str>) {
+        self.inner
+            .mutate(|st| st.add_node_in(node, peer, partition));
+    }
+
+    /// [`ConsulSim::add_service`] with a mesh role and namespace (see [`SimMesh`]). A
+    /// Connect-capable instance carries its service's virtual IP in
+    /// `TaggedAddresses["consul-virtual"]` (from 240.0.0.1 on, one per service).
+    pub fn add_service_with(&self, svc: SimService, mesh: SimMesh, status: Status) {
+        self.inner
+            .mutate(|st| st.add_service_with(svc, mesh, status));
+    }
+
+    /// A cluster peering named `name` (listed by `/v1/peerings`).
+    pub fn add_peering(&self, name: &str) {
+        self.inner.mutate(|st| {
+            st.bump();
+            st.peerings.insert(name.to_owned());
+        });
+    }
+
+    /// Answer as Consul Enterprise (on) or CE (off, the default): CE refuses `ns` and
+    /// `partition` parameters with 400 and has no `/v1/namespaces` or `/v1/partitions` (404);
+    /// Enterprise filters by them and adds `Namespace`/`Partition` to its JSON.
+    pub fn set_enterprise(&self, on: bool) {
+        self.inner.mutate(|st| st.enterprise = on);
+    }
+
+    /// An Enterprise admin partition besides `default`.
+    pub fn add_partition(&self, name: &str) {
+        self.inner.mutate(|st| {
+            st.bump();
+            st.partitions.insert(name.to_owned());
+        });
+    }
+
+    /// An Enterprise namespace of `partition` besides `default`.
+    pub fn add_namespace(&self, partition: &str, name: &str) {
+        self.inner.mutate(|st| {
+            st.bump();
+            st.namespaces
+                .insert((partition.to_owned(), name.to_owned()));
+        });
+    }
+
     /// Deregisters an instance (and its checks). Unknown IDs are ignored.
     pub fn remove_service(&self, id: &str) {
         self.inner.mutate(|st| st.remove_service(id));
@@ -587,8 +759,57 @@ impl ConsulSim {
         tag: Option<&str>,
         dns_ttl: Option<&str>,
     ) {
+        self.add_query(SimQuery {
+            name: name.into(),
+            service: service.into(),
+            tag: tag.map(Into::into),
+            dns_ttl: dns_ttl.map(Into::into),
+            ..SimQuery::default()
+        });
+    }
+
+    /// Creates (or replaces) a prepared query with every option [`SimQuery`] has.
+    pub fn add_query(&self, q: SimQuery) {
+        self.inner.mutate(|st| st.add_query(q));
+    }
+
+    /// Gives `node` a network coordinate `rtt` away from the agent (distances between nodes
+    /// are differences along one line), so prepared queries with `Near` sort by it. Not a
+    /// catalog write: no index moves.
+    pub fn set_node_rtt(&self, node: &str, rtt: Duration) {
         self.inner
-            .mutate(|st| st.add_query(name, service, tag, dns_ttl));
+            .state()
+            .coordinates
+            .insert(node.to_string(), rtt.as_secs_f64());
+    }
+
+    /// Registers a passing instance of `service` (as [`ConsulSim::add_simple`]: IDs
+    /// `<service>-1`, `-2`, ... for a new service) on each node `n<i>` (`i` from 1) at
+    /// `<prefix>.<i>`, node `n<i>` `rtts[i - 1]` away from the agent (`None`: no coordinate).
+    /// For prepared queries with `Near`.
+    pub fn add_at_rtts(&self, service: &str, prefix: &str, port: u16, rtts: &[Option<Duration>]) {
+        for (i, rtt) in (1..).zip(rtts) {
+            let node = format!("n{i}");
+            self.add_simple(service, &node, &format!("{prefix}.{i}"), port);
+            if let Some(rtt) = rtt {
+                self.set_node_rtt(&node, *rtt);
+            }
+        }
+    }
+
+    /// Registers a Consul server: node `node` at `address` (with the meta Consul writes on
+    /// every node) and the `consul` service Consul keeps for its servers. Their names are
+    /// the domain's nameservers in Consul's DNS.
+    pub fn add_server(&self, node: &str, address: &str) {
+        self.add_node(SimNode {
+            name: node.to_string(),
+            address: address.to_string(),
+            meta: [("consul-network-segment".to_string(), String::new())]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        });
+        self.inner.mutate(|st| st.add_server(node));
     }
 
     /// Number of HTTP requests whose (percent-decoded) path starts with

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value};
 
-use super::{SimNode, SimService, Status, AGENT_NODE, DATACENTER};
+use super::{SimKind, SimMesh, SimNode, SimQuery, SimService, Status, AGENT_NODE, DATACENTER};
 
 pub(super) struct CheckRec {
     pub name: String,
@@ -28,13 +28,14 @@ pub(super) struct CheckRec {
 
 pub(super) struct NodeRec {
     pub node: SimNode,
+    /// The cluster peer the node was imported from, and its admin partition (`None`: the
+    /// default one): a node belongs to one of each, its instances with it.
+    pub peer: Option<String>,
+    pub partition: Option<String>,
     pub id: String,
     pub create: u64,
     pub modify: u64,
     pub checks: BTreeMap<String, CheckRec>,
-    /// Tagged addresses beyond `lan` and `wan` (`lan_ipv4`, `lan_ipv6`, `wan_ipv4`,
-    /// `wan_ipv6`), as an agent registers them: see [`State::set_node_tagged_addresses`].
-    pub tagged: BTreeMap<String, String>,
 }
 
 impl NodeRec {
@@ -51,27 +52,35 @@ impl NodeRec {
         NodeRec {
             id: uuid_from(&node.name),
             node,
+            peer: None,
+            partition: None,
             create: idx,
             modify: idx,
             checks: BTreeMap::from([("serfHealth".to_string(), serf)]),
-            tagged: BTreeMap::new(),
         }
     }
 }
 
 pub(super) struct SvcRec {
     pub svc: SimService,
+    /// Connect role and namespace (`SimMesh::default()`: a plain service in `default`).
+    pub mesh: SimMesh,
     pub create: u64,
     pub modify: u64,
     pub checks: BTreeMap<String, CheckRec>,
 }
 
+/// A prepared query: its generated ID and its definition (read through `Deref`).
 pub(super) struct QueryRec {
     pub id: String,
-    pub name: String,
-    pub service: String,
-    pub tag: Option<String>,
-    pub dns_ttl: Option<String>,
+    def: SimQuery,
+}
+
+impl std::ops::Deref for QueryRec {
+    type Target = SimQuery;
+    fn deref(&self) -> &SimQuery {
+        &self.def
+    }
 }
 
 pub(super) struct State {
@@ -93,6 +102,57 @@ pub(super) struct State {
     /// the last instance is removed, like Consul's per-service index entry.
     pub service_index: HashMap<String, u64>,
     pub queries: Vec<QueryRec>,
+    /// Network coordinates, reduced to a distance on a line from the agent (at 0): nodes
+    /// listed here are sorted by `Near`; the others have no coordinate, as a node whose agent
+    /// has not sent one yet.
+    pub coordinates: HashMap<String, f64>,
+    /// Cluster peerings (`/v1/peerings`), by name.
+    pub peerings: BTreeSet<String>,
+    /// Consul Enterprise: admin partitions and (partition, namespace) pairs beyond the
+    /// built-in `default` ones. Consul CE has neither (`enterprise` off).
+    pub enterprise: bool,
+    pub partitions: BTreeSet<String>,
+    pub namespaces: BTreeSet<(String, String)>,
+    /// Virtual IPs by (peer, service), given out from 240.0.0.1 on in registration order of
+    /// the service's first Connect instance, as Consul's state store does. Kept after the
+    /// instances go (Consul frees them only with the last one; tests do not need that).
+    pub virtual_ips: BTreeMap<(String, String), String>,
+}
+
+/// Which instances a request selects: its `peer`, `ns` and `partition` parameters (empty
+/// or absent: local, `default`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Scope {
+    pub peer: String,
+    pub ns: String,
+    pub partition: String,
+}
+
+impl Scope {
+    fn norm(s: &Option<String>) -> &str {
+        match s.as_deref() {
+            None | Some("") | Some("default") => "default",
+            Some(other) => other,
+        }
+    }
+
+    fn of_default(s: &str) -> &str {
+        if s.is_empty() {
+            "default"
+        } else {
+            s
+        }
+    }
+
+    /// Does a node of `peer`/`partition` belong to this scope?
+    pub fn has_node(&self, n: &NodeRec) -> bool {
+        n.peer.as_deref().unwrap_or("") == self.peer
+            && Self::norm(&n.partition) == Self::of_default(&self.partition)
+    }
+
+    pub fn has(&self, i: &Instance<'_>) -> bool {
+        self.has_node(i.node) && Self::norm(&i.svc.mesh.namespace) == Self::of_default(&self.ns)
+    }
 }
 
 /// A service instance joined with its node, what health endpoints and DNS work on.
@@ -119,13 +179,26 @@ impl Instance<'_> {
             .unwrap_or(Status::Passing)
     }
 
-    /// Service address, else node address (what Consul's DNS and clients use).
-    pub fn effective_address(&self) -> &str {
-        if self.svc.svc.address.is_empty() {
-            &self.node.node.address
-        } else {
-            &self.svc.svc.address
-        }
+    /// The service's (address, `lan_ipv4`, `lan_ipv6`).
+    pub fn service_addresses(&self) -> [&str; 3] {
+        let s = &self.svc.svc;
+        let tag = |k: &str| s.tagged_addresses.get(k).map_or("", |a| a.address.as_str());
+        [&s.address, tag("lan_ipv4"), tag("lan_ipv6")]
+    }
+}
+
+/// The node's (address, `lan_ipv4`, `lan_ipv6`).
+pub(super) fn node_addresses(n: &SimNode) -> [&str; 3] {
+    let tag = |k: &str| n.tagged_addresses.get(k).map_or("", String::as_str);
+    [&n.address, tag("lan_ipv4"), tag("lan_ipv6")]
+}
+
+/// The datacenter a node is in.
+pub(super) fn dc_of(n: &SimNode) -> &str {
+    if n.datacenter.is_empty() {
+        DATACENTER
+    } else {
+        &n.datacenter
     }
 }
 
@@ -200,6 +273,12 @@ impl State {
             by_name: HashMap::new(),
             service_index: HashMap::new(),
             queries: Vec::new(),
+            coordinates: HashMap::new(),
+            peerings: BTreeSet::new(),
+            enterprise: false,
+            partitions: BTreeSet::new(),
+            namespaces: BTreeSet::new(),
+            virtual_ips: BTreeMap::new(),
         }
     }
 
@@ -235,10 +314,15 @@ impl State {
     }
 
     pub fn add_node(&mut self, node: SimNode) {
-        if let Some(existing) = self.nodes.get(&node.name) {
-            if existing.node.address == node.address && existing.node.meta == node.meta {
-                return;
-            }
+        self.add_node_in(node, None, None);
+    }
+
+    /// [`State::add_node`] for a node of cluster peer `peer` and partition `partition`.
+    pub fn add_node_in(&mut self, node: SimNode, peer: Option<&str>, partition: Option<&str>) {
+        let (peer, partition) = (peer.map(str::to_owned), partition.map(str::to_owned));
+        let same = |n: &NodeRec| n.node == node && n.peer == peer && n.partition == partition;
+        if self.nodes.get(&node.name).is_some_and(same) {
+            return;
         }
         let idx = self.bump();
         self.nodes_index = idx;
@@ -254,6 +338,10 @@ impl State {
                     .insert(name.clone(), NodeRec::registered(node, idx));
             }
         }
+        if let Some(rec) = self.nodes.get_mut(&name) {
+            rec.peer = peer;
+            rec.partition = partition;
+        }
         self.touch_services_on_node(&name, idx);
     }
 
@@ -263,13 +351,13 @@ impl State {
         let Some(rec) = self.nodes.get(node) else {
             panic!("consul_sim: set_node_tagged_addresses: unknown node {node:?}");
         };
-        if rec.tagged == tagged {
+        if rec.node.tagged_addresses == tagged {
             return;
         }
         let idx = self.bump();
         self.nodes_index = idx;
         let rec = self.nodes.get_mut(node).expect("checked above");
-        rec.tagged = tagged;
+        rec.node.tagged_addresses = tagged;
         rec.modify = idx;
         self.touch_services_on_node(node, idx);
     }
@@ -301,6 +389,12 @@ impl State {
     }
 
     pub fn add_service(&mut self, svc: SimService, status: Status) {
+        self.add_service_with(svc, SimMesh::default(), status);
+    }
+
+    /// [`State::add_service`] with a Connect role and namespace. A Connect-capable instance
+    /// (a sidecar proxy, or Connect-native) gets its service's virtual IP, as in Consul.
+    pub fn add_service_with(&mut self, svc: SimService, mesh: SimMesh, status: Status) {
         assert!(
             self.nodes.contains_key(&svc.node),
             "consul_sim: add_service({}): node {:?} not added (call add_node first)",
@@ -310,12 +404,20 @@ impl State {
         let idx = self.bump();
         self.services_index = idx;
         self.checks_index = idx;
-        self.put_service(svc, status, idx);
+        if let Some(destination) = mesh.connect_destination(&svc.service) {
+            let peer = self.nodes[&svc.node].peer.clone().unwrap_or_default();
+            let key = (peer, destination.to_ascii_lowercase());
+            let next = self.virtual_ips.len() + 1;
+            self.virtual_ips
+                .entry(key)
+                .or_insert_with(|| format!("240.0.{}.{}", next / 256, next % 256));
+        }
+        self.put_service(svc, mesh, status, idx);
     }
 
     /// Registers `svc` (replacing an instance with its ID, whose create indexes it keeps, as
     /// Consul does) with one service check in `status`, at index `idx`.
-    fn put_service(&mut self, svc: SimService, status: Status, idx: u64) {
+    fn put_service(&mut self, svc: SimService, mesh: SimMesh, status: Status, idx: u64) {
         let check_id = format!("service:{}", svc.id);
         let old = self.services.remove(&svc.id);
         if let Some(o) = &old {
@@ -349,6 +451,7 @@ impl State {
             svc.id.clone(),
             SvcRec {
                 svc,
+                mesh,
                 create,
                 modify: idx,
                 checks,
@@ -413,16 +516,119 @@ impl State {
         self.touch_services_on_node(node, idx);
     }
 
-    pub fn add_query(&mut self, name: &str, service: &str, tag: Option<&str>, ttl: Option<&str>) {
+    pub fn add_query(&mut self, q: SimQuery) {
         self.bump();
-        self.queries.retain(|q| q.name != name);
+        self.queries.retain(|old| old.name != q.name);
         self.queries.push(QueryRec {
-            id: uuid_from(&format!("query/{name}")),
-            name: name.to_string(),
-            service: service.to_string(),
-            tag: tag.map(str::to_string),
-            dns_ttl: ttl.map(str::to_string),
+            id: uuid_from(&format!("query/{}", q.name)),
+            def: q,
         });
+    }
+
+    /// Registers a Consul server on `node` (which must exist): the `consul` service Consul
+    /// keeps for its servers, ID `consul` on every server, port 8300, no service check (only
+    /// the node's `serfHealth` decides its health), and the meta Consul writes for it.
+    pub fn add_server(&mut self, node: &str) {
+        assert!(
+            self.nodes.contains_key(node),
+            "consul_sim: add_server: node {node:?} not added"
+        );
+        let idx = self.bump();
+        self.services_index = idx;
+        let meta: BTreeMap<String, String> = [
+            ("grpc_port", "8502"),
+            ("non_voter", "false"),
+            ("raft_version", "3"),
+            ("read_replica", "false"),
+            ("serf_protocol_current", "2"),
+            ("serf_protocol_max", "5"),
+            ("serf_protocol_min", "1"),
+            ("version", "1.21.0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let svc = SimService {
+            id: "consul".into(),
+            service: "consul".into(),
+            node: node.to_string(),
+            address: String::new(),
+            port: 8300,
+            tags: Vec::new(),
+            weights: (1, 1),
+            meta,
+            ..Default::default()
+        };
+        // Keyed apart from other instances: every server's instance has the ID `consul`.
+        let key = format!("consul@{node}");
+        self.by_name
+            .entry("consul".into())
+            .or_default()
+            .insert(key.clone());
+        self.services.insert(
+            key,
+            SvcRec {
+                svc,
+                mesh: SimMesh::default(),
+                create: idx,
+                modify: idx,
+                checks: BTreeMap::new(),
+            },
+        );
+        self.touch_service("consul", idx);
+    }
+
+    /// What `/v1/query/<q>/execute` returns, as Consul's `PreparedQuery.Execute`: the
+    /// service's instances with the query's tag, without any critical check (checks in
+    /// `IgnoreCheckIDs` do not count) or, with `OnlyPassing`, any check not passing; shuffled,
+    /// then sorted by distance from `Near` when it names a node with a coordinate (`_agent`
+    /// is the agent; `_ip` the node at the requester's address, 127.0.0.1 here), nodes without
+    /// one last.
+    pub fn execute(&self, q: &QueryRec) -> Vec<Instance<'_>> {
+        use rand::seq::SliceRandom;
+        let counts = |id: &str| !q.ignore_check_ids.iter().any(|i| i == id);
+        let mut insts: Vec<Instance<'_>> = self
+            .instances(DATACENTER, &q.service)
+            .into_iter()
+            .filter(|i| q.tag.as_deref().is_none_or(|t| has_tag(&i.svc.svc, t)))
+            .filter(|i| {
+                i.checks().all(|(id, c, _)| {
+                    !counts(id)
+                        || match c.status {
+                            Status::Passing => true,
+                            Status::Warning => !q.only_passing,
+                            Status::Critical => false,
+                        }
+                })
+            })
+            .collect();
+        insts.shuffle(&mut rand::rng());
+        let source = match q.near.as_str() {
+            "" => None,
+            "_agent" => Some(AGENT_NODE.to_string()),
+            "_ip" => self
+                .nodes
+                .values()
+                .find(|n| n.node.address == "127.0.0.1")
+                .map(|n| n.node.name.clone()),
+            node => Some(node.to_string()),
+        };
+        let origin = source.and_then(|s| {
+            if s == AGENT_NODE {
+                Some(0.0)
+            } else {
+                self.coordinates.get(&s).copied()
+            }
+        });
+        if let Some(origin) = origin {
+            let distance = |i: &Instance<'_>| {
+                self.coordinates
+                    .get(&i.node.node.name)
+                    .map_or(f64::INFINITY, |c| (c - origin).abs())
+            };
+            insts.sort_by(|a, b| distance(a).total_cmp(&distance(b)));
+        }
+        insts
     }
 
     /// Registers many instances as one write (one index bump, like a Consul
@@ -441,7 +647,7 @@ impl State {
         for (node, svc, status) in items {
             match self.nodes.get_mut(&node.name) {
                 Some(rec) => {
-                    if rec.node.address != node.address || rec.node.meta != node.meta {
+                    if rec.node != node {
                         changed_nodes.insert(node.name.clone());
                         rec.node = node;
                         rec.modify = idx;
@@ -458,7 +664,7 @@ impl State {
                 svc.id,
                 svc.node
             );
-            self.put_service(svc, status, idx);
+            self.put_service(svc, SimMesh::default(), status, idx);
         }
         for n in changed_nodes {
             self.touch_services_on_node(&n, idx);
@@ -488,9 +694,21 @@ impl State {
         self.nodes_index.max(self.services_index).max(1)
     }
 
-    /// Instances of `name` (case-insensitive, as Consul's catalog index is),
+    /// The datacenters: ours first, then the others its nodes are in (Consul sorts by
+    /// round-trip time, its own first).
+    pub fn datacenters(&self) -> Vec<&str> {
+        let others: BTreeSet<&str> = self
+            .nodes
+            .values()
+            .map(|n| dc_of(&n.node))
+            .filter(|dc| *dc != DATACENTER)
+            .collect();
+        std::iter::once(DATACENTER).chain(others).collect()
+    }
+
+    /// Instances of `name` in `dc` (case-insensitive, as Consul's catalog index is),
     /// sorted by node then ID.
-    pub fn instances(&self, name: &str) -> Vec<Instance<'_>> {
+    pub fn instances(&self, dc: &str, name: &str) -> Vec<Instance<'_>> {
         let mut v: Vec<Instance<'_>> = self
             .by_name
             .get(&name.to_ascii_lowercase())
@@ -500,6 +718,7 @@ impl State {
             .filter_map(|s| {
                 self.nodes
                     .get(&s.svc.node)
+                    .filter(|node| dc_of(&node.node) == dc)
                     .map(|node| Instance { svc: s, node })
             })
             .collect();
@@ -509,11 +728,51 @@ impl State {
         v
     }
 
+    /// What `/v1/health/<kind>/<name>` returns in `dc` and `scope`, sorted by node then ID:
+    /// the service's instances (`service`); its Connect-capable ones, the sidecar proxies whose
+    /// destination it is and its own instances when Connect-native (`connect`); the ingress
+    /// gateways that route to it (`ingress`).
+    pub fn health_instances(
+        &self,
+        kind: &str,
+        dc: &str,
+        name: &str,
+        scope: &Scope,
+    ) -> Vec<Instance<'_>> {
+        let mut v: Vec<Instance<'_>> = match kind {
+            "service" => self.instances(dc, name),
+            _ => self
+                .services
+                .values()
+                .filter(|s| match kind {
+                    "connect" => s
+                        .mesh
+                        .connect_destination(&s.svc.service)
+                        .is_some_and(|d| d.eq_ignore_ascii_case(name)),
+                    _ => matches!(&s.mesh.kind, SimKind::IngressGateway { services }
+                        if services.iter().any(|x| x.eq_ignore_ascii_case(name))),
+                })
+                .filter_map(|s| {
+                    let node = self.nodes.get(&s.svc.node)?;
+                    (dc_of(&node.node) == dc).then_some(Instance { svc: s, node })
+                })
+                .collect(),
+        };
+        v.retain(|i| scope.has(i));
+        v.sort_by(|a, b| {
+            (&a.node.node.name, &a.svc.svc.id).cmp(&(&b.node.node.name, &b.svc.svc.id))
+        });
+        v
+    }
+
     /// Instances with the given tag (case-insensitive) and without a critical
     /// check: what DNS and prepared queries (default `OnlyPassing=false`) serve.
-    pub fn healthy_instances(&self, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
-        self.instances(name)
+    /// Local ones only (no peer, default namespace and partition).
+    pub fn healthy_instances(&self, dc: &str, name: &str, tag: Option<&str>) -> Vec<Instance<'_>> {
+        let local = Scope::default();
+        self.instances(dc, name)
             .into_iter()
+            .filter(|i| local.has(i))
             .filter(|i| i.worst() != Status::Critical)
             .filter(|i| tag.is_none_or(|t| has_tag(&i.svc.svc, t)))
             .collect()
@@ -527,24 +786,86 @@ impl State {
     }
 
     fn node_json(&self, n: &NodeRec) -> Value {
-        let mut tagged = n.tagged.clone();
-        tagged.insert("lan".into(), n.node.address.clone());
-        tagged.insert("wan".into(), n.node.address.clone());
-        json!({
+        let mut tagged = Map::new();
+        for key in ["lan", "wan"] {
+            tagged.insert(key.into(), json!(n.node.address));
+        }
+        for (key, addr) in &n.node.tagged_addresses {
+            tagged.insert(key.clone(), json!(addr));
+        }
+        let mut v = json!({
             "ID": n.id,
             "Node": n.node.name,
             "Address": n.node.address,
-            "Datacenter": DATACENTER,
+            "Datacenter": dc_of(&n.node),
             "TaggedAddresses": tagged,
             "Meta": meta_json(&n.node.meta),
             "CreateIndex": n.create,
             "ModifyIndex": n.modify,
-        })
+        });
+        // Both `omitempty` in Consul; `Partition` exists in Enterprise builds only.
+        if let Some(peer) = &n.peer {
+            v["PeerName"] = json!(peer);
+        }
+        if self.enterprise {
+            v["Partition"] = json!(Scope::norm(&n.partition));
+        }
+        v
+    }
+
+    /// The tenancy and Connect fields of an instance, as Consul's `NodeService` shows them:
+    /// `Kind` and `Proxy` for a sidecar (`omitempty`), `Connect.Native`, the virtual IP
+    /// under `TaggedAddresses["consul-virtual"]`, `PeerName`, and in Enterprise builds
+    /// `Namespace` and `Partition`.
+    fn mesh_json(&self, s: &SvcRec, m: &mut Map<String, Value>) {
+        let node = self.nodes.get(&s.svc.node);
+        let peer = node.and_then(|n| n.peer.clone());
+        match &s.mesh.kind {
+            SimKind::Typical => {}
+            SimKind::ConnectProxy { destination } => {
+                m.insert("Kind".into(), json!("connect-proxy"));
+                m.insert(
+                    "Proxy".into(),
+                    json!({
+                        "DestinationServiceName": destination,
+                        "DestinationServiceID": "",
+                        "LocalServiceAddress": "",
+                        "LocalServicePort": 0,
+                        "Mode": "",
+                        "Upstreams": null,
+                    }),
+                );
+            }
+            SimKind::IngressGateway { .. } => {
+                m.insert("Kind".into(), json!("ingress-gateway"));
+            }
+        }
+        if s.mesh.connect_native {
+            m.insert("Connect".into(), json!({ "Native": true }));
+        }
+        if let Some(destination) = s.mesh.connect_destination(&s.svc.service) {
+            let key = (
+                peer.clone().unwrap_or_default(),
+                destination.to_ascii_lowercase(),
+            );
+            if let Some(vip) = self.virtual_ips.get(&key) {
+                let tagged = m.entry("TaggedAddresses").or_insert_with(|| json!({}));
+                tagged["consul-virtual"] = json!({ "Address": vip, "Port": s.svc.port });
+            }
+        }
+        if let Some(peer) = peer {
+            m.insert("PeerName".into(), json!(peer));
+        }
+        if self.enterprise {
+            m.insert("Namespace".into(), json!(Scope::norm(&s.mesh.namespace)));
+            let partition = node.and_then(|n| n.partition.clone());
+            m.insert("Partition".into(), json!(Scope::norm(&partition)));
+        }
     }
 
     /// `null_tags`: the prepared-query and catalog-node samples show `null` for
     /// an instance without tags; the health endpoint replaces it with `[]`.
-    fn service_json(s: &SvcRec, null_tags: bool, with_weights: bool) -> Value {
+    fn service_json(&self, s: &SvcRec, null_tags: bool, with_weights: bool) -> Value {
         let svc = &s.svc;
         let tags = if svc.tags.is_empty() && null_tags {
             Value::Null
@@ -556,11 +877,20 @@ impl State {
         m.insert("Service".into(), json!(svc.service));
         m.insert("Tags".into(), tags);
         m.insert("Address".into(), json!(svc.address));
+        // Go's `ServiceAddress{Address, Port}` (no JSON tags: the docs' lowercase keys are
+        // hand-written); the field is omitempty.
+        let tagged_json = |address: &str, port: u16| json!({ "Address": address, "Port": port });
+        let mut tagged = Map::new();
         if !svc.address.is_empty() {
-            // Only a service with its own address has tagged addresses (the
-            // field is omitempty in Consul).
-            let ta = json!({ "address": svc.address, "port": svc.port });
-            m.insert("TaggedAddresses".into(), json!({ "lan": ta, "wan": ta }));
+            for key in ["lan", "wan"] {
+                tagged.insert(key.into(), tagged_json(&svc.address, svc.port));
+            }
+        }
+        for (key, a) in &svc.tagged_addresses {
+            tagged.insert(key.clone(), tagged_json(&a.address, a.port));
+        }
+        if !tagged.is_empty() {
+            m.insert("TaggedAddresses".into(), Value::Object(tagged));
         }
         m.insert("Meta".into(), meta_json(&svc.meta));
         m.insert("Port".into(), json!(svc.port));
@@ -570,6 +900,7 @@ impl State {
                 json!({ "Passing": svc.weights.0, "Warning": svc.weights.1 }),
             );
         }
+        self.mesh_json(s, &mut m);
         m.insert("CreateIndex".into(), json!(s.create));
         m.insert("ModifyIndex".into(), json!(s.modify));
         Value::Object(m)
@@ -600,10 +931,19 @@ impl State {
     /// Body of `/v1/health/state/<state>`: every check (node and service) whose
     /// status is `state` (`None` = `any`), ordered by node then check ID like
     /// Consul's checks table.
-    pub fn health_state_json(&self, state: Option<Status>) -> Value {
+    /// Local checks only (no peer's, default namespace and partition), like Consul without
+    /// `peer`/`ns`/`partition`.
+    pub fn health_state_json(&self, dc: &str, state: Option<Status>) -> Value {
         let wanted = |c: &CheckRec| state.is_none_or(|s| c.status == s);
+        let local = Scope::default();
+        let in_dc = |s: &SvcRec| {
+            self.nodes.get(&s.svc.node).is_some_and(|node| {
+                dc_of(&node.node) == dc && local.has(&Instance { svc: s, node })
+            })
+        };
         let mut rows: Vec<(&str, &str, Value)> = Vec::new();
-        for n in self.nodes.values() {
+        let local_nodes = self.nodes.values().filter(|n| local.has_node(n));
+        for n in local_nodes.filter(|n| dc_of(&n.node) == dc) {
             for (id, c) in n.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &n.node.name,
@@ -612,7 +952,7 @@ impl State {
                 ));
             }
         }
-        for s in self.services.values() {
+        for s in self.services.values().filter(|s| in_dc(s)) {
             for (id, c) in s.checks.iter().filter(|(_, c)| wanted(c)) {
                 rows.push((
                     &s.svc.node,
@@ -635,16 +975,24 @@ impl State {
             .collect();
         json!({
             "Node": self.node_json(inst.node),
-            "Service": Self::service_json(inst.svc, null_tags, true),
+            "Service": self.service_json(inst.svc, null_tags, true),
             "Checks": checks,
         })
     }
 
-    /// Body of `/v1/health/service/<name>`: `passing` drops any entry with a
-    /// non-passing check (Consul's `filterNonPassing`), `tags` must all match.
-    pub fn health_json(&self, name: &str, passing: bool, tags: &[String]) -> Value {
+    /// Body of `/v1/health/<kind>/<name>` in `dc` and `scope` (see
+    /// [`State::health_instances`]): `passing` drops any entry with a non-passing check
+    /// (Consul's `filterNonPassing`), `tags` must all match.
+    pub fn health_json(
+        &self,
+        kind: &str,
+        (dc, scope): (&str, &Scope),
+        name: &str,
+        passing: bool,
+        tags: &[String],
+    ) -> Value {
         Value::Array(
-            self.instances(name)
+            self.health_instances(kind, dc, name, scope)
                 .iter()
                 .filter(|i| !passing || i.worst() == Status::Passing)
                 .filter(|i| tags.iter().all(|t| has_tag(&i.svc.svc, t)))
@@ -664,7 +1012,7 @@ impl State {
                 .into_iter()
                 .map(|n| {
                     let entries = self
-                        .instances(n)
+                        .instances(DATACENTER, n)
                         .into_iter()
                         .filter(|i| i.svc.svc.service == n)
                         .map(|i| self.entry_json(&i, false))
@@ -683,29 +1031,109 @@ impl State {
     }
 
     /// Body of `/v1/catalog/node/<node>`; `null` for an unknown node (as Consul).
-    pub fn catalog_node_json(&self, node: &str) -> Value {
-        let Some(n) = self.node_named(node) else {
+    pub fn catalog_node_json(&self, dc: &str, scope: &Scope, node: &str) -> Value {
+        let Some(n) = self.nodes.values().find(|n| {
+            n.node.name.eq_ignore_ascii_case(node) && dc_of(&n.node) == dc && scope.has_node(n)
+        }) else {
             return Value::Null;
         };
         let services: Map<String, Value> = self
             .services
             .values()
             .filter(|s| s.svc.node == n.node.name)
-            .map(|s| (s.svc.id.clone(), Self::service_json(s, true, true)))
+            .filter(|s| scope.has(&Instance { svc: s, node: n }))
+            .map(|s| (s.svc.id.clone(), self.service_json(s, true, true)))
             .collect();
         json!({ "Node": self.node_json(n), "Services": services })
     }
 
     /// Body of `/v1/catalog/nodes`: every node, sorted by name (as Consul's memdb index).
-    pub fn catalog_nodes_json(&self) -> Value {
-        Value::Array(self.nodes.values().map(|n| self.node_json(n)).collect())
+    pub fn catalog_nodes_json(&self, dc: &str, scope: &Scope) -> Value {
+        Value::Array(
+            self.nodes
+                .values()
+                .filter(|n| dc_of(&n.node) == dc && scope.has_node(n))
+                .map(|n| self.node_json(n))
+                .collect(),
+        )
     }
 
-    /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`.
-    pub fn query_list_json(&self) -> Value {
+    /// Body of `/v1/peerings`, in the shape of Consul's docs (1.13+); `Partition` in
+    /// Enterprise builds only. Every peering is `ACTIVE` here.
+    pub fn peerings_json(&self) -> Value {
+        Value::Array(
+            self.peerings
+                .iter()
+                .map(|name| {
+                    let mut v = json!({
+                        "ID": uuid_from(&format!("peering/{name}")),
+                        "Name": name,
+                        "State": "ACTIVE",
+                        "PeerID": uuid_from(&format!("peer/{name}")),
+                        "PeerServerName": "server.dc1.consul",
+                        "PeerServerAddresses": ["10.0.0.1:8300"],
+                        "CreateIndex": 1,
+                        "ModifyIndex": 1,
+                    });
+                    if self.enterprise {
+                        v["Partition"] = json!("default");
+                    }
+                    v
+                })
+                .collect(),
+        )
+    }
+
+    /// Body of `/v1/partitions` (Enterprise): `default` and those added.
+    pub fn partitions_json(&self) -> Value {
+        let mut v = vec![json!({
+            "Name": "default",
+            "Description": "Builtin Default Partition",
+            "CreateIndex": 1,
+            "ModifyIndex": 1,
+        })];
+        v.extend(
+            self.partitions.iter().map(
+                |p| json!({ "Name": p, "Description": "", "CreateIndex": 1, "ModifyIndex": 1 }),
+            ),
+        );
+        Value::Array(v)
+    }
+
+    /// Body of `/v1/namespaces?partition=<partition>` (Enterprise): `default` and those added
+    /// to that partition.
+    pub fn namespaces_json(&self, partition: &str) -> Value {
+        let mut v = vec![json!({
+            "Name": "default",
+            "Description": "Builtin Default Namespace",
+            "Partition": partition,
+            "CreateIndex": 1,
+            "ModifyIndex": 1,
+        })];
+        v.extend(
+            self.namespaces
+                .iter()
+                .filter(|(p, _)| p == partition)
+                .map(|(p, ns)| {
+                    json!({
+                        "Name": ns,
+                        "Description": "",
+                        "Partition": p,
+                        "CreateIndex": 1,
+                        "ModifyIndex": 1,
+                    })
+                }),
+        );
+        Value::Array(v)
+    }
+
+    /// Body of `/v1/query`: the definitions, in the shape of Consul's `PreparedQuery`. Every
+    /// query is [`DATACENTER`]'s.
+    pub fn query_list_json(&self, dc: &str) -> Value {
         Value::Array(
             self.queries
                 .iter()
+                .filter(|_| dc == DATACENTER)
                 .map(|q| {
                     json!({
                         "ID": q.id,
@@ -716,9 +1144,13 @@ impl State {
                         "Service": {
                             "Service": q.service,
                             "Failover": { "NearestN": 0, "Datacenters": null },
-                            "OnlyPassing": false,
-                            "IgnoreCheckIDs": null,
-                            "Near": "",
+                            "OnlyPassing": q.only_passing,
+                            "IgnoreCheckIDs": if q.ignore_check_ids.is_empty() {
+                                Value::Null
+                            } else {
+                                json!(q.ignore_check_ids)
+                            },
+                            "Near": q.near,
                             "Tags": q.tag.iter().collect::<Vec<_>>(),
                             "NodeMeta": null,
                             "ServiceMeta": null,
@@ -733,9 +1165,14 @@ impl State {
     }
 
     /// Body of `/v1/catalog/services`: service name -> its distinct tags.
-    pub fn catalog_services_json(&self) -> Value {
+    pub fn catalog_services_json(&self, dc: &str, scope: &Scope) -> Value {
         let mut map: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for s in self.services.values() {
+        let in_scope = |s: &SvcRec| {
+            self.nodes.get(&s.svc.node).is_some_and(|node| {
+                dc_of(&node.node) == dc && scope.has(&Instance { svc: s, node })
+            })
+        };
+        for s in self.services.values().filter(|s| in_scope(s)) {
             map.entry(&s.svc.service)
                 .or_default()
                 .extend(s.svc.tags.iter().map(String::as_str));
@@ -744,12 +1181,9 @@ impl State {
     }
 
     /// Body of `/v1/query/<name or id>/execute` (the real wire shape: Service,
-    /// Nodes, DNS, Datacenter, Failovers at the top level). Results are shuffled
-    /// like Consul does when no `near` sorting applies.
+    /// Nodes, DNS, Datacenter, Failovers at the top level), with [`State::execute`]'s result.
     pub fn query_execute_json(&self, q: &QueryRec) -> Value {
-        use rand::seq::SliceRandom;
-        let mut insts = self.healthy_instances(&q.service, q.tag.as_deref());
-        insts.shuffle(&mut rand::rng());
+        let insts = self.execute(q);
         let nodes: Vec<Value> = insts.iter().map(|i| self.entry_json(i, true)).collect();
         json!({
             "Service": q.service,

@@ -812,46 +812,34 @@ mod tests {
 
     #[test]
     fn failure_ttls_follow_rfc_9520() {
-        let (cache, problems) = run(|e| FileCache::default().validate(e));
+        let with = |first: Option<ConfigDuration>, cap: Option<ConfigDuration>| {
+            run(|e| {
+                FileCache {
+                    failure_ttl: first,
+                    failure_ttl_max: cap,
+                    ..FileCache::default()
+                }
+                .validate(e)
+            })
+        };
+        let (cache, problems) = with(None, None);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(
             [cache.failure_ttl, cache.failure_ttl_max],
             [5, 30].map(Duration::from_secs)
         );
-        let (_, problems) = run(|e| {
-            FileCache {
-                failure_ttl: millis(500),
-                failure_ttl_max: secs(301),
-                ..FileCache::default()
-            }
-            .validate(e)
-        });
         assert_eq!(
-            problems,
+            with(millis(500), secs(301)).1,
             [
                 "f.toml:1: cache.failure_ttl: must be between 1s and 5m (RFC 9520)",
                 "f.toml:1: cache.failure_ttl_max: must be between 1s and 5m (RFC 9520)",
             ]
         );
-        let (_, problems) = run(|e| {
-            FileCache {
-                failure_ttl: secs(20),
-                failure_ttl_max: secs(10),
-                ..FileCache::default()
-            }
-            .validate(e)
-        });
         assert_eq!(
-            problems,
+            with(secs(20), secs(10)).1,
             ["f.toml:1: cache.failure_ttl_max: 10s is below cache.failure_ttl (20s): the cap must not be below the first period"]
         );
-        let (cache, problems) = run(|e| {
-            FileCache {
-                failure_ttl: secs(60),
-                ..FileCache::default()
-            }
-            .validate(e)
-        });
+        let (cache, problems) = with(secs(60), None);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(
             cache.failure_ttl_max,
@@ -859,12 +847,7 @@ mod tests {
             "unset: not below"
         );
         for (first, cap) in [(1, 1), (300, 300)] {
-            let file = FileCache {
-                failure_ttl: secs(first),
-                failure_ttl_max: secs(cap),
-                ..FileCache::default()
-            };
-            assert!(keys(|e| file.validate(e)).is_empty());
+            assert!(with(secs(first), secs(cap)).1.is_empty());
         }
     }
 

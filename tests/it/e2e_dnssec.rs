@@ -22,16 +22,27 @@ async fn forwarder(zone: &SignedZone, unbound: &Server, upstream_lines: &str) ->
     Forwarder::spawn(&["--config", &conf.display().to_string()]).await
 }
 
+/// The signed zone, NSD serving it, unbound validating it, the forwarder in front.
+async fn stack() -> (SignedZone, Server, Server, Forwarder) {
+    let zone = SignedZone::build();
+    let nsd = Server::nsd(&zone).await;
+    let unbound = Server::unbound(&zone, &nsd).await;
+    let fwd = forwarder(&zone, &unbound, "").await;
+    (zone, nsd, unbound, fwd)
+}
+
+/// The answer section holds the A record and its RRSIG: the form a DO client gets.
+fn assert_signed_a(reply: &Dig) {
+    assert_eq!(Dig::types(&reply.answer), ["A", "RRSIG"], "{}", reply.text);
+}
+
 const WWW: &str = "www.signed.example.";
 const MAIL: &str = "mail.signed.example.";
 const BOGUS: &str = "bogus.signed.example.";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delv_validates_through_the_forwarder_and_each_client_gets_its_form() {
-    let zone = SignedZone::build();
-    let nsd = Server::nsd(&zone).await;
-    let unbound = Server::unbound(&zone, &nsd).await;
-    let fwd = forwarder(&zone, &unbound, "").await;
+    let (zone, _nsd, unbound, fwd) = stack().await;
 
     // delv checks every signature itself (it asks with DO and CD, and fetches the DNSKEYs
     // through us too): a signed name and a signed NXDOMAIN, whose NSEC proofs must arrive.
@@ -58,7 +69,7 @@ async fn delv_validates_through_the_forwarder_and_each_client_gets_its_form() {
     // DO: AD, the RRSIG, DO echoed. The cached form without signatures is not it: asked again.
     let signed = Dig::ask(fwd.port, &["+dnssec", MAIL, "A"]).await;
     assert!(signed.has_flag("ad"), "{}", signed.text);
-    assert_eq!(Dig::types(&signed.answer), ["A", "RRSIG"]);
+    assert_signed_a(&signed);
     assert_eq!(signed.edns_flags, ["do"]);
     assert_eq!(unbound.queries_for(MAIL, "A"), 2);
     // From now on one entry serves both, each its own form.
@@ -67,12 +78,7 @@ async fn delv_validates_through_the_forwarder_and_each_client_gets_its_form() {
         assert_eq!(Dig::types(&plain.answer), ["A"], "{}", plain.text);
         assert!(!plain.has_flag("ad"));
         let signed = Dig::ask(fwd.port, &["+dnssec", MAIL, "A"]).await;
-        assert_eq!(
-            Dig::types(&signed.answer),
-            ["A", "RRSIG"],
-            "{}",
-            signed.text
-        );
+        assert_signed_a(&signed);
     }
     assert_eq!(
         unbound.queries_for(MAIL, "A"),
@@ -107,21 +113,13 @@ async fn delv_validates_through_the_forwarder_and_each_client_gets_its_form() {
     // A forwarder that does not trust its upstream's AD passes the signatures on, never AD.
     let untrusting = forwarder(&zone, &unbound, "trust_ad = false").await;
     let signed = Dig::ask(untrusting.port, &["+dnssec", WWW, "A"]).await;
-    assert_eq!(
-        Dig::types(&signed.answer),
-        ["A", "RRSIG"],
-        "{}",
-        signed.text
-    );
+    assert_signed_a(&signed);
     assert!(!signed.has_flag("ad"), "{}", signed.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bogus_name_fails_once_per_backoff_period_and_cd_clients_get_its_data() {
-    let zone = SignedZone::build();
-    let nsd = Server::nsd(&zone).await;
-    let unbound = Server::unbound(&zone, &nsd).await;
-    let fwd = forwarder(&zone, &unbound, "").await;
+    let (zone, _nsd, unbound, fwd) = stack().await;
 
     // The validating upstream answers SERVFAIL; the forwarder remembers it for 3 s.
     let started = std::time::Instant::now();
@@ -153,12 +151,7 @@ async fn a_bogus_name_fails_once_per_backoff_period_and_cd_clients_get_its_data(
     assert!(cd.has_flag("cd") && !cd.has_flag("ad"));
     assert_eq!(cd.answer[0].2, "192.0.2.67");
     let cd_signed = Dig::ask(fwd.port, &["+cd", "+dnssec", BOGUS, "A"]).await;
-    assert_eq!(
-        Dig::types(&cd_signed.answer),
-        ["A", "RRSIG"],
-        "{}",
-        cd_signed.text
-    );
+    assert_signed_a(&cd_signed);
     let again = Dig::ask(fwd.port, &[BOGUS, "A"]).await;
     assert_eq!(again.status, "SERVFAIL", "the CD answer is not the others'");
     // delv asks with CD, gets the data through us and finds the signature bad.

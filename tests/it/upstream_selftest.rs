@@ -588,14 +588,20 @@ async fn blackhole_counts_but_never_answers() {
 async fn silent_name_is_counted_but_never_answered_while_others_are() {
     let upstream = TestUpstream::start().await;
     let addr = upstream.addr;
-    let udp_result =
-        udp_exchange_within(addr, &query("Silent.test.", RecordType::A, None), SILENCE).await;
-    assert!(udp_result.is_err(), "silent.test. answered over UDP");
-    let tcp_result =
-        tcp_exchange_within(addr, &query("silent.test.", RecordType::TXT, None), SILENCE).await;
-    assert!(tcp_result.is_err(), "silent.test. answered over TCP");
-    assert_eq!(upstream.queries_for("silent.test", RecordType::A), 1);
-    assert_eq!(upstream.queries_for("silent.test", RecordType::TXT), 1);
+    let (a, txt) = (
+        query("Silent.test.", RecordType::A, None),
+        query("silent.test.", RecordType::TXT, None),
+    );
+    let (over_udp, over_tcp) = tokio::join!(
+        udp_exchange_within(addr, &a, SILENCE),
+        tcp_exchange_within(addr, &txt, SILENCE)
+    );
+    assert!(
+        over_udp.is_err() && over_tcp.is_err(),
+        "silent.test. answered: {over_udp:?} {over_tcp:?}"
+    );
+    let counted = [RecordType::A, RecordType::TXT].map(|t| upstream.queries_for("silent.test", t));
+    assert_eq!(counted, [1, 1]);
     let reply = udp(addr, "a.test.", RecordType::A, None).await;
     assert_eq!(a_addrs(&reply.answers), [Ipv4Addr::new(192, 0, 2, 1)]);
     upstream.stop().await;

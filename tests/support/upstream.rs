@@ -844,16 +844,13 @@ impl PackedUpstream {
                             return;
                         }
                         count.fetch_add(1, Ordering::SeqCst);
-                        let Some(reply) = packed_reply(&query, Some(records)) else {
-                            return;
-                        };
-                        let Ok(len) = u16::try_from(reply.len()) else {
-                            return;
-                        };
-                        let mut framed = len.to_be_bytes().to_vec();
-                        framed.extend_from_slice(&reply);
-                        if stream.write_all(&framed).await.is_err() {
-                            return;
+                        // The reply is built with its 2-byte length prefix in front.
+                        let framed = packed_reply(&query, Some(records)).map(|reply| {
+                            [&(reply.len() as u16).to_be_bytes()[..], &reply].concat()
+                        });
+                        match framed {
+                            Some(framed) if stream.write_all(&framed).await.is_ok() => {}
+                            _ => return,
                         }
                     }
                 });

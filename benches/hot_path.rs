@@ -16,7 +16,11 @@
 //!   instances (issue 8: the cost of an answer should not grow with the instance count).
 //! - `handler`: `Handler::handle` end to end (bytes in, bytes out, metrics included) for a Consul
 //!   name served from a catalog, and for a forwarded cache hit; the same hit through
-//!   `Handler::handle_cached` (the inline hot path of the UDP loop).
+//!   `Handler::handle_cached` (the inline hot path of the UDP loop), without EDNS, with EDNS,
+//!   and with EDNS and DO (a DNSSEC client: its entry was fetched with DO).
+//!
+//! `cache_hit/write_reply_do` and `handler/forwarded_cache_hit_inline_do` are the DO client's
+//! hot path, measured before and after DNSSEC forwarding (docs/benchmarks.md).
 //!
 //! Nothing here opens a socket.
 
@@ -32,7 +36,7 @@ use hickory_proto::rr::rdata::{A, CNAME};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use serde_json::json;
 
-use consul_dns_forwarder::answer::Question;
+use consul_dns_forwarder::answer::{Dnssec, Question};
 use consul_dns_forwarder::cache::{Cache, CachedAnswer, Lookup};
 use consul_dns_forwarder::config::{Config, WhenNoneHealthy};
 use consul_dns_forwarder::consul::addrs::Addrs;
@@ -68,6 +72,17 @@ fn request(qname: &str, qtype: RecordType, edns: bool) -> Message {
         let mut e = Edns::new();
         e.set_max_payload(1232);
         m.edns = Some(e);
+    }
+    m
+}
+
+/// A query as a DNSSEC client sends it (`dig +dnssec`, a validating stub): EDNS with DO, and
+/// AD set.
+fn dnssec_request(qname: &str, qtype: RecordType) -> Message {
+    let mut m = request(qname, qtype, true);
+    m.metadata.authentic_data = true;
+    if let Some(e) = m.edns.as_mut() {
+        e.set_dnssec_ok(true);
     }
     m
 }
@@ -224,6 +239,16 @@ fn bench_cache_hit(c: &mut Criterion) {
             b.iter(|| {
                 let q = raw::parse_plain_query(black_box(&req_bytes)).expect("plain");
                 black_box(&entry).write_reply(&mut out, &q, limit, later, false, false)
+            })
+        });
+        // The same for a DNSSEC client (EDNS, DO and AD in the query; DO echoed in the reply).
+        let do_bytes = dnssec_request(qname, RecordType::A)
+            .to_vec()
+            .expect("encodes");
+        g.bench_function(BenchmarkId::new("write_reply_do", label), |b| {
+            b.iter(|| {
+                let q = raw::parse_plain_query(black_box(&do_bytes)).expect("plain");
+                black_box(&entry).write_reply(&mut out, &q, 1232, later, false, false)
             })
         });
         g.bench_function(BenchmarkId::new("to_answer", label), |b| {
@@ -405,6 +430,39 @@ fn bench_handler(c: &mut Criterion) {
             );
         })
     });
+    // With EDNS, and with EDNS and DO: the DNSSEC client's hit. The entry is fetched with DO
+    // (the same unsigned answer, so one entry serves both).
+    let dnssec_ok = Dnssec {
+        dnssec_ok: true,
+        checking_disabled: false,
+        authentic_data: true,
+    };
+    let reply = upstream_reply("www.example.com.", 2, false);
+    rt.block_on(
+        forwarder
+            .cache()
+            .fetch_dnssec(&q, dnssec_ok, move || async move { Ok(reply) }),
+    )
+    .expect("stored");
+    for (label, query) in [
+        (
+            "forwarded_cache_hit_inline_edns",
+            request("www.example.com.", RecordType::A, true),
+        ),
+        (
+            "forwarded_cache_hit_inline_do",
+            dnssec_request("www.example.com.", RecordType::A),
+        ),
+    ] {
+        let bytes = query.to_vec().expect("encodes");
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                let got =
+                    handler.handle_cached(black_box(&bytes), client, Transport::Udp, &mut out);
+                assert_eq!(got, Cached::Replied);
+            })
+        });
+    }
     // The runtime's share of the general path: an empty future through the same block_on.
     g.bench_function("block_on_overhead", |b| {
         b.iter(|| rt.block_on(async { black_box(1) }))

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need when it is missing, via apt-get when running
-# as root: dig (bind9-dnsutils), promtool and prometheus (prometheus), nginx and getent/ip for
-# the end-to-end tests (tests/it/e2e_*.rs), python3 with PyYAML for checking examples/kubernetes.
+# as root: dig and delv (bind9-dnsutils), promtool and prometheus (prometheus), nginx and
+# getent/ip for the end-to-end tests (tests/it/e2e_*.rs), python3 with PyYAML for checking
+# examples/kubernetes, and for the DNSSEC tests (tests/it/e2e_dnssec.rs) dnssec-keygen and
+# dnssec-signzone (bind9-utils), nsd and unbound.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-command -v dig >/dev/null 2>&1 || need_pkgs+=(bind9-dnsutils)
+{ command -v dig && command -v delv; } >/dev/null 2>&1 || need_pkgs+=(bind9-dnsutils)
+command -v dnssec-signzone >/dev/null 2>&1 || need_pkgs+=(bind9-utils)
+command -v nsd >/dev/null 2>&1 || [[ -x /usr/sbin/nsd ]] || need_pkgs+=(nsd)
+command -v unbound >/dev/null 2>&1 || [[ -x /usr/sbin/unbound ]] || need_pkgs+=(unbound)
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_pkgs+=(nginx)
 command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need_pkgs+=(iproute2)
@@ -16,8 +21,9 @@ if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    # Packages such as nginx and prometheus would start their services on install; the tests
-    # start their own instances, so keep the package scripts from starting anything.
+    # Packages such as nginx, prometheus, nsd and unbound would start their services on
+    # install; the tests start their own instances, so keep the package scripts from starting
+    # anything.
     policy=/usr/sbin/policy-rc.d
     created_policy=0
     if [[ ! -e $policy ]]; then

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use hickory_proto::op::{Query, ResponseCode};
+use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
 
 use crate::raw::PlainQuery;
@@ -29,6 +29,57 @@ impl Question {
             name,
             qtype: q.query_type(),
             qclass: q.query_class(),
+        }
+    }
+}
+
+/// The DNSSEC bits of a client's query: what it asks of a security-aware forwarder (RFC 4035
+/// §3.2, RFC 6840 §5). All clear for a client that knows nothing of DNSSEC (nginx, glibc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Dnssec {
+    /// DO (RFC 3225): the client wants RRSIG, NSEC, NSEC3 and DS records with the answer.
+    pub dnssec_ok: bool,
+    /// CD: the client validates itself; the upstream must not withhold data that fails.
+    pub checking_disabled: bool,
+    /// AD in the query: the client understands AD in the reply (RFC 6840 §5.7).
+    pub authentic_data: bool,
+}
+
+impl Dnssec {
+    /// The bits of a parsed request.
+    pub(crate) fn of(request: &Message) -> Dnssec {
+        Dnssec {
+            dnssec_ok: request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
+            checking_disabled: request.metadata.checking_disabled,
+            authentic_data: request.metadata.authentic_data,
+        }
+    }
+
+    /// May AD be set in the reply to this client, when the data is authentic? Only if it set
+    /// DO or AD (RFC 6840 §5.7): others (nginx among them) never see the bit.
+    pub(crate) fn wants_ad(self) -> bool {
+        self.dnssec_ok || self.authentic_data
+    }
+}
+
+/// What a source answered a client with DNSSEC bits: the answer, where it came from, and whether
+/// the reply carries AD.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answered {
+    pub(crate) answer: Answer,
+    pub(crate) source: Source,
+    /// Set only by the forwarder, under its rule (a trusted upstream said so, and the client
+    /// asked with DO or AD).
+    pub(crate) authentic_data: bool,
+}
+
+impl Answered {
+    /// An answer without AD: every source's but the forwarder's, whose rule may set it.
+    pub(crate) fn unsigned(answer: Answer, source: Source) -> Answered {
+        Answered {
+            answer,
+            source,
+            authentic_data: false,
         }
     }
 }
@@ -102,6 +153,15 @@ pub trait AnswerSource: Send + Sync {
     /// `limit` is the size the reply may take: a source may use it to avoid building records
     /// that cannot fit (the reply is truncated to it in any case).
     async fn answer(&self, q: &Question, limit: usize) -> (Answer, Source);
+
+    /// `answer` for a client whose query carries `dnssec`. The default ignores the bits: a
+    /// source whose answers are unsigned (Consul's, as Consul's own DNS interface gives them)
+    /// never adds DNSSEC records or AD. The forwarder passes them on (see `upstream`).
+    async fn answer_dnssec(&self, q: &Question, limit: usize, dnssec: Dnssec) -> Answered {
+        let _ = dnssec;
+        let (answer, source) = self.answer(q, limit).await;
+        Answered::unsigned(answer, source)
+    }
 
     /// Why this source cannot answer properly yet (`/ready` answers 503 with it), if it cannot:
     /// a Consul source that has not heard from Consul.

@@ -10,7 +10,7 @@ use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 
-use crate::answer::{Answer, AnswerSource, Question, Source};
+use crate::answer::{Answer, AnswerSource, Answered, Dnssec, Question, Source};
 use crate::arpa;
 use crate::header;
 use crate::metrics::{rcode_label, Metrics};
@@ -165,7 +165,7 @@ impl Handler {
             raw::write_header(out, &query, false, ResponseCode::NoError.low(), [0, 0, 0]);
             out.extend_from_slice(query.question);
             if opt {
-                raw::write_opt(out);
+                raw::write_opt(out, &query);
                 raw::add_additional(out);
             }
             header::set_flags(out, header::TC);
@@ -186,6 +186,7 @@ impl Handler {
             // The token is spent: `handle_miss` must not take another for the same query.
             return Cached::Miss(RateCharge::Taken);
         }
+        self.metrics.cache_hit();
         let flags = header::flags(out).unwrap_or(0);
         if flags & header::TC != 0 {
             // Cut to fit (a large shuffled answer); nothing else sets TC on this path.
@@ -289,15 +290,30 @@ impl Handler {
         self.metrics
             .count_request(transport, q.qtype, consul.is_some());
         let limit = reply::reply_limit(&request, transport);
-        let (answer, source) = match consul {
+        let answering = consul.map_or(&routes.forwarder, |route| &route.source);
+        let answered = match consul {
             // In every Consul mode, as Consul answers AXFR.
             Some(_) if matches!(q.qtype, RecordType::AXFR | RecordType::IXFR) => {
-                (crate::consul::records::zone_transfer(), Source::Local)
+                Answered::unsigned(crate::consul::records::zone_transfer(), Source::Local)
             }
-            Some(route) => route.source.answer(&q, limit).await,
-            None => routes.forwarder.answer(&q, limit).await,
+            _ => {
+                answering
+                    .answer_dnssec(&q, limit, Dnssec::of(&request))
+                    .await
+            }
         };
-        let (bytes, truncated) = reply::encode_reply(&request, &answer, limit);
+        let (answer, source) = (answered.answer, answered.source);
+        let (mut bytes, mut truncated) = reply::encode_reply(&request, &answer, limit);
+        if truncated && transport == Transport::Tcp {
+            // An answer hickory cannot encode again within 64 KiB (it compresses at most 120
+            // names) is cached as the upstream sent it: served whole from those bytes.
+            if let Some(whole) = whole_from_cache(answering.as_ref(), packet, limit) {
+                (bytes, truncated) = (whole, false);
+            }
+        }
+        if answered.authentic_data {
+            header::set_flags(&mut bytes, header::AD);
+        }
         if truncated {
             self.metrics
                 .truncated
@@ -345,6 +361,18 @@ impl Handler {
             None => reply::header_only_reply(header, rcode),
         }
     }
+}
+
+/// The reply to `packet` written from `source`'s cached bytes, if it is a plain query it has
+/// them for.
+fn whole_from_cache(source: &dyn AnswerSource, packet: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let query = raw::parse_plain_query(packet)?;
+    let mut key_buf = [0u8; raw::MAX_QUESTION_WIRE];
+    let key = raw::question_key(query.question, &mut key_buf);
+    let mut out = Vec::new();
+    source
+        .reply_from_cache(&query, key, limit, Instant::now(), &mut out)
+        .then_some(out)
 }
 
 /// The error rcode a request that parsed (`None`: it did not) must get before any source is

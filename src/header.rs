@@ -47,8 +47,9 @@ pub(crate) const RA: u16 = 0x0080;
 /// Z: reserved, must be zero. Named for the header tests; nothing sets it.
 #[cfg(test)]
 pub(crate) const Z: u16 = 0x0040;
-/// AD: authentic data (RFC 4035 §3.2.3). Named for the header tests; replies clear it.
-#[cfg(test)]
+/// AD: authentic data (RFC 4035 §3.2.3). In a query, the client understands AD (RFC 6840
+/// §5.7); in a reply, set only for forwarded answers a trusted upstream validated (see
+/// `upstream::Forwarder`).
 pub(crate) const AD: u16 = 0x0020;
 /// CD: checking disabled (RFC 4035 §3.2.2; copied from query to reply).
 pub(crate) const CD: u16 = 0x0010;
@@ -64,6 +65,23 @@ pub(crate) const TYPE_A: u16 = 1;
 pub(crate) const TYPE_AAAA: u16 = 28;
 /// Record type of the EDNS pseudo-record (RFC 6891).
 pub(crate) const TYPE_OPT: u16 = 41;
+/// Record types a resolver leaves out for a client without DO unless it asked for that type
+/// (RFC 4035 §3.2.1): signatures, denial-of-existence proofs and delegation signers.
+pub(crate) const TYPE_DS: u16 = 43;
+pub(crate) const TYPE_RRSIG: u16 = 46;
+pub(crate) const TYPE_NSEC: u16 = 47;
+pub(crate) const TYPE_NSEC3: u16 = 50;
+
+/// DO: the DNSSEC OK bit of the OPT record's flags (RFC 3225), the high bit of the 16 flag bits
+/// that follow its extended rcode and version.
+pub(crate) const EDNS_DO: u16 = 0x8000;
+
+/// Is `rtype` one of the DNSSEC types that only a client with DO gets unless it asked for it
+/// (RFC 4035 §3.2.1)?
+#[inline]
+pub(crate) fn is_dnssec_proof(rtype: u16) -> bool {
+    matches!(rtype, TYPE_DS | TYPE_RRSIG | TYPE_NSEC | TYPE_NSEC3)
+}
 
 /// The four sections whose record counts the header holds, in header order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

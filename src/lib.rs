@@ -23,7 +23,10 @@
 //!   and the cache in front of it.
 //! - [`ratelimit`]: per-client-network UDP response rate limiting (TC=1 over the limit).
 //! - [`cache`]: the answer cache, in wire format: TTL countdown, negative caching, serve-stale,
-//!   merged misses.
+//!   merged misses, one entry for DNSSEC and plain clients.
+//! - `dnssec`: which DNSSEC records a client without DO must not get (RFC 4035 §3.2.1), and the
+//!   forwarder's DNSSEC rules.
+//! - [`failures`]: upstream failures remembered per question, with backoff (RFC 9520).
 //! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
 //! - `lock`: the one way to take a mutex (poisoning ignored).
@@ -59,6 +62,8 @@ mod arpa;
 pub mod cache;
 pub mod config;
 pub mod consul;
+mod dnssec;
+pub mod failures;
 pub mod handler;
 mod header;
 mod lock;

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub(crate) upstream_rejected: IntCounter,
     pub(crate) upstream_unmatched_replies: IntCounterVec,
     pub(crate) upstream_case_fallbacks: IntCounter,
+    /// Upstream failures remembered per question (RFC 9520), by reason.
+    pub(crate) failures_cached: IntCounterVec,
+    /// Queries answered SERVFAIL from a remembered failure, without asking upstream.
+    pub(crate) cached_failure_answers: IntCounter,
     pub(crate) rate_limited: IntCounter,
     pub(crate) truncated: IntCounterVec,
     pub(crate) refused_clients: IntCounterVec,
@@ -156,6 +160,11 @@ impl Metrics {
                 &["reason"],
             )?,
             upstream_case_fallbacks: IntCounter::with_opts(opts("upstream_case_fallbacks_total", "Questions re-asked without 0x20 case randomisation because the upstream's reply did not keep our letter case (upstream.randomize_case)."))?,
+            failures_cached: IntCounterVec::new(
+                opts("upstream_failures_cached_total", "Questions whose upstreams failed, remembered so that they are not asked again for cache.failure_ttl (doubling while the failure persists, up to cache.failure_ttl_max; RFC 9520), by reason: servfail, refused, timeout, unreachable, other (another error rcode, or an answer that cannot be stored)."),
+                &["reason"],
+            )?,
+            cached_failure_answers: IntCounter::with_opts(opts("cached_failure_answers_total", "Queries answered SERVFAIL from a remembered upstream failure, without asking upstream (stale data, when there is some, is served instead and counted in stale_answers_total)."))?,
             rate_limited: IntCounter::with_opts(opts("rate_limited_total", "UDP queries over server.rate_limit for their client network: answered with an empty TC=1 reply, or dropped when the reply would be an error such as REFUSED (those are also in dropped_packets_total{reason=\"rate_limit\"})."))?,
             truncated: IntCounterVec::new(
                 opts("truncated_responses_total", "Responses sent with TC=1 because the answer did not fit."),
@@ -220,6 +229,8 @@ impl Metrics {
         registry.register(Box::new(self.upstream_rejected.clone()))?;
         registry.register(Box::new(self.upstream_unmatched_replies.clone()))?;
         registry.register(Box::new(self.upstream_case_fallbacks.clone()))?;
+        registry.register(Box::new(self.failures_cached.clone()))?;
+        registry.register(Box::new(self.cached_failure_answers.clone()))?;
         registry.register(Box::new(self.rate_limited.clone()))?;
         registry.register(Box::new(self.refused_clients.clone()))?;
         registry.register(Box::new(self.dropped.clone()))?;
@@ -264,6 +275,9 @@ impl Metrics {
         }
         for outcome in ["success", "failure"] {
             self.reloads.with_label_values(&[outcome]);
+        }
+        for reason in crate::cache::FAILURE_REASONS {
+            self.failures_cached.with_label_values(&[reason]);
         }
     }
 

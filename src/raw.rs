@@ -34,6 +34,10 @@ pub struct PlainQuery<'a> {
     pub(crate) id: u16,
     pub(crate) recursion_desired: bool,
     pub(crate) checking_disabled: bool,
+    /// AD in the query: the client understands AD in replies (RFC 6840 §5.7).
+    pub(crate) authentic_data: bool,
+    /// DO in the query's OPT record: the client wants DNSSEC records (RFC 3225).
+    pub(crate) dnssec_ok: bool,
     /// The question exactly as the client wrote it (name in its case, type, class): echoed as is.
     pub(crate) question: &'a [u8],
     pub(crate) qtype: u16,
@@ -65,6 +69,7 @@ fn plain_name_len(p: &[u8], at: usize) -> Option<usize> {
 /// Reads `packet` if it is a plain query: QUERY opcode, QR=0, TC=0, one question with an
 /// uncompressed name, no answer or authority records, and at most one additional record, which
 /// is an EDNS version 0 OPT with well-formed options. `None` means "use the general path".
+/// The DNSSEC bits (CD, AD, DO) are read too: they choose the cache entry and the reply's form.
 pub fn parse_plain_query(packet: &[u8]) -> Option<PlainQuery<'_>> {
     let [questions, answers, authorities, additionals] = header::counts(packet)?;
     let flags = header::flags(packet)?;
@@ -79,6 +84,7 @@ pub fn parse_plain_query(packet: &[u8]) -> Option<PlainQuery<'_>> {
     let question_end = HEADER_LEN + name_len + 4;
     let question = packet.get(HEADER_LEN..question_end)?;
     let qtype = u16_at(packet, HEADER_LEN + name_len)?;
+    let mut dnssec_ok = false;
     let edns_payload = match additionals {
         0 => {
             if packet.len() != question_end {
@@ -97,6 +103,7 @@ pub fn parse_plain_query(packet: &[u8]) -> Option<PlainQuery<'_>> {
                 // EDNS version above 0: BADVERS, from the general path.
                 return None;
             }
+            dnssec_ok = u16_at(opt, 7)? & header::EDNS_DO != 0;
             let rdlen = usize::from(u16_at(opt, 9)?);
             if opt.len() != 11 + rdlen {
                 return None;
@@ -119,6 +126,8 @@ pub fn parse_plain_query(packet: &[u8]) -> Option<PlainQuery<'_>> {
         id: header::id(packet)?,
         recursion_desired: flags & header::RD != 0,
         checking_disabled: flags & header::CD != 0,
+        authentic_data: flags & header::AD != 0,
+        dnssec_ok,
         question,
         qtype,
         edns_payload,
@@ -231,8 +240,102 @@ pub(crate) fn rewrite_ttls(
     true
 }
 
+/// An upstream reply as it came, made ready to be stored as it is (see `cache`): the question in
+/// the cache's spelling, TTLs rewritten, the OPT record dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Received {
+    /// The question, then the records, as they follow the header.
+    pub(crate) body: Vec<u8>,
+    /// Answer, authority and additional record counts.
+    pub(crate) counts: [u16; 3],
+    pub(crate) answers: u16,
+    /// The shortest answer TTL, rewritten (0 without answers).
+    pub(crate) min_answer_ttl: u32,
+    /// Holds an RRSIG, NSEC, NSEC3 or DS record of a type other than the question's.
+    pub(crate) has_proofs: bool,
+}
+
+/// Reads the upstream reply `wire` to `question` (wire format, name lowercased) for storing as
+/// it came: its question must be `question` but for letter case (DNS 0x20), and becomes it; its
+/// records must be well formed; an OPT record must be the last one (dropping it then moves no
+/// other record); every TTL becomes `ttl(old)`. Records keep their bytes and compression.
+pub(crate) fn normalize_received(
+    wire: &[u8],
+    question: &[u8],
+    ttl: impl Fn(u32) -> u32,
+) -> Option<Received> {
+    let [questions, answers, authorities, additionals] = header::counts(wire)?;
+    let name_len = question.len().checked_sub(4)?;
+    let asked = wire.get(HEADER_LEN..HEADER_LEN + question.len())?;
+    if questions != 1
+        || !asked[..name_len].eq_ignore_ascii_case(&question[..name_len])
+        || asked[name_len..] != question[name_len..]
+    {
+        return None;
+    }
+    let qtype = u16_at(question, name_len)?;
+    let mut body = wire.get(HEADER_LEN..)?.to_vec();
+    body[..question.len()].copy_from_slice(question);
+    let base = HEADER_LEN + question.len();
+    let before_additional = usize::from(answers) + usize::from(authorities);
+    let total = before_additional + usize::from(additionals);
+    let (mut at, mut kept, mut has_proofs, mut min_ttl) = (0, 0, false, u32::MAX);
+    let mut additionals = additionals;
+    for i in 0..total {
+        let span = record_at(&body[question.len()..], at, base)?;
+        if span.rtype == TYPE_OPT {
+            if i + 1 != total || i < before_additional {
+                return None;
+            }
+            additionals -= 1;
+            break;
+        }
+        has_proofs |= header::is_dnssec_proof(span.rtype) && span.rtype != qtype;
+        if i < usize::from(answers) {
+            let field = body.get(question.len() + span.ttl_at..)?;
+            min_ttl = min_ttl.min(u32::from_be_bytes([field[0], field[1], field[2], field[3]]));
+        }
+        at = span.end;
+        kept += 1;
+    }
+    body.truncate(question.len() + at);
+    if !rewrite_ttls(&mut body[question.len()..], kept, base, &ttl) {
+        return None;
+    }
+    Some(Received {
+        body,
+        counts: [answers, authorities, additionals],
+        answers,
+        min_answer_ttl: if answers > 0 { ttl(min_ttl) } else { 0 },
+        has_proofs,
+    })
+}
+
+/// Copies whole records from the start of `records` to `out` while they fit in `room` bytes, at
+/// most `count` of them; returns how many. The copy stands on its own: compression pointers
+/// point only at names before them (RFC 1035 §4.1.4).
+pub(crate) fn copy_prefix(
+    out: &mut Vec<u8>,
+    records: &[u8],
+    count: usize,
+    base: usize,
+    room: usize,
+) -> usize {
+    let (mut at, mut copied) = (0, 0);
+    while copied < count {
+        match record_at(records, at, base) {
+            Some(span) if span.end <= room => at = span.end,
+            _ => break,
+        }
+        copied += 1;
+    }
+    out.extend_from_slice(&records[..at]);
+    copied
+}
+
 /// Header flags of a reply to `q`: QR=1, opcode QUERY, RD and CD copied, RA=1, AA as given, AD
-/// and Z clear (the same rules as `reply::reply_metadata`).
+/// and Z clear (the same rules as `reply::reply_metadata`; AD is the forwarder's to set).
+#[inline]
 pub(crate) fn write_header(
     out: &mut Vec<u8>,
     q: &PlainQuery<'_>,
@@ -250,13 +353,17 @@ pub(crate) fn write_header(
     header::push(out, q.id, flags, [1, answers, authorities, additionals]);
 }
 
-/// The OPT record of our replies: UDP size 1232, version 0, no flags or options (as
-/// `reply::reply_edns`).
-pub(crate) fn write_opt(out: &mut Vec<u8>) {
-    out.push(0);
-    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-    out.extend_from_slice(&(header::UDP_LIMIT_EDNS as u16).to_be_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+/// The OPT record of our replies: UDP size 1232, version 0, DO copied from the query (RFC 3225
+/// §3), no other flags or options (as `reply::reply_edns`).
+#[inline]
+pub(crate) fn write_opt(out: &mut Vec<u8>, q: &PlainQuery<'_>) {
+    let [size_high, size_low] = (header::UDP_LIMIT_EDNS as u16).to_be_bytes();
+    let [do_high, do_low] = header::flag_if(q.dnssec_ok, header::EDNS_DO).to_be_bytes();
+    let [type_high, type_low] = TYPE_OPT.to_be_bytes();
+    // Root owner, type, payload size, extended rcode and version 0, flags, no options.
+    out.extend_from_slice(&[
+        0, type_high, type_low, size_high, size_low, 0, 0, do_high, do_low, 0, 0,
+    ]);
 }
 
 /// Bumps ARCOUNT of an encoded message by one (after `write_opt`).
@@ -350,10 +457,76 @@ mod tests {
             b"\x03WwW\x07Example\x03COM\x00"
         );
         let bytes = query("a.b.", RecordType::A, Some(4096));
+        let q = parse_plain_query(&bytes).expect("plain");
+        assert_eq!(q.edns_payload, Some(4096));
+        assert!(!q.dnssec_ok && !q.authentic_data);
+    }
+
+    #[test]
+    fn dnssec_bits_are_read_and_do_is_echoed() {
+        let mut m = Message::from_vec(&query("a.b.", RecordType::A, Some(1232))).expect("query");
+        m.metadata.authentic_data = true;
+        m.metadata.checking_disabled = true;
+        if let Some(e) = m.edns.as_mut() {
+            e.set_dnssec_ok(true);
+        }
+        let bytes = m.to_vec().expect("encode");
+        let q = parse_plain_query(&bytes).expect("plain");
+        assert!(q.dnssec_ok && q.authentic_data && q.checking_disabled);
+        let mut out = Vec::new();
+        write_header(&mut out, &q, false, 0, [0; 3]);
+        out.extend_from_slice(q.question);
+        write_opt(&mut out, &q);
+        add_additional(&mut out);
+        let reply = Message::from_vec(&out).expect("decodes");
+        assert!(!reply.metadata.authentic_data && reply.metadata.checking_disabled);
+        assert!(reply.edns.is_some_and(|e| e.flags().dnssec_ok));
+    }
+
+    /// The upstream's bytes, stored as they came: question in the cache's case, TTLs rewritten,
+    /// the trailing OPT dropped; an OPT anywhere else, or a different question, is refused.
+    #[test]
+    fn received_replies_are_normalized_in_place() {
+        let question = b"\x01a\x01b\x00\x00\x01\x00\x01";
+        let mut wire = Vec::new();
+        header::push(&mut wire, 7, header::QR, [1, 2, 0, 1]);
+        wire.extend_from_slice(b"\x01A\x01b\x00\x00\x01\x00\x01");
+        for ttl in [300u32, 50] {
+            wire.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+            wire.extend_from_slice(&ttl.to_be_bytes());
+            wire.extend_from_slice(&[0, 4, 192, 0, 2, 1]);
+        }
+        let opt = [0, 0, 41, 4, 208, 0, 0, 0x80, 0, 0, 0];
+        wire.extend_from_slice(&opt);
+        let got = normalize_received(&wire, question, |t| t.min(100)).expect("storable");
+        assert_eq!(got.counts, [2, 0, 0]);
         assert_eq!(
-            parse_plain_query(&bytes).expect("plain").edns_payload,
-            Some(4096)
+            (got.answers, got.min_answer_ttl, got.has_proofs),
+            (2, 50, false)
         );
+        assert_eq!(&got.body[..question.len()], question);
+        assert_eq!(got.body.len(), wire.len() - HEADER_LEN - opt.len());
+        let first =
+            record_at(&got.body[question.len()..], 0, HEADER_LEN + question.len()).expect("record");
+        let ttl_at = question.len() + first.ttl_at;
+        assert_eq!(&got.body[ttl_at..ttl_at + 4], &100u32.to_be_bytes());
+        // The OPT before the last record: dropping it would move the record after it.
+        let mut misplaced = wire.clone();
+        header::set_count(&mut misplaced, Section::Answer, 1);
+        header::set_count(&mut misplaced, Section::Additional, 2);
+        let len = misplaced.len();
+        misplaced.truncate(len - opt.len() - 16);
+        misplaced.extend_from_slice(&opt);
+        misplaced.extend_from_slice(&wire[len - opt.len() - 16..len - opt.len()]);
+        assert!(normalize_received(&misplaced, question, |t| t).is_none());
+        assert!(normalize_received(&wire, b"\x01c\x01b\x00\x00\x01\x00\x01", |t| t).is_none());
+        // Cut after the first record: the prefix stands on its own.
+        let mut out = Vec::new();
+        let records = &got.body[question.len()..];
+        assert_eq!(copy_prefix(&mut out, records, 2, 25, 20), 1);
+        assert_eq!(out.len(), 16);
+        out.clear();
+        assert_eq!(copy_prefix(&mut out, records, 2, 25, 64), 2);
     }
 
     #[test]

@@ -90,7 +90,9 @@ pub(crate) fn limit_for(transport: Transport, edns_payload: Option<u16>) -> usiz
 }
 
 /// The reply's header: ID, opcode, RD and CD copied; RA=1 always (glibc treats a reply without RA,
-/// AA or records as lame); AD and Z never set (nginx drops replies with them).
+/// AA or records as lame); Z never set (nginx drops replies with it), AD clear (the handler sets
+/// it on a forwarded answer the forwarder's rule allows, which never reaches a client that did
+/// not set DO or AD).
 pub(crate) fn reply_metadata(
     request: &Message,
     rcode: ResponseCode,
@@ -108,12 +110,13 @@ pub(crate) fn reply_metadata(
 }
 
 /// The OPT record of a reply: present only when the request had one (RFC 6891 §7), version 0,
-/// advertising the size we accept.
+/// advertising the size we accept, DO copied from the request (RFC 3225 §3).
 fn reply_edns(request: &Message) -> Option<Edns> {
-    request.edns.as_ref().map(|_| {
+    request.edns.as_ref().map(|asked| {
         let mut edns = Edns::new();
         edns.set_max_payload(UDP_LIMIT_EDNS as u16);
         edns.set_version(0);
+        edns.set_dnssec_ok(asked.flags().dnssec_ok);
         edns
     })
 }

@@ -18,9 +18,11 @@ use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use crate::answer::{Answer, AnswerSource, Question, Source};
-use crate::cache::{Cache, FetchError, Lookup, TtlPolicy};
+use crate::answer::{Answer, AnswerSource, Answered, Dnssec, Question, Source};
+use crate::cache::{Cache, CachedAnswer, FetchError, Lookup, TtlPolicy, UpstreamReply};
 use crate::config::Config;
+use crate::failures::FailurePolicy;
+use crate::header;
 use crate::metrics::Metrics;
 use crate::raw::PlainQuery;
 use crate::reply;
@@ -61,13 +63,17 @@ impl ServerGroup {
         self
     }
 
-    /// Asks the servers for `q` and returns the first usable reply (any rcode but SERVFAIL,
-    /// REFUSED, NOTIMP and FORMERR, which move on to the next server).
+    /// Asks the servers for `q`, with `flags`' DO, CD and AD, and returns the first usable reply
+    /// (any rcode but SERVFAIL, REFUSED, NOTIMP and FORMERR, which move on to the next server).
+    /// A server that answered is not asked again: a lost datagram is worth a second try, an
+    /// answer is not (the upstream would only repeat it), so once every server has answered
+    /// with one of those rcodes the question has failed.
     pub(crate) async fn query(
         &self,
         q: &Question,
+        flags: Dnssec,
         metrics: &Metrics,
-    ) -> Result<Message, FetchError> {
+    ) -> Result<UpstreamReply, FetchError> {
         let n = self.servers.len();
         if n == 0 {
             return Err(FetchError::Io("no upstream servers".into()));
@@ -77,9 +83,10 @@ impl ServerGroup {
         // With a single server, try it twice (a lost UDP datagram should not cost the deadline).
         let attempts = n.max(2);
         let mut last_error = FetchError::Timeout(self.timeout);
+        let mut answered = 0;
         for attempt in 0..attempts {
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || answered == n {
                 break;
             }
             let index = (first + attempt) % n;
@@ -91,19 +98,20 @@ impl ServerGroup {
             let started = Instant::now();
             let result = tokio::time::timeout(
                 per_attempt,
-                exchange(server, q, self.randomize_case, metrics),
+                exchange(server, q, flags, self.randomize_case, metrics),
             )
             .await;
             let label = server.to_string();
             metrics.observe_upstream(&label, started.elapsed());
             match result {
-                Ok(Ok(reply)) => match reply.metadata.response_code {
+                Ok(Ok(reply)) => match reply.message.metadata.response_code {
                     ResponseCode::ServFail
                     | ResponseCode::Refused
                     | ResponseCode::NotImp
                     | ResponseCode::FormErr => {
                         metrics.upstream_error(&label, "rcode");
-                        last_error = FetchError::Rcode(reply.metadata.response_code);
+                        answered += 1;
+                        last_error = FetchError::Rcode(reply.message.metadata.response_code);
                     }
                     _ => {
                         self.preferred.store(index, Ordering::Relaxed);
@@ -170,14 +178,15 @@ enum ExchangeError {
 async fn exchange(
     server: SocketAddr,
     q: &Question,
+    flags: Dnssec,
     randomize_case: bool,
     metrics: &Metrics,
-) -> std::io::Result<Message> {
+) -> std::io::Result<UpstreamReply> {
     if randomize_case {
         let sent = randomized_case(&q.name);
-        match exchange_as(server, q, &sent, true, metrics).await {
+        match exchange_as(server, q, &sent, (flags, true), metrics).await {
             Ok(mut reply) => {
-                restore_case(&mut reply, q);
+                restore_case(&mut reply.message, q);
                 return Ok(reply);
             }
             Err(ExchangeError::Io(e)) => return Err(e),
@@ -187,7 +196,7 @@ async fn exchange(
             }
         }
     }
-    match exchange_as(server, q, &q.name, false, metrics).await {
+    match exchange_as(server, q, &q.name, (flags, false), metrics).await {
         Ok(reply) => Ok(reply),
         Err(ExchangeError::Io(e)) => Err(e),
         // Not produced without `exact_case`; mapped for completeness.
@@ -195,18 +204,19 @@ async fn exchange(
     }
 }
 
-/// `exchange` with the question's name written as `sent` (`q.name` in some letter case).
+/// `exchange` with the question's name written as `sent` (`q.name` in some letter case), and
+/// with its case checked in the reply when `exact_case`.
 async fn exchange_as(
     server: SocketAddr,
     q: &Question,
     sent: &Name,
-    exact_case: bool,
+    (flags, exact_case): (Dnssec, bool),
     metrics: &Metrics,
-) -> Result<Message, ExchangeError> {
+) -> Result<UpstreamReply, ExchangeError> {
     let id: u16 = rand::random();
-    let request = build_query(id, q, sent)?;
+    let request = build_query(id, q, sent, flags)?;
     let reply = exchange_udp(server, &request, id, q, sent, exact_case, metrics).await?;
-    if reply.metadata.truncation {
+    if reply.message.metadata.truncation {
         // TCP cannot be spoofed blind, so its reply's case is not checked (and is restored by
         // the caller all the same).
         return Ok(exchange_tcp(server, &request, id, q, metrics).await?);
@@ -214,14 +224,19 @@ async fn exchange_as(
     Ok(reply)
 }
 
-fn build_query(id: u16, q: &Question, sent: &Name) -> std::io::Result<Vec<u8>> {
+/// The upstream query: RD, EDNS with our size, and DO, CD and AD as `flags` say (see
+/// `Forwarder::upstream_flags`).
+fn build_query(id: u16, q: &Question, sent: &Name, flags: Dnssec) -> std::io::Result<Vec<u8>> {
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
+    msg.metadata.checking_disabled = flags.checking_disabled;
+    msg.metadata.authentic_data = flags.authentic_data;
     let mut query = Query::query(sent.clone(), q.qtype);
     query.set_query_class(q.qclass);
     msg.add_query(query);
     let mut edns = Edns::new();
     edns.set_max_payload(UPSTREAM_EDNS_SIZE);
+    edns.set_dnssec_ok(flags.dnssec_ok);
     msg.edns = Some(edns);
     msg.to_vec().map_err(std::io::Error::other)
 }
@@ -284,7 +299,7 @@ fn check(
     q: &Question,
     sent: &Name,
     exact_case: bool,
-) -> Result<Message, Mismatch> {
+) -> Result<UpstreamReply, Mismatch> {
     let reply = Message::from_vec(bytes).map_err(|_| Mismatch::Malformed)?;
     if reply.metadata.id != id || reply.metadata.message_type != MessageType::Response {
         return Err(Mismatch::Id);
@@ -298,7 +313,10 @@ fn check(
     if exact_case && !asked.name().eq_case(sent) {
         return Err(Mismatch::Case);
     }
-    Ok(reply)
+    Ok(UpstreamReply {
+        message: reply,
+        wire: Some(bytes.to_vec()),
+    })
 }
 
 async fn exchange_udp(
@@ -309,7 +327,7 @@ async fn exchange_udp(
     sent: &Name,
     exact_case: bool,
     metrics: &Metrics,
-) -> Result<Message, ExchangeError> {
+) -> Result<UpstreamReply, ExchangeError> {
     let bind: SocketAddr = match server.ip() {
         IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
@@ -338,7 +356,7 @@ async fn exchange_tcp(
     id: u16,
     q: &Question,
     metrics: &Metrics,
-) -> std::io::Result<Message> {
+) -> std::io::Result<UpstreamReply> {
     let mut stream = TcpStream::connect(server).await?;
     stream.set_nodelay(true)?;
     let len = u16::try_from(request.len()).map_err(std::io::Error::other)?;
@@ -384,7 +402,12 @@ impl Router {
     }
 }
 
-/// Forwarded names: cache first, upstream on a miss, stale data when the upstream fails.
+/// Forwarded names: cache first, upstream on a miss, stale data when the upstream fails, and
+/// SERVFAIL without asking while a failure is remembered (RFC 9520).
+///
+/// DNSSEC (see `dnssec` for the rules): the client's DO and CD go upstream, its answer is
+/// cached under CD and served to DO clients whole and to others without DNSSEC records, and AD
+/// is passed on from a trusted upstream to clients that set DO or AD.
 pub struct Forwarder {
     router: Router,
     cache: Cache,
@@ -392,6 +415,11 @@ pub struct Forwarder {
     /// Shuffle answer records on every response (the dnsmasq-compatible Consul mode, where round
     /// robin must survive our cache).
     shuffle: bool,
+    /// Pass DNSSEC on (forwarded names). Off for Consul's DNS interface, whose answers are
+    /// unsigned: it is asked without DO, CD or AD, whatever the client set.
+    dnssec: bool,
+    /// AD from the upstreams may reach clients (`upstream.trust_ad`).
+    trust_ad: bool,
     /// Upstream fetches in flight (`upstream.max_inflight`).
     inflight: Arc<tokio::sync::Semaphore>,
     /// The Consul DNS mode's `consul.reverse_networks`: PTR questions for addresses in them go
@@ -411,11 +439,20 @@ impl Forwarder {
             cache,
             metrics,
             shuffle,
+            dnssec: false,
+            trust_ad: false,
             inflight: Arc::new(tokio::sync::Semaphore::new(
                 crate::config::DEFAULT_UPSTREAM_INFLIGHT,
             )),
             reverse_networks: Vec::new(),
         }
+    }
+
+    /// Passes DNSSEC on (DO, CD, DNSSEC records), and AD when `trust_ad`.
+    pub(crate) fn with_dnssec(mut self, trust_ad: bool) -> Forwarder {
+        self.dnssec = true;
+        self.trust_ad = trust_ad;
+        self
     }
 
     /// The forwarding stack `config` asks for: `[upstream]` servers and `[[forward]]` zones, the
@@ -445,12 +482,14 @@ impl Forwarder {
             false,
         )
         .with_max_inflight(config.upstream.max_inflight)
+        .with_dnssec(config.effective_trust_ad())
     }
 
     /// The dnsmasq-compatible Consul mode (`consul.mode = "dns"`): the Consul domains forwarded
     /// to the agents' DNS ports, a forward zone like the others but with a TTL floor of the
     /// service TTL (Consul sends 0: without the floor every query would reach the agent) and
-    /// shuffled on the way out, so round robin survives the cache.
+    /// shuffled on the way out, so round robin survives the cache. Consul's answers are
+    /// unsigned: no DNSSEC is passed on.
     pub(crate) fn consul_dns(config: &Config, metrics: &Arc<Metrics>) -> Forwarder {
         let consul = &config.consul;
         let floor = config.cache.min_ttl.max(consul.service_ttl_for(""));
@@ -481,6 +520,13 @@ impl Forwarder {
             policy,
             Some(metrics.cache_evictions.clone()),
         )
+        .with_failures(
+            FailurePolicy {
+                ttl: config.cache.failure_ttl,
+                max_ttl: config.cache.failure_ttl_max,
+            },
+            Some(metrics.failures_cached.clone()),
+        )
     }
 
     /// Caps upstream fetches in flight; a miss beyond the cap is answered at once (stale data or
@@ -496,25 +542,77 @@ impl Forwarder {
         &self.cache
     }
 
-    /// The answer for `q`, and where it came from. Never fails: when nothing can be had in time,
-    /// the answer is SERVFAIL.
-    pub(crate) async fn answer(&self, q: &Question) -> (Answer, Source) {
+    /// What the upstream is asked with for a client that sent `client`: its DO and CD, and AD
+    /// always (RFC 6840 §5.7: the upstream then says whether it validated, whatever the
+    /// client's bits, so one entry serves clients with and without AD). Nothing when DNSSEC is
+    /// not passed on.
+    fn upstream_flags(&self, client: Dnssec) -> Dnssec {
+        if !self.dnssec {
+            return Dnssec::default();
+        }
+        Dnssec {
+            authentic_data: true,
+            ..client
+        }
+    }
+
+    /// Is AD set in the reply to `client` from `entry`? Only from a trusted upstream that set
+    /// it, and only for a client that set DO or AD (RFC 6840 §5.7).
+    fn authentic(&self, entry: &CachedAnswer, client: Dnssec) -> bool {
+        self.dnssec && self.trust_ad && entry.authentic_data() && client.wants_ad()
+    }
+
+    /// `entry`'s answer for `client`, as fetched for a DO client, without DNSSEC records for
+    /// the others.
+    fn answered(
+        &self,
+        entry: &CachedAnswer,
+        client: Dnssec,
+        stale: bool,
+        source: Source,
+    ) -> Answered {
+        let dnssec_ok = self.dnssec && client.dnssec_ok;
+        Answered {
+            answer: self.finish(entry.to_answer_for(Instant::now(), stale, dnssec_ok)),
+            source,
+            authentic_data: self.authentic(entry, client),
+        }
+    }
+
+    /// The answer for `q` asked by a client with `client`'s DNSSEC bits, and where it came from.
+    /// Never fails: when nothing can be had in time, the answer is SERVFAIL.
+    pub(crate) async fn answer_for(&self, q: &Question, client: Dnssec) -> Answered {
         if q.qtype == RecordType::ANY {
             // RFC 8482, without asking anyone.
-            return (
+            return Answered::unsigned(
                 reply::minimal_any_answer(&Query::query(q.name.clone(), q.qtype)),
                 Source::Local,
             );
         }
+        let asked = self.upstream_flags(client);
         let now = Instant::now();
-        let expired = match self.cache.lookup(q, now) {
-            Lookup::Fresh(entry) => {
+        // A DO client needs an entry fetched with DO; anything else is a miss to it.
+        let stale = match self.cache.lookup_cd(q, asked.checking_disabled, now) {
+            Lookup::Fresh(entry) if entry.serves(asked.dnssec_ok) => {
                 self.metrics.cache_hit();
-                return (self.finish(entry.to_answer(now, false)), Source::Cache);
+                return self.answered(&entry, client, false, Source::Cache);
             }
-            Lookup::Expired(entry) => Some(entry),
-            Lookup::Miss => None,
+            Lookup::Expired(entry) if entry.serves(asked.dnssec_ok) => Some(entry),
+            _ => None,
         };
+        if self.cache.failed_recently(q, asked.checking_disabled, now) {
+            // RFC 8767 before RFC 9520: stale data rather than the remembered failure.
+            return match stale {
+                Some(entry) => {
+                    self.metrics.stale_served();
+                    self.answered(&entry, client, true, Source::Stale)
+                }
+                None => {
+                    self.metrics.cached_failure_answers.inc();
+                    Answered::unsigned(Answer::servfail(), Source::Cache)
+                }
+            };
+        }
         self.metrics.cache_miss();
         let group = self.router.group_for(&q.name).clone();
         let metrics = self.metrics.clone();
@@ -522,29 +620,23 @@ impl Forwarder {
         let permits = self.inflight.clone();
         let fetched = self
             .cache
-            .fetch(q, move || async move {
+            .fetch_dnssec(q, asked, move || async move {
                 let Ok(_permit) = permits.try_acquire_owned() else {
                     metrics.upstream_rejected.inc();
                     return Err(FetchError::Overloaded);
                 };
-                group.query(&question, &metrics).await
+                group.query(&question, asked, &metrics).await
             })
             .await;
-        match (fetched, expired) {
-            (Ok(entry), _) => (
-                self.finish(entry.to_answer(Instant::now(), false)),
-                Source::Upstream,
-            ),
+        match (fetched, stale) {
+            (Ok(entry), _) => self.answered(&entry, client, false, Source::Upstream),
             (Err(_), Some(stale)) => {
                 self.metrics.stale_served();
-                (
-                    self.finish(stale.to_answer(Instant::now(), true)),
-                    Source::Stale,
-                )
+                self.answered(&stale, client, true, Source::Stale)
             }
             (Err(e), None) => {
                 tracing::debug!(name = %q.name, qtype = %q.qtype, error = %e, "upstream failed");
-                (Answer::servfail(), Source::Upstream)
+                Answered::unsigned(Answer::servfail(), Source::Upstream)
             }
         }
     }
@@ -560,8 +652,15 @@ impl Forwarder {
 
 #[async_trait::async_trait]
 impl AnswerSource for Forwarder {
+    /// For a client without DNSSEC bits (and the Consul source's CNAME targets: Consul answers
+    /// are unsigned, so is what they are completed with).
     async fn answer(&self, q: &Question, _limit: usize) -> (Answer, Source) {
-        Forwarder::answer(self, q).await
+        let answered = self.answer_for(q, Dnssec::default()).await;
+        (answered.answer, answered.source)
+    }
+
+    async fn answer_dnssec(&self, q: &Question, _limit: usize, dnssec: Dnssec) -> Answered {
+        self.answer_for(q, dnssec).await
     }
 
     fn answers_address(&self, ip: IpAddr) -> bool {
@@ -577,13 +676,23 @@ impl AnswerSource for Forwarder {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> bool {
-        let Lookup::Fresh(entry) = self.cache.lookup_wire(key, now) else {
+        let client = Dnssec {
+            dnssec_ok: query.dnssec_ok,
+            checking_disabled: query.checking_disabled,
+            authentic_data: query.authentic_data,
+        };
+        let asked = self.upstream_flags(client);
+        let Lookup::Fresh(entry) = self.cache.lookup_wire(key, asked.checking_disabled, now) else {
             return false;
         };
-        if !entry.write_reply(out, query, limit, now, false, self.shuffle) {
+        if !entry.serves(asked.dnssec_ok)
+            || !entry.write_reply(out, query, limit, now, false, self.shuffle)
+        {
             return false;
         }
-        self.metrics.cache_hit();
+        if self.authentic(&entry, client) {
+            header::set_flags(out, header::AD);
+        }
         true
     }
 }
@@ -686,10 +795,10 @@ mod tests {
         let m = metrics();
         let started = Instant::now();
         let reply = group
-            .query(&question("a.example."), &m)
+            .query(&question("a.example."), Dnssec::default(), &m)
             .await
             .expect("answer");
-        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(reply.message.metadata.response_code, ResponseCode::NoError);
         assert_eq!(
             silent_got.load(Ordering::SeqCst),
             1,
@@ -704,13 +813,57 @@ mod tests {
         let started = Instant::now();
         for _ in 0..3 {
             group
-                .query(&question("a.example."), &m)
+                .query(&question("a.example."), Dnssec::default(), &m)
                 .await
                 .expect("answer");
         }
         assert_eq!(silent_got.load(Ordering::SeqCst), 1, "not asked again");
         assert_eq!(good_got.load(Ordering::SeqCst), 4);
         assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    /// A server that answers is not asked the same question again: its SERVFAIL is the answer
+    /// (a silent one gets the second try, for a lost datagram).
+    #[tokio::test]
+    async fn a_lone_failing_server_is_asked_once() {
+        let (servfail, got) = fake_server(Some(ResponseCode::ServFail)).await;
+        let group = ServerGroup::new(vec![servfail], Duration::from_secs(2));
+        let failed = group
+            .query(&question("d.example."), Dnssec::default(), &metrics())
+            .await;
+        assert!(matches!(
+            failed,
+            Err(FetchError::Rcode(ResponseCode::ServFail))
+        ));
+        assert_eq!(got.load(Ordering::SeqCst), 1);
+        let (silent, got) = fake_server(None).await;
+        let group = ServerGroup::new(vec![silent], Duration::from_millis(400));
+        let failed = group
+            .query(&question("d.example."), Dnssec::default(), &metrics())
+            .await;
+        assert!(matches!(failed, Err(FetchError::Timeout(_))));
+        assert_eq!(got.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn upstream_queries_carry_the_dnssec_bits_asked_for() {
+        let q = question("e.example.");
+        for flags in [
+            Dnssec::default(),
+            Dnssec {
+                dnssec_ok: true,
+                checking_disabled: true,
+                authentic_data: true,
+            },
+        ] {
+            let bytes = build_query(9, &q, &q.name, flags).expect("encode");
+            let m = Message::from_vec(&bytes).expect("decode");
+            assert_eq!(m.metadata.checking_disabled, flags.checking_disabled);
+            assert_eq!(m.metadata.authentic_data, flags.authentic_data);
+            let edns = m.edns.expect("EDNS always");
+            assert_eq!(edns.flags().dnssec_ok, flags.dnssec_ok);
+            assert_eq!(edns.max_payload(), UPSTREAM_EDNS_SIZE);
+        }
     }
 
     #[tokio::test]
@@ -720,11 +873,11 @@ mod tests {
             let (second, second_got) = fake_server(Some(ResponseCode::NXDomain)).await;
             let group = ServerGroup::new(vec![first, second], Duration::from_secs(2));
             let reply = group
-                .query(&question("b.example."), &metrics())
+                .query(&question("b.example."), Dnssec::default(), &metrics())
                 .await
                 .expect("answer");
             assert_eq!(
-                reply.metadata.response_code,
+                reply.message.metadata.response_code,
                 ResponseCode::NXDomain,
                 "{bad:?}"
             );
@@ -740,7 +893,7 @@ mod tests {
         let group = ServerGroup::new(vec![a, b], Duration::from_millis(600));
         let started = Instant::now();
         assert!(group
-            .query(&question("c.example."), &metrics())
+            .query(&question("c.example."), Dnssec::default(), &metrics())
             .await
             .is_err());
         let took = started.elapsed();

@@ -98,6 +98,9 @@ pub(crate) const DEFAULT_UPSTREAM_INFLIGHT: usize = 1024;
 /// `UpstreamConfig::randomize_case`).
 pub(crate) const DEFAULT_RANDOMIZE_CASE: bool = false;
 
+// `upstream.trust_ad` has no constant: by default it is true exactly when every upstream is on
+// loopback (see `Config::effective_trust_ad`).
+
 // --- [cache] ----------------------------------------------------------------------------------
 
 /// Cached names. 100,000 entries cost a few tens of MiB at most.
@@ -122,6 +125,19 @@ pub(crate) const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(300);
 /// RFC 8767 suggests 1–3 days of stale serving; one hour covers a restarting upstream without
 /// pinning long-gone data.
 pub(crate) const DEFAULT_STALE_FOR: Duration = Duration::from_secs(3600);
+
+/// How long a question whose upstreams failed (SERVFAIL, REFUSED, timeout) is not asked again
+/// at first (RFC 9520 §3.2: at least 1 second): short enough that a fixed upstream is seen soon.
+pub(crate) const DEFAULT_FAILURE_TTL: Duration = Duration::from_secs(5);
+
+/// The longest such period, reached by doubling while the failure persists.
+pub(crate) const DEFAULT_FAILURE_TTL_MAX: Duration = Duration::from_secs(30);
+
+/// RFC 9520 §3.2: failures MUST be cached for at least 1 second...
+pub(crate) const MIN_FAILURE_TTL: Duration = Duration::from_secs(1);
+
+/// ... and SHOULD NOT be cached for longer than 5 minutes.
+pub(crate) const MAX_FAILURE_TTL: Duration = Duration::from_secs(300);
 
 // --- [consul] ---------------------------------------------------------------------------------
 

@@ -157,6 +157,19 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Whether AD from the upstreams is passed on (see `UpstreamConfig::trust_ad`): as set, else
+    /// true exactly when every upstream, `[[forward]]` zones' included, is on loopback. Read
+    /// after [`Config::resolve_system_upstreams`], which may fill the servers in.
+    pub(crate) fn effective_trust_ad(&self) -> bool {
+        self.upstream.trust_ad.unwrap_or_else(|| {
+            self.upstream
+                .servers
+                .iter()
+                .chain(self.forward.iter().flat_map(|f| &f.servers))
+                .all(|s| s.ip().is_loopback())
+        })
+    }
 }
 
 /// Would a query sent to `upstream` arrive at a socket bound to `listen`?
@@ -238,6 +251,9 @@ mod tests {
         assert_eq!(c.cache.stale_for, Duration::from_secs(3600));
         assert_eq!(c.consul.domains[0].to_ascii(), "consul.");
         assert_eq!(c.consul.service_ttl_for("anything"), Duration::from_secs(5));
+        assert_eq!(c.cache.failure_ttl, Duration::from_secs(5));
+        assert_eq!(c.cache.failure_ttl_max, Duration::from_secs(30));
+        assert_eq!(c.upstream.trust_ad, None);
     }
 
     #[test]
@@ -440,5 +456,28 @@ mod tests {
         assert!(err.to_string().contains("loop"), "{err}");
         c.upstream.servers = vec!["127.0.0.1:5353".parse().expect("addr")];
         assert!(c.resolve_system_upstreams().is_ok());
+    }
+
+    #[test]
+    fn ad_is_trusted_by_default_only_from_loopback_upstreams() {
+        let with = |servers: &[&str], forward: &[&str], trust: &str| {
+            let zone = if forward.is_empty() {
+                String::new()
+            } else {
+                format!("[[forward]]\nzone = \"corp\"\nservers = {forward:?}\n")
+            };
+            let text = format!("[upstream]\nservers = {servers:?}\n{trust}{zone}");
+            Config::from_toml_str(&text, "t.toml")
+                .expect("valid")
+                .effective_trust_ad()
+        };
+        assert!(with(&["127.0.0.53", "[::1]:5353"], &[], ""));
+        assert!(!with(&["127.0.0.53", "192.0.2.1"], &[], ""));
+        assert!(
+            !with(&["127.0.0.53"], &["10.0.0.1"], ""),
+            "forward zones count"
+        );
+        assert!(with(&["192.0.2.1"], &[], "trust_ad = true\n"));
+        assert!(!with(&["127.0.0.1"], &[], "trust_ad = false\n"));
     }
 }

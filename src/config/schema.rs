@@ -218,6 +218,7 @@ pub(super) struct FileUpstream {
     pub(crate) resolv_conf: Option<PathBuf>,
     pub(crate) max_inflight: Option<usize>,
     pub(crate) randomize_case: Option<bool>,
+    pub(crate) trust_ad: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +237,8 @@ pub(super) struct FileCache {
     pub(crate) max_ttl: Option<ConfigDuration>,
     pub(crate) negative_ttl: Option<ConfigDuration>,
     pub(crate) stale_for: Option<ConfigDuration>,
+    pub(crate) failure_ttl: Option<ConfigDuration>,
+    pub(crate) failure_ttl_max: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -73,6 +73,11 @@ pub struct UpstreamConfig {
     /// against blind spoofing. Off by default because some upstreams do not preserve case
     /// (those are re-asked without it, at the cost of a round trip).
     pub(crate) randomize_case: bool,
+    /// Pass AD on from the upstreams (to clients that set DO or AD). `None` = the default: true
+    /// exactly when every upstream (`servers` and every `[[forward]]` zone's) is on loopback,
+    /// where the path to the validating resolver cannot be tampered with (systemd-resolved and
+    /// dnsmasq reason the same way). See [`Config::effective_trust_ad`].
+    pub(crate) trust_ad: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +95,10 @@ pub struct CacheConfig {
     pub(crate) max_ttl: Duration,
     pub(crate) negative_ttl: Duration,
     pub(crate) stale_for: Duration,
+    /// How long a question whose upstreams failed is not asked again (RFC 9520), at first...
+    pub(crate) failure_ttl: Duration,
+    /// ... and at most, doubling while the failure persists.
+    pub(crate) failure_ttl_max: Duration,
 }
 
 /// A `consul.service_ttl` key: exact service name, `prefix*`, or `*`.

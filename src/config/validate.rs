@@ -163,6 +163,7 @@ impl FileUpstream {
                 .unwrap_or_else(|| PathBuf::from(RESOLV_CONF)),
             max_inflight,
             randomize_case: self.randomize_case.unwrap_or(DEFAULT_RANDOMIZE_CASE),
+            trust_ad: self.trust_ad,
         }
     }
 }
@@ -195,6 +196,13 @@ impl FileCache {
             max_ttl: duration_or(self.max_ttl, DEFAULT_MAX_TTL),
             negative_ttl: duration_or(self.negative_ttl, DEFAULT_NEGATIVE_TTL),
             stale_for: duration_or(self.stale_for, DEFAULT_STALE_FOR),
+            failure_ttl: duration_or(self.failure_ttl, DEFAULT_FAILURE_TTL),
+            // Unset, the cap is never below the first period, so setting failure_ttl alone
+            // (to a minute, say) is enough.
+            failure_ttl_max: duration_or(
+                self.failure_ttl_max,
+                DEFAULT_FAILURE_TTL_MAX.max(duration_or(self.failure_ttl, DEFAULT_FAILURE_TTL)),
+            ),
         };
         if cache.max_entries == 0 || cache.max_bytes < MIN_CACHE_BYTES {
             errors.invalid(
@@ -221,7 +229,35 @@ impl FileCache {
         if cache.max_ttl > MAX_DNS_TTL {
             errors.invalid("cache", "max_ttl", ttl_range());
         }
+        check_failure_ttls(&cache, errors);
         cache
+    }
+}
+
+/// RFC 9520 §3.2: failures are cached for at least 1 second and should not be for longer than
+/// 5 minutes; the cap must not be below the first period.
+fn check_failure_ttls(cache: &CacheConfig, errors: &mut Errors) {
+    let range = MIN_FAILURE_TTL..=MAX_FAILURE_TTL;
+    let bounds = format!(
+        "must be between {} and {} (RFC 9520)",
+        format_duration(MIN_FAILURE_TTL),
+        format_duration(MAX_FAILURE_TTL)
+    );
+    if !range.contains(&cache.failure_ttl) {
+        errors.invalid("cache", "failure_ttl", bounds.clone());
+    }
+    if !range.contains(&cache.failure_ttl_max) {
+        errors.invalid("cache", "failure_ttl_max", bounds);
+    } else if cache.failure_ttl_max < cache.failure_ttl {
+        errors.invalid(
+            "cache",
+            "failure_ttl_max",
+            format!(
+                "{} is below cache.failure_ttl ({}): the cap must not be below the first period",
+                format_duration(cache.failure_ttl_max),
+                format_duration(cache.failure_ttl)
+            ),
+        );
     }
 }
 
@@ -670,6 +706,7 @@ mod tests {
         assert_eq!(upstream.resolv_conf, PathBuf::from("/etc/resolv.conf"));
         assert_eq!(upstream.max_inflight, 1024);
         assert!(!upstream.randomize_case);
+        assert_eq!(upstream.trust_ad, None, "decided from the servers");
 
         for timeout in [millis(9), secs(31)] {
             let (_, problems) = run(|e| {
@@ -771,6 +808,47 @@ mod tests {
             keys(|e| file.validate(e)),
             ["cache.max_entries", "cache.max_ttl"]
         );
+    }
+
+    #[test]
+    fn failure_ttls_follow_rfc_9520() {
+        let with = |first: Option<ConfigDuration>, cap: Option<ConfigDuration>| {
+            run(|e| {
+                FileCache {
+                    failure_ttl: first,
+                    failure_ttl_max: cap,
+                    ..FileCache::default()
+                }
+                .validate(e)
+            })
+        };
+        let (cache, problems) = with(None, None);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            [cache.failure_ttl, cache.failure_ttl_max],
+            [5, 30].map(Duration::from_secs)
+        );
+        assert_eq!(
+            with(millis(500), secs(301)).1,
+            [
+                "f.toml:1: cache.failure_ttl: must be between 1s and 5m (RFC 9520)",
+                "f.toml:1: cache.failure_ttl_max: must be between 1s and 5m (RFC 9520)",
+            ]
+        );
+        assert_eq!(
+            with(secs(20), secs(10)).1,
+            ["f.toml:1: cache.failure_ttl_max: 10s is below cache.failure_ttl (20s): the cap must not be below the first period"]
+        );
+        let (cache, problems) = with(secs(60), None);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            cache.failure_ttl_max,
+            Duration::from_secs(60),
+            "unset: not below"
+        );
+        for (first, cap) in [(1, 1), (300, 300)] {
+            assert!(with(secs(first), secs(cap)).1.is_empty());
+        }
     }
 
     #[test]

@@ -16,6 +16,8 @@ mod consul_parity_addrs;
 mod consul_parity_names;
 mod consul_parity_records;
 mod consul_ptr;
+mod dnssec_bits;
+mod failure_cache;
 mod faults_and_limits;
 mod forwarding;
 mod operations;
@@ -24,6 +26,7 @@ mod untrusted_names;
 // The real binary, and real clients (dig, glibc, nginx) against it.
 mod cli_and_config_files;
 mod e2e_dig_consul_names;
+mod e2e_dnssec;
 mod e2e_glibc;
 mod e2e_nginx;
 mod shipped_examples;

@@ -584,6 +584,70 @@ async fn blackhole_counts_but_never_answers() {
     upstream.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_name_is_counted_but_never_answered_while_others_are() {
+    let upstream = TestUpstream::start().await;
+    let addr = upstream.addr;
+    let (a, txt) = (
+        query("Silent.test.", RecordType::A, None),
+        query("silent.test.", RecordType::TXT, None),
+    );
+    let (over_udp, over_tcp) = tokio::join!(
+        udp_exchange_within(addr, &a, SILENCE),
+        tcp_exchange_within(addr, &txt, SILENCE)
+    );
+    assert!(
+        over_udp.is_err() && over_tcp.is_err(),
+        "silent.test. answered: {over_udp:?} {over_tcp:?}"
+    );
+    let counted = [RecordType::A, RecordType::TXT].map(|t| upstream.queries_for("silent.test", t));
+    assert_eq!(counted, [1, 1]);
+    let reply = udp(addr, "a.test.", RecordType::A, None).await;
+    assert_eq!(a_addrs(&reply.answers), [Ipv4Addr::new(192, 0, 2, 1)]);
+    upstream.stop().await;
+}
+
+/// `PackedUpstream`: TC=1 and no records over UDP; over TCP every record, each owner a 2-byte
+/// pointer to the question (16 bytes a record), the question echoed in the case sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn packed_upstream_compresses_every_owner_and_truncates_over_udp() {
+    let upstream = PackedUpstream::start(3000).await;
+    let (reply, size) = udp_exchange_within(
+        upstream.addr,
+        &query("Big.Example.", RecordType::A, Some(1232)),
+        WAIT,
+    )
+    .await
+    .expect("UDP reply");
+    assert!(reply.metadata.truncation && reply.answers.is_empty());
+    assert_eq!(reply.queries[0].name().to_ascii(), "Big.Example.");
+    assert_eq!(size, 12 + 13 + 4);
+    let message = query("Big.Example.", RecordType::A, None);
+    let mut stream = TcpStream::connect(upstream.addr).await.expect("connect");
+    tcp_send(&mut stream, &message).await.expect("send");
+    let len = timeout(WAIT, stream.read_u16())
+        .await
+        .expect("in time")
+        .expect("length");
+    assert_eq!(
+        usize::from(len),
+        12 + 17 + 3000 * 16,
+        "every owner compressed"
+    );
+    let mut body = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut body).await.expect("body");
+    let reply = decode(&body);
+    assert_eq!(reply.metadata.id, message.metadata.id);
+    assert!(!reply.metadata.truncation);
+    assert_eq!(reply.answers.len(), 3000);
+    assert_eq!(
+        a_addrs(&reply.answers[..2]),
+        [Ipv4Addr::new(10, 0, 0, 0), Ipv4Addr::new(10, 0, 0, 1)]
+    );
+    assert!(reply.answers.iter().all(|r| r.ttl == 300));
+    assert_eq!((upstream.udp_queries(), upstream.tcp_queries()), (1, 1));
+}
+
 /// Asserts nothing serves `addr` any more: UDP gets port unreachable (or at
 /// least no answer) and TCP connections are refused.
 async fn assert_not_serving(addr: SocketAddr) {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod consul_sim;
+pub mod dnssec;
 pub mod e2e;
 pub mod hostile;
 pub mod proc_status;

@@ -20,6 +20,7 @@
 //! | `slow-<ms>.test.`   | A 192.0.2.9, TTL 300, answered after `<ms>` milliseconds     |
 //! | `servfail.test.`    | SERVFAIL                                                    |
 //! | `refused.test.`     | REFUSED                                                     |
+//! | `silent.test.`      | never answered (counted): a timeout for this name only       |
 //! | other `*.test.`     | NXDOMAIN + SOA                                              |
 //! | `1.2.0.192.in-addr.arpa.` | PTR `a.test.`, TTL 300 (the reverse of 192.0.2.1)     |
 //! | `1.0.….8.b.d.0.1.0.0.2.ip6.arpa.` | PTR `v6.test.`, TTL 300 (the reverse of 2001:db8::1) |
@@ -32,6 +33,10 @@
 //! [`TestUpstream::set_spoof_first`] (over UDP, each real reply is preceded by two forged ones:
 //! a wrong ID, then a wrong question, both answering [`SPOOFED_ADDRESS`]).
 //! [`TestUpstream::received_names`] lists the question names exactly as they arrived.
+//!
+//! [`PackedUpstream`] is another upstream, for one case hickory cannot serve: an answer
+//! compressed as BIND and unbound compress it (every owner a pointer), so large that hickory,
+//! which compresses at most 120 names, cannot encode it again within 64 KiB.
 //!
 //! Owner names equal to the question are written in the question's case, as servers that
 //! compress them into a pointer at the question do (BIND, Unbound): a forwarder using DNS 0x20
@@ -85,6 +90,9 @@ const TCP_RESPONSE_BUFFER: usize = 64;
 /// With port 0 the UDP socket picks a free port and TCP must then bind the
 /// same one; another process may hold it for TCP, so retry a few times.
 const BIND_ATTEMPTS: usize = 50;
+
+/// The name never answered (normalised): each query for it times out.
+const SILENT_NAME: &str = "silent.test";
 
 /// Longest CNAME chain followed inside the zone before giving up (SERVFAIL).
 const MAX_CNAME_CHAIN: usize = 8;
@@ -552,7 +560,12 @@ impl RequestHandler for UpstreamHandler {
         response_handle: R,
     ) -> ResponseInfo {
         self.stats.count(request);
-        if self.stats.blackhole.load(Ordering::SeqCst) {
+        let silent = request
+            .queries
+            .queries()
+            .iter()
+            .any(|q| normalize(&q.name().to_string()) == SILENT_NAME);
+        if silent || self.stats.blackhole.load(Ordering::SeqCst) {
             return unsent_info(request, ResponseCode::NoError);
         }
 
@@ -780,4 +793,116 @@ fn send_forgeries(request: &Request, forger: &std::net::UdpSocket) {
             tracing::warn!(%error, "TestUpstream: could not send a forged reply");
         }
     }
+}
+
+/// An upstream that answers any A question with `records` A records (10.0.x.y, TTL 300) whose
+/// owners are all a pointer to the question, as BIND and unbound compress them: 16 bytes a
+/// record, where hickory, compressing at most 120 names, needs about 25. Over UDP it answers
+/// TC=1 with no records; over TCP, the whole answer. Counts queries per transport.
+pub struct PackedUpstream {
+    pub addr: SocketAddr,
+    udp: Arc<AtomicUsize>,
+    tcp: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl PackedUpstream {
+    pub async fn start(records: u16) -> PackedUpstream {
+        let (udp, tcp) = bind_pair(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("PackedUpstream: bind UDP and TCP on one port of 127.0.0.1");
+        let addr = udp.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let (udp_count, tcp_count) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (count, token) = (udp_count.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (len, from) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    got = udp.recv_from(&mut buf) => match got { Ok(g) => g, Err(_) => return },
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                if let Some(reply) = packed_reply(&buf[..len], None) {
+                    let _ = udp.send_to(&reply, from).await;
+                }
+            }
+        });
+        let (count, token) = (tcp_count.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    got = tcp.accept() => match got { Ok(g) => g, Err(_) => return },
+                };
+                let count = count.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    while let Ok(len) = stream.read_u16().await {
+                        let mut query = vec![0u8; usize::from(len)];
+                        if stream.read_exact(&mut query).await.is_err() {
+                            return;
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        // The reply is built with its 2-byte length prefix in front.
+                        let framed = packed_reply(&query, Some(records)).map(|reply| {
+                            [&(reply.len() as u16).to_be_bytes()[..], &reply].concat()
+                        });
+                        match framed {
+                            Some(framed) if stream.write_all(&framed).await.is_ok() => {}
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        });
+        PackedUpstream {
+            addr,
+            udp: udp_count,
+            tcp: tcp_count,
+            stop,
+        }
+    }
+
+    /// Queries received over UDP.
+    pub fn udp_queries(&self) -> usize {
+        self.udp.load(Ordering::SeqCst)
+    }
+
+    /// Queries received over TCP.
+    pub fn tcp_queries(&self) -> usize {
+        self.tcp.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for PackedUpstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The reply to `query` (its question echoed as sent): `Some(n)` A records, or, with `None`,
+/// TC=1 and no records. `None` when the query has no plain question to echo.
+fn packed_reply(query: &[u8], records: Option<u16>) -> Option<Vec<u8>> {
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let question = query.get(12..end + 5)?;
+    let (flags, count) = match records {
+        Some(n) => (0x8180u16, n),
+        None => (0x8380, 0),
+    };
+    let mut out = query.get(..2)?.to_vec();
+    out.extend_from_slice(&flags.to_be_bytes());
+    for c in [1, count, 0, 0] {
+        out.extend_from_slice(&c.to_be_bytes());
+    }
+    out.extend_from_slice(question);
+    for i in 0..count {
+        // Owner: a pointer to the question at offset 12; A, IN, TTL 300, 4 bytes of address.
+        out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 10, 0]);
+        out.extend_from_slice(&i.to_be_bytes());
+    }
+    Some(out)
 }

@@ -45,6 +45,11 @@ use crate::metrics::Metrics;
 /// fetch goes on; later queries get its result). Within glibc's 5 s per try.
 pub(super) const FIRST_FETCH_WAIT: Duration = REQUEST_TIMEOUT;
 
+/// How long a query waits for a view without a blocking query of its own to be fetched again
+/// after the catalog of its scope changed (a registration or deregistration there). One
+/// request's round trip normally; past it (Consul slow or away) the view as it is is served.
+const CATALOG_REFRESH_WAIT: Duration = Duration::from_secs(1);
+
 /// Bound on service views watched at once (one watcher task, view and `Watch` each, about
 /// 3.5 KiB at 10 instances: 70 MiB at the bound). Only services the inventory found in Consul
 /// get a watcher, and idle ones stop after `consul.watch_idle`; beyond the bound a new service
@@ -215,6 +220,37 @@ impl HttpBackend {
     /// The watch for `key`, started if new: `None` when it is new and [`MAX_WATCHERS`] run
     /// already, or when `checked` is false (the inventory could not tell whether the service
     /// exists) and the budget for such lookups is spent.
+    /// `view`, or, when `w` has no blocking query and the catalog of its scope changed since
+    /// it was last current (an instance registered or deregistered: the change feed only sees
+    /// health), the view fetched again. Consul is asked at most once per catalog change and
+    /// view, however many queries come, and only for views someone asks for.
+    async fn after_catalog_change(
+        &self,
+        key: &ViewKey,
+        w: &Watch,
+        view: Arc<ServiceView>,
+    ) -> Arc<ServiceView> {
+        if !w.on_demand.load(Ordering::SeqCst) {
+            return view;
+        }
+        let index = self
+            .inventory
+            .services_index(key.dc.as_deref(), &key.tenancy);
+        if w.catalog_seen.fetch_max(index, Ordering::SeqCst) >= index {
+            return view;
+        }
+        let fetched = w.fetched.notified();
+        tokio::pin!(fetched);
+        fetched.as_mut().enable();
+        w.changed.notify_one();
+        let _ = tokio::time::timeout(CATALOG_REFRESH_WAIT, fetched).await;
+        let current = match &*w.state.borrow() {
+            ViewState::Ready(current) => Some(current.clone()),
+            _ => None,
+        };
+        current.unwrap_or(view)
+    }
+
     pub(super) fn watch_for(&self, key: ViewKey, checked: bool) -> Option<Arc<Watch>> {
         let mut watches = lock(&self.watches);
         if let Some(w) = watches.get(&key) {
@@ -231,6 +267,11 @@ impl HttpBackend {
             return None;
         }
         let w = Arc::new(Watch::new());
+        // The first fetch is at least as new as the catalog index known now.
+        let index = self
+            .inventory
+            .services_index(key.dc.as_deref(), &key.tenancy);
+        w.catalog_seen.store(index, Ordering::SeqCst);
         watches.insert(key.clone(), w.clone());
         self.metrics.consul_watchers.inc();
         let local = key.is_plain_local();
@@ -330,21 +371,26 @@ impl Backend for HttpBackend {
         };
         w.touch();
         let mut rx = w.state.subscribe();
-        let waited = tokio::time::timeout(
-            FIRST_FETCH_WAIT,
-            rx.wait_for(|s| !matches!(s, ViewState::Pending)),
-        )
-        .await;
-        let state = match waited {
-            Ok(Ok(state)) => state.clone(),
-            _ => {
-                return Err(LookupError::Unavailable(
-                    "Consul has not answered yet".into(),
-                ))
+        // Cloned out of the channel's read guard, which must not live across an await.
+        let state = {
+            let waited = tokio::time::timeout(
+                FIRST_FETCH_WAIT,
+                rx.wait_for(|s| !matches!(s, ViewState::Pending)),
+            )
+            .await;
+            match waited {
+                Ok(Ok(state)) => Some(state.clone()),
+                _ => None,
             }
+        };
+        let Some(state) = state else {
+            return Err(LookupError::Unavailable(
+                "Consul has not answered yet".into(),
+            ));
         };
         match state {
             ViewState::Ready(view) => {
+                let view = self.after_catalog_change(key, &w, view).await;
                 let confirmed = *lock(&w.last_confirmed);
                 if w.on_demand.load(Ordering::SeqCst)
                     && (!w.asked_again.load(Ordering::SeqCst)

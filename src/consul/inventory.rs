@@ -13,7 +13,7 @@
 //! flood of made-up names costs Consul a few requests a second at most.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -199,6 +199,9 @@ fn new_list() -> watch::Sender<List> {
 /// The two lists of one datacenter.
 struct DatacenterLists {
     services: watch::Sender<List>,
+    /// The service list's `X-Consul-Index`: it moves with every registration and
+    /// deregistration in the scope (Consul's services table).
+    services_index: Arc<AtomicU64>,
     nodes: watch::Sender<List>,
     last_asked: Mutex<Instant>,
     stop: CancellationToken,
@@ -208,6 +211,7 @@ impl DatacenterLists {
     fn new(stop: CancellationToken) -> DatacenterLists {
         DatacenterLists {
             services: new_list(),
+            services_index: Arc::new(AtomicU64::new(0)),
             nodes: new_list(),
             last_asked: Mutex::new(Instant::now()),
             stop,
@@ -443,6 +447,10 @@ impl Inventory {
             };
             let task = ListTask {
                 shared: self.shared.clone(),
+                index_out: match kind {
+                    Kind::Services => Some(lists.services_index.clone()),
+                    Kind::Nodes => None,
+                },
                 kind,
                 scope: scope.cloned().unwrap_or_default(),
                 list,
@@ -459,6 +467,22 @@ impl Inventory {
                 self.idle,
             ));
         }
+    }
+
+    /// The service list's index in the scope of `dc` and `tenancy` (0 while none was read, or
+    /// when no list of that scope is kept): it moves with every registration and deregistration
+    /// there. Never starts a list.
+    pub(crate) fn services_index(&self, dc: Option<&str>, tenancy: &Tenancy) -> u64 {
+        let lists = if dc.is_none() && tenancy.is_default() {
+            Some(self.local.clone())
+        } else {
+            let scope = ListScope {
+                dc: dc.map(str::to_owned),
+                tenancy: tenancy.clone(),
+            };
+            lock(&self.remote).get(&scope).cloned()
+        };
+        lists.map_or(0, |l| l.services_index.load(Ordering::SeqCst))
     }
 
     /// The lists of `scope` (the local datacenter's default tenancy when both are absent),
@@ -722,6 +746,8 @@ async fn reap_when_idle(
 /// Keeps one catalog list of one scope by blocking queries.
 struct ListTask {
     shared: Arc<Shared>,
+    /// Where the list's index is published (the service list's, for views' freshness).
+    index_out: Option<Arc<AtomicU64>>,
     kind: Kind,
     scope: ListScope,
     list: watch::Sender<List>,
@@ -761,6 +787,9 @@ impl ListTask {
                     self.shared.outage.ok();
                     failures = 0;
                     index = next_index(index, new_index);
+                    if let Some(out) = &self.index_out {
+                        out.store(new_index, Ordering::SeqCst);
+                    }
                     self.list.send_replace(List::Ready(Arc::new(names)));
                     // Polling only when a blocking query was due and no slot was free.
                     if blocking.is_none() && asked_at > 0 {

@@ -3,7 +3,7 @@
 //! `consul_healthy_instances` series (bounded).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -41,6 +41,12 @@ pub(super) struct Watch {
     pub(super) asked_again: AtomicBool,
     pub(super) last_asked: Mutex<Instant>,
     pub(super) last_confirmed: Mutex<Option<Instant>>,
+    /// The catalog index of the view's scope (`/v1/catalog/services`, which moves with every
+    /// registration and deregistration there) when the view was last known current; a higher
+    /// one means instances may have come or gone since: see `HttpBackend::service`.
+    pub(super) catalog_seen: AtomicU64,
+    /// Woken after each of the watcher's requests, whatever its outcome.
+    pub(super) fetched: tokio::sync::Notify,
     /// This view's `consul_healthy_instances` series: see [`ServiceSeries`].
     pub(super) series: AtomicU8,
 }
@@ -110,6 +116,8 @@ impl Watch {
             asked_again: AtomicBool::new(false),
             last_asked: Mutex::new(Instant::now()),
             last_confirmed: Mutex::new(None),
+            catalog_seen: AtomicU64::new(0),
+            fetched: tokio::sync::Notify::new(),
             series: AtomicU8::new(SERIES_NONE),
         }
     }

@@ -181,12 +181,15 @@ impl Watcher {
                         },
                     );
                     index = next_index(index, r.index);
+                    self.watch.fetched.notify_waiters();
                     continue;
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     index = 0;
-                    self.failed(&e, failures)
+                    let pause = self.failed(&e, failures);
+                    self.watch.fetched.notify_waiters();
+                    pause
                 }
             };
             tokio::select! {

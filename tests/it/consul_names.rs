@@ -661,3 +661,85 @@ async fn idle_watchers_stop_and_come_back_on_demand() {
     assert_eq!(fwd.metric("consul_dns_forwarder_consul_watchers", &[]), 1.0);
     fwd.stop().await;
 }
+
+/// A view without a blocking query of its own (the connection budget's blocking slots all taken:
+/// 8 connections give 6, held by the two catalog lists, the two change feeds and two services
+/// asked before) sees registrations and deregistrations within 2 s, though its TTL is a minute
+/// and no check changes: the service list's index says the catalog moved. Consul is asked
+/// once per change, not once per query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_reach_views_without_a_blocking_query_within_two_seconds() {
+    let sim = sim_with_web().await;
+    for (n, filler) in [("f1", "filler-1"), ("f2", "filler-2")] {
+        svc(&sim, n, filler, "n1", ("", 9000), &[], Status::Passing);
+    }
+    let up = TestUpstream::start().await;
+    let toml = TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .consul("max_connections = 8")
+        .service_ttl("60s")
+        .toml();
+    let fwd = TestServer::start(&toml).await;
+    // The lists and the feeds take their slots with their second request; the fillers take
+    // the rest when asked a second time.
+    for name in ["filler-1.service.consul.", "filler-2.service.consul."] {
+        assert_eq!(
+            addresses(&ask(fwd.addr, name, RecordType::A).await).len(),
+            1
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for name in ["filler-1.service.consul.", "filler-2.service.consul."] {
+        ask(fwd.addr, name, RecordType::A).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..3 {
+        let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
+        assert_eq!(addresses(&r).len(), 3);
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let web_reads = |sim: &ConsulSim| -> Vec<String> {
+        sim.request_log()
+            .into_iter()
+            .filter(|t| t.starts_with("/v1/health/service/web"))
+            .collect()
+    };
+    assert!(
+        web_reads(&sim).iter().all(|t| !t.contains("index=")),
+        "the premise: web has no blocking query: {:?}",
+        web_reads(&sim)
+    );
+
+    let asked = |want: usize, without: Option<&'static str>| {
+        let addr = fwd.addr;
+        async move {
+            eventually(Duration::from_secs(4), async || {
+                let r = ask(addr, "web.service.consul.", RecordType::A).await;
+                let got = addresses(&r);
+                got.len() == want && without.is_none_or(|ip| !got.iter().any(|a| a == ip))
+            })
+            .await
+        }
+    };
+    node(&sim, "n4", "127.0.0.5");
+    svc(&sim, "web-4", "web", "n4", ("", 8080), &[], Status::Passing);
+    let took = asked(4, None).await.expect("the new instance is answered");
+    println!("registration answered after {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    sim.remove_service("web-2");
+    let took = asked(3, Some("127.0.0.3"))
+        .await
+        .expect("the deregistered instance leaves");
+    println!("deregistration answered after {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // Many more queries, no catalog change: no more requests for web.
+    let before = web_reads(&sim).len();
+    for _ in 0..200 {
+        ask(fwd.addr, "web.service.consul.", RecordType::A).await;
+    }
+    assert_eq!(web_reads(&sim).len(), before, "{:?}", web_reads(&sim));
+    fwd.stop().await;
+}

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use consul_dns_forwarder::config::{Config, ConfigError, Overrides};
-use consul_dns_forwarder::{run_with_reload, server, Bound, Reload};
+use consul_dns_forwarder::{explain, run_with_reload, server, Bound, Reload};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +52,29 @@ enum Command {
     /// Check a config file (and any flags given with it) and print every problem with file, line
     /// and key.
     CheckConfig,
+    /// Ask the running forwarder why NAME is answered as it is: how it was read, every instance
+    /// of the service with its checks and why it is or is not in the answer, the view's age,
+    /// the TTL and its rule, the reply it would send now.
+    Explain {
+        /// The name, e.g. web.service.consul.
+        name: String,
+        /// The record type (default A).
+        #[arg(value_name = "TYPE")]
+        qtype: Option<String>,
+        /// Print JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The forwarder's HTTP endpoint ADDR:PORT. Default: metrics.listen of --config (or
+        /// --metrics-listen), else 127.0.0.1:9153.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Ask as a UDP client without EDNS (nginx, glibc) would: consul.udp_answer_limit applies.
+        #[arg(long = "no-edns")]
+        no_edns: bool,
+        /// The page of instances (100 a page) of a large service.
+        #[arg(long)]
+        page: Option<usize>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -102,6 +125,24 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Explain {
+        name,
+        qtype,
+        json,
+        endpoint,
+        no_edns,
+        page,
+    }) = &cli.command
+    {
+        let request = explain::client::Request {
+            name: name.clone(),
+            qtype: qtype.clone(),
+            json: *json,
+            no_edns: *no_edns,
+            page: *page,
+        };
+        return explain_command(&cli, &overrides, endpoint.as_deref(), &request);
+    }
     let config = match load_config(cli.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -127,6 +168,68 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `explain`: asks the forwarder's HTTP endpoint, prints its answer. Exit 0 when it answered,
+/// 1 when it could not be reached or refused, 2 for a bad config or endpoint.
+fn explain_command(
+    cli: &Cli,
+    overrides: &Overrides,
+    endpoint: Option<&str>,
+    request: &explain::client::Request,
+) -> ExitCode {
+    let addr = match endpoint {
+        Some(e) => match e.parse::<std::net::SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                eprintln!("--endpoint {e}: ADDR:PORT expected");
+                return ExitCode::from(2);
+            }
+        },
+        None => {
+            let mut config = match &cli.config {
+                Some(path) => match Config::load(path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => Config::default(),
+            };
+            if let Err(e) = config.apply_overrides(overrides) {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+            match config.metrics.listen {
+                Some(listen) => explain::client::reachable(listen),
+                None => {
+                    eprintln!("the HTTP endpoint is off (metrics.enabled = false): nothing to ask");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(explain::client::fetch(addr, request)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
             ExitCode::from(1)
         }
     }

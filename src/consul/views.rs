@@ -49,6 +49,8 @@ pub(super) struct Watch {
     pub(super) fetched: tokio::sync::Notify,
     /// This view's `consul_healthy_instances` series: see [`ServiceSeries`].
     pub(super) series: AtomicU8,
+    /// `X-Consul-Index` of the response the view last came from (0: none yet), for `explain`.
+    pub(super) index: AtomicU64,
 }
 
 /// [`Watch::series`]: not asked for yet, created, or refused at the bound.
@@ -119,6 +121,7 @@ impl Watch {
             catalog_seen: AtomicU64::new(0),
             fetched: tokio::sync::Notify::new(),
             series: AtomicU8::new(SERIES_NONE),
+            index: AtomicU64::new(0),
         }
     }
 

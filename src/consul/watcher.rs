@@ -181,6 +181,7 @@ impl Watcher {
                         },
                     );
                     index = next_index(index, r.index);
+                    self.watch.index.store(r.index, Ordering::Relaxed);
                     self.watch.fetched.notify_waiters();
                     continue;
                 }

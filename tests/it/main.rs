@@ -17,6 +17,7 @@ mod consul_parity_names;
 mod consul_parity_records;
 mod consul_ptr;
 mod dnssec_bits;
+mod explain;
 mod failure_cache;
 mod faults_and_limits;
 mod forwarding;

@@ -23,7 +23,7 @@ pub(crate) fn dig(m: &Message) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        ";; ->>HEADER<<- opcode: {:?}, status: {}, id: {}",
+        ";; ->>HEADER<<- opcode: {}, status: {}, id: {}",
         format!("{:?}", md.op_code).to_uppercase(),
         rcode_label(md.response_code),
         md.id

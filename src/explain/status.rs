@@ -26,9 +26,12 @@ pub(crate) const RELOADS_KEPT: usize = 10;
 /// Seconds between the page's own refreshes.
 const REFRESH_SECS: u32 = 5;
 
+/// A reload's time and outcome (the error message when it failed).
+type Reloaded = (SystemTime, Result<(), String>);
+
 /// Recent reloads (newest last) with their outcome, for the status page.
 #[derive(Clone, Default)]
-pub(crate) struct ReloadLog(Arc<Mutex<VecDeque<(SystemTime, Result<(), String>)>>>);
+pub(crate) struct ReloadLog(Arc<Mutex<VecDeque<Reloaded>>>);
 
 impl ReloadLog {
     pub(crate) fn record(&self, outcome: Result<(), String>) {
@@ -39,7 +42,7 @@ impl ReloadLog {
         log.push_back((SystemTime::now(), outcome));
     }
 
-    fn recent(&self) -> Vec<(SystemTime, Result<(), String>)> {
+    fn recent(&self) -> Vec<Reloaded> {
         lock(&self.0).iter().rev().cloned().collect()
     }
 }
@@ -208,7 +211,7 @@ fn cache_html(b: &mut String, now: &Current) {
     );
 }
 
-fn reloads_html(b: &mut String, reloads: &[(SystemTime, Result<(), String>)]) {
+fn reloads_html(b: &mut String, reloads: &[Reloaded]) {
     b.push_str("<h2>Recent reloads</h2>\n");
     if reloads.is_empty() {
         b.push_str("<p>none since the start</p>\n");

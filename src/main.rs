@@ -181,49 +181,24 @@ fn explain_command(
     endpoint: Option<&str>,
     request: &explain::client::Request,
 ) -> ExitCode {
-    let addr = match endpoint {
-        Some(e) => match e.parse::<std::net::SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => {
-                eprintln!("--endpoint {e}: ADDR:PORT expected");
-                return ExitCode::from(2);
-            }
-        },
-        None => {
-            let mut config = match &cli.config {
-                Some(path) => match Config::load(path) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return ExitCode::from(2);
-                    }
-                },
-                None => Config::default(),
-            };
-            if let Err(e) = config.apply_overrides(overrides) {
-                eprintln!("{e}");
-                return ExitCode::from(2);
-            }
-            match config.metrics.listen {
-                Some(listen) => explain::client::reachable(listen),
-                None => {
-                    eprintln!("the HTTP endpoint is off (metrics.enabled = false): nothing to ask");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let addr = match explain_endpoint(cli, overrides, endpoint) {
+        Ok(addr) => addr,
         Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            eprintln!("{e}");
+            return ExitCode::from(2);
         }
     };
-    match runtime.block_on(explain::client::fetch(addr, request)) {
+    // One request: a single-threaded runtime is enough.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let fetched = match runtime {
+        Ok(rt) => rt
+            .block_on(explain::client::fetch(addr, request))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(format!("cannot start the async runtime: {e}")),
+    };
+    match fetched {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -235,9 +210,27 @@ fn explain_command(
     }
 }
 
-/// The config file (or the defaults), the flags over it, and the upstreams from resolv.conf when
-/// none are configured. Used at start and on every SIGHUP.
-fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+/// Where `explain` asks: `--endpoint`, else `metrics.listen` of the config and flags (an
+/// unspecified address reached at loopback).
+fn explain_endpoint(
+    cli: &Cli,
+    overrides: &Overrides,
+    endpoint: Option<&str>,
+) -> Result<std::net::SocketAddr, String> {
+    if let Some(e) = endpoint {
+        return e
+            .parse()
+            .map_err(|_| format!("--endpoint {e}: ADDR:PORT expected"));
+    }
+    file_and_flags(cli.config.as_deref(), overrides)?
+        .metrics
+        .listen
+        .map(explain::client::reachable)
+        .ok_or_else(|| "the HTTP endpoint is off (metrics.enabled = false): nothing to ask".into())
+}
+
+/// The config file (or the defaults) with the flags over it.
+fn file_and_flags(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
     let mut config = match path {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -245,6 +238,13 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
     config
         .apply_overrides(overrides)
         .map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// The config file (or the defaults), the flags over it, and the upstreams from resolv.conf when
+/// none are configured. Used at start and on every SIGHUP.
+fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+    let mut config = file_and_flags(path, overrides)?;
     // After the flags: `--consul-http` and CONSUL_HTTP_TOKEN can each bring the problem in, and
     // check-config must refuse what the start would.
     config

@@ -42,7 +42,8 @@
 //! Everything is `pub(crate)` unless someone outside the library needs it (the lint
 //! `unreachable_pub` holds the line):
 //! - the binary: [`run`], [`run_with_reload`], [`Bound`], [`Reload`], [`config`],
-//!   [`server::bind`], [`metrics::Metrics`];
+//!   [`server::bind`], [`metrics::Metrics`], and the `explain` command's client
+//!   ([`explain::client`]) with the [`explain::Explanation`] it prints;
 //! - the answer contract, for other sources: [`answer`];
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the

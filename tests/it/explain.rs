@@ -394,3 +394,48 @@ fn debug_routes_are_refused_off_loopback_unless_metrics_debug() {
         "/ 200\n/explain?name=web.service.consul 200\n/metrics 200\nexplain 0\n"
     );
 }
+
+#[tokio::test]
+async fn explain_on_the_demo_catalog_lists_the_critical_instance_with_its_check() {
+    let (dns, http) = (free_port(), free_port());
+    let _demo = spawn(&[
+        "--dev",
+        "--listen",
+        &format!("127.0.0.1:{dns}"),
+        "--metrics-listen",
+        &format!("127.0.0.1:{http}"),
+    ]);
+    let endpoint: SocketAddr = format!("127.0.0.1:{http}").parse().expect("addr");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while http_get(endpoint, "/health").await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo never served /health"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The flags the README's run gives, the endpoint found through --metrics-listen.
+    let (code, out, err) = explain_command(vec![
+        "web.service.consul".into(),
+        "--metrics-listen".into(),
+        endpoint.to_string(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "  - node-3 10.10.0.13:8080 critical: left out: critical check \"Service 'web' check\" on node node-3\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "check \"Service 'web' check\": critical: HTTP GET http://10.10.0.13:8080/health: 503"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("web.service.consul.\t5\tIN\tA\t10.10.0.11\n"),
+        "{out}"
+    );
+}

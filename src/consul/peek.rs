@@ -3,6 +3,7 @@
 //! and no name is looked up that a DNS query has not made known.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::catalog::{ServiceView, Status};
@@ -39,18 +40,25 @@ impl HttpBackend {
         match state {
             ViewState::Ready(view) => {
                 let index = w.index.load(Ordering::Relaxed);
+                let patched = lock(&w.fetched_view)
+                    .upgrade()
+                    .is_none_or(|fetched| !Arc::ptr_eq(&fetched, &view));
+                let mut kept_fresh_by = if w.on_demand.load(Ordering::SeqCst) {
+                    "on demand (no blocking query slot; refreshed when older than its TTL \
+                     or when the change feed sees a health change)"
+                } else {
+                    "blocking query"
+                }
+                .to_owned();
+                if patched {
+                    kept_fresh_by.push_str("; patched by the change feed since its last fetch");
+                }
                 Ok(ViewPeek {
                     view,
                     confirmed_ago: lock(&w.last_confirmed).map(|at| at.elapsed()),
                     index: (index > 0).then_some(index),
                     agent: Some(self.client.current_agent()),
-                    kept_fresh_by: if w.on_demand.load(Ordering::SeqCst) {
-                        "on demand (no blocking query slot; refreshed when older than its TTL \
-                         or when the change feed sees a health change)"
-                    } else {
-                        "blocking query"
-                    }
-                    .to_owned(),
+                    kept_fresh_by,
                 })
             }
             ViewState::Pending => Err("the first fetch is in progress".to_owned()),

@@ -453,3 +453,61 @@ async fn explain_on_the_demo_catalog_lists_the_critical_instance_with_its_check(
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn status_page_lists_reloads_upstreams_and_the_cache() {
+    let (dns, http) = (free_port(), free_port());
+    let up = TestUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[upstream]\nservers = [\"{}\"]\n", up.addr),
+    )
+    .expect("write");
+    let demo = spawn(&[
+        "--dev",
+        "--config",
+        &config.display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{dns}"),
+        "--metrics-listen",
+        &format!("127.0.0.1:{http}"),
+    ]);
+    let endpoint: SocketAddr = format!("127.0.0.1:{http}").parse().expect("addr");
+    let wait = |what: &'static str, pred: Box<dyn Fn(&str) -> bool + Send>| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (status, body) = http_get(endpoint, "/").await;
+            if status == 200 && pred(&body) {
+                return body;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {body}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let first = wait("the page", Box::new(|b| b.contains("none since the start"))).await;
+    assert!(
+        first.contains(&format!("<td>.</td><td>{}</td>", up.addr)),
+        "{first}"
+    );
+    let reply = ask(
+        format!("127.0.0.1:{dns}").parse().expect("addr"),
+        "a.test",
+        hickory_proto::rr::RecordType::A,
+    )
+    .await;
+    assert!(!reply.answers.is_empty());
+    Command::new("kill")
+        .args(["-HUP", &demo.0.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    let page = wait("the reload", Box::new(|b| b.contains("<td>reloaded</td>"))).await;
+    // The forwarded name: one cache entry, one upstream query timed.
+    assert!(page.contains("<table id=\"cache\">"), "{page}");
+    assert!(page.contains("<tr><td>1</td>"), "one cache entry: {page}");
+    assert!(
+        page.contains(&format!("<td>{}</td><td>1</td>", up.addr)),
+        "{page}"
+    );
+}

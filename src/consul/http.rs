@@ -40,6 +40,8 @@ use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
 use super::watcher::{Settings, Watcher, WatcherContext};
 use super::{Backend, LookupError};
 use crate::config::ConsulConfig;
+use crate::explain::details::DetailEntry;
+use crate::explain::gather::{AgentState, KeptView, ViewPeek};
 use crate::lock::lock;
 use crate::metrics::Metrics;
 
@@ -381,6 +383,22 @@ pub(super) async fn fetch_one<J: serde::de::DeserializeOwned, V>(
 
 #[async_trait]
 impl Backend for HttpBackend {
+    fn peek_service(&self, key: &ViewKey) -> Result<ViewPeek, String> {
+        self.peek(key)
+    }
+
+    async fn service_details(&self, key: &ViewKey) -> Result<Vec<DetailEntry>, String> {
+        self.details(key).await
+    }
+
+    fn kept_views(&self, max: usize) -> (Vec<KeptView>, usize) {
+        self.kept(max)
+    }
+
+    fn agents(&self) -> Vec<AgentState> {
+        self.agent_states()
+    }
+
     fn ready(&self) -> Result<(), String> {
         if self.client.has_answered() {
             Ok(())

@@ -603,6 +603,13 @@ impl ConsulSim {
             .mutate(|st| st.set_service_check(service_id, status));
     }
 
+    /// [`ConsulSim::set_service_check`] with the check's `Output` (what Consul shows of the
+    /// check script's output).
+    pub fn set_service_check_output(&self, service_id: &str, status: Status, output: &str) {
+        self.inner
+            .mutate(|st| st.set_service_check_output(service_id, status, Some(output)));
+    }
+
     /// Sets (creating if absent) a node-level check such as `serfHealth` or
     /// `_node_maintenance`. Node checks apply to every service on the node, so
     /// this changes the result and index of all of them. Panics if the node is

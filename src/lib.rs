@@ -29,6 +29,8 @@
 //! - [`failures`]: upstream failures remembered per question, with backoff (RFC 9520).
 //! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
+//! - `recent`: each upstream server's last attempts within a minute (status page), and the
+//!   exchange an answer came from (kept with its cache entry, for `explain`).
 //! - `lock`: the one way to take a mutex (poisoning ignored).
 //! - [`token_bucket`]: the one token bucket behind every rate (client networks, watchers,
 //!   unchecked Consul lookups).
@@ -74,6 +76,7 @@ mod lock;
 pub mod metrics;
 pub mod ratelimit;
 pub mod raw;
+mod recent;
 pub mod reply;
 pub mod server;
 pub mod token_bucket;

@@ -25,6 +25,7 @@ use crate::failures::FailurePolicy;
 use crate::header;
 use crate::metrics::Metrics;
 use crate::raw::PlainQuery;
+use crate::recent::{Exchanged, RecentExchanges, RecentFigures};
 use crate::reply;
 
 /// The EDNS size we offer upstreams: the same 1232 bytes we accept from clients.
@@ -44,11 +45,14 @@ pub(crate) struct ServerGroup {
     preferred: AtomicUsize,
     /// DNS 0x20: random letter case in the questions we send (`upstream.randomize_case`).
     randomize_case: bool,
+    /// Each server's recent attempts (same order as `servers`), for the status page.
+    recent: Box<[RecentExchanges]>,
 }
 
 impl ServerGroup {
     pub(crate) fn new(servers: Vec<SocketAddr>, timeout: Duration) -> ServerGroup {
         ServerGroup {
+            recent: servers.iter().map(|_| RecentExchanges::default()).collect(),
             servers,
             timeout,
             preferred: AtomicUsize::new(0),
@@ -101,28 +105,35 @@ impl ServerGroup {
                 exchange(server, q, flags, self.randomize_case, metrics),
             )
             .await;
+            let took = started.elapsed();
             let label = server.to_string();
-            metrics.observe_upstream(&label, started.elapsed());
+            metrics.observe_upstream(&label, took);
+            let replied = matches!(result, Ok(Ok(_))).then_some(took);
             match result {
-                Ok(Ok(reply)) => match reply.message.metadata.response_code {
+                Ok(Ok(mut reply)) => match reply.message.metadata.response_code {
                     ResponseCode::ServFail
                     | ResponseCode::Refused
                     | ResponseCode::NotImp
                     | ResponseCode::FormErr => {
+                        self.recent[index].record(Instant::now(), replied, true);
                         metrics.upstream_error(&label, "rcode");
                         answered += 1;
                         last_error = FetchError::Rcode(reply.message.metadata.response_code);
                     }
                     _ => {
+                        self.recent[index].record(Instant::now(), replied, false);
                         self.preferred.store(index, Ordering::Relaxed);
+                        reply.exchange = Some(Exchanged::new(server, took));
                         return Ok(reply);
                     }
                 },
                 Ok(Err(e)) => {
+                    self.recent[index].record(Instant::now(), None, true);
                     metrics.upstream_error(&label, "io");
                     last_error = FetchError::Io(format!("{server}: {e}"));
                 }
                 Err(_) => {
+                    self.recent[index].record(Instant::now(), None, true);
                     metrics.upstream_error(&label, "timeout");
                     if !matches!(last_error, FetchError::Rcode(_)) {
                         last_error = FetchError::Timeout(self.timeout);
@@ -316,6 +327,7 @@ fn check(
     Ok(UpstreamReply {
         message: reply,
         wire: Some(bytes.to_vec()),
+        exchange: None,
     })
 }
 
@@ -408,6 +420,22 @@ impl Router {
             .iter()
             .map(|(zone, g)| (zone.to_string(), g.servers.clone()))
             .chain([(".".to_owned(), self.default.servers.clone())])
+            .collect()
+    }
+
+    /// Every forward zone's servers with their recent figures, the default upstreams last.
+    pub(crate) fn recent(&self) -> Vec<(String, SocketAddr, RecentFigures)> {
+        let now = Instant::now();
+        self.zones
+            .iter()
+            .map(|(zone, g)| (zone.to_string(), g))
+            .chain([(".".to_owned(), &self.default)])
+            .flat_map(|(zone, g)| {
+                g.servers
+                    .iter()
+                    .zip(g.recent.iter())
+                    .map(move |(s, r)| (zone.clone(), *s, r.figures(now)))
+            })
             .collect()
     }
 

@@ -216,6 +216,7 @@ impl Backend for FileBackend {
             index: None,
             agent: None,
             kept_fresh_by: "catalog file".to_owned(),
+            patched_by_feed: false,
         })
     }
 

@@ -13,10 +13,10 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use super::details::{by_instance, ChecksByInstance};
 use super::{
     status_name, verdicts, why, CacheState, CheckInfo, ConsulPart, Explanation, ForwardedPart,
-    InReply, InstanceExplanation, Reading, ReplyNow, Rules, TtlInfo, ViewInfo,
+    InReply, InstanceExplanation, LastAnswer, Reading, ReplyNow, Rules, TtlInfo, ViewInfo,
 };
 use crate::answer::Question;
-use crate::cache::Lookup;
+use crate::cache::{CachedAnswer, Lookup};
 use crate::config::{Config, WhenNoneHealthy};
 use crate::consul::catalog::ServiceView;
 use crate::consul::name::{self, ConsulName, ServiceKind, ViewKey};
@@ -44,6 +44,7 @@ pub struct ViewPeek {
     pub(crate) index: Option<u64>,
     pub(crate) agent: Option<String>,
     pub(crate) kept_fresh_by: String,
+    pub(crate) patched_by_feed: bool,
 }
 
 /// A kept view, for the status page.
@@ -432,6 +433,7 @@ fn view_info(peek: &ViewPeek, contact: Option<Duration>) -> ViewInfo {
         consul_index: peek.index,
         agent: peek.agent.clone(),
         kept_fresh_by: peek.kept_fresh_by.clone(),
+        patched_by_feed: peek.patched_by_feed,
         consul_contact_seconds: seconds(contact),
         healthy,
         warning,
@@ -443,9 +445,14 @@ fn view_info(peek: &ViewPeek, contact: Option<Duration>) -> ViewInfo {
 fn forwarded_part(forwarder: &Forwarder, q: &Question) -> (String, ForwardedPart) {
     let (zone, servers) = forwarder.router().route_of(&q.name);
     let now = Instant::now();
+    let mut last_answer = LastAnswer {
+        summary: "unknown: no cached answer from an upstream for this question".to_owned(),
+        ..LastAnswer::default()
+    };
     let cache = match forwarder.cache().lookup(q, now) {
         Lookup::Fresh(entry) | Lookup::Expired(entry) => {
             let age = now.saturating_duration_since(entry.stored_at);
+            last_answer = last_answer_of(&entry, age);
             let ttl = entry.ttl();
             let rcode: ResponseCode = entry.rcode();
             CacheState {
@@ -466,8 +473,36 @@ fn forwarded_part(forwarder: &Forwarder, q: &Question) -> (String, ForwardedPart
         upstreams: servers.iter().map(ToString::to_string).collect(),
         cache,
         failure_remembered: forwarder.cache().failed_recently(q, false, now),
+        last_answer,
     };
     (zone, part)
+}
+
+/// The upstream exchange a cache entry came from, when it was kept.
+fn last_answer_of(entry: &CachedAnswer, age: Duration) -> LastAnswer {
+    let rcode = rcode_label(entry.rcode()).to_owned();
+    match entry.exchange {
+        Some(x) => {
+            let latency_ms = f64::from(x.micros) / 1000.0;
+            LastAnswer {
+                known: true,
+                summary: format!(
+                    "{rcode} from {} in {latency_ms} ms, {} s ago",
+                    x.server,
+                    age.as_secs()
+                ),
+                rcode: Some(rcode),
+                upstream: Some(x.server.to_string()),
+                latency_ms: Some(latency_ms),
+            }
+        }
+        None => LastAnswer {
+            known: false,
+            summary: format!("{rcode} cached; which upstream answered, and how fast, is unknown"),
+            rcode: Some(rcode),
+            ..LastAnswer::default()
+        },
+    }
 }
 
 /// Seconds since Consul last answered, from the gauge the watchers keep.

@@ -221,6 +221,11 @@ fn forwarded_text(out: &mut String, f: &ForwardedPart) {
         let _ = write!(out, ", stale for {stale} s");
     }
     let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "  last upstream answer (before asking): {}",
+        f.last_answer.summary
+    );
     if f.failure_remembered {
         let _ = writeln!(
             out,

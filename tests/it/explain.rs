@@ -667,3 +667,84 @@ async fn explain_says_a_view_beyond_the_blocking_budget_was_patched_by_the_feed(
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn explain_reads_nodes_queries_addresses_and_reverse_names() {
+    let sim = sim().await;
+    sim.set_node_tagged_addresses("n2", &[("lan_ipv6", "2001:db8::2")]);
+    sim.add_prepared_query("geo", "web", None, Some("10s"));
+    let (server, _up, endpoint) = server(&sim, "").await;
+
+    let e = explain_json(endpoint, "name=n5.node.consul").await;
+    assert_eq!(e["reading"]["kind"], "node", "{e:#}");
+    let node = &e["consul"]["answered_by"]["node"];
+    assert_eq!(node["node"], "n5", "{e:#}");
+    assert_eq!(node["ipv4"], "127.0.0.6");
+    assert_eq!(node["used"], "127.0.0.6");
+    assert_eq!(node["meta"][0], "note=<script>meta</script>");
+    let (_, html) = http_get(endpoint, "/explain?format=html&name=n5.node.consul").await;
+    assert!(html.contains("note=&lt;script&gt;meta"), "{html}");
+    assert!(!html.contains("<script>meta"), "{html}");
+
+    let e = explain_json(endpoint, "name=n2.node.consul&type=AAAA").await;
+    let node = &e["consul"]["answered_by"]["node"];
+    assert_eq!(node["ipv6"], "2001:db8::2", "{e:#}");
+    assert_eq!(
+        node["used"], "2001:db8::2",
+        "the tagged lan_ipv6 answers AAAA"
+    );
+
+    let e = explain_json(endpoint, "name=geo.query.consul").await;
+    assert_eq!(e["reading"]["kind"], "query", "{e:#}");
+    let query = &e["consul"]["answered_by"]["query"];
+    assert_eq!(query["ttl_seconds"], 10, "{e:#}");
+    assert!(
+        query["filters"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not filter"),
+        "{e:#}"
+    );
+    let listed = query["instances"].as_array().expect("instances");
+    assert_eq!(query["instance_count"], listed.len());
+    let mut nodes: Vec<&str> = listed.iter().filter_map(|i| i["node"].as_str()).collect();
+    nodes.sort_unstable();
+    // Consul's result as it came: the simulator's query filters nothing, so every instance.
+    assert_eq!(nodes, ["n1", "n2", "n3", "n4", "n5"], "{e:#}");
+    let n2 = listed.iter().find(|i| i["node"] == "n2").expect("n2");
+    assert_eq!(n2["port"], 8080);
+    assert_eq!(n2["status"], "critical");
+
+    let e = explain_json(endpoint, "name=7f000002.addr.consul").await;
+    assert_eq!(e["reading"]["kind"], "addr", "{e:#}");
+    assert_eq!(e["consul"]["answered_by"]["addr"], "127.0.0.2");
+
+    let e = explain_json(endpoint, "name=3.0.0.127.in-addr.arpa&type=PTR").await;
+    assert_eq!(e["reading"]["kind"], "ptr", "{e:#}");
+    let ptr = &e["consul"]["answered_by"]["ptr"];
+    assert_eq!(ptr["matched"], "node", "{e:#}");
+    assert_eq!(ptr["name"], "n2");
+    assert_eq!(ptr["forwarded"], false);
+    assert!(
+        e["reply"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("n2.node.dc1.consul."),
+        "{e:#}"
+    );
+
+    let e = explain_json(endpoint, "name=1.99.0.10.in-addr.arpa&type=PTR").await;
+    assert_eq!(e["reading"]["kind"], "ptr", "{e:#}");
+    assert_eq!(
+        e["consul"]["answered_by"]["ptr"]["forwarded"], true,
+        "{e:#}"
+    );
+    assert_eq!(e["reading"]["source"], "upstream");
+    assert!(
+        e["forwarded"]["upstreams"]
+            .as_array()
+            .is_some_and(|u| !u.is_empty()),
+        "{e:#}"
+    );
+    server.stop().await;
+}

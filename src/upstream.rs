@@ -414,15 +414,6 @@ impl Router {
         }
     }
 
-    /// Every forward zone and its servers, the default upstreams last (`.`).
-    pub(crate) fn routes(&self) -> Vec<(String, Vec<SocketAddr>)> {
-        self.zones
-            .iter()
-            .map(|(zone, g)| (zone.to_string(), g.servers.clone()))
-            .chain([(".".to_owned(), self.default.servers.clone())])
-            .collect()
-    }
-
     /// Every forward zone's servers with their recent figures, the default upstreams last.
     pub(crate) fn recent(&self) -> Vec<(String, SocketAddr, RecentFigures)> {
         let now = Instant::now();

@@ -11,6 +11,7 @@ use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
 use super::details::{by_instance, ChecksByInstance};
+use super::names;
 use super::{
     status_name, verdicts, why, CacheState, CheckInfo, ConsulPart, Explanation, ForwardedPart,
     InReply, InstanceExplanation, LastAnswer, Reading, ReplyNow, Rules, TtlInfo, ViewInfo,
@@ -155,6 +156,26 @@ pub(crate) async fn explain(handler: &Handler, now: &Current, ask: &Ask) -> Expl
     };
     let consul_source = now.consul.as_ref().map(|c| c.source().clone());
     let consul_domain = name::parse(&question.name, question.qtype, &now.config.consul.domains);
+    let reverse = crate::arpa::question_address(&question);
+    if let (Some(ip), Some(consul)) = (reverse, consul_source.as_ref().and_then(|s| s.as_consul()))
+    {
+        let answered = super::names::ptr(&**consul.backend(), ip).await;
+        let known = answered.ptr.as_ref().is_some_and(|p| !p.forwarded);
+        explanation.reading = Reading {
+            kind: "ptr".to_owned(),
+            zone: forwarded_before.0.clone(),
+            source: if known { "consul http" } else { "upstream" }.to_owned(),
+            ..Reading::default()
+        };
+        explanation.consul = Some(ConsulPart {
+            answered_by: Some(answered),
+            ..ConsulPart::default()
+        });
+        if !known {
+            explanation.forwarded = Some(forwarded_before.1);
+        }
+        return explanation;
+    }
     match (consul_source, consul_domain) {
         (Some(source), Some(parsed)) => match source.as_consul() {
             Some(consul) => {
@@ -315,6 +336,33 @@ async fn consul_part(
     else {
         reading.kind = kind_of(&parsed.name).to_owned();
         part.no_view = Some("only service names have instances to explain".to_owned());
+        let norm = |dc: Option<String>| dc.filter(|d| Some(d) != local_dc.as_ref());
+        part.answered_by = match parsed.name {
+            ConsulName::Node { node, dc, tenancy } => {
+                reading.datacenter = dc.clone();
+                let dc = norm(dc);
+                let answered = names::node(
+                    &**backend,
+                    &node,
+                    dc.as_deref(),
+                    &tenancy,
+                    question.qtype,
+                    cfg.node_meta_txt,
+                )
+                .await;
+                Some(answered)
+            }
+            ConsulName::Query { query, dc } => {
+                reading.datacenter = dc.clone();
+                part.ttl = TtlInfo {
+                    seconds: cfg.service_ttl_for(&query).as_secs(),
+                    from: "the query's DNS.TTL when it has one, else consul.service_ttl".to_owned(),
+                };
+                Some(names::query(&**backend, &query, norm(dc).as_deref()).await)
+            }
+            ConsulName::Addr { ip } => Some(names::addr(ip)),
+            _ => None,
+        };
         return (reading, part);
     };
     reading.kind = match kind {

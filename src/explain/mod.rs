@@ -11,6 +11,7 @@
 pub mod client;
 pub mod details;
 pub mod gather;
+pub mod names;
 pub(crate) mod pages;
 pub(crate) mod render;
 pub(crate) mod status;
@@ -45,7 +46,8 @@ pub struct Explanation {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Reading {
     /// `service`, `connect`, `ingress`, `node`, `query`, `virtual`, `addr`, `apex`, `invalid`
-    /// (a Consul name outside Consul's alphabet: NXDOMAIN at once), or `forwarded`.
+    /// (a Consul name outside Consul's alphabet: NXDOMAIN at once), `ptr` (a reverse name,
+    /// answered by Consul when it knows the address, else forwarded), or `forwarded`.
     pub kind: String,
     pub service: Option<String>,
     pub tag: Option<String>,
@@ -72,6 +74,8 @@ pub struct ConsulPart {
     pub instances: Vec<InstanceExplanation>,
     /// Where the check details come from, or why there are none.
     pub checks_from: String,
+    /// For node, prepared query, `.addr` and reverse names: what answers them.
+    pub answered_by: Option<names::NameAnswer>,
 }
 
 /// The view an answer is built from.

@@ -709,11 +709,13 @@ async fn explain_reads_nodes_queries_addresses_and_reverse_names() {
     assert_eq!(query["instance_count"], listed.len());
     let mut nodes: Vec<&str> = listed.iter().filter_map(|i| i["node"].as_str()).collect();
     nodes.sort_unstable();
-    // Consul's result as it came: the simulator's query filters nothing, so every instance.
-    assert_eq!(nodes, ["n1", "n2", "n3", "n4", "n5"], "{e:#}");
-    let n2 = listed.iter().find(|i| i["node"] == "n2").expect("n2");
-    assert_eq!(n2["port"], 8080);
-    assert_eq!(n2["status"], "critical");
+    // Consul's result as it came: Consul left out the critical n2 (its own filter), the
+    // forwarder adds none of its own (n3's warning stays).
+    assert_eq!(nodes, ["n1", "n3", "n4", "n5"], "{e:#}");
+    let n3 = listed.iter().find(|i| i["node"] == "n3").expect("n3");
+    assert_eq!(n3["port"], 8080);
+    assert_eq!(n3["address"], "127.0.0.4");
+    assert_eq!(n3["status"], "warning");
 
     let e = explain_json(endpoint, "name=7f000002.addr.consul").await;
     assert_eq!(e["reading"]["kind"], "addr", "{e:#}");

@@ -311,15 +311,14 @@ async fn consul_part(
         .to_owned(),
         ..Reading::default()
     };
-    let rules = Rules {
-        only_passing: cfg.only_passing,
-        when_none_healthy_all: cfg.when_none_healthy == WhenNoneHealthy::All,
-        a_record_limit: cfg.a_record_limit,
-        udp_answer_limit: cfg.udp_answer_limit,
-        without_edns: ask.without_edns,
-    };
     let mut part = ConsulPart {
-        rules,
+        rules: Rules {
+            only_passing: cfg.only_passing,
+            when_none_healthy_all: cfg.when_none_healthy == WhenNoneHealthy::All,
+            a_record_limit: cfg.a_record_limit,
+            udp_answer_limit: cfg.udp_answer_limit,
+            without_edns: ask.without_edns,
+        },
         ttl: TtlInfo {
             seconds: cfg.node_ttl.as_secs(),
             from: "consul.node_ttl".to_owned(),
@@ -336,33 +335,15 @@ async fn consul_part(
     else {
         reading.kind = kind_of(&parsed.name).to_owned();
         part.no_view = Some("only service names have instances to explain".to_owned());
-        let norm = |dc: Option<String>| dc.filter(|d| Some(d) != local_dc.as_ref());
-        part.answered_by = match parsed.name {
-            ConsulName::Node { node, dc, tenancy } => {
-                reading.datacenter = dc.clone();
-                let dc = norm(dc);
-                let answered = names::node(
-                    &**backend,
-                    &node,
-                    dc.as_deref(),
-                    &tenancy,
-                    question.qtype,
-                    cfg.node_meta_txt,
-                )
-                .await;
-                Some(answered)
-            }
-            ConsulName::Query { query, dc } => {
-                reading.datacenter = dc.clone();
-                part.ttl = TtlInfo {
-                    seconds: cfg.service_ttl_for(&query).as_secs(),
-                    from: "the query's DNS.TTL when it has one, else consul.service_ttl".to_owned(),
-                };
-                Some(names::query(&**backend, &query, norm(dc).as_deref()).await)
-            }
-            ConsulName::Addr { ip } => Some(names::addr(ip)),
-            _ => None,
-        };
+        part.answered_by = other_name(
+            consul,
+            parsed.name,
+            question.qtype,
+            local_dc,
+            &mut reading,
+            &mut part,
+        )
+        .await;
         return (reading, part);
     };
     reading.kind = match kind {
@@ -374,14 +355,7 @@ async fn consul_part(
     reading.service = Some(service.clone());
     reading.tag = tag.clone();
     reading.datacenter = dc.clone();
-    let (ttl, pattern) = cfg.service_ttl_rule(&service);
-    part.ttl = TtlInfo {
-        seconds: ttl.as_secs(),
-        from: pattern.map_or_else(
-            || "default (no consul.service_ttl pattern matches)".to_owned(),
-            |p| format!("consul.service_ttl[\"{p}\"]"),
-        ),
-    };
+    part.ttl = service_ttl(cfg, &service);
     // The same view key the lookup uses: a name spelling out the local datacenter is the
     // local view.
     let dc = dc.filter(|d| Some(d) != local_dc.as_ref());
@@ -412,6 +386,58 @@ async fn consul_part(
         Err(why) => part.no_view = Some(why),
     }
     (reading, part)
+}
+
+/// A service's TTL and the `service_ttl` pattern it comes from.
+fn service_ttl(cfg: &crate::config::ConsulConfig, service: &str) -> TtlInfo {
+    let (ttl, pattern) = cfg.service_ttl_rule(service);
+    TtlInfo {
+        seconds: ttl.as_secs(),
+        from: pattern.map_or_else(
+            || "default (no consul.service_ttl pattern matches)".to_owned(),
+            |p| format!("consul.service_ttl[\"{p}\"]"),
+        ),
+    }
+}
+
+/// What answers a node, prepared query or `.addr` name (a service's instances are read above).
+async fn other_name(
+    consul: &ConsulSource,
+    name: ConsulName,
+    qtype: RecordType,
+    local_dc: Option<String>,
+    reading: &mut Reading,
+    part: &mut ConsulPart,
+) -> Option<names::NameAnswer> {
+    let cfg = consul.config();
+    let backend = consul.backend();
+    let norm = |dc: Option<String>| dc.filter(|d| Some(d) != local_dc.as_ref());
+    match name {
+        ConsulName::Node { node, dc, tenancy } => {
+            reading.datacenter = dc.clone();
+            let dc = norm(dc);
+            let answered = names::node(
+                &**backend,
+                &node,
+                dc.as_deref(),
+                &tenancy,
+                qtype,
+                cfg.node_meta_txt,
+            )
+            .await;
+            Some(answered)
+        }
+        ConsulName::Query { query, dc } => {
+            reading.datacenter = dc.clone();
+            part.ttl = TtlInfo {
+                seconds: cfg.service_ttl_for(&query).as_secs(),
+                from: "the query's DNS.TTL when it has one, else consul.service_ttl".to_owned(),
+            };
+            Some(names::query(&**backend, &query, norm(dc).as_deref()).await)
+        }
+        ConsulName::Addr { ip } => Some(names::addr(ip)),
+        _ => None,
+    }
 }
 
 fn kind_of(name: &ConsulName) -> &'static str {

@@ -33,14 +33,16 @@
 //! - [`token_bucket`]: the one token bucket behind every rate (client networks, watchers,
 //!   unchecked Consul lookups).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
+//! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING) and sockets passed by
+//!   socket activation, checked against `server.listen`.
 //!
 //! See ARCHITECTURE.md for the flow of a query.
 //!
 //! # Public API
 //! Everything is `pub(crate)` unless someone outside the library needs it (the lint
 //! `unreachable_pub` holds the line):
-//! - the binary: [`run`], [`run_with_reload`], [`Bound`], [`Reload`], [`config`],
-//!   [`server::bind`], [`metrics::Metrics`];
+//! - the binary: [`run`], [`run_with_reload`], [`run_service`], [`Bound`], [`Reload`], [`config`],
+//!   [`server::bind`], [`systemd`], [`metrics::Metrics`];
 //! - the answer contract, for other sources: [`answer`];
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
@@ -72,6 +74,7 @@ pub mod ratelimit;
 pub mod raw;
 pub mod reply;
 pub mod server;
+pub mod systemd;
 pub mod token_bucket;
 pub mod upstream;
 
@@ -88,6 +91,7 @@ use crate::handler::{ConsulRoute, Handler, Routes};
 use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::server::{Limits, Listeners};
+use crate::systemd::Notifier;
 use crate::upstream::Forwarder;
 
 /// How long a scrape in progress may delay the end of `run`.
@@ -216,6 +220,20 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()> + Send + 'static,
     reload: Option<Reload>,
 ) -> Result<(), RunError> {
+    run_service(config, bound, registry, shutdown, reload, Notifier::off()).await
+}
+
+/// [`run_with_reload`] telling the service manager through `notify`: READY=1 once the answer
+/// sources are built (the sockets are bound before), STATUS= with the Consul state whenever it
+/// changes, WATCHDOG=1 while the runtime runs, STOPPING=1 when `shutdown` resolves.
+pub async fn run_service(
+    config: Config,
+    bound: Bound,
+    registry: prometheus::Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<Reload>,
+    notify: Notifier,
+) -> Result<(), RunError> {
     let metrics = Metrics::new(&registry)?;
     let token = CancellationToken::new();
     let built = build(&config, None, &metrics, &token).await?;
@@ -272,12 +290,16 @@ pub async fn run_with_reload(
         ));
     }
 
+    if notify.enabled() {
+        tokio::spawn(tell_systemd(notify.clone(), state.clone(), token.clone()));
+    }
     let trigger = token.clone();
     let live = serving.clone();
     tokio::spawn(async move {
         shutdown.await;
         // Report not-ready first, so health checkers stop sending traffic while we drain.
         live.store(false, Ordering::SeqCst);
+        notify.stopping();
         trigger.cancel();
     });
 
@@ -370,6 +392,36 @@ async fn reload_loop(
 }
 
 type State = Arc<std::sync::Mutex<(Config, Generation)>>;
+
+/// READY=1 with the first STATUS=, then STATUS= again whenever the Consul state changes, and
+/// WATCHDOG=1 at half the allowed interval, until `token` is cancelled. Sent from a task of the
+/// runtime that serves DNS, so a runtime that stops making progress stops the pings too.
+async fn tell_systemd(notify: Notifier, state: State, token: CancellationToken) {
+    let status = || {
+        let consul = lock(&state).1.routes.consul.clone();
+        systemd::status_text(consul.map(|c| c.ready()))
+    };
+    let mut last = status();
+    notify.ready(&last);
+    let every = notify
+        .watchdog_every()
+        .map_or(systemd::STATUS_POLL, |w| w.min(systemd::STATUS_POLL));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if notify.watchdog_every().is_some() {
+            notify.watchdog();
+        }
+        let now = status();
+        if now != last {
+            notify.status(&now);
+            last = now;
+        }
+    }
+}
 
 /// Why a reload task ended without a result, for the log.
 fn reload_task_error(e: tokio::task::JoinError) -> String {

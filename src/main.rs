@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use consul_dns_forwarder::config::{Config, ConfigError, Overrides};
-use consul_dns_forwarder::{run_with_reload, server, Bound, Reload};
+use consul_dns_forwarder::systemd::{Inherited, Notifier};
+use consul_dns_forwarder::{run_service, server, Bound, Reload};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -110,6 +111,14 @@ fn main() -> ExitCode {
         }
     };
 
+    // Before any thread starts: taking the passed sockets unsets LISTEN_FDS and LISTEN_PID.
+    let inherited = match Inherited::from_env(&config.server.listen) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -123,7 +132,7 @@ fn main() -> ExitCode {
     let reload_path = cli.config.clone();
     let load: Box<dyn Fn() -> Result<Config, String> + Send + Sync> =
         Box::new(move || load_config(reload_path.as_deref(), &overrides));
-    match runtime.block_on(serve(config, cli.dev, load)) {
+    match runtime.block_on(serve(config, cli.dev, inherited, load)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -216,9 +225,17 @@ fn print_demo_hints(dns: &server::Listeners) {
 async fn serve(
     config: Config,
     dev: bool,
+    inherited: Option<Inherited>,
     load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
 ) -> anyhow::Result<()> {
-    let dns = server::bind(&config.server.listen, config.server.udp_sockets_per_address)?;
+    let per = config.server.udp_sockets_per_address;
+    let dns = match inherited {
+        // Socket activation: systemd bound them (port 53 without a capability here).
+        Some(sockets) => sockets
+            .into_listeners(per)
+            .context("cannot use the sockets passed by systemd (LISTEN_FDS)")?,
+        None => server::bind(&config.server.listen, per)?,
+    };
     let metrics = match config.metrics.listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => Some(l),
@@ -285,12 +302,13 @@ async fn serve(
             let _ = tx.try_send(());
         }
     });
-    run_with_reload(
+    run_service(
         config,
         Bound { dns, metrics },
         prometheus::Registry::new(),
         shutdown,
         Some(Reload { trigger, load }),
+        Notifier::from_env(),
     )
     .await?;
     tracing::info!("stopped");

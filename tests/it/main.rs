@@ -30,6 +30,7 @@ mod e2e_dnssec;
 mod e2e_glibc;
 mod e2e_nginx;
 mod shipped_examples;
+mod systemd;
 
 // Hostile input and fuzzing.
 mod fuzz_packets;

@@ -30,6 +30,8 @@
 //! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
 //! - `lock`: the one way to take a mutex (poisoning ignored).
+//! - [`logging`]: log lines on stderr, text or JSON, one line per event, colour only on a
+//!   terminal (`NO_COLOR` honoured).
 //! - [`token_bucket`]: the one token bucket behind every rate (client networks, watchers,
 //!   unchecked Consul lookups).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
@@ -42,7 +44,7 @@
 //! Everything is `pub(crate)` unless someone outside the library needs it (the lint
 //! `unreachable_pub` holds the line):
 //! - the binary: [`run`], [`run_with_reload`], [`run_service`], [`Bound`], [`Reload`], [`config`],
-//!   [`server::bind`], [`systemd`], [`metrics::Metrics`];
+//!   [`server::bind`], [`systemd`], [`logging`], [`metrics::Metrics`];
 //! - the answer contract, for other sources: [`answer`];
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
@@ -69,6 +71,7 @@ pub mod failures;
 pub mod handler;
 mod header;
 mod lock;
+pub mod logging;
 pub mod metrics;
 pub mod ratelimit;
 pub mod raw;
@@ -290,6 +293,7 @@ pub async fn run_service(
         ));
     }
 
+    notify.serving();
     if notify.enabled() {
         tokio::spawn(tell_systemd(notify.clone(), state.clone(), token.clone()));
     }

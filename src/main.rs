@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use consul_dns_forwarder::config::{Config, ConfigError, Overrides};
+use consul_dns_forwarder::config::{self, Config, ConfigError, Overrides};
 use consul_dns_forwarder::systemd::{Inherited, Notifier};
-use consul_dns_forwarder::{run_service, server, Bound, Reload};
+use consul_dns_forwarder::{logging, run_service, server, Bound, Reload};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,15 +43,16 @@ struct Cli {
     /// Demo mode: listen on 127.0.0.1:1053 and serve the built-in demo catalog.
     #[arg(long, global = true)]
     dev: bool,
-    /// Log format.
-    #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Log format (default: log.format in the config file, else text).
+    #[arg(long = "log-format", value_enum, global = true)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Check a config file (and any flags given with it) and print every problem with file, line
-    /// and key.
+    /// Check the configuration (the file given with --config, else the defaults, and the flags
+    /// over it) as a start would, without binding anything, and print every problem with its
+    /// key (and file and line). Exit code 2 when there is one.
     CheckConfig,
 }
 
@@ -61,21 +62,18 @@ enum LogFormat {
     Json,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+impl From<LogFormat> for config::LogFormat {
+    fn from(f: LogFormat) -> config::LogFormat {
+        match f {
+            LogFormat::Text => config::LogFormat::Text,
+            LogFormat::Json => config::LogFormat::Json,
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let cli_format = cli.log_format.map(config::LogFormat::from);
 
     let overrides = Overrides {
         listen: cli.listen.clone(),
@@ -86,15 +84,18 @@ fn main() -> ExitCode {
         metrics_listen: cli.metrics_listen.clone(),
         dev: cli.dev,
     };
+    // Until the file has said how to log: the flag's format, or text.
+    let early = logging::subscriber(cli_format.unwrap_or_default(), None);
+    let loaded =
+        tracing::subscriber::with_default(early, || load_config(cli.config.as_deref(), &overrides));
     if let Some(Command::CheckConfig) = cli.command {
         // The same checks as a start, flags included, without binding anything.
-        let Some(path) = &cli.config else {
-            eprintln!("check-config needs --config FILE");
-            return ExitCode::from(2);
-        };
-        return match load_config(Some(path), &overrides) {
+        return match loaded {
             Ok(_) => {
-                println!("{}: OK", path.display());
+                match &cli.config {
+                    Some(path) => println!("{}: OK", path.display()),
+                    None => println!("the defaults and the flags given: OK"),
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -103,13 +104,20 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match load_config(cli.config.as_deref(), &overrides) {
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
+    let format = cli_format.unwrap_or(config.log_format);
+    // Also takes the `log` records of dependencies (rustls). Nothing was set before: this
+    // cannot fail.
+    let _ = tracing_subscriber::util::SubscriberInitExt::try_init(logging::subscriber(
+        format,
+        config.log_level.as_deref(),
+    ));
 
     // Before any thread starts: taking the passed sockets unsets LISTEN_FDS and LISTEN_PID.
     let inherited = match Inherited::from_env(&config.server.listen) {
@@ -157,6 +165,7 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
         .consul
         .check_token_transport()
         .map_err(|e| ConfigError::from(e).to_string())?;
+    config.check_host().map_err(|e| e.to_string())?;
     if let Err(e) = config.resolve_system_upstreams() {
         // The demo must start on any machine: without usable nameservers it still serves the
         // demo catalog, and forwarded names get SERVFAIL. A loop is refused even then.
@@ -256,13 +265,28 @@ async fn serve(
     };
     let listen: Vec<String> = dns.local_addrs().iter().map(ToString::to_string).collect();
     let consul_source = describe_consul(&config);
-    tracing::info!(
-        listen = %listen.join(","),
-        upstream = %config.upstream.servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-        consul = %consul_source,
-        metrics = %metrics.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".to_owned(), |a| a.to_string()),
-        "consul-dns-forwarder serving"
-    );
+    let upstream = config
+        .upstream
+        .servers
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let metrics_addr = metrics
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map_or("off".to_owned(), |a| a.to_string());
+    // Logged once the answer sources are built (with READY=1): a file that cannot be used
+    // fails the start before it.
+    let notify = Notifier::from_env().on_serving(move || {
+        tracing::info!(
+            listen = %listen.join(","),
+            upstream = %upstream,
+            consul = %consul_source,
+            metrics = %metrics_addr,
+            "consul-dns-forwarder serving"
+        );
+    });
     if dev {
         print_demo_hints(&dns);
     }
@@ -308,7 +332,7 @@ async fn serve(
         prometheus::Registry::new(),
         shutdown,
         Some(Reload { trigger, load }),
-        Notifier::from_env(),
+        notify,
     )
     .await?;
     tracing::info!("stopped");

@@ -24,10 +24,12 @@ const STATUS_MAX: usize = 200;
 
 /// Tells the service manager about the process's state. Silent when there is no
 /// `NOTIFY_SOCKET` (not started by systemd with `Type=notify`).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Notifier {
     enabled: bool,
     watchdog: Option<Duration>,
+    /// Called once when serving starts, with or without systemd (the binary's "serving" line).
+    on_serving: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Notifier {
@@ -37,6 +39,19 @@ impl Notifier {
         Notifier {
             enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
             watchdog: sd_notify::watchdog_enabled(),
+            on_serving: None,
+        }
+    }
+
+    /// Also calls `f` when serving starts (where READY=1 is sent).
+    pub fn on_serving(mut self, f: impl Fn() + Send + Sync + 'static) -> Notifier {
+        self.on_serving = Some(std::sync::Arc::new(f));
+        self
+    }
+
+    pub(crate) fn serving(&self) {
+        if let Some(f) = &self.on_serving {
+            f();
         }
     }
 
@@ -45,6 +60,7 @@ impl Notifier {
         Notifier {
             enabled: false,
             watchdog: None,
+            on_serving: None,
         }
     }
 
@@ -166,7 +182,10 @@ pub(crate) struct Passed {
 
 /// Checks that the passed sockets are exactly one UDP and one TCP socket for each address of
 /// `listen` (port 0 there matches any port of that address).
-pub(crate) fn check_passed(listen: &[SocketAddr], passed: &[Passed]) -> Result<(), ActivationError> {
+pub(crate) fn check_passed(
+    listen: &[SocketAddr],
+    passed: &[Passed],
+) -> Result<(), ActivationError> {
     let matches = |want: &SocketAddr, got: &SocketAddr| {
         want.ip() == got.ip() && (want.port() == 0 || want.port() == got.port())
     };

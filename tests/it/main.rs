@@ -24,6 +24,7 @@ mod operations;
 mod untrusted_names;
 
 // The real binary, and real clients (dig, glibc, nginx) against it.
+mod check_config;
 mod cli_and_config_files;
 mod e2e_dig_consul_names;
 mod e2e_dnssec;

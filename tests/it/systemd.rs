@@ -218,7 +218,10 @@ async fn notify_ready_status_watchdog_and_stopping() {
     let ready = notify.until("READY=1").await;
     // READY=1 means answering: one query, no retry, right away.
     let reply = raw_udp(addr, &query(7), Duration::from_secs(1)).await;
-    assert!(reply.is_some(), "READY=1 sent but the DNS port does not answer");
+    assert!(
+        reply.is_some(),
+        "READY=1 sent but the DNS port does not answer"
+    );
     let status = ready
         .iter()
         .find(|l| l.starts_with("STATUS="))
@@ -257,8 +260,9 @@ fn bind_pair(addr: SocketAddr) -> (std::net::UdpSocket, std::net::TcpListener) {
     // As ReceiveBuffer= in the shipped socket unit (capped by net.core.rmem_max).
     let _ = udp.set_recv_buffer_size(4 << 20);
     udp.bind(&addr.into()).expect("bind udp");
-    let tcp = std::net::TcpListener::bind(udp.local_addr().expect("addr").as_socket().expect("inet"))
-        .expect("bind tcp");
+    let tcp =
+        std::net::TcpListener::bind(udp.local_addr().expect("addr").as_socket().expect("inet"))
+            .expect("bind tcp");
     (udp.into(), tcp)
 }
 
@@ -309,7 +313,11 @@ async fn passed_sockets_serve_port_53_unprivileged_and_mismatches_are_refused() 
     let tcp_reply = crate::support::raw_tcp(addr, &query(2)).await;
     println!(
         "passed sockets on {addr}, process running as {}: UDP answered {}, TCP answered {}",
-        if root { "nobody (uid 65534)" } else { "the test's user" },
+        if root {
+            "nobody (uid 65534)"
+        } else {
+            "the test's user"
+        },
         udp_reply.is_some(),
         tcp_reply.is_some()
     );
@@ -320,7 +328,10 @@ async fn passed_sockets_serve_port_53_unprivileged_and_mismatches_are_refused() 
 
     // A config that names another address than the sockets passed: refused, both named.
     let other = format!("127.0.0.1:{}", free_port());
-    let server = start(&["--listen", &other, "--upstream", &up.addr.to_string()], &passing);
+    let server = start(
+        &["--listen", &other, "--upstream", &up.addr.to_string()],
+        &passing,
+    );
     let (status, err) = wait_exit(server);
     println!("mismatch: {err}");
     assert_eq!(status.code(), Some(2), "{err}");
@@ -372,7 +383,11 @@ impl Tally {
 /// Sends a UDP query every `every` until `stop`, one socket, each with its own ID; counts the
 /// replies that come back (each query sent once: no retry).
 async fn udp_load(addr: SocketAddr, every: Duration, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
-    let socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let socket = Arc::new(
+        tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    );
     socket.connect(addr).await.expect("connect");
     let receiver = {
         let (socket, tally) = (socket.clone(), tally.clone());

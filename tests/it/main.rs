@@ -20,6 +20,7 @@ mod dnssec_bits;
 mod failure_cache;
 mod faults_and_limits;
 mod forwarding;
+mod logs;
 mod operations;
 mod untrusted_names;
 

@@ -19,7 +19,12 @@ fn hup(server: &Running) {
 /// `RUST_LOG` unset (so `log.level` applies); waits until it answers.
 async fn start(conf: &std::path::Path, extra: &[&str]) -> (Running, SocketAddr) {
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--config", conf.to_str().expect("utf-8"), "--listen", &listen];
+    let mut args = vec![
+        "--config",
+        conf.to_str().expect("utf-8"),
+        "--listen",
+        &listen,
+    ];
     args.extend(extra);
     let mut cmd = std::process::Command::new(crate::support::BIN);
     cmd.args(&args)
@@ -48,7 +53,10 @@ async fn a_pipe_gets_no_colour_and_one_line_per_event() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stderr = server.terminate_and_read_stderr();
     println!("{stderr}");
-    assert!(!stderr.contains('\u{1b}'), "colour codes on a pipe: {stderr:?}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes on a pipe: {stderr:?}"
+    );
     let failed: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("configuration not reloaded"))
@@ -60,9 +68,9 @@ async fn a_pipe_gets_no_colour_and_one_line_per_event() {
         failed[0]
     );
     assert!(
-        stderr.lines().all(|l| l.contains(" INFO ")
-            || l.contains(" WARN ")
-            || l.contains(" ERROR ")),
+        stderr
+            .lines()
+            .all(|l| l.contains(" INFO ") || l.contains(" WARN ") || l.contains(" ERROR ")),
         "every line is an event of its own: {stderr}"
     );
 }

@@ -504,3 +504,42 @@ async fn restart_under_load_with_passed_sockets_loses_no_query() {
     assert_eq!(udp_sent, udp_answered, "UDP queries lost across restarts");
     assert_eq!(tcp_sent, tcp_answered, "TCP queries lost across restarts");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_on_an_open_connection_just_after_sigterm_is_answered() {
+    let up = TestUpstream::start().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let addr: SocketAddr = listen.parse().expect("addr");
+    let notify = NotifySocket::new();
+    let server = start(
+        &["--listen", &listen, "--upstream", &up.addr.to_string()],
+        &Passing {
+            notify: Some(&notify.path),
+            watchdog_usec: None,
+            fds: Vec::new(),
+            names: "",
+            user: None,
+        },
+    );
+    notify.until("READY=1").await;
+    // Connected and accepted, as a client is whose query crosses the SIGTERM.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sigterm(&server);
+    notify.until("STOPPING=1").await;
+    let q = query(9);
+    let len = u16::try_from(q.len()).expect("fits");
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(&len.to_be_bytes()).await.expect("write");
+    stream.write_all(&q).await.expect("write");
+    let reply = crate::support::tcp_read(&mut stream).await;
+    assert!(
+        reply.is_some(),
+        "the query sent as shutdown began was dropped"
+    );
+    let (status, _) = tokio::task::spawn_blocking(move || wait_exit(server))
+        .await
+        .expect("wait");
+    assert!(status.success());
+}

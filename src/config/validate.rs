@@ -1110,6 +1110,7 @@ mod tests {
         assert_eq!(run(|e| FileLog::default().validate(e)), (false, Vec::new()));
         let on = FileLog {
             queries: Some(true),
+            ..FileLog::default()
         };
         assert_eq!(run(|e| on.validate(e)), (true, Vec::new()));
     }

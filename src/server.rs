@@ -48,6 +48,7 @@ const PORT_ZERO_TRIES: usize = 20;
 
 /// Listen sockets, bound before `run` so tests can bind port 0 and callers see bind errors
 /// before anything starts.
+#[derive(Default)]
 pub struct Listeners {
     pub(crate) udp: Vec<UdpSocket>,
     pub(crate) tcp: Vec<TcpListener>,
@@ -123,15 +124,8 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Binds UDP and TCP on every address, `udp_per_address` UDP sockets each (0 = one per core).
 /// Port 0 picks one port that is free for both UDP and TCP.
 pub fn bind(addrs: &[SocketAddr], udp_per_address: usize) -> Result<Listeners, BindError> {
-    let per = if udp_per_address == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        udp_per_address
-    };
-    let mut listeners = Listeners {
-        udp: Vec::new(),
-        tcp: Vec::new(),
-    };
+    let per = udp_sockets_per_address(udp_per_address);
+    let mut listeners = Listeners::default();
     for &addr in addrs {
         let tries = if addr.port() == 0 { PORT_ZERO_TRIES } else { 1 };
         let mut last_err = None;
@@ -151,6 +145,16 @@ pub fn bind(addrs: &[SocketAddr], udp_per_address: usize) -> Result<Listeners, B
         }
     }
     Ok(listeners)
+}
+
+/// The UDP sockets (receive loops) per listen address for `server.udp_sockets_per_address`:
+/// 0 means one per core.
+pub(crate) fn udp_sockets_per_address(configured: usize) -> usize {
+    if configured == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        configured
+    }
 }
 
 fn bind_one(addr: SocketAddr, per: usize) -> Result<(Vec<UdpSocket>, TcpListener), BindError> {

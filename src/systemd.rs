@@ -298,15 +298,8 @@ impl Inherited {
     /// receive loops for each UDP socket (0 = one per core), sharing it through duplicated
     /// descriptors.
     pub fn into_listeners(self, udp_per_address: usize) -> std::io::Result<Listeners> {
-        let per = if udp_per_address == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            udp_per_address
-        };
-        let mut listeners = Listeners {
-            udp: Vec::new(),
-            tcp: Vec::new(),
-        };
+        let per = crate::server::udp_sockets_per_address(udp_per_address);
+        let mut listeners = Listeners::default();
         for socket in self.udp {
             socket.set_nonblocking(true)?;
             for _ in 1..per {

@@ -35,10 +35,7 @@ impl Config {
                 .into_iter()
                 .map(|(key, message)| ConfigError::Key { key, message }),
         );
-        let per = match self.server.udp_sockets_per_address {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let per = crate::server::udp_sockets_per_address(self.server.udp_sockets_per_address);
         if let Some(limit) = open_file_limit() {
             if let Some(message) = fd_shortfall(self.server.listen.len(), per, limit) {
                 found.push(ConfigError::Key {

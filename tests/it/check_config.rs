@@ -223,45 +223,32 @@ fn check_config_and_a_start_refuse_the_same_configs_with_the_same_key_and_exit_2
     }
 }
 
+/// Runs the binary with `args` and checks that it exits 0; returns stdout.
+fn succeeds(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let out = run_bounded(&mut binary(&args, None));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn check_config_takes_flags_alone_and_every_global_flag() {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let out = run_bounded(&mut binary(
-        &[
-            "check-config".into(),
-            "--listen".into(),
-            listen.clone(),
-            "--upstream".into(),
-            "127.0.0.1:9".into(),
-            "--consul-http".into(),
-            "http://127.0.0.1:8500".into(),
-            "--metrics-listen".into(),
-            "127.0.0.1:0".into(),
-            "--log-format".into(),
-            "json".into(),
-        ],
-        None,
-    ));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = succeeds(&[
+        "check-config",
+        "--listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+        "--consul-http",
+        "http://127.0.0.1:8500",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]);
+    assert!(out.contains("OK"), "{out}");
     // Global flags also before the subcommand.
-    let out = run_bounded(&mut binary(
-        &[
-            "--log-format".into(),
-            "text".into(),
-            "--dev".into(),
-            "check-config".into(),
-        ],
-        None,
-    ));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&["--log-format", "text", "--dev", "check-config"]);
 }

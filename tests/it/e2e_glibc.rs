@@ -38,17 +38,6 @@ extern "C" {
     fn setns(fd: i32, nstype: i32) -> i32;
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
 /// A network namespace with `lo` up and /etc/netns/<name>/resolv.conf, the in-namespace
 /// simulator and upstream (on their own thread), and the forwarder on 127.0.0.1:53. Dropping it
 /// stops the forwarder and the thread and deletes the namespace and its /etc/netns directory.

@@ -80,21 +80,20 @@ async fn log_format_and_level_come_from_the_file_and_the_flag_wins() {
     let up = TestUpstream::start().await;
     let dir = tempfile::tempdir().expect("tmp");
     let conf = dir.path().join("f.toml");
-    TestConfig::new()
-        .upstream(up.addr)
-        .consul_off()
-        .log("format = \"json\"\nlevel = \"warn\"")
-        .write_to(&conf);
+    let with_log = |lines: &str| {
+        TestConfig::new()
+            .upstream(up.addr)
+            .consul_off()
+            .log(lines)
+            .write_to(&conf)
+    };
+    with_log("format = \"json\"\nlevel = \"warn\"");
     let (mut server, _) = start(&conf, &[]).await;
     let quiet = server.terminate_and_read_stderr();
     // level = "warn": not even the "serving" line.
     assert!(quiet.trim().is_empty(), "{quiet}");
 
-    TestConfig::new()
-        .upstream(up.addr)
-        .consul_off()
-        .log("format = \"json\"")
-        .write_to(&conf);
+    with_log("format = \"json\"");
     let (mut server, _) = start(&conf, &[]).await;
     let json = server.terminate_and_read_stderr();
     assert!(json.contains("consul-dns-forwarder serving"), "{json}");

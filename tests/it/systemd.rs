@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::consul_sim::ConsulSim;
 use crate::support::upstream::TestUpstream;
-use crate::support::{free_port, make_query, raw_udp, Running, BIN};
+use crate::support::{free_port, is_root, make_query, raw_udp, Running, BIN};
 use hickory_proto::rr::RecordType;
 use tokio::net::UnixDatagram;
 
@@ -350,18 +350,6 @@ async fn passed_sockets_serve_port_53_unprivileged_and_mismatches_are_refused() 
     let (status, err) = wait_exit(server);
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains(&format!("ListenStream={addr}")), "{err}");
-}
-
-/// Whether the test runs as root (from /proc: no `unsafe` call needed).
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Counts of one client's queries.

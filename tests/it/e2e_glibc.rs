@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use crate::support::consul_sim::{ConsulSim, Status};
 use crate::support::e2e::{sbin, start_quietly, KillOnDrop, Spread, ANSWER_SIZE_POLICIES, BIN};
-use crate::support::run_ok;
 use crate::support::upstream::TestUpstream;
 use crate::support::TestConfig;
+use crate::support::{is_root, run_ok};
 
 const CLONE_NEWNET: i32 = 0x4000_0000;
 

@@ -66,18 +66,27 @@ impl NotifySocket {
         Some(text.lines().map(str::to_owned).collect())
     }
 
-    /// Reads datagrams until one has a line starting with `prefix`; returns that datagram.
-    async fn until(&self, prefix: &str) -> Vec<String> {
+    /// Reads datagrams until one has a line starting with `prefix`; returns that datagram, or
+    /// `None` after [`NOTIFY_WAIT`].
+    async fn find(&self, prefix: &str) -> Option<Vec<String>> {
         let deadline = Instant::now() + NOTIFY_WAIT;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            let Some(lines) = self.next(left).await else {
-                break;
-            };
+            let lines = self.next(left).await?;
             if lines.iter().any(|l| l.starts_with(prefix)) {
-                return lines;
+                return Some(lines);
             }
         }
-        panic!("no {prefix} within {NOTIFY_WAIT:?}");
+        None
+    }
+
+    async fn until(&self, prefix: &str) -> Vec<String> {
+        self.find(prefix)
+            .await
+            .unwrap_or_else(|| panic!("no {prefix} within {NOTIFY_WAIT:?}"))
+    }
+
+    async fn wait_for(&self, prefix: &str) -> bool {
+        self.find(prefix).await.is_some()
     }
 }
 
@@ -100,6 +109,8 @@ fn start(args: &[&str], passing: &Passing) -> Running {
         .arg(r#"export LISTEN_PID=$$ WATCHDOG_PID=$$; exec "$0" "$@""#)
         .arg(passing.user.map_or(Path::new(BIN), |u| u.2))
         .args(args)
+        // Not the default 127.0.0.1:9153: tests run side by side.
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -304,11 +315,13 @@ async fn passed_sockets_serve_port_53_unprivileged_and_mismatches_are_refused() 
         // 65534: nobody/nogroup, no capability to bind anything below 1024.
         user: root.then_some((65534, 65534, program.as_path())),
     };
-    let server = start(
+    let mut server = start(
         &["--listen", &listen, "--upstream", &up.addr.to_string()],
         &passing,
     );
-    notify.until("READY=1").await;
+    if !notify.wait_for("READY=1").await {
+        panic!("no READY=1: {}", server.terminate_and_read_stderr());
+    }
     let udp_reply = raw_udp(addr, &query(1), Duration::from_secs(1)).await;
     let tcp_reply = crate::support::raw_tcp(addr, &query(2)).await;
     println!(

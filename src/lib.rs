@@ -37,6 +37,8 @@
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
 //! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING) and sockets passed by
 //!   socket activation, checked against `server.listen`.
+//! - [`explain`]: why a name is answered as it is (`consul-dns-forwarder explain`, `/explain`)
+//!   and the status page (`/`): a pure verdict per instance, the pages, the CLI's client.
 //!
 //! See ARCHITECTURE.md for the flow of a query.
 //!
@@ -44,7 +46,8 @@
 //! Everything is `pub(crate)` unless someone outside the library needs it (the lint
 //! `unreachable_pub` holds the line):
 //! - the binary: [`run`], [`run_with_reload`], [`run_service`], [`Bound`], [`Reload`], [`config`],
-//!   [`server::bind`], [`systemd`], [`logging`], [`metrics::Metrics`];
+//!   [`server::bind`], [`systemd`], [`logging`], [`metrics::Metrics`], and the `explain`
+//!   command's client ([`explain::client`]) with the [`explain::Explanation`] it prints;
 //! - the answer contract, for other sources: [`answer`];
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
@@ -67,6 +70,7 @@ pub mod cache;
 pub mod config;
 pub mod consul;
 mod dnssec;
+pub mod explain;
 pub mod failures;
 pub mod handler;
 mod header;
@@ -245,6 +249,7 @@ pub async fn run_service(
     // The sockets are already bound: queries arriving from now on wait in the kernel's buffers
     // until the loops start, so we count as serving from here.
     let serving = Arc::new(AtomicBool::new(true));
+    let reloads = explain::status::ReloadLog::default();
 
     let mut endpoint_task = None;
     if let Some(listener) = bound.metrics {
@@ -268,12 +273,14 @@ pub async fn run_service(
         });
         let live = serving.clone();
         let stop = token.clone();
+        let debug = debug_routes(&config, &listener, &state, &handler, &metrics, &reloads);
         endpoint_task = Some(tokio::spawn(async move {
             let endpoint = metrics::Endpoint {
                 registry,
                 refresh,
                 ready,
                 live: Arc::new(move || live.load(Ordering::SeqCst)),
+                debug,
             };
             if let Err(e) =
                 metrics::serve(listener, endpoint, async move { stop.cancelled().await }).await
@@ -290,6 +297,7 @@ pub async fn run_service(
             handler.clone(),
             metrics.clone(),
             token.clone(),
+            reloads,
         ));
     }
 
@@ -297,15 +305,7 @@ pub async fn run_service(
     if notify.enabled() {
         tokio::spawn(tell_systemd(notify.clone(), state.clone(), token.clone()));
     }
-    let trigger = token.clone();
-    let live = serving.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        // Report not-ready first, so health checkers stop sending traffic while we drain.
-        live.store(false, Ordering::SeqCst);
-        notify.stopping();
-        trigger.cancel();
-    });
+    tokio::spawn(stop_on(shutdown, serving.clone(), notify, token.clone()));
 
     server::serve(
         bound.dns,
@@ -340,6 +340,7 @@ async fn reload_loop(
     handler: Arc<Handler>,
     metrics: Arc<Metrics>,
     token: CancellationToken,
+    log: explain::status::ReloadLog,
 ) {
     let mut trigger = reload.trigger;
     let load: Arc<dyn Fn() -> Result<Config, String> + Send + Sync> = Arc::from(reload.load);
@@ -382,6 +383,7 @@ async fn reload_loop(
             // were never installed).
             attempt.cancel();
         }
+        log.record(outcome.clone());
         match outcome {
             Ok(()) => {
                 metrics.reloads.with_label_values(&["success"]).inc();
@@ -396,6 +398,20 @@ async fn reload_loop(
 }
 
 type State = Arc<std::sync::Mutex<(Config, Generation)>>;
+
+/// When `shutdown` resolves: not ready first (so health checkers stop sending traffic while we
+/// drain), STOPPING=1, then the loops stop.
+async fn stop_on(
+    shutdown: impl Future<Output = ()>,
+    live: Arc<AtomicBool>,
+    notify: Notifier,
+    trigger: CancellationToken,
+) {
+    shutdown.await;
+    live.store(false, Ordering::SeqCst);
+    notify.stopping();
+    trigger.cancel();
+}
 
 /// READY=1 with the first STATUS=, then STATUS= again whenever the Consul state changes, and
 /// WATCHDOG=1 at half the allowed interval, until `token` is cancelled. Sent from a task of the
@@ -425,6 +441,40 @@ async fn tell_systemd(notify: Notifier, state: State, token: CancellationToken) 
             last = now;
         }
     }
+}
+
+/// The debug routes for the endpoint on `listener`: served where the config allows it (a
+/// loopback listener, or `metrics.debug = true`), refused with 403 elsewhere.
+fn debug_routes(
+    config: &Config,
+    listener: &tokio::net::TcpListener,
+    state: &State,
+    handler: &Arc<Handler>,
+    metrics: &Arc<Metrics>,
+    reloads: &explain::status::ReloadLog,
+) -> axum::Router {
+    let allowed = listener
+        .local_addr()
+        .is_ok_and(|addr| config.metrics.debug_pages_on(addr));
+    if !allowed {
+        return explain::pages::routes(None);
+    }
+    let (st, metrics) = (state.clone(), metrics.clone());
+    let current = Arc::new(move || {
+        let guard = lock(&st);
+        explain::gather::Current {
+            config: guard.0.clone(),
+            consul: guard.1.routes.consul.clone(),
+            forwarder: guard.1.forwarder.clone(),
+            metrics: metrics.clone(),
+        }
+    });
+    explain::pages::routes(Some(Arc::new(explain::pages::DebugPages {
+        handler: handler.clone(),
+        current,
+        reloads: reloads.clone(),
+        slots: tokio::sync::Semaphore::new(explain::pages::MAX_CONCURRENT),
+    })))
 }
 
 /// Why a reload task ended without a result, for the log.

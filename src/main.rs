@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use consul_dns_forwarder::config::{self, Config, ConfigError, Overrides};
 use consul_dns_forwarder::systemd::{Inherited, Notifier};
-use consul_dns_forwarder::{logging, run_service, server, Bound, Reload};
+use consul_dns_forwarder::{explain, logging, run_service, server, Bound, Reload};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +54,29 @@ enum Command {
     /// over it) as a start would, without binding anything, and print every problem with its
     /// key (and file and line). Exit code 2 when there is one.
     CheckConfig,
+    /// Ask the running forwarder why NAME is answered as it is: how it was read, every instance
+    /// of the service with its checks and why it is or is not in the answer, the view's age,
+    /// the TTL and its rule, the reply it would send now.
+    Explain {
+        /// The name, e.g. web.service.consul.
+        name: String,
+        /// The record type (default A).
+        #[arg(value_name = "TYPE")]
+        qtype: Option<String>,
+        /// Print JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The forwarder's HTTP endpoint ADDR:PORT. Default: metrics.listen of --config (or
+        /// --metrics-listen), else 127.0.0.1:9153.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Ask as a UDP client without EDNS (nginx, glibc) would: consul.udp_answer_limit applies.
+        #[arg(long = "no-edns")]
+        no_edns: bool,
+        /// The page of instances (100 a page) of a large service.
+        #[arg(long)]
+        page: Option<usize>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -84,6 +107,24 @@ fn main() -> ExitCode {
         metrics_listen: cli.metrics_listen.clone(),
         dev: cli.dev,
     };
+    if let Some(Command::Explain {
+        name,
+        qtype,
+        json,
+        endpoint,
+        no_edns,
+        page,
+    }) = &cli.command
+    {
+        let request = explain::client::Request {
+            name: name.clone(),
+            qtype: qtype.clone(),
+            json: *json,
+            no_edns: *no_edns,
+            page: *page,
+        };
+        return explain_command(&cli, &overrides, endpoint.as_deref(), &request);
+    }
     // Until the file has said how to log: the flag's format, or text.
     let early = logging::subscriber(cli_format.unwrap_or_default(), None);
     let loaded =
@@ -149,9 +190,64 @@ fn main() -> ExitCode {
     }
 }
 
-/// The config file (or the defaults), the flags over it, and the upstreams from resolv.conf when
-/// none are configured. Used at start and on every SIGHUP.
-fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+/// `explain`: asks the forwarder's HTTP endpoint, prints its answer. Exit 0 when it answered,
+/// 1 when it could not be reached or refused, 2 for a bad config or endpoint.
+fn explain_command(
+    cli: &Cli,
+    overrides: &Overrides,
+    endpoint: Option<&str>,
+    request: &explain::client::Request,
+) -> ExitCode {
+    let addr = match explain_endpoint(cli, overrides, endpoint) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    // One request: a single-threaded runtime is enough.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let fetched = match runtime {
+        Ok(rt) => rt
+            .block_on(explain::client::fetch(addr, request))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(format!("cannot start the async runtime: {e}")),
+    };
+    match fetched {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Where `explain` asks: `--endpoint`, else `metrics.listen` of the config and flags (an
+/// unspecified address reached at loopback).
+fn explain_endpoint(
+    cli: &Cli,
+    overrides: &Overrides,
+    endpoint: Option<&str>,
+) -> Result<std::net::SocketAddr, String> {
+    if let Some(e) = endpoint {
+        return e
+            .parse()
+            .map_err(|_| format!("--endpoint {e}: ADDR:PORT expected"));
+    }
+    file_and_flags(cli.config.as_deref(), overrides)?
+        .metrics
+        .listen
+        .map(explain::client::reachable)
+        .ok_or_else(|| "the HTTP endpoint is off (metrics.enabled = false): nothing to ask".into())
+}
+
+/// The config file (or the defaults) with the flags over it.
+fn file_and_flags(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
     let mut config = match path {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -159,6 +255,13 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
     config
         .apply_overrides(overrides)
         .map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// The config file (or the defaults), the flags over it, and the upstreams from resolv.conf when
+/// none are configured. Used at start and on every SIGHUP.
+fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+    let mut config = file_and_flags(path, overrides)?;
     // After the flags: `--consul-http` and CONSUL_HTTP_TOKEN can each bring the problem in, and
     // check-config must refuse what the start would.
     config
@@ -212,6 +315,47 @@ fn describe_consul(config: &Config) -> String {
     }
 }
 
+/// The DNS sockets: those systemd passed (socket activation: port 53 without a capability
+/// here), else bound now.
+fn listeners(config: &Config, inherited: Option<Inherited>) -> anyhow::Result<server::Listeners> {
+    let per = config.server.udp_sockets_per_address;
+    Ok(match inherited {
+        Some(sockets) => sockets
+            .into_listeners(per)
+            .context("cannot use the sockets passed by systemd (LISTEN_FDS)")?,
+        None => server::bind(&config.server.listen, per)?,
+    })
+}
+
+/// The systemd notifier, which also logs the "serving" line once the answer sources are built
+/// (with READY=1): a file that cannot be used fails the start before it.
+fn notifier(
+    config: &Config,
+    dns: &server::Listeners,
+    metrics: Option<&tokio::net::TcpListener>,
+) -> Notifier {
+    let listen: Vec<String> = dns.local_addrs().iter().map(ToString::to_string).collect();
+    let consul_source = describe_consul(config);
+    let upstream: Vec<String> = config
+        .upstream
+        .servers
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let metrics_addr = metrics
+        .and_then(|l| l.local_addr().ok())
+        .map_or("off".to_owned(), |a| a.to_string());
+    Notifier::from_env().on_serving(move || {
+        tracing::info!(
+            listen = %listen.join(","),
+            upstream = %upstream.join(","),
+            consul = %consul_source,
+            metrics = %metrics_addr,
+            "consul-dns-forwarder serving"
+        );
+    })
+}
+
 /// The `--dev` banner: dig commands to try against the demo catalog.
 fn print_demo_hints(dns: &server::Listeners) {
     if let Some(addr) = dns.local_addrs().first() {
@@ -237,14 +381,7 @@ async fn serve(
     inherited: Option<Inherited>,
     load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
 ) -> anyhow::Result<()> {
-    let per = config.server.udp_sockets_per_address;
-    let dns = match inherited {
-        // Socket activation: systemd bound them (port 53 without a capability here).
-        Some(sockets) => sockets
-            .into_listeners(per)
-            .context("cannot use the sockets passed by systemd (LISTEN_FDS)")?,
-        None => server::bind(&config.server.listen, per)?,
-    };
+    let dns = listeners(&config, inherited)?;
     let metrics = match config.metrics.listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => Some(l),
@@ -263,30 +400,7 @@ async fn serve(
         },
         None => None,
     };
-    let listen: Vec<String> = dns.local_addrs().iter().map(ToString::to_string).collect();
-    let consul_source = describe_consul(&config);
-    let upstream = config
-        .upstream
-        .servers
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let metrics_addr = metrics
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map_or("off".to_owned(), |a| a.to_string());
-    // Logged once the answer sources are built (with READY=1): a file that cannot be used
-    // fails the start before it.
-    let notify = Notifier::from_env().on_serving(move || {
-        tracing::info!(
-            listen = %listen.join(","),
-            upstream = %upstream,
-            consul = %consul_source,
-            metrics = %metrics_addr,
-            "consul-dns-forwarder serving"
-        );
-    });
+    let notify = notifier(&config, &dns, metrics.as_ref());
     if dev {
         print_demo_hints(&dns);
     }

@@ -15,9 +15,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 /// The answer record: a pointer to the question's name, A, IN, TTL 300, 192.0.2.1.
-const ANSWER: [u8; 16] = [
-    0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0x01, 0x2c, 0, 4, 192, 0, 2, 1,
-];
+const ANSWER: [u8; 16] = [0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0x01, 0x2c, 0, 4, 192, 0, 2, 1];
 
 /// The DNS header.
 const HEADER: usize = 12;
@@ -53,9 +51,7 @@ fn reply(query: &[u8], out: &mut Vec<u8>) -> bool {
 
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
-    let addr = args
-        .next()
-        .unwrap_or_else(|| "127.0.0.1:25300".to_owned());
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:25300".to_owned());
     let max_seconds: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(7200);
     let deadline = Instant::now() + Duration::from_secs(max_seconds);
     let socket = UdpSocket::bind(&addr)?;

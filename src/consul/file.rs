@@ -213,6 +213,17 @@ impl Backend for FileBackend {
             .unwrap_or_else(|| Arc::new(ServiceView::new(Vec::new(), &catalog.datacenter))))
     }
 
+    fn current_service(&self, key: &ViewKey) -> Option<Arc<ServiceView>> {
+        let catalog = self.current();
+        self.check_dc(&catalog, key.dc.as_deref()).ok()?;
+        check_tenancy(&key.tenancy).ok()?;
+        match key.kind {
+            ServiceKind::Service => catalog.services.get(&key.service).cloned(),
+            ServiceKind::Connect => catalog.connect.get(&key.service).cloned(),
+            ServiceKind::Ingress => None,
+        }
+    }
+
     async fn node(
         &self,
         node: &str,

@@ -417,6 +417,26 @@ impl Backend for HttpBackend {
         }
     }
 
+    /// A view with a blocking query of its own (so nothing to wake on demand and no catalog
+    /// change to wait for), ready and confirmed within `stale_for`: what `service` returns at
+    /// once for it, the query counted as asked.
+    fn current_service(&self, key: &ViewKey) -> Option<Arc<ServiceView>> {
+        let w = lock(&self.watches).get(key).cloned()?;
+        if w.on_demand.load(Ordering::SeqCst) {
+            return None;
+        }
+        let view = match &*w.state.borrow() {
+            ViewState::Ready(view) => view.clone(),
+            _ => return None,
+        };
+        let confirmed = (*lock(&w.last_confirmed))?;
+        if confirmed.elapsed() > self.settings.stale_for {
+            return None;
+        }
+        w.touch();
+        Some(view)
+    }
+
     async fn node(
         &self,
         node: &str,

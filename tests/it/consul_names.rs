@@ -38,7 +38,7 @@ pub(crate) fn svc(
 }
 
 /// web: three instances on n1..n3 (127.0.0.2-4, node addresses), one tagged v1.
-async fn sim_with_web() -> ConsulSim {
+pub(crate) async fn sim_with_web() -> ConsulSim {
     let sim = ConsulSim::start().await;
     node(&sim, "n1", "127.0.0.2");
     node(&sim, "n2", "127.0.0.3");

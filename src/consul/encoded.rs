@@ -346,6 +346,77 @@ mod tests {
         assert_eq!((s.written, s.tc, s.counted_truncated), (6, false, true));
     }
 
+    /// An entry of `n` A records 10.0.0.1.. with TTL 17, for `web.service.consul.`.
+    fn entry(n: u8) -> Encoded {
+        let mut records = Vec::new();
+        for i in 1..=n {
+            records.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 17, 0, 4, 10, 0, 0, i]);
+        }
+        let qname = Name::from_ascii("web.service.consul.").expect("name");
+        Encoded {
+            view_key: ViewKey::new("web".into(), None, Default::default(), Default::default()),
+            view: Arc::new(ServiceView::new(Vec::new(), "dc1")),
+            records: records.into_boxed_slice(),
+            record_len: 16,
+            qtype: RecordType::A,
+            qname_len: qname.len(),
+        }
+    }
+
+    #[test]
+    fn replies_patch_id_case_and_flags_and_carry_the_records() {
+        use hickory_proto::op::{Edns, Message, Query};
+        let mut q = Message::query();
+        q.metadata.id = 0x4242;
+        q.metadata.recursion_desired = true;
+        let asked = Name::from_ascii("WeB.service.CONSUL.").expect("name");
+        q.add_query(Query::query(asked.clone(), RecordType::A));
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        edns.set_dnssec_ok(true);
+        q.edns = Some(edns);
+        let bytes = q.to_vec().expect("encode");
+        let query = raw::parse_plain_query(&bytes).expect("plain");
+        let mut out = Vec::new();
+        let three = entry(3);
+        assert!(write_reply(
+            &mut out,
+            &query,
+            &three,
+            1232,
+            RULES,
+            &mut rand::rng()
+        ));
+        let reply = Message::from_vec(&out).expect("decodes");
+        assert_eq!(reply.metadata.id, 0x4242);
+        assert!(reply.metadata.authoritative && reply.metadata.recursion_available);
+        assert!(reply.metadata.recursion_desired && !reply.metadata.truncation);
+        assert!(reply.queries[0].name().eq_case(&asked), "the client's case");
+        assert_eq!(reply.answers.len(), 3);
+        assert!(reply
+            .answers
+            .iter()
+            .all(|r| r.ttl == 17 && r.name.eq_case(&asked)));
+        assert!(reply
+            .edns
+            .is_some_and(|e| e.flags().dnssec_ok && e.max_payload() == 1232));
+        // 40 records in 512 bytes: as many as fit, TC, and the bytes within the limit.
+        q.edns = None;
+        let bytes = q.to_vec().expect("encode");
+        let query = raw::parse_plain_query(&bytes).expect("plain");
+        assert!(write_reply(
+            &mut out,
+            &query,
+            &entry(40),
+            512,
+            RULES,
+            &mut rand::rng()
+        ));
+        let reply = Message::from_vec(&out).expect("decodes");
+        assert!(out.len() <= 512 && reply.metadata.truncation && reply.edns.is_none());
+        assert_eq!(reply.answers.len(), (512 - 12 - query.question.len()) / 16);
+    }
+
     #[test]
     fn draws_are_distinct_random_and_cover_every_index() {
         let mut rng = rand::rng();

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use async_trait::async_trait;
 
@@ -213,7 +214,7 @@ impl Backend for FileBackend {
             .unwrap_or_else(|| Arc::new(ServiceView::new(Vec::new(), &catalog.datacenter))))
     }
 
-    fn current_service(&self, key: &ViewKey) -> Option<Arc<ServiceView>> {
+    fn current_service(&self, key: &ViewKey, _now: Instant) -> Option<Arc<ServiceView>> {
         let catalog = self.current();
         self.check_dc(&catalog, key.dc.as_deref()).ok()?;
         check_tenancy(&key.tenancy).ok()?;

@@ -75,8 +75,8 @@ pub trait Backend: Send + Sync {
     /// The view [`Backend::service`] would return for `key` right now, when it would return it
     /// at once with nothing to wait for, wake or fetch (counting the query as `service` does);
     /// `None` otherwise. The hot path serves pre-encoded answers ([`encoded`]) only while this
-    /// is the very view they were encoded from.
-    fn current_service(&self, _key: &ViewKey) -> Option<Arc<ServiceView>> {
+    /// is the very view they were encoded from. `now`: the query's arrival (no clock read here).
+    fn current_service(&self, _key: &ViewKey, _now: Instant) -> Option<Arc<ServiceView>> {
         None
     }
     async fn node(
@@ -164,7 +164,7 @@ impl ConsulSource {
         if !matches!(ctx.qtype, RecordType::A | RecordType::AAAA)
             || !self
                 .backend
-                .current_service(view_key)
+                .current_service(view_key, Instant::now())
                 .is_some_and(|current| Arc::ptr_eq(&current, view))
         {
             return;
@@ -462,7 +462,7 @@ impl AnswerSource for ConsulSource {
         query: &PlainQuery<'_>,
         key: &[u8],
         limit: usize,
-        _now: Instant,
+        now: Instant,
         out: &mut Vec<u8>,
     ) -> bool {
         let Some(entry) = self.encoded.get(key) else {
@@ -470,7 +470,7 @@ impl AnswerSource for ConsulSource {
         };
         let current = self
             .backend
-            .current_service(&entry.view_key)
+            .current_service(&entry.view_key, now)
             .is_some_and(|view| Arc::ptr_eq(&view, &entry.view));
         let rules = encoded::Rules {
             a_record_limit: self.config.a_record_limit,

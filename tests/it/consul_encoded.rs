@@ -1,6 +1,7 @@
 //! Consul service answers served from their pre-encoded records (the hot path, `consul::encoded`):
 //! still shuffled, with the exact TTL, flags, question case and size rules of the general path,
-//! and encoded again when the view changes (a health flip, a catalog file).
+//! and encoded again when the view changes (a health flip). A catalog file's: in
+//! `consul_names::catalog_file_answers_without_consul`.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -152,33 +153,5 @@ async fn a_large_service_is_cut_per_size_class_from_its_encoded_records() {
     let r = tcp(addr, &make_query(name, RecordType::A, None)).await;
     assert_eq!((r.answers.len(), r.metadata.truncation), (INSTANCES, false));
     assert!(fwd.metric(ENCODED, &[]) >= before + 41.0);
-    fwd.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_catalog_file_is_served_from_encoded_records() {
-    let sim = sim_with_web().await;
-    sim.set_service_check("web-3", Status::Critical);
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("catalog.json");
-    std::fs::write(&path, sim.catalog_json().to_string()).expect("write");
-    drop(sim);
-    let up = TestUpstream::start().await;
-    let toml = TestConfig::new()
-        .upstream(up.addr)
-        .catalog_file(&path)
-        .toml();
-    let fwd = TestServer::start(&toml).await;
-    let mut orders = HashSet::new();
-    for _ in 0..20 {
-        let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
-        assert_eq!(sorted(addresses(&r)), vec!["127.0.0.2", "127.0.0.3"]);
-        orders.insert(addresses(&r));
-    }
-    assert_eq!(orders.len(), 2, "both orders");
-    assert!(
-        fwd.metric(ENCODED, &[]) >= 19.0,
-        "all but the first from the records"
-    );
     fwd.stop().await;
 }

@@ -18,9 +18,11 @@
 //! - [`reply`]: pure DNS message functions: reply headers, encoding within a size, truncation.
 //! - [`consul`]: the Consul answer source: name parsing and validation, what exists in Consul,
 //!   health filtering, record building, watchers with blocking queries, the change feed, the
-//!   catalog file and the dnsmasq-compatible DNS mode.
+//!   catalog file and the dnsmasq-compatible DNS mode; service addresses kept as wire records
+//!   for the hot path (`consul::encoded`).
 //! - [`upstream`]: forwarding to upstream resolvers with failover and TCP fallback, zone routing,
 //!   and the cache in front of it.
+//! - `socket_pool`: upstream UDP sockets on random ports, each reused for a few questions.
 //! - [`ratelimit`]: per-client-network UDP response rate limiting (TC=1 over the limit).
 //! - [`cache`]: the answer cache, in wire format: TTL countdown, negative caching, serve-stale,
 //!   merged misses, one entry for DNSSEC and plain clients.
@@ -84,6 +86,7 @@ pub mod raw;
 mod recent;
 pub mod reply;
 pub mod server;
+mod socket_pool;
 pub mod systemd;
 pub mod token_bucket;
 pub mod upstream;

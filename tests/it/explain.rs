@@ -750,3 +750,59 @@ async fn explain_reads_nodes_queries_addresses_and_reverse_names() {
     );
     server.stop().await;
 }
+
+/// The ACL token reaches Consul, and none of the debug pages: not the status page, not an
+/// explanation in any format, not the explain command's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_never_appears_on_the_debug_pages() {
+    const TOKEN: &str = "b1gs3cr3t-acl-token";
+    let sim = sim().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, format!("{TOKEN}\n")).expect("write");
+    let up = TestUpstream::start().await;
+    let toml = TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .token_file(&token_path)
+        .metrics_listen("127.0.0.1:0")
+        .toml();
+    let server = TestServer::start(&toml).await;
+    let endpoint = server.metrics_addr.expect("metrics endpoint on");
+    ask(
+        server.addr,
+        "web.service.consul.",
+        hickory_proto::rr::RecordType::A,
+    )
+    .await;
+    assert_eq!(
+        sim.last_token().as_deref(),
+        Some(TOKEN),
+        "the token is in use"
+    );
+    let mut pages = vec!["/".to_owned()];
+    for format in ["json", "text", "html"] {
+        for name in ["web.service.consul", "n1.node.consul", "example.com"] {
+            pages.push(format!("/explain?name={name}&format={format}"));
+        }
+    }
+    for page in &pages {
+        let (status, body) = http_get(endpoint, page).await;
+        assert_eq!(status, 200, "{page}: {body}");
+        assert!(!body.contains(TOKEN), "{page} shows the token: {body}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_consul-dns-forwarder"))
+        .args([
+            "explain",
+            "web.service.consul",
+            "--endpoint",
+            &endpoint.to_string(),
+        ])
+        .output()
+        .expect("run explain");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("web.service.consul"), "{printed}");
+    assert!(!printed.contains(TOKEN), "{printed}");
+    server.stop().await;
+}

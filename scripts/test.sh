@@ -3,7 +3,8 @@
 # as root: dig and delv (bind9-dnsutils), promtool and prometheus (prometheus), nginx and
 # getent/ip for the end-to-end tests (tests/it/e2e_*.rs), python3 with PyYAML for checking
 # examples/kubernetes, and for the DNSSEC tests (tests/it/e2e_dnssec.rs) dnssec-keygen and
-# dnssec-signzone (bind9-utils), nsd and unbound.
+# dnssec-signzone (bind9-utils), nsd and unbound; for the packages (tests/it/packaging.rs) podman
+# and runc (the container image), curl, readelf (binutils) and dpkg-deb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,11 @@ command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_pkgs+=(ngin
 command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need_pkgs+=(iproute2)
 command -v getent >/dev/null 2>&1 || need_pkgs+=(libc-bin)
 /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || need_pkgs+=(python3-yaml)
+command -v podman >/dev/null 2>&1 || need_pkgs+=(podman)
+command -v runc >/dev/null 2>&1 || [[ -x /usr/sbin/runc ]] || need_pkgs+=(runc)
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+command -v readelf >/dev/null 2>&1 || need_pkgs+=(binutils)
+command -v dpkg-deb >/dev/null 2>&1 || need_pkgs+=(dpkg)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "installing ${need_pkgs[*]}"
@@ -46,6 +52,6 @@ cargo test --lib --bins --tests --examples "$@" -- --skip health_churn:: --skip 
 cargo test --benches "$@"
 cargo test --test it "$@" -- --test-threads=1 health_churn:: scale::
 # The soak run (about 60 s at ~20k queries/s) and the large-scale tests (scale, health churn,
-# name flood) measure a release build, not a debug one: they are the only ignored tests, and
-# they run one at a time for the same reason.
+# name flood) measure a release build, not a debug one, and the packaging tests ship it: they
+# are the only ignored tests, and they run one at a time for the same reason.
 cargo test --release --test it -- --ignored --nocapture --test-threads=1

@@ -297,18 +297,16 @@ fn import_host_base(tag: &str) {
         std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
         std::fs::copy(lib, &dest).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
     }
-    let tar = Command::new("tar")
-        .arg("-C")
-        .arg(files.path())
-        .args(["-c", "."])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("tar");
+    let tarball = files.path().join("base.tar");
     run_ok(
-        Command::new("podman")
-            .args(["import", "-", tag])
-            .stdin(tar.stdout.expect("tar output")),
+        Command::new("tar")
+            .arg("-C")
+            .arg(files.path())
+            .args(["--exclude", "./base.tar", "-cf"])
+            .arg(&tarball)
+            .arg("."),
     );
+    run_ok(Command::new("podman").arg("import").arg(&tarball).arg(tag));
 }
 
 /// The build context of the prebuilt path: the files the Containerfile copies, as in the

@@ -177,6 +177,12 @@ pub trait AnswerSource: Send + Sync {
         false
     }
 
+    /// The Consul source behind this one, for `explain` and the status page, which read its
+    /// views and rules.
+    fn as_consul(&self) -> Option<&crate::consul::ConsulSource> {
+        None
+    }
+
     /// Writes the reply to `query` into `out` straight from fresh cached bytes, if the source has
     /// them (the hot path, see `raw`); `key` is the question with its name lowercased. Returns
     /// false when `answer` must be asked instead; sources without a byte cache always do.

@@ -859,6 +859,11 @@ impl Cache {
         self.failures.active(hash, &question, now)
     }
 
+    /// Approximate bytes the entries hold (their weights), for the status page.
+    pub(crate) fn weight(&self) -> u64 {
+        self.entries.weight()
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.entries.len() as u64
     }

@@ -33,6 +33,11 @@ impl ConsulRoute {
         self.source.ready()
     }
 
+    /// What answers the Consul domains (for `explain`).
+    pub(crate) fn source(&self) -> &Arc<dyn AnswerSource> {
+        &self.source
+    }
+
     pub fn new(domains: Vec<Name>, source: Arc<dyn AnswerSource>) -> ConsulRoute {
         let domains_wire = domains
             .iter()

@@ -33,6 +33,8 @@
 //! - [`token_bucket`]: the one token bucket behind every rate (client networks, watchers,
 //!   unchecked Consul lookups).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
+//! - [`explain`]: why a name is answered as it is (`consul-dns-forwarder explain`, `/explain`)
+//!   and the status page (`/`): a pure verdict per instance, the pages, the CLI's client.
 //!
 //! See ARCHITECTURE.md for the flow of a query.
 //!
@@ -40,7 +42,8 @@
 //! Everything is `pub(crate)` unless someone outside the library needs it (the lint
 //! `unreachable_pub` holds the line):
 //! - the binary: [`run`], [`run_with_reload`], [`Bound`], [`Reload`], [`config`],
-//!   [`server::bind`], [`metrics::Metrics`];
+//!   [`server::bind`], [`metrics::Metrics`], and the `explain` command's client
+//!   ([`explain::client`]) with the [`explain::Explanation`] it prints;
 //! - the answer contract, for other sources: [`answer`];
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
@@ -63,6 +66,7 @@ pub mod cache;
 pub mod config;
 pub mod consul;
 mod dnssec;
+pub mod explain;
 pub mod failures;
 pub mod handler;
 mod header;
@@ -224,6 +228,7 @@ pub async fn run_with_reload(
     // The sockets are already bound: queries arriving from now on wait in the kernel's buffers
     // until the loops start, so we count as serving from here.
     let serving = Arc::new(AtomicBool::new(true));
+    let reloads = explain::status::ReloadLog::default();
 
     let mut endpoint_task = None;
     if let Some(listener) = bound.metrics {
@@ -247,12 +252,14 @@ pub async fn run_with_reload(
         });
         let live = serving.clone();
         let stop = token.clone();
+        let debug = debug_routes(&config, &listener, &state, &handler, &metrics, &reloads);
         endpoint_task = Some(tokio::spawn(async move {
             let endpoint = metrics::Endpoint {
                 registry,
                 refresh,
                 ready,
                 live: Arc::new(move || live.load(Ordering::SeqCst)),
+                debug,
             };
             if let Err(e) =
                 metrics::serve(listener, endpoint, async move { stop.cancelled().await }).await
@@ -269,6 +276,7 @@ pub async fn run_with_reload(
             handler.clone(),
             metrics.clone(),
             token.clone(),
+            reloads,
         ));
     }
 
@@ -314,6 +322,7 @@ async fn reload_loop(
     handler: Arc<Handler>,
     metrics: Arc<Metrics>,
     token: CancellationToken,
+    log: explain::status::ReloadLog,
 ) {
     let mut trigger = reload.trigger;
     let load: Arc<dyn Fn() -> Result<Config, String> + Send + Sync> = Arc::from(reload.load);
@@ -356,6 +365,7 @@ async fn reload_loop(
             // were never installed).
             attempt.cancel();
         }
+        log.record(outcome.clone());
         match outcome {
             Ok(()) => {
                 metrics.reloads.with_label_values(&["success"]).inc();
@@ -370,6 +380,40 @@ async fn reload_loop(
 }
 
 type State = Arc<std::sync::Mutex<(Config, Generation)>>;
+
+/// The debug routes for the endpoint on `listener`: served where the config allows it (a
+/// loopback listener, or `metrics.debug = true`), refused with 403 elsewhere.
+fn debug_routes(
+    config: &Config,
+    listener: &tokio::net::TcpListener,
+    state: &State,
+    handler: &Arc<Handler>,
+    metrics: &Arc<Metrics>,
+    reloads: &explain::status::ReloadLog,
+) -> axum::Router {
+    let allowed = listener
+        .local_addr()
+        .is_ok_and(|addr| config.metrics.debug_pages_on(addr));
+    if !allowed {
+        return explain::pages::routes(None);
+    }
+    let (st, metrics) = (state.clone(), metrics.clone());
+    let current = Arc::new(move || {
+        let guard = lock(&st);
+        explain::gather::Current {
+            config: guard.0.clone(),
+            consul: guard.1.routes.consul.clone(),
+            forwarder: guard.1.forwarder.clone(),
+            metrics: metrics.clone(),
+        }
+    });
+    explain::pages::routes(Some(Arc::new(explain::pages::DebugPages {
+        handler: handler.clone(),
+        current,
+        reloads: reloads.clone(),
+        slots: tokio::sync::Semaphore::new(explain::pages::MAX_CONCURRENT),
+    })))
+}
 
 /// Why a reload task ended without a result, for the log.
 fn reload_task_error(e: tokio::task::JoinError) -> String {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use consul_dns_forwarder::config::{Config, ConfigError, Overrides};
-use consul_dns_forwarder::{run_with_reload, server, Bound, Reload};
+use consul_dns_forwarder::{explain, run_with_reload, server, Bound, Reload};
 
 /// `--version`: the package version and the git commit it was built from (build.rs; "unknown"
 /// when built from a tarball without .git).
@@ -61,6 +61,29 @@ enum Command {
     /// Check a config file (and any flags given with it) and print every problem with file, line
     /// and key.
     CheckConfig,
+    /// Ask the running forwarder why NAME is answered as it is: how it was read, every instance
+    /// of the service with its checks and why it is or is not in the answer, the view's age,
+    /// the TTL and its rule, the reply it would send now.
+    Explain {
+        /// The name, e.g. web.service.consul.
+        name: String,
+        /// The record type (default A).
+        #[arg(value_name = "TYPE")]
+        qtype: Option<String>,
+        /// Print JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The forwarder's HTTP endpoint ADDR:PORT. Default: metrics.listen of --config (or
+        /// --metrics-listen), else 127.0.0.1:9153.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Ask as a UDP client without EDNS (nginx, glibc) would: consul.udp_answer_limit applies.
+        #[arg(long = "no-edns")]
+        no_edns: bool,
+        /// The page of instances (100 a page) of a large service.
+        #[arg(long)]
+        page: Option<usize>,
+    },
 }
 
 /// `consul-dns-forwarder generate-assets --out-dir DIR`, for packagers (scripts/build-deb.sh):
@@ -153,6 +176,24 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Explain {
+        name,
+        qtype,
+        json,
+        endpoint,
+        no_edns,
+        page,
+    }) = &cli.command
+    {
+        let request = explain::client::Request {
+            name: name.clone(),
+            qtype: qtype.clone(),
+            json: *json,
+            no_edns: *no_edns,
+            page: *page,
+        };
+        return explain_command(&cli, &overrides, endpoint.as_deref(), &request);
+    }
     let config = match load_config(cli.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -183,9 +224,64 @@ fn main() -> ExitCode {
     }
 }
 
-/// The config file (or the defaults), the flags over it, and the upstreams from resolv.conf when
-/// none are configured. Used at start and on every SIGHUP.
-fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+/// `explain`: asks the forwarder's HTTP endpoint, prints its answer. Exit 0 when it answered,
+/// 1 when it could not be reached or refused, 2 for a bad config or endpoint.
+fn explain_command(
+    cli: &Cli,
+    overrides: &Overrides,
+    endpoint: Option<&str>,
+    request: &explain::client::Request,
+) -> ExitCode {
+    let addr = match explain_endpoint(cli, overrides, endpoint) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    // One request: a single-threaded runtime is enough.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let fetched = match runtime {
+        Ok(rt) => rt
+            .block_on(explain::client::fetch(addr, request))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(format!("cannot start the async runtime: {e}")),
+    };
+    match fetched {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Where `explain` asks: `--endpoint`, else `metrics.listen` of the config and flags (an
+/// unspecified address reached at loopback).
+fn explain_endpoint(
+    cli: &Cli,
+    overrides: &Overrides,
+    endpoint: Option<&str>,
+) -> Result<std::net::SocketAddr, String> {
+    if let Some(e) = endpoint {
+        return e
+            .parse()
+            .map_err(|_| format!("--endpoint {e}: ADDR:PORT expected"));
+    }
+    file_and_flags(cli.config.as_deref(), overrides)?
+        .metrics
+        .listen
+        .map(explain::client::reachable)
+        .ok_or_else(|| "the HTTP endpoint is off (metrics.enabled = false): nothing to ask".into())
+}
+
+/// The config file (or the defaults) with the flags over it.
+fn file_and_flags(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
     let mut config = match path {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -193,6 +289,13 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
     config
         .apply_overrides(overrides)
         .map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// The config file (or the defaults), the flags over it, and the upstreams from resolv.conf when
+/// none are configured. Used at start and on every SIGHUP.
+fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+    let mut config = file_and_flags(path, overrides)?;
     // After the flags: `--consul-http` and CONSUL_HTTP_TOKEN can each bring the problem in, and
     // check-config must refuse what the start would.
     config

@@ -385,9 +385,12 @@ pub(crate) struct Endpoint {
     pub(crate) ready: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     /// `/health`: true while serving DNS (false once shutdown began).
     pub(crate) live: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The debug routes (`/`, `/explain`), or their refusals.
+    pub(crate) debug: axum::Router,
 }
 
-/// Serves `/metrics`, `/health` and `/ready` on an already-bound listener until `shutdown`.
+/// Serves `/metrics`, `/health`, `/ready` and the debug routes on an already-bound listener
+/// until `shutdown`.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     endpoint: Endpoint,
@@ -400,8 +403,9 @@ pub(crate) async fn serve(
         refresh,
         ready,
         live,
+        debug,
     } = endpoint;
-    let app = axum::Router::new()
+    let app = debug
         .route(
             "/metrics",
             get(move || {

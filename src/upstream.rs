@@ -394,6 +394,23 @@ impl Router {
         }
     }
 
+    /// The forward zone `name` goes to (`.`: the default upstreams) and its servers.
+    pub(crate) fn route_of(&self, name: &Name) -> (String, Vec<SocketAddr>) {
+        match self.zones.iter().find(|(zone, _)| zone.zone_of(name)) {
+            Some((zone, g)) => (zone.to_string(), g.servers.clone()),
+            None => (".".to_owned(), self.default.servers.clone()),
+        }
+    }
+
+    /// Every forward zone and its servers, the default upstreams last (`.`).
+    pub(crate) fn routes(&self) -> Vec<(String, Vec<SocketAddr>)> {
+        self.zones
+            .iter()
+            .map(|(zone, g)| (zone.to_string(), g.servers.clone()))
+            .chain([(".".to_owned(), self.default.servers.clone())])
+            .collect()
+    }
+
     pub(crate) fn group_for(&self, name: &Name) -> &Arc<ServerGroup> {
         self.zones
             .iter()
@@ -536,6 +553,11 @@ impl Forwarder {
         let permits = max.clamp(1, crate::config::MAX_CONCURRENCY_LIMIT);
         self.inflight = Arc::new(tokio::sync::Semaphore::new(permits));
         self
+    }
+
+    /// Where names are forwarded (explain, status page).
+    pub(crate) fn router(&self) -> &Router {
+        &self.router
     }
 
     pub fn cache(&self) -> &Cache {

@@ -246,5 +246,9 @@ pub(crate) const DEFAULT_METRICS_ENABLED: bool = true;
 pub(crate) const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9153);
 
+/// Off: the debug pages (`/`, `/explain`) show the catalog, so off a loopback listener they
+/// need an explicit yes.
+pub(crate) const DEFAULT_METRICS_DEBUG: bool = false;
+
 /// Off: a line per query is for debugging, too much for a busy host's logs.
 pub(crate) const DEFAULT_LOG_QUERIES: bool = false;

@@ -290,6 +290,7 @@ pub(super) struct FileSoa {
 pub(super) struct FileMetrics {
     pub(crate) listen: Option<ListenAddr>,
     pub(crate) enabled: Option<bool>,
+    pub(crate) debug: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

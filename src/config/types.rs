@@ -184,18 +184,26 @@ impl Default for SoaTimers {
 impl ConsulConfig {
     /// The TTL for a service: exact name, then the longest matching `prefix*`, then `*`.
     pub(crate) fn service_ttl_for(&self, service: &str) -> Duration {
+        self.service_ttl_rule(service).0
+    }
+
+    /// [`ConsulConfig::service_ttl_for`] and the `service_ttl` pattern it comes from (`None`:
+    /// the built-in default).
+    pub(crate) fn service_ttl_rule(&self, service: &str) -> (Duration, Option<String>) {
         for (pattern, ttl) in &self.service_ttl {
             match pattern {
-                TtlPattern::Exact(name) if name.eq_ignore_ascii_case(service) => return *ttl,
+                TtlPattern::Exact(name) if name.eq_ignore_ascii_case(service) => {
+                    return (*ttl, Some(name.clone()))
+                }
                 TtlPattern::Prefix(p)
                     if service.len() >= p.len() && service[..p.len()].eq_ignore_ascii_case(p) =>
                 {
-                    return *ttl
+                    return (*ttl, Some(format!("{p}*")))
                 }
                 _ => {}
             }
         }
-        DEFAULT_SERVICE_TTL
+        (DEFAULT_SERVICE_TTL, None)
     }
 
     /// Refuses a token that would go in clear text to an agent off this host. Checked when the
@@ -257,4 +265,15 @@ fn is_loopback_url(url: &url::Url) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
+    /// Serve the debug pages (`/` and `/explain`) even on a listener that is not loopback.
+    pub debug: bool,
+}
+
+impl MetricsConfig {
+    /// Are the debug pages (`/`, `/explain`) served on `listen`? They show every watched
+    /// service, its nodes, addresses and check output: only to this host (a loopback listener)
+    /// unless `metrics.debug = true` says the network in front of the listener is trusted.
+    pub fn debug_pages_on(&self, listen: SocketAddr) -> bool {
+        self.debug || listen.ip().is_loopback()
+    }
 }

@@ -584,12 +584,22 @@ fn check_stale_for(
 }
 
 impl FileMetrics {
-    /// Nothing here can be wrong once deserialized; `errors` keeps every section's signature
-    /// the same.
-    pub(super) fn validate(self, _errors: &mut Errors) -> MetricsConfig {
+    /// `debug = true` with the endpoint off asks for pages nothing would serve: said, so a
+    /// config that meant to turn them on does not silently do nothing.
+    pub(super) fn validate(self, errors: &mut Errors) -> MetricsConfig {
         let enabled = self.enabled.unwrap_or(DEFAULT_METRICS_ENABLED);
+        let debug = self.debug.unwrap_or(DEFAULT_METRICS_DEBUG);
+        if debug && !enabled {
+            errors.invalid(
+                "metrics",
+                "debug",
+                "needs the HTTP endpoint (metrics.enabled = true): the debug pages are served there"
+                    .to_owned(),
+            );
+        }
         MetricsConfig {
             listen: enabled.then(|| self.listen.map_or(DEFAULT_METRICS_LISTEN, |a| a.0)),
+            debug,
         }
     }
 }
@@ -1094,10 +1104,43 @@ mod tests {
             FileMetrics {
                 enabled: Some(false),
                 listen: Some(ListenAddr::from_str("[::1]:9000").expect("addr")),
+                debug: None,
             }
             .validate(e)
         });
         assert_eq!(metrics.listen, None);
+    }
+
+    #[test]
+    fn debug_pages_only_on_loopback_unless_asked() {
+        let (metrics, problems) = run(|e| FileMetrics::default().validate(e));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(!metrics.debug);
+        let at = |s: &str| s.parse().expect("addr");
+        assert!(metrics.debug_pages_on(at("127.0.0.1:9153")));
+        assert!(metrics.debug_pages_on(at("127.0.0.2:9153")));
+        assert!(metrics.debug_pages_on(at("[::1]:9153")));
+        assert!(!metrics.debug_pages_on(at("0.0.0.0:9153")));
+        assert!(!metrics.debug_pages_on(at("[::]:9153")));
+        assert!(!metrics.debug_pages_on(at("10.1.2.3:9153")));
+        let (on, problems) = run(|e| {
+            FileMetrics {
+                debug: Some(true),
+                ..FileMetrics::default()
+            }
+            .validate(e)
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(on.debug_pages_on(at("0.0.0.0:9153")));
+        let (_, problems) = run(|e| {
+            FileMetrics {
+                debug: Some(true),
+                enabled: Some(false),
+                listen: None,
+            }
+            .validate(e)
+        });
+        assert_eq!(problems.len(), 1, "{problems:?}");
     }
 
     #[test]

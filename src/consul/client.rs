@@ -143,6 +143,9 @@ pub(crate) struct ConsulClient {
     blocking: Arc<Semaphore>,
     fetches: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    /// The connector's per-agent budgets, read by the status page; and their size.
+    budgets: Arc<Vec<(String, Arc<Semaphore>)>>,
+    max_connections: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,10 +173,12 @@ impl ConsulClient {
         let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
         // One budget per agent: after a failover, idle connections to the old agent must not
         // hold permits the new agent's requests wait for.
-        let budgets = agents
-            .iter()
-            .map(|a| (authority(a), Arc::new(Semaphore::new(max_connections))))
-            .collect();
+        let budgets: Arc<Vec<_>> = Arc::new(
+            agents
+                .iter()
+                .map(|a| (authority(a), Arc::new(Semaphore::new(max_connections))))
+                .collect(),
+        );
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
@@ -184,7 +189,7 @@ impl ConsulClient {
             .enable_http1()
             .wrap_connector(BudgetConnector {
                 tcp,
-                budgets: Arc::new(budgets),
+                budgets: budgets.clone(),
             });
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -203,7 +208,30 @@ impl ConsulClient {
             blocking: Arc::new(Semaphore::new(blocking_slots)),
             fetches: Arc::new(Semaphore::new(fetch)),
             metrics,
+            budgets,
+            max_connections,
         })
+    }
+
+    /// The agent requests go to now (the one that answered last), without credentials.
+    pub(crate) fn current_agent(&self) -> String {
+        let i = self.current.load(Ordering::Relaxed) % self.agents.len().max(1);
+        self.agents.get(i).map_or_else(String::new, authority)
+    }
+
+    /// Each agent (`host:port`) with the connections of its budget in use, and the budget.
+    pub(crate) fn budgets_in_use(&self) -> Vec<(String, usize, usize)> {
+        self.budgets
+            .iter()
+            .map(|(agent, budget)| {
+                let free = budget.available_permits();
+                (
+                    agent.clone(),
+                    self.max_connections.saturating_sub(free),
+                    self.max_connections,
+                )
+            })
+            .collect()
     }
 
     /// Has any agent answered a request yet?

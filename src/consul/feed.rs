@@ -1,7 +1,9 @@
-//! The datacenter-wide health change feed: blocking queries on `/v1/health/state/critical` and
-//! `/warning`, whose successive results are diffed to find the services whose health changed;
-//! the views without a blocking query of their own are patched from the lists (or, when a patch
-//! cannot be exact, fetched again).
+//! The datacenter-wide health change feeds: blocking queries on `/v1/health/state/critical` and
+//! `/warning` of one datacenter, whose successive results are diffed to find the services whose
+//! health changed; the views of that datacenter without a blocking query of their own are
+//! patched from the lists (or, when a patch cannot be exact, fetched again). The local
+//! datacenter's feeds run from its first view on; another datacenter's run while it has views
+//! (see [`FeedScope`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -13,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::catalog::{service_id_key, Instance, ServiceView, Status};
 use super::client::{next_index, ClientError, ConsulClient};
+use super::name::{ServiceKind, ViewKey};
 use super::outage::OutageLog;
 use super::retry::backoff;
 use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
@@ -36,6 +39,26 @@ pub(super) const FEED_UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
 /// picture, and they are small compared to `/v1/health/state/any` (every check). The order is
 /// the order of [`HealthLists::lists`].
 pub(super) const FEED_STATES: [&str; 2] = ["critical", "warning"];
+
+/// Which datacenter's feeds patch a view: `None` for the local datacenter (asked without a
+/// datacenter label, or with the local one's name), else the remote datacenter's name.
+pub(super) type FeedScope = Option<String>;
+
+/// The feed scope of `key`, or `None` for views no feed can patch: the state lists hold the
+/// default namespace and partition of one datacenter (not a peer's), and name the checks' own
+/// services (a sidecar's checks name the sidecar, not the service its `.connect` view is asked
+/// by). `local_dc` is the agent's datacenter, once known.
+pub(super) fn feed_scope(key: &ViewKey, local_dc: Option<&str>) -> Option<FeedScope> {
+    if key.kind != ServiceKind::Service || !key.tenancy.is_default() {
+        return None;
+    }
+    Some(match key.dc.as_deref() {
+        Some(dc) if !local_dc.is_some_and(|local| local.eq_ignore_ascii_case(dc)) => {
+            Some(dc.to_ascii_lowercase())
+        }
+        _ => None,
+    })
+}
 
 /// One entry of `/v1/health/state/<state>`: which check, where, and its last write.
 #[derive(Debug, serde::Deserialize)]
@@ -200,9 +223,13 @@ pub(super) fn patched(
     })
 }
 
-/// What the feeds need to reach the views.
+/// What the feeds of one datacenter need to reach its views.
 #[derive(Clone)]
 pub(super) struct FeedShared {
+    /// The datacenter whose views these feeds patch.
+    pub(super) scope: FeedScope,
+    /// The agent's datacenter once known: views asked with its name are local ones.
+    pub(super) local_dc: Arc<Mutex<Option<String>>>,
     pub(super) watches: WatchMap,
     pub(super) lists: Arc<Mutex<HealthLists>>,
     pub(super) metrics: Arc<Metrics>,
@@ -225,14 +252,15 @@ impl FeedShared {
     /// registered since its fetch), or any view while a list is missing, is refreshed with one
     /// fetch instead.
     pub(super) fn apply(&self, changes: Option<&Changes>) -> Applied {
+        let local_dc = lock(&self.local_dc).clone();
         let lists = lock(&self.lists);
         let complete = lists.complete();
         let watches = lock(&self.watches);
         let mut applied = Applied::default();
         for (key, w) in watches.iter() {
-            // The state lists are the local datacenter's default tenancy, and name the checks'
-            // own services (a sidecar's checks name the sidecar, not the service it fronts).
-            if !key.is_plain_local() || !w.on_demand.load(Ordering::SeqCst) {
+            if !w.on_demand.load(Ordering::SeqCst)
+                || feed_scope(key, local_dc.as_deref()).as_ref() != Some(&self.scope)
+            {
                 continue;
             }
             let service = key.service.as_str();
@@ -254,7 +282,7 @@ impl FeedShared {
             match complete {
                 Some(lists) if knows_all => {
                     if let Some(new) = patched(&view, lists) {
-                        self.install(service, w, &view, new);
+                        self.install(key, w, &view, new);
                         applied.patched += 1;
                     }
                 }
@@ -272,7 +300,7 @@ impl FeedShared {
     /// Replaces `old` by `new` unless the watcher replaced it meanwhile (its fetch is newer).
     pub(super) fn install(
         &self,
-        service: &str,
+        key: &ViewKey,
         w: &Watch,
         old: &Arc<ServiceView>,
         new: ServiceView,
@@ -288,8 +316,8 @@ impl FeedShared {
         });
         if replaced {
             self.metrics.consul_health_changes.inc();
-            // The feeds patch local-datacenter views only.
-            self.series.set(service, true, w, healthy);
+            self.series
+                .set(key.service.as_str(), key.is_plain_local(), w, healthy);
         }
     }
 }
@@ -329,8 +357,8 @@ pub(super) fn affects(changes: &Changes, service: &str, view: &ServiceView) -> A
     }
 }
 
-/// A datacenter-wide change feed: a blocking query on `/v1/health/state/<state>` of the local
-/// datacenter, at most one request per [`FEED_INTERVAL`]. Each result is diffed with the one
+/// A datacenter-wide change feed: a blocking query on `/v1/health/state/<state>` of one
+/// datacenter ([`FeedShared::scope`]), at most one request per [`FEED_INTERVAL`]. Each result is diffed with the one
 /// before, and the views whose health changed and which have no blocking query of their own
 /// are patched from the lists (see [`FeedShared::apply`]). So every view, not only the ones
 /// within the blocking budget, follows health changes within about one interval, with one
@@ -353,6 +381,10 @@ pub(super) struct Feed {
 impl Feed {
     pub(super) async fn run(mut self) {
         let segments = ["v1", "health", "state", self.state];
+        let params: Vec<(&str, String)> = match &self.shared.scope {
+            Some(dc) => vec![("dc", dc.clone())],
+            None => Vec::new(),
+        };
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         let mut refused_logged = false;
@@ -367,9 +399,12 @@ impl Feed {
                 slot = self.client.try_blocking_slot();
             }
             let blocking = slot.as_ref().map(|_| (index, self.watch_wait));
-            let request =
-                self.client
-                    .get::<Vec<StateCheckJson>>("health_state", &segments, &[], blocking);
+            let request = self.client.get::<Vec<StateCheckJson>>(
+                "health_state",
+                &segments,
+                &params,
+                blocking,
+            );
             self.failovers.borrow_and_update();
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -418,9 +453,12 @@ impl Feed {
                     slot = None;
                     lock(&self.shared.lists).lists[self.list] = None;
                     failures = failures.saturating_add(1);
+                    // A datacenter gone from the federation: its views fail alike, and stop.
                     let refused = matches!(
                         e,
-                        ClientError::NotFound | ClientError::Status { status: 403, .. }
+                        ClientError::NotFound
+                            | ClientError::NoSuchDatacenter
+                            | ClientError::Status { status: 403, .. }
                     );
                     if refused {
                         if !refused_logged {
@@ -428,6 +466,7 @@ impl Feed {
                             tracing::warn!(
                                 error = %e,
                                 state = self.state,
+                                datacenter = self.shared.scope.as_deref().unwrap_or("local"),
                                 "the agent refuses /v1/health/state: views without a blocking \
                                  query follow health changes only on their TTL"
                             );
@@ -450,10 +489,42 @@ impl Feed {
     }
 }
 
+/// The running feeds by datacenter, each with the token that stops both of its feeds.
+pub(super) type RunningFeeds = Arc<Mutex<HashMap<FeedScope, CancellationToken>>>;
+
+/// Stops a remote datacenter's feeds once no view they could patch is left (its watchers stop
+/// after `consul.watch_idle` without questions), looking every `every`. The check and the
+/// removal happen under the `running` lock, which a new view takes only after its watch is in
+/// the table: a view is never left without the feeds of its datacenter.
+pub(super) async fn stop_when_unused(
+    shared: FeedShared,
+    stop: CancellationToken,
+    running: RunningFeeds,
+    every: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let mut running = lock(&running);
+        let local_dc = lock(&shared.local_dc).clone();
+        let used = lock(&shared.watches)
+            .keys()
+            .any(|key| feed_scope(key, local_dc.as_deref()).as_ref() == Some(&shared.scope));
+        if !used {
+            running.remove(&shared.scope);
+            stop.cancel();
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::consul::catalog::HealthEntry;
+    use crate::consul::name::Tenancy;
 
     fn seen(list: &[(&str, &str, Option<&str>, u64)]) -> SeenChecks {
         seen_checks(
@@ -467,6 +538,40 @@ mod tests {
                 })
                 .collect(),
         )
+    }
+
+    #[test]
+    fn each_view_belongs_to_the_feeds_of_its_datacenter() {
+        let key = |dc: Option<&str>, kind| {
+            ViewKey::new(
+                "web".into(),
+                dc.map(str::to_owned),
+                kind,
+                Tenancy::default(),
+            )
+        };
+        let service = ServiceKind::Service;
+        assert_eq!(feed_scope(&key(None, service), None), Some(None));
+        assert_eq!(feed_scope(&key(None, service), Some("dc1")), Some(None));
+        // The local datacenter by name, once known, is the local feeds' view.
+        assert_eq!(
+            feed_scope(&key(Some("DC1"), service), Some("dc1")),
+            Some(None)
+        );
+        assert_eq!(
+            feed_scope(&key(Some("dc1"), service), None),
+            Some(Some("dc1".to_owned()))
+        );
+        assert_eq!(
+            feed_scope(&key(Some("Dc2"), service), Some("dc1")),
+            Some(Some("dc2".to_owned()))
+        );
+        // The state lists do not name what a `.connect` view is asked by.
+        assert_eq!(feed_scope(&key(None, ServiceKind::Connect), None), None);
+        assert_eq!(
+            feed_scope(&key(Some("dc2"), ServiceKind::Ingress), None),
+            None
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@ use super::catalog::{CatalogFile, HealthEntry, NodeView, QueryView, ServiceView}
 use super::name::{ServiceKind, Tenancy, ViewKey};
 use super::ptr::{AddressIndex, PtrName};
 use super::{Backend, LookupError};
+use crate::explain::details::DetailEntry;
+use crate::explain::gather::{KeptView, ViewPeek};
 
 /// The demo catalog served by `--dev` when no catalog file is given.
 pub const DEMO_CATALOG: &str = include_str!("../../conf/demo-catalog.json");
@@ -49,6 +51,9 @@ struct Catalog {
     /// PTR answers: the nodes' addresses, then the instances' own addresses.
     node_addresses: AddressIndex,
     service_addresses: AddressIndex,
+    /// The file as read: `explain` reads each instance's checks from it (the views keep only
+    /// the worst status).
+    text: Arc<str>,
 }
 
 pub struct FileBackend {
@@ -112,6 +117,7 @@ fn parse(text: &str, path: &str, configured_dc: Option<&str>) -> Result<Catalog,
         datacenter,
         node_addresses,
         service_addresses,
+        text: Arc::from(text),
     })
 }
 
@@ -193,6 +199,64 @@ fn read(path: &Path) -> Result<String, CatalogError> {
 
 #[async_trait]
 impl Backend for FileBackend {
+    fn peek_service(&self, key: &ViewKey) -> Result<ViewPeek, String> {
+        let catalog = self.current();
+        let views = match key.kind {
+            ServiceKind::Service => &catalog.services,
+            ServiceKind::Connect => &catalog.connect,
+            ServiceKind::Ingress => return Err("a catalog file has no ingress gateways".into()),
+        };
+        let view = views
+            .get(&key.service)
+            .cloned()
+            .ok_or_else(|| "the catalog file has no such service".to_owned())?;
+        Ok(ViewPeek {
+            view,
+            confirmed_ago: None,
+            index: None,
+            agent: None,
+            kept_fresh_by: "catalog file".to_owned(),
+        })
+    }
+
+    async fn service_details(&self, key: &ViewKey) -> Result<Vec<DetailEntry>, String> {
+        if key.kind != ServiceKind::Service {
+            return Err("only .service names have checks in a catalog file".into());
+        }
+        let text = self.current().text.clone();
+        let file: HashMap<String, Vec<DetailEntry>> =
+            serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        Ok(file
+            .into_iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(&key.service))
+            .map(|(_, entries)| entries)
+            .unwrap_or_default())
+    }
+
+    fn kept_views(&self, max: usize) -> (Vec<KeptView>, usize) {
+        let catalog = self.current();
+        let mut names: Vec<&String> = catalog.services.keys().collect();
+        names.sort();
+        let views = names
+            .iter()
+            .take(max)
+            .filter_map(|name| {
+                let view = catalog.services.get(*name)?;
+                Some(KeptView {
+                    key: ViewKey::new(
+                        (*name).clone(),
+                        None,
+                        ServiceKind::Service,
+                        Tenancy::default(),
+                    ),
+                    counts: Some(super::peek::health_counts(view)),
+                    age: None,
+                })
+            })
+            .collect();
+        (views, names.len())
+    }
+
     async fn local_datacenter(&self) -> Option<String> {
         Some(self.current().datacenter.clone())
     }

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,8 +28,10 @@ use super::addrs::WanTranslation;
 use super::agent::{discover_datacenter, probe_agents};
 use super::catalog::{CatalogNodeJson, NodeView, QueryExecuteJson, QueryView, ServiceView};
 use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
-use super::feed::{Feed, FeedShared, HealthLists, FEED_STATES};
-use super::inventory::{Inventory, NodeAddresses};
+use super::feed::{
+    feed_scope, stop_when_unused, Feed, FeedShared, HealthLists, RunningFeeds, FEED_STATES,
+};
+use super::inventory::{Inventory, NodeAddresses, MAX_REMOTE_DATACENTERS};
 use super::name::{Tenancy, ViewKey};
 use super::on_demand::OnDemand;
 use super::outage::OutageLog;
@@ -38,6 +40,8 @@ use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
 use super::watcher::{Settings, Watcher, WatcherContext};
 use super::{Backend, LookupError};
 use crate::config::ConsulConfig;
+use crate::explain::details::DetailEntry;
+use crate::explain::gather::{AgentState, KeptView, ViewPeek};
 use crate::lock::lock;
 use crate::metrics::Metrics;
 
@@ -71,9 +75,10 @@ pub(crate) struct HttpBackend {
     /// Bumped when the client fails over to another agent: watchers drop their (possibly hung)
     /// blocking query and ask the new agent at once.
     pub(super) failovers: watch::Receiver<u64>,
-    /// The change feeds start with the first local-datacenter view (a forwarder nobody asks
-    /// Consul names costs Consul nothing).
-    pub(super) feeds_started: AtomicBool,
+    /// The change feeds by datacenter. The local datacenter's start with its first view (a
+    /// forwarder nobody asks Consul names costs Consul nothing) and then run for good; another
+    /// datacenter's run while it has views, at most [`MAX_REMOTE_DATACENTERS`] of them.
+    pub(super) feeds: RunningFeeds,
     pub(super) watcher_context: Arc<WatcherContext>,
     /// What exists in Consul: names it does not have are answered without a request.
     pub(super) inventory: Arc<Inventory>,
@@ -141,7 +146,7 @@ impl HttpBackend {
             inventory,
             service_addresses: ServiceAddresses::new(),
             failovers,
-            feeds_started: AtomicBool::new(false),
+            feeds: RunningFeeds::default(),
             watcher_context,
             client,
             settings,
@@ -274,37 +279,71 @@ impl HttpBackend {
         w.catalog_seen.store(index, Ordering::SeqCst);
         watches.insert(key.clone(), w.clone());
         self.metrics.consul_watchers.inc();
-        let local = key.is_plain_local();
         let task = Watcher {
-            key,
+            key: key.clone(),
             watch: w.clone(),
             cx: self.watcher_context.clone(),
             failovers: self.failovers.clone(),
         };
         tokio::spawn(task.run());
-        if local && !self.feeds_started.swap(true, Ordering::SeqCst) {
-            let shared = FeedShared {
-                watches: self.watches.clone(),
-                lists: Arc::new(Mutex::new(HealthLists::default())),
-                metrics: self.metrics.clone(),
-                series: self.watcher_context.series.clone(),
-                only_passing: self.settings.only_passing,
-            };
-            for (list, state) in FEED_STATES.into_iter().enumerate() {
-                let feed = Feed {
-                    state,
-                    list,
-                    client: self.client.clone(),
-                    outage: self.outage.clone(),
-                    shared: shared.clone(),
-                    watch_wait: self.settings.watch_wait,
-                    shutdown: self.shutdown.clone(),
-                    failovers: self.failovers.clone(),
-                };
-                tokio::spawn(feed.run());
-            }
-        }
+        // The feeds' table is taken after the watch table is let go (see `stop_when_unused`).
+        drop(watches);
+        self.start_feeds_for(&key);
         Some(w)
+    }
+
+    /// Starts the change feeds of `key`'s datacenter unless they run, or no feed can patch
+    /// the view.
+    fn start_feeds_for(&self, key: &ViewKey) {
+        let local_dc = lock(&self.datacenter).clone();
+        let Some(scope) = feed_scope(key, local_dc.as_deref()) else {
+            return;
+        };
+        let mut running = lock(&self.feeds);
+        if running.contains_key(&scope) {
+            return;
+        }
+        if scope.is_some() && running.keys().flatten().count() >= MAX_REMOTE_DATACENTERS {
+            // That datacenter's views follow their TTLs and the catalog's changes.
+            self.metrics
+                .limit_drops
+                .with_label_values(&["remote_feeds"])
+                .inc();
+            return;
+        }
+        let stop = self.shutdown.child_token();
+        running.insert(scope.clone(), stop.clone());
+        let remote = scope.is_some();
+        let shared = FeedShared {
+            scope,
+            local_dc: self.datacenter.clone(),
+            watches: self.watches.clone(),
+            lists: Arc::new(Mutex::new(HealthLists::default())),
+            metrics: self.metrics.clone(),
+            series: self.watcher_context.series.clone(),
+            only_passing: self.settings.only_passing,
+        };
+        for (list, state) in FEED_STATES.into_iter().enumerate() {
+            let feed = Feed {
+                state,
+                list,
+                client: self.client.clone(),
+                outage: self.outage.clone(),
+                shared: shared.clone(),
+                watch_wait: self.settings.watch_wait,
+                shutdown: stop.clone(),
+                failovers: self.failovers.clone(),
+            };
+            tokio::spawn(feed.run());
+        }
+        if remote {
+            tokio::spawn(stop_when_unused(
+                shared,
+                stop,
+                self.feeds.clone(),
+                self.settings.watch_idle,
+            ));
+        }
     }
 }
 
@@ -344,6 +383,22 @@ pub(super) async fn fetch_one<J: serde::de::DeserializeOwned, V>(
 
 #[async_trait]
 impl Backend for HttpBackend {
+    fn peek_service(&self, key: &ViewKey) -> Result<ViewPeek, String> {
+        self.peek(key)
+    }
+
+    async fn service_details(&self, key: &ViewKey) -> Result<Vec<DetailEntry>, String> {
+        self.details(key).await
+    }
+
+    fn kept_views(&self, max: usize) -> (Vec<KeptView>, usize) {
+        self.kept(max)
+    }
+
+    fn agents(&self) -> Vec<AgentState> {
+        self.agent_states()
+    }
+
     fn ready(&self) -> Result<(), String> {
         if self.client.has_answered() {
             Ok(())

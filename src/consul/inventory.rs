@@ -37,8 +37,11 @@ use crate::token_bucket::{Rate, TokenBucket};
 const LIST_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often a list is fetched again when no blocking slot of the connection budget is free
-/// (a tiny `consul.max_connections`): the delay before a newly registered name is answered.
-const LIST_POLL: Duration = Duration::from_secs(2);
+/// (a tiny `consul.max_connections`, or every slot taken by watchers before the list started):
+/// the delay before a newly registered name is answered, and before a registration or
+/// deregistration reaches the views without a blocking query. One second keeps that under the
+/// 2 s the views promise (with the view's own fetch after it), at one list request a second.
+const LIST_POLL: Duration = Duration::from_secs(1);
 
 /// How often the datacenter list is fetched (`/v1/catalog/datacenters` cannot block). New
 /// datacenters join a federation rarely, and by hand.

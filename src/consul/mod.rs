@@ -16,6 +16,7 @@ pub(crate) mod inventory;
 pub mod name;
 pub(crate) mod on_demand;
 pub(crate) mod outage;
+pub(crate) mod peek;
 pub mod ptr;
 pub mod records;
 pub(crate) mod retry;
@@ -37,6 +38,8 @@ use self::ptr::PtrName;
 use self::records::{Ctx, Plan};
 use crate::answer::{Answer, AnswerSource, Question, Source};
 use crate::config::{Config, ConsulConfig, ConsulMode, WhenNoneHealthy};
+use crate::explain::details::DetailEntry;
+use crate::explain::gather::{AgentState, KeptView, ViewPeek};
 use crate::metrics::Metrics;
 use crate::upstream::Forwarder;
 
@@ -89,6 +92,24 @@ pub trait Backend: Send + Sync {
     async fn address_name(&self, _ip: IpAddr) -> Option<PtrName> {
         None
     }
+    /// For `explain`: the view of `key` as kept now, without fetching, watching or waiting;
+    /// `Err` says why there is none.
+    fn peek_service(&self, _key: &ViewKey) -> Result<ViewPeek, String> {
+        Err("this source keeps no views".to_owned())
+    }
+    /// For `explain`: the checks of `key`'s instances. At most one request, and only for a view
+    /// already kept (a name a DNS query made known), never a new watch.
+    async fn service_details(&self, _key: &ViewKey) -> Result<Vec<DetailEntry>, String> {
+        Err("this source has no check details".to_owned())
+    }
+    /// For the status page: up to `max` kept views, and how many there are in all.
+    fn kept_views(&self, _max: usize) -> (Vec<KeptView>, usize) {
+        (Vec::new(), 0)
+    }
+    /// For the status page: the agents with the connections in use of their budget.
+    fn agents(&self) -> Vec<AgentState> {
+        Vec::new()
+    }
 }
 
 /// Problems found while setting Consul up, before serving.
@@ -137,6 +158,15 @@ impl ConsulSource {
             config: config.clone(),
             resolver,
         }
+    }
+
+    /// Where the views come from, for `explain` and the status page.
+    pub(crate) fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub(crate) fn config(&self) -> &ConsulConfig {
+        &self.config
     }
 
     async fn answer_inner(&self, q: &Question, limit: usize) -> Answer {
@@ -413,6 +443,10 @@ impl AnswerSource for ConsulSource {
 
     fn answers_address(&self, ip: IpAddr) -> bool {
         self.backend.may_know_address(ip)
+    }
+
+    fn as_consul(&self) -> Option<&ConsulSource> {
+        Some(self)
     }
 }
 

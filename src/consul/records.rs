@@ -105,7 +105,7 @@ pub(crate) fn select_all(view: &ServiceView) -> Arc<Selection> {
 
 /// The instances of `selection` that can answer a `qtype` question: those with an address for
 /// it, else those with a hostname (a CNAME), or every instance for SRV.
-fn pool(selection: &Selection, qtype: RecordType) -> &Arc<[u32]> {
+pub(crate) fn pool(selection: &Selection, qtype: RecordType) -> &Arc<[u32]> {
     let with_address = match qtype {
         RecordType::A => &selection.v4,
         RecordType::AAAA => &selection.v6,

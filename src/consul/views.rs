@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -49,6 +49,11 @@ pub(super) struct Watch {
     pub(super) fetched: tokio::sync::Notify,
     /// This view's `consul_healthy_instances` series: see [`ServiceSeries`].
     pub(super) series: AtomicU8,
+    /// `X-Consul-Index` of the response the view last came from (0: none yet), for `explain`.
+    pub(super) index: AtomicU64,
+    /// The view as the watcher's last fetch made (or confirmed) it: a different current view
+    /// was patched by the change feed since (`explain` says which).
+    pub(super) fetched_view: Mutex<Weak<ServiceView>>,
 }
 
 /// [`Watch::series`]: not asked for yet, created, or refused at the bound.
@@ -119,6 +124,8 @@ impl Watch {
             catalog_seen: AtomicU64::new(0),
             fetched: tokio::sync::Notify::new(),
             series: AtomicU8::new(SERIES_NONE),
+            index: AtomicU64::new(0),
+            fetched_view: Mutex::new(Weak::new()),
         }
     }
 

@@ -107,6 +107,10 @@ pub(super) fn install_entries(
         _ => (true, false),
     };
     if !changed {
+        // The view served (perhaps one the change feed patched) is what Consul says now.
+        if let ViewState::Ready(current) = &*watch.state.borrow() {
+            *lock(&watch.fetched_view) = Arc::downgrade(current);
+        }
         return;
     }
     series.set(
@@ -118,7 +122,9 @@ pub(super) fn install_entries(
     if was_ready {
         metrics.consul_health_changes.inc();
     }
-    watch.state.send_replace(ViewState::Ready(Arc::new(view)));
+    let view = Arc::new(view);
+    *lock(&watch.fetched_view) = Arc::downgrade(&view);
+    watch.state.send_replace(ViewState::Ready(view));
 }
 
 impl Watcher {
@@ -181,6 +187,7 @@ impl Watcher {
                         },
                     );
                     index = next_index(index, r.index);
+                    self.watch.index.store(r.index, Ordering::Relaxed);
                     self.watch.fetched.notify_waiters();
                     continue;
                 }

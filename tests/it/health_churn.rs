@@ -1,10 +1,12 @@
-//! Health churn at scale (issue 8): with thousands of services, most of them beyond the
-//! blocking-query budget, a steady stream of check flips across the catalog reaches every
-//! view within 2 s, over a bounded number of connections to Consul, while other queries keep
-//! being answered.
+//! Health churn at scale: with thousands of services, most of them beyond the blocking-query
+//! budget, in the local datacenter and another one, a steady stream of check flips across the
+//! catalog, and registrations and deregistrations alongside, reach every view within 2 s, over
+//! a bounded number of connections to Consul, while other queries keep being answered.
 //!
 //! Every service TTL is 60 s here, so a view refreshed on its TTL could not pass: only the
-//! change feed (`/v1/health/state/critical|warning`, see `src/consul/feed.rs`) can.
+//! change feeds (`/v1/health/state/critical|warning` of each datacenter, see
+//! `src/consul/feed.rs`) and the catalog's index (`/v1/catalog/services`, see
+//! `HttpBackend::after_catalog_change`) can.
 //!
 //! The debug run uses a smaller catalog; `scripts/test.sh` runs the large variant in release
 //! mode with `--ignored`.
@@ -14,7 +16,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::consul_sim::{ChurnCheck, ChurnTarget, ConsulSim, GridInstance, Status};
+use crate::support::consul_sim::{
+    ChurnCheck, ChurnTarget, ConsulSim, GridInstance, SimNode, SimService, Status,
+};
 use crate::support::upstream::TestUpstream;
 use crate::support::*;
 use hickory_proto::op::ResponseCode;
@@ -36,6 +40,8 @@ const NODE_CHECK_EVERY: usize = 10;
 
 struct Scale {
     services: u32,
+    /// Services of the same shape in a second datacenter, asked as `<name>.service.dc2.consul`.
+    remote_services: u32,
     per_service: u32,
     flips_per_second: u32,
     churn_for: Duration,
@@ -51,6 +57,15 @@ fn conf(up: &TestUpstream, sim: &ConsulSim) -> String {
 
 fn fqdn(service: &str) -> String {
     format!("{service}.service.consul.")
+}
+
+/// The name an instance's service is asked by: with its datacenter's label unless it is ours.
+fn name_of(g: &GridInstance) -> String {
+    if g.datacenter.is_empty() {
+        fqdn(&g.service)
+    } else {
+        format!("{}.service.{}.consul.", g.service, g.datacenter)
+    }
 }
 
 /// Asks every name once, a few hundred in flight at a time; returns how many answers were not
@@ -81,6 +96,8 @@ async fn ask_all(addr: SocketAddr, names: &[String], per_service: usize) -> usiz
 
 /// What one probe saw of one flip.
 struct Sample {
+    /// The flip was in the second datacenter.
+    remote: bool,
     delay: Option<Duration>,
     servfail: usize,
 }
@@ -102,7 +119,8 @@ async fn probe_one(
     let target = &targets[flip.target];
     let want_present = flip.status == Status::Passing;
     let address = &grid[flip.target].address;
-    let name = fqdn(&target.service);
+    let name = name_of(&grid[flip.target]);
+    debug_assert_eq!(grid[flip.target].service, target.service);
     let mut servfail = 0;
     loop {
         let r = ask(addr, &name, RecordType::A).await;
@@ -111,12 +129,14 @@ async fn probe_one(
             servfail += 1;
         } else if addresses(&r).contains(address) == want_present {
             return Some(Sample {
+                remote: !grid[flip.target].datacenter.is_empty(),
                 delay: Some(seen_at.saturating_duration_since(flip.at)),
                 servfail,
             });
         }
         if flip.at.elapsed() > PROBE_LIMIT {
             return Some(Sample {
+                remote: !grid[flip.target].datacenter.is_empty(),
                 delay: None,
                 servfail,
             });
@@ -136,12 +156,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn churn_run(scale: Scale) {
     let Scale {
         services,
+        remote_services,
         per_service,
         flips_per_second,
         churn_for,
     } = scale;
     let sim = ConsulSim::start().await;
-    let grid = sim.add_grid("s", services, per_service);
+    let mut grid = sim.add_grid("s", services, per_service);
+    grid.extend(sim.add_grid_in("dc2", "r", remote_services, per_service));
     let up = TestUpstream::start().await;
     let fwd = TestServer::start(&conf(&up, &sim)).await;
     let budget = 32; // consul.max_connections' default
@@ -149,7 +171,7 @@ async fn churn_run(scale: Scale) {
     // Every name asked twice: after the first ask a view keeps no connection; the second makes
     // it want a blocking watch, which only a few dozen get (the budget). The rest refresh on
     // their TTL (60 s here) or when the change feed names them.
-    let mut names: Vec<String> = (0..services).map(|s| fqdn(&format!("s{s}"))).collect();
+    let mut names: Vec<String> = grid.iter().map(name_of).collect();
     names.dedup();
     let started = Instant::now();
     assert_eq!(ask_all(fwd.addr, &names, per_service as usize).await, 0);
@@ -222,6 +244,13 @@ async fn churn_run(scale: Scale) {
             samples
         }));
     }
+    // Meanwhile, instances come and go in both datacenters, one at a time.
+    let until = Instant::now() + churn_for;
+    let (mut catalog, far) = tokio::join!(
+        catalog_changes(fwd.addr, &sim, &grid, false, until),
+        catalog_changes(fwd.addr, &sim, &grid, true, until),
+    );
+    catalog.extend(far);
     let mut samples = Vec::new();
     for p in probes {
         samples.extend(p.await.expect("join"));
@@ -239,16 +268,16 @@ async fn churn_run(scale: Scale) {
         last.insert(f.target, f.status);
     }
     tokio::time::sleep(VISIBLE_WITHIN).await;
-    let mut expected: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut expected: HashMap<String, Vec<&str>> = HashMap::new();
     for (k, g) in grid.iter().enumerate() {
-        let entry = expected.entry(g.service.as_str()).or_default();
+        let entry = expected.entry(name_of(g)).or_default();
         if last.get(&k).copied().unwrap_or(Status::Passing) == Status::Passing {
             entry.push(g.address.as_str());
         }
     }
     let mut stale_views = 0;
-    for (service, want) in &expected {
-        let r = ask(fwd.addr, &fqdn(service), RecordType::A).await;
+    for (name, want) in &expected {
+        let r = ask(fwd.addr, name, RecordType::A).await;
         let mut got = addresses(&r);
         got.sort();
         let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
@@ -266,13 +295,14 @@ async fn churn_run(scale: Scale) {
     let mut steady_sorted = steady_took.clone();
     steady_sorted.sort();
     println!(
-        "{} flips ({flip_rate:.0}/s); {} probed: flip -> answer p50 {:?} p99 {:?} \
+        "{} flips ({flip_rate:.0}/s); {} probed ({} in dc2): flip -> answer p50 {:?} p99 {:?} \
          max {:?}, {missed} not seen within {PROBE_LIMIT:?}; {stale_views} of {} views stale \
          after the churn; steady query p50 {:?} p99 {:?} max {:?} ({} queries); peak {peak} \
          connections during the churn (budget {budget}, {cold_start_peak} in the cold start); {servfail} SERVFAIL; {} requests to /v1/health/service, \
          {} to /v1/health/state",
         flips.len(),
         samples.len(),
+        samples.iter().filter(|s| s.remote).count(),
         percentile(&delays, 0.5),
         percentile(&delays, 0.99),
         delays.last().copied().unwrap_or_default(),
@@ -284,6 +314,17 @@ async fn churn_run(scale: Scale) {
         sim.requests("/v1/health/service/"),
         sim.requests("/v1/health/state/"),
     );
+    let mut catalog_delays: Vec<Duration> = catalog.iter().filter_map(|c| c.delay).collect();
+    catalog_delays.sort();
+    let catalog_missed = catalog.len() - catalog_delays.len();
+    let remote = catalog.iter().filter(|c| c.remote).count();
+    println!(
+        "{} registrations and deregistrations ({remote} in dc2): change -> answer p50 {:?} \
+         max {:?}, {catalog_missed} not seen within {PROBE_LIMIT:?}",
+        catalog.len(),
+        percentile(&catalog_delays, 0.5),
+        catalog_delays.last().copied().unwrap_or_default(),
+    );
     assert!(
         flip_rate > f64::from(flips_per_second) * 0.8,
         "the generator kept its rate: {flip_rate:.0}/s"
@@ -294,6 +335,24 @@ async fn churn_run(scale: Scale) {
         samples.len()
     );
     assert_eq!(missed, 0, "every probed flip became visible");
+    assert!(
+        (remote_services == 0 || remote >= 4) && catalog.len() - remote >= 4,
+        "enough registrations and deregistrations in each datacenter: {} ({remote} in dc2)",
+        catalog.len()
+    );
+    assert_eq!(
+        catalog_missed, 0,
+        "every registration and deregistration became visible"
+    );
+    let slow_catalog: Vec<&Duration> = catalog_delays
+        .iter()
+        .filter(|d| **d > VISIBLE_WITHIN)
+        .collect();
+    assert!(
+        slow_catalog.is_empty(),
+        "registrations and deregistrations visible within {VISIBLE_WITHIN:?}: {slow_catalog:?}"
+    );
+
     let slow: Vec<&Duration> = delays.iter().filter(|d| **d > VISIBLE_WITHIN).collect();
     assert!(
         slow.is_empty(),
@@ -316,10 +375,58 @@ async fn churn_run(scale: Scale) {
     fwd.stop().await;
 }
 
+/// One registration or deregistration and how long its service's answer took to show it.
+struct CatalogSample {
+    remote: bool,
+    delay: Option<Duration>,
+}
+
+/// Until `until`: registers a passing instance into one of the grid's services of one
+/// datacenter (`remote`: the second one), waits for the service's answer to hold it,
+/// deregisters it and waits for the answer to drop it; again and again. Every instance added
+/// is gone again when this returns.
+async fn catalog_changes(
+    addr: SocketAddr,
+    sim: &ConsulSim,
+    grid: &[GridInstance],
+    remote: bool,
+    until: Instant,
+) -> Vec<CatalogSample> {
+    let pool: Vec<&GridInstance> = grid
+        .iter()
+        .filter(|g| g.datacenter.is_empty() != remote)
+        .collect();
+    let mut samples = Vec::new();
+    let mut k: usize = 0;
+    while Instant::now() < until && !pool.is_empty() {
+        // A stride through the grid, so the services differ from one change to the next.
+        let g = pool[(k * 7_919) % pool.len()];
+        let label = if remote { "far" } else { "near" };
+        let id = format!("added-{label}-{k}");
+        let node = format!("{id}.node");
+        let base: u32 = if remote { 0x0bfa_0000 } else { 0x0afa_0000 };
+        let address = std::net::Ipv4Addr::from(base + k as u32 + 1).to_string();
+        let mut sim_node = SimNode::new(&node, &address);
+        sim_node.datacenter = g.datacenter.clone();
+        sim.add_node(sim_node);
+        sim.add_service(SimService::new(&id, &g.service, &node, 80), Status::Passing);
+        let name = name_of(g);
+        let delay = until_answer(addr, &name, |got| got.contains(&address)).await;
+        samples.push(CatalogSample { remote, delay });
+        sim.remove_service(&id);
+        sim.remove_node(&node);
+        let delay = until_answer(addr, &name, |got| !got.contains(&address)).await;
+        samples.push(CatalogSample { remote, delay });
+        k += 1;
+    }
+    samples
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_flips_reach_every_view_within_two_seconds() {
     churn_run(Scale {
         services: 1_000,
+        remote_services: 200,
         per_service: 5,
         flips_per_second: 1_000,
         churn_for: Duration::from_secs(6),
@@ -332,6 +439,7 @@ async fn health_flips_reach_every_view_within_two_seconds() {
 async fn health_flips_at_scale_reach_every_view_within_two_seconds() {
     churn_run(Scale {
         services: 10_000,
+        remote_services: 1_000,
         per_service: 5,
         flips_per_second: 1_000,
         churn_for: Duration::from_secs(10),
@@ -408,6 +516,128 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
     assert!(
         blocking_for_a.is_empty(),
         "`a` was to stay beyond the budget: {blocking_for_a:?}"
+    );
+    fwd.stop().await;
+}
+
+/// Polls `name` until `seen` holds of its addresses (each instance has its own), up to
+/// [`PROBE_LIMIT`]; how long that took.
+async fn until_answer(
+    addr: SocketAddr,
+    name: &str,
+    seen: impl Fn(&[String]) -> bool,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < PROBE_LIMIT {
+        let got = addresses(&ask(addr, name, RecordType::A).await);
+        if seen(&got) {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Views of another datacenter, and views asked with the local datacenter's name, follow
+/// health changes through that datacenter's change feed: within 2 s, with a 60 s TTL and no
+/// blocking query of their own. The remote feed stops once no view of its datacenter is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_datacenters_health_changes_reach_views_without_a_blocking_query() {
+    let sim = ConsulSim::start().await;
+    let far = sim.add_grid_in("dc2", "far", 1, 3);
+    let near = sim.add_grid("near", 1, 2);
+    // Services that take the blocking slots of a budget of 4 (3 for blocking queries), so
+    // neither view gets one.
+    let fillers: Vec<String> = (0..6).map(|f| format!("filler{f}")).collect();
+    for (f, name) in fillers.iter().enumerate() {
+        sim.add_simple(
+            name,
+            &format!("{name}-node"),
+            &format!("10.2.0.{}", f + 1),
+            80,
+        );
+    }
+    let up = TestUpstream::start().await;
+    let config = TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .consul("max_connections = 4\ndatacenter = \"dc1\"\nwatch_idle = \"2s\"")
+        .service_ttl("60s");
+    let fwd = TestServer::start(&config.toml()).await;
+    let filler_names: Vec<String> = fillers.iter().map(|f| fqdn(f)).collect();
+    for _ in 0..2 {
+        assert_eq!(ask_all(fwd.addr, &filler_names, 1).await, 0);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let far_name = "far0.service.dc2.consul.";
+    let near_name = "near0.service.dc1.consul.";
+    for _ in 0..2 {
+        assert_eq!(
+            addresses(&ask(fwd.addr, far_name, RecordType::A).await).len(),
+            3
+        );
+        assert_eq!(
+            addresses(&ask(fwd.addr, near_name, RecordType::A).await).len(),
+            2
+        );
+    }
+    // Both feeds of dc2 have answered once: the flips below are diffs, not a first list.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    let flips = [
+        (far_name, &far[1], Status::Critical, false),
+        (far_name, &far[1], Status::Passing, true),
+        (near_name, &near[0], Status::Critical, false),
+        (near_name, &near[0], Status::Passing, true),
+    ];
+    for (name, instance, status, present) in flips {
+        if instance.node.ends_with("-0.node") {
+            // One of them through its node's check, which every instance there follows.
+            sim.set_node_check(&instance.node, "serfHealth", status);
+        } else {
+            sim.set_service_check(&instance.id, status);
+        }
+        let address = instance.address.clone();
+        let took = until_answer(fwd.addr, name, |got| got.contains(&address) == present).await;
+        println!("{name} {} {status:?}: answered after {took:?}", instance.id);
+        let took = took.expect("the flip is answered");
+        assert!(took < VISIBLE_WITHIN, "{name}: {took:?}");
+    }
+    let log = sim.request_log();
+    let blocking_views: Vec<&String> = log
+        .iter()
+        .filter(|t| {
+            (t.starts_with("/v1/health/service/far0?")
+                || t.starts_with("/v1/health/service/near0?"))
+                && t.contains("index=")
+        })
+        .collect();
+    assert!(
+        blocking_views.is_empty(),
+        "the premise: neither view has a blocking query: {blocking_views:?}"
+    );
+    let remote_feed = |log: &[String]| {
+        log.iter()
+            .filter(|t| t.starts_with("/v1/health/state/") && t.contains("dc=dc2"))
+            .count()
+    };
+    assert!(remote_feed(&log) >= 2, "dc2's feeds ran: {log:?}");
+    // Only the local feeds serve the view asked with the local datacenter's name.
+    assert!(
+        !log.iter()
+            .any(|t| t.starts_with("/v1/health/state/") && t.contains("dc=dc1")),
+        "no feed of its own for dc1 by name: {log:?}"
+    );
+
+    // No more questions for dc2: its watcher stops after watch_idle, then its feeds.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let before = remote_feed(&sim.request_log());
+    sim.set_service_check(&far[2].id, Status::Critical);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        remote_feed(&sim.request_log()),
+        before,
+        "dc2's feeds stopped once no view of dc2 was left"
     );
     fwd.stop().await;
 }

@@ -18,6 +18,7 @@ mod consul_parity_names;
 mod consul_parity_records;
 mod consul_ptr;
 mod dnssec_bits;
+mod explain;
 mod failure_cache;
 mod faults_and_limits;
 mod forwarding;
@@ -26,6 +27,7 @@ mod untrusted_names;
 
 // The real binary, and real clients (dig, glibc, nginx) against it.
 mod cli_and_config_files;
+mod e2e_chromium;
 mod e2e_dig_consul_names;
 mod e2e_dnssec;
 mod e2e_glibc;

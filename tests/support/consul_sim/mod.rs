@@ -270,6 +270,8 @@ impl Status {
 /// One instance made by [`ConsulSim::add_grid`].
 #[derive(Clone, Debug)]
 pub struct GridInstance {
+    /// `""` for [`DATACENTER`], as in [`SimNode::datacenter`].
+    pub datacenter: String,
     pub service: String,
     pub id: String,
     pub node: String,
@@ -601,6 +603,13 @@ impl ConsulSim {
             .mutate(|st| st.set_service_check(service_id, status));
     }
 
+    /// [`ConsulSim::set_service_check`] with the check's `Output` (what Consul shows of the
+    /// check script's output).
+    pub fn set_service_check_output(&self, service_id: &str, status: Status, output: &str) {
+        self.inner
+            .mutate(|st| st.set_service_check_output(service_id, status, Some(output)));
+    }
+
     /// Sets (creating if absent) a node-level check such as `serfHealth` or
     /// `_node_maintenance`. Node checks apply to every service on the node, so
     /// this changes the result and index of all of them. Panics if the node is
@@ -654,20 +663,40 @@ impl ConsulSim {
     /// with its own IPv4 address from 10.0.0.1 upwards (so a DNS answer tells
     /// exactly which instances it holds). Returns the instances in order.
     pub fn add_grid(&self, prefix: &str, services: u32, per_service: u32) -> Vec<GridInstance> {
+        self.add_grid_in("", prefix, services, per_service)
+    }
+
+    /// [`ConsulSim::add_grid`] in `datacenter` (`""`: ours), whose addresses start at
+    /// 11.0.0.1 for another datacenter, so two grids never share one.
+    pub fn add_grid_in(
+        &self,
+        datacenter: &str,
+        prefix: &str,
+        services: u32,
+        per_service: u32,
+    ) -> Vec<GridInstance> {
+        let first: u32 = if datacenter.is_empty() {
+            0x0a00_0000
+        } else {
+            0x0b00_0000
+        };
         let mut out = Vec::new();
         let mut items = Vec::new();
         for s in 0..services {
             for i in 0..per_service {
                 let n = s * per_service + i + 1;
-                let address = std::net::Ipv4Addr::from(0x0a00_0000 + n).to_string();
+                let address = std::net::Ipv4Addr::from(first + n).to_string();
                 let g = GridInstance {
+                    datacenter: datacenter.to_owned(),
                     service: format!("{prefix}{s}"),
                     id: format!("{prefix}{s}-{i}"),
                     node: format!("{prefix}{s}-{i}.node"),
                     address,
                 };
+                let mut node = SimNode::new(&g.node, &g.address);
+                node.datacenter = g.datacenter.clone();
                 items.push((
-                    SimNode::new(&g.node, &g.address),
+                    node,
                     SimService::new(&g.id, &g.service, &g.node, 80),
                     Status::Passing,
                 ));

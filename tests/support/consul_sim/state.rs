@@ -24,6 +24,8 @@ pub(super) struct CheckRec {
     pub notes: String,
     pub create: u64,
     pub modify: u64,
+    /// `Output` set by a test (`None`: what Consul's own checks print, see `check_output`).
+    pub output: Option<String>,
 }
 
 pub(super) struct NodeRec {
@@ -48,6 +50,7 @@ impl NodeRec {
             notes: String::new(),
             create: idx,
             modify: idx,
+            output: None,
         };
         NodeRec {
             id: uuid_from(&node.name),
@@ -440,6 +443,7 @@ impl State {
                 notes: String::new(),
                 create: check_create,
                 modify: idx,
+                output: None,
             },
         );
         let name = svc.service.clone();
@@ -471,11 +475,19 @@ impl State {
     }
 
     pub fn set_service_check(&mut self, id: &str, status: Status) {
+        self.set_service_check_output(id, status, None);
+    }
+
+    /// [`State::set_service_check`], with the check's `Output` when `output` is given.
+    pub fn set_service_check_output(&mut self, id: &str, status: Status, output: Option<&str>) {
         let check_id = format!("service:{id}");
         let Some(rec) = self.services.get(id) else {
             panic!("consul_sim: set_service_check: unknown service instance {id:?}");
         };
-        if rec.checks.get(&check_id).map(|c| c.status) == Some(status) {
+        let current = rec.checks.get(&check_id);
+        if current.map(|c| c.status) == Some(status)
+            && output.is_none_or(|o| current.and_then(|c| c.output.as_deref()) == Some(o))
+        {
             return;
         }
         let idx = self.bump();
@@ -488,9 +500,13 @@ impl State {
             notes: String::new(),
             create: idx,
             modify: idx,
+            output: None,
         });
         check.status = status;
         check.modify = idx;
+        if let Some(o) = output {
+            check.output = Some(o.to_owned());
+        }
         self.touch_service(&name, idx);
     }
 
@@ -510,6 +526,7 @@ impl State {
             notes: check_notes(check_id),
             create: idx,
             modify: idx,
+            output: None,
         });
         check.status = status;
         check.modify = idx;
@@ -919,7 +936,7 @@ impl State {
             "Name": c.name,
             "Status": c.status.as_str(),
             "Notes": c.notes,
-            "Output": check_output(id, c.status),
+            "Output": c.output.as_deref().unwrap_or(check_output(id, c.status)),
             "ServiceID": sid,
             "ServiceName": sname,
             "ServiceTags": stags,

@@ -59,3 +59,12 @@ cargo test --test it "$@" -- --test-threads=1 health_churn:: scale::
 # name flood) measure a release build, not a debug one, and the packaging tests ship it: they
 # are the only ignored tests, and they run one at a time for the same reason.
 cargo test --release --test it -- --ignored --nocapture --test-threads=1
+# The README's third install path, `cargo install --locked --path .`, into a scratch root (the
+# release build above is reused): the installed binary names this commit.
+install_root=$(mktemp -d)
+cargo install --locked --path . --root "$install_root" --target-dir "${CARGO_TARGET_DIR:-target}" --quiet
+revision=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+installed=$("$install_root/bin/consul-dns-forwarder" --version)
+rm -rf "$install_root"
+echo "cargo install: $installed"
+[[ $installed == "consul-dns-forwarder $(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1) (revision $revision)" ]]

@@ -197,3 +197,63 @@ async fn dig_srv_targets_resolve_on_their_own() {
         "A of the service: the service address"
     );
 }
+
+/// The names issue 15 listed as answered differently from Consul's DNS, asked with dig against
+/// the binary: a reverse name of a node's address, a `.connect` name, a cluster peer's
+/// service, an RFC 2782 prepared query, and AAAA of a dual-stack node (its `lan_ipv6` tagged
+/// address). Each output is printed (`--nocapture`) for the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_gets_ptr_connect_peer_prepared_query_and_dual_stack_answers() {
+    use crate::support::consul_sim::SimMesh;
+    let sim = ConsulSim::start().await;
+    node(&sim, "web-node", "127.0.0.2");
+    service(&sim, "web-1", "web", "web-node", "", 8080);
+    // A dual-stack node (its SRV targets would be `.addr` names, as Consul's are: Consul then
+    // prefers the IPv6 tagged address for SRV).
+    node(&sim, "db-node", "127.0.0.3");
+    sim.set_node_tagged_addresses(
+        "db-node",
+        &[("lan_ipv4", "127.0.0.3"), ("lan_ipv6", "fd00::3")],
+    );
+    service(&sim, "db-1", "db", "db-node", "", 5432);
+    sim.add_service_with(
+        SimService::new("web-1-sidecar", "web-sidecar-proxy", "web-node", 21000),
+        SimMesh::sidecar("web"),
+        Status::Passing,
+    );
+    sim.add_peering("p1");
+    sim.add_node_in(SimNode::new("peer-node", "127.0.1.1"), Some("p1"), None);
+    sim.add_service(
+        SimService::new("api-p1", "api", "peer-node", 9090),
+        Status::Passing,
+    );
+    sim.add_prepared_query("geo", "web", None, None);
+    let up = TestUpstream::start().await;
+    let url = sim.http_url();
+    let upstream = up.addr.to_string();
+    let fwd = Forwarder::spawn(&["--consul-http", &url, "--upstream", &upstream]).await;
+    let port = fwd.port;
+
+    let cases: [(&[&str], &str, &[&str]); 5] = [
+        (&["-x", "127.0.0.2"], "PTR", &["web-node.node.dc1.consul."]),
+        (
+            &["web.connect.consul", "SRV"],
+            "SRV",
+            &["1 1 21000 web-node.node.dc1.consul."],
+        ),
+        (&["api.service.p1.peer.consul"], "A", &["127.0.1.1"]),
+        (
+            &["_geo._tcp.query.consul", "SRV"],
+            "SRV",
+            &["1 1 8080 web-node.node.dc1.consul."],
+        ),
+        (&["db.service.consul", "AAAA"], "AAAA", &["fd00::3"]),
+    ];
+    for (args, rtype, want) in cases {
+        let out = dig(port, args).await;
+        println!("$ dig {}\n{out}", args.join(" "));
+        assert!(out.contains("status: NOERROR"), "{out}");
+        assert!(flags(&out).contains("aa"), "authoritative: {out}");
+        assert_eq!(answers(&out, rtype), want, "{out}");
+    }
+}

@@ -447,16 +447,15 @@ async fn health_flips_at_scale_reach_every_view_within_two_seconds() {
     .await;
 }
 
-/// How an instance usually joins: registered with a critical check, which passes a moment later.
-/// A view beyond the blocking budget has never seen the instance (registrations are not in the
-/// change feed), so the check's changes name an instance it lacks: the view is fetched again,
-/// and the instance is answered within 2 s of passing, although the service TTL is 60 s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
-    let sim = ConsulSim::start().await;
-    sim.add_simple("a", "a-node-1", "10.1.0.1", 80);
-    // Services that take every blocking slot of a budget of 4 (3 for blocking queries, of
-    // which the two feeds want two), so `a` never gets one.
+/// A forwarder with a budget of 4 connections to `sim` (3 for blocking queries, which the
+/// feeds and lists want too) and `extra_consul` lines, whose blocking slots six filler services
+/// asked twice have taken: views asked next get no blocking query of their own, and follow
+/// Consul through the change feeds and the catalog's index only (the service TTL is 60 s).
+async fn with_blocking_slots_taken(
+    sim: &ConsulSim,
+    up: &TestUpstream,
+    extra_consul: &str,
+) -> TestServer {
     let fillers: Vec<String> = (0..6).map(|f| format!("filler{f}")).collect();
     for (f, name) in fillers.iter().enumerate() {
         sim.add_simple(
@@ -466,11 +465,10 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
             80,
         );
     }
-    let up = TestUpstream::start().await;
     let config = TestConfig::new()
         .upstream(up.addr)
         .consul_http(sim.http_url())
-        .consul("max_connections = 4")
+        .consul(&format!("max_connections = 4\n{extra_consul}"))
         .service_ttl("60s");
     let fwd = TestServer::start(&config.toml()).await;
     let filler_names: Vec<String> = fillers.iter().map(|f| fqdn(f)).collect();
@@ -478,6 +476,20 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
         assert_eq!(ask_all(fwd.addr, &filler_names, 1).await, 0);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    fwd
+}
+
+/// How an instance usually joins: registered with a critical check, which passes a moment later.
+/// A view beyond the blocking budget has never seen the instance (registrations are not in the
+/// change feed), so the check's changes name an instance it lacks: the view is fetched again,
+/// and the instance is answered within 2 s of passing, although the service TTL is 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
+    let sim = ConsulSim::start().await;
+    sim.add_simple("a", "a-node-1", "10.1.0.1", 80);
+    // `a` never gets a blocking query.
+    let up = TestUpstream::start().await;
+    let fwd = with_blocking_slots_taken(&sim, &up, "").await;
     let name = fqdn("a");
     for _ in 0..2 {
         let r = ask(fwd.addr, &name, RecordType::A).await;
@@ -546,29 +558,10 @@ async fn other_datacenters_health_changes_reach_views_without_a_blocking_query()
     let sim = ConsulSim::start().await;
     let far = sim.add_grid_in("dc2", "far", 1, 3);
     let near = sim.add_grid("near", 1, 2);
-    // Services that take the blocking slots of a budget of 4 (3 for blocking queries), so
-    // neither view gets one.
-    let fillers: Vec<String> = (0..6).map(|f| format!("filler{f}")).collect();
-    for (f, name) in fillers.iter().enumerate() {
-        sim.add_simple(
-            name,
-            &format!("{name}-node"),
-            &format!("10.2.0.{}", f + 1),
-            80,
-        );
-    }
+    // Neither view gets a blocking query.
     let up = TestUpstream::start().await;
-    let config = TestConfig::new()
-        .upstream(up.addr)
-        .consul_http(sim.http_url())
-        .consul("max_connections = 4\ndatacenter = \"dc1\"\nwatch_idle = \"2s\"")
-        .service_ttl("60s");
-    let fwd = TestServer::start(&config.toml()).await;
-    let filler_names: Vec<String> = fillers.iter().map(|f| fqdn(f)).collect();
-    for _ in 0..2 {
-        assert_eq!(ask_all(fwd.addr, &filler_names, 1).await, 0);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fwd =
+        with_blocking_slots_taken(&sim, &up, "datacenter = \"dc1\"\nwatch_idle = \"2s\"").await;
     let far_name = "far0.service.dc2.consul.";
     let near_name = "near0.service.dc1.consul.";
     for _ in 0..2 {

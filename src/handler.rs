@@ -205,8 +205,7 @@ impl Handler {
         let rcode = ResponseCode::from(0, header::rcode(flags));
         self.metrics.count_response(rcode, Source::Cache);
         self.metrics
-            .request_duration
-            .observe(started.elapsed().as_secs_f64());
+            .observe_request(Source::Cache, started.elapsed());
         Cached::Replied
     }
 
@@ -327,7 +326,7 @@ impl Handler {
         }
         self.metrics.count_response(answer.rcode, source);
         let took = started.elapsed();
-        self.metrics.request_duration.observe(took.as_secs_f64());
+        self.metrics.observe_request(source, took);
         if routes.log_queries {
             log_query(client, query, &answer, source, took, transport);
         }

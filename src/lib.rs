@@ -30,9 +30,13 @@
 //! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
 //! - `lock`: the one way to take a mutex (poisoning ignored).
+//! - [`logging`]: log lines on stderr, text or JSON, one line per event, colour only on a
+//!   terminal (`NO_COLOR` honoured).
 //! - [`token_bucket`]: the one token bucket behind every rate (client networks, watchers,
 //!   unchecked Consul lookups).
 //! - [`metrics`]: Prometheus series registered into a caller-owned registry, and their endpoint.
+//! - [`systemd`]: the notify protocol (READY, STATUS, WATCHDOG, STOPPING) and sockets passed by
+//!   socket activation, checked against `server.listen`.
 //! - [`explain`]: why a name is answered as it is (`consul-dns-forwarder explain`, `/explain`)
 //!   and the status page (`/`): a pure verdict per instance, the pages, the CLI's client.
 //!
@@ -41,9 +45,9 @@
 //! # Public API
 //! Everything is `pub(crate)` unless someone outside the library needs it (the lint
 //! `unreachable_pub` holds the line):
-//! - the binary: [`run`], [`run_with_reload`], [`Bound`], [`Reload`], [`config`],
-//!   [`server::bind`], [`metrics::Metrics`], and the `explain` command's client
-//!   ([`explain::client`]) with the [`explain::Explanation`] it prints;
+//! - the binary: [`run`], [`run_with_reload`], [`run_service`], [`Bound`], [`Reload`], [`config`],
+//!   [`server::bind`], [`systemd`], [`logging`], [`metrics::Metrics`], and the `explain`
+//!   command's client ([`explain::client`]) with the [`explain::Explanation`] it prints;
 //! - the answer contract, for other sources: [`answer`];
 //! - the parts the integration tests and benchmarks drive without sockets: the
 //!   [`handler::Handler`] and its routes, [`upstream::Forwarder`], the [`cache`] and the
@@ -71,11 +75,13 @@ pub mod failures;
 pub mod handler;
 mod header;
 mod lock;
+pub mod logging;
 pub mod metrics;
 pub mod ratelimit;
 pub mod raw;
 pub mod reply;
 pub mod server;
+pub mod systemd;
 pub mod token_bucket;
 pub mod upstream;
 
@@ -92,6 +98,7 @@ use crate::handler::{ConsulRoute, Handler, Routes};
 use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::server::{Limits, Listeners};
+use crate::systemd::Notifier;
 use crate::upstream::Forwarder;
 
 /// How long a scrape in progress may delay the end of `run`.
@@ -220,6 +227,20 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()> + Send + 'static,
     reload: Option<Reload>,
 ) -> Result<(), RunError> {
+    run_service(config, bound, registry, shutdown, reload, Notifier::off()).await
+}
+
+/// [`run_with_reload`] telling the service manager through `notify`: READY=1 once the answer
+/// sources are built (the sockets are bound before), STATUS= with the Consul state whenever it
+/// changes, WATCHDOG=1 while the runtime runs, STOPPING=1 when `shutdown` resolves.
+pub async fn run_service(
+    config: Config,
+    bound: Bound,
+    registry: prometheus::Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<Reload>,
+    notify: Notifier,
+) -> Result<(), RunError> {
     let metrics = Metrics::new(&registry)?;
     let token = CancellationToken::new();
     let built = build(&config, None, &metrics, &token).await?;
@@ -280,14 +301,11 @@ pub async fn run_with_reload(
         ));
     }
 
-    let trigger = token.clone();
-    let live = serving.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        // Report not-ready first, so health checkers stop sending traffic while we drain.
-        live.store(false, Ordering::SeqCst);
-        trigger.cancel();
-    });
+    notify.serving();
+    if notify.enabled() {
+        tokio::spawn(tell_systemd(notify.clone(), state.clone(), token.clone()));
+    }
+    tokio::spawn(stop_on(shutdown, serving.clone(), notify, token.clone()));
 
     server::serve(
         bound.dns,
@@ -380,6 +398,50 @@ async fn reload_loop(
 }
 
 type State = Arc<std::sync::Mutex<(Config, Generation)>>;
+
+/// When `shutdown` resolves: not ready first (so health checkers stop sending traffic while we
+/// drain), STOPPING=1, then the loops stop.
+async fn stop_on(
+    shutdown: impl Future<Output = ()>,
+    live: Arc<AtomicBool>,
+    notify: Notifier,
+    trigger: CancellationToken,
+) {
+    shutdown.await;
+    live.store(false, Ordering::SeqCst);
+    notify.stopping();
+    trigger.cancel();
+}
+
+/// READY=1 with the first STATUS=, then STATUS= again whenever the Consul state changes, and
+/// WATCHDOG=1 at half the allowed interval, until `token` is cancelled. Sent from a task of the
+/// runtime that serves DNS, so a runtime that stops making progress stops the pings too.
+async fn tell_systemd(notify: Notifier, state: State, token: CancellationToken) {
+    let status = || {
+        let consul = lock(&state).1.routes.consul.clone();
+        systemd::status_text(consul.map(|c| c.ready()))
+    };
+    let mut last = status();
+    notify.ready(&last);
+    let every = notify
+        .watchdog_every()
+        .map_or(systemd::STATUS_POLL, |w| w.min(systemd::STATUS_POLL));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if notify.watchdog_every().is_some() {
+            notify.watchdog();
+        }
+        let now = status();
+        if now != last {
+            notify.status(&now);
+            last = now;
+        }
+    }
+}
 
 /// The debug routes for the endpoint on `listener`: served where the config allows it (a
 /// loopback listener, or `metrics.debug = true`), refused with 403 elsewhere.

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use consul_dns_forwarder::config::{Config, ConfigError, Overrides};
-use consul_dns_forwarder::{explain, run_with_reload, server, Bound, Reload};
+use consul_dns_forwarder::config::{self, Config, ConfigError, Overrides};
+use consul_dns_forwarder::systemd::{Inherited, Notifier};
+use consul_dns_forwarder::{explain, logging, run_service, server, Bound, Reload};
 
 /// `--version`: the package version and the git commit it was built from (build.rs; "unknown"
 /// when built from a tarball without .git).
@@ -51,15 +52,16 @@ struct Cli {
     /// Demo mode: listen on 127.0.0.1:1053 and serve the built-in demo catalog.
     #[arg(long, global = true)]
     dev: bool,
-    /// Log format.
-    #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Log format (default: log.format in the config file, else text).
+    #[arg(long = "log-format", value_enum, global = true)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Check a config file (and any flags given with it) and print every problem with file, line
-    /// and key.
+    /// Check the configuration (the file given with --config, else the defaults, and the flags
+    /// over it) as a start would, without binding anything, and print every problem with its
+    /// key (and file and line). Exit code 2 when there is one.
     CheckConfig,
     /// Ask the running forwarder why NAME is answered as it is: how it was read, every instance
     /// of the service with its checks and why it is or is not in the answer, the view's age,
@@ -121,15 +123,12 @@ enum LogFormat {
     Json,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+impl From<LogFormat> for config::LogFormat {
+    fn from(f: LogFormat) -> config::LogFormat {
+        match f {
+            LogFormat::Text => config::LogFormat::Text,
+            LogFormat::Json => config::LogFormat::Json,
+        }
     }
 }
 
@@ -148,7 +147,7 @@ fn main() -> ExitCode {
         };
     }
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let cli_format = cli.log_format.map(config::LogFormat::from);
 
     let overrides = Overrides {
         listen: cli.listen.clone(),
@@ -159,23 +158,6 @@ fn main() -> ExitCode {
         metrics_listen: cli.metrics_listen.clone(),
         dev: cli.dev,
     };
-    if let Some(Command::CheckConfig) = cli.command {
-        // The same checks as a start, flags included, without binding anything.
-        let Some(path) = &cli.config else {
-            eprintln!("check-config needs --config FILE");
-            return ExitCode::from(2);
-        };
-        return match load_config(Some(path), &overrides) {
-            Ok(_) => {
-                println!("{}: OK", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprintln!("{errors}");
-                ExitCode::from(2)
-            }
-        };
-    }
     if let Some(Command::Explain {
         name,
         qtype,
@@ -194,14 +176,49 @@ fn main() -> ExitCode {
         };
         return explain_command(&cli, &overrides, endpoint.as_deref(), &request);
     }
-    let config = match load_config(cli.config.as_deref(), &overrides) {
+    // Until the file has said how to log: the flag's format, or text.
+    let early = logging::subscriber(cli_format.unwrap_or_default(), None);
+    let loaded =
+        tracing::subscriber::with_default(early, || load_config(cli.config.as_deref(), &overrides));
+    if let Some(Command::CheckConfig) = cli.command {
+        // The same checks as a start, flags included, without binding anything.
+        return match loaded {
+            Ok(_) => {
+                match &cli.config {
+                    Some(path) => println!("{}: OK", path.display()),
+                    None => println!("the defaults and the flags given: OK"),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
+    let format = cli_format.unwrap_or(config.log_format);
+    // Also takes the `log` records of dependencies (rustls). Nothing was set before: this
+    // cannot fail.
+    let _ = tracing_subscriber::util::SubscriberInitExt::try_init(logging::subscriber(
+        format,
+        config.log_level.as_deref(),
+    ));
 
+    // Before any thread starts: taking the passed sockets unsets LISTEN_FDS and LISTEN_PID.
+    let inherited = match Inherited::from_env(&config.server.listen) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -215,7 +232,7 @@ fn main() -> ExitCode {
     let reload_path = cli.config.clone();
     let load: Box<dyn Fn() -> Result<Config, String> + Send + Sync> =
         Box::new(move || load_config(reload_path.as_deref(), &overrides));
-    match runtime.block_on(serve(config, cli.dev, load)) {
+    match runtime.block_on(serve(config, cli.dev, inherited, load)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -302,6 +319,7 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
         .consul
         .check_token_transport()
         .map_err(|e| ConfigError::from(e).to_string())?;
+    config.check_host().map_err(|e| e.to_string())?;
     if let Err(e) = config.resolve_system_upstreams() {
         // The demo must start on any machine: without usable nameservers it still serves the
         // demo catalog, and forwarded names get SERVFAIL. A loop is refused even then.
@@ -348,6 +366,47 @@ fn describe_consul(config: &Config) -> String {
     }
 }
 
+/// The DNS sockets: those systemd passed (socket activation: port 53 without a capability
+/// here), else bound now.
+fn listeners(config: &Config, inherited: Option<Inherited>) -> anyhow::Result<server::Listeners> {
+    let per = config.server.udp_sockets_per_address;
+    Ok(match inherited {
+        Some(sockets) => sockets
+            .into_listeners(per)
+            .context("cannot use the sockets passed by systemd (LISTEN_FDS)")?,
+        None => server::bind(&config.server.listen, per)?,
+    })
+}
+
+/// The systemd notifier, which also logs the "serving" line once the answer sources are built
+/// (with READY=1): a file that cannot be used fails the start before it.
+fn notifier(
+    config: &Config,
+    dns: &server::Listeners,
+    metrics: Option<&tokio::net::TcpListener>,
+) -> Notifier {
+    let listen: Vec<String> = dns.local_addrs().iter().map(ToString::to_string).collect();
+    let consul_source = describe_consul(config);
+    let upstream: Vec<String> = config
+        .upstream
+        .servers
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let metrics_addr = metrics
+        .and_then(|l| l.local_addr().ok())
+        .map_or("off".to_owned(), |a| a.to_string());
+    Notifier::from_env().on_serving(move || {
+        tracing::info!(
+            listen = %listen.join(","),
+            upstream = %upstream.join(","),
+            consul = %consul_source,
+            metrics = %metrics_addr,
+            "consul-dns-forwarder serving"
+        );
+    })
+}
+
 /// The `--dev` banner: dig commands to try against the demo catalog.
 fn print_demo_hints(dns: &server::Listeners) {
     if let Some(addr) = dns.local_addrs().first() {
@@ -370,9 +429,10 @@ fn print_demo_hints(dns: &server::Listeners) {
 async fn serve(
     config: Config,
     dev: bool,
+    inherited: Option<Inherited>,
     load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
 ) -> anyhow::Result<()> {
-    let dns = server::bind(&config.server.listen, config.server.udp_sockets_per_address)?;
+    let dns = listeners(&config, inherited)?;
     let metrics = match config.metrics.listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => Some(l),
@@ -391,15 +451,7 @@ async fn serve(
         },
         None => None,
     };
-    let listen: Vec<String> = dns.local_addrs().iter().map(ToString::to_string).collect();
-    let consul_source = describe_consul(&config);
-    tracing::info!(
-        listen = %listen.join(","),
-        upstream = %config.upstream.servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-        consul = %consul_source,
-        metrics = %metrics.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".to_owned(), |a| a.to_string()),
-        "consul-dns-forwarder serving"
-    );
+    let notify = notifier(&config, &dns, metrics.as_ref());
     if dev {
         print_demo_hints(&dns);
     }
@@ -439,12 +491,13 @@ async fn serve(
             let _ = tx.try_send(());
         }
     });
-    run_with_reload(
+    run_service(
         config,
         Bound { dns, metrics },
         prometheus::Registry::new(),
         shutdown,
         Some(Reload { trigger, load }),
+        notify,
     )
     .await?;
     tracing::info!("stopped");

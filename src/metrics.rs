@@ -55,7 +55,12 @@ pub struct MetricsError(#[from] prometheus::Error);
 pub struct Metrics {
     pub(crate) requests: IntCounterVec,
     pub(crate) responses: IntCounterVec,
-    pub(crate) request_duration: Histogram,
+    /// By `source` (cache, consul, upstream, stale, local): Consul's latency apart from the
+    /// upstreams'.
+    pub(crate) request_duration: HistogramVec,
+    /// Children of `request_duration`, one per [`Source`] in [`SOURCES`] order, resolved once:
+    /// the cache-hit path observes without hashing labels.
+    request_duration_by: Arc<[Histogram; SOURCES.len()]>,
     pub(crate) cache_hits: IntCounter,
     pub(crate) cache_misses: IntCounter,
     pub(crate) cache_entries: IntGauge,
@@ -94,6 +99,24 @@ pub struct Metrics {
     hot_cache_responses: Arc<[OnceLock<IntCounter>; 2]>,
 }
 
+/// Every [`Source`], in the order of `Metrics::request_duration_by`.
+const SOURCES: [Source; 5] = [
+    Source::Cache,
+    Source::Consul,
+    Source::Upstream,
+    Source::Stale,
+    Source::Local,
+];
+
+/// The revision the binary was built from, set by build.rs; "unknown" without one.
+const REVISION: &str = match option_env!("CONSUL_DNS_FORWARDER_REVISION") {
+    Some(r) => r,
+    None => match option_env!("CDF_GIT_REVISION") {
+        Some(r) => r,
+        None => "unknown",
+    },
+};
+
 /// The `reason` label values of `upstream_unmatched_replies_total`.
 pub(crate) const UNMATCHED_REASONS: [&str; 4] = ["id", "question", "case", "malformed"];
 
@@ -125,6 +148,12 @@ fn qtype_index(t: RecordType) -> usize {
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Arc<Metrics>, MetricsError> {
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NS);
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Time from receiving a request to having its response ready, by where the answer came from (cache, consul, upstream, stale, local).")
+                .namespace(NS)
+                .buckets(DURATION_BUCKETS.to_vec()),
+            &["source"],
+        )?;
         let m = Metrics {
             requests: IntCounterVec::new(
                 opts("requests_total", "DNS requests received, by protocol, query type and zone (consul or forwarded)."),
@@ -134,11 +163,10 @@ impl Metrics {
                 opts("responses_total", "DNS responses sent, by rcode and by where the answer came from (cache, consul, upstream, stale, local)."),
                 &["rcode", "source"],
             )?,
-            request_duration: Histogram::with_opts(
-                HistogramOpts::new("request_duration_seconds", "Time from receiving a request to having its response ready.")
-                    .namespace(NS)
-                    .buckets(DURATION_BUCKETS.to_vec()),
-            )?,
+            request_duration: request_duration.clone(),
+            request_duration_by: Arc::new(SOURCES.map(|s| {
+                request_duration.with_label_values(&[s.as_str()])
+            })),
             cache_hits: IntCounter::with_opts(opts("cache_hits_total", "Forwarded questions answered from the cache."))?,
             cache_misses: IntCounter::with_opts(opts("cache_misses_total", "Forwarded questions not in the cache (or expired)."))?,
             cache_entries: IntGauge::with_opts(opts("cache_entries", "Entries in the answer cache, including expired ones kept for serve-stale."))?,
@@ -202,8 +230,8 @@ impl Metrics {
             hot_requests: Arc::new(std::array::from_fn(|_| OnceLock::new())),
             hot_cache_responses: Arc::new(std::array::from_fn(|_| OnceLock::new())),
             build_info: IntGaugeVec::new(
-                opts("build_info", "Always 1; the labels carry the version."),
-                &["version"],
+                opts("build_info", "Always 1; the labels carry the version and the git revision built."),
+                &["version", "revision"],
             )?,
         };
         m.register(registry)?;
@@ -242,13 +270,19 @@ impl Metrics {
         registry.register(Box::new(self.consul_health_changes.clone()))?;
         registry.register(Box::new(self.limit_drops.clone()))?;
         registry.register(Box::new(self.build_info.clone()))?;
+        // process_* (resident memory, open and maximum fds, CPU seconds, start time), read
+        // from /proc at each scrape.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(())
     }
 
     /// Creates the series that must exist from the start.
     fn create_initial_series(&self) {
         self.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION])
             .set(1);
         // Series that exist from the start, at 0, so dashboards and alerts see them before the
         // first event (a counter that appears only on its first increment hides that increment
@@ -292,6 +326,18 @@ impl Metrics {
                     .with_label_values(&[transport.as_str(), qtype_label(qtype), zone])
             })
             .inc();
+    }
+
+    /// Observes one request's time: `request_duration_seconds{source}`.
+    pub(crate) fn observe_request(&self, source: Source, took: Duration) {
+        let i = match source {
+            Source::Cache => 0,
+            Source::Consul => 1,
+            Source::Upstream => 2,
+            Source::Stale => 3,
+            Source::Local => 4,
+        };
+        self.request_duration_by[i].observe(took.as_secs_f64());
     }
 
     /// Counts one response: `responses_total{rcode, source}`.

@@ -37,11 +37,18 @@ const TCP_PIPELINE: usize = 64;
 /// Replies queued for one TCP connection's writer.
 const TCP_WRITE_QUEUE: usize = 64;
 
+/// How long a TCP connection still reads queries after shutdown starts: those its client sent
+/// before seeing the shutdown (with socket activation the next process takes the connections
+/// not yet accepted, but not these). Each connection closes once its client is quiet this long,
+/// so shutdown takes at most this much longer.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
+
 /// Tries at finding a port free for both UDP and TCP when binding port 0.
 const PORT_ZERO_TRIES: usize = 20;
 
 /// Listen sockets, bound before `run` so tests can bind port 0 and callers see bind errors
 /// before anything starts.
+#[derive(Default)]
 pub struct Listeners {
     pub(crate) udp: Vec<UdpSocket>,
     pub(crate) tcp: Vec<TcpListener>,
@@ -117,15 +124,8 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Binds UDP and TCP on every address, `udp_per_address` UDP sockets each (0 = one per core).
 /// Port 0 picks one port that is free for both UDP and TCP.
 pub fn bind(addrs: &[SocketAddr], udp_per_address: usize) -> Result<Listeners, BindError> {
-    let per = if udp_per_address == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        udp_per_address
-    };
-    let mut listeners = Listeners {
-        udp: Vec::new(),
-        tcp: Vec::new(),
-    };
+    let per = udp_sockets_per_address(udp_per_address);
+    let mut listeners = Listeners::default();
     for &addr in addrs {
         let tries = if addr.port() == 0 { PORT_ZERO_TRIES } else { 1 };
         let mut last_err = None;
@@ -145,6 +145,16 @@ pub fn bind(addrs: &[SocketAddr], udp_per_address: usize) -> Result<Listeners, B
         }
     }
     Ok(listeners)
+}
+
+/// The UDP sockets (receive loops) per listen address for `server.udp_sockets_per_address`:
+/// 0 means one per core.
+pub(crate) fn udp_sockets_per_address(configured: usize) -> usize {
+    if configured == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        configured
+    }
 }
 
 fn bind_one(addr: SocketAddr, per: usize) -> Result<(Vec<UdpSocket>, TcpListener), BindError> {
@@ -417,6 +427,38 @@ impl Drop for NetworkSlot {
     }
 }
 
+/// The next length-prefixed message, or `None` when the connection is to close: the client
+/// closed or went quiet for `idle` (the whole message must arrive within it: a client trickling
+/// bytes cannot hold the connection), the writer gave up, or shutdown began and `closing.1` (the
+/// grace) ran out. One read future across the shutdown signal: no half-read message is dropped.
+async fn next_message(
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    idle: Duration,
+    shutdown: &CancellationToken,
+    (closing, mut grace): (&mut bool, std::pin::Pin<&mut tokio::time::Sleep>),
+    tx: &mpsc::Sender<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let read = tokio::time::timeout(idle, async {
+        let len = reader.read_u16().await?;
+        let mut body = vec![0u8; usize::from(len)];
+        reader.read_exact(&mut body).await?;
+        Ok::<_, std::io::Error>(body)
+    });
+    tokio::pin!(read);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if !*closing => {
+                *closing = true;
+                grace.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+            }
+            _ = &mut grace, if *closing => return None,
+            // The writer gave up (the client stopped reading): stop reading too.
+            _ = tx.closed() => return None,
+            r = &mut read => return r.ok().and_then(Result::ok),
+        }
+    }
+}
+
 /// One TCP connection: read length-prefixed queries, answer each in its own task (so a slow
 /// upstream answer does not hold up the next query), write replies in completion order. Closes
 /// after `idle` without a new query, when a reply cannot be written within `idle` (the client
@@ -452,30 +494,29 @@ async fn tcp_connection(
         let _ = writer.shutdown().await;
     });
     let pipeline = Arc::new(Semaphore::new(TCP_PIPELINE));
+    // After shutdown, queries the client already sent are still read for SHUTDOWN_GRACE: a
+    // connection accepted just before it must not be closed with its query unanswered.
+    let mut closing = false;
+    let grace = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(grace);
     loop {
-        // The whole message (prefix and body) must arrive within the idle timeout: a client
-        // trickling bytes cannot hold the connection forever.
-        let read = async {
-            let len = reader.read_u16().await?;
-            let mut body = vec![0u8; usize::from(len)];
-            reader.read_exact(&mut body).await?;
-            Ok::<_, std::io::Error>(body)
+        let Some(body) = next_message(
+            &mut reader,
+            idle,
+            &shutdown,
+            (&mut closing, grace.as_mut()),
+            &tx,
+        )
+        .await
+        else {
+            break;
         };
-        let body = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            // The writer gave up (the client stopped reading): stop reading too.
-            _ = tx.closed() => break,
-            r = tokio::time::timeout(idle, read) => match r {
-                Ok(Ok(body)) if !body.is_empty() => body,
-                Ok(Ok(_)) => {
-                    // A zero-length message is not DNS: counted like any short packet, and the
-                    // connection closed.
-                    metrics.drop_packet("short");
-                    break;
-                }
-                _ => break,
-            },
-        };
+        if body.is_empty() {
+            // A zero-length message is not DNS: counted like any short packet, and the
+            // connection closed.
+            metrics.drop_packet("short");
+            break;
+        }
         let mut reply = Vec::new();
         let cached = handler.handle_cached(&body, peer.ip(), Transport::Tcp, &mut reply);
         let Cached::Miss(charge) = cached else {

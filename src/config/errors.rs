@@ -3,6 +3,9 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
 use super::defaults::MAX_DNS_TTL;
 
 /// A problem with the configuration, worded for the person who has to fix it.
@@ -27,6 +30,9 @@ pub enum ConfigError {
     },
     #[error("{flag}: {message}")]
     Flag { flag: &'static str, message: String },
+    /// Found in the final configuration (file and flags), so named by key without a line.
+    #[error("{key}: {message}")]
+    Key { key: &'static str, message: String },
     /// Found after the command-line flags and the environment are applied, so there is no line.
     #[error("consul.http: {0}")]
     InsecureToken(#[from] InsecureToken),
@@ -66,20 +72,24 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 /// The problems the section validators find, collected rather than returned so that one run
-/// reports them all; each is located in the file's text by its key.
+/// reports them all; each is located in the file by its key's span.
 #[derive(Debug)]
 pub(super) struct Errors<'a> {
     path: &'a str,
     text: &'a str,
+    /// The file as spanned TOML (keys and values with their byte ranges); `None` only for text
+    /// that does not parse, which never gets this far.
+    spans: Option<DeTable<'a>>,
     found: Vec<ConfigError>,
 }
 
 impl<'a> Errors<'a> {
-    /// `path` only names the file in messages; `text` is searched for the lines of keys.
+    /// `path` only names the file in messages; `text` gives the lines of keys.
     pub(super) fn new(path: &'a str, text: &'a str) -> Self {
         Errors {
             path,
             text,
+            spans: DeTable::parse(text).ok().map(Spanned::into_inner),
             found: Vec::new(),
         }
     }
@@ -87,9 +97,24 @@ impl<'a> Errors<'a> {
     /// `section.key` is wrong: reported at the key's line, or the section's when the key is not
     /// written (a default, or a value that depends on another key).
     pub(super) fn invalid(&mut self, section: &str, key: &str, message: impl Into<String>) {
+        self.invalid_in(section, 0, key, message);
+    }
+
+    /// Like [`Errors::invalid`], in block `index` of an array of tables (`[[forward]]`).
+    pub(super) fn invalid_in(
+        &mut self,
+        section: &str,
+        index: usize,
+        key: &str,
+        message: impl Into<String>,
+    ) {
+        let offset = self
+            .spans
+            .as_ref()
+            .and_then(|root| offset_of(root, section, index, key));
         self.found.push(ConfigError::Invalid {
             path: self.path.to_owned(),
-            line: line_of(self.text, section, key),
+            line: offset.map_or(1, |o| line_at(self.text, o)),
             key: format!("{section}.{key}"),
             message: message.into(),
         });
@@ -128,6 +153,48 @@ impl<'a> Errors<'a> {
     }
 }
 
+/// The 1-based line of byte `offset` in `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Where `key` is written in `section` (dotted: `consul.soa`; in block `index` when the section
+/// is an array of tables), else where the innermost section written is; `None` when not even
+/// the first part of `section` is in the file. `key` may be quoted as Rust debug-prints it.
+fn offset_of(root: &DeTable<'_>, section: &str, index: usize, key: &str) -> Option<usize> {
+    let mut table = root;
+    let mut found = None;
+    for part in section.split('.') {
+        let (name, value) = table.get_key_value(part)?;
+        found = Some(name.span().start);
+        table = match value.get_ref() {
+            DeValue::Table(t) => t,
+            DeValue::Array(blocks) => {
+                let block = blocks.get(index).or_else(|| blocks.first())?;
+                found = Some(block.span().start);
+                match block.get_ref() {
+                    DeValue::Table(t) => t,
+                    _ => return found,
+                }
+            }
+            _ => return found,
+        };
+    }
+    let key = key
+        .strip_prefix('"')
+        .and_then(|k| k.strip_suffix('"'))
+        .unwrap_or(key);
+    match table.get_key_value(key) {
+        Some((name, _)) => Some(name.span().start),
+        None => found,
+    }
+}
+
 /// The message for a TTL above [`MAX_DNS_TTL`].
 pub(super) fn ttl_range() -> String {
     format!(
@@ -136,30 +203,38 @@ pub(super) fn ttl_range() -> String {
     )
 }
 
-/// The 1-based line where `key` is set inside `[section]` (or `[[section]]`); the section header's
-/// line when the key is not written (its default was used), 1 when neither is found.
+/// The 1-based line where `key` is set inside `[section]` (or the first `[[section]]`), from
+/// the TOML spans; the section's line when the key is not written (its default was used), 1 when
+/// neither is found.
 pub fn line_of(text: &str, section: &str, key: &str) -> usize {
-    let mut current = String::new();
-    let mut section_line = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(header) = line.strip_prefix('[') {
-            current = header
-                .trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_owned();
-            if current == section && section_line.is_none() {
-                section_line = Some(i + 1);
-            }
-            continue;
-        }
-        if current == section {
-            if let Some(rest) = line.strip_prefix(key) {
-                if rest.trim_start().starts_with('=') {
-                    return i + 1;
-                }
-            }
-        }
+    DeTable::parse(text)
+        .ok()
+        .and_then(|root| offset_of(root.get_ref(), section, 0, key))
+        .map_or(1, |o| line_at(text, o))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "[consul]\ndomain = \"consul\"\n\n[[forward]]\nzone = \"a\"\nservers = [\"10.0.0.1\"]\n\n[[forward]]\nzone = \"b\"\nservers = []\n\n[consul.service_ttl]\n\"web*\" = \"5s\"\n\"db\" = \"1s\"\n";
+
+    #[test]
+    fn lines_come_from_spans_in_nested_tables_and_blocks() {
+        let root = DeTable::parse(FILE).expect("toml").into_inner();
+        let line =
+            |section, index, key| offset_of(&root, section, index, key).map(|o| line_at(FILE, o));
+        assert_eq!(line("consul", 0, "domain"), Some(2));
+        assert_eq!(line("forward", 0, "servers"), Some(6));
+        assert_eq!(line("forward", 1, "servers"), Some(10), "the second block");
+        assert_eq!(line("consul.service_ttl", 0, "\"db\""), Some(14));
+        assert_eq!(line("consul.service_ttl", 0, "\"web*\""), Some(13));
+        assert_eq!(
+            line("consul.service_ttl", 0, "x"),
+            Some(12),
+            "the table's header"
+        );
+        assert_eq!(line("cache", 0, "min_ttl"), None);
+        assert_eq!(line_of(FILE, "cache", "min_ttl"), 1);
     }
-    section_line.unwrap_or(1)
 }

@@ -4,7 +4,7 @@
 //! Everything is checked here, once. Values that can be checked alone (durations, addresses, zone
 //! names) are checked while deserializing, so the TOML parser's error already names the file, line,
 //! column and key; relations between values (`min_ttl <= max_ttl`, ...) are checked afterwards and
-//! located with [`line_of`]. Nothing downstream parses or re-validates strings.
+//! located by their keys' spans in the TOML text ([`line_of`]). Nothing downstream parses or re-validates strings.
 //!
 //! Read in this order (each file uses only the ones before it):
 //! - `schema`: the file as written, and the value types that check themselves;
@@ -12,10 +12,13 @@
 //! - `errors`: what can be wrong, and where in the file;
 //! - `types`: the validated configuration;
 //! - `validate`: one validator per section;
+//! - `host`: the checks against this host (files readable, addresses free of collisions, the
+//!   open-file limit), after the flags;
 //! - here: the checks across sections and flags, and the entry points.
 
 mod defaults;
 mod errors;
+mod host;
 mod schema;
 mod types;
 mod validate;
@@ -30,8 +33,8 @@ use errors::Errors;
 pub use errors::{line_of, ConfigError, ConfigErrors, InsecureToken};
 use schema::FileConfig;
 pub use schema::{
-    AllowNet, ConfigDuration, ConsulMode, HttpUrl, ListenAddr, ServerAddr, WhenNoneHealthy, Zone,
-    DNS_PORT,
+    AllowNet, ConfigDuration, ConsulMode, HttpUrl, ListenAddr, LogFormat, LogLevel, ServerAddr,
+    WhenNoneHealthy, Zone, DNS_PORT,
 };
 pub use types::{
     CacheConfig, Config, ConsulConfig, ForwardZone, MetricsConfig, ServerConfig, SoaTimers,
@@ -273,6 +276,25 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("line 2"), "{msg}");
         assert!(msg.contains("\"5s\""), "{msg}");
+    }
+
+    #[test]
+    fn a_number_for_a_duration_says_the_string_meant() {
+        let msg = Config::from_toml_str("[upstream]\ntimeout = 2\n", "f.toml")
+            .expect_err("a number")
+            .to_string();
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(
+            msg.contains("expected a duration string like \"2s\"") && msg.contains("write \"2s\""),
+            "{msg}"
+        );
+        let msg = Config::from_toml_str("[server]\nlisten = [53]\n", "f.toml")
+            .expect_err("a number")
+            .to_string();
+        assert!(
+            msg.contains("expected an address string like \"127.0.0.1:53\""),
+            "{msg}"
+        );
     }
 
     #[test]

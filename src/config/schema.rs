@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hickory_proto::rr::Name;
 use ipnet::IpNet;
+use serde::de::{Unexpected, Visitor};
 use serde::{Deserialize, Deserializer};
 
 /// The DNS port: the default for upstream servers given without one.
@@ -18,37 +19,105 @@ pub const DNS_PORT: u16 = 53;
 // ---------------------------------------------------------------------------------------------
 // Value types.
 
+/// The form a value written as a string takes, for the message when something else is written
+/// (`timeout = 2`): "expected a duration string like \"2s\"".
+trait StringForm: FromStr<Err = String> {
+    /// Completes "expected ...".
+    const FORM: &'static str;
+    /// The string meant when a number was written, if one is obvious.
+    fn for_number(_n: f64) -> Option<String> {
+        None
+    }
+}
+
 /// Reads a string and parses it with `T`'s `FromStr`, whose message says what is wrong and
-/// shows the expected form; the TOML parser adds where.
+/// shows the expected form; the TOML parser adds where. Anything but a string is refused with
+/// the form expected.
 fn deserialize_from_str<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
-    T: FromStr<Err = String>,
+    T: StringForm,
 {
-    String::deserialize(d)?
-        .parse()
-        .map_err(serde::de::Error::custom)
+    struct Form<T>(std::marker::PhantomData<T>);
+    impl<T: StringForm> Form<T> {
+        fn number<E: serde::de::Error>(&self, n: f64, unexpected: Unexpected<'_>) -> E {
+            match T::for_number(n) {
+                Some(meant) => E::custom(format!(
+                    "invalid type: {unexpected}, expected {}: write {meant:?}",
+                    T::FORM
+                )),
+                None => E::invalid_type(unexpected, self),
+            }
+        }
+    }
+    impl<T: StringForm> Visitor<'_> for Form<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(T::FORM)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            v.parse().map_err(E::custom)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+            Err(self.number(v as f64, Unexpected::Signed(v)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+            Err(self.number(v as f64, Unexpected::Unsigned(v)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
+            Err(self.number(v, Unexpected::Float(v)))
+        }
+    }
+    d.deserialize_any(Form(std::marker::PhantomData))
 }
 
-/// `Deserialize` through [`deserialize_from_str`], for types written as strings.
+/// `Deserialize` through [`deserialize_from_str`], for types written as strings, each with the
+/// form its messages show.
 macro_rules! deserialize_via_from_str {
-    ($($t:ty),+ $(,)?) => {$(
+    ($($t:ty => $form:expr),+ $(,)?) => {$(
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 deserialize_from_str(d)
+            }
+        }
+        impl StringForm for $t {
+            const FORM: &'static str = $form;
+            fn for_number(n: f64) -> Option<String> {
+                <$t>::number_meant(n)
             }
         }
     )+};
 }
 
 deserialize_via_from_str!(
-    ConfigDuration,
-    ListenAddr,
-    ServerAddr,
-    AllowNet,
-    Zone,
-    HttpUrl
+    ConfigDuration => "a duration string like \"2s\", \"500ms\" or \"10m\"",
+    ListenAddr => "an address string like \"127.0.0.1:53\"",
+    ServerAddr => "an address string like \"192.0.2.1\" or \"127.0.0.1:5353\"",
+    AllowNet => "a network string like \"10.0.0.0/8\"",
+    Zone => "a domain string like \"consul\"",
+    HttpUrl => "a URL string like \"http://127.0.0.1:8500\"",
+    LogLevel => "a level string like \"info\"",
 );
+
+impl ConfigDuration {
+    /// A bare number is read as seconds by most tools: say so, in our form.
+    fn number_meant(n: f64) -> Option<String> {
+        Some(format!("{n}s"))
+    }
+}
+
+/// No obvious string for a number.
+macro_rules! no_number_meant {
+    ($($t:ty),+) => {$(
+        impl $t {
+            fn number_meant(_n: f64) -> Option<String> {
+                None
+            }
+        }
+    )+};
+}
+
+no_number_meant!(ListenAddr, ServerAddr, AllowNet, Zone, HttpUrl, LogLevel);
 
 /// A duration written as a string with a unit: "500ms", "5s", "10m", "1h", "1d".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,4 +366,31 @@ pub(super) struct FileMetrics {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileLog {
     pub(crate) queries: Option<bool>,
+    pub(crate) format: Option<LogFormat>,
+    pub(crate) level: Option<LogLevel>,
+}
+
+/// How log lines are written (`log.format`, `--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// A log filter in `RUST_LOG`'s syntax: `info`, or `info,consul_dns_forwarder=debug`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogLevel(pub String);
+
+impl FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        tracing_subscriber::EnvFilter::builder()
+            .parse(s.trim())
+            .map(|_| LogLevel(s.trim().to_owned()))
+            .map_err(|e| format!("invalid log filter {s:?} ({e}): write a level like \"info\" or \"debug\", or \"info,consul_dns_forwarder=debug\""))
+    }
 }

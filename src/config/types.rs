@@ -13,7 +13,7 @@ use super::defaults::{
     DEFAULT_SOA_RETRY, TOKEN_ENV,
 };
 use super::errors::InsecureToken;
-use super::schema::{ConsulMode, WhenNoneHealthy};
+use super::schema::{ConsulMode, LogFormat, WhenNoneHealthy};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -24,6 +24,10 @@ pub struct Config {
     pub consul: ConsulConfig,
     pub metrics: MetricsConfig,
     pub(crate) log_queries: bool,
+    /// `log.format`; `--log-format` wins over it. Read at start only.
+    pub log_format: LogFormat,
+    /// `log.level`, used when `RUST_LOG` is not set. Read at start only.
+    pub log_level: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

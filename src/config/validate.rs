@@ -33,11 +33,14 @@ impl FileConfig {
             forward: self
                 .forward
                 .into_iter()
-                .map(|f| f.validate(errors))
+                .enumerate()
+                .map(|(i, f)| f.validate(i, errors))
                 .collect(),
             cache: self.cache.validate(errors),
             consul: self.consul.validate(errors),
             metrics: self.metrics.validate(errors),
+            log_format: self.log.format.unwrap_or_default(),
+            log_level: self.log.level.clone().map(|l| l.0),
             log_queries: self.log.validate(errors),
         }
     }
@@ -169,10 +172,12 @@ impl FileUpstream {
 }
 
 impl FileForward {
-    pub(super) fn validate(self, errors: &mut Errors) -> ForwardZone {
+    /// Block `index` of the `[[forward]]` blocks.
+    pub(super) fn validate(self, index: usize, errors: &mut Errors) -> ForwardZone {
         if self.servers.is_empty() {
-            errors.invalid(
+            errors.invalid_in(
                 "forward",
+                index,
                 "servers",
                 format!(
                     "zone {} has no servers: list at least one, like [\"10.0.0.1\"]",
@@ -488,17 +493,17 @@ fn service_ttls(
         } else if let Some(prefix) = pattern.strip_suffix('*') {
             if prefix.contains('*') {
                 errors.invalid(
-                    "consul",
-                    "service_ttl",
-                    format!("pattern {pattern:?}: only one trailing * is allowed, like \"web*\""),
+                    "consul.service_ttl",
+                    &format!("{pattern:?}"),
+                    "only one trailing * is allowed, like \"web*\"",
                 );
             }
             service_ttl.push((TtlPattern::Prefix(prefix.to_owned()), ttl.0));
         } else if pattern.contains('*') || pattern.is_empty() {
             errors.invalid(
-                "consul",
-                "service_ttl",
-                format!("pattern {pattern:?}: write a service name, a prefix ending in *, or *"),
+                "consul.service_ttl",
+                &format!("{pattern:?}"),
+                "write a service name, a prefix ending in *, or *",
             );
         } else {
             service_ttl.push((TtlPattern::Exact(pattern.clone()), ttl.0));
@@ -606,7 +611,7 @@ impl FileMetrics {
 
 impl FileLog {
     /// Whether to log each query. Nothing here can be wrong once deserialized.
-    pub(super) fn validate(self, _errors: &mut Errors) -> bool {
+    pub(super) fn validate(&self, _errors: &mut Errors) -> bool {
         self.queries.unwrap_or(DEFAULT_LOG_QUERIES)
     }
 }
@@ -753,7 +758,7 @@ mod tests {
                 zone: zone(),
                 servers: server_addrs(&["10.0.0.1"]),
             }
-            .validate(e)
+            .validate(0, e)
         });
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(forward.zone.to_ascii(), "corp.example.");
@@ -767,7 +772,7 @@ mod tests {
                 zone: zone(),
                 servers: Vec::new(),
             }
-            .validate(e)
+            .validate(0, e)
         });
         assert_eq!(
             problems,
@@ -1059,9 +1064,9 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "f.toml:1: consul.service_ttl: pattern \"\": write a service name, a prefix ending in *, or *",
-                "f.toml:1: consul.service_ttl: pattern \"a*b\": write a service name, a prefix ending in *, or *",
-                "f.toml:1: consul.service_ttl: pattern \"a*b*\": only one trailing * is allowed, like \"web*\"",
+                "f.toml:1: consul.service_ttl.\"\": write a service name, a prefix ending in *, or *",
+                "f.toml:1: consul.service_ttl.\"a*b\": write a service name, a prefix ending in *, or *",
+                "f.toml:1: consul.service_ttl.\"a*b*\": only one trailing * is allowed, like \"web*\"",
             ]
         );
         let (ttls, _) = run(|e| service_ttls(BTreeMap::new(), e));
@@ -1148,6 +1153,7 @@ mod tests {
         assert_eq!(run(|e| FileLog::default().validate(e)), (false, Vec::new()));
         let on = FileLog {
             queries: Some(true),
+            ..FileLog::default()
         };
         assert_eq!(run(|e| on.validate(e)), (true, Vec::new()));
     }

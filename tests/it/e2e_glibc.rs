@@ -27,26 +27,15 @@ use std::time::{Duration, Instant};
 
 use crate::support::consul_sim::{ConsulSim, Status};
 use crate::support::e2e::{sbin, start_quietly, KillOnDrop, Spread, ANSWER_SIZE_POLICIES, BIN};
-use crate::support::run_ok;
 use crate::support::upstream::TestUpstream;
 use crate::support::TestConfig;
+use crate::support::{is_root, run_ok};
 
 const CLONE_NEWNET: i32 = 0x4000_0000;
 
 extern "C" {
     /// glibc's setns(2) wrapper (the test links glibc anyway).
     fn setns(fd: i32, nstype: i32) -> i32;
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// A network namespace with `lo` up and /etc/netns/<name>/resolv.conf, the in-namespace

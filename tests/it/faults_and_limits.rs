@@ -200,8 +200,9 @@ async fn one_log_line_per_outage_and_the_token_never_shows() {
 }
 
 /// Starts the binary with `config` (written to `path`) and returns what it says on stderr when it
-/// refuses to start, as it must (exit 1).
-fn refused_start(config: &TestConfig, path: &std::path::Path) -> String {
+/// refuses to start, as it must, with exit `code` (2: a file that cannot be read, found by the
+/// configuration checks; 1: one that can be read but not used).
+fn refused_start(config: &TestConfig, path: &std::path::Path, code: i32) -> String {
     config.write_to(path);
     exits_with(
         Command::new(BIN)
@@ -214,7 +215,7 @@ fn refused_start(config: &TestConfig, path: &std::path::Path) -> String {
                 "--metrics-listen",
                 "127.0.0.1:0",
             ]),
-        1,
+        code,
     )
 }
 
@@ -224,7 +225,7 @@ fn token_file_problems_are_clear() {
     let missing = dir.path().join("no-such-token");
     let port = free_port();
     let config = TestConfig::new().metrics_default().token_file(&missing);
-    let err = refused_start(&config, &dir.path().join("f.toml"));
+    let err = refused_start(&config, &dir.path().join("f.toml"), 2);
     assert!(
         err.contains("consul.token_file") && err.contains("no-such-token"),
         "{err}"
@@ -375,15 +376,15 @@ fn ca_file_problems_are_clear() {
     let dir = tempfile::tempdir().expect("tmp");
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate\n").expect("write");
-    for (ca, file) in [
-        (dir.path().join("missing.pem"), "missing.pem"),
-        (garbage, "garbage.pem"),
+    for (ca, file, code) in [
+        (dir.path().join("missing.pem"), "missing.pem", 2),
+        (garbage, "garbage.pem", 1),
     ] {
         let config = TestConfig::new()
             .metrics_default()
             .consul_http("https://127.0.0.1:8501")
             .ca_file(&ca);
-        let err = refused_start(&config, &dir.path().join("ca.toml"));
+        let err = refused_start(&config, &dir.path().join("ca.toml"), code);
         assert!(
             err.contains("consul.ca_file") && err.contains(file),
             "{err}"

@@ -22,10 +22,12 @@ mod explain;
 mod failure_cache;
 mod faults_and_limits;
 mod forwarding;
+mod logs;
 mod operations;
 mod untrusted_names;
 
 // The real binary, and real clients (dig, glibc, nginx) against it.
+mod check_config;
 mod cli_and_config_files;
 mod e2e_chromium;
 mod e2e_dig_consul_names;
@@ -33,6 +35,7 @@ mod e2e_dnssec;
 mod e2e_glibc;
 mod e2e_nginx;
 mod shipped_examples;
+mod systemd;
 
 // The Debian package and the container image, built and installed (release pass).
 mod packaging;

@@ -42,6 +42,11 @@ const REQUIRED_SERIES: &[&str] = &[
     "consul_dns_forwarder_upstream_unmatched_replies_total",
     "consul_dns_forwarder_upstream_case_fallbacks_total",
     "consul_dns_forwarder_build_info",
+    // The process collector: memory, descriptors and CPU, to alert on a leak.
+    "process_resident_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_cpu_seconds_total",
 ];
 
 async fn some_load(fwd: &TestServer) {
@@ -85,13 +90,30 @@ async fn metrics_endpoint_passes_promtool_and_has_every_series() {
             &[("source", "cache")]
         ) >= 19.0
     );
+    // Latency by where the answer came from: Consul's apart from the upstream's.
+    for (source, at_least) in [("consul", 1.0), ("upstream", 1.0), ("cache", 19.0)] {
+        let count = metric_in(
+            &body,
+            "consul_dns_forwarder_request_duration_seconds_count",
+            &[("source", source)],
+        );
+        assert!(count >= at_least, "{source}: {count} observations");
+    }
+    assert!(
+        body.contains("consul_dns_forwarder_build_info{revision=\""),
+        "build_info carries the revision"
+    );
+    assert!(metric_in(&body, "process_open_fds", &[]) > 0.0);
     let excerpt: Vec<&str> = body
         .lines()
         .filter(|l| {
             !l.starts_with('#')
                 && (l.contains("requests_total")
                     || l.contains("responses_total")
-                    || l.contains("cache_hits"))
+                    || l.contains("cache_hits")
+                    || l.contains("duration_seconds_count")
+                    || l.starts_with("process_")
+                    || l.contains("build_info"))
         })
         .collect();
     println!(
@@ -228,6 +250,20 @@ async fn a_real_prometheus_scrapes_it() {
     );
     let (_, body) = http_get(papi, query).await;
     assert!(body.contains("\"protocol\":\"udp\""), "{body}");
+    // What the shipped dashboard and alerts ask for: memory, and latency by source.
+    for (q, want) in [
+        (
+            "process_resident_memory_bytes",
+            "\"__name__\":\"process_resident_memory_bytes\"",
+        ),
+        (
+            "sum%20by%20(source)%20(consul_dns_forwarder_request_duration_seconds_count)",
+            "\"source\":\"upstream\"",
+        ),
+    ] {
+        let (status, body) = http_get(papi, &format!("/api/v1/query?query={q}")).await;
+        assert!(status == 200 && body.contains(want), "{q}: {body}");
+    }
     fwd.stop().await;
 }
 
@@ -254,6 +290,12 @@ async fn shipped_prometheus_rules_and_dashboard_are_valid() {
         dash
     );
     for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("process_") {
+            assert!(
+                REQUIRED_SERIES.contains(&word),
+                "unknown metric {word} in examples/prometheus"
+            );
+        }
         if let Some(rest) = word.strip_prefix("consul_dns_forwarder_") {
             let base = rest
                 .trim_end_matches("_bucket")

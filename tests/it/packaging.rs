@@ -203,7 +203,12 @@ fn verify_units(root: &Path) {
             &conf.display().to_string(),
         );
     std::fs::write(&service, local).expect("write");
-    crate::support::systemd::verify(units.path(), &service);
+    let mut verified = vec![service.as_path()];
+    let socket = units.path().join("consul-dns-forwarder.socket");
+    if socket.exists() {
+        verified.push(&socket);
+    }
+    crate::support::systemd::verify(units.path(), &verified);
 }
 
 /// The installed binary as the package's user: no capability, so an unprivileged port.

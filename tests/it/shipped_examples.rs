@@ -276,8 +276,10 @@ fn systemd_unit_runs_without_root_and_verifies() {
     let unit = std::fs::read_to_string(dir.join("consul-dns-forwarder.service")).expect("unit");
     for (key, value) in [
         ("DynamicUser", "yes"),
-        ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
-        ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"),
+        // Port 53 comes from the socket unit: no capability at all.
+        ("CapabilityBoundingSet", ""),
+        ("Requires", "consul-dns-forwarder.socket"),
+        ("Type", "notify"),
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
         ("Restart", "always"),
@@ -292,6 +294,15 @@ fn systemd_unit_runs_without_root_and_verifies() {
         unit_values(&unit, "User").is_empty(),
         "DynamicUser, no User="
     );
+    assert!(unit_values(&unit, "AmbientCapabilities").is_empty());
+    let socket = std::fs::read_to_string(dir.join("consul-dns-forwarder.socket")).expect("socket");
+    for key in ["ListenDatagram", "ListenStream"] {
+        assert_eq!(
+            unit_values(&socket, key),
+            vec!["127.0.0.1:53", "[::1]:53"],
+            "{key}="
+        );
+    }
 
     // The config the unit expects, as shipped beside it: port 53 on loopback.
     let toml_path = dir.join("consul-dns-forwarder.toml");
@@ -314,5 +325,7 @@ fn systemd_unit_runs_without_root_and_verifies() {
         );
     let path = tmp.path().join("consul-dns-forwarder.service");
     std::fs::write(&path, local).expect("write");
-    crate::support::systemd::verify(tmp.path(), &path);
+    let socket_path = tmp.path().join("consul-dns-forwarder.socket");
+    std::fs::write(&socket_path, socket).expect("write");
+    crate::support::systemd::verify(tmp.path(), &[&socket_path, &path]);
 }

@@ -279,6 +279,18 @@ pub async fn http_get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
         .unwrap_or((0, String::new()))
 }
 
+/// Whether the tests run as root (effective uid 0, from /proc).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_consul-dns-forwarder");
 

@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::process::Command;
 
-/// Verifies `unit`, with drop-ins and other units looked up first in `dir`. Prints SKIPPED and
+/// Verifies `units`, with drop-ins and other units looked up first in `dir`. Prints SKIPPED and
 /// returns when systemd-analyze is not installed. Fails on any complaint about a unit of ours.
-pub fn verify(dir: &Path, unit: &Path) {
+pub fn verify(dir: &Path, units: &[&Path]) {
     let Ok(version) = Command::new("systemd-analyze").arg("--version").output() else {
         println!("SKIPPED: systemd-analyze is not installed, the unit was not verified by systemd");
         return;
@@ -22,7 +22,7 @@ pub fn verify(dir: &Path, unit: &Path) {
         // The trailing colon: then the default search path.
         .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
         .arg("verify")
-        .arg(unit)
+        .args(units)
         .output()
         .expect("run systemd-analyze");
     let stderr = String::from_utf8_lossy(&out.stderr);

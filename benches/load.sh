@@ -10,6 +10,8 @@
 #   - Consul:   examples/bench_consul_sim.rs (the tests' Consul simulator) serving svc00..svc19
 #               (3 instances each) over the HTTP API and an agent-style DNS port (TTL 0),
 #   - contenders, one at a time, restarted for every scenario (fresh cache, fresh peak RSS):
+#       limit      examples/limit_responder.rs: one canned answer to every question (the cost of
+#                  a datagram in and one out; every table shows CPU per answer as a multiple of it)
 #       ours-http  consul-dns-forwarder --consul-http <sim>
 #       ours-dns   consul-dns-forwarder --consul-dns <sim dns>   (consul.mode = "dns")
 #       dnsmasq    server=/consul/<sim dns>, server=<upstream>, cache-size=100000
@@ -61,7 +63,7 @@ DURATION=${BENCH_DURATION:-10}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 BASE_BIN=${BENCH_BASELINE_BIN:-}
-CONTENDERS=${BENCH_CONTENDERS:-"ours-http ours-dns ${BASE_BIN:+base-http base-dns }dnsmasq unbound"}
+CONTENDERS=${BENCH_CONTENDERS:-"limit ours-http ours-dns ${BASE_BIN:+base-http base-dns }dnsmasq unbound"}
 # Every scenario is in the default list, so one command prints every figure of issues 6 and 8
 # (about 25 minutes at 3 rounds; BENCH_ROUNDS=1 for a quicker look).
 SCENARIOS=${BENCH_SCENARIOS:-"consul fwd-hits mix-10pct-miss hits-half-rate fill-100k large-service many-services"}
@@ -127,10 +129,11 @@ for p in "$PORT" "$UP_PORT" "$METRICS_PORT"; do
 done
 
 log "building (release)"
-timeout 1800 cargo build --release --quiet --bin consul-dns-forwarder --example bench_consul_sim
+timeout 1800 cargo build --release --quiet --bin consul-dns-forwarder --example bench_consul_sim --example limit_responder
 BIN=$TARGET_DIR/release/consul-dns-forwarder
 SIM_BIN=$TARGET_DIR/release/examples/bench_consul_sim
-[[ -x $BIN && -x $SIM_BIN ]] || die "build output not found under $TARGET_DIR"
+LIMIT_BIN=$TARGET_DIR/release/examples/limit_responder
+[[ -x $BIN && -x $SIM_BIN && -x $LIMIT_BIN ]] || die "build output not found under $TARGET_DIR"
 if [[ " $CONTENDERS " == *" base-"* ]]; then
   [[ -n $BASE_BIN && -x $BASE_BIN ]] || die "contenders base-http and base-dns need BENCH_BASELINE_BIN (an executable)"
 fi
@@ -356,6 +359,9 @@ start_contender() { # name
     RUST_LOG=warn taskset -c "$SERVER_CPU" "$(bin_of "$1")" --config "$W/ours.toml" --consul-dns "$SIM_DNS" \
       >"$W/$1.log" 2>&1 &
     ;;
+  limit)
+    taskset -c "$SERVER_CPU" "$LIMIT_BIN" "127.0.0.1:$PORT" 7200 >"$W/$1.log" 2>&1 &
+    ;;
   dnsmasq)
     taskset -c "$SERVER_CPU" dnsmasq -k -C "$W/dnsmasq.conf" >"$W/$1.log" 2>&1 &
     ;;
@@ -577,6 +583,9 @@ done
 aggregate
 
 # ---------------------------------------------------------------- report
+limit_cpu() { # "scenario cpu ..." of the limit contender (median CPU µs per answer)
+  awk -F'\t' '$2 == "limit" {printf "%s %s ", $1, $10}' "$TSV"
+}
 report() {
   echo "### Results"
   echo
@@ -589,9 +598,14 @@ report() {
   echo "Medians over $ROUNDS rounds (contenders interleaved within each round); min–max in brackets;"
   echo "lost: summed over the rounds; peak RSS: the highest; Consul requests: per run."
   echo
-  echo "| scenario | contender | queries/s | lost | avg ms | p99 ms | NOERROR % | server CPU µs/answer | helpers CPU µs/answer | peak RSS MiB | Consul HTTP req | Consul DNS req | Consul req per M queries |"
-  echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
-  awk -F'\t' 'NR > 1 {printf "| %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s |\n", $1, $2, $3, $17, $18, $6, $7, $8, $9, $10, $19, $20, $11, $12, $13, $14, $15}' "$TSV"
+  echo "| scenario | contender | queries/s | lost | avg ms | p99 ms | NOERROR % | server CPU µs/answer | CPU / limit | helpers CPU µs/answer | peak RSS MiB | Consul HTTP req | Consul DNS req | Consul req per M queries |"
+  echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+  awk -F'\t' -v limits="$(limit_cpu)" '
+    BEGIN { n = split(limits, l, " "); for (i = 1; i < n; i += 2) lim[l[i]] = l[i + 1] }
+    NR > 1 {
+      x = ($1 in lim && lim[$1] + 0 > 0) ? sprintf("x%.2f", $10 / lim[$1]) : "-"
+      printf "| %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $17, $18, $6, $7, $8, $9, $10, $19, $20, x, $11, $12, $13, $14, $15
+    }' "$TSV"
   if grep -qE $'^fill-100k\t(ours|base)-' "$TSV"; then
     echo
     awk -F'\t' '$1 == "fill-100k" && $2 ~ /^(ours|base)-/ {printf "fill-100k, %s: %s entries in the cache after the run (consul_dns_forwarder_cache_entries).\n", $2, $16}' "$TSV"
@@ -599,6 +613,7 @@ report() {
   report_base
   grep -qE $'^(consul|fwd-hits|mix-10pct-miss|hits-half-rate|fill-100k)\t' "$TSV" || {
     report8
+    targets17
     return
   }
   echo
@@ -613,8 +628,8 @@ report() {
       n = split("consul fwd-hits mix-10pct-miss hits-half-rate fill-100k", order, " ")
       for (i = 1; i <= n; i++) {
         s = order[i]; if (!(s in seen)) continue
-        split("ours-http ours-dns", ours, " "); split("dnsmasq unbound", peers, " ")
-        for (o = 1; o <= 2; o++) for (p = 1; p <= 2; p++) {
+        split("ours-http ours-dns", ours, " "); split("dnsmasq unbound limit", peers, " ")
+        for (o = 1; o <= 2; o++) for (p = 1; p <= 3; p++) {
           a = s SUBSEP ours[o]; b = s SUBSEP peers[p]
           if (!(a in qps) || !(b in qps)) continue
           printf "| %s | %s | %s | %s | %s | %s | %s |\n", s, ours[o], peers[p], r(qps[a], qps[b]), r(cpu[a], cpu[b]), r(p99[a], p99[b]), r(rss[a], rss[b])
@@ -655,6 +670,39 @@ report() {
         printf "- p99 on cache hits at half our max throughput <= unbound: %.3f ms vs %.3f ms: %s\n", p99[o], p99[u], verdict(p99[o] <= p99[u])
     }' "$TSV"
   report8
+  targets17
+}
+
+# Issue 17's targets, as ratios within this run: CPU per answer over the limit's in the same
+# scenario (robust to the machine's speed), cache misses and p99 against dnsmasq.
+targets17() {
+  echo
+  echo "### Targets (issue 17)"
+  echo
+  awk -F'\t' '
+    NR > 1 {k = $1 SUBSEP $2; cpu[k] = $10; p99[k] = $8; has[k] = 1}
+    function x(s, c) { return ((s SUBSEP c) in has && (s SUBSEP "limit") in has && cpu[s, "limit"] > 0) ? cpu[s, c] / cpu[s, "limit"] : "" }
+    function verdict(ok) { return ok ? "met" : "NOT met" }
+    END {
+      n = split("http dns", modes, " ")
+      for (m = 1; m <= n; m++) {
+        o = "ours-" modes[m]; c = x("consul", o); f = x("fwd-hits", o)
+        if (c != "" && f != "")
+          printf "- %s: Consul names <= forwarded cache hits <= 1.3x the limit (CPU/answer over the limit in each scenario): x%.2f, x%.2f: %s\n", o, c, f, verdict(c <= f && f <= 1.3)
+        split("large-3-udp512 large-5000-udp512 large-3-edns1232 large-5000-edns1232", large, " ")
+        for (i = 1; i <= 4; i++) {
+          l = x(large[i], o); if (l == "") continue
+          bound = f != "" ? f : 1.3
+          printf "- %s: %s x%.2f the limit <= %s x%.2f: %s\n", o, large[i], l, f != "" ? "forwarded hits" : "", bound, verdict(l <= bound && bound <= 1.3)
+        }
+      }
+      k = "fill-100k"
+      if ((k SUBSEP "ours-http") in has && (k SUBSEP "dnsmasq") in has)
+        printf "- Cache misses (fill-100k), CPU/answer <= dnsmasq: %.2f vs %.2f us (x%.2f): %s\n", cpu[k, "ours-http"], cpu[k, "dnsmasq"], cpu[k, "ours-http"] / cpu[k, "dnsmasq"], verdict(cpu[k, "ours-http"] <= cpu[k, "dnsmasq"])
+      k = "mix-10pct-miss"
+      if ((k SUBSEP "ours-http") in has && (k SUBSEP "dnsmasq") in has)
+        printf "- p99 in mix-10pct-miss <= dnsmasq: %.3f vs %.3f ms: %s\n", p99[k, "ours-http"], p99[k, "dnsmasq"], verdict(p99[k, "ours-http"] <= p99[k, "dnsmasq"])
+    }' "$TSV"
 }
 
 # ours / base-* per scenario, when BENCH_BASELINE_BIN's contenders ran: the ratio of the table's
@@ -704,11 +752,14 @@ report8() {
     echo "got before the run (rcode, TC, answer records, reply bytes). The simulator's DNS port (what dnsmasq"
     echo "and unbound ask) has udp_answer_limit $CONSUL_UDP_ANSWER_LIMIT, Consul's default."
     echo
-    echo "| contender | client limit | instances | queries/s | lost | NOERROR % | other rcodes (last round) | server CPU µs/answer | helpers CPU µs/answer | probe |"
-    echo "|---|---|--:|--:|--:|--:|---|--:|--:|---|"
-    awk -F'\t' 'NR > 1 && $1 ~ /^large-/ {
-        split($1, p, "-"); lim = p[3] == "udp512" ? "512 (no EDNS)" : "EDNS 1232"
-        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, lim, p[2], $3, $6, $9, $26, $10, $11, $25
+    echo "| contender | client limit | instances | queries/s | lost | NOERROR % | other rcodes (last round) | server CPU µs/answer | CPU / limit | helpers CPU µs/answer | probe |"
+    echo "|---|---|--:|--:|--:|--:|---|--:|--:|--:|---|"
+    awk -F'\t' -v limits="$(limit_cpu)" '
+      BEGIN { n = split(limits, l, " "); for (i = 1; i < n; i += 2) lim[l[i]] = l[i + 1] }
+      NR > 1 && $1 ~ /^large-/ {
+        split($1, p, "-"); size = p[3] == "udp512" ? "512 (no EDNS)" : "EDNS 1232"
+        x = ($1 in lim && lim[$1] + 0 > 0) ? sprintf("x%.2f", $10 / lim[$1]) : "-"
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, size, p[2], $3, $6, $9, $26, $10, x, $11, $25
       }' "$TSV" | sort -t'|' -k2,2 -k3,3r -k4,4nr
     echo
     echo "Cost of an answer from the $LARGE_INSTANCES-instance service over the $SMALL_INSTANCES-instance one (server CPU µs per answer; target for ours <= 2x):"
@@ -716,7 +767,7 @@ report8() {
     awk -F'\t' -v big="$LARGE_INSTANCES" -v small="$SMALL_INSTANCES" '
       NR > 1 && $1 ~ /^large-/ {split($1, p, "-"); cpu[$2, p[2], p[3]] = $10; done[$2, p[2], p[3]] = $5; ct[$2] = 1}
       END {
-        n = split("ours-http ours-dns base-http base-dns dnsmasq unbound", order, " ")
+        n = split("limit ours-http ours-dns base-http base-dns dnsmasq unbound", order, " ")
         for (i = 1; i <= n; i++) {
           c = order[i]; if (!(c in ct)) continue
           for (l = 1; l <= 2; l++) {

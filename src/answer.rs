@@ -196,4 +196,11 @@ pub trait AnswerSource: Send + Sync {
     ) -> bool {
         false
     }
+
+    /// What a reply written by `reply_from_cache` counts as in `responses_total` (and whether
+    /// it is a `cache_hits_total`): a cache hit, unless the source keeps its own answers as
+    /// bytes (Consul's pre-encoded service addresses count as Consul answers).
+    fn cached_source(&self) -> Source {
+        Source::Cache
+    }
 }

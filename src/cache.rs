@@ -35,6 +35,7 @@ use crate::failures::{FailurePolicy, Failures};
 use crate::header::{self, Section, HEADER_LEN};
 use crate::lock::lock;
 use crate::raw::{self, PlainQuery};
+use crate::recent::Exchanged;
 use crate::reply::{self, STALE_TTL};
 
 /// TTL rules applied when an upstream message is stored.
@@ -60,8 +61,9 @@ impl TtlPolicy {
 }
 
 /// What an entry costs beyond its bytes: the map's slot (the struct is held inline), the `Arc`
-/// counts and allocator header of the bytes. Used for the byte bound, so it errs on the high side.
-const ENTRY_OVERHEAD: usize = 112;
+/// counts and allocator header of the bytes, and the exchange kept for `explain`. Used for the
+/// byte bound, so it errs on the high side.
+const ENTRY_OVERHEAD: usize = 112 + std::mem::size_of::<Option<Exchanged>>();
 
 /// Room for keys recently evicted ("ghosts", which S3-FIFO admits straight to the hot set when
 /// they come back), as a share of the entry count. quick_cache's default is 0.5, but a ghost
@@ -121,6 +123,8 @@ pub struct CachedAnswer {
     question_len: u16,
     /// [`NXDOMAIN`], [`CACHEABLE`], ...
     flags: u8,
+    /// The upstream exchange it came from, for `explain`.
+    pub(crate) exchange: Option<Exchanged>,
 }
 
 /// The question in wire format, as the cache keys it: the name (already lowercased in a
@@ -139,6 +143,8 @@ pub(crate) fn question_wire(q: &Question) -> Vec<u8> {
 pub struct UpstreamReply {
     pub(crate) message: Message,
     pub(crate) wire: Option<Vec<u8>>,
+    /// Which server answered, and how fast (set by the server group).
+    pub(crate) exchange: Option<Exchanged>,
 }
 
 impl From<Message> for UpstreamReply {
@@ -146,6 +152,7 @@ impl From<Message> for UpstreamReply {
         UpstreamReply {
             message,
             wire: None,
+            exchange: None,
         }
     }
 }
@@ -305,6 +312,7 @@ impl CachedAnswer {
                 if let Some(Ok(plain)) = &plain_bytes {
                     entry.attach_plain(plain);
                 }
+                entry.exchange = reply.exchange;
                 return Ok(entry);
             }
             (Err(e), None) => return Err(e),
@@ -320,6 +328,7 @@ impl CachedAnswer {
             flags: entry_flags(asked, msg.metadata.authentic_data)
                 | bit(rcode == ResponseCode::NXDomain, NXDOMAIN)
                 | bit(cacheable, CACHEABLE),
+            exchange: reply.exchange,
         };
         if let Some(plain) = plain_bytes {
             // A subset of what just encoded: it encodes too.
@@ -381,6 +390,7 @@ impl CachedAnswer {
             counts: received.counts,
             question_len: u16::try_from(question.len()).unwrap_or(0),
             flags: entry_flags(asked, flags & header::AD != 0) | CACHEABLE | AS_RECEIVED,
+            exchange: None,
         })
     }
 
@@ -1493,6 +1503,7 @@ mod tests {
         let reply_in = UpstreamReply {
             message,
             wire: Some(wire.clone()),
+            exchange: None,
         };
         let e = CachedAnswer::from_reply(&question(), &reply_in, Dnssec::default(), &policy(), now)
             .expect("kept as it came");

@@ -191,7 +191,11 @@ impl Handler {
             // The token is spent: `handle_miss` must not take another for the same query.
             return Cached::Miss(RateCharge::Taken);
         }
-        self.metrics.cache_hit();
+        let answered_by = source.cached_source();
+        match answered_by {
+            Source::Cache => self.metrics.cache_hit(),
+            _ => self.metrics.consul_encoded_answers.inc(),
+        }
         let flags = header::flags(out).unwrap_or(0);
         if flags & header::TC != 0 {
             // Cut to fit (a large shuffled answer); nothing else sets TC on this path.
@@ -203,7 +207,7 @@ impl Handler {
         self.metrics
             .count_request(transport, RecordType::from(query.qtype), consul.is_some());
         let rcode = ResponseCode::from(0, header::rcode(flags));
-        self.metrics.count_response(rcode, Source::Cache);
+        self.metrics.count_response(rcode, answered_by);
         self.metrics
             .observe_request(Source::Cache, started.elapsed());
         Cached::Replied

@@ -18,9 +18,11 @@
 //! - [`reply`]: pure DNS message functions: reply headers, encoding within a size, truncation.
 //! - [`consul`]: the Consul answer source: name parsing and validation, what exists in Consul,
 //!   health filtering, record building, watchers with blocking queries, the change feed, the
-//!   catalog file and the dnsmasq-compatible DNS mode.
+//!   catalog file and the dnsmasq-compatible DNS mode; service addresses kept as wire records
+//!   for the hot path (`consul::encoded`).
 //! - [`upstream`]: forwarding to upstream resolvers with failover and TCP fallback, zone routing,
 //!   and the cache in front of it.
+//! - `socket_pool`: upstream UDP sockets on random ports, each reused for a few questions.
 //! - [`ratelimit`]: per-client-network UDP response rate limiting (TC=1 over the limit).
 //! - [`cache`]: the answer cache, in wire format: TTL countdown, negative caching, serve-stale,
 //!   merged misses, one entry for DNSSEC and plain clients.
@@ -29,6 +31,8 @@
 //! - [`failures`]: upstream failures remembered per question, with backoff (RFC 9520).
 //! - [`raw`]: the cache-hit hot path in bytes: plain queries read without a full parse, replies
 //!   written from cached wire bytes with ID, case, TTLs and order patched.
+//! - `recent`: each upstream server's last attempts within a minute (status page), and the
+//!   exchange an answer came from (kept with its cache entry, for `explain`).
 //! - `lock`: the one way to take a mutex (poisoning ignored).
 //! - [`logging`]: log lines on stderr, text or JSON, one line per event, colour only on a
 //!   terminal (`NO_COLOR` honoured).
@@ -79,8 +83,10 @@ pub mod logging;
 pub mod metrics;
 pub mod ratelimit;
 pub mod raw;
+mod recent;
 pub mod reply;
 pub mod server;
+mod socket_pool;
 pub mod systemd;
 pub mod token_bucket;
 pub mod upstream;

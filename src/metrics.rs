@@ -63,6 +63,7 @@ pub struct Metrics {
     request_duration_by: Arc<[Histogram; SOURCES.len()]>,
     pub(crate) cache_hits: IntCounter,
     pub(crate) cache_misses: IntCounter,
+    pub(crate) consul_encoded_answers: IntCounter,
     pub(crate) cache_entries: IntGauge,
     pub(crate) cache_evictions: IntCounter,
     pub(crate) stale_answers: IntCounter,
@@ -169,6 +170,7 @@ impl Metrics {
             })),
             cache_hits: IntCounter::with_opts(opts("cache_hits_total", "Forwarded questions answered from the cache."))?,
             cache_misses: IntCounter::with_opts(opts("cache_misses_total", "Forwarded questions not in the cache (or expired)."))?,
+            consul_encoded_answers: IntCounter::with_opts(opts("consul_encoded_answers_total", "Consul service answers written from their pre-encoded records (the hot path), also counted in responses_total{source=\"consul\"}."))?,
             cache_entries: IntGauge::with_opts(opts("cache_entries", "Entries in the answer cache, including expired ones kept for serve-stale."))?,
             cache_evictions: IntCounter::with_opts(opts("cache_evictions_total", "Cache entries evicted to stay within cache.max_entries (expiry is not counted)."))?,
             stale_answers: IntCounter::with_opts(opts("stale_answers_total", "Answers served from expired data because every upstream (or Consul) failed."))?,
@@ -246,6 +248,7 @@ impl Metrics {
         registry.register(Box::new(self.request_duration.clone()))?;
         registry.register(Box::new(self.cache_hits.clone()))?;
         registry.register(Box::new(self.cache_misses.clone()))?;
+        registry.register(Box::new(self.consul_encoded_answers.clone()))?;
         registry.register(Box::new(self.cache_entries.clone()))?;
         registry.register(Box::new(self.stale_answers.clone()))?;
         registry.register(Box::new(self.cache_evictions.clone()))?;

@@ -7,7 +7,7 @@
 //! the upstream's answer through unchanged, so this client sends the question and returns the
 //! upstream's message as it came; hickory-proto does the encoding.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 
 use crate::answer::{Answer, AnswerSource, Answered, Dnssec, Question, Source};
 use crate::cache::{Cache, CachedAnswer, FetchError, Lookup, TtlPolicy, UpstreamReply};
@@ -25,7 +25,9 @@ use crate::failures::FailurePolicy;
 use crate::header;
 use crate::metrics::Metrics;
 use crate::raw::PlainQuery;
+use crate::recent::{Exchanged, RecentExchanges, RecentFigures};
 use crate::reply;
+use crate::socket_pool::SocketPool;
 
 /// The EDNS size we offer upstreams: the same 1232 bytes we accept from clients.
 const UPSTREAM_EDNS_SIZE: u16 = reply::UDP_LIMIT_EDNS as u16;
@@ -44,11 +46,17 @@ pub(crate) struct ServerGroup {
     preferred: AtomicUsize,
     /// DNS 0x20: random letter case in the questions we send (`upstream.randomize_case`).
     randomize_case: bool,
+    /// Each server's recent attempts (same order as `servers`), for the status page.
+    recent: Box<[RecentExchanges]>,
+    /// Open UDP sockets per server (same index as `servers`).
+    sockets: Vec<SocketPool>,
 }
 
 impl ServerGroup {
     pub(crate) fn new(servers: Vec<SocketAddr>, timeout: Duration) -> ServerGroup {
         ServerGroup {
+            recent: servers.iter().map(|_| RecentExchanges::default()).collect(),
+            sockets: servers.iter().map(|_| SocketPool::default()).collect(),
             servers,
             timeout,
             preferred: AtomicUsize::new(0),
@@ -98,31 +106,44 @@ impl ServerGroup {
             let started = Instant::now();
             let result = tokio::time::timeout(
                 per_attempt,
-                exchange(server, q, flags, self.randomize_case, metrics),
+                exchange(
+                    (server, &self.sockets[index]),
+                    q,
+                    flags,
+                    self.randomize_case,
+                    metrics,
+                ),
             )
             .await;
+            let took = started.elapsed();
             let label = server.to_string();
-            metrics.observe_upstream(&label, started.elapsed());
+            metrics.observe_upstream(&label, took);
+            let replied = matches!(result, Ok(Ok(_))).then_some(took);
             match result {
-                Ok(Ok(reply)) => match reply.message.metadata.response_code {
+                Ok(Ok(mut reply)) => match reply.message.metadata.response_code {
                     ResponseCode::ServFail
                     | ResponseCode::Refused
                     | ResponseCode::NotImp
                     | ResponseCode::FormErr => {
+                        self.recent[index].record(Instant::now(), replied, true);
                         metrics.upstream_error(&label, "rcode");
                         answered += 1;
                         last_error = FetchError::Rcode(reply.message.metadata.response_code);
                     }
                     _ => {
+                        self.recent[index].record(Instant::now(), replied, false);
                         self.preferred.store(index, Ordering::Relaxed);
+                        reply.exchange = Some(Exchanged::new(server, took));
                         return Ok(reply);
                     }
                 },
                 Ok(Err(e)) => {
+                    self.recent[index].record(Instant::now(), None, true);
                     metrics.upstream_error(&label, "io");
                     last_error = FetchError::Io(format!("{server}: {e}"));
                 }
                 Err(_) => {
+                    self.recent[index].record(Instant::now(), None, true);
                     metrics.upstream_error(&label, "timeout");
                     if !matches!(last_error, FetchError::Rcode(_)) {
                         last_error = FetchError::Timeout(self.timeout);
@@ -176,7 +197,7 @@ enum ExchangeError {
 /// and the counters show it. Which servers fail is not remembered: one spoofed reply must not
 /// turn 0x20 off for later questions.
 async fn exchange(
-    server: SocketAddr,
+    (server, sockets): (SocketAddr, &SocketPool),
     q: &Question,
     flags: Dnssec,
     randomize_case: bool,
@@ -184,7 +205,7 @@ async fn exchange(
 ) -> std::io::Result<UpstreamReply> {
     if randomize_case {
         let sent = randomized_case(&q.name);
-        match exchange_as(server, q, &sent, (flags, true), metrics).await {
+        match exchange_as((server, sockets), q, &sent, (flags, true), metrics).await {
             Ok(mut reply) => {
                 restore_case(&mut reply.message, q);
                 return Ok(reply);
@@ -196,7 +217,7 @@ async fn exchange(
             }
         }
     }
-    match exchange_as(server, q, &q.name, (flags, false), metrics).await {
+    match exchange_as((server, sockets), q, &q.name, (flags, false), metrics).await {
         Ok(reply) => Ok(reply),
         Err(ExchangeError::Io(e)) => Err(e),
         // Not produced without `exact_case`; mapped for completeness.
@@ -207,7 +228,7 @@ async fn exchange(
 /// `exchange` with the question's name written as `sent` (`q.name` in some letter case), and
 /// with its case checked in the reply when `exact_case`.
 async fn exchange_as(
-    server: SocketAddr,
+    (server, sockets): (SocketAddr, &SocketPool),
     q: &Question,
     sent: &Name,
     (flags, exact_case): (Dnssec, bool),
@@ -215,7 +236,14 @@ async fn exchange_as(
 ) -> Result<UpstreamReply, ExchangeError> {
     let id: u16 = rand::random();
     let request = build_query(id, q, sent, flags)?;
-    let reply = exchange_udp(server, &request, id, q, sent, exact_case, metrics).await?;
+    let reply = exchange_udp(
+        (server, sockets),
+        &request,
+        id,
+        (q, sent, exact_case),
+        metrics,
+    )
+    .await?;
     if reply.message.metadata.truncation {
         // TCP cannot be spoofed blind, so its reply's case is not checked (and is restored by
         // the caller all the same).
@@ -316,30 +344,29 @@ fn check(
     Ok(UpstreamReply {
         message: reply,
         wire: Some(bytes.to_vec()),
+        exchange: None,
     })
 }
 
+/// One UDP exchange on a socket of `sockets` (see `socket_pool`): given back only once the
+/// reply matched, so a socket whose question failed or timed out (this future dropped) closes.
 async fn exchange_udp(
-    server: SocketAddr,
+    (server, sockets): (SocketAddr, &SocketPool),
     request: &[u8],
     id: u16,
-    q: &Question,
-    sent: &Name,
-    exact_case: bool,
+    (q, sent, exact_case): (&Question, &Name, bool),
     metrics: &Metrics,
 ) -> Result<UpstreamReply, ExchangeError> {
-    let bind: SocketAddr = match server.ip() {
-        IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
-    };
-    let socket = UdpSocket::bind(bind).await?;
-    socket.connect(server).await?;
-    socket.send(request).await?;
+    let lent = sockets.take(server).await?;
+    lent.socket.send(request).await?;
     let mut buf = vec![0u8; usize::from(UPSTREAM_EDNS_SIZE).max(4096)];
     loop {
-        let len = socket.recv(&mut buf).await?;
+        let len = lent.socket.recv(&mut buf).await?;
         match check(&buf[..len], id, q, sent, exact_case) {
-            Ok(reply) => return Ok(reply),
+            Ok(reply) => {
+                sockets.put(lent);
+                return Ok(reply);
+            }
             Err(mismatch) => {
                 metrics.upstream_unmatched(mismatch.as_str());
                 if mismatch == Mismatch::Case {
@@ -402,12 +429,19 @@ impl Router {
         }
     }
 
-    /// Every forward zone and its servers, the default upstreams last (`.`).
-    pub(crate) fn routes(&self) -> Vec<(String, Vec<SocketAddr>)> {
+    /// Every forward zone's servers with their recent figures, the default upstreams last.
+    pub(crate) fn recent(&self) -> Vec<(String, SocketAddr, RecentFigures)> {
+        let now = Instant::now();
         self.zones
             .iter()
-            .map(|(zone, g)| (zone.to_string(), g.servers.clone()))
-            .chain([(".".to_owned(), self.default.servers.clone())])
+            .map(|(zone, g)| (zone.to_string(), g))
+            .chain([(".".to_owned(), &self.default)])
+            .flat_map(|(zone, g)| {
+                g.servers
+                    .iter()
+                    .zip(g.recent.iter())
+                    .map(move |(s, r)| (zone.clone(), *s, r.figures(now)))
+            })
             .collect()
     }
 
@@ -722,6 +756,7 @@ impl AnswerSource for Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::UdpSocket;
 
     fn question(name: &str) -> Question {
         Question {

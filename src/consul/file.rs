@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use async_trait::async_trait;
 
@@ -216,6 +217,7 @@ impl Backend for FileBackend {
             index: None,
             agent: None,
             kept_fresh_by: "catalog file".to_owned(),
+            patched_by_feed: false,
         })
     }
 
@@ -275,6 +277,17 @@ impl Backend for FileBackend {
             .and_then(|v| v.get(&key.service))
             .cloned()
             .unwrap_or_else(|| Arc::new(ServiceView::new(Vec::new(), &catalog.datacenter))))
+    }
+
+    fn current_service(&self, key: &ViewKey, _now: Instant) -> Option<Arc<ServiceView>> {
+        let catalog = self.current();
+        self.check_dc(&catalog, key.dc.as_deref()).ok()?;
+        check_tenancy(&key.tenancy).ok()?;
+        match key.kind {
+            ServiceKind::Service => catalog.services.get(&key.service).cloned(),
+            ServiceKind::Connect => catalog.connect.get(&key.service).cloned(),
+            ServiceKind::Ingress => None,
+        }
     }
 
     async fn node(

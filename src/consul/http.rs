@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::FutureExt;
@@ -470,6 +470,26 @@ impl Backend for HttpBackend {
                 "Consul has not answered yet".into(),
             )),
         }
+    }
+
+    /// A view with a blocking query of its own (so nothing to wake on demand and no catalog
+    /// change to wait for), ready and confirmed within `stale_for`: what `service` returns at
+    /// once for it, the query counted as asked.
+    fn current_service(&self, key: &ViewKey, now: Instant) -> Option<Arc<ServiceView>> {
+        let w = lock(&self.watches).get(key).cloned()?;
+        if w.on_demand.load(Ordering::SeqCst) {
+            return None;
+        }
+        let view = match &*w.state.borrow() {
+            ViewState::Ready(view) => view.clone(),
+            _ => return None,
+        };
+        let confirmed = (*lock(&w.last_confirmed))?;
+        if now.saturating_duration_since(confirmed) > self.settings.stale_for {
+            return None;
+        }
+        *lock(&w.last_asked) = now;
+        Some(view)
     }
 
     async fn node(

@@ -9,6 +9,7 @@ pub mod addrs;
 pub(crate) mod agent;
 pub mod catalog;
 pub(crate) mod client;
+pub(crate) mod encoded;
 pub(crate) mod feed;
 pub mod file;
 pub(crate) mod http;
@@ -25,7 +26,7 @@ pub(crate) mod watcher;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use hickory_proto::op::ResponseCode;
@@ -33,6 +34,7 @@ use hickory_proto::rr::{DNSClass, Name, RecordType};
 use tokio_util::sync::CancellationToken;
 
 use self::catalog::{NodeView, QueryView, Selection, ServiceView};
+use self::encoded::EncodedAnswers;
 use self::name::{ConsulName, ServiceKind, Tenancy, ViewKey};
 use self::ptr::PtrName;
 use self::records::{Ctx, Plan};
@@ -41,6 +43,7 @@ use crate::config::{Config, ConsulConfig, ConsulMode, WhenNoneHealthy};
 use crate::explain::details::DetailEntry;
 use crate::explain::gather::{AgentState, KeptView, ViewPeek};
 use crate::metrics::Metrics;
+use crate::raw::PlainQuery;
 use crate::upstream::Forwarder;
 
 /// The service Consul registers for its servers: their nodes are the domain's nameservers.
@@ -72,6 +75,13 @@ pub trait Backend: Send + Sync {
     /// The view of a service lookup (`.service`, `.connect` or `.ingress`, in a datacenter,
     /// peer, namespace and partition).
     async fn service(&self, key: &ViewKey) -> Result<Arc<ServiceView>, LookupError>;
+    /// The view [`Backend::service`] would return for `key` right now, when it would return it
+    /// at once with nothing to wait for, wake or fetch (counting the query as `service` does);
+    /// `None` otherwise. The hot path serves pre-encoded answers ([`encoded`]) only while this
+    /// is the very view they were encoded from. `now`: the query's arrival (no clock read here).
+    fn current_service(&self, _key: &ViewKey, _now: Instant) -> Option<Arc<ServiceView>> {
+        None
+    }
     async fn node(
         &self,
         node: &str,
@@ -141,6 +151,8 @@ pub struct ConsulSource {
     config: ConsulConfig,
     /// Resolves hostnames that Consul gives as addresses (CNAME targets): the forwarder.
     resolver: Arc<dyn AnswerSource>,
+    /// Service addresses as wire bytes, for the hot path.
+    encoded: EncodedAnswers,
 }
 
 fn secs(d: Duration) -> u32 {
@@ -157,7 +169,35 @@ impl ConsulSource {
             backend,
             config: config.clone(),
             resolver,
+            encoded: EncodedAnswers::default(),
         }
+    }
+
+    /// Keeps the addresses of a service answer as wire bytes for the hot path, when the view is
+    /// one the backend serves as it is (see [`Backend::current_service`]).
+    fn remember(
+        &self,
+        view_key: &ViewKey,
+        view: &Arc<ServiceView>,
+        selection: &Selection,
+        ctx: &Ctx<'_>,
+    ) {
+        if !matches!(ctx.qtype, RecordType::A | RecordType::AAAA)
+            || !self
+                .backend
+                .current_service(view_key, Instant::now())
+                .is_some_and(|current| Arc::ptr_eq(&current, view))
+        {
+            return;
+        }
+        self.encoded.remember(&encoded::Answered {
+            qname: ctx.qname,
+            qtype: ctx.qtype,
+            ttl: ctx.ttl,
+            view_key,
+            view,
+            selection,
+        });
     }
 
     /// Where the views come from, for `explain` and the status page.
@@ -263,6 +303,7 @@ impl ConsulSource {
                         let tag = tag.as_deref();
                         let selection =
                             records::select(&view, tag, cfg.only_passing, cfg.when_none_healthy);
+                        self.remember(&key, &view, &selection, &ctx);
                         Ok(answer_from_view(&view, &selection, true, limit, &ctx))
                     }
                     Err(e) => missing(e, &ctx),
@@ -443,6 +484,34 @@ impl AnswerSource for ConsulSource {
 
     fn answers_address(&self, ip: IpAddr) -> bool {
         self.backend.may_know_address(ip)
+    }
+
+    /// A service's A or AAAA answer from its pre-encoded records, while their view is current.
+    fn reply_from_cache(
+        &self,
+        query: &PlainQuery<'_>,
+        key: &[u8],
+        limit: usize,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let Some(entry) = self.encoded.get(key) else {
+            return false;
+        };
+        let current = self
+            .backend
+            .current_service(&entry.view_key, now)
+            .is_some_and(|view| Arc::ptr_eq(&view, &entry.view));
+        let rules = encoded::Rules {
+            a_record_limit: self.config.a_record_limit,
+            udp_answer_limit: self.config.udp_answer_limit,
+            truncate: self.config.enable_truncate,
+        };
+        current && encoded::write_reply(out, query, &entry, limit, rules, &mut rand::rng())
+    }
+
+    fn cached_source(&self) -> Source {
+        Source::Consul
     }
 
     fn as_consul(&self) -> Option<&ConsulSource> {

@@ -59,6 +59,7 @@ impl HttpBackend {
                     index: (index > 0).then_some(index),
                     agent: Some(self.client.current_agent()),
                     kept_fresh_by,
+                    patched_by_feed: patched,
                 })
             }
             ViewState::Pending => Err("the first fetch is in progress".to_owned()),

@@ -11,12 +11,13 @@ use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
 use super::details::{by_instance, ChecksByInstance};
+use super::names;
 use super::{
     status_name, verdicts, why, CacheState, CheckInfo, ConsulPart, Explanation, ForwardedPart,
-    InReply, InstanceExplanation, Reading, ReplyNow, Rules, TtlInfo, ViewInfo,
+    InReply, InstanceExplanation, LastAnswer, Reading, ReplyNow, Rules, TtlInfo, ViewInfo,
 };
 use crate::answer::Question;
-use crate::cache::Lookup;
+use crate::cache::{CachedAnswer, Lookup};
 use crate::config::{Config, WhenNoneHealthy};
 use crate::consul::catalog::ServiceView;
 use crate::consul::name::{self, ConsulName, ServiceKind, ViewKey};
@@ -44,6 +45,7 @@ pub struct ViewPeek {
     pub(crate) index: Option<u64>,
     pub(crate) agent: Option<String>,
     pub(crate) kept_fresh_by: String,
+    pub(crate) patched_by_feed: bool,
 }
 
 /// A kept view, for the status page.
@@ -154,6 +156,26 @@ pub(crate) async fn explain(handler: &Handler, now: &Current, ask: &Ask) -> Expl
     };
     let consul_source = now.consul.as_ref().map(|c| c.source().clone());
     let consul_domain = name::parse(&question.name, question.qtype, &now.config.consul.domains);
+    let reverse = crate::arpa::question_address(&question);
+    if let (Some(ip), Some(consul)) = (reverse, consul_source.as_ref().and_then(|s| s.as_consul()))
+    {
+        let answered = super::names::ptr(&**consul.backend(), ip).await;
+        let known = answered.ptr.as_ref().is_some_and(|p| !p.forwarded);
+        explanation.reading = Reading {
+            kind: "ptr".to_owned(),
+            zone: forwarded_before.0.clone(),
+            source: if known { "consul http" } else { "upstream" }.to_owned(),
+            ..Reading::default()
+        };
+        explanation.consul = Some(ConsulPart {
+            answered_by: Some(answered),
+            ..ConsulPart::default()
+        });
+        if !known {
+            explanation.forwarded = Some(forwarded_before.1);
+        }
+        return explanation;
+    }
     match (consul_source, consul_domain) {
         (Some(source), Some(parsed)) => match source.as_consul() {
             Some(consul) => {
@@ -289,15 +311,14 @@ async fn consul_part(
         .to_owned(),
         ..Reading::default()
     };
-    let rules = Rules {
-        only_passing: cfg.only_passing,
-        when_none_healthy_all: cfg.when_none_healthy == WhenNoneHealthy::All,
-        a_record_limit: cfg.a_record_limit,
-        udp_answer_limit: cfg.udp_answer_limit,
-        without_edns: ask.without_edns,
-    };
     let mut part = ConsulPart {
-        rules,
+        rules: Rules {
+            only_passing: cfg.only_passing,
+            when_none_healthy_all: cfg.when_none_healthy == WhenNoneHealthy::All,
+            a_record_limit: cfg.a_record_limit,
+            udp_answer_limit: cfg.udp_answer_limit,
+            without_edns: ask.without_edns,
+        },
         ttl: TtlInfo {
             seconds: cfg.node_ttl.as_secs(),
             from: "consul.node_ttl".to_owned(),
@@ -314,6 +335,15 @@ async fn consul_part(
     else {
         reading.kind = kind_of(&parsed.name).to_owned();
         part.no_view = Some("only service names have instances to explain".to_owned());
+        part.answered_by = other_name(
+            consul,
+            parsed.name,
+            question.qtype,
+            local_dc,
+            &mut reading,
+            &mut part,
+        )
+        .await;
         return (reading, part);
     };
     reading.kind = match kind {
@@ -325,14 +355,7 @@ async fn consul_part(
     reading.service = Some(service.clone());
     reading.tag = tag.clone();
     reading.datacenter = dc.clone();
-    let (ttl, pattern) = cfg.service_ttl_rule(&service);
-    part.ttl = TtlInfo {
-        seconds: ttl.as_secs(),
-        from: pattern.map_or_else(
-            || "default (no consul.service_ttl pattern matches)".to_owned(),
-            |p| format!("consul.service_ttl[\"{p}\"]"),
-        ),
-    };
+    part.ttl = service_ttl(cfg, &service);
     // The same view key the lookup uses: a name spelling out the local datacenter is the
     // local view.
     let dc = dc.filter(|d| Some(d) != local_dc.as_ref());
@@ -363,6 +386,58 @@ async fn consul_part(
         Err(why) => part.no_view = Some(why),
     }
     (reading, part)
+}
+
+/// A service's TTL and the `service_ttl` pattern it comes from.
+fn service_ttl(cfg: &crate::config::ConsulConfig, service: &str) -> TtlInfo {
+    let (ttl, pattern) = cfg.service_ttl_rule(service);
+    TtlInfo {
+        seconds: ttl.as_secs(),
+        from: pattern.map_or_else(
+            || "default (no consul.service_ttl pattern matches)".to_owned(),
+            |p| format!("consul.service_ttl[\"{p}\"]"),
+        ),
+    }
+}
+
+/// What answers a node, prepared query or `.addr` name (a service's instances are read above).
+async fn other_name(
+    consul: &ConsulSource,
+    name: ConsulName,
+    qtype: RecordType,
+    local_dc: Option<String>,
+    reading: &mut Reading,
+    part: &mut ConsulPart,
+) -> Option<names::NameAnswer> {
+    let cfg = consul.config();
+    let backend = consul.backend();
+    let norm = |dc: Option<String>| dc.filter(|d| Some(d) != local_dc.as_ref());
+    match name {
+        ConsulName::Node { node, dc, tenancy } => {
+            reading.datacenter = dc.clone();
+            let dc = norm(dc);
+            let answered = names::node(
+                &**backend,
+                &node,
+                dc.as_deref(),
+                &tenancy,
+                qtype,
+                cfg.node_meta_txt,
+            )
+            .await;
+            Some(answered)
+        }
+        ConsulName::Query { query, dc } => {
+            reading.datacenter = dc.clone();
+            part.ttl = TtlInfo {
+                seconds: cfg.service_ttl_for(&query).as_secs(),
+                from: "the query's DNS.TTL when it has one, else consul.service_ttl".to_owned(),
+            };
+            Some(names::query(&**backend, &query, norm(dc).as_deref()).await)
+        }
+        ConsulName::Addr { ip } => Some(names::addr(ip)),
+        _ => None,
+    }
 }
 
 fn kind_of(name: &ConsulName) -> &'static str {
@@ -432,6 +507,7 @@ fn view_info(peek: &ViewPeek, contact: Option<Duration>) -> ViewInfo {
         consul_index: peek.index,
         agent: peek.agent.clone(),
         kept_fresh_by: peek.kept_fresh_by.clone(),
+        patched_by_feed: peek.patched_by_feed,
         consul_contact_seconds: seconds(contact),
         healthy,
         warning,
@@ -443,9 +519,14 @@ fn view_info(peek: &ViewPeek, contact: Option<Duration>) -> ViewInfo {
 fn forwarded_part(forwarder: &Forwarder, q: &Question) -> (String, ForwardedPart) {
     let (zone, servers) = forwarder.router().route_of(&q.name);
     let now = Instant::now();
+    let mut last_answer = LastAnswer {
+        summary: "unknown: no cached answer from an upstream for this question".to_owned(),
+        ..LastAnswer::default()
+    };
     let cache = match forwarder.cache().lookup(q, now) {
         Lookup::Fresh(entry) | Lookup::Expired(entry) => {
             let age = now.saturating_duration_since(entry.stored_at);
+            last_answer = last_answer_of(&entry, age);
             let ttl = entry.ttl();
             let rcode: ResponseCode = entry.rcode();
             CacheState {
@@ -466,8 +547,36 @@ fn forwarded_part(forwarder: &Forwarder, q: &Question) -> (String, ForwardedPart
         upstreams: servers.iter().map(ToString::to_string).collect(),
         cache,
         failure_remembered: forwarder.cache().failed_recently(q, false, now),
+        last_answer,
     };
     (zone, part)
+}
+
+/// The upstream exchange a cache entry came from, when it was kept.
+fn last_answer_of(entry: &CachedAnswer, age: Duration) -> LastAnswer {
+    let rcode = rcode_label(entry.rcode()).to_owned();
+    match entry.exchange {
+        Some(x) => {
+            let latency_ms = f64::from(x.micros) / 1000.0;
+            LastAnswer {
+                known: true,
+                summary: format!(
+                    "{rcode} from {} in {latency_ms} ms, {} s ago",
+                    x.server,
+                    age.as_secs()
+                ),
+                rcode: Some(rcode),
+                upstream: Some(x.server.to_string()),
+                latency_ms: Some(latency_ms),
+            }
+        }
+        None => LastAnswer {
+            known: false,
+            summary: format!("{rcode} cached; which upstream answered, and how fast, is unknown"),
+            rcode: Some(rcode),
+            ..LastAnswer::default()
+        },
+    }
 }
 
 /// Seconds since Consul last answered, from the gauge the watchers keep.

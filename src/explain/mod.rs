@@ -11,6 +11,7 @@
 pub mod client;
 pub mod details;
 pub mod gather;
+pub mod names;
 pub(crate) mod pages;
 pub(crate) mod render;
 pub(crate) mod status;
@@ -45,7 +46,8 @@ pub struct Explanation {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Reading {
     /// `service`, `connect`, `ingress`, `node`, `query`, `virtual`, `addr`, `apex`, `invalid`
-    /// (a Consul name outside Consul's alphabet: NXDOMAIN at once), or `forwarded`.
+    /// (a Consul name outside Consul's alphabet: NXDOMAIN at once), `ptr` (a reverse name,
+    /// answered by Consul when it knows the address, else forwarded), or `forwarded`.
     pub kind: String,
     pub service: Option<String>,
     pub tag: Option<String>,
@@ -72,6 +74,8 @@ pub struct ConsulPart {
     pub instances: Vec<InstanceExplanation>,
     /// Where the check details come from, or why there are none.
     pub checks_from: String,
+    /// For node, prepared query, `.addr` and reverse names: what answers them.
+    pub answered_by: Option<names::NameAnswer>,
 }
 
 /// The view an answer is built from.
@@ -85,6 +89,8 @@ pub struct ViewInfo {
     pub agent: Option<String>,
     /// `blocking query`, `on demand (no blocking query)`, `catalog file`.
     pub kept_fresh_by: String,
+    /// The change feed changed the view since Consul last sent it whole.
+    pub patched_by_feed: bool,
     /// Seconds since any Consul agent last answered (none: never, or no Consul).
     pub consul_contact_seconds: Option<f64>,
     pub healthy: usize,
@@ -185,6 +191,22 @@ pub struct ForwardedPart {
     pub cache: CacheState,
     /// An upstream failure remembered for the question (answered SERVFAIL without asking).
     pub failure_remembered: bool,
+    /// The upstream exchange the cached answer came from, read before this explanation asked
+    /// (so its own question never shows here).
+    pub last_answer: LastAnswer,
+}
+
+/// The last real upstream answer to the question, as kept with its cache entry.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LastAnswer {
+    /// Whether it is known: an entry for the question was cached with the exchange it came from.
+    pub known: bool,
+    pub rcode: Option<String>,
+    /// The upstream server that answered.
+    pub upstream: Option<String>,
+    pub latency_ms: Option<f64>,
+    /// What is known, in a sentence.
+    pub summary: String,
 }
 
 /// A cache entry's state.

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use hickory_proto::op::Message;
 use html_escape::{encode_double_quoted_attribute as attr, encode_text as text_html};
 
+use super::names::NameAnswer;
 use super::{ConsulPart, Explanation, ForwardedPart, InstanceExplanation};
 use crate::metrics::rcode_label;
 
@@ -139,7 +140,9 @@ fn consul_text(out: &mut String, c: &ConsulPart) {
         rules.udp_answer_limit,
         if rules.without_edns { " (asked as a client without EDNS)" } else { "" }
     );
-    if let Some(why) = &c.no_view {
+    if let Some(a) = &c.answered_by {
+        answered_text(out, a);
+    } else if let Some(why) = &c.no_view {
         let _ = writeln!(out, "  view: none: {why}");
     }
     if let Some(v) = &c.view {
@@ -172,6 +175,47 @@ fn consul_text(out: &mut String, c: &ConsulPart) {
         );
         for i in &c.instances {
             instance_text(out, i);
+        }
+    }
+}
+
+/// What answers a node, prepared query, `.addr` or reverse name.
+fn answered_text(out: &mut String, a: &NameAnswer) {
+    let _ = writeln!(out, "  answered by: {}", a.summary);
+    if let Some(n) = &a.node {
+        let _ = writeln!(
+            out,
+            "  node {}: A {}, AAAA {}{}; meta ({} in all{}): {}",
+            n.node,
+            n.ipv4.as_deref().unwrap_or("-"),
+            n.ipv6.as_deref().unwrap_or("-"),
+            n.host
+                .as_deref()
+                .map_or(String::new(), |h| format!(", CNAME {h}")),
+            n.meta_count,
+            if n.meta_txt_in_additional {
+                ", also as TXT beside A/AAAA answers"
+            } else {
+                ""
+            },
+            n.meta.join(", ")
+        );
+    }
+    if let Some(q) = &a.query {
+        let _ = writeln!(
+            out,
+            "  {} ({}; {})",
+            q.filters,
+            if q.keeps_order {
+                "answers keep Consul's order"
+            } else {
+                "answers are shuffled"
+            },
+            q.ttl_seconds
+                .map_or("no DNS.TTL".to_owned(), |t| format!("DNS.TTL {t} s"))
+        );
+        for i in &q.instances {
+            let _ = writeln!(out, "    {} {}:{} {}", i.node, i.address, i.port, i.status);
         }
     }
 }
@@ -221,6 +265,11 @@ fn forwarded_text(out: &mut String, f: &ForwardedPart) {
         let _ = write!(out, ", stale for {stale} s");
     }
     let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "  last upstream answer (before asking): {}",
+        f.last_answer.summary
+    );
     if f.failure_remembered {
         let _ = writeln!(
             out,

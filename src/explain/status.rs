@@ -1,5 +1,6 @@
 //! The status page (`/` of the HTTP endpoint): watched services with their health and view age,
-//! the Consul agents with their connection budgets, the upstreams, the cache, recent reloads.
+//! the Consul agents with their connection budgets, the upstreams (with their last minute's
+//! attempts, failures and latency), the cache, recent reloads.
 //! Server-rendered HTML, no external assets, no JavaScript, refreshing itself.
 
 use std::collections::VecDeque;
@@ -16,6 +17,7 @@ use crate::consul::name::ServiceKind;
 use crate::consul::peek::seconds;
 use crate::lock::lock;
 use crate::metrics::Metrics;
+use crate::recent::RECENT_WINDOW;
 
 /// Services listed on the page (sorted by name); the rest are counted.
 pub(crate) const MAX_LISTED_VIEWS: usize = 500;
@@ -143,51 +145,50 @@ fn agents_html(b: &mut String, agents: &[AgentState], metrics: &Metrics) {
     b.push_str("</table>\n");
 }
 
-/// Per upstream (its label): queries timed, their total seconds, and errors, since the start.
-fn upstream_figures(metrics: &Metrics, upstream: &str) -> (u64, f64, f64) {
-    let mut count = 0;
-    let mut sum = 0.0;
-    let mut errors = 0.0;
+/// Per upstream (its label): queries timed since the start.
+fn upstream_queries(metrics: &Metrics, upstream: &str) -> u64 {
     let has = |m: &prometheus::proto::Metric| {
         m.get_label()
             .iter()
             .any(|l| l.name() == "upstream" && l.value() == upstream)
     };
-    for family in metrics.upstream_duration.collect() {
-        for m in family.get_metric().iter().filter(|m| has(m)) {
-            count += m.get_histogram().get_sample_count();
-            sum += m.get_histogram().get_sample_sum();
-        }
-    }
-    for family in metrics.upstream_errors.collect() {
-        for m in family.get_metric().iter().filter(|m| has(m)) {
-            errors += m.get_counter().get_value();
-        }
-    }
-    (count, sum, errors)
+    metrics
+        .upstream_duration
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric().iter().filter(|m| has(m)))
+        .map(|m| m.get_histogram().get_sample_count())
+        .sum()
 }
 
 fn upstreams_html(b: &mut String, now: &Current) {
-    b.push_str(
+    let _ = writeln!(
+        b,
         "<h2>Upstreams</h2>\n<table id=\"upstreams\"><tr><th>zone</th><th>upstream</th>\
-         <th>queries</th><th>mean latency</th><th>failures</th></tr>\n",
+         <th>queries since start</th><th>attempts, last {window} s</th>\
+         <th>failures, last {window} s</th><th>mean latency, last {window} s</th>\
+         <th>max latency, last {window} s</th></tr>",
+        window = RECENT_WINDOW.as_secs()
     );
-    for (zone, servers) in now.forwarder.router().routes() {
-        for server in servers {
-            let label = server.to_string();
-            let (count, sum, errors) = upstream_figures(&now.metrics, &label);
-            let mean = if count > 0 {
-                format!("{:.1} ms", sum * 1000.0 / count as f64)
-            } else {
-                "-".to_owned()
-            };
-            let _ = writeln!(
-                b,
-                "<tr><td>{}</td><td>{}</td><td>{count}</td><td>{mean}</td><td>{errors}</td></tr>",
-                esc(&zone),
-                esc(&label)
-            );
-        }
+    let ms = |d: Option<Duration>| {
+        d.map_or("-".to_owned(), |d| {
+            format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+        })
+    };
+    for (zone, server, recent) in now.forwarder.router().recent() {
+        let label = server.to_string();
+        let _ = writeln!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"attempts\">{}</td>\
+             <td class=\"failures\">{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&zone),
+            esc(&label),
+            upstream_queries(&now.metrics, &label),
+            recent.attempts,
+            recent.failures,
+            ms(recent.mean_latency),
+            ms(recent.max_latency),
+        );
     }
     b.push_str("</table>\n");
 }

@@ -462,7 +462,10 @@ async fn status_page_lists_reloads_upstreams_and_the_cache() {
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,
-        format!("[upstream]\nservers = [\"{}\"]\n", up.addr),
+        format!(
+            "[upstream]\nservers = [\"{}\"]\ntimeout = \"400ms\"\n",
+            up.addr
+        ),
     )
     .expect("write");
     let demo = spawn(&[
@@ -510,4 +513,240 @@ async fn status_page_lists_reloads_upstreams_and_the_cache() {
         page.contains(&format!("<td>{}</td><td>1</td>", up.addr)),
         "{page}"
     );
+    // The last minute's figures: one attempt, answered.
+    assert!(
+        page.contains("<td class=\"attempts\">1</td><td class=\"failures\">0</td><td>"),
+        "{page}"
+    );
+    assert!(page.contains("mean latency, last 60 s"), "{page}");
+    // The upstream goes silent: the failed attempts show in the window at once.
+    up.set_blackhole(true);
+    let failed = ask(
+        format!("127.0.0.1:{dns}").parse().expect("addr"),
+        "b.test",
+        hickory_proto::rr::RecordType::A,
+    )
+    .await;
+    assert_eq!(
+        failed.metadata.response_code,
+        hickory_proto::op::ResponseCode::ServFail
+    );
+    let page = wait(
+        "the failures",
+        Box::new(|b| b.contains("<td class=\"attempts\">3</td><td class=\"failures\">2</td>")),
+    )
+    .await;
+    assert!(page.contains("<table id=\"upstreams\">"), "{page}");
+}
+
+#[tokio::test]
+async fn explain_of_a_forwarded_name_shows_the_last_upstream_answer() {
+    let sim = sim().await;
+    let (server, up, endpoint) = server(&sim, "").await;
+    // Never asked: unknown, and the explanation's own question does not count as one.
+    let e = explain_json(endpoint, "name=a.test").await;
+    let last = &e["forwarded"]["last_answer"];
+    assert_eq!(last["known"], false, "{e:#}");
+    assert!(
+        last["summary"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("unknown"),
+        "{e:#}"
+    );
+    assert_eq!(e["reply"]["rcode"], "NOERROR");
+    // The explanation's question was a real one: the next explanation sees its exchange.
+    let e = explain_json(endpoint, "name=a.test").await;
+    let last = &e["forwarded"]["last_answer"];
+    assert_eq!(last["known"], true, "{e:#}");
+    assert_eq!(last["rcode"], "NOERROR");
+    assert_eq!(last["upstream"], up.addr.to_string());
+    assert!(
+        last["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{e:#}"
+    );
+    // A client's question: its NXDOMAIN from the upstream is what shows.
+    let r = ask(server.addr, "nosuch.test", hickory_proto::rr::RecordType::A).await;
+    assert_eq!(
+        r.metadata.response_code,
+        hickory_proto::op::ResponseCode::NXDomain
+    );
+    let e = explain_json(endpoint, "name=nosuch.test&format=json").await;
+    let last = &e["forwarded"]["last_answer"];
+    assert_eq!(last["rcode"], "NXDOMAIN", "{e:#}");
+    assert_eq!(last["known"], true, "{e:#}");
+    let (status, text) = http_get(endpoint, "/explain?name=a.test&format=text").await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains(&format!(
+            "last upstream answer (before asking): NOERROR from {}",
+            up.addr
+        )),
+        "{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn explain_says_a_view_beyond_the_blocking_budget_was_patched_by_the_feed() {
+    let sim = ConsulSim::start().await;
+    sim.add_instance("a-1", "a", "a-node-1", "127.0.1.1", 80, Status::Passing);
+    sim.add_instance("a-2", "a", "a-node-2", "127.0.1.2", 80, Status::Passing);
+    // Services that take every blocking slot of a budget of 4 (3 for blocking queries, of
+    // which the two feeds want two), so `a` never gets one.
+    let fillers: Vec<String> = (0..6).map(|f| format!("filler{f}")).collect();
+    for (f, name) in fillers.iter().enumerate() {
+        sim.add_simple(
+            name,
+            &format!("{name}-node"),
+            &format!("127.0.2.{}", f + 1),
+            80,
+        );
+    }
+    let (server, _up, endpoint) = server(&sim, "max_connections = 4").await;
+    for _ in 0..2 {
+        for f in &fillers {
+            let _ = ask(
+                server.addr,
+                &format!("{f}.service.consul."),
+                hickory_proto::rr::RecordType::A,
+            )
+            .await;
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        let r = ask(
+            server.addr,
+            "a.service.consul.",
+            hickory_proto::rr::RecordType::A,
+        )
+        .await;
+        assert_eq!(addresses(&r).len(), 2);
+    }
+    let e = explain_json(endpoint, "name=a.service.consul").await;
+    assert_eq!(e["consul"]["view"]["patched_by_feed"], false, "{e:#}");
+    assert!(
+        e["consul"]["view"]["kept_fresh_by"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("on demand"),
+        "{e:#}"
+    );
+    sim.set_service_check("a-2", Status::Critical);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let e = loop {
+        let e = explain_json(endpoint, "name=a.service.consul").await;
+        if instance(&e, "a-node-2")["status"] == "critical" {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never critical: {e:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let view = &e["consul"]["view"];
+    assert_eq!(view["patched_by_feed"], true, "{e:#}");
+    assert!(
+        view["kept_fresh_by"]
+            .as_str()
+            .unwrap_or("")
+            .contains("patched by the change feed since its last fetch"),
+        "{e:#}"
+    );
+    assert_eq!(code(instance(&e, "a-node-2")), "critical");
+    let (_, text) = http_get(endpoint, "/explain?name=a.service.consul&format=text").await;
+    assert!(text.contains("patched by the change feed"), "{text}");
+    // No blocking query of `a`'s own: the change came through the feed.
+    assert!(
+        !sim.request_log()
+            .iter()
+            .any(|t| t.starts_with("/v1/health/service/a?") && t.contains("index=")),
+        "`a` was to stay beyond the budget"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn explain_reads_nodes_queries_addresses_and_reverse_names() {
+    let sim = sim().await;
+    sim.set_node_tagged_addresses("n2", &[("lan_ipv6", "2001:db8::2")]);
+    sim.add_prepared_query("geo", "web", None, Some("10s"));
+    let (server, _up, endpoint) = server(&sim, "").await;
+
+    let e = explain_json(endpoint, "name=n5.node.consul").await;
+    assert_eq!(e["reading"]["kind"], "node", "{e:#}");
+    let node = &e["consul"]["answered_by"]["node"];
+    assert_eq!(node["node"], "n5", "{e:#}");
+    assert_eq!(node["ipv4"], "127.0.0.6");
+    assert_eq!(node["used"], "127.0.0.6");
+    assert_eq!(node["meta"][0], "note=<script>meta</script>");
+    let (_, html) = http_get(endpoint, "/explain?format=html&name=n5.node.consul").await;
+    assert!(html.contains("note=&lt;script&gt;meta"), "{html}");
+    assert!(!html.contains("<script>meta"), "{html}");
+
+    let e = explain_json(endpoint, "name=n2.node.consul&type=AAAA").await;
+    let node = &e["consul"]["answered_by"]["node"];
+    assert_eq!(node["ipv6"], "2001:db8::2", "{e:#}");
+    assert_eq!(
+        node["used"], "2001:db8::2",
+        "the tagged lan_ipv6 answers AAAA"
+    );
+
+    let e = explain_json(endpoint, "name=geo.query.consul").await;
+    assert_eq!(e["reading"]["kind"], "query", "{e:#}");
+    let query = &e["consul"]["answered_by"]["query"];
+    assert_eq!(query["ttl_seconds"], 10, "{e:#}");
+    assert!(
+        query["filters"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not filter"),
+        "{e:#}"
+    );
+    let listed = query["instances"].as_array().expect("instances");
+    assert_eq!(query["instance_count"], listed.len());
+    let mut nodes: Vec<&str> = listed.iter().filter_map(|i| i["node"].as_str()).collect();
+    nodes.sort_unstable();
+    // Consul's result as it came: Consul left out the critical n2 (its own filter), the
+    // forwarder adds none of its own (n3's warning stays).
+    assert_eq!(nodes, ["n1", "n3", "n4", "n5"], "{e:#}");
+    let n3 = listed.iter().find(|i| i["node"] == "n3").expect("n3");
+    assert_eq!(n3["port"], 8080);
+    assert_eq!(n3["address"], "127.0.0.4");
+    assert_eq!(n3["status"], "warning");
+
+    let e = explain_json(endpoint, "name=7f000002.addr.consul").await;
+    assert_eq!(e["reading"]["kind"], "addr", "{e:#}");
+    assert_eq!(e["consul"]["answered_by"]["addr"], "127.0.0.2");
+
+    let e = explain_json(endpoint, "name=3.0.0.127.in-addr.arpa&type=PTR").await;
+    assert_eq!(e["reading"]["kind"], "ptr", "{e:#}");
+    let ptr = &e["consul"]["answered_by"]["ptr"];
+    assert_eq!(ptr["matched"], "node", "{e:#}");
+    assert_eq!(ptr["name"], "n2");
+    assert_eq!(ptr["forwarded"], false);
+    assert!(
+        e["reply"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("n2.node.dc1.consul."),
+        "{e:#}"
+    );
+
+    let e = explain_json(endpoint, "name=1.99.0.10.in-addr.arpa&type=PTR").await;
+    assert_eq!(e["reading"]["kind"], "ptr", "{e:#}");
+    assert_eq!(
+        e["consul"]["answered_by"]["ptr"]["forwarded"], true,
+        "{e:#}"
+    );
+    assert_eq!(e["reading"]["source"], "upstream");
+    assert!(
+        e["forwarded"]["upstreams"]
+            .as_array()
+            .is_some_and(|u| !u.is_empty()),
+        "{e:#}"
+    );
+    server.stop().await;
 }

@@ -12,6 +12,7 @@ mod support;
 // The forwarder's own behaviour over real sockets.
 mod consul_compatibility;
 mod consul_consistency;
+mod consul_encoded;
 mod consul_names;
 mod consul_parity_addrs;
 mod consul_parity_names;

@@ -807,8 +807,9 @@ report8() {
 report | tee "$OUT/results.md"
 
 # ---------------------------------------------------------------- optional profiles
-# perf with DWARF unwinding (the release build has debug info but no frame pointers), so that
-# time is attributed to the functions of the hot path, callees included. Written per scenario:
+# perf with DWARF unwinding (.eh_frame: the release build has no frame pointers, and its symbol
+# table but no debug info, so inlined functions count in their callers), so that time is
+# attributed to the functions of the hot path, callees included. Written per scenario:
 #   perf-<scenario>.txt: inclusive share of the hot path's main frames, then the flat top list.
 # The profiled runs are extra runs: they are not part of the table (perf slows the server down).
 if [[ $PERF == 1 ]]; then

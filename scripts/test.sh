@@ -4,7 +4,9 @@
 # getent/ip for the end-to-end tests (tests/it/e2e_*.rs), python3 with PyYAML for checking
 # examples/kubernetes, and for the DNSSEC tests (tests/it/e2e_dnssec.rs) dnssec-keygen and
 # dnssec-signzone (bind9-utils), nsd and unbound; headless chromium for the status page
-# (tests/it/e2e_chromium.rs), curl and unshare for the debug-route test in a namespace.
+# (tests/it/e2e_chromium.rs), curl and unshare for the debug-route test in a namespace; for the
+# packages (tests/it/packaging.rs) podman and runc (the container image), readelf (binutils) and
+# dpkg-deb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,10 @@ command -v getent >/dev/null 2>&1 || need_pkgs+=(libc-bin)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
+command -v podman >/dev/null 2>&1 || need_pkgs+=(podman)
+command -v runc >/dev/null 2>&1 || [[ -x /usr/sbin/runc ]] || need_pkgs+=(runc)
+command -v readelf >/dev/null 2>&1 || need_pkgs+=(binutils)
+command -v dpkg-deb >/dev/null 2>&1 || need_pkgs+=(dpkg)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "installing ${need_pkgs[*]}"
@@ -50,6 +56,15 @@ cargo test --lib --bins --tests --examples "$@" -- --skip health_churn:: --skip 
 cargo test --benches "$@"
 cargo test --test it "$@" -- --test-threads=1 health_churn:: scale::
 # The soak run (about 60 s at ~20k queries/s) and the large-scale tests (scale, health churn,
-# name flood) measure a release build, not a debug one: they are the only ignored tests, and
-# they run one at a time for the same reason.
+# name flood) measure a release build, not a debug one, and the packaging tests ship it: they
+# are the only ignored tests, and they run one at a time for the same reason.
 cargo test --release --test it -- --ignored --nocapture --test-threads=1
+# The README's third install path, `cargo install --locked --path .`, into a scratch root (the
+# release build above is reused): the installed binary names this commit.
+install_root=$(mktemp -d)
+cargo install --locked --path . --root "$install_root" --target-dir "${CARGO_TARGET_DIR:-target}" --quiet
+revision=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+installed=$("$install_root/bin/consul-dns-forwarder" --version)
+rm -rf "$install_root"
+echo "cargo install: $installed"
+[[ $installed == "consul-dns-forwarder $(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1) (revision $revision)" ]]

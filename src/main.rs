@@ -5,15 +5,24 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use consul_dns_forwarder::config::{self, Config, ConfigError, Overrides};
 use consul_dns_forwarder::systemd::{Inherited, Notifier};
 use consul_dns_forwarder::{explain, logging, run_service, server, Bound, Reload};
 
+/// `--version`: the package version and the git commit it was built from (build.rs; "unknown"
+/// when built from a tarball without .git).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (revision ",
+    env!("CONSUL_DNS_FORWARDER_REVISION"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "consul-dns-forwarder",
-    version,
+    version = VERSION,
     about = "DNS for *.consul from Consul's health API, everything else forwarded and cached"
 )]
 struct Cli {
@@ -79,6 +88,35 @@ enum Command {
     },
 }
 
+/// `consul-dns-forwarder generate-assets --out-dir DIR`, for packagers (scripts/build-deb.sh):
+/// the man pages in DIR/man1/ and the bash, zsh and fish completions in DIR/completions/,
+/// generated from the flags above. Parsed apart from `Cli` so that neither the help, the man
+/// page nor the completions list it (clap_complete lists hidden subcommands).
+#[derive(Parser, Debug)]
+#[command(name = "generate-assets")]
+struct GenerateAssets {
+    #[arg(long = "out-dir")]
+    out_dir: PathBuf,
+}
+
+fn generate_assets(out_dir: &std::path::Path) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    let man = out_dir.join("man1");
+    let completions = out_dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(
+            shell,
+            &mut Cli::command(),
+            "consul-dns-forwarder",
+            &completions,
+        )?;
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -95,6 +133,19 @@ impl From<LogFormat> for config::LogFormat {
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "generate-assets")
+    {
+        let out_dir = GenerateAssets::parse_from(std::env::args_os().skip(1)).out_dir;
+        return match generate_assets(&out_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cannot write to {}: {e}", out_dir.display());
+                ExitCode::from(1)
+            }
+        };
+    }
     let cli = Cli::parse();
     let cli_format = cli.log_format.map(config::LogFormat::from);
 

@@ -143,7 +143,11 @@ fn bad_flags_and_files_are_explained() {
 fn shipped_configs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut found = Vec::new();
-    let mut dirs = vec![root.join("conf"), root.join("examples")];
+    let mut dirs = vec![
+        root.join("conf"),
+        root.join("examples"),
+        root.join("packaging"),
+    ];
     while let Some(dir) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;

@@ -3,7 +3,8 @@
 //!
 //! Run one topic with its module path, e.g. `cargo test --test it forwarding::`. The tests marked
 //! `#[ignore = "run by scripts/test.sh in release mode"]` (soak, scale, health churn, name flood)
-//! measure a release build: `cargo test --release --test it -- --ignored --nocapture`.
+//! measure a release build, and packaging:: packages it:
+//! `cargo test --release --test it -- --ignored --nocapture`.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -36,6 +37,9 @@ mod e2e_glibc;
 mod e2e_nginx;
 mod shipped_examples;
 mod systemd;
+
+// The Debian package and the container image, built and installed (release pass).
+mod packaging;
 
 // Hostile input and fuzzing.
 mod fuzz_packets;

@@ -8,6 +8,7 @@ pub mod dnssec;
 pub mod e2e;
 pub mod hostile;
 pub mod proc_status;
+pub mod systemd;
 pub mod upstream;
 
 use std::net::SocketAddr;

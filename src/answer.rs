@@ -22,6 +22,15 @@ pub struct Question {
 }
 
 impl Question {
+    /// The question in wire format with its name lowercased (`raw::question_key`), as a
+    /// `Question`; `None` when the bytes are not one question.
+    pub(crate) fn from_wire(key: &[u8]) -> Option<Question> {
+        use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+        let mut decoder = BinDecoder::new(key);
+        let query = Query::read(&mut decoder).ok()?;
+        decoder.is_empty().then(|| Question::from_query(&query))
+    }
+
     pub fn from_query(q: &Query) -> Question {
         let mut name = q.name().to_lowercase();
         name.set_fqdn(true);
@@ -195,6 +204,21 @@ pub trait AnswerSource: Send + Sync {
         _out: &mut Vec<u8>,
     ) -> bool {
         false
+    }
+
+    /// Writes the reply to a plain `query` that `reply_from_cache` missed into `out`, once the
+    /// source has the answer, and says where it came from: the common miss then costs no
+    /// `Message`, parsed or encoded (see `handler::Handler::handle_miss`). `None` when `out`
+    /// holds nothing and `answer_dnssec` must be asked instead; sources that keep no bytes
+    /// always say so.
+    async fn reply_fetched(
+        &self,
+        _query: &PlainQuery<'_>,
+        _key: &[u8],
+        _limit: usize,
+        _out: &mut Vec<u8>,
+    ) -> Option<Source> {
+        None
     }
 
     /// What a reply written by `reply_from_cache` counts as in `responses_total` (and whether

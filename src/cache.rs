@@ -138,10 +138,12 @@ pub(crate) fn question_wire(q: &Question) -> Vec<u8> {
 }
 
 /// An upstream's reply: the message, and the bytes it arrived as (for an answer too large to
-/// encode again).
+/// encode again, or stored as it came).
 #[derive(Clone, Debug)]
 pub struct UpstreamReply {
-    pub(crate) message: Message,
+    /// `None` for a reply taken unparsed (`UpstreamReply::unparsed`): a plain answer, which the
+    /// cache stores from its bytes, and parses only when it cannot.
+    pub(crate) message: Option<Message>,
     pub(crate) wire: Option<Vec<u8>>,
     /// Which server answered, and how fast (set by the server group).
     pub(crate) exchange: Option<Exchanged>,
@@ -150,9 +152,50 @@ pub struct UpstreamReply {
 impl From<Message> for UpstreamReply {
     fn from(message: Message) -> UpstreamReply {
         UpstreamReply {
-            message,
+            message: Some(message),
             wire: None,
             exchange: None,
+        }
+    }
+}
+
+impl UpstreamReply {
+    /// A reply kept as the bytes it came in, whose header and question were checked and whose
+    /// records are well formed (see `upstream::check`).
+    pub(crate) fn unparsed(wire: Vec<u8>) -> UpstreamReply {
+        UpstreamReply {
+            message: None,
+            wire: Some(wire),
+            exchange: None,
+        }
+    }
+
+    pub(crate) fn rcode(&self) -> ResponseCode {
+        match (&self.message, &self.wire) {
+            (Some(m), _) => m.metadata.response_code,
+            (None, Some(wire)) => {
+                ResponseCode::from(0, header::rcode(header::flags(wire).unwrap_or(0)))
+            }
+            (None, None) => ResponseCode::ServFail,
+        }
+    }
+
+    pub(crate) fn truncated(&self) -> bool {
+        match (&self.message, &self.wire) {
+            (Some(m), _) => m.metadata.truncation,
+            (None, Some(wire)) => header::flags(wire).unwrap_or(0) & header::TC != 0,
+            (None, None) => false,
+        }
+    }
+
+    /// The message, parsed from the bytes when it was taken unparsed.
+    fn parsed(&self) -> Result<std::borrow::Cow<'_, Message>, FetchError> {
+        match (&self.message, &self.wire) {
+            (Some(m), _) => Ok(std::borrow::Cow::Borrowed(m)),
+            (None, Some(wire)) => Message::from_vec(wire)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| FetchError::Unstorable(e.to_string())),
+            (None, None) => Err(FetchError::Unstorable("an empty reply".into())),
         }
     }
 }
@@ -294,12 +337,23 @@ impl CachedAnswer {
         policy: &TtlPolicy,
         now: Instant,
     ) -> Result<CachedAnswer, FetchError> {
-        let msg = &reply.message;
-        let rcode = msg.metadata.response_code;
+        let rcode = reply.rcode();
         match rcode {
             ResponseCode::NoError | ResponseCode::NXDomain => {}
             other => return Err(FetchError::Rcode(other)),
         }
+        if let (None, Some(wire)) = (&reply.message, &reply.wire) {
+            // The common miss: an answer with nothing to strip for clients without DO is
+            // stored as it came, without parsing and encoding it again (what that costs is in
+            // ARCHITECTURE.md). Everything else (negative answers, DNSSEC records) is parsed.
+            if let Ok(mut entry) = CachedAnswer::as_received(q, wire, asked, policy, now) {
+                if entry.plain_at == PLAIN_SAME {
+                    entry.exchange = reply.exchange;
+                    return Ok(entry);
+                }
+            }
+        }
+        let msg = &*reply.parsed()?;
         let signed = asked.dnssec_ok;
         let (sections, ttl_secs, cacheable) = stored_sections(msg, signed, q.qtype, policy);
         let stripped =
@@ -1501,7 +1555,7 @@ mod tests {
             Err(FetchError::Unstorable(_))
         ));
         let reply_in = UpstreamReply {
-            message,
+            message: Some(message),
             wire: Some(wire.clone()),
             exchange: None,
         };

@@ -165,14 +165,7 @@ impl Handler {
         if self.over_rate_limit(&routes, transport, client, started) {
             self.metrics.rate_limited.inc();
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
-            out.clear();
-            let opt = query.edns_payload.is_some();
-            raw::write_header(out, &query, false, ResponseCode::NoError.low(), [0, 0, 0]);
-            out.extend_from_slice(query.question);
-            if opt {
-                raw::write_opt(out, &query);
-                raw::add_additional(out);
-            }
+            raw::write_rcode_reply(out, &query, ResponseCode::NoError.low());
             header::set_flags(out, header::TC);
             return Cached::Replied;
         }
@@ -243,6 +236,12 @@ impl Handler {
         charge: RateCharge,
     ) -> Option<Vec<u8>> {
         let started = Instant::now();
+        if charge == RateCharge::Taken {
+            // `handle_cached` took it: a plain query from an allowed client, within its rate.
+            if let Some(reply) = self.miss_in_bytes(packet, client, transport, started).await {
+                return Some(reply);
+            }
+        }
         let Some(header) = RawHeader::parse(packet) else {
             self.metrics.drop_packet("short");
             return None;
@@ -335,6 +334,47 @@ impl Handler {
             log_query(client, query, &answer, source, took, transport);
         }
         Some(bytes)
+    }
+
+    /// The reply to a plain query for a forwarded name that missed the cache, written from
+    /// bytes (see `AnswerSource::reply_fetched`), with the metrics `handle_miss` would count;
+    /// `None` when it must go the general way (nothing was answered or counted then).
+    async fn miss_in_bytes(
+        &self,
+        packet: &[u8],
+        client: IpAddr,
+        transport: Transport,
+        started: Instant,
+    ) -> Option<Vec<u8>> {
+        let query = raw::parse_plain_query(packet)?;
+        let routes = self.routes.load_full();
+        if routes.log_queries || !routes.allowed(client) {
+            return None;
+        }
+        let mut key_buf = [0u8; raw::MAX_QUESTION_WIRE];
+        let key = raw::question_key(query.question, &mut key_buf);
+        if routes.consul.as_ref().is_some_and(|c| c.takes_wire(query.qtype, key)) {
+            return None;
+        }
+        let limit = reply::limit_for(transport, query.edns_payload);
+        let mut out = Vec::with_capacity(reply::UDP_LIMIT_EDNS);
+        let source = routes
+            .forwarder
+            .reply_fetched(&query, key, limit, &mut out)
+            .await?;
+        let flags = header::flags(&out).unwrap_or(0);
+        if flags & header::TC != 0 {
+            self.metrics
+                .truncated
+                .with_label_values(&[transport.as_str()])
+                .inc();
+        }
+        self.metrics
+            .count_request(transport, RecordType::from(query.qtype), false);
+        let rcode = ResponseCode::from(0, header::rcode(flags));
+        self.metrics.count_response(rcode, source);
+        self.metrics.observe_request(source, started.elapsed());
+        Some(out)
     }
 
     /// Is this UDP query over its client network's response rate? Takes a token when it is

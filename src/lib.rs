@@ -23,6 +23,7 @@
 //! - [`upstream`]: forwarding to upstream resolvers with failover and TCP fallback, zone routing,
 //!   and the cache in front of it.
 //! - `socket_pool`: upstream UDP sockets on random ports, each reused for a few questions.
+//! - `upstream_wire`: which upstream replies are plain answers, stored as they came, unparsed.
 //! - [`ratelimit`]: per-client-network UDP response rate limiting (TC=1 over the limit).
 //! - [`cache`]: the answer cache, in wire format: TTL countdown, negative caching, serve-stale,
 //!   merged misses, one entry for DNSSEC and plain clients.
@@ -90,6 +91,7 @@ mod socket_pool;
 pub mod systemd;
 pub mod token_bucket;
 pub mod upstream;
+mod upstream_wire;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

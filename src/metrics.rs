@@ -385,10 +385,9 @@ impl Metrics {
         self.stale_answers.inc();
     }
 
-    pub(crate) fn observe_upstream(&self, upstream: &str, took: Duration) {
-        self.upstream_duration
-            .with_label_values(&[upstream])
-            .observe(took.as_secs_f64());
+    /// The `upstream_duration_seconds` histogram of one upstream, for its caller to keep.
+    pub(crate) fn upstream_duration_of(&self, upstream: &str) -> prometheus::Histogram {
+        self.upstream_duration.with_label_values(&[upstream])
     }
 
     pub(crate) fn upstream_error(&self, upstream: &str, kind: &str) {

@@ -353,6 +353,18 @@ pub(crate) fn write_header(
     header::push(out, q.id, flags, [1, answers, authorities, additionals]);
 }
 
+/// Writes into `out` a reply to `q` with `rcode` and no records: the header, the question as
+/// the client wrote it, and an OPT record when the query had one.
+pub(crate) fn write_rcode_reply(out: &mut Vec<u8>, q: &PlainQuery<'_>, rcode: u8) {
+    out.clear();
+    write_header(out, q, false, rcode, [0, 0, 0]);
+    out.extend_from_slice(q.question);
+    if q.edns_payload.is_some() {
+        write_opt(out, q);
+        add_additional(out);
+    }
+}
+
 /// The OPT record of our replies: UDP size 1232, version 0, DO copied from the query (RFC 3225
 /// §3), no other flags or options (as `reply::reply_edns`).
 #[inline]

@@ -9,25 +9,27 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
+use prometheus::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::answer::{Answer, AnswerSource, Answered, Dnssec, Question, Source};
-use crate::cache::{Cache, CachedAnswer, FetchError, Lookup, TtlPolicy, UpstreamReply};
+use crate::cache::{question_wire, Cache, CachedAnswer, FetchError, Lookup, TtlPolicy, UpstreamReply};
 use crate::config::Config;
 use crate::failures::FailurePolicy;
 use crate::header;
 use crate::metrics::Metrics;
-use crate::raw::PlainQuery;
+use crate::raw::{self, PlainQuery};
 use crate::recent::{Exchanged, RecentExchanges, RecentFigures};
 use crate::reply;
 use crate::socket_pool::SocketPool;
+use crate::upstream_wire;
 
 /// The EDNS size we offer upstreams: the same 1232 bytes we accept from clients.
 const UPSTREAM_EDNS_SIZE: u16 = reply::UDP_LIMIT_EDNS as u16;
@@ -50,6 +52,9 @@ pub(crate) struct ServerGroup {
     recent: Box<[RecentExchanges]>,
     /// Open UDP sockets per server (same index as `servers`).
     sockets: Vec<SocketPool>,
+    /// Each server's `upstream_duration_seconds` histogram (same index as `servers`), looked up
+    /// by label once, not per question.
+    durations: Box<[OnceLock<Histogram>]>,
 }
 
 impl ServerGroup {
@@ -57,6 +62,7 @@ impl ServerGroup {
         ServerGroup {
             recent: servers.iter().map(|_| RecentExchanges::default()).collect(),
             sockets: servers.iter().map(|_| SocketPool::default()).collect(),
+            durations: servers.iter().map(|_| OnceLock::new()).collect(),
             servers,
             timeout,
             preferred: AtomicUsize::new(0),
@@ -116,19 +122,20 @@ impl ServerGroup {
             )
             .await;
             let took = started.elapsed();
-            let label = server.to_string();
-            metrics.observe_upstream(&label, took);
+            self.durations[index]
+                .get_or_init(|| metrics.upstream_duration_of(&server.to_string()))
+                .observe(took.as_secs_f64());
             let replied = matches!(result, Ok(Ok(_))).then_some(took);
             match result {
-                Ok(Ok(mut reply)) => match reply.message.metadata.response_code {
+                Ok(Ok(mut reply)) => match reply.rcode() {
                     ResponseCode::ServFail
                     | ResponseCode::Refused
                     | ResponseCode::NotImp
                     | ResponseCode::FormErr => {
                         self.recent[index].record(Instant::now(), replied, true);
-                        metrics.upstream_error(&label, "rcode");
+                        metrics.upstream_error(&server.to_string(), "rcode");
                         answered += 1;
-                        last_error = FetchError::Rcode(reply.message.metadata.response_code);
+                        last_error = FetchError::Rcode(reply.rcode());
                     }
                     _ => {
                         self.recent[index].record(Instant::now(), replied, false);
@@ -139,12 +146,12 @@ impl ServerGroup {
                 },
                 Ok(Err(e)) => {
                     self.recent[index].record(Instant::now(), None, true);
-                    metrics.upstream_error(&label, "io");
+                    metrics.upstream_error(&server.to_string(), "io");
                     last_error = FetchError::Io(format!("{server}: {e}"));
                 }
                 Err(_) => {
                     self.recent[index].record(Instant::now(), None, true);
-                    metrics.upstream_error(&label, "timeout");
+                    metrics.upstream_error(&server.to_string(), "timeout");
                     if !matches!(last_error, FetchError::Rcode(_)) {
                         last_error = FetchError::Timeout(self.timeout);
                     }
@@ -207,7 +214,9 @@ async fn exchange(
         let sent = randomized_case(&q.name);
         match exchange_as((server, sockets), q, &sent, (flags, true), metrics).await {
             Ok(mut reply) => {
-                restore_case(&mut reply.message, q);
+                if let Some(message) = &mut reply.message {
+                    restore_case(message, q);
+                }
                 return Ok(reply);
             }
             Err(ExchangeError::Io(e)) => return Err(e),
@@ -244,7 +253,7 @@ async fn exchange_as(
         metrics,
     )
     .await?;
-    if reply.message.metadata.truncation {
+    if reply.truncated() {
         // TCP cannot be spoofed blind, so its reply's case is not checked (and is restored by
         // the caller all the same).
         return Ok(exchange_tcp(server, &request, id, q, metrics).await?);
@@ -321,6 +330,10 @@ fn restore_case(reply: &mut Message, q: &Question) {
 /// Is `bytes` the answer to our query (ID and question match; with `exact_case`, the name in
 /// the exact case we sent)? Anything else on the socket is ignored, which also defeats blind
 /// spoofing from other addresses (the socket is connected, so the kernel drops those).
+///
+/// A plain answer (see `upstream_wire::plain_answer`) to a question asked in its own case is
+/// taken as it came, unparsed: the cache stores it from its bytes. Everything else is parsed
+/// here, so a reply that is not well formed is ignored like any other mismatch.
 fn check(
     bytes: &[u8],
     id: u16,
@@ -328,6 +341,9 @@ fn check(
     sent: &Name,
     exact_case: bool,
 ) -> Result<UpstreamReply, Mismatch> {
+    if !exact_case && upstream_wire::plain_answer(bytes, id, &question_wire(q)) {
+        return Ok(UpstreamReply::unparsed(bytes.to_vec()));
+    }
     let reply = Message::from_vec(bytes).map_err(|_| Mismatch::Malformed)?;
     if reply.metadata.id != id || reply.metadata.message_type != MessageType::Response {
         return Err(Mismatch::Id);
@@ -342,7 +358,7 @@ fn check(
         return Err(Mismatch::Case);
     }
     Ok(UpstreamReply {
-        message: reply,
+        message: Some(reply),
         wire: Some(bytes.to_vec()),
         exchange: None,
     })
@@ -451,6 +467,13 @@ impl Router {
             .find(|(zone, _)| zone.zone_of(name))
             .map_or(&self.default, |(_, g)| g)
     }
+}
+
+/// What `Forwarder::resolve` found: an entry to answer from, with where it came from (a stale
+/// one as `Source::Stale`), or an answer made without one.
+enum Resolved {
+    Entry(CachedAnswer, Source),
+    Answered(Answered),
 }
 
 /// Forwarded names: cache first, upstream on a miss, stale data when the upstream fails, and
@@ -638,12 +661,23 @@ impl Forwarder {
     /// The answer for `q` asked by a client with `client`'s DNSSEC bits, and where it came from.
     /// Never fails: when nothing can be had in time, the answer is SERVFAIL.
     pub(crate) async fn answer_for(&self, q: &Question, client: Dnssec) -> Answered {
+        match self.resolve(q, client).await {
+            Resolved::Entry(entry, source) => {
+                self.answered(&entry, client, source == Source::Stale, source)
+            }
+            Resolved::Answered(answered) => answered,
+        }
+    }
+
+    /// The cache entry that answers `q` (fresh, fetched, or stale when the upstreams fail), or
+    /// the answer given without one (SERVFAIL, or RFC 8482's to ANY).
+    async fn resolve(&self, q: &Question, client: Dnssec) -> Resolved {
         if q.qtype == RecordType::ANY {
             // RFC 8482, without asking anyone.
-            return Answered::unsigned(
+            return Resolved::Answered(Answered::unsigned(
                 reply::minimal_any_answer(&Query::query(q.name.clone(), q.qtype)),
                 Source::Local,
-            );
+            ));
         }
         let asked = self.upstream_flags(client);
         let now = Instant::now();
@@ -651,7 +685,7 @@ impl Forwarder {
         let stale = match self.cache.lookup_cd(q, asked.checking_disabled, now) {
             Lookup::Fresh(entry) if entry.serves(asked.dnssec_ok) => {
                 self.metrics.cache_hit();
-                return self.answered(&entry, client, false, Source::Cache);
+                return Resolved::Entry(entry, Source::Cache);
             }
             Lookup::Expired(entry) if entry.serves(asked.dnssec_ok) => Some(entry),
             _ => None,
@@ -661,11 +695,11 @@ impl Forwarder {
             return match stale {
                 Some(entry) => {
                     self.metrics.stale_served();
-                    self.answered(&entry, client, true, Source::Stale)
+                    Resolved::Entry(entry, Source::Stale)
                 }
                 None => {
                     self.metrics.cached_failure_answers.inc();
-                    Answered::unsigned(Answer::servfail(), Source::Cache)
+                    Resolved::Answered(Answered::unsigned(Answer::servfail(), Source::Cache))
                 }
             };
         }
@@ -685,14 +719,14 @@ impl Forwarder {
             })
             .await;
         match (fetched, stale) {
-            (Ok(entry), _) => self.answered(&entry, client, false, Source::Upstream),
+            (Ok(entry), _) => Resolved::Entry(entry, Source::Upstream),
             (Err(_), Some(stale)) => {
                 self.metrics.stale_served();
-                self.answered(&stale, client, true, Source::Stale)
+                Resolved::Entry(stale, Source::Stale)
             }
             (Err(e), None) => {
                 tracing::debug!(name = %q.name, qtype = %q.qtype, error = %e, "upstream failed");
-                Answered::unsigned(Answer::servfail(), Source::Upstream)
+                Resolved::Answered(Answered::unsigned(Answer::servfail(), Source::Upstream))
             }
         }
     }
@@ -721,6 +755,49 @@ impl AnswerSource for Forwarder {
 
     fn answers_address(&self, ip: IpAddr) -> bool {
         self.reverse_networks.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The miss of `reply_from_cache`, answered from the entry's bytes once fetched (or from a
+    /// stale one), or with SERVFAIL written here; `None` only when the entry's bytes do not make
+    /// this client's reply (too large to cut here, see `CachedAnswer::write_reply`), and the
+    /// general way then answers from the entry just stored.
+    async fn reply_fetched(
+        &self,
+        query: &PlainQuery<'_>,
+        key: &[u8],
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Option<Source> {
+        let q = Question::from_wire(key)?;
+        let client = Dnssec {
+            dnssec_ok: query.dnssec_ok,
+            checking_disabled: query.checking_disabled,
+            authentic_data: query.authentic_data,
+        };
+        match self.resolve(&q, client).await {
+            Resolved::Entry(entry, source) => {
+                let stale = source == Source::Stale;
+                if !entry.write_reply(out, query, limit, Instant::now(), stale, self.shuffle) {
+                    out.clear();
+                    return None;
+                }
+                if self.authentic(&entry, client) {
+                    header::set_flags(out, header::AD);
+                }
+                Some(source)
+            }
+            Resolved::Answered(answered) => {
+                let answer = &answered.answer;
+                if !(answer.answers.is_empty()
+                    && answer.authorities.is_empty()
+                    && answer.additionals.is_empty())
+                {
+                    return None;
+                }
+                raw::write_rcode_reply(out, query, answer.rcode.low());
+                Some(answered.source)
+            }
+        }
     }
 
     /// Fresh cached bytes only: expired entries go the general way, which refreshes.
@@ -855,7 +932,7 @@ mod tests {
             .query(&question("a.example."), Dnssec::default(), &m)
             .await
             .expect("answer");
-        assert_eq!(reply.message.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(reply.rcode(), ResponseCode::NoError);
         assert_eq!(
             silent_got.load(Ordering::SeqCst),
             1,
@@ -934,7 +1011,7 @@ mod tests {
                 .await
                 .expect("answer");
             assert_eq!(
-                reply.message.metadata.response_code,
+                reply.rcode(),
                 ResponseCode::NXDomain,
                 "{bad:?}"
             );

@@ -160,11 +160,12 @@ impl From<Message> for UpstreamReply {
 }
 
 impl UpstreamReply {
-    /// A reply kept as the bytes it came in, whose header and question were checked and whose
-    /// records are well formed (see `upstream::check`).
-    pub(crate) fn unparsed(wire: Vec<u8>) -> UpstreamReply {
+    /// A reply as it came in `wire`, and `message` parsed from it, or `None` when it was taken
+    /// unparsed: a plain answer whose header, question and records were checked (see
+    /// `upstream::check`).
+    pub(crate) fn received(message: Option<Message>, wire: Vec<u8>) -> UpstreamReply {
         UpstreamReply {
-            message: None,
+            message,
             wire: Some(wire),
             exchange: None,
         }
@@ -948,9 +949,11 @@ impl Cache {
     }
 
     /// Runs `fetch` for `key` asked with `asked`'s DO and CD, unless a fetch for the same is
-    /// already running, in which case its result is shared. The fetch runs in its own task, so
-    /// a client giving up does not cancel it for the others. A cacheable result is stored
-    /// before it is returned; a failure of the upstreams is remembered (see `failures`).
+    /// already running, in which case its result is shared. The fetch is driven by whichever
+    /// of its waiters polls it (no task of its own: that was a tenth of a miss's CPU), so a
+    /// client giving up does not cancel it for the others; once every waiter has, it stops. A
+    /// cacheable result is stored before it is returned; a failure of the upstreams is
+    /// remembered (see `failures`).
     pub async fn fetch_dnssec<F, Fut, R>(
         &self,
         key: &Question,
@@ -975,9 +978,10 @@ impl Cache {
                 let q = key.clone();
                 let task_key = wire.clone();
                 let upstream = fetch();
-                let task = tokio::spawn(async move {
-                    // Whatever happens to this task (even a panic), the key must not stay
-                    // marked in flight, or every later query for it would wait on a dead fetch.
+                let task = std::panic::AssertUnwindSafe(async move {
+                    // Whatever happens to this fetch (a panic, every waiter gone), the key must
+                    // not stay marked in flight, or every later query for it would wait on a
+                    // dead fetch.
                     let _done = InflightGuard {
                         cache: cache.clone(),
                         key: task_key,
@@ -995,10 +999,11 @@ impl Cache {
                     cache.settle(&question, asked, &fetched);
                     fetched
                 });
-                let shared: SharedFetch =
-                    async move { task.await.unwrap_or(Err(FetchError::Aborted)) }
-                        .boxed()
-                        .shared();
+                let shared: SharedFetch = task
+                    .catch_unwind()
+                    .map(|finished| finished.unwrap_or(Err(FetchError::Aborted)))
+                    .boxed()
+                    .shared();
                 inflight.insert(wire, shared.clone());
                 shared
             }

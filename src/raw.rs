@@ -369,8 +369,14 @@ pub(crate) fn write_rcode_reply(out: &mut Vec<u8>, q: &PlainQuery<'_>, rcode: u8
 /// §3), no other flags or options (as `reply::reply_edns`).
 #[inline]
 pub(crate) fn write_opt(out: &mut Vec<u8>, q: &PlainQuery<'_>) {
-    let [size_high, size_low] = (header::UDP_LIMIT_EDNS as u16).to_be_bytes();
-    let [do_high, do_low] = header::flag_if(q.dnssec_ok, header::EDNS_DO).to_be_bytes();
+    push_opt(out, header::UDP_LIMIT_EDNS as u16, q.dnssec_ok);
+}
+
+/// Appends an OPT record offering `payload` bytes, with DO when `dnssec_ok`, version 0, no
+/// options.
+pub(crate) fn push_opt(out: &mut Vec<u8>, payload: u16, dnssec_ok: bool) {
+    let [size_high, size_low] = payload.to_be_bytes();
+    let [do_high, do_low] = header::flag_if(dnssec_ok, header::EDNS_DO).to_be_bytes();
     let [type_high, type_low] = TYPE_OPT.to_be_bytes();
     // Root owner, type, payload size, extended rcode and version 0, flags, no options.
     out.extend_from_slice(&[

@@ -353,7 +353,11 @@ impl Handler {
         }
         let mut key_buf = [0u8; raw::MAX_QUESTION_WIRE];
         let key = raw::question_key(query.question, &mut key_buf);
-        if routes.consul.as_ref().is_some_and(|c| c.takes_wire(query.qtype, key)) {
+        if routes
+            .consul
+            .as_ref()
+            .is_some_and(|c| c.takes_wire(query.qtype, key))
+        {
             return None;
         }
         let limit = reply::limit_for(transport, query.edns_payload);

@@ -20,7 +20,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::answer::{Answer, AnswerSource, Answered, Dnssec, Question, Source};
-use crate::cache::{question_wire, Cache, CachedAnswer, FetchError, Lookup, TtlPolicy, UpstreamReply};
+use crate::cache::{
+    question_wire, Cache, CachedAnswer, FetchError, Lookup, TtlPolicy, UpstreamReply,
+};
 use crate::config::Config;
 use crate::failures::FailurePolicy;
 use crate::header::{self, HEADER_LEN};
@@ -1009,11 +1011,7 @@ mod tests {
                 .query(&question("b.example."), Dnssec::default(), &metrics())
                 .await
                 .expect("answer");
-            assert_eq!(
-                reply.rcode(),
-                ResponseCode::NXDomain,
-                "{bad:?}"
-            );
+            assert_eq!(reply.rcode(), ResponseCode::NXDomain, "{bad:?}");
             assert_eq!(first_got.load(Ordering::SeqCst), 1);
             assert_eq!(second_got.load(Ordering::SeqCst), 1);
         }

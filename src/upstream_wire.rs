@@ -114,6 +114,9 @@ mod tests {
         q
     }
 
+    /// A change made to the plain reply.
+    type Edit = fn(&mut Message);
+
     fn reply(spelled: &str, edit: impl FnOnce(&mut Message)) -> Vec<u8> {
         let mut m = Message::new(7, MessageType::Response, OpCode::Query);
         m.add_query(Query::query(name(spelled), RecordType::A));
@@ -138,7 +141,10 @@ mod tests {
         let mut without_opt = reply("www.example.", |m| m.edns = None);
         assert!(plain_answer(&without_opt, 7, &question()));
         without_opt.push(0);
-        assert!(!plain_answer(&without_opt, 7, &question()), "trailing bytes");
+        assert!(
+            !plain_answer(&without_opt, 7, &question()),
+            "trailing bytes"
+        );
     }
 
     #[test]
@@ -146,7 +152,7 @@ mod tests {
         let q = question();
         assert!(!plain_answer(&reply("www.example.", |_| {}), 8, &q), "ID");
         assert!(!plain_answer(&reply("ftp.example.", |_| {}), 7, &q), "name");
-        let cases: [(&str, fn(&mut Message)); 6] = [
+        let cases: [(&str, Edit); 6] = [
             ("truncated", |m| m.metadata.truncation = true),
             ("NXDOMAIN", |m| {
                 m.metadata.response_code = ResponseCode::NXDomain;
@@ -187,10 +193,7 @@ mod tests {
             assert!(!plain_answer(&reply("www.example.", edit), 7, &q), "{why}");
         }
         let whole = reply("www.example.", |_| {});
-        assert!(
-            !plain_answer(&whole[..whole.len() - 3], 7, &q),
-            "cut short"
-        );
+        assert!(!plain_answer(&whole[..whole.len() - 3], 7, &q), "cut short");
         let mut extended = whole.clone();
         let ttl_at = extended.len() - 6;
         extended[ttl_at] = 1;

@@ -518,6 +518,60 @@ async fn cache_hits_answer_exactly_like_misses() {
     fwd.stop().await;
 }
 
+/// A miss of a plain query is answered from bytes (the upstream's answer stored as it came when
+/// it is a plain one, the reply written from the entry); with query logging on, every query
+/// goes the general way (parsed, encoded). Both give the same replies: addresses in any case,
+/// a CNAME chain, NXDOMAIN with its SOA, NODATA, SERVFAIL, an answer truncated over UDP
+/// upstream (fetched again over TCP) and cut for the client, and DO echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_in_bytes_answer_exactly_like_the_general_way() {
+    let up = TestUpstream::start().await;
+    let fast = TestServer::start(&config_for(&[&up]).toml()).await;
+    let general = TestServer::start(&config_for(&[&up]).log("queries = true").toml()).await;
+    let cases: [(&str, RecordType, Option<u16>, bool); 9] = [
+        ("a.test.", RecordType::A, None, false),
+        ("TwO.test.", RecordType::A, Some(1232), false),
+        ("v6.TEST.", RecordType::AAAA, Some(1232), true),
+        ("www.test.", RecordType::A, Some(1232), false),
+        ("nowhere.test.", RecordType::A, None, false),
+        ("a.test.", RecordType::TXT, Some(1232), false),
+        ("servfail.test.", RecordType::A, Some(1232), false),
+        ("big.test.", RecordType::A, Some(1232), false),
+        ("big.test.", RecordType::A, None, false),
+    ];
+    for (i, (qname, qtype, edns, dnssec_ok)) in cases.into_iter().enumerate() {
+        let mut q = make_query(qname, qtype, edns);
+        q.metadata.id = 2000 + i as u16;
+        if let Some(opt) = q.edns.as_mut() {
+            opt.set_dnssec_ok(dnssec_ok);
+        }
+        let bytes = q.to_vec().expect("encode");
+        let mut replies = Vec::new();
+        for server in [&fast, &general] {
+            let reply = raw_udp(server.addr, &bytes, REPLY_TIMEOUT).await;
+            replies.push(Message::from_vec(&reply.expect("a reply")).expect("parses"));
+        }
+        let [from_bytes, parsed] = <[Message; 2]>::try_from(replies).expect("two");
+        assert_eq!(
+            from_bytes, parsed,
+            "{qname} {qtype} edns {edns:?} DO {dnssec_ok}"
+        );
+        assert_eq!(from_bytes.queries[0].name().to_ascii(), qname, "case kept");
+        assert_eq!(
+            from_bytes.edns.as_ref().map(|e| e.flags().dnssec_ok),
+            q.edns.as_ref().map(|_| dnssec_ok),
+            "DO echoed"
+        );
+    }
+    let misses = fast.metric("consul_dns_forwarder_cache_misses_total", &[]);
+    assert_eq!(
+        misses, 8.0,
+        "every name asked once is a miss, big.test the second time a hit"
+    );
+    fast.stop().await;
+    general.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Spoofing visibility: forged upstream replies are ignored and counted; DNS 0x20.
 

@@ -338,7 +338,8 @@ impl Handler {
 
     /// The reply to a plain query for a forwarded name that missed the cache, written from
     /// bytes (see `AnswerSource::reply_fetched`), with the metrics `handle_miss` would count;
-    /// `None` when it must go the general way (nothing was answered or counted then).
+    /// `None` when it must go the general way (nothing was answered then, and only the
+    /// source's cache counters may have counted the lookup, see `Forwarder::reply_fetched`).
     async fn miss_in_bytes(
         &self,
         packet: &[u8],

@@ -760,7 +760,7 @@ impl AnswerSource for Forwarder {
     /// The miss of `reply_from_cache`, answered from the entry's bytes once fetched (or from a
     /// stale one), or with SERVFAIL written here; `None` only when the entry's bytes do not make
     /// this client's reply (too large to cut here, see `CachedAnswer::write_reply`), and the
-    /// general way then answers from the entry just stored.
+    /// general way then answers from the entry just stored (counted as a miss, then a hit).
     async fn reply_fetched(
         &self,
         query: &PlainQuery<'_>,

@@ -10,7 +10,9 @@
 //!   begins (even if one is about to come back), and a dropped connection is closed by its task
 //!   a moment after; neither can now go beyond the budget, they wait for a permit instead.
 //! - Requests: blocking watches and on-demand fetches share the same number of request slots
-//!   (a quarter kept for fetches), so watches cannot starve first lookups, and a request waiting
+//!   (a quarter kept for fetches), so watches cannot starve first lookups; catalog lists and
+//!   change feeds wait in line for blocking slots, ahead of watchers
+//!   ([`ConsulClient::sleep_queued_for_slot`]); and a request waiting
 //!   for a connection always finds one soon: with at most `max_connections` requests in flight,
 //!   a request without a connection means some permit is held by a connection that is idle (the
 //!   pool hands it over), being returned, or closing.
@@ -242,6 +244,29 @@ impl ConsulClient {
     /// A slot for a long-lived blocking watch, if one is free.
     pub(crate) fn try_blocking_slot(&self) -> Option<OwnedSemaphorePermit> {
         self.blocking.clone().try_acquire_owned().ok()
+    }
+
+    /// Sleeps `pause`; when `queue`, meanwhile waits in line for a blocking slot and returns it
+    /// if one came. The catalog lists and the change feeds poll this way when every slot is
+    /// taken: they keep every view of a datacenter fresh, a watcher only its own. The
+    /// semaphore is fair, so the next slot a watcher or a short request gives back goes to
+    /// them, while watchers and short requests only ever take a free one.
+    pub(crate) async fn sleep_queued_for_slot(
+        &self,
+        pause: Duration,
+        queue: bool,
+    ) -> Option<OwnedSemaphorePermit> {
+        let sleep = tokio::time::sleep(pause);
+        tokio::pin!(sleep);
+        let mut slot = None;
+        if queue {
+            tokio::select! {
+                _ = &mut sleep => return None,
+                permit = self.blocking.clone().acquire_owned() => slot = permit.ok(),
+            }
+        }
+        sleep.await;
+        slot
     }
 
     /// GET the path made of `segments` with `query`, trying each agent in order from the last
@@ -745,6 +770,58 @@ async fn close_then_release(mut stream: TcpStream, permit: OwnedSemaphorePermit)
 #[cfg(test)]
 mod tests {
     use super::fetch_share;
+    use super::{ConsulClient, ReadConsistency};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn client(max_connections: usize) -> Arc<ConsulClient> {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::new(&registry).expect("metrics");
+        let agent = url::Url::parse("http://127.0.0.1:8500").expect("url");
+        let consistency = ReadConsistency {
+            allow_stale: true,
+            max_stale: Duration::from_secs(10),
+        };
+        Arc::new(
+            ConsulClient::new(
+                vec![agent],
+                None,
+                None,
+                max_connections,
+                consistency,
+                metrics,
+            )
+            .expect("client"),
+        )
+    }
+
+    /// Lists and feeds come before watchers: with every blocking slot taken, one that waits
+    /// in line gets the next slot given back, and a watcher looking for a free one finds none.
+    #[tokio::test]
+    async fn a_slot_given_back_goes_to_the_list_in_line_not_to_a_watcher() {
+        let client = client(4);
+        // A budget of 4 keeps one for fetches: three blocking slots.
+        let mut held: Vec<_> = (0..3).map(|_| client.try_blocking_slot()).collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(client.try_blocking_slot().is_none());
+        let in_line = client.clone();
+        let list = tokio::spawn(async move {
+            in_line
+                .sleep_queued_for_slot(Duration::from_millis(300), true)
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held.pop();
+        assert!(client.try_blocking_slot().is_none(), "a watcher took it");
+        assert!(list.await.expect("join").is_some(), "the list got no slot");
+        // Not in line: the pause passes and no slot is taken, even when one is free.
+        held.pop();
+        let started = std::time::Instant::now();
+        let pause = Duration::from_millis(100);
+        assert!(client.sleep_queued_for_slot(pause, false).await.is_none());
+        assert!(started.elapsed() >= pause);
+        assert!(client.try_blocking_slot().is_some());
+    }
 
     #[test]
     fn a_request_finds_its_agents_budget() {

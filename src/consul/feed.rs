@@ -415,6 +415,7 @@ impl Feed {
                 }
                 r = request => r,
             };
+            let succeeded = result.is_ok();
             let pause = match result {
                 Ok(r) => {
                     self.outage.ok();
@@ -479,10 +480,13 @@ impl Feed {
                     }
                 }
             };
-            if !pause.is_zero() {
+            let queue = succeeded && slot.is_none() && index > 0;
+            if !pause.is_zero() || queue {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(pause) => {}
+                    queued = self.client.sleep_queued_for_slot(pause, queue) => {
+                        slot = slot.or(queued);
+                    }
                 }
             }
         }

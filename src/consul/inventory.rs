@@ -37,10 +37,11 @@ use crate::token_bucket::{Rate, TokenBucket};
 const LIST_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often a list is fetched again when no blocking slot of the connection budget is free
-/// (a tiny `consul.max_connections`, or every slot taken by watchers before the list started):
-/// the delay before a newly registered name is answered, and before a registration or
-/// deregistration reaches the views without a blocking query. One second keeps that under the
-/// 2 s the views promise (with the view's own fetch after it), at one list request a second.
+/// (a tiny `consul.max_connections`, or a cold start's fetches holding every slot), while it
+/// waits in line for the next slot given back: the delay before a newly registered name is
+/// answered, and before a registration or deregistration reaches the views without a blocking
+/// query. One second keeps that under the 2 s the views promise (with the view's own fetch
+/// after it), at one list request a second.
 const LIST_POLL: Duration = Duration::from_secs(1);
 
 /// How often the datacenter list is fetched (`/v1/catalog/datacenters` cannot block). New
@@ -783,6 +784,7 @@ impl ListTask {
                 }
                 r = request => r,
             };
+            let succeeded = result.is_ok();
             let pause = match result {
                 Ok((names, new_index)) => {
                     // An answer ends an outage, as a watcher's or a feed's does; failures are
@@ -810,9 +812,12 @@ impl ListTask {
                     backoff(failures)
                 }
             };
+            let queue = succeeded && slot.is_none() && index > 0;
             tokio::select! {
                 _ = self.stop.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
+                queued = self.shared.client.sleep_queued_for_slot(pause, queue) => {
+                    slot = slot.or(queued);
+                }
             }
         }
     }

@@ -189,20 +189,13 @@ impl Handler {
             Source::Cache => self.metrics.cache_hit(),
             _ => self.metrics.consul_encoded_answers.inc(),
         }
-        let flags = header::flags(out).unwrap_or(0);
-        if flags & header::TC != 0 {
-            // Cut to fit (a large shuffled answer); nothing else sets TC on this path.
-            self.metrics
-                .truncated
-                .with_label_values(&[transport.as_str()])
-                .inc();
-        }
-        self.metrics
-            .count_request(transport, RecordType::from(query.qtype), consul.is_some());
-        let rcode = ResponseCode::from(0, header::rcode(flags));
-        self.metrics.count_response(rcode, answered_by);
-        self.metrics
-            .observe_request(Source::Cache, started.elapsed());
+        // TC here is a cut to fit (a large shuffled answer); nothing else sets it on this path.
+        self.count_written(
+            out,
+            (transport, query.qtype, consul.is_some()),
+            (answered_by, Source::Cache),
+            started,
+        );
         Cached::Replied
     }
 
@@ -367,7 +360,26 @@ impl Handler {
             .forwarder
             .reply_fetched(&query, key, limit, &mut out)
             .await?;
-        let flags = header::flags(&out).unwrap_or(0);
+        self.count_written(
+            &out,
+            (transport, query.qtype, false),
+            (source, source),
+            started,
+        );
+        Some(out)
+    }
+
+    /// Counts a reply written in bytes, `out`, to a query of `qtype` over `transport` (for a
+    /// Consul name or not): the request, TC, the response by rcode and `answered_by`, and the
+    /// time as `timed_as`'s.
+    fn count_written(
+        &self,
+        out: &[u8],
+        (transport, qtype, consul): (Transport, u16, bool),
+        (answered_by, timed_as): (Source, Source),
+        started: Instant,
+    ) {
+        let flags = header::flags(out).unwrap_or(0);
         if flags & header::TC != 0 {
             self.metrics
                 .truncated
@@ -375,11 +387,10 @@ impl Handler {
                 .inc();
         }
         self.metrics
-            .count_request(transport, RecordType::from(query.qtype), false);
+            .count_request(transport, RecordType::from(qtype), consul);
         let rcode = ResponseCode::from(0, header::rcode(flags));
-        self.metrics.count_response(rcode, source);
-        self.metrics.observe_request(source, started.elapsed());
-        Some(out)
+        self.metrics.count_response(rcode, answered_by);
+        self.metrics.observe_request(timed_as, started.elapsed());
     }
 
     /// Is this UDP query over its client network's response rate? Takes a token when it is

@@ -96,8 +96,9 @@ pub struct Metrics {
     /// labels and takes a lock on every call, which shows in the hot path's profile. Indexed by
     /// `request_slot`.
     hot_requests: Arc<[OnceLock<IntCounter>; REQUEST_SLOTS]>,
-    /// `responses{source="cache"}` for NOERROR and NXDOMAIN, the hot path's two outcomes.
-    hot_cache_responses: Arc<[OnceLock<IntCounter>; 2]>,
+    /// `responses{source="cache"}` for NOERROR and NXDOMAIN, the hot path's two outcomes, and
+    /// `responses{source="consul"}` for NOERROR (its pre-encoded answers).
+    hot_cache_responses: Arc<[OnceLock<IntCounter>; 3]>,
 }
 
 /// Every [`Source`], in the order of `Metrics::request_duration_by`.
@@ -348,6 +349,7 @@ impl Metrics {
         let hot = match (source, rcode) {
             (Source::Cache, ResponseCode::NoError) => Some(0),
             (Source::Cache, ResponseCode::NXDomain) => Some(1),
+            (Source::Consul, ResponseCode::NoError) => Some(2),
             _ => None,
         };
         let child = || {

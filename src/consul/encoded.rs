@@ -11,20 +11,23 @@
 //! record added; the counts follow the general path's rules exactly (`records::record_cap`,
 //! `a_record_limit`, `udp_answer_limit`, the cut at the client's size, TC).
 //!
-//! An entry is used only while the backend says its view is still the one to serve
-//! ([`super::Backend::current_service`]: the same `Arc`, with nothing to wait for or wake):
-//! a view replaced by its watcher, a catalog file reloaded, a view gone stale or without a
-//! blocking query all send the query the general way, which remembers the new view.
+//! An entry is used only while its view is still the one the backend serves at once, with
+//! nothing to wait for or wake: each carries the backend's check for that
+//! ([`super::Backend::serving`], made when the entry is remembered), asked per query without
+//! looking the view up. A view replaced by its watcher or the change feed, a watcher gone
+//! idle, a view gone stale or without a blocking query all send the query the general way,
+//! which remembers the new view.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use hickory_proto::rr::{DNSClass, Name, RecordType};
 use rand::Rng;
 
 use super::catalog::{Selection, ServiceView};
-use super::name::ViewKey;
 use super::records;
+use super::StillServed;
 use crate::header::{self, HEADER_LEN};
 use crate::raw::{self, PlainQuery};
 use crate::reply::{OPT_LEN, TCP_LIMIT, UDP_LIMIT_NO_EDNS};
@@ -46,9 +49,9 @@ const OWNER: [u8; 2] = [0xc0, HEADER_LEN as u8];
 
 /// One question's addresses, as records.
 pub(crate) struct Encoded {
-    pub(crate) view_key: ViewKey,
-    /// The view they came from: the entry is current while the backend serves this same `Arc`.
-    pub(crate) view: Arc<ServiceView>,
+    /// The view they came from, and the backend's check that it is still the one served.
+    view: Arc<ServiceView>,
+    check: Box<dyn StillServed>,
     /// Every record, `record_len` bytes each, in the pool's order.
     records: Box<[u8]>,
     record_len: usize,
@@ -226,9 +229,10 @@ pub(crate) struct Answered<'a> {
     pub(crate) qname: &'a Name,
     pub(crate) qtype: RecordType,
     pub(crate) ttl: u32,
-    pub(crate) view_key: &'a ViewKey,
     pub(crate) view: &'a Arc<ServiceView>,
     pub(crate) selection: &'a Selection,
+    /// The backend's check that `view` is still the one served (`Backend::serving`).
+    pub(crate) check: Box<dyn StillServed>,
 }
 
 /// The remembered questions (see the module's documentation).
@@ -239,44 +243,54 @@ pub(crate) struct EncodedAnswers {
 
 #[derive(Default)]
 struct Table {
-    entries: HashMap<Box<[u8]>, Arc<Encoded>>,
+    // foldhash: the key is hashed once per answer, and SipHash showed in its cost. The names
+    // are client-chosen but only those of watched views get in, at most MAX_ENCODED_ANSWERS.
+    entries: HashMap<Box<[u8]>, Encoded, foldhash::fast::RandomState>,
     bytes: usize,
 }
 
 impl EncodedAnswers {
-    /// The entry for `key` (`raw::question_key` of the client's question), if any.
-    pub(crate) fn get(&self, key: &[u8]) -> Option<Arc<Encoded>> {
+    /// Calls `write` with the entry for `key` (`raw::question_key` of the client's question)
+    /// and returns what it returns, if there is an entry and its view is still the one served
+    /// at `now` (the query's arrival); false otherwise.
+    pub(crate) fn reply(
+        &self,
+        key: &[u8],
+        now: Instant,
+        write: impl FnOnce(&Encoded) -> bool,
+    ) -> bool {
         let table = self.table.read().unwrap_or_else(|p| p.into_inner());
-        table.entries.get(key).cloned()
+        table
+            .entries
+            .get(key)
+            .is_some_and(|entry| entry.check.still_served(now) && write(entry))
     }
 
     /// Remembers the addresses of a service answer the general path gave, unless the table
-    /// already holds them for this very view. Only A and AAAA answers from a pool of
-    /// addresses are kept (not CNAMEs to hostnames, not NXDOMAIN or NODATA).
-    pub(crate) fn remember(&self, a: &Answered<'_>) {
+    /// holds them already for this very view, still served. Only A and AAAA answers from a
+    /// pool of addresses are kept (not CNAMEs to hostnames, not NXDOMAIN or NODATA).
+    pub(crate) fn remember(&self, a: Answered<'_>) {
         let pool = match a.qtype {
             RecordType::A => &a.selection.v4,
             RecordType::AAAA => &a.selection.v6,
             _ => return,
         };
         let key = key_of(a.qname, a.qtype);
-        if self
-            .get(&key)
-            .is_some_and(|e| Arc::ptr_eq(&e.view, a.view) && e.view_key == *a.view_key)
-        {
+        let held = self.reply(&key, Instant::now(), |e| Arc::ptr_eq(&e.view, a.view));
+        if held {
             return;
         }
         let Some((records, record_len)) = encode_pool(a.view, pool, a.qtype, a.ttl) else {
             return;
         };
-        let entry = Arc::new(Encoded {
-            view_key: a.view_key.clone(),
+        let entry = Encoded {
             view: a.view.clone(),
+            check: a.check,
             records: records.into_boxed_slice(),
             record_len,
             qtype: a.qtype,
             qname_len: a.qname.len(),
-        });
+        };
         let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
         let added = entry.records.len() + key.len();
         if table.entries.len() >= MAX_ENCODED_ANSWERS || table.bytes + added > MAX_ENCODED_BYTES {
@@ -348,14 +362,20 @@ mod tests {
 
     /// An entry of `n` A records 10.0.0.1.. with TTL 17, for `web.service.consul.`.
     fn entry(n: u8) -> Encoded {
+        struct Served;
+        impl StillServed for Served {
+            fn still_served(&self, _now: Instant) -> bool {
+                true
+            }
+        }
         let mut records = Vec::new();
         for i in 1..=n {
             records.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 17, 0, 4, 10, 0, 0, i]);
         }
         let qname = Name::from_ascii("web.service.consul.").expect("name");
         Encoded {
-            view_key: ViewKey::new("web".into(), None, Default::default(), Default::default()),
             view: Arc::new(ServiceView::new(Vec::new(), "dc1")),
+            check: Box::new(Served),
             records: records.into_boxed_slice(),
             record_len: 16,
             qtype: RecordType::A,

@@ -14,7 +14,7 @@ use super::addrs::WanTranslation;
 use super::catalog::{CatalogFile, HealthEntry, NodeView, QueryView, ServiceView};
 use super::name::{ServiceKind, Tenancy, ViewKey};
 use super::ptr::{AddressIndex, PtrName};
-use super::{Backend, LookupError};
+use super::{Backend, LookupError, StillServed};
 use crate::explain::details::DetailEntry;
 use crate::explain::gather::{KeptView, ViewPeek};
 
@@ -180,6 +180,15 @@ impl FileBackend {
     }
 }
 
+/// The [`StillServed`] check of a file's views: always.
+struct Always;
+
+impl StillServed for Always {
+    fn still_served(&self, _now: Instant) -> bool {
+        true
+    }
+}
+
 /// A catalog file is one datacenter's catalog: no cluster peers, and the one (default)
 /// namespace and partition of Consul CE. Names with those labels are NXDOMAIN, as Consul CE
 /// answers them.
@@ -279,15 +288,20 @@ impl Backend for FileBackend {
             .unwrap_or_else(|| Arc::new(ServiceView::new(Vec::new(), &catalog.datacenter))))
     }
 
-    fn current_service(&self, key: &ViewKey, _now: Instant) -> Option<Arc<ServiceView>> {
+    /// A file's views never change: the catalog is read once, and a reload builds a new
+    /// backend (and with it a new table of encoded answers).
+    fn serving(&self, key: &ViewKey, view: &Arc<ServiceView>) -> Option<Box<dyn StillServed>> {
         let catalog = self.current();
         self.check_dc(&catalog, key.dc.as_deref()).ok()?;
         check_tenancy(&key.tenancy).ok()?;
-        match key.kind {
-            ServiceKind::Service => catalog.services.get(&key.service).cloned(),
-            ServiceKind::Connect => catalog.connect.get(&key.service).cloned(),
+        let current = match key.kind {
+            ServiceKind::Service => catalog.services.get(&key.service),
+            ServiceKind::Connect => catalog.connect.get(&key.service),
             ServiceKind::Ingress => None,
-        }
+        };
+        current
+            .is_some_and(|c| Arc::ptr_eq(c, view))
+            .then(|| Box::new(Always) as Box<dyn StillServed>)
     }
 
     async fn node(

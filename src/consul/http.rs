@@ -36,9 +36,9 @@ use super::name::{Tenancy, ViewKey};
 use super::on_demand::OnDemand;
 use super::outage::OutageLog;
 use super::ptr::{PtrName, ServiceAddresses};
-use super::views::{ServiceSeries, ViewState, Watch, WatchMap};
+use super::views::{ServedView, ServiceSeries, ViewState, Watch, WatchMap};
 use super::watcher::{Settings, Watcher, WatcherContext};
-use super::{Backend, LookupError};
+use super::{Backend, LookupError, StillServed};
 use crate::config::ConsulConfig;
 use crate::explain::details::DetailEntry;
 use crate::explain::gather::{AgentState, KeptView, ViewPeek};
@@ -474,22 +474,13 @@ impl Backend for HttpBackend {
 
     /// A view with a blocking query of its own (so nothing to wake on demand and no catalog
     /// change to wait for), ready and confirmed within `stale_for`: what `service` returns at
-    /// once for it, the query counted as asked.
-    fn current_service(&self, key: &ViewKey, now: Instant) -> Option<Arc<ServiceView>> {
+    /// once for it. The check holds the watch itself, so the hot path skips the table.
+    fn serving(&self, key: &ViewKey, view: &Arc<ServiceView>) -> Option<Box<dyn StillServed>> {
         let w = lock(&self.watches).get(key).cloned()?;
-        if w.on_demand.load(Ordering::SeqCst) {
-            return None;
-        }
-        let view = match &*w.state.borrow() {
-            ViewState::Ready(view) => view.clone(),
-            _ => return None,
-        };
-        let confirmed = (*lock(&w.last_confirmed))?;
-        if now.saturating_duration_since(confirmed) > self.settings.stale_for {
-            return None;
-        }
-        *lock(&w.last_asked) = now;
-        Some(view)
+        let served = ServedView::new(w, view, self.settings.stale_for)?;
+        served
+            .still_served(Instant::now())
+            .then(|| Box::new(served) as Box<dyn StillServed>)
     }
 
     async fn node(

@@ -75,11 +75,11 @@ pub trait Backend: Send + Sync {
     /// The view of a service lookup (`.service`, `.connect` or `.ingress`, in a datacenter,
     /// peer, namespace and partition).
     async fn service(&self, key: &ViewKey) -> Result<Arc<ServiceView>, LookupError>;
-    /// The view [`Backend::service`] would return for `key` right now, when it would return it
-    /// at once with nothing to wait for, wake or fetch (counting the query as `service` does);
-    /// `None` otherwise. The hot path serves pre-encoded answers ([`encoded`]) only while this
-    /// is the very view they were encoded from. `now`: the query's arrival (no clock read here).
-    fn current_service(&self, _key: &ViewKey, _now: Instant) -> Option<Arc<ServiceView>> {
+    /// When [`Backend::service`] would return `view` for `key` right now, at once, with nothing
+    /// to wait for, wake or fetch: what tells, per query and without looking the view up
+    /// again, whether that is still so. `None` otherwise. The hot path serves pre-encoded
+    /// answers ([`encoded`]) only while their check passes.
+    fn serving(&self, _key: &ViewKey, _view: &Arc<ServiceView>) -> Option<Box<dyn StillServed>> {
         None
     }
     async fn node(
@@ -120,6 +120,15 @@ pub trait Backend: Send + Sync {
     fn agents(&self) -> Vec<AgentState> {
         Vec::new()
     }
+}
+
+/// Whether the view a [`Backend::serving`] check was made for is still what
+/// [`Backend::service`] would return at once; asked per query on the hot path, so it must cost
+/// no more than a few atomic reads.
+pub trait StillServed: Send + Sync {
+    /// True when it is, counting the query as `service` does; `now`: the query's arrival (no
+    /// clock read here).
+    fn still_served(&self, now: Instant) -> bool;
 }
 
 /// Problems found while setting Consul up, before serving.
@@ -182,21 +191,19 @@ impl ConsulSource {
         selection: &Selection,
         ctx: &Ctx<'_>,
     ) {
-        if !matches!(ctx.qtype, RecordType::A | RecordType::AAAA)
-            || !self
-                .backend
-                .current_service(view_key, Instant::now())
-                .is_some_and(|current| Arc::ptr_eq(&current, view))
-        {
+        if !matches!(ctx.qtype, RecordType::A | RecordType::AAAA) {
             return;
         }
-        self.encoded.remember(&encoded::Answered {
+        let Some(check) = self.backend.serving(view_key, view) else {
+            return;
+        };
+        self.encoded.remember(encoded::Answered {
             qname: ctx.qname,
             qtype: ctx.qtype,
             ttl: ctx.ttl,
-            view_key,
             view,
             selection,
+            check,
         });
     }
 
@@ -495,19 +502,14 @@ impl AnswerSource for ConsulSource {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> bool {
-        let Some(entry) = self.encoded.get(key) else {
-            return false;
-        };
-        let current = self
-            .backend
-            .current_service(&entry.view_key, now)
-            .is_some_and(|view| Arc::ptr_eq(&view, &entry.view));
         let rules = encoded::Rules {
             a_record_limit: self.config.a_record_limit,
             udp_answer_limit: self.config.udp_answer_limit,
             truncate: self.config.enable_truncate,
         };
-        current && encoded::write_reply(out, query, &entry, limit, rules, &mut rand::rng())
+        self.encoded.reply(key, now, |entry| {
+            encoded::write_reply(out, query, entry, limit, rules, &mut rand::rng())
+        })
     }
 
     fn cached_source(&self) -> Source {

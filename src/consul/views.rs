@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use super::catalog::ServiceView;
 use super::name::ViewKey;
+use super::StillServed;
 use crate::lock::lock;
 use crate::metrics::Metrics;
 
@@ -54,6 +55,9 @@ pub(super) struct Watch {
     /// The view as the watcher's last fetch made (or confirmed) it: a different current view
     /// was patched by the change feed since (`explain` says which).
     pub(super) fetched_view: Mutex<Weak<ServiceView>>,
+    /// Its watcher stopped (idle, or shutting down): nothing keeps this view fresh any more,
+    /// and a later query starts a new watch. Never cleared.
+    pub(super) retired: AtomicBool,
 }
 
 /// [`Watch::series`]: not asked for yet, created, or refused at the bound.
@@ -126,11 +130,59 @@ impl Watch {
             series: AtomicU8::new(SERIES_NONE),
             index: AtomicU64::new(0),
             fetched_view: Mutex::new(Weak::new()),
+            retired: AtomicBool::new(false),
         }
     }
 
     pub(super) fn touch(&self) {
         *lock(&self.last_asked) = Instant::now();
+    }
+}
+
+/// The check behind `HttpBackend::serving`: one view of one watch, served while the watch has
+/// a blocking query of its own, a running watcher, the same view (the state channel's version
+/// unchanged since the view was seen in it) and a confirmation within `stale_for`.
+pub(super) struct ServedView {
+    watch: Arc<Watch>,
+    /// Subscribed when `view` was the state: any later state (a new view, a patch, a failure
+    /// with no view) changes the version.
+    seen: watch::Receiver<ViewState>,
+    stale_for: Duration,
+}
+
+impl ServedView {
+    /// `None` unless `view` is `watch`'s state now.
+    pub(super) fn new(
+        watch: Arc<Watch>,
+        view: &Arc<ServiceView>,
+        stale_for: Duration,
+    ) -> Option<ServedView> {
+        // Subscribed before the state is read: a state sent in between changes the version.
+        let seen = watch.state.subscribe();
+        let same = matches!(&*seen.borrow(), ViewState::Ready(v) if Arc::ptr_eq(v, view));
+        same.then_some(ServedView {
+            watch,
+            seen,
+            stale_for,
+        })
+    }
+}
+
+impl StillServed for ServedView {
+    fn still_served(&self, now: Instant) -> bool {
+        let w = &self.watch;
+        if w.on_demand.load(Ordering::SeqCst)
+            || w.retired.load(Ordering::SeqCst)
+            || !matches!(self.seen.has_changed(), Ok(false))
+        {
+            return false;
+        }
+        let confirmed = *lock(&w.last_confirmed);
+        if confirmed.is_none_or(|at| now.saturating_duration_since(at) > self.stale_for) {
+            return false;
+        }
+        *lock(&w.last_asked) = now;
+        true
     }
 }
 
@@ -143,6 +195,48 @@ pub(super) mod tests {
 
     pub(crate) fn test_metrics() -> Arc<Metrics> {
         Metrics::new(&prometheus::Registry::new()).expect("metrics")
+    }
+
+    /// A ready watch with a blocking query, confirmed now, and its view.
+    fn ready_watch() -> (Arc<Watch>, Arc<ServiceView>) {
+        let w = Arc::new(Watch::new());
+        let view = Arc::new(ServiceView::new(Vec::new(), "dc1"));
+        w.state.send_replace(ViewState::Ready(view.clone()));
+        *lock(&w.last_confirmed) = Some(Instant::now());
+        (w, view)
+    }
+
+    const STALE_FOR: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_served_view_is_served_until_anything_about_it_changes() {
+        let (w, view) = ready_watch();
+        let other = Arc::new(ServiceView::new(Vec::new(), "dc1"));
+        assert!(ServedView::new(w.clone(), &other, STALE_FOR).is_none());
+        let served = ServedView::new(w.clone(), &view, STALE_FOR).expect("current");
+        let later = Instant::now() + Duration::from_secs(5);
+        assert!(served.still_served(later));
+        assert_eq!(*lock(&w.last_asked), later, "the query counts as asked");
+        // Stale: confirmed longer ago than stale_for.
+        assert!(!served.still_served(later + STALE_FOR));
+        // Without a blocking query, and back.
+        w.on_demand.store(true, Ordering::SeqCst);
+        assert!(!served.still_served(later));
+        w.on_demand.store(false, Ordering::SeqCst);
+        assert!(served.still_served(later));
+        // Any new state, even the same view sent again, ends it for good.
+        w.state.send_replace(ViewState::Ready(view.clone()));
+        assert!(!served.still_served(later));
+        let again = ServedView::new(w.clone(), &view, STALE_FOR).expect("current");
+        assert!(again.still_served(later));
+        // The watcher stopped.
+        w.retired.store(true, Ordering::SeqCst);
+        assert!(!again.still_served(later));
+        // Never confirmed.
+        let (fresh, view) = ready_watch();
+        *lock(&fresh.last_confirmed) = None;
+        let never = ServedView::new(fresh, &view, STALE_FOR).expect("current");
+        assert!(!never.still_served(Instant::now()));
     }
 
     #[test]

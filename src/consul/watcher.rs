@@ -269,8 +269,10 @@ impl Watcher {
         backoff(failures)
     }
 
-    /// Removes this watcher's entry (unless a newer watcher replaced it) and its series.
+    /// Removes this watcher's entry (unless a newer watcher replaced it) and its series, and
+    /// retires its watch: answers encoded from its view stop being served.
     fn forget(&self) {
+        self.watch.retired.store(true, Ordering::SeqCst);
         let mut watches = lock(&self.cx.watches);
         if watches
             .get(&self.key)

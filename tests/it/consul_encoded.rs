@@ -92,6 +92,37 @@ async fn pre_encoded_answers_shuffle_keep_ttl_and_flags_and_follow_a_health_flip
     fwd.stop().await;
 }
 
+/// A watcher that stopped (idle) keeps its view fresh no more: the answers encoded from that
+/// view are not served after it, though it was confirmed well within `stale_for`. The next
+/// question starts a new watch, which sees the health change made while none ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_encoded_from_a_stopped_watcher_are_not_served() {
+    let sim = sim_with_web().await;
+    let up = TestUpstream::start().await;
+    let toml = TestConfig::new()
+        .upstream(up.addr)
+        .consul_http(sim.http_url())
+        .consul("watch_wait = \"1s\"\nwatch_idle = \"1s\"\nstale_for = \"1h\"")
+        .toml();
+    let fwd = TestServer::start(&toml).await;
+    until_encoded(&fwd, "web.service.consul.").await;
+    let stopped = eventually(Duration::from_secs(6), async || {
+        fwd.metric("consul_dns_forwarder_consul_watchers", &[]) == 0.0
+    })
+    .await;
+    assert!(stopped.is_some(), "the idle watcher stops");
+    sim.set_service_check("web-2", Status::Critical);
+    let encoded = fwd.metric(ENCODED, &[]);
+    let r = ask(fwd.addr, "web.service.consul.", RecordType::A).await;
+    assert_eq!(sorted(addresses(&r)), vec!["127.0.0.2", "127.0.0.4"]);
+    assert_eq!(
+        fwd.metric(ENCODED, &[]),
+        encoded,
+        "answered the general way, from a new watch"
+    );
+    fwd.stop().await;
+}
+
 /// A service of 300 instances (more than fit in any UDP reply): each size class gets what the
 /// general path gives it (as many records as fit, TC over UDP; every one over TCP), a random
 /// subset of distinct addresses each time.

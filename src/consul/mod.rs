@@ -183,7 +183,7 @@ impl ConsulSource {
     }
 
     /// Keeps the addresses of a service answer as wire bytes for the hot path, when the view is
-    /// one the backend serves as it is (see [`Backend::current_service`]).
+    /// one the backend serves as it is (see [`Backend::serving`]).
     fn remember(
         &self,
         view_key: &ViewKey,

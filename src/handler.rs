@@ -355,7 +355,9 @@ impl Handler {
             return None;
         }
         let limit = reply::limit_for(transport, query.edns_payload);
-        let mut out = Vec::with_capacity(reply::UDP_LIMIT_EDNS);
+        // Most replies fit in 512 bytes; a larger capacity would be past the allocator's
+        // per-thread cache, on every miss.
+        let mut out = Vec::with_capacity(reply::UDP_LIMIT_NO_EDNS);
         let source = routes
             .forwarder
             .reply_fetched(&query, key, limit, &mut out)

@@ -355,8 +355,9 @@ impl Handler {
             return None;
         }
         let limit = reply::limit_for(transport, query.edns_payload);
-        // Most replies fit in 512 bytes; a larger capacity would be past the allocator's
-        // per-thread cache, on every miss.
+        // Most replies fit in 512 bytes (it grows when one does not). A block of 1,232 is past
+        // the allocator's per-thread cache: one per miss, freed between cached entries, left
+        // the heap fragmented (ARCHITECTURE.md, "Cache misses in bytes").
         let mut out = Vec::with_capacity(reply::UDP_LIMIT_NO_EDNS);
         let source = routes
             .forwarder

@@ -355,7 +355,10 @@ impl Handler {
             return None;
         }
         let limit = reply::limit_for(transport, query.edns_payload);
-        let mut out = Vec::with_capacity(reply::UDP_LIMIT_EDNS);
+        // Most replies fit in 512 bytes (it grows when one does not). A block of 1,232 is past
+        // the allocator's per-thread cache: one per miss, freed between cached entries, left
+        // the heap fragmented (ARCHITECTURE.md, "Cache misses in bytes").
+        let mut out = Vec::with_capacity(reply::UDP_LIMIT_NO_EDNS);
         let source = routes
             .forwarder
             .reply_fetched(&query, key, limit, &mut out)

@@ -111,7 +111,7 @@ impl ServerGroup {
             let per_attempt = (left / u32::try_from(attempts - attempt).unwrap_or(1))
                 .max(MIN_ATTEMPT)
                 .min(left);
-            let started = Instant::now();
+            let started = now;
             let result = tokio::time::timeout(
                 per_attempt,
                 exchange(
@@ -258,7 +258,9 @@ async fn exchange_as(
     if reply.truncated() {
         // TCP cannot be spoofed blind, so its reply's case is not checked (and is restored by
         // the caller all the same).
-        return Ok(exchange_tcp(server, &request, id, q, metrics).await?);
+        // Boxed: rare (truncated replies only), and inline it would make every miss's future
+        // larger than the allocator's per-thread cache takes.
+        return Ok(Box::pin(exchange_tcp(server, &request, id, q, metrics)).await?);
     }
     Ok(reply)
 }
@@ -374,14 +376,13 @@ async fn exchange_udp(
 ) -> Result<UpstreamReply, ExchangeError> {
     let lent = sockets.take(server).await?;
     lent.socket.send(request).await?;
-    let mut buf = Vec::with_capacity(usize::from(UPSTREAM_EDNS_SIZE).max(4096));
     loop {
-        buf.clear();
-        lent.socket.recv_buf(&mut buf).await?;
-        match check(&buf, id, q, sent, exact_case) {
+        let (buf, len) = receive(&lent.socket).await?;
+        let datagram = &buf[..len];
+        match check(datagram, id, q, sent, exact_case) {
             Ok(message) => {
                 sockets.put(lent);
-                return Ok(UpstreamReply::received(message, buf));
+                return Ok(UpstreamReply::received(message, datagram.to_vec()));
             }
             Err(mismatch) => {
                 metrics.upstream_unmatched(mismatch.as_str());
@@ -389,6 +390,29 @@ async fn exchange_udp(
                     return Err(ExchangeError::CaseMismatch);
                 }
             }
+        }
+    }
+}
+
+/// Room for one upstream datagram: more than the EDNS size we offer, for servers that ignore it
+/// (a reply cut short by the buffer fails the checks like any malformed one).
+const RECEIVE_BUFFER: usize = 4096;
+
+/// The next datagram on `socket`, in a buffer on the stack.
+///
+/// Not a heap buffer per miss: a 4 KiB block is beyond the allocator's per-thread cache, and
+/// freeing one between the cache's small long-lived entries fragmented the heap (peak RSS in
+/// `fill-100k` rose by a tenth, see docs/benchmarks.md). The buffer is filled only once the
+/// socket is readable, so it is never part of the future's state across an `await`; the reply
+/// is then copied out at its own size.
+async fn receive(socket: &tokio::net::UdpSocket) -> std::io::Result<([u8; RECEIVE_BUFFER], usize)> {
+    loop {
+        socket.readable().await?;
+        let mut buf = [0u8; RECEIVE_BUFFER];
+        match socket.try_recv(&mut buf) {
+            Ok(len) => return Ok((buf, len)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The forwarder over real sockets: forwarding, rcodes, caching, serve-stale, failover,
 //! truncation, protocol hygiene and access control.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::upstream::TestUpstream;
@@ -763,5 +764,116 @@ async fn randomize_case_falls_back_for_an_upstream_that_lowercases() {
     assert_eq!(addresses(&r), ["192.0.2.1"]);
     assert_eq!(up.received_names().len(), before + 1);
     assert_eq!(scraped(&fwd, CASE_FALLBACKS, &[]).await, 0.0);
+    fwd.stop().await;
+}
+
+/// A loopback upstream that answers `n<i>.test.` A with 10.<i/256>.<i%256>.0, holding replies
+/// back until `batch` questions are in (or 50 ms passed), then answering them newest first,
+/// each preceded by a forgery from the right address and port with the ID off by one. Returns
+/// its address and the source ports the questions came from.
+async fn reordering_upstream(batch: usize) -> (std::net::SocketAddr, Arc<Mutex<Vec<u16>>>) {
+    use hickory_proto::op::MessageType;
+    use hickory_proto::rr::{rdata::A, Record};
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let ports = Arc::new(Mutex::new(Vec::new()));
+    let seen = ports.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let mut held = Vec::new();
+            while held.len() < batch {
+                let wait =
+                    tokio::time::timeout(Duration::from_millis(50), socket.recv_from(&mut buf));
+                match wait.await {
+                    Ok(Ok((len, from))) => held.push((buf[..len].to_vec(), from)),
+                    Ok(Err(_)) => return,
+                    Err(_) if held.is_empty() => continue,
+                    Err(_) => break,
+                }
+            }
+            for (query, from) in held.into_iter().rev() {
+                seen.lock().expect("ports").push(from.port());
+                let Ok(query) = Message::from_vec(&query) else {
+                    continue;
+                };
+                let Some(q) = query.queries.first().cloned() else {
+                    continue;
+                };
+                let label = q.name().iter().next().unwrap_or_default();
+                let i: u16 = std::str::from_utf8(&label[1..])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let [hi, lo] = i.to_be_bytes();
+                let reply = |id: u16, last: u8| {
+                    let mut m = Message::new(id, MessageType::Response, OpCode::Query);
+                    m.metadata.recursion_desired = true;
+                    m.metadata.recursion_available = true;
+                    m.add_query(q.clone());
+                    let a = RData::A(A::new(10, hi, lo, last));
+                    m.add_answer(Record::from_rdata(q.name().clone(), 60, a));
+                    m.to_vec().expect("encode")
+                };
+                let forged = reply(query.metadata.id.wrapping_add(1), 66);
+                let _ = socket.send_to(&forged, from).await;
+                let _ = socket.send_to(&reply(query.metadata.id, 0), from).await;
+            }
+        }
+    });
+    (addr, ports)
+}
+
+/// Many different misses in flight at once, their replies coming back in another order and
+/// each after a forgery with a wrong ID: every client gets its own question's answer, the
+/// forgeries are counted and never cached, and the questions leave from many source ports,
+/// none used for more than a few of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_get_their_own_answers_from_reordered_replies() {
+    const QUESTIONS: u16 = 120;
+    let (up, ports) = reordering_upstream(16).await;
+    let config = TestConfig::new()
+        .upstream(up)
+        .upstream_timeout("2s")
+        .consul_off()
+        .metrics_listen("127.0.0.1:0");
+    let fwd = TestServer::start(&config.toml()).await;
+    let mut tasks = Vec::new();
+    for i in 0..QUESTIONS {
+        let addr = fwd.addr;
+        tasks.push(tokio::spawn(async move {
+            (i, ask(addr, &format!("n{i}.test."), RecordType::A).await)
+        }));
+    }
+    for t in tasks {
+        let (i, r) = t.await.expect("join");
+        let [hi, lo] = i.to_be_bytes();
+        assert_eq!(addresses(&r), [format!("10.{hi}.{lo}.0")], "n{i}.test.");
+    }
+    assert_eq!(
+        scraped(&fwd, UNMATCHED, &[("reason", "id")]).await,
+        f64::from(QUESTIONS),
+        "one forgery per question, each ignored"
+    );
+    let ports = ports.lock().expect("ports").clone();
+    assert_eq!(ports.len(), usize::from(QUESTIONS));
+    let mut uses: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+    for p in &ports {
+        *uses.entry(*p).or_default() += 1;
+    }
+    assert!(
+        uses.values().all(|&n| n <= 8),
+        "a source port carries at most 8 questions: {uses:?}"
+    );
+    assert!(
+        uses.len() >= usize::from(QUESTIONS) / 8,
+        "{} ports",
+        uses.len()
+    );
+    // What was cached is the real answer, not a forgery.
+    let r = ask(fwd.addr, "n7.test.", RecordType::A).await;
+    assert_eq!(addresses(&r), ["10.0.7.0"]);
     fwd.stop().await;
 }

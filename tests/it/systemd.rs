@@ -262,19 +262,26 @@ async fn notify_ready_status_watchdog_and_stopping() {
 
 /// A UDP socket and a listening TCP socket on one address, as a `.socket` unit binds them.
 fn bind_pair(addr: SocketAddr) -> (std::net::UdpSocket, std::net::TcpListener) {
-    let udp = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .expect("udp");
-    // As ReceiveBuffer= in the shipped socket unit (capped by net.core.rmem_max).
-    let _ = udp.set_recv_buffer_size(4 << 20);
-    udp.bind(&addr.into()).expect("bind udp");
-    let tcp =
-        std::net::TcpListener::bind(udp.local_addr().expect("addr").as_socket().expect("inet"))
-            .expect("bind tcp");
-    (udp.into(), tcp)
+    // With port 0 the UDP port the kernel picks may be taken for TCP by another test: pick again.
+    let attempts = if addr.port() == 0 { 20 } else { 1 };
+    let mut last_error = None;
+    for _ in 0..attempts {
+        let udp = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .expect("udp");
+        // As ReceiveBuffer= in the shipped socket unit (capped by net.core.rmem_max).
+        let _ = udp.set_recv_buffer_size(4 << 20);
+        udp.bind(&addr.into()).expect("bind udp");
+        let port = udp.local_addr().expect("addr").as_socket().expect("inet");
+        match std::net::TcpListener::bind(port) {
+            Ok(tcp) => return (udp.into(), tcp),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    panic!("bind tcp beside udp: {last_error:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -473,7 +473,10 @@ run_one() { # scenario contender round
     curl -s --max-time 2 "http://127.0.0.1:$METRICS_PORT/metrics" >"$W/metrics.txt" || true
     cached=$(awk '$1 == "consul_dns_forwarder_cache_entries" {print $2}' "$W/metrics.txt")
     if [[ $sc == many-services && ($ct == ours-http || $ct == base-http) ]]; then
+      # Service fetches beyond one per name are refreshes on demand (a view without a blocking
+      # query, asked again after its TTL): they grow with the run's length, and so its CPU.
       probed="watchers=$(awk '$1 == "consul_dns_forwarder_consul_watchers" {print $2}' "$W/metrics.txt")"
+      probed+=" service-fetches=$(awk '$1 == "kind" && $2 == "/v1/health/service/*" {n += $4} END {print n + 0}' "$W/sim.stats")"
     fi
   fi
   stop_pid "$CPID"
@@ -790,13 +793,17 @@ report8() {
     echo "$MANY_SERVICES services x $MANY_INSTANCES instances, every name asked round robin (A, no EDNS) from a fresh start,"
     echo "$MANY_PASSES passes over the names (dnsperf -n $MANY_PASSES; the first pass starts the watchers);"
     echo "Consul HTTP req / DNS req: what reached the simulator in the run; peak connections: the most HTTP"
-    echo "connections open at once on the simulator; RSS at end: VmRSS when dnsperf finished."
+    echo "connections open at once on the simulator; RSS at end: VmRSS when dnsperf finished; service fetches:"
+    echo "/v1/health/service requests, one per name and then a refresh per name asked after its TTL without a"
+    echo "blocking query (a longer run makes more, and costs more CPU per answer)."
     echo
-    echo "| contender | queries/s | answered | lost | SERVFAIL | server CPU µs/answer | Consul HTTP req | Consul DNS req | peak connections to Consul | peak RSS MiB | RSS at end MiB | watchers |"
-    echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+    echo "| contender | queries/s | answered | lost | SERVFAIL | server CPU µs/answer | Consul HTTP req | Consul DNS req | peak connections to Consul | peak RSS MiB | RSS at end MiB | watchers | service fetches |"
+    echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|"
     awk -F'\t' 'NR > 1 && $1 == "many-services" {
-        w = $25; sub(/^watchers=/, "", w)
-        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $5, $6, $22, $10, $13, $14, $23, $12, $24, w
+        w = $25; f = "-"
+        if (match(w, /service-fetches=[0-9]+/)) f = substr(w, RSTART + 16, RLENGTH - 16)
+        sub(/^watchers=/, "", w); sub(/ service-fetches=.*/, "", w)
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $5, $6, $22, $10, $13, $14, $23, $12, $24, w, f
       }' "$TSV"
     echo
     awk -F'\t' -v services="$MANY_SERVICES" '$1 == "many-services" && $2 == "ours-http" {
@@ -816,7 +823,7 @@ if [[ $PERF == 1 ]]; then
   if ! command -v perf >/dev/null 2>&1; then
     log "BENCH_PERF=1 but perf is not installed (Debian: linux-perf); no profiles"
   else
-    frames='TrackedFuture<F> as core::future::future::Future>::poll$|udp_loop::\{\{closure\}\}$|Handler::handle::\{\{closure\}\}$|ConsulSource::answer_inner|Backend>::service::|records::service_answer|records::select|name::parse$|Forwarder::answer|Cache::lookup$|BaseCache<K,V,S>::get_with_hash$|CachedAnswer::to_answer$|Cache::fetch|CachedAnswer::from_message|encode_reply$|Message::to_vec$|Message as hickory_proto::serialize::binary::BinDecodable>::read$|with_label_values$|Histogram.*observe|tokio::task::spawn::spawn$|__libc_sendto$|__libc_recvfrom$|__libc_sendmsg|__libc_recvmsg|__socket$|__connect$|__bind$|__close$|socket$|connect$|bind$|close$|__libc_send$|__libc_recv$|exchange_udp|ServerGroup::query|moka.*insert'
+    frames='TrackedFuture<F> as core::future::future::Future>::poll$|udp_loop::\{\{closure\}\}$|UdpLoop::run::\{\{closure\}\}$|UdpLoop::answer$|Handler::handle::\{\{closure\}\}$|ConsulSource::answer_inner|Backend>::service::|records::service_answer|records::select|name::parse$|Forwarder::answer|Cache::lookup$|BaseCache<K,V,S>::get_with_hash$|CachedAnswer::to_answer$|Cache::fetch|CachedAnswer::from_message|encode_reply$|Message::to_vec$|Message as hickory_proto::serialize::binary::BinDecodable>::read$|with_label_values$|Histogram.*observe|tokio::task::spawn::spawn$|__libc_sendto$|__libc_recvfrom$|__libc_sendmsg|__libc_recvmsg|__socket$|__connect$|__bind$|__close$|socket$|connect$|bind$|close$|__libc_send$|__libc_recv$|exchange_udp|ServerGroup::query|moka.*insert'
     use_sim shared
     for sc in consul fwd-hits fill-100k; do
       file=$W/q-consul.txt args=()

@@ -63,6 +63,27 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+/// `kind <path, the service name as *> <blocking|plain> <count>` lines: which requests a
+/// contender made, to explain a change in the total.
+fn requests_by_kind(log: &[String]) -> String {
+    let mut kinds: BTreeMap<(String, &str), usize> = BTreeMap::new();
+    for target in log {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let path = match path.rsplit_once('/') {
+            Some((head, _)) if head.starts_with("/v1/health/service") => format!("{head}/*"),
+            _ => path.to_owned(),
+        };
+        let blocking = query.split('&').any(|p| p.starts_with("index="));
+        *kinds
+            .entry((path, if blocking { "blocking" } else { "plain" }))
+            .or_default() += 1;
+    }
+    kinds
+        .into_iter()
+        .map(|((path, how), n)| format!("kind {path} {how} {n}\n"))
+        .collect()
+}
+
 fn parse_args() -> Args {
     let mut args = Args {
         services: 20,
@@ -185,13 +206,13 @@ async fn main() -> std::io::Result<()> {
         if let Some(path) = &stats_file {
             let _ = write_atomic(
                 path,
-                &format!(
+                &(format!(
                     "http_requests {}\ndns_queries {}\nmax_connections {}\nopen_connections {}\n",
                     sim.total_requests(),
                     sim.dns_queries(),
                     sim.max_concurrent_connections(),
                     sim.open_connections(),
-                ),
+                ) + &requests_by_kind(&sim.request_log())),
             );
         }
     };

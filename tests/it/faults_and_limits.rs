@@ -391,3 +391,78 @@ fn ca_file_problems_are_clear() {
         );
     }
 }
+
+/// A UDP flood of answers the receive loop gives at once (pre-encoded Consul answers) must not
+/// starve the other tasks of its worker thread: the server runs on one CPU (one worker), two
+/// threads send it the same question without pause, and a TCP question asked meanwhile is still
+/// answered. The receive loop reads queued datagrams without going back to the runtime, so
+/// without its bound on a batch (`UDP_BATCH`) the TCP connection would wait for the flood to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flood_leaves_tcp_answered() {
+    /// How long each flood thread sends: past the TCP question's deadline, so that the flood is
+    /// still on when the question is judged.
+    const FLOOD: Duration = Duration::from_secs(4);
+    /// How long the TCP question may take while the flood runs.
+    const TCP_WITHIN: Duration = Duration::from_secs(2);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let server = Running(
+        Command::new("taskset")
+            .args(["-c", "0", BIN, "--dev", "--listen", &listen])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("taskset (util-linux) starts the binary"),
+    );
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    wait_until_answering(addr).await;
+    let question = make_query("web.service.consul.", RecordType::A, None)
+        .to_vec()
+        .expect("encode");
+    // The name is answered inline (the demo catalog's answers are pre-encoded) before the flood.
+    let first = tcp(
+        addr,
+        &make_query("web.service.consul.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(first.metadata.response_code, ResponseCode::NoError);
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let question = question.clone();
+            std::thread::spawn(move || {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                let until = Instant::now() + FLOOD;
+                let mut sent = 0u64;
+                while Instant::now() < until {
+                    for _ in 0..256 {
+                        if socket.send_to(&question, addr).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let answered = tokio::time::timeout(
+        TCP_WITHIN,
+        tcp(
+            addr,
+            &make_query("web.service.consul.", RecordType::A, None),
+        ),
+    )
+    .await;
+    let took = asked.elapsed();
+    let sent: u64 = flooders
+        .into_iter()
+        .map(|f| f.join().expect("flood thread"))
+        .sum();
+    let answer = answered.unwrap_or_else(|_| {
+        panic!("no TCP answer within {TCP_WITHIN:?} while {sent} datagrams flooded the server")
+    });
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+    assert!(!addresses(&answer).is_empty(), "{answer:?}");
+    println!("TCP answered in {took:?} during a flood of {sent} datagrams");
+    drop(server);
+}

@@ -13,6 +13,8 @@
 //!   routing to an answer source, size limits.
 //! - `arpa`: reverse names (`in-addr.arpa.`, `ip6.arpa.`) read as addresses, without
 //!   allocating, for the PTR answers of the Consul source.
+//! - `atomic_instant`: an `Instant` read and written without a lock (the watch times every
+//!   Consul answer checks).
 //! - `header`: the 12-byte DNS header (named flags, section counts), record type numbers and
 //!   the reply size limits.
 //! - [`reply`]: pure DNS message functions: reply headers, encoding within a size, truncation.
@@ -71,6 +73,7 @@
 
 pub mod answer;
 mod arpa;
+mod atomic_instant;
 pub mod cache;
 pub mod config;
 pub mod consul;

@@ -446,7 +446,7 @@ impl Backend for HttpBackend {
         match state {
             ViewState::Ready(view) => {
                 let view = self.after_catalog_change(key, &w, view).await;
-                let confirmed = *lock(&w.last_confirmed);
+                let confirmed = w.last_confirmed.load();
                 if w.on_demand.load(Ordering::SeqCst)
                     && (!w.asked_again.load(Ordering::SeqCst)
                         || confirmed

@@ -55,7 +55,7 @@ impl HttpBackend {
                 }
                 Ok(ViewPeek {
                     view,
-                    confirmed_ago: lock(&w.last_confirmed).map(|at| at.elapsed()),
+                    confirmed_ago: w.last_confirmed.load().map(|at| at.elapsed()),
                     index: (index > 0).then_some(index),
                     agent: Some(self.client.current_agent()),
                     kept_fresh_by,
@@ -100,7 +100,7 @@ impl HttpBackend {
                 KeptView {
                     key,
                     counts,
-                    age: lock(&w.last_confirmed).map(|at| at.elapsed()),
+                    age: w.last_confirmed.load().map(|at| at.elapsed()),
                 }
             })
             .collect();

@@ -12,13 +12,18 @@ use tokio::sync::watch;
 use super::catalog::ServiceView;
 use super::name::ViewKey;
 use super::StillServed;
-use crate::lock::lock;
+use crate::atomic_instant::AtomicInstant;
 use crate::metrics::Metrics;
 
 /// Bound on `consul_healthy_instances{service}` series: one per watched service up to this
 /// many (about 370 B each, and as many lines in every scrape of every host), none beyond it
 /// (counted in `limit_drops_total{limit="service_series"}`).
 pub(crate) const MAX_SERVICE_SERIES: usize = 1_000;
+
+/// How precisely a watch remembers when it was last asked: it only matters against
+/// `consul.watch_idle` (minutes), and a write per answer would move the watch's cache line
+/// between every core answering the service.
+const ASKED_GRANULARITY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub(super) enum ViewState {
@@ -40,8 +45,10 @@ pub(super) struct Watch {
     pub(super) changed: tokio::sync::Notify,
     /// A query came after the first fetch: the service is worth a blocking watch.
     pub(super) asked_again: AtomicBool,
-    pub(super) last_asked: Mutex<Instant>,
-    pub(super) last_confirmed: Mutex<Option<Instant>>,
+    /// Read only to tell a watch gone idle (`consul.watch_idle`, minutes), so written at most
+    /// once per `ASKED_GRANULARITY`.
+    pub(super) last_asked: AtomicInstant,
+    pub(super) last_confirmed: AtomicInstant,
     /// The catalog index of the view's scope (`/v1/catalog/services`, which moves with every
     /// registration and deregistration there) when the view was last known current; a higher
     /// one means instances may have come or gone since: see `HttpBackend::service`.
@@ -123,8 +130,8 @@ impl Watch {
             demand: tokio::sync::Notify::new(),
             changed: tokio::sync::Notify::new(),
             asked_again: AtomicBool::new(false),
-            last_asked: Mutex::new(Instant::now()),
-            last_confirmed: Mutex::new(None),
+            last_asked: AtomicInstant::new(Instant::now()),
+            last_confirmed: AtomicInstant::none(),
             catalog_seen: AtomicU64::new(0),
             fetched: tokio::sync::Notify::new(),
             series: AtomicU8::new(SERIES_NONE),
@@ -135,7 +142,8 @@ impl Watch {
     }
 
     pub(super) fn touch(&self) {
-        *lock(&self.last_asked) = Instant::now();
+        self.last_asked
+            .store_coarse(Instant::now(), ASKED_GRANULARITY);
     }
 }
 
@@ -177,11 +185,11 @@ impl StillServed for ServedView {
         {
             return false;
         }
-        let confirmed = *lock(&w.last_confirmed);
+        let confirmed = w.last_confirmed.load();
         if confirmed.is_none_or(|at| now.saturating_duration_since(at) > self.stale_for) {
             return false;
         }
-        *lock(&w.last_asked) = now;
+        w.last_asked.store_coarse(now, ASKED_GRANULARITY);
         true
     }
 }
@@ -202,7 +210,7 @@ pub(super) mod tests {
         let w = Arc::new(Watch::new());
         let view = Arc::new(ServiceView::new(Vec::new(), "dc1"));
         w.state.send_replace(ViewState::Ready(view.clone()));
-        *lock(&w.last_confirmed) = Some(Instant::now());
+        w.last_confirmed.store(Instant::now());
         (w, view)
     }
 
@@ -216,7 +224,11 @@ pub(super) mod tests {
         let served = ServedView::new(w.clone(), &view, STALE_FOR).expect("current");
         let later = Instant::now() + Duration::from_secs(5);
         assert!(served.still_served(later));
-        assert_eq!(*lock(&w.last_asked), later, "the query counts as asked");
+        assert_eq!(
+            w.last_asked.load(),
+            Some(later),
+            "the query counts as asked"
+        );
         // Stale: confirmed longer ago than stale_for.
         assert!(!served.still_served(later + STALE_FOR));
         // Without a blocking query, and back.
@@ -234,7 +246,7 @@ pub(super) mod tests {
         assert!(!again.still_served(later));
         // Never confirmed.
         let (fresh, view) = ready_watch();
-        *lock(&fresh.last_confirmed) = None;
+        fresh.last_confirmed.clear();
         let never = ServedView::new(fresh, &view, STALE_FOR).expect("current");
         assert!(!never.still_served(Instant::now()));
     }

@@ -135,7 +135,13 @@ impl Watcher {
         let mut failures: u32 = 0;
         let mut bucket = TokenBucket::full(WATCH_RATE, Instant::now());
         loop {
-            if lock(&self.watch.last_asked).elapsed() > self.cx.settings.watch_idle {
+            if self
+                .watch
+                .last_asked
+                .load()
+                .map_or(Duration::ZERO, |at| at.elapsed())
+                > self.cx.settings.watch_idle
+            {
                 break;
             }
             if let Err(wait) = bucket.take(WATCH_RATE, Instant::now()) {
@@ -172,7 +178,7 @@ impl Watcher {
                 Ok(r) => {
                     self.cx.outage.ok();
                     failures = 0;
-                    *lock(&self.watch.last_confirmed) = Some(Instant::now());
+                    self.watch.last_confirmed.store(Instant::now());
                     let local_dc = lock(&self.cx.datacenter).clone();
                     install_entries(
                         &self.watch,

@@ -285,10 +285,14 @@ impl UdpLoop {
             // datagram one `recvfrom`, no future and no readiness bookkeeping. At most
             // `UDP_BATCH` before the loop yields, so that a flood cannot starve the other tasks
             // of this worker (Consul watchers, TCP, metrics), as tokio's budget would have.
+            let mut drained = false;
             for _ in 0..UDP_BATCH {
                 let (len, peer) = match self.socket.try_recv_from(&mut buf) {
                     Ok(x) => x,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
                     Err(e) => {
                         // ICMP errors from earlier sends surface here on some systems.
                         tracing::debug!(error = %e, "udp receive error");
@@ -297,7 +301,9 @@ impl UdpLoop {
                 };
                 self.answer(&buf[..len], peer, &mut reply);
             }
-            tokio::task::yield_now().await;
+            if !drained {
+                tokio::task::yield_now().await;
+            }
         }
     }
 

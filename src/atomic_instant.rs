@@ -24,6 +24,13 @@ fn origin() -> Instant {
 #[derive(Debug)]
 pub(crate) struct AtomicInstant(AtomicU64);
 
+impl Default for AtomicInstant {
+    /// Holding no instant.
+    fn default() -> Self {
+        AtomicInstant::none()
+    }
+}
+
 impl AtomicInstant {
     /// Holding no instant.
     pub(crate) fn none() -> AtomicInstant {
@@ -46,7 +53,6 @@ impl AtomicInstant {
         self.0.store(encode(at), Ordering::Release);
     }
 
-    #[cfg(test)]
     pub(crate) fn clear(&self) {
         self.0.store(0, Ordering::Release);
     }

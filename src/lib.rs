@@ -19,7 +19,8 @@
 //!   the reply size limits.
 //! - [`reply`]: pure DNS message functions: reply headers, encoding within a size, truncation.
 //! - [`consul`]: the Consul answer source: name parsing and validation, what exists in Consul,
-//!   health filtering, record building, watchers with blocking queries, the change feed, the
+//!   health filtering, record building, watchers with blocking queries, the change feed (with
+//!   the catalog lists it vouches for views without a blocking query: `consul::freshness`), the
 //!   catalog file and the dnsmasq-compatible DNS mode; service addresses kept as wire records
 //!   for the hot path (`consul::encoded`).
 //! - [`upstream`]: forwarding to upstream resolvers with failover and TCP fallback, zone routing,

@@ -54,6 +54,11 @@ pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Extra time a blocking request gets beyond `wait` and Consul's jitter (up to wait/16).
 const BLOCKING_MARGIN: Duration = Duration::from_secs(5);
 
+/// How long a blocking request with `wait` may take before it counts as failed.
+pub(crate) fn blocking_timeout(wait: Duration) -> Duration {
+    wait + wait / 16 + BLOCKING_MARGIN
+}
+
 /// The largest body we read: a 5,000-instance service is about 10 MiB of JSON; more than this is
 /// not a health listing (or it never ends).
 pub(crate) const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -307,7 +312,7 @@ impl ConsulClient {
             Some((index, wait)) => {
                 params.push(("index", index.to_string()));
                 params.push(("wait", format!("{}ms", wait.as_millis())));
-                wait + wait / 16 + BLOCKING_MARGIN
+                blocking_timeout(wait)
             }
             None => REQUEST_TIMEOUT,
         };

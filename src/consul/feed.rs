@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::catalog::{service_id_key, Instance, ServiceView, Status};
 use super::client::{next_index, ClientError, ConsulClient};
+use super::freshness::FeedPulse;
 use super::name::{ServiceKind, ViewKey};
 use super::outage::OutageLog;
 use super::retry::backoff;
@@ -235,6 +236,9 @@ pub(super) struct FeedShared {
     pub(super) metrics: Arc<Metrics>,
     pub(super) series: Arc<ServiceSeries>,
     pub(super) only_passing: bool,
+    /// The feeds' rounds and liveness, which views follow to stay current without a refetch
+    /// (see `freshness`).
+    pub(super) pulse: Arc<FeedPulse>,
 }
 
 /// How one round of the feeds touched the views.
@@ -251,9 +255,14 @@ impl FeedShared {
     /// instance's status follows from the lists); a view that lacks one (an instance
     /// registered since its fetch), or any view while a list is missing, is refreshed with one
     /// fetch instead.
+    ///
+    /// Each call is one round of [`FeedPulse`], counted under the lists' lock (so rounds are
+    /// applied in their order); every view brought up to date follows the round, a view to be
+    /// fetched again falls behind (see `freshness`).
     pub(super) fn apply(&self, changes: Option<&Changes>) -> Applied {
         let local_dc = lock(&self.local_dc).clone();
         let lists = lock(&self.lists);
+        let round = self.pulse.next_round();
         let complete = lists.complete();
         let watches = lock(&self.watches);
         let mut applied = Applied::default();
@@ -274,52 +283,85 @@ impl FeedShared {
             let knows_all = match changes {
                 None => true,
                 Some(c) => match affects(c, service, &view) {
-                    Affected::No => continue,
+                    Affected::No => {
+                        self.settle(key, w, &view, None, Follow::Advance(round));
+                        continue;
+                    }
                     Affected::Known => true,
                     Affected::Unknown => false,
                 },
             };
             match complete {
                 Some(lists) if knows_all => {
-                    if let Some(new) = patched(&view, lists) {
-                        self.install(key, w, &view, new);
-                        applied.patched += 1;
-                    }
+                    let new = patched(&view, lists);
+                    applied.patched += usize::from(new.is_some());
+                    // A first list recomputes every status: the view is caught up whatever
+                    // rounds it missed.
+                    let follow = match changes {
+                        None => Follow::CaughtUp(round),
+                        Some(_) => Follow::Advance(round),
+                    };
+                    self.settle(key, w, &view, new, follow);
                 }
                 // Only a diff says something happened; without one there is nothing to fetch.
                 _ if changes.is_some() => {
+                    w.freshness.fall_behind();
                     w.changed.notify_one();
                     applied.refreshed += 1;
                 }
-                _ => {}
+                // A first list while the other is missing: nothing to apply, and the other's
+                // first list recomputes every status.
+                _ => self.settle(key, w, &view, None, Follow::Advance(round)),
             }
         }
         applied
     }
 
-    /// Replaces `old` by `new` unless the watcher replaced it meanwhile (its fetch is newer).
-    pub(super) fn install(
+    /// Unless the watcher replaced `old` meanwhile (its fetch is newer, and its own basis says
+    /// whether it follows the feed): replaces it by `new` if given, and records the round.
+    /// Both happen under the state channel's lock, which the watcher's install takes too, so a
+    /// round is never recorded for a view it was not applied to.
+    fn settle(
         &self,
         key: &ViewKey,
         w: &Watch,
         old: &Arc<ServiceView>,
-        new: ServiceView,
+        new: Option<ServiceView>,
+        follow: Follow,
     ) {
-        let healthy = new.healthy_count(self.only_passing);
-        let new = Arc::new(new);
+        let healthy = new.as_ref().map(|n| n.healthy_count(self.only_passing));
+        let mut new = new.map(Arc::new);
         let replaced = w.state.send_if_modified(|state| match state {
             ViewState::Ready(current) if Arc::ptr_eq(current, old) => {
-                *state = ViewState::Ready(new);
-                true
+                match follow {
+                    Follow::Advance(round) => w.freshness.advance(round),
+                    Follow::CaughtUp(round) => w.freshness.caught_up(round),
+                }
+                match new.take() {
+                    Some(new) => {
+                        *state = ViewState::Ready(new);
+                        true
+                    }
+                    None => false,
+                }
             }
             _ => false,
         });
-        if replaced {
+        if let (true, Some(healthy)) = (replaced, healthy) {
             self.metrics.consul_health_changes.inc();
             self.series
                 .set(key.service.as_str(), key.is_plain_local(), w, healthy);
         }
     }
+}
+
+/// How a round applied to a view moves its standing (see `freshness::Freshness`).
+#[derive(Clone, Copy)]
+enum Follow {
+    /// The view was up to date with the round before, so it is with this one.
+    Advance(u64),
+    /// Every status was recomputed from complete lists.
+    CaughtUp(u64),
 }
 
 pub(super) enum Affected {
@@ -380,6 +422,12 @@ pub(super) struct Feed {
 
 impl Feed {
     pub(super) async fn run(mut self) {
+        self.keep().await;
+        // Stopped: views that follow this feed go back to their TTL.
+        self.shared.pulse.lists[self.list].fail();
+    }
+
+    async fn keep(&mut self) {
         let segments = ["v1", "health", "state", self.state];
         let params: Vec<(&str, String)> = match &self.shared.scope {
             Some(dc) => vec![("dc", dc.clone())],
@@ -411,6 +459,7 @@ impl Feed {
                 _ = self.failovers.changed() => {
                     index = 0;
                     lock(&self.shared.lists).lists[self.list] = None;
+                    self.shared.pulse.lists[self.list].fail();
                     continue;
                 }
                 r = request => r,
@@ -438,6 +487,7 @@ impl Feed {
                     })
                     .await
                     .unwrap_or_default();
+                    self.shared.pulse.lists[self.list].beat(r.index, Instant::now());
                     if applied.patched + applied.refreshed > 0 {
                         tracing::debug!(
                             state = self.state,
@@ -453,6 +503,7 @@ impl Feed {
                     // Failing or refused: the slot serves a watcher better meanwhile.
                     slot = None;
                     lock(&self.shared.lists).lists[self.list] = None;
+                    self.shared.pulse.lists[self.list].fail();
                     failures = failures.saturating_add(1);
                     // A datacenter gone from the federation: its views fail alike, and stop.
                     let refused = matches!(
@@ -493,8 +544,8 @@ impl Feed {
     }
 }
 
-/// The running feeds by datacenter, each with the token that stops both of its feeds.
-pub(super) type RunningFeeds = Arc<Mutex<HashMap<FeedScope, CancellationToken>>>;
+/// The running feeds by datacenter, each with what its views follow (see `freshness`).
+pub(super) type RunningFeeds = Arc<Mutex<HashMap<FeedScope, Arc<FeedPulse>>>>;
 
 /// Stops a remote datacenter's feeds once no view they could patch is left (its watchers stop
 /// after `consul.watch_idle` without questions), looking every `every`. The check and the

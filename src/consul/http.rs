@@ -10,7 +10,8 @@
 //! (or, when a patch cannot be exact, fetched again).
 //!
 //! The parts live beside this file: [`super::views`] (the watched views), [`super::watcher`],
-//! [`super::feed`], [`super::on_demand`], [`super::agent`], [`super::outage`], and
+//! [`super::feed`], [`super::freshness`] (when a view without a blocking query is current without
+//! a fetch), [`super::on_demand`], [`super::agent`], [`super::outage`], and
 //! [`super::inventory`] (what exists).
 
 use std::collections::HashMap;
@@ -27,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 use super::addrs::WanTranslation;
 use super::agent::{discover_datacenter, probe_agents};
 use super::catalog::{CatalogNodeJson, NodeView, QueryExecuteJson, QueryView, ServiceView};
-use super::client::{ClientError, ConsulClient, REQUEST_TIMEOUT};
+use super::client::{blocking_timeout, ClientError, ConsulClient, REQUEST_TIMEOUT};
 use super::feed::{
     feed_scope, stop_when_unused, Feed, FeedShared, HealthLists, RunningFeeds, FEED_STATES,
 };
+use super::freshness::{self, FeedPulse, Sources};
 use super::inventory::{Inventory, NodeAddresses, MAX_REMOTE_DATACENTERS};
 use super::name::{Tenancy, ViewKey};
 use super::on_demand::OnDemand;
@@ -60,6 +62,10 @@ const CATALOG_REFRESH_WAIT: Duration = Duration::from_secs(1);
 /// gets SERVFAIL, counted in `limit_drops_total{limit="watchers"}`. Twice the 10,000 services
 /// the forwarder is measured at.
 pub(crate) const MAX_WATCHERS: usize = 20_000;
+
+/// How precisely a view the feeds vouch for records that it was confirmed: it is compared with
+/// TTLs of seconds, and a write per query would move the watch between the answering cores.
+const CONFIRMED_GRANULARITY: Duration = Duration::from_millis(100);
 
 pub(crate) struct HttpBackend {
     pub(super) client: Arc<ConsulClient>,
@@ -126,6 +132,7 @@ impl HttpBackend {
             only_passing: config.only_passing,
             node_ttl: config.node_ttl,
             default_service_ttl: config.service_ttl_for(""),
+            alive_within: freshness::alive_within(blocking_timeout(config.watch_wait)),
             config: Arc::new(config.clone()),
         };
         let watches: WatchMap = Arc::new(Mutex::new(HashMap::new()));
@@ -226,9 +233,10 @@ impl HttpBackend {
     /// already, or when `checked` is false (the inventory could not tell whether the service
     /// exists) and the budget for such lookups is spent.
     /// `view`, or, when `w` has no blocking query and the catalog of its scope changed since
-    /// it was last current (an instance registered or deregistered: the change feed only sees
-    /// health), the view fetched again. Consul is asked at most once per catalog change and
-    /// view, however many queries come, and only for views someone asks for.
+    /// it was last current (an instance registered, deregistered or changed, or a node changed:
+    /// the change feed only sees health), the view fetched again. Consul is asked at most once
+    /// per catalog change and view, however many queries come, and only for views someone asks
+    /// for.
     async fn after_catalog_change(
         &self,
         key: &ViewKey,
@@ -238,10 +246,12 @@ impl HttpBackend {
         if !w.on_demand.load(Ordering::SeqCst) {
             return view;
         }
-        let index = self
+        let (services, nodes) = self
             .inventory
-            .services_index(key.dc.as_deref(), &key.tenancy);
-        if w.catalog_seen.fetch_max(index, Ordering::SeqCst) >= index {
+            .catalog_indexes(key.dc.as_deref(), &key.tenancy);
+        let services_moved = w.catalog_seen.fetch_max(services, Ordering::SeqCst) < services;
+        let nodes_moved = w.nodes_seen.fetch_max(nodes, Ordering::SeqCst) < nodes;
+        if !services_moved && !nodes_moved {
             return view;
         }
         let fetched = w.fetched.notified();
@@ -272,11 +282,12 @@ impl HttpBackend {
             return None;
         }
         let w = Arc::new(Watch::new());
-        // The first fetch is at least as new as the catalog index known now.
-        let index = self
+        // The first fetch is at least as new as the catalog indexes known now.
+        let (services, nodes) = self
             .inventory
-            .services_index(key.dc.as_deref(), &key.tenancy);
-        w.catalog_seen.store(index, Ordering::SeqCst);
+            .catalog_indexes(key.dc.as_deref(), &key.tenancy);
+        w.catalog_seen.store(services, Ordering::SeqCst);
+        w.nodes_seen.store(nodes, Ordering::SeqCst);
         watches.insert(key.clone(), w.clone());
         self.metrics.consul_watchers.inc();
         let task = Watcher {
@@ -288,20 +299,24 @@ impl HttpBackend {
         tokio::spawn(task.run());
         // The feeds' table is taken after the watch table is let go (see `stop_when_unused`).
         drop(watches);
-        self.start_feeds_for(&key);
+        let feed = self.start_feeds_for(&key);
+        let catalog = self
+            .inventory
+            .catalog_pulse(key.dc.as_deref(), &key.tenancy);
+        if let (Some(feed), Some(catalog)) = (feed, catalog) {
+            w.freshness.follow(Sources { feed, catalog });
+        }
         Some(w)
     }
 
-    /// Starts the change feeds of `key`'s datacenter unless they run, or no feed can patch
-    /// the view.
-    fn start_feeds_for(&self, key: &ViewKey) {
+    /// Starts the change feeds of `key`'s datacenter unless they run; what they publish for
+    /// views to follow, or `None` when no feed can patch the view.
+    fn start_feeds_for(&self, key: &ViewKey) -> Option<Arc<FeedPulse>> {
         let local_dc = lock(&self.datacenter).clone();
-        let Some(scope) = feed_scope(key, local_dc.as_deref()) else {
-            return;
-        };
+        let scope = feed_scope(key, local_dc.as_deref())?;
         let mut running = lock(&self.feeds);
-        if running.contains_key(&scope) {
-            return;
+        if let Some(pulse) = running.get(&scope) {
+            return Some(pulse.clone());
         }
         if scope.is_some() && running.keys().flatten().count() >= MAX_REMOTE_DATACENTERS {
             // That datacenter's views follow their TTLs and the catalog's changes.
@@ -309,10 +324,11 @@ impl HttpBackend {
                 .limit_drops
                 .with_label_values(&["remote_feeds"])
                 .inc();
-            return;
+            return None;
         }
         let stop = self.shutdown.child_token();
-        running.insert(scope.clone(), stop.clone());
+        let pulse = Arc::new(FeedPulse::default());
+        running.insert(scope.clone(), pulse.clone());
         let remote = scope.is_some();
         let shared = FeedShared {
             scope,
@@ -322,6 +338,7 @@ impl HttpBackend {
             metrics: self.metrics.clone(),
             series: self.watcher_context.series.clone(),
             only_passing: self.settings.only_passing,
+            pulse: pulse.clone(),
         };
         for (list, state) in FEED_STATES.into_iter().enumerate() {
             let feed = Feed {
@@ -344,6 +361,7 @@ impl HttpBackend {
                 self.settings.watch_idle,
             ));
         }
+        Some(pulse)
     }
 }
 
@@ -446,6 +464,13 @@ impl Backend for HttpBackend {
         match state {
             ViewState::Ready(view) => {
                 let view = self.after_catalog_change(key, &w, view).await;
+                let now = Instant::now();
+                if w.on_demand.load(Ordering::SeqCst)
+                    && w.freshness.current(now, self.settings.alive_within)
+                {
+                    // Known current without a request: its TTL starts over.
+                    w.last_confirmed.store_coarse(now, CONFIRMED_GRANULARITY);
+                }
                 let confirmed = w.last_confirmed.load();
                 if w.on_demand.load(Ordering::SeqCst)
                     && (!w.asked_again.load(Ordering::SeqCst)
@@ -477,7 +502,7 @@ impl Backend for HttpBackend {
     /// once for it. The check holds the watch itself, so the hot path skips the table.
     fn serving(&self, key: &ViewKey, view: &Arc<ServiceView>) -> Option<Box<dyn StillServed>> {
         let w = lock(&self.watches).get(key).cloned()?;
-        let served = ServedView::new(w, view, self.settings.stale_for)?;
+        let served = ServedView::new(w, view, self.settings.stale_for, self.settings.alive_within)?;
         served
             .still_served(Instant::now())
             .then(|| Box::new(served) as Box<dyn StillServed>)

@@ -13,7 +13,7 @@
 //! flood of made-up names costs Consul a few requests a second at most.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{next_index, ClientError, ConsulClient, REQUEST_TIMEOUT};
+use super::freshness::{CatalogPulse, ListPulse};
 use super::name::{Tenancy, ViewKey};
 use super::outage::OutageLog;
 use super::ptr::{count_dropped, AddressIndex, NodeAddressJson};
@@ -203,9 +204,10 @@ fn new_list() -> watch::Sender<List> {
 /// The two lists of one datacenter.
 struct DatacenterLists {
     services: watch::Sender<List>,
-    /// The service list's `X-Consul-Index`: it moves with every registration and
-    /// deregistration in the scope (Consul's services table).
-    services_index: Arc<AtomicU64>,
+    /// Both lists' `X-Consul-Index` and liveness: the service list's moves with every
+    /// registration, deregistration and instance change in the scope (Consul's services
+    /// table), the node list's with every node change (its address included).
+    pulse: Arc<CatalogPulse>,
     nodes: watch::Sender<List>,
     last_asked: Mutex<Instant>,
     stop: CancellationToken,
@@ -215,7 +217,7 @@ impl DatacenterLists {
     fn new(stop: CancellationToken) -> DatacenterLists {
         DatacenterLists {
             services: new_list(),
-            services_index: Arc::new(AtomicU64::new(0)),
+            pulse: Arc::new(CatalogPulse::default()),
             nodes: new_list(),
             last_asked: Mutex::new(Instant::now()),
             stop,
@@ -451,10 +453,7 @@ impl Inventory {
             };
             let task = ListTask {
                 shared: self.shared.clone(),
-                index_out: match kind {
-                    Kind::Services => Some(lists.services_index.clone()),
-                    Kind::Nodes => None,
-                },
+                pulse: lists.pulse.clone(),
                 kind,
                 scope: scope.cloned().unwrap_or_default(),
                 list,
@@ -473,20 +472,29 @@ impl Inventory {
         }
     }
 
-    /// The service list's index in the scope of `dc` and `tenancy` (0 while none was read, or
-    /// when no list of that scope is kept): it moves with every registration and deregistration
-    /// there. Never starts a list.
-    pub(crate) fn services_index(&self, dc: Option<&str>, tenancy: &Tenancy) -> u64 {
-        let lists = if dc.is_none() && tenancy.is_default() {
-            Some(self.local.clone())
-        } else {
-            let scope = ListScope {
-                dc: dc.map(str::to_owned),
-                tenancy: tenancy.clone(),
-            };
-            lock(&self.remote).get(&scope).cloned()
+    /// The catalog lists' indexes and liveness in the scope of `dc` and `tenancy` (`None` when
+    /// no list of that scope is kept). Never starts a list.
+    pub(crate) fn catalog_pulse(
+        &self,
+        dc: Option<&str>,
+        tenancy: &Tenancy,
+    ) -> Option<Arc<CatalogPulse>> {
+        if dc.is_none() && tenancy.is_default() {
+            return Some(self.local.pulse.clone());
+        }
+        let scope = ListScope {
+            dc: dc.map(str::to_owned),
+            tenancy: tenancy.clone(),
         };
-        lists.map_or(0, |l| l.services_index.load(Ordering::SeqCst))
+        lock(&self.remote).get(&scope).map(|l| l.pulse.clone())
+    }
+
+    /// The (service list, node list) indexes in the scope of `dc` and `tenancy` (0 while none
+    /// was read, or when no list of that scope is kept): they move with every registration,
+    /// deregistration and node change there. Never starts a list.
+    pub(crate) fn catalog_indexes(&self, dc: Option<&str>, tenancy: &Tenancy) -> (u64, u64) {
+        self.catalog_pulse(dc, tenancy)
+            .map_or((0, 0), |p| (p.services.index(), p.nodes.index()))
     }
 
     /// The lists of `scope` (the local datacenter's default tenancy when both are absent),
@@ -750,8 +758,8 @@ async fn reap_when_idle(
 /// Keeps one catalog list of one scope by blocking queries.
 struct ListTask {
     shared: Arc<Shared>,
-    /// Where the list's index is published (the service list's, for views' freshness).
-    index_out: Option<Arc<AtomicU64>>,
+    /// Where the lists' indexes and liveness are published, for views' freshness.
+    pulse: Arc<CatalogPulse>,
     kind: Kind,
     scope: ListScope,
     list: watch::Sender<List>,
@@ -760,6 +768,12 @@ struct ListTask {
 
 impl ListTask {
     async fn run(self) {
+        self.keep().await;
+        // Stopped: what the list said no longer holds for anyone still following it.
+        self.pulse().fail();
+    }
+
+    async fn keep(&self) {
         let mut failovers = self.shared.failovers.clone();
         let params = self.scope.tenancy.params(self.scope.dc.as_deref());
         let mut index: u64 = 0;
@@ -780,6 +794,7 @@ impl ListTask {
                 _ = self.stop.cancelled() => return,
                 _ = failovers.changed() => {
                     index = 0;
+                    self.pulse().fail();
                     continue;
                 }
                 r = request => r,
@@ -792,9 +807,7 @@ impl ListTask {
                     self.shared.outage.ok();
                     failures = 0;
                     index = next_index(index, new_index);
-                    if let Some(out) = &self.index_out {
-                        out.store(new_index, Ordering::SeqCst);
-                    }
+                    self.pulse().beat(new_index, Instant::now());
                     self.list.send_replace(List::Ready(Arc::new(names)));
                     // Polling only when a blocking query was due and no slot was free.
                     if blocking.is_none() && asked_at > 0 {
@@ -809,6 +822,7 @@ impl ListTask {
                     slot = None;
                     failures = failures.saturating_add(1);
                     mark_failed(&self.list);
+                    self.pulse().fail();
                     backoff(failures)
                 }
             };
@@ -819,6 +833,14 @@ impl ListTask {
                     slot = slot.or(queued);
                 }
             }
+        }
+    }
+
+    /// This list's half of the catalog pulse.
+    fn pulse(&self) -> &ListPulse {
+        match self.kind {
+            Kind::Services => &self.pulse.services,
+            Kind::Nodes => &self.pulse.nodes,
         }
     }
 

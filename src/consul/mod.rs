@@ -12,6 +12,7 @@ pub(crate) mod client;
 pub(crate) mod encoded;
 pub(crate) mod feed;
 pub mod file;
+pub(crate) mod freshness;
 pub(crate) mod http;
 pub(crate) mod inventory;
 pub mod name;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::catalog::ServiceView;
+use super::freshness::Freshness;
 use super::name::ViewKey;
 use super::StillServed;
 use crate::atomic_instant::AtomicInstant;
@@ -53,6 +54,9 @@ pub(super) struct Watch {
     /// registration and deregistration there) when the view was last known current; a higher
     /// one means instances may have come or gone since: see `HttpBackend::service`.
     pub(super) catalog_seen: AtomicU64,
+    /// The same for the node list (`/v1/catalog/nodes`, which moves with every node change, an
+    /// address among them).
+    pub(super) nodes_seen: AtomicU64,
     /// Woken after each of the watcher's requests, whatever its outcome.
     pub(super) fetched: tokio::sync::Notify,
     /// This view's `consul_healthy_instances` series: see [`ServiceSeries`].
@@ -65,6 +69,8 @@ pub(super) struct Watch {
     /// Its watcher stopped (idle, or shutting down): nothing keeps this view fresh any more,
     /// and a later query starts a new watch. Never cleared.
     pub(super) retired: AtomicBool,
+    /// Without a blocking query, whether the feeds and catalog lists vouch for the view.
+    pub(super) freshness: Freshness,
 }
 
 /// [`Watch::series`]: not asked for yet, created, or refused at the bound.
@@ -133,11 +139,13 @@ impl Watch {
             last_asked: AtomicInstant::new(Instant::now()),
             last_confirmed: AtomicInstant::none(),
             catalog_seen: AtomicU64::new(0),
+            nodes_seen: AtomicU64::new(0),
             fetched: tokio::sync::Notify::new(),
             series: AtomicU8::new(SERIES_NONE),
             index: AtomicU64::new(0),
             fetched_view: Mutex::new(Weak::new()),
             retired: AtomicBool::new(false),
+            freshness: Freshness::default(),
         }
     }
 
@@ -148,14 +156,17 @@ impl Watch {
 }
 
 /// The check behind `HttpBackend::serving`: one view of one watch, served while the watch has
-/// a blocking query of its own, a running watcher, the same view (the state channel's version
-/// unchanged since the view was seen in it) and a confirmation within `stale_for`.
+/// a running watcher, the same view (the state channel's version unchanged since the view was
+/// seen in it), and either a blocking query of its own with a confirmation within `stale_for`,
+/// or the feeds' and catalog lists' word that it is current (`freshness`).
 pub(super) struct ServedView {
     watch: Arc<Watch>,
     /// Subscribed when `view` was the state: any later state (a new view, a patch, a failure
     /// with no view) changes the version.
     seen: watch::Receiver<ViewState>,
     stale_for: Duration,
+    /// How recently the feeds and lists must have answered (`freshness::alive_within`).
+    alive_within: Duration,
 }
 
 impl ServedView {
@@ -164,6 +175,7 @@ impl ServedView {
         watch: Arc<Watch>,
         view: &Arc<ServiceView>,
         stale_for: Duration,
+        alive_within: Duration,
     ) -> Option<ServedView> {
         // Subscribed before the state is read: a state sent in between changes the version.
         let seen = watch.state.subscribe();
@@ -172,6 +184,7 @@ impl ServedView {
             watch,
             seen,
             stale_for,
+            alive_within,
         })
     }
 }
@@ -179,15 +192,18 @@ impl ServedView {
 impl StillServed for ServedView {
     fn still_served(&self, now: Instant) -> bool {
         let w = &self.watch;
-        if w.on_demand.load(Ordering::SeqCst)
-            || w.retired.load(Ordering::SeqCst)
-            || !matches!(self.seen.has_changed(), Ok(false))
-        {
+        if w.retired.load(Ordering::SeqCst) || !matches!(self.seen.has_changed(), Ok(false)) {
             return false;
         }
-        let confirmed = w.last_confirmed.load();
-        if confirmed.is_none_or(|at| now.saturating_duration_since(at) > self.stale_for) {
-            return false;
+        if w.on_demand.load(Ordering::SeqCst) {
+            if !w.freshness.current(now, self.alive_within) {
+                return false;
+            }
+        } else {
+            let confirmed = w.last_confirmed.load();
+            if confirmed.is_none_or(|at| now.saturating_duration_since(at) > self.stale_for) {
+                return false;
+            }
         }
         w.last_asked.store_coarse(now, ASKED_GRANULARITY);
         true
@@ -220,8 +236,8 @@ pub(super) mod tests {
     fn a_served_view_is_served_until_anything_about_it_changes() {
         let (w, view) = ready_watch();
         let other = Arc::new(ServiceView::new(Vec::new(), "dc1"));
-        assert!(ServedView::new(w.clone(), &other, STALE_FOR).is_none());
-        let served = ServedView::new(w.clone(), &view, STALE_FOR).expect("current");
+        assert!(ServedView::new(w.clone(), &other, STALE_FOR, STALE_FOR).is_none());
+        let served = ServedView::new(w.clone(), &view, STALE_FOR, STALE_FOR).expect("current");
         let later = Instant::now() + Duration::from_secs(5);
         assert!(served.still_served(later));
         assert_eq!(
@@ -239,7 +255,7 @@ pub(super) mod tests {
         // Any new state, even the same view sent again, ends it for good.
         w.state.send_replace(ViewState::Ready(view.clone()));
         assert!(!served.still_served(later));
-        let again = ServedView::new(w.clone(), &view, STALE_FOR).expect("current");
+        let again = ServedView::new(w.clone(), &view, STALE_FOR, STALE_FOR).expect("current");
         assert!(again.still_served(later));
         // The watcher stopped.
         w.retired.store(true, Ordering::SeqCst);
@@ -247,7 +263,7 @@ pub(super) mod tests {
         // Never confirmed.
         let (fresh, view) = ready_watch();
         fresh.last_confirmed.clear();
-        let never = ServedView::new(fresh, &view, STALE_FOR).expect("current");
+        let never = ServedView::new(fresh, &view, STALE_FOR, STALE_FOR).expect("current");
         assert!(!never.still_served(Instant::now()));
     }
 

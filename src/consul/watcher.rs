@@ -43,6 +43,9 @@ pub(super) struct Settings {
     pub(super) only_passing: bool,
     pub(super) node_ttl: Duration,
     pub(super) default_service_ttl: Duration,
+    /// How recently the feeds and catalog lists must have answered for a view without a
+    /// blocking query to be current by their word (`freshness::alive_within`).
+    pub(super) alive_within: Duration,
     pub(super) config: Arc<ConsulConfig>,
 }
 
@@ -156,6 +159,8 @@ impl Watcher {
                 Turn::Ask(slot) => slot,
             };
             let blocking = slot.as_ref().map(|_| (index, self.cx.settings.watch_wait));
+            // Read before the request leaves: what the feeds and catalog said by then is in it.
+            let basis = self.watch.freshness.basis();
             // Boxed: the request's state machine is most of a watcher's size, and only the
             // watchers with a request in flight need it.
             let request = Box::pin(
@@ -192,6 +197,7 @@ impl Watcher {
                             local_dc: local_dc.as_deref(),
                         },
                     );
+                    self.watch.freshness.settle(basis);
                     index = next_index(index, r.index);
                     self.watch.index.store(r.index, Ordering::Relaxed);
                     self.watch.fetched.notify_waiters();

@@ -3,7 +3,8 @@
 //! catalog, and registrations and deregistrations alongside, reach every view within 2 s, over
 //! a bounded number of connections to Consul, while other queries keep being answered.
 //!
-//! Every service TTL is 60 s here, so a view refreshed on its TTL could not pass: only the
+//! Every service TTL is 60 s here (1 s where a test shows that the TTL no longer refetches a
+//! view the feeds vouch for), so a view refreshed on its TTL could not pass: only the
 //! change feeds (`/v1/health/state/critical|warning` of each datacenter, see
 //! `src/consul/feed.rs`) and the catalog's index (`/v1/catalog/services`, see
 //! `HttpBackend::after_catalog_change`) can.
@@ -475,6 +476,16 @@ async fn with_blocking_slots_taken(
     up: &TestUpstream,
     extra_consul: &str,
 ) -> TestServer {
+    with_blocking_slots_taken_ttl(sim, up, extra_consul, "60s").await
+}
+
+/// [`with_blocking_slots_taken`] with service TTL `ttl`.
+async fn with_blocking_slots_taken_ttl(
+    sim: &ConsulSim,
+    up: &TestUpstream,
+    extra_consul: &str,
+    ttl: &str,
+) -> TestServer {
     let fillers: Vec<String> = (0..6).map(|f| format!("filler{f}")).collect();
     for (f, name) in fillers.iter().enumerate() {
         sim.add_simple(
@@ -488,7 +499,7 @@ async fn with_blocking_slots_taken(
         .upstream(up.addr)
         .consul_http(sim.http_url())
         .consul(&format!("max_connections = 4\n{extra_consul}"))
-        .service_ttl("60s");
+        .service_ttl(ttl);
     let fwd = TestServer::start(&config.toml()).await;
     let filler_names: Vec<String> = fillers.iter().map(|f| fqdn(f)).collect();
     for _ in 0..2 {
@@ -651,5 +662,134 @@ async fn other_datacenters_health_changes_reach_views_without_a_blocking_query()
         before,
         "dc2's feeds stopped once no view of dc2 was left"
     );
+    fwd.stop().await;
+}
+
+/// Service fetches (`/v1/health/service/<service>?...`, blocking or not) in the simulator's
+/// log so far.
+fn fetches_of(sim: &ConsulSim, service: &str) -> usize {
+    let prefix = format!("/v1/health/service/{service}?");
+    sim.request_log()
+        .iter()
+        .filter(|t| t.starts_with(&prefix))
+        .count()
+}
+
+/// A view without a blocking query is no longer fetched again every TTL while its datacenter's
+/// change feeds and catalog lists answer: they vouch for it (`src/consul/freshness.rs`). A node's
+/// new address still reaches it (the node list's index moves), a health flip still reaches it
+/// (the feed patches it), and once the feeds are refused the TTL refreshes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_the_feeds_vouch_for_are_not_fetched_again_on_their_ttl() {
+    const TTL: Duration = Duration::from_secs(1);
+    const ASKED_FOR: Duration = Duration::from_secs(4);
+    const ASK_EVERY: Duration = Duration::from_millis(200);
+    let sim = ConsulSim::start().await;
+    let services: Vec<String> = (0..4).map(|i| format!("fresh{i}")).collect();
+    let mut ids = HashMap::new();
+    for (i, service) in services.iter().enumerate() {
+        for n in 1..=2 {
+            let id = sim.add_simple_id(
+                service,
+                &format!("{service}-node-{n}"),
+                &format!("10.3.{i}.{n}"),
+                80,
+            );
+            ids.insert((i, n), id);
+        }
+    }
+    let up = TestUpstream::start().await;
+    let fwd = with_blocking_slots_taken_ttl(&sim, &up, "", "1s").await;
+    let names: Vec<String> = services.iter().map(|s| fqdn(s)).collect();
+    let sorted = |name: &str| {
+        let name = name.to_owned();
+        async move {
+            let mut got = addresses(&ask(fwd.addr, &name, RecordType::A).await);
+            got.sort();
+            got
+        }
+    };
+    for _ in 0..2 {
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(
+                sorted(name).await,
+                vec![format!("10.3.{i}.1"), format!("10.3.{i}.2")]
+            );
+        }
+    }
+
+    // Asked well past the TTL, again and again: answered, and not one fetch.
+    let before: Vec<usize> = services.iter().map(|s| fetches_of(&sim, s)).collect();
+    let started = Instant::now();
+    let mut asked = 0;
+    while started.elapsed() < ASKED_FOR {
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(sorted(name).await.len(), 2, "{name}");
+            asked += usize::from(i == 0);
+        }
+        tokio::time::sleep(ASK_EVERY).await;
+    }
+    let after: Vec<usize> = services.iter().map(|s| fetches_of(&sim, s)).collect();
+    println!(
+        "asked each view {asked} times over {ASKED_FOR:?} (TTL {TTL:?}): fetches {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        before, after,
+        "no view was fetched again while the feeds vouched for it"
+    );
+    let blocking: Vec<String> = sim
+        .request_log()
+        .into_iter()
+        .filter(|t| t.starts_with("/v1/health/service/fresh") && t.contains("index="))
+        .collect();
+    assert!(
+        blocking.is_empty(),
+        "the premise: no view has a blocking query: {blocking:?}"
+    );
+
+    // A node moves to a new address: the node list's index moves, and the view is fetched.
+    sim.add_node(SimNode::new("fresh0-node-1", "10.3.9.1"));
+    let took = until_answer(fwd.addr, &names[0], |got| {
+        got.contains(&"10.3.9.1".to_owned()) && got.len() == 2
+    })
+    .await;
+    println!("node address change answered after {took:?}");
+    let took = took.expect("the new address is answered");
+    assert!(took < VISIBLE_WITHIN, "{took:?}");
+
+    // A health flip reaches its view through the feed, without a fetch (once the node change,
+    // which every view of the datacenter takes as a possible change of its own, is fetched).
+    assert_eq!(sorted(&names[1]).await.len(), 2);
+    let fetches = fetches_of(&sim, &services[1]);
+    sim.set_service_check(&ids[&(1, 2)], Status::Critical);
+    let took = until_answer(fwd.addr, &names[1], |got| got == ["10.3.1.1"]).await;
+    println!("flip answered after {took:?}");
+    let took = took.expect("the flip is answered");
+    assert!(took < VISIBLE_WITHIN, "{took:?}");
+    assert_eq!(
+        fetches_of(&sim, &services[1]),
+        fetches,
+        "patched, not fetched"
+    );
+
+    // The feeds are refused (and the waiting ones woken by a flip elsewhere): the TTL refreshes
+    // views again, and a flip reaches its view within the TTL.
+    sim.set_health_state_denied(true);
+    sim.set_service_check(&ids[&(3, 1)], Status::Warning);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fetches = fetches_of(&sim, &services[2]);
+    let started = Instant::now();
+    while started.elapsed() < ASKED_FOR {
+        assert_eq!(sorted(&names[2]).await.len(), 2);
+        tokio::time::sleep(ASK_EVERY).await;
+    }
+    let refetched = fetches_of(&sim, &services[2]) - fetches;
+    println!("feeds refused: {refetched} fetches in {ASKED_FOR:?} (TTL {TTL:?})");
+    assert!(refetched >= 2, "the TTL refreshes again: {refetched}");
+    sim.set_service_check(&ids[&(2, 1)], Status::Critical);
+    let took = until_answer(fwd.addr, &names[2], |got| got == ["10.3.2.2"]).await;
+    println!("flip without feeds answered after {took:?}");
+    let took = took.expect("the flip is answered on the TTL");
+    assert!(took < TTL + VISIBLE_WITHIN, "{took:?}");
     fwd.stop().await;
 }

@@ -669,7 +669,19 @@ async fn health_state(inner: &Inner, req: &Request, state: &str) -> Result<Respo
         ));
     }
     let dc = check_dc(inner, req)?;
+    let denied = || {
+        inner
+            .health_state_denied
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    if denied() {
+        return Err(Response::text(403, "Permission denied"));
+    }
     block(inner, req, |st| st.checks_index).await?;
+    // Consul checks the token again when a blocking query wakes.
+    if denied() {
+        return Err(Response::text(403, "Permission denied"));
+    }
     let st = inner.state();
     Ok(Response::json(
         &st.health_state_json(&dc, wanted),

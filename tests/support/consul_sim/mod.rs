@@ -369,6 +369,8 @@ struct Inner {
     fail: AtomicBool,
     /// `/v1/query` answers 403, as for a token without `query:read`.
     query_list_denied: AtomicBool,
+    /// `/v1/health/state/*` answers 403, as for a token without `node:read` on every node.
+    health_state_denied: AtomicBool,
     /// 0 = no limit (the default here, see `set_dns_udp_answer_limit`).
     udp_answer_limit: AtomicUsize,
     /// What a follower answering a `?stale` read reports in `X-Consul-LastContact` (ms since it
@@ -477,6 +479,7 @@ impl ConsulSim {
             hang: AtomicBool::new(false),
             fail: AtomicBool::new(false),
             query_list_denied: AtomicBool::new(false),
+            health_state_denied: AtomicBool::new(false),
             udp_answer_limit: AtomicUsize::new(0),
             follower_lag_ms: AtomicU64::new(0),
             stats: Stats::default(),
@@ -874,6 +877,12 @@ impl ConsulSim {
     /// without `query:read`.
     pub fn set_query_list_denied(&self, on: bool) {
         self.inner.query_list_denied.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes `/v1/health/state/<state>` answer 403, as Consul does for a token that cannot read
+    /// every node and service; a blocking query already waiting is refused when it wakes.
+    pub fn set_health_state_denied(&self, on: bool) {
+        self.inner.health_state_denied.store(on, Ordering::SeqCst);
     }
 
     /// DNS messages received on the DNS port (UDP and TCP).

@@ -63,10 +63,26 @@ impl ListPulse {
     }
 }
 
-/// How long after its last answer a list still counts as alive: a blocking request's longest
-/// time (`client::blocking_timeout`) and the longest pause before the next one.
-pub(super) fn alive_within(blocking_timeout: Duration) -> Duration {
-    blocking_timeout + LONGEST_PAUSE
+/// The bounds on the feeds' word.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Vouching {
+    /// How recently every feed and list must have answered: a blocking request's longest time
+    /// (`client::blocking_timeout`) and the longest pause before the next one.
+    pub(crate) alive_within: Duration,
+    /// How old a view's fetch may be. Past it the view goes back to its TTL however current the
+    /// feeds say it is, so a change they missed (a node changed before the node list's first
+    /// answer, or anything unforeseen) lasts at most this long. `consul.watch_wait`: as often
+    /// as a blocking query is asked again when nothing changes.
+    pub(crate) refetch_after: Duration,
+}
+
+impl Vouching {
+    pub(crate) fn new(watch_wait: Duration, blocking_timeout: Duration) -> Vouching {
+        Vouching {
+            alive_within: blocking_timeout + LONGEST_PAUSE,
+            refetch_after: watch_wait,
+        }
+    }
 }
 
 /// A datacenter's pair of change feeds: their pulses, and how many results they delivered.
@@ -117,6 +133,8 @@ pub(crate) struct Freshness {
     round: AtomicU64,
     services: AtomicU64,
     nodes: AtomicU64,
+    /// When the view of the basis was installed.
+    based_at: AtomicInstant,
 }
 
 impl Default for Freshness {
@@ -126,6 +144,7 @@ impl Default for Freshness {
             round: AtomicU64::new(BEHIND),
             services: AtomicU64::new(0),
             nodes: AtomicU64::new(0),
+            based_at: AtomicInstant::none(),
         }
     }
 }
@@ -160,6 +179,7 @@ impl Freshness {
         }
         self.services.store(basis.services, Ordering::SeqCst);
         self.nodes.store(basis.nodes, Ordering::SeqCst);
+        self.based_at.store(Instant::now());
         self.round.store(basis.round, Ordering::SeqCst);
     }
 
@@ -183,20 +203,41 @@ impl Freshness {
         self.round.store(BEHIND, Ordering::SeqCst);
     }
 
-    /// Is the view current at `now` without asking Consul: every pulse alive within `within`,
-    /// every round applied, no catalog change since its fetch?
-    pub(super) fn current(&self, now: Instant, within: Duration) -> bool {
+    /// Is the view current at `now` without asking Consul: every pulse alive, every round
+    /// applied, no catalog change since its fetch, and that fetch not too old?
+    pub(super) fn current(&self, now: Instant, limits: Vouching) -> bool {
         let Some(s) = self.sources.get() else {
             return false;
         };
+        let within = limits.alive_within;
         let round = self.round.load(Ordering::SeqCst);
         round != BEHIND
             && round == s.feed.round()
-            && self.services.load(Ordering::SeqCst) == s.catalog.services.index()
-            && self.nodes.load(Ordering::SeqCst) == s.catalog.nodes.index()
+            && same_index(&self.services, &s.catalog.services)
+            && same_index(&self.nodes, &s.catalog.nodes)
+            && self
+                .based_at
+                .load()
+                .is_some_and(|at| now.saturating_duration_since(at) <= limits.refetch_after)
             && s.feed.lists.iter().all(|l| l.alive(now, within))
             && s.catalog.services.alive(now, within)
             && s.catalog.nodes.alive(now, within)
+    }
+}
+
+/// Is the list's index the one the view was fetched on? A view fetched before the list first
+/// answered (index 0: at start-up the node list of a large catalog comes after the first views)
+/// takes the first index it sees as its own: a change in between is missed for at most
+/// `Vouching::refetch_after`, where refetching every such view would double a cold start's
+/// fetches.
+fn same_index(seen: &AtomicU64, list: &ListPulse) -> bool {
+    let now = list.index();
+    match seen.load(Ordering::SeqCst) {
+        0 if now != 0 => {
+            let _ = seen.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+            seen.load(Ordering::SeqCst) == now
+        }
+        held => held == now,
     }
 }
 
@@ -205,6 +246,10 @@ mod tests {
     use super::*;
 
     const WITHIN: Duration = Duration::from_secs(10);
+    const LIMITS: Vouching = Vouching {
+        alive_within: WITHIN,
+        refetch_after: Duration::from_secs(300),
+    };
 
     /// A view following live pulses, fetched on the current basis.
     fn followed() -> (Freshness, Arc<FeedPulse>, Arc<CatalogPulse>, Instant) {
@@ -229,39 +274,39 @@ mod tests {
     #[test]
     fn a_view_fetched_between_rounds_is_current_while_every_pulse_lives() {
         let (f, feed, catalog, now) = followed();
-        assert!(f.current(now, WITHIN));
+        assert!(f.current(now, LIMITS));
         // Too long since a list answered.
-        assert!(!f.current(now + WITHIN + Duration::from_secs(1), WITHIN));
+        assert!(!f.current(now + WITHIN + Duration::from_secs(1), LIMITS));
         // A failed feed, then back.
         feed.lists[1].fail();
-        assert!(!f.current(now, WITHIN));
+        assert!(!f.current(now, LIMITS));
         feed.lists[1].beat(8, now);
         assert!(
-            f.current(now, WITHIN),
+            f.current(now, LIMITS),
             "a list's index alone is not a change"
         );
         catalog.nodes.fail();
-        assert!(!f.current(now, WITHIN));
+        assert!(!f.current(now, LIMITS));
     }
 
     #[test]
     fn rounds_applied_keep_it_current_and_a_missed_one_does_not() {
         let (f, feed, _, now) = followed();
         let r = feed.next_round();
-        assert!(!f.current(now, WITHIN), "a round not yet applied");
+        assert!(!f.current(now, LIMITS), "a round not yet applied");
         f.advance(r);
-        assert!(f.current(now, WITHIN));
+        assert!(f.current(now, LIMITS));
         // A round skipped (the view had a blocking query then): the next one cannot advance it.
         let _skipped = feed.next_round();
         let r = feed.next_round();
         f.advance(r);
-        assert!(!f.current(now, WITHIN));
+        assert!(!f.current(now, LIMITS));
         // A first list recomputes every status: current again.
         f.caught_up(r);
-        assert!(f.current(now, WITHIN));
+        assert!(f.current(now, LIMITS));
         f.fall_behind();
         f.advance(r + 1);
-        assert!(!f.current(now, WITHIN), "behind stays behind");
+        assert!(!f.current(now, LIMITS), "behind stays behind");
     }
 
     #[test]
@@ -270,17 +315,52 @@ mod tests {
         let basis = f.basis();
         feed.next_round();
         f.settle(basis);
-        assert!(!f.current(now, WITHIN), "the round may not be in the fetch");
+        assert!(!f.current(now, LIMITS), "the round may not be in the fetch");
         let basis = f.basis();
         f.settle(basis);
-        assert!(f.current(now, WITHIN));
+        assert!(f.current(now, LIMITS));
         catalog.services.beat(11, now);
-        assert!(!f.current(now, WITHIN), "an instance registered since");
+        assert!(!f.current(now, LIMITS), "an instance registered since");
         let basis = f.basis();
         f.settle(basis);
-        assert!(f.current(now, WITHIN));
+        assert!(f.current(now, LIMITS));
         catalog.nodes.beat(21, now);
-        assert!(!f.current(now, WITHIN), "a node changed since");
+        assert!(!f.current(now, LIMITS), "a node changed since");
+    }
+
+    #[test]
+    fn an_old_fetch_goes_back_to_its_ttl() {
+        let (f, feed, catalog, now) = followed();
+        // Every list answers on, with nothing new.
+        let later = now + LIMITS.refetch_after;
+        for l in feed.lists.iter().chain([&catalog.services, &catalog.nodes]) {
+            l.beat(l.index(), later);
+        }
+        assert!(f.current(later, LIMITS));
+        assert!(!f.current(later + Duration::from_secs(1), LIMITS));
+    }
+
+    #[test]
+    fn a_list_that_had_not_answered_is_taken_at_its_first_index() {
+        let now = Instant::now();
+        let feed = Arc::new(FeedPulse::default());
+        let catalog = Arc::new(CatalogPulse::default());
+        for l in &feed.lists {
+            l.beat(7, now);
+        }
+        catalog.services.beat(10, now);
+        let f = Freshness::default();
+        f.follow(Sources {
+            feed: feed.clone(),
+            catalog: catalog.clone(),
+        });
+        let basis = f.basis();
+        f.settle(basis);
+        assert!(!f.current(now, LIMITS), "the node list has not answered");
+        catalog.nodes.beat(20, now);
+        assert!(f.current(now, LIMITS), "its first index is the view's");
+        catalog.nodes.beat(21, now);
+        assert!(!f.current(now, LIMITS), "a later change is one");
     }
 
     #[test]
@@ -288,6 +368,6 @@ mod tests {
         let f = Freshness::default();
         assert_eq!(f.basis(), None);
         f.settle(None);
-        assert!(!f.current(Instant::now(), WITHIN));
+        assert!(!f.current(Instant::now(), LIMITS));
     }
 }

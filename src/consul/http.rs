@@ -32,7 +32,7 @@ use super::client::{blocking_timeout, ClientError, ConsulClient, REQUEST_TIMEOUT
 use super::feed::{
     feed_scope, stop_when_unused, Feed, FeedShared, HealthLists, RunningFeeds, FEED_STATES,
 };
-use super::freshness::{self, FeedPulse, Sources};
+use super::freshness::{FeedPulse, Sources, Vouching};
 use super::inventory::{Inventory, NodeAddresses, MAX_REMOTE_DATACENTERS};
 use super::name::{Tenancy, ViewKey};
 use super::on_demand::OnDemand;
@@ -132,7 +132,7 @@ impl HttpBackend {
             only_passing: config.only_passing,
             node_ttl: config.node_ttl,
             default_service_ttl: config.service_ttl_for(""),
-            alive_within: freshness::alive_within(blocking_timeout(config.watch_wait)),
+            vouching: Vouching::new(config.watch_wait, blocking_timeout(config.watch_wait)),
             config: Arc::new(config.clone()),
         };
         let watches: WatchMap = Arc::new(Mutex::new(HashMap::new()));
@@ -250,7 +250,11 @@ impl HttpBackend {
             .inventory
             .catalog_indexes(key.dc.as_deref(), &key.tenancy);
         let services_moved = w.catalog_seen.fetch_max(services, Ordering::SeqCst) < services;
-        let nodes_moved = w.nodes_seen.fetch_max(nodes, Ordering::SeqCst) < nodes;
+        // A node list that had not answered when the view was fetched (0) is taken at its first
+        // index, as `freshness::same_index` does, rather than fetch every view of a cold start
+        // twice.
+        let nodes_before = w.nodes_seen.fetch_max(nodes, Ordering::SeqCst);
+        let nodes_moved = nodes_before != 0 && nodes_before < nodes;
         if !services_moved && !nodes_moved {
             return view;
         }
@@ -466,7 +470,7 @@ impl Backend for HttpBackend {
                 let view = self.after_catalog_change(key, &w, view).await;
                 let now = Instant::now();
                 if w.on_demand.load(Ordering::SeqCst)
-                    && w.freshness.current(now, self.settings.alive_within)
+                    && w.freshness.current(now, self.settings.vouching)
                 {
                     // Known current without a request: its TTL starts over.
                     w.last_confirmed.store_coarse(now, CONFIRMED_GRANULARITY);
@@ -502,7 +506,7 @@ impl Backend for HttpBackend {
     /// once for it. The check holds the watch itself, so the hot path skips the table.
     fn serving(&self, key: &ViewKey, view: &Arc<ServiceView>) -> Option<Box<dyn StillServed>> {
         let w = lock(&self.watches).get(key).cloned()?;
-        let served = ServedView::new(w, view, self.settings.stale_for, self.settings.alive_within)?;
+        let served = ServedView::new(w, view, self.settings.stale_for, self.settings.vouching)?;
         served
             .still_served(Instant::now())
             .then(|| Box::new(served) as Box<dyn StillServed>)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::catalog::ServiceView;
-use super::freshness::Freshness;
+use super::freshness::{Freshness, Vouching};
 use super::name::ViewKey;
 use super::StillServed;
 use crate::atomic_instant::AtomicInstant;
@@ -165,8 +165,8 @@ pub(super) struct ServedView {
     /// with no view) changes the version.
     seen: watch::Receiver<ViewState>,
     stale_for: Duration,
-    /// How recently the feeds and lists must have answered (`freshness::alive_within`).
-    alive_within: Duration,
+    /// The bounds on the feeds' word.
+    vouching: Vouching,
 }
 
 impl ServedView {
@@ -175,7 +175,7 @@ impl ServedView {
         watch: Arc<Watch>,
         view: &Arc<ServiceView>,
         stale_for: Duration,
-        alive_within: Duration,
+        vouching: Vouching,
     ) -> Option<ServedView> {
         // Subscribed before the state is read: a state sent in between changes the version.
         let seen = watch.state.subscribe();
@@ -184,7 +184,7 @@ impl ServedView {
             watch,
             seen,
             stale_for,
-            alive_within,
+            vouching,
         })
     }
 }
@@ -196,7 +196,7 @@ impl StillServed for ServedView {
             return false;
         }
         if w.on_demand.load(Ordering::SeqCst) {
-            if !w.freshness.current(now, self.alive_within) {
+            if !w.freshness.current(now, self.vouching) {
                 return false;
             }
         } else {
@@ -231,13 +231,17 @@ pub(super) mod tests {
     }
 
     const STALE_FOR: Duration = Duration::from_secs(60);
+    const VOUCHING: Vouching = Vouching {
+        alive_within: STALE_FOR,
+        refetch_after: STALE_FOR,
+    };
 
     #[test]
     fn a_served_view_is_served_until_anything_about_it_changes() {
         let (w, view) = ready_watch();
         let other = Arc::new(ServiceView::new(Vec::new(), "dc1"));
-        assert!(ServedView::new(w.clone(), &other, STALE_FOR, STALE_FOR).is_none());
-        let served = ServedView::new(w.clone(), &view, STALE_FOR, STALE_FOR).expect("current");
+        assert!(ServedView::new(w.clone(), &other, STALE_FOR, VOUCHING).is_none());
+        let served = ServedView::new(w.clone(), &view, STALE_FOR, VOUCHING).expect("current");
         let later = Instant::now() + Duration::from_secs(5);
         assert!(served.still_served(later));
         assert_eq!(
@@ -255,7 +259,7 @@ pub(super) mod tests {
         // Any new state, even the same view sent again, ends it for good.
         w.state.send_replace(ViewState::Ready(view.clone()));
         assert!(!served.still_served(later));
-        let again = ServedView::new(w.clone(), &view, STALE_FOR, STALE_FOR).expect("current");
+        let again = ServedView::new(w.clone(), &view, STALE_FOR, VOUCHING).expect("current");
         assert!(again.still_served(later));
         // The watcher stopped.
         w.retired.store(true, Ordering::SeqCst);
@@ -263,7 +267,7 @@ pub(super) mod tests {
         // Never confirmed.
         let (fresh, view) = ready_watch();
         fresh.last_confirmed.clear();
-        let never = ServedView::new(fresh, &view, STALE_FOR, STALE_FOR).expect("current");
+        let never = ServedView::new(fresh, &view, STALE_FOR, VOUCHING).expect("current");
         assert!(!never.still_served(Instant::now()));
     }
 

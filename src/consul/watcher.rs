@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::addrs::WanTranslation;
 use super::catalog::{HealthEntry, ServiceView};
 use super::client::{next_index, ClientError, ConsulClient};
+use super::freshness::Vouching;
 use super::name::ViewKey;
 use super::outage::OutageLog;
 use super::retry::{backoff, BACKOFF_CAP};
@@ -43,9 +44,9 @@ pub(super) struct Settings {
     pub(super) only_passing: bool,
     pub(super) node_ttl: Duration,
     pub(super) default_service_ttl: Duration,
-    /// How recently the feeds and catalog lists must have answered for a view without a
-    /// blocking query to be current by their word (`freshness::alive_within`).
-    pub(super) alive_within: Duration,
+    /// The bounds on the word of the feeds and catalog lists for a view without a blocking
+    /// query (`freshness::Vouching`).
+    pub(super) vouching: Vouching,
     pub(super) config: Arc<ConsulConfig>,
 }
 

@@ -125,6 +125,10 @@ pub(super) struct Changes {
 }
 
 impl Changes {
+    pub(super) fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.nodes.is_empty()
+    }
+
     pub(super) fn note(&mut self, node: &str, seen: &SeenCheck) {
         match &seen.service {
             Some(s) => {
@@ -260,6 +264,11 @@ impl FeedShared {
     /// applied in their order); every view brought up to date follows the round, a view to be
     /// fetched again falls behind (see `freshness`).
     pub(super) fn apply(&self, changes: Option<&Changes>) -> Applied {
+        if changes.is_some_and(Changes::is_empty) {
+            // Not a round: the list is what it was (a feed polling without a blocking slot
+            // gets the same list twice a second), so no fetch in flight can lack anything.
+            return Applied::default();
+        }
         let local_dc = lock(&self.local_dc).clone();
         let lists = lock(&self.lists);
         let round = self.pulse.next_round();
@@ -716,5 +725,80 @@ mod tests {
         assert!(matches!(affects(&node_change, "a", &view), Affected::Known));
         node_change.nodes = HashSet::from(["n9".to_owned()]);
         assert!(matches!(affects(&node_change, "a", &view), Affected::No));
+    }
+
+    #[test]
+    fn a_round_is_a_change_applied_and_a_view_missing_one_falls_behind() {
+        use crate::consul::freshness::{CatalogPulse, Sources, Vouching};
+        use crate::consul::views::tests::test_metrics;
+        use std::sync::atomic::AtomicUsize;
+        let entries: Vec<HealthEntry> = serde_json::from_str(
+            r#"[{"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": {"ID": "a-1", "Service": "a", "Port": 80},
+                 "Checks": [{"CheckID": "service:a-1", "Status": "passing", "ServiceID": "a-1"}]}]"#,
+        )
+        .expect("entries");
+        let metrics = test_metrics();
+        let pulse = Arc::new(FeedPulse::default());
+        let catalog = Arc::new(CatalogPulse::default());
+        let now = Instant::now();
+        for l in pulse
+            .lists
+            .iter()
+            .chain([&catalog.services, &catalog.nodes])
+        {
+            l.beat(1, now);
+        }
+        let w = Arc::new(Watch::new());
+        w.on_demand.store(true, Ordering::SeqCst);
+        w.freshness.follow(Sources {
+            feed: pulse.clone(),
+            catalog,
+        });
+        let basis = w.freshness.basis();
+        w.state
+            .send_replace(ViewState::Ready(Arc::new(ServiceView::from_entries(
+                &entries, "dc1",
+            ))));
+        w.freshness.settle(basis);
+        let key = ViewKey::new("a".into(), None, ServiceKind::Service, Tenancy::default());
+        let shared = FeedShared {
+            scope: None,
+            local_dc: Arc::new(Mutex::new(None)),
+            watches: Arc::new(Mutex::new(HashMap::from([(key, w.clone())]))),
+            lists: Arc::new(Mutex::new(HealthLists::default())),
+            metrics: metrics.clone(),
+            series: Arc::new(ServiceSeries {
+                metrics,
+                created: AtomicUsize::new(0),
+            }),
+            only_passing: false,
+            pulse,
+        };
+        let limits = Vouching {
+            alive_within: Duration::from_secs(60),
+            refetch_after: Duration::from_secs(60),
+        };
+        let current = || w.freshness.current(Instant::now(), limits);
+        assert!(current(), "fetched between rounds");
+        // The first lists: every status recomputed, the view caught up.
+        lock(&shared.lists).lists = [Some(SeenChecks::new()), Some(SeenChecks::new())];
+        shared.apply(None);
+        assert!(current());
+        // A poll that found the same list is no round: a fetch in flight meanwhile settles.
+        let in_flight = w.freshness.basis();
+        shared.apply(Some(&Changes::default()));
+        w.freshness.settle(in_flight);
+        assert!(current());
+        // A change the view can be patched with: applied, current.
+        let critical = seen(&[("n1", "service:a-1", Some("a"), 9)]);
+        let changes = diff(&SeenChecks::new(), &critical);
+        lock(&shared.lists).lists[0] = Some(critical);
+        assert_eq!(shared.apply(Some(&changes)).patched, 1);
+        assert!(current());
+        // A change of an instance the view lacks: fetched again, behind until then.
+        let lacking = seen(&[("n9", "service:a-9", Some("a"), 10)]);
+        let changes = diff(&SeenChecks::new(), &lacking);
+        assert_eq!(shared.apply(Some(&changes)).refreshed, 1);
+        assert!(!current());
     }
 }

@@ -45,6 +45,7 @@
 # (dnsperf -q, default 100), BENCH_HALF_RATE (queries/s for hits-half-rate when ours-http's
 # fwd-hits is not run), BENCH_PORT_BASE (default 25300; uses 3 ports), BENCH_OUT (result folder),
 # BENCH_PERF=1 (after the table: perf profiles of ours-http in consul, fwd-hits and fill-100k),
+# BENCH_RUST_LOG (RUST_LOG of ours-http and base-http, default warn; their logs go away with the run),
 # BENCH_MANY_PASSES (many-services: passes over the 10,000 names, default 10),
 # BENCH_BASELINE_BIN (another consul-dns-forwarder binary, say a release build of an older commit:
 # adds the contenders base-http and base-dns, started as ours-http and ours-dns with the same
@@ -352,7 +353,7 @@ bin_of() { [[ $1 == base-* ]] && echo "$BASE_BIN" || echo "$BIN"; } # contender:
 start_contender() { # name
   case $1 in
   ours-http | base-http)
-    RUST_LOG=warn taskset -c "$SERVER_CPU" "$(bin_of "$1")" --config "$W/ours.toml" --consul-http "$SIM_HTTP" \
+    RUST_LOG=${BENCH_RUST_LOG:-warn} taskset -c "$SERVER_CPU" "$(bin_of "$1")" --config "$W/ours.toml" --consul-http "$SIM_HTTP" \
       >"$W/$1.log" 2>&1 &
     ;;
   ours-dns | base-dns)

@@ -287,6 +287,20 @@ impl ConsulClient {
         query: &[(&str, String)],
         blocking: Option<(u64, Duration)>,
     ) -> Result<Indexed<Option<T>>, ClientError> {
+        self.get_within(endpoint, segments, query, blocking, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// [`ConsulClient::get`], a non-blocking request being given `plain_timeout` rather than
+    /// [`REQUEST_TIMEOUT`] (a large list takes longer to send).
+    pub(crate) async fn get_within<T: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        segments: &[&str],
+        query: &[(&str, String)],
+        blocking: Option<(u64, Duration)>,
+        plain_timeout: Duration,
+    ) -> Result<Indexed<Option<T>>, ClientError> {
         let _fetch_slot = match blocking {
             Some(_) => None,
             // A short request may borrow an idle watch slot (a cold start has thousands of first
@@ -314,7 +328,7 @@ impl ConsulClient {
                 params.push(("wait", format!("{}ms", wait.as_millis())));
                 blocking_timeout(wait)
             }
-            None => REQUEST_TIMEOUT,
+            None => plain_timeout,
         };
         let n = self.agents.len();
         let start = self.current.load(Ordering::Relaxed);

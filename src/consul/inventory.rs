@@ -45,6 +45,15 @@ const LIST_INTERVAL: Duration = Duration::from_millis(500);
 /// after it), at one list request a second.
 const LIST_POLL: Duration = Duration::from_secs(1);
 
+/// How long a catalog list's non-blocking request (its first load, or a poll) may take. The
+/// node list of a 100,000-node catalog is 25 MB of JSON (1.3 s from the benchmark's simulator
+/// on an idle core). At `REQUEST_TIMEOUT` (2 s) the benchmark saw every list's first load
+/// abandoned and asked again, twice in a row, the service list waiting behind the node list on
+/// the simulator's one thread, and names past the unchecked budget were SERVFAIL for the whole
+/// run (5 of 29 runs); at 10 s, 0 of 15. A hung agent is still caught within seconds by the
+/// probe (`agent::probe_agents`).
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the datacenter list is fetched (`/v1/catalog/datacenters` cannot block). New
 /// datacenters join a federation rarely, and by hand.
 const DATACENTERS_REFRESH: Duration = Duration::from_secs(30);
@@ -854,14 +863,26 @@ impl ListTask {
         match self.kind {
             Kind::Services => {
                 let r = client
-                    .get::<HashMap<String, IgnoredAny>>(endpoint, segments, params, blocking)
+                    .get_within::<HashMap<String, IgnoredAny>>(
+                        endpoint,
+                        segments,
+                        params,
+                        blocking,
+                        LIST_TIMEOUT,
+                    )
                     .await?;
                 let names = r.value.unwrap_or_default().into_keys();
                 Ok((Names::new(names, !r.filtered), r.index))
             }
             Kind::Nodes => {
                 let r = client
-                    .get::<Vec<NodeAddressJson>>(endpoint, segments, params, blocking)
+                    .get_within::<Vec<NodeAddressJson>>(
+                        endpoint,
+                        segments,
+                        params,
+                        blocking,
+                        LIST_TIMEOUT,
+                    )
                     .await?;
                 let nodes = r.value.unwrap_or_default();
                 // Consul's PTR answers come from the local datacenter only.

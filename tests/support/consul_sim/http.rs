@@ -707,6 +707,11 @@ async fn catalog_services(inner: &Inner, req: &Request) -> Result<Response, Resp
     let dc = check_dc(inner, req)?;
     let scope = scope(inner, req)?;
     block(inner, req, |st| st.services_index).await?;
+    let delay = *inner.list_delay.lock().expect("list delay");
+    if !delay.is_zero() {
+        // A large catalog on a loaded agent (see `ConsulSim::set_list_delay`).
+        tokio::time::sleep(delay).await;
+    }
     let st = inner.state();
     Ok(Response::json(
         &st.catalog_services_json(&dc, &scope),

@@ -371,6 +371,8 @@ struct Inner {
     query_list_denied: AtomicBool,
     /// `/v1/health/state/*` answers 403, as for a token without `node:read` on every node.
     health_state_denied: AtomicBool,
+    /// How long `/v1/catalog/services` takes to answer (see `set_list_delay`).
+    list_delay: Mutex<Duration>,
     /// 0 = no limit (the default here, see `set_dns_udp_answer_limit`).
     udp_answer_limit: AtomicUsize,
     /// What a follower answering a `?stale` read reports in `X-Consul-LastContact` (ms since it
@@ -480,6 +482,7 @@ impl ConsulSim {
             fail: AtomicBool::new(false),
             query_list_denied: AtomicBool::new(false),
             health_state_denied: AtomicBool::new(false),
+            list_delay: Mutex::new(Duration::ZERO),
             udp_answer_limit: AtomicUsize::new(0),
             follower_lag_ms: AtomicU64::new(0),
             stats: Stats::default(),
@@ -883,6 +886,12 @@ impl ConsulSim {
     /// every node and service; a blocking query already waiting is refused when it wakes.
     pub fn set_health_state_denied(&self, on: bool) {
         self.inner.health_state_denied.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes `/v1/catalog/services` answer `delay` late, as a large catalog on a loaded agent
+    /// does (the list's bytes take that long to come).
+    pub fn set_list_delay(&self, delay: Duration) {
+        *self.inner.list_delay.lock().expect("list delay") = delay;
     }
 
     /// DNS messages received on the DNS port (UDP and TCP).

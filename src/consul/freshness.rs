@@ -253,6 +253,13 @@ mod tests {
 
     /// A view following live pulses, fetched on the current basis.
     fn followed() -> (Freshness, Arc<FeedPulse>, Arc<CatalogPulse>, Instant) {
+        followed_with_nodes(true)
+    }
+
+    /// [`followed`], the node list having answered or not yet.
+    fn followed_with_nodes(
+        nodes_answered: bool,
+    ) -> (Freshness, Arc<FeedPulse>, Arc<CatalogPulse>, Instant) {
         let now = Instant::now();
         let feed = Arc::new(FeedPulse::default());
         let catalog = Arc::new(CatalogPulse::default());
@@ -260,7 +267,9 @@ mod tests {
             l.beat(7, now);
         }
         catalog.services.beat(10, now);
-        catalog.nodes.beat(20, now);
+        if nodes_answered {
+            catalog.nodes.beat(20, now);
+        }
         let f = Freshness::default();
         f.follow(Sources {
             feed: feed.clone(),
@@ -342,20 +351,7 @@ mod tests {
 
     #[test]
     fn a_list_that_had_not_answered_is_taken_at_its_first_index() {
-        let now = Instant::now();
-        let feed = Arc::new(FeedPulse::default());
-        let catalog = Arc::new(CatalogPulse::default());
-        for l in &feed.lists {
-            l.beat(7, now);
-        }
-        catalog.services.beat(10, now);
-        let f = Freshness::default();
-        f.follow(Sources {
-            feed: feed.clone(),
-            catalog: catalog.clone(),
-        });
-        let basis = f.basis();
-        f.settle(basis);
+        let (f, _, catalog, now) = followed_with_nodes(false);
         assert!(!f.current(now, LIMITS), "the node list has not answered");
         catalog.nodes.beat(20, now);
         assert!(f.current(now, LIMITS), "its first index is the view's");

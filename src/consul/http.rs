@@ -294,22 +294,23 @@ impl HttpBackend {
         w.nodes_seen.store(nodes, Ordering::SeqCst);
         watches.insert(key.clone(), w.clone());
         self.metrics.consul_watchers.inc();
-        let task = Watcher {
-            key: key.clone(),
-            watch: w.clone(),
-            cx: self.watcher_context.clone(),
-            failovers: self.failovers.clone(),
-        };
-        tokio::spawn(task.run());
         // The feeds' table is taken after the watch table is let go (see `stop_when_unused`).
         drop(watches);
         let feed = self.start_feeds_for(&key);
         let catalog = self
             .inventory
             .catalog_pulse(key.dc.as_deref(), &key.tenancy);
+        // Before the watcher starts: its first request records what it is based on.
         if let (Some(feed), Some(catalog)) = (feed, catalog) {
             w.freshness.follow(Sources { feed, catalog });
         }
+        let task = Watcher {
+            key,
+            watch: w.clone(),
+            cx: self.watcher_context.clone(),
+            failovers: self.failovers.clone(),
+        };
+        tokio::spawn(task.run());
         Some(w)
     }
 

@@ -550,11 +550,7 @@ async fn an_instance_registered_after_the_fetch_is_answered_once_it_passes() {
     let took = seen.expect("the new instance is answered");
     assert!(took < VISIBLE_WITHIN, "answered after {took:?}");
     // The change came through the feed, not through a blocking query of `a`'s own.
-    let blocking_for_a: Vec<String> = sim
-        .request_log()
-        .into_iter()
-        .filter(|t| t.starts_with("/v1/health/service/a?") && t.contains("index="))
-        .collect();
+    let blocking_for_a = blocking_requests(&sim, "/v1/health/service/a?");
     assert!(
         blocking_for_a.is_empty(),
         "`a` was to stay beyond the budget: {blocking_for_a:?}"
@@ -665,6 +661,15 @@ async fn other_datacenters_health_changes_reach_views_without_a_blocking_query()
     fwd.stop().await;
 }
 
+/// Blocking requests (with `index=`) whose path starts with `prefix`, in the simulator's log so
+/// far.
+fn blocking_requests(sim: &ConsulSim, prefix: &str) -> Vec<String> {
+    sim.request_log()
+        .into_iter()
+        .filter(|t| t.starts_with(prefix) && t.contains("index="))
+        .collect()
+}
+
 /// Service fetches (`/v1/health/service/<service>?...`, blocking or not) in the simulator's
 /// log so far.
 fn fetches_of(sim: &ConsulSim, service: &str) -> usize {
@@ -737,11 +742,7 @@ async fn views_the_feeds_vouch_for_are_not_fetched_again_on_their_ttl() {
         before, after,
         "no view was fetched again while the feeds vouched for it"
     );
-    let blocking: Vec<String> = sim
-        .request_log()
-        .into_iter()
-        .filter(|t| t.starts_with("/v1/health/service/fresh") && t.contains("index="))
-        .collect();
+    let blocking = blocking_requests(&sim, "/v1/health/service/fresh");
     assert!(
         blocking.is_empty(),
         "the premise: no view has a blocking query: {blocking:?}"

@@ -12,6 +12,8 @@
 #   - contenders, one at a time, restarted for every scenario (fresh cache, fresh peak RSS):
 #       limit      examples/limit_responder.rs: one canned answer to every question (the cost of
 #                  a datagram in and one out; every table shows CPU per answer as a multiple of it)
+#       limit-sized  the same, answering with as many A records as ours-http's reply carries
+#                  (consul and large-* only): the kernel's cost of moving a datagram that size
 #       ours-http  consul-dns-forwarder --consul-http <sim>
 #       ours-dns   consul-dns-forwarder --consul-dns <sim dns>   (consul.mode = "dns")
 #       dnsmasq    server=/consul/<sim dns>, server=<upstream>, cache-size=100000
@@ -44,7 +46,10 @@
 # BENCH_SERVER_CPU, BENCH_CLIENT_CPU, BENCH_CLIENTS (dnsperf -c, default 10), BENCH_OUTSTANDING
 # (dnsperf -q, default 100), BENCH_HALF_RATE (queries/s for hits-half-rate when ours-http's
 # fwd-hits is not run), BENCH_PORT_BASE (default 25300; uses 3 ports), BENCH_OUT (result folder),
-# BENCH_PERF=1 (after the table: perf profiles of ours-http in consul, fwd-hits and fill-100k),
+# BENCH_PERF=1 (after the table: perf profiles of ours-http in consul, fwd-hits and fill-100k, or
+# in the scenarios of BENCH_PERF_SCENARIOS),
+# BENCH_KEEP_RAW=1 (keep dnsperf's per-query lines beside each summary, as dnsperf-*.raw: the
+# latency of each query, say to split mix-10pct-miss's p99 into hits and misses),
 # BENCH_RUST_LOG (RUST_LOG of ours-http and base-http, default warn; their logs go away with the run),
 # BENCH_MANY_PASSES (many-services: passes over the 10,000 names, default 10),
 # BENCH_BASELINE_BIN (another consul-dns-forwarder binary, say a release build of an older commit:
@@ -64,7 +69,7 @@ DURATION=${BENCH_DURATION:-10}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 BASE_BIN=${BENCH_BASELINE_BIN:-}
-CONTENDERS=${BENCH_CONTENDERS:-"limit ours-http ours-dns ${BASE_BIN:+base-http base-dns }dnsmasq unbound"}
+CONTENDERS=${BENCH_CONTENDERS:-"limit limit-sized ours-http ours-dns ${BASE_BIN:+base-http base-dns }dnsmasq unbound"}
 # Every scenario is in the default list, so one command prints every figure of issues 6 and 8
 # (about 25 minutes at 3 rounds; BENCH_ROUNDS=1 for a quicker look).
 SCENARIOS=${BENCH_SCENARIOS:-"consul fwd-hits mix-10pct-miss hits-half-rate fill-100k large-service many-services"}
@@ -72,6 +77,8 @@ CLIENTS=${BENCH_CLIENTS:-10}
 OUTSTANDING=${BENCH_OUTSTANDING:-100}
 PORT_BASE=${BENCH_PORT_BASE:-25300}
 PERF=${BENCH_PERF:-0}
+KEEP_RAW=${BENCH_KEEP_RAW:-0}
+PERF_SCENARIOS=${BENCH_PERF_SCENARIOS:-"consul fwd-hits fill-100k"}
 ROUNDS=${BENCH_ROUNDS:-3}
 SERVICES=20
 INSTANCES=3
@@ -79,6 +86,7 @@ FWD_NAMES=100
 FILL_NAMES=100000
 # Issue 8's scenarios.
 LARGE_INSTANCES=5000
+LARGE_NAME=big.service.consul
 SMALL_INSTANCES=3
 MANY_SERVICES=10000
 MANY_INSTANCES=10
@@ -350,7 +358,20 @@ log "upstream 127.0.0.1:$UP_PORT, Consul simulator $SIM_HTTP and DNS $SIM_DNS"
 
 CPID=
 bin_of() { [[ $1 == base-* ]] && echo "$BASE_BIN" || echo "$BIN"; } # contender: the binary it runs
-start_contender() { # name
+# The A records ours-http's reply carries in scenario $1 (limit-sized answers with as many), or
+# nothing for a scenario whose reply is a forwarded hit's size. A large service's reply holds
+# what fits: 16 bytes a record after the header, the question and (with EDNS) the OPT record.
+sized_records() {
+  local question=$((${#LARGE_NAME} + 2 + 4))
+  case $1 in
+  consul) echo "$INSTANCES" ;;
+  large-3-*) echo "$SMALL_INSTANCES" ;;
+  large-5000-udp512) echo $(((512 - 12 - question) / 16)) ;;
+  large-5000-edns1232) echo $(((1232 - 12 - question - 11) / 16)) ;;
+  esac
+}
+
+start_contender() { # name [scenario]
   case $1 in
   ours-http | base-http)
     RUST_LOG=${BENCH_RUST_LOG:-warn} taskset -c "$SERVER_CPU" "$(bin_of "$1")" --config "$W/ours.toml" --consul-http "$SIM_HTTP" \
@@ -362,6 +383,9 @@ start_contender() { # name
     ;;
   limit)
     taskset -c "$SERVER_CPU" "$LIMIT_BIN" "127.0.0.1:$PORT" 7200 >"$W/$1.log" 2>&1 &
+    ;;
+  limit-sized)
+    taskset -c "$SERVER_CPU" "$LIMIT_BIN" "127.0.0.1:$PORT" 7200 "$(sized_records "$2")" >"$W/$1.log" 2>&1 &
     ;;
   dnsmasq)
     taskset -c "$SERVER_CPU" dnsmasq -k -C "$W/dnsmasq.conf" >"$W/$1.log" 2>&1 &
@@ -401,8 +425,11 @@ probe() { # name dig-options...
     END {if (st == "") print "timeout"; else printf "%s tc=%d an=%d %dB\n", st, tc, an, size}' <<<"$out"
 }
 
-run_one() { # scenario contender round
-  local sc=$1 ct=$2 round=$3 file args=() limit=$DURATION
+# The load of scenario $1: sets file (dnsperf's input), args (its extra arguments) and limit
+# (its time limit), and makes sure the scenario's simulator runs.
+scenario_load() {
+  local sc=$1
+  args=() limit=$DURATION
   case $sc in
   consul) file=$W/q-consul.txt ;;
   fwd-hits) file=$W/q-hits.txt ;;
@@ -443,7 +470,12 @@ run_one() { # scenario contender round
   many-services) use_sim many ;;
   *) use_sim shared ;;
   esac
-  start_contender "$ct"
+}
+
+run_one() { # scenario contender round
+  local sc=$1 ct=$2 round=$3 file args limit
+  scenario_load "$sc"
+  start_contender "$ct" "$sc"
   local h0 d0 c0 s0 u0 h1 d1 c1 s1 u1 rss rss_end cached="" probed="-" name
   case $sc in
   large-*)
@@ -487,6 +519,7 @@ run_one() { # scenario contender round
   # not eat into the next run's CPU.
   [[ $SIM_KIND == shared ]] || stop_pid "$SIM_PID"
   grep -v '^> ' "$raw" >"$sum" || true
+  if [[ $KEEP_RAW == 1 ]]; then cp "$raw" "$OUT/dnsperf-$sc-$ct-$round.raw"; fi
   local p99
   p99=$(awk '$1 == ">" && NF == 5 && $5 ~ /^[0-9.]+$/ {print $5}' "$raw" | sort -n |
     awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else {i = int(NR * 0.99); if (i < NR * 0.99) i++; if (i < 1) i = 1; printf "%.3f", v[i] * 1000}}')
@@ -579,6 +612,7 @@ for sc in $SCENARIOS; do
   fi
   for ((round = 1; round <= ROUNDS; round++)); do
     for ct in $CONTENDERS; do
+      [[ $ct == limit-sized && -z $(sized_records "$sc") ]] && continue
       log "$sc / $ct (round $round of $ROUNDS)"
       run_one "$sc" "$ct" "$round"
     done
@@ -686,6 +720,7 @@ targets17() {
   awk -F'\t' '
     NR > 1 {k = $1 SUBSEP $2; cpu[k] = $10; p99[k] = $8; has[k] = 1}
     function x(s, c) { return ((s SUBSEP c) in has && (s SUBSEP "limit") in has && cpu[s, "limit"] > 0) ? cpu[s, c] / cpu[s, "limit"] : "" }
+    function xs(s, c) { return ((s SUBSEP c) in has && (s SUBSEP "limit-sized") in has && cpu[s, "limit-sized"] > 0) ? cpu[s, c] / cpu[s, "limit-sized"] : "" }
     function verdict(ok) { return ok ? "met" : "NOT met" }
     END {
       n = split("http dns", modes, " ")
@@ -699,6 +734,16 @@ targets17() {
           bound = f != "" ? f : 1.3
           printf "- %s: %s x%.2f the limit <= %s x%.2f: %s\n", o, large[i], l, f != "" ? "forwarded hits" : "", bound, verdict(l <= bound && bound <= 1.3)
         }
+        # The same with the reply size taken out: over a canned reply of as many records.
+        if (f == "") continue
+        line = ""; ok = 1
+        split("consul large-3-udp512 large-5000-udp512 large-3-edns1232 large-5000-edns1232", sized, " ")
+        for (i = 1; i <= 5; i++) {
+          l = xs(sized[i], o); if (l == "") continue
+          line = line sprintf("%s%s x%.2f", line == "" ? "" : ", ", sized[i], l); ok = ok && l <= f
+        }
+        if (line != "")
+          printf "- %s, each reply over limit-sized (the limit answering with as many records): %s <= forwarded hits x%.2f: %s\n", o, line, f, verdict(ok)
       }
       k = "fill-100k"
       if ((k SUBSEP "ours-http") in has && (k SUBSEP "dnsmasq") in has)
@@ -771,7 +816,7 @@ report8() {
     awk -F'\t' -v big="$LARGE_INSTANCES" -v small="$SMALL_INSTANCES" '
       NR > 1 && $1 ~ /^large-/ {split($1, p, "-"); cpu[$2, p[2], p[3]] = $10; done[$2, p[2], p[3]] = $5; ct[$2] = 1}
       END {
-        n = split("limit ours-http ours-dns base-http base-dns dnsmasq unbound", order, " ")
+        n = split("limit limit-sized ours-http ours-dns base-http base-dns dnsmasq unbound", order, " ")
         for (i = 1; i <= n; i++) {
           c = order[i]; if (!(c in ct)) continue
           for (l = 1; l <= 2; l++) {
@@ -825,11 +870,8 @@ if [[ $PERF == 1 ]]; then
     log "BENCH_PERF=1 but perf is not installed (Debian: linux-perf); no profiles"
   else
     frames='TrackedFuture<F> as core::future::future::Future>::poll$|udp_loop::\{\{closure\}\}$|UdpLoop::run::\{\{closure\}\}$|UdpLoop::answer$|Handler::handle::\{\{closure\}\}$|ConsulSource::answer_inner|Backend>::service::|records::service_answer|records::select|name::parse$|Forwarder::answer|Cache::lookup$|BaseCache<K,V,S>::get_with_hash$|CachedAnswer::to_answer$|Cache::fetch|CachedAnswer::from_message|encode_reply$|Message::to_vec$|Message as hickory_proto::serialize::binary::BinDecodable>::read$|with_label_values$|Histogram.*observe|tokio::task::spawn::spawn$|__libc_sendto$|__libc_recvfrom$|__libc_sendmsg|__libc_recvmsg|__socket$|__connect$|__bind$|__close$|socket$|connect$|bind$|close$|__libc_send$|__libc_recv$|exchange_udp|ServerGroup::query|moka.*insert'
-    use_sim shared
-    for sc in consul fwd-hits fill-100k; do
-      file=$W/q-consul.txt args=()
-      [[ $sc == fwd-hits ]] && file=$W/q-hits.txt
-      [[ $sc == fill-100k ]] && file=$W/q-fill.txt args=(-n 1)
+    for sc in $PERF_SCENARIOS; do
+      scenario_load "$sc"
       log "perf profile: $sc / ours-http"
       start_contender ours-http
       timeout $((DURATION + 30)) perf record -F 400 --call-graph dwarf,16384 -p "$CPID" \

@@ -52,10 +52,10 @@ const UDP_BATCH: usize = 64;
 /// The batch while queries are being answered in tasks of their own (cache misses waiting on an
 /// upstream or on Consul). Those tasks move on (send their question, take their reply) only
 /// between batches, so every batch a miss waits through adds to its latency: at 64 answers a
-/// batch (about 0.4 ms of a busy core), misses made mix-10pct-miss's p99 1.7–2.1 ms against
-/// dnsmasq's 1.1–1.4 ms; at 16 it was 0.9–1.1 ms (docs/benchmarks.md, "Step six"). The price,
-/// one more yield and I/O poll per 16 answers (about 3 % of CPU per answer), is paid only while
-/// such tasks exist: cache hits alone keep the batch of 64.
+/// batch (about 0.4 ms of a busy core) a miss's p90 in mix-10pct-miss was 1.15–1.58 ms against
+/// dnsmasq's 0.95–1.08; at 16 while lookups are in flight, 0.86–0.98 ms (docs/benchmarks.md,
+/// "Step six"). The price, one more yield and I/O poll per 16 answers (2–4 % of CPU per answer
+/// when paid always), is paid only while such tasks exist: hits alone keep the batch of 64.
 const UDP_BATCH_WITH_LOOKUPS: usize = 16;
 
 /// Tries at finding a port free for both UDP and TCP when binding port 0.

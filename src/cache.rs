@@ -632,7 +632,7 @@ impl CachedAnswer {
         let total = if shuffled {
             let mut rng = rand::rng();
             let Some((used, copied)) =
-                raw::copy_shuffled_answers(out, records, answers, base, room, &mut rng)
+                raw::copy_reordered_answers(out, records, answers, base, room, &mut rng)
             else {
                 return false;
             };

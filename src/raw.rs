@@ -19,10 +19,21 @@ pub(crate) const MAX_QUESTION_WIRE: usize = MAX_NAME_WIRE + 4;
 /// subnet): a query carrying one goes the general way, so a malformed one still gets FORMERR.
 const VALIDATED_OPTIONS: [u16; 3] = [3, 5, 8];
 
-/// Answer sections up to this many records are shuffled with their spans on the stack; longer
-/// ones (a large service through Consul's DNS interface: 74 addresses fill an EDNS 1232 reply)
-/// put them in one allocation.
-const SPANS_ON_STACK: usize = 64;
+/// Answer sections up to this many records keep their spans on the stack (1,280 bytes); longer
+/// ones put them in one allocation. An EDNS 1232 reply holds at most 75 A records (a large
+/// service through Consul's DNS interface: Consul fills it with 74), so UDP never allocates.
+const SPANS_ON_STACK: usize = 80;
+
+/// Answers of up to this many addresses are shuffled per reply (Fisher–Yates), as Consul
+/// shuffles them; longer ones (a large service), and the encoded answers of
+/// `consul::encoded` in a reply that carries part of them, are rotated instead: copied from a
+/// random record on, wrapping around, as BIND's `rrset-order cyclic` does. Either way every
+/// record is as likely as any other to come first (what glibc's and nginx's choice of peer
+/// follows) and to be among those a cut reply keeps. A shuffle draws a random number per
+/// record: 74 records (an EDNS reply of a large service) cost 0.8–1.0 µs of draws, a rotation
+/// one draw and one or two copies, 0.06 µs (docs/benchmarks.md, step seven). Up to 16, a
+/// shuffle costs about 0.1 µs.
+pub(crate) const SHUFFLED_WHOLE: usize = 16;
 
 /// The smallest record that can be moved: an A record whose owner is a 2-byte pointer. Bounds the
 /// span list by the bytes really there, whatever count the header claims.
@@ -391,14 +402,14 @@ pub(crate) fn add_additional(out: &mut [u8]) {
     }
 }
 
-/// Copies the `count` answer records at the start of `records` to `out` in a random order, as
-/// many as fit in `room` bytes, if every one of them can move (an A or AAAA whose owner points
-/// back at the question, so no other record points into it either). The copy stops at the first
-/// record that does not fit, so a cut answer is a random subset, the largest prefix of a random
-/// order that fits, as the general path cuts (`reply::encode_reply`). Returns the length of the
-/// whole answer section in `records` and how many records were copied, or `None` when they
-/// cannot be shuffled here.
-pub(crate) fn copy_shuffled_answers(
+/// Copies the `count` answer records at the start of `records` to `out` in a random order
+/// (shuffled, or rotated past `SHUFFLED_WHOLE` records), as many as fit in `room` bytes, if
+/// every one of them can move (an A or AAAA whose owner points back at the question, so no
+/// other record points into it either). The copy stops at the first record that does not fit,
+/// so a cut answer is the largest prefix of a random order that fits, as the general path cuts
+/// (`reply::encode_reply`). Returns the length of the whole answer section in `records` and how
+/// many records were copied, or `None` when they cannot be moved here.
+pub(crate) fn copy_reordered_answers(
     out: &mut Vec<u8>,
     records: &[u8],
     count: usize,
@@ -406,7 +417,7 @@ pub(crate) fn copy_shuffled_answers(
     room: usize,
     rng: &mut impl rand::Rng,
 ) -> Option<(usize, usize)> {
-    if count > records.len() / MIN_MOVABLE_RECORD {
+    if count == 0 || count > records.len() / MIN_MOVABLE_RECORD {
         return None;
     }
     let mut on_stack = [(0usize, 0usize); SPANS_ON_STACK];
@@ -426,19 +437,43 @@ pub(crate) fn copy_shuffled_answers(
         *slot = (span.start, span.end);
         at = span.end;
     }
-    // Fisher–Yates, one position at a time, stopped when a record does not fit: a cut answer
-    // draws only the records it sends.
     let mut left = room;
     let mut copied = 0;
-    while copied < count {
-        spans.swap(copied, rng.random_range(copied..count));
-        let (start, end) = spans[copied];
-        if end - start > left {
+    if count <= SHUFFLED_WHOLE {
+        // Fisher–Yates, one position at a time, stopped when a record does not fit: a cut
+        // answer draws only the records it sends.
+        while copied < count {
+            spans.swap(copied, rng.random_range(copied..count));
+            let (start, end) = spans[copied];
+            if end - start > left {
+                break;
+            }
+            left -= end - start;
+            out.extend_from_slice(&records[start..end]);
+            copied += 1;
+        }
+        return Some((at, copied));
+    }
+    // Rotated: the records from `first` on, then those before it, each run copied at once.
+    let first = rng.random_range(0..count);
+    let (after, before) = spans.split_at(first);
+    for run in [before, after] {
+        let fitting = run
+            .iter()
+            .take_while(|(start, end)| {
+                let fits = end - start <= left;
+                left = left.saturating_sub(end - start);
+                fits
+            })
+            .count();
+        if fitting > 0 {
+            // Adjacent records of one section: one run of bytes.
+            out.extend_from_slice(&records[run[0].0..run[fitting - 1].1]);
+        }
+        copied += fitting;
+        if fitting < run.len() {
             break;
         }
-        left -= end - start;
-        out.extend_from_slice(&records[start..end]);
-        copied += 1;
     }
     Some((at, copied))
 }
@@ -621,7 +656,7 @@ mod tests {
         for _ in 0..50 {
             let mut out = Vec::new();
             let (used, copied) =
-                copy_shuffled_answers(&mut out, &records, 2, 20, usize::MAX, &mut rng)
+                copy_reordered_answers(&mut out, &records, 2, 20, usize::MAX, &mut rng)
                     .expect("movable");
             assert_eq!((used, copied), (records.len(), 2));
             assert_eq!(out.len(), records.len());
@@ -633,13 +668,70 @@ mod tests {
         for _ in 0..50 {
             let mut out = Vec::new();
             let (used, copied) =
-                copy_shuffled_answers(&mut out, &records, 2, 20, 31, &mut rng).expect("movable");
+                copy_reordered_answers(&mut out, &records, 2, 20, 31, &mut rng).expect("movable");
             assert_eq!((used, copied, out.len()), (records.len(), 1, 16));
             kept.insert(out[15]);
         }
         assert_eq!(kept.len(), 2, "the kept record is drawn at random");
         // A count the bytes cannot hold is refused before anything is allocated for it.
-        assert!(copy_shuffled_answers(&mut Vec::new(), &records, 3, 20, 64, &mut rng).is_none());
+        assert!(copy_reordered_answers(&mut Vec::new(), &records, 3, 20, 64, &mut rng).is_none());
         assert!(!rewrite_ttls(&mut records[..20].to_vec(), 2, 20, |t| t));
+    }
+
+    /// `count` A records whose owner points at offset 12 and whose last address byte is their
+    /// index, and the indices `copy_reordered_answers` copied of them into `room` bytes.
+    fn reordered(count: u8, room: usize, rng: &mut impl rand::Rng) -> Vec<u8> {
+        let mut records = Vec::new();
+        for i in 0..count {
+            records.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, i]);
+        }
+        let mut out = Vec::new();
+        let (used, copied) =
+            copy_reordered_answers(&mut out, &records, usize::from(count), 20, room, rng)
+                .expect("movable");
+        assert_eq!((used, out.len()), (records.len(), copied * 16));
+        out.chunks_exact(16).map(|r| r[15]).collect()
+    }
+
+    #[test]
+    fn small_answers_are_shuffled_and_large_ones_rotated() {
+        use std::collections::HashSet;
+        let mut rng = rand::rng();
+        // Up to SHUFFLED_WHOLE: any order (all six of three records show up in 300 replies).
+        let orders: HashSet<Vec<u8>> = (0..300)
+            .map(|_| reordered(3, usize::MAX, &mut rng))
+            .collect();
+        assert_eq!(orders.len(), 6, "{orders:?}");
+        // Past it: every record, in the section's order from a random one on.
+        let count = SHUFFLED_WHOLE as u8 + 24;
+        let mut first = HashSet::new();
+        for _ in 0..400 {
+            let got = reordered(count, usize::MAX, &mut rng);
+            let rotated: Vec<u8> = (0..count).map(|k| (got[0] + k) % count).collect();
+            assert_eq!(got, rotated);
+            first.insert(got[0]);
+        }
+        assert_eq!(
+            first.len(),
+            usize::from(count),
+            "every record comes first at some point"
+        );
+        // Cut to the room: the largest run that fits, wrapping around, from any record.
+        let mut kept = vec![0u32; usize::from(count)];
+        for _ in 0..400 {
+            let got = reordered(count, 10 * 16 + 15, &mut rng);
+            assert_eq!(got.len(), 10);
+            assert!(
+                got.windows(2).all(|w| w[1] == (w[0] + 1) % count),
+                "{got:?}"
+            );
+            got.iter().for_each(|&i| kept[usize::from(i)] += 1);
+        }
+        assert!(
+            kept.iter().all(|&n| n > 0),
+            "every record kept at some point"
+        );
+        // Room for none: nothing copied.
+        assert!(reordered(count, 15, &mut rng).is_empty());
     }
 }

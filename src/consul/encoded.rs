@@ -3,11 +3,12 @@
 //!
 //! The general path (`ConsulSource::answer`) remembers, per question (name lowercased, type,
 //! class IN), the view it answered from and every address record the question's pool can give,
-//! encoded once: owner a pointer to the question, the final TTL, the pool's order. Every such
+//! encoded once: owner a pointer to the question, the final TTL, in a random order. Every such
 //! record of a question has the same length (16 bytes for A, 28 for AAAA), so the three size
 //! classes (512 bytes without EDNS, the client's EDNS size, TCP) need no encoding of their own:
 //! each reduces to a record count. Per query only the header is written, the question copied in
-//! the client's case, a random sample of the records copied in random order, and the OPT
+//! the client's case, the records copied (a small pool shuffled whole, a large one's sample a
+//! window of the encoded order from a random start: `copy_records`), and the OPT
 //! record added; the counts follow the general path's rules exactly (`records::record_cap`,
 //! `a_record_limit`, `udp_answer_limit`, the cut at the client's size, TC).
 //!
@@ -23,13 +24,14 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use hickory_proto::rr::{DNSClass, Name, RecordType};
+use rand::seq::SliceRandom;
 use rand::Rng;
 
 use super::catalog::{Selection, ServiceView};
 use super::records;
 use super::StillServed;
 use crate::header::{self, HEADER_LEN};
-use crate::raw::{self, PlainQuery};
+use crate::raw::{self, PlainQuery, SHUFFLED_WHOLE};
 use crate::reply::{OPT_LEN, TCP_LIMIT, UDP_LIMIT_NO_EDNS};
 
 /// Questions remembered at once. Each is a name someone asked that has a watched view, so the
@@ -39,17 +41,6 @@ pub(crate) const MAX_ENCODED_ANSWERS: usize = 20_000;
 /// Bytes of encoded records held at once (a 5,000-instance service's A records take 80 KB);
 /// past it the table starts over, so memory stays bounded whatever names are asked.
 pub(crate) const MAX_ENCODED_BYTES: usize = 16 << 20;
-
-/// Record orders of pools up to this size are drawn on the stack; larger pools (a large
-/// service) draw their sample with `records::sample_indices`.
-const ORDER_ON_STACK: usize = 256;
-
-/// Pools up to this size (a large service of 5,000 instances included) draw a sample of less
-/// than half of them against a bitset on the stack (1 KiB zeroed per answer). With the heap's
-/// bitset and index vector (and a `memcpy` call per record, see `push_record`) a
-/// 5,000-instance service's EDNS answer took 882 ns, now 636 (`cargo bench --bench hot_path
-/// -- consul_a_inline`). Larger ones use `records::sample_indices`.
-const SAMPLE_ON_STACK: usize = 8192;
 
 /// The owner of every record: a compression pointer to the question's name.
 const OWNER: [u8; 2] = [0xc0, HEADER_LEN as u8];
@@ -63,7 +54,7 @@ pub(crate) struct Encoded {
     /// The view they came from, and the backend's check that it is still the one served.
     view: Arc<ServiceView>,
     check: Box<dyn StillServed>,
-    /// Every record, `record_len` bytes each, in the pool's order.
+    /// Every record, `record_len` bytes each, in a random order drawn when the entry was made.
     records: Box<[u8]>,
     record_len: usize,
     qtype: RecordType,
@@ -128,26 +119,71 @@ fn shape(
     }
 }
 
-/// Calls `take` with `amount` distinct indices below `len` (`amount <= len`), in random order:
-/// a partial Fisher–Yates shuffle on the stack for small pools.
-fn draw(rng: &mut impl Rng, len: usize, amount: usize, mut take: impl FnMut(usize)) {
-    if len <= ORDER_ON_STACK {
-        let mut order = [0u16; ORDER_ON_STACK];
-        for (i, slot) in order[..len].iter_mut().enumerate() {
-            *slot = i as u16;
-        }
-        for i in 0..amount {
-            order.swap(i, rng.random_range(i..len));
-            take(usize::from(order[i]));
-        }
-    } else if len <= SAMPLE_ON_STACK && amount.saturating_mul(2) < len {
-        let mut taken = [0u64; SAMPLE_ON_STACK / 64];
-        records::draw_distinct(rng, len, amount, &mut taken, take);
-    } else {
-        records::sample_indices(rng, len, amount)
-            .into_iter()
-            .for_each(take);
+/// Calls `take` with every index below `len` (at most `SHUFFLED_WHOLE`), in random order: a
+/// Fisher–Yates shuffle on the stack.
+fn shuffle_whole(rng: &mut impl Rng, len: usize, mut take: impl FnMut(usize)) {
+    let mut order = [0u16; SHUFFLED_WHOLE];
+    let Some(order) = order.get_mut(..len) else {
+        return;
+    };
+    for (i, slot) in order.iter_mut().enumerate() {
+        *slot = i as u16;
     }
+    for i in 0..len {
+        order.swap(i, rng.random_range(i..len));
+        take(usize::from(order[i]));
+    }
+}
+
+/// Appends `written` of the records in `records` (`record_len` bytes each) to `out`.
+///
+/// A pool of up to `SHUFFLED_WHOLE` carried whole is shuffled, as Consul does. Otherwise the
+/// records are rotated (see `SHUFFLED_WHOLE`): those of the entry's order (shuffled once, when
+/// the entry was made from a new view) from a random one on, wrapping around, in one or two
+/// copies. Every record is as likely as any other to be in a reply and to come first; what a
+/// client could see is that the records of one reply are neighbours in that order until the
+/// view changes. Drawing 74 distinct records of 5,000 per answer instead (a random draw each,
+/// checked against a bitset) made a 5,000-instance service's EDNS answer cost 1.67 µs against
+/// 0.50 for one instance; rotated, 0.67 µs (`cargo bench --bench hot_path --
+/// consul_a_inline_edns`, one run on this machine, docs/benchmarks.md step seven).
+fn copy_records(
+    out: &mut Vec<u8>,
+    records: &[u8],
+    record_len: usize,
+    written: usize,
+    rng: &mut impl Rng,
+) {
+    let count = records.len() / record_len;
+    if written == 0 || count == 0 {
+        return;
+    }
+    if written == count && count <= SHUFFLED_WHOLE {
+        match record_len {
+            A_RECORD_LEN => {
+                shuffle_whole(rng, count, |i| push_record::<A_RECORD_LEN>(out, records, i))
+            }
+            AAAA_RECORD_LEN => shuffle_whole(rng, count, |i| {
+                push_record::<AAAA_RECORD_LEN>(out, records, i)
+            }),
+            len => shuffle_whole(rng, count, |i| {
+                if let Some(record) = records.get(i * len..(i + 1) * len) {
+                    out.extend_from_slice(record);
+                }
+            }),
+        }
+        return;
+    }
+    let written = written.min(count);
+    let start = rng.random_range(0..count);
+    let from_tail = written.min(count - start);
+    let window = [
+        records.get(start * record_len..(start + from_tail) * record_len),
+        records.get(..(written - from_tail) * record_len),
+    ];
+    window
+        .into_iter()
+        .flatten()
+        .for_each(|part| out.extend_from_slice(part));
 }
 
 /// Appends record `i` of `records` (`N` bytes each). `N` known at compile time makes the copy a
@@ -188,21 +224,7 @@ pub(crate) fn write_reply(
     out.clear();
     raw::write_header(out, query, true, 0, [written, 0, 0]);
     out.extend_from_slice(query.question);
-    let (records, count, written) = (&entry.records[..], entry.count(), shape.written);
-    out.reserve(written * entry.record_len);
-    match entry.record_len {
-        A_RECORD_LEN => draw(rng, count, written, |i| {
-            push_record::<A_RECORD_LEN>(out, records, i)
-        }),
-        AAAA_RECORD_LEN => draw(rng, count, written, |i| {
-            push_record::<AAAA_RECORD_LEN>(out, records, i)
-        }),
-        len => draw(rng, count, written, |i| {
-            if let Some(record) = records.get(i * len..(i + 1) * len) {
-                out.extend_from_slice(record);
-            }
-        }),
-    }
+    copy_records(out, &entry.records, entry.record_len, shape.written, rng);
     if query.edns_payload.is_some() {
         raw::write_opt(out, query);
         raw::add_additional(out);
@@ -213,8 +235,8 @@ pub(crate) fn write_reply(
     true
 }
 
-/// The records of `pool` (instances of `view` with an address for `qtype`, A or AAAA), or
-/// `None` when the pool is empty or two instances share an address (the general path drops
+/// The records of `pool` (instances of `view` with an address for `qtype`, A or AAAA) in a
+/// random order (the one `copy_records` takes windows of), or `None` when the pool is empty or two instances share an address (the general path drops
 /// duplicates after drawing, which a fixed record list cannot reproduce).
 fn encode_pool(
     view: &ServiceView,
@@ -230,7 +252,9 @@ fn encode_pool(
     let rdata_len = record_len - OWNER.len() - 10;
     let mut out = Vec::with_capacity(pool.len() * record_len);
     let mut seen = std::collections::HashSet::with_capacity(pool.len());
-    for &at in pool {
+    let mut order = pool.to_vec();
+    order.shuffle(&mut rand::rng());
+    for at in order {
         let ip = view.instances.get(at as usize)?.addrs.ip_for(qtype)?;
         if !seen.insert(ip) {
             return None;
@@ -471,55 +495,66 @@ mod tests {
         assert_eq!(reply.answers.len(), (512 - 12 - query.question.len()) / 16);
     }
 
+    /// `count` A-sized records, each holding its index in its last four bytes.
+    fn numbered(count: usize) -> Vec<u8> {
+        (0..count as u32)
+            .flat_map(|i| {
+                let mut record = [0u8; A_RECORD_LEN];
+                record[A_RECORD_LEN - 4..].copy_from_slice(&i.to_be_bytes());
+                record
+            })
+            .collect()
+    }
+
+    /// The indices of the records `copy_records` wrote from `numbered` records.
+    fn copied(records: &[u8], written: usize, rng: &mut impl Rng) -> Vec<usize> {
+        let mut out = Vec::new();
+        copy_records(&mut out, records, A_RECORD_LEN, written, rng);
+        out.chunks_exact(A_RECORD_LEN)
+            .filter_map(|r| r.last_chunk::<4>())
+            .map(|i| u32::from_be_bytes(*i) as usize)
+            .collect()
+    }
+
     #[test]
-    fn draws_are_distinct_random_and_cover_every_index() {
+    fn copies_are_distinct_random_and_cover_every_record() {
+        use std::collections::HashSet;
         let mut rng = rand::rng();
-        for len in [
-            1,
-            3,
-            ORDER_ON_STACK,
-            ORDER_ON_STACK + 1,
-            5000,
-            SAMPLE_ON_STACK + 1,
+        // Small pools carried whole: every order of three appears (six orders, 300 tries).
+        let three = numbered(3);
+        let orders: HashSet<Vec<usize>> = (0..300).map(|_| copied(&three, 3, &mut rng)).collect();
+        assert_eq!(orders.len(), 6, "{orders:?}");
+        // Whole or in part, large or small: distinct records, as many as asked, each one in
+        // some reply and first in several. 74 of 5,000 (an EDNS reply of a large service) x 400
+        // replies cover each record 5.9 times on average: the bound allows 100 never copied
+        // (about 14 expected).
+        for (count, written, replies, never_allowed) in [
+            (1, 1, 10, 0),
+            (SHUFFLED_WHOLE, SHUFFLED_WHOLE, 20, 0),
+            (SHUFFLED_WHOLE + 1, SHUFFLED_WHOLE + 1, 20, 0),
+            (100, 74, 100, 0),
+            (400, 300, 50, 0),
+            (5000, 74, 400, 100),
+            (5000, 29, 2000, 100),
         ] {
-            let mut first = std::collections::HashSet::new();
-            for _ in 0..400 {
-                let mut got = Vec::new();
-                draw(&mut rng, len, len.min(3), |i| got.push(i));
-                assert_eq!(got.len(), len.min(3));
-                assert!(got.iter().all(|&i| i < len));
-                let distinct: std::collections::HashSet<_> = got.iter().collect();
-                assert_eq!(distinct.len(), got.len(), "distinct");
+            let mut copies = vec![0u32; count];
+            let (mut first, records) = (HashSet::new(), numbered(count));
+            for _ in 0..replies {
+                let got = copied(&records, written, &mut rng);
+                let distinct: HashSet<_> = got.iter().collect();
+                assert_eq!((got.len(), distinct.len()), (written, written), "{count}");
+                got.iter().for_each(|&i| copies[i] += 1);
                 first.insert(got[0]);
             }
+            let never = copies.iter().filter(|&&n| n == 0).count();
+            assert!(never <= never_allowed, "{count}: {never} never copied");
             assert!(
-                first.len() >= len.min(3),
-                "{len}: first index varies: {first:?}"
+                first.len() >= count.min(replies / 2),
+                "{count}: {} records came first in {replies} replies",
+                first.len()
             );
         }
-        // An EDNS reply's 74 of a 5,000-instance pool (the bitset on the stack), and 300 of 400
-        // (most of the pool: shuffled whole): distinct, and every index drawn at some point
-        // (74 x 400 draws give each index 5.9 on average; the bound allows 100 never drawn,
-        // about 14 expected).
-        for (len, amount, draws, missing) in [(5000, 74, 400, 100), (400, 300, 50, 0)] {
-            let mut drawn = vec![0u32; len];
-            for _ in 0..draws {
-                let mut got = Vec::new();
-                draw(&mut rng, len, amount, |i| got.push(i));
-                let distinct: std::collections::HashSet<_> = got.iter().collect();
-                assert_eq!((got.len(), distinct.len()), (amount, amount), "{len}");
-                got.iter().for_each(|&i| drawn[i] += 1);
-            }
-            let never = drawn.iter().filter(|&&n| n == 0).count();
-            assert!(never <= missing, "{len}: {never} indices never drawn");
-        }
-        // Every index of a small pool comes first at some point.
-        let mut first = std::collections::HashSet::new();
-        for _ in 0..200 {
-            let mut order = Vec::new();
-            draw(&mut rng, 3, 3, |i| order.push(i));
-            first.insert(order[0]);
-        }
-        assert_eq!(first.len(), 3);
+        // Nothing asked, nothing written.
+        assert!(copied(&numbered(5000), 0, &mut rng).is_empty());
     }
 }

@@ -172,34 +172,19 @@ pub(crate) fn sample_indices<R: Rng + ?Sized>(
     }
     let mut taken = vec![0u64; len.div_ceil(64)];
     let mut picked = Vec::with_capacity(amount);
-    draw_distinct(rng, len, amount, &mut taken, |i| picked.push(i));
-    picked
-}
-
-/// Calls `take` with `amount` distinct indices below `len`, in random order, each draw checked
-/// against `taken` (at least `len` bits, all clear). For `amount` below half of `len`; the
-/// caller chooses where the bitset lives (the hot path keeps it on the stack).
-pub(crate) fn draw_distinct<R: Rng + ?Sized>(
-    rng: &mut R,
-    len: usize,
-    amount: usize,
-    taken: &mut [u64],
-    mut take: impl FnMut(usize),
-) {
     // At least half the indices are always free, so each draw succeeds with probability >= 1/2;
     // the bound on tries only guards against a broken random source.
     let mut tries = amount.saturating_mul(64);
-    let mut drawn = 0;
-    while drawn < amount && tries > 0 {
+    while picked.len() < amount && tries > 0 {
         tries -= 1;
         let i = rng.random_range(0..len);
         let (word, bit) = (i / 64, 1u64 << (i % 64));
-        if let Some(w) = taken.get_mut(word).filter(|w| **w & bit == 0) {
-            *w |= bit;
-            take(i);
-            drawn += 1;
+        if taken[word] & bit == 0 {
+            taken[word] |= bit;
+            picked.push(i);
         }
     }
+    picked
 }
 
 /// The SOA of the domain, as Consul writes it: MNAME `ns.<domain>` (a name that does not

@@ -101,6 +101,11 @@ const AUTHENTIC: u8 = 1 << 4;
 /// Stored as the upstream sent it, because it is too large to encode again (hickory compresses
 /// at most 120 names); cut in bytes for UDP clients.
 const AS_RECEIVED: u8 = 1 << 5;
+/// Every record is an A or AAAA of one length whose owner points at the question, in the answer
+/// section alone, and the form is the same with and without DO (`raw::uniform_address_len`): a
+/// large service through Consul's DNS interface. A reply moves such records at a fixed stride
+/// without reading each one twice (spans, then TTLs), which cost about 1 µs per reply of 74.
+const ADDRESSES: u8 = 1 << 6;
 
 /// A stored answer. Record TTLs are the clamped ones at `stored_at`.
 ///
@@ -389,7 +394,21 @@ impl CachedAnswer {
             // A subset of what just encoded: it encodes too.
             entry.attach_plain(&plain?);
         }
+        entry.flags |= bit(entry.uniform_address_len().is_some(), ADDRESSES);
         Ok(entry)
+    }
+
+    /// The records' length when they are addresses alone, all of one length (see [`ADDRESSES`]).
+    fn uniform_address_len(&self) -> Option<usize> {
+        let [answers, 0, 0] = self.counts else {
+            return None;
+        };
+        if self.plain_at != PLAIN_SAME {
+            return None;
+        }
+        let records = self.wire.get(usize::from(self.question_len)..)?;
+        let base = HEADER_LEN + usize::from(self.question_len);
+        raw::uniform_address_len(records, usize::from(answers), base)
     }
 
     /// Appends the records of `plain` (a reply to the same question, without DNSSEC records)
@@ -629,7 +648,14 @@ impl CachedAnswer {
         } else {
             limit.saturating_sub(base + opt_len)
         };
-        let total = if shuffled {
+        // Addresses alone past raw::SHUFFLED_WHOLE: rotated at a fixed stride, unread.
+        let stride = (shuffled && answers > raw::SHUFFLED_WHOLE && self.flags & ADDRESSES != 0)
+            .then(|| records.len() / answers);
+        let total = if let Some(record_len) = stride {
+            let written = if fits { answers } else { room / record_len };
+            raw::copy_rotated(out, records, record_len, written, &mut rand::rng());
+            cut_to(out, written.min(answers), answers, counts)
+        } else if shuffled {
             let mut rng = rand::rng();
             let Some((used, copied)) =
                 raw::copy_reordered_answers(out, records, answers, base, room, &mut rng)
@@ -647,7 +673,9 @@ impl CachedAnswer {
             out.extend_from_slice(records);
             counts.iter().map(|&c| usize::from(c)).sum()
         };
-        if !raw::rewrite_ttls(&mut out[base..], total, base, self.ttl_at(now, stale)) {
+        if let Some(record_len) = stride {
+            raw::rewrite_ttls_at_stride(&mut out[base..], record_len, self.ttl_at(now, stale));
+        } else if !raw::rewrite_ttls(&mut out[base..], total, base, self.ttl_at(now, stale)) {
             return false;
         }
         if opt_len > 0 {
@@ -1243,11 +1271,44 @@ mod tests {
             kept.len() > general.answers.len(),
             "a different subset each time"
         );
-        let mut out = Vec::new();
-        assert!(e.write_reply(&mut out, &plain, reply::TCP_LIMIT, now, false, true));
-        let msg = Message::from_vec(&out).expect("decodes");
-        assert!(!msg.metadata.truncation);
-        assert_eq!(msg.answers.len(), 100);
+        // Addresses alone, past SHUFFLED_WHOLE: rotated at a fixed stride. Every record, in the
+        // stored order from any one on, TTLs aged like any other reply's.
+        assert!(e.flags & ADDRESSES != 0);
+        let later = now + Duration::from_secs(5);
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let mut out = Vec::new();
+            assert!(e.write_reply(&mut out, &plain, reply::TCP_LIMIT, later, false, true));
+            let msg = Message::from_vec(&out).expect("decodes");
+            assert!(!msg.metadata.truncation);
+            let last_octets: Vec<u8> = msg
+                .answers
+                .iter()
+                .filter_map(|r| match r.data {
+                    RData::A(a) => Some(a.0.octets()[3]),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(last_octets.len(), 100);
+            assert!(msg.answers.iter().all(|r| r.ttl == 55), "aged");
+            let first = last_octets[0];
+            assert!(last_octets
+                .iter()
+                .enumerate()
+                .all(|(k, &o)| usize::from(o) == (usize::from(first) + k) % 100));
+            firsts.insert(first);
+        }
+        assert!(
+            firsts.len() > 50,
+            "any record comes first: {}",
+            firsts.len()
+        );
+        // With an authority record the stride does not apply; the records are read as before.
+        let with_soa = store(
+            &reply(ResponseCode::NoError, &[60; 20], Some((60, 60))),
+            now,
+        );
+        assert!(with_soa.expect("ok").flags & ADDRESSES == 0);
         // Not shuffled (an upstream answer): too large goes the general way.
         assert!(!e.write_reply(&mut Vec::new(), &plain, 512, now, false, false));
     }

@@ -478,6 +478,73 @@ pub(crate) fn copy_reordered_answers(
     Some((at, copied))
 }
 
+/// Where the TTL sits in an address record whose owner is a 2-byte pointer (owner, type, class).
+const TTL_IN_POINTED_RECORD: usize = 6;
+
+/// The length shared by the `count` records of `records` (nothing else in it), if each is an A
+/// or AAAA whose owner points back at the question, all of one length: a reply can then move
+/// and rewrite them at a fixed stride (`copy_rotated`, `rewrite_ttls_at_stride`) without
+/// reading them. Checked once, when an answer is stored.
+pub(crate) fn uniform_address_len(records: &[u8], count: usize, base: usize) -> Option<usize> {
+    let first = record_at(records, 0, base)?;
+    let len = first.end;
+    if count == 0 || records.len() != count.checked_mul(len)? {
+        return None;
+    }
+    (0..count)
+        .all(|i| {
+            record_at(records, i * len, base).is_some_and(|span| {
+                span.owner_points_back
+                    && span.rtype == first.rtype
+                    && (span.rtype == TYPE_A || span.rtype == TYPE_AAAA)
+                    && span.end == (i + 1) * len
+            })
+        })
+        .then_some(len)
+}
+
+/// Appends `written` of the records of `records` (`record_len` bytes each) to `out`, rotated
+/// (see `SHUFFLED_WHOLE`): from a random one on, wrapping around, in one or two copies.
+pub(crate) fn copy_rotated(
+    out: &mut Vec<u8>,
+    records: &[u8],
+    record_len: usize,
+    written: usize,
+    rng: &mut impl rand::Rng,
+) {
+    let count = records.len() / record_len.max(1);
+    let written = written.min(count);
+    if written == 0 {
+        return;
+    }
+    let first = rng.random_range(0..count);
+    let from_first = written.min(count - first);
+    let runs = [
+        records.get(first * record_len..(first + from_first) * record_len),
+        records.get(..(written - from_first) * record_len),
+    ];
+    runs.into_iter()
+        .flatten()
+        .for_each(|run| out.extend_from_slice(run));
+}
+
+/// Rewrites the TTL of every record of `records` (`uniform_address_len` records of
+/// `record_len` bytes) with `ttl(old)`.
+pub(crate) fn rewrite_ttls_at_stride(
+    records: &mut [u8],
+    record_len: usize,
+    ttl: impl Fn(u32) -> u32,
+) {
+    for record in records.chunks_exact_mut(record_len.max(1)) {
+        if let Some(field) = record
+            .get_mut(TTL_IN_POINTED_RECORD..)
+            .and_then(<[u8]>::first_chunk_mut::<4>)
+        {
+            *field = ttl(u32::from_be_bytes(*field)).to_be_bytes();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,7 +772,7 @@ mod tests {
         // Past it: every record, in the section's order from a random one on.
         let count = SHUFFLED_WHOLE as u8 + 24;
         let mut first = HashSet::new();
-        for _ in 0..400 {
+        for _ in 0..800 {
             let got = reordered(count, usize::MAX, &mut rng);
             let rotated: Vec<u8> = (0..count).map(|k| (got[0] + k) % count).collect();
             assert_eq!(got, rotated);
@@ -733,5 +800,34 @@ mod tests {
         );
         // Room for none: nothing copied.
         assert!(reordered(count, 15, &mut rng).is_empty());
+    }
+
+    #[test]
+    fn uniform_addresses_are_told_apart_from_anything_else() {
+        let a = [0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 1];
+        let mut aaaa = vec![0xc0, 12, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16];
+        aaaa.extend_from_slice(&[0; 16]);
+        let three_a = [a, a, a].concat();
+        assert_eq!(uniform_address_len(&three_a, 3, 20), Some(16));
+        assert_eq!(
+            uniform_address_len(&[aaaa.clone(), aaaa.clone()].concat(), 2, 20),
+            Some(28)
+        );
+        // Mixed types, a count that does not cover the bytes, an owner written out.
+        assert_eq!(
+            uniform_address_len(&[a.to_vec(), aaaa].concat(), 2, 20),
+            None
+        );
+        assert_eq!(uniform_address_len(&three_a, 2, 20), None);
+        let mut named = vec![1, b'x', 0];
+        named.extend_from_slice(&a[2..]);
+        assert_eq!(
+            uniform_address_len(&[named.clone(), named].concat(), 2, 20),
+            None
+        );
+        // TTLs at the stride.
+        let mut records = three_a.clone();
+        rewrite_ttls_at_stride(&mut records, 16, |t| t - 7);
+        assert!(records.chunks(16).all(|r| r[6..10] == 53u32.to_be_bytes()));
     }
 }

@@ -101,8 +101,8 @@ const AUTHENTIC: u8 = 1 << 4;
 /// Stored as the upstream sent it, because it is too large to encode again (hickory compresses
 /// at most 120 names); cut in bytes for UDP clients.
 const AS_RECEIVED: u8 = 1 << 5;
-/// Every record is an A or AAAA of one length whose owner points at the question, in the answer
-/// section alone, and the form is the same with and without DO (`raw::uniform_address_len`): a
+/// More than `raw::SHUFFLED_WHOLE` records, each an A or AAAA of one length whose owner points
+/// at the question, in the answer section alone, and the form is the same with and without DO (`raw::uniform_address_len`): a
 /// large service through Consul's DNS interface. A reply moves such records at a fixed stride
 /// without reading each one twice (spans, then TTLs), which cost about 1 µs per reply of 74.
 const ADDRESSES: u8 = 1 << 6;
@@ -398,12 +398,13 @@ impl CachedAnswer {
         Ok(entry)
     }
 
-    /// The records' length when they are addresses alone, all of one length (see [`ADDRESSES`]).
+    /// The records' length when they are more than `raw::SHUFFLED_WHOLE` addresses alone, all
+    /// of one length (see [`ADDRESSES`]). Fewer are never rotated, so a miss does not read them.
     fn uniform_address_len(&self) -> Option<usize> {
         let [answers, 0, 0] = self.counts else {
             return None;
         };
-        if self.plain_at != PLAIN_SAME {
+        if self.plain_at != PLAIN_SAME || usize::from(answers) <= raw::SHUFFLED_WHOLE {
             return None;
         }
         let records = self.wire.get(usize::from(self.question_len)..)?;
@@ -452,7 +453,7 @@ impl CachedAnswer {
             // Asked without DO: a client without DO must never get these.
             return Err(unstorable());
         }
-        Ok(CachedAnswer {
+        let mut entry = CachedAnswer {
             stored_at: now,
             wire: received.body.into(),
             ttl_secs: received.min_answer_ttl,
@@ -465,7 +466,9 @@ impl CachedAnswer {
             question_len: u16::try_from(question.len()).unwrap_or(0),
             flags: entry_flags(asked, flags & header::AD != 0) | CACHEABLE | AS_RECEIVED,
             exchange: None,
-        })
+        };
+        entry.flags |= bit(entry.uniform_address_len().is_some(), ADDRESSES);
+        Ok(entry)
     }
 
     /// What the entry costs in memory, roughly.
@@ -1311,6 +1314,47 @@ mod tests {
         assert!(with_soa.expect("ok").flags & ADDRESSES == 0);
         // Not shuffled (an upstream answer): too large goes the general way.
         assert!(!e.write_reply(&mut Vec::new(), &plain, 512, now, false, false));
+    }
+
+    /// Stored as it came (the common miss) or encoded again, more than SHUFFLED_WHOLE addresses
+    /// alone are marked for the stride and rotated; a few are not (a miss does not read them).
+    #[test]
+    fn many_addresses_stored_as_they_came_are_rotated_too() {
+        let now = Instant::now();
+        let received = |ttls: &[u32]| {
+            let wire = reply(ResponseCode::NoError, ttls, None)
+                .to_vec()
+                .expect("encode");
+            let reply = UpstreamReply::received(None, wire);
+            CachedAnswer::from_reply(&question(), &reply, Dnssec::default(), &policy(), now)
+                .expect("stored")
+        };
+        let many = received(&[60; 40]);
+        assert_eq!(
+            many.flags & (AS_RECEIVED | ADDRESSES),
+            AS_RECEIVED | ADDRESSES
+        );
+        assert_eq!(received(&[60; 3]).flags & ADDRESSES, 0);
+        let bytes = a_query().to_vec().expect("encode");
+        let plain = raw::parse_plain_query(&bytes).expect("plain");
+        let mut out = Vec::new();
+        assert!(many.write_reply(&mut out, &plain, 512, now, false, true));
+        let msg = Message::from_vec(&out).expect("decodes");
+        // 40 A records need 667 bytes: the 30 that fit in 512, a run from any one on, TC=1.
+        assert!(msg.metadata.truncation && out.len() <= 512);
+        let octets: Vec<u8> = msg
+            .answers
+            .iter()
+            .filter_map(|r| match r.data {
+                RData::A(a) => Some(a.0.octets()[3]),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(octets.len(), 30);
+        assert!(
+            octets.windows(2).all(|w| w[1] == (w[0] + 1) % 40),
+            "{octets:?}"
+        );
     }
 
     #[test]

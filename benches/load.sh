@@ -47,7 +47,7 @@
 # (dnsperf -q, default 100), BENCH_HALF_RATE (queries/s for hits-half-rate when ours-http's
 # fwd-hits is not run), BENCH_PORT_BASE (default 25300; uses 3 ports), BENCH_OUT (result folder),
 # BENCH_PERF=1 (after the table: perf profiles of ours-http in consul, fwd-hits and fill-100k, or
-# in the scenarios of BENCH_PERF_SCENARIOS),
+# in the scenarios of BENCH_PERF_SCENARIOS; of another contender with BENCH_PERF_CONTENDER),
 # BENCH_KEEP_RAW=1 (keep dnsperf's per-query lines beside each summary, as dnsperf-*.raw: the
 # latency of each query, say to split mix-10pct-miss's p99 into hits and misses),
 # BENCH_RUST_LOG (RUST_LOG of ours-http and base-http, default warn; their logs go away with the run),
@@ -79,6 +79,7 @@ PORT_BASE=${BENCH_PORT_BASE:-25300}
 PERF=${BENCH_PERF:-0}
 KEEP_RAW=${BENCH_KEEP_RAW:-0}
 PERF_SCENARIOS=${BENCH_PERF_SCENARIOS:-"consul fwd-hits fill-100k"}
+PERF_CONTENDER=${BENCH_PERF_CONTENDER:-ours-http}
 ROUNDS=${BENCH_ROUNDS:-3}
 SERVICES=20
 INSTANCES=3
@@ -872,8 +873,8 @@ if [[ $PERF == 1 ]]; then
     frames='TrackedFuture<F> as core::future::future::Future>::poll$|udp_loop::\{\{closure\}\}$|UdpLoop::run::\{\{closure\}\}$|UdpLoop::answer$|Handler::handle::\{\{closure\}\}$|ConsulSource::answer_inner|Backend>::service::|records::service_answer|records::select|name::parse$|Forwarder::answer|Cache::lookup$|BaseCache<K,V,S>::get_with_hash$|CachedAnswer::to_answer$|Cache::fetch|CachedAnswer::from_message|encode_reply$|Message::to_vec$|Message as hickory_proto::serialize::binary::BinDecodable>::read$|with_label_values$|Histogram.*observe|tokio::task::spawn::spawn$|__libc_sendto$|__libc_recvfrom$|__libc_sendmsg|__libc_recvmsg|__socket$|__connect$|__bind$|__close$|socket$|connect$|bind$|close$|__libc_send$|__libc_recv$|exchange_udp|ServerGroup::query|moka.*insert'
     for sc in $PERF_SCENARIOS; do
       scenario_load "$sc"
-      log "perf profile: $sc / ours-http"
-      start_contender ours-http
+      log "perf profile: $sc / $PERF_CONTENDER"
+      start_contender "$PERF_CONTENDER"
       timeout $((DURATION + 30)) perf record -F 400 --call-graph dwarf,16384 -p "$CPID" \
         -o "$W/perf-$sc.data" -- sleep "$DURATION" >/dev/null 2>"$W/perf.err" &
       perf_pid=$!
@@ -884,7 +885,7 @@ if [[ $PERF == 1 ]]; then
       forget "$perf_pid"
       stop_pid "$CPID"
       {
-        echo "# ours-http, scenario $sc: share of the server's CPU samples in each frame, callees included"
+        echo "# $PERF_CONTENDER, scenario $sc: share of the server's CPU samples in each frame, callees included"
         perf report -i "$W/perf-$sc.data" --children --stdio -g none --sort symbol --percent-limit 0.3 2>/dev/null |
           grep -v '^#' | sed -e 's/  */ /g' -e 's/ - - *$//' | grep -v '(inlined)' | grep -E "$frames" || true
         echo

@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML file and command-line flags, validated once into typed values.
 //! - [`server`]: sockets: binding (SO_REUSEPORT per core), UDP receive loops, TCP connections
 //!   (RFC 7766), draining on shutdown.
+//! - `datagrams`: UDP datagrams read and replies sent in batches (`recvmmsg`, `sendmmsg`).
 //! - [`answer`]: the contract between the handler and the answer sources: `Question`,
 //!   `Answer`, `Source` and the `AnswerSource` trait.
 //! - [`handler`]: one request's bytes in, one reply's bytes out: protocol checks, access control,
@@ -78,6 +79,7 @@ mod atomic_instant;
 pub mod cache;
 pub mod config;
 pub mod consul;
+mod datagrams;
 mod dnssec;
 pub mod explain;
 pub mod failures;

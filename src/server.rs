@@ -8,21 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::handler::{Cached, Handler};
+use crate::datagrams::{self, Inbox, Outbox};
+use crate::handler::{Cached, Handler, RateCharge};
 use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::ratelimit::network_key;
 use crate::reply::Transport;
-
-/// The largest datagram we read. EDNS clients may send up to their advertised size; reading the
-/// whole datagram lets an oversized one be parsed (and refused) instead of silently cut.
-const UDP_RECV_BUFFER: usize = 65_535;
 
 /// Kernel buffer of each UDP socket. The default (about 200 KiB) holds roughly a thousand
 /// queries: a burst from many clients arriving while both cores are busy overflows it and the
@@ -275,9 +272,10 @@ struct UdpLoop {
 
 impl UdpLoop {
     async fn run(self, shutdown: CancellationToken) {
-        let mut buf = vec![0u8; UDP_RECV_BUFFER];
-        // Replies answered inline (cache hits) are written here: one buffer per loop, reused.
-        let mut reply = Vec::with_capacity(crate::reply::UDP_LIMIT_EDNS);
+        let mut inbox = Inbox::new();
+        // Replies answered inline (cache hits) wait here until the datagrams read with them are
+        // answered, then go out together; the buffers are reused.
+        let mut outbox = Outbox::new(crate::reply::UDP_LIMIT_EDNS);
         // One shutdown future for the loop's life: made per datagram, it registered and removed
         // a waiter under the token's lock each time.
         let cancelled = shutdown.cancelled();
@@ -292,29 +290,41 @@ impl UdpLoop {
                     return;
                 },
             }
-            // Every datagram already queued is read without going back to the runtime: per
-            // datagram one `recvfrom`, no future and no readiness bookkeeping. At most
-            // `UDP_BATCH` before the loop yields, so that a flood cannot starve the other tasks
-            // of this worker (Consul watchers, TCP, metrics), as tokio's budget would have.
-            let mut drained = false;
-            for answered in 1..=UDP_BATCH {
-                let (len, peer) = match self.socket.try_recv_from(&mut buf) {
-                    Ok(x) => x,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        drained = true;
-                        break;
-                    }
+            // Every datagram already queued is read without going back to the runtime, a
+            // `datagrams::BATCH` per system call, and the hits among them answered with one
+            // more. At most `UDP_BATCH` before the loop yields, so that a flood cannot starve
+            // the other tasks of this worker (Consul watchers, TCP, metrics), as tokio's budget
+            // would have.
+            let mut answered = 0;
+            let drained = loop {
+                let budget = if self.lookups_in_flight() {
+                    UDP_BATCH_WITH_LOOKUPS
+                } else {
+                    UDP_BATCH
+                };
+                if answered >= budget {
+                    break false;
+                }
+                let want = (budget - answered).min(datagrams::BATCH);
+                let read = self
+                    .socket
+                    .try_io(Interest::READABLE, || inbox.receive(&*self.socket, want));
+                match read {
+                    Ok(n) => answered += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
                     Err(e) => {
-                        // ICMP errors from earlier sends surface here on some systems.
+                        // ICMP errors from earlier sends surface here on some systems. Counted
+                        // against the batch so that a socket in error cannot hold the loop.
                         tracing::debug!(error = %e, "udp receive error");
+                        answered += 1;
                         continue;
                     }
-                };
-                self.answer(&buf[..len], peer, &mut reply);
-                if answered >= UDP_BATCH_WITH_LOOKUPS && self.lookups_in_flight() {
-                    break;
                 }
-            }
+                for (packet, peer) in inbox.datagrams() {
+                    self.answer(packet, peer, &mut outbox);
+                }
+                self.send(&mut outbox);
+            };
             if !drained {
                 tokio::task::yield_now().await;
             }
@@ -327,27 +337,19 @@ impl UdpLoop {
     }
 
     /// Answers one datagram: a cache hit (or a pre-encoded Consul answer) right here, with no
-    /// task, no copy of the packet and no `Message`; anything else in a task of its own, within
-    /// the in-flight limit.
-    fn answer(&self, packet: &[u8], peer: SocketAddr, reply: &mut Vec<u8>) {
-        let cached = self
-            .handler
-            .handle_cached(packet, peer.ip(), Transport::Udp, reply);
+    /// task, no copy of the packet and no `Message`, its reply queued in `outbox`; anything else
+    /// in a task of its own, within the in-flight limit.
+    fn answer(&self, packet: &[u8], peer: SocketAddr, outbox: &mut Outbox) {
+        let cached = match outbox.next_buffer() {
+            Some(reply) => self
+                .handler
+                .handle_cached(packet, peer.ip(), Transport::Udp, reply),
+            // Not reached: the loop sends after each read of at most a batch. A query that
+            // found no room is answered the long way rather than lost.
+            None => Cached::Miss(RateCharge::NotTaken),
+        };
         let Cached::Miss(charge) = cached else {
-            // Only when the socket's send buffer is full does the reply wait in a task.
-            match self.socket.try_send_to(reply, peer) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let socket = self.socket.clone();
-                    let pending = reply.clone();
-                    self.tracker.spawn(async move {
-                        if let Err(e) = socket.send_to(&pending, peer).await {
-                            tracing::debug!(error = %e, %peer, "udp send failed");
-                        }
-                    });
-                }
-                Err(e) => tracing::debug!(error = %e, %peer, "udp send failed"),
-            }
+            outbox.commit(peer);
             return;
         };
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
@@ -368,6 +370,42 @@ impl UdpLoop {
             }
             drop(permit);
         });
+    }
+
+    /// Sends the replies queued in `outbox`, as many per system call as the socket takes. A
+    /// reply the kernel refuses (an unreachable destination, say) is skipped and the rest sent;
+    /// only when the socket's send buffer is full do the rest wait, in a task.
+    fn send(&self, outbox: &mut Outbox) {
+        let mut sent = 0;
+        while sent < outbox.len() {
+            let result = self
+                .socket
+                .try_io(Interest::WRITABLE, || outbox.send(&*self.socket, sent));
+            match result {
+                Ok(n) => sent += n.max(1),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let pending: Vec<(Vec<u8>, SocketAddr)> = (sent..outbox.len())
+                        .filter_map(|i| outbox.reply(i))
+                        .map(|(reply, peer)| (reply.to_vec(), peer))
+                        .collect();
+                    let socket = self.socket.clone();
+                    self.tracker.spawn(async move {
+                        for (reply, peer) in pending {
+                            if let Err(e) = socket.send_to(&reply, peer).await {
+                                tracing::debug!(error = %e, %peer, "udp send failed");
+                            }
+                        }
+                    });
+                    break;
+                }
+                Err(e) => {
+                    let peer = outbox.reply(sent).map(|(_, peer)| peer);
+                    tracing::debug!(error = %e, ?peer, "udp send failed");
+                    sent += 1;
+                }
+            }
+        }
+        outbox.clear();
     }
 }
 

@@ -877,3 +877,88 @@ async fn concurrent_misses_get_their_own_answers_from_reordered_replies() {
     assert_eq!(addresses(&r), ["10.0.7.0"]);
     fwd.stop().await;
 }
+
+/// Replies leave in batches (one `sendmmsg` for the hits among the datagrams one `recvmmsg`
+/// read): a burst of hits and misses from several clients at once gets every query answered
+/// once, to the client that asked, with its own ID and question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_many_clients_is_answered_each_to_its_own() {
+    const CLIENTS: u16 = 8;
+    const PER_CLIENT: u16 = 40;
+    let up = TestUpstream::start().await;
+    let fwd = TestServer::start(&config_for(&[&up]).toml()).await;
+    // a.test. is a cache hit from here on; every other name asked below is a miss.
+    assert_eq!(
+        addresses(&ask(fwd.addr, "a.test.", RecordType::A).await),
+        vec!["192.0.2.1"]
+    );
+    let server = fwd.addr;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            tokio::task::spawn_blocking(move || {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let mut asked = std::collections::HashMap::new();
+                for i in 0..PER_CLIENT {
+                    let id = c * 1000 + i;
+                    // Two hits for every miss.
+                    let name = if i % 3 == 2 {
+                        format!("c{c}-q{i}.test.")
+                    } else {
+                        "a.test.".to_owned()
+                    };
+                    let mut query = make_query(&name, RecordType::A, None);
+                    query.metadata.id = id;
+                    socket
+                        .send_to(&query.to_vec().expect("encode"), server)
+                        .expect("send");
+                    asked.insert(id, name);
+                }
+                let mut answered = Vec::new();
+                let mut buf = [0u8; 4096];
+                while answered.len() < usize::from(PER_CLIENT) {
+                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                        break;
+                    };
+                    assert_eq!(from, server);
+                    let reply = Message::from_vec(&buf[..n]).expect("a DNS reply");
+                    answered.push(reply);
+                }
+                (asked, answered)
+            })
+        })
+        .collect();
+    for client in clients {
+        let (mut asked, answered) = client.await.expect("client thread");
+        assert_eq!(
+            answered.len(),
+            usize::from(PER_CLIENT),
+            "every query answered"
+        );
+        for reply in answered {
+            let name = asked.remove(&reply.metadata.id).unwrap_or_else(|| {
+                panic!(
+                    "reply {} is to a query of this client, once",
+                    reply.metadata.id
+                )
+            });
+            assert_eq!(
+                reply.queries[0].name().to_string(),
+                name,
+                "its own question"
+            );
+            if name == "a.test." {
+                assert_eq!(addresses(&reply), vec!["192.0.2.1"], "{reply}");
+            } else {
+                assert_eq!(
+                    reply.metadata.response_code,
+                    ResponseCode::NXDomain,
+                    "{reply}"
+                );
+            }
+        }
+    }
+    fwd.stop().await;
+}

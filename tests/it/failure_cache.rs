@@ -74,13 +74,18 @@ async fn servfail_and_refused_are_asked_once_per_backoff_period() {
             "{name} {} client queries in {run:?}, {asked} reached the upstream (backoff 1 s, 2 s, 4 s)",
             replies.len()
         );
-        assert_eq!(asked, 3, "{name}: once at 0 s, 1 s and 3 s");
-        assert_eq!(
-            fwd.metric(
-                "consul_dns_forwarder_upstream_failures_cached_total",
-                &[("reason", reason)]
-            ),
-            3.0
+        let fetches = fwd.metric(
+            "consul_dns_forwarder_upstream_failures_cached_total",
+            &[("reason", reason)],
+        );
+        assert_eq!(fetches, 3.0, "{name}: fetched once at 0 s, 1 s and 3 s");
+        // A fetch sends its question again when the reply is later than half the timeout (two
+        // tries), so a test machine stalled for 500 ms adds a datagram to one fetch (seen once
+        // in CI under the whole suite: 4 datagrams). More than one extra would mean a fetch
+        // outside the backoff.
+        assert!(
+            (3..=4).contains(&asked),
+            "{name}: 3 fetches reached the upstream as {asked} datagrams"
         );
     }
     // Every query either waited for a fetch (a miss) or got the remembered failure.

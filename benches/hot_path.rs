@@ -426,7 +426,13 @@ fn bench_handler(c: &mut Criterion) {
     g.bench_function("forwarded_cache_hit_inline", |b| {
         b.iter(|| {
             assert_eq!(
-                handler.handle_cached(black_box(&packet), client, Transport::Udp, &mut out),
+                handler.handle_cached(
+                    black_box(&packet),
+                    client,
+                    Transport::Udp,
+                    Instant::now(),
+                    &mut out
+                ),
                 Cached::Replied
             );
         })
@@ -458,8 +464,13 @@ fn bench_handler(c: &mut Criterion) {
         let bytes = query.to_vec().expect("encodes");
         g.bench_function(label, |b| {
             b.iter(|| {
-                let got =
-                    handler.handle_cached(black_box(&bytes), client, Transport::Udp, &mut out);
+                let got = handler.handle_cached(
+                    black_box(&bytes),
+                    client,
+                    Transport::Udp,
+                    Instant::now(),
+                    &mut out,
+                );
                 assert_eq!(got, Cached::Replied);
             })
         });
@@ -496,7 +507,13 @@ fn bench_handler(c: &mut Criterion) {
             .expect("a reply");
         g.bench_function(BenchmarkId::new("consul_a_inline_edns", size), |b| {
             b.iter(|| {
-                let got = handler.handle_cached(black_box(&edns), client, Transport::Udp, &mut out);
+                let got = handler.handle_cached(
+                    black_box(&edns),
+                    client,
+                    Transport::Udp,
+                    Instant::now(),
+                    &mut out,
+                );
                 assert_eq!(got, Cached::Replied);
             })
         });

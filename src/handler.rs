@@ -106,8 +106,13 @@ pub(crate) const RATE_LIMIT_DROP: &str = "rate_limit";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
 pub enum Cached {
-    /// `out` holds the reply: send it.
+    /// `out` holds the answer: send it, and observe its time with
+    /// `Metrics::observe_request(Source::Cache, ..)` (left to the caller, which knows when the
+    /// reply left: the UDP loop times a whole batch with one clock read).
     Replied,
+    /// `out` holds the TC reply of a query over the rate limit: send it (not timed, as `handle`
+    /// does not time it either).
+    RateLimited,
     /// Not answerable on the hot path: call `Handler::handle_miss` with this charge.
     Miss(RateCharge),
 }
@@ -143,15 +148,18 @@ impl Handler {
     /// rate limit turns away. No `Message` is built, nothing is allocated beyond `out`'s growth,
     /// and the caller needs no task. Returns [`Cached::Miss`] when `Handler::handle_miss` must
     /// be called instead (with the charge it carries, so a miss costs one rate-limit token, not
-    /// two); the reply and the metrics are then exactly those `handle` would give.
+    /// two); the reply and the metrics are then exactly those `handle` would give, but for the
+    /// time taken, which the caller observes (see [`Cached::Replied`]). `arrived` is when the
+    /// packet was read: the rate limit and the freshness of cached answers are judged at it.
     pub fn handle_cached(
         &self,
         packet: &[u8],
         client: IpAddr,
         transport: Transport,
+        arrived: Instant,
         out: &mut Vec<u8>,
     ) -> Cached {
-        let started = Instant::now();
+        let started = arrived;
         let Some(query) = raw::parse_plain_query(packet) else {
             return Cached::Miss(RateCharge::NotTaken);
         };
@@ -167,7 +175,7 @@ impl Handler {
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
             raw::write_rcode_reply(out, &query, ResponseCode::NoError.low());
             header::set_flags(out, header::TC);
-            return Cached::Replied;
+            return Cached::RateLimited;
         }
         let mut key_buf = [0u8; raw::MAX_QUESTION_WIRE];
         let key = raw::question_key(query.question, &mut key_buf);
@@ -190,12 +198,7 @@ impl Handler {
             _ => self.metrics.consul_encoded_answers.inc(),
         }
         // TC here is a cut to fit (a large shuffled answer); nothing else sets it on this path.
-        self.count_written(
-            out,
-            (transport, query.qtype, consul.is_some()),
-            (answered_by, Source::Cache),
-            started,
-        );
+        self.count_written(out, (transport, query.qtype, consul.is_some()), answered_by);
         Cached::Replied
     }
 
@@ -363,24 +366,19 @@ impl Handler {
             .forwarder
             .reply_fetched(&query, key, limit, &mut out)
             .await?;
-        self.count_written(
-            &out,
-            (transport, query.qtype, false),
-            (source, source),
-            started,
-        );
+        self.count_written(&out, (transport, query.qtype, false), source);
+        self.metrics.observe_request(source, started.elapsed());
         Some(out)
     }
 
     /// Counts a reply written in bytes, `out`, to a query of `qtype` over `transport` (for a
-    /// Consul name or not): the request, TC, the response by rcode and `answered_by`, and the
-    /// time as `timed_as`'s.
+    /// Consul name or not): the request, TC and the response by rcode and `answered_by`. Not
+    /// its time: that is the caller's to observe.
     fn count_written(
         &self,
         out: &[u8],
         (transport, qtype, consul): (Transport, u16, bool),
-        (answered_by, timed_as): (Source, Source),
-        started: Instant,
+        answered_by: Source,
     ) {
         let flags = header::flags(out).unwrap_or(0);
         if flags & header::TC != 0 {
@@ -393,7 +391,6 @@ impl Handler {
             .count_request(transport, RecordType::from(qtype), consul);
         let rcode = ResponseCode::from(0, header::rcode(flags));
         self.metrics.count_response(rcode, answered_by);
-        self.metrics.observe_request(timed_as, started.elapsed());
     }
 
     /// Is this UDP query over its client network's response rate? Takes a token when it is

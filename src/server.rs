@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::answer::Source;
 use crate::datagrams::{self, Inbox, Outbox};
 use crate::handler::{Cached, Handler, RateCharge};
 use crate::lock::lock;
@@ -276,6 +277,9 @@ impl UdpLoop {
         // Replies answered inline (cache hits) wait here until the datagrams read with them are
         // answered, then go out together; the buffers are reused.
         let mut outbox = Outbox::new(crate::reply::UDP_LIMIT_EDNS);
+        // The hits of one read are timed together, from the read to their send: one clock read
+        // for the batch rather than two per answer (they were 2 % of the hits' CPU).
+        let hit_durations = self.metrics.hit_durations();
         // One shutdown future for the loop's life: made per datagram, it registered and removed
         // a waiter under the token's lock each time.
         let cancelled = shutdown.cancelled();
@@ -320,10 +324,19 @@ impl UdpLoop {
                         continue;
                     }
                 }
+                let arrived = Instant::now();
+                let mut hits = 0;
                 for (packet, peer) in inbox.datagrams() {
-                    self.answer(packet, peer, &mut outbox);
+                    hits += usize::from(self.answer(packet, peer, arrived, &mut outbox));
                 }
                 self.send(&mut outbox);
+                if hits > 0 {
+                    let took = arrived.elapsed().as_secs_f64();
+                    for _ in 0..hits {
+                        hit_durations.observe(took);
+                    }
+                    hit_durations.flush();
+                }
             };
             if !drained {
                 tokio::task::yield_now().await;
@@ -338,23 +351,38 @@ impl UdpLoop {
 
     /// Answers one datagram: a cache hit (or a pre-encoded Consul answer) right here, with no
     /// task, no copy of the packet and no `Message`, its reply queued in `outbox`; anything else
-    /// in a task of its own, within the in-flight limit.
-    fn answer(&self, packet: &[u8], peer: SocketAddr, outbox: &mut Outbox) {
+    /// in a task of its own, within the in-flight limit. True for an answer the caller is to
+    /// time (see [`Cached::Replied`]).
+    fn answer(
+        &self,
+        packet: &[u8],
+        peer: SocketAddr,
+        arrived: Instant,
+        outbox: &mut Outbox,
+    ) -> bool {
         let cached = match outbox.next_buffer() {
-            Some(reply) => self
-                .handler
-                .handle_cached(packet, peer.ip(), Transport::Udp, reply),
+            Some(reply) => {
+                self.handler
+                    .handle_cached(packet, peer.ip(), Transport::Udp, arrived, reply)
+            }
             // Not reached: the loop sends after each read of at most a batch. A query that
             // found no room is answered the long way rather than lost.
             None => Cached::Miss(RateCharge::NotTaken),
         };
-        let Cached::Miss(charge) = cached else {
-            outbox.commit(peer);
-            return;
+        let charge = match cached {
+            Cached::Replied => {
+                outbox.commit(peer);
+                return true;
+            }
+            Cached::RateLimited => {
+                outbox.commit(peer);
+                return false;
+            }
+            Cached::Miss(charge) => charge,
         };
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
             self.metrics.drop_packet("overload");
-            return;
+            return false;
         };
         let packet = packet.to_vec();
         let socket = self.socket.clone();
@@ -370,6 +398,7 @@ impl UdpLoop {
             }
             drop(permit);
         });
+        false
     }
 
     /// Sends the replies queued in `outbox`, as many per system call as the socket takes. A
@@ -617,7 +646,11 @@ async fn tcp_connection(
             break;
         }
         let mut reply = Vec::new();
-        let cached = handler.handle_cached(&body, peer.ip(), Transport::Tcp, &mut reply);
+        let arrived = Instant::now();
+        let cached = handler.handle_cached(&body, peer.ip(), Transport::Tcp, arrived, &mut reply);
+        if cached == Cached::Replied {
+            metrics.observe_request(Source::Cache, arrived.elapsed());
+        }
         let Cached::Miss(charge) = cached else {
             // In order with the replies of queries still in flight is not required (RFC 7766
             // §6.2.1.1): a hit goes out as soon as the writer takes it.

@@ -960,5 +960,16 @@ async fn a_burst_from_many_clients_is_answered_each_to_its_own() {
             }
         }
     }
+    // The hits were timed a batch at a time, yet each once: a scraper's rate of answers from
+    // the cache and its latency histogram's count agree.
+    let hits = fwd.metric("consul_dns_forwarder_cache_hits_total", &[]);
+    assert_eq!(hits, f64::from(CLIENTS * (PER_CLIENT - PER_CLIENT / 3)));
+    assert_eq!(
+        fwd.metric(
+            "consul_dns_forwarder_request_duration_seconds_count",
+            &[("source", "cache")]
+        ),
+        hits
+    );
     fwd.stop().await;
 }

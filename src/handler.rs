@@ -108,7 +108,7 @@ pub(crate) const RATE_LIMIT_DROP: &str = "rate_limit";
 pub enum Cached {
     /// `out` holds the answer: send it, and observe its time with
     /// `Metrics::observe_request(Source::Cache, ..)` (left to the caller, which knows when the
-    /// reply left: the UDP loop times a whole batch with one clock read).
+    /// reply left: the UDP loop times a whole batch with two clock reads).
     Replied,
     /// `out` holds the TC reply of a query over the rate limit: send it (not timed, as `handle`
     /// does not time it either).
@@ -159,7 +159,6 @@ impl Handler {
         arrived: Instant,
         out: &mut Vec<u8>,
     ) -> Cached {
-        let started = arrived;
         let Some(query) = raw::parse_plain_query(packet) else {
             return Cached::Miss(RateCharge::NotTaken);
         };
@@ -170,7 +169,7 @@ impl Handler {
         if routes.log_queries || !routes.allowed(client) {
             return Cached::Miss(RateCharge::NotTaken);
         }
-        if self.over_rate_limit(&routes, transport, client, started) {
+        if self.over_rate_limit(&routes, transport, client, arrived) {
             self.metrics.rate_limited.inc();
             // As `handle` does: an empty NOERROR with TC=1, within 512 bytes.
             raw::write_rcode_reply(out, &query, ResponseCode::NoError.low());
@@ -188,7 +187,7 @@ impl Handler {
             None => &routes.forwarder,
         };
         let limit = reply::limit_for(transport, query.edns_payload);
-        if !source.reply_from_cache(&query, key, limit, started, out) {
+        if !source.reply_from_cache(&query, key, limit, arrived, out) {
             // The token is spent: `handle_miss` must not take another for the same query.
             return Cached::Miss(RateCharge::Taken);
         }

@@ -9,8 +9,11 @@
 //! `src/consul/feed.rs`) and the catalog's index (`/v1/catalog/services`, see
 //! `HttpBackend::after_catalog_change`) can.
 //!
-//! The debug run uses a smaller catalog; `scripts/test.sh` runs the large variant in release
-//! mode with `--ignored`.
+//! Both flip runs, 1,200 services and 11,000, measure a release build (`--ignored`, run one at a
+//! time by `scripts/test.sh`), as the other latency tests do. In a debug build the smaller one
+//! took flip -> answer p50 0.3-0.8 s and a max of 2.0-2.5 s on a 2-core machine, the forwarder
+//! sharing the cores with the in-process simulator's 1,000 flips/s; in release, p50 11-19 ms and
+//! a max of 0.25-0.46 s: the 2 s bound measured the build, not the forwarder.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -440,6 +443,7 @@ async fn catalog_changes(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by scripts/test.sh in release mode"]
 async fn health_flips_reach_every_view_within_two_seconds() {
     churn_run(Scale {
         services: 1_000,

@@ -48,6 +48,12 @@ if ((${#need_pkgs[@]})); then
   fi
 fi
 
+# A failing test prints its assertion and where it failed, without a backtrace: CI keeps the
+# tail of the output, and a backtrace per failure pushes the assertion's message out of it.
+# TEST_BACKTRACE=1 scripts/test.sh brings them back (RUST_BACKTRACE from the environment is
+# overridden: CI sets it).
+export RUST_BACKTRACE=${TEST_BACKTRACE:-0}
+
 # Every test but the two timing-sensitive modules, in parallel. Those two (Consul's connection
 # budget under churn and restarts, health flips reaching every view within 2 s) measure
 # latency on a shared 2-core machine: they run afterwards, one test at a time, so that no other

@@ -11,8 +11,10 @@
 //!   a moment after; neither can now go beyond the budget, they wait for a permit instead.
 //! - Requests: blocking watches and on-demand fetches share the same number of request slots
 //!   (a quarter kept for fetches), so watches cannot starve first lookups; catalog lists and
-//!   change feeds wait in line for blocking slots, ahead of watchers
-//!   ([`ConsulClient::sleep_queued_for_slot`]); and a request waiting
+//!   change feeds have blocking slots of their own ([`SHARED_BLOCKING_SLOTS`]: a cold start's
+//!   watchers would take them all first), and when more of them run than those hold, wait in
+//!   line for the others, ahead of watchers ([`ConsulClient::sleep_queued_for_slot`]); and a
+//!   request waiting
 //!   for a connection always finds one soon: with at most `max_connections` requests in flight,
 //!   a request without a connection means some permit is held by a connection that is idle (the
 //!   pool hands it over), being returned, or closing.
@@ -67,6 +69,21 @@ pub(crate) const MAX_BODY: usize = 64 * 1024 * 1024;
 /// queries), so blocking watches can never starve them.
 fn fetch_share(max_connections: usize) -> usize {
     (max_connections / 4).max(1)
+}
+
+/// Blocking slots kept for the catalog lists and the change feeds, out of the blocking share:
+/// the local datacenter's two lists (services, nodes) and two feeds (critical, warning). They
+/// keep every view of the datacenter fresh, a watcher only its own; and a cold start, which
+/// asks thousands of services at once, had the watchers take every slot before the lists' and
+/// feeds' second request, so these polled: at 100,000 nodes the node list is 25 MB a poll, and
+/// issue 8's many-services benchmark went from 68 to 125 MiB in one run of two
+/// (docs/benchmarks.md, "Many services").
+pub(crate) const SHARED_BLOCKING_SLOTS: usize = 4;
+
+/// How many of `blocking_slots` are kept for lists and feeds: [`SHARED_BLOCKING_SLOTS`], less
+/// when the budget is tiny, so that one is always left for a watcher.
+fn shared_share(blocking_slots: usize) -> usize {
+    SHARED_BLOCKING_SLOTS.min(blocking_slots.saturating_sub(1))
 }
 
 /// How long a new connection may wait for a permit of the agent's budget. Normally a permit or
@@ -147,7 +164,10 @@ pub(crate) struct ConsulClient {
     /// Some agent has answered a request since the start (readiness).
     answered: AtomicBool,
     token: Option<String>,
+    /// Watchers' blocking slots; short requests borrow idle ones.
     blocking: Arc<Semaphore>,
+    /// Lists' and feeds' blocking slots ([`SHARED_BLOCKING_SLOTS`]).
+    shared_blocking: Arc<Semaphore>,
     fetches: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     /// The connector's per-agent budgets, read by the status page; and their size.
@@ -205,6 +225,7 @@ impl ConsulClient {
             .build(connector);
         let fetch = fetch_share(max_connections);
         let blocking_slots = max_connections.saturating_sub(fetch).max(1);
+        let shared = shared_share(blocking_slots);
         Ok(ConsulClient {
             http,
             consistency,
@@ -212,7 +233,8 @@ impl ConsulClient {
             current: AtomicUsize::new(0),
             answered: AtomicBool::new(false),
             token,
-            blocking: Arc::new(Semaphore::new(blocking_slots)),
+            blocking: Arc::new(Semaphore::new(blocking_slots - shared)),
+            shared_blocking: Arc::new(Semaphore::new(shared)),
             fetches: Arc::new(Semaphore::new(fetch)),
             metrics,
             budgets,
@@ -246,9 +268,19 @@ impl ConsulClient {
         self.answered.load(Ordering::Relaxed)
     }
 
-    /// A slot for a long-lived blocking watch, if one is free.
+    /// A slot for a service watcher's blocking query, if one is free.
     pub(crate) fn try_blocking_slot(&self) -> Option<OwnedSemaphorePermit> {
         self.blocking.clone().try_acquire_owned().ok()
+    }
+
+    /// A slot for a catalog list's or a change feed's blocking query, if one is free: one of
+    /// theirs ([`SHARED_BLOCKING_SLOTS`]), else a watcher's.
+    pub(crate) fn try_shared_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.shared_blocking
+            .clone()
+            .try_acquire_owned()
+            .or_else(|_| self.blocking.clone().try_acquire_owned())
+            .ok()
     }
 
     /// Sleeps `pause`; when `queue`, meanwhile waits in line for a blocking slot and returns it
@@ -267,6 +299,7 @@ impl ConsulClient {
         if queue {
             tokio::select! {
                 _ = &mut sleep => return None,
+                permit = self.shared_blocking.clone().acquire_owned() => slot = permit.ok(),
                 permit = self.blocking.clone().acquire_owned() => slot = permit.ok(),
             }
         }
@@ -819,10 +852,16 @@ mod tests {
     #[tokio::test]
     async fn a_slot_given_back_goes_to_the_list_in_line_not_to_a_watcher() {
         let client = client(4);
-        // A budget of 4 keeps one for fetches: three blocking slots.
-        let mut held: Vec<_> = (0..3).map(|_| client.try_blocking_slot()).collect();
+        // A budget of 4 keeps one for fetches: three blocking slots, two of them for lists
+        // and feeds.
+        let mut held = vec![
+            client.try_blocking_slot(),
+            client.try_shared_slot(),
+            client.try_shared_slot(),
+        ];
         assert!(held.iter().all(Option::is_some));
         assert!(client.try_blocking_slot().is_none());
+        assert!(client.try_shared_slot().is_none());
         let in_line = client.clone();
         let list = tokio::spawn(async move {
             in_line
@@ -830,7 +869,8 @@ mod tests {
                 .await
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        held.pop();
+        // The watcher's slot, given back: the list in line takes it.
+        held.swap_remove(0);
         assert!(client.try_blocking_slot().is_none(), "a watcher took it");
         assert!(list.await.expect("join").is_some(), "the list got no slot");
         // Not in line: the pause passes and no slot is taken, even when one is free.
@@ -839,7 +879,35 @@ mod tests {
         let pause = Duration::from_millis(100);
         assert!(client.sleep_queued_for_slot(pause, false).await.is_none());
         assert!(started.elapsed() >= pause);
-        assert!(client.try_blocking_slot().is_some());
+        assert!(client.try_shared_slot().is_some());
+    }
+
+    /// A cold start's watchers cannot take the lists' and feeds' slots: with the watchers'
+    /// slots all taken, four lists and feeds still get one each; a fifth (another
+    /// datacenter's) takes a watcher's when one is free. Short requests never take theirs.
+    #[tokio::test]
+    async fn lists_and_feeds_keep_slots_of_their_own() {
+        // 8 connections: 2 for fetches, 6 blocking, 4 of them for lists and feeds.
+        let eight = client(8);
+        let watchers: Vec<_> = (0..2).map(|_| eight.try_blocking_slot()).collect();
+        assert!(watchers.iter().all(Option::is_some));
+        assert!(eight.try_blocking_slot().is_none(), "two for watchers");
+        let lists: Vec<_> = (0..4).map(|_| eight.try_shared_slot()).collect();
+        assert!(lists.iter().all(Option::is_some));
+        assert!(eight.try_shared_slot().is_none(), "the budget is kept");
+        drop(watchers);
+        assert!(
+            eight.try_shared_slot().is_some(),
+            "a fifth takes a watcher's"
+        );
+        // (max_connections, watchers' slots, lists' and feeds' slots); 2 is the least allowed.
+        for (budget, watchers, shared) in [(2, 1, 0), (4, 1, 2), (8, 2, 4), (32, 20, 4)] {
+            let c = client(budget);
+            // Held, so that each count is of slots taken at once.
+            let w: Vec<_> = (0..budget).map_while(|_| c.try_blocking_slot()).collect();
+            let s: Vec<_> = (0..budget).map_while(|_| c.try_shared_slot()).collect();
+            assert_eq!((w.len(), s.len()), (watchers, shared), "budget {budget}");
+        }
     }
 
     #[test]

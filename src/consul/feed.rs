@@ -451,11 +451,17 @@ impl Feed {
         let mut slot = None;
         loop {
             let started = Instant::now();
-            // Without a free blocking slot (a tiny budget) the feed polls instead.
-            if slot.is_none() && index > 0 {
-                slot = self.client.try_blocking_slot();
+            // One of the slots kept for lists and feeds (`client::SHARED_BLOCKING_SLOTS`), taken
+            // from the start. Without a free one (a tiny budget, or many datacenters' feeds)
+            // the feed polls instead.
+            if slot.is_none() {
+                slot = self.client.try_shared_slot();
             }
-            let blocking = slot.as_ref().map(|_| (index, self.watch_wait));
+            // The first request (index 0) is a plain one, slot or not.
+            let blocking = slot
+                .as_ref()
+                .filter(|_| index > 0)
+                .map(|_| (index, self.watch_wait));
             let request = self.client.get::<Vec<StateCheckJson>>(
                 "health_state",
                 &segments,

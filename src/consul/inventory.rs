@@ -792,10 +792,17 @@ impl ListTask {
         let mut slot = None;
         loop {
             let started = Instant::now();
-            if slot.is_none() && index > 0 {
-                slot = self.shared.client.try_blocking_slot();
+            // One of the slots kept for lists and feeds (`client::SHARED_BLOCKING_SLOTS`), taken
+            // from the start: a list without one polls, and a node list at 100,000 nodes is
+            // 25 MB of JSON a poll.
+            if slot.is_none() {
+                slot = self.shared.client.try_shared_slot();
             }
-            let blocking = slot.as_ref().map(|_| (index, self.shared.watch_wait));
+            // The first request (index 0) is a plain one, slot or not.
+            let blocking = slot
+                .as_ref()
+                .filter(|_| index > 0)
+                .map(|_| (index, self.shared.watch_wait));
             let asked_at = index;
             failovers.borrow_and_update();
             let request = self.fetch(&params, blocking);

@@ -699,8 +699,8 @@ async fn registrations_reach_views_without_a_blocking_query_within_two_seconds()
         .service_ttl("60s")
         .toml();
     let fwd = TestServer::start(&toml).await;
-    // The lists and the feeds take their slots with their second request; the fillers take
-    // the rest when asked a second time.
+    // The lists and the feeds hold the 4 slots kept for them; the fillers take the other two
+    // when asked a second time.
     for name in ["filler-1.service.consul.", "filler-2.service.consul."] {
         assert_eq!(
             addresses(&ask(fwd.addr, name, RecordType::A).await).len(),
@@ -759,5 +759,63 @@ async fn registrations_reach_views_without_a_blocking_query_within_two_seconds()
         ask(fwd.addr, "web.service.consul.", RecordType::A).await;
     }
     assert_eq!(web_reads(&sim).len(), before, "{:?}", web_reads(&sim));
+    fwd.stop().await;
+}
+
+/// A cold start asks many services at once, and each one asked twice wants a blocking slot for
+/// its watcher. The catalog lists and the change feeds keep every view fresh, so they must hold
+/// slots of their own, not poll: at 100,000 nodes the node list is 25 MB a poll (issue 8's
+/// many-services benchmark used to poll it every 3 s and doubled its memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_leaves_the_catalog_lists_and_feeds_their_blocking_slots() {
+    const SERVICES: usize = 30;
+    let sim = ConsulSim::start().await;
+    for n in 0..SERVICES {
+        sim.add_simple(
+            &format!("svc{n}"),
+            &format!("node{n}"),
+            &format!("127.0.3.{}", n + 1),
+            80,
+        );
+    }
+    let up = TestUpstream::start().await;
+    // 8 connections: 2 for fetches, 6 blocking slots, fewer than the services.
+    let fwd = start(&sim, &up, "max_connections = 8").await;
+    let addr = fwd.addr;
+    for _ in 0..2 {
+        let mut asks = Vec::new();
+        for n in 0..SERVICES {
+            asks.push(tokio::spawn(async move {
+                ask(addr, &format!("svc{n}.service.consul."), RecordType::A).await
+            }));
+        }
+        for (n, a) in asks.into_iter().enumerate() {
+            let r = a.await.expect("join");
+            assert_eq!(addresses(&r), [format!("127.0.3.{}", n + 1)], "svc{n}: {r}");
+        }
+    }
+    // A list without a slot polls every second: three seconds would show two or three polls.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = sim.request_log();
+    for list in [
+        "/v1/catalog/nodes",
+        "/v1/catalog/services",
+        "/v1/health/state/critical",
+        "/v1/health/state/warning",
+    ] {
+        let requests: Vec<&String> = log
+            .iter()
+            .filter(|t| t.split('?').next() == Some(list))
+            .collect();
+        let plain = requests.iter().filter(|t| !t.contains("index=")).count();
+        assert_eq!(
+            plain, 1,
+            "{list}: one plain request, then blocking: {requests:?}"
+        );
+        assert!(
+            requests.iter().any(|t| t.contains("index=")),
+            "{list} holds a blocking query: {requests:?}"
+        );
+    }
     fwd.stop().await;
 }

@@ -76,8 +76,8 @@ fn fetch_share(max_connections: usize) -> usize {
 /// keep every view of the datacenter fresh, a watcher only its own; and a cold start, which
 /// asks thousands of services at once, had the watchers take every slot before the lists' and
 /// feeds' second request, so these polled: at 100,000 nodes the node list is 25 MB a poll, and
-/// issue 8's many-services benchmark went from 68 to 125 MiB in one run of two
-/// (docs/benchmarks.md, "Many services").
+/// issue 8's many-services benchmark peaked at 120-130 MiB in most runs instead of 68
+/// (docs/benchmarks.md, "Step ten").
 pub(crate) const SHARED_BLOCKING_SLOTS: usize = 4;
 
 /// How many of `blocking_slots` are kept for lists and feeds: [`SHARED_BLOCKING_SLOTS`], less
@@ -884,7 +884,7 @@ mod tests {
 
     /// A cold start's watchers cannot take the lists' and feeds' slots: with the watchers'
     /// slots all taken, four lists and feeds still get one each; a fifth (another
-    /// datacenter's) takes a watcher's when one is free. Short requests never take theirs.
+    /// datacenter's) takes a watcher's when one is free.
     #[tokio::test]
     async fn lists_and_feeds_keep_slots_of_their_own() {
         // 8 connections: 2 for fetches, 6 blocking, 4 of them for lists and feeds.

@@ -679,9 +679,14 @@ report() {
   echo "### Targets (issue 6)"
   echo
   awk -F'\t' -v services="$SERVICES" '
-    NR > 1 {k = $1 SUBSEP $2; qps[k] = $3; cpu[k] = $10; p99[k] = $8; rss[k] = $12; http[k] = $13; dns[k] = $14}
+    NR > 1 {k = $1 SUBSEP $2; qps[k] = $3; cpu[k] = $10; p99[k] = $8; rss[k] = $12; http[k] = $13; dns[k] = $14; secs[k] = $3 > 0 && $21 > 0 ? $5 / $21 / $3 : 0}
     function has(s, c) { return (s SUBSEP c) in qps }
     function verdict(ok) { return ok ? "met" : "NOT met" }
+    # Requests made on timers over a run of t seconds, whatever is asked (src/consul): the
+    # agent probe every 2 s (agent::PROBE_INTERVAL), the prepared-query list every 10 s
+    # (inventory::QUERIES_REFRESH) and the datacenter list every 30 s (DATACENTERS_REFRESH),
+    # one more each for a timer that fires at both ends of the run.
+    function timed(t) { return int(t / 2) + 1 + int(t / 10) + 1 + int(t / 30) + 1 }
     END {
       o = "consul" SUBSEP "ours-http"; d = "consul" SUBSEP "dnsmasq"; u = "consul" SUBSEP "unbound"
       if (has("consul", "ours-http") && has("consul", "unbound"))
@@ -694,13 +699,14 @@ report() {
       if (has("fwd-hits", "ours-http") && has("fwd-hits", "unbound"))
         printf "- Forwarded cache hits, CPU/answer <= unbound: %.2f us vs %.2f us (x%.2f): %s\n", cpu[o], cpu[u], cpu[o] / cpu[u], verdict(cpu[o] <= cpu[u])
       # Per service: its first fetch and one blocking query; per run at most 10 more: the two
-      # datacenter-wide health feeds (a first request and a blocking one each), the agent
-      # probe and datacenter discovery. None of it grows with the query count.
+      # datacenter-wide health feeds and the two catalog lists (a first request and a blocking
+      # one each), `/v1/agent/self` and the datacenter list at start; and the requests of the timers
+      # (timed() above), which grow with the length of the run, not with the query count.
       split("consul fwd-hits mix-10pct-miss hits-half-rate fill-100k", all, " ")
       worst = -1
-      for (i in all) { k = all[i] SUBSEP "ours-http"; if (k in qps && http[k] + dns[k] > worst) { worst = http[k] + dns[k]; ws = all[i] } }
+      for (i in all) { k = all[i] SUBSEP "ours-http"; if (k in qps && http[k] + dns[k] - timed(secs[k]) > worst) { worst = http[k] + dns[k] - timed(secs[k]); ws = all[i]; wk = k } }
       if (worst >= 0)
-        printf "- Requests reaching Consul bounded by services (%d services): at most %d requests in one run of ours-http (%s), whatever the query count: %s\n", services, worst, ws, verdict(worst <= 2 * services + 10)
+        printf "- Requests reaching Consul bounded by services (%d services): at most %d requests in one run of ours-http (%s, %.0f s), whatever the query count, of which the timers may make %d: %s\n", services, http[wk] + dns[wk], ws, secs[wk], timed(secs[wk]), verdict(worst <= 2 * services + 10)
       k = "fill-100k" SUBSEP "ours-http"
       if (k in qps)
         printf "- Memory, peak RSS <= 32 MiB with 100,000 cached names: %.1f MiB: %s\n", rss[k], verdict(rss[k] <= 32)

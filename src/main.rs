@@ -219,10 +219,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -238,6 +235,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// The runtime for the cores this process may run on (its CPU affinity, as `taskset` or
+/// systemd's `CPUAffinity=` set it). On one core, a single-threaded runtime: the work-stealing
+/// scheduler's single worker only adds its queues' atomics and wake-ups (server CPU per answer,
+/// one pinned core, paired rounds: forwarded hits x0.96-0.97, cache misses x0.92-0.99, Consul
+/// names no gain; docs/benchmarks.md, step eleven). On more, one worker per core.
+fn runtime_builder() -> tokio::runtime::Builder {
+    match std::thread::available_parallelism() {
+        Ok(cores) if cores.get() > 1 => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
     }
 }
 

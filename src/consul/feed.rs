@@ -765,7 +765,7 @@ mod tests {
             .send_replace(ViewState::Ready(Arc::new(ServiceView::from_entries(
                 &entries, "dc1",
             ))));
-        w.freshness.settle(basis);
+        w.freshness.settle(basis, 0);
         let key = ViewKey::new("a".into(), None, ServiceKind::Service, Tenancy::default());
         let shared = FeedShared {
             scope: None,
@@ -793,7 +793,7 @@ mod tests {
         // A poll that found the same list is no round: a fetch in flight meanwhile settles.
         let in_flight = w.freshness.basis();
         shared.apply(Some(&Changes::default()));
-        w.freshness.settle(in_flight);
+        w.freshness.settle(in_flight, 0);
         assert!(current());
         // A change the view can be patched with: applied, current.
         let critical = seen(&[("n1", "service:a-1", Some("a"), 9)]);

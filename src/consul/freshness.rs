@@ -133,6 +133,9 @@ pub(crate) struct Freshness {
     round: AtomicU64,
     services: AtomicU64,
     nodes: AtomicU64,
+    /// `X-Consul-Index` of the fetch the basis was installed with (0: unknown): a list index at
+    /// or below it is a change that fetch already holds.
+    fetched: AtomicU64,
     /// When the view of the basis was installed.
     based_at: AtomicInstant,
 }
@@ -144,6 +147,7 @@ impl Default for Freshness {
             round: AtomicU64::new(BEHIND),
             services: AtomicU64::new(0),
             nodes: AtomicU64::new(0),
+            fetched: AtomicU64::new(0),
             based_at: AtomicInstant::none(),
         }
     }
@@ -166,9 +170,12 @@ impl Freshness {
         })
     }
 
-    /// The view fetched on `basis` is installed: it follows the feed from `basis` on, unless a
-    /// round went by during the fetch.
-    pub(super) fn settle(&self, basis: Option<Basis>) {
+    /// The view fetched on `basis`, whose response had `X-Consul-Index` `fetched_index`, is
+    /// installed: it follows the feed from `basis` on, unless a round went by during the fetch.
+    /// A catalog list that moves during the fetch to an index no higher than `fetched_index`
+    /// reports a change the fetch already holds (Consul read its state at an index at least as
+    /// high), so the view stays current through it.
+    pub(super) fn settle(&self, basis: Option<Basis>, fetched_index: u64) {
         // Behind first: a reader never pairs the old round with the new indexes.
         self.round.store(BEHIND, Ordering::SeqCst);
         let (Some(basis), Some(s)) = (basis, self.sources.get()) else {
@@ -179,6 +186,7 @@ impl Freshness {
         }
         self.services.store(basis.services, Ordering::SeqCst);
         self.nodes.store(basis.nodes, Ordering::SeqCst);
+        self.fetched.store(fetched_index, Ordering::SeqCst);
         self.based_at.store(Instant::now());
         self.round.store(basis.round, Ordering::SeqCst);
     }
@@ -211,10 +219,11 @@ impl Freshness {
         };
         let within = limits.alive_within;
         let round = self.round.load(Ordering::SeqCst);
+        let fetched = self.fetched.load(Ordering::SeqCst);
         round != BEHIND
             && round == s.feed.round()
-            && same_index(&self.services, &s.catalog.services)
-            && same_index(&self.nodes, &s.catalog.nodes)
+            && same_index(&self.services, &s.catalog.services, fetched)
+            && same_index(&self.nodes, &s.catalog.nodes, fetched)
             && self
                 .based_at
                 .load()
@@ -225,19 +234,21 @@ impl Freshness {
     }
 }
 
-/// Is the list's index the one the view was fetched on? A view fetched before the list first
-/// answered (index 0: at start-up the node list of a large catalog comes after the first views)
-/// takes the first index it sees as its own: a change in between is missed for at most
+/// Is the list's index the one the view was fetched on, or one its fetch already holds (no
+/// higher than the fetch's own `X-Consul-Index`, `fetched`)? A view fetched before the list
+/// first answered (index 0: at start-up the node list of a large catalog comes after the first
+/// views) takes the first index it sees as its own: a change in between is missed for at most
 /// `Vouching::refetch_after`, where refetching every such view would double a cold start's
 /// fetches.
-fn same_index(seen: &AtomicU64, list: &ListPulse) -> bool {
+fn same_index(seen: &AtomicU64, list: &ListPulse, fetched: u64) -> bool {
     let now = list.index();
     match seen.load(Ordering::SeqCst) {
         0 if now != 0 => {
             let _ = seen.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
             seen.load(Ordering::SeqCst) == now
         }
-        held => held == now,
+        // A list gone back (a restored snapshot, another cluster) is no move the fetch holds.
+        held => held == now || (held < now && now <= fetched),
     }
 }
 
@@ -276,7 +287,7 @@ mod tests {
             catalog: catalog.clone(),
         });
         let basis = f.basis();
-        f.settle(basis);
+        f.settle(basis, 0);
         (f, feed, catalog, now)
     }
 
@@ -323,18 +334,36 @@ mod tests {
         let (f, feed, catalog, now) = followed();
         let basis = f.basis();
         feed.next_round();
-        f.settle(basis);
+        f.settle(basis, 0);
         assert!(!f.current(now, LIMITS), "the round may not be in the fetch");
         let basis = f.basis();
-        f.settle(basis);
+        f.settle(basis, 0);
         assert!(f.current(now, LIMITS));
         catalog.services.beat(11, now);
         assert!(!f.current(now, LIMITS), "an instance registered since");
         let basis = f.basis();
-        f.settle(basis);
+        f.settle(basis, 0);
         assert!(f.current(now, LIMITS));
         catalog.nodes.beat(21, now);
         assert!(!f.current(now, LIMITS), "a node changed since");
+    }
+
+    #[test]
+    fn a_list_move_the_fetch_already_holds_is_no_change() {
+        let (f, _, catalog, now) = followed();
+        // Asked on the node list's move (services at 10); Consul answered at index 12, after
+        // an instance was registered (11) and deregistered (12).
+        let basis = f.basis();
+        f.settle(basis, 12);
+        assert!(f.current(now, LIMITS));
+        catalog.services.beat(11, now);
+        assert!(f.current(now, LIMITS), "registered before the fetch read");
+        catalog.services.beat(12, now);
+        assert!(f.current(now, LIMITS), "deregistered before the fetch read");
+        catalog.services.beat(13, now);
+        assert!(!f.current(now, LIMITS), "a change after the fetch");
+        catalog.services.beat(9, now);
+        assert!(!f.current(now, LIMITS), "a list gone back");
     }
 
     #[test]
@@ -363,7 +392,7 @@ mod tests {
     fn a_view_without_feeds_is_never_current_by_them() {
         let f = Freshness::default();
         assert_eq!(f.basis(), None);
-        f.settle(None);
+        f.settle(None, 0);
         assert!(!f.current(Instant::now(), LIMITS));
     }
 }

@@ -249,12 +249,19 @@ impl HttpBackend {
         let (services, nodes) = self
             .inventory
             .catalog_indexes(key.dc.as_deref(), &key.tenancy);
-        let services_moved = w.catalog_seen.fetch_max(services, Ordering::SeqCst) < services;
+        // A list index at or below the view's own `X-Consul-Index` is a change the view's last
+        // fetch already holds (that fetch read Consul's state at an index at least as high): it
+        // was made while the list's answer was on its way, e.g. for the other list's move, or
+        // for the same list's previous index. Fetching again for it would fetch the same view,
+        // and only at the next query for it, however late that comes.
+        let fetched = w.index.load(Ordering::SeqCst);
+        let services_moved =
+            w.catalog_seen.fetch_max(services, Ordering::SeqCst) < services && services > fetched;
         // A node list that had not answered when the view was fetched (0) is taken at its first
         // index, as `freshness::same_index` does, rather than fetch every view of a cold start
         // twice.
         let nodes_before = w.nodes_seen.fetch_max(nodes, Ordering::SeqCst);
-        let nodes_moved = nodes_before != 0 && nodes_before < nodes;
+        let nodes_moved = nodes_before != 0 && nodes_before < nodes && nodes > fetched;
         if !services_moved && !nodes_moved {
             return view;
         }

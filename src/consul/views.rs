@@ -61,7 +61,8 @@ pub(super) struct Watch {
     pub(super) fetched: tokio::sync::Notify,
     /// This view's `consul_healthy_instances` series: see [`ServiceSeries`].
     pub(super) series: AtomicU8,
-    /// `X-Consul-Index` of the response the view last came from (0: none yet), for `explain`.
+    /// `X-Consul-Index` of the response the view last came from (0: none yet), for `explain`,
+    /// and to tell a catalog list's move the view's fetch already holds (`HttpBackend::service`).
     pub(super) index: AtomicU64,
     /// The view as the watcher's last fetch made (or confirmed) it: a different current view
     /// was patched by the change feed since (`explain` says which).

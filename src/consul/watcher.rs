@@ -198,9 +198,11 @@ impl Watcher {
                             local_dc: local_dc.as_deref(),
                         },
                     );
-                    self.watch.freshness.settle(basis);
+                    self.watch.freshness.settle(basis, r.index);
                     index = next_index(index, r.index);
-                    self.watch.index.store(r.index, Ordering::Relaxed);
+                    // Before `fetched` wakes anyone: `HttpBackend::after_catalog_change` compares
+                    // the catalog lists' indexes with it.
+                    self.watch.index.store(r.index, Ordering::SeqCst);
                     self.watch.fetched.notify_waiters();
                     continue;
                 }

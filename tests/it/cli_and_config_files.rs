@@ -97,6 +97,61 @@ async fn dig_against_the_binary_then_sigterm_exits_zero() {
     assert!(status.success(), "exit 0 on SIGTERM, got {status:?}");
 }
 
+/// Pinned to one core (as `taskset` or systemd's `CPUAffinity=` pin it), the binary runs a
+/// single-threaded runtime: it must answer the same, Consul names and misses that go upstream,
+/// over UDP and TCP, and stop cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_pinned_to_one_core_answers_and_stops_on_sigterm() {
+    let up = TestUpstream::start().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let upstream = up.addr.to_string();
+    let mut server = Running(
+        Command::new("taskset")
+            .args(["-c", "0", BIN, "--dev", "--listen", &listen])
+            .args(["--upstream", &upstream, "--metrics-listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("taskset runs the binary"),
+    );
+    let threads = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().to_string()))
+            })
+    };
+    let pid = server.0.id();
+    let (consul, udp, tcp, threads) = tokio::task::spawn_blocking(move || {
+        wait_ready(port, "web.service.consul");
+        (
+            dig(port, &["+short", "web.service.consul"]),
+            dig(port, &["a.test"]),
+            dig(port, &["+tcp", "two.test"]),
+            threads(pid),
+        )
+    })
+    .await
+    .expect("dig");
+    assert_eq!(consul.lines().count(), 2, "{consul}");
+    assert!(
+        udp.contains("192.0.2.1") && udp.contains("NOERROR"),
+        "{udp}"
+    );
+    assert!(
+        tcp.contains("NOERROR") && tcp.contains("192.0.2.2"),
+        "{tcp}"
+    );
+    // The runtime's own thread and nothing else: a multi-threaded runtime would add a worker
+    // to the main thread (and nothing here uses the blocking pool, which would add more).
+    assert_eq!(threads.as_deref(), Some("1"), "threads on one core");
+    sigterm(&server.0);
+    let status = wait_exit(&mut server.0, Duration::from_secs(5)).expect("exits after SIGTERM");
+    assert!(status.success(), "exit 0 on SIGTERM, got {status:?}");
+}
+
 #[test]
 fn refuses_an_upstream_that_is_itself() {
     let port = free_port();

@@ -712,11 +712,19 @@ async fn catalog_services(inner: &Inner, req: &Request) -> Result<Response, Resp
         // A large catalog on a loaded agent (see `ConsulSim::set_list_delay`).
         tokio::time::sleep(delay).await;
     }
-    let st = inner.state();
-    Ok(Response::json(
-        &st.catalog_services_json(&dc, &scope),
-        Some(st.services_index),
-    ))
+    let answer = {
+        let st = inner.state();
+        Response::json(
+            &st.catalog_services_json(&dc, &scope),
+            Some(st.services_index),
+        )
+    };
+    let transit = *inner.list_transit.lock().expect("list transit");
+    if !transit.is_zero() {
+        // Made now, received later (see `ConsulSim::set_list_transit`).
+        tokio::time::sleep(transit).await;
+    }
+    Ok(answer)
 }
 
 /// `/v1/catalog/nodes`: every node, blocking on the nodes table's index.

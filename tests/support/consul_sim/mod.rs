@@ -373,6 +373,8 @@ struct Inner {
     health_state_denied: AtomicBool,
     /// How long `/v1/catalog/services` takes to answer (see `set_list_delay`).
     list_delay: Mutex<Duration>,
+    /// How long `/v1/catalog/services` answers are in transit (see `set_list_transit`).
+    list_transit: Mutex<Duration>,
     /// 0 = no limit (the default here, see `set_dns_udp_answer_limit`).
     udp_answer_limit: AtomicUsize,
     /// What a follower answering a `?stale` read reports in `X-Consul-LastContact` (ms since it
@@ -483,6 +485,7 @@ impl ConsulSim {
             query_list_denied: AtomicBool::new(false),
             health_state_denied: AtomicBool::new(false),
             list_delay: Mutex::new(Duration::ZERO),
+            list_transit: Mutex::new(Duration::ZERO),
             udp_answer_limit: AtomicUsize::new(0),
             follower_lag_ms: AtomicU64::new(0),
             stats: Stats::default(),
@@ -892,6 +895,13 @@ impl ConsulSim {
     /// does (the list's bytes take that long to come).
     pub fn set_list_delay(&self, delay: Duration) {
         *self.inner.list_delay.lock().expect("list delay") = delay;
+    }
+
+    /// Makes `/v1/catalog/services` answers arrive `delay` after they were made, as over a slow
+    /// link: the catalog can change meanwhile, so the index an answer carries is behind the
+    /// state when it arrives (unlike `set_list_delay`, whose answer is made at the end).
+    pub fn set_list_transit(&self, delay: Duration) {
+        *self.inner.list_transit.lock().expect("list transit") = delay;
     }
 
     /// DNS messages received on the DNS port (UDP and TCP).

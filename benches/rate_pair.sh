@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Server CPU per answer at one offered rate: Consul names against forwarded cache hits, from one
+# running forwarder (issue 17, docs/benchmarks.md step eleven).
+#
+#   benches/rate_pair.sh                          # 100,000 queries/s, 5 rounds of 8 s each
+#   RATE=50000 ROUNDS=8 benches/rate_pair.sh
+#   BIN=/path/to/consul-dns-forwarder benches/rate_pair.sh
+#
+# Why: benches/load.sh runs each scenario as fast as dnsperf goes, and below saturation the CPU
+# per answer falls as the rate rises (more datagrams per wake-up and per system call). dnsperf
+# reaches different rates against different answers, so "Consul names <= forwarded hits" there
+# also measures dnsperf. Here both are asked at the same rate, alternating within each round,
+# from the same process: the ratio per round is the answers' own.
+#
+# Placement as in load.sh: the forwarder on CPU 0; dnsperf, the simulator (20 services x 3
+# instances, HTTP mode) and the upstream (unbound serving h0..h99.test) on CPU 1. Needs dnsperf
+# and unbound (benches/load.sh installs them). Loopback only; everything started is stopped.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+RATE=${RATE:-100000}
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-8}
+PORT=${PORT:-25410}
+UP_PORT=$((PORT + 1))
+die() { echo "rate_pair: $*" >&2; exit 1; }
+for tool in dnsperf unbound taskset; do
+  command -v "$tool" >/dev/null || die "$tool not found (benches/load.sh installs dnsperf and unbound)"
+done
+if [[ -z ${BIN:-} ]]; then
+  (cd "$ROOT" && timeout 1800 cargo build --release --quiet --bin consul-dns-forwarder --example bench_consul_sim)
+  BIN=$TARGET_DIR/release/consul-dns-forwarder
+fi
+SIM_BIN=$TARGET_DIR/release/examples/bench_consul_sim
+[[ -x $SIM_BIN ]] || (cd "$ROOT" && timeout 1800 cargo build --release --quiet --example bench_consul_sim)
+
+W=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+{
+  cat <<EOF
+server:
+  interface: 127.0.0.1@$UP_PORT
+  port: $UP_PORT
+  num-threads: 1
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "$W"
+  pidfile: ""
+  use-syslog: no
+  logfile: ""
+  verbosity: 0
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  module-config: "iterator"
+  local-zone: "test." static
+  local-data: "test. 3600 IN SOA ns.test. hostmaster.test. 1 3600 600 86400 60"
+EOF
+  # As load.sh's upstream: every fourth name has two addresses.
+  for ((i = 0; i < 100; i++)); do
+    echo "  local-data: \"h$i.test. 300 IN A 192.0.2.$((i % 200 + 1))\""
+    ((i % 4)) || echo "  local-data: \"h$i.test. 300 IN A 198.51.100.$((i % 200 + 1))\""
+  done
+} >"$W/upstream.conf"
+taskset -c 1 unbound -d -c "$W/upstream.conf" >"$W/upstream.log" 2>&1 &
+PIDS+=($!)
+taskset -c 1 "$SIM_BIN" --services 20 --instances 3 --addr-file "$W/sim.addr" \
+  --stats-file "$W/sim.stats" --max-seconds 3600 >"$W/sim.log" 2>&1 &
+PIDS+=($!)
+for ((i = 0; i < 100; i++)); do [[ -s $W/sim.addr ]] && break; sleep 0.1; done
+SIM_HTTP=$(sed -n 's/^http=//p' "$W/sim.addr")
+[[ -n $SIM_HTTP ]] || die "simulator did not start: $(cat "$W/sim.log")"
+printf '[server]\nlisten = ["127.0.0.1:%s"]\n[upstream]\nservers = ["127.0.0.1:%s"]\n' "$PORT" "$UP_PORT" >"$W/ours.toml"
+for ((i = 0; i < 20; i++)); do printf 'svc%02d.service.consul A\n' "$i"; done >"$W/consul.txt"
+for ((i = 0; i < 100; i++)); do echo "h$i.test A"; done >"$W/hits.txt"
+taskset -c 0 "$BIN" --config "$W/ours.toml" --consul-http "$SIM_HTTP" >"$W/ours.log" 2>&1 &
+SERVER=$!
+PIDS+=("$SERVER")
+sleep 1.5
+kill -0 "$SERVER" 2>/dev/null || die "the forwarder exited: $(cat "$W/ours.log")"
+# Every name answered a few times first: views fetched, watchers started, hits cached.
+dnsperf -s 127.0.0.1 -p "$PORT" -d "$W/consul.txt" -n 3 >/dev/null 2>&1
+dnsperf -s 127.0.0.1 -p "$PORT" -d "$W/hits.txt" -n 2 >/dev/null 2>&1
+sleep 1
+
+ticks() { awk '{print $14 + $15}' "/proc/$SERVER/stat"; }
+HZ=$(getconf CLK_TCK)
+echo "| round | Consul names µs/answer | forwarded hits µs/answer | Consul / hits |"
+echo "|--:|--:|--:|--:|"
+ratios=()
+for ((r = 1; r <= ROUNDS; r++)); do
+  declare -A cpu=()
+  for kind in consul hits; do
+    t0=$(ticks)
+    taskset -c 1 dnsperf -s 127.0.0.1 -p "$PORT" -d "$W/$kind.txt" -l "$DURATION" -c 10 -q 100 \
+      -Q "$RATE" >"$W/dnsperf.txt" 2>&1 || die "dnsperf failed: $(tail -3 "$W/dnsperf.txt")"
+    t1=$(ticks)
+    done_n=$(awk '/Queries completed/{print $3}' "$W/dnsperf.txt")
+    [[ ${done_n:-0} -gt 0 ]] || die "no answers for $kind"
+    cpu[$kind]=$(awk -v t=$((t1 - t0)) -v n="$done_n" -v hz="$HZ" 'BEGIN {printf "%.2f", t * 1e6 / hz / n}')
+  done
+  ratio=$(awk -v a="${cpu[consul]}" -v b="${cpu[hits]}" 'BEGIN {printf "%.3f", a / b}')
+  ratios+=("$ratio")
+  echo "| $r | ${cpu[consul]} | ${cpu[hits]} | $ratio |"
+done
+median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}')
+echo
+echo "Consul names over forwarded hits at $RATE queries/s, median of $ROUNDS rounds: x$median"

@@ -198,26 +198,8 @@ wait_dns() { # port name: until it answers NOERROR (10 s at most)
 }
 
 # ---------------------------------------------------------------- upstream (unbound, zone test.)
-# The server: lines both unbound instances share (the upstream and the unbound contender):
-# one thread in the foreground, no files outside $W, loopback only.
-unbound_server() { # port
-  cat <<EOF
-server:
-  interface: 127.0.0.1@$1
-  port: $1
-  num-threads: 1
-  do-daemonize: no
-  username: ""
-  chroot: ""
-  directory: "$W"
-  pidfile: ""
-  use-syslog: no
-  logfile: ""
-  verbosity: 0
-  do-ip6: no
-  access-control: 127.0.0.0/8 allow
-EOF
-}
+# shellcheck source=benches/support/unbound.sh
+source "$ROOT/benches/support/unbound.sh"
 
 {
   unbound_server "$UP_PORT"
@@ -228,11 +210,7 @@ EOF
   local-zone: "miss.test." redirect
   local-data: "miss.test. 300 IN A 192.0.2.250"
 EOF
-  for ((i = 0; i < FWD_NAMES; i++)); do
-    echo "  local-data: \"h$i.test. 300 IN A 192.0.2.$((i % 200 + 1))\""
-    # Every fourth name has two addresses.
-    ((i % 4)) || echo "  local-data: \"h$i.test. 300 IN A 198.51.100.$((i % 200 + 1))\""
-  done
+  hit_names_data "$FWD_NAMES"
 } >"$W/upstream.conf"
 unbound-checkconf "$W/upstream.conf" >/dev/null || die "upstream config rejected"
 taskset -c "$CLIENT_CPU" unbound -d -c "$W/upstream.conf" >"$W/upstream.log" 2>&1 &

@@ -36,6 +36,8 @@ SIM_BIN=$TARGET_DIR/release/examples/bench_consul_sim
 [[ -x $SIM_BIN ]] || (cd "$ROOT" && timeout 1800 cargo build --release --quiet --example bench_consul_sim)
 
 W=$(mktemp -d)
+# shellcheck source=benches/support/unbound.sh
+source "$ROOT/benches/support/unbound.sh"
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -45,30 +47,13 @@ cleanup() {
 trap cleanup EXIT
 
 {
+  unbound_server "$UP_PORT"
   cat <<EOF
-server:
-  interface: 127.0.0.1@$UP_PORT
-  port: $UP_PORT
-  num-threads: 1
-  do-daemonize: no
-  username: ""
-  chroot: ""
-  directory: "$W"
-  pidfile: ""
-  use-syslog: no
-  logfile: ""
-  verbosity: 0
-  do-ip6: no
-  access-control: 127.0.0.0/8 allow
   module-config: "iterator"
   local-zone: "test." static
   local-data: "test. 3600 IN SOA ns.test. hostmaster.test. 1 3600 600 86400 60"
 EOF
-  # As load.sh's upstream: every fourth name has two addresses.
-  for ((i = 0; i < 100; i++)); do
-    echo "  local-data: \"h$i.test. 300 IN A 192.0.2.$((i % 200 + 1))\""
-    ((i % 4)) || echo "  local-data: \"h$i.test. 300 IN A 198.51.100.$((i % 200 + 1))\""
-  done
+  hit_names_data 100
 } >"$W/upstream.conf"
 taskset -c 1 unbound -d -c "$W/upstream.conf" >"$W/upstream.log" 2>&1 &
 PIDS+=($!)

@@ -4,7 +4,8 @@
 # getent/ip for the end-to-end tests (tests/it/e2e_*.rs), python3 with PyYAML for checking
 # examples/kubernetes, and for the DNSSEC tests (tests/it/e2e_dnssec.rs) dnssec-keygen and
 # dnssec-signzone (bind9-utils), nsd and unbound; headless chromium for the status page
-# (tests/it/e2e_chromium.rs), curl and unshare for the debug-route test in a namespace; for the
+# (tests/it/e2e_chromium.rs), curl and unshare for the debug-route test in a namespace, taskset
+# for the binary pinned to one core (tests/it/cli_and_config_files.rs); for the
 # packages (tests/it/packaging.rs) podman and runc (the container image), readelf (binutils) and
 # dpkg-deb.
 set -euo pipefail
@@ -22,7 +23,7 @@ command -v getent >/dev/null 2>&1 || need_pkgs+=(libc-bin)
 /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || need_pkgs+=(python3-yaml)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
-command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
+{ command -v unshare && command -v taskset; } >/dev/null 2>&1 || need_pkgs+=(util-linux)
 command -v podman >/dev/null 2>&1 || need_pkgs+=(podman)
 command -v runc >/dev/null 2>&1 || [[ -x /usr/sbin/runc ]] || need_pkgs+=(runc)
 command -v readelf >/dev/null 2>&1 || need_pkgs+=(binutils)

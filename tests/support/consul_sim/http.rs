@@ -89,7 +89,7 @@ impl Response {
     }
 
     /// A JSON body with Consul's query-meta headers when `index` is given.
-    fn json(value: &Value, index: Option<u64>) -> Self {
+    fn json(value: &impl serde::Serialize, index: Option<u64>) -> Self {
         let mut headers = Vec::new();
         if let Some(i) = index {
             headers.push(("X-Consul-Effective-Consistency", "leader".to_string()));

@@ -25,6 +25,7 @@
 
 mod dns;
 mod http;
+mod render;
 mod state;
 
 use std::collections::BTreeMap;

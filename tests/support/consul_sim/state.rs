@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value};
 
+use super::render;
 use super::{SimKind, SimMesh, SimNode, SimQuery, SimService, Status, AGENT_NODE, DATACENTER};
 
 pub(super) struct CheckRec {
@@ -136,7 +137,7 @@ pub(super) struct Scope {
 }
 
 impl Scope {
-    fn norm(s: &Option<String>) -> &str {
+    pub(super) fn norm(s: &Option<String>) -> &str {
         match s.as_deref() {
             None | Some("") | Some("default") => "default",
             Some(other) => other,
@@ -168,15 +169,15 @@ pub(super) struct Instance<'a> {
     pub node: &'a NodeRec,
 }
 
-impl Instance<'_> {
+impl<'a> Instance<'a> {
     /// Node checks first, then the instance's own checks (the order the agreed
     /// API specifies; Consul's order is not something clients may rely on).
-    pub fn checks(&self) -> impl Iterator<Item = (&String, &CheckRec, bool)> {
-        self.node
-            .checks
+    pub fn checks(&self) -> impl Iterator<Item = (&'a String, &'a CheckRec, bool)> + 'a {
+        let (node, svc) = (self.node, self.svc);
+        node.checks
             .iter()
             .map(|(id, c)| (id, c, false))
-            .chain(self.svc.checks.iter().map(|(id, c)| (id, c, true)))
+            .chain(svc.checks.iter().map(|(id, c)| (id, c, true)))
     }
 
     pub fn worst(&self) -> Status {
@@ -230,7 +231,7 @@ fn check_notes(check_id: &str) -> String {
 }
 
 /// The `Output` Consul shows; serfHealth has fixed texts, others are empty here.
-fn check_output(check_id: &str, status: Status) -> &'static str {
+pub(super) fn check_output(check_id: &str, status: Status) -> &'static str {
     match (check_id, status) {
         ("serfHealth", Status::Critical) => "Agent not live or unreachable",
         ("serfHealth", _) => "Agent alive and reachable",
@@ -259,12 +260,9 @@ pub(super) fn uuid_from(name: &str) -> String {
     )
 }
 
-fn meta_json(meta: &BTreeMap<String, String>) -> Value {
-    Value::Object(
-        meta.iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect(),
-    )
+/// A rendered record ([`render`]) as a `Value`, for endpoints that nest it or add to it.
+fn to_value(record: impl serde::Serialize) -> Value {
+    serde_json::to_value(record).expect("a rendered record is JSON")
 }
 
 impl State {
@@ -824,146 +822,15 @@ impl State {
     }
 
     fn node_json(&self, n: &NodeRec) -> Value {
-        let mut tagged = Map::new();
-        for key in ["lan", "wan"] {
-            tagged.insert(key.into(), json!(n.node.address));
-        }
-        for (key, addr) in &n.node.tagged_addresses {
-            tagged.insert(key.clone(), json!(addr));
-        }
-        let mut v = json!({
-            "ID": n.id,
-            "Node": n.node.name,
-            "Address": n.node.address,
-            "Datacenter": dc_of(&n.node),
-            "TaggedAddresses": tagged,
-            "Meta": meta_json(&n.node.meta),
-            "CreateIndex": n.create,
-            "ModifyIndex": n.modify,
-        });
-        // Both `omitempty` in Consul; `Partition` exists in Enterprise builds only.
-        if let Some(peer) = &n.peer {
-            v["PeerName"] = json!(peer);
-        }
-        if self.enterprise {
-            v["Partition"] = json!(Scope::norm(&n.partition));
-        }
-        v
+        to_value(render::node(self, n))
     }
 
-    /// The tenancy and Connect fields of an instance, as Consul's `NodeService` shows them:
-    /// `Kind` and `Proxy` for a sidecar (`omitempty`), `Connect.Native`, the virtual IP
-    /// under `TaggedAddresses["consul-virtual"]`, `PeerName`, and in Enterprise builds
-    /// `Namespace` and `Partition`.
-    fn mesh_json(&self, s: &SvcRec, m: &mut Map<String, Value>) {
-        let node = self.nodes.get(&s.svc.node);
-        let peer = node.and_then(|n| n.peer.clone());
-        match &s.mesh.kind {
-            SimKind::Typical => {}
-            SimKind::ConnectProxy { destination } => {
-                m.insert("Kind".into(), json!("connect-proxy"));
-                m.insert(
-                    "Proxy".into(),
-                    json!({
-                        "DestinationServiceName": destination,
-                        "DestinationServiceID": "",
-                        "LocalServiceAddress": "",
-                        "LocalServicePort": 0,
-                        "Mode": "",
-                        "Upstreams": null,
-                    }),
-                );
-            }
-            SimKind::IngressGateway { .. } => {
-                m.insert("Kind".into(), json!("ingress-gateway"));
-            }
-        }
-        if s.mesh.connect_native {
-            m.insert("Connect".into(), json!({ "Native": true }));
-        }
-        if let Some(destination) = s.mesh.connect_destination(&s.svc.service) {
-            let key = (
-                peer.clone().unwrap_or_default(),
-                destination.to_ascii_lowercase(),
-            );
-            if let Some(vip) = self.virtual_ips.get(&key) {
-                let tagged = m.entry("TaggedAddresses").or_insert_with(|| json!({}));
-                tagged["consul-virtual"] = json!({ "Address": vip, "Port": s.svc.port });
-            }
-        }
-        if let Some(peer) = peer {
-            m.insert("PeerName".into(), json!(peer));
-        }
-        if self.enterprise {
-            m.insert("Namespace".into(), json!(Scope::norm(&s.mesh.namespace)));
-            let partition = node.and_then(|n| n.partition.clone());
-            m.insert("Partition".into(), json!(Scope::norm(&partition)));
-        }
+    fn service_json(&self, s: &SvcRec, null_tags: bool) -> Value {
+        to_value(render::service(self, s, null_tags))
     }
 
-    /// `null_tags`: the prepared-query and catalog-node samples show `null` for
-    /// an instance without tags; the health endpoint replaces it with `[]`.
-    fn service_json(&self, s: &SvcRec, null_tags: bool, with_weights: bool) -> Value {
-        let svc = &s.svc;
-        let tags = if svc.tags.is_empty() && null_tags {
-            Value::Null
-        } else {
-            json!(svc.tags)
-        };
-        let mut m = Map::new();
-        m.insert("ID".into(), json!(svc.id));
-        m.insert("Service".into(), json!(svc.service));
-        m.insert("Tags".into(), tags);
-        m.insert("Address".into(), json!(svc.address));
-        // Go's `ServiceAddress{Address, Port}` (no JSON tags: the docs' lowercase keys are
-        // hand-written); the field is omitempty.
-        let tagged_json = |address: &str, port: u16| json!({ "Address": address, "Port": port });
-        let mut tagged = Map::new();
-        if !svc.address.is_empty() {
-            for key in ["lan", "wan"] {
-                tagged.insert(key.into(), tagged_json(&svc.address, svc.port));
-            }
-        }
-        for (key, a) in &svc.tagged_addresses {
-            tagged.insert(key.clone(), tagged_json(&a.address, a.port));
-        }
-        if !tagged.is_empty() {
-            m.insert("TaggedAddresses".into(), Value::Object(tagged));
-        }
-        m.insert("Meta".into(), meta_json(&svc.meta));
-        m.insert("Port".into(), json!(svc.port));
-        if with_weights {
-            m.insert(
-                "Weights".into(),
-                json!({ "Passing": svc.weights.0, "Warning": svc.weights.1 }),
-            );
-        }
-        self.mesh_json(s, &mut m);
-        m.insert("CreateIndex".into(), json!(s.create));
-        m.insert("ModifyIndex".into(), json!(s.modify));
-        Value::Object(m)
-    }
-
-    /// One check as the health endpoints show it; `svc` is `None` for a node
-    /// check (empty `ServiceID`/`ServiceName`, as Consul).
     fn check_json(node: &str, id: &str, c: &CheckRec, svc: Option<&SimService>) -> Value {
-        let (sid, sname, stags) = match svc {
-            Some(s) => (s.id.as_str(), s.service.as_str(), s.tags.clone()),
-            None => ("", "", Vec::new()),
-        };
-        json!({
-            "Node": node,
-            "CheckID": id,
-            "Name": c.name,
-            "Status": c.status.as_str(),
-            "Notes": c.notes,
-            "Output": c.output.as_deref().unwrap_or(check_output(id, c.status)),
-            "ServiceID": sid,
-            "ServiceName": sname,
-            "ServiceTags": stags,
-            "CreateIndex": c.create,
-            "ModifyIndex": c.modify,
-        })
+        to_value(render::check(node, id, c, svc))
     }
 
     /// Body of `/v1/health/state/<state>`: every check (node and service) whose
@@ -1013,17 +880,7 @@ impl State {
 
     /// One `{Node, Service, Checks}` entry.
     pub fn entry_json(&self, inst: &Instance<'_>, null_tags: bool) -> Value {
-        let checks: Vec<Value> = inst
-            .checks()
-            .map(|(id, c, is_svc)| {
-                Self::check_json(&inst.node.node.name, id, c, is_svc.then_some(&inst.svc.svc))
-            })
-            .collect();
-        json!({
-            "Node": self.node_json(inst.node),
-            "Service": self.service_json(inst.svc, null_tags, true),
-            "Checks": checks,
-        })
+        to_value(render::entry(self, inst, null_tags))
     }
 
     /// Body of `/v1/health/<kind>/<name>` in `dc` and `scope` (see
@@ -1036,15 +893,13 @@ impl State {
         name: &str,
         passing: bool,
         tags: &[String],
-    ) -> Value {
-        Value::Array(
-            self.health_instances(kind, dc, name, scope)
-                .iter()
-                .filter(|i| !passing || i.worst() == Status::Passing)
-                .filter(|i| tags.iter().all(|t| has_tag(&i.svc.svc, t)))
-                .map(|i| self.entry_json(i, false))
-                .collect(),
-        )
+    ) -> Vec<render::EntryOut<'_>> {
+        self.health_instances(kind, dc, name, scope)
+            .iter()
+            .filter(|i| !passing || i.worst() == Status::Passing)
+            .filter(|i| tags.iter().all(|t| has_tag(&i.svc.svc, t)))
+            .map(|i| render::entry(self, i, false))
+            .collect()
     }
 
     pub fn catalog_json(&self) -> Value {
@@ -1088,20 +943,18 @@ impl State {
             .values()
             .filter(|s| s.svc.node == n.node.name)
             .filter(|s| scope.has(&Instance { svc: s, node: n }))
-            .map(|s| (s.svc.id.clone(), self.service_json(s, true, true)))
+            .map(|s| (s.svc.id.clone(), self.service_json(s, true)))
             .collect();
         json!({ "Node": self.node_json(n), "Services": services })
     }
 
     /// Body of `/v1/catalog/nodes`: every node, sorted by name (as Consul's memdb index).
-    pub fn catalog_nodes_json(&self, dc: &str, scope: &Scope) -> Value {
-        Value::Array(
-            self.nodes
-                .values()
-                .filter(|n| dc_of(&n.node) == dc && scope.has_node(n))
-                .map(|n| self.node_json(n))
-                .collect(),
-        )
+    pub fn catalog_nodes_json(&self, dc: &str, scope: &Scope) -> Vec<render::NodeOut<'_>> {
+        self.nodes
+            .values()
+            .filter(|n| dc_of(&n.node) == dc && scope.has_node(n))
+            .map(|n| render::node(self, n))
+            .collect()
     }
 
     /// Body of `/v1/peerings`, in the shape of Consul's docs (1.13+); `Partition` in

@@ -119,7 +119,7 @@ fn upstream_reply(qname: &str, a: u8, cname: bool) -> Message {
 fn instance(i: usize) -> Instance {
     let ip = IpAddr::V4(Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8));
     Instance {
-        node: format!("node-{i}"),
+        node: format!("node-{i}").into(),
         service_id: service_id_key(&format!("web-{i}")),
         addrs: Addrs::ip(ip, true),
         port: 8080,

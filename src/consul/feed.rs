@@ -190,7 +190,7 @@ pub(super) fn listed_status(
 ) -> Status {
     let [critical, warning] = lists;
     let listed_in = |list: &SeenChecks| {
-        list.get(&instance.node)
+        list.get(&*instance.node)
             .is_some_and(|checks| checks.values().any(|c| c.applies_to(instance)))
     };
     if listed_in(critical) {
@@ -389,7 +389,7 @@ pub(super) fn affects(changes: &Changes, service: &str, view: &ServiceView) -> A
         let has = |(node, service_id): &(String, u64)| {
             view.instances
                 .iter()
-                .any(|i| i.service_id == *service_id && i.node == *node)
+                .any(|i| i.service_id == *service_id && *i.node == **node)
         };
         if !changed.iter().all(has) {
             return Affected::Unknown;
@@ -399,7 +399,7 @@ pub(super) fn affects(changes: &Changes, service: &str, view: &ServiceView) -> A
         affected = view
             .instances
             .iter()
-            .any(|i| changes.nodes.contains(&i.node));
+            .any(|i| changes.nodes.contains(&*i.node));
     }
     if affected {
         Affected::Known

@@ -254,7 +254,7 @@ fn service_index(watches: &WatchMap) -> (AddressIndex, usize) {
     AddressIndex::build(views.iter().flat_map(|(service, view)| {
         view.instances.iter().filter_map(move |i| {
             let ip = i.addrs.own_ip()?;
-            Some((ip, i.node.as_str(), service.as_str()))
+            Some((ip, &*i.node, service.as_str()))
         })
     }))
 }

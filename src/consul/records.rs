@@ -3,7 +3,7 @@
 //! servers), the cut to `udp_answer_limit`. The caller shuffles; these functions keep the order
 //! they are given.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use hickory_proto::op::ResponseCode;
@@ -448,7 +448,7 @@ fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
     for i in instances {
         let ip = i.addrs.ip_for(RecordType::SRV);
         let host = i.addrs.host_for(RecordType::SRV);
-        if !seen.insert((i.node.as_str(), ip, host, i.port)) {
+        if !seen.insert((&*i.node, ip, host, i.port)) {
             continue;
         }
         let target = match (ip, host) {
@@ -469,9 +469,10 @@ fn srv_answer(instances: &[&Instance], ctx: &Ctx<'_>) -> Answer {
                 additionals.push(address_record(&target, ctx.ttl, ip));
             }
         }
-        if ctx.node_meta_txt && !i.node_meta.is_empty() && meta_seen.insert(i.node.as_str()) {
+        if ctx.node_meta_txt && !i.node_meta.is_empty() && meta_seen.insert(&*i.node) {
             if let Some(owner) = name_under(&i.node, "node", ctx) {
-                additionals.extend(meta_txt(&i.node_meta, &owner, ctx.ttl));
+                let entries = i.node_meta.iter().map(|(k, v)| (&**k, &**v));
+                additionals.extend(meta_txt(entries, &owner, ctx.ttl));
             }
         }
     }
@@ -484,7 +485,10 @@ pub(crate) fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
     let Some(node) = node else {
         return Plan::Done(nxdomain(ctx));
     };
-    let meta = || meta_txt(&node.meta, ctx.qname, ctx.ttl);
+    let meta = || {
+        let entries = node.meta.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        meta_txt(entries, ctx.qname, ctx.ttl)
+    };
     match ctx.qtype {
         RecordType::TXT => {
             let txt = meta();
@@ -523,8 +527,12 @@ pub(crate) fn node_answer(node: Option<&NodeView>, ctx: &Ctx<'_>) -> Plan {
 
 /// Node meta as TXT records owned by `owner`, one per entry, as Consul writes them (its
 /// `makeTXTRecordFromNodeMeta`).
-fn meta_txt(meta: &BTreeMap<String, String>, owner: &Name, ttl: u32) -> Vec<Record> {
-    meta.iter()
+fn meta_txt<'a>(
+    meta: impl IntoIterator<Item = (&'a str, &'a str)>,
+    owner: &Name,
+    ttl: u32,
+) -> Vec<Record> {
+    meta.into_iter()
         .map(|(k, v)| {
             Record::from_rdata(
                 owner.clone(),
@@ -612,11 +620,10 @@ mod tests {
     }
 
     fn with_meta(mut i: Instance, meta: &[(&str, &str)]) -> Instance {
-        i.node_meta = Arc::new(
-            meta.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        i.node_meta = meta
+            .iter()
+            .map(|(k, v)| (Box::from(*k), Box::from(*v)))
+            .collect();
         i
     }
 
@@ -1161,7 +1168,7 @@ mod tests {
         );
         let nodes: Vec<&str> = first(&v, &sel, RecordType::A, 2)
             .iter()
-            .map(|i| i.node.as_str())
+            .map(|i| &*i.node)
             .collect();
         assert_eq!(nodes, ["c", "a"]);
     }
@@ -1193,7 +1200,7 @@ mod tests {
         assert!(a
             .iter()
             .all(|i| i.addrs.v4.is_some() && i.addrs.v6.is_none()));
-        let distinct: std::collections::HashSet<&str> = a.iter().map(|i| i.node.as_str()).collect();
+        let distinct: std::collections::HashSet<&str> = a.iter().map(|i| &*i.node).collect();
         assert_eq!(distinct.len(), 32, "no instance twice");
         let again = pick(&v, &sel, RecordType::A, cap, &mut rng);
         assert_ne!(

@@ -133,8 +133,6 @@ pub(super) fn install_entries(
 
 impl Watcher {
     pub(super) async fn run(mut self) {
-        let (endpoint, segments) = self.key.endpoint();
-        let params = self.key.params();
         let mut index: u64 = 0;
         let mut failures: u32 = 0;
         let mut bucket = TokenBucket::full(WATCH_RATE, Instant::now());
@@ -159,59 +157,68 @@ impl Watcher {
                 Turn::Again => continue,
                 Turn::Ask(slot) => slot,
             };
-            let blocking = slot.as_ref().map(|_| (index, self.cx.settings.watch_wait));
-            // Read before the request leaves: what the feeds and catalog said by then is in it.
-            let basis = self.watch.freshness.basis();
-            // Boxed: the request's state machine is most of a watcher's size, and only the
-            // watchers with a request in flight need it.
-            let request = Box::pin(
-                self.cx
-                    .client
-                    .get::<Vec<HealthEntry>>(endpoint, &segments, &params, blocking),
-            );
-            self.failovers.borrow_and_update();
-            let result = tokio::select! {
-                _ = self.cx.shutdown.cancelled() => break,
-                _ = self.failovers.changed() => {
-                    // The agent was replaced: ask the new one now, without backoff.
-                    index = 0;
-                    continue;
-                }
-                r = request => r,
-            };
-            drop(slot);
-            let pause = match result {
-                Ok(r) => {
-                    self.cx.outage.ok();
-                    failures = 0;
-                    self.watch.last_confirmed.store(Instant::now());
-                    let local_dc = lock(&self.cx.datacenter).clone();
-                    install_entries(
-                        &self.watch,
-                        &self.key,
-                        &r.value.unwrap_or_default(),
-                        &self.cx.series,
-                        &self.cx.metrics,
-                        self.cx.settings.only_passing,
-                        WanTranslation {
-                            enabled: self.cx.settings.config.translate_wan_addrs,
-                            local_dc: local_dc.as_deref(),
-                        },
-                    );
-                    self.watch.freshness.settle(basis, r.index);
-                    index = next_index(index, r.index);
-                    // Before `fetched` wakes anyone: `HttpBackend::after_catalog_change` compares
-                    // the catalog lists' indexes with it.
-                    self.watch.index.store(r.index, Ordering::SeqCst);
-                    self.watch.fetched.notify_waiters();
-                    continue;
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    index = 0;
-                    let pause = self.failed(&e, failures);
-                    self.watch.fetched.notify_waiters();
-                    pause
+            // A block, so that the request's result and basis are not kept in the task (every
+            // watcher's, 10,000 at scale) through the pause and the waits after it.
+            let pause = {
+                let blocking = slot.as_ref().map(|_| (index, self.cx.settings.watch_wait));
+                // Read before the request leaves: what the feeds and catalog said by then is in it.
+                let basis = self.watch.freshness.basis();
+                // Boxed: the request's state machine is most of a watcher's size, and only the
+                // watchers with a request in flight need it. So are its path and parameters,
+                // and the blocking slot it holds (given back when the request ends or is
+                // dropped).
+                let (key, client) = (&self.key, &self.cx.client);
+                let request = Box::pin(async move {
+                    let _slot = slot;
+                    let (endpoint, segments) = key.endpoint();
+                    let params = key.params();
+                    client
+                        .get::<Vec<HealthEntry>>(endpoint, &segments, &params, blocking)
+                        .await
+                });
+                self.failovers.borrow_and_update();
+                let result = tokio::select! {
+                    _ = self.cx.shutdown.cancelled() => break,
+                    _ = self.failovers.changed() => {
+                        // The agent was replaced: ask the new one now, without backoff.
+                        index = 0;
+                        continue;
+                    }
+                    r = request => r,
+                };
+                match result {
+                    Ok(r) => {
+                        self.cx.outage.ok();
+                        failures = 0;
+                        self.watch.last_confirmed.store(Instant::now());
+                        let local_dc = lock(&self.cx.datacenter).clone();
+                        install_entries(
+                            &self.watch,
+                            &self.key,
+                            &r.value.unwrap_or_default(),
+                            &self.cx.series,
+                            &self.cx.metrics,
+                            self.cx.settings.only_passing,
+                            WanTranslation {
+                                enabled: self.cx.settings.config.translate_wan_addrs,
+                                local_dc: local_dc.as_deref(),
+                            },
+                        );
+                        self.watch.freshness.settle(basis, r.index);
+                        index = next_index(index, r.index);
+                        // Before `fetched` wakes anyone: `HttpBackend::after_catalog_change`
+                        // compares the catalog lists' indexes with it.
+                        self.watch.index.store(r.index, Ordering::SeqCst);
+                        self.watch.fetched.notify_waiters();
+                        continue;
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        index = 0;
+                        let pause = self.failed(&e, failures);
+                        self.watch.fetched.notify_waiters();
+                        pause
+                    }
                 }
             };
             tokio::select! {

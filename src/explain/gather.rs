@@ -476,7 +476,7 @@ fn fill_instances(
         .take(PAGE_SIZE)
         .map(|(inst, (in_answer, reason))| {
             let checks: Vec<CheckInfo> = checks
-                .get(&(inst.node.clone(), inst.service_id))
+                .get(&(inst.node.to_string(), inst.service_id))
                 .cloned()
                 .unwrap_or_default();
             let address = inst
@@ -488,7 +488,7 @@ fn fill_instances(
                 .unwrap_or_default();
             InstanceExplanation {
                 why: why(reason.as_ref(), &inst.node, &checks, in_answer),
-                node: inst.node.clone(),
+                node: inst.node.to_string(),
                 address,
                 port: inst.port,
                 status: status_name(inst.status).to_owned(),

@@ -301,7 +301,7 @@ fn cut_reason(qtype: RecordType, rules: &Rules, reply: &InReply, eligible: usize
 /// Does the reply carry `inst` for a `qtype` question?
 fn carried(inst: &Instance, qtype: RecordType, reply: &InReply) -> bool {
     if qtype == RecordType::SRV {
-        let by_node = (inst.port, inst.node.clone());
+        let by_node = (inst.port, inst.node.to_string());
         let by_addr = inst
             .addrs
             .ip_for(RecordType::ANY)
@@ -384,7 +384,7 @@ mod tests {
 
     fn inst(node: &str, ip: &str, status: Status, tags: &[&str]) -> Instance {
         Instance {
-            node: node.to_owned(),
+            node: node.into(),
             service_id: 0,
             addrs: Addrs::ip(ip.parse().expect("ip"), true),
             port: 8080,

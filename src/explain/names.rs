@@ -162,7 +162,7 @@ pub(crate) fn query_answer(name: &str, view: &QueryView) -> QueryAnswer {
             .iter()
             .take(MAX_LISTED)
             .map(|i| QueryInstance {
-                node: i.node.clone(),
+                node: i.node.to_string(),
                 address: i
                     .addrs
                     .ip_for(RecordType::ANY)

@@ -157,6 +157,16 @@ impl Outbox {
         Ok(sent.count())
     }
 
+    /// Cuts queued reply `index` to its question with TC=1 (`raw::cut_to_question`); false
+    /// when there is no such reply or it cannot be cut.
+    pub(crate) fn cut_to_question(&mut self, index: usize) -> bool {
+        index < self.len
+            && self
+                .buffers
+                .get_mut(index)
+                .is_some_and(crate::raw::cut_to_question)
+    }
+
     /// Forgets the queued replies (their buffers are kept for the next ones).
     pub(crate) fn clear(&mut self) {
         self.len = 0;

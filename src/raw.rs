@@ -377,6 +377,46 @@ pub(crate) fn write_rcode_reply(out: &mut Vec<u8>, q: &PlainQuery<'_>, rcode: u8
     }
 }
 
+/// Cuts `reply` to its header, its question and its OPT record, with TC=1: what a UDP client is
+/// sent when the whole reply cannot go out (`server::forbid_fragmentation`); it asks again over
+/// TCP. False, leaving `reply` as it was, when its sections do not walk or it already has TC
+/// set (so a reply that still cannot go is not cut again).
+pub(crate) fn cut_to_question(reply: &mut Vec<u8>) -> bool {
+    let Some([1, answers, authorities, additionals]) = header::counts(reply) else {
+        return false;
+    };
+    if header::flags(reply).is_none_or(|flags| flags & header::TC != 0) {
+        return false;
+    }
+    let Some(name_len) = plain_name_len(reply, HEADER_LEN) else {
+        return false;
+    };
+    let question_end = HEADER_LEN + name_len + 4;
+    let before_additional = usize::from(answers) + usize::from(authorities);
+    let mut at = question_end;
+    let mut opt = None;
+    for index in 0..before_additional + usize::from(additionals) {
+        let Some(span) = record_at(reply, at, 0) else {
+            return false;
+        };
+        if span.rtype == TYPE_OPT && index >= before_additional {
+            opt = Some(span.start..span.end);
+        }
+        at = span.end;
+    }
+    let mut end = question_end;
+    if let Some(opt) = opt {
+        reply.copy_within(opt.clone(), question_end);
+        end += opt.len();
+    }
+    reply.truncate(end);
+    header::set_count(reply, Section::Answer, 0);
+    header::set_count(reply, Section::Authority, 0);
+    header::set_count(reply, Section::Additional, u16::from(end > question_end));
+    header::set_flags(reply, header::TC);
+    true
+}
+
 /// The OPT record of our replies: UDP size 1232, version 0, DO copied from the query (RFC 3225
 /// §3), no other flags or options (as `reply::reply_edns`).
 #[inline]
@@ -563,6 +603,79 @@ mod tests {
             m.edns = Some(e);
         }
         m.to_vec().expect("encode")
+    }
+
+    /// A reply to `x.example. A` with `answers` A records, an NS in authority, an A glue
+    /// record in additional and an OPT when `edns`.
+    fn large_reply(answers: u8, edns: bool) -> Vec<u8> {
+        use hickory_proto::op::MessageType;
+        use hickory_proto::rr::rdata::{A, NS};
+        use hickory_proto::rr::{RData, Record};
+        let name = Name::from_ascii("x.example.").expect("name");
+        let ns = Name::from_ascii("ns.example.").expect("ns");
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        for i in 0..answers {
+            m.add_answer(Record::from_rdata(
+                name.clone(),
+                30,
+                RData::A(A::new(192, 0, 2, i)),
+            ));
+        }
+        m.add_authority(Record::from_rdata(
+            name.clone(),
+            30,
+            RData::NS(NS(ns.clone())),
+        ));
+        m.add_additional(Record::from_rdata(
+            ns,
+            30,
+            RData::A(A::new(198, 51, 100, 1)),
+        ));
+        if edns {
+            let mut e = Edns::new();
+            e.set_max_payload(1232);
+            e.set_dnssec_ok(true);
+            m.edns = Some(e);
+        }
+        m.to_vec().expect("encode")
+    }
+
+    #[test]
+    fn a_reply_cut_to_its_question_keeps_the_question_and_the_opt_and_sets_tc() {
+        for edns in [true, false] {
+            let mut reply = large_reply(70, edns);
+            assert!(reply.len() > 1000);
+            assert!(cut_to_question(&mut reply));
+            let cut = Message::from_vec(&reply).expect("the cut reply parses");
+            assert!(cut.metadata.truncation, "TC set");
+            assert_eq!(cut.metadata.id, 7);
+            assert!(cut.metadata.recursion_desired);
+            assert_eq!(cut.queries.len(), 1);
+            assert_eq!(cut.queries[0].name().to_ascii(), "x.example.");
+            assert!(cut.answers.is_empty() && cut.authorities.is_empty());
+            assert!(cut.additionals.is_empty(), "only the OPT is kept");
+            assert_eq!(cut.edns.is_some(), edns);
+            if let Some(e) = &cut.edns {
+                assert!(e.flags().dnssec_ok, "the OPT is the reply's own, DO kept");
+            }
+            // Cut once: a reply that already says TC is not cut again.
+            let before = reply.clone();
+            assert!(!cut_to_question(&mut reply));
+            assert_eq!(reply, before);
+        }
+    }
+
+    #[test]
+    fn a_reply_whose_records_do_not_walk_is_not_cut() {
+        let mut reply = large_reply(3, true);
+        let short = reply.len() - 5;
+        reply.truncate(short);
+        let before = reply.clone();
+        assert!(!cut_to_question(&mut reply));
+        assert_eq!(reply, before);
+        assert!(!cut_to_question(&mut Vec::new()));
     }
 
     #[test]

@@ -302,6 +302,7 @@ impl Inherited {
         let mut listeners = Listeners::default();
         for socket in self.udp {
             socket.set_nonblocking(true)?;
+            crate::server::forbid_fragmentation(&socket, socket.local_addr()?.is_ipv6())?;
             for _ in 1..per {
                 listeners
                     .udp

@@ -33,6 +33,7 @@ mod cli_and_config_files;
 mod e2e_chromium;
 mod e2e_dig_consul_names;
 mod e2e_dnssec;
+mod e2e_dont_fragment;
 mod e2e_glibc;
 mod e2e_nginx;
 mod shipped_examples;

@@ -265,6 +265,36 @@ mod tests {
     }
 
     #[test]
+    fn replies_alternate_between_ipv4_and_ipv6_sockets_on_one_thread() {
+        // One outbox serves replies to both families in turn: each send addresses its own.
+        let Ok(server6) = UdpSocket::bind("[::1]:0") else {
+            return; // no IPv6 loopback on this machine
+        };
+        let server4 = bound("127.0.0.1:0");
+        let (client4, client6) = (bound("127.0.0.1:0"), bound("[::1]:0"));
+        let mut outbox = Outbox::new(512);
+        for round in 0..3u8 {
+            for (server, client) in [(&server6, &client6), (&server4, &client4)] {
+                for i in 0..2u8 {
+                    let Some(buffer) = outbox.next_buffer() else {
+                        panic!("room for two replies");
+                    };
+                    buffer.extend_from_slice(&[round, i]);
+                    outbox.commit(client.local_addr().expect("addr"));
+                }
+                assert_eq!(outbox.send(server, 0).expect("send"), 2);
+                outbox.clear();
+                let mut buf = [0u8; 8];
+                for i in 0..2u8 {
+                    let (n, from) = client.recv_from(&mut buf).expect("a reply arrives");
+                    assert_eq!(&buf[..n], &[round, i]);
+                    assert_eq!(from, server.local_addr().expect("addr"));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn ipv6_sources_come_back_as_std_addresses() {
         let Ok(server) = UdpSocket::bind("[::1]:0") else {
             return; // no IPv6 loopback on this machine

@@ -136,8 +136,8 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 /// It also saves kernel work per datagram: without DF, Linux draws each datagram's IP ID from
 /// a shared table of hashed counters (`__ip_select_ident`: 1.8 % of our CPU answering Consul
 /// names flat out, 3.4 % of the limit responder's, in `perf`); with DF set and fragmentation
-/// forbidden the ID is 0. CPU per answer went down by about 3 % (docs/benchmarks.md, step
-/// thirteen).
+/// forbidden the ID is 0 and the frame is gone from the profile (docs/benchmarks.md, step
+/// thirteen, for what that is worth per answer).
 pub(crate) fn forbid_fragmentation(
     socket: &impl std::os::fd::AsFd,
     ipv6: bool,

@@ -8,8 +8,7 @@
 //! fragmentation allowed (the kernel's default for UDP sockets) the reply would arrive whole, in
 //! two fragments, and dig would see no TC.
 
-use std::process::Command;
-
+use crate::support::e2e::in_new_network_namespace;
 use crate::support::BIN;
 
 /// Instances of the large service: at 16 bytes per A record, more than 1000 bytes of answers,
@@ -68,16 +67,7 @@ curl -s http://127.0.0.1:9153/metrics | grep '^consul_dns_forwarder_truncated_re
 "#,
         catalog = path.display()
     );
-    let out = Command::new("unshare")
-        .args(["--net", "sh", "-c", &script])
-        .output()
-        .expect("unshare runs (util-linux; the test needs root)");
-    assert!(
-        out.status.success(),
-        "the namespace script failed (needs root): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    in_new_network_namespace(&script)
 }
 
 /// The part of `out` after `== name` and before the next section.

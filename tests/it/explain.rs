@@ -9,6 +9,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::support::consul_sim::{ConsulSim, SimNode, SimService, Status};
+use crate::support::e2e::in_new_network_namespace;
 use crate::support::upstream::TestUpstream;
 use crate::support::*;
 
@@ -380,16 +381,7 @@ rc=0
 echo "explain $rc"
 "#
     );
-    let out = Command::new("unshare")
-        .args(["--net", "sh", "-c", &script])
-        .output()
-        .expect("unshare runs (util-linux; the test needs root)");
-    assert!(
-        out.status.success(),
-        "the namespace script failed (needs root): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    in_new_network_namespace(&script)
 }
 
 #[test]

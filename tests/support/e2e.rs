@@ -27,6 +27,22 @@ pub fn dig_command(port: u16, args: &[&str]) -> Command {
     cmd
 }
 
+/// Runs the shell `script` in a network namespace of its own (`unshare --net`: only `lo`,
+/// down until the script brings it up; needs root) and returns what it printed. Panics with
+/// its stderr when it fails.
+pub fn in_new_network_namespace(script: &str) -> String {
+    let out = Command::new("unshare")
+        .args(["--net", "sh", "-c", script])
+        .output()
+        .expect("unshare runs (util-linux; the test needs root)");
+    assert!(
+        out.status.success(),
+        "the namespace script failed (needs root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Starts `cmd` (the forwarder, or a command that runs it) with only its warnings and errors
 /// logged, to the test's stderr.
 pub fn start_quietly(cmd: &mut Command) -> Child {

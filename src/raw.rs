@@ -379,15 +379,13 @@ pub(crate) fn write_rcode_reply(out: &mut Vec<u8>, q: &PlainQuery<'_>, rcode: u8
 
 /// Cuts `reply` to its header, its question and its OPT record, with TC=1: what a UDP client is
 /// sent when the whole reply cannot go out (`server::forbid_fragmentation`); it asks again over
-/// TCP. False, leaving `reply` as it was, when its sections do not walk or it already has TC
-/// set (so a reply that still cannot go is not cut again).
+/// TCP. A reply already cut to fit the client's size (TC set, fewer records) is cut the same
+/// way. False, leaving `reply` as it was, when its sections do not walk or there is nothing to
+/// cut (so a reply that still cannot go is not cut again).
 pub(crate) fn cut_to_question(reply: &mut Vec<u8>) -> bool {
     let Some([1, answers, authorities, additionals]) = header::counts(reply) else {
         return false;
     };
-    if header::flags(reply).is_none_or(|flags| flags & header::TC != 0) {
-        return false;
-    }
     let Some(name_len) = plain_name_len(reply, HEADER_LEN) else {
         return false;
     };
@@ -404,10 +402,12 @@ pub(crate) fn cut_to_question(reply: &mut Vec<u8>) -> bool {
         }
         at = span.end;
     }
-    let mut end = question_end;
+    let end = question_end + opt.as_ref().map_or(0, |opt| opt.len());
+    if end >= reply.len() {
+        return false;
+    }
     if let Some(opt) = opt {
-        reply.copy_within(opt.clone(), question_end);
-        end += opt.len();
+        reply.copy_within(opt, question_end);
     }
     reply.truncate(end);
     header::set_count(reply, Section::Answer, 0);
@@ -660,11 +660,22 @@ mod tests {
             if let Some(e) = &cut.edns {
                 assert!(e.flags().dnssec_ok, "the OPT is the reply's own, DO kept");
             }
-            // Cut once: a reply that already says TC is not cut again.
+            // Nothing left to cut: a second cut changes nothing.
             let before = reply.clone();
             assert!(!cut_to_question(&mut reply));
             assert_eq!(reply, before);
         }
+    }
+
+    #[test]
+    fn a_reply_already_cut_to_fit_the_client_is_cut_again_to_its_question() {
+        // A large service's EDNS reply: as many records as fit in 1232 bytes, with TC set.
+        let mut reply = large_reply(70, true);
+        header::set_flags(&mut reply, header::TC);
+        assert!(cut_to_question(&mut reply));
+        let cut = Message::from_vec(&reply).expect("the cut reply parses");
+        assert!(cut.metadata.truncation);
+        assert!(cut.answers.is_empty() && cut.edns.is_some());
     }
 
     #[test]

@@ -752,7 +752,8 @@ targets17() {
       return n ? median(a, n) : ""
     }
     function fig(m) { return sprintf("x%.2f (%.2f–%.2f)", m, lo, hi) }
-    function of(s, o, p, col) { return ((s SUBSEP o) in has && (s SUBSEP p) in has && (col == "p" ? p99[s, p] : cpu[s, p]) > 0) ? sprintf("x%.2f", (col == "p" ? p99[s, o] / p99[s, p] : cpu[s, o] / cpu[s, p])) : "-" }
+    # The ratio of the medians in the table (CPU), printed beside the per-round figure.
+    function of(s, o, p) { return ((s SUBSEP o) in has && (s SUBSEP p) in has && cpu[s, p] > 0) ? sprintf("x%.2f", cpu[s, o] / cpu[s, p]) : "-" }
     function verdict(ok) { return ok ? "met" : "NOT met" }
     END {
       n = split("http dns", modes, " ")

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::answer::Source;
-use crate::datagrams::{self, Inbox, Outbox};
+use crate::datagrams::{Inbox, Outbox, ReadSize};
 use crate::handler::{Cached, Handler, RateCharge};
 use crate::lock::lock;
 use crate::metrics::Metrics;
@@ -312,6 +312,7 @@ impl UdpLoop {
         // Replies answered inline (cache hits) wait here until the datagrams read with them are
         // answered, then go out together; the buffers are reused.
         let mut outbox = Outbox::new(crate::reply::UDP_LIMIT_EDNS);
+        let mut read_size = ReadSize::default();
         // The hits of one read are timed together, from the read to their send: two clock reads
         // per batch rather than two per answer (those were 2 % of the hits' CPU).
         let hit_durations = self.metrics.hit_durations();
@@ -329,11 +330,11 @@ impl UdpLoop {
                     return;
                 },
             }
-            // Every datagram already queued is read without going back to the runtime, a
-            // `datagrams::BATCH` per system call, and the hits among them answered with one
-            // more. At most `UDP_BATCH` before the loop yields, so that a flood cannot starve
-            // the other tasks of this worker (Consul watchers, TCP, metrics), as tokio's budget
-            // would have.
+            // Every datagram already queued is read without going back to the runtime, one or
+            // a batch per system call (`ReadSize` says which), and the hits among them answered
+            // with one more. At most `UDP_BATCH` before the loop yields, so that a flood cannot
+            // starve the other tasks of this worker (Consul watchers, TCP, metrics), as tokio's
+            // budget would have.
             let mut answered = 0;
             let drained = loop {
                 let budget = if self.lookups_in_flight() {
@@ -344,13 +345,19 @@ impl UdpLoop {
                 if answered >= budget {
                     break false;
                 }
-                let want = (budget - answered).min(datagrams::BATCH);
+                let want = read_size.next(budget - answered);
                 let read = self
                     .socket
                     .try_io(Interest::READABLE, || inbox.receive(&*self.socket, want));
                 match read {
-                    Ok(n) => answered += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
+                    Ok(n) => {
+                        answered += n;
+                        read_size.read(n);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        read_size.emptied();
+                        break true;
+                    }
                     Err(e) => {
                         // ICMP errors from earlier sends surface here on some systems. Counted
                         // against the batch so that a socket in error cannot hold the loop.

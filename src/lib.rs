@@ -7,7 +7,8 @@
 //! - [`config`]: the TOML file and command-line flags, validated once into typed values.
 //! - [`server`]: sockets: binding (SO_REUSEPORT per core), UDP receive loops, TCP connections
 //!   (RFC 7766), draining on shutdown.
-//! - `datagrams`: UDP datagrams read and replies sent in batches (`recvmmsg`, `sendmmsg`).
+//! - `datagrams`: UDP datagrams read and replies sent, one at a time or in batches (`recvmmsg`,
+//!   `sendmmsg`), and how many per read (`ReadSize`).
 //! - [`answer`]: the contract between the handler and the answer sources: `Question`,
 //!   `Answer`, `Source` and the `AnswerSource` trait.
 //! - [`handler`]: one request's bytes in, one reply's bytes out: protocol checks, access control,

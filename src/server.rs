@@ -313,8 +313,9 @@ impl UdpLoop {
         // answered, then go out together; the buffers are reused.
         let mut outbox = Outbox::new(crate::reply::UDP_LIMIT_EDNS);
         let mut read_size = ReadSize::default();
-        // The hits of one read are timed together, from the read to their send: two clock reads
-        // per batch rather than two per answer (those were 2 % of the hits' CPU).
+        // The hits of one read are timed together, from the read to their send: flat out, where
+        // reads are batches, two clock reads per batch rather than two per answer (those were
+        // 2 % of the hits' CPU).
         let hit_durations = self.metrics.hit_durations();
         // One shutdown future for the loop's life: made per datagram, it registered and removed
         // a waiter under the token's lock each time.

@@ -207,21 +207,21 @@ impl Outbox {
 /// has to wake its CPU with an inter-processor interrupt, which the sender pays for and which in
 /// a virtual machine is an exit to the hypervisor. Answered one at a time, the first reply leaves
 /// while the client is still busy sending, and the rest follow closely enough that it stays
-/// awake. Forwarded hits at half the maximum rate (152,000 queries/s), batches of 32: 33,958
-/// such interrupts in 4 s, ×1.077 of 76a8758's CPU per answer (one datagram per system call);
-/// one at a time by `recvfrom`/`sendto`: 4,609 interrupts and ×0.969 (docs/benchmarks.md, step
-/// fifteen). Flat out the client's CPU never idles, there is nothing to save, and a batch per
-/// call is what makes a hit cheap (×0.87 of 76a8758's; one at a time ×0.99).
+/// awake. Forwarded hits at half the maximum rate (152,000 queries/s), always batches of 32:
+/// 32,996 such interrupts in 4 s, ×1.077 of 76a8758's CPU per answer (one datagram per system
+/// call); with this policy: 1,403 interrupts and ×0.925 (docs/benchmarks.md, step fifteen).
+/// Flat out the client's CPU never idles, there is nothing to save, and a batch per call is what
+/// makes a hit cheap (×0.869 of 76a8758's; always one at a time, ×0.99).
 ///
 /// How deep the queue runs is judged by what the recent wake-ups answered before finding it
 /// empty, and by the current one: at half the maximum rate a wake-up answers 16–31 datagrams,
 /// flat out mostly more than 32.
 #[derive(Debug, Default)]
 pub(crate) struct ReadSize {
-    /// Datagrams answered per wake-up, a moving average over the recent wake-ups, in units of
+    /// Datagrams read per wake-up, a moving average over the recent wake-ups, in units of
     /// 1/[`AVERAGE_SCALE`] of a datagram (integers, no float state in the loop).
     recent: usize,
-    /// Datagrams answered since the queue was last found empty.
+    /// Datagrams read since the queue was last found empty.
     this_wakeup: usize,
 }
 

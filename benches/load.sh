@@ -16,6 +16,9 @@
 #                  (consul and large-* only): the kernel's cost of moving a datagram that size
 #       ours-http  consul-dns-forwarder --consul-http <sim>
 #       ours-dns   consul-dns-forwarder --consul-dns <sim dns>   (consul.mode = "dns")
+#       ours-file  consul-dns-forwarder --catalog-file <the simulator's catalog, written as a file>
+#                  (not in many-services or cold-start: 100,000 instances make a file of
+#                  hundreds of MB, and a file has no watchers to start)
 #       dnsmasq    server=/consul/<sim dns>, server=<upstream>, cache-size=100000
 #       unbound    stub-zone consul -> <sim dns>, forward-zone . -> <upstream>
 #       base-http, base-dns  as ours-http and ours-dns, with the BENCH_BASELINE_BIN binary
@@ -39,7 +42,7 @@
 #                   Consul requests, peak connections to the simulator, RSS (target <= 64 MiB)
 #   cold-start      issue 8: the same 10,000 names asked once each from a fresh start, 400 in
 #                   flight at a time (a fleet of clients); every name answered within 3 s, no
-#                   SERVFAIL, at most 32 connections to Consul (ours-* and base-* only: the
+#                   SERVFAIL, at most 32 connections to Consul (ours-http, ours-dns and base-* only: the
 #                   others have no watchers to start)
 #   The issue 8 scenarios get a simulator of their own per run (started before the contender,
 #   stopped after it), so its counters (peak connections) belong to that run alone. Like a real
@@ -73,7 +76,7 @@ DURATION=${BENCH_DURATION:-10}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 BASE_BIN=${BENCH_BASELINE_BIN:-}
-CONTENDERS=${BENCH_CONTENDERS:-"limit limit-sized ours-http ours-dns ${BASE_BIN:+base-http base-dns }dnsmasq unbound"}
+CONTENDERS=${BENCH_CONTENDERS:-"limit limit-sized ours-http ours-dns ours-file ${BASE_BIN:+base-http base-dns }dnsmasq unbound"}
 # Every scenario is in the default list, so one command prints every figure of issues 6 and 8
 # (about 25 minutes at 3 rounds; BENCH_ROUNDS=1 for a quicker look).
 SCENARIOS=${BENCH_SCENARIOS:-"consul fwd-hits mix-10pct-miss hits-half-rate fill-100k large-service many-services cold-start"}
@@ -245,7 +248,9 @@ start_sim() { # kind: shared | large | many
   # Issue 8's catalogs look like a real agent's: Consul's default udp_answer_limit, and the
   # node meta every agent registers (the forwarder used to copy it into every instance).
   [[ $1 == shared ]] || args+=(--dns-udp-answer-limit "$CONSUL_UDP_ANSWER_LIMIT" --node-meta consul-network-segment=)
-  rm -f "$W/sim.addr" "$W/sim.stats"
+  # ours-file's catalog: the same instances, as a file (not for many: see ours-file above).
+  rm -f "$W/sim.addr" "$W/sim.stats" "$W/catalog.json"
+  [[ $1 == many ]] || args+=(--catalog-file-out "$W/catalog.json")
   taskset -c "$CLIENT_CPU" "$SIM_BIN" "${args[@]}" \
     --addr-file "$W/sim.addr" --stats-file "$W/sim.stats" --max-seconds 7200 >"$W/sim.log" 2>&1 &
   SIM_PID=$!
@@ -369,6 +374,11 @@ start_contender() { # name [scenario]
     ;;
   ours-dns | base-dns)
     RUST_LOG=warn taskset -c "$SERVER_CPU" "$(bin_of "$1")" --config "$W/ours.toml" --consul-dns "$SIM_DNS" \
+      >"$W/$1.log" 2>&1 &
+    ;;
+  ours-file)
+    [[ -s $W/catalog.json ]] || die "no catalog file from the simulator for ours-file"
+    RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN" --config "$W/ours.toml" --catalog-file "$W/catalog.json" \
       >"$W/$1.log" 2>&1 &
     ;;
   limit)
@@ -611,6 +621,7 @@ for sc in $SCENARIOS; do
     for ct in $CONTENDERS; do
       [[ $ct == limit-sized && -z $(sized_records "$sc") ]] && continue
       [[ $sc == cold-start && $ct != ours-* && $ct != base-* ]] && continue
+      [[ $ct == ours-file && ($sc == many-services || $sc == cold-start) ]] && continue
       log "$sc / $ct (round $round of $ROUNDS)"
       run_one "$sc" "$ct" "$round"
     done
@@ -664,8 +675,8 @@ report() {
       n = split("consul fwd-hits mix-10pct-miss hits-half-rate fill-100k", order, " ")
       for (i = 1; i <= n; i++) {
         s = order[i]; if (!(s in seen)) continue
-        split("ours-http ours-dns", ours, " "); split("dnsmasq unbound limit", peers, " ")
-        for (o = 1; o <= 2; o++) for (p = 1; p <= 3; p++) {
+        split("ours-http ours-dns ours-file", ours, " "); split("dnsmasq unbound limit", peers, " ")
+        for (o = 1; o <= 3; o++) for (p = 1; p <= 3; p++) {
           a = s SUBSEP ours[o]; b = s SUBSEP peers[p]
           if (!(a in qps) || !(b in qps)) continue
           printf "| %s | %s | %s | %s | %s | %s | %s |\n", s, ours[o], peers[p], r(qps[a], qps[b]), r(cpu[a], cpu[b]), r(p99[a], p99[b]), r(rss[a], rss[b])
@@ -756,7 +767,7 @@ targets17() {
     function of(s, o, p) { return ((s SUBSEP o) in has && (s SUBSEP p) in has && cpu[s, p] > 0) ? sprintf("x%.2f", cpu[s, o] / cpu[s, p]) : "-" }
     function verdict(ok) { return ok ? "met" : "NOT met" }
     END {
-      n = split("http dns", modes, " ")
+      n = split("http dns file", modes, " ")
       for (m = 1; m <= n; m++) {
         o = "ours-" modes[m]
         c = paired("consul", o, "limit", "v"); cf = c == "" ? "" : fig(c)
@@ -853,7 +864,7 @@ report8() {
     awk -F'\t' -v big="$LARGE_INSTANCES" -v small="$SMALL_INSTANCES" '
       NR > 1 && $1 ~ /^large-/ {split($1, p, "-"); cpu[$2, p[2], p[3]] = $10; done[$2, p[2], p[3]] = $5; ct[$2] = 1}
       END {
-        n = split("limit limit-sized ours-http ours-dns base-http base-dns dnsmasq unbound", order, " ")
+        n = split("limit limit-sized ours-http ours-dns ours-file base-http base-dns dnsmasq unbound", order, " ")
         for (i = 1; i <= n; i++) {
           c = order[i]; if (!(c in ct)) continue
           for (l = 1; l <= 2; l++) {

@@ -23,6 +23,10 @@
 //!   a real agent's nodes carry at least `consul-network-segment=`).
 //! - `--dns-udp-answer-limit N`: Consul's `dns_config.udp_answer_limit` (the agent's default is
 //!   3; the simulator's is no limit): UDP answers without EDNS carry at most N records.
+//! - `--catalog-file-out FILE`: the same catalog written, before the address file, as a catalog
+//!   file (`{"<service>": [entries as /v1/health/service/<service> returns them]}`), for the
+//!   forwarder's `--catalog-file` contender (`ours-file`): the three answer sources then serve
+//!   the very same instances.
 //! - Stops on SIGTERM/SIGINT, and after `--max-seconds` (default 900) in any case: a benchmark
 //!   that dies without cleaning up does not leave it running.
 //!
@@ -50,6 +54,7 @@ struct Args {
     node_meta: BTreeMap<String, String>,
     addr_file: PathBuf,
     stats_file: Option<PathBuf>,
+    catalog_file_out: Option<PathBuf>,
     max_seconds: u64,
 }
 
@@ -57,7 +62,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: bench_consul_sim --addr-file FILE [--stats-file FILE] [--services N] \
          [--instances N] [--large-service NAME=COUNT]... [--node-meta KEY=VALUE]... \
-         [--dns-udp-answer-limit N] \
+         [--dns-udp-answer-limit N] [--catalog-file-out FILE] \
          [--max-seconds S]"
     );
     std::process::exit(2)
@@ -93,6 +98,7 @@ fn parse_args() -> Args {
         node_meta: BTreeMap::new(),
         addr_file: PathBuf::new(),
         stats_file: None,
+        catalog_file_out: None,
         max_seconds: 900,
     };
     let mut it = std::env::args().skip(1);
@@ -120,6 +126,7 @@ fn parse_args() -> Args {
             }
             "--addr-file" => args.addr_file = PathBuf::from(value()),
             "--stats-file" => args.stats_file = Some(PathBuf::from(value())),
+            "--catalog-file-out" => args.catalog_file_out = Some(PathBuf::from(value())),
             "--max-seconds" => args.max_seconds = value().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
@@ -196,6 +203,10 @@ async fn main() -> std::io::Result<()> {
         started.elapsed().as_secs_f64()
     );
     drop(all);
+    // Before the address file: whoever waits for that one finds the catalog file complete.
+    if let Some(path) = &args.catalog_file_out {
+        write_atomic(path, &sim.catalog_json().to_string())?;
+    }
     write_atomic(
         &args.addr_file,
         &format!("http={}\ndns={}\n", sim.http_url(), sim.dns_addr()),

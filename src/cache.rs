@@ -101,10 +101,12 @@ const AUTHENTIC: u8 = 1 << 4;
 /// Stored as the upstream sent it, because it is too large to encode again (hickory compresses
 /// at most 120 names); cut in bytes for UDP clients.
 const AS_RECEIVED: u8 = 1 << 5;
-/// More than `raw::SHUFFLED_WHOLE` records, each an A or AAAA of one length whose owner points
-/// at the question, in the answer section alone, and the form is the same with and without DO (`raw::uniform_address_len`): a
-/// large service through Consul's DNS interface. A reply moves such records at a fixed stride
-/// without reading each one twice (spans, then TTLs), which cost about 1 µs per reply of 74.
+/// Two or more records, each an A or AAAA of one length whose owner points at the question, in
+/// the answer section alone, and the form is the same with and without DO
+/// (`raw::uniform_address_len`): a service through Consul's DNS interface. A shuffled reply moves
+/// such records at a fixed stride without reading them (`raw::copy_records`), where reading
+/// each one twice (spans, then TTLs) cost about 1 µs per reply of 74 records and doubled the
+/// cost of shuffling three (docs/benchmarks.md, step sixteen).
 const ADDRESSES: u8 = 1 << 6;
 
 /// A stored answer. Record TTLs are the clamped ones at `stored_at`.
@@ -398,13 +400,13 @@ impl CachedAnswer {
         Ok(entry)
     }
 
-    /// The records' length when they are more than `raw::SHUFFLED_WHOLE` addresses alone, all
-    /// of one length (see [`ADDRESSES`]). Fewer are never rotated, so a miss does not read them.
+    /// The records' length when they are two or more addresses alone, all of one length (see
+    /// [`ADDRESSES`]). A single record is never shuffled, so a miss does not read it.
     fn uniform_address_len(&self) -> Option<usize> {
         let [answers, 0, 0] = self.counts else {
             return None;
         };
-        if self.plain_at != PLAIN_SAME || usize::from(answers) <= raw::SHUFFLED_WHOLE {
+        if self.plain_at != PLAIN_SAME || answers < 2 {
             return None;
         }
         let records = self.wire.get(usize::from(self.question_len)..)?;
@@ -651,12 +653,11 @@ impl CachedAnswer {
         } else {
             limit.saturating_sub(base + opt_len)
         };
-        // Addresses alone past raw::SHUFFLED_WHOLE: rotated at a fixed stride, unread.
-        let stride = (shuffled && answers > raw::SHUFFLED_WHOLE && self.flags & ADDRESSES != 0)
-            .then(|| records.len() / answers);
+        // Addresses alone: shuffled or rotated at a fixed stride, unread.
+        let stride = (shuffled && self.flags & ADDRESSES != 0).then(|| records.len() / answers);
         let total = if let Some(record_len) = stride {
             let written = if fits { answers } else { room / record_len };
-            raw::copy_rotated(out, records, record_len, written, &mut rand::rng());
+            raw::copy_records(out, records, record_len, written, &mut rand::rng());
             cut_to(out, written.min(answers), answers, counts)
         } else if shuffled {
             let mut rng = rand::rng();
@@ -1316,8 +1317,8 @@ mod tests {
         assert!(!e.write_reply(&mut Vec::new(), &plain, 512, now, false, false));
     }
 
-    /// Stored as it came (the common miss) or encoded again, more than SHUFFLED_WHOLE addresses
-    /// alone are marked for the stride and rotated; a few are not (a miss does not read them).
+    /// Stored as it came (the common miss) or encoded again, two or more addresses alone are
+    /// marked for the stride, and more than SHUFFLED_WHOLE rotated; a single one is not marked.
     #[test]
     fn many_addresses_stored_as_they_came_are_rotated_too() {
         let now = Instant::now();
@@ -1334,7 +1335,12 @@ mod tests {
             many.flags & (AS_RECEIVED | ADDRESSES),
             AS_RECEIVED | ADDRESSES
         );
-        assert_eq!(received(&[60; 3]).flags & ADDRESSES, 0);
+        assert_eq!(received(&[60; 3]).flags & ADDRESSES, ADDRESSES);
+        assert_eq!(
+            received(&[60]).flags & ADDRESSES,
+            0,
+            "one is never shuffled"
+        );
         let bytes = a_query().to_vec().expect("encode");
         let plain = raw::parse_plain_query(&bytes).expect("plain");
         let mut out = Vec::new();

@@ -24,10 +24,9 @@ const VALIDATED_OPTIONS: [u16; 3] = [3, 5, 8];
 /// service through Consul's DNS interface: Consul fills it with 74), so UDP never allocates.
 const SPANS_ON_STACK: usize = 80;
 
-/// Answers of up to this many addresses are shuffled per reply (Fisher–Yates), as Consul
-/// shuffles them; longer ones (a large service), and the encoded answers of
-/// `consul::encoded` in a reply that carries part of them, are rotated instead: copied from a
-/// random record on, wrapping around, as BIND's `rrset-order cyclic` does. Either way every
+/// Answers of up to this many addresses are shuffled per reply (Fisher–Yates; a reply cut to
+/// fit draws only the records it keeps), as Consul shuffles and then cuts; longer ones (a large
+/// service) are rotated instead: copied from a random record on, wrapping around, as BIND's `rrset-order cyclic` does. Either way every
 /// record is as likely as any other to come first (what glibc's and nginx's choice of peer
 /// follows) and to be among those a cut reply keeps. A shuffle draws a random number per
 /// record, a rotation one: a 5,000-instance service's EDNS answer (74 records) cost 1.67 µs
@@ -524,7 +523,7 @@ const TTL_IN_POINTED_RECORD: usize = 6;
 
 /// The length shared by the `count` records of `records` (nothing else in it), if each is an A
 /// or AAAA whose owner points back at the question, all of one length: a reply can then move
-/// and rewrite them at a fixed stride (`copy_rotated`, `rewrite_ttls_at_stride`) without
+/// and rewrite them at a fixed stride (`copy_records`, `rewrite_ttls_at_stride`) without
 /// reading them. Checked once, when an answer is stored.
 pub(crate) fn uniform_address_len(records: &[u8], count: usize, base: usize) -> Option<usize> {
     let first = record_at(records, 0, base)?;
@@ -544,9 +543,18 @@ pub(crate) fn uniform_address_len(records: &[u8], count: usize, base: usize) -> 
         .then_some(len)
 }
 
-/// Appends `written` of the records of `records` (`record_len` bytes each) to `out`, rotated
-/// (see `SHUFFLED_WHOLE`): from a random one on, wrapping around, in one or two copies.
-pub(crate) fn copy_rotated(
+/// The length of an A and of an AAAA record whose owner is a 2-byte pointer (owner, type, class,
+/// TTL, RDLENGTH, address): the records the stride paths move.
+pub(crate) const POINTED_A_LEN: usize = 2 + 10 + 4;
+pub(crate) const POINTED_AAAA_LEN: usize = 2 + 10 + 16;
+
+/// Appends `written` of the records of `records` (`record_len` bytes each) to `out`, in a random
+/// order (see `SHUFFLED_WHOLE`): up to `SHUFFLED_WHOLE` records are shuffled, as Consul shuffles
+/// and then cuts (a Fisher–Yates on the stack that draws only the records written); more are
+/// rotated (`copy_rotated`). Every record is as likely as any other to be written and to come
+/// first. Records are never read: the caller vouches for their length (`uniform_address_len`, or
+/// records it encoded itself).
+pub(crate) fn copy_records(
     out: &mut Vec<u8>,
     records: &[u8],
     record_len: usize,
@@ -558,6 +566,67 @@ pub(crate) fn copy_rotated(
     if written == 0 {
         return;
     }
+    if count > SHUFFLED_WHOLE {
+        copy_rotated(out, records, record_len, (count, written), rng);
+        return;
+    }
+    match record_len {
+        POINTED_A_LEN => shuffle_whole(rng, count, written, |i| {
+            push_record::<POINTED_A_LEN>(out, records, i)
+        }),
+        POINTED_AAAA_LEN => shuffle_whole(rng, count, written, |i| {
+            push_record::<POINTED_AAAA_LEN>(out, records, i)
+        }),
+        len => shuffle_whole(rng, count, written, |i| {
+            if let Some(record) = records.get(i * len..(i + 1) * len) {
+                out.extend_from_slice(record);
+            }
+        }),
+    }
+}
+
+/// Calls `take` with `written` distinct indices below `count` (at most `SHUFFLED_WHOLE`), in
+/// random order: the first `written` steps of a Fisher–Yates shuffle on the stack.
+fn shuffle_whole(
+    rng: &mut impl rand::Rng,
+    count: usize,
+    written: usize,
+    mut take: impl FnMut(usize),
+) {
+    let mut order = [0u8; SHUFFLED_WHOLE];
+    let Some(order) = order.get_mut(..count) else {
+        return;
+    };
+    for (i, slot) in (0u8..).zip(order.iter_mut()) {
+        *slot = i;
+    }
+    for i in 0..written.min(count) {
+        order.swap(i, rng.random_range(i..count));
+        take(usize::from(order[i]));
+    }
+}
+
+/// Appends record `i` of `records` (`N` bytes each). `N` known at compile time makes the copy a
+/// move or two instead of a `memcpy` call, which showed in the profile of a large service's
+/// answers (74 records per EDNS reply).
+fn push_record<const N: usize>(out: &mut Vec<u8>, records: &[u8], i: usize) {
+    if let Some(record) = records.get(i * N..).and_then(<[u8]>::first_chunk::<N>) {
+        out.extend_from_slice(record);
+    }
+}
+
+/// Appends `written` of the `count` records of `records` (`record_len` bytes each; `written`
+/// from 1 to `count`, as `copy_records` clamps it) to `out`, rotated (see `SHUFFLED_WHOLE`):
+/// from a random one on, wrapping around, in one or two copies. What a client could see is that
+/// the records of one reply are neighbours in the stored order (for `consul::encoded`, shuffled
+/// once per view; for the cache, the upstream's) until it changes.
+fn copy_rotated(
+    out: &mut Vec<u8>,
+    records: &[u8],
+    record_len: usize,
+    (count, written): (usize, usize),
+    rng: &mut impl rand::Rng,
+) {
     let first = rng.random_range(0..count);
     let from_first = written.min(count - first);
     let runs = [
@@ -954,5 +1023,74 @@ mod tests {
         let mut records = three_a.clone();
         rewrite_ttls_at_stride(&mut records, 16, |t| t - 7);
         assert!(records.chunks(16).all(|r| r[6..10] == 53u32.to_be_bytes()));
+    }
+
+    /// `count` A-sized records, each holding its index in its last four bytes.
+    fn numbered(count: usize) -> Vec<u8> {
+        (0..count as u32)
+            .flat_map(|i| {
+                let mut record = [0u8; POINTED_A_LEN];
+                record[POINTED_A_LEN - 4..].copy_from_slice(&i.to_be_bytes());
+                record
+            })
+            .collect()
+    }
+
+    /// The indices of the records `copy_records` wrote from `numbered` records.
+    fn copied(records: &[u8], written: usize, rng: &mut impl rand::Rng) -> Vec<usize> {
+        let mut out = Vec::new();
+        copy_records(&mut out, records, POINTED_A_LEN, written, rng);
+        out.chunks_exact(POINTED_A_LEN)
+            .filter_map(|r| r.last_chunk::<4>())
+            .map(|i| u32::from_be_bytes(*i) as usize)
+            .collect()
+    }
+
+    #[test]
+    fn copies_are_distinct_random_and_cover_every_record() {
+        use std::collections::HashSet;
+        let mut rng = rand::rng();
+        // Small pools: every order of three appears (six orders, 300 tries), and every ordered
+        // pair when two are written (as Consul shuffles and then cuts).
+        let three = numbered(3);
+        for written in [3, 2] {
+            let orders: HashSet<Vec<usize>> = (0..300)
+                .map(|_| copied(&three, written, &mut rng))
+                .collect();
+            assert_eq!(orders.len(), 6, "{orders:?}");
+        }
+        // Whole or in part, large or small: distinct records, as many as asked, each one in
+        // some reply, and at least half of as many as could come first did. 74 of 5,000 (an
+        // EDNS reply of a large service) x 400 replies cover each record 5.9 times on average:
+        // the bound allows 100 never copied (about 14 expected).
+        for (count, written, replies, never_allowed) in [
+            (1, 1, 10, 0),
+            (SHUFFLED_WHOLE, SHUFFLED_WHOLE, 100, 0),
+            (SHUFFLED_WHOLE, 3, 100, 0),
+            (SHUFFLED_WHOLE + 1, SHUFFLED_WHOLE + 1, 100, 0),
+            (100, 74, 100, 0),
+            (400, 300, 50, 0),
+            (5000, 74, 400, 100),
+            (5000, 29, 2000, 100),
+        ] {
+            let mut copies = vec![0u32; count];
+            let (mut first, records) = (HashSet::new(), numbered(count));
+            for _ in 0..replies {
+                let got = copied(&records, written, &mut rng);
+                let distinct: HashSet<_> = got.iter().collect();
+                assert_eq!((got.len(), distinct.len()), (written, written), "{count}");
+                got.iter().for_each(|&i| copies[i] += 1);
+                first.insert(got[0]);
+            }
+            let never = copies.iter().filter(|&&n| n == 0).count();
+            assert!(never <= never_allowed, "{count}: {never} never copied");
+            assert!(
+                first.len() >= count.min(replies).div_ceil(2),
+                "{count}: {} records came first in {replies} replies",
+                first.len()
+            );
+        }
+        // Nothing asked, nothing written.
+        assert!(copied(&numbered(5000), 0, &mut rng).is_empty());
     }
 }

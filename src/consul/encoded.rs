@@ -8,7 +8,7 @@
 //! classes (512 bytes without EDNS, the client's EDNS size, TCP) need no encoding of their own:
 //! each reduces to a record count. Per query only the header is written, the question copied in
 //! the client's case, the records copied (a small pool shuffled whole, a large one's sample a
-//! window of the encoded order from a random start: `copy_records`), and the OPT
+//! window of the encoded order from a random start: `raw::copy_records`), and the OPT
 //! record added; the counts follow the general path's rules exactly (`records::record_cap`,
 //! `a_record_limit`, `udp_answer_limit`, the cut at the client's size, TC).
 //!
@@ -31,7 +31,7 @@ use super::catalog::{Selection, ServiceView};
 use super::records;
 use super::StillServed;
 use crate::header::{self, HEADER_LEN};
-use crate::raw::{self, PlainQuery, SHUFFLED_WHOLE};
+use crate::raw::{self, PlainQuery};
 use crate::reply::{OPT_LEN, TCP_LIMIT, UDP_LIMIT_NO_EDNS};
 
 /// Questions remembered at once. Each is a name someone asked that has a watched view, so the
@@ -45,9 +45,10 @@ pub(crate) const MAX_ENCODED_BYTES: usize = 16 << 20;
 /// The owner of every record: a compression pointer to the question's name.
 const OWNER: [u8; 2] = [0xc0, HEADER_LEN as u8];
 
-/// An encoded record's length: owner, type, class, TTL, RDLENGTH (10 bytes), address.
-const A_RECORD_LEN: usize = OWNER.len() + 10 + 4;
-const AAAA_RECORD_LEN: usize = OWNER.len() + 10 + 16;
+/// An encoded record's length: owner (`OWNER`), type, class, TTL, RDLENGTH (10 bytes), address;
+/// the length `raw::copy_records` moves without a `memcpy` call.
+const A_RECORD_LEN: usize = raw::POINTED_A_LEN;
+const AAAA_RECORD_LEN: usize = raw::POINTED_AAAA_LEN;
 
 /// One question's addresses, as records.
 pub(crate) struct Encoded {
@@ -119,72 +120,6 @@ fn shape(
     }
 }
 
-/// Calls `take` with every index below `len` (at most `SHUFFLED_WHOLE`), in random order: a
-/// Fisher–Yates shuffle on the stack.
-fn shuffle_whole(rng: &mut impl Rng, len: usize, mut take: impl FnMut(usize)) {
-    let mut order = [0u16; SHUFFLED_WHOLE];
-    let Some(order) = order.get_mut(..len) else {
-        return;
-    };
-    for (i, slot) in order.iter_mut().enumerate() {
-        *slot = i as u16;
-    }
-    for i in 0..len {
-        order.swap(i, rng.random_range(i..len));
-        take(usize::from(order[i]));
-    }
-}
-
-/// Appends `written` of the records in `records` (`record_len` bytes each) to `out`.
-///
-/// A pool of up to `SHUFFLED_WHOLE` carried whole is shuffled, as Consul does. Otherwise the
-/// records are rotated (see `SHUFFLED_WHOLE`): those of the entry's order (shuffled once, when
-/// the entry was made from a new view) from a random one on, wrapping around, in one or two
-/// copies. Every record is as likely as any other to be in a reply and to come first; what a
-/// client could see is that the records of one reply are neighbours in that order until the
-/// view changes. Drawing 74 distinct records of 5,000 per answer instead (a random draw each,
-/// checked against a bitset) made a 5,000-instance service's EDNS answer cost 1.67 µs against
-/// 0.50 for one instance; rotated, 0.67 µs (`cargo bench --bench hot_path --
-/// consul_a_inline_edns`, one run on this machine, docs/benchmarks.md step seven).
-fn copy_records(
-    out: &mut Vec<u8>,
-    records: &[u8],
-    record_len: usize,
-    written: usize,
-    rng: &mut impl Rng,
-) {
-    let count = records.len() / record_len;
-    if written == 0 || count == 0 {
-        return;
-    }
-    if written == count && count <= SHUFFLED_WHOLE {
-        match record_len {
-            A_RECORD_LEN => {
-                shuffle_whole(rng, count, |i| push_record::<A_RECORD_LEN>(out, records, i))
-            }
-            AAAA_RECORD_LEN => shuffle_whole(rng, count, |i| {
-                push_record::<AAAA_RECORD_LEN>(out, records, i)
-            }),
-            len => shuffle_whole(rng, count, |i| {
-                if let Some(record) = records.get(i * len..(i + 1) * len) {
-                    out.extend_from_slice(record);
-                }
-            }),
-        }
-        return;
-    }
-    raw::copy_rotated(out, records, record_len, written, rng);
-}
-
-/// Appends record `i` of `records` (`N` bytes each). `N` known at compile time makes the copy a
-/// move or two instead of a `memcpy` call, which showed in the profile of a large service's
-/// answers (74 records per EDNS reply).
-fn push_record<const N: usize>(out: &mut Vec<u8>, records: &[u8], i: usize) {
-    if let Some(record) = records.get(i * N..).and_then(<[u8]>::first_chunk::<N>) {
-        out.extend_from_slice(record);
-    }
-}
-
 /// Writes the reply to `query` from `entry` into `out`. Returns false (leaving `out` to be
 /// overwritten) when the general path must answer instead: a cut it would count in
 /// `truncated_responses_total` without TC (`enable_truncate = false`, or a TCP reply cut),
@@ -214,7 +149,7 @@ pub(crate) fn write_reply(
     out.clear();
     raw::write_header(out, query, true, 0, [written, 0, 0]);
     out.extend_from_slice(query.question);
-    copy_records(out, &entry.records, entry.record_len, shape.written, rng);
+    raw::copy_records(out, &entry.records, entry.record_len, shape.written, rng);
     if query.edns_payload.is_some() {
         raw::write_opt(out, query);
         raw::add_additional(out);
@@ -226,7 +161,7 @@ pub(crate) fn write_reply(
 }
 
 /// The records of `pool` (instances of `view` with an address for `qtype`, A or AAAA) in a
-/// random order (the one `copy_records` takes windows of), or `None` when the pool is empty or two instances share an address (the general path drops
+/// random order (the one `raw::copy_records` takes windows of), or `None` when the pool is empty or two instances share an address (the general path drops
 /// duplicates after drawing, which a fixed record list cannot reproduce).
 fn encode_pool(
     view: &ServiceView,
@@ -483,68 +418,5 @@ mod tests {
         let reply = Message::from_vec(&out).expect("decodes");
         assert!(out.len() <= 512 && reply.metadata.truncation && reply.edns.is_none());
         assert_eq!(reply.answers.len(), (512 - 12 - query.question.len()) / 16);
-    }
-
-    /// `count` A-sized records, each holding its index in its last four bytes.
-    fn numbered(count: usize) -> Vec<u8> {
-        (0..count as u32)
-            .flat_map(|i| {
-                let mut record = [0u8; A_RECORD_LEN];
-                record[A_RECORD_LEN - 4..].copy_from_slice(&i.to_be_bytes());
-                record
-            })
-            .collect()
-    }
-
-    /// The indices of the records `copy_records` wrote from `numbered` records.
-    fn copied(records: &[u8], written: usize, rng: &mut impl Rng) -> Vec<usize> {
-        let mut out = Vec::new();
-        copy_records(&mut out, records, A_RECORD_LEN, written, rng);
-        out.chunks_exact(A_RECORD_LEN)
-            .filter_map(|r| r.last_chunk::<4>())
-            .map(|i| u32::from_be_bytes(*i) as usize)
-            .collect()
-    }
-
-    #[test]
-    fn copies_are_distinct_random_and_cover_every_record() {
-        use std::collections::HashSet;
-        let mut rng = rand::rng();
-        // Small pools carried whole: every order of three appears (six orders, 300 tries).
-        let three = numbered(3);
-        let orders: HashSet<Vec<usize>> = (0..300).map(|_| copied(&three, 3, &mut rng)).collect();
-        assert_eq!(orders.len(), 6, "{orders:?}");
-        // Whole or in part, large or small: distinct records, as many as asked, each one in
-        // some reply, and at least half of as many as could come first did. 74 of 5,000 (an
-        // EDNS reply of a large service) x 400 replies cover each record 5.9 times on average:
-        // the bound allows 100 never copied (about 14 expected).
-        for (count, written, replies, never_allowed) in [
-            (1, 1, 10, 0),
-            (SHUFFLED_WHOLE, SHUFFLED_WHOLE, 100, 0),
-            (SHUFFLED_WHOLE + 1, SHUFFLED_WHOLE + 1, 100, 0),
-            (100, 74, 100, 0),
-            (400, 300, 50, 0),
-            (5000, 74, 400, 100),
-            (5000, 29, 2000, 100),
-        ] {
-            let mut copies = vec![0u32; count];
-            let (mut first, records) = (HashSet::new(), numbered(count));
-            for _ in 0..replies {
-                let got = copied(&records, written, &mut rng);
-                let distinct: HashSet<_> = got.iter().collect();
-                assert_eq!((got.len(), distinct.len()), (written, written), "{count}");
-                got.iter().for_each(|&i| copies[i] += 1);
-                first.insert(got[0]);
-            }
-            let never = copies.iter().filter(|&&n| n == 0).count();
-            assert!(never <= never_allowed, "{count}: {never} never copied");
-            assert!(
-                first.len() >= count.min(replies).div_ceil(2),
-                "{count}: {} records came first in {replies} replies",
-                first.len()
-            );
-        }
-        // Nothing asked, nothing written.
-        assert!(copied(&numbered(5000), 0, &mut rng).is_empty());
     }
 }

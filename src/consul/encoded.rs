@@ -7,8 +7,9 @@
 //! record of a question has the same length (16 bytes for A, 28 for AAAA), so the three size
 //! classes (512 bytes without EDNS, the client's EDNS size, TCP) need no encoding of their own:
 //! each reduces to a record count. Per query only the header is written, the question copied in
-//! the client's case, the records copied (a small pool shuffled whole, a large one's sample a
-//! window of the encoded order from a random start: `raw::copy_records`), and the OPT
+//! the client's case, the records copied (a pool of up to 16 shuffled, or a shuffled subset of
+//! it when cut; a larger one's sample a window of the encoded order from a random start:
+//! `raw::copy_records`), and the OPT
 //! record added; the counts follow the general path's rules exactly (`records::record_cap`,
 //! `a_record_limit`, `udp_answer_limit`, the cut at the client's size, TC).
 //!
